@@ -1,0 +1,206 @@
+"""Configuration of a VAE and of its training: small dataclasses of plain values.
+
+Both validate themselves on construction and round-trip through JSON
+(`to_dict` / `from_dict`); unknown keys are an error, not silently dropped,
+so a typo in a submitted config never trains the wrong model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+Family = Literal["mlp", "conv"]
+LikelihoodName = Literal["bernoulli", "gaussian"]
+Objective = Literal["elbo", "iwae"]
+
+FAMILIES = ("mlp", "conv")
+LIKELIHOODS = ("bernoulli", "gaussian")
+OBJECTIVES = ("elbo", "iwae")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, of the wrong type or out of range."""
+
+
+def _fail(name: str, message: str) -> None:
+    raise ConfigError(f"{name}: {message}")
+
+
+def _check_int(name: str, value: object, *, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(name, f"must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        _fail(name, f"must be {bound}, got {value}")
+
+
+def _check_float(name: str, value: object, *, low: float, high: float | None = None,
+                 low_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        _fail(name, f"must be a finite number, got {value!r}")
+    too_low = value <= low if low_open else value < low
+    if too_low or (high is not None and value > high):
+        op = ">" if low_open else ">="
+        bound = f"{op} {low}" if high is None else f"{op} {low} and <= {high}"
+        _fail(name, f"must be {bound}, got {value}")
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        _fail(name, f"must be one of {', '.join(choices)}; got {value!r}")
+
+
+T = TypeVar("T")
+
+
+def _from_dict(cls: type[T], data: dict[str, Any], what: str) -> T:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what}: expected an object, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{what}: unknown field(s) {', '.join(unknown)}; "
+                          f"known: {', '.join(sorted(known))}")
+    try:
+        return cls(**data)
+    except TypeError as exc:  # a required field is missing
+        raise ConfigError(f"{what}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Architecture and likelihood of one VAE.
+
+    `input_shape` is the shape of one item: `(D,)` or `(C, H, W)`; `mlp` flattens
+    any shape, `conv` needs `(C, H, W)` with H and W divisible by 2**len(hidden).
+    `hidden` lists layer widths (mlp) or channel counts of stride-2 convolutions (conv).
+    For `gaussian`, `gaussian_scale` is `learned` (one log-scale per data dimension,
+    floored at `min_log_scale`) or `fixed` (`fixed_log_scale` everywhere).
+    `beta` weights the KL term of the training objective (beta-VAE); reported ELBOs
+    always use beta = 1.
+    """
+
+    input_shape: tuple[int, ...]
+    latent_dim: int = 16
+    family: Family = "mlp"
+    hidden: tuple[int, ...] = (256, 128)
+    likelihood: LikelihoodName = "bernoulli"
+    gaussian_scale: Literal["learned", "fixed"] = "learned"
+    fixed_log_scale: float = 0.0
+    min_log_scale: float = -4.0
+    beta: float = 1.0
+
+    def __post_init__(self) -> None:
+        # JSON gives lists; store tuples so the config is hashable and immutable.
+        for name in ("input_shape", "hidden"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+            elif not isinstance(value, tuple):
+                _fail(name, f"must be a list of integers, got {value!r}")
+        if not self.input_shape:
+            _fail("input_shape", "must have at least one dimension")
+        for i, d in enumerate(self.input_shape):
+            _check_int(f"input_shape[{i}]", d, low=1)
+        _check_int("latent_dim", self.latent_dim, low=1, high=4096)
+        _check_choice("family", self.family, FAMILIES)
+        for i, h in enumerate(self.hidden):
+            _check_int(f"hidden[{i}]", h, low=1, high=65536)
+        _check_choice("likelihood", self.likelihood, LIKELIHOODS)
+        _check_choice("gaussian_scale", self.gaussian_scale, ("learned", "fixed"))
+        _check_float("fixed_log_scale", self.fixed_log_scale, low=-20.0, high=20.0)
+        _check_float("min_log_scale", self.min_log_scale, low=-20.0, high=20.0)
+        _check_float("beta", self.beta, low=0.0, high=1e4)
+        if self.family == "conv":
+            if len(self.input_shape) != 3:
+                _fail("input_shape", "the conv family needs (C, H, W) items; "
+                      f"got {list(self.input_shape)} (use family 'mlp' for flat data)")
+            if not self.hidden:
+                _fail("hidden", "the conv family needs at least one convolution")
+            factor = 2 ** len(self.hidden)
+            _, h, w = self.input_shape
+            if h % factor or w % factor:
+                _fail("input_shape", f"the conv family with {len(self.hidden)} stride-2 "
+                      f"layers needs H and W divisible by {factor}; got {h}x{w}")
+
+    @property
+    def input_size(self) -> int:
+        return math.prod(self.input_shape)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["input_shape"] = list(self.input_shape)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VAEConfig:
+        return _from_dict(cls, data, "model")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train: optimiser, schedule, objective, evaluation and device.
+
+    `objective` is `elbo` (with beta, linear KL warm-up over `kl_warmup_epochs` and
+    optional `free_bits` nats per latent dimension) or `iwae` (the IWAE bound with
+    `iwae_samples` samples). `eval_importance_samples` is K of the per-epoch
+    validation log p(x) estimate, `importance_samples` the K of the final held-out
+    evaluation (0 skips it). `early_stopping_patience` counts epochs without a
+    validation-ELBO gain of more than `min_delta` nats.
+    """
+
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    val_fraction: float = 0.1
+    grad_clip: float | None = 100.0
+    early_stopping_patience: int | None = None
+    min_delta: float = 0.0
+    objective: Objective = "elbo"
+    iwae_samples: int = 5
+    kl_warmup_epochs: int = 0
+    free_bits: float = 0.0
+    eval_importance_samples: int = 16
+    importance_samples: int = 1000
+    eval_batch_size: int = 512
+    device: str = "auto"
+    mixed_precision: bool = False
+
+    def __post_init__(self) -> None:
+        _check_int("epochs", self.epochs, low=1, high=100_000)
+        _check_int("batch_size", self.batch_size, low=1, high=1 << 20)
+        _check_float("lr", self.lr, low=0.0, high=10.0, low_open=True)
+        _check_float("weight_decay", self.weight_decay, low=0.0, high=1.0)
+        _check_int("seed", self.seed, low=0, high=2**63 - 1)
+        _check_float("val_fraction", self.val_fraction, low=0.0, high=0.9)
+        if self.grad_clip is not None:
+            _check_float("grad_clip", self.grad_clip, low=0.0, low_open=True)
+        if self.early_stopping_patience is not None:
+            _check_int("early_stopping_patience", self.early_stopping_patience, low=1)
+            if self.val_fraction == 0:
+                _fail("early_stopping_patience", "needs a validation split (val_fraction > 0)")
+        _check_float("min_delta", self.min_delta, low=0.0)
+        _check_choice("objective", self.objective, OBJECTIVES)
+        _check_int("iwae_samples", self.iwae_samples, low=1, high=10_000)
+        _check_int("kl_warmup_epochs", self.kl_warmup_epochs, low=0)
+        _check_float("free_bits", self.free_bits, low=0.0, high=100.0)
+        _check_int("eval_importance_samples", self.eval_importance_samples, low=0, high=100_000)
+        _check_int("importance_samples", self.importance_samples, low=0, high=100_000)
+        _check_int("eval_batch_size", self.eval_batch_size, low=1, high=1 << 20)
+        _check_choice("device", self.device, DEVICES)
+        if not isinstance(self.mixed_precision, bool):
+            _fail("mixed_precision", f"must be true or false, got {self.mixed_precision!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return _from_dict(cls, data, "training")

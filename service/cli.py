@@ -1,0 +1,1 @@
+"""The `latentbank` command line (grows with the service; see README)."""
