@@ -73,14 +73,15 @@ def validate_array(array: np.ndarray, config: VAEConfig) -> DataStats:
     lo, hi = np.inf, -np.inf
     for start, chunk in scan_chunks(array):
         flat = chunk.reshape(chunk.shape[0], -1)
-        finite = np.isfinite(flat).all(axis=1)
-        if not finite.all():
-            bad = start + int(np.argmin(finite))
+        # NaN and infinities propagate into min/max, so one pass checks both; the
+        # per-item search for the culprit runs only when something is wrong.
+        c_lo, c_hi = float(flat.min()), float(flat.max())
+        if not (np.isfinite(c_lo) and np.isfinite(c_hi)):
+            bad = start + int(np.argmin(np.isfinite(flat).all(axis=1)))
             raise DataError(f"data has non-finite values (NaN or infinity) at item {bad}")
-        lo, hi = min(lo, float(flat.min())), max(hi, float(flat.max()))
-        if config.likelihood == "bernoulli" and (lo < 0.0 or hi > 1.0):
-            outside = ((flat < 0) | (flat > 1)).any(axis=1)
-            bad = start + int(np.argmax(outside))
+        lo, hi = min(lo, c_lo), max(hi, c_hi)
+        if config.likelihood == "bernoulli" and (c_lo < 0.0 or c_hi > 1.0):
+            bad = start + int(np.argmax(((flat < 0) | (flat > 1)).any(axis=1)))
             raise DataError("the bernoulli likelihood needs values in [0, 1]; "
                             f"item {bad} has values in [{flat[bad - start].min():g}, "
                             f"{flat[bad - start].max():g}] (scale the data, or use 'gaussian')")

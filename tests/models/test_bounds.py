@@ -120,3 +120,16 @@ def test_bound_ordering_elbo_le_iwae_le_log_px_and_monotone_in_k():
     assert elbo <= bounds[-1] + 1e-9
     assert bounds[-1] <= log_px + 0.01
     assert all(b1 > b0 for b0, b1 in itertools.pairwise(bounds)), bounds
+
+
+def test_log_px_importance_decodes_in_bounded_chunks():
+    model, truth = linear_gaussian(shift=0.15, inflate=0.4)
+    x = torch.from_numpy(sample_x(truth, 64))
+    rows = []
+    hook = model.decoder.register_forward_hook(lambda mod, inp, out: rows.append(len(inp[0])))
+    try:
+        log_px_importance(model, x, 5000, max_elements=64 * D_X * 100)
+    finally:
+        hook.remove()
+    assert sum(rows) == 5000 * 64  # every sample decoded once
+    assert max(rows) * D_X <= 64 * D_X * 100  # never more than max_elements values at once

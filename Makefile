@@ -1,0 +1,34 @@
+# latentbank: `make demo` and `make test` work on a fresh machine with only Python >= 3.11.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU hosts: the pinned CPU wheel. GPU hosts: set TORCH_SPEC (e.g. "torch>=2.10") or
+# install torch into $(VENV) yourself first; any torch >= 2.10 satisfies the project.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.latentbank-installed
+
+.PHONY: install test lint bench demo clean
+
+install: $(STAMP)
+
+# torch first, so the project's "torch>=2.10" is already met and pip fetches no CUDA wheels.
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	$(PY) bench/train.py $(BENCH_ARGS)
+
+demo: $(STAMP)
+	$(PY) -m workers.pipeline --builtin digits --out out/demo
+
+clean:
+	rm -rf out .pytest_cache .ruff_cache
