@@ -1,0 +1,1 @@
+"""Alembic migrations (a package, so `latentbank migrate` finds them when installed)."""

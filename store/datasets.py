@@ -1,0 +1,335 @@
+"""The dataset registry: ingest a file into a canonical float32 `.npy` plus `items` rows.
+
+One pass over the source, in chunks: each chunk is validated (finite values, size
+limits), appended to the canonical file and its items are COPYed, all inside one
+database transaction. The dataset becomes visible only when everything succeeded;
+on any error the transaction rolls back and the partial file is removed, so nothing is
+half-written. The same content (values, keys, labels, metadata) registered twice is
+recognised by its checksum and returns the first dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import delete, func, select, text, update
+from sqlalchemy.exc import IntegrityError
+
+from store.artifacts import ArtifactStore
+from store.db import Database
+from store.errors import Conflict, DatasetError, NotFound, PathNotAllowed, TooLarge
+from store.readers import Chunk, Source, format_of, load_side_npy, open_npy, open_npz, open_table
+from store.settings import Settings
+from store.tables import Dataset, Item, Model
+
+log = logging.getLogger(__name__)
+
+HEADER_BYTES = 256  # fixed-size .npy header, rewritten in place once the row count is known
+
+
+@dataclass
+class IngestOptions:
+    """How to read a file: npz member, table columns, side arrays of keys and labels."""
+
+    array: str | None = None
+    key_column: str | None = None
+    label_column: str | None = None
+    feature_columns: list[str] | None = None
+    metadata_columns: list[str] | None = None
+    keys_path: str | None = None
+    labels_path: str | None = None
+
+
+class _SameContent(Exception):
+    def __init__(self, dataset_id: int) -> None:
+        self.dataset_id = dataset_id
+
+
+@dataclass
+class Registered:
+    dataset: Dataset
+    created: bool  # False when the same content was already registered
+
+
+def npy_header(shape: tuple[int, ...]) -> bytes:
+    """A version-1.0 `.npy` header for float32 C-order data, padded to HEADER_BYTES."""
+    body = repr({"descr": "<f4", "fortran_order": False, "shape": shape}).encode("latin1")
+    prefix = b"\x93NUMPY\x01\x00"
+    pad = HEADER_BYTES - len(prefix) - 2 - len(body) - 1
+    if pad < 0:
+        raise DatasetError(f"item shape {list(shape[1:])} has too many dimensions")
+    header = body + b" " * pad + b"\n"
+    return prefix + len(header).to_bytes(2, "little") + header
+
+
+def resolve_allowed_path(uri: str, roots: list[Path]) -> str:
+    """A server-side file named by a user: it must resolve (symlinks too) inside a root."""
+    path = uri[len("file://"):] if uri.startswith("file://") else uri
+    if not roots:
+        raise PathNotAllowed("registering server-side files is disabled (no allowed roots "
+                             "configured: LATENTBANK_ALLOWED_ROOTS)")
+    if not os.path.isabs(path):
+        raise PathNotAllowed(f"{uri!r} is not an absolute path")
+    real = os.path.realpath(path)
+    for root in roots:
+        real_root = os.path.realpath(root)
+        if os.path.commonpath([real, real_root]) == real_root:
+            if not os.path.isfile(real):
+                raise NotFound(f"{uri!r} is not a file")
+            return real
+    raise PathNotAllowed(f"{uri!r} is outside the allowed roots")
+
+
+def open_source(path: str, filename: str, options: IngestOptions) -> Source:
+    fmt = format_of(filename)
+    if fmt in ("npy", "npz") and (options.key_column or options.label_column
+                                  or options.feature_columns):
+        raise DatasetError("key_column, label_column and feature_columns apply to "
+                           ".parquet and .csv files only")
+    if fmt == "npy":
+        keys = load_side_npy(options.keys_path, "keys") if options.keys_path else None
+        labels = load_side_npy(options.labels_path, "labels") if options.labels_path else None
+        return open_npy(path, keys, labels)
+    if options.keys_path or options.labels_path:
+        raise DatasetError(f"separate keys/labels files apply to .npy data; a .{fmt} file "
+                           "carries its own")
+    if fmt == "npz":
+        return open_npz(path, options.array)
+    return open_table(path, fmt, options.key_column, options.label_column,
+                      options.feature_columns, options.metadata_columns)
+
+
+class _CanonicalWriter:
+    """Appends validated chunks as float32 to a `.npy` file and hashes the content."""
+
+    def __init__(self, path: str, settings: Settings) -> None:
+        self.path, self.settings = path, settings
+        self.file = open(path, "wb")  # noqa: SIM115 - closed in finish/abort
+        self.file.write(b"\0" * HEADER_BYTES)
+        self.values_hash, self.meta_hash = hashlib.sha256(), hashlib.sha256()
+        self.item_shape: tuple[int, ...] | None = None
+        self.n = 0
+        self.lo, self.hi = np.inf, -np.inf
+
+    def append(self, chunk: Chunk) -> np.ndarray:
+        values = chunk.values
+        if self.item_shape is None:
+            self.item_shape = tuple(values.shape[1:])
+            size = int(np.prod(self.item_shape))
+            if size == 0:
+                raise DatasetError("items have no values (an item dimension is 0)")
+            if size > self.settings.max_item_values:
+                raise TooLarge(f"items have {size} values each; the limit is "
+                               f"{self.settings.max_item_values}")
+        elif tuple(values.shape[1:]) != self.item_shape:
+            raise DatasetError(f"inconsistent item shape: item {self.n} is "
+                               f"{list(values.shape[1:])}, earlier items {list(self.item_shape)}")
+        if self.n + len(values) > self.settings.max_dataset_items:
+            raise TooLarge(f"more than {self.settings.max_dataset_items} items")
+        as32 = np.ascontiguousarray(values, dtype="<f4")
+        flat = as32.reshape(len(as32), -1)
+        lo, hi = float(flat.min()), float(flat.max())
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            bad = int(np.argmin(np.isfinite(flat).all(axis=1)))
+            what = "overflows float32" if np.isfinite(values[bad]).all() else "is not finite"
+            raise DatasetError(f"item {self.n + bad} has a value that {what} (NaN or infinity)")
+        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+        buf = memoryview(as32).cast("B")  # no copy
+        self.file.write(buf)
+        self.values_hash.update(buf)
+        self.n += len(values)
+        return as32
+
+    def finish(self) -> str:
+        """Write the real header; returns the content checksum."""
+        if self.n == 0 or self.item_shape is None:
+            raise DatasetError("the dataset is empty: no items")
+        self.file.seek(0)
+        self.file.write(npy_header((self.n, *self.item_shape)))
+        self.file.close()
+        total = hashlib.sha256()
+        total.update(json.dumps([self.n, list(self.item_shape)]).encode())
+        total.update(self.values_hash.digest())
+        total.update(self.meta_hash.digest())
+        return total.hexdigest()
+
+    def abort(self) -> None:
+        self.file.close()
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+
+
+def _copy_items(cursor: Any, dataset_id: int, start: int, chunk: Chunk,
+                writer: _CanonicalWriter) -> None:
+    m = len(chunk.values)
+    keys = chunk.keys or [str(i) for i in range(start, start + m)]
+    labels = chunk.labels or [None] * m
+    metadata = chunk.metadata or [None] * m
+    with cursor.copy('COPY items (dataset_id, "index", key, label, metadata) FROM STDIN') as copy:
+        for i in range(m):
+            meta = json.dumps(metadata[i], sort_keys=True) if metadata[i] is not None else None
+            copy.write_row((dataset_id, start + i, keys[i], labels[i], meta))
+    if chunk.keys or chunk.labels or chunk.metadata:
+        writer.meta_hash.update(json.dumps([chunk.keys, chunk.labels, chunk.metadata],
+                                           sort_keys=True).encode())
+
+
+def _duplicate_key(exc: BaseException) -> str:
+    detail = getattr(getattr(exc, "diag", None), "message_detail", None) or ""
+    # "Key (dataset_id, key)=(7, abc) already exists."
+    if ")=(" in detail:
+        value = detail.split(")=(", 1)[1].rsplit(") already exists", 1)[0]
+        return value.split(", ", 1)[1] if ", " in value else value
+    return "?"
+
+
+def register_dataset(db: Database, artifacts: ArtifactStore, settings: Settings, name: str,
+                     path: str, filename: str | None = None,
+                     options: IngestOptions | None = None,
+                     source_uri: str | None = None) -> Registered:
+    """Ingest `path` (a local file whose type `filename`'s extension names) as `name`."""
+    import psycopg
+
+    options = options or IngestOptions()
+    if not name or len(name) > 200 or name != name.strip():
+        raise DatasetError("name must be 1-200 characters without surrounding spaces")
+    source = open_source(path, filename or path, options)
+    if source.n_items == 0:
+        raise DatasetError("the dataset is empty: no items")
+    if source.n_items is not None and source.n_items > settings.max_dataset_items:
+        raise TooLarge(f"{source.n_items} items; the limit is {settings.max_dataset_items}")
+    tmp_dir = artifacts.local_path("tmp") if artifacts.is_local else None
+    if tmp_dir:
+        os.makedirs(tmp_dir, exist_ok=True)
+    fd, canonical = tempfile.mkstemp(prefix="ingest-", suffix=".npy", dir=tmp_dir)
+    os.close(fd)
+    writer = _CanonicalWriter(canonical, settings)
+    artifact_key: str | None = None
+    try:
+        with db.engine.begin() as conn:
+            if conn.execute(select(Dataset.id).where(Dataset.name == name)).first():
+                raise Conflict(f"a dataset named {name!r} already exists")
+            dataset_id = conn.execute(
+                Dataset.__table__.insert().values(
+                    name=name, item_shape=[], dtype="float32", source_dtype=source.dtype,
+                    source_format=source.format, n_items=0, checksum=f"pending-{uuid.uuid4()}",
+                    source_uri=source_uri, artifact_key="", size_bytes=0, min_value=0.0,
+                    max_value=0.0, has_labels=source.has_labels,
+                ).returning(Dataset.id)).scalar_one()
+            cursor = conn.connection.driver_connection.cursor()
+            for chunk in source.chunks:
+                start = writer.n
+                writer.append(chunk)
+                try:
+                    _copy_items(cursor, dataset_id, start, chunk, writer)
+                except psycopg.errors.UniqueViolation as exc:
+                    raise DatasetError(f"duplicate key {_duplicate_key(exc)!r}: keys must be "
+                                       "unique within a dataset") from None
+            checksum = writer.finish()
+            existing = conn.execute(select(Dataset.id).where(Dataset.checksum == checksum)
+                                    ).scalar()
+            if existing is not None:
+                raise _SameContent(existing)
+            artifact_key = f"datasets/{dataset_id}/data.npy"
+            size = os.path.getsize(canonical)
+            artifacts.put_local_file(canonical, artifact_key)
+            conn.execute(update(Dataset).where(Dataset.id == dataset_id).values(
+                item_shape=list(writer.item_shape or ()), n_items=writer.n, checksum=checksum,
+                artifact_key=artifact_key, size_bytes=size, min_value=writer.lo,
+                max_value=writer.hi))
+    except _SameContent as same:
+        writer.abort()
+        log.info("dataset content already registered dataset_id=%d", same.dataset_id)
+        return Registered(get_dataset(db, same.dataset_id), created=False)
+    except IntegrityError as exc:
+        writer.abort()
+        if artifact_key:
+            artifacts.delete(artifact_key)
+        raise Conflict(f"dataset {name!r} conflicts with a stored one: "
+                       f"{str(exc.orig).splitlines()[0]}") from None
+    except BaseException:
+        writer.abort()
+        if artifact_key:
+            artifacts.delete(artifact_key)
+        raise
+    dataset = get_dataset(db, dataset_id)
+    log.info("dataset registered dataset_id=%d items=%d shape=%s", dataset.id, dataset.n_items,
+             dataset.item_shape)
+    return Registered(dataset, created=True)
+
+
+def register_digits(db: Database, artifacts: ArtifactStore, settings: Settings,
+                    name: str = "digits") -> Registered:
+    """scikit-learn's 8x8 digits scaled to [0, 1], items (1, 8, 8), labels 0-9."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32)[:, None]
+    with tempfile.TemporaryDirectory() as tmp:
+        data, labels = os.path.join(tmp, "digits.npy"), os.path.join(tmp, "labels.npy")
+        np.save(data, images)
+        np.save(labels, digits.target.astype(np.int64))
+        return register_dataset(db, artifacts, settings, name, data,
+                                options=IngestOptions(labels_path=labels),
+                                source_uri="builtin:digits")
+
+
+def get_dataset(db: Database, dataset_id: int) -> Dataset:
+    with db.session() as s:
+        dataset = s.get(Dataset, dataset_id)
+        if dataset is None:
+            raise NotFound(f"dataset {dataset_id} does not exist")
+        return dataset
+
+
+def list_datasets(db: Database, limit: int = 100, offset: int = 0) -> list[Dataset]:
+    with db.session() as s:
+        return list(s.scalars(select(Dataset).order_by(Dataset.id).limit(limit).offset(offset)))
+
+
+def delete_dataset(db: Database, artifacts: ArtifactStore, dataset_id: int) -> None:
+    """Delete a dataset, its items and embedding sets; refused while models use it."""
+    with db.session() as s:
+        dataset = s.get(Dataset, dataset_id)
+        if dataset is None:
+            raise NotFound(f"dataset {dataset_id} does not exist")
+        n_models = s.scalar(select(func.count()).where(Model.dataset_id == dataset_id))
+        if n_models:
+            raise Conflict(f"dataset {dataset_id} is used by {n_models} model(s); "
+                           "delete them first")
+        s.execute(delete(Dataset).where(Dataset.id == dataset_id))
+    artifacts.delete(f"datasets/{dataset_id}")
+
+
+def dataset_array(artifacts: ArtifactStore, dataset: Dataset, cache_dir: str) -> np.ndarray:
+    """The canonical data as a read-only memory map (downloaded once for remote stores)."""
+    local = artifacts.local_path(dataset.artifact_key)
+    if local is None:
+        os.makedirs(cache_dir, exist_ok=True)
+        local = os.path.join(cache_dir, f"dataset-{dataset.id}-{dataset.checksum[:16]}.npy")
+        if not os.path.exists(local):
+            artifacts.get_file(dataset.artifact_key, local + ".part")
+            os.replace(local + ".part", local)
+    return np.load(local, mmap_mode="r", allow_pickle=False)
+
+
+def item_rows(db: Database, dataset_id: int, start: int, stop: int) -> list[Item]:
+    with db.session() as s:
+        return list(s.scalars(select(Item).where(Item.dataset_id == dataset_id,
+                                                 Item.index >= start, Item.index < stop)
+                              .order_by(Item.index)))
+
+
+def count_items(db: Database, dataset_id: int) -> int:
+    with db.session() as s:
+        return int(s.scalar(text("SELECT count(*) FROM items WHERE dataset_id = :d"),
+                            {"d": dataset_id}) or 0)

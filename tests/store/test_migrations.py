@@ -1,0 +1,78 @@
+"""Alembic: upgrade from empty, downgrade and upgrade again, no drift from the ORM; the
+clear refusal of a PostgreSQL without pgvector."""
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import create_engine, inspect, text
+
+from store.db import alembic_config, check_database, make_engine, migrate
+from store.errors import DatabaseUnavailable, PgvectorMissing
+from store.tables import Base
+
+TABLES = {"datasets", "items", "models", "jobs", "training_metrics", "embedding_sets",
+          "latents", "api_keys"}
+
+
+def tables(url):
+    engine = create_engine(url)
+    try:
+        return set(inspect(engine).get_table_names()) - {"alembic_version"}
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_downgrade_upgrade_and_no_drift(new_database):
+    url = new_database("mig")
+    assert tables(url) == set()
+    migrate(url)
+    assert tables(url) == TABLES
+    command.downgrade(alembic_config(url), "base")
+    assert tables(url) == set()
+    migrate(url)
+    migrate(url)  # idempotent
+    assert tables(url) == TABLES
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT extname FROM pg_extension WHERE extname = 'vector'")
+                            ).scalar() == "vector"
+        ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+        assert compare_metadata(ctx, Base.metadata) == []
+    engine.dispose()
+
+
+SYSTEM_PG = "postgresql+psycopg://postgres:secret-password@127.0.0.1:5432/postgres"
+
+
+def system_pg_up():
+    engine = create_engine(SYSTEM_PG, connect_args={"connect_timeout": 3})
+    try:
+        with engine.connect():
+            return True
+    except Exception:
+        return False
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.skipif(not system_pg_up(), reason="no PostgreSQL on 127.0.0.1:5432")
+def test_postgres_without_pgvector_is_refused_with_a_fix(tmp_path):
+    with pytest.raises(PgvectorMissing) as info:
+        migrate(SYSTEM_PG)
+    message = str(info.value)
+    assert "has no pgvector extension" in message
+    assert "LATENTBANK_DATABASE_URL" in message and "pgvector" in message
+    assert "secret-password" not in message  # credentials are never echoed
+    engine = create_engine(SYSTEM_PG)
+    with engine.connect() as conn:  # and nothing was created there
+        assert conn.execute(text("SELECT to_regclass('public.latents')")).scalar() is None
+    engine.dispose()
+
+
+def test_unreachable_database_is_a_clear_error():
+    engine = make_engine("postgresql://nobody:pw@127.0.0.1:1/none",
+                         connect_args={"connect_timeout": 2})
+    with pytest.raises(DatabaseUnavailable, match="cannot reach PostgreSQL at .*127.0.0.1:1"):
+        check_database(engine)
+    engine.dispose()
