@@ -21,5 +21,29 @@ def show_version() -> None:
     typer.echo(version("latentbank"))
 
 
+@app.command("migrate")
+def migrate_command(revision: str = typer.Argument("head", help="Alembic revision")) -> None:
+    """Check the database (PostgreSQL with pgvector) and upgrade its schema."""
+    from store.db import migrate, redacted, start_embedded_postgres
+    from store.errors import DatabaseUnavailable
+    from store.settings import get_settings
+
+    settings = get_settings()
+    server = None
+    try:
+        if settings.database_url:
+            url = settings.database_url
+        else:
+            server, url = start_embedded_postgres(settings.postgres_dir)
+        migrate(url, revision)
+        typer.echo(f"database at {redacted(url)} is at revision {revision}")
+    except DatabaseUnavailable as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    finally:
+        if server is not None:
+            server.cleanup()
+
+
 def main() -> None:
     app()

@@ -135,7 +135,8 @@ class _CanonicalWriter:
                                f"{list(values.shape[1:])}, earlier items {list(self.item_shape)}")
         if self.n + len(values) > self.settings.max_dataset_items:
             raise TooLarge(f"more than {self.settings.max_dataset_items} items")
-        as32 = np.ascontiguousarray(values, dtype="<f4")
+        with np.errstate(over="ignore"):  # overflow is reported below, by item
+            as32 = np.ascontiguousarray(values, dtype="<f4")
         flat = as32.reshape(len(as32), -1)
         lo, hi = float(flat.min()), float(flat.max())
         if not (np.isfinite(lo) and np.isfinite(hi)):

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 
-
 @pytest.fixture(scope="session")
 def pg_server(tmp_path_factory):
     from store.db import start_embedded_postgres

@@ -1,0 +1,233 @@
+"""The latent store on real PostgreSQL/pgvector: 100k bulk writes, recall against a
+brute-force numpy search, filters, idempotent shards, outliers, export."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from store.datasets import IngestOptions, register_dataset
+from store.errors import Conflict, InvalidInput, NotFound
+from store.latents import (
+    SearchFilter,
+    build_index,
+    count_latents,
+    create_embedding_set,
+    export_pages,
+    get_item,
+    get_set,
+    mark_set,
+    outliers,
+    search,
+    write_latents,
+)
+from store.settings import Settings
+from store.tables import Model
+
+N, DIM, SHARD = 100_000, 16, 25_000
+
+
+def brute_force(mu, q, k, mask=None, metric="l2"):
+    if metric == "cosine":
+        dist = 1 - (mu @ q) / (np.linalg.norm(mu, axis=1) * np.linalg.norm(q))
+    else:
+        dist = np.sqrt(((mu.astype(np.float64) - q) ** 2).sum(1))
+    if mask is not None:
+        dist = np.where(mask, dist, np.inf)
+    order = np.argsort(dist, kind="stable")[:k]
+    return [int(i) for i in order if np.isfinite(dist[i])], dist
+
+
+@pytest.fixture(scope="module")
+def world(db, tmp_path_factory):
+    """A 100k-item dataset with labels and metadata, a model row, and its latents."""
+    from store.artifacts import ArtifactStore
+
+    tmp = tmp_path_factory.mktemp("latents")
+    settings = Settings(data_dir=tmp / "data", exact_search_below=10_000)
+    artifacts = ArtifactStore((tmp / "artifacts").as_uri())
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, N)
+    np.savez(tmp / "d.npz", x=np.zeros((N, 1), np.float32), labels=labels,
+             keys=np.array([f"item-{i}" for i in range(N)]))
+    ds = register_dataset(db, artifacts, settings, "latents-world", str(tmp / "d.npz")).dataset
+    with db.session() as s:
+        model = Model(dataset_id=ds.id, config={}, status="ready")
+        s.add(model)
+        s.flush()
+        model_id = model.id
+    # Latents like a trained model's: clusters by label, plus noise.
+    centres = rng.normal(scale=3.0, size=(10, DIM))
+    mu = (centres[labels] + rng.normal(size=(N, DIM))).astype(np.float32)
+    logvar = rng.normal(-1, 0.1, size=(N, DIM)).astype(np.float32)
+    elbo = rng.normal(-100, 10, N)
+    rec, kl = elbo - 5.0, np.full(N, 5.0)
+    log_px = elbo + rng.random(N)
+    es = create_embedding_set(db, model_id, ds.id, DIM, N, importance_samples=100)
+    mark_set(db, es.id, status="writing")
+    for a in range(0, N, SHARD):
+        b = a + SHARD
+        write_latents(db, es.id, a, mu[a:b], logvar[a:b], elbo[a:b], rec[a:b], kl[a:b],
+                      log_px[a:b], chunk_rows=10_000)
+    mark_set(db, es.id, status="finishing")
+    return {"set_id": es.id, "settings": settings, "mu": mu, "logvar": logvar, "elbo": elbo,
+            "log_px": log_px, "labels": labels, "dataset_id": ds.id, "model_id": model_id}
+
+
+def test_bulk_write_stores_every_value(db, world):
+    assert count_latents(db, world["set_id"]) == N
+    item = get_item(db, world["set_id"], "item-54321")
+    assert item["index"] == 54321 and item["label"] == str(world["labels"][54321])
+    np.testing.assert_array_equal(item["mu"], world["mu"][54321])
+    np.testing.assert_array_equal(item["logvar"], world["logvar"][54321])
+    assert item["elbo"] == world["elbo"][54321] and item["log_px"] == world["log_px"][54321]
+
+
+def test_exact_search_equals_brute_force(db, world):
+    rng = np.random.default_rng(1)
+    for q in rng.normal(scale=3.0, size=(5, DIM)):
+        for metric in ("l2", "cosine"):
+            res = search(db, world["settings"], world["set_id"], vector=q, k=10,
+                         metric=metric, exact=True)
+            want, dist = brute_force(world["mu"], q, 10, metric=metric)
+            assert res.plan == "exact"
+            assert [h.index for h in res.hits] == want
+            np.testing.assert_allclose([h.distance for h in res.hits], dist[want], rtol=1e-4,
+                                       atol=1e-5)
+
+
+def test_filtered_search_equals_brute_force(db, world):
+    q = np.random.default_rng(2).normal(scale=3.0, size=DIM)
+    labels, elbo, log_px = world["labels"], world["elbo"], world["log_px"]
+    cases = [
+        (SearchFilter(label="3"), labels == 3),
+        (SearchFilter(label=["1", "7"]), np.isin(labels, [1, 7])),
+        (SearchFilter(elbo=(-95.0, None)), elbo >= -95.0),
+        (SearchFilter(label="3", log_px=(None, -110.0)), (labels == 3) & (log_px <= -110.0)),
+        (SearchFilter(elbo=(-100.0, -99.9)), (elbo >= -100.0) & (elbo <= -99.9)),
+    ]
+    for flt, mask in cases:
+        res = search(db, world["settings"], world["set_id"], vector=q, k=10, flt=flt)
+        want, _ = brute_force(world["mu"], q, 10, mask)
+        assert res.plan == "exact"  # pgvector 0.6 post-filters HNSW scans: never for filters
+        assert [h.index for h in res.hits] == want, flt
+        assert len(want) == 10 or len(want) == mask.sum()
+
+
+def test_metadata_filter(db, tmp_path, settings, artifacts):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = 200
+    pq.write_table(pa.table({"x": np.zeros(n), "colour": ["red", "blue"] * (n // 2),
+                             "size": [i % 5 for i in range(n)]}), tmp_path / "m.parquet")
+    ds = register_dataset(db, artifacts, settings, "meta-world", str(tmp_path / "m.parquet"),
+                          options=IngestOptions(feature_columns=["x"],
+                                                metadata_columns=["colour", "size"])).dataset
+    with db.session() as s:
+        model = Model(dataset_id=ds.id, config={}, status="ready")
+        s.add(model)
+        s.flush()
+    mu = np.random.default_rng(3).normal(size=(n, 4)).astype(np.float32)
+    es = create_embedding_set(db, model.id, ds.id, 4, n)
+    write_latents(db, es.id, 0, mu, mu, np.zeros(n), np.zeros(n), np.zeros(n))
+    mark_set(db, es.id, status="ready")
+    res = search(db, settings, es.id, vector=np.zeros(4), k=5,
+                 flt=SearchFilter(metadata={"colour": "red", "size": 2}))
+    mask = (np.arange(n) % 2 == 0) & (np.arange(n) % 5 == 2)
+    assert [h.index for h in res.hits] == brute_force(mu, np.zeros(4), 5, mask)[0]
+    assert all(h.metadata == {"colour": "red", "size": 2} for h in res.hits)
+
+
+def test_shard_rewrite_is_idempotent(db, world):
+    set_id, a, b = world["set_id"], SHARD, 2 * SHARD
+    mu = world["mu"][a:b] + 1.0
+    zeros = np.zeros(SHARD)
+    for _ in range(2):
+        write_latents(db, set_id, a, mu, world["logvar"][a:b], world["elbo"][a:b], zeros,
+                      zeros, world["log_px"][a:b])
+    assert count_latents(db, set_id) == N
+    np.testing.assert_array_equal(get_item(db, set_id, f"item-{a + 5}")["mu"], mu[5])
+    # restore the original values for the other tests
+    write_latents(db, set_id, a, world["mu"][a:b], world["logvar"][a:b], world["elbo"][a:b],
+                  world["elbo"][a:b] - 5.0, np.full(SHARD, 5.0), world["log_px"][a:b])
+    assert count_latents(db, set_id) == N
+
+
+def test_hnsw_recall_and_exact_search_during_the_build(db, world):
+    settings, set_id = world["settings"], world["set_id"]
+    rng = np.random.default_rng(4)
+    queries = world["mu"][rng.choice(N, 30, replace=False)] + rng.normal(
+        scale=0.3, size=(30, DIM)).astype(np.float32)
+    during, report = [], {}
+    builder = threading.Thread(target=lambda: report.update(r=build_index(db, set_id, settings)))
+    builder.start()
+    while builder.is_alive():
+        q = queries[len(during) % len(queries)]
+        if get_set(db, set_id).index_status == "building":
+            res = search(db, settings, set_id, vector=q, k=10)
+            assert res.plan == "exact"
+            assert [h.index for h in res.hits] == brute_force(world["mu"], q, 10)[0]
+            during.append(res)
+        time.sleep(0.05)
+    builder.join()
+    assert during, "no search ran while the index was being built"
+    rep = report["r"]
+    assert get_set(db, set_id).index_status == "ready"
+    assert rep.recall and rep.exact_ms > 0
+    recalls = []
+    for q in queries:
+        res = search(db, settings, set_id, vector=q, k=10)
+        want = set(brute_force(world["mu"], q, 10)[0])
+        recalls.append(len(want & {h.index for h in res.hits}) / 10)
+    assert np.mean(recalls) >= 0.95, (np.mean(recalls), rep)
+    if rep.ef_search is not None:
+        assert search(db, settings, set_id, vector=queries[0], k=10).plan.startswith("hnsw")
+
+
+def test_search_by_key_excludes_the_item(db, world):
+    res = search(db, world["settings"], world["set_id"], key="item-77", k=5, exact=True)
+    want, _ = brute_force(world["mu"], world["mu"][77], 6)
+    assert [h.index for h in res.hits] == [i for i in want if i != 77][:5]
+    assert all(h.key == f"item-{h.index}" for h in res.hits)
+
+
+def test_outliers_are_the_lowest_log_px(db, world):
+    got = [h.index for h in outliers(db, world["set_id"], k=7)]
+    assert got == list(np.argsort(world["log_px"], kind="stable")[:7])
+
+
+def test_export_pages_cover_the_set_in_order(db, world):
+    seen = 0
+    for page in export_pages(db, world["set_id"], page_rows=30_000):
+        idx = np.array([r["index"] for r in page])
+        np.testing.assert_array_equal(idx, np.arange(seen, seen + len(page)))
+        np.testing.assert_array_equal(np.array([r["mu"] for r in page], np.float32),
+                                      world["mu"][idx])
+        seen += len(page)
+    assert seen == N
+
+
+def test_bad_queries_are_clear_errors(db, world):
+    settings, set_id = world["settings"], world["set_id"]
+    with pytest.raises(InvalidInput, match="vector must have 16 values; got 3"):
+        search(db, settings, set_id, vector=[1.0, 2.0, 3.0])
+    with pytest.raises(InvalidInput, match="non-finite"):
+        search(db, settings, set_id, vector=[np.nan] * DIM)
+    with pytest.raises(InvalidInput, match="k must be between 1 and 1000"):
+        search(db, settings, set_id, vector=np.zeros(DIM), k=0)
+    with pytest.raises(InvalidInput, match="metric must be one of"):
+        search(db, settings, set_id, vector=np.zeros(DIM), metric="dot")
+    with pytest.raises(InvalidInput, match="exactly one of 'vector' and 'key'"):
+        search(db, settings, set_id)
+    with pytest.raises(NotFound, match="no item with key 'nope'"):
+        search(db, settings, set_id, key="nope")
+    with pytest.raises(NotFound, match="embedding set 999999 does not exist"):
+        search(db, settings, 999999, vector=np.zeros(DIM))
+    with pytest.raises(InvalidInput, match="logvar has 2 rows, mu has 3"):
+        write_latents(db, set_id, 0, np.zeros((3, DIM)), np.zeros((2, DIM)), np.zeros(3),
+                      np.zeros(3), np.zeros(3))
+    pending = create_embedding_set(db, world["model_id"], world["dataset_id"], DIM, 1)
+    with pytest.raises(Conflict, match="is pending, not ready"):
+        search(db, settings, pending.id, vector=np.zeros(DIM))
