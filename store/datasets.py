@@ -262,6 +262,10 @@ def register_dataset(db: Database, artifacts: ArtifactStore, settings: Settings,
         if artifact_key:
             artifacts.delete(artifact_key)
         raise
+    if writer.n >= 10_000:
+        from store.latents import analyze
+
+        analyze(db, "items")
     dataset = get_dataset(db, dataset_id)
     log.info("dataset registered dataset_id=%d items=%d shape=%s", dataset.id, dataset.n_items,
              dataset.item_shape)

@@ -1,0 +1,282 @@
+"""The data layer against an embedded PostgreSQL+pgvector (pgserver), in one run:
+
+1. latent writes: `store.latents.write_latents` rows/s against a raw psycopg binary COPY
+   of the same rows (pgvector's psycopg dumper, `write_row` per row);
+2. ingest: rows/s and peak memory (a child process, sampled) for an N x 784 `.npy`;
+3. kNN over N latents of dimension 32, for latents of a trained VAE (digits, noisy copies,
+   encoded) and for random Gaussian vectors: p50/p95 latency and recall@10 of exact search,
+   HNSW at several ef_search, and the automatic plan.
+
+    python bench/store.py [--quick] [--knn-n 1000000] [--ingest-n 1000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import text
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from store.artifacts import ArtifactStore  # noqa: E402
+from store.datasets import register_dataset  # noqa: E402
+from store.db import Database, migrate, start_embedded_postgres  # noqa: E402
+from store.latents import (  # noqa: E402
+    _run,
+    build_index,
+    create_embedding_set,
+    get_set,
+    mark_set,
+    search,
+    write_latents,
+)
+from store.settings import Settings  # noqa: E402
+from store.tables import Model  # noqa: E402
+
+
+def model_row(db: Database, dataset_id: int) -> int:
+    with db.session() as s:
+        m = Model(dataset_id=dataset_id, config={}, status="ready")
+        s.add(m)
+        s.flush()
+        return m.id
+
+
+def fake_dataset(db: Database, artifacts: ArtifactStore, settings: Settings, n: int,
+                 name: str, tmp: str) -> int:
+    path = os.path.join(tmp, f"{name}.npz")
+    np.savez(path, x=np.zeros((n, 1), np.float32), labels=np.arange(n) % 10)
+    return register_dataset(db, artifacts, settings, name, path).dataset.id
+
+
+def raw_copy(db: Database, set_id: int, mu, logvar, elbo, rec, kl, log_px) -> None:
+    from pgvector.psycopg import register_vector
+
+    with db.engine.begin() as conn:
+        raw = conn.connection.driver_connection
+        register_vector(raw)
+        cur = raw.cursor()
+        with cur.copy("COPY latents (set_id, item_index, mu, logvar, elbo, reconstruction, kl, "
+                      "log_px) FROM STDIN WITH (FORMAT BINARY)") as copy:
+            copy.set_types(["int8", "int8", "vector", "vector", "float8", "float8", "float8",
+                            "float8"])
+            for i in range(len(mu)):
+                copy.write_row((set_id, i, mu[i], logvar[i], elbo[i], rec[i], kl[i], log_px[i]))
+
+
+def bench_writes(db, artifacts, settings, tmp, n: int, dim: int = 32) -> list[tuple]:
+    rng = np.random.default_rng(0)
+    mu = rng.normal(size=(n, dim)).astype(np.float32)
+    logvar = rng.normal(size=(n, dim)).astype(np.float32)
+    elbo, rec, kl, log_px = (rng.normal(size=n) for _ in range(4))
+    ds = fake_dataset(db, artifacts, settings, n, "bench-writes", tmp)
+    mid = model_row(db, ds)
+    best = {"raw": np.inf, "ours": np.inf}
+    for _ in range(3):
+        for name in ("raw", "ours"):
+            es = create_embedding_set(db, mid, ds, dim, n)
+            t = time.perf_counter()
+            if name == "raw":
+                raw_copy(db, es.id, mu, logvar, elbo, rec, kl, log_px)
+            else:
+                write_latents(db, es.id, 0, mu, logvar, elbo, rec, kl, log_px)
+            best[name] = min(best[name], time.perf_counter() - t)
+            with db.engine.begin() as conn:
+                conn.execute(text("DELETE FROM embedding_sets WHERE id = :s"), {"s": es.id})
+    return [("raw psycopg binary COPY (write_row)", n / best["raw"], 1.0),
+            ("store.latents.write_latents", n / best["ours"], best["raw"] / best["ours"])]
+
+
+INGEST_CHILD = """
+import sys
+sys.path.insert(0, sys.argv[4])
+from store.artifacts import ArtifactStore
+from store.datasets import register_dataset
+from store.db import Database
+from store.settings import Settings
+db = Database(sys.argv[1])
+reg = register_dataset(db, ArtifactStore(sys.argv[2]), Settings(), "bench-ingest", sys.argv[3])
+print(reg.dataset.n_items)
+"""
+
+
+def rss_parts(pid: int) -> tuple[int, int]:
+    anon = file = 0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                anon = int(line.split()[1]) * 1024
+            elif line.startswith("RssFile:"):
+                file = int(line.split()[1]) * 1024
+    return anon, file
+
+
+def bench_ingest(db_url: str, artifacts_url: str, tmp: str, n: int) -> dict:
+    path = os.path.join(tmp, "ingest.npy")
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, 784))
+    for a in range(0, n, 50_000):
+        out[a:a + 50_000] = np.random.default_rng(a).random((min(50_000, n - a), 784),
+                                                            dtype=np.float32)
+    out.flush()
+    del out
+    size = os.path.getsize(path)
+    started = time.perf_counter()
+    child = subprocess.Popen([sys.executable, "-c", INGEST_CHILD, db_url, artifacts_url, path,
+                              ROOT], stdout=subprocess.PIPE, text=True)
+    peak = [0, 0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            try:
+                anon, file = rss_parts(child.pid)
+            except OSError:
+                return
+            peak[0], peak[1] = max(peak[0], anon), max(peak[1], anon + file)
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    stdout, _ = child.communicate()
+    done.set()
+    sampler.join()
+    seconds = time.perf_counter() - started
+    os.unlink(path)
+    if child.returncode != 0:
+        raise SystemExit("ingest child failed")
+    return {"n": int(stdout.strip()), "bytes": size, "seconds": seconds, "peak_anon": peak[0],
+            "peak_rss": peak[1]}
+
+
+def trained_latents(n: int, dim: int, n_queries: int) -> tuple[np.ndarray, np.ndarray]:
+    """mu of a VAE trained on digits, for noisy copies of the digits (set and queries)."""
+    import torch
+
+    from models.config import TrainConfig, VAEConfig
+    from models.data import load_digits_dataset
+    from models.trainer import Trainer
+
+    images, _ = load_digits_dataset()
+    model = Trainer(VAEConfig(input_shape=(1, 8, 8), latent_dim=dim, hidden=(128, 64)),
+                    TrainConfig(epochs=30, batch_size=64, lr=2e-3, importance_samples=0)
+                    ).fit(images).model
+    rng = np.random.default_rng(1)
+    out = np.empty((n + n_queries, dim), np.float32)
+    with torch.no_grad():
+        for a in range(0, n + n_queries, 100_000):
+            b = min(n + n_queries, a + 100_000)
+            x = images[rng.integers(0, len(images), b - a)]
+            x = np.clip(x + rng.normal(scale=0.15, size=x.shape), 0, 1).astype(np.float32)
+            out[a:b] = model.encode(torch.from_numpy(x))[0].numpy()
+    return out[:n], out[n:]
+
+
+def brute_top10(mu: np.ndarray, q: np.ndarray) -> set[int]:
+    d = ((mu - q) ** 2).sum(1)
+    return set(np.argpartition(d, 10)[:10].tolist())
+
+
+def bench_knn(db, artifacts, settings, tmp, kind: str, n: int, dim: int, n_queries: int):
+    if kind == "trained VAE latents":
+        mu, queries = trained_latents(n, dim, n_queries)
+    else:
+        rng = np.random.default_rng(2)
+        mu = rng.normal(size=(n, dim)).astype(np.float32)
+        queries = rng.normal(size=(n_queries, dim)).astype(np.float32)
+    ds = fake_dataset(db, artifacts, settings, n, f"bench-knn-{kind[:6]}", tmp)
+    es = create_embedding_set(db, model_row(db, ds), ds, dim, n)
+    zeros = np.zeros(n)
+    t = time.perf_counter()
+    for a in range(0, n, 100_000):
+        write_latents(db, es.id, a, mu[a:a + 100_000], mu[a:a + 100_000], zeros[a:a + 100_000],
+                      zeros[a:a + 100_000], zeros[a:a + 100_000])
+    write_s = time.perf_counter() - t
+    mark_set(db, es.id, status="ready")
+    report = build_index(db, es.id, settings)
+    es = get_set(db, es.id)
+    truth = [brute_top10(mu, q) for q in queries]
+    rows = []
+
+    def measure(label: str, fn) -> None:
+        times, hits = [], 0
+        for q, want in zip(queries, truth, strict=True):
+            t0 = time.perf_counter()
+            got = fn(q)
+            times.append(1000 * (time.perf_counter() - t0))
+            hits += len(want & set(got))
+        rows.append((kind, label, float(np.percentile(times, 50)),
+                     float(np.percentile(times, 95)), hits / (10 * len(queries))))
+
+    measure("exact", lambda q: [h.index for h in _run(db, es, q, 10, "l2", None, None)])
+    for ef in (40, 100, 200, 400, 640):
+        measure(f"hnsw ef_search={ef}",
+                lambda q, ef=ef: [h.index for h in _run(db, es, q, 10, "l2", None, ef)])
+    plan = search(db, settings, es.id, vector=queries[0], k=10).plan
+    measure(f"auto plan -> {plan}",
+            lambda q: [h.index for h in search(db, settings, es.id, vector=q, k=10).hits])
+    return rows, {"kind": kind, "write_s": write_s, "build_s": report.build_seconds,
+                  "ef_search": report.ef_search, "calibration": report.recall}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--write-n", type=int, default=200_000)
+    parser.add_argument("--ingest-n", type=int, default=1_000_000)
+    parser.add_argument("--knn-n", type=int, default=1_000_000)
+    parser.add_argument("--queries", type=int, default=100)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["writes", "ingest", "knn"])
+    args = parser.parse_args()
+    if args.quick:
+        args.write_n, args.ingest_n, args.knn_n, args.queries = 20_000, 20_000, 30_000, 30
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
+        server, url = start_embedded_postgres(Path(tmp) / "pg")
+        try:
+            migrate(url)
+            db = Database(url)
+            settings = Settings(data_dir=Path(tmp) / "data", exact_search_below=10_000)
+            artifacts_url = (Path(tmp) / "artifacts").as_uri()
+            artifacts = ArtifactStore(artifacts_url)
+            if "writes" not in args.skip:
+                print(f"\nlatent writes: {args.write_n} rows of dim 32 (best of 3)")
+                print(f"  {'writer':40s} {'rows/s':>10s} {'ratio':>6s}")
+                for name, rps, ratio in bench_writes(db, artifacts, settings, tmp, args.write_n):
+                    print(f"  {name:40s} {rps:10.0f} {ratio:6.2f}")
+            if "ingest" not in args.skip:
+                r = bench_ingest(url, artifacts_url, tmp, args.ingest_n)
+                mib = 1 << 20
+                print(f"\ningest: {r['n']} x 784 float32 .npy ({r['bytes'] / mib:.0f} MiB): "
+                      f"{r['seconds']:.1f} s, {r['n'] / r['seconds']:.0f} rows/s, "
+                      f"{r['bytes'] / mib / r['seconds']:.0f} MiB/s")
+                print(f"  peak anonymous memory {r['peak_anon'] / mib:.0f} MiB "
+                      f"({r['peak_anon'] / r['bytes']:.3f} x file); peak RSS with mapped "
+                      f"file pages {r['peak_rss'] / mib:.0f} MiB")
+            if "knn" not in args.skip:
+                print(f"\nkNN, k=10, {args.knn_n} latents of dim 32, {args.queries} queries "
+                      "not in the set")
+                print(f"  {'latents':22s} {'plan':28s} {'p50 ms':>8s} {'p95 ms':>8s} "
+                      f"{'recall@10':>9s}")
+                for kind in ("trained VAE latents", "random Gaussian"):
+                    rows, info = bench_knn(db, artifacts, settings, tmp, kind, args.knn_n, 32,
+                                           args.queries)
+                    for _, label, p50, p95, recall in rows:
+                        print(f"  {kind:22s} {label:28s} {p50:8.1f} {p95:8.1f} {recall:9.3f}")
+                    print(f"  {kind}: write {info['write_s']:.1f} s, HNSW build "
+                          f"{info['build_s']:.0f} s, calibrated ef_search={info['ef_search']} "
+                          f"(recall by ef: { {k: round(v, 3) for k, v in info['calibration'].items()} })")
+            db.dispose()
+        finally:
+            server.cleanup()
+
+
+if __name__ == "__main__":
+    main()
