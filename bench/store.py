@@ -270,9 +270,10 @@ def main() -> None:
                                            args.queries)
                     for _, label, p50, p95, recall in rows:
                         print(f"  {kind:22s} {label:28s} {p50:8.1f} {p95:8.1f} {recall:9.3f}")
+                    by_ef = {k: round(v, 3) for k, v in info["calibration"].items()}
                     print(f"  {kind}: write {info['write_s']:.1f} s, HNSW build "
                           f"{info['build_s']:.0f} s, calibrated ef_search={info['ef_search']} "
-                          f"(recall by ef: { {k: round(v, 3) for k, v in info['calibration'].items()} })")
+                          f"(calibration recall by ef: {by_ef})")
             db.dispose()
         finally:
             server.cleanup()
