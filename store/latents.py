@@ -338,22 +338,24 @@ def _filter_sql(flt: SearchFilter | None, params: dict[str, Any]) -> str:
 
 def _run(db: Database, es: EmbeddingSet, vector: np.ndarray, k: int, metric: Metric,
          flt: SearchFilter | None, ef_search: int | None) -> list[Hit]:
-    params: dict[str, Any] = {"s": es.id, "d": es.dataset_id, "q": vector_literal(vector),
-                              "k": int(k)}
+    params: dict[str, Any] = {"d": es.dataset_id, "q": vector_literal(vector), "k": int(k)}
     op = OPERATORS[metric]
     # The index matches only the expression mu::vector(dim); plain `mu` forces exact.
     target = f"l.mu::vector({int(es.dim)})" if ef_search else "l.mu"
     distance = f"{target} {op} CAST(:q AS vector)"
+    # The set id is inlined (an integer from our own row): a generic plan of a prepared
+    # statement could not prove a bound parameter matches the partial index's predicate.
     where = _filter_sql(flt, params)
+    set_id = int(es.id)
     if "i." in where:  # item filters (label, metadata) need the join before the LIMIT
         sql = (f"SELECT l.item_index, i.key, i.label, {distance} AS distance, l.elbo, "
                f"l.log_px, i.metadata FROM latents l JOIN items i "
                f"ON i.dataset_id = :d AND i.index = l.item_index "
-               f"WHERE l.set_id = :s{where} ORDER BY {distance} LIMIT :k")
+               f"WHERE l.set_id = {set_id}{where} ORDER BY {distance} LIMIT :k")
     else:  # nearest first, then look up just those k items
         sql = (f"SELECT nn.item_index, i.key, i.label, nn.distance, nn.elbo, nn.log_px, "
                f"i.metadata FROM (SELECT l.item_index, {distance} AS distance, l.elbo, "
-               f"l.log_px FROM latents l WHERE l.set_id = :s{where} ORDER BY {distance} "
+               f"l.log_px FROM latents l WHERE l.set_id = {set_id}{where} ORDER BY {distance} "
                f"LIMIT :k) nn JOIN items i ON i.dataset_id = :d AND i.index = nn.item_index "
                f"ORDER BY nn.distance")
     with db.engine.begin() as conn:
