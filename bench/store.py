@@ -217,7 +217,7 @@ def bench_knn(db, artifacts, settings, tmp, kind: str, n: int, dim: int, n_queri
                      float(np.percentile(times, 95)), hits / (10 * len(queries))))
 
     measure("exact", lambda q: [h.index for h in _run(db, es, q, 10, "l2", None, None)])
-    for ef in (40, 100, 200, 400, 640):
+    for ef in (40, 100, 200, 400, 640, 1000):
         measure(f"hnsw ef_search={ef}",
                 lambda q, ef=ef: [h.index for h in _run(db, es, q, 10, "l2", None, ef)])
     plan = search(db, settings, es.id, vector=queries[0], k=10).plan

@@ -45,5 +45,27 @@ def migrate_command(revision: str = typer.Argument("head", help="Alembic revisio
             server.cleanup()
 
 
+@app.command("worker")
+def worker_command(
+    queues: str = typer.Option("train,embed", help="comma-separated: train (GPU), embed"),
+    concurrency: int = typer.Option(1, help="pool processes (GPU hosts: 1 per GPU)"),
+    pool: str = typer.Option("auto", help="auto (solo when CUDA is present), prefork, solo"),
+    name: str = typer.Option("latentbank@%h", help="the worker's node name"),
+) -> None:
+    """Run a Celery worker (a subprocess: this CLI never imports torch)."""
+    import os
+    import shutil
+    import sys
+
+    if pool == "auto":
+        # CUDA cannot start in forked children: GPU workers use the solo pool.
+        pool = "solo" if shutil.which("nvidia-smi") else "prefork"
+    env = {**os.environ, "LATENTBANK_WORKER_CONCURRENCY": str(concurrency)}
+    cmd = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", queues,
+           "-P", pool, "-c", str(concurrency), "-n", name, "--loglevel", "INFO"]
+    # exec, so signals (SIGTERM: warm shutdown) reach Celery itself
+    os.execve(sys.executable, cmd, env)
+
+
 def main() -> None:
     app()

@@ -43,7 +43,7 @@ OPCLASSES = {"l2": "vector_l2_ops", "cosine": "vector_cosine_ops"}
 COPY_COLUMNS = "set_id, item_index, mu, logvar, elbo, reconstruction, kl, log_px"
 PGCOPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
 PGCOPY_TRAILER = (-1).to_bytes(2, "big", signed=True)
-EF_CANDIDATES = (40, 80, 160, 320, 640)
+EF_CANDIDATES = (40, 80, 160, 320, 640, 1000)
 
 
 # -- embedding sets ----------------------------------------------------------------------
