@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -107,48 +108,78 @@ def copy_rows(set_id: int, first_index: int, mu: np.ndarray, logvar: np.ndarray,
     return rows.tobytes()
 
 
-def write_latents(db: Database, set_id: int, first_index: int, mu: np.ndarray,
-                  logvar: np.ndarray, elbo: np.ndarray, reconstruction: np.ndarray,
-                  kl: np.ndarray, log_px: np.ndarray | None = None,
-                  chunk_rows: int = 50_000,
-                  guard: Callable[[Connection], None] | None = None) -> int:
-    """Write one shard: items `first_index .. first_index + len(mu) - 1` of a set.
-
-    Idempotent per shard: in one transaction the shard's rows are deleted, then COPYed
-    in chunks of `chunk_rows`, so writing a shard twice (a redelivered task) leaves
-    exactly one row per item, and a failure leaves the previous state. `guard(conn)` runs
-    first inside the transaction (a job's lease check). Returns the rows written.
-    """
+def _check_chunk(mu: np.ndarray, arrays: dict[str, Any]) -> np.ndarray:
     mu = np.asarray(mu, dtype=np.float32)
-    n = len(mu)
-    if mu.ndim != 2 or n == 0:
+    if mu.ndim != 2 or len(mu) == 0:
         raise InvalidInput(f"mu must be a non-empty (n, dim) array; got shape {mu.shape}")
-    arrays = {"logvar": logvar, "elbo": elbo, "reconstruction": reconstruction, "kl": kl}
-    if log_px is not None:
-        arrays["log_px"] = log_px
     for name, values in arrays.items():
-        if len(values) != n:
-            raise InvalidInput(f"{name} has {len(values)} rows, mu has {n}")
+        if values is not None and len(values) != len(mu):
+            raise InvalidInput(f"{name} has {len(values)} rows, mu has {len(mu)}")
     for name, values in {"mu": mu, **arrays}.items():
-        if not np.isfinite(values).all():
+        if values is not None and not np.isfinite(values).all():
             raise InvalidInput(f"{name} has non-finite values")
+    return mu
+
+
+@contextmanager
+def latent_writer(db: Database, set_id: int, first_index: int, n_rows: int,
+                  guard: Callable[[Connection], None] | None = None,
+                  ) -> Iterator[Callable[..., None]]:
+    """Stream one shard, items `first_index .. first_index + n_rows - 1`, into one COPY.
+
+    Idempotent per shard: in one transaction the shard's rows are deleted, then the
+    chunks given to `write(mu, logvar, elbo, reconstruction, kl, log_px=None)` are
+    COPYed as they come (the server parses them while the caller computes the next),
+    and the transaction commits only if exactly `n_rows` rows were written. Writing a
+    shard twice therefore leaves one row per item; a failure leaves the previous state.
+    `guard(conn)` runs first inside the transaction (a job's lease check).
+    """
+    written = 0
     with db.engine.begin() as conn:
         if guard is not None:
             guard(conn)
         conn.execute(text("DELETE FROM latents WHERE set_id = :s AND item_index >= :a "
                           "AND item_index < :b"),
-                     {"s": set_id, "a": first_index, "b": first_index + n})
+                     {"s": set_id, "a": first_index, "b": first_index + n_rows})
         cursor = conn.connection.driver_connection.cursor()
         with cursor.copy(f"COPY latents ({COPY_COLUMNS}) FROM STDIN WITH (FORMAT BINARY)"
                          ) as copy:
             copy.write(PGCOPY_HEADER)
-            for a in range(0, n, chunk_rows):
-                b = min(n, a + chunk_rows)
-                copy.write(copy_rows(set_id, first_index + a, mu[a:b],
-                                     np.asarray(logvar[a:b], np.float32), elbo[a:b],
-                                     reconstruction[a:b], kl[a:b],
-                                     None if log_px is None else log_px[a:b]))
+
+            def write(mu: np.ndarray, logvar: np.ndarray, elbo: np.ndarray,
+                      reconstruction: np.ndarray, kl: np.ndarray,
+                      log_px: np.ndarray | None = None) -> None:
+                nonlocal written
+                mu = _check_chunk(mu, {"logvar": logvar, "elbo": elbo,
+                                       "reconstruction": reconstruction, "kl": kl,
+                                       "log_px": log_px})
+                if written + len(mu) > n_rows:
+                    raise InvalidInput(f"shard of {n_rows} rows got {written + len(mu)}")
+                copy.write(copy_rows(set_id, first_index + written, mu,
+                                     np.asarray(logvar, np.float32), elbo, reconstruction, kl,
+                                     log_px))
+                written += len(mu)
+
+            yield write
             copy.write(PGCOPY_TRAILER)
+        if written != n_rows:
+            raise InvalidInput(f"shard of {n_rows} rows got only {written}")
+
+
+def write_latents(db: Database, set_id: int, first_index: int, mu: np.ndarray,
+                  logvar: np.ndarray, elbo: np.ndarray, reconstruction: np.ndarray,
+                  kl: np.ndarray, log_px: np.ndarray | None = None,
+                  chunk_rows: int = 50_000,
+                  guard: Callable[[Connection], None] | None = None) -> int:
+    """Write one whole shard from arrays (see `latent_writer`); returns the rows written."""
+    mu = _check_chunk(mu, {"logvar": logvar, "elbo": elbo, "reconstruction": reconstruction,
+                           "kl": kl, "log_px": log_px})
+    n = len(mu)
+    with latent_writer(db, set_id, first_index, n, guard) as write:
+        for a in range(0, n, chunk_rows):
+            b = min(n, a + chunk_rows)
+            write(mu[a:b], logvar[a:b], elbo[a:b], reconstruction[a:b], kl[a:b],
+                  None if log_px is None else log_px[a:b])
     return n
 
 

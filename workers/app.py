@@ -14,7 +14,7 @@ import os
 import threading
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_ready, worker_shutdown
+from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown
 
 from store.jobs import QUEUES, TASKS
 from store.settings import get_settings
@@ -50,6 +50,14 @@ def make_app() -> Celery:
 
 
 app = make_app()
+
+
+@worker_init.connect
+def _remember_concurrency(sender: object = None, **_: object) -> None:
+    """Before the pool forks: children read it to take their share of the cores."""
+    concurrency = getattr(sender, "concurrency", None)
+    if concurrency:
+        os.environ["LATENTBANK_WORKER_CONCURRENCY"] = str(concurrency)
 
 
 @worker_process_init.connect

@@ -79,7 +79,11 @@ def start_worker(worker_env, tmp_path_factory):
     logs = tmp_path_factory.mktemp("worker-logs")
     started = []
 
-    def start(name="w1"):
+    def start(name="w1", alone=False):
+        """Start a worker; `alone` stops every other one first, so it takes the next job."""
+        if alone:
+            for other in started:
+                other.stop()
         worker = Worker(worker_env, logs, f"{name}-{len(started)}")
         started.append(worker)
         return worker

@@ -189,8 +189,7 @@ def test_kill_9_mid_training_resumes_from_checkpoint(db, start_worker, worker, c
     reference = wait_for(db, reference.id)
     assert reference.status == "succeeded"
 
-    victim = start_worker("victim")
-    worker.stop()  # only the victim takes the next job
+    victim = start_worker("victim", alone=True)  # only the victim takes the next job
     job, _ = submit_training(db, digits_dataset.id, MODEL, training)
     publish(celery_client, db, job)
     deadline = time.monotonic() + 60
@@ -217,7 +216,7 @@ def test_a_job_that_keeps_killing_its_worker_ends_failed(db, start_worker, celer
                                                          digits_dataset):
     job, _ = submit_training(db, digits_dataset.id, MODEL, dict(TRAINING, epochs=400),
                              max_attempts=1)
-    victim = start_worker("crasher")
+    victim = start_worker("crasher", alone=True)
     publish(celery_client, db, job)
     deadline = time.monotonic() + 60
     while not metric_rows(db, job.model_id):
