@@ -46,6 +46,26 @@ class Worker:
 
 
 @pytest.fixture(scope="session")
+def db_url(new_database):
+    """A database of their own: datasets are deduplicated by content, and the store tests
+    registered the same digits into another artifact root."""
+    from store.db import migrate
+
+    url = new_database("workers")
+    migrate(url)
+    return url
+
+
+@pytest.fixture(scope="session")
+def db(db_url):
+    from store.db import Database
+
+    database = Database(db_url)
+    yield database
+    database.dispose()
+
+
+@pytest.fixture(scope="session")
 def worker_env(db_url, redis_url, tmp_path_factory):
     data = tmp_path_factory.mktemp("workers")
     env = {**os.environ,
