@@ -104,8 +104,12 @@ def split_indices(n_items: int, val_fraction: float, seed: int,
 def gather_rows(array: np.ndarray, rows: np.ndarray, config: VAEConfig) -> torch.Tensor:
     """Read `rows` (any order) as a float32 tensor shaped (len(rows), *input_shape).
 
-    Sorted reads are sequential on a memory map; the result keeps the requested order.
+    A memory map is read in sorted row order (sequential I/O); an in-memory array is
+    indexed directly (one copy). Either way the result keeps the requested order.
     """
+    if not isinstance(array, np.memmap):
+        batch = np.asarray(array[rows], dtype=np.float32)
+        return torch.from_numpy(batch.reshape(len(rows), *config.input_shape))
     order = np.argsort(rows, kind="stable")
     sorted_rows = rows[order]
     batch = np.empty((len(rows), *config.input_shape), dtype=np.float32)

@@ -225,3 +225,19 @@ def test_divergence_is_a_clear_error(digits):
     with pytest.raises(FloatingPointError, match="diverged"):
         Trainer(VAEConfig(input_shape=(1, 8, 8), likelihood="gaussian", gaussian_scale="fixed",
                           fixed_log_scale=-20.0), cfg).fit(images * 1e30)
+
+
+def test_cpu_gradient_clipping_equals_torch_clip_grad_norm():
+    torch.manual_seed(0)
+    trainer = Trainer(MLP, FAST)
+    for max_norm in (1e-3, 1e6):  # clipped, and untouched
+        for p in trainer.model.parameters():
+            p.grad = torch.randn_like(p)
+        want = [p.grad.clone() for p in trainer.model.parameters()]
+        reference = [torch.nn.Parameter(g.clone()) for g in want]
+        for r, g in zip(reference, want, strict=True):
+            r.grad = g.clone()
+        torch.nn.utils.clip_grad_norm_(reference, max_norm)
+        trainer._clip_gradients(max_norm)
+        for p, r in zip(trainer.model.parameters(), reference, strict=True):
+            torch.testing.assert_close(p.grad, r.grad, rtol=0, atol=0)
