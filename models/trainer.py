@@ -213,7 +213,7 @@ class Trainer:
                 if any(cb.should_cancel() for cb in self.callbacks):
                     raise TrainingCancelled(f"cancelled during epoch {self.epoch + 1}")
                 beta = self._beta(warmup_steps)
-                loss, terms = self._train_step(x, beta, noise)
+                _, terms = self._train_step(x, beta, noise)
                 sums += terms  # loss * n, reconstruction, kl: one add per step
                 self.step += 1
                 now = time.perf_counter()

@@ -67,5 +67,64 @@ def worker_command(
     os.execve(sys.executable, cmd, env)
 
 
+@app.command("api")
+def api_command(
+    host: str = typer.Option(None, help="listen address (default: LATENTBANK_API_HOST)"),
+    port: int = typer.Option(None, help="port (default: LATENTBANK_API_PORT)"),
+    workers: int = typer.Option(1, help="uvicorn worker processes"),
+) -> None:
+    """Serve the HTTP API with uvicorn (needs LATENTBANK_DATABASE_URL; `up` sets it)."""
+    import uvicorn
+
+    from store.settings import get_settings
+
+    settings = get_settings()
+    if not settings.database_url:
+        typer.echo("error: LATENTBANK_DATABASE_URL is not set", err=True)
+        raise typer.Exit(2)
+    uvicorn.run("service.app:create_app", factory=True, host=host or settings.api_host,
+                port=port or settings.api_port, workers=workers, log_level="info",
+                proxy_headers=True)
+
+
+keys_app = typer.Typer(help="API keys (written straight to the database).",
+                       no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("create")
+def keys_create(
+    name: str = typer.Option(..., help="who or what uses the key"),
+    scope: list[str] = typer.Option(["read"], help="read, write or admin (repeatable)"),
+) -> None:
+    """Create a key and print its secret once (stored hashed)."""
+    from store.db import Database, start_embedded_postgres
+    from store.errors import DatabaseUnavailable, InvalidInput
+    from store.keys import create_key
+    from store.settings import get_settings
+
+    settings = get_settings()
+    server = None
+    try:
+        if settings.database_url:
+            url = settings.database_url
+        else:
+            server, url = start_embedded_postgres(settings.postgres_dir)
+        db = Database(url)
+        try:
+            created = create_key(db, name, scope)
+        finally:
+            db.dispose()
+        typer.echo(created.key)
+        typer.echo(f"key {created.id} ({created.prefix}..., scopes {','.join(created.scopes)})"
+                   " created; the secret above is not shown again", err=True)
+    except (InvalidInput, DatabaseUnavailable) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    finally:
+        if server is not None:
+            server.cleanup()
+
+
 def main() -> None:
     app()

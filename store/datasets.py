@@ -74,6 +74,8 @@ def npy_header(shape: tuple[int, ...]) -> bytes:
 def resolve_allowed_path(uri: str, roots: list[Path]) -> str:
     """A server-side file named by a user: it must resolve (symlinks too) inside a root."""
     path = uri[len("file://"):] if uri.startswith("file://") else uri
+    if "\x00" in path:
+        raise PathNotAllowed("a path cannot contain NUL characters")
     if not roots:
         raise PathNotAllowed("registering server-side files is disabled (no allowed roots "
                              "configured: LATENTBANK_ALLOWED_ROOTS)")

@@ -54,6 +54,16 @@ class Settings(BaseSettings):
                             "longer than the longest job")
     embed_shard_rows: int = Field(50_000, description="items per embedding shard task")
 
+    api_host: str = Field("127.0.0.1", description="where `latentbank api` listens")
+    api_port: int = Field(8000, description="the API's port")
+    onnx_sessions: int = Field(16, description="onnxruntime sessions the API keeps (LRU)")
+    onnx_threads: int = Field(0, description="threads per onnxruntime session; 0 = all cores")
+    decode_max_rows: int = Field(4096, description="most rows in one decode/encode request")
+    decode_batching: bool = Field(
+        True, description="batch concurrent decode requests into one onnxruntime call")
+    sse_poll_seconds: float = Field(0.5, description="how often job events check the job")
+    db_connect_timeout: int = Field(5, description="seconds to wait for a database connection")
+
     @field_validator("allowed_roots", mode="before")
     @classmethod
     def _split_roots(cls, value: object) -> object:

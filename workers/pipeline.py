@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from workers.plots import plot_latents, plot_training_curves, save_image_grid
+    from store.plots import plot_latents, plot_training_curves, save_image_grid
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--builtin", choices=["digits"], default="digits")

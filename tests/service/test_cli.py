@@ -40,3 +40,50 @@ def test_migrate_refuses_postgres_without_pgvector():
     assert out.returncode == 2
     assert "has no pgvector extension" in out.stderr
     assert "Traceback" not in out.stderr and "secret-password" not in out.stderr
+
+
+def test_keys_create_prints_a_key_the_api_accepts(api, api_env):
+    import httpx
+
+    out = run_cli("keys", "create", "--name", "cli", "--scope", "read", env=api_env)
+    assert out.returncode == 0, out.stderr
+    key = out.stdout.strip()
+    assert key.startswith("lb_") and "not shown again" in out.stderr
+    with httpx.Client(base_url=api.url) as c:
+        assert c.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        answer = c.post("/v1/datasets", json={"name": "x", "builtin": "digits"},
+                        headers={"Authorization": f"Bearer {key}"})
+        assert answer.status_code == 403
+    bad = run_cli("keys", "create", "--name", "cli", "--scope", "root", env=api_env)
+    assert bad.returncode == 2 and "scopes must be" in bad.stderr
+
+
+def test_api_command_serves_until_terminated(api_env, tmp_path):
+    import os
+    import time
+
+    import httpx
+
+    from tests.service.conftest import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from service.cli import main; main()", "api", "--port",
+         str(port)], env={**os.environ, **api_env}, stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "api.log", "w"))  # noqa: SIM115
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, (tmp_path / "api.log").read_text()
+                time.sleep(0.3)
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["checks"] == {"database": "ok", "broker": "ok"}
+    finally:
+        proc.terminate()
+        # uvicorn shuts down cleanly, then re-raises SIGTERM (exit status -15)
+        assert proc.wait(timeout=30) in (0, -15)
+    assert "Application shutdown complete" in (tmp_path / "api.log").read_text()

@@ -1,48 +1,11 @@
 """Real Celery worker processes against the real Redis and PostgreSQL of the session."""
 
 import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 from celery import Celery
 
-
-class Worker:
-    """`celery -A workers.app worker` in its own process group, logging to a file."""
-
-    def __init__(self, env: dict[str, str], log_dir: Path, name: str) -> None:
-        self.log = log_dir / f"{name}.log"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", "train,embed",
-             "-P", "prefork", "-c", "1", "-n", f"{name}@%h", "--loglevel", "INFO",
-             "--without-gossip", "--without-mingle"],
-            env=env, stdout=open(self.log, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
-            start_new_session=True)
-        deadline = time.monotonic() + 90
-        while "ready." not in self.log.read_text():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"worker {name} did not start:\n{self.log.read_text()}")
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        """Warm shutdown: SIGTERM to the main process only."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def kill(self) -> None:
-        """kill -9 of the whole worker: main process and pool children."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
+from tests.support import Worker
 
 
 @pytest.fixture(scope="session")

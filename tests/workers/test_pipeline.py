@@ -11,8 +11,8 @@ from PIL import Image
 from models.checkpoint import load_model
 from models.config import TrainConfig, VAEConfig
 from models.data import load_digits_dataset
+from store.plots import image_grid
 from workers.pipeline import main, train_evaluate_export
-from workers.plots import image_grid
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,14 @@
-"""PNG figures of a training run: curves, latent scatter, image grids (matplotlib Agg)."""
+"""PNG figures of a training run: curves, latent scatter, image grids (matplotlib Agg).
+
+Shared by the workers (files next to a run) and the API (PNG answers): each figure goes
+to a path or to a binary file object. Imports neither torch nor Celery.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import IO, Any
 
 import matplotlib
 
@@ -13,8 +17,17 @@ import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image
 
+Target = str | IO[bytes]
 
-def plot_training_curves(history: Sequence[dict[str, Any]], path: str) -> str:
+
+def _save_figure(fig: Any, path: Target) -> None:
+    if isinstance(path, str):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100, format="png")
+    plt.close(fig)
+
+
+def plot_training_curves(history: Sequence[dict[str, Any]], path: Target) -> Target:
     """ELBO, reconstruction, KL and log p(x) per epoch and split."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for split, style in (("train", "-"), ("val", "--")):
@@ -35,13 +48,11 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: str) -> str:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_figure(fig, path)
     return path
 
 
-def plot_latents(mu: np.ndarray, labels: np.ndarray | None, path: str) -> str:
+def plot_latents(mu: np.ndarray, labels: np.ndarray | None, path: Target) -> Target:
     """2-D PCA of the posterior means, coloured by label when there are labels."""
     centred = mu - mu.mean(0)
     _, _, vt = np.linalg.svd(centred, full_matrices=False)
@@ -53,9 +64,7 @@ def plot_latents(mu: np.ndarray, labels: np.ndarray | None, path: str) -> str:
         fig.colorbar(sc, ax=ax, label="label")
     ax.set_title("latent means, first two principal components")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_figure(fig, path)
     return path
 
 
@@ -75,7 +84,8 @@ def image_grid(images: np.ndarray, columns: int = 8, scale: int = 4) -> Image.Im
     return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
 
 
-def save_image_grid(images: np.ndarray, path: str, columns: int = 8) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    image_grid(images, columns).save(path)
+def save_image_grid(images: np.ndarray, path: Target, columns: int = 8) -> Target:
+    if isinstance(path, str):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    image_grid(images, columns).save(path, format="PNG")
     return path

@@ -1,0 +1,137 @@
+"""The FastAPI app factory: `uvicorn --factory service.app:create_app`.
+
+Imports neither torch nor `workers/`: submissions write job rows (store.submit) and send
+Celery tasks by name; serving runs the exported ONNX files with onnxruntime.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from sqlalchemy import text
+
+from service import errors
+from service.deps import Services, celery_client
+from service.inference import Inference, SessionCache
+from service.metrics import Metrics, RequestMetrics
+from service.routes import datasets, embeddings, jobs, models, ops
+from store.db import Database
+from store.settings import Settings, get_settings, open_artifacts
+
+log = logging.getLogger("latentbank.api")
+
+DESCRIPTION = """
+Train Variational Autoencoders on your datasets, store their latent codes and ELBO terms
+in PostgreSQL/pgvector, search them, and call the ONNX decoders.
+
+Every `/v1` route needs `Authorization: Bearer <key>` (create one with
+`latentbank keys create`); scopes are `read` < `write` < `admin`. Errors are
+`{"error": {"code", "message"}}`. Bounds are in nats per item; higher is better.
+"""
+
+
+class BodyTooLarge(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the request body exceeds the limit of {limit} bytes")
+        self.limit = limit
+
+
+class BodyLimit:
+    """Refuses bodies over the limit (413): by Content-Length up front, and by counting
+    the bytes received, which also holds for chunked bodies that name no length."""
+
+    def __init__(self, app: Any, settings: Settings) -> None:
+        self.app, self.settings = app, settings
+
+    def limit_for(self, scope: dict[str, Any]) -> int:
+        if scope["method"] == "POST" and scope["path"].rstrip("/") == "/v1/datasets":
+            return self.settings.max_upload_bytes
+        return self.settings.max_request_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope)
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = -1
+                if declared > limit:
+                    response = errors.error_response(
+                        413, "too_large", str(BodyTooLarge(limit)), {"Connection": "close"})
+                    await response(scope, receive, send)
+                    return
+        received = 0
+
+        async def counted() -> dict[str, Any]:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def _count_jobs(db: Database) -> list[tuple[str, str, int]]:
+    with db.engine.connect() as conn:
+        rows = conn.execute(text("SELECT kind, status, count(*) FROM jobs GROUP BY 1, 2"))
+        return [(r[0], r[1], int(r[2])) for r in rows]
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    if not settings.database_url:
+        raise RuntimeError("LATENTBANK_DATABASE_URL is not set: `latentbank up` starts the "
+                           "embedded database and sets it for the API")
+    db = Database(settings.database_url,
+                  connect_args={"connect_timeout": settings.db_connect_timeout},
+                  pool_timeout=settings.db_connect_timeout)
+    artifacts = open_artifacts(settings)
+    metrics = Metrics(lambda: _count_jobs(db))
+    sessions = SessionCache(artifacts, str(settings.cache_dir / "onnx"), settings.onnx_sessions,
+                            settings.onnx_threads)
+    inference = Inference(sessions, settings.decode_max_rows, settings.decode_batching,
+                          observe=metrics.decode_rows.observe)
+    svc = Services(settings, db, artifacts, celery_client(settings), inference, metrics)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        log.info("api starting database=%s artifacts=%s", db.engine.url.render_as_string(),
+                 settings.artifacts_url.split("://", 1)[0])
+        yield
+        inference.close()
+        db.dispose()
+
+    app = FastAPI(title="latentbank", version=_version(), description=DESCRIPTION,
+                  lifespan=lifespan)
+    app.state.services = svc
+    errors.install(app)
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(_: Any, exc: BodyTooLarge) -> Any:
+        return errors.error_response(413, "too_large", str(exc), {"Connection": "close"})
+
+    for module in (ops, datasets, jobs, models, embeddings):
+        app.include_router(module.router)
+    app.add_middleware(BodyLimit, settings=settings)
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    return app
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("latentbank")
+    except PackageNotFoundError:
+        return "0+unknown"

@@ -1,0 +1,155 @@
+"""What every route needs: the process's services, API-key auth, body codecs."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
+
+import numpy as np
+from celery import Celery
+from fastapi import Depends, Path, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from service.errors import ApiError, describe_validation
+from service.inference import Inference
+from service.metrics import Metrics
+from store.artifacts import ArtifactStore
+from store.db import Database
+from store.errors import InvalidInput
+from store.jobs import QUEUES, TASKS, mark_published
+from store.keys import implied_scopes, verify_key
+from store.settings import Settings
+from store.tables import ApiKey, Job
+
+log = logging.getLogger("latentbank.api")
+NPY = "application/x-npy"
+Body = TypeVar("Body", bound=BaseModel)
+
+
+@dataclass
+class Services:
+    settings: Settings
+    db: Database
+    artifacts: ArtifactStore
+    celery: Celery
+    inference: Inference
+    metrics: Metrics
+
+
+def services(request: Request) -> Services:
+    return request.app.state.services
+
+
+def celery_client(settings: Settings) -> Celery:
+    """A publisher only (the API never imports the tasks): fails fast when the broker is
+    down, so a submission answers at once and its job is published later."""
+    app = Celery("latentbank-api", set_as_current=False)
+    transport = {"visibility_timeout": settings.visibility_timeout, "max_retries": 0,
+                 "socket_connect_timeout": 2, "socket_timeout": 2}
+    app.conf.update(broker_url=settings.broker_url, task_serializer="json",
+                    accept_content=["json"], broker_transport_options=transport,
+                    broker_connection_retry=False, broker_connection_max_retries=0,
+                    broker_connection_timeout=2)
+    return app
+
+
+def publish_now(svc: Services, job: Job) -> bool:
+    """Send the job's task; on a broker outage leave it for the workers' maintenance."""
+    try:
+        svc.celery.send_task(TASKS[job.kind], args=[job.id], queue=QUEUES[job.kind],
+                             retry=False)
+    except Exception as exc:  # any broker failure: the job row is already committed
+        log.warning("broker unavailable; job_id=%d stays queued until it is back (%s)",
+                    job.id, type(exc).__name__)
+        return False
+    mark_published(svc.db, job.id)
+    return True
+
+
+bearer = HTTPBearer(auto_error=False, description="an API key from `latentbank keys create`")
+
+
+def require(scope: str) -> Any:
+    """A dependency: the caller's key, which must hold `scope` (401 / 403 otherwise)."""
+
+    def check(request: Request,
+              credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+              ) -> ApiKey:
+        if credentials is None:
+            raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'",
+                           headers={"WWW-Authenticate": "Bearer"})
+        key = verify_key(services(request).db, credentials.credentials)
+        if key is None:
+            raise ApiError(401, "unknown or revoked API key",
+                           headers={"WWW-Authenticate": "Bearer"})
+        if scope not in implied_scopes(list(key.scopes)):
+            raise ApiError(403, f"this API key lacks the '{scope}' scope")
+        request.state.key_id = key.id
+        return key
+
+    check.__name__ = f"require_{scope}"
+    return Depends(check)
+
+
+async def read_body(request: Request) -> bytes:
+    return await request.body()
+
+
+def parse_json(raw: bytes, model: type[Body]) -> Body:
+    try:
+        return model.model_validate_json(raw or b"{}")
+    except ValidationError as exc:
+        errors = exc.errors()
+        if errors and errors[0].get("type") == "json_invalid":
+            raise InvalidInput("the body is not valid JSON") from None
+        raise InvalidInput(describe_validation(list(errors))) from None
+
+
+def load_npy(raw: bytes, what: str) -> np.ndarray:
+    """An `.npy` body: numeric, no pickles."""
+    try:
+        array = np.load(io.BytesIO(raw), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        reason = "object arrays are refused" if "allow_pickle" in str(exc) else "unreadable"
+        raise InvalidInput(f"'{what}' is not a valid .npy array ({reason})") from None
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+        raise InvalidInput(f"'{what}' must be numeric; got dtype {array.dtype}")
+    return array
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def wants(request: Request, *types: str) -> str:
+    """The first of `types` the Accept header names, else JSON (406 if JSON is excluded)."""
+    accept = request.headers.get("accept", "")
+    for kind in types:
+        if kind in accept:
+            return kind
+    if not accept or "*/*" in accept or "application/json" in accept or "*" in accept:
+        return "application/json"
+    raise ApiError(406, f"cannot answer with {accept!r}; choose application/json"
+                        f"{''.join(', ' + t for t in types)}")
+
+
+def dumps(value: Any) -> bytes:
+    return json.dumps(value, allow_nan=False, separators=(",", ":")).encode()
+
+
+async def in_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    return await run_in_threadpool(fn, *args, **kwargs)
+
+
+Id = Annotated[int, Path(ge=1, le=2**63 - 1, description="a row id")]

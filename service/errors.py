@@ -1,0 +1,134 @@
+"""Every error leaves the API as `{"error": {"code", "message"}}` with a fitting status.
+
+Messages name what is wrong in the request; they never carry paths, SQL or stack traces
+(the data layer's messages are written for users; anything unexpected becomes a generic
+500 whose details go to the log only).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from store.errors import (
+    Conflict,
+    DatabaseUnavailable,
+    InvalidInput,
+    NotFound,
+    StoreError,
+    TooLarge,
+    UnsupportedFormat,
+)
+
+log = logging.getLogger(__name__)
+
+HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+              405: "method_not_allowed", 406: "not_acceptable", 409: "conflict",
+              413: "too_large", 415: "unsupported_media_type", 422: "invalid_input",
+              503: "unavailable"}
+
+
+class ApiError(Exception):
+    """An error raised by the API layer itself."""
+
+    def __init__(self, status: int, message: str, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+        self.code = code or HTTP_CODES.get(status, "error")
+        self.headers = headers
+
+
+def status_of(exc: StoreError) -> int:
+    if isinstance(exc, UnsupportedFormat):
+        return 415
+    if isinstance(exc, TooLarge):
+        return 413
+    if isinstance(exc, InvalidInput):
+        return 422
+    if isinstance(exc, NotFound):
+        return 404
+    if isinstance(exc, Conflict):
+        return 409
+    if isinstance(exc, DatabaseUnavailable):
+        return 503
+    return 422
+
+
+def error_response(status: int, code: str, message: str,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status,
+                        headers=headers)
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or "body"
+
+
+def describe_validation(errors: list[dict[str, Any]]) -> str:
+    """pydantic's errors as one line: `model.latent_dim: Input should be ...; ...`."""
+    shown = [f"{_location(tuple(e.get('loc', ())))}: {e.get('msg', 'invalid')}"
+             for e in errors[:5]]
+    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    return "; ".join(shown) + more
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api(_: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(StoreError)
+    async def _store(_: Request, exc: StoreError) -> JSONResponse:
+        status = status_of(exc)
+        if status == 503:
+            log.warning("database unavailable: %s", exc)
+        return error_response(status, exc.code, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(422, "invalid_input", describe_validation(list(exc.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else "request refused"
+        return error_response(exc.status_code, HTTP_CODES.get(exc.status_code, "error"),
+                              message, getattr(exc, "headers", None))
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(PoolTimeout)
+    async def _database_down(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("database unavailable: %s", type(exc).__name__)
+        return error_response(503, "database_unavailable",
+                              "the database is unavailable; try again shortly",
+                              {"Retry-After": "5"})
+
+    @app.exception_handler(DataError)
+    async def _data(_: Request, exc: DataError) -> JSONResponse:
+        # The database refused a value (out of range, malformed text): the request's fault,
+        # though validation should have caught it first.
+        log.warning("database refused a value: %s", str(exc.orig).splitlines()[0])
+        return error_response(422, "invalid_input",
+                              "a value in the request is out of range or malformed")
+
+    @app.exception_handler(DBAPIError)
+    async def _dbapi(_: Request, exc: DBAPIError) -> JSONResponse:
+        if exc.connection_invalidated:
+            return error_response(503, "database_unavailable",
+                                  "the database is unavailable; try again shortly",
+                                  {"Retry-After": "5"})
+        log.error("database error", exc_info=exc)
+        return error_response(500, "internal", "internal error; see the server log")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(500, "internal", "internal error; see the server log")

@@ -1,0 +1,251 @@
+"""onnxruntime sessions for the models' encoders and decoders, and request batching.
+
+Sessions are cached per (model, role, sha256) in a bounded LRU; a new model version has a
+new sha256, so a cached session is never stale. Inference runs on a small thread pool,
+never on the event loop. Concurrent decode requests for the same model are merged: while
+one onnxruntime call runs, the requests that arrive queue up and go in the next call
+together (no fixed wait, so a lone request is not delayed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from store.artifacts import ArtifactStore
+from store.errors import Conflict
+
+
+@dataclass
+class Loaded:
+    session: ort.InferenceSession
+    input_name: str
+    output_names: list[str]
+    meta: dict[str, str]
+
+
+def _session_options(threads: int) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or (os.cpu_count() or 1)
+    options.inter_op_num_threads = 1
+    # Threads that spin between calls would steal the cores from the HTTP workers.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def providers() -> list[str]:
+    """CUDA first when this onnxruntime build has it, always with the CPU fallback."""
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+class SessionCache:
+    """At most `capacity` sessions, least recently used dropped first."""
+
+    def __init__(self, artifacts: ArtifactStore, cache_dir: str, capacity: int,
+                 threads: int = 0) -> None:
+        self.artifacts, self.cache_dir = artifacts, cache_dir
+        self.capacity, self.threads = max(1, capacity), threads
+        self._sessions: OrderedDict[tuple[int, str, str], Loaded] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def local_file(self, model_id: int, role: str, sha256: str) -> str:
+        """The verified .onnx file on local disk (downloaded once from remote stores)."""
+        key = f"models/{model_id}/{role}.onnx"
+        local = self.artifacts.local_path(key)
+        if local is not None:
+            return local
+        os.makedirs(self.cache_dir, exist_ok=True)
+        path = os.path.join(self.cache_dir, f"model-{model_id}-{role}-{sha256[:16]}.onnx")
+        if not os.path.exists(path):
+            self.artifacts.get_file(key, path + ".part", sha256=sha256)
+            os.replace(path + ".part", path)
+        return path
+
+    def get(self, model_id: int, role: str, sha256: str | None) -> Loaded:
+        if not sha256:
+            raise Conflict(f"model {model_id} has no {role} yet")
+        cache_key = (model_id, role, sha256)
+        with self._lock:
+            loaded = self._sessions.get(cache_key)
+            if loaded is not None:
+                self._sessions.move_to_end(cache_key)
+                return loaded
+        path = self.local_file(model_id, role, sha256)
+        session = ort.InferenceSession(path, _session_options(self.threads),
+                                       providers=providers())
+        meta = dict(session.get_modelmeta().custom_metadata_map)
+        loaded = Loaded(session, session.get_inputs()[0].name,
+                        [o.name for o in session.get_outputs()], meta)
+        with self._lock:
+            self._sessions[cache_key] = loaded
+            self._sessions.move_to_end(cache_key)
+            while len(self._sessions) > self.capacity:
+                self._sessions.popitem(last=False)
+        return loaded
+
+
+def item_shape_of(meta: dict[str, str]) -> list[int] | None:
+    raw = meta.get("latentbank.item_shape")
+    return json.loads(raw) if raw else None
+
+
+class Batcher:
+    """Merges concurrent calls of `run(rows) -> outputs` (row-aligned arrays)."""
+
+    def __init__(self, run: Callable[[np.ndarray], list[np.ndarray]],
+                 executor: ThreadPoolExecutor, max_rows: int, enabled: bool = True,
+                 observe: Callable[[int], None] | None = None) -> None:
+        self.run, self.executor, self.max_rows = run, executor, max_rows
+        self.enabled, self.observe = enabled, observe
+        self._pending: list[tuple[np.ndarray, asyncio.Future[list[np.ndarray]]]] = []
+        self._draining = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def __call__(self, rows: np.ndarray) -> list[np.ndarray]:
+        loop = asyncio.get_running_loop()
+        if not self.enabled:
+            if self.observe:
+                self.observe(len(rows))
+            return await loop.run_in_executor(self.executor, self.run, rows)
+        future: asyncio.Future[list[np.ndarray]] = loop.create_future()
+        self._pending.append((rows, future))
+        if not self._draining:
+            self._draining = True
+            self._task = loop.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                batch, total = [], 0
+                while self._pending and (not batch or
+                                         total + len(self._pending[0][0]) <= self.max_rows):
+                    rows, future = self._pending.pop(0)
+                    if not future.cancelled():
+                        batch.append((rows, future))
+                        total += len(rows)
+                if not batch:
+                    continue
+                if self.observe:
+                    self.observe(total)
+                try:
+                    stacked = batch[0][0] if len(batch) == 1 else np.concatenate(
+                        [rows for rows, _ in batch])
+                    outputs = await loop.run_in_executor(self.executor, self.run, stacked)
+                except Exception as exc:  # every waiter gets the error
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                start = 0
+                for rows, future in batch:
+                    stop = start + len(rows)
+                    if not future.done():
+                        future.set_result([out[start:stop] for out in outputs])
+                    start = stop
+        finally:
+            self._draining = False
+
+
+class Inference:
+    """Sessions plus one batcher per (model, role, sha256)."""
+
+    def __init__(self, sessions: SessionCache, max_rows: int, batching: bool,
+                 observe: Callable[[int], None] | None = None, workers: int = 2) -> None:
+        self.sessions, self.max_rows, self.batching = sessions, max_rows, batching
+        self.observe = observe
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="onnx")
+        self._batchers: OrderedDict[tuple[int, str, str], Batcher] = OrderedDict()
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def load(self, model_id: int, role: str, sha256: str | None) -> Loaded:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self.sessions.get, model_id, role,
+                                          sha256)
+
+    async def run(self, model_id: int, role: str, sha256: str, rows: np.ndarray,
+                  ) -> dict[str, np.ndarray]:
+        loaded = await self.load(model_id, role, sha256)
+        key = (model_id, role, sha256)
+        batcher = self._batchers.get(key)
+        if batcher is None:
+            def call(x: np.ndarray, loaded: Loaded = loaded) -> list[np.ndarray]:
+                return loaded.session.run(loaded.output_names, {loaded.input_name: x})
+
+            batcher = Batcher(call, self.executor, self.max_rows, self.batching,
+                              self.observe if role == "decoder" else None)
+            self._batchers[key] = batcher
+            while len(self._batchers) > 4 * self.sessions.capacity:
+                self._batchers.popitem(last=False)
+        outputs = await batcher(np.ascontiguousarray(rows, dtype=np.float32))
+        return dict(zip(loaded.output_names, outputs, strict=True))
+
+
+def decoder_mean(outputs: dict[str, np.ndarray]) -> np.ndarray:
+    """The decoder's mean: Bernoulli probabilities or Gaussian means."""
+    for name in ("probs", "mean"):
+        if name in outputs:
+            return outputs[name]
+    raise Conflict("the decoder has neither a 'probs' nor a 'mean' output")
+
+
+def slerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Spherical interpolation; falls back to linear for (nearly) parallel vectors."""
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 or nb == 0:
+        return (1 - t)[:, None] * a + t[:, None] * b
+    cos = float(np.clip(np.dot(a / na, b / nb), -1.0, 1.0))
+    omega = np.arccos(cos)
+    if np.sin(omega) < 1e-6:
+        return (1 - t)[:, None] * a + t[:, None] * b
+    return (np.sin((1 - t) * omega)[:, None] * a + np.sin(t * omega)[:, None] * b) / np.sin(
+        omega)
+
+
+def as_float_rows(value: Any, width: int | None, what: str, max_rows: int,
+                  item_shape: list[int] | None = None) -> np.ndarray:
+    """Validate a batch: 2-D (or item-shaped), finite, within the row limit."""
+    from store.errors import InvalidInput
+
+    try:
+        array = np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise InvalidInput(f"'{what}' must be a rectangular array of numbers") from None
+    if array.ndim == 1 and width is not None and array.shape[0] == width:
+        array = array[None]
+    if array.ndim == 0 or array.shape[0] == 0:
+        raise InvalidInput(f"'{what}' must hold at least one row")
+    if array.shape[0] > max_rows:
+        raise InvalidInput(f"'{what}' has {array.shape[0]} rows; the limit is {max_rows}")
+    if item_shape is not None:
+        flat = int(np.prod(item_shape))
+        if tuple(array.shape[1:]) != tuple(item_shape):
+            if array.ndim == 2 and array.shape[1] == flat:
+                array = array.reshape(len(array), *item_shape)
+            else:
+                raise InvalidInput(f"each row of '{what}' must have shape {item_shape} (or "
+                                   f"{flat} values); got {list(array.shape[1:])}")
+    elif array.ndim != 2 or array.shape[1] != width:
+        got = list(array.shape[1:]) if array.ndim > 1 else [int(array.shape[0])]
+        raise InvalidInput(f"each row of '{what}' must have {width} values (the model's "
+                           f"latent_dim); got {got}")
+    if not np.isfinite(array).all():
+        raise InvalidInput(f"'{what}' has non-finite values (NaN or infinity)")
+    return np.ascontiguousarray(array)

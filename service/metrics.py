@@ -1,0 +1,79 @@
+"""Prometheus metrics of one API process (its own registry: apps in one process stay apart)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger("latentbank.api")
+
+
+class JobsCollector(Collector):
+    """`latentbank_jobs{kind, status}`, read from the jobs table at scrape time."""
+
+    def __init__(self, count: Callable[[], list[tuple[str, str, int]]]) -> None:
+        self.count = count
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("latentbank_jobs", "jobs by kind and status",
+                                   labels=["kind", "status"])
+        try:
+            for kind, status, n in self.count():
+                family.add_metric([kind, status], n)
+        except Exception as exc:  # a scrape must not fail because the database is down
+            log.warning("jobs metric unavailable: %s", type(exc).__name__)
+        yield family
+
+
+class Metrics:
+    def __init__(self, count_jobs: Callable[[], list[tuple[str, str, int]]]) -> None:
+        self.registry = CollectorRegistry()
+        self.latency = Histogram(
+            "latentbank_http_request_duration_seconds", "request latency by route",
+            ["method", "route", "status"], registry=self.registry,
+            buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+        self.decode_rows = Histogram(
+            "latentbank_decode_batch_rows", "rows per onnxruntime decoder call",
+            registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096))
+        self.submissions = Counter("latentbank_jobs_submitted", "jobs submitted", ["kind"],
+                                   registry=self.registry)
+        self.registry.register(JobsCollector(count_jobs))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestMetrics:
+    """ASGI middleware: latency histogram by route template, and one log line a request."""
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_status(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            seconds = time.perf_counter() - start
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            self.metrics.latency.labels(scope["method"], template,
+                                        str(status["code"])).observe(seconds)
+            log.info("request method=%s route=%s status=%d ms=%.1f", scope["method"], template,
+                     status["code"], 1000 * seconds)

@@ -1,0 +1,183 @@
+"""/v1/datasets: multipart uploads streamed to disk, server-side files, builtins."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from fastapi import APIRouter, Query, Request, Response
+from starlette.datastructures import UploadFile
+
+from service.deps import (
+    Id,
+    Services,
+    in_thread,
+    media_type,
+    parse_json,
+    read_body,
+    require,
+    services,
+)
+from service.errors import ApiError
+from service.schemas import DatasetByReference, DatasetOut, ErrorBody
+from store.datasets import (
+    IngestOptions,
+    delete_dataset,
+    get_dataset,
+    list_datasets,
+    register_dataset,
+    register_digits,
+    resolve_allowed_path,
+)
+from store.errors import InvalidInput, UnsupportedFormat
+from store.readers import format_of
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (401, 403, 404, 409, 413, 415, 422)}
+
+UPLOAD_SCHEMA = {
+    "type": "object",
+    "required": ["file"],
+    "properties": {
+        "file": {"type": "string", "format": "binary",
+                 "description": ".npy, .npz, .parquet or .csv; the extension names the format"},
+        "name": {"type": "string", "description": "defaults to the file's name"},
+        "labels": {"type": "string", "format": "binary", "description": ".npy, one per item"},
+        "keys": {"type": "string", "format": "binary", "description": ".npy, one per item"},
+        "array": {"type": "string", "description": ".npz member holding the data"},
+        "key_column": {"type": "string"},
+        "label_column": {"type": "string"},
+        "feature_columns": {"type": "string", "description": "comma-separated"},
+        "metadata_columns": {"type": "string", "description": "comma-separated"},
+    },
+}
+CREATE_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": UPLOAD_SCHEMA},
+    "application/json": {"schema": {"$ref": "#/components/schemas/DatasetByReference"}},
+}}}
+TEXT_FIELDS = ("name", "array", "key_column", "label_column", "feature_columns",
+               "metadata_columns")
+
+
+def _columns(value: str | None) -> list[str] | None:
+    return [c.strip() for c in value.split(",") if c.strip()] if value else None
+
+
+def _save(upload: UploadFile, folder: str, suffix: str) -> str:
+    fd, path = tempfile.mkstemp(dir=folder, suffix=suffix)
+    with os.fdopen(fd, "wb") as out:
+        upload.file.seek(0)
+        shutil.copyfileobj(upload.file, out, 1 << 20)
+    return path
+
+
+def _ingest_upload(svc: Services, form: Any) -> tuple[Any, bool]:
+    upload = form.get("file")
+    if not isinstance(upload, UploadFile):
+        raise InvalidInput("multipart field 'file' (the data file) is missing")
+    filename = os.path.basename(upload.filename or "")
+    fmt = format_of(filename)  # UnsupportedFormat (415) before anything is written
+    fields = {}
+    for field in TEXT_FIELDS:
+        value = form.get(field)
+        if value is not None and not isinstance(value, str):
+            raise InvalidInput(f"form field {field!r} must be text")
+        fields[field] = value
+    name = fields["name"] or filename.rsplit(".", 1)[0]
+    folder = svc.settings.data_dir / "uploads"
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        data = _save(upload, tmp, "." + fmt)
+        side: dict[str, str | None] = {}
+        for field in ("labels", "keys"):
+            part = form.get(field)
+            if part is None:
+                side[field] = None
+            elif isinstance(part, UploadFile):
+                side[field] = _save(part, tmp, ".npy")
+            else:
+                raise InvalidInput(f"multipart field {field!r} must be an .npy file")
+        options = IngestOptions(array=fields["array"], key_column=fields["key_column"],
+                                label_column=fields["label_column"],
+                                feature_columns=_columns(fields["feature_columns"]),
+                                metadata_columns=_columns(fields["metadata_columns"]),
+                                keys_path=side["keys"], labels_path=side["labels"])
+        registered = register_dataset(svc.db, svc.artifacts, svc.settings, name, data,
+                                      filename=filename, options=options)
+    return registered.dataset, registered.created
+
+
+def _ingest_reference(svc: Services, body: DatasetByReference) -> tuple[Any, bool]:
+    if (body.uri is None) == (body.builtin is None):
+        raise InvalidInput("give exactly one of 'uri' (a file under an allowed root) and "
+                           "'builtin'")
+    if body.builtin == "digits":
+        registered = register_digits(svc.db, svc.artifacts, svc.settings, name=body.name)
+        return registered.dataset, registered.created
+    assert body.uri is not None
+    path = resolve_allowed_path(body.uri, svc.settings.allowed_roots)
+    options = IngestOptions(array=body.array, key_column=body.key_column,
+                            label_column=body.label_column,
+                            feature_columns=body.feature_columns,
+                            metadata_columns=body.metadata_columns)
+    registered = register_dataset(svc.db, svc.artifacts, svc.settings, body.name, path,
+                                  options=options, source_uri=path)
+    return registered.dataset, registered.created
+
+
+@router.post("", status_code=201, response_model=DatasetOut, openapi_extra=CREATE_BODY,
+             dependencies=[require("write")],
+             responses={200: {"model": DatasetOut,
+                              "description": "the same content is already registered"},
+                        **ERRORS},
+             summary="Register a dataset: upload a file, name a server-side file, or a builtin")
+async def create_dataset(request: Request, response: Response) -> DatasetOut:
+    svc = services(request)
+    kind = media_type(request)
+    if kind == "multipart/form-data":
+        try:
+            form = await request.form(max_files=3, max_fields=20, max_part_size=1 << 20)
+        except ApiError:
+            raise
+        except Exception as exc:  # malformed multipart
+            if getattr(exc, "status_code", None) == 413:
+                raise
+            raise InvalidInput("the multipart body is malformed") from None
+        try:
+            dataset, created = await in_thread(_ingest_upload, svc, form)
+        finally:
+            await form.close()
+    elif kind == "application/json":
+        body = parse_json(await read_body(request), DatasetByReference)
+        dataset, created = await in_thread(_ingest_reference, svc, body)
+    else:
+        raise UnsupportedFormat(f"content type {kind!r} is not accepted: upload with "
+                                "multipart/form-data or send JSON {\"name\", \"uri\"|\"builtin\"}")
+    response.status_code = 201 if created else 200
+    response.headers["Location"] = f"/v1/datasets/{dataset.id}"
+    return DatasetOut.of(dataset)
+
+
+@router.get("", response_model=list[DatasetOut], dependencies=[require("read")],
+            responses=ERRORS)
+async def datasets(request: Request, limit: int = Query(100, ge=1, le=1000),
+                   offset: int = Query(0, ge=0, le=2**62)) -> list[DatasetOut]:
+    rows = await in_thread(list_datasets, services(request).db, limit, offset)
+    return [DatasetOut.of(d) for d in rows]
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut, dependencies=[require("read")],
+            responses=ERRORS)
+async def dataset(request: Request, dataset_id: Id) -> DatasetOut:
+    return DatasetOut.of(await in_thread(get_dataset, services(request).db, dataset_id))
+
+
+@router.delete("/{dataset_id}", status_code=204, dependencies=[require("write")],
+               responses=ERRORS, response_class=Response)
+async def remove_dataset(request: Request, dataset_id: Id) -> Response:
+    svc = services(request)
+    await in_thread(delete_dataset, svc.db, svc.artifacts, dataset_id)
+    return Response(status_code=204)

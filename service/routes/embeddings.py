@@ -1,0 +1,211 @@
+"""/v1/embeddings: stored latent codes, kNN search, outliers, streamed export, plots."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import numpy as np
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from sqlalchemy import select
+
+from service.deps import Id, Services, in_thread, require, services
+from service.routes.datasets import ERRORS
+from service.schemas import (
+    EmbeddingSetOut,
+    HitOut,
+    ItemOut,
+    OutliersOut,
+    SearchOut,
+    SearchRequest,
+)
+from store.errors import Conflict
+from store.latents import (
+    SearchFilter,
+    export_pages,
+    get_item,
+    get_set,
+    outliers,
+    search,
+)
+from store.tables import SET_STATUSES, EmbeddingSet
+
+router = APIRouter(prefix="/v1/embeddings", tags=["embeddings"])
+PAGE_ROWS = 5_000
+
+
+def _hit(h: Any, with_distance: bool = True) -> HitOut:
+    return HitOut(key=h.key, index=h.index, label=h.label,
+                  distance=h.distance if with_distance else None, elbo=h.elbo,
+                  log_px=h.log_px, metadata=h.metadata)
+
+
+def _list(svc: Services, model_id: int | None, status: str | None, limit: int,
+          offset: int) -> list[EmbeddingSet]:
+    query = select(EmbeddingSet).order_by(EmbeddingSet.id).limit(limit).offset(offset)
+    if model_id is not None:
+        query = query.where(EmbeddingSet.model_id == model_id)
+    if status is not None:
+        query = query.where(EmbeddingSet.status == status)
+    with svc.db.session() as s:
+        return list(s.scalars(query))
+
+
+def _readable(svc: Services, set_id: int) -> EmbeddingSet:
+    es = get_set(svc.db, set_id)
+    if es.status not in ("ready", "finishing"):
+        raise Conflict(f"embedding set {set_id} is {es.status}, not ready")
+    return es
+
+
+@router.get("", response_model=list[EmbeddingSetOut], dependencies=[require("read")],
+            responses=ERRORS)
+async def embedding_sets(request: Request,
+                         model_id: int | None = Query(None, ge=1, le=2**63 - 1),
+                         status: Literal[SET_STATUSES] | None = None,
+                         limit: int = Query(100, ge=1, le=1000),
+                         offset: int = Query(0, ge=0, le=2**62)) -> list[EmbeddingSetOut]:
+    rows = await in_thread(_list, services(request), model_id, status, limit, offset)
+    return [EmbeddingSetOut.of(e) for e in rows]
+
+
+@router.get("/{set_id}", response_model=EmbeddingSetOut, dependencies=[require("read")],
+            responses=ERRORS)
+async def embedding_set(request: Request, set_id: Id) -> EmbeddingSetOut:
+    return EmbeddingSetOut.of(await in_thread(get_set, services(request).db, set_id))
+
+
+@router.get("/{set_id}/items/{key}", response_model=ItemOut, dependencies=[require("read")],
+            responses=ERRORS, summary="One item's latent code and ELBO terms by its key")
+async def item(request: Request, set_id: Id, key: str) -> ItemOut:
+    svc = services(request)
+    await in_thread(_readable, svc, set_id)
+    row = await in_thread(get_item, svc.db, set_id, key)
+    return ItemOut(**{**row, "mu": row["mu"].tolist(), "logvar": row["logvar"].tolist()})
+
+
+@router.post("/{set_id}/search", response_model=SearchOut, dependencies=[require("read")],
+             responses=ERRORS,
+             summary="k nearest neighbours of a vector or a stored item, with filters")
+async def search_set(request: Request, set_id: Id, body: SearchRequest) -> SearchOut:
+    svc = services(request)
+    flt = None
+    if body.filter is not None:
+        f = body.filter
+        flt = SearchFilter(label=f.label, metadata=f.metadata,
+                           elbo=tuple(f.elbo) if f.elbo else None,  # type: ignore[arg-type]
+                           log_px=tuple(f.log_px) if f.log_px else None)  # type: ignore[arg-type]
+    result = await in_thread(search, svc.db, svc.settings, set_id,
+                             vector=None if body.vector is None else np.asarray(body.vector),
+                             key=body.key, k=body.k, metric=body.metric, flt=flt,
+                             exact=body.exact)
+    return SearchOut(results=[_hit(h) for h in result.hits], plan=result.plan)
+
+
+@router.get("/{set_id}/outliers", response_model=OutliersOut, dependencies=[require("read")],
+            responses=ERRORS, summary="The items of lowest log p(x) (or ELBO without it)")
+async def outliers_of(request: Request, set_id: Id,
+                      k: int = Query(10, ge=1, le=1000)) -> OutliersOut:
+    svc = services(request)
+    es = await in_thread(_readable, svc, set_id)
+    hits = await in_thread(outliers, svc.db, set_id, k)
+    return OutliersOut(results=[_hit(h, False) for h in hits],
+                       ranked_by="log_px" if es.importance_samples > 0 else "elbo")
+
+
+def _ndjson(pages: Iterator[list[dict[str, Any]]]) -> Iterator[bytes]:
+    for page in pages:
+        yield "".join(json.dumps(row) + "\n" for row in page).encode()
+
+
+class _Chunks(io.RawIOBase):
+    """A write-only file whose bytes are taken out after each Parquet row group."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.position = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        block = bytes(data)
+        self.parts.append(block)
+        self.position += len(block)
+        return len(block)
+
+    def tell(self) -> int:
+        return self.position
+
+    def take(self) -> bytes:
+        out, self.parts = b"".join(self.parts), []
+        return out
+
+
+def _parquet(pages: Iterator[list[dict[str, Any]]], dim: int) -> Iterator[bytes]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("index", pa.int64()), ("key", pa.string()), ("label", pa.string()),
+                        ("mu", pa.list_(pa.float32(), dim)),
+                        ("logvar", pa.list_(pa.float32(), dim)), ("elbo", pa.float64()),
+                        ("reconstruction", pa.float64()), ("kl", pa.float64()),
+                        ("log_px", pa.float64())])
+    sink = _Chunks()
+    with pq.ParquetWriter(sink, schema, compression="zstd") as writer:
+        for page in pages:
+            columns = {name: [row[name] for row in page] for name in schema.names}
+            writer.write_table(pa.Table.from_pydict(columns, schema=schema))
+            yield sink.take()
+    yield sink.take()
+
+
+@router.get("/{set_id}/export", dependencies=[require("read")], responses={
+    200: {"content": {"application/x-ndjson": {}, "application/vnd.apache.parquet": {}},
+          "description": "every item: index, key, label, mu, logvar, elbo, reconstruction, "
+                         "kl, log_px"}, **ERRORS},
+    response_class=StreamingResponse,
+    summary="Stream the whole set as NDJSON or Parquet (bounded memory)")
+async def export(request: Request, set_id: Id,
+                 format: Literal["ndjson", "parquet"] = Query("ndjson")) -> StreamingResponse:
+    svc = services(request)
+    es = await in_thread(_readable, svc, set_id)
+    pages = export_pages(svc.db, set_id, PAGE_ROWS)
+    if format == "parquet":
+        return StreamingResponse(_parquet(pages, es.dim),
+                                 media_type="application/vnd.apache.parquet", headers={
+                                     "Content-Disposition":
+                                         f'attachment; filename="embedding-{set_id}.parquet"'})
+    return StreamingResponse(_ndjson(pages), media_type="application/x-ndjson")
+
+
+def _latent_png(svc: Services, es: EmbeddingSet) -> bytes:
+    from store.plots import plot_latents
+
+    mu, labels = [], []
+    for page in export_pages(svc.db, es.id, 20_000):
+        mu.extend(row["mu"] for row in page)
+        labels.extend(row["label"] for row in page)
+        if len(mu) >= 20_000:  # a scatter of more points says nothing more
+            break
+    codes = None
+    if all(label is not None for label in labels):
+        try:
+            codes = np.asarray([float(v) for v in labels])
+        except ValueError:
+            codes = np.unique(np.asarray(labels), return_inverse=True)[1].astype(float)
+    buffer = io.BytesIO()
+    plot_latents(np.asarray(mu, dtype=np.float64), codes, buffer)
+    return buffer.getvalue()
+
+
+@router.get("/{set_id}/plots/latent.png", dependencies=[require("read")],
+            responses={200: {"content": {"image/png": {}}}, **ERRORS}, response_class=Response,
+            summary="2-D PCA of the posterior means, coloured by label")
+async def latent_png(request: Request, set_id: Id) -> Response:
+    svc = services(request)
+    es = await in_thread(_readable, svc, set_id)
+    return Response(await in_thread(_latent_png, svc, es), media_type="image/png")

@@ -1,0 +1,180 @@
+"""Training and embedding submissions, jobs, cancellation, server-sent progress."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from sqlalchemy import select
+
+from service.deps import Id, Services, in_thread, publish_now, require, services
+from service.routes.datasets import ERRORS
+from service.schemas import (
+    EmbeddingRequest,
+    JobOut,
+    SweepOut,
+    SweepRequest,
+    TrainingRequest,
+)
+from store.errors import InvalidInput
+from store.jobs import TERMINAL, get_job, request_cancel
+from store.submit import leaderboard, submit_embedding, submit_sweep, submit_training
+from store.tables import JOB_KINDS, JOB_STATUSES, Job
+
+router = APIRouter(tags=["jobs"])
+IdempotencyKey = Header(None, alias="Idempotency-Key", max_length=200,
+                        pattern=r"^[!-~]([ -~]*[!-~])?$",
+                        description="repeat a submission safely: the same key answers "
+                                    "with the job it created the first time")
+
+
+def _accepted(response: Response, job: Job, created: bool) -> JobOut:
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
+    return JobOut.of(job)
+
+
+async def _publish(svc: Services, job: Job, created: bool) -> Job:
+    if created:
+        svc.metrics.submissions.labels(job.kind).inc()
+    if job.published_at is None and job.status == "queued":
+        await in_thread(publish_now, svc, job)
+        return await in_thread(get_job, svc.db, job.id)
+    return job
+
+
+def _key(value: str | None) -> str | None:
+    if value is not None and (not value.strip() or not value.isprintable()):
+        raise InvalidInput("Idempotency-Key must be 1-200 printable characters")
+    return value
+
+
+@router.post("/v1/training-jobs", status_code=202, response_model=JobOut,
+             dependencies=[require("write")], responses=ERRORS,
+             summary="Train a VAE on a dataset (202: queued; follow the Location)")
+async def create_training_job(request: Request, response: Response, body: TrainingRequest,
+                              idempotency_key: str | None = IdempotencyKey) -> JobOut:
+    svc = services(request)
+    job, created = await in_thread(
+        submit_training, svc.db, body.dataset_id, body.model, body.training,
+        idempotency_key=_key(idempotency_key), max_attempts=svc.settings.job_max_attempts)
+    return _accepted(response, await _publish(svc, job, created), created)
+
+
+@router.post("/v1/sweeps", status_code=202, response_model=SweepOut,
+             dependencies=[require("write")], responses=ERRORS,
+             summary="A grid of training jobs under one sweep id")
+async def create_sweep(request: Request, response: Response, body: SweepRequest,
+                       idempotency_key: str | None = IdempotencyKey) -> SweepOut:
+    svc = services(request)
+    sweep_id, jobs = await in_thread(
+        submit_sweep, svc.db, body.dataset_id, body.model, body.training, body.grid,
+        idempotency_key=_key(idempotency_key), max_attempts=svc.settings.job_max_attempts)
+    published = [await _publish(svc, job, True) for job in jobs]
+    response.headers["Location"] = f"/v1/sweeps/{sweep_id}"
+    return SweepOut(sweep_id=sweep_id, jobs=[JobOut.of(j) for j in published])
+
+
+@router.get("/v1/sweeps/{sweep_id}", dependencies=[require("read")], responses=ERRORS,
+            response_model=list[dict[str, Any]],
+            summary="The sweep's models ranked by held-out log p(x)")
+async def sweep(request: Request, sweep_id: str) -> list[dict[str, Any]]:
+    return await in_thread(leaderboard, services(request).db, sweep_id)
+
+
+@router.post("/v1/embedding-jobs", status_code=202, response_model=JobOut,
+             dependencies=[require("write")], responses=ERRORS,
+             summary="Embed a dataset with a ready model (202: queued)")
+async def create_embedding_job(request: Request, response: Response, body: EmbeddingRequest,
+                               idempotency_key: str | None = IdempotencyKey) -> JobOut:
+    svc = services(request)
+    job, created = await in_thread(
+        submit_embedding, svc.db, body.model_id, body.dataset_id, body.importance_samples,
+        idempotency_key=_key(idempotency_key), max_attempts=svc.settings.job_max_attempts)
+    return _accepted(response, await _publish(svc, job, created), created)
+
+
+def _list_jobs(svc: Services, status: str | None, kind: str | None, model_id: int | None,
+               sweep_id: str | None, limit: int, offset: int) -> list[Job]:
+    query = select(Job).order_by(Job.id.desc()).limit(limit).offset(offset)
+    if status is not None:
+        query = query.where(Job.status == status)
+    if kind is not None:
+        query = query.where(Job.kind == kind)
+    if model_id is not None:
+        query = query.where(Job.model_id == model_id)
+    if sweep_id is not None:
+        query = query.where(Job.sweep_id == sweep_id)
+    with svc.db.session() as s:
+        return list(s.scalars(query))
+
+
+@router.get("/v1/jobs", response_model=list[JobOut], dependencies=[require("read")],
+            responses=ERRORS, summary="Jobs, newest first")
+async def jobs(request: Request,
+               status: Literal[JOB_STATUSES] | None = None,
+               kind: Literal[JOB_KINDS] | None = None,
+               model_id: int | None = Query(None, ge=1, le=2**63 - 1),
+               sweep_id: str | None = Query(None, max_length=200),
+               limit: int = Query(100, ge=1, le=1000),
+               offset: int = Query(0, ge=0, le=2**62)) -> list[JobOut]:
+    rows = await in_thread(_list_jobs, services(request), status, kind, model_id, sweep_id,
+                           limit, offset)
+    return [JobOut.of(j) for j in rows]
+
+
+@router.get("/v1/jobs/{job_id}", response_model=JobOut, dependencies=[require("read")],
+            responses=ERRORS)
+async def job(request: Request, job_id: Id) -> JobOut:
+    return JobOut.of(await in_thread(get_job, services(request).db, job_id))
+
+
+@router.post("/v1/jobs/{job_id}/cancel", response_model=JobOut,
+             dependencies=[require("write")], responses=ERRORS,
+             summary="Cancel: a queued job never starts, a running one stops at its next "
+                     "check (409 when it has already ended)")
+async def cancel_job(request: Request, job_id: Id) -> JobOut:
+    return JobOut.of(await in_thread(request_cancel, services(request).db, job_id))
+
+
+def _event(name: str, data: dict[str, Any], event_id: int) -> bytes:
+    return f"id: {event_id}\nevent: {name}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+async def _events(svc: Services, job_id: int, first: Job) -> AsyncIterator[bytes]:
+    """A `progress` event whenever the job changes, then `end` once it has ended."""
+    seen, count, last_sent = None, 0, time.monotonic()
+    job = first
+    while True:
+        out = JobOut.of(job).model_dump(mode="json")
+        state = (out["status"], out["progress"], out["progress_message"], out["attempts"])
+        if state != seen:
+            seen, count, last_sent = state, count + 1, time.monotonic()
+            yield _event("progress", out, count)
+        if job.status in TERMINAL:
+            yield _event("end", out, count + 1)
+            return
+        if time.monotonic() - last_sent > 15:  # a comment keeps proxies from timing out
+            last_sent = time.monotonic()
+            yield b": keep-alive\n\n"
+        await asyncio.sleep(svc.settings.sse_poll_seconds)
+        job = await in_thread(get_job, svc.db, job_id)
+
+
+@router.get("/v1/jobs/{job_id}/events", dependencies=[require("read")],
+            responses={200: {"content": {"text/event-stream": {}},
+                             "description": "`progress` events (the job as JSON), then "
+                                            "`end`"}, **ERRORS},
+            response_class=StreamingResponse,
+            summary="Server-sent progress events until the job ends")
+async def job_events(request: Request, job_id: Id) -> StreamingResponse:
+    svc = services(request)
+    first = await in_thread(get_job, svc.db, job_id)  # 404 before the stream starts
+    return StreamingResponse(_events(svc, job_id, first), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

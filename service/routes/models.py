@@ -1,0 +1,307 @@
+"""/v1/models: metadata, metrics, ONNX downloads, plots, and onnxruntime serving."""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Literal
+
+import numpy as np
+from fastapi import APIRouter, Query, Request, Response
+from sqlalchemy import select
+
+from service.deps import (
+    NPY,
+    Id,
+    Services,
+    dumps,
+    in_thread,
+    load_npy,
+    media_type,
+    npy_bytes,
+    parse_json,
+    read_body,
+    require,
+    services,
+    wants,
+)
+from service.errors import ApiError
+from service.inference import as_float_rows, decoder_mean, slerp
+from service.routes.datasets import ERRORS
+from service.schemas import (
+    ArrayOut,
+    DecodeRequest,
+    EncodeOut,
+    EncodeRequest,
+    InterpolateRequest,
+    MetricRow,
+    ModelOut,
+    SampleOut,
+    SampleRequest,
+)
+from store.errors import Conflict, InvalidInput, NotFound
+from store.latents import get_item
+from store.tables import MODEL_STATUSES, Model, TrainingMetric
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+PNG = "image/png"
+
+
+def get_model(svc: Services, model_id: int) -> Model:
+    with svc.db.session() as s:
+        model = s.get(Model, model_id)
+    if model is None:
+        raise NotFound(f"model {model_id} does not exist")
+    return model
+
+
+def ready_model(svc: Services, model_id: int) -> Model:
+    model = get_model(svc, model_id)
+    if model.status != "ready":
+        raise Conflict(f"model {model_id} is {model.status}, not ready")
+    return model
+
+
+def _list(svc: Services, status: str | None, dataset_id: int | None, sweep_id: str | None,
+          limit: int, offset: int) -> list[Model]:
+    query = select(Model).order_by(Model.id).limit(limit).offset(offset)
+    if status is not None:
+        query = query.where(Model.status == status)
+    if dataset_id is not None:
+        query = query.where(Model.dataset_id == dataset_id)
+    if sweep_id is not None:
+        query = query.where(Model.sweep_id == sweep_id)
+    with svc.db.session() as s:
+        return list(s.scalars(query))
+
+
+def _metrics(svc: Services, model_id: int) -> list[TrainingMetric]:
+    get_model(svc, model_id)
+    with svc.db.session() as s:
+        return list(s.scalars(select(TrainingMetric).where(TrainingMetric.model_id == model_id)
+                              .order_by(TrainingMetric.epoch, TrainingMetric.split)))
+
+
+def metric_dict(m: TrainingMetric) -> dict[str, Any]:
+    return MetricRow.model_validate(m, from_attributes=True).model_dump()
+
+
+@router.get("", response_model=list[ModelOut], dependencies=[require("read")],
+            responses=ERRORS)
+async def models(request: Request, status: Literal[MODEL_STATUSES] | None = None,
+                 dataset_id: int | None = Query(None, ge=1, le=2**63 - 1),
+                 sweep_id: str | None = Query(None, max_length=200),
+                 limit: int = Query(100, ge=1, le=1000),
+                 offset: int = Query(0, ge=0, le=2**62)) -> list[ModelOut]:
+    rows = await in_thread(_list, services(request), status, dataset_id, sweep_id, limit,
+                           offset)
+    return [ModelOut.of(m) for m in rows]
+
+
+@router.get("/{model_id}", response_model=ModelOut, dependencies=[require("read")],
+            responses=ERRORS)
+async def model(request: Request, model_id: Id) -> ModelOut:
+    return ModelOut.of(await in_thread(get_model, services(request), model_id))
+
+
+@router.get("/{model_id}/metrics", response_model=list[MetricRow],
+            dependencies=[require("read")], responses=ERRORS,
+            summary="Per-epoch metrics in nats per item (train and val splits)")
+async def model_metrics(request: Request, model_id: Id) -> list[MetricRow]:
+    rows = await in_thread(_metrics, services(request), model_id)
+    return [MetricRow.model_validate(m, from_attributes=True) for m in rows]
+
+
+@router.get("/{model_id}/onnx/{role}", dependencies=[require("read")], responses={
+    200: {"content": {"application/octet-stream": {}}, "description": "the verified .onnx"},
+    **ERRORS}, response_class=Response, summary="Download the encoder or decoder")
+async def onnx_file(request: Request, model_id: Id,
+                    role: Literal["encoder", "decoder"]) -> Response:
+    svc = services(request)
+    model = await in_thread(ready_model, svc, model_id)
+    sha = model.encoder_sha256 if role == "encoder" else model.decoder_sha256
+    path = await in_thread(svc.inference.sessions.local_file, model_id, role, sha)
+
+    def read() -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    return Response(await in_thread(read), media_type="application/octet-stream", headers={
+        "Content-Disposition": f'attachment; filename="model-{model_id}-{role}.onnx"',
+        "ETag": f'"{sha}"'})
+
+
+@router.get("/{model_id}/plots/curves.png", dependencies=[require("read")],
+            responses={200: {"content": {PNG: {}}}, **ERRORS}, response_class=Response,
+            summary="Training curves: ELBO, log p(x), reconstruction and KL per epoch")
+async def curves_png(request: Request, model_id: Id) -> Response:
+    from store.plots import plot_training_curves
+
+    rows = await in_thread(_metrics, services(request), model_id)
+    if not rows:
+        raise Conflict(f"model {model_id} has no metrics yet")
+
+    def render() -> bytes:
+        buffer = io.BytesIO()
+        plot_training_curves([metric_dict(m) for m in rows], buffer)
+        return buffer.getvalue()
+
+    return Response(await in_thread(render), media_type=PNG)
+
+
+# -- serving ---------------------------------------------------------------------------
+
+def _array_body(request: Request) -> str:
+    """The body's media type: JSON or .npy (415 for anything else, before other checks)."""
+    kind = media_type(request)
+    if kind not in (NPY, "application/json"):
+        raise ApiError(415, f"content type {kind!r} is not accepted: send application/json "
+                            f"or {NPY}")
+    return kind
+
+
+def _body_array(raw: bytes, request: Request, field: str, model_cls: Any) -> Any:
+    """The request's array: an .npy body, or the JSON body's `field`."""
+    if _array_body(request) == NPY:
+        return load_npy(raw, field)
+    return getattr(parse_json(raw, model_cls), field)
+
+
+def _image_like(shape: tuple[int, ...]) -> bool:
+    return len(shape) == 2 or (len(shape) == 3 and shape[0] in (1, 3))
+
+
+def _answer(request: Request, arrays: dict[str, np.ndarray], image: str | None = None,
+            ) -> Response:
+    """JSON, .npy (the `image` array, else the first) or a PNG grid of `image`."""
+    main = arrays[image] if image else next(iter(arrays.values()))
+    kind = wants(request, NPY, PNG)
+    if kind == NPY:
+        return Response(npy_bytes(main), media_type=NPY)
+    if kind == PNG:
+        if image is None or not _image_like(main.shape[1:]):
+            raise ApiError(406, f"items of shape {list(main.shape[1:])} are not images; "
+                                "ask for application/json or application/x-npy")
+        from store.plots import image_grid
+
+        buffer = io.BytesIO()
+        image_grid(main, columns=min(len(main), 16)).save(buffer, format="PNG")
+        return Response(buffer.getvalue(), media_type=PNG)
+    return Response(dumps({k: v.tolist() for k, v in arrays.items()}),
+                    media_type="application/json")
+
+
+SERVE_ERRORS = {**ERRORS, 406: ERRORS[409], 503: ERRORS[409]}
+
+
+def _serving_body(schema: str) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}},
+        NPY: {"schema": {"type": "string", "format": "binary"}}}}}
+
+
+def _answers(model: type) -> dict[int | str, dict[str, Any]]:
+    return {200: {"model": model, "content": {NPY: {}, PNG: {}}}, **SERVE_ERRORS}
+
+
+async def _decode(svc: Services, model: Model, z: np.ndarray) -> np.ndarray:
+    out = await svc.inference.run(model.id, "decoder", model.decoder_sha256 or "", z)
+    return decoder_mean(out)
+
+
+@router.post("/{model_id}/decode", dependencies=[require("read")],
+             openapi_extra=_serving_body("DecodeRequest"), responses=_answers(ArrayOut),
+             response_class=Response, summary="Decode latent vectors to the decoder's mean")
+async def decode(request: Request, model_id: Id) -> Response:
+    svc = services(request)
+    _array_body(request)
+    raw = await read_body(request)
+    model = await in_thread(ready_model, svc, model_id)
+    z = as_float_rows(_body_array(raw, request, "z", DecodeRequest),
+                      model.config["model"]["latent_dim"], "z", svc.settings.decode_max_rows)
+    return _answer(request, {"x": await _decode(svc, model, z)}, image="x")
+
+
+@router.post("/{model_id}/sample", dependencies=[require("read")], responses=_answers(SampleOut),
+             response_class=Response,
+             summary="Decode draws from the prior N(0, temperature² I)")
+async def sample(request: Request, model_id: Id, body: SampleRequest) -> Response:
+    svc = services(request)
+    model = await in_thread(ready_model, svc, model_id)
+    if body.n > svc.settings.decode_max_rows:
+        raise InvalidInput(f"n is {body.n}; the limit is {svc.settings.decode_max_rows}")
+    rng = np.random.default_rng(body.seed)
+    dim = model.config["model"]["latent_dim"]
+    z = (body.temperature * rng.standard_normal((body.n, dim))).astype(np.float32)
+    return _answer(request, {"x": await _decode(svc, model, z), "z": z}, image="x")
+
+
+def _endpoints(svc: Services, model: Model, body: InterpolateRequest,
+               ) -> tuple[np.ndarray, np.ndarray]:
+    by_vector = body.z_from is not None or body.z_to is not None
+    by_key = body.from_key is not None or body.to_key is not None
+    if by_vector == by_key or (by_vector and (body.z_from is None or body.z_to is None)) or (
+            by_key and (body.from_key is None or body.to_key is None
+                        or body.embedding_id is None)):
+        raise InvalidInput("give either 'z_from' and 'z_to', or 'embedding_id' with "
+                           "'from_key' and 'to_key'")
+    dim = model.config["model"]["latent_dim"]
+    if by_key:
+        from store.latents import get_set
+
+        es = get_set(svc.db, body.embedding_id)  # type: ignore[arg-type]
+        if es.model_id != model.id:
+            raise InvalidInput(f"embedding set {es.id} was made by model {es.model_id}, "
+                               f"not by model {model.id}")
+        a = get_item(svc.db, es.id, body.from_key)["mu"]  # type: ignore[arg-type]
+        b = get_item(svc.db, es.id, body.to_key)["mu"]  # type: ignore[arg-type]
+        return a, b
+    ends = [as_float_rows(v, dim, name, 1)[0]
+            for v, name in ((body.z_from, "z_from"), (body.z_to, "z_to"))]
+    return ends[0], ends[1]
+
+
+@router.post("/{model_id}/interpolate", dependencies=[require("read")],
+             responses=_answers(SampleOut), response_class=Response,
+             summary="Decode a path between two latent vectors or two stored items")
+async def interpolate(request: Request, model_id: Id, body: InterpolateRequest) -> Response:
+    svc = services(request)
+    model = await in_thread(ready_model, svc, model_id)
+    a, b = await in_thread(_endpoints, svc, model, body)
+    t = np.linspace(0.0, 1.0, body.steps)
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    z = slerp(a64, b64, t) if body.method == "slerp" else (1 - t)[:, None] * a64 + t[:, None] * b64
+    z = z.astype(np.float32)
+    return _answer(request, {"x": await _decode(svc, model, z), "z": z}, image="x")
+
+
+def _items(svc: Services, model: Model, raw: bytes, request: Request) -> np.ndarray:
+    shape = model.config["model"]["input_shape"]
+    return as_float_rows(_body_array(raw, request, "x", EncodeRequest), None, "x",
+                         svc.settings.decode_max_rows, item_shape=shape)
+
+
+@router.post("/{model_id}/encode", dependencies=[require("read")],
+             openapi_extra=_serving_body("EncodeRequest"), responses=_answers(EncodeOut),
+             response_class=Response, summary="Posterior means and log-variances of items")
+async def encode(request: Request, model_id: Id) -> Response:
+    svc = services(request)
+    _array_body(request)
+    raw = await read_body(request)
+    model = await in_thread(ready_model, svc, model_id)
+    x = _items(svc, model, raw, request)
+    out = await svc.inference.run(model.id, "encoder", model.encoder_sha256 or "", x)
+    return _answer(request, {"mu": out["mu"], "logvar": out["logvar"]})
+
+
+@router.post("/{model_id}/reconstruct", dependencies=[require("read")],
+             openapi_extra=_serving_body("EncodeRequest"), responses=_answers(ArrayOut),
+             response_class=Response,
+             summary="Decode each item's posterior mean: the decoder's mean at mu(x)")
+async def reconstruct(request: Request, model_id: Id) -> Response:
+    svc = services(request)
+    _array_body(request)
+    raw = await read_body(request)
+    model = await in_thread(ready_model, svc, model_id)
+    x = _items(svc, model, raw, request)
+    out = await svc.inference.run(model.id, "encoder", model.encoder_sha256 or "", x)
+    return _answer(request, {"x": await _decode(svc, model, out["mu"])}, image="x")

@@ -1,0 +1,332 @@
+"""Request and response bodies of the HTTP API (DESIGN.md, "Shapes the clients rely on")."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from store.tables import ApiKey, Dataset, EmbeddingSet, Job, Model
+
+Metric = Literal["l2", "cosine"]
+MAX_ID = 2**63 - 1  # PostgreSQL bigint
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(examples=["invalid_input"])
+    message: str = Field(examples=["model.latent_dim: Input should be greater than 0"])
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class DatasetOut(BaseModel):
+    id: int
+    name: str
+    n_items: int
+    item_shape: list[int]
+    dtype: str
+    source_dtype: str
+    source_format: str
+    has_labels: bool
+    size_bytes: int
+    min_value: float
+    max_value: float
+    checksum: str
+    source_uri: str | None = None
+    created_at: dt.datetime
+
+    @classmethod
+    def of(cls, d: Dataset) -> DatasetOut:
+        source = d.source_uri
+        if source and not source.startswith("builtin:"):
+            source = "path:" + source.rsplit("/", 1)[-1]  # never the server's folders
+        return cls(id=d.id, name=d.name, n_items=d.n_items, item_shape=list(d.item_shape),
+                   dtype=d.dtype, source_dtype=d.source_dtype, source_format=d.source_format,
+                   has_labels=d.has_labels, size_bytes=d.size_bytes, min_value=d.min_value,
+                   max_value=d.max_value, checksum=d.checksum, source_uri=source,
+                   created_at=d.created_at)
+
+
+class DatasetByReference(BaseModel):
+    """Register a file already on the server (under an allowed root) or a builtin."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"name": "digits", "builtin": "digits"},
+                     {"name": "mnist-train", "uri": "/data/mnist/train.npy"}]})
+
+    name: str = Field(min_length=1, max_length=200)
+    uri: str | None = Field(None, max_length=4096)
+    builtin: Literal["digits"] | None = None
+    array: str | None = Field(None, max_length=200, description=".npz member holding the data")
+    key_column: str | None = Field(None, max_length=200)
+    label_column: str | None = Field(None, max_length=200)
+    feature_columns: list[str] | None = None
+    metadata_columns: list[str] | None = None
+
+
+class JobOut(BaseModel):
+    id: int
+    kind: str = Field(examples=["train"])
+    status: str = Field(examples=["running"])
+    progress: float = Field(ge=0, le=1, examples=[0.42])
+    progress_message: str | None = None
+    eta_seconds: float | None = None
+    attempts: int
+    max_attempts: int
+    error: str | None = None
+    cancel_requested: bool
+    model_id: int | None = None
+    embedding_set_id: int | None = None
+    sweep_id: str | None = None
+    params: dict[str, Any]
+    created_at: dt.datetime
+    started_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+    published: bool
+
+    @classmethod
+    def of(cls, j: Job) -> JobOut:
+        return cls(id=j.id, kind=j.kind, status=j.status, progress=min(max(j.progress, 0), 1),
+                   progress_message=j.progress_message, eta_seconds=j.eta_seconds,
+                   attempts=j.attempts, max_attempts=j.max_attempts, error=j.error,
+                   cancel_requested=j.cancel_requested, model_id=j.model_id,
+                   embedding_set_id=j.embedding_set_id, sweep_id=j.sweep_id, params=j.params,
+                   created_at=j.created_at, started_at=j.started_at,
+                   finished_at=j.finished_at, published=j.published_at is not None)
+
+
+class TrainingRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "dataset_id": 1,
+        "model": {"family": "mlp", "latent_dim": 8, "hidden": [256, 128],
+                  "likelihood": "bernoulli", "beta": 1.0},
+        "training": {"epochs": 20, "batch_size": 128, "lr": 0.001, "seed": 0,
+                     "val_fraction": 0.1, "importance_samples": 100}}]})
+
+    dataset_id: int = Field(ge=1, le=MAX_ID)
+    model: dict[str, Any] = Field(description="models.config.VAEConfig fields (see README)")
+    training: dict[str, Any] = Field(default_factory=dict,
+                                     description="models.config.TrainConfig fields")
+
+
+class SweepRequest(TrainingRequest):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "dataset_id": 1, "model": {"family": "mlp", "latent_dim": 8},
+        "training": {"epochs": 10}, "grid": {"model.latent_dim": [2, 8], "model.beta": [1, 4]}}]})
+
+    grid: dict[str, list[Any]] = Field(description="'model.<field>' or 'training.<field>' "
+                                                   "to the values to try")
+
+
+class SweepOut(BaseModel):
+    sweep_id: str
+    jobs: list[JobOut]
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"model_id": 1, "dataset_id": 1, "importance_samples": 100}]})
+
+    model_id: int = Field(ge=1, le=MAX_ID)
+    dataset_id: int = Field(ge=1, le=MAX_ID)
+    importance_samples: int = Field(0, ge=0, le=100_000,
+                                    description="0: ELBO terms only; K > 0: also log p(x)")
+
+
+class ModelOut(BaseModel):
+    id: int
+    dataset_id: int
+    status: str
+    config: dict[str, Any]
+    summary: dict[str, Any] | None = None
+    sweep_id: str | None = None
+    encoder_sha256: str | None = None
+    decoder_sha256: str | None = None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+    @classmethod
+    def of(cls, m: Model) -> ModelOut:
+        return cls(id=m.id, dataset_id=m.dataset_id, status=m.status, config=m.config,
+                   summary=m.summary, sweep_id=m.sweep_id, encoder_sha256=m.encoder_sha256,
+                   decoder_sha256=m.decoder_sha256, created_at=m.created_at,
+                   updated_at=m.updated_at)
+
+
+class MetricRow(BaseModel):
+    epoch: int
+    split: str
+    elbo: float
+    reconstruction: float
+    kl: float
+    log_px: float | None = None
+    importance_samples: int
+    loss: float | None = None
+    beta: float
+    lr: float
+    active_units: int | None = None
+    seconds: float
+
+
+class EmbeddingSetOut(BaseModel):
+    id: int
+    model_id: int
+    dataset_id: int
+    status: str
+    dim: int
+    n_items: int
+    importance_samples: int
+    index_status: str
+    index_metric: str
+    stats: dict[str, Any] | None = None
+    created_at: dt.datetime
+    ready_at: dt.datetime | None = None
+
+    @classmethod
+    def of(cls, e: EmbeddingSet) -> EmbeddingSetOut:
+        return cls(id=e.id, model_id=e.model_id, dataset_id=e.dataset_id, status=e.status,
+                   dim=e.dim, n_items=e.n_items, importance_samples=e.importance_samples,
+                   index_status=e.index_status, index_metric=e.index_metric, stats=e.stats,
+                   created_at=e.created_at, ready_at=e.ready_at)
+
+
+class ItemOut(BaseModel):
+    index: int
+    key: str
+    label: str | None = None
+    metadata: dict[str, Any] | None = None
+    mu: list[float]
+    logvar: list[float]
+    elbo: float
+    reconstruction: float
+    kl: float
+    log_px: float | None = None
+
+
+class SearchFilterIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    label: str | list[str] | None = None
+    metadata: dict[str, Any] | None = None
+    elbo: tuple[float | None, float | None] | None = None
+    log_px: tuple[float | None, float | None] | None = None
+
+
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"key": "17", "k": 5},
+        {"vector": [0.1, -0.3, 0.7, 0.0, 1.2, -0.5, 0.2, 0.9], "k": 10, "metric": "cosine",
+         "filter": {"label": ["3", "8"], "elbo": [-40, None]}}]})
+
+    vector: list[float] | None = Field(None, max_length=65536)
+    key: str | None = Field(None, max_length=1000)
+    k: int = Field(10, ge=1, le=1000)
+    metric: Metric = "l2"
+    exact: bool = False
+    filter: SearchFilterIn | None = None
+
+
+class HitOut(BaseModel):
+    key: str
+    index: int
+    label: str | None = None
+    distance: float | None = None
+    elbo: float
+    log_px: float | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class SearchOut(BaseModel):
+    results: list[HitOut]
+    plan: str = Field(description="'exact' or 'hnsw(ef=N)'")
+
+
+class OutliersOut(BaseModel):
+    results: list[HitOut]
+    ranked_by: Literal["log_px", "elbo"]
+
+
+class DecodeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"z": [[0.0, 0.5, -1.0, 0.2, 0.0, 0.1, 0.3, -0.4]]}]})
+
+    z: list[list[float]] | list[float]
+
+
+class ArrayOut(BaseModel):
+    x: list[Any] = Field(description="the decoder's mean, one item per row, item-shaped")
+
+
+class SampleRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"n": 16, "seed": 0, "temperature": 1.0}]})
+
+    n: int = Field(16, ge=1, le=4096)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    temperature: float = Field(1.0, gt=0, le=10)
+
+
+class SampleOut(ArrayOut):
+    z: list[list[float]]
+
+
+class InterpolateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"embedding_id": 1, "from_key": "0", "to_key": "42", "steps": 8,
+         "method": "slerp"}]})
+
+    z_from: list[float] | None = Field(None, max_length=65536)
+    z_to: list[float] | None = Field(None, max_length=65536)
+    embedding_id: int | None = Field(None, ge=1, le=MAX_ID)
+    from_key: str | None = Field(None, max_length=1000)
+    to_key: str | None = Field(None, max_length=1000)
+    steps: int = Field(8, ge=2, le=256)
+    method: Literal["linear", "slerp"] = "linear"
+
+
+class EncodeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"x": [[0.0] * 64]}]})
+
+    x: list[Any] = Field(description="items, each of the model's item shape or flat")
+
+
+class EncodeOut(BaseModel):
+    mu: list[list[float]]
+    logvar: list[list[float]]
+
+
+class KeyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"name": "ci-pipeline", "scopes": ["read", "write"]}]})
+
+    name: str = Field(min_length=1, max_length=200)
+    scopes: list[Literal["read", "write", "admin"]] = Field(min_length=1)
+
+
+class KeyOut(BaseModel):
+    id: int
+    name: str
+    prefix: str
+    scopes: list[str]
+    created_at: dt.datetime | None = None
+    last_used_at: dt.datetime | None = None
+    revoked_at: dt.datetime | None = None
+
+    @classmethod
+    def of(cls, k: ApiKey) -> KeyOut:
+        return cls(id=k.id, name=k.name, prefix=k.prefix, scopes=list(k.scopes),
+                   created_at=k.created_at, last_used_at=k.last_used_at,
+                   revoked_at=k.revoked_at)
+
+
+class CreatedKeyOut(KeyOut):
+    key: str = Field(description="the secret; shown only in this answer")
+
+
+class Health(BaseModel):
+    status: str
+    checks: dict[str, str] = Field(default_factory=dict)

@@ -1,0 +1,126 @@
+"""The API served by uvicorn on a real socket, with real PostgreSQL, Redis and a worker."""
+
+import os
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.support import Worker
+
+MiB = 1 << 20
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Served:
+    """`uvicorn.Server` in a thread of the test process, on a free port."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the API did not start")
+            time.sleep(0.05)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def api_db_url(new_database):
+    from store.db import migrate
+
+    url = new_database("api")
+    migrate(url)
+    return url
+
+
+@pytest.fixture(scope="session")
+def api_env(api_db_url, api_redis_url, tmp_path_factory):
+    data = tmp_path_factory.mktemp("api")
+    (data / "allowed").mkdir()
+    return {"LATENTBANK_DATABASE_URL": api_db_url, "LATENTBANK_REDIS_URL": api_redis_url,
+            "LATENTBANK_DATA_DIR": str(data / "data"),
+            "LATENTBANK_ARTIFACTS": (data / "artifacts").as_uri(),
+            "LATENTBANK_ALLOWED_ROOTS": str(data / "allowed"),
+            "LATENTBANK_MAX_UPLOAD_BYTES": str(4 * MiB),
+            "LATENTBANK_MAX_REQUEST_BYTES": str(1 * MiB),
+            "LATENTBANK_JOB_LEASE_SECONDS": "5", "LATENTBANK_MAINTENANCE_INTERVAL": "1",
+            "LATENTBANK_EMBED_SHARD_ROWS": "600", "LATENTBANK_EXACT_SEARCH_BELOW": "1000",
+            "LATENTBANK_SSE_POLL_SECONDS": "0.2"}
+
+
+def settings_of(env, **overrides):
+    from store.settings import Settings
+
+    values = {k[len("LATENTBANK_"):].lower(): v for k, v in env.items()}
+    return Settings(**{**values, **overrides})
+
+
+@pytest.fixture(scope="session")
+def api_settings(api_env):
+    return settings_of(api_env)
+
+
+@pytest.fixture(scope="session")
+def api_db(api_db_url):
+    from store.db import Database
+
+    database = Database(api_db_url)
+    yield database
+    database.dispose()
+
+
+@pytest.fixture(scope="session")
+def api(api_settings):
+    from service.app import create_app
+
+    served = Served(create_app(api_settings))
+    yield served
+    served.stop()
+
+
+@pytest.fixture(scope="session")
+def api_worker(api_env, tmp_path_factory):
+    worker = Worker({**os.environ, **api_env, "PYTHONUNBUFFERED": "1"},
+                    tmp_path_factory.mktemp("api-worker"), "api")
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture(scope="session")
+def keys(api_db):
+    from store.keys import create_key
+
+    return {scope: create_key(api_db, f"test-{scope}", [scope]).key
+            for scope in ("read", "write", "admin")}
+
+
+@pytest.fixture(scope="session")
+def client(api, keys):
+    with httpx.Client(base_url=api.url, timeout=60,
+                      headers={"Authorization": f"Bearer {keys['write']}"}) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def anonymous(api):
+    with httpx.Client(base_url=api.url, timeout=60) as c:
+        yield c

@@ -1,0 +1,323 @@
+"""The whole flow over HTTP: upload -> train -> embed -> search -> decode, each answer
+checked against an independent computation (onnxruntime on the downloaded files, numpy
+brute force over the exported latents, the prior draws recomputed here)."""
+
+import datetime as dt
+import io
+import json
+import time
+
+import numpy as np
+import onnxruntime as ort
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from sklearn.datasets import load_digits
+
+pytestmark = pytest.mark.slow
+
+MODEL = {"family": "mlp", "latent_dim": 4, "hidden": [64], "likelihood": "bernoulli"}
+TRAINING = {"epochs": 6, "batch_size": 64, "lr": 0.003, "seed": 3, "val_fraction": 0.1,
+            "importance_samples": 20}
+
+
+def npy(array):
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def sse_events(client, path):
+    """(event, data) pairs of a server-sent event stream, read to its end."""
+    events, name = [], None
+    with client.stream("GET", path, timeout=300) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                name = line[len("event: "):]
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line[len("data: "):])))
+    return events
+
+
+def wait_job(client, job_id, timeout=300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} did not end: {job}")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    d = load_digits()
+    return (d.images / 16.0).astype(np.float32)[:, None], d.target.astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def flow(client, api_worker, digits):
+    """Upload, train (watched through SSE), embed: the state the tests below read."""
+    images, labels = digits
+    keys = np.array([f"d{i:04d}" for i in range(len(images))])
+    answer = client.post("/v1/datasets", data={"name": "digits-upload"}, files={
+        "file": ("digits.npy", npy(images), "application/octet-stream"),
+        "labels": ("labels.npy", npy(labels)), "keys": ("keys.npy", npy(keys))})
+    assert answer.status_code == 201, answer.text
+    dataset = answer.json()
+    assert answer.headers["location"] == f"/v1/datasets/{dataset['id']}"
+
+    answer = client.post("/v1/training-jobs", json={
+        "dataset_id": dataset["id"], "model": MODEL, "training": TRAINING})
+    assert answer.status_code == 202, answer.text
+    job = answer.json()
+    assert answer.headers["location"] == f"/v1/jobs/{job['id']}"
+    assert job["status"] in ("queued", "running") and job["published"]
+    events = sse_events(client, f"/v1/jobs/{job['id']}/events")
+    assert events[-1][0] == "end" and events[-1][1]["status"] == "succeeded", events[-1]
+    model_id = events[-1][1]["model_id"]
+
+    answer = client.post("/v1/embedding-jobs", json={
+        "model_id": model_id, "dataset_id": dataset["id"], "importance_samples": 10})
+    assert answer.status_code == 202, answer.text
+    embed = wait_job(client, answer.json()["id"])
+    assert embed["status"] == "succeeded", embed
+    return {"dataset": dataset, "model_id": model_id, "train_events": events,
+            "set_id": embed["embedding_set_id"], "keys": keys}
+
+
+@pytest.fixture(scope="module")
+def onnx_files(client, flow, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("downloaded")
+    paths = {}
+    for role in ("encoder", "decoder"):
+        answer = client.get(f"/v1/models/{flow['model_id']}/onnx/{role}")
+        assert answer.status_code == 200
+        paths[role] = folder / f"{role}.onnx"
+        paths[role].write_bytes(answer.content)
+    return {role: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+            for role, p in paths.items()}
+
+
+@pytest.fixture(scope="module")
+def exported(client, flow):
+    rows = []
+    with client.stream("GET", f"/v1/embeddings/{flow['set_id']}/export") as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line:
+                rows.append(json.loads(line))
+    return rows
+
+
+def test_upload_answers_the_dataset(flow, digits):
+    d = flow["dataset"]
+    assert d["n_items"] == len(digits[0]) and d["item_shape"] == [1, 8, 8]
+    assert d["has_labels"] and d["source_format"] == "npy"
+    assert d["min_value"] == float(digits[0].min()) and d["max_value"] == float(digits[0].max())
+
+
+def test_training_events_report_progress_to_the_end(flow, client):
+    events = flow["train_events"]
+    progress = [data["progress"] for name, data in events if name == "progress"]
+    assert progress == sorted(progress) and progress[-1] == 1.0
+    end = events[-1][1]
+    ran = (dt.datetime.fromisoformat(end["finished_at"])
+           - dt.datetime.fromisoformat(end["started_at"])).total_seconds()
+    if ran > 1.0:  # polled every 0.2 s: a run this long shows its progress on the way
+        assert any(0 < p < 1 for p in progress), f"no intermediate progress in {ran:.1f} s"
+    model = client.get(f"/v1/models/{flow['model_id']}").json()
+    assert model["status"] == "ready" and model["config"]["model"]["latent_dim"] == 4
+    rows = client.get(f"/v1/models/{flow['model_id']}/metrics").json()
+    val = [r for r in rows if r["split"] == "val"]
+    assert [r["epoch"] for r in val] == [1, 2, 3, 4, 5, 6]
+    for r in rows:  # the ELBO's parts, as stored, add up
+        assert r["elbo"] == pytest.approx(r["reconstruction"] - r["kl"], abs=1e-6)
+    assert all(r["log_px"] >= r["elbo"] - 1e-6 for r in val)  # IWAE bound >= ELBO
+    assert val[-1]["elbo"] > val[0]["elbo"]
+
+
+def test_decode_equals_onnxruntime_on_the_downloaded_file(client, flow, onnx_files):
+    z = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+    expected = onnx_files["decoder"].run(["probs"], {"z": z})[0]
+    answer = client.post(f"/v1/models/{flow['model_id']}/decode", json={"z": z.tolist()})
+    assert answer.status_code == 200, answer.text
+    np.testing.assert_allclose(np.asarray(answer.json()["x"]), expected, atol=1e-6)
+    answer = client.post(f"/v1/models/{flow['model_id']}/decode", content=npy(z),
+                         headers={"Content-Type": "application/x-npy",
+                                  "Accept": "application/x-npy"})
+    assert answer.headers["content-type"] == "application/x-npy"
+    got = np.load(io.BytesIO(answer.content), allow_pickle=False)
+    assert got.shape == (5, 1, 8, 8)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_concurrent_decodes_are_batched_and_each_gets_its_own_rows(client, flow, onnx_files,
+                                                                   api):
+    import concurrent.futures
+
+    import httpx
+
+    zs = np.random.default_rng(1).standard_normal((32, 3, 4)).astype(np.float32)
+    headers = dict(client.headers)
+
+    def call(z):
+        with httpx.Client(base_url=api.url, headers=headers, timeout=60) as c:
+            return np.asarray(c.post(f"/v1/models/{flow['model_id']}/decode",
+                                     json={"z": z.tolist()}).json()["x"])
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(call, zs))
+    for z, got in zip(zs, answers, strict=True):
+        np.testing.assert_allclose(got, onnx_files["decoder"].run(["probs"], {"z": z})[0],
+                                   atol=1e-6)
+
+
+def test_sample_decodes_prior_draws_of_the_given_seed(client, flow, onnx_files):
+    answer = client.post(f"/v1/models/{flow['model_id']}/sample",
+                         json={"n": 6, "seed": 11, "temperature": 0.5}).json()
+    z = (0.5 * np.random.default_rng(11).standard_normal((6, 4))).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(answer["z"]), z, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(answer["x"]),
+                               onnx_files["decoder"].run(["probs"], {"z": z})[0], atol=1e-6)
+
+
+def test_sample_as_png_is_a_grid_of_the_items(client, flow):
+    answer = client.post(f"/v1/models/{flow['model_id']}/sample", json={"n": 16, "seed": 0},
+                         headers={"Accept": "image/png"})
+    assert answer.headers["content-type"] == "image/png"
+    image = Image.open(io.BytesIO(answer.content))
+    # 16 items of 8x8 in one row, 1-pixel borders, scaled 4x
+    assert image.size == ((16 * 9 + 1) * 4, 9 * 4 + 4)
+
+
+def test_interpolation_between_stored_items_follows_the_great_circle(client, flow, onnx_files):
+    a = np.asarray(client.get(f"/v1/embeddings/{flow['set_id']}/items/d0000").json()["mu"])
+    b = np.asarray(client.get(f"/v1/embeddings/{flow['set_id']}/items/d0042").json()["mu"])
+    answer = client.post(f"/v1/models/{flow['model_id']}/interpolate", json={
+        "embedding_id": flow["set_id"], "from_key": "d0000", "to_key": "d0042", "steps": 5,
+        "method": "slerp"}).json()
+    z = np.asarray(answer["z"])
+    np.testing.assert_allclose(z[0], a, atol=1e-5)
+    np.testing.assert_allclose(z[-1], b, atol=1e-5)
+    # each step turns by the same angle, and the norm follows the slerp weights
+    angle = np.arccos(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+    for i, t in enumerate(np.linspace(0, 1, 5)):
+        expected = (np.sin((1 - t) * angle) * a + np.sin(t * angle) * b) / np.sin(angle)
+        np.testing.assert_allclose(z[i], expected, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(answer["x"]),
+        onnx_files["decoder"].run(["probs"], {"z": z.astype(np.float32)})[0], atol=1e-6)
+    linear = client.post(f"/v1/models/{flow['model_id']}/interpolate", json={
+        "z_from": [0, 0, 0, 0], "z_to": [1, 2, 3, 4], "steps": 3}).json()
+    np.testing.assert_allclose(linear["z"], [[0, 0, 0, 0], [.5, 1, 1.5, 2], [1, 2, 3, 4]])
+
+
+def test_encode_and_reconstruct_equal_onnxruntime(client, flow, onnx_files, digits):
+    x = digits[0][:7]
+    mu, logvar = onnx_files["encoder"].run(["mu", "logvar"], {"x": x})
+    answer = client.post(f"/v1/models/{flow['model_id']}/encode",
+                         json={"x": x.reshape(7, -1).tolist()}).json()
+    np.testing.assert_allclose(answer["mu"], mu, atol=1e-5)
+    np.testing.assert_allclose(answer["logvar"], logvar, atol=1e-5)
+    answer = client.post(f"/v1/models/{flow['model_id']}/reconstruct", content=npy(x),
+                         headers={"Content-Type": "application/x-npy"}).json()
+    expected = onnx_files["decoder"].run(["probs"], {"z": mu})[0]
+    np.testing.assert_allclose(answer["x"], expected, atol=1e-5)
+
+
+def test_stored_codes_equal_the_encoder_on_the_data(exported, onnx_files, digits, flow):
+    assert len(exported) == len(digits[0])
+    assert [r["key"] for r in exported] == list(flow["keys"])
+    mu = onnx_files["encoder"].run(["mu"], {"x": digits[0]})[0]
+    np.testing.assert_allclose(np.asarray([r["mu"] for r in exported]), mu, atol=1e-4)
+    for r in exported[:50]:
+        assert r["elbo"] == pytest.approx(r["reconstruction"] - r["kl"], abs=1e-4)
+        assert r["label"] == str(digits[1][r["index"]])
+
+
+def test_parquet_export_equals_ndjson(client, flow, exported):
+    answer = client.get(f"/v1/embeddings/{flow['set_id']}/export", params={"format": "parquet"})
+    assert answer.status_code == 200
+    table = pq.read_table(io.BytesIO(answer.content)).to_pylist()
+    assert len(table) == len(exported)
+    for a, b in zip(table[::97], exported[::97], strict=True):
+        assert a["key"] == b["key"] and a["label"] == b["label"]
+        np.testing.assert_allclose(a["mu"], b["mu"], rtol=1e-6)
+        assert a["elbo"] == pytest.approx(b["elbo"]) and a["log_px"] == pytest.approx(
+            b["log_px"])
+
+
+def brute_force(rows, q, k, metric="l2", keep=lambda r: True):
+    rows = [r for r in rows if keep(r)]
+    mu = np.asarray([r["mu"] for r in rows], dtype=np.float64)
+    if metric == "l2":
+        d = np.linalg.norm(mu - q, axis=1)
+    else:
+        d = 1 - mu @ q / np.linalg.norm(mu, axis=1) / np.linalg.norm(q)
+    order = np.argsort(d, kind="stable")[:k]
+    return [rows[i]["key"] for i in order], d[order]
+
+
+def test_search_equals_brute_force(client, flow, exported):
+    q = np.random.default_rng(5).standard_normal(4)
+    for metric in ("l2", "cosine"):
+        answer = client.post(f"/v1/embeddings/{flow['set_id']}/search",
+                             json={"vector": q.tolist(), "k": 10, "metric": metric}).json()
+        keys, dist = brute_force(exported, q, 10, metric)
+        assert [h["key"] for h in answer["results"]] == keys
+        np.testing.assert_allclose([h["distance"] for h in answer["results"]], dist,
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_search_by_key_with_filters_equals_brute_force(client, flow, exported):
+    query = next(r for r in exported if r["key"] == "d0007")
+    lo = float(np.median([r["elbo"] for r in exported]))
+    answer = client.post(f"/v1/embeddings/{flow['set_id']}/search", json={
+        "key": "d0007", "k": 8, "filter": {"label": ["3", "5"], "elbo": [lo, None]}})
+    assert answer.status_code == 200, answer.text
+    keys, _ = brute_force(exported, np.asarray(query["mu"]), 8, keep=lambda r: (
+        r["label"] in ("3", "5") and r["elbo"] >= lo and r["key"] != "d0007"))
+    assert [h["key"] for h in answer.json()["results"]] == keys
+    assert all(h["label"] in ("3", "5") for h in answer.json()["results"])
+
+
+def test_outliers_are_the_lowest_log_px(client, flow, exported):
+    answer = client.get(f"/v1/embeddings/{flow['set_id']}/outliers", params={"k": 5}).json()
+    assert answer["ranked_by"] == "log_px"
+    expected = [r["key"] for r in sorted(exported, key=lambda r: (r["log_px"], r["index"]))[:5]]
+    assert [h["key"] for h in answer["results"]] == expected
+
+
+def test_plots_are_pngs(client, flow):
+    for path in (f"/v1/models/{flow['model_id']}/plots/curves.png",
+                 f"/v1/embeddings/{flow['set_id']}/plots/latent.png"):
+        answer = client.get(path)
+        assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
+        assert Image.open(io.BytesIO(answer.content)).size[0] > 300
+
+
+def test_metrics_count_requests_jobs_and_decode_batches(anonymous, flow, client):
+    client.post(f"/v1/models/{flow['model_id']}/decode", json={"z": [[0, 0, 0, 0]]})
+    text = anonymous.get("/metrics").text
+    assert 'latentbank_http_request_duration_seconds_count{method="POST",' \
+           'route="/v1/models/{model_id}/decode",status="200"}' in text
+    assert 'latentbank_jobs{kind="train",status="succeeded"}' in text
+    count = [line for line in text.splitlines()
+             if line.startswith("latentbank_decode_batch_rows_count")]
+    assert count and float(count[0].split()[-1]) >= 1
+
+
+def test_listing_and_idempotent_submission(client, flow):
+    assert any(d["id"] == flow["dataset"]["id"] for d in client.get("/v1/datasets").json())
+    assert any(m["id"] == flow["model_id"] for m in client.get("/v1/models").json())
+    assert any(e["id"] == flow["set_id"] for e in client.get("/v1/embeddings").json())
+    body = {"model_id": flow["model_id"], "dataset_id": flow["dataset"]["id"]}
+    first = client.post("/v1/embedding-jobs", json=body, headers={"Idempotency-Key": "k-1"})
+    again = client.post("/v1/embedding-jobs", json=body, headers={"Idempotency-Key": "k-1"})
+    assert first.status_code == again.status_code == 202
+    assert first.json()["id"] == again.json()["id"]
+    assert again.headers.get("idempotent-replayed") == "true"
+    client.post(f"/v1/jobs/{first.json()['id']}/cancel")
