@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(PY) bench/train.py $(BENCH_ARGS)
 	$(PY) bench/store.py $(BENCH_ARGS)
 	$(PY) bench/embed.py $(BENCH_ARGS)
+	$(PY) bench/serve.py $(BENCH_ARGS)
 
 demo: $(STAMP)
 	$(PY) -m workers.pipeline --builtin digits --out out/demo

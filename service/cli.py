@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from importlib.metadata import version
+from typing import Annotated
 
 import typer
 
@@ -95,7 +96,8 @@ app.add_typer(keys_app, name="keys")
 @keys_app.command("create")
 def keys_create(
     name: str = typer.Option(..., help="who or what uses the key"),
-    scope: list[str] = typer.Option(["read"], help="read, write or admin (repeatable)"),
+    scope: Annotated[list[str] | None, typer.Option(
+        help="read, write or admin (repeatable; default read)")] = None,
 ) -> None:
     """Create a key and print its secret once (stored hashed)."""
     from store.db import Database, start_embedded_postgres
@@ -112,7 +114,7 @@ def keys_create(
             server, url = start_embedded_postgres(settings.postgres_dir)
         db = Database(url)
         try:
-            created = create_key(db, name, scope)
+            created = create_key(db, name, scope or ["read"])
         finally:
             db.dispose()
         typer.echo(created.key)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import io
 import json
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeVar
 
 import numpy as np
@@ -22,13 +23,36 @@ from store.artifacts import ArtifactStore
 from store.db import Database
 from store.errors import InvalidInput
 from store.jobs import QUEUES, TASKS, mark_published
-from store.keys import implied_scopes, verify_key
+from store.keys import hash_key, implied_scopes, verify_key
 from store.settings import Settings
-from store.tables import ApiKey, Job
+from store.tables import Job
 
 log = logging.getLogger("latentbank.api")
 NPY = "application/x-npy"
 Body = TypeVar("Body", bound=BaseModel)
+
+
+class TTLCache:
+    """A small dict whose entries expire: hot paths skip a database round trip."""
+
+    def __init__(self, seconds: float, capacity: int = 10_000) -> None:
+        self.seconds, self.capacity = seconds, capacity
+        self._items: dict[Any, tuple[float, Any]] = {}
+
+    def get(self, key: Any) -> Any:
+        hit = self._items.get(key)
+        if hit is None or hit[0] < time.monotonic():
+            self._items.pop(key, None)
+            return None
+        return hit[1]
+
+    def put(self, key: Any, value: Any) -> None:
+        if len(self._items) >= self.capacity:
+            self._items.clear()
+        self._items[key] = (time.monotonic() + self.seconds, value)
+
+    def clear(self) -> None:
+        self._items.clear()
 
 
 @dataclass
@@ -39,6 +63,11 @@ class Services:
     celery: Celery
     inference: Inference
     metrics: Metrics
+    # verified keys: (id, scopes) by the secret's hash. A key revoked by another process
+    # stops working within `seconds`; one revoked through this API at once.
+    keys: TTLCache = field(default_factory=lambda: TTLCache(10.0))
+    # ready models (a ready model's files never change): skip a query per decode
+    ready_models: TTLCache = field(default_factory=lambda: TTLCache(30.0))
 
 
 def services(request: Request) -> Services:
@@ -77,20 +106,26 @@ bearer = HTTPBearer(auto_error=False, description="an API key from `latentbank k
 def require(scope: str) -> Any:
     """A dependency: the caller's key, which must hold `scope` (401 / 403 otherwise)."""
 
-    def check(request: Request,
-              credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-              ) -> ApiKey:
+    async def check(request: Request,
+                    credentials: Annotated[HTTPAuthorizationCredentials | None,
+                                           Depends(bearer)]) -> int:
         if credentials is None:
             raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'",
                            headers={"WWW-Authenticate": "Bearer"})
-        key = verify_key(services(request).db, credentials.credentials)
-        if key is None:
-            raise ApiError(401, "unknown or revoked API key",
-                           headers={"WWW-Authenticate": "Bearer"})
-        if scope not in implied_scopes(list(key.scopes)):
+        svc = services(request)
+        digest = hash_key(credentials.credentials)
+        known = svc.keys.get(digest)
+        if known is None:
+            key = await in_thread(verify_key, svc.db, credentials.credentials)
+            if key is None:
+                raise ApiError(401, "unknown or revoked API key",
+                               headers={"WWW-Authenticate": "Bearer"})
+            known = (key.id, implied_scopes(list(key.scopes)))
+            svc.keys.put(digest, known)
+        if scope not in known[1]:
             raise ApiError(403, f"this API key lacks the '{scope}' scope")
-        request.state.key_id = key.id
-        return key
+        request.state.key_id = known[0]
+        return known[0]
 
     check.__name__ = f"require_{scope}"
     return Depends(check)

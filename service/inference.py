@@ -75,6 +75,13 @@ class SessionCache:
             os.replace(path + ".part", path)
         return path
 
+    def cached(self, model_id: int, role: str, sha256: str) -> Loaded | None:
+        with self._lock:
+            loaded = self._sessions.get((model_id, role, sha256))
+            if loaded is not None:
+                self._sessions.move_to_end((model_id, role, sha256))
+            return loaded
+
     def get(self, model_id: int, role: str, sha256: str | None) -> Loaded:
         if not sha256:
             raise Conflict(f"model {model_id} has no {role} yet")
@@ -182,7 +189,9 @@ class Inference:
 
     async def run(self, model_id: int, role: str, sha256: str, rows: np.ndarray,
                   ) -> dict[str, np.ndarray]:
-        loaded = await self.load(model_id, role, sha256)
+        loaded = self.sessions.cached(model_id, role, sha256)
+        if loaded is None:  # opening a session reads the file: off the event loop
+            loaded = await self.load(model_id, role, sha256)
         key = (model_id, role, sha256)
         batcher = self._batchers.get(key)
         if batcher is None:

@@ -54,11 +54,17 @@ def get_model(svc: Services, model_id: int) -> Model:
     return model
 
 
-def ready_model(svc: Services, model_id: int) -> Model:
+def _ready(svc: Services, model_id: int) -> Model:
     model = get_model(svc, model_id)
     if model.status != "ready":
         raise Conflict(f"model {model_id} is {model.status}, not ready")
+    svc.ready_models.put(model_id, model)
     return model
+
+
+async def ready_model(svc: Services, model_id: int) -> Model:
+    cached = svc.ready_models.get(model_id)
+    return cached if cached is not None else await in_thread(_ready, svc, model_id)
 
 
 def _list(svc: Services, status: str | None, dataset_id: int | None, sweep_id: str | None,
@@ -117,7 +123,7 @@ async def model_metrics(request: Request, model_id: Id) -> list[MetricRow]:
 async def onnx_file(request: Request, model_id: Id,
                     role: Literal["encoder", "decoder"]) -> Response:
     svc = services(request)
-    model = await in_thread(ready_model, svc, model_id)
+    model = await ready_model(svc, model_id)
     sha = model.encoder_sha256 if role == "encoder" else model.decoder_sha256
     path = await in_thread(svc.inference.sessions.local_file, model_id, role, sha)
 
@@ -215,7 +221,7 @@ async def decode(request: Request, model_id: Id) -> Response:
     svc = services(request)
     _array_body(request)
     raw = await read_body(request)
-    model = await in_thread(ready_model, svc, model_id)
+    model = await ready_model(svc, model_id)
     z = as_float_rows(_body_array(raw, request, "z", DecodeRequest),
                       model.config["model"]["latent_dim"], "z", svc.settings.decode_max_rows)
     return _answer(request, {"x": await _decode(svc, model, z)}, image="x")
@@ -226,7 +232,7 @@ async def decode(request: Request, model_id: Id) -> Response:
              summary="Decode draws from the prior N(0, temperature² I)")
 async def sample(request: Request, model_id: Id, body: SampleRequest) -> Response:
     svc = services(request)
-    model = await in_thread(ready_model, svc, model_id)
+    model = await ready_model(svc, model_id)
     if body.n > svc.settings.decode_max_rows:
         raise InvalidInput(f"n is {body.n}; the limit is {svc.settings.decode_max_rows}")
     rng = np.random.default_rng(body.seed)
@@ -265,7 +271,7 @@ def _endpoints(svc: Services, model: Model, body: InterpolateRequest,
              summary="Decode a path between two latent vectors or two stored items")
 async def interpolate(request: Request, model_id: Id, body: InterpolateRequest) -> Response:
     svc = services(request)
-    model = await in_thread(ready_model, svc, model_id)
+    model = await ready_model(svc, model_id)
     a, b = await in_thread(_endpoints, svc, model, body)
     t = np.linspace(0.0, 1.0, body.steps)
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
@@ -287,7 +293,7 @@ async def encode(request: Request, model_id: Id) -> Response:
     svc = services(request)
     _array_body(request)
     raw = await read_body(request)
-    model = await in_thread(ready_model, svc, model_id)
+    model = await ready_model(svc, model_id)
     x = _items(svc, model, raw, request)
     out = await svc.inference.run(model.id, "encoder", model.encoder_sha256 or "", x)
     return _answer(request, {"mu": out["mu"], "logvar": out["logvar"]})
@@ -301,7 +307,7 @@ async def reconstruct(request: Request, model_id: Id) -> Response:
     svc = services(request)
     _array_body(request)
     raw = await read_body(request)
-    model = await in_thread(ready_model, svc, model_id)
+    model = await ready_model(svc, model_id)
     x = _items(svc, model, raw, request)
     out = await svc.inference.run(model.id, "encoder", model.encoder_sha256 or "", x)
     return _answer(request, {"x": await _decode(svc, model, out["mu"])}, image="x")

@@ -84,4 +84,7 @@ async def keys(request: Request) -> list[KeyOut]:
 @router.delete("/v1/keys/{key_id}", response_model=KeyOut, dependencies=[require("admin")],
                responses=ERRORS, tags=["keys"], summary="Revoke a key")
 async def revoke(request: Request, key_id: Id) -> KeyOut:
-    return KeyOut.of(await in_thread(revoke_key, services(request).db, key_id))
+    svc = services(request)
+    revoked = await in_thread(revoke_key, svc.db, key_id)
+    svc.keys.clear()
+    return KeyOut.of(revoked)

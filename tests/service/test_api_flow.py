@@ -17,7 +17,7 @@ from sklearn.datasets import load_digits
 pytestmark = pytest.mark.slow
 
 MODEL = {"family": "mlp", "latent_dim": 4, "hidden": [64], "likelihood": "bernoulli"}
-TRAINING = {"epochs": 6, "batch_size": 64, "lr": 0.003, "seed": 3, "val_fraction": 0.1,
+TRAINING = {"epochs": 24, "batch_size": 64, "lr": 0.003, "seed": 3, "val_fraction": 0.1,
             "importance_samples": 20}
 
 
@@ -126,13 +126,15 @@ def test_training_events_report_progress_to_the_end(flow, client):
     end = events[-1][1]
     ran = (dt.datetime.fromisoformat(end["finished_at"])
            - dt.datetime.fromisoformat(end["started_at"])).total_seconds()
-    if ran > 1.0:  # polled every 0.2 s: a run this long shows its progress on the way
+    # the worker writes progress with its lease heartbeat, every min(2, 5 / 3) s here,
+    # and the events poll every 0.2 s: a run this long shows progress on the way
+    if ran > 2 * 5 / 3 + 0.5:
         assert any(0 < p < 1 for p in progress), f"no intermediate progress in {ran:.1f} s"
     model = client.get(f"/v1/models/{flow['model_id']}").json()
     assert model["status"] == "ready" and model["config"]["model"]["latent_dim"] == 4
     rows = client.get(f"/v1/models/{flow['model_id']}/metrics").json()
     val = [r for r in rows if r["split"] == "val"]
-    assert [r["epoch"] for r in val] == [1, 2, 3, 4, 5, 6]
+    assert [r["epoch"] for r in val] == list(range(1, 25))
     for r in rows:  # the ELBO's parts, as stored, add up
         assert r["elbo"] == pytest.approx(r["reconstruction"] - r["kl"], abs=1e-6)
     assert all(r["log_px"] >= r["elbo"] - 1e-6 for r in val)  # IWAE bound >= ELBO
