@@ -16,6 +16,7 @@ from sqlalchemy import text
 
 from service import errors
 from service.deps import Services, celery_client
+from service.errors import BodyTooLarge
 from service.inference import Inference, SessionCache
 from service.metrics import Metrics, RequestMetrics
 from service.routes import datasets, embeddings, jobs, models, ops
@@ -32,12 +33,6 @@ Every `/v1` route needs `Authorization: Bearer <key>` (create one with
 `latentbank keys create`); scopes are `read` < `write` < `admin`. Errors are
 `{"error": {"code", "message"}}`. Bounds are in nats per item; higher is better.
 """
-
-
-class BodyTooLarge(Exception):
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"the request body exceeds the limit of {limit} bytes")
-        self.limit = limit
 
 
 class BodyLimit:

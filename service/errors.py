@@ -46,6 +46,14 @@ class ApiError(Exception):
         self.headers = headers
 
 
+class BodyTooLarge(Exception):
+    """Raised while a body is read, once it has passed its limit (413)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the request body exceeds the limit of {limit} bytes")
+        self.limit = limit
+
+
 def status_of(exc: StoreError) -> int:
     if isinstance(exc, UnsupportedFormat):
         return 415

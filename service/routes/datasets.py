@@ -20,7 +20,7 @@ from service.deps import (
     require,
     services,
 )
-from service.errors import ApiError
+from service.errors import BodyTooLarge
 from service.schemas import DatasetByReference, DatasetOut, ErrorBody
 from store.datasets import (
     IngestOptions,
@@ -140,11 +140,9 @@ async def create_dataset(request: Request, response: Response) -> DatasetOut:
     if kind == "multipart/form-data":
         try:
             form = await request.form(max_files=3, max_fields=20, max_part_size=1 << 20)
-        except ApiError:
+        except BodyTooLarge:
             raise
-        except Exception as exc:  # malformed multipart
-            if getattr(exc, "status_code", None) == 413:
-                raise
+        except Exception:  # starlette's parser: malformed multipart, too many parts
             raise InvalidInput("the multipart body is malformed") from None
         try:
             dataset, created = await in_thread(_ingest_upload, svc, form)

@@ -114,6 +114,17 @@ def test_413_by_content_length_and_for_chunked_bodies(client, api_settings):
     big = b"\0" * (api_settings.max_upload_bytes + 1)
     error_of(client.post("/v1/datasets", files={"file": ("big.npy", big)}), 413, "too_large")
 
+    def upload():  # a chunked multipart upload: the parser stops at the limit
+        yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.npy"\r\n\r\n'
+        for _ in range(api_settings.max_upload_bytes // 65536 + 2):
+            yield b"\0" * 65536
+        yield b"\r\n--b--\r\n"
+
+    answer = client.post("/v1/datasets", content=upload(),
+                         headers={"Content-Type": "multipart/form-data; boundary=b"})
+    error_of(answer, 413, "too_large", str(api_settings.max_upload_bytes))
+    assert not any(d["name"] == "x" for d in client.get("/v1/datasets").json())
+
     def chunks():  # no Content-Length: the server must count
         for _ in range(api_settings.max_request_bytes // 65536 + 2):
             yield b"[" * 65536
