@@ -280,22 +280,25 @@ async def interpolate(request: Request, model_id: Id, body: InterpolateRequest) 
     return _answer(request, {"x": await _decode(svc, model, z), "z": z}, image="x")
 
 
-def _items(svc: Services, model: Model, raw: bytes, request: Request) -> np.ndarray:
-    shape = model.config["model"]["input_shape"]
-    return as_float_rows(_body_array(raw, request, "x", EncodeRequest), None, "x",
-                         svc.settings.decode_max_rows, item_shape=shape)
+async def _encoded(request: Request, model_id: int) -> tuple[Services, Model,
+                                                                dict[str, np.ndarray]]:
+    """The request's items (JSON or .npy, item-shaped) through the model's encoder."""
+    svc = services(request)
+    _array_body(request)
+    raw = await read_body(request)
+    model = await ready_model(svc, model_id)
+    x = as_float_rows(_body_array(raw, request, "x", EncodeRequest), None, "x",
+                      svc.settings.decode_max_rows,
+                      item_shape=model.config["model"]["input_shape"])
+    out = await svc.inference.run(model.id, "encoder", model.encoder_sha256 or "", x)
+    return svc, model, out
 
 
 @router.post("/{model_id}/encode", dependencies=[require("read")],
              openapi_extra=_serving_body("EncodeRequest"), responses=_answers(EncodeOut),
              response_class=Response, summary="Posterior means and log-variances of items")
 async def encode(request: Request, model_id: Id) -> Response:
-    svc = services(request)
-    _array_body(request)
-    raw = await read_body(request)
-    model = await ready_model(svc, model_id)
-    x = _items(svc, model, raw, request)
-    out = await svc.inference.run(model.id, "encoder", model.encoder_sha256 or "", x)
+    _, _, out = await _encoded(request, model_id)
     return _answer(request, {"mu": out["mu"], "logvar": out["logvar"]})
 
 
@@ -304,10 +307,5 @@ async def encode(request: Request, model_id: Id) -> Response:
              response_class=Response,
              summary="Decode each item's posterior mean: the decoder's mean at mu(x)")
 async def reconstruct(request: Request, model_id: Id) -> Response:
-    svc = services(request)
-    _array_body(request)
-    raw = await read_body(request)
-    model = await ready_model(svc, model_id)
-    x = _items(svc, model, raw, request)
-    out = await svc.inference.run(model.id, "encoder", model.encoder_sha256 or "", x)
+    svc, model, out = await _encoded(request, model_id)
     return _answer(request, {"x": await _decode(svc, model, out["mu"])}, image="x")
