@@ -30,8 +30,10 @@ bench: $(STAMP)
 	$(PY) bench/embed.py $(BENCH_ARGS)
 	$(PY) bench/serve.py $(BENCH_ARGS)
 
+# The whole service on embedded defaults: `latentbank up` in the background, digits through
+# the HTTP API, a summary, then the stack is stopped. DEMO_ARGS: see `python -m service.demo -h`.
 demo: $(STAMP)
-	$(PY) -m workers.pipeline --builtin digits --out out/demo
+	$(PY) -m service.demo $(DEMO_ARGS)
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from importlib.metadata import version
-from typing import Annotated
 
 import typer
+
+from service import verbs
 
 app = typer.Typer(help="latentbank: train VAEs, store latents, serve ONNX decoders.",
                   no_args_is_help=True, add_completion=False)
@@ -88,45 +89,40 @@ def api_command(
                 proxy_headers=True)
 
 
-keys_app = typer.Typer(help="API keys (written straight to the database).",
-                       no_args_is_help=True)
-app.add_typer(keys_app, name="keys")
-
-
-@keys_app.command("create")
-def keys_create(
-    name: str = typer.Option(..., help="who or what uses the key"),
-    scope: Annotated[list[str] | None, typer.Option(
-        help="read, write or admin (repeatable; default read)")] = None,
+@app.command("up")
+def up_command(
+    port: int = typer.Option(None, help="the API's port (default: LATENTBANK_API_PORT, 8000)"),
+    worker_grace: float = typer.Option(
+        30.0, help="seconds a running task may take to finish on stop; after that it is "
+                   "killed and requeued on the next start"),
 ) -> None:
-    """Create a key and print its secret once (stored hashed)."""
-    from store.db import Database, start_embedded_postgres
-    from store.errors import DatabaseUnavailable, InvalidInput
-    from store.keys import create_key
+    """Run the whole stack here: PostgreSQL+pgvector, Redis, a worker, the API.
+
+    Data lives in LATENTBANK_DATA_DIR (default ./.latentbank); a second `up` reuses it.
+    LATENTBANK_DATABASE_URL / LATENTBANK_REDIS_URL / LATENTBANK_ARTIFACTS point a part at
+    an external server instead. Ctrl-C or SIGTERM stops everything it started.
+    """
+    import logging
+
+    from service.stack import run_up
     from store.settings import get_settings
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s "
+                                                   "%(message)s")
+    for noisy in ("pgserver", "alembic.runtime.plugins"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     settings = get_settings()
-    server = None
-    try:
-        if settings.database_url:
-            url = settings.database_url
-        else:
-            server, url = start_embedded_postgres(settings.postgres_dir)
-        db = Database(url)
-        try:
-            created = create_key(db, name, scope or ["read"])
-        finally:
-            db.dispose()
-        typer.echo(created.key)
-        typer.echo(f"key {created.id} ({created.prefix}..., scopes {','.join(created.scopes)})"
-                   " created; the secret above is not shown again", err=True)
-    except (InvalidInput, DatabaseUnavailable) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    finally:
-        if server is not None:
-            server.cleanup()
+    status = run_up(settings, port or settings.api_port, worker_grace,
+                    lambda line: typer.echo(line, err=line.startswith("error:")))
+    raise typer.Exit(status)
+
+
+verbs.register(app)
 
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

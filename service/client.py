@@ -1,0 +1,166 @@
+"""A small HTTP client for the latentbank API (what the CLI verbs and the demo use).
+
+Where it finds the API: `url` / `key` arguments, else `LATENTBANK_URL` /
+`LATENTBANK_API_KEY`, else the stack that `latentbank up` runs from `LATENTBANK_DATA_DIR`
+(its `stack.json` and `admin.key`), else http://127.0.0.1:8000 without a key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+NPY = "application/x-npy"
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+class ClientError(Exception):
+    """A failed call, with a one-line reason; `exit_code` 1 = the API said no,
+    3 = the API could not be reached."""
+
+    def __init__(self, message: str, exit_code: int = 1, status: int | None = None) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.status = status
+
+
+def _data_dir() -> Path:
+    return Path(os.environ.get("LATENTBANK_DATA_DIR", ".latentbank"))
+
+
+def resolve(url: str | None = None, key: str | None = None) -> tuple[str, str | None]:
+    """The API's URL and key, by the rules in this module's docstring."""
+    from service.stack import key_file, read_stack
+
+    url = url or os.environ.get("LATENTBANK_URL")
+    key = key or os.environ.get("LATENTBANK_API_KEY")
+    data_dir = _data_dir()
+    if not url:
+        running = read_stack(data_dir)
+        url = running["url"] if running else "http://127.0.0.1:8000"
+    if not key:
+        try:
+            key = key_file(data_dir).read_text().strip() or None
+        except OSError:
+            key = None
+    return url.rstrip("/"), key
+
+
+def reason(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+        message = body["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = response.text.strip().splitlines()[0] if response.text.strip() else ""
+    return f"{response.status_code} {response.reason_phrase}: {message}".rstrip(": ")
+
+
+class Client:
+    def __init__(self, url: str | None = None, key: str | None = None,
+                 timeout: float = 60.0) -> None:
+        self.url, self.key = resolve(url, key)
+        headers = {"Authorization": f"Bearer {self.key}"} if self.key else {}
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise ClientError(f"cannot reach the latentbank API at {self.url} ({exc}); start "
+                              f"it with `latentbank up` or set LATENTBANK_URL", 3) from None
+        if response.status_code >= 400:
+            raise ClientError(reason(response), 1, response.status_code)
+        return response
+
+    def get(self, path: str, **kwargs: Any) -> Any:
+        return self.request("GET", path, **kwargs).json()
+
+    def post(self, path: str, **kwargs: Any) -> Any:
+        return self.request("POST", path, **kwargs).json()
+
+    # --- datasets -------------------------------------------------------------------
+    def add_dataset(self, *, path: Path | None = None, uri: str | None = None,
+                    builtin: str | None = None, name: str | None = None,
+                    labels: Path | None = None, keys: Path | None = None,
+                    **options: Any) -> dict[str, Any]:
+        """Upload a file, register a file on the server, or a builtin dataset."""
+        options = {k: v for k, v in options.items() if v is not None}
+        if path is None:
+            body = {"name": name or builtin or Path(uri or "data").stem,
+                    "uri": uri, "builtin": builtin, **options}
+            return self.post("/v1/datasets", json={k: v for k, v in body.items()
+                                                   if v is not None})
+        form = {"name": name or path.stem, **{k: ",".join(v) if isinstance(v, list) else v
+                                              for k, v in options.items()}}
+        with contextlib.ExitStack() as opened:
+            files = {field: (p.name, opened.enter_context(open(p, "rb")))
+                     for field, p in (("file", path), ("labels", labels), ("keys", keys)) if p}
+            return self.post("/v1/datasets", data=form, files=files, timeout=None)
+
+    # --- jobs -----------------------------------------------------------------------
+    def events(self, job_id: int) -> Iterator[dict[str, Any]]:
+        """The job as it changes (server-sent events), ending with its final state.
+        Reconnects when the stream breaks; falls back to polling if it cannot."""
+        failures = 0
+        while True:
+            try:
+                with self.http.stream("GET", f"/v1/jobs/{job_id}/events",
+                                      timeout=httpx.Timeout(60, read=None)) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        raise ClientError(reason(response), 1, response.status_code)
+                    event = None
+                    for line in response.iter_lines():
+                        if line.startswith("event:"):
+                            event = line.split(":", 1)[1].strip()
+                        elif line.startswith("data:"):
+                            job = json.loads(line.split(":", 1)[1])
+                            failures = 0
+                            yield job
+                            if event == "end" or job["status"] in TERMINAL:
+                                return
+            except httpx.TransportError:
+                failures += 1
+                if failures > 5:
+                    raise ClientError(f"lost the API at {self.url} while watching job "
+                                      f"{job_id}", 3) from None
+                time.sleep(min(2 ** failures, 10))
+
+    def wait(self, job_id: int) -> dict[str, Any]:
+        last: dict[str, Any] = {}
+        for last in self.events(job_id):  # noqa: B007 (the final state is the answer)
+            pass
+        return last
+
+    # --- arrays ---------------------------------------------------------------------
+    def post_array(self, path: str, accept: str, **kwargs: Any) -> bytes:
+        headers = {**kwargs.pop("headers", {}), "Accept": accept}
+        return self.request("POST", path, headers=headers, **kwargs).content
+
+
+def npy_body(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)

@@ -1,0 +1,276 @@
+"""`make demo`: the whole service on the builtin digits, through its HTTP API.
+
+Starts `latentbank up` in the background (or uses the stack already running from
+LATENTBANK_DATA_DIR), registers scikit-learn's digits, trains a VAE, embeds every item,
+finds neighbours, decodes prior samples to a PNG grid, prints a summary table and the
+paths of the results, and stops the stack it started.
+
+    python -m service.demo [--epochs 100] [--out out/demo]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from service.client import Client, ClientError
+from service.stack import port_free, read_stack, stack_file
+from service.verbs import watch_job
+from store.settings import get_settings
+
+console = Console(highlight=False)
+if not console.is_terminal:
+    console.width = 120
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def stack(data_dir: Path, port: int | None, log_path: Path) -> Iterator[tuple[str, float]]:
+    """The URL of a running stack: the one already up in `data_dir`, else one started
+    here (and stopped on the way out, whatever happens). Yields (url, seconds to start)."""
+    running = read_stack(data_dir)
+    if running:
+        console.print(f"using the stack already running at {running['url']} "
+                      f"(pid {running['pid']}); it stays up")
+        yield running["url"], 0.0
+        return
+    settings = get_settings()
+    if port is None:
+        port = settings.api_port if port_free(settings.api_host, settings.api_port) else (
+            _free_port())
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "up", "--port", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    try:
+        with console.status("starting the stack (PostgreSQL+pgvector, Redis, a worker, "
+                            "the API)..."):
+            while True:
+                info = read_stack(data_dir)
+                if info and info["pid"] == proc.pid:
+                    break
+                if proc.poll() is not None:
+                    raise SystemExit(f"`latentbank up` exited with {proc.returncode}:\n"
+                                     + log_path.read_text()[-3000:])
+                if time.perf_counter() - started > 180:
+                    raise SystemExit(f"the stack did not start in 180 s; see {log_path}")
+                time.sleep(0.2)
+        seconds = time.perf_counter() - started
+        console.print(f"stack up at {info['url']} in {seconds:.1f} s (log {log_path})")
+        yield info["url"], seconds
+    finally:
+        if proc.poll() is None:
+            with console.status("stopping the stack..."):
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        if stack_file(data_dir).exists() and not read_stack(data_dir):
+            stack_file(data_dir).unlink(missing_ok=True)
+        console.print(f"stack stopped (exit status {proc.returncode}); nothing left running")
+
+
+def knn_accuracy(c: Client, set_id: int, keys: list[str], k: int,
+                 ) -> tuple[float, float, list[float]]:
+    """Leave-one-out kNN: each query item's label against the majority label of its k
+    nearest *other* items (exact L2 search; a tie goes to the label met first, i.e. the
+    nearer). Returns (accuracy, the most common label's share among the queries: what
+    guessing it would score, per-request seconds)."""
+    hits, seconds, own_labels = 0, [], collections.Counter()
+    for key in keys:
+        own = c.get(f"/v1/embeddings/{set_id}/items/{key}")["label"]
+        started = time.perf_counter()
+        answer = c.post(f"/v1/embeddings/{set_id}/search",
+                        json={"key": key, "k": k, "exact": True})  # never the item itself
+        seconds.append(time.perf_counter() - started)
+        votes = collections.Counter(h["label"] for h in answer["results"])
+        hits += votes.most_common(1)[0][0] == own
+        own_labels[own] += 1
+    return hits / len(keys), own_labels.most_common(1)[0][1] / len(keys), seconds
+
+
+def run(c: Client, out: Path, epochs: int, latent_dim: int, importance_samples: int,
+        queries: int, timings: dict[str, float]) -> dict[str, Any]:
+    def timed(name: str, started: float) -> None:
+        timings[name] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    dataset = c.post("/v1/datasets", json={"name": "digits", "builtin": "digits"})
+    timed("register digits", started)
+    console.print(f"dataset {dataset['id']}: {dataset['n_items']} digits of "
+                  f"{'×'.join(map(str, dataset['item_shape']))} in [0, 1], with labels")
+
+    started = time.perf_counter()
+    job = c.post("/v1/training-jobs", json={
+        "dataset_id": dataset["id"],
+        "model": {"family": "mlp", "latent_dim": latent_dim, "hidden": [128, 64],
+                  "likelihood": "bernoulli"},
+        "training": {"epochs": epochs, "batch_size": 64, "lr": 2e-3, "seed": 0,
+                     "kl_warmup_epochs": min(10, epochs), "early_stopping_patience": 10,
+                     "importance_samples": importance_samples}})
+    console.print(f"training job {job['id']} queued (model {job['model_id']})")
+    if watch_job(c, job["id"], False):
+        raise SystemExit("training failed")
+    timed("train (queue to ready)", started)
+    model = c.get(f"/v1/models/{job['model_id']}")
+
+    started = time.perf_counter()
+    job = c.post("/v1/embedding-jobs", json={"model_id": model["id"],
+                                             "dataset_id": dataset["id"],
+                                             "importance_samples": 100})
+    console.print(f"embedding job {job['id']} queued (embedding set {job['embedding_set_id']})")
+    if watch_job(c, job["id"], False):
+        raise SystemExit("embedding failed")
+    timed("embed every item (K=100)", started)
+    es = c.get(f"/v1/embeddings/{job['embedding_set_id']}")
+
+    item = c.get(f"/v1/embeddings/{es['id']}/items/0")
+    near = c.post(f"/v1/embeddings/{es['id']}/search", json={"key": "0", "k": 6})
+    console.print(f"nearest neighbours of item 0 (label {item['label']}) in latent space:")
+    t = Table()
+    for col in ("key", "label", "L2 distance", "ELBO", "log p(x)"):
+        t.add_column(col, justify="right")
+    for h in near["results"]:
+        t.add_row(h["key"], h["label"], f"{h['distance']:.4f}", f"{h['elbo']:.2f}",
+                  f"{h['log_px']:.2f}")
+    console.print(t)
+
+    rng = np.random.default_rng(0)
+    query_keys = [str(i) for i in rng.choice(es["n_items"], size=min(queries, es["n_items"]),
+                                             replace=False)]
+    started = time.perf_counter()
+    accuracy, chance, search_seconds = knn_accuracy(c, es["id"], query_keys, k=10)
+    timed(f"kNN accuracy ({len(query_keys)} searches)", started)
+
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    samples = c.request("POST", f"/v1/models/{model['id']}/sample",
+                        json={"n": 64, "seed": 0}, headers={"Accept": "image/png"}).content
+    timed("decode 64 prior samples to PNG", started)
+    files = {"prior samples (64, seed 0)": out / "samples.png",
+             "training curves": out / "curves.png",
+             "latent scatter (PCA of mu)": out / "latent.png",
+             "latents of every item": out / "latents.parquet",
+             "encoder.onnx": out / "encoder.onnx", "decoder.onnx": out / "decoder.onnx",
+             "summary": out / "summary.json"}
+    files["prior samples (64, seed 0)"].write_bytes(samples)
+    files["training curves"].write_bytes(
+        c.request("GET", f"/v1/models/{model['id']}/plots/curves.png").content)
+    files["latent scatter (PCA of mu)"].write_bytes(
+        c.request("GET", f"/v1/embeddings/{es['id']}/plots/latent.png").content)
+    files["latents of every item"].write_bytes(c.request(
+        "GET", f"/v1/embeddings/{es['id']}/export", params={"format": "parquet"}).content)
+    for role in ("encoder", "decoder"):
+        files[f"{role}.onnx"].write_bytes(
+            c.request("GET", f"/v1/models/{model['id']}/onnx/{role}").content)
+
+    s, st = model["summary"], es["stats"]
+    summary = {
+        "dataset_id": dataset["id"], "model_id": model["id"], "embedding_set_id": es["id"],
+        "heldout_items": s["heldout_n_items"], "heldout_elbo": s["heldout_elbo"],
+        "heldout_reconstruction": s["heldout_reconstruction"], "heldout_kl": s["heldout_kl"],
+        "heldout_log_px": s["heldout_log_px"],
+        "heldout_importance_samples": s["heldout_importance_samples"],
+        "active_units": s["heldout_active_units"], "latent_dim": latent_dim,
+        "epochs_run": s["epochs_run"], "best_epoch": s["best_epoch"],
+        "all_items_mean_elbo": st["mean_elbo"], "all_items_mean_log_px": st["mean_log_px"],
+        "knn_k": 10, "knn_queries": query_keys, "knn_label_accuracy": accuracy,
+        "knn_majority_baseline": chance,
+        "search_p50_ms": 1000 * statistics.median(search_seconds),
+        "timings_seconds": timings,
+        "files": {name: str(path.resolve()) for name, path in files.items()},
+    }
+    files["summary"].write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def report(summary: dict[str, Any]) -> None:
+    t = Table(title="latentbank demo: a VAE on scikit-learn's digits, through the HTTP API "
+                    "(nats per item; higher is better)", title_justify="left")
+    t.add_column("measure")
+    t.add_column("value", justify="right")
+    k = summary["heldout_importance_samples"]
+    for name, value in [
+        ("held-out items (the validation split)", summary["heldout_items"]),
+        ("test ELBO = E_q[log p(x|z)] - KL(q(z|x) || p(z))", f"{summary['heldout_elbo']:.3f}"),
+        ("  reconstruction E_q[log p(x|z)]", f"{summary['heldout_reconstruction']:.3f}"),
+        ("  KL(q(z|x) || p(z))", f"{summary['heldout_kl']:.3f}"),
+        (f"test log p(x) (importance sampling, K={k}; >= ELBO)",
+         f"{summary['heldout_log_px']:.3f}"),
+        ("active latent units", f"{summary['active_units']} / {summary['latent_dim']}"),
+        ("epochs run (best)", f"{summary['epochs_run']} ({summary['best_epoch']})"),
+        (f"kNN label accuracy in latent space (k={summary['knn_k']}, leave-one-out, "
+         f"{len(summary['knn_queries'])} items)", f"{summary['knn_label_accuracy']:.3f}"),
+        ("  guessing the most common label", f"{summary['knn_majority_baseline']:.3f}"),
+        ("search p50 (exact, over HTTP)", f"{summary['search_p50_ms']:.1f} ms"),
+        *((f"time: {name}", f"{seconds:.1f} s")
+          for name, seconds in summary["timings_seconds"].items()),
+    ]:
+        t.add_row(escape(name), str(value))
+    console.print(t)
+    console.print("results:")
+    for name, path in summary["files"].items():
+        console.print(f"  {name:28s} {path}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=100,
+                        help="at most; training stops early once validation stalls")
+    parser.add_argument("--latent-dim", type=int, default=8)
+    parser.add_argument("--importance-samples", type=int, default=1000,
+                        help="K of the held-out log p(x) estimate")
+    parser.add_argument("--queries", type=int, default=300,
+                        help="items whose neighbours measure the kNN label accuracy")
+    parser.add_argument("--port", type=int, default=None,
+                        help="API port of the stack started here (default 8000, else free)")
+    parser.add_argument("--out", type=Path, default=Path("out/demo"))
+    args = parser.parse_args(argv)
+    data_dir = get_settings().data_dir
+    timings: dict[str, float] = {}
+    began = time.perf_counter()
+    try:
+        with stack(data_dir, args.port, args.out / "stack.log") as (url, seconds):
+            if seconds:
+                timings["start the stack"] = seconds
+            with Client(url) as c:
+                summary = run(c, args.out, args.epochs, args.latent_dim,
+                              args.importance_samples, args.queries, timings)
+    except ClientError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    except httpx.HTTPError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    summary["timings_seconds"]["total"] = time.perf_counter() - began
+    Path(summary["files"]["summary"]).write_text(json.dumps(summary, indent=2))
+    report(summary)
+
+
+if __name__ == "__main__":
+    main()

