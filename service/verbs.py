@@ -162,12 +162,27 @@ def datasets_show(dataset_id: int, as_json: JsonOpt = False) -> None:
 
 
 # --- training --------------------------------------------------------------------------
+def _yaml_loader() -> Any:
+    """YAML's safe loader, also reading 1e-3 as a number (YAML 1.1 wants a dot: 1.0e-3)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                 re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                                 list("-+0123456789."))
+    return Loader
+
+
 def _scalar(text: str) -> Any:
     """'8' -> 8, '1e-3' -> 0.001, 'true' -> True, '[256,128]' -> [256, 128], 'mlp' -> 'mlp'."""
     import yaml
 
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_yaml_loader())  # a SafeLoader
     except yaml.YAMLError:
         return text
 
@@ -183,7 +198,7 @@ def _load_config(path: Path) -> dict[str, Any]:
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text())  # JSON is YAML too
+        data = yaml.load(path.read_text(), Loader=_yaml_loader())  # JSON is YAML
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: not JSON or YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict) or not set(data) <= {"dataset_id", "model", "training",

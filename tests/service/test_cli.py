@@ -42,10 +42,10 @@ def test_migrate_refuses_postgres_without_pgvector():
     assert "Traceback" not in out.stderr and "secret-password" not in out.stderr
 
 
-def test_keys_create_prints_a_key_the_api_accepts(api, api_env):
+def test_keys_create_direct_prints_a_key_the_api_accepts(api, api_env):
     import httpx
 
-    out = run_cli("keys", "create", "--name", "cli", "--scope", "read", env=api_env)
+    out = run_cli("keys", "create", "--name", "cli", "--scope", "read", "--direct", env=api_env)
     assert out.returncode == 0, out.stderr
     key = out.stdout.strip()
     assert key.startswith("lb_") and "not shown again" in out.stderr
@@ -54,7 +54,7 @@ def test_keys_create_prints_a_key_the_api_accepts(api, api_env):
         answer = c.post("/v1/datasets", json={"name": "x", "builtin": "digits"},
                         headers={"Authorization": f"Bearer {key}"})
         assert answer.status_code == 403
-    bad = run_cli("keys", "create", "--name", "cli", "--scope", "root", env=api_env)
+    bad = run_cli("keys", "create", "--name", "cli", "--scope", "root", "--direct", env=api_env)
     assert bad.returncode == 2 and "scopes must be" in bad.stderr
 
 

@@ -1,0 +1,152 @@
+"""Units of the client verbs: flags to request bodies, and how `watch` renders a job.
+The client is a fake here; tests/cli/test_stack.py runs the same verbs against a real stack."""
+
+import json
+import types
+
+import pytest
+from typer.testing import CliRunner
+
+from service import verbs
+from service.cli import app
+from service.client import ClientError
+
+
+class FakeClient:
+    def __init__(self, events=(), answers=None):
+        self.posted = []
+        self._events = list(events)
+        self.answers = answers or {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        pass
+
+    def post(self, path, json=None, **_):
+        self.posted.append((path, json))
+        if path == "/v1/sweeps":
+            jobs = [job(i + 1, "queued", 0.0) for i in range(2)]
+            return {"sweep_id": "s1", "jobs": jobs}
+        return job(1, "queued", 0.0)
+
+    def get(self, path, **_):
+        if path in self.answers:
+            return self.answers[path]
+        raise ClientError(f"404 Not Found: {path}")
+
+    def events(self, job_id):
+        yield from self._events
+
+
+def job(job_id, status, progress, message=None, eta=None, error=None):
+    return {"id": job_id, "kind": "train", "status": status, "progress": progress,
+            "progress_message": message, "eta_seconds": eta, "error": error, "model_id": 7,
+            "embedding_set_id": None, "created_at": "2026-11-24T00:00:00", "params": {}}
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    holder = types.SimpleNamespace(client=FakeClient())
+    monkeypatch.setattr(verbs, "client", lambda: holder.client)
+    return holder
+
+
+runner = CliRunner()
+
+
+def test_flags_override_the_config_file_and_set_reaches_any_field(fake, tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({
+        "dataset_id": 3, "model": {"latent_dim": 16, "likelihood": "gaussian"},
+        "training": {"epochs": 50, "lr": 0.1}}))
+    out = runner.invoke(app, ["train", "--config", str(tmp_path / "c.json"), "--latent-dim",
+                              "4", "--hidden", "32,16", "--lr", "0.002", "--set",
+                              "model.free_bits=0.25", "--set", "training.grad_clip=null",
+                              "--json"])
+    assert out.exit_code == 0, out.output
+    (path, body), = fake.client.posted
+    assert path == "/v1/training-jobs"
+    assert body == {"dataset_id": 3,
+                    "model": {"latent_dim": 4, "likelihood": "gaussian", "hidden": [32, 16],
+                              "free_bits": 0.25},
+                    "training": {"epochs": 50, "lr": 0.002, "grad_clip": None}}
+
+
+def test_sweep_axes_join_the_config_grid(fake, tmp_path):
+    (tmp_path / "c.yaml").write_text("model: {latent_dim: 2}\ntraining: {lr: 3e-4}\n"
+                                     "grid: {model.beta: [1, 4]}\n")
+    out = runner.invoke(app, ["train", "--dataset", "1", "--config", str(tmp_path / "c.yaml"),
+                              "--sweep", "model.latent_dim=2,8", "--sweep",
+                              "training.lr=1e-3,3e-3", "--json"])
+    assert out.exit_code == 0, out.output
+    (path, body), = fake.client.posted
+    assert path == "/v1/sweeps"
+    assert body["grid"] == {"model.beta": [1, 4], "model.latent_dim": [2, 8],
+                            "training.lr": [0.001, 0.003]}
+    assert body["training"] == {"lr": 0.0003}  # YAML 1.1 alone would read "3e-4"
+
+
+@pytest.mark.parametrize(("content", "reason"), [
+    ("[1, 2]", "expected a mapping"),
+    ("model: {a: 1}\noptimizer: sgd\n", "expected a mapping"),
+    ("model: [unclosed", "not JSON or YAML"),
+])
+def test_a_bad_config_file_is_named(fake, tmp_path, content, reason):
+    (tmp_path / "c.yaml").write_text(content)
+    out = runner.invoke(app, ["train", "--dataset", "1", "--config", str(tmp_path / "c.yaml")])
+    assert out.exit_code == 2 and reason in out.output and fake.client.posted == []
+
+
+def test_watch_in_a_pipe_prints_one_line_per_change_and_the_outcome(fake):
+    fake.client = FakeClient([
+        job(5, "queued", 0.0), job(5, "running", 0.3, "epoch 3/10 · val ELBO -30.10", 75.0),
+        job(5, "succeeded", 1.0, "model ready")])
+    out = runner.invoke(app, ["jobs", "watch", "5"])
+    assert out.exit_code == 0, out.output
+    lines = out.output.strip().splitlines()
+    assert lines[1] == "job 5 running  30.0% epoch 3/10 · val ELBO -30.10 ETA 1:15"
+    assert lines[-1] == "job 5 succeeded: model 7"
+
+
+def test_watch_of_a_failed_job_exits_1_with_its_error(fake):
+    fake.client = FakeClient([job(5, "running", 0.5),
+                              job(5, "failed", 0.5, error="training diverged")])
+    out = runner.invoke(app, ["jobs", "watch", "5"])
+    assert out.exit_code == 1
+    assert out.output.strip().splitlines()[-1] == "error: job 5 failed: training diverged"
+
+
+def test_watch_json_is_one_job_per_line(fake):
+    states = [job(5, "running", 0.5), job(5, "cancelled", 0.5)]
+    fake.client = FakeClient(states)
+    out = runner.invoke(app, ["jobs", "watch", "5", "--json"])
+    assert out.exit_code == 1
+    assert [json.loads(line) for line in out.stdout.splitlines()] == states
+
+
+def test_an_api_refusal_is_one_line_and_exit_1(fake):
+    out = runner.invoke(app, ["models", "show", "9"])
+    assert out.exit_code == 1
+    assert out.output.strip() == "error: 404 Not Found: /v1/models/9"
+
+
+def test_training_progress_carries_the_last_validation_figures(monkeypatch):
+    from models.trainer import Progress
+    from workers import training
+
+    reports = []
+    lease = types.SimpleNamespace(owner="w", report=lambda *a: reports.append(a))
+    ctx = types.SimpleNamespace(artifacts=types.SimpleNamespace(put_file=lambda *a: None))
+    monkeypatch.setattr(training, "write_metrics", lambda *a: None)
+    cb = training.JobCallback(ctx, lease, 1, 2, "/nowhere")
+    trainer = types.SimpleNamespace(epoch=3, config=types.SimpleNamespace(epochs=10))
+    progress = Progress(fraction=0.35, epoch=4, epochs=10, step=35, total_steps=100,
+                        eta_seconds=12.0, message="training")
+    cb.on_progress(trainer, progress)
+    cb.on_epoch_end(trainer, [{"split": "train", "elbo": -40.0, "log_px": None},
+                              {"split": "val", "elbo": -31.234, "log_px": -30.5}])
+    cb.on_progress(trainer, progress)
+    assert reports[0] == (0.9 * 0.35, "epoch 4/10", 12.0)
+    assert reports[-1] == (0.9 * 0.35, "epoch 4/10 · val ELBO -31.23 · log p(x) -30.50 "
+                                        "(epoch 3)", 12.0)
