@@ -38,21 +38,28 @@ def _data_dir() -> Path:
 
 
 def resolve(url: str | None = None, key: str | None = None) -> tuple[str, str | None]:
-    """The API's URL and key, by the rules in this module's docstring."""
-    from service.stack import key_file, read_stack
+    """The API's URL and key, by the rules in this module's docstring. The key saved by
+    `latentbank up` goes only to that stack's URL (or to the default, local one), never
+    to another server named by `url` or LATENTBANK_URL."""
+    from service.stack import key_file, read_stack, stack_file
 
     url = url or os.environ.get("LATENTBANK_URL")
     key = key or os.environ.get("LATENTBANK_API_KEY")
     data_dir = _data_dir()
+    try:
+        saved_url = json.loads(stack_file(data_dir).read_text()).get("url")
+    except (OSError, ValueError, AttributeError):
+        saved_url = None
     if not url:
         running = read_stack(data_dir)
         url = running["url"] if running else "http://127.0.0.1:8000"
-    if not key:
+    url = url.rstrip("/")
+    if not key and url in (saved_url, "http://127.0.0.1:8000"):
         try:
             key = key_file(data_dir).read_text().strip() or None
         except OSError:
             key = None
-    return url.rstrip("/"), key
+    return url, key
 
 
 def reason(response: httpx.Response) -> str:

@@ -150,3 +150,19 @@ def test_training_progress_carries_the_last_validation_figures(monkeypatch):
     assert reports[0] == (0.9 * 0.35, "epoch 4/10", 12.0)
     assert reports[-1] == (0.9 * 0.35, "epoch 4/10 · val ELBO -31.23 · log p(x) -30.50 "
                                         "(epoch 3)", 12.0)
+
+
+def test_the_saved_admin_key_goes_only_to_the_local_stack(tmp_path, monkeypatch):
+    from service.client import resolve
+
+    (tmp_path / "admin.key").write_text("lb_saved\n")
+    (tmp_path / "stack.json").write_text(json.dumps({"url": "http://127.0.0.1:8123",
+                                                     "pid": 1}))
+    monkeypatch.setenv("LATENTBANK_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("LATENTBANK_URL", raising=False)
+    monkeypatch.delenv("LATENTBANK_API_KEY", raising=False)
+    assert resolve("http://127.0.0.1:8123/") == ("http://127.0.0.1:8123", "lb_saved")
+    assert resolve("https://prod.example") == ("https://prod.example", None)
+    monkeypatch.setenv("LATENTBANK_URL", "https://prod.example")
+    monkeypatch.setenv("LATENTBANK_API_KEY", "lb_prod")
+    assert resolve() == ("https://prod.example", "lb_prod")
