@@ -212,8 +212,9 @@ def run(c: Client, out: Path, epochs: int, latent_dim: int, importance_samples: 
 
 
 def report(summary: dict[str, Any]) -> None:
-    t = Table(title="latentbank demo: a VAE on scikit-learn's digits, through the HTTP API "
-                    "(nats per item; higher is better)", title_justify="left")
+    t = Table(title="latentbank demo: a VAE on scikit-learn's digits, through the HTTP API",
+              caption="ELBO and log p(x) in nats per item: higher is better",
+              title_justify="left", caption_justify="left")
     t.add_column("measure")
     t.add_column("value", justify="right")
     k = summary["heldout_importance_samples"]

@@ -127,16 +127,19 @@ class Child:
         except OSError:
             return ""
 
-    def stop(self, grace: float) -> None:
-        """SIGTERM to the main process (a graceful stop), then SIGKILL to the group."""
+    def terminate(self) -> None:
+        """SIGTERM to the main process only: a graceful stop (Celery: warm shutdown)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+
+    def reap(self, grace: float) -> None:
+        """Wait up to `grace` seconds, then SIGKILL whatever is left of the group."""
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop within %.0f s; killing it", self.name, grace)
+        try:
+            self.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop within %.0f s; killing it", self.name, grace)
         # Pool children (Celery prefork) share the group; none may outlive the stack.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
@@ -294,8 +297,12 @@ class Stack:
 
     def stop(self) -> None:
         """Stop every part this process started: API, worker, broker, database."""
-        for child in reversed(self.children):  # the API first: no new submissions
-            child.stop(5.0 if child.name == "api" else self.worker_grace)
+        # Both at once: a submission that reaches the API meanwhile is kept in the jobs
+        # table and published again at the next start.
+        for child in self.children:
+            child.terminate()
+        for child in self.children:
+            child.reap(10.0 if child.name == "api" else self.worker_grace)
         self.children.clear()
         with contextlib.suppress(OSError):
             info = json.loads(stack_file(self.data_dir).read_text())

@@ -146,3 +146,9 @@ def api_redis_url(tmp_path_factory):
     """The API tests' broker: apart from the workers' tests, whose workers run other
     databases' job ids."""
     yield from _redis(12, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def external_redis_url(tmp_path_factory):
+    """A broker for `latentbank up` pointed at external servers."""
+    yield from _redis(13, tmp_path_factory)

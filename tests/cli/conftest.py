@@ -37,13 +37,13 @@ def cli_json(data_dir, *args, **extra_env):
 class Up:
     """`latentbank up --port N` in the background, logging to a file."""
 
-    def __init__(self, data_dir: Path, port: int, log: Path) -> None:
+    def __init__(self, data_dir: Path, port: int, log: Path, **env: str) -> None:
         self.data_dir, self.port, self.log = data_dir, port, log
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "up", "--port", str(port),
              "--worker-grace", "10"],
-            env=clean_env(data_dir), stdout=open(log, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
-            stdin=subprocess.DEVNULL)
+            env=clean_env(data_dir, **env), stdout=open(log, "w"),  # noqa: SIM115
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 180
         while "latentbank is up at" not in log.read_text():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -58,7 +58,8 @@ class Up:
     def processes(self):
         """Every process of the stack: the supervisor's descendants (worker, pool
         children, API), and the servers that detach (postgres, redis-server)."""
-        redis_target = os.readlink(self.data_dir / "redis" / "redis.sock")
+        sock = self.data_dir / "redis" / "redis.sock"
+        redis_target = os.readlink(sock) if sock.is_symlink() else str(sock)
         found = set()
         parents = {}
         for entry in Path("/proc").iterdir():
