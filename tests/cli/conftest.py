@@ -97,7 +97,10 @@ def alive(pid):
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("stack")
-    up = Up(root / "data", free_port(), root / "up.log")
+    (root / "allowed").mkdir()
+    up = Up(root / "data", free_port(), root / "up.log",
+            LATENTBANK_ALLOWED_ROOTS=str(root / "allowed"))
+    up.allowed = root / "allowed"
     yield up
     if up.proc.poll() is None:
         up.stop()

@@ -184,6 +184,37 @@ def test_upload_a_local_file_with_labels(data_dir, digits, tmp_path):
     assert human.returncode == 0 and "first-100" in human.stdout
 
 
+def test_register_a_server_side_file_only_under_the_allowed_roots(stack, digits, tmp_path):
+    images, _ = digits
+    np.save(stack.allowed / "server.npy", images[:50])
+    d = cli_json(stack.data_dir, "datasets", "add", "--uri", stack.allowed / "server.npy")
+    assert (d["name"], d["n_items"], d["item_shape"]) == ("server", 50, [1, 8, 8])
+    assert cli_json(stack.data_dir, "datasets", "show", d["id"])["checksum"] == d["checksum"]
+    np.save(tmp_path / "outside.npy", images[:50])
+    out = cli(stack.data_dir, "datasets", "add", "--uri", tmp_path / "outside.npy")
+    assert out.returncode == 1 and out.stderr.startswith("error: 4"), out.stderr
+    assert "outside the allowed roots" in out.stderr
+    assert str(stack.allowed) not in out.stderr  # the server's folders are never echoed
+
+
+def test_listings_and_ndjson_export(data_dir, trained, exported, tmp_path):
+    sets = cli_json(data_dir, "embeddings", "list", "--model", trained["model_id"])
+    assert [e["id"] for e in sets] == [trained["set_id"]]
+    shown = cli_json(data_dir, "embeddings", "show", trained["set_id"])
+    assert shown["stats"]["mean_elbo"] == pytest.approx(np.mean([r["elbo"] for r in exported]))
+    kinds = {j["kind"] for j in cli_json(data_dir, "jobs", "list")}
+    assert {"train", "embed"} <= kinds
+    out = cli(data_dir, "export", trained["set_id"], "-o", tmp_path / "set.ndjson")
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in (tmp_path / "set.ndjson").read_text().splitlines()]
+    by_key = {r["key"]: r for r in exported}
+    assert len(rows) == len(exported)
+    for r in rows[:50]:
+        np.testing.assert_allclose(r["mu"], by_key[r["key"]]["mu"], rtol=1e-6)
+    human = cli(data_dir, "embeddings", "list")
+    assert human.returncode == 0 and "ready" in human.stdout
+
+
 def test_sweep_and_config_file_become_the_right_jobs(data_dir, trained, tmp_path):
     (tmp_path / "cfg.yaml").write_text(
         f"dataset_id: {trained['dataset']['id']}\n"
