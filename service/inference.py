@@ -71,8 +71,7 @@ class SessionCache:
         os.makedirs(self.cache_dir, exist_ok=True)
         path = os.path.join(self.cache_dir, f"model-{model_id}-{role}-{sha256[:16]}.onnx")
         if not os.path.exists(path):
-            self.artifacts.get_file(key, path + ".part", sha256=sha256)
-            os.replace(path + ".part", path)
+            self.artifacts.get_file(key, path, sha256=sha256)  # whole or not at all
         return path
 
     def cached(self, model_id: int, role: str, sha256: str) -> Loaded | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import secrets
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -104,14 +105,25 @@ class ArtifactStore:
         return hashlib.sha256(data).hexdigest()
 
     def get_file(self, key: str, local_path: str, sha256: str | None = None) -> str:
-        """Download `key` to `local_path`, verifying `sha256` when given."""
+        """Download `key` to `local_path`, verifying `sha256` when given.
+
+        The file appears whole or not at all: it is written under a name of this call's
+        own, then renamed over `local_path`. Processes sharing a cache folder (pool
+        children, API processes) may download the same file at once, and one of them may
+        have the previous copy memory-mapped (safetensors, np.load): overwriting it in
+        place would truncate their mapping (SIGBUS); a rename leaves it intact."""
+        tmp = f"{local_path}.{os.getpid()}-{secrets.token_hex(4)}.part"
         try:
-            self.fs.get_file(self.path(key), local_path)
-        except FileNotFoundError:
-            raise NotFound(f"artifact {key!r} does not exist") from None
-        if sha256 is not None and sha256_of_file(local_path) != sha256:
-            os.unlink(local_path)
-            raise OSError(f"artifact {key!r} does not match its recorded sha256")
+            try:
+                self.fs.get_file(self.path(key), tmp)
+            except FileNotFoundError:
+                raise NotFound(f"artifact {key!r} does not exist") from None
+            if sha256 is not None and sha256_of_file(tmp) != sha256:
+                raise OSError(f"artifact {key!r} does not match its recorded sha256")
+            os.replace(tmp, local_path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         return local_path
 
     @contextmanager

@@ -324,8 +324,7 @@ def dataset_array(artifacts: ArtifactStore, dataset: Dataset, cache_dir: str) ->
         os.makedirs(cache_dir, exist_ok=True)
         local = os.path.join(cache_dir, f"dataset-{dataset.id}-{dataset.checksum[:16]}.npy")
         if not os.path.exists(local):
-            artifacts.get_file(dataset.artifact_key, local + ".part")
-            os.replace(local + ".part", local)
+            artifacts.get_file(dataset.artifact_key, local)  # whole or not at all
     return np.load(local, mmap_mode="r", allow_pickle=False)
 
 
