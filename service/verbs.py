@@ -447,7 +447,11 @@ def models_onnx(model_id: int,
             path = out_dir / f"model-{model_id}-{role}.onnx"
             path.write_bytes(c.request("GET", f"/v1/models/{model_id}/onnx/{role}").content)
             written[role] = str(path.resolve())
-    emit_json(written) if as_json else [out.print(f"{r}: {p}") for r, p in written.items()]
+    if as_json:
+        emit_json(written)
+        return
+    for role, path in written.items():
+        out.print(f"{role}: {path}")
 
 
 embeddings_app = typer.Typer(help="Embedding sets (a model's latents of a dataset).",
