@@ -76,6 +76,21 @@ def fields(title: str, data: dict[str, Any]) -> None:
                                       for k, v in data.items()))
 
 
+def fetch(path: str, **params: Any) -> Any:
+    """GET `path` with the query parameters that are set."""
+    with client() as c:
+        return c.get(path, params={k: v for k, v in params.items() if v is not None})
+
+
+def show(path: str, title: str, as_json: bool) -> None:
+    """One resource: its JSON, or a field/value table."""
+    data = fetch(path)
+    if as_json:
+        emit_json(data)
+    else:
+        fields(title, data)
+
+
 def fmt(value: Any, digits: int = 3) -> str:
     return "" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(
         value)
@@ -144,8 +159,7 @@ def datasets_add(
 def datasets_list(limit: int = typer.Option(100, min=1, max=1000),
                   as_json: JsonOpt = False) -> None:
     """Registered datasets, newest first."""
-    with client() as c:
-        items = c.get("/v1/datasets", params={"limit": limit})
+    items = fetch("/v1/datasets", limit=limit)
     if as_json:
         emit_json(items)
     else:
@@ -156,9 +170,7 @@ def datasets_list(limit: int = typer.Option(100, min=1, max=1000),
 @verb
 def datasets_show(dataset_id: int, as_json: JsonOpt = False) -> None:
     """One dataset."""
-    with client() as c:
-        d = c.get(f"/v1/datasets/{dataset_id}")
-    emit_json(d) if as_json else fields(f"dataset {dataset_id}", d)
+    show(f"/v1/datasets/{dataset_id}", f"dataset {dataset_id}", as_json)
 
 
 # --- training --------------------------------------------------------------------------
@@ -348,10 +360,7 @@ def jobs_list(status: Annotated[str | None, typer.Option(help="queued, running, 
               kind: Annotated[str | None, typer.Option(help="train or embed")] = None,
               limit: int = typer.Option(50, min=1, max=1000), as_json: JsonOpt = False) -> None:
     """Jobs, newest first."""
-    params = {k: v for k, v in {"status": status, "kind": kind, "limit": limit}.items()
-              if v is not None}
-    with client() as c:
-        items = c.get("/v1/jobs", params=params)
+    items = fetch("/v1/jobs", status=status, kind=kind, limit=limit)
     emit_json(items) if as_json else table("jobs", JOB_COLUMNS, job_rows(items))
 
 
@@ -359,9 +368,7 @@ def jobs_list(status: Annotated[str | None, typer.Option(help="queued, running, 
 @verb
 def jobs_show(job_id: int, as_json: JsonOpt = False) -> None:
     """One job: status, progress, attempts, error, what it made."""
-    with client() as c:
-        j = c.get(f"/v1/jobs/{job_id}")
-    emit_json(j) if as_json else fields(f"job {job_id}", j)
+    show(f"/v1/jobs/{job_id}", f"job {job_id}", as_json)
 
 
 @jobs_app.command("watch")
@@ -404,10 +411,7 @@ def models_list(status: Annotated[str | None, typer.Option()] = None,
                 limit: int = typer.Option(100, min=1, max=1000),
                 as_json: JsonOpt = False) -> None:
     """Models, newest first, with held-out ELBO and log p(x) (nats per item)."""
-    params = {k: v for k, v in {"status": status, "dataset_id": dataset,
-                                "limit": limit}.items() if v is not None}
-    with client() as c:
-        items = c.get("/v1/models", params=params)
+    items = fetch("/v1/models", status=status, dataset_id=dataset, limit=limit)
     emit_json(items) if as_json else table("models", MODEL_COLUMNS, _model_rows(items))
 
 
@@ -473,9 +477,7 @@ def embeddings_list(model: Annotated[int | None, typer.Option(help="model id")] 
                     limit: int = typer.Option(100, min=1, max=1000),
                     as_json: JsonOpt = False) -> None:
     """Embedding sets, newest first."""
-    params = {k: v for k, v in {"model_id": model, "limit": limit}.items() if v is not None}
-    with client() as c:
-        items = c.get("/v1/embeddings", params=params)
+    items = fetch("/v1/embeddings", model_id=model, limit=limit)
     emit_json(items) if as_json else table("embedding sets", SET_COLUMNS, _set_rows(items))
 
 
@@ -483,9 +485,7 @@ def embeddings_list(model: Annotated[int | None, typer.Option(help="model id")] 
 @verb
 def embeddings_show(set_id: int, as_json: JsonOpt = False) -> None:
     """One embedding set with its statistics."""
-    with client() as c:
-        e = c.get(f"/v1/embeddings/{set_id}")
-    emit_json(e) if as_json else fields(f"embedding set {set_id}", e)
+    show(f"/v1/embeddings/{set_id}", f"embedding set {set_id}", as_json)
 
 
 @verb
@@ -671,8 +671,7 @@ def _create_key_direct(name: str, scopes: list[str]) -> dict[str, Any]:
 @verb
 def keys_list(as_json: JsonOpt = False) -> None:
     """Every key (never the secrets)."""
-    with client() as c:
-        items = c.get("/v1/keys")
+    items = fetch("/v1/keys")
     if as_json:
         emit_json(items)
     else:
