@@ -131,6 +131,15 @@ def require(scope: str) -> Any:
     return Depends(check)
 
 
+def listed(svc: Services, query: Any, filters: dict[Any, Any]) -> list[Any]:
+    """The rows of `query`, narrowed by `column == value` for each value that is set."""
+    for column, value in filters.items():
+        if value is not None:
+            query = query.where(column == value)
+    with svc.db.session() as s:
+        return list(s.scalars(query))
+
+
 async def read_body(request: Request) -> bytes:
     return await request.body()
 

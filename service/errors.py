@@ -54,13 +54,14 @@ class BodyTooLarge(Exception):
         self.limit = limit
 
 
+STATUSES: tuple[tuple[type[StoreError], int], ...] = (
+    (UnsupportedFormat, 415), (TooLarge, 413), (InvalidInput, 422), (NotFound, 404),
+    (Conflict, 409), (DatabaseUnavailable, 503))
+
+
 def status_of(exc: StoreError) -> int:
-    if isinstance(exc, UnsupportedFormat):
-        return 415
-    if isinstance(exc, TooLarge):
-        return 413
-    if isinstance(exc, InvalidInput):
-        return 422
+    """The first match in STATUSES (subclasses come before their bases); else 422."""
+    return next((status for cls, status in STATUSES if isinstance(exc, cls)), 422)
     if isinstance(exc, NotFound):
         return 404
     if isinstance(exc, Conflict):

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
-from service.deps import Id, Services, in_thread, require, services
+from service.deps import Id, Services, in_thread, listed, require, services
 from service.routes.datasets import ERRORS
 from service.schemas import (
     EmbeddingSetOut,
@@ -46,12 +46,7 @@ def _hit(h: Any, with_distance: bool = True) -> HitOut:
 def _list(svc: Services, model_id: int | None, status: str | None, limit: int,
           offset: int) -> list[EmbeddingSet]:
     query = select(EmbeddingSet).order_by(EmbeddingSet.id).limit(limit).offset(offset)
-    if model_id is not None:
-        query = query.where(EmbeddingSet.model_id == model_id)
-    if status is not None:
-        query = query.where(EmbeddingSet.status == status)
-    with svc.db.session() as s:
-        return list(s.scalars(query))
+    return listed(svc, query, {EmbeddingSet.model_id: model_id, EmbeddingSet.status: status})
 
 
 def _readable(svc: Services, set_id: int) -> EmbeddingSet:

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
-from service.deps import Id, Services, in_thread, publish_now, require, services
+from service.deps import Id, Services, in_thread, listed, publish_now, require, services
 from service.routes.datasets import ERRORS
 from service.schemas import (
     EmbeddingRequest,
@@ -103,16 +103,8 @@ async def create_embedding_job(request: Request, response: Response, body: Embed
 def _list_jobs(svc: Services, status: str | None, kind: str | None, model_id: int | None,
                sweep_id: str | None, limit: int, offset: int) -> list[Job]:
     query = select(Job).order_by(Job.id.desc()).limit(limit).offset(offset)
-    if status is not None:
-        query = query.where(Job.status == status)
-    if kind is not None:
-        query = query.where(Job.kind == kind)
-    if model_id is not None:
-        query = query.where(Job.model_id == model_id)
-    if sweep_id is not None:
-        query = query.where(Job.sweep_id == sweep_id)
-    with svc.db.session() as s:
-        return list(s.scalars(query))
+    return listed(svc, query, {Job.status: status, Job.kind: kind, Job.model_id: model_id,
+                               Job.sweep_id: sweep_id})
 
 
 @router.get("/v1/jobs", response_model=list[JobOut], dependencies=[require("read")],

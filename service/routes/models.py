@@ -15,6 +15,7 @@ from service.deps import (
     Services,
     dumps,
     in_thread,
+    listed,
     load_npy,
     media_type,
     npy_bytes,
@@ -70,14 +71,8 @@ async def ready_model(svc: Services, model_id: int) -> Model:
 def _list(svc: Services, status: str | None, dataset_id: int | None, sweep_id: str | None,
           limit: int, offset: int) -> list[Model]:
     query = select(Model).order_by(Model.id).limit(limit).offset(offset)
-    if status is not None:
-        query = query.where(Model.status == status)
-    if dataset_id is not None:
-        query = query.where(Model.dataset_id == dataset_id)
-    if sweep_id is not None:
-        query = query.where(Model.sweep_id == sweep_id)
-    with svc.db.session() as s:
-        return list(s.scalars(query))
+    return listed(svc, query, {Model.status: status, Model.dataset_id: dataset_id,
+                               Model.sweep_id: sweep_id})
 
 
 def _metrics(svc: Services, model_id: int) -> list[TrainingMetric]:
