@@ -29,13 +29,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from celery import Celery  # noqa: E402
+from workers.maintenance import publish  # noqa: E402
 
 from store.db import Database, migrate, start_embedded_postgres  # noqa: E402
 from store.jobs import get_job  # noqa: E402
 from store.latents import create_embedding_set, write_latents  # noqa: E402
 from store.settings import Settings, open_artifacts  # noqa: E402
 from store.submit import submit_embedding, submit_training  # noqa: E402
-from workers.publish import publish  # noqa: E402
 
 MODEL = {"family": "mlp", "latent_dim": 20, "hidden": [400], "likelihood": "bernoulli"}
 
@@ -128,7 +128,7 @@ def main() -> None:
             log = open(f"{tmp}/worker.log", "w")  # noqa: SIM115
             worker = subprocess.Popen(
                 [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q",
-                 "train,embed", "-P", "prefork", "-c", "1", "--loglevel", "WARNING"],
+                 "train,embed,maintenance", "-P", "prefork", "-c", "1", "--loglevel", "WARNING"],
                 env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
             client = Celery("bench", broker=broker, backend=broker)
 
@@ -179,7 +179,10 @@ def main() -> None:
 
             import onnxruntime as ort
 
-            artifacts.get_file(f"models/{job.model_id}/encoder.onnx", f"{tmp}/enc.onnx")
+            from store.models import get_model
+
+            encoder = artifacts.key_of(get_model(db, job.model_id).encoder_uri)
+            artifacts.get_file(encoder, f"{tmp}/enc.onnx")
             session = ort.InferenceSession(f"{tmp}/enc.onnx",
                                            providers=["CPUExecutionProvider"])
             data = np.load(path, mmap_mode="r")

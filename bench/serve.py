@@ -43,6 +43,7 @@ def store_model(db: Database, settings: Settings, tmp: str) -> tuple[int, str]:
     from models.config import TrainConfig, VAEConfig
     from models.export import export_vae
     from models.vae import VAE
+    from store.artifacts import model_key
     from store.datasets import register_dataset
 
     data = os.path.join(tmp, "data.npy")
@@ -57,11 +58,13 @@ def store_model(db: Database, settings: Settings, tmp: str) -> tuple[int, str]:
         s.add(row)
         s.flush()
         model_id = row.id
-    shas = {role: artifacts.put_file(f.path, f"models/{model_id}/{role}.onnx")
-            for role, f in files.items()}
+    keys = {role: model_key(model_id, 1, f"{role}.onnx") for role in files}
+    shas = {role: artifacts.put_file(f.path, keys[role]) for role, f in files.items()}
     with db.session() as s:
         model = s.get(Model, model_id)
         model.encoder_sha256, model.decoder_sha256 = shas["encoder"], shas["decoder"]
+        model.encoder_uri = artifacts.uri(keys["encoder"])
+        model.decoder_uri = artifacts.uri(keys["decoder"])
     return model_id, files["decoder"].path
 
 

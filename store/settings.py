@@ -45,10 +45,12 @@ class Settings(BaseSettings):
     job_lease_seconds: float = Field(
         60.0, description="a running job's lease; its worker renews it every third of this")
     embed_lease_seconds: float = Field(
-        900.0, description="an embedding job's lease, renewed as its shards finish")
+        300.0, description="an embedding job's lease: renewed while a shard runs; it also "
+                           "covers the wait of queued shards for a free worker")
     job_max_attempts: int = Field(3, description="deliveries before a crashing job fails")
     maintenance_interval: float = Field(
-        15.0, description="how often workers requeue jobs whose worker vanished")
+        5.0, description="seconds between maintenance passes (beat): requeue jobs whose "
+                         "worker vanished, publish jobs the broker missed")
     visibility_timeout: int = Field(
         86_400, description="seconds before Redis redelivers an unacknowledged task; "
                             "longer than the longest job")

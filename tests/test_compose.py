@@ -44,14 +44,15 @@ def command(service):
 
 def test_every_part_of_the_topology_is_there(spec):
     services = spec["services"]
-    assert {"api", "worker-train", "worker-embed", "redis", "postgres", "minio", "flower",
-            "migrate"} <= set(services)
+    assert {"api", "worker-train", "worker-embed", "beat", "redis", "postgres", "minio",
+            "flower", "migrate"} <= set(services)
     assert "pgvector" in services["postgres"]["image"]
 
 
 def test_long_running_services_have_healthchecks_and_named_volumes(spec):
     services = spec["services"]
-    for name in ("api", "worker-train", "worker-embed", "redis", "postgres", "minio", "flower"):
+    for name in ("api", "worker-train", "worker-embed", "beat", "redis", "postgres", "minio",
+                 "flower"):
         test = services[name]["healthcheck"]["test"]
         assert test[0] in ("CMD", "CMD-SHELL") and len(test) > 1, name
     declared = set(spec["volumes"])
@@ -88,7 +89,9 @@ def test_training_workers_reserve_a_gpu_and_embedding_workers_scale(spec):
     cmd = command(train)
     assert cmd[cmd.index("--queues") + 1] == "train" and cmd[cmd.index("--pool") + 1] == "solo"
     cmd = command(embed)
-    assert cmd[cmd.index("--queues") + 1] == "embed"
+    # embedding workers also take the maintenance passes that beat schedules
+    assert cmd[cmd.index("--queues") + 1] == "embed,maintenance"
+    assert command(spec["services"]["beat"])[:2] == ["latentbank", "beat"]
     # --scale needs no fixed container name and no fixed host port
     assert "container_name" not in embed and "ports" not in embed
 

@@ -1,31 +1,44 @@
-"""The Celery app: `celery -A workers.app worker -Q train -P solo` (GPU hosts) or `-Q embed`.
+"""The Celery app: `celery -A workers.app worker -Q train -P solo` (GPU hosts) or `-Q embed`,
+and one `celery -A workers.app beat` for periodic maintenance.
 
 Configured from the settings: Redis as broker and result backend, JSON only, and
 at-least-once delivery (acks late, requeue when a worker is lost, prefetch 1, a
 visibility timeout longer than the longest job). The jobs table, not Celery, decides
-whether a delivery runs (see store.jobs). No torch op runs at import: a multi-threaded
-op in the parent before fork deadlocks prefork children in OpenMP.
+whether a delivery runs (see store.jobs).
+
+The worker's main process forks pool children, so it runs no thread of ours and no torch
+op: a lock held by another thread at fork time is inherited held (a replacement child
+once hung forever in an import lock taken by a maintenance thread), and a multi-threaded
+torch op before fork deadlocks children in OpenMP. Periodic maintenance is a beat
+schedule, run as a task by whichever worker takes it. Everything a task needs is imported
+in the main process before the pool forks, so children start with nothing left to import.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
-import threading
 
 from celery import Celery
-from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown
+from celery.signals import worker_init, worker_process_init
 
 from store.jobs import QUEUES, TASKS
 from store.settings import get_settings
 
 log = logging.getLogger(__name__)
+MAINTENANCE_TASK = "latentbank.maintenance"
+MAINTENANCE_QUEUE = QUEUES["maintenance"]
+# Imported by the main process before the pool forks (see the module's docstring).
+PRELOAD = ("psycopg", "sqlalchemy.dialects.postgresql.psycopg", "redis", "kombu.transport.redis",
+           "workers.tasks", "workers.training", "workers.embedding", "workers.maintenance")
 
 
 def make_app() -> Celery:
     settings = get_settings()
     app = Celery("latentbank", include=["workers.tasks"])
     transport = {"visibility_timeout": settings.visibility_timeout}
+    interval = settings.maintenance_interval
     app.conf.update(
         broker_url=settings.broker_url,
         result_backend=settings.broker_url,
@@ -38,10 +51,17 @@ def make_app() -> Celery:
         broker_transport_options=transport,
         result_backend_transport_options=transport,
         result_expires=7 * 86_400,
-        task_default_queue="embed",
+        task_default_queue=QUEUES["embed"],
         task_routes={TASKS["train"]: {"queue": QUEUES["train"]},
-                     "latentbank.embed*": {"queue": QUEUES["embed"]}},
+                     "latentbank.embed*": {"queue": QUEUES["embed"]},
+                     MAINTENANCE_TASK: {"queue": MAINTENANCE_QUEUE}},
+        beat_schedule={"maintenance": {
+            "task": MAINTENANCE_TASK, "schedule": interval,
+            # a pass that waited longer than one interval is superseded by the next
+            "options": {"expires": interval, "queue": MAINTENANCE_QUEUE}}},
         broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,  # a broker outage is waited out, never fatal
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=False,
         worker_send_task_events=True,
         task_send_sent_event=True,
@@ -53,11 +73,14 @@ app = make_app()
 
 
 @worker_init.connect
-def _remember_concurrency(sender: object = None, **_: object) -> None:
-    """Before the pool forks: children read it to take their share of the cores."""
+def _before_fork(sender: object = None, **_: object) -> None:
+    """In the main process, before the pool forks: remember the concurrency (children
+    take their share of the cores) and import everything a task will need."""
     concurrency = getattr(sender, "concurrency", None)
     if concurrency:
         os.environ["LATENTBANK_WORKER_CONCURRENCY"] = str(concurrency)
+    for module in PRELOAD:
+        importlib.import_module(module)
 
 
 @worker_process_init.connect
@@ -70,29 +93,3 @@ def _per_process(**_: object) -> None:
     reset_context()
     concurrency = int(os.environ.get("LATENTBANK_WORKER_CONCURRENCY", "1"))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, concurrency)))
-
-
-_maintenance_stop = threading.Event()
-
-
-@worker_ready.connect
-def _start_maintenance(sender: object = None, **_: object) -> None:
-    threading.Thread(target=_maintenance_loop, name="latentbank-maintenance",
-                     daemon=True).start()
-
-
-@worker_shutdown.connect
-def _stop_maintenance(**_: object) -> None:
-    _maintenance_stop.set()
-
-
-def _maintenance_loop() -> None:
-    from workers.context import context
-    from workers.publish import requeue_stale
-
-    interval = get_settings().maintenance_interval
-    while not _maintenance_stop.wait(interval):
-        try:
-            requeue_stale(context().db, app)
-        except Exception:  # the database or broker may be briefly away; try again later
-            log.exception("maintenance pass failed")

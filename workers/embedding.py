@@ -24,14 +24,19 @@ from models.checkpoint import load_model
 from models.data import gather_rows
 from models.vae import VAE, elbo_terms, log_px_importance
 from store.datasets import dataset_array, get_dataset
-from store.jobs import LeaseLost, finish, get_job, heartbeat, lease_guard
+from store.jobs import LeaseLost, claim, count_embedded, finish, get_job, lease_guard
 from store.latents import build_index, get_set, latent_writer, mark_set, search
-from store.tables import Model
+from store.models import get_model
 from workers.context import Context
+from workers.lease import Lease, new_owner, owner_is_dead
 
 log = logging.getLogger(__name__)
 CHUNK_ROWS = 4096
 KNN_SAMPLE = 500
+
+
+class ShardCancelled(Exception):
+    """The job was cancelled while this shard ran: its rows are not written."""
 
 
 def shard_ranges(n: int, shard_rows: int) -> list[tuple[int, int]]:
@@ -39,21 +44,21 @@ def shard_ranges(n: int, shard_rows: int) -> list[tuple[int, int]]:
 
 
 def _load(ctx: Context, model_id: int) -> tuple[VAE, Any]:
-    """The model (torch) and its encoder session (onnxruntime), cached per process."""
+    """The model (torch) and its encoder session (onnxruntime), cached per process, from
+    the files the model row records (verified against its encoder's sha256)."""
     key = f"model-{model_id}"
     if key not in ctx.cache:
         import onnxruntime as ort
 
-        with ctx.db.session() as s:
-            model_row = s.get(Model, model_id)
-            assert model_row is not None
-            encoder_sha = model_row.encoder_sha256
+        model_row = get_model(ctx.db, model_id)
+        assert model_row.checkpoint_uri and model_row.encoder_uri
         folder = os.path.join(ctx.settings.cache_dir, f"model-{model_id}")
         os.makedirs(folder, exist_ok=True)
-        ckpt, enc = os.path.join(folder, "checkpoint.safetensors"), os.path.join(folder,
-                                                                               "encoder.onnx")
-        ctx.artifacts.get_file(f"models/{model_id}/checkpoint.safetensors", ckpt)
-        ctx.artifacts.get_file(f"models/{model_id}/encoder.onnx", enc, sha256=encoder_sha)
+        ckpt = os.path.join(folder, "checkpoint.safetensors")
+        enc = os.path.join(folder, "encoder.onnx")
+        ctx.artifacts.get_file(ctx.artifacts.key_of(model_row.checkpoint_uri), ckpt)
+        ctx.artifacts.get_file(ctx.artifacts.key_of(model_row.encoder_uri), enc,
+                               sha256=model_row.encoder_sha256)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
@@ -90,9 +95,35 @@ def embed_rows(model: VAE, session: Any, x: np.ndarray, importance_samples: int,
     return out
 
 
+def start_embedding(ctx: Context, job_id: int) -> dict[str, Any]:
+    """Claim the job, then fan its shards out as a chord with a finishing task."""
+    from celery import chord
+
+    from workers.tasks import embed_finish, embed_shard
+
+    owner = new_owner()
+    got = claim(ctx.db, job_id, owner, ctx.settings.embed_lease_seconds, owner_is_dead)
+    if got.outcome != "claimed":
+        log.info("embedding delivery skipped job_id=%d outcome=%s", job_id, got.outcome)
+        return {"outcome": got.outcome}
+    job = got.job
+    assert job is not None and job.embedding_set_id is not None
+    set_id = job.embedding_set_id
+    es = get_set(ctx.db, set_id)
+    shards = shard_ranges(es.n_items, ctx.settings.embed_shard_rows)
+    chord([embed_shard.si(job_id, set_id, a, b, owner) for a, b in shards],
+          embed_finish.s(job_id, set_id, owner)).apply_async()
+    log.info("embedding started job_id=%d set_id=%d shards=%d attempt=%d", job_id, set_id,
+             len(shards), job.attempts)
+    return {"outcome": "dispatched", "shards": len(shards)}
+
+
 def run_shard(ctx: Context, job_id: int, set_id: int, start: int, stop: int,
               owner: str) -> dict[str, Any]:
-    """Embed items [start, stop) and write them; skipped if the attempt is stale."""
+    """Embed items [start, stop) and write them; skipped if the attempt is stale.
+
+    The attempt's lease is renewed while the shard runs (another process of the same
+    attempt may have dispatched it), and the rows are written under its guard."""
     job = get_job(ctx.db, job_id)
     if job.status != "running" or job.lease_owner != owner:
         return {"skipped": True, "worker": socket.gethostname()}
@@ -100,37 +131,32 @@ def run_shard(ctx: Context, job_id: int, set_id: int, start: int, stop: int,
         return {"cancelled": True, "worker": socket.gethostname()}
     es = get_set(ctx.db, set_id)
     dataset = get_dataset(ctx.db, es.dataset_id)
-    model, session = _load(ctx, es.model_id)
-    data = dataset_array(ctx.artifacts, dataset, str(ctx.settings.cache_dir))
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(
-        set_id * 1_000_003 + start)  # a re-run shard draws the same noise
-    rows = np.arange(start, stop)
-    # Each chunk goes into the open COPY as soon as it is computed: the database parses
-    # it while the next chunk is encoded, and memory holds one chunk, not the shard.
-    with latent_writer(ctx.db, set_id, start, stop - start,
-                       guard=lambda conn: lease_guard(conn, job_id, owner)) as write:
-        for a in range(0, len(rows), CHUNK_ROWS):
-            x = gather_rows(data, rows[a:a + CHUNK_ROWS], model.config).numpy()
-            out = embed_rows(model, session, x, es.importance_samples, generator)
-            write(out["mu"], out["logvar"], out["elbo"], out["reconstruction"], out["kl"],
-                  out.get("log_px"))
-    done = _count_done(ctx, job_id, stop - start)
-    with contextlib.suppress(LeaseLost):  # the finishing task will notice
-        heartbeat(ctx.db, job_id, owner, ctx.settings.embed_lease_seconds,
-                  progress=0.95 * done / es.n_items,
-                  message=f"{done}/{es.n_items} items embedded")
+    with Lease(ctx.db, job_id, owner, ctx.settings.embed_lease_seconds) as lease:
+        model, session = _load(ctx, es.model_id)
+        data = dataset_array(ctx.artifacts, dataset, str(ctx.settings.cache_dir))
+        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(
+            set_id * 1_000_003 + start)  # a re-run shard draws the same noise
+        rows = np.arange(start, stop)
+        # Each chunk goes into the open COPY as soon as it is computed: the database parses
+        # it while the next chunk is encoded, and memory holds one chunk, not the shard.
+        try:
+            with latent_writer(ctx.db, set_id, start, stop - start,
+                               guard=lambda conn: lease_guard(conn, job_id, owner)) as write:
+                for a in range(0, len(rows), CHUNK_ROWS):
+                    if lease.cancelled:  # cancelled or lost: the transaction rolls back
+                        lease.check()
+                        raise ShardCancelled
+                    x = gather_rows(data, rows[a:a + CHUNK_ROWS], model.config).numpy()
+                    out = embed_rows(model, session, x, es.importance_samples, generator)
+                    write(out["mu"], out["logvar"], out["elbo"], out["reconstruction"],
+                          out["kl"], out.get("log_px"))
+        except ShardCancelled:
+            return {"cancelled": True, "worker": socket.gethostname()}
+        done = count_embedded(ctx.db, job_id, stop - start)
+        lease.report(0.95 * done / es.n_items, f"{done}/{es.n_items} items embedded")
+        with contextlib.suppress(LeaseLost):  # the finishing task will notice
+            lease.beat()
     return {"rows": stop - start, "worker": socket.gethostname() + f":{os.getpid()}"}
-
-
-def _count_done(ctx: Context, job_id: int, rows: int) -> int:
-    """Items embedded so far in this attempt (a counter in the job's params)."""
-    from sqlalchemy import text
-
-    with ctx.db.engine.begin() as conn:
-        return int(conn.execute(text(
-            "UPDATE jobs SET params = jsonb_set(params, '{done_rows}', to_jsonb("
-            "COALESCE((params->>'done_rows')::bigint, 0) + :n)) WHERE id = :j "
-            "RETURNING (params->>'done_rows')::bigint"), {"n": rows, "j": job_id}).scalar_one())
 
 
 def knn_label_accuracy(ctx: Context, set_id: int, sample: int = KNN_SAMPLE, k: int = 10,
@@ -159,32 +185,35 @@ def finish_set(ctx: Context, job_id: int, set_id: int, owner: str,
                results: list[dict[str, Any]]) -> dict[str, Any]:
     from sqlalchemy import text
 
-    job = get_job(ctx.db, job_id)
+    job, es = get_job(ctx.db, job_id), get_set(ctx.db, set_id)
     if job.status != "running" or job.lease_owner != owner:
         return {"outcome": "stale"}
     if job.cancel_requested or any(r.get("cancelled") for r in results):
-        mark_set(ctx.db, set_id, status="cancelled")
-        finish(ctx.db, job_id, owner, "cancelled", message="cancelled")
+        finish(ctx.db, job_id, owner, "cancelled", message="cancelled; no rows are kept")
         return {"outcome": "cancelled"}
-    mark_set(ctx.db, set_id, status="finishing")
-    heartbeat(ctx.db, job_id, owner, ctx.settings.embed_lease_seconds, progress=0.95,
-              message="building the index")
-    report = build_index(ctx.db, set_id, ctx.settings)
-    with ctx.db.engine.connect() as conn:
-        row = conn.execute(text("SELECT count(*), avg(elbo), avg(reconstruction), avg(kl), "
-                                "avg(log_px) FROM latents WHERE set_id = :s"),
-                           {"s": set_id}).one()
-    heartbeat(ctx.db, job_id, owner, ctx.settings.embed_lease_seconds, progress=0.97,
-              message="measuring kNN label accuracy")
+    with Lease(ctx.db, job_id, owner, ctx.settings.embed_lease_seconds) as lease:
+        mark_set(ctx.db, set_id, status="finishing")
+        lease.report(0.95, "building the index")
+        lease.confirm()
+        report = build_index(ctx.db, set_id, ctx.settings)
+        with ctx.db.engine.connect() as conn:
+            row = conn.execute(text("SELECT count(*), avg(elbo), avg(reconstruction), "
+                                    "avg(kl), avg(log_px) FROM latents WHERE set_id = :s"),
+                               {"s": set_id}).one()
+        lease.report(0.97, "measuring kNN label accuracy")
+        accuracy = knn_label_accuracy(ctx, set_id)
+        lease.check()
     stats = {"n_items": int(row[0]), "mean_elbo": float(row[1]),
              "mean_reconstruction": float(row[2]), "mean_kl": float(row[3]),
              "mean_log_px": None if row[4] is None else float(row[4]),
-             "knn_label_accuracy": knn_label_accuracy(ctx, set_id),
+             "knn_label_accuracy": accuracy,
              "index": {"status": report.status, "build_seconds": report.build_seconds,
                        "ef_search": report.ef_search,
                        "calibration_recall": {str(k): v for k, v in report.recall.items()}},
              "shards": len(results),
              "workers": dict(Counter(r.get("worker", "?") for r in results))}
-    mark_set(ctx.db, set_id, status="ready", stats=stats, ready_at=text("now()"))
-    finish(ctx.db, job_id, owner, "succeeded", message=f"{stats['n_items']} items embedded")
+    if stats["n_items"] != es.n_items:  # never mark a short set ready
+        raise RuntimeError(f"set {set_id} holds {stats['n_items']} rows, not {es.n_items}")
+    finish(ctx.db, job_id, owner, "succeeded", message=f"{stats['n_items']} items embedded",
+           embedding_set={"stats": stats, "ready_at": text("now()")})
     return {"outcome": "succeeded", "stats": stats}

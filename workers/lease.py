@@ -1,4 +1,16 @@
-"""A running attempt's lease: a thread renews it and carries progress and cancellation."""
+"""A running attempt's lease: its owner's identity, and a thread that renews it.
+
+An owner names the process that runs the attempt: `host/pidns:pid:start:random`, where
+`start` is the process's start time in clock ticks since boot (/proc/PID/stat). A pid
+alone could be reused by an unrelated process; pid plus start time cannot. Another
+process on the same host (and in the same pid namespace: containers share a kernel but
+not pids) can then tell for certain whether the owner still exists (`owner_is_dead`), and
+take its job over at once instead of waiting for the lease to run out. An owner on
+another host is never judged dead here: only its lease expiry tells.
+
+The heartbeat thread lives in the pool child that runs the task (never in the prefork
+parent: a thread that holds a lock while the parent forks hands the child a held lock).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +19,7 @@ import os
 import socket
 import threading
 import uuid
+from functools import cache
 from typing import Any
 
 from store.db import Database
@@ -15,9 +28,46 @@ from store.jobs import LeaseLost, heartbeat
 log = logging.getLogger(__name__)
 
 
+@cache
+def host_identity() -> str:
+    """This host and pid namespace: where a pid means the same process."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return f"{socket.gethostname()}/{namespace}"
+
+
+def process_start(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot; None if it does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # the command name (field 2) may hold spaces and parentheses: split after its last ')'
+    fields = stat[stat.rindex(b")") + 2:].split()
+    if fields[0] in (b"Z", b"X"):  # a zombie has finished: it runs nothing
+        return None
+    return int(fields[19])
+
+
 def new_owner() -> str:
-    """A unique name for one attempt: host, process and a random suffix."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    """A unique name for one attempt by this process."""
+    pid = os.getpid()
+    return f"{host_identity()}:{pid}:{process_start(pid) or 0}:{uuid.uuid4().hex[:8]}"
+
+
+def owner_is_dead(owner: str) -> bool:
+    """True only when `owner` names a process of this host that no longer exists."""
+    try:
+        host, pid, start, _ = owner.rsplit(":", 3)
+        pid_number, start_ticks = int(pid), int(start)
+    except ValueError:
+        return False  # an owner written by an older version: leave it to its lease
+    if host != host_identity() or start_ticks == 0 or not os.path.isdir("/proc"):
+        return False
+    return process_start(pid_number) != start_ticks
 
 
 class Lease:
@@ -58,8 +108,16 @@ class Lease:
             self.cancelled = True  # stop the work: another attempt owns the job now
 
     def check(self) -> None:
+        """Raise LeaseLost if the thread has seen the lease go."""
         if self.lost:
             raise LeaseLost(f"job {self.job_id} is no longer held by {self.owner}")
+
+    def confirm(self) -> None:
+        """Ask the database now (before a write outside the database, such as an
+        artifact upload): raise LeaseLost unless this attempt still holds the job."""
+        self.check()
+        self.beat()
+        self.check()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

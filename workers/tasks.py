@@ -1,20 +1,33 @@
 """Celery tasks. Each takes ids, looks everything up again, and lets the jobs table decide
-whether this delivery runs (store.jobs.claim): a redelivered task never repeats work."""
+whether this delivery runs (store.jobs.claim): a redelivered task never repeats work.
+
+Failures are sorted in two: the job's own (bad data, a bug: the job fails with the error)
+and the machinery's (the database went away: the attempt ends and the job is requeued,
+see `workers.training.end_attempt`). Embedding shards first retry a database outage
+themselves, since a shard is idempotent.
+"""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-from celery import chord
+from celery import Task
 
-from store.jobs import claim, finish
-from store.latents import mark_set
-from workers.app import app
+from store.db import is_transient
+from store.jobs import LeaseLost, finish, release
+from workers.app import MAINTENANCE_TASK, app
 from workers.context import context
-from workers.lease import new_owner
 
 log = logging.getLogger(__name__)
+SHARD_RETRIES = 6  # about a minute of back-off (1, 2, 4, 8, 16, 30 s)
+
+
+@app.task(name=MAINTENANCE_TASK, ignore_result=True)
+def maintenance() -> dict[str, int]:
+    from workers.maintenance import run_maintenance
+
+    return run_maintenance(context().db, app)
 
 
 @app.task(name="latentbank.train")
@@ -26,55 +39,14 @@ def train(job_id: int) -> dict[str, Any]:
 
 @app.task(name="latentbank.embed")
 def embed(job_id: int) -> dict[str, Any]:
-    """Claim the job, then fan its shards out as a chord with a finishing task."""
-    from workers.embedding import shard_ranges
+    from workers.embedding import start_embedding
 
-    ctx = context()
-    owner = new_owner()
-    got = claim(ctx.db, job_id, owner, ctx.settings.embed_lease_seconds)
-    if got.outcome != "claimed":
-        log.info("embedding delivery skipped job_id=%d outcome=%s", job_id, got.outcome)
-        return {"outcome": got.outcome}
-    job = got.job
-    assert job is not None and job.embedding_set_id is not None
-    set_id = job.embedding_set_id
-    try:
-        from store.latents import get_set
-
-        es = get_set(ctx.db, set_id)
-        mark_set(ctx.db, set_id, status="writing")
-        with ctx.db.engine.begin() as conn:  # a fresh attempt counts its items anew
-            from sqlalchemy import text
-
-            conn.execute(text("UPDATE jobs SET params = params - 'done_rows' WHERE id = :j"),
-                         {"j": job_id})
-        shards = shard_ranges(es.n_items, ctx.settings.embed_shard_rows)
-        chord([embed_shard.si(job_id, set_id, a, b, owner) for a, b in shards],
-              embed_finish.s(job_id, set_id, owner)).apply_async()
-        log.info("embedding started job_id=%d set_id=%d shards=%d", job_id, set_id,
-                 len(shards))
-        return {"outcome": "dispatched", "shards": len(shards)}
-    except Exception as exc:
-        log.exception("embedding dispatch failed job_id=%d", job_id)
-        mark_set(ctx.db, set_id, status="failed")
-        finish(ctx.db, job_id, owner, "failed", error=f"{type(exc).__name__}: {exc}")
-        return {"outcome": "failed"}
+    return start_embedding(context(), job_id)
 
 
-def _fail(job_id: int, set_id: int, owner: str, exc: Exception) -> None:
-    from store.jobs import LeaseLost
-
-    ctx = context()
-    try:
-        mark_set(ctx.db, set_id, status="failed")
-        finish(ctx.db, job_id, owner, "failed", error=f"{type(exc).__name__}: {exc}")
-    except LeaseLost:
-        pass
-
-
-@app.task(name="latentbank.embed_shard")
-def embed_shard(job_id: int, set_id: int, start: int, stop: int, owner: str) -> dict[str, Any]:
-    from store.jobs import LeaseLost
+@app.task(name="latentbank.embed_shard", bind=True, max_retries=SHARD_RETRIES)
+def embed_shard(self: Task, job_id: int, set_id: int, start: int, stop: int,
+                owner: str) -> dict[str, Any]:
     from workers.embedding import run_shard
 
     try:
@@ -82,15 +54,18 @@ def embed_shard(job_id: int, set_id: int, start: int, stop: int, owner: str) -> 
     except LeaseLost:
         return {"skipped": True}
     except Exception as exc:
+        if is_transient(exc) and self.request.retries < SHARD_RETRIES:
+            log.warning("embedding shard job_id=%d rows=%d-%d: the database is away (%s); "
+                        "retrying", job_id, start, stop, type(exc).__name__)
+            raise self.retry(exc=exc, countdown=min(30, 2 ** self.request.retries)) from None
         log.exception("embedding shard failed job_id=%d rows=%d-%d", job_id, start, stop)
-        _fail(job_id, set_id, owner, exc)
+        _end_embedding(job_id, owner, exc)
         raise
 
 
 @app.task(name="latentbank.embed_finish")
 def embed_finish(results: list[dict[str, Any]], job_id: int, set_id: int,
                  owner: str) -> dict[str, Any]:
-    from store.jobs import LeaseLost
     from workers.embedding import finish_set
 
     try:
@@ -99,5 +74,40 @@ def embed_finish(results: list[dict[str, Any]], job_id: int, set_id: int,
         return {"outcome": "lease_lost"}
     except Exception as exc:
         log.exception("embedding finish failed job_id=%d", job_id)
-        _fail(job_id, set_id, owner, exc)
+        _end_embedding(job_id, owner, exc)
         raise
+
+
+def _end_embedding(job_id: int, owner: str, exc: Exception) -> None:
+    """A transient failure ends the attempt (requeued); any other fails the job. Either
+    way the set's partial rows go (a set is complete or empty)."""
+    from workers.training import end_attempt
+
+    ctx = context()
+    if is_transient(exc):
+        end_attempt(ctx, job_id, owner, exc)
+        return
+    try:
+        finish(ctx.db, job_id, owner, "failed", error=f"{type(exc).__name__}: {exc}")
+    except LeaseLost:
+        pass
+    except Exception as again:
+        if not is_transient(again):
+            raise
+        end_attempt(ctx, job_id, owner, again)
+
+
+@app.task(name="latentbank.release_attempt", bind=True, max_retries=None,
+          ignore_result=True)
+def release_attempt(self: Task, job_id: int, owner: str, reason: str) -> None:
+    """Requeue a job whose attempt ended while the database was away, once it is back."""
+    from workers.training import publish_released
+
+    ctx = context()
+    try:
+        if release(ctx.db, job_id, owner, reason):
+            publish_released(ctx, job_id)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        raise self.retry(exc=exc, countdown=min(10, 1 + self.request.retries)) from None

@@ -1,43 +1,66 @@
 """The training job: claim, resume from the last checkpoint, train with per-epoch metric
-rows and checkpoints, evaluate held-out log p(x), export ONNX, register the model."""
+rows and checkpoints, evaluate held-out log p(x), export ONNX, register the model.
+
+Fencing: each attempt writes its files under its own artifact folder (`model_key`), and
+every record of them in the database (metric rows with the checkpoint pointer each epoch,
+the model's URIs at the end) is written only while the attempt holds the job's lease. An
+attempt that lost its lease (it hung past its lease; another attempt runs the job) stops
+at its next check without touching what the newer attempt recorded.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import tempfile
-from typing import Any
-
-from sqlalchemy import text, update
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from models.checkpoint import CheckpointError, load_checkpoint
 from models.config import ConfigError, TrainConfig, VAEConfig
 from models.data import DataError
 from models.trainer import Callback, Progress, Trainer, TrainingCancelled
+from store.artifacts import model_key
 from store.datasets import dataset_array, get_dataset
+from store.db import is_transient
 from store.errors import StoreError
-from store.jobs import LeaseLost, claim, finish, lease_guard
-from store.tables import Model
+from store.jobs import LeaseLost, claim, finish, get_job, record_epochs, release
+from store.models import get_model
 from workers.context import Context
-from workers.lease import Lease, new_owner
+from workers.lease import Lease, new_owner, owner_is_dead
 from workers.pipeline import train_evaluate_export
 
 log = logging.getLogger(__name__)
 TRAIN_SHARE = 0.9  # of the job's progress; held-out evaluation and export are the rest
-METRIC_COLUMNS = ("elbo", "reconstruction", "kl", "log_px", "importance_samples", "loss",
-                  "beta", "lr", "active_units", "seconds")
+T = TypeVar("T")
 
 
-def checkpoint_key(model_id: int) -> str:
-    return f"models/{model_id}/checkpoint.safetensors"
+def retry_transient(fn: Callable[[], T], lease: Lease, what: str) -> T:
+    """Run `fn`, retrying database outages while a third of the lease lasts (the lease
+    still has slack then); the last error propagates, and the attempt is released."""
+    deadline = time.monotonic() + lease.lease_seconds / 3
+    pause = 0.2
+    while True:
+        lease.check()
+        try:
+            return fn()
+        except Exception as exc:
+            if not is_transient(exc) or time.monotonic() + pause > deadline:
+                raise
+            log.warning("%s: the database is away (%s); retrying in %.1f s", what,
+                        type(exc).__name__, pause)
+            time.sleep(pause)
+            pause = min(2.0, pause * 2)
 
 
 class JobCallback(Callback):
     """Bridges the trainer to the job row: progress, metrics, checkpoints, cancellation."""
 
-    def __init__(self, ctx: Context, lease: Lease, job_id: int, model_id: int,
+    def __init__(self, ctx: Context, lease: Lease, job_id: int, model_id: int, attempt: int,
                  local_checkpoint: str) -> None:
         self.ctx, self.lease, self.job_id, self.model_id = ctx, lease, job_id, model_id
+        self.checkpoint_key = model_key(model_id, attempt, "checkpoint.safetensors")
         self.local_checkpoint = local_checkpoint
         self.last_val = ""  # the latest validation figures, carried in every progress message
 
@@ -47,10 +70,14 @@ class JobCallback(Callback):
                           progress.eta_seconds)
 
     def on_epoch_end(self, trainer: Trainer, rows: list[dict[str, Any]]) -> None:
-        # The checkpoint first: a crash between the two re-runs this epoch, which writes
-        # the same rows again (upserts of identical values: training is deterministic).
-        self.ctx.artifacts.put_file(self.local_checkpoint, checkpoint_key(self.model_id))
-        write_metrics(self.ctx, self.job_id, self.lease.owner, self.model_id, rows)
+        # The checkpoint file first (this attempt's own), then, in one guarded
+        # transaction, the epoch's metric rows and the pointer to that checkpoint.
+        self.lease.confirm()
+        self.ctx.artifacts.put_file(self.local_checkpoint, self.checkpoint_key)
+        uri = self.ctx.artifacts.uri(self.checkpoint_key)
+        retry_transient(lambda: record_epochs(self.ctx.db, self.job_id, self.lease.owner,
+                                              self.model_id, rows, uri),
+                        self.lease, f"metrics of job {self.job_id}")
         val = [r for r in rows if r["split"] == "val"]
         if val:
             self.last_val = f" · val ELBO {val[0]['elbo']:.2f}"
@@ -62,94 +89,118 @@ class JobCallback(Callback):
         return self.lease.cancelled
 
 
-def write_metrics(ctx: Context, job_id: int, owner: str, model_id: int,
-                  rows: list[dict[str, Any]]) -> None:
-    """Upsert one row per (model, epoch, split), only while this attempt holds the lease."""
-    cols = ", ".join(METRIC_COLUMNS)
-    updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in METRIC_COLUMNS)
-    sql = text(f"INSERT INTO training_metrics (model_id, epoch, split, {cols}) VALUES "
-               f"(:model_id, :epoch, :split, {', '.join(':' + c for c in METRIC_COLUMNS)}) "
-               f"ON CONFLICT (model_id, epoch, split) DO UPDATE SET {updates}")
-    with ctx.db.engine.begin() as conn:
-        lease_guard(conn, job_id, owner)
-        conn.execute(sql, [{"model_id": model_id, **{k: r.get(k) for k in
-                                                      ("epoch", "split", *METRIC_COLUMNS)}}
-                           for r in rows])
-
-
-def set_model(ctx: Context, model_id: int, **values: Any) -> None:
-    with ctx.db.session() as s:
-        s.execute(update(Model).where(Model.id == model_id)
-                  .values(updated_at=text("now()"), **values))
-
-
 def run_training_job(ctx: Context, job_id: int) -> dict[str, Any]:
     owner = new_owner()
     settings = ctx.settings
-    got = claim(ctx.db, job_id, owner, settings.job_lease_seconds)
+    got = claim(ctx.db, job_id, owner, settings.job_lease_seconds, owner_is_dead)
     if got.outcome != "claimed":
         log.info("training delivery skipped job_id=%d outcome=%s", job_id, got.outcome)
         return {"outcome": got.outcome}
     job = got.job
     assert job is not None and job.model_id is not None
     model_id = job.model_id
+    if got.took_over:
+        log.warning("took over job_id=%d from dead owner=%s", job_id, got.took_over)
     log.info("training started job_id=%d model_id=%d attempt=%d", job_id, model_id,
              job.attempts)
     with Lease(ctx.db, job_id, owner, settings.job_lease_seconds) as lease, \
             tempfile.TemporaryDirectory(prefix=f"train-{job_id}-") as tmp:
         try:
-            params = job.params
-            dataset = get_dataset(ctx.db, params["dataset_id"])
-            model_cfg = VAEConfig.from_dict(params["model"])
-            train_cfg = TrainConfig.from_dict(params["training"])
-            data = dataset_array(ctx.artifacts, dataset, str(settings.cache_dir))
-            set_model(ctx, model_id, status="training")
-            resume = None
-            if ctx.artifacts.exists(checkpoint_key(model_id)):
-                local = os.path.join(tmp, "resume.safetensors")
-                ctx.artifacts.get_file(checkpoint_key(model_id), local)
-                resume = load_checkpoint(local)
-                log.info("resuming job_id=%d from epoch %d", job_id, resume.progress["epoch"])
-                # The checkpoint's epochs may be newer than the metric rows (a crash
-                # between the upload and the insert): write its history again.
-                write_metrics(ctx, job_id, owner, model_id, resume.history)
-                lease.report(TRAIN_SHARE * resume.progress["epoch"] / train_cfg.epochs,
-                             f"resuming after epoch {resume.progress['epoch']}")
-            callback = JobCallback(ctx, lease, job_id, model_id,
-                                   os.path.join(tmp, "checkpoint.safetensors"))
-            result = train_evaluate_export(data, model_cfg, train_cfg, tmp, [callback], resume)
-            lease.check()
-            lease.report(0.97, "uploading the ONNX files")
-            uris = {}
-            for role, exported in result.onnx.items():
-                key = f"models/{model_id}/{role}.onnx"
-                ctx.artifacts.put_file(exported.path, key)
-                uris[role] = (ctx.artifacts.uri(key), exported.sha256)
-            lease.check()
-            set_model(ctx, model_id, status="ready", summary=result.summary,
-                      checkpoint_uri=ctx.artifacts.uri(checkpoint_key(model_id)),
-                      encoder_uri=uris["encoder"][0], encoder_sha256=uris["encoder"][1],
-                      decoder_uri=uris["decoder"][0], decoder_sha256=uris["decoder"][1])
-            finish(ctx.db, job_id, owner, "succeeded", message="model ready")
-            log.info("training succeeded job_id=%d model_id=%d heldout_log_px=%s", job_id,
-                     model_id, result.summary.get("heldout_log_px"))
-            return {"outcome": "succeeded", "model_id": model_id}
+            return _train(ctx, job_id, job.params, model_id, job.attempts, lease, tmp)
         except LeaseLost:
             log.warning("training attempt lost its lease job_id=%d owner=%s", job_id, owner)
             return {"outcome": "lease_lost"}
         except TrainingCancelled:
             if lease.lost:
                 return {"outcome": "lease_lost"}
-            set_model(ctx, model_id, status="cancelled")
             finish(ctx.db, job_id, owner, "cancelled",
                    message="cancelled; the last checkpoint is kept")
             return {"outcome": "cancelled"}
-        except (ConfigError, DataError, CheckpointError, StoreError) as exc:
-            set_model(ctx, model_id, status="failed")
-            finish(ctx.db, job_id, owner, "failed", error=str(exc))
-            return {"outcome": "failed"}
+        except (ConfigError, DataError, CheckpointError) as exc:
+            return _failed(ctx, job_id, owner, str(exc))
         except Exception as exc:
+            if is_transient(exc):
+                return end_attempt(ctx, job_id, owner, exc)
+            if isinstance(exc, StoreError):
+                return _failed(ctx, job_id, owner, str(exc))
             log.exception("training failed job_id=%d", job_id)
-            set_model(ctx, model_id, status="failed")
-            finish(ctx.db, job_id, owner, "failed", error=f"{type(exc).__name__}: {exc}")
-            return {"outcome": "failed"}
+            return _failed(ctx, job_id, owner, f"{type(exc).__name__}: {exc}")
+
+
+def _train(ctx: Context, job_id: int, params: dict[str, Any], model_id: int, attempt: int,
+           lease: Lease, tmp: str) -> dict[str, Any]:
+    dataset = get_dataset(ctx.db, params["dataset_id"])
+    model_cfg = VAEConfig.from_dict(params["model"])
+    train_cfg = TrainConfig.from_dict(params["training"])
+    data = dataset_array(ctx.artifacts, dataset, str(ctx.settings.cache_dir))
+    resume = None
+    previous = get_model(ctx.db, model_id).checkpoint_uri
+    if previous:
+        local = os.path.join(tmp, "resume.safetensors")
+        ctx.artifacts.get_file(ctx.artifacts.key_of(previous), local)
+        resume = load_checkpoint(local)
+        log.info("resuming job_id=%d from epoch %d", job_id, resume.progress["epoch"])
+        lease.report(TRAIN_SHARE * resume.progress["epoch"] / train_cfg.epochs,
+                     f"resuming after epoch {resume.progress['epoch']}")
+    callback = JobCallback(ctx, lease, job_id, model_id, attempt,
+                           os.path.join(tmp, "checkpoint.safetensors"))
+    result = train_evaluate_export(data, model_cfg, train_cfg, tmp, [callback], resume)
+    lease.report(0.97, "uploading the ONNX files")
+    lease.confirm()
+    uris = {}
+    for role, exported in result.onnx.items():
+        key = model_key(model_id, attempt, f"{role}.onnx")
+        ctx.artifacts.put_file(exported.path, key)
+        uris[role] = (ctx.artifacts.uri(key), exported.sha256)
+    retry_transient(lambda: finish(
+        ctx.db, job_id, lease.owner, "succeeded", message="model ready", model={
+            "summary": result.summary,
+            "encoder_uri": uris["encoder"][0], "encoder_sha256": uris["encoder"][1],
+            "decoder_uri": uris["decoder"][0], "decoder_sha256": uris["decoder"][1]}),
+        lease, f"finish of job {job_id}")
+    log.info("training succeeded job_id=%d model_id=%d heldout_log_px=%s", job_id, model_id,
+             result.summary.get("heldout_log_px"))
+    return {"outcome": "succeeded", "model_id": model_id}
+
+
+def _failed(ctx: Context, job_id: int, owner: str, error: str) -> dict[str, Any]:
+    try:
+        finish(ctx.db, job_id, owner, "failed", error=error)
+    except LeaseLost:
+        return {"outcome": "lease_lost"}
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        return end_attempt(ctx, job_id, owner, exc)
+    return {"outcome": "failed"}
+
+
+def end_attempt(ctx: Context, job_id: int, owner: str, exc: BaseException) -> dict[str, Any]:
+    """The machinery failed (the database went away), not the job: end this attempt and
+    requeue the job at once. If the database cannot be told now, a task retries the
+    release until it can (the lease would otherwise hold the job until it expires)."""
+    reason = f"attempt ended by {type(exc).__name__}: {str(exc).strip()[:200]}"
+    log.warning("ending attempt job_id=%d: %s", job_id, reason)
+    try:
+        release(ctx.db, job_id, owner, reason)
+        publish_released(ctx, job_id)
+    except Exception as again:
+        if not is_transient(again):
+            raise
+        from workers.tasks import release_attempt
+
+        release_attempt.apply_async((job_id, owner, reason), countdown=1)
+    return {"outcome": "released"}
+
+
+def publish_released(ctx: Context, job_id: int) -> None:
+    """Send the requeued job's task now rather than at the next maintenance pass."""
+    from workers.app import app
+    from workers.maintenance import publish
+
+    job = get_job(ctx.db, job_id)
+    if job.status == "queued" and job.published_at is None:
+        try:
+            publish(app, ctx.db, job)
+        except Exception:  # the broker is away too: maintenance publishes it later
+            log.warning("could not publish requeued job_id=%d now", job_id, exc_info=True)

@@ -39,7 +39,8 @@ from service.schemas import (
     SampleOut,
     SampleRequest,
 )
-from store.errors import Conflict, InvalidInput, NotFound
+from store import models as store_models
+from store.errors import Conflict, InvalidInput
 from store.latents import get_item
 from store.tables import MODEL_STATUSES, Model, TrainingMetric
 
@@ -48,11 +49,7 @@ PNG = "image/png"
 
 
 def get_model(svc: Services, model_id: int) -> Model:
-    with svc.db.session() as s:
-        model = s.get(Model, model_id)
-    if model is None:
-        raise NotFound(f"model {model_id} does not exist")
-    return model
+    return store_models.get_model(svc.db, model_id)
 
 
 def _ready(svc: Services, model_id: int) -> Model:
@@ -120,7 +117,8 @@ async def onnx_file(request: Request, model_id: Id,
     svc = services(request)
     model = await ready_model(svc, model_id)
     sha = model.encoder_sha256 if role == "encoder" else model.decoder_sha256
-    path = await in_thread(svc.inference.sessions.local_file, model_id, role, sha)
+    uri = model.encoder_uri if role == "encoder" else model.decoder_uri
+    path = await in_thread(svc.inference.sessions.local_file, model_id, role, sha, uri)
 
     def read() -> bytes:
         with open(path, "rb") as f:
@@ -205,7 +203,8 @@ def _answers(model: type) -> dict[int | str, dict[str, Any]]:
 
 
 async def _decode(svc: Services, model: Model, z: np.ndarray) -> np.ndarray:
-    out = await svc.inference.run(model.id, "decoder", model.decoder_sha256 or "", z)
+    out = await svc.inference.run(model.id, "decoder", model.decoder_sha256 or "",
+                                    model.decoder_uri or "", z)
     return decoder_mean(out)
 
 
@@ -285,7 +284,8 @@ async def _encoded(request: Request, model_id: int) -> tuple[Services, Model,
     x = as_float_rows(_body_array(raw, request, "x", EncodeRequest), None, "x",
                       svc.settings.decode_max_rows,
                       item_shape=model.config["model"]["input_shape"])
-    out = await svc.inference.run(model.id, "encoder", model.encoder_sha256 or "", x)
+    out = await svc.inference.run(model.id, "encoder", model.encoder_sha256 or "",
+                                    model.encoder_uri or "", x)
     return svc, model, out
 
 

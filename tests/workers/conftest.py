@@ -5,7 +5,7 @@ import os
 import pytest
 from celery import Celery
 
-from tests.support import Worker
+from tests.support import Beat, Worker
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +35,8 @@ def worker_env(db_url, redis_url, tmp_path_factory):
            "LATENTBANK_DATABASE_URL": db_url, "LATENTBANK_REDIS_URL": redis_url,
            "LATENTBANK_DATA_DIR": str(data / "data"),
            "LATENTBANK_ARTIFACTS": (data / "artifacts").as_uri(),
-           "LATENTBANK_JOB_LEASE_SECONDS": "3", "LATENTBANK_MAINTENANCE_INTERVAL": "1",
+           "LATENTBANK_JOB_LEASE_SECONDS": "3", "LATENTBANK_EMBED_LEASE_SECONDS": "20",
+           "LATENTBANK_MAINTENANCE_INTERVAL": "1",
            "LATENTBANK_EMBED_SHARD_ROWS": "400", "LATENTBANK_EXACT_SEARCH_BELOW": "1000",
            "PYTHONUNBUFFERED": "1"}
     return env
@@ -58,16 +59,28 @@ def worker_artifacts(worker_settings):
 
 
 @pytest.fixture(scope="session")
-def start_worker(worker_env, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("worker-logs")
+def worker_logs(tmp_path_factory):
+    return tmp_path_factory.mktemp("worker-logs")
+
+
+@pytest.fixture(scope="session")
+def beat(worker_env, worker_logs):
+    """The maintenance schedule, as in production: its own process."""
+    process = Beat(worker_env, worker_logs)
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="session")
+def start_worker(worker_env, worker_logs, beat):
     started = []
 
-    def start(name="w1", alone=False):
+    def start(name="w1", alone=False, concurrency=1):
         """Start a worker; `alone` stops every other one first, so it takes the next job."""
         if alone:
             for other in started:
                 other.stop()
-        worker = Worker(worker_env, logs, f"{name}-{len(started)}")
+        worker = Worker(worker_env, worker_logs, f"{name}-{len(started)}", concurrency)
         started.append(worker)
         return worker
 

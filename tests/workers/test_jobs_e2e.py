@@ -15,7 +15,7 @@ from store.jobs import get_job, request_cancel
 from store.latents import export_pages, get_set
 from store.submit import leaderboard, submit_embedding, submit_sweep, submit_training
 from store.tables import Model
-from workers.publish import publish
+from workers.maintenance import publish
 
 MODEL = {"family": "mlp", "latent_dim": 6, "hidden": [64, 32], "likelihood": "bernoulli"}
 TRAINING = {"epochs": 6, "batch_size": 64, "lr": 0.002, "seed": 5, "importance_samples": 50,
@@ -83,7 +83,8 @@ def test_training_job_end_to_end(db, trained, worker_artifacts, digits_dataset):
     s = model.summary
     assert s["heldout_importance_samples"] == 50 and s["heldout_log_px"] >= s["heldout_elbo"]
     for role in ("encoder", "decoder"):  # the artifacts are the files whose hashes we keep
-        key = f"models/{model.id}/{role}.onnx"
+        key = worker_artifacts.key_of(getattr(model, f"{role}_uri"))
+        assert key == f"models/{model.id}/attempt-1/{role}.onnx"
         assert worker_artifacts.sha256(key) == getattr(model, f"{role}_sha256")
     # Same idempotency key: the first job, nothing new.
     again, created = submit_training(db, digits_dataset.id, MODEL, TRAINING,
@@ -105,7 +106,8 @@ def test_embedding_job_end_to_end_and_twice(db, trained, celery_client, digits_d
     rows = [r for page in export_pages(db, es.id) for r in page]
     assert [r["index"] for r in rows] == list(range(1797))
     # Stored codes equal onnxruntime run directly on the model's encoder file.
-    worker_artifacts.get_file(f"models/{model_id}/encoder.onnx", str(tmp_path / "e.onnx"))
+    worker_artifacts.get_file(worker_artifacts.key_of(get_model(db, model_id).encoder_uri),
+                              str(tmp_path / "e.onnx"))
     images, labels = load_digits_dataset()
     mu, logvar = ort.InferenceSession(str(tmp_path / "e.onnx")).run(None, {"x": images[:50]})
     np.testing.assert_allclose([r["mu"] for r in rows[:50]], mu, rtol=1e-6, atol=1e-6)
@@ -162,7 +164,8 @@ def test_cancel_queued_and_running(db, worker, celery_client, digits_dataset,
     job = wait_for(db, running.id, timeout=30)
     assert job.status == "cancelled" and time.monotonic() - asked < 10
     assert get_model(db, job.model_id).status == "cancelled"
-    assert worker_artifacts.exists(f"models/{job.model_id}/checkpoint.safetensors")
+    assert worker_artifacts.exists(
+        worker_artifacts.key_of(get_model(db, job.model_id).checkpoint_uri))
     assert len(metric_rows(db, job.model_id)) < 2 * 500
 
 

@@ -1,4 +1,9 @@
-"""Publishing job tasks by name, after their rows are committed."""
+"""Periodic maintenance, run by the beat schedule as the `latentbank.maintenance` task:
+requeue jobs whose attempt is gone, then publish jobs whose task was never sent.
+
+Guarded by a PostgreSQL advisory lock, so overlapping passes (two beats, a slow pass)
+are harmless: the second one finds the lock taken and does nothing.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,9 @@ from typing import Any
 from sqlalchemy import text
 
 from store.db import Database
-from store.jobs import QUEUES, TASKS, mark_published, stale_jobs
+from store.jobs import QUEUES, TASKS, mark_published, requeue_lost, unpublished_jobs
 from store.tables import Job
+from workers.lease import owner_is_dead
 
 log = logging.getLogger(__name__)
 MAINTENANCE_LOCK = 0x1A7E47  # pg advisory lock: one maintenance pass at a time
@@ -21,19 +27,23 @@ def publish(celery_app: Any, db: Database, job: Job) -> None:
     mark_published(db, job.id)
 
 
-def requeue_stale(db: Database, celery_app: Any) -> int:
-    """Requeue jobs whose worker vanished and publish jobs never sent. Returns how many."""
+def run_maintenance(db: Database, celery_app: Any) -> dict[str, int]:
+    """One pass. Returns how many jobs were requeued and published (-1: another pass
+    holds the lock)."""
     with db.engine.connect() as conn:
         if not conn.execute(text("SELECT pg_try_advisory_lock(:k)"),
                             {"k": MAINTENANCE_LOCK}).scalar():
-            return 0
+            return {"requeued": -1, "published": -1}
         try:
-            jobs = stale_jobs(db)
+            requeued = requeue_lost(db, owner_is_dead)
+            for job_id in requeued:
+                log.warning("requeued job_id=%d: its attempt is gone", job_id)
+            jobs = unpublished_jobs(db)
             for job in jobs:
                 log.info("publishing job job_id=%d kind=%s attempts=%d", job.id, job.kind,
                          job.attempts)
                 publish(celery_app, db, job)
-            return len(jobs)
+            return {"requeued": len(requeued), "published": len(jobs)}
         finally:
             conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": MAINTENANCE_LOCK})
             conn.commit()

@@ -1,0 +1,199 @@
+"""The job state machine on real PostgreSQL: claims, leases, takeover of dead owners,
+fencing, releases, cancellation races, the attempt cap, and the model/set rows that follow
+their job in the same transaction."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from sqlalchemy import text
+
+from store.errors import Conflict
+from store.jobs import (
+    LeaseLost,
+    claim,
+    finish,
+    get_job,
+    heartbeat,
+    record_epochs,
+    release,
+    request_cancel,
+    requeue_lost,
+    unpublished_jobs,
+)
+from store.latents import count_latents, get_set, write_latents
+from store.models import get_model
+from store.submit import submit_embedding, submit_training
+
+MODEL = {"latent_dim": 2, "hidden": [8]}
+TRAINING = {"epochs": 1}
+
+
+@pytest.fixture(scope="module")
+def dataset(db, tmp_path_factory):
+    from store.artifacts import ArtifactStore
+    from store.datasets import register_dataset
+    from store.settings import Settings
+
+    tmp = tmp_path_factory.mktemp("jobs")
+    np.save(tmp / "x.npy", np.random.default_rng(3).random((30, 4), dtype=np.float32))
+    return register_dataset(db, ArtifactStore((tmp / "a").as_uri()),
+                            Settings(data_dir=tmp / "d"), "jobs-state", str(tmp / "x.npy")
+                            ).dataset
+
+
+@pytest.fixture
+def job(db, dataset):
+    return submit_training(db, dataset.id, MODEL, TRAINING, max_attempts=3)[0]
+
+
+def set_columns(db, job_id, **values):
+    sets = ", ".join(f"{k} = {v}" for k, v in values.items())
+    with db.engine.begin() as conn:
+        conn.execute(text(f"UPDATE jobs SET {sets} WHERE id = :j"), {"j": job_id})
+
+
+def test_concurrent_deliveries_claim_once(db, job):
+    outcomes, barrier = [], threading.Barrier(8)
+
+    def deliver(i):
+        barrier.wait()
+        outcomes.append(claim(db, job.id, f"owner-{i}", 30).outcome)
+
+    threads = [threading.Thread(target=deliver, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["busy"] * 7 + ["claimed"]
+    row = get_job(db, job.id)
+    assert (row.status, row.attempts) == ("running", 1)
+    assert get_model(db, row.model_id).status == "training"  # in the claim's transaction
+
+
+def test_a_dead_owner_is_taken_over_at_once_and_fenced_out(db, job):
+    assert claim(db, job.id, "old", 60).outcome == "claimed"
+    assert claim(db, job.id, "new", 60, owner_is_dead=lambda o: False).outcome == "busy"
+    asked = []
+    got = claim(db, job.id, "new", 60, owner_is_dead=lambda o: asked.append(o) or True)
+    assert (got.outcome, got.took_over, asked) == ("claimed", "old", ["old"])
+    assert get_job(db, job.id).attempts == 2
+    # The old attempt can write nothing any more.
+    with pytest.raises(LeaseLost):
+        heartbeat(db, job.id, "old", 60)
+    rows = [{"epoch": 1, "split": "train", "elbo": -1.0, "reconstruction": -0.5, "kl": 0.5,
+             "importance_samples": 0, "beta": 1.0, "lr": 0.1, "seconds": 1.0}]
+    with pytest.raises(LeaseLost):
+        record_epochs(db, job.id, "old", job.model_id, rows, "file:///x/old.safetensors")
+    with pytest.raises(LeaseLost):
+        finish(db, job.id, "old", "succeeded", model={"summary": {"stale": True}})
+    model = get_model(db, job.model_id)
+    assert model.checkpoint_uri is None and model.summary is None
+    # The new one can.
+    record_epochs(db, job.id, "new", job.model_id, rows, "file:///x/new.safetensors")
+    assert get_model(db, job.model_id).checkpoint_uri == "file:///x/new.safetensors"
+    finish(db, job.id, "new", "succeeded", model={"summary": {"heldout_elbo": -1.0}})
+    model, row = get_model(db, job.model_id), get_job(db, job.id)
+    assert (row.status, row.progress, model.status, model.summary) == (
+        "succeeded", 1.0, "ready", {"heldout_elbo": -1.0})
+
+
+def test_expired_leases_are_requeued_and_attempts_stay_counted(db, job):
+    claim(db, job.id, "gone", 60)
+    assert job.id not in requeue_lost(db)  # the lease is live
+    set_columns(db, job.id, lease_expires_at="now() - interval '1 second'")
+    assert job.id in requeue_lost(db)
+    row = get_job(db, job.id)
+    assert (row.status, row.attempts, row.lease_owner, row.published_at) == (
+        "queued", 1, None, None)
+    assert "stopped answering" in row.progress_message
+    assert claim(db, job.id, "next", 60).outcome == "claimed"
+    assert get_job(db, job.id).attempts == 2
+
+
+def test_a_dead_owner_is_requeued_only_once_its_heartbeats_stop(db, job):
+    claim(db, job.id, "dead-owner", 600)
+    # A heartbeat just came (say from a shard of the same attempt): not yet.
+    assert job.id not in requeue_lost(db, lambda o: True, silent_seconds=5)
+    set_columns(db, job.id, heartbeat_at="now() - interval '6 seconds'")
+    assert job.id not in requeue_lost(db, lambda o: False, silent_seconds=5)  # alive
+    assert job.id in requeue_lost(db, lambda o: o == "dead-owner", silent_seconds=5)
+    assert get_job(db, job.id).status == "queued"
+
+
+def test_the_attempt_cap_fails_the_job_and_its_model(db, dataset):
+    job = submit_training(db, dataset.id, MODEL, TRAINING, max_attempts=2)[0]
+    for owner in ("a", "b"):
+        assert claim(db, job.id, owner, 60).outcome == "claimed"
+        set_columns(db, job.id, lease_expires_at="now() - interval '1 second'")
+        requeue_lost(db)
+    got = claim(db, job.id, "c", 60)
+    assert got.outcome == "exhausted"
+    row = get_job(db, job.id)
+    assert (row.status, row.attempts) == ("failed", 2) and "gave up after 2" in row.error
+    assert get_model(db, job.model_id).status == "failed"
+    assert claim(db, job.id, "d", 60).outcome == "terminal"
+
+
+def test_cancel_races(db, job):
+    # queued: cancelled at once, with its model; a late delivery never starts it
+    request_cancel(db, job.id)
+    assert get_job(db, job.id).status == "cancelled"
+    assert get_model(db, job.model_id).status == "cancelled"
+    assert claim(db, job.id, "late", 60).outcome == "terminal"
+    with pytest.raises(Conflict):
+        request_cancel(db, job.id)
+
+
+def test_cancel_of_a_running_job_reaches_its_heartbeat(db, dataset):
+    job = submit_training(db, dataset.id, MODEL, TRAINING)[0]
+    claim(db, job.id, "runner", 60)
+    assert heartbeat(db, job.id, "runner", 60, progress=0.5, message="half") is False
+    request_cancel(db, job.id)
+    assert get_job(db, job.id).status == "running"  # stops at its next check
+    assert heartbeat(db, job.id, "runner", 60) is True
+    finish(db, job.id, "runner", "cancelled")
+    assert get_model(db, job.model_id).status == "cancelled"
+
+
+def test_release_requeues_without_ending_the_job(db, job):
+    claim(db, job.id, "unlucky", 60)
+    assert release(db, job.id, "unlucky", "the database went away")
+    row = get_job(db, job.id)
+    assert (row.status, row.attempts, row.published_at, row.error) == ("queued", 1, None, None)
+    assert row.progress_message == "requeued: the database went away"
+    assert not release(db, job.id, "unlucky", "again")  # no longer its to release
+    set_columns(db, job.id, created_at="now() - interval '1 minute'")
+    assert job.id in [j.id for j in unpublished_jobs(db)]
+
+
+def _ready_model(db, dataset):
+    job = submit_training(db, dataset.id, MODEL, TRAINING)[0]
+    claim(db, job.id, "trainer", 60)
+    finish(db, job.id, "trainer", "succeeded")
+    return job.model_id
+
+
+@pytest.mark.parametrize("ending", ["failed", "cancelled"])
+def test_a_failed_or_cancelled_embedding_keeps_no_partial_rows(db, dataset, ending):
+    model_id = _ready_model(db, dataset)
+    job = submit_embedding(db, model_id, dataset.id)[0]
+    claim(db, job.id, "embedder", 60)
+    es = get_set(db, job.embedding_set_id)
+    assert es.status == "writing"
+    rng = np.random.default_rng(0)
+    half = dataset.n_items // 2
+    write_latents(db, es.id, 0, rng.standard_normal((half, 2)), rng.standard_normal((half, 2)),
+                  -np.ones(half), -np.ones(half), np.zeros(half))
+    assert count_latents(db, es.id) == half
+    finish(db, job.id, "embedder", ending, error="boom" if ending == "failed" else None)
+    assert count_latents(db, es.id) == 0
+    assert get_set(db, es.id).status == ending
+
+
+def test_unpublished_jobs_leave_fresh_submissions_to_their_submitter(db, dataset):
+    job = submit_training(db, dataset.id, MODEL, TRAINING)[0]
+    assert job.id not in [j.id for j in unpublished_jobs(db, grace_seconds=60)]
+    time.sleep(0.2)
+    assert job.id in [j.id for j in unpublished_jobs(db, grace_seconds=0.1)]
