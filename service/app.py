@@ -20,6 +20,7 @@ from service.errors import BodyTooLarge
 from service.inference import Inference, SessionCache
 from service.metrics import Metrics, RequestMetrics
 from service.routes import datasets, embeddings, jobs, models, ops
+from store.datasets import sweep_leftovers
 from store.db import Database
 from store.settings import Settings, get_settings, open_artifacts
 
@@ -103,6 +104,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         log.info("api starting database=%s artifacts=%s", db.engine.url.render_as_string(),
                  settings.artifacts_url.split("://", 1)[0])
+        for path in sweep_leftovers(settings.data_dir / "uploads", artifacts.local_path("tmp")
+                                    if artifacts.is_local else None):
+            log.info("removed a leftover of an interrupted upload: %s", path)
         yield
         inference.close()
         db.dispose()

@@ -10,6 +10,7 @@ recognised by its checksum and returns the first dataset.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -213,18 +214,20 @@ def register_dataset(db: Database, artifacts: ArtifactStore, settings: Settings,
     tmp_dir = artifacts.local_path("tmp") if artifacts.is_local else None
     if tmp_dir:
         os.makedirs(tmp_dir, exist_ok=True)
-    fd, canonical = tempfile.mkstemp(prefix="ingest-", suffix=".npy", dir=tmp_dir)
+    fd, canonical = tempfile.mkstemp(prefix=f"{LEFTOVER_PREFIX}{os.getpid()}-", suffix=".npy",
+                                     dir=tmp_dir)
     os.close(fd)
     writer = _CanonicalWriter(canonical, settings)
     artifact_key: str | None = None
     try:
         with db.engine.begin() as conn:
-            if conn.execute(select(Dataset.id).where(Dataset.name == name)).first():
-                raise Conflict(f"a dataset named {name!r} already exists")
+            # The name is taken at the end: the same content sent again (a client's retry
+            # after a lost answer) finds its dataset whatever name it carries.
             dataset_id = conn.execute(
                 Dataset.__table__.insert().values(
-                    name=name, item_shape=[], dtype="float32", source_dtype=source.dtype,
-                    source_format=source.format, n_items=0, checksum=f"pending-{uuid.uuid4()}",
+                    name=f"pending-{uuid.uuid4()}", item_shape=[], dtype="float32",
+                    source_dtype=source.dtype, source_format=source.format, n_items=0,
+                    checksum=f"pending-{uuid.uuid4()}",
                     source_uri=source_uri, artifact_key="", size_bytes=0, min_value=0.0,
                     max_value=0.0, has_labels=source.has_labels,
                 ).returning(Dataset.id)).scalar_one()
@@ -242,12 +245,14 @@ def register_dataset(db: Database, artifacts: ArtifactStore, settings: Settings,
                                     ).scalar()
             if existing is not None:
                 raise _SameContent(existing)
+            if conn.execute(select(Dataset.id).where(Dataset.name == name)).first():
+                raise Conflict(f"a dataset named {name!r} already exists (with other content)")
             artifact_key = f"datasets/{dataset_id}/data.npy"
             size = os.path.getsize(canonical)
             artifacts.put_local_file(canonical, artifact_key)
             conn.execute(update(Dataset).where(Dataset.id == dataset_id).values(
-                item_shape=list(writer.item_shape or ()), n_items=writer.n, checksum=checksum,
-                artifact_key=artifact_key, size_bytes=size, min_value=writer.lo,
+                name=name, item_shape=list(writer.item_shape or ()), n_items=writer.n,
+                checksum=checksum, artifact_key=artifact_key, size_bytes=size, min_value=writer.lo,
                 max_value=writer.hi))
     except _SameContent as same:
         writer.abort()
@@ -272,6 +277,44 @@ def register_dataset(db: Database, artifacts: ArtifactStore, settings: Settings,
     log.info("dataset registered dataset_id=%d items=%d shape=%s", dataset.id, dataset.n_items,
              dataset.item_shape)
     return Registered(dataset, created=True)
+
+
+LEFTOVER_PREFIX = "ingest-"  # then the writing process's pid: `ingest-<pid>-...`
+
+
+def sweep_leftovers(*folders: str | Path | None) -> list[str]:
+    """Remove the temporary files and folders named `[ingest-]<pid>-...` in `folders`
+    whose process no longer runs (an upload or ingest killed mid-way). Another live
+    process's files are left alone. Returns what was removed."""
+    import re
+    import shutil
+
+    removed = []
+    pattern = re.compile(rf"^(?:{LEFTOVER_PREFIX})?(\d+)-")
+    for folder in folders:
+        if folder is None or not os.path.isdir(folder):
+            continue
+        for entry in os.scandir(folder):
+            match = pattern.match(entry.name)
+            if match is None or _pid_alive(int(match.group(1))):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+            removed.append(entry.path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def register_digits(db: Database, artifacts: ArtifactStore, settings: Settings,

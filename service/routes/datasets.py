@@ -89,7 +89,8 @@ def _ingest_upload(svc: Services, form: Any) -> tuple[Any, bool]:
     name = fields["name"] or filename.rsplit(".", 1)[0]
     folder = svc.settings.data_dir / "uploads"
     folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+    # named after this process: a sweep at start removes what a killed process left
+    with tempfile.TemporaryDirectory(dir=folder, prefix=f"{os.getpid()}-") as tmp:
         data = _save(upload, tmp, "." + fmt)
         side: dict[str, str | None] = {}
         for field in ("labels", "keys"):

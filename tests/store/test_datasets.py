@@ -79,10 +79,37 @@ def test_same_content_twice_is_recognised(db, artifacts, settings, tmp_path, req
                              str(tmp_path / "a.npy"))
     assert not again.created and again.dataset.id == first.dataset.id
     assert (counts(db), stored_files(artifacts)) == before
+    # A client's honest retry (same name, same content) is answered with the dataset.
+    retry = register_dataset(db, artifacts, settings, unique_name(request) + "-1",
+                             str(tmp_path / "a.npy"))
+    assert not retry.created and retry.dataset.id == first.dataset.id
+    assert (counts(db), stored_files(artifacts)) == before
+    np.save(tmp_path / "b.npy", np.ones((2, 4)))
     with pytest.raises(Conflict, match="already exists"):
-        np.save(tmp_path / "b.npy", np.ones((2, 4)))
         register_dataset(db, artifacts, settings, unique_name(request) + "-1",
                          str(tmp_path / "b.npy"))
+    assert (counts(db), stored_files(artifacts)) == before
+    assert not os.listdir(artifacts.local_path("tmp"))  # no ingest file left behind
+
+
+def test_leftovers_of_dead_processes_are_swept_and_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    from store.datasets import sweep_leftovers
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f"{dead.pid}-upload").mkdir()
+    (tmp_path / f"{dead.pid}-upload" / "data.npy").write_bytes(b"partial")
+    (tmp_path / f"ingest-{dead.pid}-x.npy").write_bytes(b"partial")
+    (tmp_path / f"ingest-{os.getpid()}-y.npy").write_bytes(b"in flight")
+    (tmp_path / "unrelated.npy").write_bytes(b"keep")
+    removed = sweep_leftovers(tmp_path, None)
+    assert sorted(os.path.basename(p) for p in removed) == sorted(
+        [f"{dead.pid}-upload", f"ingest-{dead.pid}-x.npy"])
+    assert sorted(os.listdir(tmp_path)) == sorted([f"ingest-{os.getpid()}-y.npy",
+                                                   "unrelated.npy"])
 
 
 def test_npz_with_keys_and_labels(db, artifacts, settings, tmp_path, request):
