@@ -29,13 +29,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from celery import Celery  # noqa: E402
-from workers.maintenance import publish  # noqa: E402
 
 from store.db import Database, migrate, start_embedded_postgres  # noqa: E402
 from store.jobs import get_job  # noqa: E402
 from store.latents import create_embedding_set, write_latents  # noqa: E402
 from store.settings import Settings, open_artifacts  # noqa: E402
 from store.submit import submit_embedding, submit_training  # noqa: E402
+from workers.maintenance import publish  # noqa: E402
 
 MODEL = {"family": "mlp", "latent_dim": 20, "hidden": [400], "likelihood": "bernoulli"}
 
