@@ -122,9 +122,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     for module in (ops, datasets, jobs, models, embeddings):
         app.include_router(module.router)
+    _register_body_schemas(app)
     app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app
+
+
+def _register_body_schemas(app: FastAPI) -> None:
+    """Bodies that routes read by hand (multipart or JSON, JSON or .npy) are declared in
+    `openapi_extra` by reference: put their models in the schema's components, so the
+    references resolve for clients and generators."""
+    from fastapi.openapi.utils import get_openapi
+
+    from service.schemas import DatasetByReference, DecodeRequest, EncodeRequest
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version,
+                                 description=app.description, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (DatasetByReference, DecodeRequest, EncodeRequest):
+                found = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(found.pop("$defs", {}))
+                components[model.__name__] = found
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _version() -> str:

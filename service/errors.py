@@ -90,6 +90,18 @@ def describe_validation(errors: list[dict[str, Any]]) -> str:
     return "; ".join(shown) + more
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at the request's path."""
+    from starlette.routing import Match
+
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match != Match.NONE and getattr(route, "methods", None):
+            methods |= set(route.methods)
+    return sorted(methods)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api(_: Request, exc: ApiError) -> JSONResponse:
@@ -107,10 +119,15 @@ def install(app: FastAPI) -> None:
         return error_response(422, "invalid_input", describe_validation(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else "request refused"
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 400:  # FastAPI's answer to a body it cannot decode
+            return error_response(422, "invalid_input", "the body is not valid UTF-8 JSON")
+        if exc.status_code == 405:  # Starlette names only the first route's methods
+            headers["Allow"] = ", ".join(allowed_methods(request))
         return error_response(exc.status_code, HTTP_CODES.get(exc.status_code, "error"),
-                              message, getattr(exc, "headers", None))
+                              message, headers or None)
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(PoolTimeout)

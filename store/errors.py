@@ -33,6 +33,12 @@ class TooLarge(DatasetError):
     code = "too_large"
 
 
+class IdempotencyMismatch(InvalidInput):
+    """An Idempotency-Key reused with a different request (HTTP 422)."""
+
+    code = "idempotency_key_reused"
+
+
 class NotFound(StoreError, LookupError):
     code = "not_found"
 

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, delete, select, text, update
+from sqlalchemy import Connection, delete, false, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from store.db import Database
@@ -301,12 +301,22 @@ def requeue_lost(db: Database, owner_is_dead: OwnerCheck | None = None,
         return ids
 
 
-def unpublished_jobs(db: Database, grace_seconds: float = 10.0) -> list[Job]:
-    """Queued jobs whose task was never sent (the broker was down, or the job was
-    requeued). A job created in the last `grace_seconds` is left to its submitter, who
-    publishes right after committing it."""
+def unpublished_jobs(db: Database, grace_seconds: float = 10.0,
+                     republish_seconds: float | None = None) -> list[Job]:
+    """Queued jobs to (re)send: those whose task was never sent (the broker was down, or
+    the job was requeued), and with `republish_seconds`, those sent that long ago but
+    still not started, in case the broker lost the message (a worker killed while it was
+    blocked on the queue pops a message it never keeps). Sending again is harmless: the
+    claim lets one delivery run. The wait grows with the job's age (at least half of it),
+    so a long backlog is not sent over and over. A job created in the last
+    `grace_seconds` is left to its submitter, who publishes right after committing it."""
+    lost = false()
+    if republish_seconds is not None:
+        lost = Job.published_at < text(
+            f"now() - greatest(interval '{float(republish_seconds)} seconds', "
+            "(now() - jobs.created_at) / 2)")
     with db.session() as s:
         return list(s.scalars(select(Job).where(
-            Job.status == "queued", Job.published_at.is_(None),
+            Job.status == "queued", or_(Job.published_at.is_(None), lost),
             Job.created_at < text(f"now() - interval '{float(grace_seconds)} seconds'"),
         ).order_by(Job.id)))

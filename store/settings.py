@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     maintenance_interval: float = Field(
         5.0, description="seconds between maintenance passes (beat): requeue jobs whose "
                          "worker vanished, publish jobs the broker missed")
+    republish_seconds: float = Field(
+        30.0, description="a queued job not started this long after its task was sent is "
+                          "sent again (the broker can lose a message to a worker killed "
+                          "mid-receive); duplicates are harmless")
     visibility_timeout: int = Field(
         86_400, description="seconds before Redis redelivers an unacknowledged task; "
                             "longer than the longest job")

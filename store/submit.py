@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from models.config import ConfigError, TrainConfig, VAEConfig
 from store.datasets import get_dataset
 from store.db import Database
-from store.errors import Conflict, InvalidInput, NotFound
+from store.errors import Conflict, IdempotencyMismatch, InvalidInput, NotFound
 from store.jobs import find_by_key
 from store.tables import EmbeddingSet, Job, Model
 
@@ -42,15 +42,25 @@ def validate_training(dataset_item_shape: list[int], model: dict[str, Any],
     return model_cfg, train_cfg
 
 
-def _existing(db: Database, key: str | None) -> Job | None:
-    return find_by_key(db, key) if key is not None else None
+def _existing(db: Database, key: str | None, request_hash: str | None) -> Job | None:
+    """The job a repeated Idempotency-Key created, if the request is the same one."""
+    job = find_by_key(db, key) if key is not None else None
+    if job is not None and request_hash and job.request_hash != request_hash:
+        name = key.rsplit("#", 1)[0] if job.sweep_id else key
+        raise IdempotencyMismatch(
+            f"Idempotency-Key {name!r} was already used with a different request; "
+            "use a new key for a new request")
+    return job
 
 
 def submit_training(db: Database, dataset_id: int, model: dict[str, Any],
                     training: dict[str, Any], *, idempotency_key: str | None = None,
-                    sweep_id: str | None = None, max_attempts: int = 3) -> tuple[Job, bool]:
-    """A model row (pending) and its training job (queued). Returns (job, created)."""
-    existing = _existing(db, idempotency_key)
+                    sweep_id: str | None = None, max_attempts: int = 3,
+                    request_hash: str | None = None) -> tuple[Job, bool]:
+    """A model row (pending) and its training job (queued), in one transaction. Returns
+    (job, created). A known `idempotency_key` answers its first job (created False) if
+    `request_hash` matches the first request's, and IdempotencyMismatch otherwise."""
+    existing = _existing(db, idempotency_key, request_hash)
     if existing is not None:
         return existing, False
     dataset = get_dataset(db, dataset_id)
@@ -64,12 +74,12 @@ def submit_training(db: Database, dataset_id: int, model: dict[str, Any],
             s.flush()
             job = Job(kind="train", params={"dataset_id": dataset_id, **config},
                       model_id=row.id, sweep_id=sweep_id, idempotency_key=idempotency_key,
-                      max_attempts=max_attempts, status="queued")
+                      request_hash=request_hash, max_attempts=max_attempts, status="queued")
             s.add(job)
             s.flush()
             return job, True
-    except IntegrityError:
-        existing = _existing(db, idempotency_key)
+    except IntegrityError:  # the same key raced in from another request
+        existing = _existing(db, idempotency_key, request_hash)
         if existing is None:
             raise
         return existing, False
@@ -96,7 +106,7 @@ def expand_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
 def submit_sweep(db: Database, dataset_id: int, model: dict[str, Any],
                  training: dict[str, Any], grid: dict[str, list[Any]], *,
                  idempotency_key: str | None = None, max_attempts: int = 3,
-                 ) -> tuple[str, list[Job]]:
+                 request_hash: str | None = None) -> tuple[str, list[Job]]:
     """One training job per grid point, grouped under a sweep id. All are validated first."""
     dataset = get_dataset(db, dataset_id)
     plans = []
@@ -113,7 +123,8 @@ def submit_sweep(db: Database, dataset_id: int, model: dict[str, Any],
     for i, (m, t) in enumerate(plans):
         key = f"{idempotency_key}#{i}" if idempotency_key else None
         jobs.append(submit_training(db, dataset_id, m, t, idempotency_key=key,
-                                    sweep_id=sweep_id, max_attempts=max_attempts)[0])
+                                    sweep_id=sweep_id, max_attempts=max_attempts,
+                                    request_hash=request_hash)[0])
     return sweep_id, jobs
 
 
@@ -138,9 +149,10 @@ def leaderboard(db: Database, sweep_id: str) -> list[dict[str, Any]]:
 
 def submit_embedding(db: Database, model_id: int, dataset_id: int, importance_samples: int = 0,
                      *, idempotency_key: str | None = None, max_attempts: int = 3,
-                     ) -> tuple[Job, bool]:
-    """An embedding set (pending) and its job (queued) for a ready model over a dataset."""
-    existing = _existing(db, idempotency_key)
+                     request_hash: str | None = None) -> tuple[Job, bool]:
+    """An embedding set (pending) and its job (queued) for a ready model over a dataset,
+    in one transaction; idempotency as in `submit_training`."""
+    existing = _existing(db, idempotency_key, request_hash)
     if existing is not None:
         return existing, False
     if isinstance(importance_samples, bool) or not isinstance(importance_samples, int) or not (
@@ -166,13 +178,13 @@ def submit_embedding(db: Database, model_id: int, dataset_id: int, importance_sa
             job = Job(kind="embed", params={"model_id": model_id, "dataset_id": dataset_id,
                                             "importance_samples": importance_samples},
                       model_id=model_id, embedding_set_id=es.id,
-                      idempotency_key=idempotency_key, max_attempts=max_attempts,
-                      status="queued")
+                      idempotency_key=idempotency_key, request_hash=request_hash,
+                      max_attempts=max_attempts, status="queued")
             s.add(job)
             s.flush()
             return job, True
-    except IntegrityError:
-        existing = _existing(db, idempotency_key)
+    except IntegrityError:  # the same key raced in from another request
+        existing = _existing(db, idempotency_key, request_hash)
         if existing is None:
             raise
         return existing, False

@@ -130,6 +130,8 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, server_default="0")
     max_attempts: Mapped[int] = mapped_column(Integer, server_default="3")
     idempotency_key: Mapped[str | None] = mapped_column(Text, unique=True)
+    # sha256 of the request the key came with: the key replays only that request
+    request_hash: Mapped[str | None] = mapped_column(Text)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, server_default="false")
     lease_owner: Mapped[str | None] = mapped_column(Text)
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))

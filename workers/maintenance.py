@@ -1,5 +1,6 @@
 """Periodic maintenance, run by the beat schedule as the `latentbank.maintenance` task:
-requeue jobs whose attempt is gone, then publish jobs whose task was never sent.
+requeue jobs whose attempt is gone, then publish jobs whose task was never sent (or was
+sent but seems lost).
 
 Guarded by a PostgreSQL advisory lock, so overlapping passes (two beats, a slow pass)
 are harmless: the second one finds the lock taken and does nothing.
@@ -27,7 +28,8 @@ def publish(celery_app: Any, db: Database, job: Job) -> None:
     mark_published(db, job.id)
 
 
-def run_maintenance(db: Database, celery_app: Any) -> dict[str, int]:
+def run_maintenance(db: Database, celery_app: Any,
+                    republish_seconds: float | None = None) -> dict[str, int]:
     """One pass. Returns how many jobs were requeued and published (-1: another pass
     holds the lock)."""
     with db.engine.connect() as conn:
@@ -38,7 +40,7 @@ def run_maintenance(db: Database, celery_app: Any) -> dict[str, int]:
             requeued = requeue_lost(db, owner_is_dead)
             for job_id in requeued:
                 log.warning("requeued job_id=%d: its attempt is gone", job_id)
-            jobs = unpublished_jobs(db)
+            jobs = unpublished_jobs(db, republish_seconds=republish_seconds)
             for job in jobs:
                 log.info("publishing job job_id=%d kind=%s attempts=%d", job.id, job.kind,
                          job.attempts)

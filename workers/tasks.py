@@ -27,7 +27,8 @@ SHARD_RETRIES = 6  # about a minute of back-off (1, 2, 4, 8, 16, 30 s)
 def maintenance() -> dict[str, int]:
     from workers.maintenance import run_maintenance
 
-    return run_maintenance(context().db, app)
+    ctx = context()
+    return run_maintenance(ctx.db, app, ctx.settings.republish_seconds)
 
 
 @app.task(name="latentbank.train")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -29,8 +30,9 @@ from store.tables import JOB_KINDS, JOB_STATUSES, Job
 router = APIRouter(tags=["jobs"])
 IdempotencyKey = Header(None, alias="Idempotency-Key", max_length=200,
                         pattern=r"^[!-~]([ -~]*[!-~])?$",
-                        description="repeat a submission safely: the same key answers "
-                                    "with the job it created the first time")
+                        description="repeat a submission safely: the same key with the "
+                                    "same body answers with the job it created the first "
+                                    "time; with another body, 422")
 
 
 def _accepted(response: Response, job: Job, created: bool) -> JobOut:
@@ -49,6 +51,12 @@ async def _publish(svc: Services, job: Job, created: bool) -> Job:
     return job
 
 
+def _request_hash(request: Request, body: Any) -> str:
+    """What an Idempotency-Key is bound to: the route and the parsed body."""
+    canonical = json.dumps([request.url.path, body.model_dump(mode="json")], sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 def _key(value: str | None) -> str | None:
     if value is not None and (not value.strip() or not value.isprintable()):
         raise InvalidInput("Idempotency-Key must be 1-200 printable characters")
@@ -63,7 +71,8 @@ async def create_training_job(request: Request, response: Response, body: Traini
     svc = services(request)
     job, created = await in_thread(
         submit_training, svc.db, body.dataset_id, body.model, body.training,
-        idempotency_key=_key(idempotency_key), max_attempts=svc.settings.job_max_attempts)
+        idempotency_key=_key(idempotency_key), max_attempts=svc.settings.job_max_attempts,
+        request_hash=_request_hash(request, body))
     return _accepted(response, await _publish(svc, job, created), created)
 
 
@@ -75,7 +84,8 @@ async def create_sweep(request: Request, response: Response, body: SweepRequest,
     svc = services(request)
     sweep_id, jobs = await in_thread(
         submit_sweep, svc.db, body.dataset_id, body.model, body.training, body.grid,
-        idempotency_key=_key(idempotency_key), max_attempts=svc.settings.job_max_attempts)
+        idempotency_key=_key(idempotency_key), max_attempts=svc.settings.job_max_attempts,
+        request_hash=_request_hash(request, body))
     published = [await _publish(svc, job, True) for job in jobs]
     response.headers["Location"] = f"/v1/sweeps/{sweep_id}"
     return SweepOut(sweep_id=sweep_id, jobs=[JobOut.of(j) for j in published])
@@ -96,7 +106,8 @@ async def create_embedding_job(request: Request, response: Response, body: Embed
     svc = services(request)
     job, created = await in_thread(
         submit_embedding, svc.db, body.model_id, body.dataset_id, body.importance_samples,
-        idempotency_key=_key(idempotency_key), max_attempts=svc.settings.job_max_attempts)
+        idempotency_key=_key(idempotency_key), max_attempts=svc.settings.job_max_attempts,
+        request_hash=_request_hash(request, body))
     return _accepted(response, await _publish(svc, job, created), created)
 
 

@@ -46,6 +46,7 @@ from store.tables import MODEL_STATUSES, Model, TrainingMetric
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 PNG = "image/png"
+OCTETS = "application/octet-stream"
 
 
 def get_model(svc: Services, model_id: int) -> Model:
@@ -150,11 +151,14 @@ async def curves_png(request: Request, model_id: Id) -> Response:
 # -- serving ---------------------------------------------------------------------------
 
 def _array_body(request: Request) -> str:
-    """The body's media type: JSON or .npy (415 for anything else, before other checks)."""
+    """The body's media type: JSON or .npy, which may also come as
+    application/octet-stream (415 for anything else, before other checks)."""
     kind = media_type(request)
+    if kind == OCTETS:
+        return NPY
     if kind not in (NPY, "application/json"):
         raise ApiError(415, f"content type {kind!r} is not accepted: send application/json "
-                            f"or {NPY}")
+                            f"or an .npy file as {NPY} (or {OCTETS})")
     return kind
 
 
@@ -193,9 +197,12 @@ SERVE_ERRORS = {**ERRORS, 406: ERRORS[409], 503: ERRORS[409]}
 
 
 def _serving_body(schema: str) -> dict[str, Any]:
+    # The .npy body is declared as application/octet-stream, a type every client generator
+    # can send; the server takes the same bytes as application/x-npy too.
     return {"requestBody": {"required": True, "content": {
         "application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}},
-        NPY: {"schema": {"type": "string", "format": "binary"}}}}}
+        OCTETS: {"schema": {"type": "string", "format": "binary",
+                            "description": f"an .npy file (also accepted as {NPY})"}}}}}
 
 
 def _answers(model: type) -> dict[int | str, dict[str, Any]]:

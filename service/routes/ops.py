@@ -14,6 +14,7 @@ from service.deps import Id, Services, in_thread, require, services
 from service.routes.datasets import ERRORS
 from service.schemas import CreatedKeyOut, Health, KeyOut, KeyRequest
 from store.broker import broker_ping
+from store.errors import Conflict
 from store.keys import create_key, list_keys, revoke_key
 
 router = APIRouter(tags=["operations"])
@@ -81,6 +82,9 @@ async def keys(request: Request) -> list[KeyOut]:
                responses=ERRORS, tags=["keys"], summary="Revoke a key")
 async def revoke(request: Request, key_id: Id) -> KeyOut:
     svc = services(request)
+    if key_id == getattr(request.state, "key_id", None):
+        raise Conflict(f"key {key_id} is the one making this request; revoke it with "
+                       "another admin key (so no one locks themselves out by mistake)")
     revoked = await in_thread(revoke_key, svc.db, key_id)
     svc.keys.clear()
     return KeyOut.of(revoked)

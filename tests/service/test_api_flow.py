@@ -7,6 +7,7 @@ import io
 import json
 import time
 
+import httpx
 import numpy as np
 import onnxruntime as ort
 import pyarrow.parquet as pq
@@ -323,3 +324,29 @@ def test_listing_and_idempotent_submission(client, flow):
     assert first.json()["id"] == again.json()["id"]
     assert again.headers.get("idempotent-replayed") == "true"
     client.post(f"/v1/jobs/{first.json()['id']}/cancel")
+    # The key is bound to its request: another body under it is refused, naming the key.
+    other = client.post("/v1/embedding-jobs", json={**body, "importance_samples": 5},
+                        headers={"Idempotency-Key": "k-1"})
+    assert other.status_code == 422
+    assert other.json()["error"]["code"] == "idempotency_key_reused"
+    assert "'k-1'" in other.json()["error"]["message"]
+
+
+def test_fifty_concurrent_submissions_with_one_key_create_one_job(client, flow):
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = {"model_id": flow["model_id"], "dataset_id": flow["dataset"]["id"]}
+    before = len(client.get("/v1/jobs", params={"kind": "embed", "limit": 1000}).json())
+
+    def submit(_):
+        with httpx.Client(base_url=client.base_url, headers=client.headers) as own:
+            return own.post("/v1/embedding-jobs", json=body,
+                            headers={"Idempotency-Key": "fifty-at-once"})
+
+    with ThreadPoolExecutor(50) as pool:
+        answers = list(pool.map(submit, range(50)))
+    assert {a.status_code for a in answers} == {202}
+    assert len({a.json()["id"] for a in answers}) == 1
+    after = client.get("/v1/jobs", params={"kind": "embed", "limit": 1000}).json()
+    assert len(after) == before + 1
+    client.post(f"/v1/jobs/{answers[0].json()['id']}/cancel")

@@ -197,3 +197,16 @@ def test_unpublished_jobs_leave_fresh_submissions_to_their_submitter(db, dataset
     assert job.id not in [j.id for j in unpublished_jobs(db, grace_seconds=60)]
     time.sleep(0.2)
     assert job.id in [j.id for j in unpublished_jobs(db, grace_seconds=0.1)]
+
+
+def test_a_sent_job_that_never_started_is_sent_again_with_a_growing_wait(db, dataset):
+    job = submit_training(db, dataset.id, MODEL, TRAINING)[0]
+    set_columns(db, job.id, created_at="now() - interval '100 seconds'",
+                published_at="now() - interval '40 seconds'")
+    ids = lambda r: [j.id for j in unpublished_jobs(db, republish_seconds=r)]  # noqa: E731
+    assert job.id not in ids(None)  # sent, and no republishing asked for
+    assert job.id not in ids(30)  # 40 s ago, but the job is 100 s old: wait 50 s
+    set_columns(db, job.id, published_at="now() - interval '51 seconds'")
+    assert job.id in ids(30)
+    claim(db, job.id, "runner", 60)
+    assert job.id not in ids(0)  # started: never again
