@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.latentbank-installed
 
-.PHONY: install test lint bench demo clean
+.PHONY: install test lint bench faults demo clean
 
 install: $(STAMP)
 
@@ -23,6 +23,10 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+# The full fault-injection run (about 40 minutes): the README's table of recovery figures.
+faults: $(STAMP)
+	$(PY) bench/faults.py $(FAULTS_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/train.py $(BENCH_ARGS)
