@@ -44,6 +44,7 @@ from typing import IO, Any
 import httpx
 
 from store.jobs import WORKER_QUEUES
+from store.processes import pid_alive
 from store.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -72,21 +73,9 @@ def read_stack(data_dir: Path) -> dict[str, Any] | None:
         info = json.loads(stack_file(data_dir).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(info, dict) or not _alive(int(info.get("pid", 0))):
+    if not isinstance(info, dict) or not pid_alive(int(info.get("pid", 0))):
         return None  # left behind by a supervisor that was killed
     return info
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 try:  # loaded once here: the child between fork and exec must not import or load
@@ -204,7 +193,7 @@ class Part:
         return self.pid_fn()
 
     def alive(self) -> bool:
-        return _alive(self.pid())
+        return pid_alive(self.pid())
 
     def watch(self, say: Callable[[str], None]) -> None:
         """Called every tick: notice a death, and restart after the back-off."""
@@ -227,7 +216,8 @@ class Part:
             if now - self._started_mono > STABLE_AFTER:
                 self._backoff = BACKOFF_FIRST
             return
-        self._dead_since = self._dead_since or now
+        if self._dead_since is None:
+            self._dead_since = now
         if now - self._dead_since < self.dead_after:
             return
         self.last_exit = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

@@ -28,6 +28,7 @@ from sqlalchemy.exc import IntegrityError
 from store.artifacts import ArtifactStore
 from store.db import Database
 from store.errors import Conflict, DatasetError, NotFound, PathNotAllowed, TooLarge
+from store.processes import pid_alive
 from store.readers import Chunk, Source, format_of, load_side_npy, open_npy, open_npz, open_table
 from store.settings import Settings
 from store.tables import Dataset, Item, Model
@@ -296,7 +297,7 @@ def sweep_leftovers(*folders: str | Path | None) -> list[str]:
             continue
         for entry in os.scandir(folder):
             match = pattern.match(entry.name)
-            if match is None or _pid_alive(int(match.group(1))):
+            if match is None or pid_alive(int(match.group(1))):
                 continue
             if entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path, ignore_errors=True)
@@ -305,16 +306,6 @@ def sweep_leftovers(*folders: str | Path | None) -> list[str]:
                     os.unlink(entry.path)
             removed.append(entry.path)
     return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def register_digits(db: Database, artifacts: ArtifactStore, settings: Settings,

@@ -16,40 +16,15 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import uuid
-from functools import cache
 from typing import Any
 
 from store.db import Database
 from store.jobs import LeaseLost, heartbeat
+from store.processes import host_identity, process_start
 
 log = logging.getLogger(__name__)
-
-
-@cache
-def host_identity() -> str:
-    """This host and pid namespace: where a pid means the same process."""
-    try:
-        namespace = os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        namespace = 0
-    return f"{socket.gethostname()}/{namespace}"
-
-
-def process_start(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot; None if it does not exist."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    # the command name (field 2) may hold spaces and parentheses: split after its last ')'
-    fields = stat[stat.rindex(b")") + 2:].split()
-    if fields[0] in (b"Z", b"X"):  # a zombie has finished: it runs nothing
-        return None
-    return int(fields[19])
 
 
 def new_owner() -> str:

@@ -288,6 +288,24 @@ def test_no_api_and_a_bad_key_are_told_apart(data_dir):
     assert bad.returncode == 1 and bad.stderr.startswith("error: 401")
 
 
+def test_status_shows_every_part_and_a_killed_beat_comes_back(data_dir, stack):
+    status = cli_json(data_dir, "status")
+    assert set(status["parts"]) == {"postgres", "redis", "worker", "beat", "api"}
+    assert all(p["health"] in ("ok", "running") for p in status["parts"].values())
+    beat = status["parts"]["beat"]
+    os.kill(beat["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        part = cli_json(data_dir, "status")["parts"]["beat"]
+        if part["restarts"] == beat["restarts"] + 1 and part["health"] == "running":
+            break
+        time.sleep(0.5)
+    assert part["pid"] != beat["pid"] and alive(part["pid"]), part
+    table = cli(data_dir, "status")
+    assert table.returncode == 0 and "beat" in table.stdout and "uptime" in table.stdout
+    assert "restarting the beat (restart 1)" in stack.log.read_text()
+
+
 def test_sigint_stops_everything_and_a_second_up_reuses_the_data(stack, trained, tmp_path):
     """Last in this module: it stops the module's stack."""
     before = stack.processes()

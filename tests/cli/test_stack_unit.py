@@ -34,3 +34,60 @@ def test_port_free():
         s.listen()
         assert not port_free("127.0.0.1", s.getsockname()[1])
     assert port_free("127.0.0.1", 0)
+
+
+def _part(tmp_path, code="import time; time.sleep(60)", dead_after=0.0):
+    from service.stack import Part
+
+    child = Child("sleeper", [sys.executable, "-c", code], {}, tmp_path / "log")
+    return child, Part("sleeper", child.start, lambda: child.pid if child.running() else 0,
+                       lambda: "running", lambda: child.reap(0.0), dead_after=dead_after)
+
+
+def test_a_dead_part_is_restarted_with_a_doubling_back_off(tmp_path, monkeypatch):
+    from service import stack
+
+    clock = [1000.0]
+    monkeypatch.setattr(stack.time, "monotonic", lambda: clock[0])
+    said = []
+    child, part = _part(tmp_path, "pass")  # exits at once, every time
+    part.start()
+    child.proc.wait()
+    delays = []
+    for _ in range(3):
+        part.watch(said.append)  # notices the death, schedules the restart
+        delays.append(part._next_start - clock[0])
+        clock[0] = part._next_start
+        part.watch(said.append)  # restarts it
+        child.proc.wait()
+    assert delays == [1.0, 2.0, 4.0] and part.restarts == 3
+    assert said[:2] == ["the sleeper died; restarting it in 1 s",
+                        "restarting the sleeper (restart 1)"]
+    part.check()
+    assert part.health == "down"
+
+
+def test_a_death_must_last_before_a_restart_and_a_live_part_is_left_alone(tmp_path,
+                                                                          monkeypatch):
+    from service import stack
+
+    clock = [0.0]
+    monkeypatch.setattr(stack.time, "monotonic", lambda: clock[0])
+    child, part = _part(tmp_path, dead_after=3.0)
+    part.start()
+    part.watch(print)
+    assert part._next_start is None and part.restarts == 0
+    part.check()
+    assert part.health == "running"
+    child.reap(0.0)
+    part.watch(print)  # dead for 0 s: maybe a `pg_ctl restart`, not a crash
+    clock[0] = 2.0
+    part.watch(print)
+    assert part._next_start is None
+    clock[0] = 3.5
+    part.watch(print)
+    assert part._next_start == 3.5 + 1.0
+    clock[0] = 5.0
+    part.watch(print)
+    assert part.restarts == 1 and part.alive()
+    part.stop_fn()

@@ -136,10 +136,12 @@ def test_training_progress_carries_the_last_validation_figures(monkeypatch):
     from workers import training
 
     reports = []
-    lease = types.SimpleNamespace(owner="w", report=lambda *a: reports.append(a))
-    ctx = types.SimpleNamespace(artifacts=types.SimpleNamespace(put_file=lambda *a: None))
-    monkeypatch.setattr(training, "write_metrics", lambda *a: None)
-    cb = training.JobCallback(ctx, lease, 1, 2, "/nowhere")
+    lease = types.SimpleNamespace(owner="w", report=lambda *a: reports.append(a),
+                                  confirm=lambda: None, check=lambda: None, lease_seconds=60)
+    artifacts = types.SimpleNamespace(put_file=lambda *a: None, uri=lambda key: key)
+    ctx = types.SimpleNamespace(db=None, artifacts=artifacts)
+    monkeypatch.setattr(training, "record_epochs", lambda *a: None)
+    cb = training.JobCallback(ctx, lease, 1, 2, 1, "/nowhere")
     trainer = types.SimpleNamespace(epoch=3, config=types.SimpleNamespace(epochs=10))
     progress = Progress(fraction=0.35, epoch=4, epochs=10, step=35, total_steps=100,
                         eta_seconds=12.0, message="training")

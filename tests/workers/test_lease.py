@@ -5,7 +5,8 @@ import os
 import subprocess
 import sys
 
-from workers.lease import host_identity, new_owner, owner_is_dead, process_start
+from store.processes import host_identity, process_start
+from workers.lease import new_owner, owner_is_dead
 
 
 def test_a_live_process_is_not_dead():

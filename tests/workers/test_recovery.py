@@ -1,0 +1,68 @@
+"""Recovery of the job system with real worker processes: the prefork parent holds no
+thread that could hand a child a held lock, and a killed pool child's job is taken over
+by the replacement child at once (not after its lease), resuming from its checkpoint."""
+
+import os
+import re
+import signal
+import time
+
+from store.jobs import get_job
+from store.submit import submit_training
+from tests.support import children_of
+from workers.maintenance import publish
+
+MODEL = {"family": "mlp", "latent_dim": 4, "hidden": [64, 32], "likelihood": "bernoulli"}
+TRAINING = {"epochs": 300, "batch_size": 64, "lr": 0.002, "seed": 1,
+            "importance_samples": 10, "eval_importance_samples": 4}
+
+
+def threads_of(pid):
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def wait(what, check, timeout=90):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def epochs(db, model_id):
+    from sqlalchemy import text
+
+    with db.engine.connect() as conn:
+        return conn.execute(text("SELECT count(DISTINCT epoch) FROM training_metrics "
+                                 "WHERE model_id = :m"), {"m": model_id}).scalar_one()
+
+
+def test_the_prefork_parent_runs_no_thread_and_a_replacement_child_runs_tasks(
+        db, start_worker, celery_client, digits_dataset):
+    worker = start_worker("parent", alone=True)
+    # beat's maintenance passes have run in the pool (the first wave ran them in a thread
+    # of the parent, whose import lock a forked replacement child inherited held)
+    wait("a maintenance pass", lambda: "latentbank.maintenance" in worker.log.read_text())
+    assert threads_of(worker.proc.pid) == 1
+    job, _ = submit_training(db, digits_dataset.id, MODEL, TRAINING)
+    publish(celery_client, db, job)
+    wait("two epochs", lambda: epochs(db, job.model_id) >= 2)
+    victim = int(get_job(db, job.id).lease_owner.rsplit(":", 3)[1])
+    assert victim in children_of(worker.proc.pid)
+    os.kill(victim, signal.SIGKILL)  # what the OOM killer does
+    # The replacement child takes the job over from its dead owner, without waiting for
+    # the lease to run out, and resumes from the checkpoint.
+    running = wait("the next attempt", lambda: (j := get_job(db, job.id)).attempts == 2
+                   and j.status == "running" and j)
+    assert running.lease_owner.rsplit(":", 3)[1] != str(victim)
+    log = worker.log.read_text()
+    assert re.search(rf"took over job_id={job.id} from dead owner=\S+:{victim}:", log)
+    resumed = re.search(rf"resuming job_id={job.id} from epoch (\d+)", log)
+    assert resumed and int(resumed.group(1)) >= 2
+    assert threads_of(worker.proc.pid) == 1
+    from store.jobs import request_cancel
+
+    request_cancel(db, job.id)
+    assert wait("the cancel", lambda: get_job(db, job.id).status == "cancelled")
