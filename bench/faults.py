@@ -391,8 +391,8 @@ def child_kill_shard(ctx: Context) -> tuple[float, str]:
 
 def child_kill_finish(ctx: Context) -> tuple[float, str]:
     job = submit_embedding(ctx)
-    wait_until("the finishing step", lambda: ctx.stack.job(job)["progress"] >= 0.95, 120,
-               0.01)
+    wait_until("the finishing step", lambda: (ctx.stack.job(job)["progress_message"] or "")
+               .startswith(("building the index", "measuring")), 120, 0.01)
     at = db_now(ctx)
     for pid in ctx.stack.pool():
         kill(pid)
@@ -484,7 +484,8 @@ def postgres_restart_shards(ctx: Context) -> tuple[float, str]:
 
 def postgres_restart_index(ctx: Context) -> tuple[float, str]:
     job = submit_embedding(ctx)
-    wait_until("the index build", lambda: ctx.stack.job(job)["progress"] >= 0.95, 120, 0.01)
+    wait_until("the index build", lambda: (ctx.stack.job(job)["progress_message"] or "")
+               .startswith("building the index"), 120, 0.01)
     at = db_now(ctx)
     ctx.stack.pg_ctl_restart()
     return recovery_after(ctx, job, at), check_embedding(ctx, job)

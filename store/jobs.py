@@ -21,7 +21,8 @@ Ending a job and its model's (or embedding set's) status happen in one transacti
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -299,6 +300,24 @@ def requeue_lost(db: Database, owner_is_dead: OwnerCheck | None = None,
                 if done is not None:
                     ids.append(done)
         return ids
+
+
+MAINTENANCE_LOCK = 0x1A7E47  # pg advisory lock: one maintenance pass at a time
+
+
+@contextmanager
+def maintenance_lock(db: Database) -> Iterator[bool]:
+    """Hold the maintenance advisory lock for the block if no one else does; yields
+    whether it was taken (a pass that finds it taken does nothing)."""
+    with db.engine.connect() as conn:
+        taken = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"),
+                                  {"k": MAINTENANCE_LOCK}).scalar())
+        try:
+            yield taken
+        finally:
+            if taken:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": MAINTENANCE_LOCK})
+                conn.commit()
 
 
 def unpublished_jobs(db: Database, grace_seconds: float = 10.0,

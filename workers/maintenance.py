@@ -11,15 +11,19 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import text
-
 from store.db import Database
-from store.jobs import QUEUES, TASKS, mark_published, requeue_lost, unpublished_jobs
+from store.jobs import (
+    QUEUES,
+    TASKS,
+    maintenance_lock,
+    mark_published,
+    requeue_lost,
+    unpublished_jobs,
+)
 from store.tables import Job
 from workers.lease import owner_is_dead
 
 log = logging.getLogger(__name__)
-MAINTENANCE_LOCK = 0x1A7E47  # pg advisory lock: one maintenance pass at a time
 
 
 def publish(celery_app: Any, db: Database, job: Job) -> None:
@@ -32,20 +36,15 @@ def run_maintenance(db: Database, celery_app: Any,
                     republish_seconds: float | None = None) -> dict[str, int]:
     """One pass. Returns how many jobs were requeued and published (-1: another pass
     holds the lock)."""
-    with db.engine.connect() as conn:
-        if not conn.execute(text("SELECT pg_try_advisory_lock(:k)"),
-                            {"k": MAINTENANCE_LOCK}).scalar():
+    with maintenance_lock(db) as taken:
+        if not taken:
             return {"requeued": -1, "published": -1}
-        try:
-            requeued = requeue_lost(db, owner_is_dead)
-            for job_id in requeued:
-                log.warning("requeued job_id=%d: its attempt is gone", job_id)
-            jobs = unpublished_jobs(db, republish_seconds=republish_seconds)
-            for job in jobs:
-                log.info("publishing job job_id=%d kind=%s attempts=%d", job.id, job.kind,
-                         job.attempts)
-                publish(celery_app, db, job)
-            return {"requeued": len(requeued), "published": len(jobs)}
-        finally:
-            conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": MAINTENANCE_LOCK})
-            conn.commit()
+        requeued = requeue_lost(db, owner_is_dead)
+        for job_id in requeued:
+            log.warning("requeued job_id=%d: its attempt is gone", job_id)
+        jobs = unpublished_jobs(db, republish_seconds=republish_seconds)
+        for job in jobs:
+            log.info("publishing job job_id=%d kind=%s attempts=%d", job.id, job.kind,
+                     job.attempts)
+            publish(celery_app, db, job)
+        return {"requeued": len(requeued), "published": len(jobs)}

@@ -3,8 +3,8 @@ whether this delivery runs (store.jobs.claim): a redelivered task never repeats 
 
 Failures are sorted in two: the job's own (bad data, a bug: the job fails with the error)
 and the machinery's (the database went away: the attempt ends and the job is requeued,
-see `workers.training.end_attempt`). Embedding shards first retry a database outage
-themselves, since a shard is idempotent.
+see `workers.training.end_attempt`). Embedding shards and the finishing step first retry
+a database outage themselves (both are idempotent).
 """
 
 from __future__ import annotations
@@ -64,8 +64,8 @@ def embed_shard(self: Task, job_id: int, set_id: int, start: int, stop: int,
         raise
 
 
-@app.task(name="latentbank.embed_finish")
-def embed_finish(results: list[dict[str, Any]], job_id: int, set_id: int,
+@app.task(name="latentbank.embed_finish", bind=True, max_retries=SHARD_RETRIES)
+def embed_finish(self: Task, results: list[dict[str, Any]], job_id: int, set_id: int,
                  owner: str) -> dict[str, Any]:
     from workers.embedding import finish_set
 
@@ -74,6 +74,10 @@ def embed_finish(results: list[dict[str, Any]], job_id: int, set_id: int,
     except LeaseLost:
         return {"outcome": "lease_lost"}
     except Exception as exc:
+        if is_transient(exc) and self.request.retries < SHARD_RETRIES:
+            log.warning("embedding finish job_id=%d: the database is away (%s); retrying",
+                        job_id, type(exc).__name__)
+            raise self.retry(exc=exc, countdown=min(30, 2 ** self.request.retries)) from None
         log.exception("embedding finish failed job_id=%d", job_id)
         _end_embedding(job_id, owner, exc)
         raise

@@ -7,6 +7,7 @@ Excluded, as everywhere: positive-data acceptance (a model config can be well-fo
 and still wrong for its dataset; the answer is a 422 that names it)."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -20,11 +21,18 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
+    """A stack whose worker is paused (SIGSTOP) while the fuzzer runs: the jobs it submits
+    are accepted and stored but do not run, and leave the two cores to the API."""
     root = tmp_path_factory.mktemp("fuzzed")
     up = Up(root / "data", free_port(), root / "up.log")
     cli_json(up.data_dir, "datasets", "add", "--builtin", "digits")  # something to find
-    yield up
-    up.stop()
+    worker = cli_json(up.data_dir, "status")["parts"]["worker"]["pid"]
+    os.killpg(worker, signal.SIGSTOP)
+    try:
+        yield up
+    finally:
+        os.killpg(worker, signal.SIGCONT)
+        up.stop()
 
 
 def test_schemathesis_run_from_outside_finds_nothing(live, tmp_path):

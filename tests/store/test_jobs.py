@@ -210,3 +210,13 @@ def test_a_sent_job_that_never_started_is_sent_again_with_a_growing_wait(db, dat
     assert job.id in ids(30)
     claim(db, job.id, "runner", 60)
     assert job.id not in ids(0)  # started: never again
+
+
+def test_one_maintenance_pass_at_a_time(db):
+    from store.jobs import maintenance_lock
+
+    with maintenance_lock(db) as first:
+        with maintenance_lock(db) as second:
+            assert (first, second) == (True, False)
+    with maintenance_lock(db) as again:
+        assert again  # released
