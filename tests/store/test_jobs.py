@@ -215,8 +215,7 @@ def test_a_sent_job_that_never_started_is_sent_again_with_a_growing_wait(db, dat
 def test_one_maintenance_pass_at_a_time(db):
     from store.jobs import maintenance_lock
 
-    with maintenance_lock(db) as first:
-        with maintenance_lock(db) as second:
-            assert (first, second) == (True, False)
+    with maintenance_lock(db) as first, maintenance_lock(db) as second:
+        assert (first, second) == (True, False)
     with maintenance_lock(db) as again:
         assert again  # released
