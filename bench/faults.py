@@ -358,13 +358,20 @@ def kill(pid: int, sig: int = signal.SIGKILL) -> None:
         os.kill(pid, sig)
 
 
+def kill_at(ctx: Context, *pids: int) -> float:
+    """SIGKILL `pids` (negative: a process group); returns the database's clock just after,
+    so no write of the killed processes can look like a recovery."""
+    for pid in pids:
+        kill(pid)
+    return db_now(ctx)
+
+
 # -- scenarios -----------------------------------------------------------------------------
 
 def child_kill_train(ctx: Context) -> tuple[float, str]:
     job = submit_training(ctx)
     wait_until("two epochs", lambda: running_with_epochs(ctx, job, 2), 90)
-    at = db_now(ctx)
-    kill(ctx.stack.owner_pid(job))
+    at = kill_at(ctx, ctx.stack.owner_pid(job))
     return recovery_after(ctx, job, at), check_training(ctx, job)
 
 
@@ -374,8 +381,7 @@ def child_kill_train_early(ctx: Context) -> tuple[float, str]:
     kill(-ctx.stack.pid("worker"))  # the whole worker; the supervisor starts a new one
     job = submit_training(ctx)
     wait_until("a running attempt", lambda: running_with_epochs(ctx, job, 1), 90)
-    at = db_now(ctx)
-    kill(ctx.stack.owner_pid(job))
+    at = kill_at(ctx, ctx.stack.owner_pid(job))
     return recovery_after(ctx, job, at), check_training(ctx, job)
 
 
@@ -383,9 +389,7 @@ def child_kill_shard(ctx: Context) -> tuple[float, str]:
     job = submit_embedding(ctx)
     wait_until("shards writing", lambda: ctx.stack.job(job)["status"] == "running" and
                ctx.stack.job(job)["progress"] > 0, 90, 0.02)
-    at = db_now(ctx)
-    for pid in ctx.stack.pool():
-        kill(pid)
+    at = kill_at(ctx, *ctx.stack.pool())
     return recovery_after(ctx, job, at), check_embedding(ctx, job)
 
 
@@ -393,17 +397,14 @@ def child_kill_finish(ctx: Context) -> tuple[float, str]:
     job = submit_embedding(ctx)
     wait_until("the finishing step", lambda: (ctx.stack.job(job)["progress_message"] or "")
                .startswith(("building the index", "measuring")), 120, 0.01)
-    at = db_now(ctx)
-    for pid in ctx.stack.pool():
-        kill(pid)
+    at = kill_at(ctx, *ctx.stack.pool())
     return recovery_after(ctx, job, at), check_embedding(ctx, job)
 
 
 def worker_kill(ctx: Context) -> tuple[float, str]:
     job = submit_training(ctx)
     wait_until("two epochs", lambda: running_with_epochs(ctx, job, 2), 90)
-    at = db_now(ctx)
-    kill(-ctx.stack.pid("worker"))
+    at = kill_at(ctx, -ctx.stack.pid("worker"))
     return recovery_after(ctx, job, at), check_training(ctx, job)
 
 
@@ -413,8 +414,8 @@ def child_stop(ctx: Context) -> tuple[float, str]:
     job = submit_training(ctx, epochs=200)
     wait_until("two epochs", lambda: running_with_epochs(ctx, job, 2), 90)
     victim = ctx.stack.owner_pid(job)
-    at = db_now(ctx)
     kill(victim, signal.SIGSTOP)
+    at = db_now(ctx)  # a stopped process writes nothing more
     try:
         recovery = recovery_after(ctx, job, at, timeout=2 * LEASE + 60)
         time.sleep(max(0.0, at + 2 * LEASE - db_now(ctx)))
