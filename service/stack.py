@@ -160,7 +160,10 @@ class Child:
             self._log.close()
 
 
-BACKOFF_FIRST, BACKOFF_MAX, STABLE_AFTER = 1.0, 30.0, 60.0
+# A part that ran STABLE_AFTER seconds before it died had started well: it is restarted
+# after BACKOFF_FIRST again. One that keeps dying sooner (a crash loop) waits twice as long
+# each time, up to BACKOFF_MAX.
+BACKOFF_FIRST, BACKOFF_MAX, STABLE_AFTER = 1.0, 30.0, 10.0
 
 
 @dataclass
@@ -213,7 +216,7 @@ class Part:
             return
         if self.alive():
             self._dead_since = None
-            if now - self._started_mono > STABLE_AFTER:
+            if now - self._started_mono >= STABLE_AFTER:
                 self._backoff = BACKOFF_FIRST
             return
         if self._dead_since is None:

@@ -91,3 +91,22 @@ def test_a_death_must_last_before_a_restart_and_a_live_part_is_left_alone(tmp_pa
     part.watch(print)
     assert part.restarts == 1 and part.alive()
     part.stop_fn()
+
+
+def test_a_part_that_ran_a_while_is_restarted_quickly_again(tmp_path, monkeypatch):
+    from service import stack
+
+    clock = [0.0]
+    monkeypatch.setattr(stack.time, "monotonic", lambda: clock[0])
+    child, part = _part(tmp_path)
+    part._backoff = stack.BACKOFF_MAX  # after a crash loop
+    part.start()
+    clock[0] = stack.STABLE_AFTER
+    part.watch(print)  # up long enough: it started well
+    child.reap(0.0)
+    part.watch(print)
+    assert part._next_start == clock[0] + stack.BACKOFF_FIRST
+    clock[0] += 1.0
+    part.watch(print)
+    assert part.restarts == 1 and part.alive()
+    part.stop_fn()
