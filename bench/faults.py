@@ -51,6 +51,7 @@ sys.path.insert(0, ROOT)
 from sqlalchemy import create_engine, text  # noqa: E402
 
 LEASE = 6.0  # the stack's job lease: a SIGSTOP of twice this loses it
+SETTLED = 10.5  # seconds every part has run before the next fault (`up`'s STABLE_AFTER)
 MODEL = {"latent_dim": 8, "hidden": [256, 128]}
 TRAINING = {"epochs": 120, "batch_size": 64, "lr": 0.002, "importance_samples": 20,
             "eval_importance_samples": 4}
@@ -159,12 +160,14 @@ class Stack:
                 raise TrialFailed(f"{method} {path} kept failing")
             time.sleep(0.3)
 
-    def wait_ready(self, timeout: float = 90) -> None:
+    def wait_ready(self, timeout: float = 90, settled: float = 0.0) -> None:
+        """Until every part is healthy (and, with `settled`, has been up that long)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with contextlib.suppress(Exception):
                 parts = self.parts()
-                if all(p["health"] in ("ok", "running") for p in parts.values()) and \
+                if all(p["health"] in ("ok", "running") and
+                       time.time() - p["started_at"] >= settled for p in parts.values()) and \
                         httpx.get(self.url + "/readyz", timeout=3).status_code == 200:
                     return
             time.sleep(0.5)
@@ -517,7 +520,7 @@ def _leftovers(ctx: Context) -> list[str]:
 
 def _api_kill_upload(ctx: Context, when: str) -> tuple[float, str]:
     name = f"upload-{when}-{time.monotonic_ns()}"
-    body = _upload_body(200_000 if when == "arrived" else 50_000, len(name))
+    body = _upload_body(200_000 if when == "arrived" else 50_000, time.monotonic_ns() % 2**32)
     chunk = 1 << 16
     api = ctx.stack.pid("api")
     at = [0.0]
@@ -647,7 +650,9 @@ def run(trials: dict[str, int], log: Callable[[str], None]) -> tuple[list[Trial]
                 fn, _ = SCENARIOS[name]
                 for i in range(count):
                     try:
-                        stack.wait_ready()
+                        # each fault on a settled stack: a part killed again within 10 s
+                        # of its restart would be a crash loop, which `up` backs off
+                        stack.wait_ready(settled=SETTLED)
                         recovery, note = fn(ctx)
                         results.append(Trial(name, True, recovery, note))
                         log(f"{name} #{i + 1}: held, recovered in {recovery:.1f} s ({note})")
