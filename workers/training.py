@@ -3,7 +3,9 @@ rows and checkpoints, evaluate held-out log p(x), export ONNX, register the mode
 
 Fencing: each attempt writes its files under its own artifact folder (`model_key`), and
 every record of them in the database (metric rows with the checkpoint pointer each epoch,
-the model's URIs at the end) is written only while the attempt holds the job's lease. An
+the model's URIs at the end) is written only while the attempt holds the job's lease.
+Within an attempt the checkpoint file is replaced each epoch before the epoch is recorded,
+so a resume writes the checkpoint's history again (it may be one epoch ahead). An
 attempt that lost its lease (it hung past its lease; another attempt runs the job) stops
 at its next check without touching what the newer attempt recorded.
 """
@@ -140,6 +142,11 @@ def _train(ctx: Context, job_id: int, params: dict[str, Any], model_id: int, att
         ctx.artifacts.get_file(ctx.artifacts.key_of(previous), local)
         resume = load_checkpoint(local)
         log.info("resuming job_id=%d from epoch %d", job_id, resume.progress["epoch"])
+        # An attempt overwrites its checkpoint file each epoch before it records the
+        # epoch, so the file can be one epoch ahead of the rows (killed in between):
+        # record the checkpoint's own history again (upserts of the same values).
+        retry_transient(lambda: record_epochs(ctx.db, job_id, lease.owner, model_id,
+                                              resume.history), lease, f"resume of {job_id}")
         lease.report(TRAIN_SHARE * resume.progress["epoch"] / train_cfg.epochs,
                      f"resuming after epoch {resume.progress['epoch']}")
     callback = JobCallback(ctx, lease, job_id, model_id, attempt,

@@ -57,10 +57,11 @@ def test_the_prefork_parent_runs_no_thread_and_a_replacement_child_runs_tasks(
     running = wait("the next attempt", lambda: (j := get_job(db, job.id)).attempts == 2
                    and j.status == "running" and j)
     assert running.lease_owner.rsplit(":", 3)[1] != str(victim)
-    log = worker.log.read_text()
-    assert re.search(rf"took over job_id={job.id} from dead owner=\S+:{victim}:", log)
-    resumed = re.search(rf"resuming job_id={job.id} from epoch (\d+)", log)
-    assert resumed and int(resumed.group(1)) >= 2
+    resumed = wait("the resume", lambda: re.search(
+        rf"resuming job_id={job.id} from epoch (\d+)", worker.log.read_text()))
+    assert int(resumed.group(1)) >= 2
+    assert re.search(rf"took over job_id={job.id} from dead owner=\S+:{victim}:",
+                     worker.log.read_text())
     assert threads_of(worker.proc.pid) == 1
     from store.jobs import request_cancel
 
