@@ -371,6 +371,7 @@ class Stack:
 
     def _postgres_part(self) -> Part:
         from store.db import (
+            ping,
             postmaster_pid,
             restart_embedded_postgres,
             start_embedded_postgres,
@@ -385,11 +386,7 @@ class Stack:
                 restart_embedded_postgres(self._pg)
 
         def health() -> str:
-            import psycopg
-
-            with psycopg.connect(self._db_url.replace("postgresql+psycopg://", "postgresql://"),
-                                 connect_timeout=2) as conn:
-                conn.execute("SELECT 1")
+            ping(self._db_url)
             return "ok"
 
         return Part("postgres", start, lambda: postmaster_pid(directory) or 0, health,

@@ -146,6 +146,15 @@ def migrate(url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(url), revision)
 
 
+def ping(url: str, timeout: int = 2) -> None:
+    """Connect and run `SELECT 1` once (no pool); raises unless the database answers."""
+    import psycopg
+
+    with psycopg.connect(sqlalchemy_url(url).replace("postgresql+psycopg://", "postgresql://"),
+                         connect_timeout=timeout) as conn:
+        conn.execute("SELECT 1")
+
+
 def is_transient(exc: BaseException) -> bool:
     """A failure of the connection to the database (restart, outage, network), which a
     retry may outlive, as opposed to an error of the statement or its data."""
