@@ -9,7 +9,7 @@ import time
 
 from store.jobs import get_job
 from store.submit import submit_training
-from tests.support import children_of
+from tests.support import Worker, children_of
 from workers.maintenance import publish
 
 MODEL = {"family": "mlp", "latent_dim": 4, "hidden": [64, 32], "likelihood": "bernoulli"}
@@ -40,8 +40,18 @@ def epochs(db, model_id):
 
 
 def test_the_prefork_parent_runs_no_thread_and_a_replacement_child_runs_tasks(
-        db, start_worker, celery_client, digits_dataset):
-    worker = start_worker("parent", alone=True)
+        db, start_worker, worker_env, worker_logs, celery_client, digits_dataset):
+    start_worker("placeholder", alone=True).stop()  # every other worker stopped
+    # A lease far longer than the takeover takes: the job cannot come back by expiry.
+    worker = Worker({**worker_env, "LATENTBANK_JOB_LEASE_SECONDS": "60"}, worker_logs,
+                    "parent")
+    try:
+        _kill_a_child_mid_training(db, worker, celery_client, digits_dataset)
+    finally:
+        worker.stop()
+
+
+def _kill_a_child_mid_training(db, worker, celery_client, digits_dataset):
     # beat's maintenance passes have run in the pool (the first wave ran them in a thread
     # of the parent, whose import lock a forked replacement child inherited held)
     wait("a maintenance pass", lambda: "latentbank.maintenance" in worker.log.read_text())
