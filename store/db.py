@@ -1,23 +1,25 @@
-"""Engines, sessions, the embedded PostgreSQL, the pgvector check and migrations."""
+"""Engines, sessions, the pgvector check, and how to tell an outage from an error.
+
+The embedded PostgreSQL of a local stack is started by `service.cli.embedded`; the schema
+is upgraded by `migrations.upgrade`."""
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from store.errors import DatabaseUnavailable, PgvectorMissing
+from store.errors import DatabaseUnavailable, NotFound, PgvectorMissing
 from store.settings import Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PGVECTOR_HELP = (
     "Install the pgvector extension on that server (Debian/Ubuntu: apt install "
@@ -30,62 +32,6 @@ def sqlalchemy_url(url: str) -> str:
     if url.startswith("postgresql://") or url.startswith("postgres://"):
         return "postgresql+psycopg://" + url.split("://", 1)[1]
     return url
-
-
-def start_embedded_postgres(directory: Path) -> tuple[Any, str]:
-    """Start (or attach to) pgserver's PostgreSQL 16 + pgvector in `directory`.
-
-    Only the owning process (`latentbank up`, a test fixture) calls this: pgserver counts
-    its users per process, and one that dies without detaching keeps the server alive.
-    Everyone else gets the returned URL. Returns (server handle, SQLAlchemy URL).
-    """
-    import pgserver
-
-    directory.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(str(directory), cleanup_mode="stop")
-    return server, sqlalchemy_url(server.get_uri())
-
-
-def postmaster_pid(directory: Path) -> int | None:
-    """The pid of the postmaster running in `directory` (whoever started it), or None: the
-    pid in its postmaster.pid, if that process is still a postgres."""
-    try:
-        pid = int((directory / "postmaster.pid").read_text().split("\n", 1)[0])
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            command = f.read()
-    except (OSError, ValueError):
-        return None
-    return pid if b"postgres" in command else None
-
-
-def restart_embedded_postgres(server: Any) -> None:
-    """Start the postmaster of a pgserver handle again after it died (pgserver clears a
-    stale postmaster.pid and starts it on the same socket folder)."""
-    with server._lock:  # pgserver's own inter-process lock around start-up
-        server.ensure_postgres_running()
-
-
-def stop_embedded_postgres(server: Any, directory: Path, timeout: float = 15.0) -> None:
-    """Detach from pgserver (it stops the postmaster it started), then stop whatever
-    postmaster still runs in `directory`: one restarted by someone else (`pg_ctl restart`)
-    is not the process pgserver knows, and would outlive the stack otherwise."""
-    import contextlib
-    import signal
-    import time
-
-    with contextlib.suppress(Exception):
-        server.cleanup()
-    pid = postmaster_pid(directory)
-    if pid is None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGINT)  # PostgreSQL's fast shutdown
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            os.kill(pid, 0)
-            time.sleep(0.1)
-        log.warning("postmaster %d ignored a fast shutdown; sending SIGQUIT", pid)
-        os.kill(pid, signal.SIGQUIT)
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
@@ -123,27 +69,10 @@ def check_database(engine: Engine) -> str:
     return str(row[0])
 
 
-def alembic_config(url: str) -> Any:
-    from alembic.config import Config
-
-    import migrations
-
-    cfg = Config()
-    cfg.set_main_option("script_location", os.path.dirname(migrations.__file__))
-    cfg.set_main_option("sqlalchemy.url", sqlalchemy_url(url).replace("%", "%%"))
-    return cfg
-
-
-def migrate(url: str, revision: str = "head") -> None:
-    """Check the database, then upgrade it to `revision` (idempotent)."""
-    from alembic import command
-
-    engine = make_engine(url)
-    try:
-        check_database(engine)
-    finally:
-        engine.dispose()
-    command.upgrade(alembic_config(url), revision)
+def check_alive(db: Database) -> None:
+    """`SELECT 1` through the pool; raises unless the database answers."""
+    with db.engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
 
 
 def ping(url: str, timeout: int = 2) -> None:
@@ -182,6 +111,23 @@ def database_url(settings: Settings) -> str:
             f"LATENTBANK_DATABASE_URL is not set and no embedded PostgreSQL runs in "
             f"{socket_dir}; start the stack with `latentbank up` or set the URL")
     return f"postgresql+psycopg://postgres:@/postgres?host={socket_dir}"
+
+
+def get_row(db: Database, table: type[T], row_id: int, what: str) -> T:
+    """The row of `table` with id `row_id`; NotFound("<what> <id> does not exist")."""
+    with db.session() as s:
+        row = s.get(table, row_id)
+        if row is None:
+            raise NotFound(f"{what} {row_id} does not exist")
+        return row
+
+
+def narrowed(query: Any, filters: dict[Any, Any]) -> Any:
+    """`query` narrowed by `column == value` for each value in `filters` that is set."""
+    for column, value in filters.items():
+        if value is not None:
+            query = query.where(column == value)
+    return query
 
 
 class Database:

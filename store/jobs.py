@@ -21,23 +21,31 @@ Ending a job and its model's (or embedding set's) status happen in one transacti
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from sqlalchemy import Connection, delete, false, or_, select, text, update
+from sqlalchemy import Connection, delete, false, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
-from store.db import Database
+from store.db import Database, get_row, narrowed
 from store.errors import Conflict, NotFound
 from store.tables import EmbeddingSet, Job, Latent, Model
 
+log = logging.getLogger(__name__)
 TASKS = {"train": "latentbank.train", "embed": "latentbank.embed"}
 QUEUES = {"train": "train", "embed": "embed", "maintenance": "maintenance"}
 WORKER_QUEUES = ",".join(QUEUES.values())  # what a worker consumes by default
 TERMINAL = ("succeeded", "failed", "cancelled")
 OwnerCheck = Callable[[str], bool]
+
+
+class TaskSender(Protocol):
+    """What publishes a task: a Celery app (`store.broker.task_sender`, or the worker's)."""
+
+    def send_task(self, name: str, args: Any = ..., **options: Any) -> Any: ...
 
 
 class LeaseLost(Exception):
@@ -50,16 +58,45 @@ def find_by_key(db: Database, key: str) -> Job | None:
 
 
 def get_job(db: Database, job_id: int) -> Job:
-    with db.session() as s:
-        job = s.get(Job, job_id)
-        if job is None:
-            raise NotFound(f"job {job_id} does not exist")
-        return job
+    return get_row(db, Job, job_id, "job")
 
 
-def mark_published(db: Database, job_id: int) -> None:
+def list_jobs(db: Database, *, status: str | None = None, kind: str | None = None,
+              model_id: int | None = None, sweep_id: str | None = None, limit: int = 100,
+              offset: int = 0) -> list[Job]:
+    """Jobs, newest first, narrowed by each filter that is set."""
+    query = narrowed(select(Job).order_by(Job.id.desc()).limit(limit).offset(offset),
+                     {Job.status: status, Job.kind: kind, Job.model_id: model_id,
+                      Job.sweep_id: sweep_id})
     with db.session() as s:
-        s.execute(update(Job).where(Job.id == job_id).values(published_at=text("now()")))
+        return list(s.scalars(query))
+
+
+def count_jobs(db: Database) -> list[tuple[str, str, int]]:
+    """(kind, status, count) of every job, for the metrics endpoint."""
+    with db.session() as s:
+        rows = s.execute(select(Job.kind, Job.status, func.count()).group_by(Job.kind,
+                                                                             Job.status))
+        return [(kind, status, int(n)) for kind, status, n in rows]
+
+
+def publish(db: Database, sender: TaskSender, job: Job) -> bool:
+    """Send a queued job's task, then record that it was sent. The one way a job's task
+    reaches the broker: the API calls it right after a submission commits, the
+    maintenance pass for jobs never sent (the broker was down) or requeued.
+
+    A broker failure is logged and returns False: the job row is committed already and
+    stays unpublished, so a later maintenance pass sends it. Sending twice is harmless
+    (the claim lets one delivery run)."""
+    try:
+        sender.send_task(TASKS[job.kind], args=[job.id], queue=QUEUES[job.kind], retry=False)
+    except Exception as exc:  # any broker failure
+        log.warning("broker unavailable; job_id=%d stays queued until a later pass (%s)",
+                    job.id, type(exc).__name__)
+        return False
+    with db.session() as s:
+        s.execute(update(Job).where(Job.id == job.id).values(published_at=text("now()")))
+    return True
 
 
 @dataclass
@@ -86,9 +123,10 @@ def _mirror(s: Session, job: Job, status: str, *, discard_latents: bool,
                   .values(status="ready" if status == "succeeded" else status,
                           updated_at=text("now()"), **(model or {})))
     if job.kind == "embed" and job.embedding_set_id is not None:
+        ready = {"ready_at": text("now()")} if status == "succeeded" else {}
         s.execute(update(EmbeddingSet).where(EmbeddingSet.id == job.embedding_set_id)
                   .values(status="ready" if status == "succeeded" else status,
-                          **(embedding_set or {})))
+                          **ready, **(embedding_set or {})))
         if discard_latents:  # a set is complete or empty, never half-written
             s.execute(delete(Latent).where(Latent.set_id == job.embedding_set_id))
 
@@ -137,13 +175,15 @@ def claim(db: Database, job_id: int, owner: str, lease_seconds: float,
 def _started(s: Session, job: Job) -> None:
     """A new attempt begins: its model trains, its embedding set is (re)written and its
     progress counter starts again."""
+    job.items_done = 0
     if job.kind == "train" and job.model_id is not None:
         s.execute(update(Model).where(Model.id == job.model_id)
                   .values(status="training", updated_at=text("now()")))
+        job.items_total = int(job.params.get("training", {}).get("epochs") or 0) or None
     if job.kind == "embed" and job.embedding_set_id is not None:
-        s.execute(update(EmbeddingSet).where(EmbeddingSet.id == job.embedding_set_id)
-                  .values(status="writing"))
-        job.params = {k: v for k, v in job.params.items() if k != "done_rows"}
+        job.items_total = s.scalar(
+            update(EmbeddingSet).where(EmbeddingSet.id == job.embedding_set_id)
+            .values(status="writing").returning(EmbeddingSet.n_items))
 
 
 def heartbeat(db: Database, job_id: int, owner: str, lease_seconds: float, *,
@@ -208,9 +248,9 @@ METRIC_COLUMNS = ("elbo", "reconstruction", "kl", "log_px", "importance_samples"
 
 def record_epochs(db: Database, job_id: int, owner: str, model_id: int,
                   rows: list[dict[str, Any]], checkpoint_uri: str | None = None) -> None:
-    """Upsert one metric row per (model, epoch, split) and point the model at the
-    checkpoint of its latest epoch, in one transaction, only while `owner` holds the job
-    (LeaseLost otherwise). Upserts make a replayed epoch harmless."""
+    """Upsert one metric row per (model, epoch, split), count the epochs done and point
+    the model at the checkpoint of its latest epoch, in one transaction, only while
+    `owner` holds the job (LeaseLost otherwise). Upserts make a replayed epoch harmless."""
     cols = ", ".join(METRIC_COLUMNS)
     updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in METRIC_COLUMNS)
     sql = text(f"INSERT INTO training_metrics (model_id, epoch, split, {cols}) VALUES "
@@ -222,18 +262,25 @@ def record_epochs(db: Database, job_id: int, owner: str, model_id: int,
             conn.execute(sql, [{"model_id": model_id,
                                 **{k: r.get(k) for k in ("epoch", "split", *METRIC_COLUMNS)}}
                                for r in rows])
+            conn.execute(update(Job).where(Job.id == job_id).values(
+                items_done=func.greatest(Job.items_done, max(int(r["epoch"]) for r in rows))))
         if checkpoint_uri is not None:
             conn.execute(update(Model).where(Model.id == model_id)
                          .values(checkpoint_uri=checkpoint_uri, updated_at=text("now()")))
 
 
-def count_embedded(db: Database, job_id: int, rows: int) -> int:
-    """Add `rows` to the attempt's count of embedded items; returns the new total."""
-    with db.engine.begin() as conn:
-        return int(conn.execute(text(
-            "UPDATE jobs SET params = jsonb_set(params, '{done_rows}', to_jsonb("
-            "COALESCE((params->>'done_rows')::bigint, 0) + :n)) WHERE id = :j "
-            "RETURNING (params->>'done_rows')::bigint"), {"n": rows, "j": job_id}).scalar_one())
+def count_done(db: Database, job_id: int, owner: str, items: int) -> tuple[int, int | None]:
+    """Add `items` to the attempt's `items_done` counter (one atomic increment, so the
+    processes of one attempt may count side by side); returns (done, total). Raises
+    LeaseLost, counting nothing, when `owner` no longer holds the job."""
+    with db.session() as s:
+        row = s.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner,
+                                          Job.status == "running")
+                        .values(items_done=Job.items_done + int(items))
+                        .returning(Job.items_done, Job.items_total)).first()
+    if row is None:
+        raise LeaseLost(f"job {job_id} is no longer held by {owner}")
+    return int(row[0]), row[1]
 
 
 def release(db: Database, job_id: int, owner: str, reason: str) -> bool:

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import numpy as np
 from sqlalchemy import Connection, select, text, update
 
-from store.db import Database
+from store.db import Database, get_row, narrowed
 from store.errors import Conflict, InvalidInput, NotFound
 from store.settings import Settings
 from store.tables import EmbeddingSet
@@ -62,11 +62,7 @@ def create_embedding_set(db: Database, model_id: int, dataset_id: int, dim: int,
 
 
 def get_set(db: Database, set_id: int) -> EmbeddingSet:
-    with db.session() as s:
-        row = s.get(EmbeddingSet, set_id)
-        if row is None:
-            raise NotFound(f"embedding set {set_id} does not exist")
-        return row
+    return get_row(db, EmbeddingSet, set_id, "embedding set")
 
 
 # -- bulk writes -------------------------------------------------------------------------
@@ -503,6 +499,31 @@ def mark_set(db: Database, set_id: int, **values: Any) -> None:
         s.execute(update(EmbeddingSet).where(EmbeddingSet.id == set_id).values(**values))
 
 
-def list_sets(db: Database) -> list[EmbeddingSet]:
+def list_sets(db: Database, *, model_id: int | None = None, status: str | None = None,
+              limit: int = 100, offset: int = 0) -> list[EmbeddingSet]:
+    """Embedding sets in id order, narrowed by each filter that is set."""
+    query = narrowed(select(EmbeddingSet).order_by(EmbeddingSet.id).limit(limit)
+                     .offset(offset), {EmbeddingSet.model_id: model_id,
+                                       EmbeddingSet.status: status})
     with db.session() as s:
-        return list(s.scalars(select(EmbeddingSet).order_by(EmbeddingSet.id)))
+        return list(s.scalars(query))
+
+
+def labelled_sample(db: Database, dataset_id: int, n: int, salt: str) -> list[tuple[str, str]]:
+    """Up to `n` (key, label) pairs of a dataset's labelled items: a pseudo-random sample,
+    the same for the same `salt`."""
+    with db.engine.connect() as conn:
+        return [(r[0], r[1]) for r in conn.execute(text(
+            "SELECT key, label FROM items WHERE dataset_id = :d AND label IS NOT NULL "
+            "ORDER BY md5(key || :salt) LIMIT :n"), {"d": dataset_id, "salt": salt, "n": n})]
+
+
+def set_statistics(db: Database, set_id: int) -> dict[str, Any]:
+    """The set's row count and the means of its per-item figures (nats per item)."""
+    with db.engine.connect() as conn:
+        row = conn.execute(text("SELECT count(*), avg(elbo), avg(reconstruction), avg(kl), "
+                                "avg(log_px) FROM latents WHERE set_id = :s"),
+                           {"s": set_id}).one()
+    mean = [None if v is None else float(v) for v in row[1:]]
+    return {"n_items": int(row[0]), "mean_elbo": mean[0], "mean_reconstruction": mean[1],
+            "mean_kl": mean[2], "mean_log_px": mean[3]}

@@ -1,45 +1,33 @@
-"""Job submission: validate, then write the model/set row and the job row in one
-transaction. Publishing the task is the caller's next step (after the commit), so a
-broker outage loses nothing: an unpublished job is published by the workers' maintenance.
+"""Job submission: the model (or embedding set) row and its job row, in one transaction.
 
-`models.config` is plain dataclasses (no torch), so the API can validate here.
+Submissions arrive validated: the API checks a training configuration at its edge with the
+torch-free `models.config`, and hands over the normalised configuration. Publishing the task
+is the caller's next step (`store.jobs.publish`, after the commit), so a broker outage
+loses nothing: an unpublished job is published by the maintenance pass.
+
+An Idempotency-Key binds a submission to its request (the hash of its route and body): the
+same key with the same request answers the job it created the first time; with another
+request, IdempotencyMismatch.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
-from models.config import ConfigError, TrainConfig, VAEConfig
 from store.datasets import get_dataset
 from store.db import Database
 from store.errors import Conflict, IdempotencyMismatch, InvalidInput, NotFound
 from store.jobs import find_by_key
 from store.tables import EmbeddingSet, Job, Model
 
-MAX_SWEEP = 64
-
-
-def validate_training(dataset_item_shape: list[int], model: dict[str, Any],
-                      training: dict[str, Any]) -> tuple[VAEConfig, TrainConfig]:
-    if not isinstance(model, dict) or not isinstance(training, dict):
-        raise InvalidInput("'model' and 'training' must be objects")
-    spec = {"input_shape": list(dataset_item_shape), **model}
-    try:
-        model_cfg, train_cfg = VAEConfig.from_dict(spec), TrainConfig.from_dict(training)
-    except ConfigError as exc:
-        raise InvalidInput(str(exc)) from None
-    item = tuple(dataset_item_shape)
-    if model_cfg.input_shape != item and not (
-            model_cfg.family == "mlp" and math.prod(item) == model_cfg.input_size):
-        raise InvalidInput(f"model.input_shape {list(model_cfg.input_shape)} does not fit the "
-                           f"dataset's items {list(item)}")
-    return model_cfg, train_cfg
+MAX_IMPORTANCE_SAMPLES = 100_000
 
 
 def _existing(db: Database, key: str | None, request_hash: str | None) -> Job | None:
@@ -53,29 +41,17 @@ def _existing(db: Database, key: str | None, request_hash: str | None) -> Job | 
     return job
 
 
-def submit_training(db: Database, dataset_id: int, model: dict[str, Any],
-                    training: dict[str, Any], *, idempotency_key: str | None = None,
-                    sweep_id: str | None = None, max_attempts: int = 3,
-                    request_hash: str | None = None) -> tuple[Job, bool]:
-    """A model row (pending) and its training job (queued), in one transaction. Returns
-    (job, created). A known `idempotency_key` answers its first job (created False) if
-    `request_hash` matches the first request's, and IdempotencyMismatch otherwise."""
+def _submit(db: Database, idempotency_key: str | None, request_hash: str | None,
+            write: Callable[[Session], Job]) -> tuple[Job, bool]:
+    """Run `write` (it adds the rows of one submission) in one transaction, unless the
+    Idempotency-Key already made its job. Returns (job, created)."""
     existing = _existing(db, idempotency_key, request_hash)
     if existing is not None:
         return existing, False
-    dataset = get_dataset(db, dataset_id)
-    model_cfg, train_cfg = validate_training(dataset.item_shape, model, training)
-    config = {"model": model_cfg.to_dict(), "training": train_cfg.to_dict()}
     try:
         with db.session() as s:
-            row = Model(dataset_id=dataset_id, config=config, status="pending",
-                        sweep_id=sweep_id)
-            s.add(row)
-            s.flush()
-            job = Job(kind="train", params={"dataset_id": dataset_id, **config},
-                      model_id=row.id, sweep_id=sweep_id, idempotency_key=idempotency_key,
-                      request_hash=request_hash, max_attempts=max_attempts, status="queued")
-            s.add(job)
+            job = write(s)
+            job.idempotency_key, job.request_hash = idempotency_key, request_hash
             s.flush()
             return job, True
     except IntegrityError:  # the same key raced in from another request
@@ -85,44 +61,40 @@ def submit_training(db: Database, dataset_id: int, model: dict[str, Any],
         return existing, False
 
 
-def expand_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
-    """{"model.latent_dim": [2, 8], "model.beta": [1, 4]} -> 4 override dicts."""
-    if not isinstance(grid, dict) or not grid:
-        raise InvalidInput("sweep must be a non-empty object of 'model.x' / 'training.x' lists")
-    for name, values in grid.items():
-        section, _, field = name.partition(".")
-        if section not in ("model", "training") or not field:
-            raise InvalidInput(f"sweep key {name!r} must look like 'model.<field>' or "
-                               "'training.<field>'")
-        if not isinstance(values, list) or not values:
-            raise InvalidInput(f"sweep values for {name!r} must be a non-empty list")
-    combos = [dict(zip(grid, values, strict=True))
-              for values in itertools.product(*grid.values())]
-    if len(combos) > MAX_SWEEP:
-        raise InvalidInput(f"sweep has {len(combos)} configurations; the limit is {MAX_SWEEP}")
-    return combos
+def submit_training(db: Database, dataset_id: int, config: dict[str, Any], *,
+                    idempotency_key: str | None = None, sweep_id: str | None = None,
+                    max_attempts: int = 3, request_hash: str | None = None,
+                    ) -> tuple[Job, bool]:
+    """A model row (pending) and its training job (queued), in one transaction.
+
+    `config` is {"model": ..., "training": ...}, validated by the caller. Returns
+    (job, created); a known `idempotency_key` answers its first job (created False)."""
+    get_dataset(db, dataset_id)  # NotFound before anything is written
+
+    def write(s: Session) -> Job:
+        row = Model(dataset_id=dataset_id, config=config, status="pending", sweep_id=sweep_id)
+        s.add(row)
+        s.flush()
+        job = Job(kind="train", params={"dataset_id": dataset_id, **config}, model_id=row.id,
+                  sweep_id=sweep_id, max_attempts=max_attempts, status="queued")
+        s.add(job)
+        return job
+
+    return _submit(db, idempotency_key, request_hash, write)
 
 
-def submit_sweep(db: Database, dataset_id: int, model: dict[str, Any],
-                 training: dict[str, Any], grid: dict[str, list[Any]], *,
+def submit_sweep(db: Database, dataset_id: int, configs: list[dict[str, Any]], *,
                  idempotency_key: str | None = None, max_attempts: int = 3,
                  request_hash: str | None = None) -> tuple[str, list[Job]]:
-    """One training job per grid point, grouped under a sweep id. All are validated first."""
-    dataset = get_dataset(db, dataset_id)
-    plans = []
-    for overrides in expand_grid(grid):
-        m, t = dict(model), dict(training)
-        for name, value in overrides.items():
-            section, _, field = name.partition(".")
-            (m if section == "model" else t)[field] = value
-        validate_training(dataset.item_shape, m, t)
-        plans.append((m, t))
+    """One training job per configuration (validated by the caller), under one sweep id.
+    With an Idempotency-Key, job i takes the key `<key>#i`, so a repeated sweep answers
+    its first jobs."""
     sweep_id = idempotency_key and f"sweep-{uuid.uuid5(uuid.NAMESPACE_URL, idempotency_key)}"
     sweep_id = sweep_id or f"sweep-{uuid.uuid4()}"
     jobs = []
-    for i, (m, t) in enumerate(plans):
+    for i, config in enumerate(configs):
         key = f"{idempotency_key}#{i}" if idempotency_key else None
-        jobs.append(submit_training(db, dataset_id, m, t, idempotency_key=key,
+        jobs.append(submit_training(db, dataset_id, config, idempotency_key=key,
                                     sweep_id=sweep_id, max_attempts=max_attempts,
                                     request_hash=request_hash)[0])
     return sweep_id, jobs
@@ -147,17 +119,26 @@ def leaderboard(db: Database, sweep_id: str) -> list[dict[str, Any]]:
              "config": m.config} for i, m in enumerate(ranked)]
 
 
+def fits(item_shape: list[int], model_config: dict[str, Any]) -> bool:
+    """Whether a dataset's items can go through a model: the model's input shape, or, for
+    an MLP, any shape with as many values."""
+    want = list(model_config["input_shape"])
+    return list(item_shape) == want or (model_config.get("family") == "mlp"
+                                        and math.prod(item_shape) == math.prod(want))
+
+
 def submit_embedding(db: Database, model_id: int, dataset_id: int, importance_samples: int = 0,
                      *, idempotency_key: str | None = None, max_attempts: int = 3,
                      request_hash: str | None = None) -> tuple[Job, bool]:
-    """An embedding set (pending) and its job (queued) for a ready model over a dataset,
-    in one transaction; idempotency as in `submit_training`."""
+    """An embedding set (pending) and its job (queued) for a ready model over a dataset
+    whose items fit it, in one transaction; idempotency as in `submit_training`."""
     existing = _existing(db, idempotency_key, request_hash)
     if existing is not None:
         return existing, False
     if isinstance(importance_samples, bool) or not isinstance(importance_samples, int) or not (
-            0 <= importance_samples <= 100_000):
-        raise InvalidInput("importance_samples must be an integer in [0, 100000]")
+            0 <= importance_samples <= MAX_IMPORTANCE_SAMPLES):
+        raise InvalidInput(f"importance_samples must be an integer in "
+                           f"[0, {MAX_IMPORTANCE_SAMPLES}]")
     dataset = get_dataset(db, dataset_id)
     with db.session() as s:
         model = s.get(Model, model_id)
@@ -165,26 +146,22 @@ def submit_embedding(db: Database, model_id: int, dataset_id: int, importance_sa
             raise NotFound(f"model {model_id} does not exist")
         if model.status != "ready":
             raise Conflict(f"model {model_id} is {model.status}, not ready")
-    validate_training(dataset.item_shape, {k: v for k, v in model.config["model"].items()
-                                           if k != "input_shape"} | {
-        "input_shape": model.config["model"]["input_shape"]}, model.config["training"])
-    try:
-        with db.session() as s:
-            es = EmbeddingSet(model_id=model_id, dataset_id=dataset_id,
-                              dim=model.config["model"]["latent_dim"], n_items=dataset.n_items,
-                              importance_samples=importance_samples, status="pending")
-            s.add(es)
-            s.flush()
-            job = Job(kind="embed", params={"model_id": model_id, "dataset_id": dataset_id,
-                                            "importance_samples": importance_samples},
-                      model_id=model_id, embedding_set_id=es.id,
-                      idempotency_key=idempotency_key, request_hash=request_hash,
-                      max_attempts=max_attempts, status="queued")
-            s.add(job)
-            s.flush()
-            return job, True
-    except IntegrityError:  # the same key raced in from another request
-        existing = _existing(db, idempotency_key, request_hash)
-        if existing is None:
-            raise
-        return existing, False
+    if not fits(dataset.item_shape, model.config["model"]):
+        raise InvalidInput(f"dataset {dataset_id}'s items {list(dataset.item_shape)} do not fit "
+                           f"model {model_id}'s input shape "
+                           f"{list(model.config['model']['input_shape'])}")
+
+    def write(s: Session) -> Job:
+        es = EmbeddingSet(model_id=model_id, dataset_id=dataset_id,
+                          dim=model.config["model"]["latent_dim"], n_items=dataset.n_items,
+                          importance_samples=importance_samples, status="pending")
+        s.add(es)
+        s.flush()
+        job = Job(kind="embed", params={"model_id": model_id, "dataset_id": dataset_id,
+                                        "importance_samples": importance_samples},
+                  model_id=model_id, embedding_set_id=es.id, max_attempts=max_attempts,
+                  status="queued")
+        s.add(job)
+        return job
+
+    return _submit(db, idempotency_key, request_hash, write)

@@ -125,6 +125,10 @@ class Job(Base):
     progress: Mapped[float] = mapped_column(Double, server_default="0")
     progress_message: Mapped[str | None] = mapped_column(Text)
     eta_seconds: Mapped[float | None] = mapped_column(Double)
+    # Counted work of the current attempt (embedding: items written; training: epochs
+    # recorded) out of its total, for progress figures that do not parse messages.
+    items_done: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    items_total: Mapped[int | None] = mapped_column(BigInteger)
     params: Mapped[dict[str, Any]] = mapped_column(JSONB)
     error: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, server_default="0")

@@ -24,11 +24,19 @@ from models.checkpoint import load_model
 from models.data import gather_rows
 from models.vae import VAE, elbo_terms, log_px_importance
 from store.datasets import dataset_array, get_dataset
-from store.jobs import LeaseLost, claim, count_embedded, finish, get_job, lease_guard
-from store.latents import build_index, get_set, latent_writer, mark_set, search
+from store.jobs import LeaseLost, count_done, finish, get_job, lease_guard
+from store.latents import (
+    build_index,
+    get_set,
+    labelled_sample,
+    latent_writer,
+    mark_set,
+    search,
+    set_statistics,
+)
 from store.models import get_model
 from workers.context import Context
-from workers.lease import Lease, new_owner, owner_is_dead
+from workers.lease import Lease, start_attempt
 
 log = logging.getLogger(__name__)
 CHUNK_ROWS = 4096
@@ -101,10 +109,8 @@ def start_embedding(ctx: Context, job_id: int) -> dict[str, Any]:
 
     from workers.tasks import embed_finish, embed_shard
 
-    owner = new_owner()
-    got = claim(ctx.db, job_id, owner, ctx.settings.embed_lease_seconds, owner_is_dead)
+    owner, got = start_attempt(ctx.db, job_id, ctx.settings.embed_lease_seconds)
     if got.outcome != "claimed":
-        log.info("embedding delivery skipped job_id=%d outcome=%s", job_id, got.outcome)
         return {"outcome": got.outcome}
     job = got.job
     assert job is not None and job.embedding_set_id is not None
@@ -152,9 +158,11 @@ def run_shard(ctx: Context, job_id: int, set_id: int, start: int, stop: int,
                           out["kl"], out.get("log_px"))
         except ShardCancelled:
             return {"cancelled": True, "worker": socket.gethostname()}
-        done = count_embedded(ctx.db, job_id, stop - start)
-        lease.report(0.95 * done / es.n_items, f"{done}/{es.n_items} items embedded")
         with contextlib.suppress(LeaseLost):  # the finishing task will notice
+            done, total = count_done(ctx.db, job_id, owner, stop - start)
+            total = total or es.n_items
+            lease.report(0.95 * min(done, total) / total, f"{min(done, total)}/{total} items "
+                                                          "embedded")
             lease.beat()
     return {"rows": stop - start, "worker": socket.gethostname() + f":{os.getpid()}"}
 
@@ -163,14 +171,8 @@ def knn_label_accuracy(ctx: Context, set_id: int, sample: int = KNN_SAMPLE, k: i
                        ) -> float | None:
     """How often the majority label of an item's k nearest neighbours is its own label,
     over a seeded sample of labelled items; None without labels."""
-    from sqlalchemy import text
-
     es = get_set(ctx.db, set_id)
-    with ctx.db.engine.connect() as conn:
-        keys = conn.execute(text(
-            "SELECT key, label FROM items WHERE dataset_id = :d AND label IS NOT NULL "
-            "ORDER BY md5(key || :salt) LIMIT :n"),
-            {"d": es.dataset_id, "salt": str(set_id), "n": sample}).all()
+    keys = labelled_sample(ctx.db, es.dataset_id, sample, salt=str(set_id))
     if not keys:
         return None
     hits = 0
@@ -183,8 +185,6 @@ def knn_label_accuracy(ctx: Context, set_id: int, sample: int = KNN_SAMPLE, k: i
 
 def finish_set(ctx: Context, job_id: int, set_id: int, owner: str,
                results: list[dict[str, Any]]) -> dict[str, Any]:
-    from sqlalchemy import text
-
     job, es = get_job(ctx.db, job_id), get_set(ctx.db, set_id)
     if job.status != "running" or job.lease_owner != owner:
         return {"outcome": "stale"}
@@ -196,17 +196,11 @@ def finish_set(ctx: Context, job_id: int, set_id: int, owner: str,
         lease.report(0.95, "building the index")
         lease.confirm()
         report = build_index(ctx.db, set_id, ctx.settings)
-        with ctx.db.engine.connect() as conn:
-            row = conn.execute(text("SELECT count(*), avg(elbo), avg(reconstruction), "
-                                    "avg(kl), avg(log_px) FROM latents WHERE set_id = :s"),
-                               {"s": set_id}).one()
+        stats = set_statistics(ctx.db, set_id)
         lease.report(0.97, "measuring kNN label accuracy")
         accuracy = knn_label_accuracy(ctx, set_id)
         lease.check()
-    stats = {"n_items": int(row[0]), "mean_elbo": float(row[1]),
-             "mean_reconstruction": float(row[2]), "mean_kl": float(row[3]),
-             "mean_log_px": None if row[4] is None else float(row[4]),
-             "knn_label_accuracy": accuracy,
+    stats |= {"knn_label_accuracy": accuracy,
              "index": {"status": report.status, "build_seconds": report.build_seconds,
                        "ef_search": report.ef_search,
                        "calibration_recall": {str(k): v for k, v in report.recall.items()}},
@@ -215,5 +209,5 @@ def finish_set(ctx: Context, job_id: int, set_id: int, owner: str,
     if stats["n_items"] != es.n_items:  # never mark a short set ready
         raise RuntimeError(f"set {set_id} holds {stats['n_items']} rows, not {es.n_items}")
     finish(ctx.db, job_id, owner, "succeeded", message=f"{stats['n_items']} items embedded",
-           embedding_set={"stats": stats, "ready_at": text("now()")})
+           embedding_set={"stats": stats})
     return {"outcome": "succeeded", "stats": stats}

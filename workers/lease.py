@@ -21,7 +21,7 @@ import uuid
 from typing import Any
 
 from store.db import Database
-from store.jobs import LeaseLost, heartbeat
+from store.jobs import Claim, LeaseLost, claim, heartbeat
 from store.processes import host_identity, process_start
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,18 @@ def new_owner() -> str:
     """A unique name for one attempt by this process."""
     pid = os.getpid()
     return f"{host_identity()}:{pid}:{process_start(pid) or 0}:{uuid.uuid4().hex[:8]}"
+
+
+def start_attempt(db: Database, job_id: int, lease_seconds: float) -> tuple[str, Claim]:
+    """Claim a delivered job for a new attempt of this process: (its owner, the claim).
+    A claim whose outcome is not `claimed` tells why this delivery does not run."""
+    owner = new_owner()
+    got = claim(db, job_id, owner, lease_seconds, owner_is_dead)
+    if got.outcome != "claimed":
+        log.info("delivery skipped job_id=%d outcome=%s", job_id, got.outcome)
+    elif got.took_over:
+        log.warning("took over job_id=%d from dead owner=%s", job_id, got.took_over)
+    return owner, got
 
 
 def owner_is_dead(owner: str) -> bool:

@@ -9,30 +9,15 @@ are harmless: the second one finds the lock taken and does nothing.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from store.db import Database
-from store.jobs import (
-    QUEUES,
-    TASKS,
-    maintenance_lock,
-    mark_published,
-    requeue_lost,
-    unpublished_jobs,
-)
-from store.tables import Job
+from store.jobs import TaskSender, maintenance_lock, publish, requeue_lost, unpublished_jobs
 from workers.lease import owner_is_dead
 
 log = logging.getLogger(__name__)
 
 
-def publish(celery_app: Any, db: Database, job: Job) -> None:
-    """Send the job's task; a broker outage leaves it unpublished for a later pass."""
-    celery_app.send_task(TASKS[job.kind], args=[job.id], queue=QUEUES[job.kind])
-    mark_published(db, job.id)
-
-
-def run_maintenance(db: Database, celery_app: Any,
+def run_maintenance(db: Database, sender: TaskSender,
                     republish_seconds: float | None = None) -> dict[str, int]:
     """One pass. Returns how many jobs were requeued and published (-1: another pass
     holds the lock)."""
@@ -43,8 +28,9 @@ def run_maintenance(db: Database, celery_app: Any,
         for job_id in requeued:
             log.warning("requeued job_id=%d: its attempt is gone", job_id)
         jobs = unpublished_jobs(db, republish_seconds=republish_seconds)
+        published = 0
         for job in jobs:
             log.info("publishing job job_id=%d kind=%s attempts=%d", job.id, job.kind,
                      job.attempts)
-            publish(celery_app, db, job)
-        return {"requeued": len(requeued), "published": len(jobs)}
+            published += publish(db, sender, job)
+        return {"requeued": len(requeued), "published": published}

@@ -22,16 +22,16 @@ from typing import Any, TypeVar
 from models.checkpoint import CheckpointError, load_checkpoint
 from models.config import ConfigError, TrainConfig, VAEConfig
 from models.data import DataError
+from models.pipeline import train_evaluate_export
 from models.trainer import Callback, Progress, Trainer, TrainingCancelled
 from store.artifacts import model_key
 from store.datasets import dataset_array, get_dataset
 from store.db import is_transient
 from store.errors import StoreError
-from store.jobs import LeaseLost, claim, finish, get_job, record_epochs, release
+from store.jobs import LeaseLost, finish, get_job, publish, record_epochs, release
 from store.models import get_model
 from workers.context import Context
-from workers.lease import Lease, new_owner, owner_is_dead
-from workers.pipeline import train_evaluate_export
+from workers.lease import Lease, start_attempt
 
 log = logging.getLogger(__name__)
 TRAIN_SHARE = 0.9  # of the job's progress; held-out evaluation and export are the rest
@@ -92,17 +92,13 @@ class JobCallback(Callback):
 
 
 def run_training_job(ctx: Context, job_id: int) -> dict[str, Any]:
-    owner = new_owner()
     settings = ctx.settings
-    got = claim(ctx.db, job_id, owner, settings.job_lease_seconds, owner_is_dead)
+    owner, got = start_attempt(ctx.db, job_id, settings.job_lease_seconds)
     if got.outcome != "claimed":
-        log.info("training delivery skipped job_id=%d outcome=%s", job_id, got.outcome)
         return {"outcome": got.outcome}
     job = got.job
     assert job is not None and job.model_id is not None
     model_id = job.model_id
-    if got.took_over:
-        log.warning("took over job_id=%d from dead owner=%s", job_id, got.took_over)
     log.info("training started job_id=%d model_id=%d attempt=%d", job_id, model_id,
              job.attempts)
     with Lease(ctx.db, job_id, owner, settings.job_lease_seconds) as lease, \
@@ -203,11 +199,7 @@ def end_attempt(ctx: Context, job_id: int, owner: str, exc: BaseException) -> di
 def publish_released(ctx: Context, job_id: int) -> None:
     """Send the requeued job's task now rather than at the next maintenance pass."""
     from workers.app import app
-    from workers.maintenance import publish
 
     job = get_job(ctx.db, job_id)
     if job.status == "queued" and job.published_at is None:
-        try:
-            publish(app, ctx.db, job)
-        except Exception:  # the broker is away too: maintenance publishes it later
-            log.warning("could not publish requeued job_id=%d now", job_id, exc_info=True)
+        publish(ctx.db, app, job)  # the broker away too: maintenance publishes it later
