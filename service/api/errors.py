@@ -62,12 +62,6 @@ STATUSES: tuple[tuple[type[StoreError], int], ...] = (
 def status_of(exc: StoreError) -> int:
     """The first match in STATUSES (subclasses come before their bases); else 422."""
     return next((status for cls, status in STATUSES if isinstance(exc, cls)), 422)
-    if isinstance(exc, NotFound):
-        return 404
-    if isinstance(exc, Conflict):
-        return 409
-    if isinstance(exc, DatabaseUnavailable):
-        return 503
     return 422
 
 

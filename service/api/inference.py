@@ -10,7 +10,6 @@ together (no fixed wait, so a lone request is not delayed).
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import threading
 from collections import OrderedDict
@@ -103,11 +102,6 @@ class SessionCache:
             while len(self._sessions) > self.capacity:
                 self._sessions.popitem(last=False)
         return loaded
-
-
-def item_shape_of(meta: dict[str, str]) -> list[int] | None:
-    raw = meta.get("latentbank.item_shape")
-    return json.loads(raw) if raw else None
 
 
 class Batcher:

@@ -1,4 +1,4 @@
-"""The FastAPI app factory: `uvicorn --factory service.app:create_app`.
+"""The FastAPI app factory: `uvicorn --factory service.api.app:create_app`.
 
 Imports neither torch nor `workers/`: submissions write job rows (store.submit) and send
 Celery tasks by name; serving runs the exported ONNX files with onnxruntime.
@@ -12,16 +12,17 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from sqlalchemy import text
 
-from service import errors
-from service.deps import Services, celery_client
-from service.errors import BodyTooLarge
-from service.inference import Inference, SessionCache
-from service.metrics import Metrics, RequestMetrics
-from service.routes import datasets, embeddings, jobs, models, ops
+from service.api import errors
+from service.api.deps import Services
+from service.api.errors import BodyTooLarge
+from service.api.inference import Inference, SessionCache
+from service.api.metrics import Metrics, RequestMetrics
+from service.api.routes import datasets, embeddings, jobs, keys, models, ops
+from store.broker import task_sender
 from store.datasets import sweep_leftovers
 from store.db import Database
+from store.jobs import count_jobs
 from store.settings import Settings, get_settings, open_artifacts
 
 log = logging.getLogger("latentbank.api")
@@ -78,12 +79,6 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
-def _count_jobs(db: Database) -> list[tuple[str, str, int]]:
-    with db.engine.connect() as conn:
-        rows = conn.execute(text("SELECT kind, status, count(*) FROM jobs GROUP BY 1, 2"))
-        return [(r[0], r[1], int(r[2])) for r in rows]
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     if not settings.database_url:
@@ -93,12 +88,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   connect_args={"connect_timeout": settings.db_connect_timeout},
                   pool_timeout=settings.db_connect_timeout)
     artifacts = open_artifacts(settings)
-    metrics = Metrics(lambda: _count_jobs(db))
+    metrics = Metrics(lambda: count_jobs(db))
     sessions = SessionCache(artifacts, str(settings.cache_dir / "onnx"), settings.onnx_sessions,
                             settings.onnx_threads)
     inference = Inference(sessions, settings.decode_max_rows, settings.decode_batching,
                           observe=metrics.decode_rows.observe)
-    svc = Services(settings, db, artifacts, celery_client(settings), inference, metrics)
+    sender = task_sender(settings.broker_url, settings.visibility_timeout)
+    svc = Services(settings, db, artifacts, sender, inference, metrics)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -120,7 +116,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _too_large(_: Any, exc: BodyTooLarge) -> Any:
         return errors.error_response(413, "too_large", str(exc), {"Connection": "close"})
 
-    for module in (ops, datasets, jobs, models, embeddings):
+    for module in (ops, keys, datasets, jobs, models, embeddings):
         app.include_router(module.router)
     _register_body_schemas(app)
     app.add_middleware(BodyLimit, settings=settings)
@@ -134,7 +130,7 @@ def _register_body_schemas(app: FastAPI) -> None:
     references resolve for clients and generators."""
     from fastapi.openapi.utils import get_openapi
 
-    from service.schemas import DatasetByReference, DecodeRequest, EncodeRequest
+    from service.api.schemas import DatasetByReference, DecodeRequest, EncodeRequest
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

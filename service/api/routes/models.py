@@ -7,15 +7,13 @@ from typing import Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Query, Request, Response
-from sqlalchemy import select
 
-from service.deps import (
+from service.api.deps import (
     NPY,
     Id,
     Services,
     dumps,
     in_thread,
-    listed,
     load_npy,
     media_type,
     npy_bytes,
@@ -25,10 +23,10 @@ from service.deps import (
     services,
     wants,
 )
-from service.errors import ApiError
-from service.inference import as_float_rows, decoder_mean, slerp
-from service.routes.datasets import ERRORS
-from service.schemas import (
+from service.api.errors import ApiError
+from service.api.inference import as_float_rows, decoder_mean, slerp
+from service.api.routes.datasets import ERRORS
+from service.api.schemas import (
     ArrayOut,
     DecodeRequest,
     EncodeOut,
@@ -66,20 +64,6 @@ async def ready_model(svc: Services, model_id: int) -> Model:
     return cached if cached is not None else await in_thread(_ready, svc, model_id)
 
 
-def _list(svc: Services, status: str | None, dataset_id: int | None, sweep_id: str | None,
-          limit: int, offset: int) -> list[Model]:
-    query = select(Model).order_by(Model.id).limit(limit).offset(offset)
-    return listed(svc, query, {Model.status: status, Model.dataset_id: dataset_id,
-                               Model.sweep_id: sweep_id})
-
-
-def _metrics(svc: Services, model_id: int) -> list[TrainingMetric]:
-    get_model(svc, model_id)
-    with svc.db.session() as s:
-        return list(s.scalars(select(TrainingMetric).where(TrainingMetric.model_id == model_id)
-                              .order_by(TrainingMetric.epoch, TrainingMetric.split)))
-
-
 def metric_dict(m: TrainingMetric) -> dict[str, Any]:
     return MetricRow.model_validate(m, from_attributes=True).model_dump()
 
@@ -91,8 +75,8 @@ async def models(request: Request, status: Literal[MODEL_STATUSES] | None = None
                  sweep_id: str | None = Query(None, max_length=200),
                  limit: int = Query(100, ge=1, le=1000),
                  offset: int = Query(0, ge=0, le=2**62)) -> list[ModelOut]:
-    rows = await in_thread(_list, services(request), status, dataset_id, sweep_id, limit,
-                           offset)
+    rows = await in_thread(store_models.list_models, services(request).db, status=status,
+                           dataset_id=dataset_id, sweep_id=sweep_id, limit=limit, offset=offset)
     return [ModelOut.of(m) for m in rows]
 
 
@@ -106,7 +90,7 @@ async def model(request: Request, model_id: Id) -> ModelOut:
             dependencies=[require("read")], responses=ERRORS,
             summary="Per-epoch metrics in nats per item (train and val splits)")
 async def model_metrics(request: Request, model_id: Id) -> list[MetricRow]:
-    rows = await in_thread(_metrics, services(request), model_id)
+    rows = await in_thread(store_models.model_metrics, services(request).db, model_id)
     return [MetricRow.model_validate(m, from_attributes=True) for m in rows]
 
 
@@ -134,9 +118,9 @@ async def onnx_file(request: Request, model_id: Id,
             responses={200: {"content": {PNG: {}}}, **ERRORS}, response_class=Response,
             summary="Training curves: ELBO, log p(x), reconstruction and KL per epoch")
 async def curves_png(request: Request, model_id: Id) -> Response:
-    from store.plots import plot_training_curves
+    from service.api.plots import plot_training_curves
 
-    rows = await in_thread(_metrics, services(request), model_id)
+    rows = await in_thread(store_models.model_metrics, services(request).db, model_id)
     if not rows:
         raise Conflict(f"model {model_id} has no metrics yet")
 
@@ -184,7 +168,7 @@ def _answer(request: Request, arrays: dict[str, np.ndarray], image: str | None =
         if image is None or not _image_like(main.shape[1:]):
             raise ApiError(406, f"items of shape {list(main.shape[1:])} are not images; "
                                 "ask for application/json or application/x-npy")
-        from store.plots import image_grid
+        from service.api.plots import image_grid
 
         buffer = io.BytesIO()
         image_grid(main, columns=min(len(main), 16)).save(buffer, format="PNG")

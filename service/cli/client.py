@@ -41,7 +41,7 @@ def resolve(url: str | None = None, key: str | None = None) -> tuple[str, str | 
     """The API's URL and key, by the rules in this module's docstring. The key saved by
     `latentbank up` goes only to that stack's URL (or to the default, local one), never
     to another server named by `url` or LATENTBANK_URL."""
-    from service.stack import key_file, read_stack, stack_file
+    from service.cli.stack import key_file, read_stack, stack_file
 
     url = url or os.environ.get("LATENTBANK_URL")
     key = key or os.environ.get("LATENTBANK_API_KEY")
@@ -151,12 +151,6 @@ class Client:
                                       f"{job_id}", 3) from None
                 time.sleep(min(2 ** failures, 10))
 
-    def wait(self, job_id: int) -> dict[str, Any]:
-        last: dict[str, Any] = {}
-        for last in self.events(job_id):  # noqa: B007 (the final state is the answer)
-            pass
-        return last
-
     # --- arrays ---------------------------------------------------------------------
     def post_array(self, path: str, accept: str, **kwargs: Any) -> bytes:
         headers = {**kwargs.pop("headers", {}), "Accept": accept}
@@ -167,7 +161,3 @@ def npy_body(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
     return buffer.getvalue()
-
-
-def load_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)

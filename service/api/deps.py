@@ -10,22 +10,20 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeVar
 
 import numpy as np
-from celery import Celery
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from service.errors import ApiError, describe_validation
-from service.inference import Inference
-from service.metrics import Metrics
+from service.api.errors import ApiError, describe_validation
+from service.api.inference import Inference
+from service.api.metrics import Metrics
 from store.artifacts import ArtifactStore
 from store.db import Database
 from store.errors import InvalidInput
-from store.jobs import QUEUES, TASKS, mark_published
+from store.jobs import TaskSender
 from store.keys import hash_key, implied_scopes, verify_key
 from store.settings import Settings
-from store.tables import Job
 
 log = logging.getLogger("latentbank.api")
 NPY = "application/x-npy"
@@ -60,7 +58,7 @@ class Services:
     settings: Settings
     db: Database
     artifacts: ArtifactStore
-    celery: Celery
+    sender: TaskSender  # publishes job tasks (store.jobs.publish)
     inference: Inference
     metrics: Metrics
     # verified keys: (id, scopes) by the secret's hash. A key revoked by another process
@@ -72,32 +70,6 @@ class Services:
 
 def services(request: Request) -> Services:
     return request.app.state.services
-
-
-def celery_client(settings: Settings) -> Celery:
-    """A publisher only (the API never imports the tasks): fails fast when the broker is
-    down, so a submission answers at once and its job is published later."""
-    app = Celery("latentbank-api", set_as_current=False)
-    transport = {"visibility_timeout": settings.visibility_timeout, "max_retries": 0,
-                 "socket_connect_timeout": 2, "socket_timeout": 2}
-    app.conf.update(broker_url=settings.broker_url, task_serializer="json",
-                    accept_content=["json"], broker_transport_options=transport,
-                    broker_connection_retry=False, broker_connection_max_retries=0,
-                    broker_connection_timeout=2)
-    return app
-
-
-def publish_now(svc: Services, job: Job) -> bool:
-    """Send the job's task; on a broker outage leave it for the workers' maintenance."""
-    try:
-        svc.celery.send_task(TASKS[job.kind], args=[job.id], queue=QUEUES[job.kind],
-                             retry=False)
-    except Exception as exc:  # any broker failure: the job row is already committed
-        log.warning("broker unavailable; job_id=%d stays queued until it is back (%s)",
-                    job.id, type(exc).__name__)
-        return False
-    mark_published(svc.db, job.id)
-    return True
 
 
 bearer = HTTPBearer(auto_error=False, description="an API key from `latentbank keys create`")
@@ -129,15 +101,6 @@ def require(scope: str) -> Any:
 
     check.__name__ = f"require_{scope}"
     return Depends(check)
-
-
-def listed(svc: Services, query: Any, filters: dict[Any, Any]) -> list[Any]:
-    """The rows of `query`, narrowed by `column == value` for each value that is set."""
-    for column, value in filters.items():
-        if value is not None:
-            query = query.where(column == value)
-    with svc.db.session() as s:
-        return list(s.scalars(query))
 
 
 async def read_body(request: Request) -> bytes:

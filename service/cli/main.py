@@ -6,7 +6,8 @@ from importlib.metadata import version
 
 import typer
 
-from service import verbs
+from service.cli import datasets, demo, embeddings, jobs, keys, models
+from store.jobs import WORKER_QUEUES
 
 app = typer.Typer(help="latentbank: train VAEs, store latents, serve ONNX decoders.",
                   no_args_is_help=True, add_completion=False)
@@ -26,7 +27,9 @@ def show_version() -> None:
 @app.command("migrate")
 def migrate_command(revision: str = typer.Argument("head", help="Alembic revision")) -> None:
     """Check the database (PostgreSQL with pgvector) and upgrade its schema."""
-    from store.db import migrate, redacted, start_embedded_postgres
+    from migrations import migrate
+    from service.cli.embedded import start_embedded_postgres
+    from store.db import redacted
     from store.errors import DatabaseUnavailable
     from store.settings import get_settings
 
@@ -49,25 +52,21 @@ def migrate_command(revision: str = typer.Argument("head", help="Alembic revisio
 
 @app.command("worker")
 def worker_command(
-    queues: str = typer.Option("train,embed,maintenance",
+    queues: str = typer.Option(WORKER_QUEUES,
                                help="comma-separated: train (GPU), embed, maintenance"),
     concurrency: int = typer.Option(1, help="pool processes (GPU hosts: 1 per GPU)"),
     pool: str = typer.Option("auto", help="auto (solo when CUDA is present), prefork, solo"),
     name: str = typer.Option("latentbank@%h", help="the worker's node name"),
 ) -> None:
-    """Run a Celery worker (a subprocess: this CLI never imports torch)."""
+    """Run a Celery worker (exec'd: this CLI never imports torch)."""
     import os
-    import shutil
-    import sys
 
-    if pool == "auto":
-        # CUDA cannot start in forked children: GPU workers use the solo pool.
-        pool = "solo" if shutil.which("nvidia-smi") else "prefork"
+    from workers.commands import worker_argv
+
+    cmd = worker_argv(queues, concurrency, pool, name)
     env = {**os.environ, "LATENTBANK_WORKER_CONCURRENCY": str(concurrency)}
-    cmd = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", queues,
-           "-P", pool, "-c", str(concurrency), "-n", name, "--loglevel", "INFO"]
     # exec, so signals (SIGTERM: warm shutdown) reach Celery itself
-    os.execve(sys.executable, cmd, env)
+    os.execve(cmd[0], cmd, env)
 
 
 @app.command("beat")
@@ -79,15 +78,14 @@ def beat_command(
     seconds (requeue jobs whose worker died, publish jobs the broker missed). One per
     deployment is enough; a second is harmless (an advisory lock serialises the passes)."""
     import os
-    import sys
 
     from store.settings import get_settings
+    from workers.commands import beat_argv
 
     path = schedule or str(get_settings().data_dir.resolve() / "beat" / "schedule")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    cmd = [sys.executable, "-m", "celery", "-A", "workers.app", "beat", "--schedule", path,
-           "--pidfile=", "--loglevel", "INFO"]
-    os.execv(sys.executable, cmd)
+    cmd = beat_argv(path)
+    os.execv(cmd[0], cmd)
 
 
 @app.command("status")
@@ -98,7 +96,7 @@ def status_command(
     import json
     import time
 
-    from service.stack import read_stack
+    from service.cli.stack import read_stack
     from store.settings import get_settings
 
     info = read_stack(get_settings().data_dir)
@@ -149,7 +147,7 @@ def api_command(
     if not settings.database_url:
         typer.echo("error: LATENTBANK_DATABASE_URL is not set", err=True)
         raise typer.Exit(2)
-    uvicorn.run("service.app:create_app", factory=True, host=host or settings.api_host,
+    uvicorn.run("service.api.app:create_app", factory=True, host=host or settings.api_host,
                 port=port or settings.api_port, workers=workers, log_level="info",
                 proxy_headers=True)
 
@@ -172,7 +170,7 @@ def up_command(
     """
     import logging
 
-    from service.stack import run_up
+    from service.cli.stack import run_up
     from store.settings import get_settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s "
@@ -185,7 +183,14 @@ def up_command(
     raise typer.Exit(status)
 
 
-verbs.register(app)
+app.command("demo")(demo.demo)
+app.add_typer(datasets.datasets_app, name="datasets")
+app.add_typer(jobs.jobs_app, name="jobs")
+app.add_typer(models.models_app, name="models")
+app.add_typer(embeddings.embeddings_app, name="embeddings")
+app.add_typer(keys.keys_app, name="keys")
+for _verb in (jobs.train, jobs.embed, embeddings.search, models.decode, embeddings.export):
+    app.command(_verb.__name__)(_verb)
 
 
 def main() -> None:

@@ -10,11 +10,10 @@ from typing import Any, Literal
 import numpy as np
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from sqlalchemy import select
 
-from service.deps import Id, Services, in_thread, listed, require, services
-from service.routes.datasets import ERRORS
-from service.schemas import (
+from service.api.deps import Id, Services, in_thread, require, services
+from service.api.routes.datasets import ERRORS
+from service.api.schemas import (
     EmbeddingSetOut,
     HitOut,
     ItemOut,
@@ -28,6 +27,7 @@ from store.latents import (
     export_pages,
     get_item,
     get_set,
+    list_sets,
     outliers,
     search,
 )
@@ -41,12 +41,6 @@ def _hit(h: Any, with_distance: bool = True) -> HitOut:
     return HitOut(key=h.key, index=h.index, label=h.label,
                   distance=h.distance if with_distance else None, elbo=h.elbo,
                   log_px=h.log_px, metadata=h.metadata)
-
-
-def _list(svc: Services, model_id: int | None, status: str | None, limit: int,
-          offset: int) -> list[EmbeddingSet]:
-    query = select(EmbeddingSet).order_by(EmbeddingSet.id).limit(limit).offset(offset)
-    return listed(svc, query, {EmbeddingSet.model_id: model_id, EmbeddingSet.status: status})
 
 
 def _readable(svc: Services, set_id: int) -> EmbeddingSet:
@@ -63,7 +57,8 @@ async def embedding_sets(request: Request,
                          status: Literal[SET_STATUSES] | None = None,
                          limit: int = Query(100, ge=1, le=1000),
                          offset: int = Query(0, ge=0, le=2**62)) -> list[EmbeddingSetOut]:
-    rows = await in_thread(_list, services(request), model_id, status, limit, offset)
+    rows = await in_thread(list_sets, services(request).db, model_id=model_id, status=status,
+                           limit=limit, offset=offset)
     return [EmbeddingSetOut.of(e) for e in rows]
 
 
@@ -178,7 +173,7 @@ async def export(request: Request, set_id: Id,
 
 
 def _latent_png(svc: Services, es: EmbeddingSet) -> bytes:
-    from store.plots import plot_latents
+    from service.api.plots import plot_latents
 
     mu, labels = [], []
     for page in export_pages(svc.db, es.id, 20_000):

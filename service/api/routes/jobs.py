@@ -11,19 +11,20 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from sqlalchemy import select
 
-from service.deps import Id, Services, in_thread, listed, publish_now, require, services
-from service.routes.datasets import ERRORS
-from service.schemas import (
+from service.api.deps import Id, Services, in_thread, require, services
+from service.api.routes.datasets import ERRORS
+from service.api.schemas import (
     EmbeddingRequest,
     JobOut,
     SweepOut,
     SweepRequest,
     TrainingRequest,
 )
+from service.api.validation import sweep_configs, training_config
+from store.datasets import get_dataset
 from store.errors import InvalidInput
-from store.jobs import TERMINAL, get_job, request_cancel
+from store.jobs import TERMINAL, get_job, list_jobs, publish, request_cancel
 from store.submit import leaderboard, submit_embedding, submit_sweep, submit_training
 from store.tables import JOB_KINDS, JOB_STATUSES, Job
 
@@ -46,7 +47,7 @@ async def _publish(svc: Services, job: Job, created: bool) -> Job:
     if created:
         svc.metrics.submissions.labels(job.kind).inc()
     if job.published_at is None and job.status == "queued":
-        await in_thread(publish_now, svc, job)
+        await in_thread(publish, svc.db, svc.sender, job)
         return await in_thread(get_job, svc.db, job.id)
     return job
 
@@ -69,8 +70,10 @@ def _key(value: str | None) -> str | None:
 async def create_training_job(request: Request, response: Response, body: TrainingRequest,
                               idempotency_key: str | None = IdempotencyKey) -> JobOut:
     svc = services(request)
+    dataset = await in_thread(get_dataset, svc.db, body.dataset_id)
+    config = training_config(dataset.item_shape, body.model, body.training)
     job, created = await in_thread(
-        submit_training, svc.db, body.dataset_id, body.model, body.training,
+        submit_training, svc.db, body.dataset_id, config,
         idempotency_key=_key(idempotency_key), max_attempts=svc.settings.job_max_attempts,
         request_hash=_request_hash(request, body))
     return _accepted(response, await _publish(svc, job, created), created)
@@ -82,8 +85,10 @@ async def create_training_job(request: Request, response: Response, body: Traini
 async def create_sweep(request: Request, response: Response, body: SweepRequest,
                        idempotency_key: str | None = IdempotencyKey) -> SweepOut:
     svc = services(request)
+    dataset = await in_thread(get_dataset, svc.db, body.dataset_id)
+    configs = sweep_configs(dataset.item_shape, body.model, body.training, body.grid)
     sweep_id, jobs = await in_thread(
-        submit_sweep, svc.db, body.dataset_id, body.model, body.training, body.grid,
+        submit_sweep, svc.db, body.dataset_id, configs,
         idempotency_key=_key(idempotency_key), max_attempts=svc.settings.job_max_attempts,
         request_hash=_request_hash(request, body))
     published = [await _publish(svc, job, True) for job in jobs]
@@ -111,13 +116,6 @@ async def create_embedding_job(request: Request, response: Response, body: Embed
     return _accepted(response, await _publish(svc, job, created), created)
 
 
-def _list_jobs(svc: Services, status: str | None, kind: str | None, model_id: int | None,
-               sweep_id: str | None, limit: int, offset: int) -> list[Job]:
-    query = select(Job).order_by(Job.id.desc()).limit(limit).offset(offset)
-    return listed(svc, query, {Job.status: status, Job.kind: kind, Job.model_id: model_id,
-                               Job.sweep_id: sweep_id})
-
-
 @router.get("/v1/jobs", response_model=list[JobOut], dependencies=[require("read")],
             responses=ERRORS, summary="Jobs, newest first")
 async def jobs(request: Request,
@@ -127,8 +125,8 @@ async def jobs(request: Request,
                sweep_id: str | None = Query(None, max_length=200),
                limit: int = Query(100, ge=1, le=1000),
                offset: int = Query(0, ge=0, le=2**62)) -> list[JobOut]:
-    rows = await in_thread(_list_jobs, services(request), status, kind, model_id, sweep_id,
-                           limit, offset)
+    rows = await in_thread(list_jobs, services(request).db, status=status, kind=kind,
+                           model_id=model_id, sweep_id=sweep_id, limit=limit, offset=offset)
     return [JobOut.of(j) for j in rows]
 
 

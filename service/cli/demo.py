@@ -5,46 +5,39 @@ LATENTBANK_DATA_DIR), registers scikit-learn's digits, trains a VAE, embeds ever
 finds neighbours, decodes prior samples to a PNG grid, prints a summary table and the
 paths of the results, and stops the stack it started.
 
-    python -m service.demo [--epochs 100] [--out out/demo]
+    latentbank demo [--epochs 100] [--out out/demo]
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
 import numpy as np
+import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from service.client import Client, ClientError
-from service.stack import port_free, read_stack, stack_file
-from service.verbs import watch_job
+from service.cli.client import Client, ClientError
+from service.cli.jobs import watch_job
+from service.cli.stack import free_port, port_free, read_stack, stack_file
 from store.settings import get_settings
 
 console = Console(highlight=False)
 if not console.is_terminal:
     console.width = 120
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager
@@ -60,7 +53,7 @@ def stack(data_dir: Path, port: int | None, log_path: Path) -> Iterator[tuple[st
     settings = get_settings()
     if port is None:
         port = settings.api_port if port_free(settings.api_host, settings.api_port) else (
-            _free_port())
+            free_port())
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with open(log_path, "w") as log:
@@ -241,37 +234,34 @@ def report(summary: dict[str, Any]) -> None:
         console.print(f"  {name:28s} {path}")
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=100,
-                        help="at most; training stops early once validation stalls")
-    parser.add_argument("--latent-dim", type=int, default=8)
-    parser.add_argument("--importance-samples", type=int, default=1000,
-                        help="K of the held-out log p(x) estimate")
-    parser.add_argument("--queries", type=int, default=300,
-                        help="items whose neighbours measure the kNN label accuracy")
-    parser.add_argument("--port", type=int, default=None,
-                        help="API port of the stack started here (default 8000, else free)")
-    parser.add_argument("--out", type=Path, default=Path("out/demo"))
-    args = parser.parse_args(argv)
+DEMO_OUT = Path("out/demo")
+
+
+def demo(
+    epochs: int = typer.Option(100, help="at most; training stops early once validation "
+                                         "stalls"),
+    latent_dim: int = typer.Option(8, help="latent dimensions"),
+    importance_samples: int = typer.Option(1000, help="K of the held-out log p(x) estimate"),
+    queries: int = typer.Option(300, help="items whose neighbours measure the kNN label "
+                                          "accuracy"),
+    port: int = typer.Option(None, help="API port of the stack started here (default 8000, "
+                                        "else a free one)"),
+    out: Annotated[Path, typer.Option(help="folder for the results and plots")] = DEMO_OUT,
+) -> None:
+    """The whole service on the built-in digits, through its HTTP API (what `make demo`
+    runs): train, embed, search, decode; prints a summary and where the results are."""
     data_dir = get_settings().data_dir
     timings: dict[str, float] = {}
     began = time.perf_counter()
     try:
-        with stack(data_dir, args.port, args.out / "stack.log") as (url, seconds):
+        with stack(data_dir, port, out / "stack.log") as (url, seconds):
             if seconds:
                 timings["start the stack"] = seconds
             with Client(url) as c:
-                summary = run(c, args.out, args.epochs, args.latent_dim,
-                              args.importance_samples, args.queries, timings)
-    except ClientError as exc:
-        raise SystemExit(f"error: {exc}") from None
-    except httpx.HTTPError as exc:
-        raise SystemExit(f"error: {exc}") from None
+                summary = run(c, out, epochs, latent_dim, importance_samples, queries, timings)
+    except (ClientError, httpx.HTTPError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
     summary["timings_seconds"]["total"] = time.perf_counter() - began
     Path(summary["files"]["summary"]).write_text(json.dumps(summary, indent=2))
     report(summary)
-
-
-if __name__ == "__main__":
-    main()

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Query, Request, Response
 from starlette.datastructures import UploadFile
 
-from service.deps import (
+from service.api.deps import (
     Id,
     Services,
     in_thread,
@@ -20,19 +20,17 @@ from service.deps import (
     require,
     services,
 )
-from service.errors import BodyTooLarge
-from service.schemas import DatasetByReference, DatasetOut, ErrorBody
-from store.datasets import (
+from service.api.errors import BodyTooLarge
+from service.api.readers import (
     IngestOptions,
-    delete_dataset,
-    get_dataset,
-    list_datasets,
-    register_dataset,
+    format_of,
     register_digits,
+    register_file,
     resolve_allowed_path,
 )
+from service.api.schemas import DatasetByReference, DatasetOut, ErrorBody
+from store.datasets import delete_dataset, get_dataset, list_datasets
 from store.errors import InvalidInput, UnsupportedFormat
-from store.readers import format_of
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -106,7 +104,7 @@ def _ingest_upload(svc: Services, form: Any) -> tuple[Any, bool]:
                                 feature_columns=_columns(fields["feature_columns"]),
                                 metadata_columns=_columns(fields["metadata_columns"]),
                                 keys_path=side["keys"], labels_path=side["labels"])
-        registered = register_dataset(svc.db, svc.artifacts, svc.settings, name, data,
+        registered = register_file(svc.db, svc.artifacts, svc.settings, name, data,
                                       filename=filename, options=options)
     return registered.dataset, registered.created
 
@@ -124,7 +122,7 @@ def _ingest_reference(svc: Services, body: DatasetByReference) -> tuple[Any, boo
                             label_column=body.label_column,
                             feature_columns=body.feature_columns,
                             metadata_columns=body.metadata_columns)
-    registered = register_dataset(svc.db, svc.artifacts, svc.settings, body.name, path,
+    registered = register_file(svc.db, svc.artifacts, svc.settings, body.name, path,
                                   options=options, source_uri=path)
     return registered.dataset, registered.created
 

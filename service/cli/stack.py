@@ -29,7 +29,6 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -43,9 +42,9 @@ from typing import IO, Any
 
 import httpx
 
-from store.jobs import WORKER_QUEUES
 from store.processes import pid_alive
 from store.settings import Settings
+from workers.commands import beat_argv, worker_argv
 
 log = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per readiness poll
@@ -88,6 +87,13 @@ def _die_with_parent() -> None:
     """Linux: a child gets SIGTERM if the supervisor dies (even by SIGKILL)."""
     if _LIBC is not None:
         _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def port_free(host: str, port: int) -> bool:
@@ -246,10 +252,6 @@ class Part:
                 "last_exit": self.last_exit, "health": self.health}
 
 
-def _running_health(child: Child) -> Callable[[], str]:
-    return lambda: "running" if child.running() else "down"
-
-
 @dataclass
 class Stack:
     """The embedded stack; `start()` then `wait()`; `stop()` is safe at any point."""
@@ -275,7 +277,7 @@ class Stack:
         return self.settings.data_dir.resolve()
 
     def start(self) -> None:
-        from store.db import migrate
+        from migrations import migrate
         from store.errors import DatabaseUnavailable
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -306,18 +308,12 @@ class Stack:
                "LATENTBANK_ARTIFACTS": self.settings.artifacts_url,
                "PYTHONUNBUFFERED": "1"}
         logs = self.data_dir / "logs"
-        # CUDA cannot start in forked children: GPU hosts run the solo pool.
-        pool = "solo" if shutil.which("nvidia-smi") else "prefork"
-        worker = Child("worker", [sys.executable, "-m", "celery", "-A", "workers.app", "worker",
-                                  "-Q", WORKER_QUEUES, "-P", pool, "-c", str(self.concurrency),
-                                  "-n", f"latentbank-up-{os.getpid()}@%h", "--loglevel", "INFO",
-                                  "--without-gossip", "--without-mingle"],
+        worker = Child("worker", worker_argv(concurrency=self.concurrency,
+                                             name=f"latentbank-up-{os.getpid()}@%h"),
                        env, logs / "worker.log")
         schedule = self.data_dir / "beat" / "schedule"
-        beat = Child("beat", [sys.executable, "-m", "celery", "-A", "workers.app", "beat",
-                              "--schedule", str(schedule), "--pidfile=", "--loglevel", "INFO"],
-                     env, logs / "beat.log")
-        api = Child("api", [sys.executable, "-m", "uvicorn", "service.app:create_app",
+        beat = Child("beat", beat_argv(str(schedule)), env, logs / "beat.log")
+        api = Child("api", [sys.executable, "-m", "uvicorn", "service.api.app:create_app",
                             "--factory", "--host", host, "--port", str(self.port),
                             "--log-level", "info", "--timeout-graceful-shutdown", "5"],
                     env, logs / "api.log")
@@ -353,7 +349,8 @@ class Stack:
                     lambda: child.reap(0.0))
 
     def _redis_part(self) -> Part:
-        from store.broker import broker_ping, start_embedded_redis, stop_embedded_redis
+        from service.cli.embedded import start_embedded_redis, stop_embedded_redis
+        from store.broker import broker_ping
 
         def start() -> None:
             self._redis = start_embedded_redis(self.settings.redis_socket)
@@ -370,12 +367,12 @@ class Stack:
                     stop)
 
     def _postgres_part(self) -> Part:
-        from store.db import (
-            ping,
+        from service.cli.embedded import (
             postmaster_pid,
             restart_embedded_postgres,
             start_embedded_postgres,
         )
+        from store.db import ping
 
         directory = self.settings.postgres_dir
 
@@ -493,12 +490,12 @@ class Stack:
             if info.get("pid") == os.getpid():
                 stack_file(self.data_dir).unlink()
         if self._redis is not None:
-            from store.broker import stop_embedded_redis
+            from service.cli.embedded import stop_embedded_redis
 
             stop_embedded_redis(self._redis)
             self._redis = None
         if self._pg is not None:
-            from store.db import stop_embedded_postgres
+            from service.cli.embedded import stop_embedded_postgres
 
             stop_embedded_postgres(self._pg, self.settings.postgres_dir)
             self._pg = None

@@ -1,0 +1,41 @@
+"""API keys (admin scope): create (the secret is shown once), list, revoke."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from service.api.deps import Id, in_thread, require, services
+from service.api.routes.datasets import ERRORS
+from service.api.schemas import CreatedKeyOut, KeyOut, KeyRequest
+from store.errors import Conflict
+from store.keys import create_key, list_keys, revoke_key
+
+router = APIRouter(tags=["keys"])
+
+
+@router.post("/v1/keys", status_code=201, response_model=CreatedKeyOut,
+             dependencies=[require("admin")], responses=ERRORS,
+             summary="Create an API key (the secret is shown once)")
+async def new_key(request: Request, body: KeyRequest) -> CreatedKeyOut:
+    svc = services(request)
+    created = await in_thread(create_key, svc.db, body.name, list(body.scopes))
+    return CreatedKeyOut(id=created.id, name=created.name, prefix=created.prefix,
+                         scopes=created.scopes, key=created.key)
+
+
+@router.get("/v1/keys", response_model=list[KeyOut], dependencies=[require("admin")],
+            responses=ERRORS)
+async def keys(request: Request) -> list[KeyOut]:
+    return [KeyOut.of(k) for k in await in_thread(list_keys, services(request).db)]
+
+
+@router.delete("/v1/keys/{key_id}", response_model=KeyOut, dependencies=[require("admin")],
+               responses=ERRORS, summary="Revoke a key")
+async def revoke(request: Request, key_id: Id) -> KeyOut:
+    svc = services(request)
+    if key_id == getattr(request.state, "key_id", None):
+        raise Conflict(f"key {key_id} is the one making this request; revoke it with "
+                       "another admin key (so no one locks themselves out by mistake)")
+    revoked = await in_thread(revoke_key, svc.db, key_id)
+    svc.keys.clear()
+    return KeyOut.of(revoked)

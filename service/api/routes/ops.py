@@ -1,0 +1,54 @@
+"""Health, readiness and Prometheus metrics (open to all)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from service.api.deps import in_thread, services
+from service.api.schemas import Health
+from store.broker import broker_ping
+from store.db import check_alive
+
+router = APIRouter(tags=["operations"])
+READY_TIMEOUT = 2.0  # seconds each readiness probe may take; they run side by side
+
+
+@router.get("/healthz", response_model=Health, summary="The process is up")
+async def healthz() -> Health:
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Health, responses={503: {"model": Health}},
+            summary="The database and the broker answer (each within 2 s)")
+async def readyz(request: Request) -> JSONResponse:
+    svc = services(request)
+    limit = READY_TIMEOUT
+
+    async def probe(fn: Any) -> str:
+        try:
+            await asyncio.wait_for(in_thread(fn), limit)
+            return "ok"
+        except TimeoutError:
+            return f"unavailable (no answer within {limit:g} s)"
+        except Exception as exc:
+            return f"unavailable ({type(exc).__name__})"
+
+    results = await asyncio.gather(probe(lambda: check_alive(svc.db)),
+                                   probe(lambda: broker_ping(svc.settings.broker_url, limit)))
+    checks = dict(zip(("database", "broker"), results, strict=True))
+    ok = all(v == "ok" for v in checks.values())
+    return JSONResponse(Health(status="ok" if ok else "unavailable", checks=checks).model_dump(),
+                        status_code=200 if ok else 503)
+
+
+@router.get("/metrics", response_class=Response,
+            responses={200: {"content": {"text/plain": {}}}},
+            summary="Prometheus metrics: request latency, jobs by status, decode batch sizes")
+async def metrics(request: Request) -> Response:
+    data = await in_thread(services(request).metrics.render)
+    return Response(data, media_type=CONTENT_TYPE_LATEST)

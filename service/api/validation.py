@@ -1,0 +1,65 @@
+"""Submissions checked at the API's edge, with the torch-free configuration module:
+a training request becomes the normalised {"model", "training"} configuration that
+`store.submit` writes, and a sweep's grid becomes one such configuration per point.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+from models.config import ConfigError, TrainConfig, VAEConfig
+from store.errors import InvalidInput
+
+MAX_SWEEP = 64
+
+
+def training_config(dataset_item_shape: list[int], model: dict[str, Any],
+                    training: dict[str, Any]) -> dict[str, Any]:
+    """The normalised configuration of a training request for a dataset's items
+    (InvalidInput naming what is wrong)."""
+    if not isinstance(model, dict) or not isinstance(training, dict):
+        raise InvalidInput("'model' and 'training' must be objects")
+    spec = {"input_shape": list(dataset_item_shape), **model}
+    try:
+        model_cfg, train_cfg = VAEConfig.from_dict(spec), TrainConfig.from_dict(training)
+    except ConfigError as exc:
+        raise InvalidInput(str(exc)) from None
+    item = tuple(dataset_item_shape)
+    if model_cfg.input_shape != item and not (
+            model_cfg.family == "mlp" and math.prod(item) == model_cfg.input_size):
+        raise InvalidInput(f"model.input_shape {list(model_cfg.input_shape)} does not fit the "
+                           f"dataset's items {list(item)}")
+    return {"model": model_cfg.to_dict(), "training": train_cfg.to_dict()}
+
+
+def expand_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """{"model.latent_dim": [2, 8], "model.beta": [1, 4]} -> 4 override dicts."""
+    if not isinstance(grid, dict) or not grid:
+        raise InvalidInput("sweep must be a non-empty object of 'model.x' / 'training.x' lists")
+    for name, values in grid.items():
+        section, _, field = name.partition(".")
+        if section not in ("model", "training") or not field:
+            raise InvalidInput(f"sweep key {name!r} must look like 'model.<field>' or "
+                               "'training.<field>'")
+        if not isinstance(values, list) or not values:
+            raise InvalidInput(f"sweep values for {name!r} must be a non-empty list")
+    combos = [dict(zip(grid, values, strict=True))
+              for values in itertools.product(*grid.values())]
+    if len(combos) > MAX_SWEEP:
+        raise InvalidInput(f"sweep has {len(combos)} configurations; the limit is {MAX_SWEEP}")
+    return combos
+
+
+def sweep_configs(dataset_item_shape: list[int], model: dict[str, Any],
+                  training: dict[str, Any], grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """One normalised configuration per grid point; all are validated before any is used."""
+    configs = []
+    for overrides in expand_grid(grid):
+        m, t = dict(model), dict(training)
+        for name, value in overrides.items():
+            section, _, field = name.partition(".")
+            (m if section == "model" else t)[field] = value
+        configs.append(training_config(dataset_item_shape, m, t))
+    return configs

@@ -1,0 +1,129 @@
+"""`latentbank embeddings ...`, `search` and `export`: the /v1/embeddings resource."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from service.cli.client import ClientError, reason
+from service.cli.output import (
+    JsonOpt,
+    client,
+    emit_json,
+    fail,
+    fetch,
+    fmt,
+    out,
+    show,
+    table,
+    verb,
+)
+
+embeddings_app = typer.Typer(help="Embedding sets (a model's latents of a dataset).",
+                             no_args_is_help=True)
+SET_COLUMNS = ["id", "model", "dataset", "status", "items", "dim", "index", "mean ELBO",
+               "mean log p(x)"]
+
+
+def _set_rows(items: list[dict[str, Any]]) -> Iterator[list[Any]]:
+    for e in items:
+        s = e.get("stats") or {}
+        yield [e["id"], e["model_id"], e["dataset_id"], e["status"], e["n_items"], e["dim"],
+               e["index_status"], fmt(s.get("mean_elbo")), fmt(s.get("mean_log_px"))]
+
+
+@embeddings_app.command("list")
+@verb
+def embeddings_list(model: Annotated[int | None, typer.Option(help="model id")] = None,
+                    limit: int = typer.Option(100, min=1, max=1000),
+                    as_json: JsonOpt = False) -> None:
+    """Embedding sets, newest first."""
+    items = fetch("/v1/embeddings", model_id=model, limit=limit)
+    emit_json(items) if as_json else table("embedding sets", SET_COLUMNS, _set_rows(items))
+
+
+@embeddings_app.command("show")
+@verb
+def embeddings_show(set_id: int, as_json: JsonOpt = False) -> None:
+    """One embedding set with its statistics."""
+    show(f"/v1/embeddings/{set_id}", f"embedding set {set_id}", as_json)
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise ValueError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+@verb
+def search(set_id: Annotated[int, typer.Argument(help="embedding set id")],
+           key: Annotated[str | None, typer.Option(help="neighbours of this stored item")] = None,
+           vector: Annotated[str | None, typer.Option(
+               help="neighbours of this latent vector, comma-separated")] = None,
+           k: Annotated[int, typer.Option("-k", "--k", min=1, max=1000)] = 10,
+           metric: Annotated[str, typer.Option(help="l2 or cosine")] = "l2",
+           label: Annotated[list[str] | None, typer.Option(
+               help="keep only these labels (repeatable)")] = None,
+           min_elbo: Annotated[float | None, typer.Option(help="keep ELBO >= this")] = None,
+           exact: Annotated[bool, typer.Option(help="exact scan instead of HNSW")] = False,
+           as_json: JsonOpt = False) -> None:
+    """Nearest neighbours in latent space (of a stored item, or of a vector)."""
+    if (key is None) == (vector is None):
+        raise fail("give exactly one of --key and --vector")
+    body: dict[str, Any] = {"k": k, "metric": metric, "exact": exact}
+    if key is not None:
+        body["key"] = key
+    else:
+        body["vector"] = _floats(vector or "")
+    flt: dict[str, Any] = {}
+    if label:
+        flt["label"] = label
+    if min_elbo is not None:
+        flt["elbo"] = [min_elbo, None]
+    if flt:
+        body["filter"] = flt
+    with client() as c:
+        answer = c.post(f"/v1/embeddings/{set_id}/search", json=body)
+    if as_json:
+        emit_json(answer)
+        return
+    table(f"{len(answer['results'])} neighbours ({answer['plan']})",
+          ["key", "label", "distance", "ELBO", "log p(x)"],
+          ([h["key"], h["label"], fmt(h["distance"], 4), fmt(h["elbo"]), fmt(h["log_px"])]
+           for h in answer["results"]))
+
+
+@verb
+def export(set_id: Annotated[int, typer.Argument(help="embedding set id")],
+           output: Annotated[Path, typer.Option(
+               "-o", "--out", help="a .parquet or .ndjson file", dir_okay=False)],
+           as_json: JsonOpt = False) -> None:
+    """Download a whole embedding set (keys, labels, mu, logvar, ELBO terms, log p(x))."""
+    suffix = output.suffix.lower()
+    formats = {".parquet": "parquet", ".ndjson": "ndjson", ".jsonl": "ndjson"}
+    if suffix not in formats:
+        raise fail(f"--out {output}: write .parquet or .ndjson")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    started, size = time.perf_counter(), 0
+    tmp = output.with_name(output.name + ".part")
+    with client() as c, c.http.stream("GET", f"/v1/embeddings/{set_id}/export",
+                                      params={"format": formats[suffix]},
+                                      timeout=None) as response:
+        if response.status_code >= 400:
+            response.read()
+            raise ClientError(reason(response))
+        with open(tmp, "wb") as f:
+            for chunk in response.iter_bytes():
+                f.write(chunk)
+                size += len(chunk)
+    tmp.replace(output)  # never a half-written file under the asked name
+    if as_json:
+        emit_json({"path": str(output.resolve()), "bytes": size})
+    else:
+        out.print(f"wrote {output.resolve()} ({size / 1e6:.1f} MB in "
+                  f"{time.perf_counter() - started:.1f} s)")

@@ -1,0 +1,254 @@
+"""`latentbank train`, `embed` and `jobs ...`: submissions and the /v1/jobs resource."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+
+from service.cli.client import TERMINAL, Client
+from service.cli.output import (
+    JsonOpt,
+    WatchOpt,
+    client,
+    emit_json,
+    err,
+    fetch,
+    show,
+    table,
+    verb,
+)
+
+
+def _yaml_loader() -> Any:
+    """YAML's safe loader, also reading 1e-3 as a number (YAML 1.1 wants a dot: 1.0e-3)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                 re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                                 list("-+0123456789."))
+    return Loader
+
+
+def _scalar(text: str) -> Any:
+    """'8' -> 8, '1e-3' -> 0.001, 'true' -> True, '[256,128]' -> [256, 128], 'mlp' -> 'mlp'."""
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=_yaml_loader())  # a SafeLoader
+    except yaml.YAMLError:
+        return text
+
+
+def _assign(config: dict[str, Any], dotted: str, value: Any) -> None:
+    section, _, name = dotted.partition(".")
+    if section not in ("model", "training") or not name:
+        raise ValueError(f"{dotted!r}: settings are named model.<field> or training.<field>")
+    config.setdefault(section, {})[name] = value
+
+
+def _load_config(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.load(path.read_text(), Loader=_yaml_loader())  # JSON is YAML
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not JSON or YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict) or not set(data) <= {"dataset_id", "model", "training",
+                                                       "grid"}:
+        raise ValueError(f"{path}: expected a mapping with 'model', 'training' and optionally "
+                         "'dataset_id' and 'grid'")
+    return data
+
+
+def job_rows(items: list[dict[str, Any]]) -> Iterator[list[Any]]:
+    for j in items:
+        yield [j["id"], j["kind"], j["status"], f"{100 * j['progress']:.0f}%",
+               j.get("progress_message") or j.get("error") or "", j.get("model_id"),
+               j.get("embedding_set_id"), str(j["created_at"])[:19]]
+
+
+JOB_COLUMNS = ["id", "kind", "status", "progress", "message", "model", "set", "created"]
+
+
+@verb
+def train(
+    dataset: Annotated[int | None, typer.Option(help="dataset id")] = None,
+    config: Annotated[Path | None, typer.Option(
+        help="JSON or YAML: {model: {...}, training: {...}}; flags override it",
+        exists=True, dir_okay=False)] = None,
+    family: Annotated[str | None, typer.Option(help="mlp or conv")] = None,
+    latent_dim: Annotated[int | None, typer.Option(help="latent dimensions")] = None,
+    hidden: Annotated[str | None, typer.Option(help="hidden widths, e.g. 256,128")] = None,
+    likelihood: Annotated[str | None, typer.Option(
+        help="bernoulli or gaussian")] = None,
+    beta: Annotated[float | None, typer.Option(help="KL weight")] = None,
+    epochs: Annotated[int | None, typer.Option()] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    lr: Annotated[float | None, typer.Option(help="learning rate")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    importance_samples: Annotated[int | None, typer.Option(
+        help="K of the held-out log p(x) estimate")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="any setting, e.g. --set model.free_bits=0.1 (repeatable)")] = None,
+    sweep: Annotated[list[str] | None, typer.Option(
+        help="a grid axis, e.g. --sweep model.latent_dim=2,8 (repeatable): one job per "
+             "combination")] = None,
+    watch: WatchOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Queue a training job (or a --sweep of them) on a dataset."""
+    spec: dict[str, Any] = _load_config(config) if config else {}
+    spec.setdefault("model", {})
+    spec.setdefault("training", {})
+    flags = {"model.family": family, "model.latent_dim": latent_dim,
+             "model.hidden": [int(h) for h in hidden.split(",")] if hidden else None,
+             "model.likelihood": likelihood, "model.beta": beta, "training.epochs": epochs,
+             "training.batch_size": batch_size, "training.lr": lr, "training.seed": seed,
+             "training.importance_samples": importance_samples}
+    for dotted, value in flags.items():
+        if value is not None:
+            _assign(spec, dotted, value)
+    for item in set_ or []:
+        dotted, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"--set {item!r}: expected model.<field>=<value>")
+        _assign(spec, dotted.strip(), _scalar(value))
+    grid = dict(spec.pop("grid", None) or {})
+    for item in sweep or []:
+        dotted, eq, values = item.partition("=")
+        if not eq or not values:
+            raise ValueError(f"--sweep {item!r}: expected model.<field>=v1,v2,...")
+        grid[dotted.strip()] = [_scalar(v) for v in values.split(",")]
+    if dataset is not None:
+        spec["dataset_id"] = dataset
+    if "dataset_id" not in spec:
+        raise ValueError("which dataset? give --dataset ID (see `latentbank datasets list`)")
+    with client() as c:
+        if grid:
+            answer = c.post("/v1/sweeps", json={**spec, "grid": grid})
+            jobs = answer["jobs"]
+        else:
+            jobs = [c.post("/v1/training-jobs", json=spec)]
+            answer = jobs[0]
+        if as_json and not watch:
+            emit_json(answer)
+        elif not as_json:
+            title = f"sweep {answer['sweep_id']}" if grid else "training job queued"
+            table(title, JOB_COLUMNS, job_rows(jobs))
+        if watch:
+            status = max(watch_job(c, j["id"], as_json) for j in jobs)
+            raise typer.Exit(status)
+
+
+jobs_app = typer.Typer(help="Follow, inspect and cancel jobs.", no_args_is_help=True)
+
+
+def _eta(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    seconds = int(seconds)
+    return f"ETA {seconds // 60}:{seconds % 60:02d}"
+
+
+def _final(job: dict[str, Any]) -> int:
+    if job["status"] == "succeeded":
+        made = (f"model {job['model_id']}" if job["kind"] == "train"
+                else f"embedding set {job['embedding_set_id']}")
+        err.print(f"job {job['id']} succeeded: {made}")
+        return 0
+    err.print(f"error: job {job['id']} {job['status']}: "
+              f"{escape(job.get('error') or job.get('progress_message') or '')}")
+    return 1
+
+
+def watch_job(c: Client, job_id: int, as_json: bool) -> int:
+    """Follow a job until it ends; 0 when it succeeded, 1 otherwise.
+
+    A terminal gets a live bar (progress, the worker's message: epoch, val ELBO and
+    log p(x) for training, and the ETA); a pipe gets one line per change; --json gets
+    each state of the job as one JSON line.
+    """
+    job: dict[str, Any] = {}
+    if as_json:
+        for job in c.events(job_id):
+            emit_json(job)
+        return 0 if job.get("status") == "succeeded" else 1
+    if not err.is_terminal:
+        for job in c.events(job_id):
+            err.print(f"job {job_id} {job['status']} {100 * job['progress']:5.1f}% "
+                      f"{escape(job.get('progress_message') or '')} {_eta(job['eta_seconds'])}"
+                      .rstrip())
+        return _final(job)
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                  TextColumn("{task.fields[message]}"), TextColumn("{task.fields[eta]}"),
+                  console=err, transient=False) as bar:
+        task = bar.add_task(f"job {job_id}", total=1.0, message="", eta="")
+        for job in c.events(job_id):
+            bar.update(task, completed=job["progress"],
+                       description=f"job {job_id} {job['kind']} {job['status']}",
+                       message=escape(job.get("progress_message") or ""),
+                       eta=_eta(job["eta_seconds"]) if job["status"] not in TERMINAL else "")
+    return _final(job)
+
+
+@jobs_app.command("list")
+@verb
+def jobs_list(status: Annotated[str | None, typer.Option(help="queued, running, ...")] = None,
+              kind: Annotated[str | None, typer.Option(help="train or embed")] = None,
+              limit: int = typer.Option(50, min=1, max=1000), as_json: JsonOpt = False) -> None:
+    """Jobs, newest first."""
+    items = fetch("/v1/jobs", status=status, kind=kind, limit=limit)
+    emit_json(items) if as_json else table("jobs", JOB_COLUMNS, job_rows(items))
+
+
+@jobs_app.command("show")
+@verb
+def jobs_show(job_id: int, as_json: JsonOpt = False) -> None:
+    """One job: status, progress, attempts, error, what it made."""
+    show(f"/v1/jobs/{job_id}", f"job {job_id}", as_json)
+
+
+@jobs_app.command("watch")
+@verb
+def jobs_watch(job_id: int, as_json: JsonOpt = False) -> None:
+    """Follow a job live until it ends; exits 0 only if it succeeded."""
+    with client() as c:
+        raise typer.Exit(watch_job(c, job_id, as_json))
+
+
+@jobs_app.command("cancel")
+@verb
+def jobs_cancel(job_id: int, as_json: JsonOpt = False) -> None:
+    """Cancel: a queued job never starts, a running one stops at its next check."""
+    with client() as c:
+        j = c.post(f"/v1/jobs/{job_id}/cancel")
+    emit_json(j) if as_json else err.print(f"job {job_id}: cancel requested ({j['status']})")
+
+
+@verb
+def embed(model: Annotated[int, typer.Option(help="a ready model's id")],
+          dataset: Annotated[int, typer.Option(help="dataset id")],
+          importance_samples: Annotated[int, typer.Option(
+              help="K > 0 also estimates each item's log p(x)")] = 0,
+          watch: WatchOpt = False, as_json: JsonOpt = False) -> None:
+    """Queue an embedding job: every item's posterior and ELBO terms, into pgvector."""
+    with client() as c:
+        job = c.post("/v1/embedding-jobs", json={"model_id": model, "dataset_id": dataset,
+                                                 "importance_samples": importance_samples})
+        if as_json and not watch:
+            emit_json(job)
+        elif not as_json:
+            table("embedding job queued", JOB_COLUMNS, job_rows([job]))
+        if watch:
+            raise typer.Exit(watch_job(c, job["id"], as_json))

@@ -1,0 +1,128 @@
+"""`latentbank models ...` and `decode`: the /v1/models resource."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from service.cli.client import NPY, npy_body
+from service.cli.output import (
+    JsonOpt,
+    client,
+    emit_json,
+    fail,
+    fetch,
+    fmt,
+    out,
+    table,
+    verb,
+)
+
+models_app = typer.Typer(help="Trained models.", no_args_is_help=True)
+
+
+def _model_rows(items: list[dict[str, Any]]) -> Iterator[list[Any]]:
+    for m in items:
+        cfg, s = m["config"].get("model", {}), m.get("summary") or {}
+        yield [m["id"], m["dataset_id"], m["status"], cfg.get("family"), cfg.get("latent_dim"),
+               cfg.get("likelihood"), fmt(s.get("heldout_elbo")), fmt(s.get("heldout_log_px")),
+               s.get("epochs_run")]
+
+
+MODEL_COLUMNS = ["id", "dataset", "status", "family", "latent", "likelihood",
+                 "held-out ELBO", "held-out log p(x)", "epochs"]
+
+
+@models_app.command("list")
+@verb
+def models_list(status: Annotated[str | None, typer.Option()] = None,
+                dataset: Annotated[int | None, typer.Option(help="dataset id")] = None,
+                limit: int = typer.Option(100, min=1, max=1000),
+                as_json: JsonOpt = False) -> None:
+    """Models, newest first, with held-out ELBO and log p(x) (nats per item)."""
+    items = fetch("/v1/models", status=status, dataset_id=dataset, limit=limit)
+    emit_json(items) if as_json else table("models", MODEL_COLUMNS, _model_rows(items))
+
+
+@models_app.command("show")
+@verb
+def models_show(model_id: int, as_json: JsonOpt = False) -> None:
+    """One model: its configuration, held-out summary and per-epoch metrics."""
+    with client() as c:
+        m = c.get(f"/v1/models/{model_id}")
+        metrics = c.get(f"/v1/models/{model_id}/metrics")
+    if as_json:
+        emit_json({**m, "metrics": metrics})
+        return
+    table(f"model {model_id} ({m['status']})", ["", "value"], [
+        ("dataset", m["dataset_id"]), ("model", json.dumps(m["config"].get("model"))),
+        ("training", json.dumps(m["config"].get("training"))),
+        *(((k, fmt(v) if not isinstance(v, list) else json.dumps(v))
+           for k, v in (m.get("summary") or {}).items() if not isinstance(v, dict)))])
+    val = [r for r in metrics if r["split"] == "val"] or metrics
+    table("per-epoch metrics (nats per item)", ["epoch", "split", "ELBO", "reconstruction",
+                                                "KL", "log p(x)", "active"],
+          ([r["epoch"], r["split"], fmt(r["elbo"]), fmt(r["reconstruction"]), fmt(r["kl"]),
+            fmt(r["log_px"]), r["active_units"]] for r in val))
+
+
+@models_app.command("onnx")
+@verb
+def models_onnx(model_id: int,
+                out_dir: Annotated[Path, typer.Option("--out", help="folder to write to")] = Path(
+                    "."),
+                as_json: JsonOpt = False) -> None:
+    """Download the model's verified encoder.onnx and decoder.onnx."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = {}
+    with client() as c:
+        for role in ("encoder", "decoder"):
+            path = out_dir / f"model-{model_id}-{role}.onnx"
+            path.write_bytes(c.request("GET", f"/v1/models/{model_id}/onnx/{role}").content)
+            written[role] = str(path.resolve())
+    if as_json:
+        emit_json(written)
+        return
+    for role, path in written.items():
+        out.print(f"{role}: {path}")
+
+
+@verb
+def decode(model_id: Annotated[int, typer.Argument(help="a ready model's id")],
+           output: Annotated[Path, typer.Option(
+               "-o", "--out", help="where to write: .npy (the decoder's mean) or .png (a grid)",
+               dir_okay=False)],
+           z: Annotated[Path | None, typer.Option(
+               help="an .npy of latent vectors, shape (n, latent_dim)", exists=True)] = None,
+           sample: Annotated[int | None, typer.Option(
+               help="decode N draws from the prior instead", min=1)] = None,
+           seed: Annotated[int | None, typer.Option(help="seed of the prior draws")] = None,
+           temperature: Annotated[float, typer.Option(help="prior scale")] = 1.0,
+           as_json: JsonOpt = False) -> None:
+    """Decode latent vectors (--z) or prior samples (--sample N) to .npy or a PNG grid."""
+    import numpy as np
+
+    suffix = output.suffix.lower()
+    if suffix not in (".npy", ".png"):
+        raise fail(f"--out {output}: write .npy or .png")
+    if (z is None) == (sample is None):
+        raise fail("give exactly one of --z FILE.npy and --sample N")
+    accept = NPY if suffix == ".npy" else "image/png"
+    with client() as c:
+        if z is not None:
+            vectors = np.load(z, allow_pickle=False)
+            data = c.post_array(f"/v1/models/{model_id}/decode", accept,
+                                content=npy_body(vectors), headers={"Content-Type": NPY})
+        else:
+            data = c.post_array(f"/v1/models/{model_id}/sample", accept, json={
+                "n": sample, "seed": seed, "temperature": temperature})
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_bytes(data)
+    if as_json:
+        emit_json({"path": str(output.resolve()), "bytes": len(data)})
+    else:
+        out.print(f"wrote {output.resolve()}")
