@@ -18,10 +18,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	@touch $(STAMP)
 
-test: $(STAMP)
+# The layer contracts (pyproject's [tool.importlinter]) and ruff first: a broken
+# boundary fails the run before the suite starts.
+test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/ruff check .
 
 # The full fault-injection run (about 40 minutes): the README's table of recovery figures.
@@ -35,9 +38,9 @@ bench: $(STAMP)
 	$(PY) bench/serve.py $(BENCH_ARGS)
 
 # The whole service on embedded defaults: `latentbank up` in the background, digits through
-# the HTTP API, a summary, then the stack is stopped. DEMO_ARGS: see `python -m service.demo -h`.
+# the HTTP API, a summary, then the stack is stopped. DEMO_ARGS: see `latentbank demo --help`.
 demo: $(STAMP)
-	$(PY) -m service.demo $(DEMO_ARGS)
+	$(PY) -m service.cli demo $(DEMO_ARGS)
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache

@@ -30,12 +30,15 @@ sys.path.insert(0, ROOT)
 
 from celery import Celery  # noqa: E402
 
-from store.db import Database, migrate, start_embedded_postgres  # noqa: E402
-from store.jobs import get_job  # noqa: E402
+from migrations import migrate  # noqa: E402
+from service.api.validation import training_config  # noqa: E402
+from service.cli.embedded import start_embedded_postgres  # noqa: E402
+from store.db import Database  # noqa: E402
+from store.jobs import get_job, publish  # noqa: E402
 from store.latents import create_embedding_set, write_latents  # noqa: E402
 from store.settings import Settings, open_artifacts  # noqa: E402
 from store.submit import submit_embedding, submit_training  # noqa: E402
-from workers.maintenance import publish  # noqa: E402
+from workers.commands import worker_argv  # noqa: E402
 
 MODEL = {"family": "mlp", "latent_dim": 20, "hidden": [400], "likelihood": "bernoulli"}
 
@@ -49,7 +52,7 @@ def redis_url(tmp: str) -> tuple[str, object | None]:
         client.flushdb()
         return "redis://127.0.0.1:6379/12", None
     except redis.exceptions.ConnectionError:
-        from store.broker import start_embedded_redis
+        from service.cli.embedded import start_embedded_redis
 
         sock = Path(tmp) / "redis" / "redis.sock"
         server = start_embedded_redis(sock)
@@ -116,27 +119,27 @@ def main() -> None:
                 out[a:a + 50_000] = (rng.random((min(50_000, n - a), 784)) < 0.2)
             out.flush()
             del out
-            from store.datasets import register_dataset
+            from service.api.readers import register_file
 
             t = time.perf_counter()
-            dataset = register_dataset(db, artifacts, settings, "bench", path).dataset
+            dataset = register_file(db, artifacts, settings, "bench", path).dataset
             ingest_s = time.perf_counter() - t
             np.save(f"{tmp}/train.npy", np.load(path, mmap_mode="r")[:n_train])
-            train_set = register_dataset(db, artifacts, settings, "bench-train",
+            train_set = register_file(db, artifacts, settings, "bench-train",
                                          f"{tmp}/train.npy").dataset
 
             log = open(f"{tmp}/worker.log", "w")  # noqa: SIM115
             worker = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q",
-                 "train,embed,maintenance", "-P", "prefork", "-c", "1", "--loglevel", "WARNING"],
+                worker_argv(pool="prefork", loglevel="WARNING"),
                 env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
             client = Celery("bench", broker=broker, backend=broker)
 
             # -- training overhead -------------------------------------------------------
             training = {"epochs": 2, "batch_size": 128, "lr": 1e-3, "val_fraction": 0.0,
                         "importance_samples": 0}
-            job, _ = submit_training(db, train_set.id, MODEL, training)
-            publish(client, db, job)
+            config = training_config(train_set.item_shape, MODEL, training)
+            job, _ = submit_training(db, train_set.id, config)
+            publish(db, client, job)
             job_wall = wait(db, job.id)
             from store.tables import Model
 
@@ -166,7 +169,7 @@ def main() -> None:
             sampler.start()
             ejob, _ = submit_embedding(db, job.model_id, dataset.id)
             t = time.perf_counter()
-            publish(client, db, ejob)
+            publish(db, client, ejob)
             from store.latents import get_set
 
             while get_set(db, ejob.embedding_set_id).status not in ("finishing", "ready",
@@ -225,7 +228,7 @@ def main() -> None:
                 worker.terminate()
                 worker.wait(timeout=60)
             if redis_server is not None:
-                from store.broker import stop_embedded_redis
+                from service.cli.embedded import stop_embedded_redis
 
                 stop_embedded_redis(redis_server)
             server.cleanup()

@@ -29,7 +29,9 @@ sys.path.insert(0, ROOT)
 
 import httpx  # noqa: E402
 
-from store.db import Database, migrate, start_embedded_postgres  # noqa: E402
+from migrations import migrate  # noqa: E402
+from service.cli.embedded import start_embedded_postgres  # noqa: E402
+from store.db import Database  # noqa: E402
 from store.keys import create_key  # noqa: E402
 from store.settings import Settings, open_artifacts  # noqa: E402
 from store.tables import Model  # noqa: E402
@@ -43,13 +45,13 @@ def store_model(db: Database, settings: Settings, tmp: str) -> tuple[int, str]:
     from models.config import TrainConfig, VAEConfig
     from models.export import export_vae
     from models.vae import VAE
+    from service.api.readers import register_file
     from store.artifacts import model_key
-    from store.datasets import register_dataset
 
     data = os.path.join(tmp, "data.npy")
     np.save(data, np.random.default_rng(0).random((64, 784), dtype=np.float32))
     artifacts = open_artifacts(settings)
-    dataset = register_dataset(db, artifacts, settings, "bench-serve", data).dataset
+    dataset = register_file(db, artifacts, settings, "bench-serve", data).dataset
     config = VAEConfig.from_dict(MODEL)
     files = export_vae(VAE(config), tmp)
     with db.session() as s:
@@ -70,7 +72,7 @@ def store_model(db: Database, settings: Settings, tmp: str) -> tuple[int, str]:
 
 def start_api(env: dict[str, str], port: int, batching: bool, log: Path) -> subprocess.Popen:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app", "--port",
+        [sys.executable, "-m", "uvicorn", "--factory", "service.api.app:create_app", "--port",
          str(port), "--log-level", "warning", "--no-access-log"],
         env={**env, "LATENTBANK_DECODE_BATCHING": str(batching).lower()}, cwd=ROOT,
         stdout=subprocess.DEVNULL, stderr=open(log, "w"))  # noqa: SIM115
@@ -124,7 +126,7 @@ def direct(path: str, batch: int, seconds: float) -> float:
     """Requests/s of one caller running onnxruntime on the file, as the server does."""
     import onnxruntime as ort
 
-    from service.inference import _session_options
+    from service.api.inference import _session_options
 
     session = ort.InferenceSession(path, _session_options(0),
                                    providers=["CPUExecutionProvider"])
@@ -166,7 +168,7 @@ def main() -> None:
 
 def run(env: dict[str, str], tmp: str, model_id: int, decoder: str, key: str,
         seconds: float) -> None:
-    from tests.service.conftest import free_port
+    from service.cli.stack import free_port
 
     ports = {True: free_port(), False: free_port()}
     procs = [start_api(env, ports[b], b, Path(tmp, f"api-{b}.log")) for b in (True, False)]

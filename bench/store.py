@@ -27,9 +27,11 @@ from sqlalchemy import text
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from migrations import migrate  # noqa: E402
+from service.api.readers import register_file  # noqa: E402
+from service.cli.embedded import start_embedded_postgres  # noqa: E402
 from store.artifacts import ArtifactStore  # noqa: E402
-from store.datasets import register_dataset  # noqa: E402
-from store.db import Database, migrate, start_embedded_postgres  # noqa: E402
+from store.db import Database  # noqa: E402
 from store.latents import (  # noqa: E402
     _run,
     build_index,
@@ -55,7 +57,7 @@ def fake_dataset(db: Database, artifacts: ArtifactStore, settings: Settings, n: 
                  name: str, tmp: str) -> int:
     path = os.path.join(tmp, f"{name}.npz")
     np.savez(path, x=np.zeros((n, 1), np.float32), labels=np.arange(n) % 10)
-    return register_dataset(db, artifacts, settings, name, path).dataset.id
+    return register_file(db, artifacts, settings, name, path).dataset.id
 
 
 def raw_copy(db: Database, set_id: int, mu, logvar, elbo, rec, kl, log_px) -> None:
@@ -100,11 +102,11 @@ INGEST_CHILD = """
 import sys
 sys.path.insert(0, sys.argv[4])
 from store.artifacts import ArtifactStore
-from store.datasets import register_dataset
+from service.api.readers import register_file
 from store.db import Database
 from store.settings import Settings
 db = Database(sys.argv[1])
-reg = register_dataset(db, ArtifactStore(sys.argv[2]), Settings(), "bench-ingest", sys.argv[3])
+reg = register_file(db, ArtifactStore(sys.argv[2]), Settings(), "bench-ingest", sys.argv[3])
 print(reg.dataset.n_items)
 """
 

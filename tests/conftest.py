@@ -9,7 +9,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def pg_server(tmp_path_factory):
-    from store.db import start_embedded_postgres
+    from service.cli.embedded import start_embedded_postgres
 
     server, url = start_embedded_postgres(Path(tmp_path_factory.mktemp("pg")) / "data")
     yield url
@@ -37,7 +37,7 @@ def new_database(pg_server):
 
 @pytest.fixture(scope="session")
 def db_url(new_database):
-    from store.db import migrate
+    from migrations import migrate
 
     url = new_database("latentbank")
     migrate(url)
@@ -125,7 +125,7 @@ def _redis(index, tmp_path_factory):
         return
     except redis.exceptions.ConnectionError:
         pass
-    from store.broker import start_embedded_redis, stop_embedded_redis
+    from service.cli.embedded import start_embedded_redis, stop_embedded_redis
 
     sock = Path(tmp_path_factory.mktemp("redis")) / "redis.sock"
     server = start_embedded_redis(sock)

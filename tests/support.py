@@ -1,11 +1,35 @@
-"""Helpers shared by the tests that run real processes."""
+"""Helpers shared by the tests, the one module tests import besides the code under test:
+real processes (worker, beat, `latentbank up`, the CLI, uvicorn), ports, environments and
+submissions made as the API makes them."""
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+
+from sqlalchemy import create_engine
+
+from service.api.validation import sweep_configs, training_config
+from service.cli.stack import free_port
+from store.submit import submit_sweep, submit_training
+from workers.commands import beat_argv, worker_argv
+
+
+def submit_train(db, dataset, model, training, **kwargs):
+    """A training submission as the API makes it: validated at the edge, then written."""
+    return submit_training(db, dataset.id, training_config(dataset.item_shape, model, training),
+                           **kwargs)
+
+
+def submit_grid(db, dataset, model, training, grid, **kwargs):
+    """A sweep as the API submits it: every grid point validated, then written."""
+    return submit_sweep(db, dataset.id, sweep_configs(dataset.item_shape, model, training, grid),
+                        **kwargs)
 
 
 class Worker:
@@ -15,9 +39,7 @@ class Worker:
                  concurrency: int = 1) -> None:
         self.log = log_dir / f"{name}.log"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "workers.app", "worker",
-             "-Q", "train,embed,maintenance", "-P", "prefork", "-c", str(concurrency),
-             "-n", f"{name}@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle"],
+            worker_argv(concurrency=concurrency, pool="prefork", name=f"{name}@%h"),
             env=env, stdout=open(self.log, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
             start_new_session=True)
         deadline = time.monotonic() + 90
@@ -62,8 +84,7 @@ class Beat:
     def __init__(self, env: dict[str, str], log_dir: Path, name: str = "beat") -> None:
         self.log = log_dir / f"{name}.log"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "workers.app", "beat", "--schedule",
-             str(log_dir / f"{name}.schedule"), "--pidfile=", "--loglevel", "INFO"],
+            beat_argv(str(log_dir / f"{name}.schedule")),
             env=env, stdout=open(self.log, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
             start_new_session=True)
 
@@ -75,3 +96,127 @@ class Beat:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
+
+
+class Served:
+    """`uvicorn.Server` in a thread of the test process, on a free port."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the API did not start")
+            time.sleep(0.05)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def settings_of(env, **overrides):
+    from store.settings import Settings
+
+    values = {k[len("LATENTBANK_"):].lower(): v for k, v in env.items()}
+    return Settings(**{**values, **overrides})
+
+
+def clean_env(data_dir, **extra):
+    """The environment of a fresh shell: no LATENTBANK_* from the test session."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LATENTBANK_")}
+    return {**env, "LATENTBANK_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1", **extra}
+
+
+def cli(data_dir, *args, timeout=300, **extra_env):
+    """One `latentbank` command, as a user types it on the machine running the stack."""
+    return subprocess.run([sys.executable, "-m", "service.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout,
+                          env=clean_env(data_dir, **extra_env), stdin=subprocess.DEVNULL)
+
+
+def cli_json(data_dir, *args, **extra_env):
+    out = cli(data_dir, *args, "--json", **extra_env)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+class Up:
+    """`latentbank up --port N` in the background, logging to a file."""
+
+    def __init__(self, data_dir: Path, port: int, log: Path, **env: str) -> None:
+        self.data_dir, self.port, self.log = data_dir, port, log
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "up", "--port", str(port),
+             "--worker-grace", "10"],
+            env=clean_env(data_dir, **env), stdout=open(log, "w"),  # noqa: SIM115
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 180
+        while "latentbank is up at" not in log.read_text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                raise RuntimeError(f"`latentbank up` did not start:\n{log.read_text()}")
+            time.sleep(0.2)
+        text = log.read_text()
+        self.url = re.search(r"latentbank is up at (\S+)", text).group(1)
+        self.key = re.search(r"admin API key: (\S+)", text).group(1)
+        self.info = json.loads((data_dir / "stack.json").read_text())
+
+    def processes(self):
+        """Every process of the stack: the supervisor's descendants (worker, pool
+        children, API), and the servers that detach (postgres, redis-server)."""
+        sock = self.data_dir / "redis" / "redis.sock"
+        redis_target = os.readlink(sock) if sock.is_symlink() else str(sock)
+        found = set()
+        parents = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            if str(self.data_dir / "postgres") in cmdline or redis_target in cmdline:
+                found.add(int(entry.name))
+        frontier = {self.proc.pid}
+        while frontier:
+            children = {p for p, pp in parents.items() if pp in frontier} - found
+            found |= children
+            frontier = children
+        return found
+
+    def stop(self, sig=signal.SIGTERM, timeout=120):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+
+def alive(pid):
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+SYSTEM_PG = "postgresql+psycopg://postgres:secret-password@127.0.0.1:5432/postgres"
+
+
+def system_pg_up():
+    engine = create_engine(SYSTEM_PG, connect_args={"connect_timeout": 3})
+    try:
+        with engine.connect():
+            return True
+    except Exception:
+        return False
+    finally:
+        engine.dispose()

@@ -100,7 +100,7 @@ def test_commands_are_real_verbs_of_the_cli(spec):
     import click
     import typer
 
-    from service.cli import app
+    from service.cli.main import app
 
     root = typer.main.get_command(app)
     checked = 0
@@ -137,7 +137,7 @@ def test_settings_in_the_environment_are_settings_of_the_code(spec):
 def test_worker_healthcheck_pings_the_name_the_worker_takes(spec):
     import inspect
 
-    from service.cli import worker_command
+    from service.cli.main import worker_command
 
     default_name = inspect.signature(worker_command).parameters["name"].default.default
     assert default_name == "latentbank@%h"

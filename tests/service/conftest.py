@@ -1,51 +1,18 @@
 """The API served by uvicorn on a real socket, with real PostgreSQL, Redis and a worker."""
 
 import os
-import socket
-import threading
-import time
 
 import httpx
 import pytest
 
-from tests.support import Worker
+from tests.support import Served, Worker, settings_of
 
 MiB = 1 << 20
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Served:
-    """`uvicorn.Server` in a thread of the test process, on a free port."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                lifespan="on")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the API did not start")
-            time.sleep(0.05)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-
 @pytest.fixture(scope="session")
 def api_db_url(new_database):
-    from store.db import migrate
+    from migrations import migrate
 
     url = new_database("api")
     migrate(url)
@@ -67,13 +34,6 @@ def api_env(api_db_url, api_redis_url, tmp_path_factory):
             "LATENTBANK_SSE_POLL_SECONDS": "0.2"}
 
 
-def settings_of(env, **overrides):
-    from store.settings import Settings
-
-    values = {k[len("LATENTBANK_"):].lower(): v for k, v in env.items()}
-    return Settings(**{**values, **overrides})
-
-
 @pytest.fixture(scope="session")
 def api_settings(api_env):
     return settings_of(api_env)
@@ -90,7 +50,7 @@ def api_db(api_db_url):
 
 @pytest.fixture(scope="session")
 def api(api_settings):
-    from service.app import create_app
+    from service.api.app import create_app
 
     served = Served(create_app(api_settings))
     yield served

@@ -1,4 +1,5 @@
-"""Downloads from the artifact store into a shared cache folder."""
+"""The artifact store: keys confined to the root, checksummed round trips, and downloads
+into a shared cache folder."""
 
 import concurrent.futures
 import hashlib
@@ -7,6 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from store.artifacts import ArtifactStore, check_key
+from store.errors import NotFound, PathNotAllowed
 
 
 def npy_bytes(array):
@@ -52,3 +56,28 @@ def test_concurrent_downloads_of_one_file_each_leave_it_whole(artifacts, tmp_pat
                       range(16)))
     assert hashlib.sha256(Path(local).read_bytes()).hexdigest() == digest
     assert os.listdir(tmp_path / "cache") == ["big.bin"]
+
+
+@pytest.mark.parametrize("key", ["../x", "/etc/passwd", "a/../../b", "a//b", "", "a\\b",
+                                 "a/./b", "x" * 600, "ünïcode"])
+def test_artifact_keys_are_confined(key, tmp_path):
+    with pytest.raises(PathNotAllowed):
+        check_key(key)
+    store = ArtifactStore(tmp_path.as_uri())
+    with pytest.raises(PathNotAllowed):
+        store.put_bytes(b"x", key)
+
+
+def test_artifact_round_trip_with_checksum(tmp_path):
+    store = ArtifactStore((tmp_path / "root").as_uri())
+    digest = store.put_bytes(b"hello", "models/1/encoder.onnx")
+    assert store.exists("models/1/encoder.onnx") and store.size("models/1/encoder.onnx") == 5
+    out = tmp_path / "out.bin"
+    store.get_file("models/1/encoder.onnx", str(out), sha256=digest)
+    assert out.read_bytes() == b"hello"
+    with pytest.raises(OSError, match="does not match its recorded sha256"):
+        store.get_file("models/1/encoder.onnx", str(out), sha256="0" * 64)
+    with pytest.raises(NotFound):
+        store.size("models/2/encoder.onnx")
+    store.delete("models/1")
+    assert not store.exists("models/1/encoder.onnx")

@@ -13,9 +13,13 @@ from store.errors import Conflict
 from store.jobs import (
     LeaseLost,
     claim,
+    count_done,
+    count_jobs,
     finish,
     get_job,
     heartbeat,
+    list_jobs,
+    publish,
     record_epochs,
     release,
     request_cancel,
@@ -24,7 +28,8 @@ from store.jobs import (
 )
 from store.latents import count_latents, get_set, write_latents
 from store.models import get_model
-from store.submit import submit_embedding, submit_training
+from store.submit import submit_embedding
+from tests.support import submit_train
 
 MODEL = {"latent_dim": 2, "hidden": [8]}
 TRAINING = {"epochs": 1}
@@ -32,20 +37,20 @@ TRAINING = {"epochs": 1}
 
 @pytest.fixture(scope="module")
 def dataset(db, tmp_path_factory):
+    from service.api.readers import register_file
     from store.artifacts import ArtifactStore
-    from store.datasets import register_dataset
     from store.settings import Settings
 
     tmp = tmp_path_factory.mktemp("jobs")
     np.save(tmp / "x.npy", np.random.default_rng(3).random((30, 4), dtype=np.float32))
-    return register_dataset(db, ArtifactStore((tmp / "a").as_uri()),
+    return register_file(db, ArtifactStore((tmp / "a").as_uri()),
                             Settings(data_dir=tmp / "d"), "jobs-state", str(tmp / "x.npy")
                             ).dataset
 
 
 @pytest.fixture
 def job(db, dataset):
-    return submit_training(db, dataset.id, MODEL, TRAINING, max_attempts=3)[0]
+    return submit_train(db, dataset, MODEL, TRAINING, max_attempts=3)[0]
 
 
 def set_columns(db, job_id, **values):
@@ -123,7 +128,7 @@ def test_a_dead_owner_is_requeued_only_once_its_heartbeats_stop(db, job):
 
 
 def test_the_attempt_cap_fails_the_job_and_its_model(db, dataset):
-    job = submit_training(db, dataset.id, MODEL, TRAINING, max_attempts=2)[0]
+    job = submit_train(db, dataset, MODEL, TRAINING, max_attempts=2)[0]
     for owner in ("a", "b"):
         assert claim(db, job.id, owner, 60).outcome == "claimed"
         set_columns(db, job.id, lease_expires_at="now() - interval '1 second'")
@@ -147,7 +152,7 @@ def test_cancel_races(db, job):
 
 
 def test_cancel_of_a_running_job_reaches_its_heartbeat(db, dataset):
-    job = submit_training(db, dataset.id, MODEL, TRAINING)[0]
+    job = submit_train(db, dataset, MODEL, TRAINING)[0]
     claim(db, job.id, "runner", 60)
     assert heartbeat(db, job.id, "runner", 60, progress=0.5, message="half") is False
     request_cancel(db, job.id)
@@ -169,7 +174,7 @@ def test_release_requeues_without_ending_the_job(db, job):
 
 
 def _ready_model(db, dataset):
-    job = submit_training(db, dataset.id, MODEL, TRAINING)[0]
+    job = submit_train(db, dataset, MODEL, TRAINING)[0]
     claim(db, job.id, "trainer", 60)
     finish(db, job.id, "trainer", "succeeded")
     return job.model_id
@@ -193,14 +198,14 @@ def test_a_failed_or_cancelled_embedding_keeps_no_partial_rows(db, dataset, endi
 
 
 def test_unpublished_jobs_leave_fresh_submissions_to_their_submitter(db, dataset):
-    job = submit_training(db, dataset.id, MODEL, TRAINING)[0]
+    job = submit_train(db, dataset, MODEL, TRAINING)[0]
     assert job.id not in [j.id for j in unpublished_jobs(db, grace_seconds=60)]
     time.sleep(0.2)
     assert job.id in [j.id for j in unpublished_jobs(db, grace_seconds=0.1)]
 
 
 def test_a_sent_job_that_never_started_is_sent_again_with_a_growing_wait(db, dataset):
-    job = submit_training(db, dataset.id, MODEL, TRAINING)[0]
+    job = submit_train(db, dataset, MODEL, TRAINING)[0]
     set_columns(db, job.id, created_at="now() - interval '100 seconds'",
                 published_at="now() - interval '40 seconds'")
     ids = lambda r: [j.id for j in unpublished_jobs(db, republish_seconds=r)]  # noqa: E731
@@ -219,3 +224,85 @@ def test_one_maintenance_pass_at_a_time(db):
         assert (first, second) == (True, False)
     with maintenance_lock(db) as again:
         assert again  # released
+
+
+class FakeSender:
+    """Stands in for the broker in units of `publish` (the workers' tests use a real one)."""
+
+    def __init__(self, fail=False):
+        self.sent, self.fail = [], fail
+
+    def send_task(self, name, args=(), **options):
+        if self.fail:
+            raise ConnectionError("broker down")
+        self.sent.append((name, list(args), options["queue"]))
+
+
+def test_publish_sends_once_and_records_it_only_when_the_broker_took_it(db, job):
+    down = FakeSender(fail=True)
+    assert publish(db, down, job) is False
+    assert get_job(db, job.id).published_at is None  # a later maintenance pass sends it
+    up = FakeSender()
+    assert publish(db, up, job) is True
+    assert up.sent == [("latentbank.train", [job.id], "train")]
+    assert get_job(db, job.id).published_at is not None
+
+
+def test_embedding_progress_is_counted_in_columns_under_the_lease(db, dataset):
+    model_id = _ready_model(db, dataset)
+    job = submit_embedding(db, model_id, dataset.id)[0]
+    assert claim(db, job.id, "embedder", 60).outcome == "claimed"
+    row = get_job(db, job.id)
+    assert (row.items_done, row.items_total) == (0, dataset.n_items)
+    threads = [threading.Thread(target=count_done, args=(db, job.id, "embedder", 3))
+               for _ in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert count_done(db, job.id, "embedder", 0) == (15, dataset.n_items)  # 5 x 3, no loss
+    assert "done_rows" not in get_job(db, job.id).params
+    with pytest.raises(LeaseLost):
+        count_done(db, job.id, "someone-else", 1)
+    set_columns(db, job.id, lease_expires_at="now() - interval '1 second'")
+    requeue_lost(db)
+    assert claim(db, job.id, "second", 60).outcome == "claimed"
+    assert get_job(db, job.id).items_done == 0  # a new attempt counts again
+
+
+def test_recorded_epochs_count_as_done_and_a_stale_attempt_records_nothing(db, job):
+    claim(db, job.id, "trainer", 60)
+    assert get_job(db, job.id).items_total == TRAINING["epochs"]
+    row = {"elbo": -1.0, "reconstruction": -0.5, "kl": 0.5, "importance_samples": 0,
+           "beta": 1.0, "lr": 1e-3, "seconds": 0.1}
+    record_epochs(db, job.id, "trainer", job.model_id, [dict(row, epoch=1, split="train")])
+    assert get_job(db, job.id).items_done == 1
+    with pytest.raises(LeaseLost):
+        record_epochs(db, job.id, "stale", job.model_id, [dict(row, epoch=7, split="train")],
+                      "file:///elsewhere/checkpoint.safetensors")
+    assert get_job(db, job.id).items_done == 1
+    assert get_model(db, job.model_id).checkpoint_uri is None
+
+
+def test_a_succeeded_job_and_its_model_end_in_one_transaction(db, job):
+    claim(db, job.id, "trainer", 60)
+    finish(db, job.id, "trainer", "succeeded", model={"summary": {"heldout_elbo": -3.0}})
+    row, model = get_job(db, job.id), get_model(db, job.model_id)
+    assert (row.status, row.progress, model.status) == ("succeeded", 1.0, "ready")
+    assert model.summary == {"heldout_elbo": -3.0}
+    with pytest.raises(LeaseLost):  # ended: nobody finishes it again
+        finish(db, job.id, "trainer", "failed", error="late")
+    assert get_model(db, job.model_id).status == "ready"
+
+
+def test_list_and_count_jobs_agree_with_a_direct_count(db, dataset):
+    submit_train(db, dataset, MODEL, TRAINING)
+    with db.engine.connect() as conn:
+        want = {(k, s): n for k, s, n in conn.execute(text(
+            "SELECT kind, status, count(*) FROM jobs GROUP BY 1, 2"))}
+        queued_train = [r[0] for r in conn.execute(text(
+            "SELECT id FROM jobs WHERE kind = 'train' AND status = 'queued' "
+            "ORDER BY id DESC LIMIT 5"))]
+    assert {(k, s): n for k, s, n in count_jobs(db)} == want
+    listed = list_jobs(db, status="queued", kind="train", limit=5)
+    assert [j.id for j in listed] == queued_train

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from store.datasets import IngestOptions, register_dataset
+from service.api.readers import IngestOptions, register_file
 from store.errors import Conflict, InvalidInput, NotFound
 from store.latents import (
     SearchFilter,
@@ -51,7 +51,7 @@ def world(db, tmp_path_factory):
     labels = rng.integers(0, 10, N)
     np.savez(tmp / "d.npz", x=np.zeros((N, 1), np.float32), labels=labels,
              keys=np.array([f"item-{i}" for i in range(N)]))
-    ds = register_dataset(db, artifacts, settings, "latents-world", str(tmp / "d.npz")).dataset
+    ds = register_file(db, artifacts, settings, "latents-world", str(tmp / "d.npz")).dataset
     with db.session() as s:
         model = Model(dataset_id=ds.id, config={}, status="ready")
         s.add(model)
@@ -122,7 +122,7 @@ def test_metadata_filter(db, tmp_path, settings, artifacts):
     n = 200
     pq.write_table(pa.table({"x": np.zeros(n), "colour": ["red", "blue"] * (n // 2),
                              "size": [i % 5 for i in range(n)]}), tmp_path / "m.parquet")
-    ds = register_dataset(db, artifacts, settings, "meta-world", str(tmp_path / "m.parquet"),
+    ds = register_file(db, artifacts, settings, "meta-world", str(tmp_path / "m.parquet"),
                           options=IngestOptions(feature_columns=["x"],
                                                 metadata_columns=["colour", "size"])).dataset
     with db.session() as s:

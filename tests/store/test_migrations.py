@@ -7,9 +7,11 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, text
 
-from store.db import alembic_config, check_database, make_engine, migrate
+from migrations import alembic_config, migrate
+from store.db import check_database, make_engine
 from store.errors import DatabaseUnavailable, PgvectorMissing
 from store.tables import Base
+from tests.support import SYSTEM_PG, system_pg_up
 
 TABLES = {"datasets", "items", "models", "jobs", "training_metrics", "embedding_sets",
           "latents", "api_keys"}
@@ -42,18 +44,24 @@ def test_upgrade_downgrade_upgrade_and_no_drift(new_database):
     engine.dispose()
 
 
-SYSTEM_PG = "postgresql+psycopg://postgres:secret-password@127.0.0.1:5432/postgres"
-
-
-def system_pg_up():
-    engine = create_engine(SYSTEM_PG, connect_args={"connect_timeout": 3})
-    try:
-        with engine.connect():
-            return True
-    except Exception:
-        return False
-    finally:
-        engine.dispose()
+def test_0003_moves_the_embedding_counter_out_of_the_params_json(new_database):
+    url = new_database("mig3")
+    migrate(url, "0002")
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO jobs (kind, params) VALUES "
+            "('embed', '{\"model_id\": 1, \"done_rows\": 1234}'), ('train', '{\"epochs\": 3}')"))
+    migrate(url, "0003")
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT kind, items_done, params FROM jobs ORDER BY id")).all()
+    assert [(k, n, p) for k, n, p in rows] == [("embed", 1234, {"model_id": 1}),
+                                              ("train", 0, {"epochs": 3})]
+    command.downgrade(alembic_config(url), "0002")
+    with engine.connect() as conn:
+        params = conn.execute(text("SELECT params FROM jobs ORDER BY id")).scalars().all()
+    assert params == [{"model_id": 1, "done_rows": 1234}, {"epochs": 3}]
+    engine.dispose()
 
 
 @pytest.mark.skipif(not system_pg_up(), reason="no PostgreSQL on 127.0.0.1:5432")

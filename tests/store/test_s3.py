@@ -4,7 +4,8 @@ import boto3
 import numpy as np
 import pytest
 
-from store.datasets import dataset_array, register_dataset
+from service.api.readers import register_file
+from store.datasets import dataset_array
 from store.errors import NotFound, PathNotAllowed
 from store.settings import Settings, open_artifacts
 
@@ -37,6 +38,6 @@ def test_dataset_registered_into_s3_reads_back(s3_store, db, tmp_path):
     settings, store = s3_store
     data = np.random.default_rng(0).random((300, 4)).astype(np.float32)
     np.save(tmp_path / "x.npy", data)
-    ds = register_dataset(db, store, settings, "s3-dataset", str(tmp_path / "x.npy")).dataset
+    ds = register_file(db, store, settings, "s3-dataset", str(tmp_path / "x.npy")).dataset
     assert store.exists(ds.artifact_key)
     np.testing.assert_array_equal(dataset_array(store, ds, str(tmp_path / "cache")), data)

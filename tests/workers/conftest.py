@@ -12,7 +12,7 @@ from tests.support import Beat, Worker
 def db_url(new_database):
     """A database of their own: datasets are deduplicated by content, and the store tests
     registered the same digits into another artifact root."""
-    from store.db import migrate
+    from migrations import migrate
 
     url = new_database("workers")
     migrate(url)
@@ -100,6 +100,6 @@ def celery_client(redis_url):
 
 @pytest.fixture(scope="session")
 def digits_dataset(db, worker_artifacts, worker_settings):
-    from store.datasets import register_digits
+    from service.api.readers import register_digits
 
     return register_digits(db, worker_artifacts, worker_settings, name="digits-workers").dataset

@@ -11,11 +11,11 @@ from sqlalchemy import text
 from models.config import TrainConfig, VAEConfig
 from models.data import load_digits_dataset
 from models.trainer import Trainer
-from store.jobs import get_job, request_cancel
+from store.jobs import get_job, publish, request_cancel
 from store.latents import export_pages, get_set
-from store.submit import leaderboard, submit_embedding, submit_sweep, submit_training
+from store.submit import leaderboard, submit_embedding
 from store.tables import Model
-from workers.maintenance import publish
+from tests.support import submit_grid, submit_train
 
 MODEL = {"family": "mlp", "latent_dim": 6, "hidden": [64, 32], "likelihood": "bernoulli"}
 TRAINING = {"epochs": 6, "batch_size": 64, "lr": 0.002, "seed": 5, "importance_samples": 50,
@@ -53,10 +53,10 @@ def worker(start_worker):
 
 @pytest.fixture(scope="module")
 def trained(db, worker, celery_client, digits_dataset):
-    job, created = submit_training(db, digits_dataset.id, MODEL, TRAINING,
+    job, created = submit_train(db, digits_dataset, MODEL, TRAINING,
                                    idempotency_key="e2e-train")
     assert created
-    publish(celery_client, db, job)
+    publish(db, celery_client, job)
     return wait_for(db, job.id)
 
 
@@ -87,7 +87,7 @@ def test_training_job_end_to_end(db, trained, worker_artifacts, digits_dataset):
         assert key == f"models/{model.id}/attempt-1/{role}.onnx"
         assert worker_artifacts.sha256(key) == getattr(model, f"{role}_sha256")
     # Same idempotency key: the first job, nothing new.
-    again, created = submit_training(db, digits_dataset.id, MODEL, TRAINING,
+    again, created = submit_train(db, digits_dataset, MODEL, TRAINING,
                                      idempotency_key="e2e-train")
     assert not created and again.id == job.id
 
@@ -96,7 +96,7 @@ def test_embedding_job_end_to_end_and_twice(db, trained, celery_client, digits_d
                                             worker_artifacts, tmp_path):
     model_id = trained.model_id
     job, _ = submit_embedding(db, model_id, digits_dataset.id, importance_samples=20)
-    publish(celery_client, db, job)
+    publish(db, celery_client, job)
     job = wait_for(db, job.id)
     assert job.status == "succeeded", job.error
     es = get_set(db, job.embedding_set_id)
@@ -118,7 +118,7 @@ def test_embedding_job_end_to_end_and_twice(db, trained, celery_client, digits_d
     # A redelivered task of the finished job changes nothing; a second job stores the same.
     celery_client.send_task("latentbank.embed", args=[job.id], queue="embed")
     second, _ = submit_embedding(db, model_id, digits_dataset.id, importance_samples=20)
-    publish(celery_client, db, second)
+    publish(db, celery_client, second)
     second = wait_for(db, second.id)
     assert second.status == "succeeded"
     again = [r for page in export_pages(db, second.embedding_set_id) for r in page]
@@ -129,13 +129,13 @@ def test_embedding_job_end_to_end_and_twice(db, trained, celery_client, digits_d
 
 def test_bad_dataset_fails_with_a_clear_message(db, worker, celery_client, worker_artifacts,
                                                 worker_settings, tmp_path):
-    from store.datasets import register_dataset
+    from service.api.readers import register_file
 
     np.save(tmp_path / "x.npy", np.random.default_rng(0).random((100, 4)) * 5)
-    ds = register_dataset(db, worker_artifacts, worker_settings, "not-in-unit-interval",
+    ds = register_file(db, worker_artifacts, worker_settings, "not-in-unit-interval",
                           str(tmp_path / "x.npy")).dataset
-    job, _ = submit_training(db, ds.id, {"latent_dim": 2, "hidden": [8]}, {"epochs": 1})
-    publish(celery_client, db, job)
+    job, _ = submit_train(db, ds, {"latent_dim": 2, "hidden": [8]}, {"epochs": 1})
+    publish(db, celery_client, job)
     job = wait_for(db, job.id)
     assert job.status == "failed" and job.attempts == 1
     assert "bernoulli likelihood needs values in [0, 1]" in job.error
@@ -144,17 +144,17 @@ def test_bad_dataset_fails_with_a_clear_message(db, worker, celery_client, worke
 
 def test_cancel_queued_and_running(db, worker, celery_client, digits_dataset,
                                    worker_artifacts):
-    queued, _ = submit_training(db, digits_dataset.id, MODEL, TRAINING)
+    queued, _ = submit_train(db, digits_dataset, MODEL, TRAINING)
     assert request_cancel(db, queued.id).status == "cancelled"
-    publish(celery_client, db, queued)  # delivered anyway: it never starts
+    publish(db, celery_client, queued)  # delivered anyway: it never starts
     time.sleep(2)
     job = get_job(db, queued.id)
     assert (job.status, job.attempts) == ("cancelled", 0)
     assert get_model(db, job.model_id).status == "cancelled"
 
     long = dict(TRAINING, epochs=500)
-    running, _ = submit_training(db, digits_dataset.id, MODEL, long)
-    publish(celery_client, db, running)
+    running, _ = submit_train(db, digits_dataset, MODEL, long)
+    publish(db, celery_client, running)
     deadline = time.monotonic() + 60
     while len(metric_rows(db, running.model_id)) < 2:
         assert time.monotonic() < deadline
@@ -170,11 +170,11 @@ def test_cancel_queued_and_running(db, worker, celery_client, digits_dataset,
 
 
 def test_sweep_leaderboard(db, worker, celery_client, digits_dataset):
-    sweep_id, jobs = submit_sweep(db, digits_dataset.id, MODEL, dict(TRAINING, epochs=2),
+    sweep_id, jobs = submit_grid(db, digits_dataset, MODEL, dict(TRAINING, epochs=2),
                                   {"model.latent_dim": [2, 6], "model.beta": [1.0, 4.0]})
     assert len(jobs) == 4
     for job in jobs:
-        publish(celery_client, db, job)
+        publish(db, celery_client, job)
     for job in jobs:
         assert wait_for(db, job.id).status == "succeeded"
     board = leaderboard(db, sweep_id)
@@ -187,14 +187,14 @@ def test_sweep_leaderboard(db, worker, celery_client, digits_dataset):
 def test_kill_9_mid_training_resumes_from_checkpoint(db, start_worker, worker, celery_client,
                                                      digits_dataset):
     training = dict(TRAINING, epochs=30)
-    reference, _ = submit_training(db, digits_dataset.id, MODEL, training)
-    publish(celery_client, db, reference)
+    reference, _ = submit_train(db, digits_dataset, MODEL, training)
+    publish(db, celery_client, reference)
     reference = wait_for(db, reference.id)
     assert reference.status == "succeeded"
 
     victim = start_worker("victim", alone=True)  # only the victim takes the next job
-    job, _ = submit_training(db, digits_dataset.id, MODEL, training)
-    publish(celery_client, db, job)
+    job, _ = submit_train(db, digits_dataset, MODEL, training)
+    publish(db, celery_client, job)
     deadline = time.monotonic() + 60
     while len(metric_rows(db, job.model_id)) < 6:  # three epochs done
         assert time.monotonic() < deadline
@@ -217,10 +217,10 @@ def test_kill_9_mid_training_resumes_from_checkpoint(db, start_worker, worker, c
 
 def test_a_job_that_keeps_killing_its_worker_ends_failed(db, start_worker, celery_client,
                                                          digits_dataset):
-    job, _ = submit_training(db, digits_dataset.id, MODEL, dict(TRAINING, epochs=400),
+    job, _ = submit_train(db, digits_dataset, MODEL, dict(TRAINING, epochs=400),
                              max_attempts=1)
     victim = start_worker("crasher", alone=True)
-    publish(celery_client, db, job)
+    publish(db, celery_client, job)
     deadline = time.monotonic() + 60
     while not metric_rows(db, job.model_id):
         assert time.monotonic() < deadline
@@ -236,7 +236,7 @@ def test_two_workers_share_one_embedding_job(db, start_worker, trained, celery_c
                                              digits_dataset):
     start_worker("second")
     job, _ = submit_embedding(db, trained.model_id, digits_dataset.id)
-    publish(celery_client, db, job)
+    publish(db, celery_client, job)
     job = wait_for(db, job.id)
     assert job.status == "succeeded", job.error
     es = get_set(db, job.embedding_set_id)
@@ -247,7 +247,7 @@ def test_two_workers_share_one_embedding_job(db, start_worker, trained, celery_c
 def test_unpublished_job_is_published_by_maintenance(db, start_worker, celery_client,
                                                      digits_dataset):
     """A broker outage at submission: the row exists but the task was never sent."""
-    job, _ = submit_training(db, digits_dataset.id, MODEL, dict(TRAINING, epochs=1))
+    job, _ = submit_train(db, digits_dataset, MODEL, dict(TRAINING, epochs=1))
     with db.engine.begin() as conn:  # make it look older than the submitter's grace period
         conn.execute(text("UPDATE jobs SET created_at = now() - interval '1 minute' "
                           "WHERE id = :j"), {"j": job.id})

@@ -7,10 +7,8 @@ import re
 import signal
 import time
 
-from store.jobs import get_job
-from store.submit import submit_training
-from tests.support import Worker, children_of
-from workers.maintenance import publish
+from store.jobs import get_job, publish
+from tests.support import Worker, children_of, submit_train
 
 MODEL = {"family": "mlp", "latent_dim": 4, "hidden": [64, 32], "likelihood": "bernoulli"}
 TRAINING = {"epochs": 300, "batch_size": 64, "lr": 0.002, "seed": 1,
@@ -56,8 +54,8 @@ def _kill_a_child_mid_training(db, worker, celery_client, digits_dataset):
     # of the parent, whose import lock a forked replacement child inherited held)
     wait("a maintenance pass", lambda: "latentbank.maintenance" in worker.log.read_text())
     assert threads_of(worker.proc.pid) == 1
-    job, _ = submit_training(db, digits_dataset.id, MODEL, TRAINING)
-    publish(celery_client, db, job)
+    job, _ = submit_train(db, digits_dataset, MODEL, TRAINING)
+    publish(db, celery_client, job)
     wait("two epochs", lambda: epochs(db, job.model_id) >= 2)
     victim = int(get_job(db, job.id).lease_owner.rsplit(":", 3)[1])
     assert victim in children_of(worker.proc.pid)

@@ -1,4 +1,4 @@
-"""The offline pipeline: train -> held-out evaluation -> verified ONNX, and its figures."""
+"""The pure pipeline: train -> held-out evaluation -> verified ONNX, and its figures."""
 
 import json
 import os
@@ -6,13 +6,11 @@ import os
 import numpy as np
 import onnxruntime as ort
 import pytest
-from PIL import Image
 
 from models.checkpoint import load_model
 from models.config import TrainConfig, VAEConfig
 from models.data import load_digits_dataset
-from store.plots import image_grid
-from workers.pipeline import main, train_evaluate_export
+from models.pipeline import train_evaluate_export
 
 
 @pytest.fixture(scope="module")
@@ -50,21 +48,3 @@ def test_exported_encoder_matches_the_checkpoint(run):
         want_mu, want_logvar = model.encode(torch.from_numpy(images[:10]))
     np.testing.assert_allclose(mu, want_mu.numpy(), atol=1e-4)
     np.testing.assert_allclose(logvar, want_logvar.numpy(), atol=1e-4)
-
-
-def test_image_grid_layout():
-    items = np.zeros((3, 1, 2, 2), np.float32)
-    items[1] = 1.0
-    grid = np.asarray(image_grid(items, columns=2, scale=1))
-    # 2 columns x 2 rows of 2x2 tiles with 1-pixel borders: 5 x 7 pixels.
-    assert grid.shape == (7, 7)
-    assert grid[1:3, 4:6].min() == 255 and grid[1:3, 1:3].max() == 0
-
-
-def test_offline_demo_command(tmp_path, capsys):
-    main(["--out", str(tmp_path), "--epochs", "2", "--importance-samples", "10"])
-    printed = capsys.readouterr().out
-    assert "held-out log p(x) (K=10)" in printed
-    for name in ("curves.png", "latent.png", "samples.png", "recon.png"):
-        with Image.open(tmp_path / name) as image:
-            assert image.width > 50

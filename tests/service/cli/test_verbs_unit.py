@@ -7,9 +7,9 @@ import types
 import pytest
 from typer.testing import CliRunner
 
-from service import verbs
-from service.cli import app
-from service.client import ClientError
+from service.cli import output
+from service.cli.client import ClientError
+from service.cli.main import app
 
 
 class FakeClient:
@@ -49,7 +49,7 @@ def job(job_id, status, progress, message=None, eta=None, error=None):
 @pytest.fixture
 def fake(monkeypatch):
     holder = types.SimpleNamespace(client=FakeClient())
-    monkeypatch.setattr(verbs, "client", lambda: holder.client)
+    monkeypatch.setattr(output, "Client", lambda: holder.client)
     return holder
 
 
@@ -155,7 +155,7 @@ def test_training_progress_carries_the_last_validation_figures(monkeypatch):
 
 
 def test_the_saved_admin_key_goes_only_to_the_local_stack(tmp_path, monkeypatch):
-    from service.client import resolve
+    from service.cli.client import resolve
 
     (tmp_path / "admin.key").write_text("lb_saved\n")
     (tmp_path / "stack.json").write_text(json.dumps({"url": "http://127.0.0.1:8123",

@@ -15,8 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tests.cli.conftest import alive, clean_env
-from tests.service.conftest import free_port
+from tests.support import alive, clean_env, free_port
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -27,7 +26,8 @@ def demo(tmp_path_factory):
     out = root / "out"
     seen = set()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.demo", "--epochs", "8", "--importance-samples", "200",
+        [sys.executable, "-m", "service.cli", "demo", "--epochs", "8",
+         "--importance-samples", "200",
          "--queries", "120", "--out", str(out), "--port", str(free_port())],
         env=clean_env(root / "data"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL, text=True)

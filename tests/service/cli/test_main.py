@@ -5,14 +5,14 @@ import sys
 
 from sqlalchemy import create_engine, inspect
 
-from tests.store.test_migrations import SYSTEM_PG, system_pg_up
+from tests.support import SYSTEM_PG, system_pg_up
 
 
 def run_cli(*args, env=None):
     import os
 
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-c", "from service.cli import main; main()", *args],
+    return subprocess.run([sys.executable, "-m", "service.cli", *args],
                           capture_output=True, text=True, env=full_env, timeout=120)
 
 
@@ -64,11 +64,11 @@ def test_api_command_serves_until_terminated(api_env, tmp_path):
 
     import httpx
 
-    from tests.service.conftest import free_port
+    from tests.support import free_port
 
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from service.cli import main; main()", "api", "--port",
+        [sys.executable, "-m", "service.cli", "api", "--port",
          str(port)], env={**os.environ, **api_env}, stdout=subprocess.DEVNULL,
         stderr=open(tmp_path / "api.log", "w"))  # noqa: SIM115
     try:

@@ -7,7 +7,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.service.conftest import Served, settings_of
+from tests.support import Served, settings_of
 
 
 def npy(array):
@@ -246,7 +246,7 @@ def _dead_port():
 
 
 def test_broker_down_a_submission_still_answers_202(api_env, keys, client, dataset):
-    from service.app import create_app
+    from service.api.app import create_app
 
     settings = settings_of(api_env, redis_url=f"redis://127.0.0.1:{_dead_port()}/0")
     served = Served(create_app(settings))
@@ -270,7 +270,7 @@ def test_broker_down_a_submission_still_answers_202(api_env, keys, client, datas
 
 
 def test_database_down_answers_503(api_env, keys):
-    from service.app import create_app
+    from service.api.app import create_app
 
     settings = settings_of(api_env, database_url=f"postgresql://u:secret@127.0.0.1:"
                                                  f"{_dead_port()}/none", db_connect_timeout=2)

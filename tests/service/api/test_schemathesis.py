@@ -13,8 +13,7 @@ import sys
 
 import pytest
 
-from tests.cli.conftest import Up, cli_json
-from tests.service.conftest import free_port
+from tests.support import Up, cli_json, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

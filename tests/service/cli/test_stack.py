@@ -15,8 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tests.cli.conftest import Up, alive, cli, cli_json
-from tests.service.conftest import free_port
+from tests.support import Up, alive, cli, cli_json, free_port
 
 pytestmark = pytest.mark.timeout(900)
 

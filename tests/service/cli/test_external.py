@@ -5,8 +5,7 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.cli.conftest import Up, alive, cli_json
-from tests.service.conftest import free_port
+from tests.support import Up, alive, cli_json, free_port
 
 pytestmark = pytest.mark.timeout(600)
 

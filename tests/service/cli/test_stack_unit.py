@@ -3,7 +3,7 @@
 import socket
 import sys
 
-from service.stack import Child, port_free
+from service.cli.stack import Child, port_free
 
 
 def test_a_child_reads_only_its_own_run_of_an_appended_log(tmp_path):
@@ -37,7 +37,7 @@ def test_port_free():
 
 
 def _part(tmp_path, code="import time; time.sleep(60)", dead_after=0.0):
-    from service.stack import Part
+    from service.cli.stack import Part
 
     child = Child("sleeper", [sys.executable, "-c", code], {}, tmp_path / "log")
     return child, Part("sleeper", child.start, lambda: child.pid if child.running() else 0,
@@ -45,7 +45,7 @@ def _part(tmp_path, code="import time; time.sleep(60)", dead_after=0.0):
 
 
 def test_a_dead_part_is_restarted_with_a_doubling_back_off(tmp_path, monkeypatch):
-    from service import stack
+    from service.cli import stack
 
     clock = [1000.0]
     monkeypatch.setattr(stack.time, "monotonic", lambda: clock[0])
@@ -69,7 +69,7 @@ def test_a_dead_part_is_restarted_with_a_doubling_back_off(tmp_path, monkeypatch
 
 def test_a_death_must_last_before_a_restart_and_a_live_part_is_left_alone(tmp_path,
                                                                           monkeypatch):
-    from service import stack
+    from service.cli import stack
 
     clock = [0.0]
     monkeypatch.setattr(stack.time, "monotonic", lambda: clock[0])
@@ -94,7 +94,7 @@ def test_a_death_must_last_before_a_restart_and_a_live_part_is_left_alone(tmp_pa
 
 
 def test_a_part_that_ran_a_while_is_restarted_quickly_again(tmp_path, monkeypatch):
-    from service import stack
+    from service.cli import stack
 
     clock = [0.0]
     monkeypatch.setattr(stack.time, "monotonic", lambda: clock[0])

@@ -1,0 +1,183 @@
+"""The dataset file readers at the API's edge, through ingest into real PostgreSQL: every
+format, every bad file rejected with its message and nothing left behind, and server-side
+paths confined to the allowed roots."""
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from sqlalchemy import func, select
+
+from service.api.readers import (
+    IngestOptions,
+    register_digits,
+    register_file,
+    resolve_allowed_path,
+)
+from store.datasets import dataset_array, item_rows
+from store.errors import DatasetError, PathNotAllowed, TooLarge, UnsupportedFormat
+from store.tables import Dataset, Item
+
+
+def counts(db):
+    with db.session() as s:
+        return s.scalar(select(func.count()).select_from(Dataset)), s.scalar(
+            select(func.count()).select_from(Item))
+
+
+def stored_files(artifacts):
+    found = []
+    for root, _, files in os.walk(artifacts.root):
+        found += [os.path.join(root, f) for f in files]
+    return sorted(found)
+
+
+def unique_name(request):
+    return f"{request.node.name}"[:190]
+
+
+def test_npy_with_labels_and_keys(db, artifacts, settings, tmp_path, request):
+    data = np.random.default_rng(0).integers(0, 255, size=(50, 2, 3), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", data)
+    np.save(tmp_path / "labels.npy", np.arange(50) % 4)
+    np.save(tmp_path / "keys.npy", np.array([f"img-{i:03d}" for i in range(50)]))
+    reg = register_file(db, artifacts, settings, unique_name(request),
+                           str(tmp_path / "x.npy"),
+                           options=IngestOptions(labels_path=str(tmp_path / "labels.npy"),
+                                                 keys_path=str(tmp_path / "keys.npy")))
+    ds = reg.dataset
+    assert reg.created and ds.n_items == 50 and ds.item_shape == [2, 3]
+    assert ds.source_dtype == "uint8" and ds.dtype == "float32" and ds.has_labels
+    assert (ds.min_value, ds.max_value) == (float(data.min()), float(data.max()))
+    stored = dataset_array(artifacts, ds, str(tmp_path / "cache"))
+    assert stored.dtype == np.float32 and isinstance(stored, np.memmap)
+    np.testing.assert_array_equal(stored, data.astype(np.float32))
+    items = item_rows(db, ds.id, 0, 50)
+    assert [i.key for i in items[:2]] == ["img-000", "img-001"]
+    assert [i.label for i in items[:5]] == ["0", "1", "2", "3", "0"]
+    assert artifacts.sha256(ds.artifact_key) == artifacts.sha256(ds.artifact_key)
+
+
+def test_npz_with_keys_and_labels(db, artifacts, settings, tmp_path, request):
+    x = np.random.default_rng(1).random((30, 5)).astype(np.float32)
+    np.savez_compressed(tmp_path / "d.npz", x=x, labels=np.array(["cat", "dog"] * 15),
+                        keys=np.arange(100, 130))
+    ds = register_file(db, artifacts, settings, unique_name(request),
+                          str(tmp_path / "d.npz")).dataset
+    np.testing.assert_array_equal(dataset_array(artifacts, ds, str(tmp_path)), x)
+    items = item_rows(db, ds.id, 0, 2)
+    assert [(i.key, i.label) for i in items] == [("100", "cat"), ("101", "dog")]
+
+
+def test_parquet_numeric_columns_key_label_metadata(db, artifacts, settings, tmp_path, request):
+    n = 40
+    table = pa.table({"id": [f"r{i}" for i in range(n)], "a": np.arange(n, dtype=np.int32),
+                      "b": np.linspace(0, 1, n), "y": [i % 3 for i in range(n)],
+                      "city": ["Oslo", "Lima"] * (n // 2)})
+    pq.write_table(table, tmp_path / "t.parquet", row_group_size=7)
+    ds = register_file(db, artifacts, settings, unique_name(request),
+                          str(tmp_path / "t.parquet"),
+                          options=IngestOptions(key_column="id", label_column="y",
+                                                metadata_columns=["city"])).dataset
+    assert ds.item_shape == [2] and ds.n_items == n
+    want = np.stack([np.arange(n), np.linspace(0, 1, n)], 1).astype(np.float32)
+    np.testing.assert_array_equal(dataset_array(artifacts, ds, str(tmp_path)), want)
+    item = item_rows(db, ds.id, 3, 4)[0]
+    assert (item.key, item.label, item.metadata_) == ("r3", "0", {"city": "Lima"})
+
+
+def test_parquet_list_column_and_csv(db, artifacts, settings, tmp_path, request):
+    vectors = np.random.default_rng(2).random((20, 6))
+    pq.write_table(pa.table({"v": list(vectors), "name": [f"k{i}" for i in range(20)]}),
+                   tmp_path / "l.parquet")
+    ds = register_file(db, artifacts, settings, unique_name(request) + "-pq",
+                          str(tmp_path / "l.parquet"),
+                          options=IngestOptions(key_column="name")).dataset
+    assert ds.item_shape == [6]
+    np.testing.assert_allclose(dataset_array(artifacts, ds, str(tmp_path)), vectors, rtol=1e-7)
+    lines = ["key,x1,x2,label"] + [f"k{i},{i * 0.5},{-i},{i % 2}" for i in range(25)]
+    (tmp_path / "c.csv").write_text("\n".join(lines) + "\n")
+    ds = register_file(db, artifacts, settings, unique_name(request) + "-csv",
+                          str(tmp_path / "c.csv"),
+                          options=IngestOptions(key_column="key", label_column="label")).dataset
+    assert ds.n_items == 25 and ds.item_shape == [2]
+    arr = dataset_array(artifacts, ds, str(tmp_path))
+    np.testing.assert_array_equal(arr[4], [2.0, -4.0])
+
+
+def test_builtin_digits(db, artifacts, settings):
+    from sklearn.datasets import load_digits
+
+    reg = register_digits(db, artifacts, settings, name="digits-test")
+    arr = dataset_array(artifacts, reg.dataset, "/nonexistent")
+    assert arr.shape == (1797, 1, 8, 8) and reg.dataset.source_uri == "builtin:digits"
+    np.testing.assert_array_equal(arr.reshape(1797, 64), load_digits().data / 16.0)
+    assert item_rows(db, reg.dataset.id, 10, 11)[0].label == str(load_digits().target[10])
+    assert not register_digits(db, artifacts, settings, name="digits-again").created
+
+
+BAD = {
+    "pickled.npy": (lambda p: np.save(p, np.array([{"a": 1}, None], dtype=object)),
+                    DatasetError, "Python objects"),
+    "strings.npy": (lambda p: np.save(p, np.array([["a", "b"]])), DatasetError,
+                    "must be numeric"),
+    "complex.npy": (lambda p: np.save(p, np.ones((2, 2), np.complex64)), DatasetError,
+                    "must be numeric .*got dtype complex64"),
+    "nan.npy": (lambda p: np.save(p, np.array([[0.0, 1.0], [np.nan, 2.0]])), DatasetError,
+                r"item 1 has a value that is not finite"),
+    "huge.npy": (lambda p: np.save(p, np.array([[1e300, 0.0]])), DatasetError,
+                 "overflows float32"),
+    "empty.npy": (lambda p: np.save(p, np.zeros((0, 3))), DatasetError, "empty"),
+    "scalar.npy": (lambda p: np.save(p, np.float64(3.0)), DatasetError, "scalar"),
+    "data.txt": (lambda p: p.write_text("1,2\n"), UnsupportedFormat,
+                 r"unsupported file type '\.txt'"),
+    "broken.npz": (lambda p: p.write_bytes(b"PK\x03\x04 nonsense"), DatasetError,
+                   "not a valid zip"),
+    "two.npz": (lambda p: np.savez(p, a=np.ones((2, 2)), b=np.ones((2, 2))), DatasetError,
+                "exactly one data array"),
+    "ragged.parquet": (lambda p: pq.write_table(pa.table({"v": [[1.0, 2.0], [3.0]]}), p),
+                       DatasetError, "inconsistent item shape: row 1 has 1 values"),
+    "text.parquet": (lambda p: pq.write_table(pa.table({"a": [1, 2], "s": ["x", "y"]}), p),
+                     DatasetError, "column 's' has type string"),
+    "missing.csv": (lambda p: p.write_text("a,b\n1,2\n3,\n"), DatasetError,
+                    "missing value in column 'b' at row 1"),
+    "dupkeys.npz": (lambda p: np.savez(p, x=np.ones((3, 2)), keys=np.array(["a", "b", "a"])),
+                    DatasetError, "duplicate key 'a'"),
+    "badlabels.npz": (lambda p: np.savez(p, x=np.ones((3, 2)), labels=np.array([1, 2])),
+                      DatasetError, "labels has 2 entries but the data has 3 items"),
+    "toomany.npy": (lambda p: np.save(p, np.ones((11, 2))), TooLarge, "the limit is 10"),
+    "wideitems.npy": (lambda p: np.save(p, np.ones((2, 5000))), TooLarge,
+                      "5000 values each; the limit is 4096"),
+}
+
+
+@pytest.mark.parametrize("filename", list(BAD))
+def test_bad_datasets_rejected_and_nothing_left(db, artifacts, settings, tmp_path, filename):
+    make, error, message = BAD[filename]
+    settings = settings.model_copy(update={"max_dataset_items": 10, "max_item_values": 4096})
+    path = tmp_path / filename
+    make(path)
+    before = counts(db), stored_files(artifacts)
+    with pytest.raises(error, match=message):
+        register_file(db, artifacts, settings, f"bad-{filename}", str(path))
+    assert (counts(db), stored_files(artifacts)) == before
+
+
+def test_server_side_paths_are_confined_to_allowed_roots(settings, tmp_path):
+    root = settings.allowed_roots[0]
+    (root / "ok.npy").write_bytes(b"x")
+    assert resolve_allowed_path(str(root / "ok.npy"), settings.allowed_roots) == str(
+        (root / "ok.npy").resolve())
+    assert resolve_allowed_path((root / "ok.npy").as_uri(), settings.allowed_roots)
+    (tmp_path / "secret.npy").write_bytes(b"x")
+    os.symlink(tmp_path / "secret.npy", root / "link.npy")
+    for uri in (str(tmp_path / "secret.npy"), str(root / ".." / "secret.npy"),
+                str(root / "link.npy"), "/etc/passwd"):
+        with pytest.raises(PathNotAllowed, match="outside the allowed roots"):
+            resolve_allowed_path(uri, settings.allowed_roots)
+    with pytest.raises(PathNotAllowed, match="not an absolute path"):
+        resolve_allowed_path("relative.npy", settings.allowed_roots)
+    with pytest.raises(PathNotAllowed, match="disabled"):
+        resolve_allowed_path(str(root / "ok.npy"), [])
