@@ -161,8 +161,8 @@ def run_shard(ctx: Context, job_id: int, set_id: int, start: int, stop: int,
         with contextlib.suppress(LeaseLost):  # the finishing task will notice
             done, total = count_done(ctx.db, job_id, owner, stop - start)
             total = total or es.n_items
-            lease.report(0.95 * min(done, total) / total, f"{min(done, total)}/{total} items "
-                                                          "embedded")
+            done = min(done, total)  # a re-run shard counts again
+            lease.report(0.95 * done / total, f"{done}/{total} items embedded")
             lease.beat()
     return {"rows": stop - start, "worker": socket.gethostname() + f":{os.getpid()}"}
 

@@ -58,10 +58,13 @@ def _request_hash(request: Request, body: Any) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _key(value: str | None) -> str | None:
-    if value is not None and (not value.strip() or not value.isprintable()):
+def _once(svc: Services, request: Request, body: Any, key: str | None) -> dict[str, Any]:
+    """What makes a submission safe to repeat: its Idempotency-Key bound to the request,
+    and the attempt cap of its job."""
+    if key is not None and (not key.strip() or not key.isprintable()):
         raise InvalidInput("Idempotency-Key must be 1-200 printable characters")
-    return value
+    return {"idempotency_key": key, "request_hash": _request_hash(request, body),
+            "max_attempts": svc.settings.job_max_attempts}
 
 
 @router.post("/v1/training-jobs", status_code=202, response_model=JobOut,
@@ -74,8 +77,7 @@ async def create_training_job(request: Request, response: Response, body: Traini
     config = training_config(dataset.item_shape, body.model, body.training)
     job, created = await in_thread(
         submit_training, svc.db, body.dataset_id, config,
-        idempotency_key=_key(idempotency_key), max_attempts=svc.settings.job_max_attempts,
-        request_hash=_request_hash(request, body))
+        **_once(svc, request, body, idempotency_key))
     return _accepted(response, await _publish(svc, job, created), created)
 
 
@@ -89,8 +91,7 @@ async def create_sweep(request: Request, response: Response, body: SweepRequest,
     configs = sweep_configs(dataset.item_shape, body.model, body.training, body.grid)
     sweep_id, jobs = await in_thread(
         submit_sweep, svc.db, body.dataset_id, configs,
-        idempotency_key=_key(idempotency_key), max_attempts=svc.settings.job_max_attempts,
-        request_hash=_request_hash(request, body))
+        **_once(svc, request, body, idempotency_key))
     published = [await _publish(svc, job, True) for job in jobs]
     response.headers["Location"] = f"/v1/sweeps/{sweep_id}"
     return SweepOut(sweep_id=sweep_id, jobs=[JobOut.of(j) for j in published])
@@ -111,8 +112,7 @@ async def create_embedding_job(request: Request, response: Response, body: Embed
     svc = services(request)
     job, created = await in_thread(
         submit_embedding, svc.db, body.model_id, body.dataset_id, body.importance_samples,
-        idempotency_key=_key(idempotency_key), max_attempts=svc.settings.job_max_attempts,
-        request_hash=_request_hash(request, body))
+        **_once(svc, request, body, idempotency_key))
     return _accepted(response, await _publish(svc, job, created), created)
 
 
