@@ -74,6 +74,9 @@ class JobOut(BaseModel):
     progress: float = Field(ge=0, le=1, examples=[0.42])
     progress_message: str | None = None
     eta_seconds: float | None = None
+    items_done: int = Field(0, description="the attempt's work done: epochs recorded "
+                                           "(training), items embedded (embedding)")
+    items_total: int | None = Field(None, description="of how many (null before a start)")
     attempts: int
     max_attempts: int
     error: str | None = None
@@ -91,6 +94,7 @@ class JobOut(BaseModel):
     def of(cls, j: Job) -> JobOut:
         return cls(id=j.id, kind=j.kind, status=j.status, progress=min(max(j.progress, 0), 1),
                    progress_message=j.progress_message, eta_seconds=j.eta_seconds,
+                   items_done=j.items_done or 0, items_total=j.items_total,
                    attempts=j.attempts, max_attempts=j.max_attempts, error=j.error,
                    cancel_requested=j.cancel_requested, model_id=j.model_id,
                    embedding_set_id=j.embedding_set_id, sweep_id=j.sweep_id, params=j.params,

@@ -79,12 +79,17 @@ def flow(client, api_worker, digits):
     events = sse_events(client, f"/v1/jobs/{job['id']}/events")
     assert events[-1][0] == "end" and events[-1][1]["status"] == "succeeded", events[-1]
     model_id = events[-1][1]["model_id"]
+    # every epoch counted (early stopping may end it sooner: then all that ran)
+    ended = events[-1][1]
+    assert ended["items_total"] == TRAINING["epochs"]
+    assert 1 <= ended["items_done"] <= TRAINING["epochs"]
 
     answer = client.post("/v1/embedding-jobs", json={
         "model_id": model_id, "dataset_id": dataset["id"], "importance_samples": 10})
     assert answer.status_code == 202, answer.text
     embed = wait_job(client, answer.json()["id"])
     assert embed["status"] == "succeeded", embed
+    assert embed["items_done"] == embed["items_total"] == len(images)  # every shard counted
     return {"dataset": dataset, "model_id": model_id, "train_events": events,
             "set_id": embed["embedding_set_id"], "keys": keys}
 
