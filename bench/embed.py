@@ -32,13 +32,13 @@ from celery import Celery  # noqa: E402
 
 from migrations import migrate  # noqa: E402
 from service.api.validation import training_config  # noqa: E402
+from service.cli.commands import worker_argv  # noqa: E402
 from service.cli.embedded import start_embedded_postgres  # noqa: E402
 from store.db import Database  # noqa: E402
 from store.jobs import get_job, publish  # noqa: E402
 from store.latents import create_embedding_set, write_latents  # noqa: E402
 from store.settings import Settings, open_artifacts  # noqa: E402
 from store.submit import submit_embedding, submit_training  # noqa: E402
-from workers.commands import worker_argv  # noqa: E402
 
 MODEL = {"family": "mlp", "latent_dim": 20, "hidden": [400], "likelihood": "bernoulli"}
 

@@ -50,6 +50,8 @@ sys.path.insert(0, ROOT)
 
 from sqlalchemy import create_engine, text  # noqa: E402
 
+from service.cli.stack import stack_processes  # noqa: E402
+
 LEASE = 6.0  # the stack's job lease: a SIGSTOP of twice this loses it
 SETTLED = 10.5  # seconds every part has run before the next fault (`up`'s STABLE_AFTER)
 MODEL = {"latent_dim": 8, "hidden": [256, 128]}
@@ -182,28 +184,7 @@ class Stack:
 
     def processes(self) -> set[int]:
         """The supervisor's descendants, and the servers that detach."""
-        found, parents = set(), {}
-        sock = self.data / "redis" / "redis.sock"
-        markers = [str(self.data / "postgres"),
-                   os.path.dirname(os.readlink(sock)) if sock.is_symlink() else str(sock)]
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-            ours = any(m in cmdline for m in markers)
-            if ours and ("redis-server" in cmdline or "postgres" in cmdline):
-                found.add(int(entry.name))
-        frontier = {self.proc.pid}
-        while frontier:
-            kids = {p for p, pp in parents.items() if pp in frontier} - found
-            found |= kids
-            frontier = kids
-        return {p for p in found if alive(p)}
+        return {p for p in stack_processes(self.data, self.proc.pid) if alive(p)}
 
     def pg_ctl_restart(self) -> None:
         from pgserver._commands import pg_ctl

@@ -15,9 +15,9 @@ from pathlib import Path
 from sqlalchemy import create_engine
 
 from service.api.validation import sweep_configs, training_config
-from service.cli.stack import free_port
+from service.cli.commands import beat_argv, worker_argv
+from service.cli.stack import free_port, stack_processes
 from store.submit import submit_sweep, submit_training
-from workers.commands import beat_argv, worker_argv
 
 
 def submit_train(db, dataset, model, training, **kwargs):
@@ -170,29 +170,8 @@ class Up:
         self.info = json.loads((data_dir / "stack.json").read_text())
 
     def processes(self):
-        """Every process of the stack: the supervisor's descendants (worker, pool
-        children, API), and the servers that detach (postgres, redis-server)."""
-        sock = self.data_dir / "redis" / "redis.sock"
-        redis_target = os.readlink(sock) if sock.is_symlink() else str(sock)
-        found = set()
-        parents = {}
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-            if str(self.data_dir / "postgres") in cmdline or redis_target in cmdline:
-                found.add(int(entry.name))
-        frontier = {self.proc.pid}
-        while frontier:
-            children = {p for p, pp in parents.items() if pp in frontier} - found
-            found |= children
-            frontier = children
-        return found
+        """Every process of the stack (see `service.cli.stack.stack_processes`)."""
+        return stack_processes(self.data_dir, self.proc.pid)
 
     def stop(self, sig=signal.SIGTERM, timeout=120):
         if self.proc.poll() is None:
@@ -220,3 +199,25 @@ def system_pg_up():
         return False
     finally:
         engine.dispose()
+
+
+def counts(db):
+    """(datasets, items) rows stored now."""
+    from sqlalchemy import func, select
+
+    from store.tables import Dataset, Item
+
+    with db.session() as s:
+        return s.scalar(select(func.count()).select_from(Dataset)), s.scalar(
+            select(func.count()).select_from(Item))
+
+
+def stored_files(artifacts):
+    found = []
+    for root, _, files in os.walk(artifacts.root):
+        found += [os.path.join(root, f) for f in files]
+    return sorted(found)
+
+
+def unique_name(request):
+    return f"{request.node.name}"[:190]

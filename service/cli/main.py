@@ -61,7 +61,7 @@ def worker_command(
     """Run a Celery worker (exec'd: this CLI never imports torch)."""
     import os
 
-    from workers.commands import worker_argv
+    from service.cli.commands import worker_argv
 
     cmd = worker_argv(queues, concurrency, pool, name)
     env = {**os.environ, "LATENTBANK_WORKER_CONCURRENCY": str(concurrency)}
@@ -79,8 +79,8 @@ def beat_command(
     deployment is enough; a second is harmless (an advisory lock serialises the passes)."""
     import os
 
+    from service.cli.commands import beat_argv
     from store.settings import get_settings
-    from workers.commands import beat_argv
 
     path = schedule or str(get_settings().data_dir.resolve() / "beat" / "schedule")
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -42,9 +42,9 @@ from typing import IO, Any
 
 import httpx
 
+from service.cli.commands import beat_argv, worker_argv
 from store.processes import pid_alive
 from store.settings import Settings
-from workers.commands import beat_argv, worker_argv
 
 log = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per readiness poll
@@ -87,6 +87,38 @@ def _die_with_parent() -> None:
     """Linux: a child gets SIGTERM if the supervisor dies (even by SIGKILL)."""
     if _LIBC is not None:
         _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def stack_processes(data_dir: Path, supervisor_pid: int) -> set[int]:
+    """Every live process of the stack run from `data_dir`: the supervisor's descendants
+    (worker and its pool, beat, API) and the servers that detach from it (postgres,
+    redis-server), found through /proc."""
+    found: set[int] = set()
+    parents: dict[int, int] = {}
+    sock = data_dir / "redis" / "redis.sock"
+    markers = [str(data_dir / "postgres"),
+               os.path.dirname(os.readlink(sock)) if sock.is_symlink() else str(sock)]
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] == "Z":  # a zombie is gone, only not yet reaped
+            continue
+        parents[int(entry.name)] = int(fields[1])
+        if any(m in cmdline for m in markers) and ("redis-server" in cmdline
+                                                   or "postgres" in cmdline):
+            found.add(int(entry.name))
+    frontier = {supervisor_pid}
+    while frontier:
+        children = {p for p, pp in parents.items() if pp in frontier} - found
+        found |= children
+        frontier = children
+    return found
 
 
 def free_port() -> int:

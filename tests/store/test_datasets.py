@@ -6,7 +6,6 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from sqlalchemy import func, select
 
 from service.api.readers import (
     register_file,
@@ -17,24 +16,7 @@ from store.errors import (
     DatasetError,
     NotFound,
 )
-from store.tables import Dataset, Item
-
-
-def counts(db):
-    with db.session() as s:
-        return s.scalar(select(func.count()).select_from(Dataset)), s.scalar(
-            select(func.count()).select_from(Item))
-
-
-def stored_files(artifacts):
-    found = []
-    for root, _, files in os.walk(artifacts.root):
-        found += [os.path.join(root, f) for f in files]
-    return sorted(found)
-
-
-def unique_name(request):
-    return f"{request.node.name}"[:190]
+from tests.support import counts, stored_files, unique_name
 
 
 def test_same_content_twice_is_recognised(db, artifacts, settings, tmp_path, request):

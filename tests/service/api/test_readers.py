@@ -8,7 +8,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from sqlalchemy import func, select
 
 from service.api.readers import (
     IngestOptions,
@@ -18,24 +17,7 @@ from service.api.readers import (
 )
 from store.datasets import dataset_array, item_rows
 from store.errors import DatasetError, PathNotAllowed, TooLarge, UnsupportedFormat
-from store.tables import Dataset, Item
-
-
-def counts(db):
-    with db.session() as s:
-        return s.scalar(select(func.count()).select_from(Dataset)), s.scalar(
-            select(func.count()).select_from(Item))
-
-
-def stored_files(artifacts):
-    found = []
-    for root, _, files in os.walk(artifacts.root):
-        found += [os.path.join(root, f) for f in files]
-    return sorted(found)
-
-
-def unique_name(request):
-    return f"{request.node.name}"[:190]
+from tests.support import counts, stored_files, unique_name
 
 
 def test_npy_with_labels_and_keys(db, artifacts, settings, tmp_path, request):

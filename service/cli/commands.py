@@ -1,7 +1,8 @@
 """The command lines of a worker and of beat: written once, run by `latentbank worker` /
 `latentbank beat`, by `latentbank up`'s supervisor, and by the tests and benchmarks.
 
-Importing this module imports neither Celery nor torch.
+The CLI starts the worker as a program (`celery -A workers.app`): it imports nothing of
+`workers/`, so neither Celery's task code nor torch loads here.
 """
 
 from __future__ import annotations
