@@ -126,7 +126,7 @@ def main() -> None:
             ingest_s = time.perf_counter() - t
             np.save(f"{tmp}/train.npy", np.load(path, mmap_mode="r")[:n_train])
             train_set = register_file(db, artifacts, settings, "bench-train",
-                                         f"{tmp}/train.npy").dataset
+                                      f"{tmp}/train.npy").dataset
 
             log = open(f"{tmp}/worker.log", "w")  # noqa: SIM115
             worker = subprocess.Popen(

@@ -425,5 +425,5 @@ def register_digits(db: Database, artifacts: ArtifactStore, settings: Settings,
         np.save(data, images)
         np.save(labels, digits.target.astype(np.int64))
         return register_file(db, artifacts, settings, name, data,
-                                options=IngestOptions(labels_path=labels),
-                                source_uri="builtin:digits")
+                             options=IngestOptions(labels_path=labels),
+                             source_uri="builtin:digits")

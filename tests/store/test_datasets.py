@@ -22,21 +22,21 @@ from tests.support import counts, stored_files, unique_name
 def test_same_content_twice_is_recognised(db, artifacts, settings, tmp_path, request):
     np.save(tmp_path / "a.npy", np.eye(4, dtype=np.float64))
     first = register_file(db, artifacts, settings, unique_name(request) + "-1",
-                             str(tmp_path / "a.npy"))
+                          str(tmp_path / "a.npy"))
     before = counts(db), stored_files(artifacts)
     again = register_file(db, artifacts, settings, unique_name(request) + "-2",
-                             str(tmp_path / "a.npy"))
+                          str(tmp_path / "a.npy"))
     assert not again.created and again.dataset.id == first.dataset.id
     assert (counts(db), stored_files(artifacts)) == before
     # A client's honest retry (same name, same content) is answered with the dataset.
     retry = register_file(db, artifacts, settings, unique_name(request) + "-1",
-                             str(tmp_path / "a.npy"))
+                          str(tmp_path / "a.npy"))
     assert not retry.created and retry.dataset.id == first.dataset.id
     assert (counts(db), stored_files(artifacts)) == before
     np.save(tmp_path / "b.npy", np.ones((2, 4)))
     with pytest.raises(Conflict, match="already exists"):
         register_file(db, artifacts, settings, unique_name(request) + "-1",
-                         str(tmp_path / "b.npy"))
+                      str(tmp_path / "b.npy"))
     assert (counts(db), stored_files(artifacts)) == before
     assert not os.listdir(artifacts.local_path("tmp"))  # no ingest file left behind
 
@@ -84,7 +84,7 @@ def test_ingest_streams_in_bounded_memory(db, artifacts, settings, tmp_path, req
     del out
     tracemalloc.start()
     reg = register_file(db, artifacts, settings, unique_name(request),
-                           str(tmp_path / "big.npy"))
+                        str(tmp_path / "big.npy"))
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     file_size = os.path.getsize(tmp_path / "big.npy")
@@ -99,7 +99,7 @@ def test_ingest_streams_in_bounded_memory(db, artifacts, settings, tmp_path, req
 def test_delete_dataset(db, artifacts, settings, tmp_path, request):
     np.save(tmp_path / "x.npy", np.full((3, 2), 7.0))
     ds = register_file(db, artifacts, settings, unique_name(request),
-                          str(tmp_path / "x.npy")).dataset
+                       str(tmp_path / "x.npy")).dataset
     delete_dataset(db, artifacts, ds.id)
     assert not artifacts.exists(ds.artifact_key) and item_rows(db, ds.id, 0, 10) == []
     with pytest.raises(NotFound):

@@ -44,7 +44,7 @@ def dataset(db, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("jobs")
     np.save(tmp / "x.npy", np.random.default_rng(3).random((30, 4), dtype=np.float32))
     return register_file(db, ArtifactStore((tmp / "a").as_uri()),
-                            Settings(data_dir=tmp / "d"), "jobs-state", str(tmp / "x.npy")
+                         Settings(data_dir=tmp / "d"), "jobs-state", str(tmp / "x.npy")
                             ).dataset
 
 

@@ -123,7 +123,7 @@ def test_metadata_filter(db, tmp_path, settings, artifacts):
     pq.write_table(pa.table({"x": np.zeros(n), "colour": ["red", "blue"] * (n // 2),
                              "size": [i % 5 for i in range(n)]}), tmp_path / "m.parquet")
     ds = register_file(db, artifacts, settings, "meta-world", str(tmp_path / "m.parquet"),
-                          options=IngestOptions(feature_columns=["x"],
+                       options=IngestOptions(feature_columns=["x"],
                                                 metadata_columns=["colour", "size"])).dataset
     with db.session() as s:
         model = Model(dataset_id=ds.id, config={}, status="ready")

@@ -133,7 +133,7 @@ def test_bad_dataset_fails_with_a_clear_message(db, worker, celery_client, worke
 
     np.save(tmp_path / "x.npy", np.random.default_rng(0).random((100, 4)) * 5)
     ds = register_file(db, worker_artifacts, worker_settings, "not-in-unit-interval",
-                          str(tmp_path / "x.npy")).dataset
+                       str(tmp_path / "x.npy")).dataset
     job, _ = submit_train(db, ds, {"latent_dim": 2, "hidden": [8]}, {"epochs": 1})
     publish(db, celery_client, job)
     job = wait_for(db, job.id)

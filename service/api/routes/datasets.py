@@ -105,7 +105,7 @@ def _ingest_upload(svc: Services, form: Any) -> tuple[Any, bool]:
                                 metadata_columns=_columns(fields["metadata_columns"]),
                                 keys_path=side["keys"], labels_path=side["labels"])
         registered = register_file(svc.db, svc.artifacts, svc.settings, name, data,
-                                      filename=filename, options=options)
+                                   filename=filename, options=options)
     return registered.dataset, registered.created
 
 
@@ -123,7 +123,7 @@ def _ingest_reference(svc: Services, body: DatasetByReference) -> tuple[Any, boo
                             feature_columns=body.feature_columns,
                             metadata_columns=body.metadata_columns)
     registered = register_file(svc.db, svc.artifacts, svc.settings, body.name, path,
-                                  options=options, source_uri=path)
+                               options=options, source_uri=path)
     return registered.dataset, registered.created
 
 

@@ -26,8 +26,8 @@ def test_npy_with_labels_and_keys(db, artifacts, settings, tmp_path, request):
     np.save(tmp_path / "labels.npy", np.arange(50) % 4)
     np.save(tmp_path / "keys.npy", np.array([f"img-{i:03d}" for i in range(50)]))
     reg = register_file(db, artifacts, settings, unique_name(request),
-                           str(tmp_path / "x.npy"),
-                           options=IngestOptions(labels_path=str(tmp_path / "labels.npy"),
+                        str(tmp_path / "x.npy"),
+                        options=IngestOptions(labels_path=str(tmp_path / "labels.npy"),
                                                  keys_path=str(tmp_path / "keys.npy")))
     ds = reg.dataset
     assert reg.created and ds.n_items == 50 and ds.item_shape == [2, 3]
@@ -47,7 +47,7 @@ def test_npz_with_keys_and_labels(db, artifacts, settings, tmp_path, request):
     np.savez_compressed(tmp_path / "d.npz", x=x, labels=np.array(["cat", "dog"] * 15),
                         keys=np.arange(100, 130))
     ds = register_file(db, artifacts, settings, unique_name(request),
-                          str(tmp_path / "d.npz")).dataset
+                       str(tmp_path / "d.npz")).dataset
     np.testing.assert_array_equal(dataset_array(artifacts, ds, str(tmp_path)), x)
     items = item_rows(db, ds.id, 0, 2)
     assert [(i.key, i.label) for i in items] == [("100", "cat"), ("101", "dog")]
@@ -60,8 +60,8 @@ def test_parquet_numeric_columns_key_label_metadata(db, artifacts, settings, tmp
                       "city": ["Oslo", "Lima"] * (n // 2)})
     pq.write_table(table, tmp_path / "t.parquet", row_group_size=7)
     ds = register_file(db, artifacts, settings, unique_name(request),
-                          str(tmp_path / "t.parquet"),
-                          options=IngestOptions(key_column="id", label_column="y",
+                       str(tmp_path / "t.parquet"),
+                       options=IngestOptions(key_column="id", label_column="y",
                                                 metadata_columns=["city"])).dataset
     assert ds.item_shape == [2] and ds.n_items == n
     want = np.stack([np.arange(n), np.linspace(0, 1, n)], 1).astype(np.float32)
@@ -75,15 +75,15 @@ def test_parquet_list_column_and_csv(db, artifacts, settings, tmp_path, request)
     pq.write_table(pa.table({"v": list(vectors), "name": [f"k{i}" for i in range(20)]}),
                    tmp_path / "l.parquet")
     ds = register_file(db, artifacts, settings, unique_name(request) + "-pq",
-                          str(tmp_path / "l.parquet"),
-                          options=IngestOptions(key_column="name")).dataset
+                       str(tmp_path / "l.parquet"),
+                       options=IngestOptions(key_column="name")).dataset
     assert ds.item_shape == [6]
     np.testing.assert_allclose(dataset_array(artifacts, ds, str(tmp_path)), vectors, rtol=1e-7)
     lines = ["key,x1,x2,label"] + [f"k{i},{i * 0.5},{-i},{i % 2}" for i in range(25)]
     (tmp_path / "c.csv").write_text("\n".join(lines) + "\n")
     ds = register_file(db, artifacts, settings, unique_name(request) + "-csv",
-                          str(tmp_path / "c.csv"),
-                          options=IngestOptions(key_column="key", label_column="label")).dataset
+                       str(tmp_path / "c.csv"),
+                       options=IngestOptions(key_column="key", label_column="label")).dataset
     assert ds.n_items == 25 and ds.item_shape == [2]
     arr = dataset_array(artifacts, ds, str(tmp_path))
     np.testing.assert_array_equal(arr[4], [2.0, -4.0])
