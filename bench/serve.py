@@ -1,11 +1,12 @@
 """Decode throughput over HTTP against onnxruntime called directly on the same file.
 
 Starts pgserver, stores one ready model (an MLP decoder 20-400-784, Bernoulli: MNIST
-sized), then serves it with two API processes (uvicorn, one worker each): with request
-batching and without. Clients (asyncio + httpx, `.npy` bodies both ways) run for a fixed
-time at batch 1 and 256 with 1, 8 and 64 concurrent requests. The baseline is one
-caller running the same `.onnx` file with the same onnxruntime settings in this process.
-Clients and servers share this machine's cores, so ratios here are a lower bound.
+sized), then serves it with three API processes (uvicorn, one worker each): without
+request batching, with it (no delay) and with a 2 ms delay. The load client
+(bench/loadgen.py) runs in a process of its own: one client at batch 1, 64 and 256 with
+`.npy` and JSON bodies both ways, then 64 concurrent batch-1 clients against each server.
+The baseline is one caller running the same `.onnx` file with the same onnxruntime
+settings in this process. Client and server share this machine's cores.
 
     python bench/serve.py [--quick] [--seconds S]
 """
@@ -13,8 +14,8 @@ Clients and servers share this machine's cores, so ratios here are a lower bound
 from __future__ import annotations
 
 import argparse
-import asyncio
 import io
+import json
 import os
 import subprocess
 import sys
@@ -33,48 +34,18 @@ from migrations import migrate  # noqa: E402
 from service.cli.embedded import start_embedded_postgres  # noqa: E402
 from store.db import Database  # noqa: E402
 from store.keys import create_key  # noqa: E402
-from store.settings import Settings, open_artifacts  # noqa: E402
-from store.tables import Model  # noqa: E402
+from store.settings import Settings  # noqa: E402
+from tests.support import store_untrained_model  # noqa: E402
 
 MODEL = {"family": "mlp", "latent_dim": 20, "hidden": [400], "likelihood": "bernoulli",
          "input_shape": [784]}
 
 
-def store_model(db: Database, settings: Settings, tmp: str) -> tuple[int, str]:
-    """A dataset, and a ready model whose decoder is exported from a fresh VAE."""
-    from models.config import TrainConfig, VAEConfig
-    from models.export import export_vae
-    from models.vae import VAE
-    from service.api.readers import register_file
-    from store.artifacts import model_key
-
-    data = os.path.join(tmp, "data.npy")
-    np.save(data, np.random.default_rng(0).random((64, 784), dtype=np.float32))
-    artifacts = open_artifacts(settings)
-    dataset = register_file(db, artifacts, settings, "bench-serve", data).dataset
-    config = VAEConfig.from_dict(MODEL)
-    files = export_vae(VAE(config), tmp)
-    with db.session() as s:
-        row = Model(dataset_id=dataset.id, status="ready",
-                    config={"model": config.to_dict(), "training": TrainConfig().to_dict()})
-        s.add(row)
-        s.flush()
-        model_id = row.id
-    keys = {role: model_key(model_id, 1, f"{role}.onnx") for role in files}
-    shas = {role: artifacts.put_file(f.path, keys[role]) for role, f in files.items()}
-    with db.session() as s:
-        model = s.get(Model, model_id)
-        model.encoder_sha256, model.decoder_sha256 = shas["encoder"], shas["decoder"]
-        model.encoder_uri = artifacts.uri(keys["encoder"])
-        model.decoder_uri = artifacts.uri(keys["decoder"])
-    return model_id, files["decoder"].path
-
-
-def start_api(env: dict[str, str], port: int, batching: bool, log: Path) -> subprocess.Popen:
+def start_api(env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "--factory", "service.api.app:create_app", "--port",
          str(port), "--log-level", "warning", "--no-access-log"],
-        env={**env, "LATENTBANK_DECODE_BATCHING": str(batching).lower()}, cwd=ROOT,
+        env=env, cwd=ROOT,
         stdout=subprocess.DEVNULL, stderr=open(log, "w"))  # noqa: SIM115
     deadline = time.monotonic() + 60
     while True:
@@ -94,36 +65,21 @@ def npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-async def load(url: str, key: str, model_id: int, batch: int, clients: int,
-               seconds: float) -> tuple[float, float, float]:
-    """(requests/s, p50 ms, p99 ms) with `clients` requests in flight for `seconds`."""
-    body = npy(np.random.default_rng(1).standard_normal((batch, 20)).astype(np.float32))
-    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/x-npy",
-               "Accept": "application/x-npy"}
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    latencies: list[float] = []
-    async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits,
-                                 timeout=60) as client:
-        for _ in range(3):  # warm: session loaded, connections open
-            (await client.post(f"/v1/models/{model_id}/decode", content=body)).raise_for_status()
-        stop = time.perf_counter() + seconds
-
-        async def one_client() -> None:
-            while time.perf_counter() < stop:
-                t0 = time.perf_counter()
-                answer = await client.post(f"/v1/models/{model_id}/decode", content=body)
-                answer.raise_for_status()
-                latencies.append(time.perf_counter() - t0)
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(one_client() for _ in range(clients)))
-        elapsed = time.perf_counter() - t0
-    ms = 1000 * np.asarray(latencies)
-    return len(latencies) / elapsed, float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
+def load(port: int, key: str, model_id: int, body: str, json_in: bool, clients: int,
+         seconds: float) -> dict[str, float]:
+    """requests/s, p50 and p99 ms of `clients` connections, from a client process."""
+    kind = "application/json" if json_in else "application/x-npy"
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "loadgen.py"), "--port", str(port),
+         "--path", f"/v1/models/{model_id}/decode", "--body", body,
+         "--header", f"Authorization: Bearer {key}", "--header", f"Content-Type: {kind}",
+         "--header", f"Accept: {kind}", "--clients", str(clients), "--seconds", str(seconds)],
+        check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def direct(path: str, batch: int, seconds: float) -> float:
-    """Requests/s of one caller running onnxruntime on the file, as the server does."""
+    """Calls/s of one caller running onnxruntime on the file, with the server's settings."""
     import onnxruntime as ort
 
     from service.api.inference import _session_options
@@ -136,6 +92,23 @@ def direct(path: str, batch: int, seconds: float) -> float:
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         session.run(None, {"z": z})
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def old_json_codec(batch: int, seconds: float) -> float:
+    """Requests/s of the JSON codec alone as it was before orjson (server: pydantic parse
+    of z, tolist + json.dumps of x; client: json.loads of x): the in-run baseline of the
+    JSON goal."""
+    from service.api.schemas import DecodeRequest
+
+    rng = np.random.default_rng(2)
+    body = json.dumps({"z": rng.standard_normal((batch, 20)).astype(np.float32).tolist()})
+    x = rng.random((batch, 784), dtype=np.float32)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds or n < 3:
+        np.asarray(DecodeRequest.model_validate_json(body).z, dtype=np.float32)
+        json.loads(json.dumps({"x": x.tolist()}, allow_nan=False, separators=(",", ":")))
         n += 1
     return n / (time.perf_counter() - t0)
 
@@ -158,7 +131,7 @@ def main() -> None:
             settings = Settings(database_url=url, data_dir=Path(tmp, "data"),
                                 artifacts=Path(tmp, "artifacts").as_uri())
             db = Database(url)
-            model_id, decoder = store_model(db, settings, tmp)
+            model_id, decoder = store_untrained_model(db, settings, tmp, MODEL)
             key = create_key(db, "bench", ["read"]).key
             db.dispose()
             run(env, tmp, model_id, decoder, key, seconds)
@@ -166,41 +139,67 @@ def main() -> None:
             server.cleanup()
 
 
+SERVERS = {"no batching": {"LATENTBANK_DECODE_BATCHING": "false"},
+           "batching": {},
+           "batching, 2 ms delay": {"LATENTBANK_DECODE_MAX_DELAY_MS": "2"}}
+
+
 def run(env: dict[str, str], tmp: str, model_id: int, decoder: str, key: str,
         seconds: float) -> None:
+    from bench.goals import record
     from service.cli.stack import free_port
 
-    ports = {True: free_port(), False: free_port()}
-    procs = [start_api(env, ports[b], b, Path(tmp, f"api-{b}.log")) for b in (True, False)]
+    ports = {name: free_port() for name in SERVERS}
+    procs = [start_api({**env, **extra}, ports[name], Path(tmp, f"api-{i}.log"))
+             for i, (name, extra) in enumerate(SERVERS.items())]
+    rng = np.random.default_rng(1)
+    bodies = {}
+    for batch in (1, 64, 256):
+        z = rng.standard_normal((batch, 20)).astype(np.float32)
+        for kind, data in (("npy", npy(z)), ("json", json.dumps({"z": z.tolist()}).encode())):
+            bodies[batch, kind] = os.path.join(tmp, f"z-{batch}.{kind}")
+            Path(bodies[batch, kind]).write_bytes(data)
     try:
-        rows = []
-        for batch in (1, 256):
+        rows, cells = [], {}
+        for batch in (1, 64, 256):
             base = direct(decoder, batch, seconds)
-            rows.append((batch, "-", "onnxruntime direct", base, None, None, 1.0))
-            for clients in (1, 8, 64):
-                for batching in (True, False):
-                    rps, p50, p99 = asyncio.run(load(
-                        f"http://127.0.0.1:{ports[batching]}", key, model_id, batch, clients,
-                        seconds))
-                    rows.append((batch, clients, "HTTP, batching" if batching else
-                                 "HTTP, no batching", rps, p50, p99, rps / base))
-        print(f"\ndecode over HTTP vs onnxruntime direct ({seconds:.1f} s a cell, "
-              f"decoder 20-400-784, .npy bodies)")
-        print(f"{'batch':>5} {'clients':>7}  {'server':<20} {'req/s':>9} {'rows/s':>10} "
-              f"{'p50 ms':>8} {'p99 ms':>8} {'vs direct':>9}")
-        for batch, clients, name, rps, p50, p99, ratio in rows:
-            print(f"{batch:>5} {clients!s:>7}  {name:<20} {rps:>9.0f} {rps * batch:>10.0f} "
-                  f"{'' if p50 is None else f'{p50:.2f}':>8} "
-                  f"{'' if p99 is None else f'{p99:.2f}':>8} {ratio:>9.2f}")
-        by = {(r[1], r[2]): r[3] for r in rows if r[0] == 1}
-        print(f"\nbatch 1, 64 clients: batching lifts throughput "
-              f"{by[(64, 'HTTP, batching')] / by[(64, 'HTTP, no batching')]:.2f}x "
-              f"(target > 1); batch 256: best HTTP / direct "
-              f"{max(r[6] for r in rows if r[0] == 256 and r[1] != '-'):.2f} (target >= 0.7)")
+            for kind in ("npy", "json"):
+                cells[batch, kind] = load(ports["batching"], key, model_id,
+                                          bodies[batch, kind], kind == "json", 1, seconds)
+            rows.append((batch, base, cells[batch, "npy"], cells[batch, "json"]))
+        crowd = {name: load(port, key, model_id, bodies[1, "npy"], False, 64, seconds)
+                 for name, port in ports.items()}
+        old_json = old_json_codec(256, seconds)
     finally:
         for proc in procs:
             proc.terminate()
             proc.wait(timeout=30)
+
+    print(f"\ndecode: onnxruntime direct vs HTTP from a client process, one client "
+          f"({seconds:.1f} s a cell, decoder 20-400-784)")
+    print(f"{'batch':>5} {'direct/s':>9} {'.npy req/s':>10} {'p50 ms':>7} {'/direct':>7} "
+          f"{'JSON req/s':>10} {'p50 ms':>7} {'/direct':>7}")
+    for batch, base, n, j in rows:
+        print(f"{batch:>5} {base:>9.0f} {n['rps']:>10.0f} {n['p50']:>7.2f} "
+              f"{n['rps'] / base:>7.2f} {j['rps']:>10.0f} {j['p50']:>7.2f} "
+              f"{j['rps'] / base:>7.2f}")
+    print("\n64 concurrent batch-1 clients (.npy)")
+    print(f"{'server':<22} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'vs none':>7}")
+    for name, c in crowd.items():
+        print(f"{name:<22} {c['rps']:>8.0f} {c['p50']:>7.2f} {c['p99']:>7.2f} "
+              f"{c['rps'] / crowd['no batching']['rps']:>7.2f}")
+    print(f"JSON codec as it was (batch 256, in this process): {old_json:.1f} req/s; "
+          f"JSON over HTTP now {cells[256, 'json']['rps'] / old_json:.1f}x that")
+    record("serve: .npy batch 256 / onnxruntime direct", rows[2][2]["rps"] / rows[2][1], 0.7)
+    record("serve: JSON batch 256 / the old JSON codec alone",
+           cells[256, "json"]["rps"] / old_json, 10)
+    record("serve: batch 1, one client, req/s", cells[1, "npy"]["rps"], 1000)
+    record("serve: batch 1, one client, p50", cells[1, "npy"]["p50"], 1.0, "ms", at_most=True)
+    # the goals hold for the default settings (batching on, no delay)
+    record("serve: 64 clients, batching / no batching",
+           crowd["batching"]["rps"] / crowd["no batching"]["rps"], 1.5)
+    record("serve: 64 clients, batching, p99", crowd["batching"]["p99"], 50, "ms",
+           at_most=True)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,12 @@ class Settings(BaseSettings):
     decode_max_rows: int = Field(4096, description="most rows in one decode/encode request")
     decode_batching: bool = Field(
         True, description="batch concurrent decode requests into one onnxruntime call")
+    decode_max_batch_rows: int = Field(
+        1024, ge=1, description="most rows one batched onnxruntime call takes (a larger "
+                                "single request still runs, alone)")
+    decode_max_delay_ms: float = Field(
+        0.0, ge=0, le=1000, description="how long a serving request may wait for others to "
+                                        "join its batch (0: only while a call runs)")
     sse_poll_seconds: float = Field(0.5, description="how often job events check the job")
     db_connect_timeout: int = Field(5, description="seconds to wait for a database connection")
 

@@ -16,7 +16,8 @@ from fastapi import FastAPI
 from service.api import errors
 from service.api.deps import Services
 from service.api.errors import BodyTooLarge
-from service.api.inference import Inference, SessionCache
+from service.api.fastpath import FastDecode
+from service.api.inference import BatchPolicy, Inference, SessionCache
 from service.api.metrics import Metrics, RequestMetrics
 from service.api.routes import datasets, embeddings, jobs, keys, models, ops
 from store.broker import task_sender
@@ -91,8 +92,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = Metrics(lambda: count_jobs(db))
     sessions = SessionCache(artifacts, str(settings.cache_dir / "onnx"), settings.onnx_sessions,
                             settings.onnx_threads)
-    inference = Inference(sessions, settings.decode_max_rows, settings.decode_batching,
-                          observe=metrics.decode_rows.observe)
+    inference = Inference(sessions, BatchPolicy(settings.decode_max_batch_rows,
+                                                settings.decode_max_delay_ms / 1000,
+                                                settings.decode_batching),
+                          observer=metrics.observer)
     sender = task_sender(settings.broker_url, settings.visibility_timeout)
     svc = Services(settings, db, artifacts, sender, inference, metrics)
 
@@ -121,6 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _register_body_schemas(app)
     app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(FastDecode, services=svc)  # outermost: see service/api/fastpath.py
     return app
 
 

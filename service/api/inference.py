@@ -4,7 +4,8 @@ Sessions are cached per (model, role, sha256) in a bounded LRU; a new model vers
 new sha256, so a cached session is never stale. Inference runs on a small thread pool,
 never on the event loop. Concurrent decode requests for the same model are merged: while
 one onnxruntime call runs, the requests that arrive queue up and go in the next call
-together (no fixed wait, so a lone request is not delayed).
+together; `BatchPolicy` adds Triton's two knobs, the most rows a call takes and how long
+a request may wait for company.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -104,46 +106,97 @@ class SessionCache:
         return loaded
 
 
+@dataclass
+class BatchPolicy:
+    """Triton-style dynamic batching of one model's calls: a call waits at most
+    `max_delay_s` for others to join it, and one onnxruntime call takes at most
+    `max_rows` rows (a single larger request still runs, alone). While a batch runs, new
+    calls queue for the next one, so with no delay a lone caller is never held back."""
+
+    max_rows: int = 1024
+    max_delay_s: float = 0.0
+    enabled: bool = True
+
+
+class Observer:
+    """Where a model's queue reports: rows per onnxruntime call, each request's wait in
+    the queue, and each request's queue-plus-call time."""
+
+    def batch(self, rows: int) -> None: ...
+
+    def waited(self, seconds: float) -> None: ...
+
+    def served(self, seconds: float) -> None: ...
+
+
 class Batcher:
-    """Merges concurrent calls of `run(rows) -> outputs` (row-aligned arrays)."""
+    """One model's queue: merges concurrent calls of `run(rows) -> outputs` (row-aligned
+    arrays) into single calls, by `policy`; each caller gets its own rows' outputs."""
 
     def __init__(self, run: Callable[[np.ndarray], list[np.ndarray]],
-                 executor: ThreadPoolExecutor, max_rows: int, enabled: bool = True,
-                 observe: Callable[[int], None] | None = None) -> None:
-        self.run, self.executor, self.max_rows = run, executor, max_rows
-        self.enabled, self.observe = enabled, observe
-        self._pending: list[tuple[np.ndarray, asyncio.Future[list[np.ndarray]]]] = []
+                 executor: ThreadPoolExecutor, policy: BatchPolicy,
+                 observer: Observer | None = None) -> None:
+        self.run, self.executor, self.policy = run, executor, policy
+        self.observer: Any = observer or Observer()
+        self._pending: deque[tuple[np.ndarray, asyncio.Future[list[np.ndarray]], float]] = (
+            deque())
+        self._rows = 0  # rows queued
         self._draining = False
+        self._full: asyncio.Event | None = None  # set when a delayed batch fills up
         self._task: asyncio.Task[None] | None = None
 
     async def __call__(self, rows: np.ndarray) -> list[np.ndarray]:
         loop = asyncio.get_running_loop()
-        if not self.enabled:
-            if self.observe:
-                self.observe(len(rows))
+        if not self.policy.enabled:
+            self.observer.batch(len(rows))
+            self.observer.waited(0.0)
             return await loop.run_in_executor(self.executor, self.run, rows)
         future: asyncio.Future[list[np.ndarray]] = loop.create_future()
-        self._pending.append((rows, future))
+        self._pending.append((rows, future, loop.time()))
+        self._rows += len(rows)
         if not self._draining:
             self._draining = True
             self._task = loop.create_task(self._drain())
+        elif self._full is not None and self._rows >= self.policy.max_rows:
+            self._full.set()
         return await future
+
+    async def _wait_for_company(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Hold the head of the queue until it is `max_delay_s` old or the batch is full."""
+        wait = self._pending[0][2] + self.policy.max_delay_s - loop.time()
+        if wait <= 0 or self._rows >= self.policy.max_rows:
+            return
+        self._full = asyncio.Event()
+        timer = loop.call_later(wait, self._full.set)
+        try:
+            await self._full.wait()
+        finally:
+            timer.cancel()
+            self._full = None
+
+    def _take(self, now: float) -> tuple[list[tuple[np.ndarray, asyncio.Future[Any]]], int]:
+        batch: list[tuple[np.ndarray, asyncio.Future[Any]]] = []
+        total = 0
+        while self._pending and (not batch or
+                                 total + len(self._pending[0][0]) <= self.policy.max_rows):
+            rows, future, queued = self._pending.popleft()
+            self._rows -= len(rows)
+            if not future.cancelled():  # its client went away
+                batch.append((rows, future))
+                total += len(rows)
+                self.observer.waited(now - queued)
+        return batch, total
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         try:
             while self._pending:
-                batch, total = [], 0
-                while self._pending and (not batch or
-                                         total + len(self._pending[0][0]) <= self.max_rows):
-                    rows, future = self._pending.pop(0)
-                    if not future.cancelled():
-                        batch.append((rows, future))
-                        total += len(rows)
+                if self.policy.max_delay_s > 0:
+                    await self._wait_for_company(loop)
+                batch, total = self._take(loop.time())
                 if not batch:
                     continue
-                if self.observe:
-                    self.observe(total)
+                self.observer.batch(total)
                 try:
                     stacked = batch[0][0] if len(batch) == 1 else np.concatenate(
                         [rows for rows, _ in batch])
@@ -164,17 +217,25 @@ class Batcher:
 
 
 class Inference:
-    """Sessions plus one batcher per (model, role, sha256)."""
+    """Sessions plus one batcher (one queue) per (model, role, sha256)."""
 
-    def __init__(self, sessions: SessionCache, max_rows: int, batching: bool,
-                 observe: Callable[[int], None] | None = None, workers: int = 2) -> None:
-        self.sessions, self.max_rows, self.batching = sessions, max_rows, batching
-        self.observe = observe
+    def __init__(self, sessions: SessionCache, policy: BatchPolicy,
+                 observer: Callable[[int, str], Any] | None = None,
+                 workers: int = 2) -> None:
+        self.sessions, self.policy = sessions, policy
+        self.observer = observer or (lambda model_id, role: Observer())
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="onnx")
-        self._batchers: OrderedDict[tuple[int, str, str], Batcher] = OrderedDict()
+        # each queue with its session's output names
+        self._batchers: OrderedDict[tuple[int, str, str], tuple[Batcher, list[str]]] = (
+            OrderedDict())
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def forget(self, model_id: int) -> None:
+        """Drop a model's queues (its sessions age out of the LRU)."""
+        for key in [k for k in self._batchers if k[0] == model_id]:
+            del self._batchers[key]
 
     async def load(self, model_id: int, role: str, sha256: str | None, uri: str | None,
                    ) -> Loaded:
@@ -184,22 +245,27 @@ class Inference:
 
     async def run(self, model_id: int, role: str, sha256: str, uri: str, rows: np.ndarray,
                   ) -> dict[str, np.ndarray]:
-        loaded = self.sessions.cached(model_id, role, sha256)
-        if loaded is None:  # opening a session reads the file: off the event loop
-            loaded = await self.load(model_id, role, sha256, uri)
         key = (model_id, role, sha256)
-        batcher = self._batchers.get(key)
-        if batcher is None:
+        queue = self._batchers.get(key)
+        if queue is None:
+            loaded = self.sessions.cached(model_id, role, sha256)
+            if loaded is None:  # opening a session reads the file: off the event loop
+                loaded = await self.load(model_id, role, sha256, uri)
+            queue = self._batchers.get(key)  # another request may have made it meanwhile
+        if queue is None:
             def call(x: np.ndarray, loaded: Loaded = loaded) -> list[np.ndarray]:
                 return loaded.session.run(loaded.output_names, {loaded.input_name: x})
 
-            batcher = Batcher(call, self.executor, self.max_rows, self.batching,
-                              self.observe if role == "decoder" else None)
-            self._batchers[key] = batcher
+            queue = (Batcher(call, self.executor, self.policy, self.observer(model_id, role)),
+                     loaded.output_names)
+            self._batchers[key] = queue
             while len(self._batchers) > 4 * self.sessions.capacity:
                 self._batchers.popitem(last=False)
+        batcher, names = queue
+        started = time.perf_counter()
         outputs = await batcher(np.ascontiguousarray(rows, dtype=np.float32))
-        return dict(zip(loaded.output_names, outputs, strict=True))
+        batcher.observer.served(time.perf_counter() - started)
+        return dict(zip(names, outputs, strict=True))
 
 
 def decoder_mean(outputs: dict[str, np.ndarray]) -> np.ndarray:

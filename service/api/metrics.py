@@ -38,15 +38,39 @@ class Metrics:
             "latentbank_http_request_duration_seconds", "request latency by route",
             ["method", "route", "status"], registry=self.registry,
             buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
-        self.decode_rows = Histogram(
-            "latentbank_decode_batch_rows", "rows per onnxruntime decoder call",
-            registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096))
+        # Serving, per model and role (encoder/decoder): one series per served model.
+        self.batch_rows = Histogram(
+            "latentbank_decode_batch_rows", "rows per onnxruntime call",
+            ["model", "role"], registry=self.registry,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096))
+        self.queue_seconds = Histogram(
+            "latentbank_decode_queue_seconds",
+            "time a request's rows waited in the model's queue before their call began",
+            ["model", "role"], registry=self.registry,
+            buckets=(.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1))
+        self.inference_seconds = Histogram(
+            "latentbank_inference_seconds",
+            "a request's time in the model's queue and onnxruntime call together",
+            ["model", "role"], registry=self.registry,
+            buckets=(.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1, 5))
         self.submissions = Counter("latentbank_jobs_submitted", "jobs submitted", ["kind"],
                                    registry=self.registry)
         self.registry.register(JobsCollector(count_jobs))
 
+    def observer(self, model_id: int, role: str) -> ModelObserver:
+        return ModelObserver(self, str(model_id), role)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class ModelObserver:
+    """One model's serving series, bound once (labels() per request costs a lookup)."""
+
+    def __init__(self, metrics: Metrics, model: str, role: str) -> None:
+        self.batch = metrics.batch_rows.labels(model, role).observe
+        self.waited = metrics.queue_seconds.labels(model, role).observe
+        self.served = metrics.inference_seconds.labels(model, role).observe
 
 
 class RequestMetrics:

@@ -149,7 +149,7 @@ def api_command(
         raise typer.Exit(2)
     uvicorn.run("service.api.app:create_app", factory=True, host=host or settings.api_host,
                 port=port or settings.api_port, workers=workers, log_level="info",
-                proxy_headers=True)
+                proxy_headers=True, access_log=False)  # the API logs each request itself
 
 
 @app.command("up")

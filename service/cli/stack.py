@@ -347,7 +347,8 @@ class Stack:
         beat = Child("beat", beat_argv(str(schedule)), env, logs / "beat.log")
         api = Child("api", [sys.executable, "-m", "uvicorn", "service.api.app:create_app",
                             "--factory", "--host", host, "--port", str(self.port),
-                            "--log-level", "info", "--timeout-graceful-shutdown", "5"],
+                            "--log-level", "info", "--no-access-log",
+                            "--timeout-graceful-shutdown", "5"],
                     env, logs / "api.log")
         self.url = f"http://{host}:{self.port}"
         for child in (worker, beat, api):

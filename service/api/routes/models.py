@@ -12,7 +12,7 @@ from service.api.deps import (
     NPY,
     Id,
     Services,
-    dumps,
+    dumps_arrays,
     in_thread,
     load_npy,
     media_type,
@@ -173,8 +173,7 @@ def _answer(request: Request, arrays: dict[str, np.ndarray], image: str | None =
         buffer = io.BytesIO()
         image_grid(main, columns=min(len(main), 16)).save(buffer, format="PNG")
         return Response(buffer.getvalue(), media_type=PNG)
-    return Response(dumps({k: v.tolist() for k, v in arrays.items()}),
-                    media_type="application/json")
+    return Response(dumps_arrays(arrays), media_type="application/json")
 
 
 SERVE_ERRORS = {**ERRORS, 406: ERRORS[409], 503: ERRORS[409]}

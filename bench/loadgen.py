@@ -1,0 +1,86 @@
+"""A lean HTTP/1.1 load client, run by the benches in a process of its own so that the
+client's work is not counted against the server's event loop.
+
+`clients` keep-alive connections each send the same request back to back for `seconds`
+and read each answer whole (status line, Content-Length, body). Prints one JSON line:
+requests/s, p50 and p99 in ms, requests, and the first answer's body length.
+
+    python bench/loadgen.py --port P --path /v1/models/1/decode --body z.npy \
+        --header 'Authorization: Bearer ...' --header 'Content-Type: application/x-npy' \
+        --clients 64 --seconds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import time
+
+import numpy as np
+
+_LENGTH = re.compile(rb"\r\ncontent-length: *([0-9]+)", re.IGNORECASE)
+
+
+def request_bytes(host: str, port: int, path: str, headers: list[str], body: bytes) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", *headers,
+             f"Content-Length: {len(body)}", "", ""]
+    return "\r\n".join(lines).encode() + body
+
+
+async def connection(host: str, port: int, request: bytes, stop: float,
+                     latencies: list[float], sizes: list[int]) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        while time.perf_counter() < stop:
+            t0 = time.perf_counter()
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            found = _LENGTH.search(head)
+            body = await reader.readexactly(int(found[1]) if found else 0)
+            if head[9:12] != b"200":
+                raise RuntimeError(f"answer {head[:12]!r}: {body[:300]!r}")
+            latencies.append(time.perf_counter() - t0)
+            if not sizes:
+                sizes.append(len(body))
+    finally:
+        writer.close()
+
+
+async def run(args: argparse.Namespace) -> dict[str, float]:
+    with open(args.body, "rb") as f:
+        request = request_bytes(args.host, args.port, args.path, args.header, f.read())
+    warm: list[float] = []
+    sizes: list[int] = []
+    await connection(args.host, args.port, request, time.perf_counter() + 0.3, warm, sizes)
+    latencies: list[float] = []
+    stop = time.perf_counter() + args.seconds
+    t0 = time.perf_counter()
+    await asyncio.gather(*(connection(args.host, args.port, request, stop, latencies, sizes)
+                           for _ in range(args.clients)))
+    elapsed = time.perf_counter() - t0
+    ms = 1000 * np.asarray(latencies)
+    return {"rps": len(latencies) / elapsed, "p50": float(np.percentile(ms, 50)),
+            "p99": float(np.percentile(ms, 99)), "n": len(latencies), "bytes": sizes[0]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--path", required=True)
+    parser.add_argument("--body", required=True, help="a file holding the request body")
+    parser.add_argument("--header", action="append", default=[])
+    parser.add_argument("--clients", type=int, default=1)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args()
+    try:
+        from uvloop import run as run_loop
+    except ImportError:
+        run_loop = asyncio.run
+    print(json.dumps(run_loop(run(args))))
+
+
+if __name__ == "__main__":
+    main()
