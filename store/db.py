@@ -6,6 +6,7 @@ is upgraded by `migrations.upgrade`."""
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -143,6 +144,18 @@ class Database:
         """A session in a transaction: committed on success, rolled back on error."""
         with self.sessions.begin() as session:
             yield session
+
+    def pgvector(self) -> tuple[int, ...]:
+        """The pgvector version installed in this database, e.g. (0, 8, 5); (0,) when the
+        extension is not installed. Read once per process (an upgrade needs a restart)."""
+        found = getattr(self, "_pgvector", None)
+        if found is None:
+            with self.engine.connect() as conn:
+                version = conn.execute(text(
+                    "SELECT extversion FROM pg_extension WHERE extname = 'vector'")).scalar()
+            found = tuple(int(p) for p in re.findall(r"[0-9]+", version or "0")[:3])
+            self._pgvector = found
+        return found
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -10,13 +10,25 @@ dimensions in one table):
     CREATE INDEX latents_mu_hnsw_<set> ON latents
         USING hnsw ((mu::vector(<dim>)) vector_l2_ops) WHERE set_id = <set>
 
-An HNSW scan is approximate, and pgvector 0.6 filters *after* the scan (a selective
-filter returns fewer than k rows). So the search plan is chosen per query: exact (a
-scan of the set computing every distance) when asked, when filtered, when the set is
-small, when the metric differs from the index's, or when calibration at build time
-found that the index cannot reach the recall target or is no faster than exact search;
-otherwise HNSW with the calibrated `ef_search`. Exact search never uses the index
-expression, so it keeps working, exactly, while an index is being built.
+An HNSW scan is approximate, and it filters *after* the scan: before pgvector 0.8 a
+selective filter returned fewer than k rows. pgvector 0.8's iterative index scans
+(`hnsw.iterative_scan`) keep scanning until enough rows pass the filter, up to
+`hnsw.max_scan_tuples`. So the search plan is chosen per query: exact (a scan of the set
+computing every distance) when asked, when the set is small, when the metric differs from
+the index's, when calibration at build time found that the index cannot reach the recall
+target or is no faster than exact search, or for a filtered query on pgvector < 0.8;
+otherwise HNSW with the calibrated `ef_search`, iterative when filtered (unless the
+planner estimates fewer matching rows than `exact_search_below`: then exact). A filtered
+answer that comes back short of k (the scan gave up at max_scan_tuples, or fewer rows
+match than k) is answered again exactly, so no answer is ever short because of the index.
+
+Recall of a filtered index scan holds when the filter is unrelated to where the query
+lies (1.0 at 1M rows in bench/store.py). A filter that keeps only a region far from the
+query (the 3s nearest to a 5, when the latents cluster by digit) is found late by the
+graph walk and recall drops (0.2-0.3 in tests/store/test_latents.py's clustered world):
+ask for `exact` there.
+Exact search never uses the index expression, so it keeps working, exactly, while an
+index is being built.
 """
 
 from __future__ import annotations
@@ -329,7 +341,25 @@ class SearchFilter:
 @dataclass
 class SearchResult:
     hits: list[Hit]
-    plan: str  # "exact" or "hnsw(ef=N)"
+    plan: str  # "exact", "hnsw(ef=N)", "hnsw-iterative(ef=N)" or "exact (after ...)"
+    query: dict[str, Any] | None = None  # a key query's item: key, index, label
+
+
+ITERATIVE_SCANS = (0, 8)  # the first pgvector with hnsw.iterative_scan
+
+
+@dataclass(frozen=True)
+class Plan:
+    ef_search: int | None = None  # None: an exact scan
+    iterative: bool = False  # a filtered HNSW scan that goes on until k rows pass
+
+    def __str__(self) -> str:
+        if self.ef_search is None:
+            return "exact"
+        return f"hnsw{'-iterative' if self.iterative else ''}(ef={self.ef_search})"
+
+
+EXACT = Plan()
 
 
 def parse_vector(value: str) -> np.ndarray:
@@ -366,44 +396,70 @@ def _filter_sql(flt: SearchFilter | None, params: dict[str, Any]) -> str:
     return "".join(f" AND {c}" for c in clauses)
 
 
-def _run(db: Database, es: EmbeddingSet, vector: np.ndarray, k: int, metric: Metric,
-         flt: SearchFilter | None, ef_search: int | None) -> list[Hit]:
-    params: dict[str, Any] = {"d": es.dataset_id, "q": vector_literal(vector), "k": int(k)}
+def _knn_sql(es: EmbeddingSet, metric: Metric, where: str, ef_search: int | None,
+             query: str) -> str:
+    """The set's k (`:k`) nearest rows to `query` (an SQL vector expression) that pass
+    `where`, with their items: item_index, key, label, distance, elbo, log_px, metadata."""
     op = OPERATORS[metric]
     # The index matches only the expression mu::vector(dim); plain `mu` forces exact.
     target = f"l.mu::vector({int(es.dim)})" if ef_search else "l.mu"
-    distance = f"{target} {op} CAST(:q AS vector)"
+    distance = f"{target} {op} {query}"
     # The set id is inlined (an integer from our own row): a generic plan of a prepared
     # statement could not prove a bound parameter matches the partial index's predicate.
-    where = _filter_sql(flt, params)
     set_id = int(es.id)
     if "i." in where:  # item filters (label, metadata) need the join before the LIMIT
-        sql = (f"SELECT l.item_index, i.key, i.label, {distance} AS distance, l.elbo, "
-               f"l.log_px, i.metadata FROM latents l JOIN items i "
-               f"ON i.dataset_id = :d AND i.index = l.item_index "
-               f"WHERE l.set_id = {set_id}{where} ORDER BY {distance} LIMIT :k")
-    else:  # nearest first, then look up just those k items
-        sql = (f"SELECT nn.item_index, i.key, i.label, nn.distance, nn.elbo, nn.log_px, "
-               f"i.metadata FROM (SELECT l.item_index, {distance} AS distance, l.elbo, "
-               f"l.log_px FROM latents l WHERE l.set_id = {set_id}{where} ORDER BY {distance} "
-               f"LIMIT :k) nn JOIN items i ON i.dataset_id = :d AND i.index = nn.item_index "
-               f"ORDER BY nn.distance")
+        return (f"SELECT l.item_index, i.key, i.label, {distance} AS distance, l.elbo, "
+                f"l.log_px, i.metadata FROM latents l JOIN items i "
+                f"ON i.dataset_id = :d AND i.index = l.item_index "
+                f"WHERE l.set_id = {set_id}{where} ORDER BY {distance} LIMIT :k")
+    # nearest first, then look up just those k items
+    return (f"SELECT nn.item_index, i.key, i.label, nn.distance, nn.elbo, nn.log_px, "
+            f"i.metadata FROM (SELECT l.item_index, {distance} AS distance, l.elbo, "
+            f"l.log_px FROM latents l WHERE l.set_id = {set_id}{where} ORDER BY {distance} "
+            f"LIMIT :k) nn JOIN items i ON i.dataset_id = :d AND i.index = nn.item_index")
+
+
+def _run_many(db: Database, es: EmbeddingSet, vectors: np.ndarray, k: int, metric: Metric,
+              flt: SearchFilter | None, ef_search: int | None, iterative: bool = False,
+              max_scan_tuples: int = 20_000) -> list[list[Hit]]:
+    """The k nearest hits of each row of `vectors`, nearest first: one statement (a
+    LATERAL join over the queries), one round trip."""
+    params: dict[str, Any] = {"d": es.dataset_id, "k": int(k), "qs": "{" + ",".join(
+        f'"{vector_literal(v)}"' for v in vectors) + "}"}
+    inner = _knn_sql(es, metric, _filter_sql(flt, params), ef_search, "q.v")
+    sql = (f"SELECT q.n, nn.* FROM unnest(CAST(:qs AS vector[])) WITH ORDINALITY AS q(v, n) "
+           f"CROSS JOIN LATERAL ({inner}) nn ORDER BY q.n, nn.distance")
     with db.engine.begin() as conn:
         if ef_search:
             conn.execute(text(f"SET LOCAL hnsw.ef_search = {int(max(ef_search, k))}"))
+        if iterative:
+            conn.execute(text("SET LOCAL hnsw.iterative_scan = strict_order"))
+            conn.execute(text(f"SET LOCAL hnsw.max_scan_tuples = {int(max_scan_tuples)}"))
         rows = conn.execute(text(sql), params).all()
-    return [Hit(int(r[0]), r[1], r[2], float(r[3]), float(r[4]),
-                None if r[5] is None else float(r[5]), r[6]) for r in rows]
+    hits: list[list[Hit]] = [[] for _ in range(len(vectors))]
+    for r in rows:
+        hits[int(r[0]) - 1].append(Hit(int(r[1]), r[2], r[3], float(r[4]), float(r[5]),
+                                       None if r[6] is None else float(r[6]), r[7]))
+    return hits
+
+
+def _run(db: Database, es: EmbeddingSet, vector: np.ndarray, k: int, metric: Metric,
+         flt: SearchFilter | None, ef_search: int | None, iterative: bool = False,
+         max_scan_tuples: int = 20_000) -> list[Hit]:
+    """One query's hits (`_run_many` of one vector)."""
+    return _run_many(db, es, np.asarray(vector)[None], k, metric, flt, ef_search, iterative,
+                     max_scan_tuples)[0]
 
 
 def plan_for(es: EmbeddingSet, settings: Settings, metric: Metric, k: int,
-             flt: SearchFilter | None, exact: bool) -> int | None:
-    """ef_search for an HNSW search, or None for an exact one."""
-    if (exact or (flt is not None and not flt.empty()) or es.index_status != "ready"
-            or es.hnsw_ef_search is None or metric != es.index_metric
-            or es.n_items < settings.exact_search_below or k > 100):
-        return None
-    return max(es.hnsw_ef_search, 2 * k)
+             flt: SearchFilter | None, exact: bool, pgvector: tuple[int, ...]) -> Plan:
+    """How to answer one query (see the module's docstring)."""
+    filtered = flt is not None and not flt.empty()
+    if (exact or es.index_status != "ready" or es.hnsw_ef_search is None
+            or metric != es.index_metric or es.n_items < settings.exact_search_below
+            or k > 100 or (filtered and pgvector < ITERATIVE_SCANS)):
+        return EXACT
+    return Plan(max(es.hnsw_ef_search, 2 * k), filtered)
 
 
 def search(db: Database, settings: Settings, set_id: int, *,
@@ -411,6 +467,19 @@ def search(db: Database, settings: Settings, set_id: int, *,
            k: int = 10, metric: Metric = "l2", flt: SearchFilter | None = None,
            exact: bool = False, include_query: bool = False) -> SearchResult:
     """k nearest neighbours of a vector, or of a stored item's `mu` given its key."""
+    if (vector is None) == (key is None):
+        raise InvalidInput("give exactly one of 'vector' and 'key'")
+    return search_many(db, settings, set_id, [vector if key is None else key], k=k,
+                       metric=metric, flt=flt, exact=exact, include_query=include_query)[0]
+
+
+def search_many(db: Database, settings: Settings, set_id: int,
+                queries: Sequence[Sequence[float] | np.ndarray | str], *, k: int = 10,
+                metric: Metric = "l2", flt: SearchFilter | None = None, exact: bool = False,
+                include_query: bool = False) -> list[SearchResult]:
+    """k nearest neighbours of each query (a vector, or a stored item's key: then the item
+    itself is left out unless `include_query`), in one database round trip (plus one to
+    look the keys up, and one exact retry for any filtered answer the index left short)."""
     es = get_set(db, set_id)
     if es.status != "ready" and es.status != "finishing":
         raise Conflict(f"embedding set {set_id} is {es.status}, not ready")
@@ -418,26 +487,77 @@ def search(db: Database, settings: Settings, set_id: int, *,
         raise InvalidInput(f"metric must be one of {', '.join(OPERATORS)}; got {metric!r}")
     if not 1 <= k <= 1000:
         raise InvalidInput(f"k must be between 1 and 1000; got {k}")
-    if (vector is None) == (key is None):
-        raise InvalidInput("give exactly one of 'vector' and 'key'")
-    query_index = None
-    if key is not None:
-        item = get_item(db, set_id, key)
-        vector, query_index = item["mu"], item["index"]
-        if not include_query:
-            k += 1
-    q = np.asarray(vector, dtype=np.float64)
-    if q.shape != (es.dim,):
-        raise InvalidInput(f"vector must have {es.dim} values; got {q.size}")
-    if not np.isfinite(q).all():
-        raise InvalidInput("vector has non-finite values")
-    if metric == "cosine" and not np.any(q):
-        raise InvalidInput("the cosine distance is undefined for the zero vector")
-    ef = plan_for(es, settings, metric, k, flt, exact)
-    hits = _run(db, es, q.astype(np.float32), k, metric, flt, ef)
-    if query_index is not None and not include_query:
-        hits = [h for h in hits if h.index != query_index][:k - 1]
-    return SearchResult(hits, "exact" if ef is None else f"hnsw(ef={ef})")
+    if not 1 <= len(queries) <= settings.search_max_queries:
+        raise InvalidInput(f"give between 1 and {settings.search_max_queries} queries; got "
+                           f"{len(queries)}")
+    keys = [q for q in queries if isinstance(q, str)]
+    found = _items_by_key(db, es, keys) if keys else {}
+    vectors = np.empty((len(queries), es.dim), np.float32)
+    leave_out: list[int | None] = []
+    items: list[dict[str, Any] | None] = []
+    for n, query in enumerate(queries):
+        if isinstance(query, str):
+            vectors[n], index, label = found[query]
+            leave_out.append(None if include_query else index)
+            items.append({"key": query, "index": index, "label": label})
+            continue
+        items.append(None)
+        q = np.asarray(query, dtype=np.float64)
+        where = f"query {n}: " if len(queries) > 1 else ""
+        if q.shape != (es.dim,):
+            raise InvalidInput(f"{where}vector must have {es.dim} values; got {q.size}")
+        if not np.isfinite(q).all():
+            raise InvalidInput(f"{where}vector has non-finite values")
+        if metric == "cosine" and not np.any(q):
+            raise InvalidInput(f"{where}the cosine distance is undefined for the zero vector")
+        vectors[n] = q
+        leave_out.append(None)
+    # a key's own item comes back first (distance 0): ask for one more, drop it below
+    asked = k + (1 if any(i is not None for i in leave_out) else 0)
+    plan = plan_for(es, settings, metric, asked, flt, exact, db.pgvector())
+    if plan.iterative and _matching_rows(db, es, flt) < settings.exact_search_below:
+        plan = EXACT  # few rows pass the filter: computing each distance is cheap, exact
+    hits = _run_many(db, es, vectors, asked, metric, flt, plan.ef_search, plan.iterative,
+                     settings.hnsw_max_scan_tuples)
+    said = [str(plan)] * len(queries)
+    short = [n for n, h in enumerate(hits) if plan.iterative and len(h) < asked]
+    if short:  # never short because of the index: those queries again, exactly
+        again = _run_many(db, es, vectors[short], asked, metric, flt, None)
+        for n, h in zip(short, again, strict=True):
+            said[n] = f"exact (after {plan} found {len(hits[n])} of {asked})"
+            hits[n] = h
+    return [SearchResult([h for h in found_hits if h.index != skip][:k], plan_said, item)
+            for found_hits, skip, plan_said, item in zip(hits, leave_out, said, items,
+                                                         strict=True)]
+
+
+def _matching_rows(db: Database, es: EmbeddingSet, flt: SearchFilter | None) -> float:
+    """The planner's estimate of the set's rows that pass the filter (an EXPLAIN: no scan)."""
+    params: dict[str, Any] = {"d": es.dataset_id}
+    where = _filter_sql(flt, params)
+    join = " JOIN items i ON i.dataset_id = :d AND i.index = l.item_index" if "i." in where else ""
+    with db.engine.connect() as conn:
+        plan = conn.execute(text(f"EXPLAIN (FORMAT JSON) SELECT 1 FROM latents l{join} "
+                                 f"WHERE l.set_id = {int(es.id)}{where}"), params).scalar()
+    return float(plan[0]["Plan"]["Plan Rows"])
+
+
+def _items_by_key(db: Database, es: EmbeddingSet, keys: list[str],
+                  ) -> dict[str, tuple[np.ndarray, int, str | None]]:
+    """`mu`, index and label of each key's item (NotFound naming the first missing keys)."""
+    with db.engine.connect() as conn:
+        rows = conn.execute(text(
+            "SELECT i.key, l.mu::text, l.item_index, i.label FROM items i JOIN latents l "
+            "ON l.set_id = :s AND l.item_index = i.index "
+            "WHERE i.dataset_id = :d AND i.key = ANY(:keys)"),
+            {"s": es.id, "d": es.dataset_id, "keys": sorted(set(keys))}).all()
+    found = {r[0]: (parse_vector(r[1]), int(r[2]), r[3]) for r in rows}
+    missing = [key for key in dict.fromkeys(keys) if key not in found]
+    if missing:
+        named = ", ".join(repr(key) for key in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise NotFound(f"embedding set {es.id} has no item with key {named}{more}")
+    return found
 
 
 def get_item(db: Database, set_id: int, key: str) -> dict[str, Any]:

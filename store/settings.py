@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     exact_search_below: int = Field(
         20_000, description="embedding sets smaller than this are always searched exactly")
     recall_target: float = Field(0.95, description="recall@10 an HNSW search must reach")
+    search_max_queries: int = Field(1000, ge=1, description="most queries in one batch search")
+    hnsw_max_scan_tuples: int = Field(
+        20_000, ge=100, description="most index tuples a filtered (iterative) HNSW scan "
+                                    "visits before the query is answered exactly instead")
 
     job_lease_seconds: float = Field(
         60.0, description="a running job's lease; its worker renews it every third of this")

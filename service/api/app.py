@@ -103,6 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         log.info("api starting database=%s artifacts=%s", db.engine.url.render_as_string(),
                  settings.artifacts_url.split("://", 1)[0])
+        _report_pgvector(db)
         for path in sweep_leftovers(settings.data_dir / "uploads", artifacts.local_path("tmp")
                                     if artifacts.is_local else None):
             log.info("removed a leftover of an interrupted upload: %s", path)
@@ -126,6 +127,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestMetrics, metrics=metrics)
     app.add_middleware(FastDecode, services=svc)  # outermost: see service/api/fastpath.py
     return app
+
+
+def _report_pgvector(db: Database) -> None:
+    """Say at start what the database's pgvector allows (a database that is down now is
+    reported when it answers: the version is read on first use)."""
+    from store.latents import ITERATIVE_SCANS
+
+    try:
+        version = db.pgvector()
+    except Exception as exc:
+        log.warning("pgvector version unknown (database unavailable: %s)", type(exc).__name__)
+        return
+    shown = ".".join(map(str, version))
+    if version >= ITERATIVE_SCANS:
+        log.info("pgvector %s: filtered searches may use HNSW iterative scans", shown)
+    else:
+        log.warning("pgvector %s has no iterative index scans: filtered searches run exact "
+                    "(pgvector >= 0.8 is recommended)", shown)
 
 
 def _register_body_schemas(app: FastAPI) -> None:

@@ -233,6 +233,29 @@ class SearchRequest(BaseModel):
     filter: SearchFilterIn | None = None
 
 
+class BatchQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    vector: list[float] | None = Field(None, max_length=65536)
+    key: str | None = Field(None, max_length=1000)
+
+
+class BatchSearchRequest(BaseModel):
+    """Many queries with one k, metric and filter: one request, one database round trip."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"queries": [{"key": "17"}, {"key": "18"}, {"vector": [0.1, -0.3, 0.7, 0.0]}],
+         "k": 5, "filter": {"label": ["3", "8"]}}]})
+
+    queries: list[BatchQuery] = Field(min_length=1, max_length=10_000, description=(
+        "each a vector or a stored item's key (the item itself is left out of its "
+        "answer); at most LATENTBANK_SEARCH_MAX_QUERIES"))
+    k: int = Field(10, ge=1, le=1000)
+    metric: Metric = "l2"
+    exact: bool = False
+    filter: SearchFilterIn | None = None
+
+
 class HitOut(BaseModel):
     key: str
     index: int
@@ -245,7 +268,23 @@ class HitOut(BaseModel):
 
 class SearchOut(BaseModel):
     results: list[HitOut]
-    plan: str = Field(description="'exact' or 'hnsw(ef=N)'")
+    plan: str = Field(description="'exact', 'hnsw(ef=N)', 'hnsw-iterative(ef=N)' (filtered, "
+                                  "pgvector >= 0.8) or 'exact (after ...)' when the index "
+                                  "came back short of k")
+
+
+class QueryItem(BaseModel):
+    key: str
+    index: int
+    label: str | None = None
+
+
+class BatchAnswer(SearchOut):
+    query: QueryItem | None = Field(None, description="a key query's own item")
+
+
+class BatchSearchOut(BaseModel):
+    answers: list[BatchAnswer] = Field(description="one per query, in the queries' order")
 
 
 class OutliersOut(BaseModel):

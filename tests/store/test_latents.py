@@ -110,7 +110,7 @@ def test_filtered_search_equals_brute_force(db, world):
     for flt, mask in cases:
         res = search(db, world["settings"], world["set_id"], vector=q, k=10, flt=flt)
         want, _ = brute_force(world["mu"], q, 10, mask)
-        assert res.plan == "exact"  # pgvector 0.6 post-filters HNSW scans: never for filters
+        assert res.plan == "exact"  # no index yet (it is built further down)
         assert [h.index for h in res.hits] == want, flt
         assert len(want) == 10 or len(want) == mask.sum()
 
@@ -184,6 +184,118 @@ def test_hnsw_recall_and_exact_search_during_the_build(db, world):
     assert np.mean(recalls) >= 0.95, (np.mean(recalls), rep)
     if rep.ef_search is not None:
         assert search(db, settings, set_id, vector=queries[0], k=10).plan.startswith("hnsw")
+
+
+FILTERS = [
+    (SearchFilter(label="3"), lambda w: w["labels"] == 3),
+    (SearchFilter(label=["1", "7"]), lambda w: np.isin(w["labels"], [1, 7])),
+    (SearchFilter(elbo=(-95.0, None)), lambda w: w["elbo"] >= -95.0),
+    (SearchFilter(label="3", log_px=(None, -110.0)),
+     lambda w: (w["labels"] == 3) & (w["log_px"] <= -110.0)),
+    (SearchFilter(elbo=(-100.0, -99.9)), lambda w: (w["elbo"] >= -100.0) & (w["elbo"] <= -99.9)),
+]
+
+
+def indexed(db, world):
+    """The world's set with its HNSW index in use: calibration on 2 shared cores may find
+    exact search as fast for 100k rows of dim 16 and keep it; these tests need the index
+    plan, so they set an ef_search where calibration left none."""
+    from store.latents import _set_index
+
+    settings, set_id = world["settings"], world["set_id"]
+    if get_set(db, set_id).index_status != "ready":
+        build_index(db, set_id, settings)
+    if get_set(db, set_id).hnsw_ef_search is None:
+        _set_index(db, set_id, "ready", 200)
+    return settings, set_id
+
+
+def test_filtered_search_through_the_index_is_never_short(db, world):
+    settings, set_id = indexed(db, world)
+    assert db.pgvector() >= (0, 8)
+    rng = np.random.default_rng(5)
+    queries = world["mu"][rng.choice(N, 10, replace=False)] + rng.normal(
+        scale=0.3, size=(10, DIM)).astype(np.float32)
+    for flt, keep in FILTERS:
+        mask = keep(world)
+        found = total = 0
+        for q in queries:
+            res = search(db, settings, set_id, vector=q, k=10, flt=flt)
+            want, _ = brute_force(world["mu"], q, 10, mask)
+            got = [h.index for h in res.hits]
+            assert len(got) == len(want) == min(10, mask.sum()), (flt, res.plan)
+            assert all(mask[i] for i in got)
+            if res.plan.startswith("exact"):  # few rows match, or the index came back short
+                assert res.plan == "exact" or res.plan.startswith(
+                    "exact (after hnsw-iterative"), res.plan
+                assert got == want
+            else:
+                assert res.plan.startswith("hnsw-iterative(ef=")
+            found, total = found + len(set(got) & set(want)), total + len(want)
+        if flt.label is None:  # ELBO bands are unrelated to where the clusters lie
+            assert found / total >= 0.95, (flt, found / total)
+        # A label keeps a cluster far from most queries: the graph walk finds it late, so
+        # recall through the index is poor there (module docstring of store.latents).
+
+
+def test_an_index_scan_that_gives_up_is_answered_exactly(db, world):
+    settings, set_id = indexed(db, world)
+    # no exact plan for few matching rows here: the index scan runs, and gives up
+    stingy = settings.model_copy(update={"hnsw_max_scan_tuples": 100, "exact_search_below": 1})
+    band = np.sort(world["elbo"])[[1000, 1004]]  # an ELBO band that 5 rows of 100k pass
+    flt = SearchFilter(elbo=(float(band[0]), float(band[1])))
+    mask = (world["elbo"] >= band[0]) & (world["elbo"] <= band[1])
+    q = world["mu"][0]
+    res = search(db, stingy, set_id, vector=q, k=10, flt=flt)
+    assert res.plan.startswith("exact (after hnsw-iterative"), res.plan
+    assert [h.index for h in res.hits] == brute_force(world["mu"], q, 10, mask)[0]
+    assert len(res.hits) == mask.sum() == 5
+
+
+def test_before_pgvector_0_8_filtered_queries_run_exact(db, world, monkeypatch):
+    settings, set_id = indexed(db, world)
+    monkeypatch.setattr(type(db), "pgvector", lambda self: (0, 6, 2))
+    flt, keep = FILTERS[0]
+    q = world["mu"][1]
+    res = search(db, settings, set_id, vector=q, k=10, flt=flt)
+    assert res.plan == "exact"
+    assert [h.index for h in res.hits] == brute_force(world["mu"], q, 10, keep(world))[0]
+    assert search(db, settings, set_id, vector=q, k=10).plan.startswith("hnsw(")
+
+
+def test_a_batch_of_queries_equals_one_search_each(db, world):
+    from store.latents import search_many
+
+    settings, set_id = world["settings"], world["set_id"]
+    rng = np.random.default_rng(6)
+    queries = [*rng.normal(size=(4, DIM)), "item-5", "item-99999", rng.normal(size=DIM)]
+    for flt in (None, FILTERS[1][0]):
+        batch = search_many(db, settings, set_id, queries, k=7, flt=flt, exact=True)
+        assert len(batch) == len(queries)
+        for query, answer in zip(queries, batch, strict=True):
+            one = (search(db, settings, set_id, key=query, k=7, flt=flt, exact=True)
+                   if isinstance(query, str) else
+                   search(db, settings, set_id, vector=query, k=7, flt=flt, exact=True))
+            assert [h.index for h in answer.hits] == [h.index for h in one.hits]
+            vector = world["mu"][int(query[5:])] if isinstance(query, str) else query
+            mask = None if flt is None else FILTERS[1][1](world)
+            want, _ = brute_force(world["mu"], vector, 8, mask)
+            if isinstance(query, str):
+                want = [i for i in want if i != int(query[5:])]
+            assert [h.index for h in answer.hits] == want[:7]
+
+
+def test_a_batch_names_its_missing_keys_and_bad_queries(db, world):
+    from store.latents import search_many
+
+    settings, set_id = world["settings"], world["set_id"]
+    with pytest.raises(NotFound, match="'nope-1', 'nope-2'"):
+        search_many(db, settings, set_id, ["item-1", "nope-1", "nope-2"], k=3)
+    with pytest.raises(InvalidInput, match="query 1: vector must have 16 values"):
+        search_many(db, settings, set_id, [np.zeros(DIM), np.zeros(3)], k=3)
+    with pytest.raises(InvalidInput, match="between 1 and 3 queries"):
+        search_many(db, settings.model_copy(update={"search_max_queries": 3}), set_id,
+                    [np.zeros(DIM)] * 4, k=3)
 
 
 def test_search_by_key_excludes_the_item(db, world):

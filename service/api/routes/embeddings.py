@@ -14,14 +14,19 @@ from fastapi.responses import StreamingResponse
 from service.api.deps import Id, Services, in_thread, require, services
 from service.api.routes.datasets import ERRORS
 from service.api.schemas import (
+    BatchAnswer,
+    BatchSearchOut,
+    BatchSearchRequest,
     EmbeddingSetOut,
     HitOut,
     ItemOut,
     OutliersOut,
+    QueryItem,
+    SearchFilterIn,
     SearchOut,
     SearchRequest,
 )
-from store.errors import Conflict
+from store.errors import Conflict, InvalidInput
 from store.latents import (
     SearchFilter,
     export_pages,
@@ -30,6 +35,7 @@ from store.latents import (
     list_sets,
     outliers,
     search,
+    search_many,
 )
 from store.tables import SET_STATUSES, EmbeddingSet
 
@@ -82,17 +88,38 @@ async def item(request: Request, set_id: Id, key: str) -> ItemOut:
              summary="k nearest neighbours of a vector or a stored item, with filters")
 async def search_set(request: Request, set_id: Id, body: SearchRequest) -> SearchOut:
     svc = services(request)
-    flt = None
-    if body.filter is not None:
-        f = body.filter
-        flt = SearchFilter(label=f.label, metadata=f.metadata,
-                           elbo=tuple(f.elbo) if f.elbo else None,  # type: ignore[arg-type]
-                           log_px=tuple(f.log_px) if f.log_px else None)  # type: ignore[arg-type]
     result = await in_thread(search, svc.db, svc.settings, set_id,
                              vector=None if body.vector is None else np.asarray(body.vector),
-                             key=body.key, k=body.k, metric=body.metric, flt=flt,
-                             exact=body.exact)
+                             key=body.key, k=body.k, metric=body.metric,
+                             flt=_filter(body.filter), exact=body.exact)
     return SearchOut(results=[_hit(h) for h in result.hits], plan=result.plan)
+
+
+@router.post("/{set_id}/search/batch", response_model=BatchSearchOut,
+             dependencies=[require("read")], responses=ERRORS,
+             summary="k nearest neighbours of many vectors or stored items, one request")
+async def search_batch(request: Request, set_id: Id, body: BatchSearchRequest,
+                       ) -> BatchSearchOut:
+    svc = services(request)
+    queries: list[Any] = []
+    for n, q in enumerate(body.queries):
+        if (q.vector is None) == (q.key is None):
+            raise InvalidInput(f"query {n}: give exactly one of 'vector' and 'key'")
+        queries.append(q.key if q.key is not None else np.asarray(q.vector))
+    results = await in_thread(search_many, svc.db, svc.settings, set_id, queries, k=body.k,
+                              metric=body.metric, flt=_filter(body.filter), exact=body.exact)
+    return BatchSearchOut(answers=[
+        BatchAnswer(results=[_hit(h) for h in r.hits], plan=r.plan,
+                    query=None if r.query is None else QueryItem(**r.query))
+        for r in results])
+
+
+def _filter(f: SearchFilterIn | None) -> SearchFilter | None:
+    if f is None:
+        return None
+    return SearchFilter(label=f.label, metadata=f.metadata,
+                        elbo=tuple(f.elbo) if f.elbo else None,  # type: ignore[arg-type]
+                        log_px=tuple(f.log_px) if f.log_px else None)  # type: ignore[arg-type]
 
 
 @router.get("/{set_id}/outliers", response_model=OutliersOut, dependencies=[require("read")],

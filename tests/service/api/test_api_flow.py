@@ -292,6 +292,44 @@ def test_search_by_key_with_filters_equals_brute_force(client, flow, exported):
     assert all(h["label"] in ("3", "5") for h in answer.json()["results"])
 
 
+def test_batch_search_answers_each_query_as_brute_force_does(client, flow, exported):
+    rng = np.random.default_rng(8)
+    vectors = rng.standard_normal((3, 4))
+    by_key = {r["key"]: r for r in exported}
+    queries = [{"key": "d0007"}, {"vector": vectors[0].tolist()}, {"key": "d0100"},
+               {"vector": vectors[1].tolist()}, {"vector": vectors[2].tolist()}]
+    for flt, keep in ((None, lambda r: True),
+                      ({"label": ["3", "5"]}, lambda r: r["label"] in ("3", "5"))):
+        body = {"queries": queries, "k": 6, **({"filter": flt} if flt else {})}
+        answer = client.post(f"/v1/embeddings/{flow['set_id']}/search/batch", json=body)
+        assert answer.status_code == 200, answer.text
+        answers = answer.json()["answers"]
+        assert len(answers) == len(queries)
+        for query, got in zip(queries, answers, strict=True):
+            if "key" in query:
+                own = by_key[query["key"]]
+                assert got["query"] == {"key": own["key"], "index": own["index"],
+                                        "label": own["label"]}
+                keys, _ = brute_force(exported, np.asarray(own["mu"]), 6,
+                                      keep=lambda r, o=own, f=keep: f(r) and r["key"] != o["key"])
+            else:
+                assert got["query"] is None
+                keys, _ = brute_force(exported, np.asarray(query["vector"]), 6, keep=keep)
+            assert [h["key"] for h in got["results"]] == keys
+
+
+def test_batch_search_names_what_is_wrong(client, flow):
+    url = f"/v1/embeddings/{flow['set_id']}/search/batch"
+    missing = client.post(url, json={"queries": [{"key": "d0001"}, {"key": "no-such-key"}]})
+    assert missing.status_code == 404 and "'no-such-key'" in missing.text
+    both = client.post(url, json={"queries": [{"key": "d0001"},
+                                              {"key": "d0002", "vector": [0, 0, 0, 0]}]})
+    assert both.status_code == 422 and "query 1" in both.text
+    short = client.post(url, json={"queries": [{"vector": [0, 0, 0, 0]}, {"vector": [0, 0]}]})
+    assert short.status_code == 422 and "query 1: vector must have 4 values" in short.text
+    assert client.post(url, json={"queries": []}).status_code == 422
+
+
 def test_outliers_are_the_lowest_log_px(client, flow, exported):
     answer = client.get(f"/v1/embeddings/{flow['set_id']}/outliers", params={"k": 5}).json()
     assert answer["ranked_by"] == "log_px"
