@@ -1,11 +1,13 @@
-"""The data layer against an embedded PostgreSQL+pgvector (pgserver), in one run:
+"""The data layer against the embedded PostgreSQL 18 + pgvector 0.8, in one run:
 
 1. latent writes: `store.latents.write_latents` rows/s against a raw psycopg binary COPY
    of the same rows (pgvector's psycopg dumper, `write_row` per row);
 2. ingest: rows/s and peak memory (a child process, sampled) for an N x 784 `.npy`;
 3. kNN over N latents of dimension 32, for latents of a trained VAE (digits, noisy copies,
    encoded) and for random Gaussian vectors: p50/p95 latency and recall@10 of exact search,
-   HNSW at several ef_search, and the automatic plan.
+   HNSW at several ef_search, and the automatic plan; for the trained latents, label
+   filters that 50 %, 10 % and 1 % of the items pass (HNSW iterative scans): p50/p99,
+   recall@10 against a NumPy brute force, and answers short of k.
 
     python bench/store.py [--quick] [--knn-n 1000000] [--ingest-n 1000000]
 """
@@ -33,6 +35,7 @@ from service.cli.embedded import start_embedded_postgres  # noqa: E402
 from store.artifacts import ArtifactStore  # noqa: E402
 from store.db import Database  # noqa: E402
 from store.latents import (  # noqa: E402
+    SearchFilter,
     _run,
     build_index,
     create_embedding_set,
@@ -56,7 +59,8 @@ def model_row(db: Database, dataset_id: int) -> int:
 def fake_dataset(db: Database, artifacts: ArtifactStore, settings: Settings, n: int,
                  name: str, tmp: str) -> int:
     path = os.path.join(tmp, f"{name}.npz")
-    np.savez(path, x=np.zeros((n, 1), np.float32), labels=np.arange(n) % 10)
+    # 100 labels, one per item in turn: a filter on j labels keeps j % of the items
+    np.savez(path, x=np.zeros((n, 1), np.float32), labels=np.arange(n) % 100)
     return register_file(db, artifacts, settings, name, path).dataset.id
 
 
@@ -225,8 +229,40 @@ def bench_knn(db, artifacts, settings, tmp, kind: str, n: int, dim: int, n_queri
     plan = search(db, settings, es.id, vector=queries[0], k=10).plan
     measure(f"auto plan -> {plan}",
             lambda q: [h.index for h in search(db, settings, es.id, vector=q, k=10).hits])
-    return rows, {"kind": kind, "write_s": write_s, "build_s": report.build_seconds,
-                  "ef_search": report.ef_search, "calibration": report.recall}
+    filtered = bench_filtered(db, settings, es.id, mu, queries) if kind.startswith(
+        "trained") else []
+    return rows, {"filtered": filtered, "kind": kind, "write_s": write_s,
+                  "build_s": report.build_seconds, "ef_search": report.ef_search,
+                  "calibration": report.recall}
+
+
+def bench_filtered(db, settings, set_id: int, mu: np.ndarray, queries: np.ndarray,
+                   ) -> list[dict]:
+    """Label filters keeping 50 %, 10 % and 1 % of the items (labels are i % 100), through
+    `search` as the API calls it: latency, recall@10 against a NumPy brute force over the
+    items that pass, answers short of k, and which plans ran."""
+    from collections import Counter
+
+    labels = np.arange(len(mu)) % 100
+    out = []
+    for share in (50, 10, 1):
+        flt = SearchFilter(label=[str(i) for i in range(share)])
+        keep = labels < share
+        times, found, short, plans = [], 0, 0, Counter()
+        for q in queries:
+            t0 = time.perf_counter()
+            res = search(db, settings, set_id, vector=q, k=10, flt=flt)
+            times.append(1000 * (time.perf_counter() - t0))
+            d = ((mu - q) ** 2).sum(1)
+            d[~keep] = np.inf
+            want = set(np.argpartition(d, 10)[:10].tolist())
+            found += len(want & {h.index for h in res.hits})
+            short += len(res.hits) < 10
+            plans[res.plan.split(" (")[0] if "after" not in res.plan else "exact fallback"] += 1
+        out.append({"share": share, "p50": float(np.percentile(times, 50)),
+                    "p99": float(np.percentile(times, 99)),
+                    "recall": found / (10 * len(queries)), "short": short, "plans": plans})
+    return out
 
 
 def main() -> None:
@@ -267,18 +303,40 @@ def main() -> None:
                       "not in the set")
                 print(f"  {'latents':22s} {'plan':28s} {'p50 ms':>8s} {'p95 ms':>8s} "
                       f"{'recall@10':>9s}")
+                knn_info = []
                 for kind in ("trained VAE latents", "random Gaussian"):
                     rows, info = bench_knn(db, artifacts, settings, tmp, kind, args.knn_n, 32,
                                            args.queries)
+                    knn_info.append(info)
                     for _, label, p50, p95, recall in rows:
                         print(f"  {kind:22s} {label:28s} {p50:8.1f} {p95:8.1f} {recall:9.3f}")
+                    for f in info["filtered"]:
+                        plans = ", ".join(f"{p} x{n}" for p, n in f["plans"].items())
+                        print(f"  {kind:22s} {'label filter, ' + str(f['share']) + ' % pass':28s} "
+                              f"{f['p50']:8.1f} {f['p99']:8.1f} {f['recall']:9.3f}  "
+                              f"p99; short of k: {f['short']}; plans: {plans}")
                     by_ef = {k: round(v, 3) for k, v in info["calibration"].items()}
                     print(f"  {kind}: write {info['write_s']:.1f} s, HNSW build "
                           f"{info['build_s']:.0f} s, calibrated ef_search={info['ef_search']} "
                           f"(calibration recall by ef: {by_ef})")
             db.dispose()
+            if "knn" not in args.skip:
+                record_filtered(knn_info, args.knn_n)
         finally:
             server.cleanup()
+
+
+def record_filtered(infos: list[dict], n: int) -> None:
+    from bench.goals import record
+
+    filtered = next(i["filtered"] for i in infos if i["filtered"])
+    ten = next(f for f in filtered if f["share"] == 10)
+    scale = f"{n // 1000}k" if n < 1_000_000 else f"{n // 1_000_000}M"
+    record(f"store: filtered kNN over {scale}, 10 % pass, p50", ten["p50"], 20, "ms",
+           at_most=True)
+    record(f"store: filtered kNN over {scale}, 10 % pass, recall@10", ten["recall"], 0.95)
+    record(f"store: filtered kNN over {scale}, answers short of k (50/10/1 %)",
+           sum(f["short"] for f in filtered), 0, at_most=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Bulk embedding: a coordinator splits the dataset into shards run as a Celery chord on
 the `embed` queue; each shard encodes its rows in chunks and writes them with the COPY
-writer (idempotent per shard); the finishing task builds the index, computes the set's
-statistics and marks it ready.
+writer (idempotent per shard); the finishing task checks the row count, computes the
+set's means and marks it ready: searchable at once, exactly. A follow-up task
+(`embed_index`) then builds the HNSW index and measures kNN label accuracy; until the
+index is valid the set says `index_status: building` and searches scan exactly.
 
 Codes come from the model's verified ONNX encoder through onnxruntime on CPU (the same
 file the API serves, so stored codes equal served ones), or from torch on CUDA. The
@@ -26,12 +28,13 @@ from models.vae import VAE, elbo_terms, log_px_importance
 from store.datasets import dataset_array, get_dataset
 from store.jobs import LeaseLost, count_done, finish, get_job, lease_guard
 from store.latents import (
+    analyze,
     build_index,
     get_set,
     labelled_sample,
     latent_writer,
     mark_set,
-    search,
+    search_many,
     set_statistics,
 )
 from store.models import get_model
@@ -170,44 +173,64 @@ def run_shard(ctx: Context, job_id: int, set_id: int, start: int, stop: int,
 def knn_label_accuracy(ctx: Context, set_id: int, sample: int = KNN_SAMPLE, k: int = 10,
                        ) -> float | None:
     """How often the majority label of an item's k nearest neighbours is its own label,
-    over a seeded sample of labelled items; None without labels."""
+    over a seeded sample of labelled items (batch searches); None without labels."""
     es = get_set(ctx.db, set_id)
     keys = labelled_sample(ctx.db, es.dataset_id, sample, salt=str(set_id))
     if not keys:
         return None
-    hits = 0
-    for key, label in keys:
-        neighbours = search(ctx.db, ctx.settings, set_id, key=key, k=k).hits
-        votes = Counter(h.label for h in neighbours if h.label is not None)
-        hits += bool(votes) and votes.most_common(1)[0][0] == label
+    hits, step = 0, ctx.settings.search_max_queries
+    for a in range(0, len(keys), step):
+        part = keys[a:a + step]
+        answers = search_many(ctx.db, ctx.settings, set_id, [key for key, _ in part], k=k)
+        for (_, label), answer in zip(part, answers, strict=True):
+            votes = Counter(h.label for h in answer.hits if h.label is not None)
+            hits += bool(votes) and votes.most_common(1)[0][0] == label
     return hits / len(keys)
 
 
 def finish_set(ctx: Context, job_id: int, set_id: int, owner: str,
                results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every shard is written: check the count, take the means, and mark the set ready
+    (and the job succeeded) at once; the index follows in `embed_index`."""
     job, es = get_job(ctx.db, job_id), get_set(ctx.db, set_id)
     if job.status != "running" or job.lease_owner != owner:
         return {"outcome": "stale"}
     if job.cancel_requested or any(r.get("cancelled") for r in results):
         finish(ctx.db, job_id, owner, "cancelled", message="cancelled; no rows are kept")
         return {"outcome": "cancelled"}
+    mark_set(ctx.db, set_id, status="finishing")
     with Lease(ctx.db, job_id, owner, ctx.settings.embed_lease_seconds) as lease:
-        mark_set(ctx.db, set_id, status="finishing")
-        lease.report(0.95, "building the index")
-        lease.confirm()
-        report = build_index(ctx.db, set_id, ctx.settings)
+        lease.report(0.98, "checking the rows")
         stats = set_statistics(ctx.db, set_id)
-        lease.report(0.97, "measuring kNN label accuracy")
-        accuracy = knn_label_accuracy(ctx, set_id)
+        analyze(ctx.db, "latents")  # the planner sees the new rows before the first search
         lease.check()
-    stats |= {"knn_label_accuracy": accuracy,
-             "index": {"status": report.status, "build_seconds": report.build_seconds,
-                       "ef_search": report.ef_search,
-                       "calibration_recall": {str(k): v for k, v in report.recall.items()}},
-             "shards": len(results),
-             "workers": dict(Counter(r.get("worker", "?") for r in results))}
+    stats |= {"shards": len(results),
+              "workers": dict(Counter(r.get("worker", "?") for r in results))}
     if stats["n_items"] != es.n_items:  # never mark a short set ready
         raise RuntimeError(f"set {set_id} holds {stats['n_items']} rows, not {es.n_items}")
-    finish(ctx.db, job_id, owner, "succeeded", message=f"{stats['n_items']} items embedded",
-           embedding_set={"stats": stats})
+    finish(ctx.db, job_id, owner, "succeeded",
+           message=f"{stats['n_items']} items embedded; searchable now (exact search) while "
+                   "the index is built",
+           embedding_set={"stats": stats, "index_status": "building"})
+    from workers.tasks import embed_index
+
+    embed_index.delay(set_id)
     return {"outcome": "succeeded", "stats": stats}
+
+
+def index_set(ctx: Context, set_id: int) -> dict[str, Any]:
+    """Build a ready set's index, then measure kNN label accuracy through it; both land in
+    the set's stats. Searches meanwhile scan exactly; a redelivered task builds again."""
+    es = get_set(ctx.db, set_id)
+    if es.status != "ready":
+        return {"outcome": f"set is {es.status}"}
+    report = build_index(ctx.db, set_id, ctx.settings)
+    accuracy = knn_label_accuracy(ctx, set_id)
+    stats = {**(get_set(ctx.db, set_id).stats or {}), "knn_label_accuracy": accuracy,
+             "index": {"status": report.status, "build_seconds": report.build_seconds,
+                       "ef_search": report.ef_search,
+                       "calibration_recall": {str(k): v for k, v in report.recall.items()}}}
+    mark_set(ctx.db, set_id, stats=stats)
+    log.info("set indexed set_id=%d status=%s seconds=%.1f knn_label_accuracy=%s", set_id,
+             report.status, report.build_seconds, accuracy)
+    return {"outcome": report.status}

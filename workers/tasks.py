@@ -83,6 +83,21 @@ def embed_finish(self: Task, results: list[dict[str, Any]], job_id: int, set_id:
         raise
 
 
+@app.task(name="latentbank.embed_index", bind=True, max_retries=SHARD_RETRIES,
+          ignore_result=True)
+def embed_index(self: Task, set_id: int) -> dict[str, Any]:
+    """A ready set's HNSW index and kNN statistics (the set is searchable meanwhile)."""
+    from workers.embedding import index_set
+
+    try:
+        return index_set(context(), set_id)
+    except Exception as exc:
+        if is_transient(exc) and self.request.retries < SHARD_RETRIES:
+            raise self.retry(exc=exc, countdown=min(30, 2 ** self.request.retries)) from None
+        log.exception("index build failed set_id=%d", set_id)
+        raise
+
+
 def _end_embedding(job_id: int, owner: str, exc: Exception) -> None:
     """A transient failure ends the attempt (requeued); any other fails the job. Either
     way the set's partial rows go (a set is complete or empty)."""

@@ -12,7 +12,8 @@ from models.config import TrainConfig, VAEConfig
 from models.data import load_digits_dataset
 from models.trainer import Trainer
 from store.jobs import get_job, publish, request_cancel
-from store.latents import export_pages, get_set
+from store.latents import export_pages, get_set, search
+from store.settings import Settings
 from store.submit import leaderboard, submit_embedding
 from store.tables import Model
 from tests.support import submit_grid, submit_train
@@ -30,6 +31,17 @@ def wait_for(db, job_id, statuses=("succeeded", "failed", "cancelled"), timeout=
             return job
         time.sleep(0.25)
     raise AssertionError(f"job {job_id} still {get_job(db, job_id).status} after {timeout}s")
+
+
+def wait_indexed(db, set_id, timeout=120):
+    """The set once its index task has reported (its stats carry `index`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        es = get_set(db, set_id)
+        if "index" in (es.stats or {}):
+            return es
+        time.sleep(0.2)
+    raise AssertionError(f"set {set_id} still indexing after {timeout}s")
 
 
 def metric_rows(db, model_id):
@@ -101,6 +113,13 @@ def test_embedding_job_end_to_end_and_twice(db, trained, celery_client, digits_d
     assert job.status == "succeeded", job.error
     es = get_set(db, job.embedding_set_id)
     assert es.status == "ready" and es.stats["n_items"] == 1797 and es.stats["shards"] == 5
+    assert "searchable now" in job.progress_message
+    # searchable at once (exact), whatever the index is doing
+    hit = search(db, Settings(), es.id, key="0", k=3, include_query=True).hits[0]
+    assert hit.key == "0" and hit.distance == 0
+    es = wait_indexed(db, es.id)  # the follow-up task: index, then kNN statistics
+    assert es.index_status in ("ready", "skipped") and es.stats["index"]["status"] == (
+        es.index_status)
     assert es.stats["knn_label_accuracy"] > 0.6  # chance is 0.1
     assert es.stats["mean_log_px"] >= es.stats["mean_elbo"]
     rows = [r for page in export_pages(db, es.id) for r in page]
