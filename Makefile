@@ -31,11 +31,14 @@ lint: $(STAMP)
 faults: $(STAMP)
 	$(PY) bench/faults.py $(FAULTS_ARGS)
 
+# Each bench prints its own tables and records its goals; goals.py prints them as one.
 bench: $(STAMP)
+	rm -f out/bench/goals.json
 	$(PY) bench/train.py $(BENCH_ARGS)
 	$(PY) bench/store.py $(BENCH_ARGS)
 	$(PY) bench/embed.py $(BENCH_ARGS)
 	$(PY) bench/serve.py $(BENCH_ARGS)
+	$(PY) bench/goals.py
 
 # The whole service on embedded defaults: `latentbank up` in the background, digits through
 # the HTTP API, a summary, then the stack is stopped. DEMO_ARGS: see `latentbank demo --help`.

@@ -380,12 +380,37 @@ def child_kill_shard(ctx: Context) -> tuple[float, str]:
     return recovery_after(ctx, job, at), check_embedding(ctx, job)
 
 
-def child_kill_finish(ctx: Context) -> tuple[float, str]:
+def index_building(ctx: Context, job_id: int) -> int | None:
+    """The set of a succeeded embedding job whose index task has not reported yet."""
+    job = ctx.stack.job(job_id)
+    if job["status"] != "succeeded":
+        return None
+    row = ctx.stack.query("SELECT index_status, stats ? 'index' FROM embedding_sets "
+                          "WHERE id = :s", s=job["embedding_set_id"])[0]
+    return job["embedding_set_id"] if row[0] == "building" and not row[1] else None
+
+
+def check_index(ctx: Context, job_id: int, set_id: int, fault_at: float) -> tuple[float, str]:
+    """The set stays searchable through the fault, then its index task reports (again,
+    after a redelivery or retry): seconds from the fault to that report, and a note."""
+    hits = ctx.stack.request("POST", f"/v1/embeddings/{set_id}/search",
+                             json={"key": "0", "k": 5}).json()["results"]
+    if len(hits) != 5:
+        raise TrialFailed(f"the set answered {len(hits)} of 5 neighbours during the fault")
+    status = wait_until("the index report", lambda: ctx.stack.query(
+        "SELECT index_status FROM embedding_sets WHERE id = :s AND stats ? 'index'",
+        s=set_id) or None, 120, 0.1)[0][0]
+    seconds = db_now(ctx) - fault_at
+    if status not in ("ready", "skipped"):
+        raise TrialFailed(f"the index ended {status}")
+    return seconds, f"index {status}; {check_embedding(ctx, job_id)}"
+
+
+def child_kill_index(ctx: Context) -> tuple[float, str]:
     job = submit_embedding(ctx)
-    wait_until("the finishing step", lambda: (ctx.stack.job(job)["progress_message"] or "")
-               .startswith(("building the index", "measuring")), 120, 0.01)
+    set_id = wait_until("the index task", lambda: index_building(ctx, job), 120, 0.01)
     at = kill_at(ctx, *ctx.stack.pool())
-    return recovery_after(ctx, job, at), check_embedding(ctx, job)
+    return check_index(ctx, job, set_id, at)
 
 
 def worker_kill(ctx: Context) -> tuple[float, str]:
@@ -472,11 +497,10 @@ def postgres_restart_shards(ctx: Context) -> tuple[float, str]:
 
 def postgres_restart_index(ctx: Context) -> tuple[float, str]:
     job = submit_embedding(ctx)
-    wait_until("the index build", lambda: (ctx.stack.job(job)["progress_message"] or "")
-               .startswith("building the index"), 120, 0.01)
+    set_id = wait_until("the index task", lambda: index_building(ctx, job), 120, 0.01)
     at = db_now(ctx)
     ctx.stack.pg_ctl_restart()
-    return recovery_after(ctx, job, at), check_embedding(ctx, job)
+    return check_index(ctx, job, set_id, at)
 
 
 def cancel_embedding(ctx: Context) -> tuple[float, str]:
@@ -585,8 +609,8 @@ SCENARIOS: dict[str, tuple[Callable[[Context], tuple[float, str]], str]] = {
     "child-kill-train-early": (child_kill_train_early,
                                "pool child SIGKILL in a new worker's first seconds"),
     "child-kill-shard": (child_kill_shard, "pool children SIGKILL during embedding shards"),
-    "child-kill-finish": (child_kill_finish,
-                          "pool children SIGKILL during the finishing step"),
+    "child-kill-index": (child_kill_index,
+                         "pool children SIGKILL during the index task (set searchable)"),
     "worker-kill": (worker_kill, "whole worker SIGKILL during training"),
     "child-stop": (child_stop, "pool child SIGSTOP for 2x the lease (training)"),
     "redis-kill": (redis_kill, "Redis SIGKILL + restart during training"),
@@ -594,7 +618,8 @@ SCENARIOS: dict[str, tuple[Callable[[Context], tuple[float, str]], str]] = {
     "postgres-kill": (postgres_kill, "PostgreSQL postmaster SIGKILL during training"),
     "postgres-restart-shards": (postgres_restart_shards,
                                 "pg_ctl restart during embedding shard writes"),
-    "postgres-restart-index": (postgres_restart_index, "pg_ctl restart during the index build"),
+    "postgres-restart-index": (postgres_restart_index,
+                               "pg_ctl restart during the index task (set searchable)"),
     "api-kill-streaming": (api_kill_streaming, "API SIGKILL while an upload streams"),
     "api-kill-arrived": (api_kill_arrived, "API SIGKILL just after an upload arrived"),
     "cancel-embedding": (cancel_embedding, "cancel of an embedding job mid-way"),
@@ -602,7 +627,7 @@ SCENARIOS: dict[str, tuple[Callable[[Context], tuple[float, str]], str]] = {
 # The full run: pool-child kills 20+10+10+10 = 50, worker kills 10, Redis 10 + 5,
 # PostgreSQL 4 + 3 + 3 = 10.
 FULL = {"child-kill-train": 20, "child-kill-train-early": 10, "child-kill-shard": 10,
-        "child-kill-finish": 10, "worker-kill": 10, "child-stop": 5, "redis-kill": 10,
+        "child-kill-index": 10, "worker-kill": 10, "child-stop": 5, "redis-kill": 10,
         "redis-stop": 5, "postgres-kill": 4, "postgres-restart-shards": 3,
         "postgres-restart-index": 3, "api-kill-streaming": 5, "api-kill-arrived": 5,
         "cancel-embedding": 5}
