@@ -59,6 +59,53 @@ def start_api(env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
         time.sleep(0.2)
 
 
+def echo_app() -> object:
+    """A bare ASGI app (uvicorn, same flags as the API) that reads the body and answers
+    LATENTBANK_BENCH_ANSWER_BYTES zero bytes: the HTTP round trip with no work, which
+    bounds what any server can reach over this loopback."""
+    size = int(os.environ.get("LATENTBANK_BENCH_ANSWER_BYTES", "0"))
+    answer = bytes(size)
+
+    async def app(scope: dict, receive, send) -> None:
+        if scope["type"] != "http":
+            return
+        more = True
+        while more:
+            more = (await receive()).get("more_body", False)
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"application/x-npy"),
+            (b"content-length", str(size).encode())]})
+        await send({"type": "http.response.body", "body": answer})
+
+    return app
+
+
+def echo_floor(tmp: str, body: str, answer_bytes: int, seconds: float) -> dict[str, float]:
+    """The load client against `echo_app` answering `answer_bytes`."""
+    from service.cli.stack import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--factory", "bench.serve:echo_app", "--port",
+         str(port), "--log-level", "warning", "--no-access-log"],
+        env={**os.environ, "LATENTBANK_BENCH_ANSWER_BYTES": str(answer_bytes)}, cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.post(f"http://127.0.0.1:{port}/", timeout=2)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        return load(port, "-", 0, body, False, 1, seconds)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def npy(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
@@ -170,6 +217,7 @@ def run(env: dict[str, str], tmp: str, model_id: int, decoder: str, key: str,
         crowd = {name: load(port, key, model_id, bodies[1, "npy"], False, 64, seconds)
                  for name, port in ports.items()}
         old_json = old_json_codec(256, seconds)
+        floor = echo_floor(tmp, bodies[256, "npy"], 802_944, seconds)  # the .npy answer
     finally:
         for proc in procs:
             proc.terminate()
@@ -188,6 +236,11 @@ def run(env: dict[str, str], tmp: str, model_id: int, decoder: str, key: str,
     for name, c in crowd.items():
         print(f"{name:<22} {c['rps']:>8.0f} {c['p50']:>7.2f} {c['p99']:>7.2f} "
               f"{c['rps'] / crowd['no batching']['rps']:>7.2f}")
+    # a request costs at least the bare round trip plus the decoder's own time
+    bound = 1 / (1 / rows[2][1] + 1 / floor["rps"]) / rows[2][1]
+    print(f"\nbatch 256 .npy: the bare HTTP round trip of the same bytes (an ASGI app that "
+          f"does nothing) runs {floor['rps']:.0f} req/s, p50 {floor['p50']:.2f} ms; with "
+          f"onnxruntime's own time added, no server here can pass {bound:.2f} of direct")
     print(f"JSON codec as it was (batch 256, in this process): {old_json:.1f} req/s; "
           f"JSON over HTTP now {cells[256, 'json']['rps'] / old_json:.1f}x that")
     record("serve: .npy batch 256 / onnxruntime direct", rows[2][2]["rps"] / rows[2][1], 0.7)

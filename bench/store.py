@@ -273,6 +273,8 @@ def main() -> None:
     parser.add_argument("--knn-n", type=int, default=1_000_000)
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--skip", nargs="*", default=[], choices=["writes", "ingest", "knn"])
+    parser.add_argument("--kinds", nargs="*", default=["trained", "random"],
+                        choices=["trained", "random"], help="which latents the kNN part uses")
     args = parser.parse_args()
     if args.quick:
         args.write_n, args.ingest_n, args.knn_n, args.queries = 20_000, 20_000, 30_000, 30
@@ -305,6 +307,8 @@ def main() -> None:
                       f"{'recall@10':>9s}")
                 knn_info = []
                 for kind in ("trained VAE latents", "random Gaussian"):
+                    if kind.split()[0] not in args.kinds:
+                        continue
                     rows, info = bench_knn(db, artifacts, settings, tmp, kind, args.knn_n, 32,
                                            args.queries)
                     knn_info.append(info)

@@ -18,7 +18,8 @@ computing every distance) when asked, when the set is small, when the metric dif
 the index's, when calibration at build time found that the index cannot reach the recall
 target or is no faster than exact search, or for a filtered query on pgvector < 0.8;
 otherwise HNSW with the calibrated `ef_search`, iterative when filtered (unless the
-planner estimates fewer matching rows than `exact_search_below`: then exact). A filtered
+planner's estimate of the rows that pass says the scan would visit more than
+`max_scan_tuples` to find `ef_search` of them: then exact at once). A filtered
 answer that comes back short of k (the scan gave up at max_scan_tuples, or fewer rows
 match than k) is answered again exactly, so no answer is ever short because of the index.
 
@@ -515,8 +516,12 @@ def search_many(db: Database, settings: Settings, set_id: int,
     # a key's own item comes back first (distance 0): ask for one more, drop it below
     asked = k + (1 if any(i is not None for i in leave_out) else 0)
     plan = plan_for(es, settings, metric, asked, flt, exact, db.pgvector())
-    if plan.iterative and _matching_rows(db, es, flt) < settings.exact_search_below:
-        plan = EXACT  # few rows pass the filter: computing each distance is cheap, exact
+    if plan.iterative and plan.ef_search is not None:
+        # To find ef_search rows that pass, the scan visits about ef_search / share rows;
+        # past max_scan_tuples it would give up and the query run exactly anyway.
+        share = _matching_rows(db, es, flt) / max(1, es.n_items)
+        if plan.ef_search > share * settings.hnsw_max_scan_tuples:
+            plan = EXACT
     hits = _run_many(db, es, vectors, asked, metric, flt, plan.ef_search, plan.iterative,
                      settings.hnsw_max_scan_tuples)
     said = [str(plan)] * len(queries)

@@ -225,7 +225,7 @@ def test_filtered_search_through_the_index_is_never_short(db, world):
             got = [h.index for h in res.hits]
             assert len(got) == len(want) == min(10, mask.sum()), (flt, res.plan)
             assert all(mask[i] for i in got)
-            if res.plan.startswith("exact"):  # few rows match, or the index came back short
+            if res.plan.startswith("exact"):  # too few rows match, or the index came short
                 assert res.plan == "exact" or res.plan.startswith(
                     "exact (after hnsw-iterative"), res.plan
                 assert got == want
@@ -238,18 +238,26 @@ def test_filtered_search_through_the_index_is_never_short(db, world):
         # recall through the index is poor there (module docstring of store.latents).
 
 
-def test_an_index_scan_that_gives_up_is_answered_exactly(db, world):
+def test_an_index_scan_that_gives_up_is_answered_exactly(db, world, monkeypatch):
+    import store.latents
+
     settings, set_id = indexed(db, world)
-    # no exact plan for few matching rows here: the index scan runs, and gives up
-    stingy = settings.model_copy(update={"hnsw_max_scan_tuples": 100, "exact_search_below": 1})
     band = np.sort(world["elbo"])[[1000, 1004]]  # an ELBO band that 5 rows of 100k pass
     flt = SearchFilter(elbo=(float(band[0]), float(band[1])))
     mask = (world["elbo"] >= band[0]) & (world["elbo"] <= band[1])
     q = world["mu"][0]
+    want = brute_force(world["mu"], q, 10, mask)[0]
+    assert len(want) == mask.sum() == 5
+    # The planner sees that few rows pass: exact at once.
+    res = search(db, settings, set_id, vector=q, k=10, flt=flt)
+    assert res.plan == "exact" and [h.index for h in res.hits] == want
+    # Had it guessed that every row passes, the index scan runs, gives up short of k
+    # (at most 300 tuples here), and the query is answered again, exactly.
+    monkeypatch.setattr(store.latents, "_matching_rows", lambda db, es, flt: es.n_items)
+    stingy = settings.model_copy(update={"hnsw_max_scan_tuples": 300})
     res = search(db, stingy, set_id, vector=q, k=10, flt=flt)
     assert res.plan.startswith("exact (after hnsw-iterative"), res.plan
-    assert [h.index for h in res.hits] == brute_force(world["mu"], q, 10, mask)[0]
-    assert len(res.hits) == mask.sum() == 5
+    assert [h.index for h in res.hits] == want
 
 
 def test_before_pgvector_0_8_filtered_queries_run_exact(db, world, monkeypatch):
