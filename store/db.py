@@ -70,6 +70,32 @@ def check_database(engine: Engine) -> str:
     return str(row[0])
 
 
+def connectable_databases(url: str) -> list[str]:
+    """The names of the server's databases that accept connections."""
+    engine = create_engine(sqlalchemy_url(url))
+    try:
+        with engine.begin() as conn:
+            return list(conn.execute(text(
+                "SELECT datname FROM pg_database WHERE datallowconn")).scalars())
+    finally:
+        engine.dispose()
+
+
+def update_pgvector(url: str) -> bool:
+    """`ALTER EXTENSION vector UPDATE` in the database at `url`, if it has the extension
+    (after a server upgrade: the catalog then names the old version). True if it did."""
+    engine = create_engine(sqlalchemy_url(url))
+    try:
+        with engine.begin() as conn:
+            if conn.execute(text("SELECT 1 FROM pg_extension WHERE extname = 'vector'")
+                            ).first() is None:
+                return False
+            conn.execute(text("ALTER EXTENSION vector UPDATE"))
+            return True
+    finally:
+        engine.dispose()
+
+
 def check_alive(db: Database) -> None:
     """`SELECT 1` through the pool; raises unless the database answers."""
     with db.engine.connect() as conn:

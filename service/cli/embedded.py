@@ -76,20 +76,10 @@ def upgrade_embedded_postgres(directory: Path) -> tuple[int, int]:
         _pg_upgrade(directory, before)
     server, url = start_embedded_postgres(directory)
     try:
-        from sqlalchemy import create_engine, text
+        from store.db import connectable_databases, update_pgvector
 
-        engine = create_engine(url)
-        with engine.begin() as conn:
-            names = conn.execute(text(
-                "SELECT datname FROM pg_database WHERE datallowconn")).scalars().all()
-        engine.dispose()
-        for name in names:
-            engine = create_engine(sqlalchemy_url(server.get_uri(database=name)))
-            with engine.begin() as conn:
-                if conn.execute(text("SELECT 1 FROM pg_extension WHERE extname = 'vector'")
-                                ).first():
-                    conn.execute(text("ALTER EXTENSION vector UPDATE"))
-            engine.dispose()
+        for name in connectable_databases(url):
+            update_pgvector(server.get_uri(database=name))
     finally:
         stop_embedded_postgres(server, directory)
     return before, POSTGRES_VERSION
