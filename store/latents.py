@@ -17,9 +17,11 @@ selective filter returned fewer than k rows. pgvector 0.8's iterative index scan
 computing every distance) when asked, when the set is small, when the metric differs from
 the index's, when calibration at build time found that the index cannot reach the recall
 target or is no faster than exact search, or for a filtered query on pgvector < 0.8;
-otherwise HNSW with the calibrated `ef_search`, iterative when filtered (unless the
-planner's estimate of the rows that pass says the scan would visit more than
-`max_scan_tuples` to find `ef_search` of them: then exact at once). A filtered
+otherwise HNSW with the calibrated `ef_search`, iterative when filtered. A filtered
+scan widens `ef_search` by 1 / the share of rows the planner estimates to pass (so
+`ef_search` candidates that pass are weighed, and the recall calibrated without a filter
+holds), unless that share says the scan would visit more than `max_scan_tuples` to find
+them: then exact at once. A filtered
 answer that comes back short of k (the scan gave up at max_scan_tuples, or fewer rows
 match than k) is answered again exactly, so no answer is ever short because of the index.
 
@@ -35,6 +37,7 @@ index is being built.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -58,6 +61,7 @@ COPY_COLUMNS = "set_id, item_index, mu, logvar, elbo, reconstruction, kl, log_px
 PGCOPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
 PGCOPY_TRAILER = (-1).to_bytes(2, "big", signed=True)
 EF_CANDIDATES = (40, 80, 160, 320, 640, 1000)
+EF_MAX = 1000  # pgvector's ceiling for hnsw.ef_search
 
 
 # -- embedding sets ----------------------------------------------------------------------
@@ -522,6 +526,12 @@ def search_many(db: Database, settings: Settings, set_id: int,
         share = _matching_rows(db, es, flt) / max(1, es.n_items)
         if plan.ef_search > share * settings.hnsw_max_scan_tuples:
             plan = EXACT
+        else:
+            # The calibrated ef_search buys its recall for ef_search candidates that all
+            # count; under a filter only a share of them pass, so the candidate list is
+            # widened by 1 / share (pgvector's ceiling is 1000) to keep that recall.
+            plan = Plan(min(EF_MAX, max(plan.ef_search, math.ceil(plan.ef_search / share))),
+                        True)
     hits = _run_many(db, es, vectors, asked, metric, flt, plan.ef_search, plan.iterative,
                      settings.hnsw_max_scan_tuples)
     said = [str(plan)] * len(queries)
