@@ -19,6 +19,7 @@ from models.data import iter_batches
 from models.vae import VAE, elbo_terms, log_px_importance
 
 ACTIVE_UNIT_THRESHOLD = 0.01
+QUANTILE_LEVELS = np.round(np.linspace(0.0, 0.5, 1001), 6)  # steps of 0.0005
 
 
 @dataclass
@@ -36,6 +37,16 @@ class Evaluation:
     @property
     def active_units(self) -> int:
         return int((self.mu_variance > ACTIVE_UNIT_THRESHOLD).sum())
+
+    def quantiles(self) -> dict[str, object]:
+        """The lower half of the held-out distribution of log p(x) (ELBO when K = 0),
+        stored with the model, so that a threshold at any false-positive rate is a lookup
+        when new items are scored (service.api.scoring.threshold_at)."""
+        values = self.log_px if self.log_px is not None else self.elbo
+        return {"statistic": "log_px" if self.log_px is not None else "elbo",
+                "importance_samples": self.importance_samples,
+                "n_items": len(values), "levels": QUANTILE_LEVELS.tolist(),
+                "values": np.quantile(values, QUANTILE_LEVELS).tolist()}
 
     def summary(self) -> dict[str, float | int | None]:
         """Means over items (nats; ELBO and log p(x) higher is better)."""

@@ -58,6 +58,7 @@ def train_evaluate_export(data: np.ndarray, model_config: VAEConfig, train_confi
         "heldout_split": "val" if len(result.val_rows) else "train",
         **{f"heldout_{k}": v for k, v in heldout.summary().items()},
         "kl_per_dim": heldout.kl_per_dim.tolist(),
+        "heldout_quantiles": heldout.quantiles(),
         "epochs_run": result.epochs_run,
         "best_epoch": result.best_epoch,
         "stopped_early": result.stopped_early,

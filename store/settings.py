@@ -77,6 +77,11 @@ class Settings(BaseSettings):
     decode_max_delay_ms: float = Field(
         0.0, ge=0, le=1000, description="how long a serving request may wait for others to "
                                         "join its batch (0: only while a call runs)")
+    score_max_rows: int = Field(
+        1024, ge=1, description="most items one /score request takes (more: an embedding job)")
+    score_max_draws: int = Field(
+        262_144, ge=1, description="most decoder rows one /score request may run: items x "
+                                   "max(1, importance_samples)")
     sse_poll_seconds: float = Field(0.5, description="how often job events check the job")
     db_connect_timeout: int = Field(5, description="seconds to wait for a database connection")
 

@@ -154,8 +154,19 @@ class ModelOut(BaseModel):
 
     @classmethod
     def of(cls, m: Model) -> ModelOut:
+        summary = m.summary
+        if summary and "heldout_quantiles" in summary:
+            # 2 x 1001 numbers that /score reads; a model's answer names a few thresholds
+            quantiles = summary["heldout_quantiles"]
+            levels, values = quantiles["levels"], quantiles["values"]
+            summary = {k: v for k, v in summary.items() if k != "heldout_quantiles"} | {
+                "heldout_thresholds": {
+                    "statistic": quantiles["statistic"],
+                    "importance_samples": quantiles["importance_samples"],
+                    "by_fpr": {str(f): values[levels.index(f)]
+                               for f in (0.001, 0.01, 0.05, 0.1) if f in levels}}}
         return cls(id=m.id, dataset_id=m.dataset_id, status=m.status, config=m.config,
-                   summary=m.summary, sweep_id=m.sweep_id, encoder_sha256=m.encoder_sha256,
+                   summary=summary, sweep_id=m.sweep_id, encoder_sha256=m.encoder_sha256,
                    decoder_sha256=m.decoder_sha256, created_at=m.created_at,
                    updated_at=m.updated_at)
 
@@ -340,6 +351,34 @@ class EncodeRequest(BaseModel):
 class EncodeOut(BaseModel):
     mu: list[list[float]]
     logvar: list[list[float]]
+
+
+class ScoreThreshold(BaseModel):
+    fpr: float = Field(description="the false-positive rate asked for")
+    value: float = Field(description="items whose statistic lies below it are outliers")
+    statistic: Literal["log_px", "elbo"] = Field(
+        description="what it bounds: log p(x) (with the held-out K) or, for a model "
+                    "evaluated without importance samples, the ELBO")
+    importance_samples: int = Field(description="K of the held-out figures it was taken from")
+    heldout_items: int = Field(description="held-out items it was calibrated on")
+
+
+class ScoreOut(BaseModel):
+    n_items: int
+    importance_samples: int = Field(description="K: log p(x) and the ELBO terms average "
+                                                "max(1, K) posterior draws")
+    elbo: list[float] = Field(description="per item, nats (higher is better)")
+    reconstruction: list[float]
+    kl: list[float] = Field(description="closed form: no Monte-Carlo error")
+    elbo_se: list[float] | None = Field(
+        None, description="Monte-Carlo standard error of the ELBO (with K >= 2)")
+    log_px: list[float] | None = Field(None, description="importance-sampled (K > 0)")
+    log_px_se: list[float] | None = Field(
+        None, description="its Monte-Carlo standard error, from the importance weights")
+    ess: list[float] | None = Field(
+        None, description="effective sample size of the importance weights (1 to K)")
+    threshold: ScoreThreshold | None = None
+    is_outlier: list[bool] | None = None
 
 
 class KeyRequest(BaseModel):

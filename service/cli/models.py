@@ -126,3 +126,47 @@ def decode(model_id: Annotated[int, typer.Argument(help="a ready model's id")],
         emit_json({"path": str(output.resolve()), "bytes": len(data)})
     else:
         out.print(f"wrote {output.resolve()}")
+
+
+@models_app.command("score")
+@verb
+def models_score(model_id: Annotated[int, typer.Argument(help="a ready model's id")],
+                 items: Annotated[Path, typer.Argument(
+                     help="an .npy of items, shape (n, *item_shape) or (n, item_size)",
+                     exists=True, dir_okay=False)],
+                 importance_samples: Annotated[int | None, typer.Option(
+                     "-k", "--importance-samples", min=0, max=5000,
+                     help="K draws for log p(x) (default 0; with --fpr the held-out K)")] = None,
+                 fpr: Annotated[float | None, typer.Option(
+                     help="flag items below the held-out threshold at this false-positive "
+                          "rate")] = None,
+                 seed: Annotated[int | None, typer.Option(help="seed of the draws")] = None,
+                 as_json: JsonOpt = False) -> None:
+    """Score new items: ELBO, KL and log p(x) ± its Monte-Carlo error, and outliers."""
+    import numpy as np
+
+    x = np.load(items, allow_pickle=False)
+    params = {k: v for k, v in (("importance_samples", importance_samples), ("fpr", fpr),
+                                ("seed", seed)) if v is not None}
+    with client() as c:
+        got = c.post(f"/v1/models/{model_id}/score", params=params, content=npy_body(x),
+                     headers={"Content-Type": NPY})
+    if as_json:
+        emit_json(got)
+        return
+    n = got["n_items"]
+
+    def col(name: str, i: int) -> Any:
+        return None if got.get(name) is None else got[name][i]
+
+    table(f"model {model_id}: {n} items scored (K = {got['importance_samples']}, nats)",
+          ["item", "ELBO", "KL", "log p(x)", "± se", "ESS", "outlier"],
+          ([i, fmt(col("elbo", i)), fmt(col("kl", i)), fmt(col("log_px", i)),
+            fmt(col("log_px_se", i)), fmt(col("ess", i), 1),
+            "" if got.get("is_outlier") is None else "yes" * got["is_outlier"][i]]
+           for i in range(n)))
+    if got.get("threshold"):
+        t = got["threshold"]
+        out.print(f"threshold {t['statistic']} < {t['value']:.3f} (fpr {t['fpr']} on "
+                  f"{t['heldout_items']} held-out items): {sum(got['is_outlier'])} of {n} "
+                  "flagged")

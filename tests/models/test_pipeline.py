@@ -37,6 +37,20 @@ def test_outputs_and_summary(run):
     assert sum(summary["kl_per_dim"]) == pytest.approx(summary["heldout_kl"], rel=1e-6)
 
 
+def test_heldout_thresholds_flag_their_share_of_the_heldout_items(run):
+    """A threshold at rate f, read from the stored quantiles, has a share f of the held-out
+    items' log p(x) below it (counted over the per-item figures)."""
+    from service.api.scoring import threshold_at
+
+    _, _, res = run
+    quantiles = res.summary["heldout_quantiles"]
+    assert quantiles["statistic"] == "log_px" and quantiles["importance_samples"] == 200
+    assert quantiles["n_items"] == 180
+    for fpr in (0.01, 0.05, 0.1, 0.25):
+        below = float((res.heldout.log_px < threshold_at(quantiles, fpr)).mean())
+        assert abs(below - fpr) <= 1 / 180, (fpr, below)
+
+
 def test_exported_encoder_matches_the_checkpoint(run):
     images, _, res = run
     import torch

@@ -6,6 +6,7 @@ import io
 from typing import Any, Literal
 
 import numpy as np
+import orjson
 from fastapi import APIRouter, Query, Request, Response
 
 from service.api.deps import (
@@ -36,9 +37,12 @@ from service.api.schemas import (
     ModelOut,
     SampleOut,
     SampleRequest,
+    ScoreOut,
 )
+from service.api.scoring import Scores, threshold_at
+from service.api.scoring import score as score_items
 from store import models as store_models
-from store.errors import Conflict, InvalidInput
+from store.errors import Conflict, InvalidInput, TooLarge
 from store.latents import get_item
 from store.tables import MODEL_STATUSES, Model, TrainingMetric
 
@@ -294,3 +298,84 @@ async def encode(request: Request, model_id: Id) -> Response:
 async def reconstruct(request: Request, model_id: Id) -> Response:
     svc, model, out = await _encoded(request, model_id)
     return _answer(request, {"x": await _decode(svc, model, out["mu"])}, image="x")
+
+
+# -- scoring new items ---------------------------------------------------------------
+
+MAX_IMPORTANCE_SAMPLES = 5000
+
+
+def _score_rows(svc: Services, model: Model, x: np.ndarray, mu: np.ndarray,
+                logvar: np.ndarray, importance_samples: int, seed: int | None) -> Scores:
+    loaded = svc.inference.sessions.get(model.id, "decoder", model.decoder_sha256,
+                                        model.decoder_uri)
+
+    def decode(z: np.ndarray) -> dict[str, np.ndarray]:
+        outputs = loaded.session.run(loaded.output_names, {loaded.input_name: z})
+        return dict(zip(loaded.output_names, outputs, strict=True))
+
+    return score_items(decode, x, mu, logvar, model.config["model"]["likelihood"],
+                       importance_samples, np.random.default_rng(seed))
+
+
+@router.post("/{model_id}/score", dependencies=[require("read")],
+             openapi_extra=_serving_body("EncodeRequest"),
+             responses={200: {"model": ScoreOut}, **SERVE_ERRORS, 413: ERRORS[409]},
+             response_class=Response,
+             summary="ELBO, reconstruction, KL and log p(x) (with its Monte-Carlo error) of "
+                     "new items; with fpr, a held-out threshold and is_outlier")
+async def score(request: Request, model_id: Id,
+                importance_samples: int | None = Query(
+                    None, ge=0, le=MAX_IMPORTANCE_SAMPLES,
+                    description="K draws for log p(x); default 0, or with fpr the K the "
+                                "held-out threshold was taken with"),
+                fpr: float | None = Query(
+                    None, gt=0, le=0.5, description="false-positive rate on the held-out "
+                                                    "split: adds threshold and is_outlier"),
+                seed: int | None = Query(None, ge=0, le=2**63 - 1,
+                                         description="seed of the posterior draws")) -> Response:
+    svc = services(request)
+    _array_body(request)
+    raw = await read_body(request)
+    model = await ready_model(svc, model_id)
+    limits = svc.settings
+    x = as_float_rows(_body_array(raw, request, "x", EncodeRequest), None, "x", 2**62,
+                      item_shape=model.config["model"]["input_shape"])
+    bulk = "; score more with an embedding job (POST /v1/embedding-jobs), which stores the " \
+           "same figures for every item of a dataset"
+    if len(x) > limits.score_max_rows:
+        raise TooLarge(f"'x' has {len(x)} items; /score takes at most "
+                       f"{limits.score_max_rows} (LATENTBANK_SCORE_MAX_ROWS){bulk}")
+    quantiles = (model.summary or {}).get("heldout_quantiles")
+    if fpr is not None and quantiles is None:
+        raise Conflict(f"model {model.id} was trained before held-out thresholds were stored "
+                       "with models; train it again to score with 'fpr'")
+    k = importance_samples
+    if k is None:
+        k = int(quantiles["importance_samples"]) if (
+            fpr is not None and quantiles["statistic"] == "log_px") else 0
+    if len(x) * max(1, k) > limits.score_max_draws:
+        raise TooLarge(f"{len(x)} items x {max(1, k)} draws is {len(x) * max(1, k)} decoder "
+                       f"rows; /score runs at most {limits.score_max_draws} "
+                       f"(LATENTBANK_SCORE_MAX_DRAWS){bulk}")
+    encoded = await svc.inference.run(model.id, "encoder", model.encoder_sha256 or "",
+                                      model.encoder_uri or "", x)
+    got = await in_thread(_score_rows, svc, model, x, encoded["mu"], encoded["logvar"], k,
+                          seed)
+    answer: dict[str, Any] = {"n_items": len(x), "importance_samples": k, "elbo": got.elbo,
+                              "reconstruction": got.reconstruction, "kl": got.kl,
+                              "elbo_se": got.elbo_se, "log_px": got.log_px,
+                              "log_px_se": got.log_px_se, "ess": got.ess}
+    if fpr is not None:
+        statistic = quantiles["statistic"]
+        if statistic == "log_px" and k == 0:
+            raise InvalidInput("the held-out threshold bounds log p(x): give importance_samples "
+                               f">= 1 (it was taken with {quantiles['importance_samples']})")
+        value = threshold_at(quantiles, fpr)
+        figures = got.log_px if statistic == "log_px" else got.elbo
+        answer["threshold"] = {"fpr": fpr, "value": value, "statistic": statistic,
+                               "importance_samples": quantiles["importance_samples"],
+                               "heldout_items": quantiles["n_items"]}
+        answer["is_outlier"] = (figures < value).tolist()
+    return Response(orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY),
+                    media_type="application/json")

@@ -5,6 +5,7 @@ brute force over the exported latents, the prior draws recomputed here)."""
 import datetime as dt
 import io
 import json
+import math
 import time
 
 import httpx
@@ -244,6 +245,64 @@ def test_stored_codes_equal_the_encoder_on_the_data(exported, onnx_files, digits
     for r in exported[:50]:
         assert r["elbo"] == pytest.approx(r["reconstruction"] - r["kl"], abs=1e-4)
         assert r["label"] == str(digits[1][r["index"]])
+
+
+def test_scores_of_new_items_agree_with_the_stored_ones_within_their_errors(client, flow,
+                                                                             exported, digits):
+    """/score runs the ONNX files in NumPy; the embedding job ran torch with its own draws
+    (same K): the two estimates differ by noise whose spread the reported errors give."""
+    n, k = 300, 10
+    x = digits[0][:n]
+    url = f"/v1/models/{flow['model_id']}/score"
+    answer = client.post(url, content=npy(x), params={"importance_samples": k, "seed": 1},
+                         headers={"Content-Type": "application/octet-stream"})
+    assert answer.status_code == 200, answer.text
+    got = answer.json()
+    assert got["n_items"] == n and got["importance_samples"] == k
+    stored = exported[:n]
+    # the KL is closed form from the same encoder file: equal up to float32 rounding
+    np.testing.assert_allclose(got["kl"], [r["kl"] for r in stored], rtol=1e-4, atol=1e-4)
+    for name, se in (("log_px", "log_px_se"), ("elbo", "elbo_se")):
+        z = (np.asarray(got[name]) - [r[name] for r in stored]) / (
+            math.sqrt(2) * np.asarray(got[se]))
+        assert np.mean(np.abs(z) <= 3) >= 0.95, (name, np.sort(np.abs(z))[-10:])
+        assert 0.4 <= np.std(z) <= 1.6, (name, np.std(z))  # errors neither far too small nor big
+    assert all(1 <= e <= k for e in got["ess"])
+    again = client.post(url, json={"x": x.reshape(n, -1).tolist()},
+                        params={"importance_samples": k, "seed": 1}).json()
+    assert again["log_px"] == got["log_px"]  # JSON or .npy, a seed replays the same draws
+
+
+def test_score_with_fpr_flags_items_below_the_heldout_threshold(client, flow, digits):
+    model = client.get(f"/v1/models/{flow['model_id']}").json()
+    thresholds = model["summary"]["heldout_thresholds"]
+    assert thresholds["statistic"] == "log_px"
+    assert thresholds["importance_samples"] == TRAINING["importance_samples"]
+    noise = np.random.default_rng(0).random((20, 1, 8, 8)).astype(np.float32)
+    x = np.concatenate([digits[0][:20], noise])
+    got = client.post(f"/v1/models/{flow['model_id']}/score", params={"fpr": 0.01},
+                      content=npy(x), headers={"Content-Type": "application/x-npy"}).json()
+    t = got["threshold"]
+    assert t["fpr"] == 0.01 and t["statistic"] == "log_px"
+    assert t["value"] == pytest.approx(thresholds["by_fpr"]["0.01"])
+    assert got["importance_samples"] == thresholds["importance_samples"]  # the held-out K
+    assert got["is_outlier"] == [v < t["value"] for v in got["log_px"]]
+    assert all(got["is_outlier"][20:]) and sum(got["is_outlier"][:20]) <= 3  # noise is odd
+
+
+@pytest.mark.parametrize(("params", "rows", "status", "words"), [
+    ({}, 1025, 413, ["1024", "embedding job"]),
+    ({"importance_samples": 1000}, 300, 413, ["262144", "embedding job"]),
+    ({"importance_samples": 5001}, 1, 422, ["importance_samples"]),
+    ({"fpr": 0}, 1, 422, ["fpr"]),
+    ({"fpr": 0.01, "importance_samples": 0}, 1, 422, ["importance_samples"]),
+])
+def test_score_limits_name_themselves(client, flow, params, rows, status, words):
+    answer = client.post(f"/v1/models/{flow['model_id']}/score", params=params,
+                         content=npy(np.zeros((rows, 64), np.float32)),
+                         headers={"Content-Type": "application/x-npy"})
+    assert answer.status_code == status, answer.text
+    assert all(w in answer.json()["error"]["message"] for w in words), answer.text
 
 
 def test_parquet_export_equals_ndjson(client, flow, exported):

@@ -170,6 +170,22 @@ def test_decode_given_latents_to_npy_and_png(data_dir, trained, onnx, tmp_path):
     assert image.format == "PNG" and image.size == ((16 * 9 + 1) * 4, (2 * 9 + 1) * 4)
 
 
+def test_models_score_agrees_with_the_stored_figures(data_dir, trained, exported, digits,
+                                                     tmp_path):
+    np.save(tmp_path / "items.npy", digits[0][:100])
+    got = cli_json(data_dir, "models", "score", trained["model_id"], tmp_path / "items.npy",
+                   "-k", "20", "--fpr", "0.05")
+    stored = sorted(exported, key=lambda r: r["index"])[:100]
+    np.testing.assert_allclose(got["kl"], [r["kl"] for r in stored], rtol=1e-4, atol=1e-4)
+    z = (np.asarray(got["log_px"]) - [r["log_px"] for r in stored]) / (
+        np.sqrt(2) * np.asarray(got["log_px_se"]))
+    assert np.mean(np.abs(z) <= 3) >= 0.95, np.sort(np.abs(z))[-5:]
+    assert got["is_outlier"] == [v < got["threshold"]["value"] for v in got["log_px"]]
+    out = cli(data_dir, "models", "score", trained["model_id"], tmp_path / "items.npy")
+    assert out.returncode == 0, out.stderr
+    assert "100 items scored (K = 0" in out.stdout
+
+
 def test_upload_a_local_file_with_labels(data_dir, digits, tmp_path):
     images, labels = digits
     np.save(tmp_path / "some.npy", images[:100].reshape(100, -1))

@@ -1,0 +1,116 @@
+"""Per-item scores of new items through a model's ONNX encoder and decoder, in NumPy.
+
+The API imports no torch, so the bounds of models/vae.py are written again here over the
+exported graphs' outputs, in float64 (tests/service/api check them against the torch
+figures an embedding job stores for the same items):
+
+    q(z|x) = N(mu, diag(exp(logvar))),   z_k = mu + exp(logvar / 2) * eps_k
+    KL     = 0.5 * sum_d (exp(logvar) + mu^2 - 1 - logvar)               (closed form)
+    rec    = mean_k log p(x | z_k)                 ELBO = rec - KL
+    log w_k = log p(x | z_k) + log N(z_k; 0, I) - log q(z_k | x)
+    log p(x) ~ log mean_k w_k
+
+The Monte-Carlo standard error of log p(x) is the delta method's: with w~ the weights
+scaled by their largest, se = sqrt(Var(w~) / K) / mean(w~). The effective sample size
+is (sum w)^2 / sum w^2 (K when every weight is equal, 1 when one dominates): an ESS
+far below K says the estimate and its error bar are not to be trusted.
+
+A Bernoulli decoder exports probabilities, not logits, so each pixel's log-probability
+is floored at log(2^-24) = -16.6 nats (float32 cannot hold a probability nearer 1): it
+differs from torch's only where the decoder is that sure and wrong.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+LOG_2PI = math.log(2 * math.pi)
+P_FLOOR = 2.0 ** -24
+MAX_DECODED_VALUES = 1 << 22  # per decoder call: K is decoded in chunks of this size
+
+Decoder = Callable[[np.ndarray], dict[str, np.ndarray]]
+
+
+@dataclass
+class Scores:
+    """Per-item arrays (B,), float64; the log p(x) fields are None without importance
+    samples, the standard errors None with fewer than two draws."""
+
+    elbo: np.ndarray
+    reconstruction: np.ndarray
+    kl: np.ndarray
+    elbo_se: np.ndarray | None
+    log_px: np.ndarray | None = None
+    log_px_se: np.ndarray | None = None
+    ess: np.ndarray | None = None
+
+
+def log_px_given_z(x: np.ndarray, params: dict[str, np.ndarray], likelihood: str,
+                   ) -> np.ndarray:
+    """log p(x|z) per row of the decoder's outputs (rows, *item) -> (rows,), float64."""
+    axes = tuple(range(1, x.ndim))
+    x64 = x.astype(np.float64)
+    if likelihood == "bernoulli":
+        p = np.clip(params["probs"].astype(np.float64), P_FLOOR, 1.0 - P_FLOOR)
+        return (x64 * np.log(p) + (1.0 - x64) * np.log1p(-p)).sum(axis=axes)
+    mean = params["mean"].astype(np.float64)
+    log_scale = params["log_scale"].astype(np.float64)
+    standardized = (x64 - mean) * np.exp(-log_scale)
+    return (-0.5 * standardized ** 2 - log_scale - 0.5 * LOG_2PI).sum(axis=axes)
+
+
+def kl_closed_form(mu: np.ndarray, logvar: np.ndarray) -> np.ndarray:
+    """KL(q(z|x) || N(0, I)) per item and dimension: (B, D) -> (B, D)."""
+    mu, logvar = mu.astype(np.float64), logvar.astype(np.float64)
+    return 0.5 * (np.exp(logvar) + mu ** 2 - 1.0 - logvar)
+
+
+def score(decode: Decoder, x: np.ndarray, mu: np.ndarray, logvar: np.ndarray,
+          likelihood: str, importance_samples: int, rng: np.random.Generator) -> Scores:
+    """ELBO terms of each item from `max(1, K)` posterior draws and, with K > 0, its
+    importance-sampled log p(x) with standard error and effective sample size (the ELBO
+    terms average the same K draws, as an embedding job's do)."""
+    batch, dim = mu.shape
+    draws = max(1, importance_samples)
+    mu64, logvar64 = mu.astype(np.float64), logvar.astype(np.float64)
+    sigma = np.exp(0.5 * logvar64)
+    kl = kl_closed_form(mu, logvar).sum(-1)
+    item_values = int(np.prod(x.shape[1:]))
+    chunk = max(1, min(draws, MAX_DECODED_VALUES // max(1, batch * item_values)))
+    log_lik = np.empty((draws, batch))
+    log_w = np.empty((draws, batch))
+    for a in range(0, draws, chunk):
+        n = min(chunk, draws - a)
+        eps = rng.standard_normal((n, batch, dim))
+        z = mu64 + sigma * eps  # (n, B, D)
+        out = decode(z.reshape(n * batch, dim).astype(np.float32))
+        tiled = np.broadcast_to(x[None], (n, *x.shape)).reshape(n * batch, *x.shape[1:])
+        lik = log_px_given_z(tiled, out, likelihood).reshape(n, batch)
+        log_prior = -0.5 * (LOG_2PI + z ** 2).sum(-1)
+        log_q = -0.5 * (LOG_2PI + logvar64 + eps ** 2).sum(-1)  # (z - mu)^2 / sigma^2 = eps^2
+        log_lik[a:a + n], log_w[a:a + n] = lik, lik + log_prior - log_q
+    reconstruction = log_lik.mean(0)
+    elbo_se = log_lik.std(0, ddof=1) / math.sqrt(draws) if draws > 1 else None
+    scores = Scores(reconstruction - kl, reconstruction, kl, elbo_se)
+    if importance_samples > 0:
+        top = log_w.max(0)
+        w = np.exp(log_w - top)  # in (0, 1], the largest exactly 1
+        mean_w = w.mean(0)
+        scores.log_px = top + np.log(mean_w)
+        scores.ess = w.sum(0) ** 2 / (w ** 2).sum(0)
+        if draws > 1:
+            scores.log_px_se = np.sqrt(w.var(0, ddof=1) / draws) / mean_w
+    return scores
+
+
+# -- held-out thresholds (stored by models.evaluate.Evaluation.quantiles) ----------
+
+def threshold_at(quantiles: dict[str, object], fpr: float) -> float:
+    """The value below which a share `fpr` of the held-out items lie."""
+    levels = np.asarray(quantiles["levels"], dtype=np.float64)
+    values = np.asarray(quantiles["values"], dtype=np.float64)
+    return float(np.interp(fpr, levels, values))
