@@ -319,3 +319,16 @@ def as_float_rows(value: Any, width: int | None, what: str, max_rows: int,
     if not np.isfinite(array).all():
         raise InvalidInput(f"'{what}' has non-finite values (NaN or infinity)")
     return np.ascontiguousarray(array)
+
+
+def as_vector(value: Any, width: int, what: str) -> np.ndarray:
+    """One latent vector of `width` finite values."""
+    from store.errors import InvalidInput
+
+    array = np.asarray(value, dtype=np.float64)
+    if array.shape != (width,):
+        raise InvalidInput(f"'{what}' must have {width} values (the model's latent_dim); "
+                           f"got {array.size}")
+    if not np.isfinite(array).all():
+        raise InvalidInput(f"'{what}' has non-finite values (NaN or infinity)")
+    return array

@@ -341,6 +341,29 @@ class InterpolateRequest(BaseModel):
     method: Literal["linear", "slerp"] = "linear"
 
 
+class TraverseRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"embedding_id": 1, "key": "42", "top": 4, "steps": 9, "span": 3.0}]})
+
+    z: list[float] | None = Field(None, max_length=65536,
+                                  description="the base point (default: the prior mean, 0)")
+    embedding_id: int | None = Field(None, ge=1, le=MAX_ID,
+                                     description="with 'key': the base is that item's mu")
+    key: str | None = Field(None, max_length=1000)
+    dims: list[int] | None = Field(None, min_length=1, max_length=256,
+                                   description="the dimensions to move (default: 'top')")
+    top: int = Field(8, ge=1, le=256, description="the dimensions with the most held-out KL")
+    steps: int = Field(9, ge=2, le=64)
+    span: float = Field(3.0, gt=0, le=100, description="each dimension moves from base - span "
+                                                       "to base + span (prior units)")
+
+
+class TraverseOut(SampleOut):
+    dims: list[int] = Field(description="one row of the grid each, most held-out KL first")
+    kl: list[float | None] = Field(description="each dimension's held-out KL (nats)")
+    offsets: list[float] = Field(description="one column each: added to the base's value")
+
+
 class EncodeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"x": [[0.0] * 64]}]})

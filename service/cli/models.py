@@ -170,3 +170,36 @@ def models_score(model_id: Annotated[int, typer.Argument(help="a ready model's i
         out.print(f"threshold {t['statistic']} < {t['value']:.3f} (fpr {t['fpr']} on "
                   f"{t['heldout_items']} held-out items): {sum(got['is_outlier'])} of {n} "
                   "flagged")
+
+
+@models_app.command("traverse")
+@verb
+def models_traverse(model_id: Annotated[int, typer.Argument(help="a ready model's id")],
+                    output: Annotated[Path, typer.Option(
+                        "-o", "--out", help=".png (rows = dimensions, columns = steps) or "
+                                            ".json (the arrays)", dir_okay=False)],
+                    embedding: Annotated[int | None, typer.Option(
+                        help="with --key: start from that item's mu (default: the prior "
+                             "mean)")] = None,
+                    key: Annotated[str | None, typer.Option(help="the base item's key")] = None,
+                    top: Annotated[int, typer.Option(
+                        min=1, max=256, help="the dimensions with most held-out KL")] = 8,
+                    steps: Annotated[int, typer.Option(min=2, max=64)] = 9,
+                    span: Annotated[float, typer.Option(
+                        help="each dimension moves by -span..+span")] = 3.0,
+                    as_json: JsonOpt = False) -> None:
+    """Latent traversals: one dimension at a time from a base point, as a PNG grid."""
+    suffix = output.suffix.lower()
+    if suffix not in (".png", ".json"):
+        raise fail(f"--out {output}: write .png or .json")
+    body = {"top": top, "steps": steps, "span": span, "embedding_id": embedding, "key": key}
+    with client() as c:
+        data = c.post_array(f"/v1/models/{model_id}/traverse",
+                            "image/png" if suffix == ".png" else "application/json",
+                            json={k: v for k, v in body.items() if v is not None})
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_bytes(data)
+    if as_json:
+        emit_json({"path": str(output.resolve()), "bytes": len(data)})
+    else:
+        out.print(f"wrote {output.resolve()}")

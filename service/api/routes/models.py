@@ -25,7 +25,7 @@ from service.api.deps import (
     wants,
 )
 from service.api.errors import ApiError
-from service.api.inference import as_float_rows, decoder_mean, slerp
+from service.api.inference import as_float_rows, as_vector, decoder_mean, slerp
 from service.api.routes.datasets import ERRORS
 from service.api.schemas import (
     ArrayOut,
@@ -38,6 +38,8 @@ from service.api.schemas import (
     SampleOut,
     SampleRequest,
     ScoreOut,
+    TraverseOut,
+    TraverseRequest,
 )
 from service.api.scoring import Scores, threshold_at
 from service.api.scoring import score as score_items
@@ -249,7 +251,7 @@ def _endpoints(svc: Services, model: Model, body: InterpolateRequest,
         a = get_item(svc.db, es.id, body.from_key)["mu"]  # type: ignore[arg-type]
         b = get_item(svc.db, es.id, body.to_key)["mu"]  # type: ignore[arg-type]
         return a, b
-    ends = [as_float_rows(v, dim, name, 1)[0]
+    ends = [as_vector(v, dim, name).astype(np.float32)
             for v, name in ((body.z_from, "z_from"), (body.z_to, "z_to"))]
     return ends[0], ends[1]
 
@@ -266,6 +268,66 @@ async def interpolate(request: Request, model_id: Id, body: InterpolateRequest) 
     z = slerp(a64, b64, t) if body.method == "slerp" else (1 - t)[:, None] * a64 + t[:, None] * b64
     z = z.astype(np.float32)
     return _answer(request, {"x": await _decode(svc, model, z), "z": z}, image="x")
+
+
+def _traversal(svc: Services, model: Model, body: TraverseRequest,
+               ) -> tuple[np.ndarray, list[int], list[float | None], np.ndarray]:
+    """The traversal's latent grid (dims x steps rows), its dimensions, their KL, offsets."""
+    dim = model.config["model"]["latent_dim"]
+    if body.z is not None and (body.embedding_id is not None or body.key is not None):
+        raise InvalidInput("give the base as 'z', or as 'embedding_id' with 'key', not both")
+    if (body.embedding_id is None) != (body.key is None):
+        raise InvalidInput("'embedding_id' and 'key' go together")
+    if body.key is not None:
+        from store.latents import get_set
+
+        es = get_set(svc.db, body.embedding_id)  # type: ignore[arg-type]
+        if es.model_id != model.id:
+            raise InvalidInput(f"embedding set {es.id} was made by model {es.model_id}, "
+                               f"not by model {model.id}")
+        base = get_item(svc.db, es.id, body.key)["mu"].astype(np.float64)
+    elif body.z is not None:
+        base = as_vector(body.z, dim, "z")
+    else:
+        base = np.zeros(dim)
+    kl = (model.summary or {}).get("kl_per_dim")
+    if body.dims is not None:
+        bad = [d for d in body.dims if not 0 <= d < dim]
+        if bad:
+            raise InvalidInput(f"'dims' must lie in [0, {dim}); got {bad[:5]}")
+        dims = list(body.dims)
+    else:
+        order = np.argsort(-np.asarray(kl), kind="stable") if kl else np.arange(dim)
+        dims = [int(d) for d in order[:body.top]]
+    offsets = np.linspace(-body.span, body.span, body.steps)
+    z = np.repeat(base[None], len(dims) * body.steps, axis=0)
+    for row, d in enumerate(dims):
+        z[row * body.steps:(row + 1) * body.steps, d] += offsets
+    return z.astype(np.float32), dims, [kl[d] if kl else None for d in dims], offsets
+
+
+@router.post("/{model_id}/traverse", dependencies=[require("read")],
+             responses=_answers(TraverseOut), response_class=Response,
+             summary="Move one latent dimension at a time from a base point; a PNG grid has "
+                     "one row per dimension (most held-out KL first), one column per step")
+async def traverse(request: Request, model_id: Id, body: TraverseRequest) -> Response:
+    svc = services(request)
+    model = await ready_model(svc, model_id)
+    z, dims, kl, offsets = await in_thread(_traversal, svc, model, body)
+    if wants(request, NPY, PNG) == PNG:
+        from service.api.plots import image_grid
+
+        x = await _decode(svc, model, z)
+        if not _image_like(x.shape[1:]):
+            raise ApiError(406, f"items of shape {list(x.shape[1:])} are not images; ask "
+                                "for application/json or application/x-npy")
+        buffer = io.BytesIO()
+        image_grid(x, columns=body.steps).save(buffer, format="PNG")
+        return Response(buffer.getvalue(), media_type=PNG)
+    return _answer(request, {"x": await _decode(svc, model, z), "z": z,
+                             "dims": np.asarray(dims), "offsets": offsets,
+                             "kl": np.asarray(kl, dtype=np.float64) if kl[0] is not None
+                             else np.full(len(dims), np.nan)}, image="x")
 
 
 async def _encoded(request: Request, model_id: int) -> tuple[Services, Model,

@@ -305,6 +305,37 @@ def test_score_limits_name_themselves(client, flow, params, rows, status, words)
     assert all(w in answer.json()["error"]["message"] for w in words), answer.text
 
 
+def test_traversals_move_the_dimensions_with_most_kl_one_at_a_time(client, flow, exported,
+                                                                   onnx_files):
+    url = f"/v1/models/{flow['model_id']}/traverse"
+    kl = client.get(f"/v1/models/{flow['model_id']}").json()["summary"]["kl_per_dim"]
+    top = [int(d) for d in np.argsort(-np.asarray(kl), kind="stable")[:3]]
+    item = exported[42]
+    for body, base in (({"top": 3, "steps": 5, "span": 2.0}, np.zeros(4)),
+                       ({"embedding_id": flow["set_id"], "key": item["key"], "top": 3,
+                         "steps": 5, "span": 2.0}, np.asarray(item["mu"]))):
+        got = client.post(url, json=body)
+        assert got.status_code == 200, got.text
+        got = got.json()
+        assert got["dims"] == top and got["kl"] == pytest.approx([kl[d] for d in top])
+        assert got["offsets"] == pytest.approx(np.linspace(-2, 2, 5).tolist())
+        want = np.repeat(base[None], 15, axis=0)
+        for row, d in enumerate(top):
+            want[row * 5:(row + 1) * 5, d] += np.linspace(-2, 2, 5)
+        np.testing.assert_allclose(got["z"], want, atol=1e-6)
+        expected = onnx_files["decoder"].run(["probs"], {"z": want.astype(np.float32)})[0]
+        np.testing.assert_allclose(got["x"], expected, atol=1e-5)
+    png = client.post(url, json={"dims": [1, 0], "steps": 7}, headers={"Accept": "image/png"})
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    image = Image.open(io.BytesIO(png.content))
+    assert image.size == ((7 * 9 + 1) * 4, (2 * 9 + 1) * 4)  # rows = dims, columns = steps
+    for body, words in (({"dims": [4]}, "[0, 4)"), ({"key": "x"}, "go together"),
+                        ({"z": [0, 0, 0, 0], "embedding_id": 1, "key": "x"}, "not both"),
+                        ({"z": [0, 0]}, "4 values"), ({"steps": 1}, "steps")):
+        answer = client.post(url, json=body)
+        assert answer.status_code == 422 and words in answer.text, (body, answer.text)
+
+
 def test_parquet_export_equals_ndjson(client, flow, exported):
     answer = client.get(f"/v1/embeddings/{flow['set_id']}/export", params={"format": "parquet"})
     assert answer.status_code == 200

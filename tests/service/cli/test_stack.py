@@ -186,6 +186,25 @@ def test_models_score_agrees_with_the_stored_figures(data_dir, trained, exported
     assert "100 items scored (K = 0" in out.stdout
 
 
+def test_models_traverse_writes_the_grid_and_the_arrays(data_dir, trained, onnx, exported,
+                                                         tmp_path):
+    item = exported[7]
+    out = cli(data_dir, "models", "traverse", trained["model_id"], "--embedding",
+              trained["set_id"], "--key", item["key"], "--top", "2", "--steps", "3", "--span",
+              "1", "-o", tmp_path / "t.json")
+    assert out.returncode == 0, out.stderr
+    got = json.loads((tmp_path / "t.json").read_text())
+    want = np.repeat(np.asarray(item["mu"])[None], 6, axis=0)
+    for row, d in enumerate(got["dims"]):
+        want[row * 3:(row + 1) * 3, d] += [-1, 0, 1]
+    np.testing.assert_allclose(got["z"], want, atol=1e-6)
+    np.testing.assert_allclose(got["x"], onnx["decoder"].run(
+        ["probs"], {"z": want.astype(np.float32)})[0], atol=1e-5)
+    out = cli(data_dir, "models", "traverse", trained["model_id"], "-o", tmp_path / "t.png")
+    assert out.returncode == 0, out.stderr
+    assert Image.open(tmp_path / "t.png").size == ((9 * 9 + 1) * 4, (4 * 9 + 1) * 4)
+
+
 def test_upload_a_local_file_with_labels(data_dir, digits, tmp_path):
     images, labels = digits
     np.save(tmp_path / "some.npy", images[:100].reshape(100, -1))
