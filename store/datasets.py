@@ -29,9 +29,10 @@ from sqlalchemy.exc import IntegrityError
 from store.artifacts import ArtifactStore, dataset_key
 from store.db import Database, get_row
 from store.errors import Conflict, DatasetError, NotFound, TooLarge
+from store.latents import blockers, drop_indexes, refuse_if_blocked
 from store.processes import pid_alive
 from store.settings import Settings
-from store.tables import Dataset, Item, Model
+from store.tables import Dataset, EmbeddingSet, Item, Model
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +295,12 @@ def delete_dataset(db: Database, artifacts: ArtifactStore, dataset_id: int) -> N
         if n_models:
             raise Conflict(f"dataset {dataset_id} is used by {n_models} model(s); "
                            "delete them first")
+        # other models' embedding sets of this dataset go with it (unless aliased or busy)
+        set_ids = list(s.scalars(select(EmbeddingSet.id).where(
+            EmbeddingSet.dataset_id == dataset_id).with_for_update()))
+        refuse_if_blocked(f"dataset {dataset_id}", *blockers(s, set_ids=set_ids))
         s.execute(delete(Dataset).where(Dataset.id == dataset_id))
+    drop_indexes(db, set_ids)
     artifacts.delete(dataset_key(dataset_id, None))
 
 

@@ -45,7 +45,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-from sqlalchemy import Connection, select, text, update
+from sqlalchemy import Connection, delete, or_, select, text, update
+from sqlalchemy.orm import Session
 
 from store.db import Database, get_row, narrowed
 from store.errors import Conflict, InvalidInput, NotFound
@@ -255,6 +256,56 @@ def build_index(db: Database, set_id: int, settings: Settings, m: int = 16,
     log.info("index built set_id=%d seconds=%.1f ef_search=%s recall=%s", set_id,
              report.build_seconds, report.ef_search, report.recall)
     return report
+
+
+def drop_indexes(db: Database, set_ids: Sequence[int]) -> None:
+    """Drop the HNSW indexes of deleted sets (CONCURRENTLY: searches of other sets go on)."""
+    if not set_ids:
+        return
+    with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        for set_id in set_ids:
+            conn.execute(text(f"DROP INDEX CONCURRENTLY IF EXISTS {index_name(set_id)}"))
+
+
+def blockers(s: Session, *, model_ids: Sequence[int] = (), set_ids: Sequence[int] = (),
+             ) -> tuple[list[str], list[int]]:
+    """The aliases naming any of the models or sets, and the queued or running jobs that
+    use them: what refuses a delete."""
+    from store.tables import Alias, Job
+
+    aliases = list(s.scalars(select(Alias.name).where(or_(
+        Alias.model_id.in_(list(model_ids)), Alias.embedding_set_id.in_(list(set_ids))))
+        .order_by(Alias.name)))
+    jobs = list(s.scalars(select(Job.id).where(
+        Job.status.in_(("queued", "running")),
+        or_(Job.model_id.in_(list(model_ids)), Job.embedding_set_id.in_(list(set_ids))))
+        .order_by(Job.id)))
+    return aliases, jobs
+
+
+def refuse_if_blocked(what: str, aliases: list[str], jobs: list[int]) -> None:
+    if aliases:
+        names = ", ".join(f"'{a}'" for a in aliases[:5])
+        raise Conflict(f"{what} is named by alias {names}: move or delete the alias first "
+                       "(PUT or DELETE /v1/aliases/{name})")
+    if jobs:
+        raise Conflict(f"{what} is used by queued or running job "
+                       f"{', '.join(map(str, jobs[:5]))}: cancel it or wait for it to end")
+
+
+def delete_set(db: Database, set_id: int) -> None:
+    """Delete an embedding set: its rows, then its index. Refused (Conflict) while an
+    alias names it, a queued or running job uses it, or its index is being built."""
+    with db.session() as s:
+        es = s.get(EmbeddingSet, set_id, with_for_update=True)
+        if es is None:
+            raise NotFound(f"embedding set {set_id} does not exist")
+        refuse_if_blocked(f"embedding set {set_id}", *blockers(s, set_ids=[set_id]))
+        if es.index_status == "building":
+            raise Conflict(f"embedding set {set_id}'s index is being built; delete it once "
+                           "the set's index_status is no longer 'building'")
+        s.execute(delete(EmbeddingSet).where(EmbeddingSet.id == set_id))  # rows cascade
+    drop_indexes(db, [set_id])
 
 
 def analyze(db: Database, table: str) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
+from store.artifacts import ArtifactStore
 from store.db import Database, get_row, narrowed
-from store.errors import NotFound
-from store.tables import Model, TrainingMetric
+from store.errors import Conflict, NotFound
+from store.latents import blockers, drop_indexes, refuse_if_blocked
+from store.tables import EmbeddingSet, Model, TrainingMetric
 
 
 def get_model(db: Database, model_id: int) -> Model:
@@ -30,3 +32,26 @@ def model_metrics(db: Database, model_id: int) -> list[TrainingMetric]:
             raise NotFound(f"model {model_id} does not exist")
         return list(s.scalars(select(TrainingMetric).where(TrainingMetric.model_id == model_id)
                               .order_by(TrainingMetric.epoch, TrainingMetric.split)))
+
+
+def delete_model(db: Database, artifacts: ArtifactStore, model_id: int) -> list[int]:
+    """Delete a model with its metrics, embedding sets (rows and indexes) and files
+    (checkpoints, ONNX). Refused (Conflict) while an alias names the model or one of its
+    sets, or a queued or running job uses them. Returns the ids of the deleted sets."""
+    with db.session() as s:
+        model = s.get(Model, model_id, with_for_update=True)
+        if model is None:
+            raise NotFound(f"model {model_id} does not exist")
+        sets = list(s.scalars(select(EmbeddingSet).where(EmbeddingSet.model_id == model_id)
+                              .with_for_update()))
+        set_ids = [es.id for es in sets]
+        refuse_if_blocked(f"model {model_id}",
+                          *blockers(s, model_ids=[model_id], set_ids=set_ids))
+        building = [es.id for es in sets if es.index_status == "building"]
+        if building:
+            raise Conflict(f"model {model_id}'s embedding set {building[0]} is building its "
+                           "index; delete the model once it is built")
+        s.execute(delete(Model).where(Model.id == model_id))  # metrics, sets, latents cascade
+    drop_indexes(db, set_ids)
+    artifacts.delete(f"models/{int(model_id)}")
+    return set_ids

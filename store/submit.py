@@ -152,6 +152,11 @@ def submit_embedding(db: Database, model_id: int, dataset_id: int, importance_sa
                            f"{list(model.config['model']['input_shape'])}")
 
     def write(s: Session) -> Job:
+        # the model row locked for the transaction: a concurrent delete waits, or went first
+        locked = s.get(Model, model_id, with_for_update={"read": True},
+                       populate_existing=True)
+        if locked is None:
+            raise NotFound(f"model {model_id} does not exist")
         es = EmbeddingSet(model_id=model_id, dataset_id=dataset_id,
                           dim=model.config["model"]["latent_dim"], n_items=dataset.n_items,
                           importance_samples=importance_samples, status="pending")

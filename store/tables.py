@@ -216,6 +216,48 @@ class Latent(Base):
     log_px: Mapped[float | None] = mapped_column(Double)
 
 
+ALIAS_PATTERN = r"^[a-z][a-z0-9_.-]{0,62}$"
+
+
+class Alias(Base):
+    """A name (`prod`, `staging`) pointing at one model or one embedding set. The foreign
+    keys RESTRICT: the database itself refuses to delete an aliased object."""
+
+    __tablename__ = "aliases"
+    __table_args__ = (
+        CheckConstraint("(model_id IS NULL) <> (embedding_set_id IS NULL)",
+                        name="one_target"),
+        CheckConstraint(f"name ~ '{ALIAS_PATTERN}'", name="name_valid"),
+    )
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    model_id: Mapped[int | None] = mapped_column(
+        BigInteger, ForeignKey("models.id", ondelete="RESTRICT"), index=True)
+    embedding_set_id: Mapped[int | None] = mapped_column(
+        BigInteger, ForeignKey("embedding_sets.id", ondelete="RESTRICT"), index=True)
+    created_at: Mapped[dt.datetime] = _now()
+    updated_at: Mapped[dt.datetime] = _now()
+
+
+class AliasEvent(Base):
+    """Every change of an alias, kept after the alias or its targets are gone."""
+
+    __tablename__ = "alias_events"
+    __table_args__ = (
+        CheckConstraint("action IN ('created', 'moved', 'deleted')", name="action_valid"),
+        Index("ix_alias_events_name_id", "name", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    name: Mapped[str] = mapped_column(Text)
+    action: Mapped[str] = mapped_column(Text)
+    kind: Mapped[str] = mapped_column(Text)  # model | embedding_set
+    target_id: Mapped[int | None] = mapped_column(BigInteger)
+    previous_id: Mapped[int | None] = mapped_column(BigInteger)
+    key_id: Mapped[int | None] = mapped_column(BigInteger)  # the API key that made it
+    at: Mapped[dt.datetime] = _now()
+
+
 class ApiKey(Base):
     __tablename__ = "api_keys"
 

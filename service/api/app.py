@@ -19,7 +19,7 @@ from service.api.errors import BodyTooLarge
 from service.api.fastpath import FastDecode
 from service.api.inference import BatchPolicy, Inference, SessionCache
 from service.api.metrics import Metrics, RequestMetrics
-from service.api.routes import datasets, embeddings, jobs, keys, models, ops
+from service.api.routes import aliases, datasets, embeddings, jobs, keys, models, ops
 from store.broker import task_sender
 from store.datasets import sweep_leftovers
 from store.db import Database
@@ -120,7 +120,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _too_large(_: Any, exc: BodyTooLarge) -> Any:
         return errors.error_response(413, "too_large", str(exc), {"Connection": "close"})
 
-    for module in (ops, keys, datasets, jobs, models, embeddings):
+    for module in (ops, keys, datasets, jobs, models, embeddings, aliases):
         app.include_router(module.router)
     _register_body_schemas(app)
     app.add_middleware(BodyLimit, settings=settings)

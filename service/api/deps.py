@@ -52,6 +52,9 @@ class TTLCache:
             self._items.clear()
         self._items[key] = (time.monotonic() + self.seconds, value)
 
+    def pop(self, key: Any) -> None:
+        self._items.pop(key, None)
+
     def clear(self) -> None:
         self._items.clear()
 
@@ -212,3 +215,32 @@ async def in_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 Id = Annotated[int, Path(ge=1, le=2**63 - 1, description="a row id")]
+
+
+REF_PATTERN = r"^([1-9][0-9]{0,18}|@[a-z][a-z0-9_.-]{0,62})$"
+REF_HELP = "an id, or @name for an alias (PUT /v1/aliases/{name})"
+
+
+async def _ref(request: Request, ref: str, kind: str) -> int:
+    from store.aliases import resolve
+
+    if ref.isdigit():
+        if int(ref) > 2**63 - 1:
+            raise ApiError(404, f"{'model' if kind == 'model' else 'embedding set'} {ref} "
+                                "does not exist")
+        return int(ref)
+    return await in_thread(resolve, services(request).db, ref, kind)
+
+
+async def _model_id(request: Request, model_id: Annotated[str, Path(
+        pattern=REF_PATTERN, description=REF_HELP, examples=["1", "@prod"])]) -> int:
+    return await _ref(request, model_id, "model")
+
+
+async def _set_id(request: Request, set_id: Annotated[str, Path(
+        pattern=REF_PATTERN, description=REF_HELP, examples=["1", "@prod"])]) -> int:
+    return await _ref(request, set_id, "embedding_set")
+
+
+ModelId = Annotated[int, Depends(_model_id)]  # a model by id or @alias, resolved
+SetId = Annotated[int, Depends(_set_id)]  # an embedding set by id or @alias, resolved

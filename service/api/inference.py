@@ -11,6 +11,7 @@ a request may wait for company.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import time
@@ -82,6 +83,17 @@ class SessionCache:
             if loaded is not None:
                 self._sessions.move_to_end((model_id, role, sha256))
             return loaded
+
+    def forget(self, model_id: int) -> None:
+        """Drop a deleted model's sessions and its downloaded files."""
+        with self._lock:
+            for key in [k for k in self._sessions if k[0] == model_id]:
+                del self._sessions[key]
+        if os.path.isdir(self.cache_dir):
+            for name in os.listdir(self.cache_dir):
+                if name.startswith(f"model-{int(model_id)}-") and name.endswith(".onnx"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(os.path.join(self.cache_dir, name))
 
     def get(self, model_id: int, role: str, sha256: str | None, uri: str | None) -> Loaded:
         if not sha256 or not uri:
@@ -233,9 +245,10 @@ class Inference:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     def forget(self, model_id: int) -> None:
-        """Drop a model's queues (its sessions age out of the LRU)."""
+        """Drop a model's queues, sessions and downloaded files (the model was deleted)."""
         for key in [k for k in self._batchers if k[0] == model_id]:
             del self._batchers[key]
+        self.sessions.forget(model_id)
 
     async def load(self, model_id: int, role: str, sha256: str | None, uri: str | None,
                    ) -> Loaded:

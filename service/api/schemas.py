@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -11,6 +11,9 @@ from store.tables import ApiKey, Dataset, EmbeddingSet, Job, Model
 
 Metric = Literal["l2", "cosine"]
 MAX_ID = 2**63 - 1  # PostgreSQL bigint
+# an id, or "@name" for an alias (store.aliases), wherever a body names a model or set
+Ref = Annotated[int, Field(ge=1, le=MAX_ID)] | Annotated[
+    str, Field(pattern=r"^@[a-z][a-z0-9_.-]{0,62}$", description="@name: an alias")]
 
 
 class ErrorDetail(BaseModel):
@@ -134,7 +137,7 @@ class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"model_id": 1, "dataset_id": 1, "importance_samples": 100}]})
 
-    model_id: int = Field(ge=1, le=MAX_ID)
+    model_id: Ref
     dataset_id: int = Field(ge=1, le=MAX_ID)
     importance_samples: int = Field(0, ge=0, le=100_000,
                                     description="0: ELBO terms only; K > 0: also log p(x)")
@@ -334,7 +337,7 @@ class InterpolateRequest(BaseModel):
 
     z_from: list[float] | None = Field(None, max_length=65536)
     z_to: list[float] | None = Field(None, max_length=65536)
-    embedding_id: int | None = Field(None, ge=1, le=MAX_ID)
+    embedding_id: Ref | None = Field(None)
     from_key: str | None = Field(None, max_length=1000)
     to_key: str | None = Field(None, max_length=1000)
     steps: int = Field(8, ge=2, le=256)
@@ -347,7 +350,7 @@ class TraverseRequest(BaseModel):
 
     z: list[float] | None = Field(None, max_length=65536,
                                   description="the base point (default: the prior mean, 0)")
-    embedding_id: int | None = Field(None, ge=1, le=MAX_ID,
+    embedding_id: Ref | None = Field(None,
                                      description="with 'key': the base is that item's mu")
     key: str | None = Field(None, max_length=1000)
     dims: list[int] | None = Field(None, min_length=1, max_length=256,
@@ -402,6 +405,33 @@ class ScoreOut(BaseModel):
         None, description="effective sample size of the importance weights (1 to K)")
     threshold: ScoreThreshold | None = None
     is_outlier: list[bool] | None = None
+
+
+class AliasRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"model_id": 3}, {"embedding_set_id": 7}]})
+
+    model_id: int | None = Field(None, ge=1, le=MAX_ID)
+    embedding_set_id: int | None = Field(None, ge=1, le=MAX_ID)
+
+
+class AliasEventOut(BaseModel):
+    action: Literal["created", "moved", "deleted"]
+    kind: Literal["model", "embedding_set"]
+    target_id: int | None = Field(description="where the alias points after the change")
+    previous_id: int | None = Field(description="where it pointed before")
+    key_id: int | None = Field(description="the API key that made the change")
+    at: dt.datetime
+
+
+class AliasOut(BaseModel):
+    name: str
+    kind: Literal["model", "embedding_set"]
+    target_id: int
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    history: list[AliasEventOut] = Field(description="every change, oldest first (including "
+                                                     "those before a delete of the name)")
 
 
 class KeyRequest(BaseModel):

@@ -12,6 +12,7 @@ import typer
 from service.cli.client import ClientError, reason
 from service.cli.output import (
     JsonOpt,
+    RefArg,
     client,
     emit_json,
     fail,
@@ -48,7 +49,8 @@ def embeddings_list(model: Annotated[int | None, typer.Option(help="model id")] 
 
 @embeddings_app.command("show")
 @verb
-def embeddings_show(set_id: int, as_json: JsonOpt = False) -> None:
+def embeddings_show(set_id: Annotated[str, RefArg("embedding set")],
+                    as_json: JsonOpt = False) -> None:
     """One embedding set with its statistics."""
     show(f"/v1/embeddings/{set_id}", f"embedding set {set_id}", as_json)
 
@@ -61,7 +63,7 @@ def _floats(text: str) -> list[float]:
 
 
 @verb
-def search(set_id: Annotated[int, typer.Argument(help="embedding set id")],
+def search(set_id: Annotated[str, RefArg("embedding set")],
            key: Annotated[str | None, typer.Option(help="neighbours of this stored item")] = None,
            vector: Annotated[str | None, typer.Option(
                help="neighbours of this latent vector, comma-separated")] = None,
@@ -99,7 +101,7 @@ def search(set_id: Annotated[int, typer.Argument(help="embedding set id")],
 
 
 @verb
-def export(set_id: Annotated[int, typer.Argument(help="embedding set id")],
+def export(set_id: Annotated[str, RefArg("embedding set")],
            output: Annotated[Path, typer.Option(
                "-o", "--out", help="a .parquet or .ndjson file", dir_okay=False)],
            as_json: JsonOpt = False) -> None:
@@ -127,3 +129,13 @@ def export(set_id: Annotated[int, typer.Argument(help="embedding set id")],
     else:
         out.print(f"wrote {output.resolve()} ({size / 1e6:.1f} MB in "
                   f"{time.perf_counter() - started:.1f} s)")
+
+
+@embeddings_app.command("rm")
+@verb
+def embeddings_rm(set_id: Annotated[str, RefArg("embedding set")],
+                  as_json: JsonOpt = False) -> None:
+    """Delete an embedding set: its rows and index (refused while aliased or in use)."""
+    with client() as c:
+        c.request("DELETE", f"/v1/embeddings/{set_id}")
+    emit_json({"deleted": set_id}) if as_json else out.print(f"deleted embedding set {set_id}")

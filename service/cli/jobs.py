@@ -13,10 +13,12 @@ from service.cli.client import TERMINAL, Client
 from service.cli.output import (
     JsonOpt,
     WatchOpt,
+    check_ref,
     client,
     emit_json,
     err,
     fetch,
+    ref_json,
     show,
     table,
     verb,
@@ -237,14 +239,16 @@ def jobs_cancel(job_id: int, as_json: JsonOpt = False) -> None:
 
 
 @verb
-def embed(model: Annotated[int, typer.Option(help="a ready model's id")],
+def embed(model: Annotated[str, typer.Option(help="a ready model's id, or @alias",
+                                              callback=check_ref)],
           dataset: Annotated[int, typer.Option(help="dataset id")],
           importance_samples: Annotated[int, typer.Option(
               help="K > 0 also estimates each item's log p(x)")] = 0,
           watch: WatchOpt = False, as_json: JsonOpt = False) -> None:
     """Queue an embedding job: every item's posterior and ELBO terms, into pgvector."""
     with client() as c:
-        job = c.post("/v1/embedding-jobs", json={"model_id": model, "dataset_id": dataset,
+        job = c.post("/v1/embedding-jobs", json={"model_id": ref_json(model),
+                                                 "dataset_id": dataset,
                                                  "importance_samples": importance_samples})
         if as_json and not watch:
             emit_json(job)

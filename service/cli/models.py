@@ -12,6 +12,7 @@ import typer
 from service.cli.client import NPY, npy_body
 from service.cli.output import (
     JsonOpt,
+    RefArg,
     client,
     emit_json,
     fail,
@@ -50,7 +51,7 @@ def models_list(status: Annotated[str | None, typer.Option()] = None,
 
 @models_app.command("show")
 @verb
-def models_show(model_id: int, as_json: JsonOpt = False) -> None:
+def models_show(model_id: Annotated[str, RefArg("model")], as_json: JsonOpt = False) -> None:
     """One model: its configuration, held-out summary and per-epoch metrics."""
     with client() as c:
         m = c.get(f"/v1/models/{model_id}")
@@ -72,7 +73,7 @@ def models_show(model_id: int, as_json: JsonOpt = False) -> None:
 
 @models_app.command("onnx")
 @verb
-def models_onnx(model_id: int,
+def models_onnx(model_id: Annotated[str, RefArg("model")],
                 out_dir: Annotated[Path, typer.Option("--out", help="folder to write to")] = Path(
                     "."),
                 as_json: JsonOpt = False) -> None:
@@ -92,7 +93,7 @@ def models_onnx(model_id: int,
 
 
 @verb
-def decode(model_id: Annotated[int, typer.Argument(help="a ready model's id")],
+def decode(model_id: Annotated[str, RefArg("a ready model's")],
            output: Annotated[Path, typer.Option(
                "-o", "--out", help="where to write: .npy (the decoder's mean) or .png (a grid)",
                dir_okay=False)],
@@ -130,7 +131,7 @@ def decode(model_id: Annotated[int, typer.Argument(help="a ready model's id")],
 
 @models_app.command("score")
 @verb
-def models_score(model_id: Annotated[int, typer.Argument(help="a ready model's id")],
+def models_score(model_id: Annotated[str, RefArg("a ready model's")],
                  items: Annotated[Path, typer.Argument(
                      help="an .npy of items, shape (n, *item_shape) or (n, item_size)",
                      exists=True, dir_okay=False)],
@@ -174,7 +175,7 @@ def models_score(model_id: Annotated[int, typer.Argument(help="a ready model's i
 
 @models_app.command("traverse")
 @verb
-def models_traverse(model_id: Annotated[int, typer.Argument(help="a ready model's id")],
+def models_traverse(model_id: Annotated[str, RefArg("a ready model's")],
                     output: Annotated[Path, typer.Option(
                         "-o", "--out", help=".png (rows = dimensions, columns = steps) or "
                                             ".json (the arrays)", dir_okay=False)],
@@ -203,3 +204,12 @@ def models_traverse(model_id: Annotated[int, typer.Argument(help="a ready model'
         emit_json({"path": str(output.resolve()), "bytes": len(data)})
     else:
         out.print(f"wrote {output.resolve()}")
+
+
+@models_app.command("rm")
+@verb
+def models_rm(model_id: Annotated[str, RefArg("model")], as_json: JsonOpt = False) -> None:
+    """Delete a model with its embedding sets and files (refused while aliased or in use)."""
+    with client() as c:
+        c.request("DELETE", f"/v1/models/{model_id}")
+    emit_json({"deleted": model_id}) if as_json else out.print(f"deleted model {model_id}")

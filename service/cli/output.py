@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 from collections.abc import Callable, Iterable
 from typing import Annotated, Any, TypeVar
@@ -94,3 +95,22 @@ def show(path: str, title: str, as_json: bool) -> None:
 def fmt(value: Any, digits: int = 3) -> str:
     return "" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(
         value)
+
+
+_REF = re.compile(r"^([1-9][0-9]{0,18}|@[a-z][a-z0-9_.-]{0,62})$")
+
+
+def check_ref(value: str | None) -> str | None:
+    """An id, or @name for an alias (a typer callback: a bad one is a usage error)."""
+    if value is not None and not _REF.fullmatch(value):
+        raise typer.BadParameter(f"{value!r} is neither an id nor an alias (@name)")
+    return value
+
+
+def ref_json(value: str) -> int | str:
+    """The id as JSON wants it: a number, or the alias string."""
+    return value if value.startswith("@") else int(value)
+
+
+def RefArg(what: str) -> Any:
+    return typer.Argument(help=f"{what} id, or @alias", callback=check_ref)

@@ -11,7 +11,7 @@ import numpy as np
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from service.api.deps import Id, Services, in_thread, require, services
+from service.api.deps import Services, SetId, in_thread, require, services
 from service.api.routes.datasets import ERRORS
 from service.api.schemas import (
     BatchAnswer,
@@ -29,6 +29,7 @@ from service.api.schemas import (
 from store.errors import Conflict, InvalidInput
 from store.latents import (
     SearchFilter,
+    delete_set,
     export_pages,
     get_item,
     get_set,
@@ -70,13 +71,22 @@ async def embedding_sets(request: Request,
 
 @router.get("/{set_id}", response_model=EmbeddingSetOut, dependencies=[require("read")],
             responses=ERRORS)
-async def embedding_set(request: Request, set_id: Id) -> EmbeddingSetOut:
+async def embedding_set(request: Request, set_id: SetId) -> EmbeddingSetOut:
     return EmbeddingSetOut.of(await in_thread(get_set, services(request).db, set_id))
+
+
+@router.delete("/{set_id}", status_code=204, dependencies=[require("write")],
+               responses=ERRORS, response_class=Response,
+               summary="Delete an embedding set: its rows and its index; 409 while aliased, "
+                       "used by a job, or building its index")
+async def remove_set(request: Request, set_id: SetId) -> Response:
+    await in_thread(delete_set, services(request).db, set_id)
+    return Response(status_code=204)
 
 
 @router.get("/{set_id}/items/{key}", response_model=ItemOut, dependencies=[require("read")],
             responses=ERRORS, summary="One item's latent code and ELBO terms by its key")
-async def item(request: Request, set_id: Id, key: str) -> ItemOut:
+async def item(request: Request, set_id: SetId, key: str) -> ItemOut:
     svc = services(request)
     await in_thread(_readable, svc, set_id)
     row = await in_thread(get_item, svc.db, set_id, key)
@@ -86,7 +96,7 @@ async def item(request: Request, set_id: Id, key: str) -> ItemOut:
 @router.post("/{set_id}/search", response_model=SearchOut, dependencies=[require("read")],
              responses=ERRORS,
              summary="k nearest neighbours of a vector or a stored item, with filters")
-async def search_set(request: Request, set_id: Id, body: SearchRequest) -> SearchOut:
+async def search_set(request: Request, set_id: SetId, body: SearchRequest) -> SearchOut:
     svc = services(request)
     result = await in_thread(search, svc.db, svc.settings, set_id,
                              vector=None if body.vector is None else np.asarray(body.vector),
@@ -98,7 +108,7 @@ async def search_set(request: Request, set_id: Id, body: SearchRequest) -> Searc
 @router.post("/{set_id}/search/batch", response_model=BatchSearchOut,
              dependencies=[require("read")], responses=ERRORS,
              summary="k nearest neighbours of many vectors or stored items, one request")
-async def search_batch(request: Request, set_id: Id, body: BatchSearchRequest,
+async def search_batch(request: Request, set_id: SetId, body: BatchSearchRequest,
                        ) -> BatchSearchOut:
     svc = services(request)
     queries: list[Any] = []
@@ -124,7 +134,7 @@ def _filter(f: SearchFilterIn | None) -> SearchFilter | None:
 
 @router.get("/{set_id}/outliers", response_model=OutliersOut, dependencies=[require("read")],
             responses=ERRORS, summary="The items of lowest log p(x) (or ELBO without it)")
-async def outliers_of(request: Request, set_id: Id,
+async def outliers_of(request: Request, set_id: SetId,
                       k: int = Query(10, ge=1, le=1000)) -> OutliersOut:
     svc = services(request)
     es = await in_thread(_readable, svc, set_id)
@@ -186,7 +196,7 @@ def _parquet(pages: Iterator[list[dict[str, Any]]], dim: int) -> Iterator[bytes]
                          "kl, log_px"}, **ERRORS},
     response_class=StreamingResponse,
     summary="Stream the whole set as NDJSON or Parquet (bounded memory)")
-async def export(request: Request, set_id: Id,
+async def export(request: Request, set_id: SetId,
                  format: Literal["ndjson", "parquet"] = Query("ndjson")) -> StreamingResponse:
     svc = services(request)
     es = await in_thread(_readable, svc, set_id)
@@ -222,7 +232,7 @@ def _latent_png(svc: Services, es: EmbeddingSet) -> bytes:
 @router.get("/{set_id}/plots/latent.png", dependencies=[require("read")],
             responses={200: {"content": {"image/png": {}}}, **ERRORS}, response_class=Response,
             summary="2-D PCA of the posterior means, coloured by label")
-async def latent_png(request: Request, set_id: Id) -> Response:
+async def latent_png(request: Request, set_id: SetId) -> Response:
     svc = services(request)
     es = await in_thread(_readable, svc, set_id)
     return Response(await in_thread(_latent_png, svc, es), media_type="image/png")

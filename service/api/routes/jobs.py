@@ -22,6 +22,7 @@ from service.api.schemas import (
     TrainingRequest,
 )
 from service.api.validation import sweep_configs, training_config
+from store.aliases import resolve
 from store.datasets import get_dataset
 from store.errors import InvalidInput
 from store.jobs import TERMINAL, get_job, list_jobs, publish, request_cancel
@@ -110,8 +111,9 @@ async def sweep(request: Request, sweep_id: str) -> list[dict[str, Any]]:
 async def create_embedding_job(request: Request, response: Response, body: EmbeddingRequest,
                                idempotency_key: str | None = IdempotencyKey) -> JobOut:
     svc = services(request)
+    model_id = await in_thread(resolve, svc.db, body.model_id, "model")
     job, created = await in_thread(
-        submit_embedding, svc.db, body.model_id, body.dataset_id, body.importance_samples,
+        submit_embedding, svc.db, model_id, body.dataset_id, body.importance_samples,
         **_once(svc, request, body, idempotency_key))
     return _accepted(response, await _publish(svc, job, created), created)
 

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query, Request, Response
 
 from service.api.deps import (
     NPY,
-    Id,
+    ModelId,
     Services,
     dumps_arrays,
     in_thread,
@@ -44,6 +44,7 @@ from service.api.schemas import (
 from service.api.scoring import Scores, threshold_at
 from service.api.scoring import score as score_items
 from store import models as store_models
+from store.aliases import resolve
 from store.errors import Conflict, InvalidInput, TooLarge
 from store.latents import get_item
 from store.tables import MODEL_STATUSES, Model, TrainingMetric
@@ -88,14 +89,26 @@ async def models(request: Request, status: Literal[MODEL_STATUSES] | None = None
 
 @router.get("/{model_id}", response_model=ModelOut, dependencies=[require("read")],
             responses=ERRORS)
-async def model(request: Request, model_id: Id) -> ModelOut:
+async def model(request: Request, model_id: ModelId) -> ModelOut:
     return ModelOut.of(await in_thread(get_model, services(request), model_id))
+
+
+@router.delete("/{model_id}", status_code=204, dependencies=[require("write")],
+               responses=ERRORS, response_class=Response,
+               summary="Delete a model: its metrics, embedding sets (rows and indexes), "
+                       "checkpoints and ONNX files; 409 while aliased or used by a job")
+async def remove_model(request: Request, model_id: ModelId) -> Response:
+    svc = services(request)
+    await in_thread(store_models.delete_model, svc.db, svc.artifacts, model_id)
+    svc.ready_models.pop(model_id)
+    svc.inference.forget(model_id)
+    return Response(status_code=204)
 
 
 @router.get("/{model_id}/metrics", response_model=list[MetricRow],
             dependencies=[require("read")], responses=ERRORS,
             summary="Per-epoch metrics in nats per item (train and val splits)")
-async def model_metrics(request: Request, model_id: Id) -> list[MetricRow]:
+async def model_metrics(request: Request, model_id: ModelId) -> list[MetricRow]:
     rows = await in_thread(store_models.model_metrics, services(request).db, model_id)
     return [MetricRow.model_validate(m, from_attributes=True) for m in rows]
 
@@ -103,7 +116,7 @@ async def model_metrics(request: Request, model_id: Id) -> list[MetricRow]:
 @router.get("/{model_id}/onnx/{role}", dependencies=[require("read")], responses={
     200: {"content": {"application/octet-stream": {}}, "description": "the verified .onnx"},
     **ERRORS}, response_class=Response, summary="Download the encoder or decoder")
-async def onnx_file(request: Request, model_id: Id,
+async def onnx_file(request: Request, model_id: ModelId,
                     role: Literal["encoder", "decoder"]) -> Response:
     svc = services(request)
     model = await ready_model(svc, model_id)
@@ -123,7 +136,7 @@ async def onnx_file(request: Request, model_id: Id,
 @router.get("/{model_id}/plots/curves.png", dependencies=[require("read")],
             responses={200: {"content": {PNG: {}}}, **ERRORS}, response_class=Response,
             summary="Training curves: ELBO, log p(x), reconstruction and KL per epoch")
-async def curves_png(request: Request, model_id: Id) -> Response:
+async def curves_png(request: Request, model_id: ModelId) -> Response:
     from service.api.plots import plot_training_curves
 
     rows = await in_thread(store_models.model_metrics, services(request).db, model_id)
@@ -207,7 +220,7 @@ async def _decode(svc: Services, model: Model, z: np.ndarray) -> np.ndarray:
 @router.post("/{model_id}/decode", dependencies=[require("read")],
              openapi_extra=_serving_body("DecodeRequest"), responses=_answers(ArrayOut),
              response_class=Response, summary="Decode latent vectors to the decoder's mean")
-async def decode(request: Request, model_id: Id) -> Response:
+async def decode(request: Request, model_id: ModelId) -> Response:
     svc = services(request)
     _array_body(request)
     raw = await read_body(request)
@@ -220,7 +233,7 @@ async def decode(request: Request, model_id: Id) -> Response:
 @router.post("/{model_id}/sample", dependencies=[require("read")], responses=_answers(SampleOut),
              response_class=Response,
              summary="Decode draws from the prior N(0, temperature² I)")
-async def sample(request: Request, model_id: Id, body: SampleRequest) -> Response:
+async def sample(request: Request, model_id: ModelId, body: SampleRequest) -> Response:
     svc = services(request)
     model = await ready_model(svc, model_id)
     if body.n > svc.settings.decode_max_rows:
@@ -244,7 +257,7 @@ def _endpoints(svc: Services, model: Model, body: InterpolateRequest,
     if by_key:
         from store.latents import get_set
 
-        es = get_set(svc.db, body.embedding_id)  # type: ignore[arg-type]
+        es = get_set(svc.db, resolve(svc.db, body.embedding_id, "embedding_set"))  # type: ignore[arg-type]
         if es.model_id != model.id:
             raise InvalidInput(f"embedding set {es.id} was made by model {es.model_id}, "
                                f"not by model {model.id}")
@@ -259,7 +272,7 @@ def _endpoints(svc: Services, model: Model, body: InterpolateRequest,
 @router.post("/{model_id}/interpolate", dependencies=[require("read")],
              responses=_answers(SampleOut), response_class=Response,
              summary="Decode a path between two latent vectors or two stored items")
-async def interpolate(request: Request, model_id: Id, body: InterpolateRequest) -> Response:
+async def interpolate(request: Request, model_id: ModelId, body: InterpolateRequest) -> Response:
     svc = services(request)
     model = await ready_model(svc, model_id)
     a, b = await in_thread(_endpoints, svc, model, body)
@@ -281,7 +294,7 @@ def _traversal(svc: Services, model: Model, body: TraverseRequest,
     if body.key is not None:
         from store.latents import get_set
 
-        es = get_set(svc.db, body.embedding_id)  # type: ignore[arg-type]
+        es = get_set(svc.db, resolve(svc.db, body.embedding_id, "embedding_set"))  # type: ignore[arg-type]
         if es.model_id != model.id:
             raise InvalidInput(f"embedding set {es.id} was made by model {es.model_id}, "
                                f"not by model {model.id}")
@@ -310,7 +323,7 @@ def _traversal(svc: Services, model: Model, body: TraverseRequest,
              responses=_answers(TraverseOut), response_class=Response,
              summary="Move one latent dimension at a time from a base point; a PNG grid has "
                      "one row per dimension (most held-out KL first), one column per step")
-async def traverse(request: Request, model_id: Id, body: TraverseRequest) -> Response:
+async def traverse(request: Request, model_id: ModelId, body: TraverseRequest) -> Response:
     svc = services(request)
     model = await ready_model(svc, model_id)
     z, dims, kl, offsets = await in_thread(_traversal, svc, model, body)
@@ -348,7 +361,7 @@ async def _encoded(request: Request, model_id: int) -> tuple[Services, Model,
 @router.post("/{model_id}/encode", dependencies=[require("read")],
              openapi_extra=_serving_body("EncodeRequest"), responses=_answers(EncodeOut),
              response_class=Response, summary="Posterior means and log-variances of items")
-async def encode(request: Request, model_id: Id) -> Response:
+async def encode(request: Request, model_id: ModelId) -> Response:
     _, _, out = await _encoded(request, model_id)
     return _answer(request, {"mu": out["mu"], "logvar": out["logvar"]})
 
@@ -357,7 +370,7 @@ async def encode(request: Request, model_id: Id) -> Response:
              openapi_extra=_serving_body("EncodeRequest"), responses=_answers(ArrayOut),
              response_class=Response,
              summary="Decode each item's posterior mean: the decoder's mean at mu(x)")
-async def reconstruct(request: Request, model_id: Id) -> Response:
+async def reconstruct(request: Request, model_id: ModelId) -> Response:
     svc, model, out = await _encoded(request, model_id)
     return _answer(request, {"x": await _decode(svc, model, out["mu"])}, image="x")
 
@@ -386,7 +399,7 @@ def _score_rows(svc: Services, model: Model, x: np.ndarray, mu: np.ndarray,
              response_class=Response,
              summary="ELBO, reconstruction, KL and log p(x) (with its Monte-Carlo error) of "
                      "new items; with fpr, a held-out threshold and is_outlier")
-async def score(request: Request, model_id: Id,
+async def score(request: Request, model_id: ModelId,
                 importance_samples: int | None = Query(
                     None, ge=0, le=MAX_IMPORTANCE_SAMPLES,
                     description="K draws for log p(x); default 0, or with fpr the K the "

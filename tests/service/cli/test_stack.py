@@ -205,6 +205,32 @@ def test_models_traverse_writes_the_grid_and_the_arrays(data_dir, trained, onnx,
     assert Image.open(tmp_path / "t.png").size == ((9 * 9 + 1) * 4, (4 * 9 + 1) * 4)
 
 
+def test_aliases_address_models_and_sets_and_guard_deletes(data_dir, trained, exported):
+    model, dataset = trained["model_id"], trained["dataset"]["id"]
+    got = cli_json(data_dir, "aliases", "set", "prod", "--model", model)
+    assert got["target_id"] == model and got["kind"] == "model"
+    assert cli_json(data_dir, "models", "show", "@prod")["id"] == model
+    embed = cli(data_dir, "embed", "--model", "@prod", "--dataset", dataset, "--watch",
+                "--json")
+    assert embed.returncode == 0, embed.stderr
+    second = json.loads(embed.stdout.splitlines()[-1])["embedding_set_id"]
+    cli_json(data_dir, "aliases", "set", "scratch", "--embedding", second)
+    q = exported[0]["mu"]
+    by_alias = cli_json(data_dir, "search", "@scratch", "--vector", ",".join(map(str, q)))
+    by_id = cli_json(data_dir, "search", second, "--vector", ",".join(map(str, q)))
+    assert by_alias["results"] == by_id["results"]
+    refused = cli(data_dir, "embeddings", "rm", second)
+    assert refused.returncode == 1 and "alias 'scratch'" in refused.stderr
+    shown = cli(data_dir, "aliases", "show", "scratch")
+    assert shown.returncode == 0 and "created" in shown.stdout
+    assert cli(data_dir, "aliases", "rm", "scratch").returncode == 0
+    assert cli(data_dir, "embeddings", "rm", second).returncode == 0
+    assert cli(data_dir, "embeddings", "show", second).returncode == 1
+    bad = cli(data_dir, "models", "show", "@Nope")
+    assert bad.returncode == 2 and "neither an id nor an alias" in bad.stderr
+    assert cli(data_dir, "aliases", "rm", "prod").returncode == 0
+
+
 def test_upload_a_local_file_with_labels(data_dir, digits, tmp_path):
     images, labels = digits
     np.save(tmp_path / "some.npy", images[:100].reshape(100, -1))
