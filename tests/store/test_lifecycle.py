@@ -2,6 +2,7 @@
 409s that protect aliased or busy objects, and everything a delete must take with it
 (rows, per-set HNSW indexes, artifact files)."""
 
+import itertools
 import threading
 
 import numpy as np
@@ -109,7 +110,7 @@ def test_concurrent_moves_leave_one_target_and_a_history_of_every_move(db, two_m
     def move(target):
         try:
             actions.append(set_alias(db, "race", "model", target)[1])
-        except Exception as exc:  # noqa: BLE001 - collected and asserted on below
+        except Exception as exc:  # collected and asserted on below
             errors.append(exc)
 
     threads = [threading.Thread(target=move, args=(a if i % 2 else b,)) for i in range(16)]
@@ -123,7 +124,7 @@ def test_concurrent_moves_leave_one_target_and_a_history_of_every_move(db, two_m
     assert len(moves) == actions.count("moved")
     # each move starts where the previous one left: no lost update
     chain = [e for e in view.history if e["action"] in ("created", "moved")]
-    for before, after in zip(chain, chain[1:], strict=False):
+    for before, after in itertools.pairwise(chain):
         assert after["previous_id"] == before["target_id"]
     assert chain[-1]["target_id"] == view.target_id
     delete_alias(db, "race")

@@ -231,6 +231,56 @@ def test_aliases_address_models_and_sets_and_guard_deletes(data_dir, trained, ex
     assert cli(data_dir, "aliases", "rm", "prod").returncode == 0
 
 
+def readme_sql():
+    """The statements of README's SQL block, verbatim."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parents[3] / "README.md").read_text()
+    blocks = re.findall(r"```sql\n(.*?)```", text, flags=re.S)
+    assert len(blocks) == 1
+    return [q.strip() for q in blocks[0].split(";\n") if q.strip()]
+
+
+def test_readme_sql_runs_verbatim_as_the_reader_and_agrees_with_the_api(data_dir, trained,
+                                                                        stack):
+    import psycopg
+
+    set_id = trained["set_id"]
+    dsn = cli(data_dir, "sql")
+    assert dsn.returncode == 0, dsn.stderr
+    dsn = dsn.stdout.strip()
+    assert dsn.startswith("postgresql://latentbank_reader:")
+    assert cli(data_dir, "aliases", "set", "prod", "--embedding", set_id).returncode == 0
+    api = httpx.Client(base_url=stack.url, timeout=60,
+                       headers={"Authorization": f"Bearer {stack.key}"})
+    try:
+        with psycopg.connect(dsn) as conn:
+            nearest, joined, lowest, ready = [conn.execute(q).fetchall() for q in readme_sql()]
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("SELECT * FROM public.api_keys")
+        want = api.post(f"/v1/embeddings/{set_id}/search",
+                        json={"key": "17", "k": 5, "exact": True}).json()["results"]
+        assert len(nearest) == 5 and len(lowest) == 10 and ready
+        assert [r[0] for r in nearest] == [h["key"] for h in want]
+        np.testing.assert_allclose([r[2] for r in nearest], [h["distance"] for h in want],
+                                   rtol=1e-5)
+        for key, verdict, label, elbo, log_px in joined:
+            item = api.get(f"/v1/embeddings/{set_id}/items/{key}").json()
+            assert (label, elbo, log_px) == (item["label"], item["elbo"], item["log_px"])
+            assert verdict in ("clean", "mislabelled")
+        assert [r[0] for r in joined] == ["3", "42"]
+        outliers = api.get(f"/v1/embeddings/{set_id}/outliers", params={"k": 10}).json()
+        assert [r[0] for r in lowest] == [h["key"] for h in outliers["results"]]
+        models = api.get("/v1/models", params={"status": "ready"}).json()
+        models.sort(key=lambda m: (-m["summary"]["heldout_log_px"], m["id"]))
+        assert [r[0] for r in ready] == [m["id"] for m in models]
+        assert [r[4] for r in ready] == [m["summary"]["heldout_log_px"] for m in models]
+    finally:
+        api.close()
+        cli(data_dir, "aliases", "rm", "prod")
+
+
 def test_upload_a_local_file_with_labels(data_dir, digits, tmp_path):
     images, labels = digits
     np.save(tmp_path / "some.npy", images[:100].reshape(100, -1))
