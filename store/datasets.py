@@ -32,7 +32,7 @@ from store.errors import Conflict, DatasetError, NotFound, TooLarge
 from store.latents import blockers, drop_indexes, refuse_if_blocked
 from store.processes import pid_alive
 from store.settings import Settings
-from store.tables import Dataset, EmbeddingSet, Item, Model
+from store.tables import Dataset, EmbeddingSet, EmbeddingSetPart, Item, Model
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +295,14 @@ def delete_dataset(db: Database, artifacts: ArtifactStore, dataset_id: int) -> N
         if n_models:
             raise Conflict(f"dataset {dataset_id} is used by {n_models} model(s); "
                            "delete them first")
-        # other models' embedding sets of this dataset go with it (unless aliased or busy)
+        # other models' embedding sets of this dataset go with it (unless aliased or busy);
+        # a set it was appended to keeps it: that set must go first
+        appended = list(s.scalars(select(EmbeddingSetPart.set_id).where(
+            EmbeddingSetPart.dataset_id == dataset_id, EmbeddingSetPart.start > 0)
+            .order_by(EmbeddingSetPart.set_id)))
+        if appended:
+            raise Conflict(f"dataset {dataset_id} was appended to embedding set "
+                           f"{', '.join(map(str, appended[:5]))}; delete the set first")
         set_ids = list(s.scalars(select(EmbeddingSet.id).where(
             EmbeddingSet.dataset_id == dataset_id).with_for_update()))
         refuse_if_blocked(f"dataset {dataset_id}", *blockers(s, set_ids=set_ids))

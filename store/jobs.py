@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 
 from store.db import Database, get_row, narrowed
 from store.errors import Conflict, NotFound
-from store.tables import EmbeddingSet, Job, Latent, Model
+from store.tables import EmbeddingSet, EmbeddingSetPart, Job, Latent, Model
 
 log = logging.getLogger(__name__)
 TASKS = {"train": "latentbank.train", "embed": "latentbank.embed"}
@@ -122,6 +122,10 @@ def _mirror(s: Session, job: Job, status: str, *, discard_latents: bool,
         s.execute(update(Model).where(Model.id == job.model_id)
                   .values(status="ready" if status == "succeeded" else status,
                           updated_at=text("now()"), **(model or {})))
+    append = (job.params or {}).get("append") if job.kind == "embed" else None
+    if append and job.embedding_set_id is not None:
+        _mirror_append(s, job, status, append, embedding_set)
+        return
     if job.kind == "embed" and job.embedding_set_id is not None:
         ready = {"ready_at": text("now()")} if status == "succeeded" else {}
         s.execute(update(EmbeddingSet).where(EmbeddingSet.id == job.embedding_set_id)
@@ -129,6 +133,24 @@ def _mirror(s: Session, job: Job, status: str, *, discard_latents: bool,
                           **ready, **(embedding_set or {})))
         if discard_latents:  # a set is complete or empty, never half-written
             s.execute(delete(Latent).where(Latent.set_id == job.embedding_set_id))
+
+
+def _mirror_append(s: Session, job: Job, status: str, append: dict[str, Any],
+                   embedding_set: dict[str, Any] | None) -> None:
+    """An append's end: on success its part is ready and the set counts its items (the
+    set's other columns as given); otherwise its rows and its part go. The set itself
+    stays ready either way."""
+    set_id, dataset_id = job.embedding_set_id, job.params["dataset_id"]
+    start, n = int(append["start"]), int(append["n_items"])
+    part = (EmbeddingSetPart.set_id == set_id) & (EmbeddingSetPart.dataset_id == dataset_id)
+    if status == "succeeded":
+        s.execute(update(EmbeddingSetPart).where(part).values(status="ready"))
+        s.execute(update(EmbeddingSet).where(EmbeddingSet.id == set_id)
+                  .values(n_items=start + n, **(embedding_set or {})))
+        return
+    s.execute(delete(Latent).where(Latent.set_id == set_id, Latent.item_index >= start,
+                                   Latent.item_index < start + n))
+    s.execute(delete(EmbeddingSetPart).where(part))
 
 
 def claim(db: Database, job_id: int, owner: str, lease_seconds: float,
@@ -180,7 +202,9 @@ def _started(s: Session, job: Job) -> None:
         s.execute(update(Model).where(Model.id == job.model_id)
                   .values(status="training", updated_at=text("now()")))
         job.items_total = int(job.params.get("training", {}).get("epochs") or 0) or None
-    if job.kind == "embed" and job.embedding_set_id is not None:
+    if job.kind == "embed" and (job.params or {}).get("append"):
+        job.items_total = int(job.params["append"]["n_items"])  # the set stays ready
+    elif job.kind == "embed" and job.embedding_set_id is not None:
         job.items_total = s.scalar(
             update(EmbeddingSet).where(EmbeddingSet.id == job.embedding_set_id)
             .values(status="writing").returning(EmbeddingSet.n_items))
@@ -295,7 +319,8 @@ def release(db: Database, job_id: int, owner: str, reason: str) -> bool:
                                published_at=None, eta_seconds=None,
                                progress_message=f"requeued: {reason}"[:500])
                        .returning(Job))
-        if job is not None and job.kind == "embed" and job.embedding_set_id is not None:
+        if (job is not None and job.kind == "embed" and job.embedding_set_id is not None
+                and not (job.params or {}).get("append")):  # an append's set stays ready
             s.execute(update(EmbeddingSet).where(EmbeddingSet.id == job.embedding_set_id)
                       .values(status="pending"))
         return job is not None

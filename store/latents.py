@@ -51,14 +51,15 @@ from sqlalchemy.orm import Session
 from store.db import Database, get_row, narrowed
 from store.errors import Conflict, InvalidInput, NotFound
 from store.settings import Settings
-from store.tables import EmbeddingSet
+from store.tables import EmbeddingSet, EmbeddingSetPart
 
 log = logging.getLogger(__name__)
 
 Metric = Literal["l2", "cosine"]
 OPERATORS = {"l2": "<->", "cosine": "<=>"}
 OPCLASSES = {"l2": "vector_l2_ops", "cosine": "vector_cosine_ops"}
-COPY_COLUMNS = "set_id, item_index, mu, logvar, elbo, reconstruction, kl, log_px"
+COPY_COLUMNS = ("set_id, item_index, dataset_id, dataset_index, mu, logvar, elbo, "
+                "reconstruction, kl, log_px")
 PGCOPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
 PGCOPY_TRAILER = (-1).to_bytes(2, "big", signed=True)
 EF_CANDIDATES = (40, 80, 160, 320, 640, 1000)
@@ -76,6 +77,8 @@ def create_embedding_set(db: Database, model_id: int, dataset_id: int, dim: int,
                            status="pending")
         s.add(row)
         s.flush()
+        s.add(EmbeddingSetPart(set_id=row.id, dataset_id=dataset_id, start=0, n_items=n_items,
+                               status="ready"))
         return row
 
 
@@ -88,7 +91,8 @@ def get_set(db: Database, set_id: int) -> EmbeddingSet:
 def _copy_dtype(dim: int, with_log_px: bool) -> np.dtype:
     """One PGCOPY binary row: field count, then (length, value) per column, big-endian."""
     fields: list[tuple[str, Any]] = [("nfields", ">i2")]
-    for name, kind in (("set_id", ">i8"), ("item_index", ">i8")):
+    for name, kind in (("set_id", ">i8"), ("item_index", ">i8"), ("dataset_id", ">i8"),
+                       ("dataset_index", ">i8")):
         fields += [(f"{name}_len", ">i4"), (name, kind)]
     for name in ("mu", "logvar"):  # pgvector binary: int16 dim, int16 unused, float4[dim]
         fields += [(f"{name}_len", ">i4"), (f"{name}_dim", ">i2"), (f"{name}_unused", ">i2"),
@@ -103,13 +107,17 @@ def _copy_dtype(dim: int, with_log_px: bool) -> np.dtype:
 
 def copy_rows(set_id: int, first_index: int, mu: np.ndarray, logvar: np.ndarray,
               elbo: np.ndarray, reconstruction: np.ndarray, kl: np.ndarray,
-              log_px: np.ndarray | None) -> bytes:
-    """The PGCOPY binary body (no header) of one chunk of latents."""
+              log_px: np.ndarray | None, part: tuple[int, int] = (0, 0)) -> bytes:
+    """The PGCOPY binary body (no header) of one chunk of latents; `part` is the items'
+    (dataset id, first position in the set)."""
     n, dim = mu.shape
     rows = np.empty(n, dtype=_copy_dtype(dim, log_px is not None))
-    rows["nfields"] = 8
+    rows["nfields"] = 10
     rows["set_id_len"], rows["set_id"] = 8, set_id
     rows["item_index_len"], rows["item_index"] = 8, np.arange(first_index, first_index + n)
+    rows["dataset_id_len"], rows["dataset_id"] = 8, part[0]
+    rows["dataset_index_len"] = 8
+    rows["dataset_index"] = np.arange(first_index - part[1], first_index - part[1] + n)
     for name, values in (("mu", mu), ("logvar", logvar)):
         rows[f"{name}_len"], rows[f"{name}_dim"], rows[f"{name}_unused"] = 4 + 4 * dim, dim, 0
         rows[name] = values
@@ -135,6 +143,24 @@ def _check_chunk(mu: np.ndarray, arrays: dict[str, Any]) -> np.ndarray:
     return mu
 
 
+def part_at(db: Database, set_id: int, position: int) -> tuple[int, int]:
+    """(dataset id, start) of the set's part that holds `position`."""
+    with db.engine.connect() as conn:
+        row = conn.execute(text(
+            "SELECT dataset_id, start FROM embedding_set_parts WHERE set_id = :s "
+            "AND start <= :p AND :p < start + n_items"), {"s": set_id, "p": position}).first()
+    if row is None:
+        raise NotFound(f"embedding set {set_id} has no item at position {position}")
+    return int(row[0]), int(row[1])
+
+
+def set_parts(db: Database, set_id: int) -> list[EmbeddingSetPart]:
+    """The datasets the set holds, in position order."""
+    with db.session() as s:
+        return list(s.scalars(select(EmbeddingSetPart).where(EmbeddingSetPart.set_id == set_id)
+                              .order_by(EmbeddingSetPart.start)))
+
+
 @contextmanager
 def latent_writer(db: Database, set_id: int, first_index: int, n_rows: int,
                   guard: Callable[[Connection], None] | None = None,
@@ -149,6 +175,7 @@ def latent_writer(db: Database, set_id: int, first_index: int, n_rows: int,
     `guard(conn)` runs first inside the transaction (a job's lease check).
     """
     written = 0
+    part = part_at(db, set_id, first_index)  # a shard never spans two parts
     with db.engine.begin() as conn:
         if guard is not None:
             guard(conn)
@@ -171,7 +198,7 @@ def latent_writer(db: Database, set_id: int, first_index: int, n_rows: int,
                     raise InvalidInput(f"shard of {n_rows} rows got {written + len(mu)}")
                 copy.write(copy_rows(set_id, first_index + written, mu,
                                      np.asarray(logvar, np.float32), elbo, reconstruction, kl,
-                                     log_px))
+                                     log_px, part))
                 written += len(mu)
 
             yield write
@@ -466,13 +493,14 @@ def _knn_sql(es: EmbeddingSet, metric: Metric, where: str, ef_search: int | None
     if "i." in where:  # item filters (label, metadata) need the join before the LIMIT
         return (f"SELECT l.item_index, i.key, i.label, {distance} AS distance, l.elbo, "
                 f"l.log_px, i.metadata FROM latents l JOIN items i "
-                f"ON i.dataset_id = :d AND i.index = l.item_index "
+                f"ON i.dataset_id = l.dataset_id AND i.index = l.dataset_index "
                 f"WHERE l.set_id = {set_id}{where} ORDER BY {distance} LIMIT :k")
     # nearest first, then look up just those k items
     return (f"SELECT nn.item_index, i.key, i.label, nn.distance, nn.elbo, nn.log_px, "
-            f"i.metadata FROM (SELECT l.item_index, {distance} AS distance, l.elbo, "
-            f"l.log_px FROM latents l WHERE l.set_id = {set_id}{where} ORDER BY {distance} "
-            f"LIMIT :k) nn JOIN items i ON i.dataset_id = :d AND i.index = nn.item_index")
+            f"i.metadata FROM (SELECT l.item_index, l.dataset_id, l.dataset_index, "
+            f"{distance} AS distance, l.elbo, l.log_px FROM latents l "
+            f"WHERE l.set_id = {set_id}{where} ORDER BY {distance} LIMIT :k) nn "
+            f"JOIN items i ON i.dataset_id = nn.dataset_id AND i.index = nn.dataset_index")
 
 
 def _run_many(db: Database, es: EmbeddingSet, vectors: np.ndarray, k: int, metric: Metric,
@@ -480,7 +508,7 @@ def _run_many(db: Database, es: EmbeddingSet, vectors: np.ndarray, k: int, metri
               max_scan_tuples: int = 20_000) -> list[list[Hit]]:
     """The k nearest hits of each row of `vectors`, nearest first: one statement (a
     LATERAL join over the queries), one round trip."""
-    params: dict[str, Any] = {"d": es.dataset_id, "k": int(k), "qs": "{" + ",".join(
+    params: dict[str, Any] = {"k": int(k), "qs": "{" + ",".join(
         f'"{vector_literal(v)}"' for v in vectors) + "}"}
     inner = _knn_sql(es, metric, _filter_sql(flt, params), ef_search, "q.v")
     sql = (f"SELECT q.n, nn.* FROM unnest(CAST(:qs AS vector[])) WITH ORDINALITY AS q(v, n) "
@@ -599,13 +627,21 @@ def search_many(db: Database, settings: Settings, set_id: int,
 
 def _matching_rows(db: Database, es: EmbeddingSet, flt: SearchFilter | None) -> float:
     """The planner's estimate of the set's rows that pass the filter (an EXPLAIN: no scan)."""
-    params: dict[str, Any] = {"d": es.dataset_id}
+    params: dict[str, Any] = {}
     where = _filter_sql(flt, params)
-    join = " JOIN items i ON i.dataset_id = :d AND i.index = l.item_index" if "i." in where else ""
+    join = (" JOIN items i ON i.dataset_id = l.dataset_id AND i.index = l.dataset_index"
+            if "i." in where else "")
     with db.engine.connect() as conn:
         plan = conn.execute(text(f"EXPLAIN (FORMAT JSON) SELECT 1 FROM latents l{join} "
                                  f"WHERE l.set_id = {int(es.id)}{where}"), params).scalar()
     return float(plan[0]["Plan"]["Plan Rows"])
+
+
+# a key's item in a set: through the part that holds the key's dataset (primary keys all
+# the way: parts by set, items by (dataset, key), latents by (set, position))
+_BY_KEY = ("embedding_set_parts p JOIN items i ON i.dataset_id = p.dataset_id "
+           "JOIN latents l ON l.set_id = p.set_id AND l.item_index = p.start + i.index "
+           "WHERE p.set_id = :s")
 
 
 def _items_by_key(db: Database, es: EmbeddingSet, keys: list[str],
@@ -613,10 +649,9 @@ def _items_by_key(db: Database, es: EmbeddingSet, keys: list[str],
     """`mu`, index and label of each key's item (NotFound naming the first missing keys)."""
     with db.engine.connect() as conn:
         rows = conn.execute(text(
-            "SELECT i.key, l.mu::text, l.item_index, i.label FROM items i JOIN latents l "
-            "ON l.set_id = :s AND l.item_index = i.index "
-            "WHERE i.dataset_id = :d AND i.key = ANY(:keys)"),
-            {"s": es.id, "d": es.dataset_id, "keys": sorted(set(keys))}).all()
+            f"SELECT i.key, l.mu::text, l.item_index, i.label FROM {_BY_KEY} "
+            "AND i.key = ANY(:keys)"),
+            {"s": es.id, "keys": sorted(set(keys))}).all()
     found = {r[0]: (parse_vector(r[1]), int(r[2]), r[3]) for r in rows}
     missing = [key for key in dict.fromkeys(keys) if key not in found]
     if missing:
@@ -628,14 +663,12 @@ def _items_by_key(db: Database, es: EmbeddingSet, keys: list[str],
 
 def get_item(db: Database, set_id: int, key: str) -> dict[str, Any]:
     """One stored item of a set by its external key: codes, ELBO terms, label, metadata."""
-    es = get_set(db, set_id)
+    get_set(db, set_id)  # NotFound for an unknown set
     with db.engine.connect() as conn:
         row = conn.execute(text(
             "SELECT l.item_index, i.key, i.label, i.metadata, l.mu::text, l.logvar::text, "
-            "l.elbo, l.reconstruction, l.kl, l.log_px FROM items i JOIN latents l "
-            "ON l.set_id = :s AND l.item_index = i.index "
-            "WHERE i.dataset_id = :d AND i.key = :key"),
-            {"s": set_id, "d": es.dataset_id, "key": key}).first()
+            f"l.elbo, l.reconstruction, l.kl, l.log_px FROM {_BY_KEY} AND i.key = :key"),
+            {"s": set_id, "key": key}).first()
     if row is None:
         raise NotFound(f"embedding set {set_id} has no item with key {key!r}")
     return {"index": int(row[0]), "key": row[1], "label": row[2], "metadata": row[3],
@@ -650,9 +683,9 @@ def outliers(db: Database, set_id: int, k: int = 10) -> list[Hit]:
     with db.engine.connect() as conn:
         rows = conn.execute(text(
             f"SELECT l.item_index, i.key, i.label, l.elbo, l.log_px, i.metadata FROM latents l "
-            f"JOIN items i ON i.dataset_id = :d AND i.index = l.item_index "
+            f"JOIN items i ON i.dataset_id = l.dataset_id AND i.index = l.dataset_index "
             f"WHERE l.set_id = :s ORDER BY l.{column} ASC, l.item_index LIMIT :k"),
-            {"s": set_id, "d": es.dataset_id, "k": int(k)}).all()
+            {"s": set_id, "k": int(k)}).all()
     return [Hit(int(r[0]), r[1], r[2], float("nan"), float(r[3]),
                 None if r[4] is None else float(r[4]), r[5]) for r in rows]
 
@@ -660,17 +693,17 @@ def outliers(db: Database, set_id: int, k: int = 10) -> list[Hit]:
 def export_pages(db: Database, set_id: int, page_rows: int = 10_000,
                  ) -> Iterator[list[dict[str, Any]]]:
     """The whole set in item order, one page at a time (keyset pagination, bounded memory)."""
-    es = get_set(db, set_id)
+    get_set(db, set_id)  # NotFound for an unknown set
     after = -1
     while True:
         with db.engine.connect() as conn:
             rows = conn.execute(text(
                 "SELECT l.item_index, i.key, i.label, l.mu::text, l.logvar::text, l.elbo, "
                 "l.reconstruction, l.kl, l.log_px FROM latents l JOIN items i "
-                "ON i.dataset_id = :d AND i.index = l.item_index "
+                "ON i.dataset_id = l.dataset_id AND i.index = l.dataset_index "
                 "WHERE l.set_id = :s AND l.item_index > :after "
                 "ORDER BY l.item_index LIMIT :n"),
-                {"s": set_id, "d": es.dataset_id, "after": after, "n": page_rows}).all()
+                {"s": set_id, "after": after, "n": page_rows}).all()
         if not rows:
             return
         yield [{"index": int(r[0]), "key": r[1], "label": r[2],

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -25,7 +25,7 @@ from store.datasets import get_dataset
 from store.db import Database
 from store.errors import Conflict, IdempotencyMismatch, InvalidInput, NotFound
 from store.jobs import find_by_key
-from store.tables import EmbeddingSet, Job, Model
+from store.tables import EmbeddingSet, EmbeddingSetPart, Item, Job, Model
 
 MAX_IMPORTANCE_SAMPLES = 100_000
 
@@ -127,16 +127,22 @@ def fits(item_shape: list[int], model_config: dict[str, Any]) -> bool:
                                         and math.prod(item_shape) == math.prod(want))
 
 
-def submit_embedding(db: Database, model_id: int, dataset_id: int, importance_samples: int = 0,
-                     *, idempotency_key: str | None = None, max_attempts: int = 3,
+def submit_embedding(db: Database, model_id: int, dataset_id: int,
+                     importance_samples: int | None = 0, *, embedding_set_id: int | None = None,
+                     idempotency_key: str | None = None, max_attempts: int = 3,
                      request_hash: str | None = None) -> tuple[Job, bool]:
     """An embedding set (pending) and its job (queued) for a ready model over a dataset
-    whose items fit it, in one transaction; idempotency as in `submit_training`."""
+    whose items fit it, in one transaction; idempotency as in `submit_training`.
+
+    With `embedding_set_id` the dataset's items are appended to that ready set of the same
+    model instead (`append_part` checks it); `importance_samples` None means the set's K
+    (a new set: 0)."""
     existing = _existing(db, idempotency_key, request_hash)
     if existing is not None:
         return existing, False
-    if isinstance(importance_samples, bool) or not isinstance(importance_samples, int) or not (
-            0 <= importance_samples <= MAX_IMPORTANCE_SAMPLES):
+    if importance_samples is not None and (
+            isinstance(importance_samples, bool) or not isinstance(importance_samples, int)
+            or not 0 <= importance_samples <= MAX_IMPORTANCE_SAMPLES):
         raise InvalidInput(f"importance_samples must be an integer in "
                            f"[0, {MAX_IMPORTANCE_SAMPLES}]")
     dataset = get_dataset(db, dataset_id)
@@ -157,16 +163,74 @@ def submit_embedding(db: Database, model_id: int, dataset_id: int, importance_sa
                        populate_existing=True)
         if locked is None:
             raise NotFound(f"model {model_id} does not exist")
+        params = {"model_id": model_id, "dataset_id": dataset_id}
+        if embedding_set_id is not None:
+            part = append_part(s, embedding_set_id, model_id, dataset_id, dataset.n_items,
+                               importance_samples)
+            job = Job(kind="embed", model_id=model_id, embedding_set_id=embedding_set_id,
+                      params={**params, "importance_samples": part.pop("importance_samples"),
+                              "append": part},
+                      max_attempts=max_attempts, status="queued")
+            s.add(job)
+            s.flush()
+            s.execute(update(EmbeddingSetPart).where(
+                EmbeddingSetPart.set_id == embedding_set_id,
+                EmbeddingSetPart.dataset_id == dataset_id).values(job_id=job.id))
+            return job
+        k = importance_samples or 0
         es = EmbeddingSet(model_id=model_id, dataset_id=dataset_id,
                           dim=model.config["model"]["latent_dim"], n_items=dataset.n_items,
-                          importance_samples=importance_samples, status="pending")
+                          importance_samples=k, status="pending")
         s.add(es)
         s.flush()
-        job = Job(kind="embed", params={"model_id": model_id, "dataset_id": dataset_id,
-                                        "importance_samples": importance_samples},
+        s.add(EmbeddingSetPart(set_id=es.id, dataset_id=dataset_id, start=0,
+                               n_items=dataset.n_items, status="ready"))
+        job = Job(kind="embed", params={**params, "importance_samples": k},
                   model_id=model_id, embedding_set_id=es.id, max_attempts=max_attempts,
                   status="queued")
         s.add(job)
         return job
 
     return _submit(db, idempotency_key, request_hash, write)
+
+
+CLASHES_SHOWN = 5
+
+
+def append_part(s: Session, set_id: int, model_id: int, dataset_id: int, n_items: int,
+                importance_samples: int | None) -> dict[str, Any]:
+    """Inside a submission: check that the dataset can be appended to the set and add its
+    part (`writing`, at the set's end). The set row is locked, so appends to one set
+    serialise and the key check sees every part. Returns the job's `append` parameters."""
+    es = s.get(EmbeddingSet, set_id, with_for_update=True)
+    if es is None:
+        raise NotFound(f"embedding set {set_id} does not exist")
+    if es.model_id != model_id:
+        raise InvalidInput(f"embedding set {set_id} was made by model {es.model_id}, not by "
+                           f"model {model_id}: an append uses the set's own model")
+    if es.status != "ready":
+        raise Conflict(f"embedding set {set_id} is {es.status}, not ready")
+    if importance_samples is not None and importance_samples != es.importance_samples:
+        raise InvalidInput(f"embedding set {set_id} holds log p(x) from "
+                           f"{es.importance_samples} importance samples; an append uses the "
+                           f"same (give {es.importance_samples} or leave it out)")
+    parts = list(s.scalars(select(EmbeddingSetPart).where(EmbeddingSetPart.set_id == set_id)))
+    busy = [p for p in parts if p.status == "writing"]
+    if busy:
+        raise Conflict(f"embedding set {set_id} is taking an append already (job "
+                       f"{busy[0].job_id}); append once it has ended")
+    if any(p.dataset_id == dataset_id for p in parts):
+        raise Conflict(f"dataset {dataset_id} is in embedding set {set_id} already")
+    clashes = list(s.scalars(
+        select(Item.key).where(Item.dataset_id == dataset_id, Item.key.in_(
+            select(Item.key).where(Item.dataset_id.in_([p.dataset_id for p in parts]))))
+        .order_by(Item.index).limit(CLASHES_SHOWN + 1)))
+    if clashes:
+        named = ", ".join(repr(k) for k in clashes[:CLASHES_SHOWN])
+        more = " and more" if len(clashes) > CLASHES_SHOWN else ""
+        raise Conflict(f"keys must be unique in embedding set {set_id}: dataset {dataset_id} "
+                       f"has keys it holds already: {named}{more}")
+    start = max(p.start + p.n_items for p in parts)
+    s.add(EmbeddingSetPart(set_id=set_id, dataset_id=dataset_id, start=start, n_items=n_items,
+                           status="writing"))
+    return {"start": start, "n_items": n_items, "importance_samples": es.importance_samples}

@@ -202,12 +202,37 @@ class EmbeddingSet(Base):
     ready_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+class EmbeddingSetPart(Base):
+    """A dataset whose items a set holds, at positions `start .. start + n_items - 1`: the
+    set's own dataset at 0 (`ready` from the start: the set's status tells its state),
+    then each dataset an embedding job appends, `writing` until that job succeeds (one
+    append at a time per set; a failed or cancelled one is removed with its rows)."""
+
+    __tablename__ = "embedding_set_parts"
+    __table_args__ = (CheckConstraint("status IN ('writing', 'ready')", name="status_valid"),)
+
+    set_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("embedding_sets.id", ondelete="CASCADE"), primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("datasets.id", ondelete="CASCADE"), primary_key=True)
+    start: Mapped[int] = mapped_column(BigInteger)
+    n_items: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(Text, server_default="writing")
+    job_id: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[dt.datetime] = _now()
+
+
 class Latent(Base):
+    """One item of a set: `item_index` is its position in the set, (`dataset_id`,
+    `dataset_index`) the item it codes (the set's own dataset, or an appended one)."""
+
     __tablename__ = "latents"
 
     set_id: Mapped[int] = mapped_column(
         BigInteger, ForeignKey("embedding_sets.id", ondelete="CASCADE"), primary_key=True)
     item_index: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(BigInteger)
+    dataset_index: Mapped[int] = mapped_column(BigInteger)
     mu: Mapped[Any] = mapped_column(Vector())
     logvar: Mapped[Any] = mapped_column(Vector())
     elbo: Mapped[float] = mapped_column(Double)

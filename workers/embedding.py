@@ -34,6 +34,7 @@ from store.latents import (
     labelled_sample,
     latent_writer,
     mark_set,
+    part_at,
     search_many,
     set_statistics,
 )
@@ -119,7 +120,10 @@ def start_embedding(ctx: Context, job_id: int) -> dict[str, Any]:
     assert job is not None and job.embedding_set_id is not None
     set_id = job.embedding_set_id
     es = get_set(ctx.db, set_id)
-    shards = shard_ranges(es.n_items, ctx.settings.embed_shard_rows)
+    append = job.params.get("append")
+    # an append writes positions start .. start + n - 1 of the set; a new set 0 .. n - 1
+    first, n = (int(append["start"]), int(append["n_items"])) if append else (0, es.n_items)
+    shards = [(first + a, first + b) for a, b in shard_ranges(n, ctx.settings.embed_shard_rows)]
     chord([embed_shard.si(job_id, set_id, a, b, owner) for a, b in shards],
           embed_finish.s(job_id, set_id, owner)).apply_async()
     log.info("embedding started job_id=%d set_id=%d shards=%d attempt=%d", job_id, set_id,
@@ -139,13 +143,14 @@ def run_shard(ctx: Context, job_id: int, set_id: int, start: int, stop: int,
     if job.cancel_requested:
         return {"cancelled": True, "worker": socket.gethostname()}
     es = get_set(ctx.db, set_id)
-    dataset = get_dataset(ctx.db, es.dataset_id)
+    dataset_id, offset = part_at(ctx.db, set_id, start)  # the dataset these positions hold
+    dataset = get_dataset(ctx.db, dataset_id)
     with Lease(ctx.db, job_id, owner, ctx.settings.embed_lease_seconds) as lease:
         model, session = _load(ctx, es.model_id)
         data = dataset_array(ctx.artifacts, dataset, str(ctx.settings.cache_dir))
         generator = torch.Generator(device=next(model.parameters()).device).manual_seed(
             set_id * 1_000_003 + start)  # a re-run shard draws the same noise
-        rows = np.arange(start, stop)
+        rows = np.arange(start - offset, stop - offset)  # the dataset's own indices
         # Each chunk goes into the open COPY as soon as it is computed: the database parses
         # it while the next chunk is encoded, and memory holds one chunk, not the shard.
         try:
@@ -163,7 +168,7 @@ def run_shard(ctx: Context, job_id: int, set_id: int, start: int, stop: int,
             return {"cancelled": True, "worker": socket.gethostname()}
         with contextlib.suppress(LeaseLost):  # the finishing task will notice
             done, total = count_done(ctx.db, job_id, owner, stop - start)
-            total = total or es.n_items
+            total = total or (stop - start)
             done = min(done, total)  # a re-run shard counts again
             lease.report(0.95 * done / total, f"{done}/{total} items embedded")
             lease.beat()
@@ -195,9 +200,13 @@ def finish_set(ctx: Context, job_id: int, set_id: int, owner: str,
     job, es = get_job(ctx.db, job_id), get_set(ctx.db, set_id)
     if job.status != "running" or job.lease_owner != owner:
         return {"outcome": "stale"}
+    append = job.params.get("append")
     if job.cancel_requested or any(r.get("cancelled") for r in results):
-        finish(ctx.db, job_id, owner, "cancelled", message="cancelled; no rows are kept")
+        finish(ctx.db, job_id, owner, "cancelled", message="cancelled; no rows are kept" + (
+            " of the append; the set is as it was" if append else ""))
         return {"outcome": "cancelled"}
+    if append:
+        return _finish_append(ctx, job_id, set_id, owner, results, append)
     mark_set(ctx.db, set_id, status="finishing")
     with Lease(ctx.db, job_id, owner, ctx.settings.embed_lease_seconds) as lease:
         lease.report(0.98, "checking the rows")
@@ -215,6 +224,34 @@ def finish_set(ctx: Context, job_id: int, set_id: int, owner: str,
     from workers.tasks import embed_index
 
     embed_index.delay(set_id)
+    return {"outcome": "succeeded", "stats": stats}
+
+
+def _finish_append(ctx: Context, job_id: int, set_id: int, owner: str,
+                   results: list[dict[str, Any]], append: dict[str, Any]) -> dict[str, Any]:
+    """Every shard of an append is written: check the count, refresh the set's statistics
+    (over all its items) and count the new items in, in the job's finishing transaction.
+    The set's HNSW index took the rows as they were inserted; a set that had none gets one
+    once it is large enough."""
+    from workers.tasks import embed_index
+
+    want = int(append["start"]) + int(append["n_items"])
+    with Lease(ctx.db, job_id, owner, ctx.settings.embed_lease_seconds) as lease:
+        lease.report(0.98, "checking the rows")
+        stats = set_statistics(ctx.db, set_id)
+        analyze(ctx.db, "latents")
+        lease.check()
+    if stats["n_items"] != want:  # never count a short append in
+        raise RuntimeError(f"set {set_id} holds {stats['n_items']} rows, not {want}")
+    old = get_set(ctx.db, set_id).stats or {}
+    stats |= {k: old[k] for k in ("knn_label_accuracy", "index") if k in old}
+    stats["appends"] = int(old.get("appends", 0)) + 1
+    finish(ctx.db, job_id, owner, "succeeded",
+           message=f"{append['n_items']} items appended; the set holds {want}",
+           embedding_set={"stats": stats})
+    es = get_set(ctx.db, set_id)
+    if es.index_status in ("none", "skipped") and want >= ctx.settings.exact_search_below:
+        embed_index.delay(set_id)
     return {"outcome": "succeeded", "stats": stats}
 
 

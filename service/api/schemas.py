@@ -139,8 +139,12 @@ class EmbeddingRequest(BaseModel):
 
     model_id: Ref
     dataset_id: int = Field(ge=1, le=MAX_ID)
-    importance_samples: int = Field(0, ge=0, le=100_000,
-                                    description="0: ELBO terms only; K > 0: also log p(x)")
+    importance_samples: int | None = Field(
+        None, ge=0, le=100_000, description="0 (the default): ELBO terms only; K > 0: also "
+                                            "log p(x). An append takes the set's K")
+    embedding_set_id: Ref | None = Field(
+        None, description="append the dataset's items to this ready set of the same model "
+                          "(keys must stay unique in the set: 409 naming clashes)")
 
 
 class ModelOut(BaseModel):

@@ -242,14 +242,22 @@ def jobs_cancel(job_id: int, as_json: JsonOpt = False) -> None:
 def embed(model: Annotated[str, typer.Option(help="a ready model's id, or @alias",
                                               callback=check_ref)],
           dataset: Annotated[int, typer.Option(help="dataset id")],
-          importance_samples: Annotated[int, typer.Option(
-              help="K > 0 also estimates each item's log p(x)")] = 0,
+          importance_samples: Annotated[int | None, typer.Option(
+              help="K > 0 also estimates each item's log p(x) (default 0; an append takes "
+                   "the set's K)")] = None,
+          into: Annotated[str | None, typer.Option(
+              help="append the dataset's items to this ready set of the model (id or @alias)",
+              callback=check_ref)] = None,
           watch: WatchOpt = False, as_json: JsonOpt = False) -> None:
-    """Queue an embedding job: every item's posterior and ELBO terms, into pgvector."""
+    """Queue an embedding job: every item's posterior and ELBO terms, into pgvector (a new
+    set, or appended to one with --into)."""
+    body: dict[str, Any] = {"model_id": ref_json(model), "dataset_id": dataset}
+    if importance_samples is not None:
+        body["importance_samples"] = importance_samples
+    if into is not None:
+        body["embedding_set_id"] = ref_json(into)
     with client() as c:
-        job = c.post("/v1/embedding-jobs", json={"model_id": ref_json(model),
-                                                 "dataset_id": dataset,
-                                                 "importance_samples": importance_samples})
+        job = c.post("/v1/embedding-jobs", json=body)
         if as_json and not watch:
             emit_json(job)
         elif not as_json:

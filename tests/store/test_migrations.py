@@ -14,7 +14,7 @@ from store.tables import Base
 from tests.support import SYSTEM_PG, system_pg_up
 
 TABLES = {"datasets", "items", "models", "jobs", "training_metrics", "embedding_sets",
-          "latents", "api_keys", "aliases", "alias_events"}
+          "latents", "api_keys", "aliases", "alias_events", "embedding_set_parts"}
 
 
 def tables(url):

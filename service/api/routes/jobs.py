@@ -112,8 +112,11 @@ async def create_embedding_job(request: Request, response: Response, body: Embed
                                idempotency_key: str | None = IdempotencyKey) -> JobOut:
     svc = services(request)
     model_id = await in_thread(resolve, svc.db, body.model_id, "model")
+    set_id = None if body.embedding_set_id is None else await in_thread(
+        resolve, svc.db, body.embedding_set_id, "embedding_set")
     job, created = await in_thread(
         submit_embedding, svc.db, model_id, body.dataset_id, body.importance_samples,
+        embedding_set_id=set_id,
         **_once(svc, request, body, idempotency_key))
     return _accepted(response, await _publish(svc, job, created), created)
 

@@ -483,3 +483,69 @@ def test_fifty_concurrent_submissions_with_one_key_create_one_job(client, flow):
     after = client.get("/v1/jobs", params={"kind": "embed", "limit": 1000}).json()
     assert len(after) == before + 1
     client.post(f"/v1/jobs/{answers[0].json()['id']}/cancel")
+
+
+def upload(client, name, images, labels, keys):
+    answer = client.post("/v1/datasets", data={"name": name}, files={
+        "file": (f"{name}.npy", npy(images), "application/octet-stream"),
+        "labels": ("labels.npy", npy(labels)), "keys": ("keys.npy", npy(keys))})
+    assert answer.status_code in (200, 201), answer.text
+    return answer.json()["id"]
+
+
+def export_rows(client, set_id):
+    with client.stream("GET", f"/v1/embeddings/{set_id}/export") as response:
+        return [json.loads(line) for line in response.iter_lines() if line]
+
+
+def test_an_embedding_set_grows_by_appending_a_dataset(client, flow, digits, onnx_files):
+    images, labels = digits
+    first = upload(client, "grow-a", images[:1000], labels[:1000],
+                   np.array([f"a{i:04d}" for i in range(1000)]))
+    second = upload(client, "grow-b", images[1000:], labels[1000:],
+                    np.array([f"b{i:04d}" for i in range(1000, len(images))]))
+    clashing = upload(client, "grow-c", images[:3], labels[:3], np.array(["c0", "a0005", "c2"]))
+    model = flow["model_id"]
+    job = wait_job(client, client.post("/v1/embedding-jobs", json={
+        "model_id": model, "dataset_id": first, "importance_samples": 10}).json()["id"])
+    set_id = job["embedding_set_id"]
+    assert job["status"] == "succeeded"
+
+    answer = client.post("/v1/embedding-jobs", json={
+        "model_id": model, "dataset_id": second, "embedding_set_id": set_id})
+    assert answer.status_code == 202, answer.text
+    appended = wait_job(client, answer.json()["id"])
+    assert appended["status"] == "succeeded", appended
+    assert appended["embedding_set_id"] == set_id
+    assert appended["items_done"] == appended["items_total"] == len(images) - 1000
+    es = client.get(f"/v1/embeddings/{set_id}").json()
+    assert es["status"] == "ready" and es["n_items"] == len(images)
+
+    rows = export_rows(client, set_id)
+    assert [r["key"] for r in rows] == [f"a{i:04d}" for i in range(1000)] + [
+        f"b{i:04d}" for i in range(1000, len(images))]
+    assert [r["index"] for r in rows] == list(range(len(images)))
+    mu = onnx_files["encoder"].run(["mu"], {"x": images})[0]  # the appended codes too
+    np.testing.assert_allclose([r["mu"] for r in rows], mu, atol=1e-4)
+    assert all(r["log_px"] is not None for r in rows)  # the set's K = 10 carried over
+    assert es["stats"]["n_items"] == len(images)
+    assert es["stats"]["mean_elbo"] == pytest.approx(np.mean([r["elbo"] for r in rows]))
+    item = client.get(f"/v1/embeddings/{set_id}/items/b1500").json()
+    assert item["index"] == 1500 and item["label"] == str(labels[1500])
+    found = client.post(f"/v1/embeddings/{set_id}/search",
+                        json={"key": "a0007", "k": 10, "exact": True}).json()["results"]
+    want = brute_force(rows, np.asarray(rows[7]["mu"]), 10, keep=lambda r: r["key"] != "a0007")
+    assert [h["key"] for h in found] == want[0]
+    assert any(key.startswith("b") for key in want[0])  # neighbours from both datasets
+
+    # clashes and misuse are refused before anything is written
+    for body, status, words in (
+            ({"dataset_id": clashing}, 409, "'a0005'"),
+            ({"dataset_id": second}, 409, "in embedding set"),
+            ({"dataset_id": clashing, "importance_samples": 3}, 422, "same"),
+            ({"dataset_id": clashing, "embedding_set_id": 2**62}, 404, "does not exist")):
+        answer = client.post("/v1/embedding-jobs", json={
+            "model_id": model, "embedding_set_id": set_id, **body})
+        assert answer.status_code == status and words in answer.text, (body, answer.text)
+    assert client.get(f"/v1/embeddings/{set_id}").json()["n_items"] == len(images)
+    assert len(export_rows(client, set_id)) == len(images)

@@ -281,6 +281,26 @@ def test_readme_sql_runs_verbatim_as_the_reader_and_agrees_with_the_api(data_dir
         cli(data_dir, "aliases", "rm", "prod")
 
 
+def test_embed_into_appends_a_dataset_and_refuses_clashing_keys(data_dir, trained, digits,
+                                                                tmp_path):
+    images = digits[0]
+    np.save(tmp_path / "new.npy", images[:40])
+    np.save(tmp_path / "keys.npy", np.array([f"new-{i}" for i in range(40)]))
+    added = cli_json(data_dir, "datasets", "add", tmp_path / "new.npy", "--keys",
+                     tmp_path / "keys.npy", "--name", "appended")
+    model, base = trained["model_id"], trained["dataset"]["id"]
+    out = cli(data_dir, "embed", "--model", model, "--dataset", base, "--watch", "--json")
+    assert out.returncode == 0, out.stderr
+    set_id = json.loads(out.stdout.splitlines()[-1])["embedding_set_id"]
+    out = cli(data_dir, "embed", "--model", model, "--dataset", added["id"], "--into", set_id,
+              "--watch", "--json")
+    assert out.returncode == 0, out.stderr
+    assert cli_json(data_dir, "embeddings", "show", set_id)["n_items"] == len(images) + 40
+    refused = cli(data_dir, "embed", "--model", model, "--dataset", base, "--into", set_id)
+    assert refused.returncode == 1 and "in embedding set" in refused.stderr
+    assert cli(data_dir, "embeddings", "rm", set_id).returncode == 0
+
+
 def test_upload_a_local_file_with_labels(data_dir, digits, tmp_path):
     images, labels = digits
     np.save(tmp_path / "some.npy", images[:100].reshape(100, -1))
