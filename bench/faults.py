@@ -226,6 +226,7 @@ class Context:
     n_items: int
     log: Callable[[str], None]
     results: list[Trial] = field(default_factory=list)
+    extra_id: int = 0  # the digits again under other keys, for appends
 
 
 def submit_training(ctx: Context, **training: Any) -> int:
@@ -378,6 +379,39 @@ def child_kill_shard(ctx: Context) -> tuple[float, str]:
                ctx.stack.job(job)["progress"] > 0, 90, 0.02)
     at = kill_at(ctx, *ctx.stack.pool())
     return recovery_after(ctx, job, at), check_embedding(ctx, job)
+
+
+def child_kill_append(ctx: Context) -> tuple[float, str]:
+    """Pool children killed while an append writes into a ready set: the append finishes
+    with every item once, and the set stays ready (and searchable) throughout."""
+    base = submit_embedding(ctx)
+    check_embedding(ctx, base)
+    set_id = ctx.stack.job(base)["embedding_set_id"]
+    answer = ctx.stack.request("POST", "/v1/embedding-jobs", json={
+        "model_id": ctx.model_id, "dataset_id": ctx.extra_id, "embedding_set_id": set_id})
+    if answer.status_code != 202:
+        raise TrialFailed(f"the append answered {answer.status_code}: {answer.text}")
+    job = int(answer.json()["id"])
+    wait_until("append shards writing", lambda: ctx.stack.job(job)["status"] == "running" and
+               ctx.stack.job(job)["progress"] > 0, 90, 0.02)
+    at = kill_at(ctx, *ctx.stack.pool())
+    searched = ctx.stack.request("POST", f"/v1/embeddings/{set_id}/search",
+                                 json={"key": "0", "k": 3})
+    if searched.status_code != 200:
+        raise TrialFailed(f"the set was not searchable during the append: {searched.text}")
+    recovery = recovery_after(ctx, job, at)
+    done = finished(ctx, job)
+    if done["status"] != "succeeded":
+        raise TrialFailed(f"the append ended {done['status']}: {done['error']}")
+    want = 2 * ctx.n_items
+    n, unique = ctx.stack.query("SELECT count(*), count(DISTINCT item_index) FROM latents "
+                                "WHERE set_id = :s", s=set_id)[0]
+    status, n_items = ctx.stack.query("SELECT status, n_items FROM embedding_sets "
+                                      "WHERE id = :s", s=set_id)[0]
+    if (n, unique, n_items, status) != (want, want, want, "ready"):
+        raise TrialFailed(f"the set holds {n} rows ({unique} unique), says {n_items}, is "
+                          f"{status}; want {want}, ready")
+    return recovery, f"attempts {done['attempts']}, {n} rows"
 
 
 def index_building(ctx: Context, job_id: int) -> int | None:
@@ -609,6 +643,8 @@ SCENARIOS: dict[str, tuple[Callable[[Context], tuple[float, str]], str]] = {
     "child-kill-train-early": (child_kill_train_early,
                                "pool child SIGKILL in a new worker's first seconds"),
     "child-kill-shard": (child_kill_shard, "pool children SIGKILL during embedding shards"),
+    "child-kill-append": (child_kill_append,
+                          "pool children SIGKILL while an append writes into a set"),
     "child-kill-index": (child_kill_index,
                          "pool children SIGKILL during the index task (set searchable)"),
     "worker-kill": (worker_kill, "whole worker SIGKILL during training"),
@@ -624,13 +660,30 @@ SCENARIOS: dict[str, tuple[Callable[[Context], tuple[float, str]], str]] = {
     "api-kill-arrived": (api_kill_arrived, "API SIGKILL just after an upload arrived"),
     "cancel-embedding": (cancel_embedding, "cancel of an embedding job mid-way"),
 }
-# The full run: pool-child kills 20+10+10+10 = 50, worker kills 10, Redis 10 + 5,
+# The full run: pool-child kills 20+10+10+5+10 = 55, worker kills 10, Redis 10 + 5,
 # PostgreSQL 4 + 3 + 3 = 10.
 FULL = {"child-kill-train": 20, "child-kill-train-early": 10, "child-kill-shard": 10,
-        "child-kill-index": 10, "worker-kill": 10, "child-stop": 5, "redis-kill": 10,
+        "child-kill-append": 5, "child-kill-index": 10, "worker-kill": 10, "child-stop": 5,
+        "redis-kill": 10,
         "redis-stop": 5, "postgres-kill": 4, "postgres-restart-shards": 3,
         "postgres-restart-index": 3, "api-kill-streaming": 5, "api-kill-arrived": 5,
         "cancel-embedding": 5}
+
+
+def _extra_digits(stack: Stack, n: int) -> int:
+    """The digits uploaded again with keys of their own ("x0", ...): a dataset to append."""
+    from sklearn.datasets import load_digits
+
+    images = (load_digits().images / 16.0).astype(np.float32)[:, None]
+    files = {}
+    for name, array in (("file", images), ("keys", np.array([f"x{i}" for i in range(n)]))):
+        buffer = io.BytesIO()
+        np.save(buffer, array, allow_pickle=False)
+        files[name] = (f"{name}.npy", buffer.getvalue(), "application/octet-stream")
+    answer = stack.request("POST", "/v1/datasets", data={"name": "digits-x"}, files=files)
+    if answer.status_code not in (200, 201):
+        raise RuntimeError(f"the extra dataset was refused: {answer.text}")
+    return int(answer.json()["id"])
 
 
 def prepare(stack: Stack, log: Callable[[str], None]) -> Context:
@@ -640,6 +693,7 @@ def prepare(stack: Stack, log: Callable[[str], None]) -> Context:
         "dataset_id": dataset_id, "model": MODEL, "training": {**TRAINING, "epochs": 5}})
     job_id = int(answer.json()["id"])
     ctx = Context(stack, dataset_id, 0, int(dataset.json()["n_items"]), log)
+    ctx.extra_id = _extra_digits(stack, ctx.n_items)
     job = finished(ctx, job_id)
     if job["status"] != "succeeded":
         raise RuntimeError(f"the reference model did not train: {job['error']}")

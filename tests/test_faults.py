@@ -27,4 +27,4 @@ def test_one_trial_of_every_fault_holds(tmp_path):
     import json
 
     trials = json.loads((tmp_path / "trials.json").read_text())
-    assert len(trials) == 14 and all(t["held"] for t in trials)
+    assert len(trials) == 15 and all(t["held"] for t in trials)
