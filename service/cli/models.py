@@ -92,6 +92,16 @@ def models_onnx(model_id: Annotated[str, RefArg("model")],
         out.print(f"{role}: {path}")
 
 
+def _write(output: Path, data: bytes, as_json: bool) -> None:
+    """An answer's bytes to `output`; say where (JSON: path and size)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_bytes(data)
+    if as_json:
+        emit_json({"path": str(output.resolve()), "bytes": len(data)})
+    else:
+        out.print(f"wrote {output.resolve()}")
+
+
 @verb
 def decode(model_id: Annotated[str, RefArg("a ready model's")],
            output: Annotated[Path, typer.Option(
@@ -121,12 +131,7 @@ def decode(model_id: Annotated[str, RefArg("a ready model's")],
         else:
             data = c.post_array(f"/v1/models/{model_id}/sample", accept, json={
                 "n": sample, "seed": seed, "temperature": temperature})
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_bytes(data)
-    if as_json:
-        emit_json({"path": str(output.resolve()), "bytes": len(data)})
-    else:
-        out.print(f"wrote {output.resolve()}")
+    _write(output, data, as_json)
 
 
 @models_app.command("score")
@@ -198,12 +203,7 @@ def models_traverse(model_id: Annotated[str, RefArg("a ready model's")],
         data = c.post_array(f"/v1/models/{model_id}/traverse",
                             "image/png" if suffix == ".png" else "application/json",
                             json={k: v for k, v in body.items() if v is not None})
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_bytes(data)
-    if as_json:
-        emit_json({"path": str(output.resolve()), "bytes": len(data)})
-    else:
-        out.print(f"wrote {output.resolve()}")
+    _write(output, data, as_json)
 
 
 @models_app.command("rm")
