@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.latentbank-installed
 
-.PHONY: install test lint bench faults demo clean
+.PHONY: install test test-system lint bench faults demo clean
 
 install: $(STAMP)
 
@@ -19,9 +19,17 @@ $(STAMP): pyproject.toml Makefile
 	@touch $(STAMP)
 
 # The layer contracts (pyproject's [tool.importlinter]) and ruff first: a broken
-# boundary fails the run before the suite starts.
+# boundary fails the run before the suite starts. Each run gets its own temporary root
+# (kept when it fails): pytest makes its shared default root private (0700) at start,
+# which would cut a concurrent run's PostgreSQL (another user) off its data folder.
+PYTEST := tmp=$$(mktemp -d /tmp/latentbank-test.XXXXXX) && $(PY) -m pytest --basetemp=$$tmp
 test: lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PYTEST) -m "not system" $(PYTEST_ARGS); rc=$$?; [ $$rc -ne 0 ] || rm -rf $$tmp; exit $$rc
+
+# The suites that drive a whole stack from outside for minutes: one trial of every fault
+# and the schemathesis fuzzer. .ci/run runs them after `make test`.
+test-system: $(STAMP)
+	$(PYTEST) -m system $(PYTEST_ARGS); rc=$$?; [ $$rc -ne 0 ] || rm -rf $$tmp; exit $$rc
 
 lint: $(STAMP)
 	$(VENV)/bin/lint-imports --no-cache

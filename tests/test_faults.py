@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.slow, pytest.mark.system, pytest.mark.timeout(1200)]
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from tests.support import Up, cli_json, free_port
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.system, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
