@@ -13,11 +13,13 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 Family = Literal["mlp", "conv"]
-LikelihoodName = Literal["bernoulli", "gaussian"]
+LikelihoodName = Literal["bernoulli", "continuous_bernoulli", "gaussian"]
 Objective = Literal["elbo", "iwae"]
 
 FAMILIES = ("mlp", "conv")
-LIKELIHOODS = ("bernoulli", "gaussian")
+LIKELIHOODS = ("bernoulli", "continuous_bernoulli", "gaussian")
+BINARIZE = ("none", "static", "dynamic")
+DEQUANTIZE = ("none", "uniform")
 OBJECTIVES = ("elbo", "iwae")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -80,8 +82,16 @@ class VAEConfig:
     `hidden` lists layer widths (mlp) or channel counts of stride-2 convolutions (conv).
     For `gaussian`, `gaussian_scale` is `learned` (one log-scale per data dimension,
     floored at `min_log_scale`) or `fixed` (`fixed_log_scale` everywhere).
+    `continuous_bernoulli` is the Bernoulli with its normalising constant: a density on
+    [0, 1] (Loaiza-Ganem & Cunningham, 2019).
     `beta` weights the KL term of the training objective (beta-VAE); reported ELBOs
     always use beta = 1.
+
+    What the model sees (models/transforms.py): `binarize` (`bernoulli` only) is `static`
+    (one binary copy drawn with `data_seed`) or `dynamic` (drawn anew each training
+    epoch, evaluated on the `data_seed` copy); `dequantize: uniform` (`gaussian` or
+    `continuous_bernoulli`) takes integer data 0 .. `levels` - 1 to (x + u) / levels and
+    reports the discrete data's log-probability.
     """
 
     input_shape: tuple[int, ...]
@@ -93,6 +103,10 @@ class VAEConfig:
     fixed_log_scale: float = 0.0
     min_log_scale: float = -4.0
     beta: float = 1.0
+    binarize: Literal["none", "static", "dynamic"] = "none"
+    dequantize: Literal["none", "uniform"] = "none"
+    levels: int = 256
+    data_seed: int = 0
 
     def __post_init__(self) -> None:
         # JSON gives lists; store tuples so the config is hashable and immutable.
@@ -115,6 +129,17 @@ class VAEConfig:
         _check_float("fixed_log_scale", self.fixed_log_scale, low=-20.0, high=20.0)
         _check_float("min_log_scale", self.min_log_scale, low=-20.0, high=20.0)
         _check_float("beta", self.beta, low=0.0, high=1e4)
+        _check_choice("binarize", self.binarize, BINARIZE)
+        _check_choice("dequantize", self.dequantize, DEQUANTIZE)
+        _check_int("levels", self.levels, low=2, high=1 << 16)
+        _check_int("data_seed", self.data_seed, low=0, high=2**63 - 1)
+        if self.binarize != "none" and self.likelihood != "bernoulli":
+            _fail("binarize", f"binarises data for the bernoulli likelihood; got likelihood "
+                  f"{self.likelihood!r} (use 'bernoulli', or binarize 'none')")
+        if self.dequantize != "none" and self.likelihood == "bernoulli":
+            _fail("dequantize", "makes integer data continuous for a density "
+                  "('gaussian' or 'continuous_bernoulli'); bernoulli takes binary data "
+                  "(use binarize instead)")
         if self.family == "conv":
             if len(self.input_shape) != 3:
                 _fail("input_shape", "the conv family needs (C, H, W) items; "
@@ -130,6 +155,16 @@ class VAEConfig:
     @property
     def input_size(self) -> int:
         return math.prod(self.input_shape)
+
+    def likelihood_kind(self, data_is_binary: bool) -> str:
+        """Which figure log p(x) is for data like the training data: `discrete` (the
+        probability of binary or dequantised integer data; bits/dim apply), `density` (a
+        density of continuous data) or `unnormalised` (Bernoulli on grey data: not a
+        likelihood of anything, comparable with nothing published)."""
+        if self.dequantize != "none" or (self.likelihood == "bernoulli" and (
+                self.binarize != "none" or data_is_binary)):
+            return "discrete"
+        return "unnormalised" if self.likelihood == "bernoulli" else "density"
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -147,11 +182,17 @@ class TrainConfig:
     """How to train: optimiser, schedule, objective, evaluation and device.
 
     `objective` is `elbo` (with beta, linear KL warm-up over `kl_warmup_epochs` and
-    optional `free_bits` nats per latent dimension) or `iwae` (the IWAE bound with
-    `iwae_samples` samples). `eval_importance_samples` is K of the per-epoch
-    validation log p(x) estimate, `importance_samples` the K of the final held-out
-    evaluation (0 skips it). `early_stopping_patience` counts epochs without a
-    validation-ELBO gain of more than `min_delta` nats.
+    optional `free_bits` nats per latent dimension; its reconstruction term averages
+    `elbo_samples` draws) or `iwae` (the IWAE bound with `iwae_samples` samples).
+    `lr_schedule` is `constant` or `cosine` (from `lr` down to `lr * lr_final` at the last
+    step, by step count, so a resumed run follows the same curve). `init_from_data` starts
+    the decoder's output bias at the training data's per-value mean (its log-odds for the
+    Bernoulli kinds) and a learned Gaussian scale at the data's spread, so the first steps
+    fit the codes rather than the average item (bench/likelihood.py measures its effect).
+    `eval_importance_samples` is K of the per-epoch validation log p(x) estimate,
+    `importance_samples` the K of the final held-out evaluation (0 skips it).
+    `early_stopping_patience` counts epochs without a validation-ELBO gain of more than
+    `min_delta` nats.
     """
 
     epochs: int = 20
@@ -164,7 +205,11 @@ class TrainConfig:
     early_stopping_patience: int | None = None
     min_delta: float = 0.0
     objective: Objective = "elbo"
+    elbo_samples: int = 1
     iwae_samples: int = 5
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_final: float = 0.1
+    init_from_data: bool = True
     kl_warmup_epochs: int = 0
     free_bits: float = 0.0
     eval_importance_samples: int = 16
@@ -188,7 +233,12 @@ class TrainConfig:
                 _fail("early_stopping_patience", "needs a validation split (val_fraction > 0)")
         _check_float("min_delta", self.min_delta, low=0.0)
         _check_choice("objective", self.objective, OBJECTIVES)
+        _check_int("elbo_samples", self.elbo_samples, low=1, high=10_000)
         _check_int("iwae_samples", self.iwae_samples, low=1, high=10_000)
+        _check_choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        _check_float("lr_final", self.lr_final, low=0.0, high=1.0)
+        if not isinstance(self.init_from_data, bool):
+            _fail("init_from_data", f"must be true or false, got {self.init_from_data!r}")
         _check_int("kl_warmup_epochs", self.kl_warmup_epochs, low=0)
         _check_float("free_bits", self.free_bits, low=0.0, high=100.0)
         _check_int("eval_importance_samples", self.eval_importance_samples, low=0, high=100_000)

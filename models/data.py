@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from models.config import VAEConfig
+from models.transforms import is_binary, prepare, value_problem
 
 SCAN_CHUNK_BYTES = 64 << 20
 
@@ -47,6 +48,7 @@ class DataStats:
     n_items: int
     minimum: float
     maximum: float
+    binary: bool  # every value is 0 or 1
 
 
 def validate_array(array: np.ndarray, config: VAEConfig) -> DataStats:
@@ -70,7 +72,7 @@ def validate_array(array: np.ndarray, config: VAEConfig) -> DataStats:
         else:
             raise DataError(f"item shape {list(item_shape)} does not match the model's "
                             f"input_shape {list(config.input_shape)}")
-    lo, hi = np.inf, -np.inf
+    lo, hi, binary = np.inf, -np.inf, True
     for start, chunk in scan_chunks(array):
         flat = chunk.reshape(chunk.shape[0], -1)
         # NaN and infinities propagate into min/max, so one pass checks both; the
@@ -80,12 +82,11 @@ def validate_array(array: np.ndarray, config: VAEConfig) -> DataStats:
             bad = start + int(np.argmin(np.isfinite(flat).all(axis=1)))
             raise DataError(f"data has non-finite values (NaN or infinity) at item {bad}")
         lo, hi = min(lo, c_lo), max(hi, c_hi)
-        if config.likelihood == "bernoulli" and (c_lo < 0.0 or c_hi > 1.0):
-            bad = start + int(np.argmax(((flat < 0) | (flat > 1)).any(axis=1)))
-            raise DataError("the bernoulli likelihood needs values in [0, 1]; "
-                            f"item {bad} has values in [{flat[bad - start].min():g}, "
-                            f"{flat[bad - start].max():g}] (scale the data, or use 'gaussian')")
-    return DataStats(n_items=int(array.shape[0]), minimum=lo, maximum=hi)
+        problem = value_problem(flat, config)
+        if problem is not None:
+            raise DataError(problem[1].format(item=start + problem[0]))
+        binary = binary and is_binary(flat)
+    return DataStats(n_items=int(array.shape[0]), minimum=lo, maximum=hi, binary=binary)
 
 
 def split_indices(n_items: int, val_fraction: float, seed: int,
@@ -118,13 +119,25 @@ def gather_rows(array: np.ndarray, rows: np.ndarray, config: VAEConfig) -> torch
     return torch.from_numpy(batch)
 
 
+def model_rows(array: np.ndarray, rows: np.ndarray, config: VAEConfig,
+               noise_seed: int | None = None) -> torch.Tensor:
+    """`gather_rows`, then what the model sees of them (models.transforms.prepare: the
+    evaluation copy of binarised or dequantised data unless `noise_seed` is given)."""
+    batch = gather_rows(array, rows, config)
+    if config.binarize == "none" and config.dequantize == "none":
+        return batch
+    return torch.from_numpy(prepare(batch.numpy(), rows, config, noise_seed))
+
+
 def iter_batches(array: np.ndarray, rows: np.ndarray, batch_size: int, config: VAEConfig,
-                 rng: np.random.Generator | None = None) -> Iterator[torch.Tensor]:
-    """Batches of `rows`, shuffled by `rng` when given, in order otherwise."""
+                 rng: np.random.Generator | None = None, noise_seed: int | None = None,
+                 ) -> Iterator[torch.Tensor]:
+    """Batches of `rows` as the model sees them (`model_rows`), shuffled by `rng` when
+    given, in order otherwise."""
     if rng is not None:
         rows = rows[rng.permutation(len(rows))]
     for start in range(0, len(rows), batch_size):
-        yield gather_rows(array, rows[start:start + batch_size], config)
+        yield model_rows(array, rows[start:start + batch_size], config, noise_seed)
 
 
 def load_digits_dataset() -> tuple[np.ndarray, np.ndarray]:

@@ -1,9 +1,11 @@
 """Per-item evaluation of a trained VAE over a dataset, in nats.
 
 For each item: ELBO, reconstruction E_q[log p(x|z)], KL(q(z|x) || p(z)) and, with
-K > 0 importance samples, log p(x) ~ logmeanexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)].
+K > 0 importance samples, log p(x) ~ logmeanexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)]
+with its Monte-Carlo standard error and the weights' effective sample size.
 Over the set: mean KL per latent dimension and active units (Burda et al., 2016:
-dimension d is active when Var_x(E_q[z_d]) > 0.01).
+dimension d is active when Var_x(E_q[z_d]) > 0.01; an inactive one has collapsed to the
+prior).
 """
 
 from __future__ import annotations
@@ -16,15 +18,20 @@ import torch
 
 from models.config import VAEConfig
 from models.data import iter_batches
+from models.transforms import bits_per_dim
 from models.vae import VAE, elbo_terms, log_px_importance
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 QUANTILE_LEVELS = np.round(np.linspace(0.0, 0.5, 1001), 6)  # steps of 0.0005
+CONVERGENCE_K = (1, 10, 100, 1000)  # the held-out summary's log p(x) at these K
+COLLAPSE_WARNING_SHARE = 0.5  # warn when more than this share of dimensions collapsed
 
 
 @dataclass
 class Evaluation:
-    """Per-item arrays (N,) float64 and set-level statistics. `log_px` is None when K = 0."""
+    """Per-item arrays (N,) float64 and set-level statistics. The log p(x) fields are None
+    when K = 0 (the standard error also when K = 1); `log_px_at` maps smaller K to the
+    nested estimates from the first K of the same draws."""
 
     elbo: np.ndarray
     reconstruction: np.ndarray
@@ -33,10 +40,26 @@ class Evaluation:
     kl_per_dim: np.ndarray  # (D,) mean over items
     mu_variance: np.ndarray  # (D,) Var over items of E_q[z_d]
     importance_samples: int
+    item_size: int = 0
+    log_px_se: np.ndarray | None = None
+    ess: np.ndarray | None = None
+    log_px_at: dict[int, np.ndarray] | None = None
 
     @property
     def active_units(self) -> int:
         return int((self.mu_variance > ACTIVE_UNIT_THRESHOLD).sum())
+
+    @property
+    def collapsed_dims(self) -> list[int]:
+        """Latent dimensions whose posterior mean no longer depends on the item."""
+        return [int(d) for d in np.flatnonzero(self.mu_variance <= ACTIVE_UNIT_THRESHOLD)]
+
+    def mean_standard_error(self) -> float | None:
+        """The Monte-Carlo standard error of the mean log p(x) over the items (the items'
+        draws are independent): sqrt(sum se_i^2) / N."""
+        if self.log_px_se is None:
+            return None
+        return float(np.sqrt(np.sum(self.log_px_se ** 2)) / len(self.log_px_se))
 
     def quantiles(self) -> dict[str, object]:
         """The lower half of the held-out distribution of log p(x) (ELBO when K = 0),
@@ -48,14 +71,26 @@ class Evaluation:
                 "n_items": len(values), "levels": QUANTILE_LEVELS.tolist(),
                 "values": np.quantile(values, QUANTILE_LEVELS).tolist()}
 
-    def summary(self) -> dict[str, float | int | None]:
-        """Means over items (nats; ELBO and log p(x) higher is better)."""
+    def summary(self) -> dict[str, object]:
+        """Means over items (nats; ELBO and log p(x) higher is better), the Monte-Carlo
+        error of the mean log p(x), the weights' mean and smallest ESS, the nested
+        estimates at smaller K, and bits per dimension of the best figure (log p(x), else
+        the ELBO; meaningful for `discrete` likelihoods)."""
+        log_px = float(self.log_px.mean()) if self.log_px is not None else None
+        best = log_px if log_px is not None else float(self.elbo.mean())
         return {
             "n_items": int(self.elbo.shape[0]),
             "elbo": float(self.elbo.mean()),
             "reconstruction": float(self.reconstruction.mean()),
             "kl": float(self.kl.mean()),
-            "log_px": float(self.log_px.mean()) if self.log_px is not None else None,
+            "log_px": log_px,
+            "log_px_se": self.mean_standard_error(),
+            "ess_mean": float(self.ess.mean()) if self.ess is not None else None,
+            "ess_min": float(self.ess.min()) if self.ess is not None else None,
+            "log_px_by_k": ({str(k): float(v.mean()) for k, v in sorted(
+                self.log_px_at.items())} if self.log_px_at else None),
+            "bits_per_dim": (float(bits_per_dim(best, self.item_size))
+                             if self.item_size else None),
             "importance_samples": self.importance_samples,
             "active_units": self.active_units,
         }
@@ -64,13 +99,15 @@ class Evaluation:
 @torch.no_grad()
 def evaluate(model: VAE, array: np.ndarray, rows: np.ndarray, *, importance_samples: int,
              batch_size: int = 512, seed: int = 0, device: str | torch.device = "cpu",
-             elbo_samples: int = 1,
+             elbo_samples: int = 1, at: tuple[int, ...] = (),
              on_batch: Callable[[int, int], None] | None = None) -> Evaluation:
-    """Evaluate `model` on `array[rows]`, reproducibly for a given `seed`.
+    """Evaluate `model` on `array[rows]` (as the model sees them: the evaluation copy of
+    binarised or dequantised data), reproducibly for a given `seed`.
 
     With K = `importance_samples` > 0 the ELBO terms average the same K draws that
-    estimate log p(x); with K = 0 they average `elbo_samples` draws.
-    `on_batch(done, total)` reports progress in items.
+    estimate log p(x); with K = 0 they average `elbo_samples` draws. `at` lists smaller
+    K whose nested log p(x) estimates are kept too. `on_batch(done, total)` reports
+    progress in items.
     """
     config: VAEConfig = model.config
     was_training = model.training
@@ -80,6 +117,10 @@ def evaluate(model: VAE, array: np.ndarray, rows: np.ndarray, *, importance_samp
     n = len(rows)
     out = {name: np.empty(n, dtype=np.float64) for name in ("elbo", "reconstruction", "kl")}
     log_px = np.empty(n, dtype=np.float64) if importance_samples > 0 else None
+    log_px_se = np.empty(n, dtype=np.float64) if importance_samples > 1 else None
+    ess = np.empty(n, dtype=np.float64) if importance_samples > 0 else None
+    stops = [s for s in at if 0 < s < importance_samples]
+    log_px_at = {s: np.empty(n, dtype=np.float64) for s in stops}
     kl_dims = torch.zeros(config.latent_dim, dtype=torch.float64)
     mu_sum = torch.zeros(config.latent_dim, dtype=torch.float64)
     mu_sq_sum = torch.zeros(config.latent_dim, dtype=torch.float64)
@@ -88,9 +129,16 @@ def evaluate(model: VAE, array: np.ndarray, rows: np.ndarray, *, importance_samp
         for x in iter_batches(array, rows, batch_size, config):
             x = x.to(device)
             if importance_samples > 0:
-                est = log_px_importance(model, x, importance_samples, generator)
+                est = log_px_importance(model, x, importance_samples, generator,
+                                        at=tuple(stops))
                 terms, mu = est, est.mu
-                log_px[done:done + len(x)] = est.log_px.double().cpu().numpy()  # type: ignore[index]
+                span = slice(done, done + len(x))
+                log_px[span] = est.log_px.double().cpu().numpy()  # type: ignore[index]
+                ess[span] = est.ess.double().cpu().numpy()  # type: ignore[index]
+                if log_px_se is not None and est.log_px_se is not None:
+                    log_px_se[span] = est.log_px_se.double().cpu().numpy()
+                for s_k, values in log_px_at.items():
+                    values[span] = est.at[s_k].double().cpu().numpy()
             else:
                 terms = elbo_terms(model, x, elbo_samples, generator)
                 mu, _ = model.encode(x)
@@ -107,5 +155,9 @@ def evaluate(model: VAE, array: np.ndarray, rows: np.ndarray, *, importance_samp
         model.train(was_training)
     mean_mu = mu_sum / max(n, 1)
     mu_variance = (mu_sq_sum / max(n, 1) - mean_mu.square()).clamp(min=0)
+    if log_px_at:
+        log_px_at[importance_samples] = log_px  # type: ignore[assignment]
     return Evaluation(out["elbo"], out["reconstruction"], out["kl"], log_px,
-                      (kl_dims / max(n, 1)).numpy(), mu_variance.numpy(), importance_samples)
+                      (kl_dims / max(n, 1)).numpy(), mu_variance.numpy(), importance_samples,
+                      item_size=config.input_size, log_px_se=log_px_se, ess=ess,
+                      log_px_at=log_px_at or None)

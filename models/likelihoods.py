@@ -1,7 +1,9 @@
 """Decoder likelihoods p(x|z): log-densities in nats, summed over the item's dimensions.
 
-`loc` is the decoder's output, shaped like the data: Bernoulli logits or Gaussian means.
-Leading dimensions broadcast, so `x` of shape `(B, *item)` scores `loc` of `(K, B, *item)`.
+`loc` is the decoder's output, shaped like the data: (continuous) Bernoulli logits or
+Gaussian means. Leading dimensions broadcast, so `x` of shape `(B, *item)` scores `loc` of
+`(K, B, *item)`. A density fitted to dequantised data adds `-D log L`
+(models/transforms.py), so its figures are log-probabilities of the integer data.
 """
 
 from __future__ import annotations
@@ -13,8 +15,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from models.config import VAEConfig
+from models.transforms import dequantization_offset
 
 LOG_2PI = math.log(2 * math.pi)
+LOG_2 = math.log(2.0)
+CB_TAYLOR_BELOW = 0.1  # |logit| below which log C uses its series
+CB_MEAN_TAYLOR_BELOW = 0.5  # and below which the mean does
 
 
 class Bernoulli(nn.Module):
@@ -38,6 +44,73 @@ class Bernoulli(nn.Module):
     def mean(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits)
 
+    def location_of(self, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """The logits whose probabilities are the data's per-value means."""
+        p = mean.clamp(1e-3, 1 - 1e-3)
+        return torch.log(p) - torch.log1p(-p)
+
+
+def cb_log_normalizer(logits: torch.Tensor) -> torch.Tensor:
+    """log C(l) of the continuous Bernoulli with lambda = sigmoid(l), elementwise.
+
+    C(lambda) = 2 atanh(1 - 2 lambda) / (1 - 2 lambda) = l / tanh(l / 2), an even function
+    of l equal to 2 at l = 0, where the closed form is 0/0: below |l| = 0.1 its series
+    log 2 + l^2/12 - 7 l^4/1440 + 62 l^6/181440 is used (the next term is below 1e-12).
+    Elsewhere log|l| - log tanh(|l| / 2), with log tanh(a/2) = log(-expm1(-a)) - log1p(e^-a).
+    """
+    a = logits.abs()
+    small = a < CB_TAYLOR_BELOW
+    safe = torch.where(small, 1.0, a)  # no 0/0 (nor a NaN gradient) in the unused branch
+    exact = safe.log() - torch.log(-torch.expm1(-safe)) + torch.log1p(torch.exp(-safe))
+    a2 = a.square()
+    series = LOG_2 + a2 / 12 - 7 * a2.square() / 1440 + 62 * a2 * a2.square() / 181440
+    return torch.where(small, series, exact)
+
+
+def cb_mean(logits: torch.Tensor) -> torch.Tensor:
+    """E[x] of the continuous Bernoulli: 1 / (1 - e^-l) - 1 / l, which is lambda-like but
+    not lambda. Below |l| = 0.5 the closed form cancels (and is 0/0 at 0, where the mean is
+    1/2): there its series 1/2 + l/12 - l^3/720 + l^5/30240 - l^7/1209600 (next term below
+    1e-10). Written with exp, not expm1, so the exported graph needs no newer opset."""
+    small = logits.abs() < CB_MEAN_TAYLOR_BELOW
+    safe = torch.where(small, 1.0, logits)  # a scalar: no shape fixed into the export
+    exact = 1.0 / (1.0 - torch.exp(-safe)) - 1.0 / safe
+    l2 = logits.square()
+    series = 0.5 + logits * (1 / 12 + l2 * (-1 / 720 + l2 * (1 / 30240 - l2 / 1209600)))
+    return torch.where(small, series, exact)
+
+
+class ContinuousBernoulli(nn.Module):
+    """p(x|z) = C(lambda) lambda^x (1 - lambda)^(1 - x) on x in [0, 1], lambda = sigmoid(l):
+    the Bernoulli made a true density by its normalising constant (Loaiza-Ganem &
+    Cunningham, 2019). The decoder exports its mean (not lambda) and lambda as `probs`."""
+
+    name = "continuous_bernoulli"
+    output_names = ("mean", "probs")
+
+    def __init__(self, config: VAEConfig) -> None:
+        super().__init__()
+        self.item_dims = tuple(range(-len(config.input_shape), 0))
+        self.offset = (dequantization_offset(config.input_size, config.levels)
+                       if config.dequantize != "none" else 0.0)
+
+    def log_prob(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return (x * logits - F.softplus(logits) + cb_log_normalizer(logits)).sum(
+            self.item_dims) + self.offset
+
+    def parameters_of(self, logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """`(mean, probs)`: E[x] and lambda."""
+        return cb_mean(logits), torch.sigmoid(logits)
+
+    def mean(self, logits: torch.Tensor) -> torch.Tensor:
+        return cb_mean(logits)
+
+    def location_of(self, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """Logits whose lambda is the data's mean (lambda, not the CB's mean, is close to
+        it away from 1/2 and equal at 1/2: a start, not a fit)."""
+        p = mean.clamp(1e-3, 1 - 1e-3)
+        return torch.log(p) - torch.log1p(-p)
+
 
 class Gaussian(nn.Module):
     """p(x|z) = N(x; mean, diag(exp(log_scale))^2): a per-dimension scale, learned or fixed.
@@ -54,6 +127,8 @@ class Gaussian(nn.Module):
         self.item_dims = tuple(range(-len(config.input_shape), 0))
         self.min_log_scale = config.min_log_scale
         self.learned = config.gaussian_scale == "learned"
+        self.offset = (dequantization_offset(config.input_size, config.levels)
+                       if config.dequantize != "none" else 0.0)
         init = torch.full(config.input_shape, float(config.fixed_log_scale))
         if self.learned:
             self.log_scale_param = nn.Parameter(torch.zeros(config.input_shape))
@@ -68,7 +143,8 @@ class Gaussian(nn.Module):
     def log_prob(self, x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
         log_scale = self.log_scale()
         standardized = (x - mean) * torch.exp(-log_scale)
-        return (-0.5 * standardized.square() - log_scale - 0.5 * LOG_2PI).sum(self.item_dims)
+        return (-0.5 * standardized.square() - log_scale - 0.5 * LOG_2PI).sum(
+            self.item_dims) + self.offset
 
     def parameters_of(self, mean: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The distribution's parameters as exported: `(mean, log_scale)`, both batch-shaped."""
@@ -77,8 +153,18 @@ class Gaussian(nn.Module):
     def mean(self, mean: torch.Tensor) -> torch.Tensor:
         return mean
 
+    @torch.no_grad()
+    def location_of(self, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """The data's per-value means; a learned scale also starts at the data's spread."""
+        if self.learned:
+            self.log_scale_param.copy_(torch.log(std.clamp(min=1e-6)).clamp(
+                min=self.min_log_scale))
+        return mean
+
 
 def build_likelihood(config: VAEConfig) -> nn.Module:
     if config.likelihood == "bernoulli":
         return Bernoulli(len(config.input_shape))
+    if config.likelihood == "continuous_bernoulli":
+        return ContinuousBernoulli(config)
     return Gaussian(config)

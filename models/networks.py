@@ -90,6 +90,18 @@ class ConvDecoder(nn.Module):
         return self.body(self.stem(z).unflatten(-1, self.start_shape))
 
 
+@torch.no_grad()
+def set_output_bias(decoder: nn.Module, loc: torch.Tensor) -> None:
+    """Start the decoder's last layer at `loc` (item-shaped): the likelihood's location for
+    a code that carries nothing yet. An MLP's bias is per value; a transposed convolution's
+    is per channel, so it gets the channel's mean of `loc`."""
+    last = decoder.body[-1]
+    if isinstance(last, nn.Linear):
+        last.bias.copy_(loc.reshape(-1).to(last.bias.dtype))
+    else:
+        last.bias.copy_(loc.reshape(loc.shape[0], -1).mean(1).to(last.bias.dtype))
+
+
 def build_encoder(config: VAEConfig) -> nn.Module:
     return MLPEncoder(config) if config.family == "mlp" else ConvEncoder(config)
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from models.checkpoint import Checkpoint
 from models.config import TrainConfig, VAEConfig
-from models.evaluate import Evaluation, evaluate
+from models.evaluate import COLLAPSE_WARNING_SHARE, CONVERGENCE_K, Evaluation, evaluate
 from models.export import ExportedModel, export_vae
 from models.trainer import Callback, CheckpointEachEpoch, Trainer, TrainResult
 
@@ -32,6 +32,30 @@ class PipelineResult:
     onnx: dict[str, ExportedModel]
     checkpoint_path: str
     summary: dict[str, Any]
+
+
+LIKELIHOOD_NOTES = {
+    "discrete": "log-probabilities (nats) of discrete data (binary, binarised, or integer "
+                "data under uniform dequantisation: a lower bound); bits/dim apply",
+    "density": "log-densities (nats) of continuous data: comparable between models of the "
+               "same data, not with discrete likelihoods or bits/dim tables",
+    "unnormalised": "NOT a normalised likelihood: a Bernoulli decoder on data that is not "
+                    "binary (x log p + (1 - x) log(1 - p) for grey x); comparable with "
+                    "nothing published. Use binarize 'static'/'dynamic' or the "
+                    "continuous_bernoulli likelihood",
+}
+
+
+def collapse_report(heldout: Evaluation, latent_dim: int) -> dict[str, Any]:
+    """Which latent dimensions collapsed to the prior on the held-out split, and a warning
+    naming the knobs when most did."""
+    dims = heldout.collapsed_dims
+    warning = None
+    if len(dims) > COLLAPSE_WARNING_SHARE * latent_dim:
+        warning = (f"{len(dims)} of {latent_dim} latent dimensions collapsed (posterior = "
+                   "prior): try KL warm-up (training.kl_warmup_epochs), free bits "
+                   "(training.free_bits), a smaller beta, or a smaller latent_dim")
+    return {"collapsed_dims": dims, "n_collapsed": len(dims), "warning": warning}
 
 
 def train_evaluate_export(data: np.ndarray, model_config: VAEConfig, train_config: TrainConfig,
@@ -49,15 +73,19 @@ def train_evaluate_export(data: np.ndarray, model_config: VAEConfig, train_confi
     heldout = evaluate(result.model, data, rows,
                        importance_samples=train_config.importance_samples,
                        batch_size=train_config.eval_batch_size, seed=train_config.seed,
-                       device=result.device)
+                       device=result.device, at=CONVERGENCE_K)
     eval_seconds = time.perf_counter() - started
     onnx_files = export_vae(result.model, out_dir)
     n_train_samples = len(result.train_rows) * (result.epochs_run - (
         resume.progress.get("epoch", 0) if resume else 0))
+    kind = model_config.likelihood_kind(result.data_binary)
     summary = {
         "heldout_split": "val" if len(result.val_rows) else "train",
         **{f"heldout_{k}": v for k, v in heldout.summary().items()},
+        "likelihood_kind": kind,
+        "likelihood_note": LIKELIHOOD_NOTES[kind],
         "kl_per_dim": heldout.kl_per_dim.tolist(),
+        "collapse": collapse_report(heldout, model_config.latent_dim),
         "heldout_quantiles": heldout.quantiles(),
         "epochs_run": result.epochs_run,
         "best_epoch": result.best_epoch,

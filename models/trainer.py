@@ -23,7 +23,9 @@ import torch
 from models.checkpoint import Checkpoint, CheckpointError, save_checkpoint
 from models.config import ConfigError, TrainConfig, VAEConfig
 from models.data import iter_batches, split_indices, validate_array
-from models.evaluate import evaluate
+from models.evaluate import COLLAPSE_WARNING_SHARE, evaluate
+from models.networks import set_output_bias
+from models.transforms import training_seed
 from models.vae import VAE, beta_elbo_loss, elbo_terms, iwae_bound
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,7 @@ class TrainResult:
     val_rows: np.ndarray
     device: str
     seconds: float
+    data_binary: bool = False  # every training value was 0 or 1
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -98,6 +101,16 @@ def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
     """A 63-bit seed for one (seed, epoch, stream) triple."""
     return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1, np.uint64)[0]
                >> np.uint64(1))
+
+
+def collapse_warning(active_units: int | None, latent_dim: int) -> str:
+    """A progress-message suffix when most latent dimensions have collapsed to the prior
+    (inactive on the validation split), naming the knobs that help; else ''."""
+    if active_units is None or latent_dim - active_units <= COLLAPSE_WARNING_SHARE * latent_dim:
+        return ""
+    return (f"; warning: {latent_dim - active_units} of {latent_dim} latent dimensions "
+            "collapsed (posterior = prior): try KL warm-up (training.kl_warmup_epochs), "
+            "free bits (training.free_bits), a smaller beta or latent_dim")
 
 
 class Trainer:
@@ -184,10 +197,12 @@ class Trainer:
     def fit(self, data: np.ndarray, resume: Checkpoint | None = None) -> TrainResult:
         """Train on `data` (N, *input_shape), an array or a read-only memory map."""
         cfg = self.config
-        validate_array(data, self.model_config)
+        stats = validate_array(data, self.model_config)
         train_rows, val_rows = split_indices(len(data), cfg.val_fraction, cfg.seed)
         if resume is not None:
             self.restore(resume)
+        elif cfg.init_from_data and self.epoch == 0:
+            self._init_from_data(data, train_rows)
         steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
         total_steps = steps_per_epoch * cfg.epochs
         warmup_steps = cfg.kl_warmup_epochs * steps_per_epoch
@@ -209,10 +224,12 @@ class Trainer:
             rng = np.random.default_rng(_epoch_seed(cfg.seed, self.epoch, 0))
             noise = torch.Generator(device=self.device).manual_seed(
                 _epoch_seed(cfg.seed, self.epoch, 1))
-            for x in self._device_batches(data, train_rows, rng):
+            noise_seed = training_seed(self.model_config, cfg.seed, self.epoch)
+            for x in self._device_batches(data, train_rows, rng, noise_seed):
                 if any(cb.should_cancel() for cb in self.callbacks):
                     raise TrainingCancelled(f"cancelled during epoch {self.epoch + 1}")
                 beta = self._beta(warmup_steps)
+                self._set_lr(total_steps)
                 _, terms = self._train_step(x, beta, noise)
                 sums += terms  # loss * n, reconstruction, kl: one add per step
                 self.step += 1
@@ -233,19 +250,48 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_epoch_end(self, rows)
             self._report(start_step, total_steps, started, time.perf_counter(),
-                         f"epoch {self.epoch}/{cfg.epochs} done")
+                         f"epoch {self.epoch}/{cfg.epochs} done" + collapse_warning(
+                             rows[-1]["active_units"], self.model_config.latent_dim))
         if stopped_early and self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         self.model.eval()
         return TrainResult(self.model, self.history, self.epoch, self.best_epoch, stopped_early,
                            train_rows, val_rows, str(self.device),
-                           time.perf_counter() - started)
+                           time.perf_counter() - started, data_binary=stats.binary)
 
-    def _device_batches(self, data: np.ndarray, rows: np.ndarray,
-                        rng: np.random.Generator) -> Iterator[torch.Tensor]:
+    def _init_from_data(self, data: np.ndarray, rows: np.ndarray) -> None:
+        """The decoder's output starts at the training items' mean (models.networks
+        .set_output_bias), read in batches as the model sees them (float64 sums)."""
+        total = torch.zeros(self.model_config.input_shape, dtype=torch.float64)
+        squares = torch.zeros_like(total)
+        for x in iter_batches(data, rows, max(self.config.eval_batch_size, 1024),
+                              self.model_config):
+            x64 = x.double()
+            total += x64.sum(0)
+            squares += x64.square().sum(0)
+        mean = total / len(rows)
+        std = (squares / len(rows) - mean.square()).clamp(min=0).sqrt()
+        loc = self.model.likelihood.location_of(mean.float(), std.float())
+        set_output_bias(self.model.decoder, loc)
+        self.model.to(self.device)
+
+    def _device_batches(self, data: np.ndarray, rows: np.ndarray, rng: np.random.Generator,
+                        noise_seed: int | None) -> Iterator[torch.Tensor]:
         pin = self.device.type == "cuda"
-        for x in iter_batches(data, rows, self.config.batch_size, self.model_config, rng):
+        for x in iter_batches(data, rows, self.config.batch_size, self.model_config, rng,
+                              noise_seed):
             yield (x.pin_memory() if pin else x).to(self.device, non_blocking=pin)
+
+    def _set_lr(self, total_steps: int) -> None:
+        """The schedule's learning rate for the step about to run (a function of the step
+        count only, so resuming restores it)."""
+        cfg = self.config
+        if cfg.lr_schedule == "constant":
+            return
+        done = min(1.0, self.step / max(1, total_steps - 1))
+        lr = cfg.lr * (cfg.lr_final + (1 - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * done)))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     def _beta(self, warmup_steps: int) -> float:
         if warmup_steps <= 0:
@@ -264,7 +310,7 @@ class Trainer:
                 with torch.no_grad():
                     terms = elbo_terms(self.model, x, 1, noise)
             else:
-                terms = elbo_terms(self.model, x, 1, noise)
+                terms = elbo_terms(self.model, x, cfg.elbo_samples, noise)
                 loss = beta_elbo_loss(terms, beta, cfg.free_bits)
         if self.scaler.is_enabled():  # fp16 on CUDA: scaled loss, unscaled gradients
             self.scaler.scale(loss).backward()
@@ -308,7 +354,8 @@ class Trainer:
         loss, rec, kl = (float(v) / n for v in sums)
         elbo = rec - kl
         return {"epoch": self.epoch, "split": "train", "loss": loss, "elbo": elbo,
-                "reconstruction": rec, "kl": kl, "log_px": None, "importance_samples": 0,
+                "reconstruction": rec, "kl": kl, "log_px": None, "log_px_se": None,
+                "ess": None, "importance_samples": 0,
                 "beta": beta, "lr": self.optimizer.param_groups[0]["lr"],
                 "active_units": None, "seconds": time.perf_counter() - started}
 
@@ -321,6 +368,7 @@ class Trainer:
         s = result.summary()
         return {"epoch": self.epoch, "split": "val", "loss": None, "elbo": s["elbo"],
                 "reconstruction": s["reconstruction"], "kl": s["kl"], "log_px": s["log_px"],
+                "log_px_se": s["log_px_se"], "ess": s["ess_mean"],
                 "importance_samples": k, "beta": 1.0,
                 "lr": self.optimizer.param_groups[0]["lr"],
                 "active_units": s["active_units"], "seconds": time.perf_counter() - started}

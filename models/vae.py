@@ -137,15 +137,59 @@ def iwae_bound(model: VAE, x: torch.Tensor, k: int,
 
 @dataclass
 class ImportanceEstimate:
-    """Per-item (B,): log p(x) ~ logmeanexp_k log w_k, and the ELBO terms from the same draws."""
+    """Per-item (B,): log p(x) ~ logmeanexp_k log w_k with its Monte-Carlo standard error
+    and the weights' effective sample size, the ELBO terms from the same draws, and
+    log p(x) after the first k draws for each k of `at` (nested: the same draws)."""
 
     log_px: torch.Tensor
+    log_px_se: torch.Tensor | None  # None with K = 1
+    ess: torch.Tensor
     elbo: torch.Tensor
     reconstruction: torch.Tensor
     kl: torch.Tensor
     kl_per_dim: torch.Tensor
     mu: torch.Tensor
     logvar: torch.Tensor
+    at: dict[int, torch.Tensor]
+
+
+class WeightMoments:
+    """Streaming sums over importance weights in log space, per item: the largest log
+    weight m, S1 = sum exp(log w - m) and S2 = sum exp(2 (log w - m)), rescaled whenever
+    m grows, so any K fits and nothing overflows.
+
+    From them: log p(x) ~ m + log(S1 / K); the delta method's standard error of that
+    estimate, sqrt(Var(w) / K) / mean(w) with the unbiased variance; and the effective
+    sample size (sum w)^2 / sum w^2 (K when all weights are equal, 1 when one dominates).
+    """
+
+    def __init__(self, batch: int, like: torch.Tensor) -> None:
+        self.m = torch.full((batch,), -math.inf, device=like.device, dtype=like.dtype)
+        self.s1 = torch.zeros(batch, device=like.device, dtype=like.dtype)
+        self.s2 = torch.zeros_like(self.s1)
+        self.k = 0
+
+    def add(self, log_w: torch.Tensor) -> None:
+        """log_w (n, B)."""
+        m = torch.maximum(self.m, log_w.max(0).values)
+        scale = torch.exp(self.m - m)  # 0 on the first add (exp(-inf))
+        w = torch.exp(log_w - m)
+        self.s1 = self.s1 * scale + w.sum(0)
+        self.s2 = self.s2 * scale.square() + w.square().sum(0)
+        self.m, self.k = m, self.k + log_w.shape[0]
+
+    def log_mean(self) -> torch.Tensor:
+        return self.m + torch.log(self.s1 / self.k)
+
+    def standard_error(self) -> torch.Tensor | None:
+        if self.k < 2:
+            return None
+        mean = self.s1 / self.k
+        var = ((self.s2 - self.s1.square() / self.k) / (self.k - 1)).clamp(min=0)
+        return torch.sqrt(var / self.k) / mean
+
+    def ess(self) -> torch.Tensor:
+        return self.s1.square() / self.s2
 
 
 @torch.no_grad()
@@ -153,13 +197,16 @@ def log_px_importance(model: VAE, x: torch.Tensor, k: int,
                       generator: torch.Generator | None = None,
                       max_elements: int = 1 << 22,
                       encoded: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      at: tuple[int, ...] = (),
                       ) -> ImportanceEstimate:
     """Importance-sampled log p(x) with K samples from q, chunked over K.
 
     Each chunk decodes at most about `max_elements` output values, so K = 5000 fits in
-    bounded memory whatever the batch. The log-sum-exp is accumulated across chunks, so
-    the result equals the unchunked estimate. The reconstruction term averages the same
-    K draws; the KL is closed form. `encoded` = (mu, logvar) skips the encoder.
+    bounded memory whatever the batch; the weights' moments are accumulated across
+    chunks (WeightMoments), so the result equals the unchunked estimate. The
+    reconstruction term averages the same K draws; the KL is closed form. `encoded` =
+    (mu, logvar) skips the encoder. `at` lists smaller K (< k) whose nested estimates
+    from the first draws are reported too (to show the bound converge).
     """
     if k < 1:
         raise ValueError(f"importance samples must be >= 1, got {k}")
@@ -167,17 +214,21 @@ def log_px_importance(model: VAE, x: torch.Tensor, k: int,
     mu, logvar = at_least_float32(mu), at_least_float32(logvar)
     batch = x.shape[0]
     chunk = max(1, min(k, max_elements // max(1, batch * model.config.input_size)))
-    running_lse = torch.full((batch,), -math.inf, device=mu.device, dtype=mu.dtype)
+    stops = sorted({s for s in at if 0 < s < k})
+    moments = WeightMoments(batch, mu)
     rec_sum = torch.zeros(batch, device=mu.device, dtype=mu.dtype)
-    done = 0
-    while done < k:
-        n = min(chunk, k - done)
+    nested: dict[int, torch.Tensor] = {}
+    while moments.k < k:
+        n = min(chunk, k - moments.k, *(s - moments.k for s in stops if s > moments.k))
         log_w, log_px_z = iwae_log_weights(model, x, n, generator, encoded=(mu, logvar))
-        running_lse = torch.logaddexp(running_lse, torch.logsumexp(log_w, dim=0))
+        moments.add(log_w)
         rec_sum += log_px_z.sum(0)
-        done += n
+        if moments.k in stops:
+            nested[moments.k] = moments.log_mean()
+    nested[k] = log_px = moments.log_mean()
     kl_per_dim = kl_normal_std(mu, logvar)
     kl = kl_per_dim.sum(-1)
     reconstruction = rec_sum / k
-    return ImportanceEstimate(running_lse - math.log(k), reconstruction - kl, reconstruction,
-                              kl, kl_per_dim, mu, logvar)
+    return ImportanceEstimate(log_px, moments.standard_error(), moments.ess(),
+                              reconstruction - kl, reconstruction, kl, kl_per_dim, mu, logvar,
+                              nested)

@@ -266,8 +266,8 @@ def finish(db: Database, job_id: int, owner: str, status: str, *, error: str | N
                 embedding_set=embedding_set)
 
 
-METRIC_COLUMNS = ("elbo", "reconstruction", "kl", "log_px", "importance_samples", "loss",
-                  "beta", "lr", "active_units", "seconds")
+METRIC_COLUMNS = ("elbo", "reconstruction", "kl", "log_px", "log_px_se", "ess",
+                  "importance_samples", "loss", "beta", "lr", "active_units", "seconds")
 
 
 def record_epochs(db: Database, job_id: int, owner: str, model_id: int,

@@ -59,7 +59,8 @@ Metric = Literal["l2", "cosine"]
 OPERATORS = {"l2": "<->", "cosine": "<=>"}
 OPCLASSES = {"l2": "vector_l2_ops", "cosine": "vector_cosine_ops"}
 COPY_COLUMNS = ("set_id, item_index, dataset_id, dataset_index, mu, logvar, elbo, "
-                "reconstruction, kl, log_px")
+                "reconstruction, kl, log_px, log_px_se, ess")
+OPTIONAL = ("log_px", "log_px_se", "ess")  # NULL when not given (K = 0; se also at K = 1)
 PGCOPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
 PGCOPY_TRAILER = (-1).to_bytes(2, "big", signed=True)
 EF_CANDIDATES = (40, 80, 160, 320, 640, 1000)
@@ -88,7 +89,7 @@ def get_set(db: Database, set_id: int) -> EmbeddingSet:
 
 # -- bulk writes -------------------------------------------------------------------------
 
-def _copy_dtype(dim: int, with_log_px: bool) -> np.dtype:
+def _copy_dtype(dim: int, present: tuple[bool, ...]) -> np.dtype:
     """One PGCOPY binary row: field count, then (length, value) per column, big-endian."""
     fields: list[tuple[str, Any]] = [("nfields", ">i2")]
     for name, kind in (("set_id", ">i8"), ("item_index", ">i8"), ("dataset_id", ">i8"),
@@ -99,20 +100,21 @@ def _copy_dtype(dim: int, with_log_px: bool) -> np.dtype:
                    (name, ">f4", (dim,))]
     for name in ("elbo", "reconstruction", "kl"):
         fields += [(f"{name}_len", ">i4"), (name, ">f8")]
-    fields += [("log_px_len", ">i4")]
-    if with_log_px:
-        fields += [("log_px", ">f8")]
+    for name, given in zip(OPTIONAL, present, strict=True):
+        fields += [(f"{name}_len", ">i4")] + ([(name, ">f8")] if given else [])
     return np.dtype(fields)
 
 
 def copy_rows(set_id: int, first_index: int, mu: np.ndarray, logvar: np.ndarray,
               elbo: np.ndarray, reconstruction: np.ndarray, kl: np.ndarray,
-              log_px: np.ndarray | None, part: tuple[int, int] = (0, 0)) -> bytes:
+              log_px: np.ndarray | None, part: tuple[int, int] = (0, 0),
+              log_px_se: np.ndarray | None = None, ess: np.ndarray | None = None) -> bytes:
     """The PGCOPY binary body (no header) of one chunk of latents; `part` is the items'
     (dataset id, first position in the set)."""
     n, dim = mu.shape
-    rows = np.empty(n, dtype=_copy_dtype(dim, log_px is not None))
-    rows["nfields"] = 10
+    optional = (log_px, log_px_se, ess)
+    rows = np.empty(n, dtype=_copy_dtype(dim, tuple(v is not None for v in optional)))
+    rows["nfields"] = 12
     rows["set_id_len"], rows["set_id"] = 8, set_id
     rows["item_index_len"], rows["item_index"] = 8, np.arange(first_index, first_index + n)
     rows["dataset_id_len"], rows["dataset_id"] = 8, part[0]
@@ -123,10 +125,11 @@ def copy_rows(set_id: int, first_index: int, mu: np.ndarray, logvar: np.ndarray,
         rows[name] = values
     for name, values in (("elbo", elbo), ("reconstruction", reconstruction), ("kl", kl)):
         rows[f"{name}_len"], rows[name] = 8, values
-    if log_px is None:
-        rows["log_px_len"] = -1  # NULL
-    else:
-        rows["log_px_len"], rows["log_px"] = 8, log_px
+    for name, values in zip(OPTIONAL, optional, strict=True):
+        if values is None:
+            rows[f"{name}_len"] = -1  # NULL
+        else:
+            rows[f"{name}_len"], rows[name] = 8, values
     return rows.tobytes()
 
 
@@ -168,7 +171,8 @@ def latent_writer(db: Database, set_id: int, first_index: int, n_rows: int,
     """Stream one shard, items `first_index .. first_index + n_rows - 1`, into one COPY.
 
     Idempotent per shard: in one transaction the shard's rows are deleted, then the
-    chunks given to `write(mu, logvar, elbo, reconstruction, kl, log_px=None)` are
+    chunks given to `write(mu, logvar, elbo, reconstruction, kl, log_px=None,
+    log_px_se=None, ess=None)` are
     COPYed as they come (the server parses them while the caller computes the next),
     and the transaction commits only if exactly `n_rows` rows were written. Writing a
     shard twice therefore leaves one row per item; a failure leaves the previous state.
@@ -189,16 +193,17 @@ def latent_writer(db: Database, set_id: int, first_index: int, n_rows: int,
 
             def write(mu: np.ndarray, logvar: np.ndarray, elbo: np.ndarray,
                       reconstruction: np.ndarray, kl: np.ndarray,
-                      log_px: np.ndarray | None = None) -> None:
+                      log_px: np.ndarray | None = None, log_px_se: np.ndarray | None = None,
+                      ess: np.ndarray | None = None) -> None:
                 nonlocal written
                 mu = _check_chunk(mu, {"logvar": logvar, "elbo": elbo,
                                        "reconstruction": reconstruction, "kl": kl,
-                                       "log_px": log_px})
+                                       "log_px": log_px, "log_px_se": log_px_se, "ess": ess})
                 if written + len(mu) > n_rows:
                     raise InvalidInput(f"shard of {n_rows} rows got {written + len(mu)}")
                 copy.write(copy_rows(set_id, first_index + written, mu,
                                      np.asarray(logvar, np.float32), elbo, reconstruction, kl,
-                                     log_px, part))
+                                     log_px, part, log_px_se, ess))
                 written += len(mu)
 
             yield write
@@ -667,13 +672,14 @@ def get_item(db: Database, set_id: int, key: str) -> dict[str, Any]:
     with db.engine.connect() as conn:
         row = conn.execute(text(
             "SELECT l.item_index, i.key, i.label, i.metadata, l.mu::text, l.logvar::text, "
-            f"l.elbo, l.reconstruction, l.kl, l.log_px FROM {_BY_KEY} AND i.key = :key"),
-            {"s": set_id, "key": key}).first()
+            f"l.elbo, l.reconstruction, l.kl, l.log_px, l.log_px_se, l.ess FROM {_BY_KEY} "
+            "AND i.key = :key"), {"s": set_id, "key": key}).first()
     if row is None:
         raise NotFound(f"embedding set {set_id} has no item with key {key!r}")
     return {"index": int(row[0]), "key": row[1], "label": row[2], "metadata": row[3],
             "mu": parse_vector(row[4]), "logvar": parse_vector(row[5]), "elbo": row[6],
-            "reconstruction": row[7], "kl": row[8], "log_px": row[9]}
+            "reconstruction": row[7], "kl": row[8], "log_px": row[9], "log_px_se": row[10],
+            "ess": row[11]}
 
 
 def outliers(db: Database, set_id: int, k: int = 10) -> list[Hit]:
@@ -699,8 +705,8 @@ def export_pages(db: Database, set_id: int, page_rows: int = 10_000,
         with db.engine.connect() as conn:
             rows = conn.execute(text(
                 "SELECT l.item_index, i.key, i.label, l.mu::text, l.logvar::text, l.elbo, "
-                "l.reconstruction, l.kl, l.log_px FROM latents l JOIN items i "
-                "ON i.dataset_id = l.dataset_id AND i.index = l.dataset_index "
+                "l.reconstruction, l.kl, l.log_px, l.log_px_se, l.ess FROM latents l "
+                "JOIN items i ON i.dataset_id = l.dataset_id AND i.index = l.dataset_index "
                 "WHERE l.set_id = :s AND l.item_index > :after "
                 "ORDER BY l.item_index LIMIT :n"),
                 {"s": set_id, "after": after, "n": page_rows}).all()
@@ -708,8 +714,8 @@ def export_pages(db: Database, set_id: int, page_rows: int = 10_000,
             return
         yield [{"index": int(r[0]), "key": r[1], "label": r[2],
                 "mu": parse_vector(r[3]).tolist(), "logvar": parse_vector(r[4]).tolist(),
-                "elbo": r[5], "reconstruction": r[6], "kl": r[7], "log_px": r[8]}
-               for r in rows]
+                "elbo": r[5], "reconstruction": r[6], "kl": r[7], "log_px": r[8],
+                "log_px_se": r[9], "ess": r[10]} for r in rows]
         after = int(rows[-1][0])
 
 
@@ -738,11 +744,15 @@ def labelled_sample(db: Database, dataset_id: int, n: int, salt: str) -> list[tu
 
 
 def set_statistics(db: Database, set_id: int) -> dict[str, Any]:
-    """The set's row count and the means of its per-item figures (nats per item)."""
+    """The set's row count, the means of its per-item figures (nats per item), the
+    Monte-Carlo standard error of the mean log p(x) (sqrt(sum se^2) / n: the items' draws
+    are independent) and the mean and smallest ESS of the importance weights."""
     with db.engine.connect() as conn:
         row = conn.execute(text("SELECT count(*), avg(elbo), avg(reconstruction), avg(kl), "
-                                "avg(log_px) FROM latents WHERE set_id = :s"),
+                                "avg(log_px), sqrt(sum(log_px_se ^ 2)) / count(log_px_se), "
+                                "avg(ess), min(ess) FROM latents WHERE set_id = :s"),
                            {"s": set_id}).one()
     mean = [None if v is None else float(v) for v in row[1:]]
     return {"n_items": int(row[0]), "mean_elbo": mean[0], "mean_reconstruction": mean[1],
-            "mean_kl": mean[2], "mean_log_px": mean[3]}
+            "mean_kl": mean[2], "mean_log_px": mean[3], "mean_log_px_se": mean[4],
+            "ess_mean": mean[5], "ess_min": mean[6]}

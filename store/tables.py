@@ -167,6 +167,8 @@ class TrainingMetric(Base):
     reconstruction: Mapped[float] = mapped_column(Double)
     kl: Mapped[float] = mapped_column(Double)
     log_px: Mapped[float | None] = mapped_column(Double)
+    log_px_se: Mapped[float | None] = mapped_column(Double)  # Monte-Carlo error of log_px
+    ess: Mapped[float | None] = mapped_column(Double)  # mean effective sample size
     importance_samples: Mapped[int] = mapped_column(Integer, server_default="0")
     loss: Mapped[float | None] = mapped_column(Double)
     beta: Mapped[float] = mapped_column(Double)
@@ -239,6 +241,8 @@ class Latent(Base):
     reconstruction: Mapped[float] = mapped_column(Double)
     kl: Mapped[float] = mapped_column(Double)
     log_px: Mapped[float | None] = mapped_column(Double)
+    log_px_se: Mapped[float | None] = mapped_column(Double)  # Monte-Carlo error of log_px
+    ess: Mapped[float | None] = mapped_column(Double)  # the importance weights' ESS
 
 
 ALIAS_PATTERN = r"^[a-z][a-z0-9_.-]{0,62}$"

@@ -7,7 +7,10 @@ index is valid the set says `index_status: building` and searches scan exactly.
 
 Codes come from the model's verified ONNX encoder through onnxruntime on CPU (the same
 file the API serves, so stored codes equal served ones), or from torch on CUDA. The
-per-item ELBO terms and log p(x) use the model's torch decoder and models/ bounds.
+per-item ELBO terms and log p(x) (with its Monte-Carlo standard error and the weights'
+effective sample size) use the model's torch decoder and models/ bounds. Items are
+encoded as the model sees them: the evaluation copy of binarised or dequantised data
+(models/transforms.py, keyed by the item's dataset row).
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ import numpy as np
 import torch
 
 from models.checkpoint import load_model
+from models.config import VAEConfig
 from models.data import gather_rows
+from models.transforms import is_binary, prepare
 from models.vae import VAE, elbo_terms, log_px_importance
 from store.datasets import dataset_array, get_dataset
 from store.jobs import LeaseLost, count_done, finish, get_job, lease_guard
@@ -96,14 +101,14 @@ def embed_rows(model: VAE, session: Any, x: np.ndarray, importance_samples: int,
         encoded = model.encode(xt)
     if importance_samples > 0:
         est = log_px_importance(model, xt, importance_samples, generator, encoded=encoded)
-        terms, log_px = est, est.log_px.cpu().numpy().astype(np.float64)
+        terms = est
+        extra = {"log_px": est.log_px, "log_px_se": est.log_px_se, "ess": est.ess}
     else:
-        terms, log_px = elbo_terms(model, xt, 1, generator, encoded=encoded), None
+        terms, extra = elbo_terms(model, xt, 1, generator, encoded=encoded), {}
     out = {"mu": encoded[0].float().cpu().numpy(), "logvar": encoded[1].float().cpu().numpy(),
            **{k: getattr(terms, k).cpu().numpy().astype(np.float64)
               for k in ("elbo", "reconstruction", "kl")}}
-    if log_px is not None:
-        out["log_px"] = log_px
+    out |= {k: v.cpu().numpy().astype(np.float64) for k, v in extra.items() if v is not None}
     return out
 
 
@@ -151,6 +156,9 @@ def run_shard(ctx: Context, job_id: int, set_id: int, start: int, stop: int,
         generator = torch.Generator(device=next(model.parameters()).device).manual_seed(
             set_id * 1_000_003 + start)  # a re-run shard draws the same noise
         rows = np.arange(start - offset, stop - offset)  # the dataset's own indices
+        # a Bernoulli model on grey data reports figures that are no likelihood: say so
+        check_binary = model.config.likelihood == "bernoulli" and model.config.binarize == "none"
+        binary = True
         # Each chunk goes into the open COPY as soon as it is computed: the database parses
         # it while the next chunk is encoded, and memory holds one chunk, not the shard.
         try:
@@ -160,10 +168,13 @@ def run_shard(ctx: Context, job_id: int, set_id: int, start: int, stop: int,
                     if lease.cancelled:  # cancelled or lost: the transaction rolls back
                         lease.check()
                         raise ShardCancelled
-                    x = gather_rows(data, rows[a:a + CHUNK_ROWS], model.config).numpy()
-                    out = embed_rows(model, session, x, es.importance_samples, generator)
+                    chunk = rows[a:a + CHUNK_ROWS]
+                    x = gather_rows(data, chunk, model.config).numpy()
+                    binary = binary and (not check_binary or is_binary(x))
+                    out = embed_rows(model, session, prepare(x, chunk, model.config),
+                                     es.importance_samples, generator)
                     write(out["mu"], out["logvar"], out["elbo"], out["reconstruction"],
-                          out["kl"], out.get("log_px"))
+                          out["kl"], out.get("log_px"), out.get("log_px_se"), out.get("ess"))
         except ShardCancelled:
             return {"cancelled": True, "worker": socket.gethostname()}
         with contextlib.suppress(LeaseLost):  # the finishing task will notice
@@ -172,7 +183,8 @@ def run_shard(ctx: Context, job_id: int, set_id: int, start: int, stop: int,
             done = min(done, total)  # a re-run shard counts again
             lease.report(0.95 * done / total, f"{done}/{total} items embedded")
             lease.beat()
-    return {"rows": stop - start, "worker": socket.gethostname() + f":{os.getpid()}"}
+    return {"rows": stop - start, "worker": socket.gethostname() + f":{os.getpid()}",
+            "binary": binary}
 
 
 def knn_label_accuracy(ctx: Context, set_id: int, sample: int = KNN_SAMPLE, k: int = 10,
@@ -191,6 +203,13 @@ def knn_label_accuracy(ctx: Context, set_id: int, sample: int = KNN_SAMPLE, k: i
             votes = Counter(h.label for h in answer.hits if h.label is not None)
             hits += bool(votes) and votes.most_common(1)[0][0] == label
     return hits / len(keys)
+
+
+def _kind(ctx: Context, model_id: int, results: list[dict[str, Any]]) -> str:
+    """Which figure the set's log p(x) is (VAEConfig.likelihood_kind) for the data the
+    shards saw."""
+    config = VAEConfig.from_dict(get_model(ctx.db, model_id).config["model"])
+    return config.likelihood_kind(all(r.get("binary", True) for r in results))
 
 
 def finish_set(ctx: Context, job_id: int, set_id: int, owner: str,
@@ -214,7 +233,8 @@ def finish_set(ctx: Context, job_id: int, set_id: int, owner: str,
         analyze(ctx.db, "latents")  # the planner sees the new rows before the first search
         lease.check()
     stats |= {"shards": len(results),
-              "workers": dict(Counter(r.get("worker", "?") for r in results))}
+              "workers": dict(Counter(r.get("worker", "?") for r in results)),
+              "likelihood_kind": _kind(ctx, es.model_id, results)}
     if stats["n_items"] != es.n_items:  # never mark a short set ready
         raise RuntimeError(f"set {set_id} holds {stats['n_items']} rows, not {es.n_items}")
     finish(ctx.db, job_id, owner, "succeeded",
@@ -245,6 +265,9 @@ def _finish_append(ctx: Context, job_id: int, set_id: int, owner: str,
         raise RuntimeError(f"set {set_id} holds {stats['n_items']} rows, not {want}")
     old = get_set(ctx.db, set_id).stats or {}
     stats |= {k: old[k] for k in ("knn_label_accuracy", "index") if k in old}
+    kind = _kind(ctx, get_set(ctx.db, set_id).model_id, results)
+    stats["likelihood_kind"] = "unnormalised" if "unnormalised" in (
+        kind, old.get("likelihood_kind")) else kind
     stats["appends"] = int(old.get("appends", 0)) + 1
     finish(ctx.db, job_id, owner, "succeeded",
            message=f"{append['n_items']} items appended; the set holds {want}",

@@ -23,7 +23,7 @@ from models.checkpoint import CheckpointError, load_checkpoint
 from models.config import ConfigError, TrainConfig, VAEConfig
 from models.data import DataError
 from models.pipeline import train_evaluate_export
-from models.trainer import Callback, Progress, Trainer, TrainingCancelled
+from models.trainer import Callback, Progress, Trainer, TrainingCancelled, collapse_warning
 from store.artifacts import model_key
 from store.datasets import dataset_array, get_dataset
 from store.db import is_transient
@@ -85,7 +85,8 @@ class JobCallback(Callback):
             self.last_val = f" · val ELBO {val[0]['elbo']:.2f}"
             if val[0]["log_px"] is not None:
                 self.last_val += f" · log p(x) {val[0]['log_px']:.2f}"
-            self.last_val += f" (epoch {trainer.epoch})"
+            self.last_val += f" (epoch {trainer.epoch})" + collapse_warning(
+                val[0]["active_units"], trainer.model_config.latent_dim)
 
     def should_cancel(self) -> bool:
         return self.lease.cancelled
@@ -156,7 +157,8 @@ def _train(ctx: Context, job_id: int, params: dict[str, Any], model_id: int, att
         ctx.artifacts.put_file(exported.path, key)
         uris[role] = (ctx.artifacts.uri(key), exported.sha256)
     retry_transient(lambda: finish(
-        ctx.db, job_id, lease.owner, "succeeded", message="model ready", model={
+        ctx.db, job_id, lease.owner, "succeeded", message=ready_message(result.summary),
+        model={
             "summary": result.summary,
             "encoder_uri": uris["encoder"][0], "encoder_sha256": uris["encoder"][1],
             "decoder_uri": uris["decoder"][0], "decoder_sha256": uris["decoder"][1]}),
@@ -164,6 +166,19 @@ def _train(ctx: Context, job_id: int, params: dict[str, Any], model_id: int, att
     log.info("training succeeded job_id=%d model_id=%d heldout_log_px=%s", job_id, model_id,
              result.summary.get("heldout_log_px"))
     return {"outcome": "succeeded", "model_id": model_id}
+
+
+def ready_message(summary: dict[str, Any]) -> str:
+    """The finished job's message: ready, with the collapse warning and a note when the
+    figures are no normalised likelihood."""
+    message = "model ready"
+    warning = (summary.get("collapse") or {}).get("warning")
+    if warning:
+        message += f"; warning: {warning}"
+    if summary.get("likelihood_kind") == "unnormalised":
+        message += ("; note: a Bernoulli decoder on grey data, so log p(x) is not a "
+                    "normalised likelihood (binarize or continuous_bernoulli makes it one)")
+    return message
 
 
 def _failed(ctx: Context, job_id: int, owner: str, error: str) -> dict[str, Any]:

@@ -24,8 +24,10 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from models.config import VAEConfig
+from models.transforms import prepare, value_problem
 from store.artifacts import ArtifactStore
-from store.errors import Conflict
+from store.errors import Conflict, InvalidInput
 
 
 @dataclass
@@ -282,11 +284,26 @@ class Inference:
 
 
 def decoder_mean(outputs: dict[str, np.ndarray]) -> np.ndarray:
-    """The decoder's mean: Bernoulli probabilities or Gaussian means."""
-    for name in ("probs", "mean"):
+    """The decoder's mean: Gaussian or continuous-Bernoulli means (`mean`; the latter's
+    `probs` is its parameter lambda, not its mean), Bernoulli probabilities (`probs`)."""
+    for name in ("mean", "probs"):
         if name in outputs:
             return outputs[name]
-    raise Conflict("the decoder has neither a 'probs' nor a 'mean' output")
+    raise Conflict("the decoder has neither a 'mean' nor a 'probs' output")
+
+
+def model_view(x: np.ndarray, model_config: dict[str, Any]) -> np.ndarray:
+    """Items as the model sees them: binarised or dequantised (models/transforms.py) with
+    the model's `data_seed`, item i of the request keyed as row i, so the same request
+    always gets the same answer; unchanged for models without a transform. Values the
+    transform cannot take are a 422 naming the first such item."""
+    config = VAEConfig.from_dict(model_config)
+    if config.binarize == "none" and config.dequantize == "none":
+        return x
+    problem = value_problem(x.reshape(len(x), -1), config)
+    if problem is not None:
+        raise InvalidInput(problem[1].format(item=problem[0]))
+    return prepare(x, np.arange(len(x)), config)
 
 
 def slerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:

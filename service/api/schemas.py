@@ -185,6 +185,10 @@ class MetricRow(BaseModel):
     reconstruction: float
     kl: float
     log_px: float | None = None
+    log_px_se: float | None = Field(
+        None, description="Monte-Carlo standard error of the mean log p(x) over the split")
+    ess: float | None = Field(None, description="the importance weights' mean effective "
+                                                "sample size (1 to importance_samples)")
     importance_samples: int
     loss: float | None = None
     beta: float
@@ -226,6 +230,9 @@ class ItemOut(BaseModel):
     reconstruction: float
     kl: float
     log_px: float | None = None
+    log_px_se: float | None = Field(None, description="Monte-Carlo standard error of log_px")
+    ess: float | None = Field(None, description="the importance weights' effective sample "
+                                                "size (1 to the set's importance_samples)")
 
 
 class SearchFilterIn(BaseModel):
@@ -407,6 +414,13 @@ class ScoreOut(BaseModel):
         None, description="its Monte-Carlo standard error, from the importance weights")
     ess: list[float] | None = Field(
         None, description="effective sample size of the importance weights (1 to K)")
+    likelihood_kind: Literal["discrete", "density", "unnormalised"] = Field(
+        description="which figure log p(x) and the ELBO are: 'discrete' (log-probability of "
+                    "binary, binarised or dequantised integer data; bits/dim apply), "
+                    "'density' (of continuous data), 'unnormalised' (a Bernoulli decoder on "
+                    "grey items: no likelihood)")
+    bits_per_dim: list[float] | None = Field(
+        None, description="-log p(x) / (D ln 2) (the ELBO's when K = 0): 'discrete' only")
     threshold: ScoreThreshold | None = None
     is_outlier: list[bool] | None = None
 

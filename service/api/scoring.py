@@ -17,7 +17,10 @@ far below K says the estimate and its error bar are not to be trusted.
 
 A Bernoulli decoder exports probabilities, not logits, so each pixel's log-probability
 is floored at log(2^-24) = -16.6 nats (float32 cannot hold a probability nearer 1): it
-differs from torch's only where the decoder is that sure and wrong.
+differs from torch's only where the decoder is that sure and wrong. The continuous
+Bernoulli adds its log normalising constant log C(lambda), computed from the logit
+l = log(lambda / (1 - lambda)) as in models/likelihoods.py (its series near l = 0), and a
+density of dequantised data adds -D log L (models/transforms.py).
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+from models.config import VAEConfig
+from models.transforms import dequantization_offset
 
 LOG_2PI = math.log(2 * math.pi)
 P_FLOOR = 2.0 ** -24
@@ -49,18 +55,35 @@ class Scores:
     ess: np.ndarray | None = None
 
 
-def log_px_given_z(x: np.ndarray, params: dict[str, np.ndarray], likelihood: str,
+def cb_log_normalizer(logits: np.ndarray) -> np.ndarray:
+    """log C of the continuous Bernoulli at logit l: log(l / tanh(l / 2)), log 2 at 0."""
+    a = np.abs(logits)
+    small = a < 0.1
+    safe = np.where(small, 1.0, a)
+    exact = np.log(safe) - np.log(-np.expm1(-safe)) + np.log1p(np.exp(-safe))
+    a2 = a ** 2
+    return np.where(small, math.log(2.0) + a2 / 12 - 7 * a2 ** 2 / 1440
+                    + 62 * a2 ** 3 / 181440, exact)
+
+
+def log_px_given_z(x: np.ndarray, params: dict[str, np.ndarray], config: VAEConfig,
                    ) -> np.ndarray:
     """log p(x|z) per row of the decoder's outputs (rows, *item) -> (rows,), float64."""
     axes = tuple(range(1, x.ndim))
     x64 = x.astype(np.float64)
-    if likelihood == "bernoulli":
+    if config.likelihood in ("bernoulli", "continuous_bernoulli"):
         p = np.clip(params["probs"].astype(np.float64), P_FLOOR, 1.0 - P_FLOOR)
-        return (x64 * np.log(p) + (1.0 - x64) * np.log1p(-p)).sum(axis=axes)
-    mean = params["mean"].astype(np.float64)
-    log_scale = params["log_scale"].astype(np.float64)
-    standardized = (x64 - mean) * np.exp(-log_scale)
-    return (-0.5 * standardized ** 2 - log_scale - 0.5 * LOG_2PI).sum(axis=axes)
+        log_p = x64 * np.log(p) + (1.0 - x64) * np.log1p(-p)
+        if config.likelihood == "continuous_bernoulli":
+            log_p += cb_log_normalizer(np.log(p) - np.log1p(-p))
+    else:
+        mean = params["mean"].astype(np.float64)
+        log_scale = params["log_scale"].astype(np.float64)
+        standardized = (x64 - mean) * np.exp(-log_scale)
+        log_p = -0.5 * standardized ** 2 - log_scale - 0.5 * LOG_2PI
+    offset = (dequantization_offset(config.input_size, config.levels)
+              if config.dequantize != "none" else 0.0)
+    return log_p.sum(axis=axes) + offset
 
 
 def kl_closed_form(mu: np.ndarray, logvar: np.ndarray) -> np.ndarray:
@@ -70,7 +93,7 @@ def kl_closed_form(mu: np.ndarray, logvar: np.ndarray) -> np.ndarray:
 
 
 def score(decode: Decoder, x: np.ndarray, mu: np.ndarray, logvar: np.ndarray,
-          likelihood: str, importance_samples: int, rng: np.random.Generator) -> Scores:
+          config: VAEConfig, importance_samples: int, rng: np.random.Generator) -> Scores:
     """ELBO terms of each item from `max(1, K)` posterior draws and, with K > 0, its
     importance-sampled log p(x) with standard error and effective sample size (the ELBO
     terms average the same K draws, as an embedding job's do)."""
@@ -89,7 +112,7 @@ def score(decode: Decoder, x: np.ndarray, mu: np.ndarray, logvar: np.ndarray,
         z = mu64 + sigma * eps  # (n, B, D)
         out = decode(z.reshape(n * batch, dim).astype(np.float32))
         tiled = np.broadcast_to(x[None], (n, *x.shape)).reshape(n * batch, *x.shape[1:])
-        lik = log_px_given_z(tiled, out, likelihood).reshape(n, batch)
+        lik = log_px_given_z(tiled, out, config).reshape(n, batch)
         log_prior = -0.5 * (LOG_2PI + z ** 2).sum(-1)
         log_q = -0.5 * (LOG_2PI + logvar64 + eps ** 2).sum(-1)  # (z - mu)^2 / sigma^2 = eps^2
         log_lik[a:a + n], log_w[a:a + n] = lik, lik + log_prior - log_q

@@ -16,9 +16,11 @@ MAX_SWEEP = 64
 
 
 def training_config(dataset_item_shape: list[int], model: dict[str, Any],
-                    training: dict[str, Any]) -> dict[str, Any]:
-    """The normalised configuration of a training request for a dataset's items
-    (InvalidInput naming what is wrong)."""
+                    training: dict[str, Any],
+                    value_range: tuple[float, float] | None = None) -> dict[str, Any]:
+    """The normalised configuration of a training request for a dataset's items, whose
+    values lie in `value_range` when given (InvalidInput naming what is wrong; the worker
+    checks every value again, this refuses at once what the range already rules out)."""
     if not isinstance(model, dict) or not isinstance(training, dict):
         raise InvalidInput("'model' and 'training' must be objects")
     spec = {"input_shape": list(dataset_item_shape), **model}
@@ -31,6 +33,16 @@ def training_config(dataset_item_shape: list[int], model: dict[str, Any],
             model_cfg.family == "mlp" and math.prod(item) == model_cfg.input_size):
         raise InvalidInput(f"model.input_shape {list(model_cfg.input_shape)} does not fit the "
                            f"dataset's items {list(item)}")
+    if value_range is not None:
+        lo, hi = value_range
+        if model_cfg.dequantize != "none" and (lo < 0 or hi > model_cfg.levels - 1):
+            raise InvalidInput(f"model.dequantize: uniform dequantisation takes integers 0 .. "
+                               f"{model_cfg.levels - 1} (levels {model_cfg.levels}); the "
+                               f"dataset's values lie in [{lo:g}, {hi:g}]")
+        if (model_cfg.dequantize == "none" and model_cfg.likelihood != "gaussian"
+                and (lo < 0 or hi > 1)):
+            raise InvalidInput(f"model.likelihood: {model_cfg.likelihood} needs values in "
+                               f"[0, 1]; the dataset's values lie in [{lo:g}, {hi:g}]")
     return {"model": model_cfg.to_dict(), "training": train_cfg.to_dict()}
 
 
@@ -53,7 +65,8 @@ def expand_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
 
 
 def sweep_configs(dataset_item_shape: list[int], model: dict[str, Any],
-                  training: dict[str, Any], grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+                  training: dict[str, Any], grid: dict[str, list[Any]],
+                  value_range: tuple[float, float] | None = None) -> list[dict[str, Any]]:
     """One normalised configuration per grid point; all are validated before any is used."""
     configs = []
     for overrides in expand_grid(grid):
@@ -61,5 +74,5 @@ def sweep_configs(dataset_item_shape: list[int], model: dict[str, Any],
         for name, value in overrides.items():
             section, _, field = name.partition(".")
             (m if section == "model" else t)[field] = value
-        configs.append(training_config(dataset_item_shape, m, t))
+        configs.append(training_config(dataset_item_shape, m, t, value_range))
     return configs

@@ -91,7 +91,13 @@ def train(
     latent_dim: Annotated[int | None, typer.Option(help="latent dimensions")] = None,
     hidden: Annotated[str | None, typer.Option(help="hidden widths, e.g. 256,128")] = None,
     likelihood: Annotated[str | None, typer.Option(
-        help="bernoulli or gaussian")] = None,
+        help="bernoulli, continuous_bernoulli or gaussian")] = None,
+    binarize: Annotated[str | None, typer.Option(
+        help="bernoulli on grey data: static (one binary copy) or dynamic (re-drawn each "
+             "epoch)")] = None,
+    dequantize: Annotated[int | None, typer.Option(
+        help="integer data 0..L-1: uniform dequantisation with L levels (e.g. 256); "
+             "log p(x) and bits/dim of the discrete data")] = None,
     beta: Annotated[float | None, typer.Option(help="KL weight")] = None,
     epochs: Annotated[int | None, typer.Option()] = None,
     batch_size: Annotated[int | None, typer.Option()] = None,
@@ -114,6 +120,9 @@ def train(
     flags = {"model.family": family, "model.latent_dim": latent_dim,
              "model.hidden": [int(h) for h in hidden.split(",")] if hidden else None,
              "model.likelihood": likelihood, "model.beta": beta, "training.epochs": epochs,
+             "model.binarize": binarize,
+             "model.dequantize": "uniform" if dequantize is not None else None,
+             "model.levels": dequantize,
              "training.batch_size": batch_size, "training.lr": lr, "training.seed": seed,
              "training.importance_samples": importance_samples}
     for dotted, value in flags.items():

@@ -64,11 +64,20 @@ def models_show(model_id: Annotated[str, RefArg("model")], as_json: JsonOpt = Fa
         ("training", json.dumps(m["config"].get("training"))),
         *(((k, fmt(v) if not isinstance(v, list) else json.dumps(v))
            for k, v in (m.get("summary") or {}).items() if not isinstance(v, dict)))])
+    summary = m.get("summary") or {}
+    by_k = summary.get("heldout_log_px_by_k")
+    if by_k:
+        table(f"held-out log p(x) as K grows ({summary.get('likelihood_kind')}; nats, the "
+              f"last ± {fmt(summary.get('heldout_log_px_se'))})", ["K", "log p(x)"],
+              ([k, fmt(v)] for k, v in by_k.items()))
+    for line in (summary.get("likelihood_note"), (summary.get("collapse") or {}).get("warning")):
+        if line:
+            out.print(f"note: {line}")
     val = [r for r in metrics if r["split"] == "val"] or metrics
     table("per-epoch metrics (nats per item)", ["epoch", "split", "ELBO", "reconstruction",
-                                                "KL", "log p(x)", "active"],
+                                                "KL", "log p(x)", "± se", "active"],
           ([r["epoch"], r["split"], fmt(r["elbo"]), fmt(r["reconstruction"]), fmt(r["kl"]),
-            fmt(r["log_px"]), r["active_units"]] for r in val))
+            fmt(r["log_px"]), fmt(r.get("log_px_se")), r["active_units"]] for r in val))
 
 
 @models_app.command("onnx")
@@ -165,10 +174,11 @@ def models_score(model_id: Annotated[str, RefArg("a ready model's")],
     def col(name: str, i: int) -> Any:
         return None if got.get(name) is None else got[name][i]
 
-    table(f"model {model_id}: {n} items scored (K = {got['importance_samples']}, nats)",
-          ["item", "ELBO", "KL", "log p(x)", "± se", "ESS", "outlier"],
+    table(f"model {model_id}: {n} items scored (K = {got['importance_samples']}, nats, "
+          f"{got['likelihood_kind']})",
+          ["item", "ELBO", "KL", "log p(x)", "± se", "ESS", "bits/dim", "outlier"],
           ([i, fmt(col("elbo", i)), fmt(col("kl", i)), fmt(col("log_px", i)),
-            fmt(col("log_px_se", i)), fmt(col("ess", i), 1),
+            fmt(col("log_px_se", i)), fmt(col("ess", i), 1), fmt(col("bits_per_dim", i)),
             "" if got.get("is_outlier") is None else "yes" * got["is_outlier"][i]]
            for i in range(n)))
     if got.get("threshold"):

@@ -23,6 +23,8 @@ CONFIGS = {
                                       latent_dim=6),
     "conv-gaussian-3x32x32": VAEConfig(input_shape=(3, 32, 32), family="conv", hidden=(8, 16),
                                        latent_dim=4, likelihood="gaussian"),
+    "mlp-continuous-bernoulli-8x8": VAEConfig(input_shape=(1, 8, 8), latent_dim=4,
+                                              hidden=(16,), likelihood="continuous_bernoulli"),
     "conv-fixed-scale-1x8x8": VAEConfig(input_shape=(1, 8, 8), family="conv", hidden=(4,),
                                         likelihood="gaussian", gaussian_scale="fixed",
                                         fixed_log_scale=-1.5),
@@ -35,6 +37,10 @@ def torch_outputs(model, cfg, x, z):
         loc = model.decoder(torch.from_numpy(z))
         if cfg.likelihood == "bernoulli":
             dec = [torch.sigmoid(loc)]
+        elif cfg.likelihood == "continuous_bernoulli":
+            # torch's own continuous Bernoulli (its mean is not lambda), not ours
+            cb = torch.distributions.ContinuousBernoulli(logits=loc.double())
+            dec = [cb.mean.float(), torch.sigmoid(loc)]
         else:
             dec = [loc, model.likelihood.log_scale().expand_as(loc)]
     return [mu.numpy(), logvar.numpy()], [d.numpy() for d in dec]

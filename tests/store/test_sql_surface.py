@@ -1,6 +1,6 @@
 """The SQL surface's contract: the views of `lb_v1` keep these columns and types across
-releases (a change here is a change of the public API: make `lb_v2` instead), and the
-read-only role reads the views and nothing else."""
+releases (a change here is a change of the public API: make `lb_v2` instead; a release may
+only append columns), and the read-only role reads the views and nothing else."""
 
 import secrets
 
@@ -13,7 +13,7 @@ from migrations import alembic_config, migrate
 from store.db import Database
 from store.sql import ensure_reader, reader_url, view_columns
 
-CONTRACT = {
+FIRST_RELEASE = {
     "datasets": [("dataset_id", "bigint"), ("name", "text"), ("item_shape", "_int4"),
                  ("n_items", "bigint"), ("has_labels", "boolean"),
                  ("created_at", "timestamp with time zone")],
@@ -46,6 +46,16 @@ CONTRACT = {
 }
 
 
+# columns appended since (migration 0007: Monte-Carlo errors, the likelihood's kind)
+APPENDED = {
+    "models": [("likelihood_kind", "text"), ("heldout_log_px_se", "double precision"),
+               ("heldout_bits_per_dim", "double precision")],
+    "training_metrics": [("log_px_se", "double precision"), ("ess", "double precision")],
+    "latents": [("log_px_se", "double precision"), ("ess", "double precision")],
+}
+CONTRACT = {name: columns + APPENDED.get(name, []) for name, columns in FIRST_RELEASE.items()}
+
+
 @pytest.fixture(scope="module")
 def surface(new_database):
     url = new_database("sql")
@@ -58,6 +68,9 @@ def surface(new_database):
 def test_the_views_keep_their_columns(surface):
     url, db = surface
     assert view_columns(db) == CONTRACT
+    # each release keeps every earlier column at its place: new ones only at the end
+    command.downgrade(alembic_config(url), "0006")
+    assert view_columns(db) == FIRST_RELEASE
     command.downgrade(alembic_config(url), "0004")
     assert view_columns(db) == {}
     migrate(url)

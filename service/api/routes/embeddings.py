@@ -180,7 +180,8 @@ def _parquet(pages: Iterator[list[dict[str, Any]]], dim: int) -> Iterator[bytes]
                         ("mu", pa.list_(pa.float32(), dim)),
                         ("logvar", pa.list_(pa.float32(), dim)), ("elbo", pa.float64()),
                         ("reconstruction", pa.float64()), ("kl", pa.float64()),
-                        ("log_px", pa.float64())])
+                        ("log_px", pa.float64()), ("log_px_se", pa.float64()),
+                        ("ess", pa.float64())])
     sink = _Chunks()
     with pq.ParquetWriter(sink, schema, compression="zstd") as writer:
         for page in pages:
@@ -193,7 +194,7 @@ def _parquet(pages: Iterator[list[dict[str, Any]]], dim: int) -> Iterator[bytes]
 @router.get("/{set_id}/export", dependencies=[require("read")], responses={
     200: {"content": {"application/x-ndjson": {}, "application/vnd.apache.parquet": {}},
           "description": "every item: index, key, label, mu, logvar, elbo, reconstruction, "
-                         "kl, log_px"}, **ERRORS},
+                         "kl, log_px, log_px_se, ess"}, **ERRORS},
     response_class=StreamingResponse,
     summary="Stream the whole set as NDJSON or Parquet (bounded memory)")
 async def export(request: Request, set_id: SetId,

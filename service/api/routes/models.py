@@ -9,6 +9,8 @@ import numpy as np
 import orjson
 from fastapi import APIRouter, Query, Request, Response
 
+from models.config import VAEConfig
+from models.transforms import bits_per_dim
 from service.api.deps import (
     NPY,
     ModelId,
@@ -25,7 +27,7 @@ from service.api.deps import (
     wants,
 )
 from service.api.errors import ApiError
-from service.api.inference import as_float_rows, as_vector, decoder_mean, slerp
+from service.api.inference import as_float_rows, as_vector, decoder_mean, model_view, slerp
 from service.api.routes.datasets import ERRORS
 from service.api.schemas import (
     ArrayOut,
@@ -353,6 +355,7 @@ async def _encoded(request: Request, model_id: int) -> tuple[Services, Model,
     x = as_float_rows(_body_array(raw, request, "x", EncodeRequest), None, "x",
                       svc.settings.decode_max_rows,
                       item_shape=model.config["model"]["input_shape"])
+    x = model_view(x, model.config["model"])
     out = await svc.inference.run(model.id, "encoder", model.encoder_sha256 or "",
                                     model.encoder_uri or "", x)
     return svc, model, out
@@ -389,7 +392,7 @@ def _score_rows(svc: Services, model: Model, x: np.ndarray, mu: np.ndarray,
         outputs = loaded.session.run(loaded.output_names, {loaded.input_name: z})
         return dict(zip(loaded.output_names, outputs, strict=True))
 
-    return score_items(decode, x, mu, logvar, model.config["model"]["likelihood"],
+    return score_items(decode, x, mu, logvar, VAEConfig.from_dict(model.config["model"]),
                        importance_samples, np.random.default_rng(seed))
 
 
@@ -433,14 +436,21 @@ async def score(request: Request, model_id: ModelId,
         raise TooLarge(f"{len(x)} items x {max(1, k)} draws is {len(x) * max(1, k)} decoder "
                        f"rows; /score runs at most {limits.score_max_draws} "
                        f"(LATENTBANK_SCORE_MAX_DRAWS){bulk}")
+    x = model_view(x, model.config["model"])
     encoded = await svc.inference.run(model.id, "encoder", model.encoder_sha256 or "",
                                       model.encoder_uri or "", x)
     got = await in_thread(_score_rows, svc, model, x, encoded["mu"], encoded["logvar"], k,
                           seed)
+    config = VAEConfig.from_dict(model.config["model"])
+    kind = config.likelihood_kind(bool(np.isin(x, (0.0, 1.0)).all()))  # of these items
+    best = got.log_px if got.log_px is not None else got.elbo
     answer: dict[str, Any] = {"n_items": len(x), "importance_samples": k, "elbo": got.elbo,
                               "reconstruction": got.reconstruction, "kl": got.kl,
                               "elbo_se": got.elbo_se, "log_px": got.log_px,
-                              "log_px_se": got.log_px_se, "ess": got.ess}
+                              "log_px_se": got.log_px_se, "ess": got.ess,
+                              "likelihood_kind": kind,
+                              "bits_per_dim": bits_per_dim(best, config.input_size)
+                              if kind == "discrete" else None}
     if fpr is not None:
         statistic = quantiles["statistic"]
         if statistic == "log_px" and k == 0:

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 from scipy.stats import multivariate_normal
 
+from models.config import VAEConfig
 from service.api.scoring import kl_closed_form, log_px_given_z, score, threshold_at
 
 D, P, S = 2, 5, 0.5
+GAUSSIAN = VAEConfig(input_shape=(P,), latent_dim=D, likelihood="gaussian")
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,7 @@ def linear():
 
 def test_log_px_converges_to_the_exact_marginal_within_its_standard_error(linear):
     decode, x, mu, logvar, exact = linear
-    got = score(decode, x, mu, logvar, "gaussian", 4000, np.random.default_rng(1))
+    got = score(decode, x, mu, logvar, GAUSSIAN, 4000, np.random.default_rng(1))
     assert got.log_px is not None and got.log_px_se is not None and got.ess is not None
     assert np.all(np.abs(got.log_px - exact) <= 4 * got.log_px_se + 1e-3), (
         got.log_px - exact, got.log_px_se)
@@ -47,7 +49,7 @@ def test_log_px_converges_to_the_exact_marginal_within_its_standard_error(linear
 def test_the_standard_error_matches_the_spread_over_seeds(linear):
     decode, x, mu, logvar, _ = linear
     # a poorer proposal (twice the posterior's spread) so the error is well above rounding
-    runs = [score(decode, x, mu, logvar + np.log(4.0), "gaussian", 50,
+    runs = [score(decode, x, mu, logvar + np.log(4.0), GAUSSIAN, 50,
                   np.random.default_rng(seed)) for seed in range(200)]
     spread = np.std([r.log_px for r in runs], axis=0, ddof=1)
     reported = np.mean([r.log_px_se for r in runs], axis=0)
@@ -59,9 +61,9 @@ def test_the_standard_error_matches_the_spread_over_seeds(linear):
 
 def test_one_draw_has_no_standard_error_and_k0_no_log_px(linear):
     decode, x, mu, logvar, _ = linear
-    got = score(decode, x, mu, logvar, "gaussian", 0, np.random.default_rng(0))
+    got = score(decode, x, mu, logvar, GAUSSIAN, 0, np.random.default_rng(0))
     assert got.log_px is None and got.elbo_se is None and got.ess is None
-    got = score(decode, x, mu, logvar, "gaussian", 1, np.random.default_rng(0))
+    got = score(decode, x, mu, logvar, GAUSSIAN, 1, np.random.default_rng(0))
     assert got.log_px_se is None and got.log_px is not None
     np.testing.assert_allclose(got.ess, 1.0)
 
@@ -73,17 +75,19 @@ def test_bernoulli_and_gaussian_log_probabilities_written_out():
     want = [sum(xi * math.log(pi) + (1 - xi) * math.log(1 - pi)
                 for xi, pi in zip(row.ravel().tolist(), prow.ravel().tolist(), strict=True))
             for row, prow in zip(x, p, strict=True)]
-    np.testing.assert_allclose(log_px_given_z(x, {"probs": p}, "bernoulli"), want, rtol=1e-6)
+    bernoulli = VAEConfig(input_shape=(1, 2, 2))
+    np.testing.assert_allclose(log_px_given_z(x, {"probs": p}, bernoulli), want, rtol=1e-6)
     # a probability float32 rounds to 1 is floored, not -inf
     assert np.isfinite(log_px_given_z(np.zeros((1, 1)), {"probs": np.ones((1, 1))},
-                                      "bernoulli")).all()
+                                      VAEConfig(input_shape=(1,)))).all()
     mean, log_scale = rng.normal(size=(3, 4)), rng.normal(size=(3, 4)) * 0.3
     xs = rng.normal(size=(3, 4))
     want = [sum(-0.5 * ((a - m) / math.exp(s)) ** 2 - s - 0.5 * math.log(2 * math.pi)
                 for a, m, s in zip(r, mr, sr, strict=True))
             for r, mr, sr in zip(xs.tolist(), mean.tolist(), log_scale.tolist(), strict=True)]
     np.testing.assert_allclose(
-        log_px_given_z(xs, {"mean": mean, "log_scale": log_scale}, "gaussian"), want)
+        log_px_given_z(xs, {"mean": mean, "log_scale": log_scale},
+                       VAEConfig(input_shape=(4,), likelihood="gaussian")), want)
 
 
 def test_threshold_interpolates_the_stored_quantiles():

@@ -1,0 +1,119 @@
+"""What the model sees of an item: binarised or dequantised values, in NumPy (no torch).
+
+Both transforms draw uniform noise u in [0, 1) that depends only on (seed, row of the
+dataset, position in the item): the same item gets the same noise in every batch, shard,
+worker and API process, so an evaluation is reproducible whatever splits it.
+
+- binarisation (Bernoulli on grey data): x_b = 1[u < x], so E[x_b] = x. `static` uses
+  `data_seed` for training and evaluation alike (one binary copy); `dynamic` draws new
+  noise each training epoch and evaluates on the `data_seed` copy (the IWAE paper's
+  protocol).
+- uniform dequantisation (integer data 0 .. L-1): y = (x + u) / L lies in [0, 1). A density
+  p on y gives the discrete data the probability P(x) = L^-D E_u[p(y)], so
+  log P(x) >= log p(y) - D log L: the likelihoods add the offset -D log L and report the
+  discrete figure (and bits/dim = -log P(x) / (D ln 2)).
+
+This module is shared by the trainer, the embedding workers and the API's scoring.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from models.config import VAEConfig
+
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser, elementwise on uint64 (wrapping arithmetic)."""
+    z = (z ^ (z >> np.uint64(30))) * MIX1
+    z = (z ^ (z >> np.uint64(27))) * MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+def uniform_noise(seed: int, rows: np.ndarray, item_size: int) -> np.ndarray:
+    """u (len(rows), item_size) float64 in [0, 1): a SplitMix64 stream keyed by `seed`,
+    element j of dataset row r at counter r * item_size + j."""
+    with np.errstate(over="ignore"):
+        key = _mix(np.asarray([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64) * GOLDEN)[0]
+        counter = (np.asarray(rows, dtype=np.uint64)[:, None] * np.uint64(item_size)
+                   + np.arange(item_size, dtype=np.uint64)[None, :] + np.uint64(1))
+        bits = _mix(key + counter * GOLDEN)
+    return (bits >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
+def binarize(x: np.ndarray, rows: np.ndarray, seed: int) -> np.ndarray:
+    """1[u < x] as float32, shaped like x (values in [0, 1] are probabilities of a 1)."""
+    u = uniform_noise(seed, rows, int(np.prod(x.shape[1:], dtype=np.int64)))
+    return (u.reshape(x.shape) < x).astype(np.float32)
+
+
+def dequantize(x: np.ndarray, rows: np.ndarray, seed: int, levels: int) -> np.ndarray:
+    """(x + u) / levels as float32, shaped like x (x holds integers 0 .. levels - 1)."""
+    u = uniform_noise(seed, rows, int(np.prod(x.shape[1:], dtype=np.int64)))
+    return ((x.astype(np.float64) + u.reshape(x.shape)) / levels).astype(np.float32)
+
+
+def dequantization_offset(item_size: int, levels: int) -> float:
+    """-D log L: from the density of y = (x + u) / L to the log-probability of x (nats)."""
+    return -item_size * math.log(levels)
+
+
+def bits_per_dim(log_p: float | np.ndarray, item_size: int) -> float | np.ndarray:
+    """-log P(x) / (D ln 2): a log-probability in nats as bits per dimension."""
+    return -log_p / (item_size * math.log(2))
+
+
+def prepare(x: np.ndarray, rows: np.ndarray, config: VAEConfig, seed: int | None = None,
+            ) -> np.ndarray:
+    """The values a model with `config` sees for items `x` of dataset rows
+    `rows`: binarised or dequantised with noise from `seed` (default: the config's
+    `data_seed`, the evaluation copy), unchanged when the config asks for neither."""
+    if config.binarize == "none" and config.dequantize == "none":
+        return x
+    seed = config.data_seed if seed is None else seed
+    if config.binarize != "none":
+        return binarize(x, rows, seed)
+    return dequantize(x, rows, seed, config.levels)
+
+
+def training_seed(config: VAEConfig, train_seed: int, epoch: int) -> int | None:
+    """The noise seed of a training epoch: None (the evaluation copy) for static
+    binarisation or no transform, a fresh seed per epoch for dynamic binarisation and for
+    dequantisation."""
+    if config.binarize == "dynamic" or config.dequantize != "none":
+        return int(np.random.SeedSequence([train_seed, epoch, 7]).generate_state(
+            1, np.uint64)[0] >> np.uint64(1))
+    return None
+
+
+def value_problem(flat: np.ndarray, config: VAEConfig) -> tuple[int, str] | None:
+    """The first item of `flat` (N, D) whose values a model with `config` cannot take, and
+    why; None when all fit. (0/1 and [0, 1] data for the Bernoulli kinds, integers
+    0 .. L-1 for dequantisation.)"""
+    if config.dequantize != "none":
+        bad = ((flat < 0) | (flat > config.levels - 1) | (flat != np.round(flat))).any(axis=1)
+        if bad.any():
+            i = int(np.argmax(bad))
+            return i, (f"uniform dequantisation takes integers 0 .. {config.levels - 1} "
+                       f"(levels {config.levels}); item {{item}} has values in "
+                       f"[{flat[i].min():g}, {flat[i].max():g}] (give the raw integer data, "
+                       "or set levels)")
+    elif config.likelihood in ("bernoulli", "continuous_bernoulli"):
+        bad = ((flat < 0) | (flat > 1)).any(axis=1)
+        if bad.any():
+            i = int(np.argmax(bad))
+            return i, (f"the {config.likelihood} likelihood needs values in [0, 1]; item "
+                       f"{{item}} has values in [{flat[i].min():g}, {flat[i].max():g}] "
+                       "(scale the data, or use 'gaussian')")
+    return None
+
+
+def is_binary(flat: np.ndarray) -> bool:
+    """Every value is exactly 0 or 1."""
+    return bool(((flat == 0) | (flat == 1)).all())
