@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.latentbank-installed
 
-.PHONY: install test test-system lint bench faults demo clean
+.PHONY: install test test-system lint bench bench-likelihood faults demo clean
 
 install: $(STAMP)
 
@@ -47,6 +47,12 @@ bench: $(STAMP)
 	$(PY) bench/embed.py $(BENCH_ARGS)
 	$(PY) bench/serve.py $(BENCH_ARGS)
 	$(PY) bench/goals.py
+
+# The likelihood studies (about 40 minutes): the trainer's defaults against the
+# PyTorch-examples loop at equal epochs, and Burda et al.'s Table 1 in kind (README).
+bench-likelihood: $(STAMP)
+	$(PY) bench/likelihood.py $(BENCH_ARGS)
+	$(PY) bench/iwae.py $(BENCH_ARGS)
 
 # The whole service on embedded defaults: `latentbank up` in the background, digits through
 # the HTTP API, a summary, then the stack is stopped. DEMO_ARGS: see `latentbank demo --help`.

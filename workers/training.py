@@ -85,8 +85,10 @@ class JobCallback(Callback):
             self.last_val = f" · val ELBO {val[0]['elbo']:.2f}"
             if val[0]["log_px"] is not None:
                 self.last_val += f" · log p(x) {val[0]['log_px']:.2f}"
+                if val[0].get("log_px_se") is not None:
+                    self.last_val += f" ± {val[0]['log_px_se']:.2f}"
             self.last_val += f" (epoch {trainer.epoch})" + collapse_warning(
-                val[0]["active_units"], trainer.model_config.latent_dim)
+                val[0].get("active_units"), trainer.model_config.latent_dim)
 
     def should_cancel(self) -> bool:
         return self.lease.cancelled

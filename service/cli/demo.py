@@ -122,8 +122,10 @@ def run(c: Client, out: Path, epochs: int, latent_dim: int, importance_samples: 
     started = time.perf_counter()
     job = c.post("/v1/training-jobs", json={
         "dataset_id": dataset["id"],
+        # the IWAE paper's protocol: a Bernoulli on binary draws of the grey pixels, new
+        # ones each epoch, so log p(x) is a normalised likelihood (in bits/dim too)
         "model": {"family": "mlp", "latent_dim": latent_dim, "hidden": [128, 64],
-                  "likelihood": "bernoulli"},
+                  "likelihood": "bernoulli", "binarize": "dynamic"},
         "training": {"epochs": epochs, "batch_size": 64, "lr": 2e-3, "seed": 0,
                      "kl_warmup_epochs": min(10, epochs), "early_stopping_patience": 10,
                      "importance_samples": importance_samples}})
@@ -188,7 +190,11 @@ def run(c: Client, out: Path, epochs: int, latent_dim: int, importance_samples: 
         "dataset_id": dataset["id"], "model_id": model["id"], "embedding_set_id": es["id"],
         "heldout_items": s["heldout_n_items"], "heldout_elbo": s["heldout_elbo"],
         "heldout_reconstruction": s["heldout_reconstruction"], "heldout_kl": s["heldout_kl"],
-        "heldout_log_px": s["heldout_log_px"],
+        "heldout_log_px": s["heldout_log_px"], "heldout_log_px_se": s["heldout_log_px_se"],
+        "heldout_log_px_by_k": s["heldout_log_px_by_k"],
+        "heldout_bits_per_dim": s["heldout_bits_per_dim"],
+        "likelihood_kind": s["likelihood_kind"],
+        "collapse_warning": (s.get("collapse") or {}).get("warning"),
         "heldout_importance_samples": s["heldout_importance_samples"],
         "active_units": s["heldout_active_units"], "latent_dim": latent_dim,
         "epochs_run": s["epochs_run"], "best_epoch": s["best_epoch"],
@@ -215,8 +221,12 @@ def report(summary: dict[str, Any]) -> None:
         ("test ELBO = E_q[log p(x|z)] - KL(q(z|x) || p(z))", f"{summary['heldout_elbo']:.3f}"),
         ("  reconstruction E_q[log p(x|z)]", f"{summary['heldout_reconstruction']:.3f}"),
         ("  KL(q(z|x) || p(z))", f"{summary['heldout_kl']:.3f}"),
-        (f"test log p(x) (importance sampling, K={k}; >= ELBO)",
-         f"{summary['heldout_log_px']:.3f}"),
+        (f"test log p(x) (importance sampling, K={k}; >= ELBO) ± its Monte-Carlo error",
+         f"{summary['heldout_log_px']:.3f} ± {summary['heldout_log_px_se']:.3f}"),
+        *((f"  the same with the first K={kk} draws", f"{value:.3f}")
+          for kk, value in summary["heldout_log_px_by_k"].items() if int(kk) < k),
+        (f"  in bits per dimension ({summary['likelihood_kind']}: binarised digits)",
+         f"{summary['heldout_bits_per_dim']:.4f}"),
         ("active latent units", f"{summary['active_units']} / {summary['latent_dim']}"),
         ("epochs run (best)", f"{summary['epochs_run']} ({summary['best_epoch']})"),
         (f"kNN label accuracy in latent space (k={summary['knn_k']}, leave-one-out, "
@@ -229,6 +239,8 @@ def report(summary: dict[str, Any]) -> None:
     ]:
         t.add_row(escape(name), str(value))
     console.print(t)
+    if summary.get("collapse_warning"):
+        console.print(f"warning: {summary['collapse_warning']}")
     console.print("results:")
     for name, path in summary["files"].items():
         console.print(f"  {name:28s} {path}")

@@ -84,6 +84,10 @@ def test_set_statistics_and_held_out_bounds(demo):
                                               abs=1e-6)
     assert s["heldout_elbo"] <= s["heldout_log_px"] < 0
     assert s["heldout_items"] == 180 and s["heldout_importance_samples"] == 200
+    # binarised digits: a discrete likelihood, so bits/dim = -log p(x) / (64 ln 2)
+    assert s["likelihood_kind"] == "discrete" and s["heldout_log_px_se"] > 0
+    assert s["heldout_bits_per_dim"] == pytest.approx(-s["heldout_log_px"] / (64 * np.log(2)))
+    assert list(s["heldout_log_px_by_k"]) == ["1", "10", "100", "200"]
 
 
 def test_the_samples_grid_is_the_decoder_on_the_seeded_prior_draws(demo):

@@ -142,16 +142,25 @@ def test_training_progress_carries_the_last_validation_figures(monkeypatch):
     ctx = types.SimpleNamespace(db=None, artifacts=artifacts)
     monkeypatch.setattr(training, "record_epochs", lambda *a: None)
     cb = training.JobCallback(ctx, lease, 1, 2, 1, "/nowhere")
-    trainer = types.SimpleNamespace(epoch=3, config=types.SimpleNamespace(epochs=10))
+    trainer = types.SimpleNamespace(epoch=3, config=types.SimpleNamespace(epochs=10),
+                                    model_config=types.SimpleNamespace(latent_dim=8))
     progress = Progress(fraction=0.35, epoch=4, epochs=10, step=35, total_steps=100,
                         eta_seconds=12.0, message="training")
     cb.on_progress(trainer, progress)
     cb.on_epoch_end(trainer, [{"split": "train", "elbo": -40.0, "log_px": None},
-                              {"split": "val", "elbo": -31.234, "log_px": -30.5}])
+                              {"split": "val", "elbo": -31.234, "log_px": -30.5,
+                               "log_px_se": 0.123, "active_units": 5}])
     cb.on_progress(trainer, progress)
     assert reports[0] == (0.9 * 0.35, "epoch 4/10", 12.0)
     assert reports[-1] == (0.9 * 0.35, "epoch 4/10 · val ELBO -31.23 · log p(x) -30.50 "
-                                        "(epoch 3)", 12.0)
+                                        "± 0.12 (epoch 3)", 12.0)
+    # most dimensions collapsed: the message warns and names the knobs
+    cb.on_epoch_end(trainer, [{"split": "val", "elbo": -35.0, "log_px": None,
+                               "active_units": 2}])
+    cb.on_progress(trainer, progress)
+    assert reports[-1][1].startswith("epoch 4/10 · val ELBO -35.00 (epoch 3); warning: 6 of "
+                                     "8 latent dimensions collapsed")
+    assert "kl_warmup_epochs" in reports[-1][1] and "free_bits" in reports[-1][1]
 
 
 def test_the_saved_admin_key_goes_only_to_the_local_stack(tmp_path, monkeypatch):
