@@ -719,6 +719,21 @@ def export_pages(db: Database, set_id: int, page_rows: int = 10_000,
         after = int(rows[-1][0])
 
 
+def sample_items(db: Database, set_id: int, n: int) -> list[dict[str, Any]]:
+    """About `n` items spread evenly over the set (every ceil(N / n)-th position), in item
+    order, with their codes and figures: what a scatter of the set draws."""
+    es = get_set(db, set_id)
+    step = max(1, math.ceil(es.n_items / max(1, n)))
+    with db.engine.connect() as conn:
+        rows = conn.execute(text(
+            "SELECT l.item_index, i.key, i.label, l.mu::text, l.elbo, l.log_px FROM latents l "
+            "JOIN items i ON i.dataset_id = l.dataset_id AND i.index = l.dataset_index "
+            "WHERE l.set_id = :s AND l.item_index % :step = 0 ORDER BY l.item_index LIMIT :n"),
+            {"s": set_id, "step": step, "n": int(n)}).all()
+    return [{"index": int(r[0]), "key": r[1], "label": r[2], "mu": parse_vector(r[3]),
+             "elbo": r[4], "log_px": r[5]} for r in rows]
+
+
 def mark_set(db: Database, set_id: int, **values: Any) -> None:
     with db.session() as s:
         s.execute(update(EmbeddingSet).where(EmbeddingSet.id == set_id).values(**values))

@@ -9,9 +9,12 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.responses import RedirectResponse
+from fastapi.staticfiles import StaticFiles
 
 from service.api import errors
 from service.api.deps import Services
@@ -122,11 +125,41 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     for module in (ops, keys, datasets, jobs, models, embeddings, aliases):
         app.include_router(module.router)
+    _mount_ui(app)
     _register_body_schemas(app)
     app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(RequestMetrics, metrics=metrics)
     app.add_middleware(FastDecode, services=svc)  # outermost: see service/api/fastpath.py
     return app
+
+
+UI_DIR = Path(__file__).parent / "ui"
+UI_HEADERS = {
+    # the page loads only its own files and talks only to this API
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; "
+                               "style-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+class UiFiles(StaticFiles):
+    """The web UI's files (shipped in the package: no CDN, no build step)."""
+
+    async def get_response(self, path: str, scope: Any) -> Any:
+        response = await super().get_response(path, scope)
+        response.headers.update(UI_HEADERS)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
+
+def _mount_ui(app: FastAPI) -> None:
+    @app.get("/", include_in_schema=False)
+    @app.get("/ui", include_in_schema=False)
+    async def to_ui() -> RedirectResponse:
+        return RedirectResponse("/ui/", status_code=307)
+
+    app.mount("/ui/", UiFiles(directory=UI_DIR, html=True), name="ui")
 
 
 def _report_pgvector(db: Database) -> None:

@@ -102,7 +102,7 @@ def require(scope: str) -> Any:
             svc.keys.put(digest, known)
         if scope not in known[1]:
             raise ApiError(403, f"this API key lacks the '{scope}' scope")
-        request.state.key_id = known[0]
+        request.state.key_id, request.state.scopes = known
         return known[0]
 
     check.__name__ = f"require_{scope}"

@@ -292,6 +292,11 @@ def decoder_mean(outputs: dict[str, np.ndarray]) -> np.ndarray:
     raise Conflict("the decoder has neither a 'mean' nor a 'probs' output")
 
 
+def is_image_shape(shape: tuple[int, ...] | list[int]) -> bool:
+    """Items of this shape draw as images: (H, W), or (C, H, W) with 1 or 3 channels."""
+    return len(shape) == 2 or (len(shape) == 3 and shape[0] in (1, 3))
+
+
 def model_view(x: np.ndarray, model_config: dict[str, Any]) -> np.ndarray:
     """Items as the model sees them: binarised or dequantised (models/transforms.py) with
     the model's `data_seed`, item i of the request keyed as row i, so the same request

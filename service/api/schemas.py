@@ -53,6 +53,35 @@ class DatasetOut(BaseModel):
                    created_at=d.created_at)
 
 
+class DatasetItemsOut(BaseModel):
+    dataset_id: int
+    offset: int
+    n: int
+    item_shape: list[int]
+    keys: list[str]
+    labels: list[str | None]
+    x: list[Any] = Field(description="the items' stored values (float32), item-shaped")
+
+
+class WhoAmIOut(BaseModel):
+    key_id: int
+    scopes: list[Literal["read", "write", "admin"]] = Field(
+        description="what this key may do (a higher scope includes the lower ones)")
+
+
+class ProjectionOut(BaseModel):
+    set_id: int
+    n_items: int = Field(description="the set's items; `keys` holds an even sample of them")
+    keys: list[str]
+    labels: list[str | None]
+    points: list[tuple[float, float]] = Field(
+        description="2-D PCA of the posterior means mu of the sample")
+    explained_variance: list[float] = Field(
+        description="share of mu's variance along each of the two axes")
+    elbo: list[float]
+    log_px: list[float | None]
+
+
 class DatasetByReference(BaseModel):
     """Register a file already on the server (under an allowed root) or a builtin."""
 

@@ -555,6 +555,7 @@ def run_up(settings: Settings, port: int, worker_grace: float,
             say(f"error: {exc}")
             return 1
         say(f"latentbank is up at {stack.url}  (API docs: {stack.url}/docs)")
+        say(f"web UI: {stack.url}/ui/  (sign in with the admin key below)")
         say(f"admin API key: {stack.admin_key}")
         say(f"  saved in {key_file(stack.data_dir)}; the CLI on this machine uses it")
         say(f"  logs in {stack.data_dir / 'logs'}; `latentbank status` shows each part; "

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
 from typing import Any
 
+import numpy as np
+import orjson
 from fastapi import APIRouter, Query, Request, Response
 from starlette.datastructures import UploadFile
 
@@ -21,6 +24,7 @@ from service.api.deps import (
     services,
 )
 from service.api.errors import BodyTooLarge
+from service.api.inference import is_image_shape
 from service.api.readers import (
     IngestOptions,
     format_of,
@@ -28,9 +32,15 @@ from service.api.readers import (
     register_file,
     resolve_allowed_path,
 )
-from service.api.schemas import DatasetByReference, DatasetOut, ErrorBody
-from store.datasets import delete_dataset, get_dataset, list_datasets
-from store.errors import InvalidInput, UnsupportedFormat
+from service.api.schemas import DatasetByReference, DatasetItemsOut, DatasetOut, ErrorBody
+from store.datasets import (
+    dataset_array,
+    delete_dataset,
+    get_dataset,
+    item_rows,
+    list_datasets,
+)
+from store.errors import Conflict, InvalidInput, UnsupportedFormat
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -170,6 +180,56 @@ async def datasets(request: Request, limit: int = Query(100, ge=1, le=1000),
             responses=ERRORS)
 async def dataset(request: Request, dataset_id: Id) -> DatasetOut:
     return DatasetOut.of(await in_thread(get_dataset, services(request).db, dataset_id))
+
+
+MAX_ITEMS_PAGE = 256
+
+
+def _items(svc: Services, dataset_id: int, offset: int, limit: int,
+           ) -> tuple[Any, np.ndarray, list[Any]]:
+    ds = get_dataset(svc.db, dataset_id)
+    stop = min(ds.n_items, offset + limit)
+    if offset >= ds.n_items:
+        raise InvalidInput(f"offset {offset} is past the dataset's {ds.n_items} items")
+    data = dataset_array(svc.artifacts, ds, str(svc.settings.cache_dir))
+    return ds, np.asarray(data[offset:stop]), item_rows(svc.db, ds.id, offset, stop)
+
+
+@router.get("/{dataset_id}/items", response_model=DatasetItemsOut,
+            dependencies=[require("read")], responses=ERRORS,
+            summary="A page of the dataset's items: keys, labels and values")
+async def dataset_items(request: Request, dataset_id: Id,
+                        offset: int = Query(0, ge=0, le=2**62),
+                        limit: int = Query(16, ge=1, le=MAX_ITEMS_PAGE)) -> Response:
+    ds, x, rows = await in_thread(_items, services(request), dataset_id, offset, limit)
+    return Response(orjson.dumps({
+        "dataset_id": ds.id, "offset": offset, "n": len(x), "item_shape": ds.item_shape,
+        "keys": [r.key for r in rows], "labels": [r.label for r in rows],
+        "x": np.ascontiguousarray(x, dtype=np.float32)},
+        option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
+
+
+@router.get("/{dataset_id}/thumbnails.png", dependencies=[require("read")],
+            responses={200: {"content": {"image/png": {}}}, **ERRORS},
+            response_class=Response,
+            summary="A grid of the dataset's items as images (scaled by its value range)")
+async def thumbnails(request: Request, dataset_id: Id, offset: int = Query(0, ge=0, le=2**62),
+                     n: int = Query(32, ge=1, le=MAX_ITEMS_PAGE),
+                     columns: int = Query(8, ge=1, le=64)) -> Response:
+    ds, x, _ = await in_thread(_items, services(request), dataset_id, offset, n)
+    if not is_image_shape(ds.item_shape):
+        raise Conflict(f"items of shape {list(ds.item_shape)} are not images")
+    lo, hi = min(0.0, ds.min_value), ds.max_value
+    scaled = (x.astype(np.float32) - lo) / (hi - lo if hi > lo else 1.0)
+
+    def draw() -> bytes:
+        from service.api.plots import image_grid
+
+        buffer = io.BytesIO()
+        image_grid(scaled, columns=min(columns, len(scaled))).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    return Response(await in_thread(draw), media_type="image/png")
 
 
 @router.delete("/{dataset_id}", status_code=204, dependencies=[require("write")],

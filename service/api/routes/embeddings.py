@@ -21,6 +21,7 @@ from service.api.schemas import (
     HitOut,
     ItemOut,
     OutliersOut,
+    ProjectionOut,
     QueryItem,
     SearchFilterIn,
     SearchOut,
@@ -35,6 +36,7 @@ from store.latents import (
     get_set,
     list_sets,
     outliers,
+    sample_items,
     search,
     search_many,
 )
@@ -228,6 +230,38 @@ def _latent_png(svc: Services, es: EmbeddingSet) -> bytes:
     buffer = io.BytesIO()
     plot_latents(np.asarray(mu, dtype=np.float64), codes, buffer)
     return buffer.getvalue()
+
+
+MAX_PROJECTED = 5000
+
+
+def _projection(svc: Services, set_id: int, n: int) -> dict[str, Any]:
+    es = _readable(svc, set_id)
+    rows = sample_items(svc.db, set_id, n)
+    mu = np.asarray([r["mu"] for r in rows], dtype=np.float64).reshape(len(rows), es.dim)
+    centred = mu - mu.mean(0) if len(mu) else mu
+    if len(mu) >= 2:
+        _, singular, vt = np.linalg.svd(centred, full_matrices=False)
+        axes = vt[:2]
+        share = singular ** 2 / max(float((singular ** 2).sum()), 1e-300)
+        explained = [float(v) for v in share[:2]]
+    else:
+        axes, explained = np.eye(es.dim)[:2], [0.0, 0.0]
+    xy = centred @ axes.T
+    if xy.shape[1] < 2:  # a 1-D latent space: the second axis is 0
+        xy = np.c_[xy, np.zeros(len(xy))]
+    return {"set_id": set_id, "n_items": es.n_items, "keys": [r["key"] for r in rows],
+            "labels": [r["label"] for r in rows], "points": xy.round(6).tolist(),
+            "explained_variance": explained + [0.0] * (2 - len(explained)),
+            "elbo": [r["elbo"] for r in rows], "log_px": [r["log_px"] for r in rows]}
+
+
+@router.get("/{set_id}/projection", response_model=ProjectionOut,
+            dependencies=[require("read")], responses=ERRORS,
+            summary="2-D PCA of the posterior means of an even sample of the set's items")
+async def projection(request: Request, set_id: SetId,
+                     n: int = Query(2000, ge=1, le=MAX_PROJECTED)) -> dict[str, Any]:
+    return await in_thread(_projection, services(request), set_id, n)
 
 
 @router.get("/{set_id}/plots/latent.png", dependencies=[require("read")],

@@ -6,9 +6,9 @@ from fastapi import APIRouter, Request
 
 from service.api.deps import Id, in_thread, require, services
 from service.api.routes.datasets import ERRORS
-from service.api.schemas import CreatedKeyOut, KeyOut, KeyRequest
+from service.api.schemas import CreatedKeyOut, KeyOut, KeyRequest, WhoAmIOut
 from store.errors import Conflict
-from store.keys import create_key, list_keys, revoke_key
+from store.keys import SCOPES, create_key, list_keys, revoke_key
 
 router = APIRouter(tags=["keys"])
 
@@ -21,6 +21,13 @@ async def new_key(request: Request, body: KeyRequest) -> CreatedKeyOut:
     created = await in_thread(create_key, svc.db, body.name, list(body.scopes))
     return CreatedKeyOut(id=created.id, name=created.name, prefix=created.prefix,
                          scopes=created.scopes, key=created.key)
+
+
+@router.get("/v1/whoami", response_model=WhoAmIOut, dependencies=[require("read")],
+            responses=ERRORS, summary="The calling key and what it may do")
+async def whoami(request: Request) -> WhoAmIOut:
+    held = request.state.scopes
+    return WhoAmIOut(key_id=request.state.key_id, scopes=[s for s in SCOPES if s in held])
 
 
 @router.get("/v1/keys", response_model=list[KeyOut], dependencies=[require("admin")],

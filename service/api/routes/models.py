@@ -27,7 +27,14 @@ from service.api.deps import (
     wants,
 )
 from service.api.errors import ApiError
-from service.api.inference import as_float_rows, as_vector, decoder_mean, model_view, slerp
+from service.api.inference import (
+    as_float_rows,
+    as_vector,
+    decoder_mean,
+    is_image_shape,
+    model_view,
+    slerp,
+)
 from service.api.routes.datasets import ERRORS
 from service.api.schemas import (
     ArrayOut,
@@ -174,10 +181,6 @@ def _body_array(raw: bytes, request: Request, field: str, model_cls: Any) -> Any
     return getattr(parse_json(raw, model_cls), field)
 
 
-def _image_like(shape: tuple[int, ...]) -> bool:
-    return len(shape) == 2 or (len(shape) == 3 and shape[0] in (1, 3))
-
-
 def _answer(request: Request, arrays: dict[str, np.ndarray], image: str | None = None,
             ) -> Response:
     """JSON, .npy (the `image` array, else the first) or a PNG grid of `image`."""
@@ -186,7 +189,7 @@ def _answer(request: Request, arrays: dict[str, np.ndarray], image: str | None =
     if kind == NPY:
         return Response(npy_bytes(main), media_type=NPY)
     if kind == PNG:
-        if image is None or not _image_like(main.shape[1:]):
+        if image is None or not is_image_shape(main.shape[1:]):
             raise ApiError(406, f"items of shape {list(main.shape[1:])} are not images; "
                                 "ask for application/json or application/x-npy")
         from service.api.plots import image_grid
@@ -333,7 +336,7 @@ async def traverse(request: Request, model_id: ModelId, body: TraverseRequest) -
         from service.api.plots import image_grid
 
         x = await _decode(svc, model, z)
-        if not _image_like(x.shape[1:]):
+        if not is_image_shape(x.shape[1:]):
             raise ApiError(406, f"items of shape {list(x.shape[1:])} are not images; ask "
                                 "for application/json or application/x-npy")
         buffer = io.BytesIO()

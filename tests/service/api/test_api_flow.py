@@ -435,6 +435,70 @@ def test_plots_are_pngs(client, flow):
         assert Image.open(io.BytesIO(answer.content)).size[0] > 300
 
 
+def test_dataset_pages_and_thumbnails_are_the_stored_items(client, flow, digits):
+    images, labels = digits
+    ds = flow["dataset"]["id"]
+    page = client.get(f"/v1/datasets/{ds}/items", params={"offset": 1790, "limit": 50}).json()
+    assert page["n"] == 7 and page["item_shape"] == [1, 8, 8]  # clipped at the end
+    np.testing.assert_array_equal(np.asarray(page["x"], np.float32), images[1790:])
+    assert page["keys"] == list(flow["keys"][1790:])
+    assert page["labels"] == [str(v) for v in labels[1790:]]
+    answer = client.get(f"/v1/datasets/{ds}/thumbnails.png",
+                        params={"offset": 10, "n": 4, "columns": 2})
+    assert answer.headers["content-type"] == "image/png"
+    grid = np.asarray(Image.open(io.BytesIO(answer.content)).convert("L"), np.float64)
+    assert grid.shape == ((2 * 9 + 1) * 4, (2 * 9 + 1) * 4)  # 2 x 2 items, borders, 4x
+    for i in range(4):  # item 10 + i at row i // 2, column i % 2, values / max (1.0 here)
+        r, c = divmod(i, 2)
+        cell = grid[4 + 36 * r: 36 + 36 * r: 4, 4 + 36 * c: 36 + 36 * c: 4]
+        np.testing.assert_allclose(cell / 255, images[10 + i, 0], atol=1 / 255 + 1e-6)
+    for params, status in (({"offset": 1797}, 422), ({"limit": 0}, 422),
+                           ({"limit": 257}, 422)):
+        answer = client.get(f"/v1/datasets/{ds}/items", params=params)
+        assert answer.status_code == status, (params, answer.text)
+    assert client.get("/v1/datasets/999999/items").status_code == 404
+
+
+def test_projection_is_the_pca_of_the_stored_codes(client, flow, exported):
+    got = client.get(f"/v1/embeddings/{flow['set_id']}/projection", params={"n": 600}).json()
+    step = -(-len(exported) // 600)  # every 3rd item of 1797
+    sample = exported[::step][:600]
+    assert got["keys"] == [r["key"] for r in sample] and got["n_items"] == len(exported)
+    mu = np.asarray([r["mu"] for r in sample], np.float64)
+    centred = mu - mu.mean(0)
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    want = centred @ vt[:2].T
+    points = np.asarray(got["points"])
+    signs = np.sign((points * want).sum(0))  # an axis' sign is arbitrary
+    np.testing.assert_allclose(points * signs, want, atol=1e-5)
+    np.testing.assert_allclose(got["explained_variance"], (s ** 2 / (s ** 2).sum())[:2],
+                               rtol=1e-6)
+    assert got["log_px"] == [r["log_px"] for r in sample]
+
+
+def test_whoami_names_the_scopes_of_the_key(api, keys):
+    for scope, want in (("read", ["read"]), ("write", ["read", "write"]),
+                        ("admin", ["read", "write", "admin"])):
+        answer = httpx.get(f"{api.url}/v1/whoami",
+                           headers={"Authorization": f"Bearer {keys[scope]}"}).json()
+        assert answer["scopes"] == want
+    assert httpx.get(f"{api.url}/v1/whoami").status_code == 401
+
+
+def test_the_ui_is_served_offline_with_a_strict_policy(api):
+    root = httpx.get(f"{api.url}/")
+    assert root.status_code == 307 and root.headers["location"] == "/ui/"
+    page = httpx.get(f"{api.url}/ui/")
+    assert page.status_code == 200 and "latentbank" in page.text
+    assert page.headers["content-security-policy"].startswith("default-src 'self'")
+    # every asset the page names is served here: no CDN
+    for asset in ("app.js", "app.css", "vendor/uPlot.iife.min.js", "vendor/uPlot.min.css",
+                  "vendor/LICENSE-uPlot.txt"):
+        assert f'{asset}"' in page.text or asset.startswith("vendor/LICENSE")
+        assert httpx.get(f"{api.url}/ui/{asset}").status_code == 200, asset
+    assert "http" not in page.text.replace('href="/docs"', "")
+
+
 def test_metrics_count_requests_jobs_and_decode_batches(anonymous, flow, client):
     client.post(f"/v1/models/{flow['model_id']}/decode", json={"z": [[0, 0, 0, 0]]})
     text = anonymous.get("/metrics").text
