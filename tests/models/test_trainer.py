@@ -1,6 +1,7 @@
 """The trainer on real data (scikit-learn digits): learning, determinism, resume, callbacks."""
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -245,3 +246,30 @@ def test_cpu_gradient_clipping_equals_torch_clip_grad_norm():
         trainer._clip_gradients(max_norm)
         for p, r in zip(trainer.model.parameters(), reference, strict=True):
             torch.testing.assert_close(p.grad, r.grad, rtol=0, atol=0)
+
+
+def test_the_decoder_starts_at_the_data_mean(digits):
+    """With a learning rate too small to move the weights, the trained model's output bias
+    is the log-odds of the training items' per-pixel mean (NumPy by hand)."""
+    images, _ = digits
+    cfg = dataclasses.replace(FAST, epochs=1, lr=1e-12, grad_clip=None)
+    result = Trainer(MLP, cfg).fit(images)
+    mean = np.clip(images[result.train_rows].reshape(len(result.train_rows), -1)
+                   .astype(np.float64).mean(0), 1e-3, 1 - 1e-3)
+    bias = result.model.decoder.body[-1].bias.detach().double().numpy()
+    np.testing.assert_allclose(bias, np.log(mean / (1 - mean)), atol=1e-5)
+    off = Trainer(MLP, dataclasses.replace(cfg, init_from_data=False)).fit(images)
+    assert np.abs(off.model.decoder.body[-1].bias.detach().numpy()).max() < 0.2  # default init
+
+
+def test_cosine_schedule_follows_its_formula(digits):
+    images, _ = digits
+    cfg = dataclasses.replace(FAST, epochs=4, lr=1e-3, lr_schedule="cosine", lr_final=0.1)
+    result = Trainer(MLP, cfg).fit(images)
+    steps = int(np.ceil(len(result.train_rows) / cfg.batch_size))
+    total = steps * cfg.epochs
+    for row in (r for r in result.history if r["split"] == "train"):
+        last = row["epoch"] * steps - 1  # the lr of the epoch's last step
+        want = 1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * last / (total - 1))))
+        assert row["lr"] == pytest.approx(want, rel=1e-9)
+    assert result.history[-1]["lr"] == pytest.approx(1e-4, rel=1e-9)  # lr * lr_final at the end

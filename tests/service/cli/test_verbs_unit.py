@@ -73,6 +73,18 @@ def test_flags_override_the_config_file_and_set_reaches_any_field(fake, tmp_path
                     "training": {"epochs": 50, "lr": 0.002, "grad_clip": None}}
 
 
+def test_likelihood_flags_become_the_model_fields(fake):
+    out = runner.invoke(app, ["train", "--dataset", "2", "--binarize", "dynamic", "--json"])
+    assert out.exit_code == 0, out.output
+    out = runner.invoke(app, ["train", "--dataset", "2", "--likelihood", "gaussian",
+                              "--dequantize", "256", "--json"])
+    assert out.exit_code == 0, out.output
+    (_, first), (_, second) = fake.client.posted
+    assert first["model"] == {"binarize": "dynamic"}
+    assert second["model"] == {"likelihood": "gaussian", "dequantize": "uniform",
+                               "levels": 256}
+
+
 def test_sweep_axes_join_the_config_grid(fake, tmp_path):
     (tmp_path / "c.yaml").write_text("model: {latent_dim: 2}\ntraining: {lr: 3e-4}\n"
                                      "grid: {model.beta: [1, 4]}\n")
