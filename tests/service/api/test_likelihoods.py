@@ -121,33 +121,44 @@ def test_dequantized_scores_agree_with_the_embedding_job(client, trained):
     the same log P(x) with independent posterior draws."""
     model_id = trained["models"]["dequantized"][1]["id"]
     answer = client.post("/v1/embedding-jobs", json={
-        "model_id": model_id, "dataset_id": trained["integers"], "importance_samples": 30})
+        "model_id": model_id, "dataset_id": trained["integers"], "importance_samples": 100})
     assert answer.status_code == 202, answer.text
     job = wait_job(client, answer.json()["id"])
     assert job["status"] == "succeeded", job
     set_id = job["embedding_set_id"]
     es = client.get(f"/v1/embeddings/{set_id}").json()
     assert es["stats"]["likelihood_kind"] == "discrete"
-    assert es["stats"]["mean_log_px_se"] > 0 and 1 <= es["stats"]["ess_min"] <= 30
+    assert es["stats"]["mean_log_px_se"] > 0 and 1 <= es["stats"]["ess_min"] <= 100
     rows = []
     with client.stream("GET", f"/v1/embeddings/{set_id}/export") as response:
         rows = [json.loads(line) for line in response.iter_lines() if line]
     n = 200
     x = trained["raw"][:n]
     got = client.post(f"/v1/models/{model_id}/score", content=npy(x),
-                      params={"importance_samples": 30, "seed": 5},
+                      params={"importance_samples": 100, "seed": 5},
                       headers={"Content-Type": "application/octet-stream"}).json()
     assert got["likelihood_kind"] == "discrete"
     stored = rows[:n]
     np.testing.assert_allclose(got["kl"], [r["kl"] for r in stored], rtol=1e-4, atol=1e-4)
-    z = (np.asarray(got["log_px"]) - [r["log_px"] for r in stored]) / np.sqrt(
-        np.asarray(got["log_px_se"]) ** 2 + np.asarray([r["log_px_se"] for r in stored]) ** 2)
-    assert np.mean(np.abs(z) <= 3) >= 0.95, np.sort(np.abs(z))[-10:]
+    d = np.asarray(got["log_px"]) - [r["log_px"] for r in stored]
+    z = d / np.sqrt(np.asarray(got["log_px_se"]) ** 2
+                    + np.asarray([r["log_px_se"] for r in stored]) ** 2)
+    # Both sides are the same estimator (same K, same noise, same bias), so d is symmetric
+    # about 0: the count of positive d is Binomial(n, 1/2) (sd 7.1; the bounds are 5.6 sd
+    # out), which a constant wrong in either side (a missing log(levels) per dimension, a
+    # shifted noise row) moves far outside. The delta method's standard error runs small
+    # when a few weights dominate (CI saw 8 % of |z| > 3 at K = 30, the largest 5.7), so
+    # the spread is checked loosely: other noise than the job's makes |z| >> 3 nearly
+    # everywhere.
+    positive = int(np.sum(d > 0))
+    assert 60 <= positive <= 140, (positive, np.median(d))
+    assert np.median(np.abs(z)) <= 1.5, np.sort(np.abs(z))[-10:]
+    assert np.mean(np.abs(z) <= 3) >= 0.85, np.sort(np.abs(z))[-10:]
     np.testing.assert_allclose(got["bits_per_dim"],
                                -np.asarray(got["log_px"]) / (D * math.log(2)), rtol=1e-12)
     item = client.get(f"/v1/embeddings/{set_id}/items/{stored[0]['key']}").json()
     assert item["log_px_se"] == pytest.approx(stored[0]["log_px_se"])
-    assert 1 <= item["ess"] <= 30
+    assert 1 <= item["ess"] <= 100
 
 
 def test_items_a_transform_cannot_take_are_refused(client, trained):
