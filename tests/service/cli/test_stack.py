@@ -179,7 +179,10 @@ def test_models_score_agrees_with_the_stored_figures(data_dir, trained, exported
     np.testing.assert_allclose(got["kl"], [r["kl"] for r in stored], rtol=1e-4, atol=1e-4)
     z = (np.asarray(got["log_px"]) - [r["log_px"] for r in stored]) / (
         np.sqrt(2) * np.asarray(got["log_px_se"]))
-    assert np.mean(np.abs(z) <= 3) >= 0.95, np.sort(np.abs(z))[-5:]
+    # robustly, as in test_api_flow's /score check: the median |z|, the tails, the signs
+    assert 0.3 <= np.median(np.abs(z)) <= 1.5, np.median(np.abs(z))
+    assert np.mean(np.abs(z) <= 3) >= 0.9, np.sort(np.abs(z))[-5:]
+    assert 25 <= np.sum(z > 0) <= 75, np.sum(z > 0)
     assert got["is_outlier"] == [v < got["threshold"]["value"] for v in got["log_px"]]
     out = cli(data_dir, "models", "score", trained["model_id"], tmp_path / "items.npy")
     assert out.returncode == 0, out.stderr
