@@ -264,3 +264,34 @@ def test_upload_from_the_page_with_a_progress_bar(stack, browser, trained, tmp_p
     page.wait_for_selector("img.grid")
     ready(page)
     page.screenshot(path=str(SHOTS / "dataset.png"), full_page=True)
+
+
+def test_every_page_works_under_its_own_csp(stack, browser, trained):
+    """The other tests bypass the page's Content-Security-Policy (Playwright's waits
+    evaluate code); a user's browser enforces it. Here it is enforced: each page renders
+    and the browser reports no violation and no script error."""
+    up, client = stack["up"], stack["client"]
+    sets = client.get("/v1/embeddings").json()
+    assert sets, "the scatter test made a set"
+    pages = {"datasets": "#datasets-table tr[data-dataset-id] img.grid",
+             "jobs": "#jobs-table tr[data-job-id]",
+             f"models/{trained['model_id']}": "#playground-canvas",
+             f"embeddings/{sets[0]['id']}": "#scatter"}
+    context = browser[0].context.browser.new_context(viewport={"width": 1280, "height": 900})
+    try:
+        page = context.new_page()
+        problems = []
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        page.on("console", lambda m: problems.append(m.text)
+                if m.type == "error" or "Content Security Policy" in m.text else None)
+        page.goto(f"{up.url}/ui/#/jobs")
+        page.fill("#key", up.key)
+        page.click("#signin-go")
+        page.wait_for_selector("#nav:not([hidden])")
+        for route, selector in pages.items():
+            page.goto(f"{up.url}/ui/#/{route}")
+            page.wait_for_selector(selector, timeout=30_000)
+            page.wait_for_load_state("networkidle")
+    finally:
+        context.close()
+    assert not problems, problems
