@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.latentbank-installed
 
-.PHONY: install test test-system lint bench bench-likelihood faults demo clean
+.PHONY: install test test-system lint bench bench-likelihood faults demo images compose-test clean
 
 install: $(STAMP)
 
@@ -58,6 +58,16 @@ bench-likelihood: $(STAMP)
 # the HTTP API, a summary, then the stack is stopped. DEMO_ARGS: see `latentbank demo --help`.
 demo: $(STAMP)
 	$(PY) -m service.cli demo $(DEMO_ARGS)
+
+# The production topology with Docker on this machine (docker/): base images from
+# debootstrap, the images built without a registry, then docker/compose.local.yml up,
+# scaled, and faulted at the container level (docker/compose_test.py; about 25 minutes
+# the first time, most of it building). .ci/run runs compose-test after test-system.
+images:
+	bash docker/images.sh
+
+compose-test: $(STAMP)
+	$(PY) docker/compose_test.py $(COMPOSE_ARGS)
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache

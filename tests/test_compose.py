@@ -85,7 +85,7 @@ def test_training_workers_reserve_a_gpu_and_embedding_workers_scale(spec):
     train, embed = spec["services"]["worker-train"], spec["services"]["worker-embed"]
     devices = train["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
-    assert train["build"]["args"]["VARIANT"] == "cuda"
+    assert train["build"]["target"] == "worker-cuda"
     cmd = command(train)
     assert cmd[cmd.index("--queues") + 1] == "train" and cmd[cmd.index("--pool") + 1] == "solo"
     cmd = command(embed)
@@ -145,14 +145,26 @@ def test_worker_healthcheck_pings_the_name_the_worker_takes(spec):
     assert "-d latentbank@$HOSTNAME" in test.replace("$$", "$")
 
 
-def test_the_dockerfile_builds_cpu_and_cuda_variants(spec):
+def test_the_dockerfile_builds_the_images_the_file_names(spec):
     text = (ROOT / "Dockerfile").read_text()
-    assert re.search(r"^ARG VARIANT=cpu$", text, re.M)
     stages = set(re.findall(r"^FROM \S+ AS (\S+)$", text, re.M))
-    assert {"base-cpu", "base-cuda"} <= stages
-    assert re.search(r"^FROM base-\$\{VARIANT\}$", text, re.M)
+    assert {"api", "worker", "worker-cuda"} <= stages
     for service in spec["services"].values():
         if isinstance(service.get("build"), dict):
-            assert f"base-{service['build']['args']['VARIANT']}" in stages
-    # the CPU variant pins the wheel the project is tested with
+            assert service["build"]["target"] in stages
+    # base images are build arguments (local ones where no registry answers)
+    assert re.search(r"^ARG PYTHON_BASE=python:3\.11-slim$", text, re.M)
+    assert re.search(r"^FROM \$\{PYTHON_BASE\} AS python$", text, re.M)
+    # the CPU worker pins the wheel the project is tested with; the API has no torch
     assert 'TORCH_SPEC="torch==2.13.0"' in text
+    requirements = text[text.index("FROM python AS requirements"):
+                        text.index("FROM python AS project")]
+    assert "startswith(('torch', 'onnxscript'))" in requirements
+    api = text[text.index("FROM python AS api"):text.index("FROM python AS worker")]
+    assert "/tmp/api.txt" in api and '! python -c "import torch"' in api
+    # the code is the last layer of each image: a change to it rebuilds only that copy
+    for stage in ("api", "worker"):
+        body = text[text.index(f"FROM python AS {stage}\n"):]
+        body = body[:body.index("\nFROM ")] if "\nFROM " in body else body
+        assert body.strip().splitlines()[-1] == "COPY --from=project /opt/project /opt/project"
+    assert spec["services"]["api"]["image"] == "latentbank-api"

@@ -44,6 +44,7 @@ from store.latents import (
     set_statistics,
 )
 from store.models import get_model
+from store.processes import host_identity
 from workers.context import Context
 from workers.lease import Lease, start_attempt
 
@@ -183,7 +184,8 @@ def run_shard(ctx: Context, job_id: int, set_id: int, start: int, stop: int,
             done = min(done, total)  # a re-run shard counts again
             lease.report(0.95 * done / total, f"{done}/{total} items embedded")
             lease.beat()
-    return {"rows": stop - start, "worker": socket.gethostname() + f":{os.getpid()}",
+    # host/pid-namespace:pid: containers that share the host's network (and name) differ
+    return {"rows": stop - start, "worker": f"{host_identity()}:{os.getpid()}",
             "binary": binary}
 
 

@@ -258,6 +258,9 @@ def demo(
                                           "accuracy"),
     port: int = typer.Option(None, help="API port of the stack started here (default 8000, "
                                         "else a free one)"),
+    url: str = typer.Option(None, help="use the API running there instead of a stack here "
+                                       "(its key from LATENTBANK_API_KEY), e.g. a compose "
+                                       "deployment"),
     out: Annotated[Path, typer.Option(help="folder for the results and plots")] = DEMO_OUT,
 ) -> None:
     """The whole service on the built-in digits, through its HTTP API (what `make demo`
@@ -266,11 +269,16 @@ def demo(
     timings: dict[str, float] = {}
     began = time.perf_counter()
     try:
-        with stack(data_dir, port, out / "stack.log") as (url, seconds):
-            if seconds:
-                timings["start the stack"] = seconds
+        if url:
             with Client(url) as c:
                 summary = run(c, out, epochs, latent_dim, importance_samples, queries, timings)
+        else:
+            with stack(data_dir, port, out / "stack.log") as (local, seconds):
+                if seconds:
+                    timings["start the stack"] = seconds
+                with Client(local) as c:
+                    summary = run(c, out, epochs, latent_dim, importance_samples, queries,
+                                  timings)
     except (ClientError, httpx.HTTPError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
