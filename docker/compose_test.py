@@ -295,6 +295,8 @@ def restart_mid_job(api: Api, service: str, model_id: int, dataset_id: int) -> s
     finished = dt.datetime.fromisoformat(done["finished_at"])
     finished = finished if finished.tzinfo else finished.replace(tzinfo=dt.UTC)
     assert finished > began, f"the job ended ({finished}) before the restart ({began})"
+    # the embedding lease is 300 s: a job that only came back by its expiry was stuck
+    assert (finished - began).total_seconds() < 120, f"ended {finished - began} later"
     es = api.get(f"/v1/embeddings/{done['embedding_set_id']}")
     assert es["stats"]["n_items"] == es["n_items"] == n, es["stats"]
     rows = export_keys(api, es["id"])

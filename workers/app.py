@@ -50,6 +50,11 @@ def make_app() -> Celery:
         worker_prefetch_multiplier=1,
         broker_transport_options=transport,
         result_backend_transport_options=transport,
+        # A result stored while Redis restarts waits for it instead of failing the task:
+        # a shard marked failed that way (its rows written) broke its embedding chord, and
+        # the job waited out its lease (seen under `make compose-test`: 300 s, attempt 2).
+        result_backend_always_retry=True,
+        result_backend_max_retries=100,  # backing off to 10 s each: about 15 minutes
         result_expires=7 * 86_400,
         task_default_queue=QUEUES["embed"],
         task_routes={TASKS["train"]: {"queue": QUEUES["train"]},
