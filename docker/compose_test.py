@@ -217,11 +217,31 @@ def replicas(api: Api, api2: Api, set_id: int) -> str:
     return f"datasets, models, set {set_id} and a search agree"
 
 
+def embed_consumers(container: str) -> set[str]:
+    """The worker nodes consuming the embed queue, as the broker's workers report them."""
+    out = run("docker", "exec", container, "celery", "-A", "workers.app", "inspect",
+              "active_queues", "--json", "--timeout", "5", check=False).stdout
+    try:
+        replies = json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return set()
+    return {node for node, queues in replies.items()
+            if any(q.get("name") == "embed" for q in queues or [])}
+
+
 @check("--scale worker-embed=3 shares one job's shards")
 def scaled(api: Api, model_id: int, dataset_id: int) -> str:
     compose("up", "-d", "--wait", "--scale", "worker-embed=3")
     ids = containers("worker-embed")
     assert len(ids) == 3, ids
+    # healthy means each answers a ping; wait until all three consume the queue too, so
+    # the check measures sharing, not which container came up first (seen once: a job
+    # of 6 shards over 2 of the 3). The dataset has 66 shards.
+    def all_consuming() -> set[str] | None:
+        nodes = embed_consumers(ids[0])
+        return nodes if len(nodes) >= 3 else None
+
+    consumers = wait_until(all_consuming, 120, "three workers consuming the embed queue")
     job = api.post("/v1/embedding-jobs", json={"model_id": model_id, "dataset_id": dataset_id,
                                                "importance_samples": 20})
     job = api.wait(job["id"])
@@ -233,7 +253,7 @@ def scaled(api: Api, model_id: int, dataset_id: int) -> str:
     per_container = {line.split("|")[0].strip() for line in logs.splitlines()
                      if "embed_shard" in line and "succeeded" in line}
     (OUT / "shard-logs.txt").write_text(logs)
-    assert len(namespaces) == 3, workers
+    assert len(namespaces) == 3, (workers, sorted(consumers))
     return (f"{es['stats']['shards']} shards over {len(namespaces)} containers "
             f"({sorted(workers.values())}); shard lines from {sorted(per_container)}")
 
@@ -411,9 +431,9 @@ def main() -> int:
         summary = json.loads((OUT / "demo" / "summary.json").read_text())
         model_id, dataset_id = summary["model_id"], summary["dataset_id"]
         replicas(api, api2, summary["embedding_set_id"])
-        scaled(api, model_id, dataset_id)
-        kill_trainer(api, dataset_id)
         large = many_digits(api)
+        scaled(api, model_id, large)
+        kill_trainer(api, dataset_id)
         restart_redis(api, model_id, large)
         restart_postgres(api, model_id, large)
         kill_api_mid_upload(api)
