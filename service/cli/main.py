@@ -28,7 +28,7 @@ def show_version() -> None:
 def migrate_command(revision: str = typer.Argument("head", help="Alembic revision")) -> None:
     """Check the database (PostgreSQL with pgvector) and upgrade its schema."""
     from migrations import migrate
-    from service.cli.embedded import OldDataFolder, start_embedded_postgres
+    from service.cli.embedded import EmbeddedError, start_embedded_postgres
     from store.db import redacted
     from store.errors import DatabaseUnavailable
     from store.settings import get_settings
@@ -42,7 +42,7 @@ def migrate_command(revision: str = typer.Argument("head", help="Alembic revisio
             server, url = start_embedded_postgres(settings.postgres_dir)
         migrate(url, revision)
         typer.echo(f"database at {redacted(url)} is at revision {revision}")
-    except (DatabaseUnavailable, OldDataFolder) as exc:
+    except (DatabaseUnavailable, EmbeddedError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     finally:
@@ -157,7 +157,7 @@ def upgrade_db_command() -> None:
     """Upgrade the embedded database of LATENTBANK_DATA_DIR made by an earlier release
     (PostgreSQL 16, pgvector 0.6.2) to PostgreSQL 18 with pgvector 0.8, with pg_upgrade.
     The original folder is kept beside it as `postgres.old`. Stop the stack first."""
-    from service.cli.embedded import OldDataFolder, upgrade_embedded_postgres
+    from service.cli.embedded import EmbeddedError, upgrade_embedded_postgres
     from service.cli.stack import read_stack
     from store.settings import get_settings
 
@@ -172,7 +172,7 @@ def upgrade_db_command() -> None:
         raise typer.Exit(2)
     try:
         before, after = upgrade_embedded_postgres(settings.postgres_dir)
-    except (OldDataFolder, FileNotFoundError) as exc:
+    except (EmbeddedError, FileNotFoundError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     kept = f"; the original is kept in {settings.postgres_dir}.old" if before != after else ""

@@ -382,11 +382,18 @@ class Stack:
                     lambda: child.reap(0.0))
 
     def _redis_part(self) -> Part:
-        from service.cli.embedded import start_embedded_redis, stop_embedded_redis
+        from service.cli.embedded import (
+            EmbeddedError,
+            start_embedded_redis,
+            stop_embedded_redis,
+        )
         from store.broker import broker_ping
 
         def start() -> None:
-            self._redis = start_embedded_redis(self.settings.redis_socket)
+            try:
+                self._redis = start_embedded_redis(self.settings.redis_socket)
+            except EmbeddedError as exc:  # not installed: say what to set instead
+                raise StackError(str(exc)) from None
 
         def stop() -> None:
             if self._redis is not None:
@@ -401,7 +408,7 @@ class Stack:
 
     def _postgres_part(self) -> Part:
         from service.cli.embedded import (
-            OldDataFolder,
+            EmbeddedError,
             postmaster_pid,
             restart_embedded_postgres,
             start_embedded_postgres,
@@ -414,7 +421,7 @@ class Stack:
             if self._pg is None:
                 try:
                     self._pg, self._db_url = start_embedded_postgres(directory)
-                except OldDataFolder as exc:  # refused, untouched: say how to upgrade
+                except EmbeddedError as exc:  # refused, untouched: say what to do
                     raise StackError(str(exc)) from None
             else:
                 restart_embedded_postgres(self._pg)
