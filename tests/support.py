@@ -264,3 +264,103 @@ def stored_files(artifacts):
 
 def unique_name(request):
     return f"{request.node.name}"[:190]
+
+
+class ApiProcess:
+    """The API as production runs it: uvicorn in a process of its own (so its memory is its
+    own to measure), on a free port, with `env` (LATENTBANK_* settings)."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "service.api.app:create_app", "--factory",
+             "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"],
+            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, stdout=open(log, "w"),  # noqa: SIM115
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        import httpx
+
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code < 500:
+                    break
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the API did not start:\n{log.read_text()}")
+            time.sleep(0.1)
+
+    def rss(self) -> int:
+        """Resident bytes now."""
+        return _status_kib(self.proc.pid, "VmRSS") * 1024
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+def _status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+class Probe:
+    """What one attack costs the API process: its peak resident memory above the level
+    before the attack (the kernel's high-water mark, reset first through clear_refs), and
+    the slowest /healthz answer seen while it ran (polled every 20 ms from a thread).
+
+        with Probe(api) as probe:
+            response = send_attack()
+        assert probe.grown < 100 * MiB and probe.slowest_health < 0.1
+    """
+
+    def __init__(self, api: ApiProcess, health_every: float = 0.02) -> None:
+        self.api, self.every = api, health_every
+        self.grown = 0
+        self.slowest_health = 0.0
+        self.health_failures = 0
+        self.elapsed = 0.0
+
+    def __enter__(self) -> "Probe":
+        import httpx
+
+        pid = self.api.proc.pid
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # resets VmHWM to VmRSS
+        self.before = _status_kib(pid, "VmRSS") * 1024
+        self._stop = threading.Event()
+        self._health = httpx.Client(base_url=self.api.url, timeout=5)
+
+        def poll() -> None:
+            while not self._stop.is_set():
+                started = time.perf_counter()
+                try:
+                    ok = self._health.get("/healthz").status_code < 500
+                except Exception:
+                    ok = False
+                took = time.perf_counter() - started
+                self.slowest_health = max(self.slowest_health, took)
+                self.health_failures += not ok
+                self._stop.wait(self.every)
+
+        self._thread = threading.Thread(target=poll, daemon=True)
+        self._thread.start()
+        self._started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.elapsed = time.perf_counter() - self._started
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._health.close()
+        peak = _status_kib(self.api.proc.pid, "VmHWM") * 1024
+        self.grown = max(0, peak - self.before)

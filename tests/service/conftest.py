@@ -84,3 +84,19 @@ def client(api, keys):
 def anonymous(api):
     with httpx.Client(base_url=api.url, timeout=60) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def hostile_api(api_env, tmp_path_factory):
+    """The API in a uvicorn process of its own on the same database and broker as `api`,
+    with the production defaults for every bound (the hostile-input suite measures its
+    memory and /healthz while attacks run: tests/service/api/test_hostile_*.py)."""
+    from tests.support import ApiProcess
+
+    log_dir = tmp_path_factory.mktemp("hostile-api")
+    env = {k: v for k, v in api_env.items()
+           if k not in ("LATENTBANK_MAX_UPLOAD_BYTES", "LATENTBANK_MAX_REQUEST_BYTES")}
+    served = ApiProcess({**env, "LATENTBANK_DATA_DIR": str(log_dir / "data")},
+                        log_dir / "api.log")
+    yield served
+    served.stop()
