@@ -58,8 +58,13 @@ def check_database(engine: Engine) -> str:
     try:
         with engine.connect() as conn:
             row = conn.execute(text(
-                "SELECT default_version FROM pg_available_extensions WHERE name = 'vector'"
-            )).first()
+                "SELECT a.default_version, a.installed_version IS NOT NULL, r.rolsuper, "
+                "coalesce(v.trusted, false), current_user, current_database() "
+                "FROM pg_available_extensions a "
+                "JOIN pg_roles r ON r.rolname = current_user "
+                "LEFT JOIN pg_available_extension_versions v "
+                "ON v.name = a.name AND v.version = a.default_version "
+                "WHERE a.name = 'vector'")).first()
     except OperationalError as exc:
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig else "no answer"
         raise DatabaseUnavailable(f"cannot reach PostgreSQL at {where}: {reason}") from None
@@ -68,7 +73,14 @@ def check_database(engine: Engine) -> str:
             f"PostgreSQL at {where} has no pgvector extension ('vector' is not among its "
             f"available extensions); latentbank stores latents as pgvector vectors. "
             f"{PGVECTOR_HELP}")
-    return str(row[0])
+    version, created, superuser, trusted, user, database = row
+    if not (created or superuser or trusted):  # the app role of least privilege
+        raise PgvectorMissing(
+            f"pgvector is available on PostgreSQL at {where} but not created in database "
+            f"{database!r}, and role {user!r} may not create it (pgvector is not a trusted "
+            f"extension): have an administrator run `CREATE EXTENSION vector;` in that "
+            f"database once, then migrate again")
+    return str(version)
 
 
 def connectable_databases(url: str) -> list[str]:
