@@ -73,13 +73,19 @@ def ensure_reader(db: Database, password: str, role: str = READER, *,
     verifier = scram_verifier(password)  # [A-Za-z0-9+/=$:-]: safe inside a literal
     with db.engine.begin() as conn:
         conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('latentbank.sql-role'))"))
-        exists = conn.execute(text("SELECT 1 FROM pg_roles WHERE rolname = :r"),
-                              {"r": role}).scalar()
-        if not exists:
+        granted = conn.execute(text(
+            "SELECT rolsuper, rolcreatedb, rolcreaterole, rolreplication, rolbypassrls "
+            "FROM pg_roles WHERE rolname = :r"), {"r": role}).first()
+        if granted is None:  # a new role has none of these
             conn.execute(text(f'CREATE ROLE "{role}"'))
+            granted = (False,) * 5
+        # only what must be switched off is named: a CREATEROLE admin (PostgreSQL 16+) may
+        # not even say NOSUPERUSER
+        revoke = " ".join(word for word, on in zip(
+            ("NOSUPERUSER", "NOCREATEDB", "NOCREATEROLE", "NOREPLICATION", "NOBYPASSRLS"),
+            granted, strict=True) if on)
         # the driver's own execute: text() would read the verifier's ':' as parameters
-        conn.exec_driver_sql(f'ALTER ROLE "{role}" WITH LOGIN NOSUPERUSER NOCREATEDB '
-                             "NOCREATEROLE NOINHERIT NOREPLICATION NOBYPASSRLS "
+        conn.exec_driver_sql(f'ALTER ROLE "{role}" WITH LOGIN NOINHERIT {revoke} '
                              f"CONNECTION LIMIT {int(connection_limit)} PASSWORD '{verifier}'")
         conn.execute(text(f'ALTER ROLE "{role}" SET statement_timeout = {timeout_ms}'))
         database = conn.execute(text("SELECT current_database()")).scalar_one()

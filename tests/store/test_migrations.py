@@ -139,3 +139,23 @@ def test_an_app_role_that_is_not_superuser_owns_and_migrates_the_schema(pg_serve
         assert tables(url) == TABLES
     finally:
         engine.dispose()
+    # `latentbank sql-role` against it: the app role needs CREATEROLE (README) and no more
+    import psycopg
+
+    from store.db import Database
+    from store.sql import ensure_reader, reader_url
+
+    admin = create_engine(pg_server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"ALTER ROLE {app} CREATEROLE")
+    admin.dispose()
+    database, reader, reader_password = Database(url), f"reader_{suffix}", "r" * 24
+    try:
+        ensure_reader(database, reader_password, reader)
+    finally:
+        database.dispose()
+    with psycopg.connect(reader_url(url, reader_password, reader), autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM datasets").fetchone() == (0,)
+        conn.execute("SET default_transaction_read_only = off")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("CREATE TEMP TABLE mine (x int)")
