@@ -51,6 +51,7 @@ sys.path.insert(0, ROOT)
 from sqlalchemy import create_engine, text  # noqa: E402
 
 from service.cli.stack import stack_processes  # noqa: E402
+from store.db import embedded_url  # noqa: E402
 
 LEASE = 6.0  # the stack's job lease: a SIGSTOP of twice this loses it
 SETTLED = 10.5  # seconds every part has run before the next fault (`up`'s STABLE_AFTER)
@@ -120,7 +121,7 @@ class Stack:
                                  headers={"Authorization": f"Bearer {key}"})
         socket_dir = (self.data / "postgres").resolve()
         self.engine = create_engine(
-            f"postgresql+psycopg://postgres:@/postgres?host={socket_dir}",
+            embedded_url(socket_dir, socket_dir),  # the service's role, saved password
             pool_pre_ping=True, connect_args={"connect_timeout": 3})
 
     # state

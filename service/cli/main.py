@@ -181,16 +181,24 @@ def upgrade_db_command() -> None:
 
 def _reader_dsn(rotate: bool) -> str:
     """Make sure the read-only role exists with the saved password (a new one with
-    `rotate`); the role's connection string."""
+    `rotate`), its limits and privileges; the role's connection string. On the embedded
+    server this runs as its superuser (password in DATA_DIR/postgres-secrets); on an
+    external one as LATENTBANK_DATABASE_URL's role, which needs CREATEROLE (README)."""
     import secrets
 
     from service.cli.embedded import running_embedded_url
-    from store.db import Database
+    from store.db import EMBEDDED_SUPERUSER, Database
+    from store.errors import DatabaseUnavailable
     from store.settings import get_settings
     from store.sql import ensure_reader, reader_url
 
     settings = get_settings()
-    admin = settings.database_url or running_embedded_url(settings.postgres_dir)
+    try:
+        admin = settings.database_url or running_embedded_url(settings.postgres_dir,
+                                                              EMBEDDED_SUPERUSER)
+    except DatabaseUnavailable as exc:  # no saved password
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(3) from None
     if not admin:
         typer.echo(f"error: no database: start the stack (`latentbank up`) for "
                    f"{settings.data_dir.resolve()}, or set LATENTBANK_DATABASE_URL", err=True)
@@ -205,7 +213,8 @@ def _reader_dsn(rotate: bool) -> str:
         saved.write_text(password + "\n")
     db = Database(admin)
     try:
-        ensure_reader(db, password)
+        ensure_reader(db, password, connection_limit=settings.sql_reader_connection_limit,
+                      statement_timeout_s=settings.sql_reader_statement_timeout_s)
     finally:
         db.dispose()
     return reader_url(admin, password)

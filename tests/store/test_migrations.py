@@ -84,3 +84,78 @@ def test_unreachable_database_is_a_clear_error():
     with pytest.raises(DatabaseUnavailable, match="cannot reach PostgreSQL at .*127.0.0.1:1"):
         check_database(engine)
     engine.dispose()
+
+
+# What README tells an administrator to run for an external server (psql: `\password`
+# sends a verifier; here the test sets it the same way).
+EXTERNAL_ADMIN_SQL = """
+CREATE ROLE {app} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE;
+CREATE DATABASE {db} OWNER {app};
+"""
+
+
+def test_an_app_role_that_is_not_superuser_owns_and_migrates_the_schema(pg_server):
+    """The least-privilege shape for an external server: an app role that owns its
+    database but is not superuser migrates and writes; pgvector (not a trusted extension)
+    is created once by an administrator, and until then migrate says so."""
+    import secrets
+    import uuid
+
+    from sqlalchemy.engine import make_url
+
+    from store.sql import scram_verifier
+
+    suffix = uuid.uuid4().hex[:8]
+    app, db = f"app_{suffix}", f"ext_{suffix}"
+    password = secrets.token_urlsafe(24)
+    admin = create_engine(pg_server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        for statement in EXTERNAL_ADMIN_SQL.format(app=app, db=db).split(";\n"):
+            if statement.strip():
+                conn.exec_driver_sql(statement)
+        conn.exec_driver_sql(f"ALTER ROLE {app} PASSWORD '{scram_verifier(password)}'")
+    admin.dispose()
+    url = make_url(pg_server).set(username=app, password=password, database=db)
+    url = url.render_as_string(hide_password=False)
+    with pytest.raises(PgvectorMissing, match=r"CREATE EXTENSION vector;` in that database"):
+        migrate(url)
+    assert tables(url) == set()
+    admin_db = create_engine(make_url(pg_server).set(database=db), isolation_level="AUTOCOMMIT")
+    with admin_db.connect() as conn:
+        conn.exec_driver_sql("CREATE EXTENSION vector")
+    admin_db.dispose()
+    migrate(url)
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            owners = conn.execute(text(
+                "SELECT DISTINCT tableowner FROM pg_tables WHERE schemaname = 'public' "
+                "UNION SELECT DISTINCT viewowner FROM pg_views WHERE schemaname = 'lb_v1'"
+            )).scalars().all()
+            assert owners == [app]
+            assert conn.execute(text("SELECT rolsuper FROM pg_roles "
+                                     "WHERE rolname = current_user")).scalar() is False
+            conn.execute(text("CREATE INDEX ON datasets (n_items)"))
+        assert tables(url) == TABLES
+    finally:
+        engine.dispose()
+    # `latentbank sql-role` against it: the app role needs CREATEROLE (README) and no more
+    import psycopg
+
+    from store.db import Database
+    from store.sql import ensure_reader, reader_url
+
+    admin = create_engine(pg_server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"ALTER ROLE {app} CREATEROLE")
+    admin.dispose()
+    database, reader, reader_password = Database(url), f"reader_{suffix}", "r" * 24
+    try:
+        ensure_reader(database, reader_password, reader)
+    finally:
+        database.dispose()
+    with psycopg.connect(reader_url(url, reader_password, reader), autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM datasets").fetchone() == (0,)
+        conn.execute("SET default_transaction_read_only = off")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("CREATE TEMP TABLE mine (x int)")

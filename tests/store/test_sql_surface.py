@@ -100,3 +100,91 @@ def test_the_reader_reads_the_views_and_nothing_else(surface):
                 conn.execute(sql)
         with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
             conn.execute("CREATE TABLE lb_v1.mine (x int)")
+
+
+def reader_dsn(url, password):
+    return reader_url(url.replace("postgresql+psycopg://", "postgresql://"), password)
+
+
+def test_the_reader_cannot_write_nor_make_temp_objects_even_with_read_only_off(surface):
+    """default_transaction_read_only is only a default (any session may SET it off): the
+    guard is that the role holds no privilege that writes or creates anything."""
+    url, db = surface
+    password = secrets.token_urlsafe(24)
+    ensure_reader(db, password)
+    with psycopg.connect(reader_dsn(url, password), autocommit=True) as conn:
+        conn.execute("SET default_transaction_read_only = off")
+        conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE")
+        assert conn.execute("SHOW transaction_read_only").fetchone() == ("off",)
+        for sql in ("CREATE TEMP TABLE mine (x int)",
+                    "CREATE TEMP VIEW mine AS SELECT 1",
+                    "CREATE TABLE lb_v1.mine (x int)",
+                    "CREATE TABLE public.mine (x int)",
+                    "CREATE FUNCTION public.f() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+                    "INSERT INTO public.api_keys (name) VALUES ('x')",
+                    "DELETE FROM lb_v1.training_metrics",
+                    "UPDATE lb_v1.datasets SET name = 'x'",
+                    "COPY (SELECT 1) TO PROGRAM 'true'",
+                    "CREATE SCHEMA mine"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(sql)
+
+
+def test_the_reader_has_a_connection_limit_and_a_statement_timeout(surface):
+    url, db = surface
+    password = secrets.token_urlsafe(24)
+    ensure_reader(db, password, connection_limit=2, statement_timeout_s=0.25)
+    dsn = reader_dsn(url, password)
+    with psycopg.connect(dsn, autocommit=True) as one, psycopg.connect(dsn) as two:
+        with pytest.raises(psycopg.OperationalError, match="too many connections"):
+            psycopg.connect(dsn)
+        assert one.execute("SHOW statement_timeout").fetchone() == ("250ms",)
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            one.execute("SELECT pg_sleep(5)")
+        two.rollback()
+    ensure_reader(db, password)  # the defaults again: limit 8, 120 s
+    with db.engine.connect() as conn:
+        limit, config = conn.execute(text(
+            "SELECT rolconnlimit, rolconfig FROM pg_roles WHERE rolname = 'latentbank_reader'"
+        )).one()
+    assert limit == 8 and "statement_timeout=120000" in config
+
+
+def test_the_password_reaches_the_server_only_as_a_scram_verifier(surface):
+    from sqlalchemy import event
+
+    url, db = surface
+    password = secrets.token_urlsafe(24)
+    sent = []
+
+    def record(conn, cursor, statement, *rest):
+        sent.append(statement)
+
+    event.listen(db.engine, "before_cursor_execute", record)
+    try:
+        ensure_reader(db, password)
+    finally:
+        event.remove(db.engine, "before_cursor_execute", record)
+    assert sent and not [s for s in sent if password in s]
+    assert any("PASSWORD 'SCRAM-SHA-256$4096:" in s for s in sent)
+    with psycopg.connect(reader_dsn(url, password)) as conn:  # the server takes it
+        assert conn.execute("SELECT current_user").fetchone() == ("latentbank_reader",)
+    wrong = password[:-1] + ("A" if password[-1] != "A" else "B")
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(reader_dsn(url, wrong))
+
+
+def test_the_scram_verifier_matches_libpq(surface):
+    """Against libpq's own PQencryptPasswordConn: same salt and iterations, same keys."""
+    import base64
+
+    from store.sql import scram_verifier
+
+    url, _ = surface
+    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://")) as conn:
+        for password in ("pencil", secrets.token_urlsafe(32), "a-b_c"):
+            theirs = conn.pgconn.encrypt_password(password.encode(), b"anyone",
+                                                  b"scram-sha-256").decode()
+            iterations, salt = theirs.split("$")[1].split(":")
+            assert scram_verifier(password, base64.b64decode(salt), int(iterations)) == theirs
+            assert scram_verifier(password) != theirs  # a salt of its own each time
