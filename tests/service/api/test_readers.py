@@ -120,7 +120,11 @@ BAD = {
     "two.npz": (lambda p: np.savez(p, a=np.ones((2, 2)), b=np.ones((2, 2))), DatasetError,
                 "exactly one data array"),
     "ragged.parquet": (lambda p: pq.write_table(pa.table({"v": [[1.0, 2.0], [3.0]]}), p),
-                       DatasetError, "inconsistent item shape: row 1 has 1 values"),
+                       DatasetError, "inconsistent item shape: row group 0 of column 'v' "
+                                     "holds 3 values for 2 rows"),
+    "ragged-even.parquet": (  # as many values as rows x the first row's: found while read
+        lambda p: pq.write_table(pa.table({"v": [[1.0, 2.0, 3.0], [4.0], [5.0, 6.0]]}), p),
+        DatasetError, "inconsistent item shape: row 1 has 1 values"),
     "text.parquet": (lambda p: pq.write_table(pa.table({"a": [1, 2], "s": ["x", "y"]}), p),
                      DatasetError, "column 's' has type string"),
     "missing.csv": (lambda p: p.write_text("a,b\n1,2\n3,\n"), DatasetError,
@@ -128,7 +132,8 @@ BAD = {
     "dupkeys.npz": (lambda p: np.savez(p, x=np.ones((3, 2)), keys=np.array(["a", "b", "a"])),
                     DatasetError, "duplicate key 'a'"),
     "badlabels.npz": (lambda p: np.savez(p, x=np.ones((3, 2)), labels=np.array([1, 2])),
-                      DatasetError, "labels has 2 entries but the data has 3 items"),
+                      DatasetError, "'labels' in the .npz file has 2 entries but the data "
+                                    "has 3 items"),
     "toomany.npy": (lambda p: np.save(p, np.ones((11, 2))), TooLarge, "the limit is 10"),
     "wideitems.npy": (lambda p: np.save(p, np.ones((2, 5000))), TooLarge,
                       "5000 values each; the limit is 4096"),
