@@ -31,7 +31,7 @@ from store.settings import Settings
 CHUNK_BYTES = 16 << 20
 MAX_CHUNK_ROWS = 65_536
 MAX_NPZ_MEMBERS = 256
-CSV_BLOCK_BYTES = 16 << 20
+CSV_BLOCK_BYTES = 4 << 20  # a line must fit one block; each block costs ~4x in the reader
 FORMATS = (".npy", ".npz", ".parquet", ".csv")
 
 
