@@ -84,10 +84,14 @@ def npy_header(shape: tuple[int, ...]) -> bytes:
 
 
 class _CanonicalWriter:
-    """Appends validated chunks as float32 to a `.npy` file and hashes the content."""
+    """Appends validated chunks as float32 to a `.npy` file and hashes the content.
 
-    def __init__(self, path: str, settings: Settings) -> None:
-        self.path, self.settings = path, settings
+    Its size is counted before each write: it stays within `max_inflated_bytes`, and with
+    the `temp_bytes` its caller already wrote (an upload's saved parts) within
+    `max_upload_temp_bytes`, whatever a file's headers declared."""
+
+    def __init__(self, path: str, settings: Settings, temp_bytes: int = 0) -> None:
+        self.path, self.settings, self.temp_bytes = path, settings, temp_bytes
         self.file = open(path, "wb")  # noqa: SIM115 - closed in finish/abort
         self.file.write(b"\0" * HEADER_BYTES)
         self.values_hash, self.meta_hash = hashlib.sha256(), hashlib.sha256()
@@ -110,6 +114,14 @@ class _CanonicalWriter:
                                f"{list(values.shape[1:])}, earlier items {list(self.item_shape)}")
         if self.n + len(values) > self.settings.max_dataset_items:
             raise TooLarge(f"more than {self.settings.max_dataset_items} items")
+        size = HEADER_BYTES + 4 * (self.n + len(values)) * int(np.prod(self.item_shape))
+        if size > self.settings.max_inflated_bytes:
+            raise TooLarge(f"the items decode to more than {self.settings.max_inflated_bytes} "
+                           "bytes as float32 (max_inflated_bytes)")
+        if self.temp_bytes + size > self.settings.max_upload_temp_bytes:
+            raise TooLarge(f"registering this dataset needs more than "
+                           f"{self.settings.max_upload_temp_bytes} bytes of temporary files "
+                           "(max_upload_temp_bytes)")
         with np.errstate(over="ignore"):  # overflow is reported below, by item
             as32 = np.ascontiguousarray(values, dtype="<f4")
         flat = as32.reshape(len(as32), -1)
@@ -169,9 +181,11 @@ def _duplicate_key(exc: BaseException) -> str:
 
 
 def register_dataset(db: Database, artifacts: ArtifactStore, settings: Settings, name: str,
-                     source: Source, source_uri: str | None = None) -> Registered:
+                     source: Source, source_uri: str | None = None,
+                     temp_bytes: int = 0) -> Registered:
     """Ingest an opened `source` (a file's reader: see `service.api.readers`) as `name`,
-    in one transaction with its canonical file: all of it or nothing."""
+    in one transaction with its canonical file: all of it or nothing. `temp_bytes`: the
+    temporary files already written for it (counted against `max_upload_temp_bytes`)."""
     import psycopg
 
     if not name or len(name) > 200 or name != name.strip():
@@ -186,7 +200,7 @@ def register_dataset(db: Database, artifacts: ArtifactStore, settings: Settings,
     fd, canonical = tempfile.mkstemp(prefix=f"{LEFTOVER_PREFIX}{os.getpid()}-", suffix=".npy",
                                      dir=tmp_dir)
     os.close(fd)
-    writer = _CanonicalWriter(canonical, settings)
+    writer = _CanonicalWriter(canonical, settings, temp_bytes)
     artifact_key: str | None = None
     try:
         with db.engine.begin() as conn:

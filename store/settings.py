@@ -38,6 +38,29 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(16 * MiB, description="largest JSON / .npy request body")
     max_dataset_items: int = Field(50_000_000, description="most items in one dataset")
     max_item_values: int = Field(1 << 20, description="most values in one item")
+    max_inflated_bytes: int = Field(
+        8 * GiB, ge=1, description="most bytes one dataset file's item values may decode to "
+                                   "(in the file's dtype, or as the float32 stored copy if "
+                                   "larger): checked against the sizes the file declares "
+                                   "(.npy/.npz headers, parquet metadata) before anything "
+                                   "is read, and counted while it is read")
+    max_compression_ratio: float = Field(
+        200.0, gt=1, description="most a compressed .npz member may inflate (declared size "
+                                 "over compressed size, members over 1 MiB): refuses zip "
+                                 "bombs before they are inflated")
+    max_side_chunk_bytes: int = Field(
+        32 * MiB, ge=1024, description="most bytes of keys, labels and metadata one read "
+                                       "step decodes: side arrays are read in step with the "
+                                       "data, and a parquet key/label/metadata column chunk "
+                                       "(one row group) may hold at most this much")
+    max_table_columns: int = Field(
+        4096, ge=1, description="most columns a .csv or .parquet file may have (each column "
+                                "costs the reader about 8 KiB); wider items belong in a "
+                                ".npy/.npz or a parquet list column")
+    max_upload_temp_bytes: int = Field(
+        10 * GiB, ge=1, description="most bytes of temporary files one dataset registration "
+                                    "may write: the saved copies of the uploaded parts plus "
+                                    "the float32 copy being built, counted while written")
     exact_search_below: int = Field(
         20_000, description="embedding sets smaller than this are always searched exactly")
     recall_target: float = Field(0.95, description="recall@10 an HNSW search must reach")

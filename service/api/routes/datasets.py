@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import tempfile
 from typing import Any
 
@@ -40,7 +39,7 @@ from store.datasets import (
     item_rows,
     list_datasets,
 )
-from store.errors import Conflict, InvalidInput, UnsupportedFormat
+from store.errors import Conflict, InvalidInput, TooLarge, UnsupportedFormat
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -74,12 +73,20 @@ def _columns(value: str | None) -> list[str] | None:
     return [c.strip() for c in value.split(",") if c.strip()] if value else None
 
 
-def _save(upload: UploadFile, folder: str, suffix: str) -> str:
+def _save(upload: UploadFile, folder: str, suffix: str, budget: int) -> tuple[str, int]:
+    """The part copied to a file of its own, counted: at most `budget` bytes (what is left
+    of `max_upload_temp_bytes`). Returns the path and the bytes written."""
     fd, path = tempfile.mkstemp(dir=folder, suffix=suffix)
+    written = 0
     with os.fdopen(fd, "wb") as out:
         upload.file.seek(0)
-        shutil.copyfileobj(upload.file, out, 1 << 20)
-    return path
+        while block := upload.file.read(1 << 20):
+            written += len(block)
+            if written > budget:
+                raise TooLarge("the uploaded parts need more temporary disk than "
+                               "max_upload_temp_bytes allows")
+            out.write(block)
+    return path, written
 
 
 def _ingest_upload(svc: Services, form: Any) -> tuple[Any, bool]:
@@ -99,14 +106,16 @@ def _ingest_upload(svc: Services, form: Any) -> tuple[Any, bool]:
     folder.mkdir(parents=True, exist_ok=True)
     # named after this process: a sweep at start removes what a killed process left
     with tempfile.TemporaryDirectory(dir=folder, prefix=f"{os.getpid()}-") as tmp:
-        data = _save(upload, tmp, "." + fmt)
+        budget = svc.settings.max_upload_temp_bytes
+        data, used = _save(upload, tmp, "." + fmt, budget)
         side: dict[str, str | None] = {}
         for field in ("labels", "keys"):
             part = form.get(field)
             if part is None:
                 side[field] = None
             elif isinstance(part, UploadFile):
-                side[field] = _save(part, tmp, ".npy")
+                side[field], written = _save(part, tmp, ".npy", budget - used)
+                used += written
             else:
                 raise InvalidInput(f"multipart field {field!r} must be an .npy file")
         options = IngestOptions(array=fields["array"], key_column=fields["key_column"],
@@ -115,7 +124,7 @@ def _ingest_upload(svc: Services, form: Any) -> tuple[Any, bool]:
                                 metadata_columns=_columns(fields["metadata_columns"]),
                                 keys_path=side["keys"], labels_path=side["labels"])
         registered = register_file(svc.db, svc.artifacts, svc.settings, name, data,
-                                   filename=filename, options=options)
+                                   filename=filename, options=options, temp_bytes=used)
     return registered.dataset, registered.created
 
 

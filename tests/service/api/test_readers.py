@@ -120,7 +120,11 @@ BAD = {
     "two.npz": (lambda p: np.savez(p, a=np.ones((2, 2)), b=np.ones((2, 2))), DatasetError,
                 "exactly one data array"),
     "ragged.parquet": (lambda p: pq.write_table(pa.table({"v": [[1.0, 2.0], [3.0]]}), p),
-                       DatasetError, "inconsistent item shape: row 1 has 1 values"),
+                       DatasetError, "inconsistent item shape: row group 0 of column 'v' "
+                                     "holds 3 values for 2 rows"),
+    "ragged-even.parquet": (  # as many values as rows x the first row's: found while read
+        lambda p: pq.write_table(pa.table({"v": [[1.0, 2.0, 3.0], [4.0], [5.0, 6.0]]}), p),
+        DatasetError, "inconsistent item shape: row 1 has 1 values"),
     "text.parquet": (lambda p: pq.write_table(pa.table({"a": [1, 2], "s": ["x", "y"]}), p),
                      DatasetError, "column 's' has type string"),
     "missing.csv": (lambda p: p.write_text("a,b\n1,2\n3,\n"), DatasetError,
@@ -128,7 +132,8 @@ BAD = {
     "dupkeys.npz": (lambda p: np.savez(p, x=np.ones((3, 2)), keys=np.array(["a", "b", "a"])),
                     DatasetError, "duplicate key 'a'"),
     "badlabels.npz": (lambda p: np.savez(p, x=np.ones((3, 2)), labels=np.array([1, 2])),
-                      DatasetError, "labels has 2 entries but the data has 3 items"),
+                      DatasetError, "'labels' in the .npz file has 2 entries but the data "
+                                    "has 3 items"),
     "toomany.npy": (lambda p: np.save(p, np.ones((11, 2))), TooLarge, "the limit is 10"),
     "wideitems.npy": (lambda p: np.save(p, np.ones((2, 5000))), TooLarge,
                       "5000 values each; the limit is 4096"),
@@ -163,3 +168,68 @@ def test_server_side_paths_are_confined_to_allowed_roots(settings, tmp_path):
         resolve_allowed_path("relative.npy", settings.allowed_roots)
     with pytest.raises(PathNotAllowed, match="disabled"):
         resolve_allowed_path(str(root / "ok.npy"), [])
+
+
+def _npz_labels_longer_than_declared(p):
+    """labels' header says 3 entries; its data holds 1,000 (today: a ValueError, a 500)."""
+    import zipfile
+
+    from tests.service.api.test_hostile_uploads import npy_header
+
+    with zipfile.ZipFile(p, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("x.npy", npy_header((3, 2), "<f8") + bytes(48))
+        z.writestr("labels.npy", npy_header((3,)) + bytes(8000))
+
+
+def _parquet_repeated_long_label(p):
+    """One 1 MiB label repeated on 200 rows: 1 MiB in the dictionary, 200 MiB decoded."""
+    pq.write_table(pa.table({"x": np.zeros(200), "y": ["a" * (1 << 20)] * 200}), p)
+
+
+BOUNDED = {
+    # (file, limits, error, message): each refused before its values are decoded
+    "declared.npy": (lambda p: np.save(p, np.zeros((64, 64), np.float32)),
+                     {"max_inflated_bytes": 8192}, TooLarge, r"max_inflated_bytes"),
+    "labels-lie.npz": (_npz_labels_longer_than_declared, {}, DatasetError,
+                       r"'labels' in the .npz file: its header declares shape \[3\]"),
+    "ratio.npz": (lambda p: np.savez_compressed(p, x=np.zeros((1024, 1024), np.float32)),
+                  {}, TooLarge, r"max_compression_ratio"),
+    "written.csv": (lambda p: p.write_text("a,b\n" + "1,2\n" * 2000),
+                    {"max_inflated_bytes": 4096}, TooLarge, r"max_inflated_bytes"),
+    "label.parquet": (_parquet_repeated_long_label, {"max_side_chunk_bytes": 8 << 20},
+                      TooLarge, r"decode to \d+ bytes; the limit is 8388608 "
+                                r"\(max_side_chunk_bytes\)"),
+    "temp.npy": (lambda p: np.save(p, np.zeros((64, 64), np.uint8)),
+                 {"max_upload_temp_bytes": 8192}, TooLarge, r"max_upload_temp_bytes"),
+    "columns.csv": (lambda p: p.write_text(",".join(f"c{i}" for i in range(50)) + "\n"),
+                    {"max_table_columns": 20}, TooLarge, r"more than 20 columns"),
+}
+
+
+@pytest.mark.parametrize("filename", list(BOUNDED))
+def test_declared_and_decoded_sizes_are_bounded(db, artifacts, settings, tmp_path, filename):
+    make, limits, error, message = BOUNDED[filename]
+    path = tmp_path / filename
+    make(path)
+    before = counts(db), stored_files(artifacts)
+    with pytest.raises(error, match=message):
+        register_file(db, artifacts, settings.model_copy(update=limits), f"b-{filename}",
+                      str(path), options=IngestOptions(label_column="y")
+                      if filename.endswith(".parquet") else None)
+    assert (counts(db), stored_files(artifacts)) == before
+
+
+def test_side_arrays_stream_with_the_data(db, artifacts, settings, tmp_path, request,
+                                          monkeypatch):
+    """keys and labels are read a chunk at a time alongside the data, and still line up."""
+    import service.api.readers
+
+    monkeypatch.setattr(service.api.readers, "CHUNK_BYTES", 64)  # 4 rows of 2 float64
+    x = np.arange(46, dtype=np.float64).reshape(23, 2)
+    np.savez_compressed(tmp_path / "s.npz", x=x, keys=np.array([f"k{i}" for i in range(23)]),
+                        labels=np.arange(23) % 5)
+    ds = register_file(db, artifacts, settings, unique_name(request),
+                       str(tmp_path / "s.npz")).dataset
+    rows = item_rows(db, ds.id, 0, 23)
+    assert [(r.key, r.label) for r in rows] == [(f"k{i}", str(i % 5)) for i in range(23)]
+    np.testing.assert_array_equal(dataset_array(artifacts, ds, str(tmp_path)), x)
