@@ -1,12 +1,15 @@
 """A running attempt's lease: its owner's identity, and a thread that renews it.
 
-An owner names the process that runs the attempt: `host/pidns:pid:start:random`, where
-`start` is the process's start time in clock ticks since boot (/proc/PID/stat). A pid
-alone could be reused by an unrelated process; pid plus start time cannot. Another
-process on the same host (and in the same pid namespace: containers share a kernel but
-not pids) can then tell for certain whether the owner still exists (`owner_is_dead`), and
-take its job over at once instead of waiting for the lease to run out. An owner on
-another host is never judged dead here: only its lease expiry tells.
+An owner names the process that runs the attempt: `identity:pid:start:random`, where the
+identity is `hostname/machine-id/boot-id/pid-namespace` (`store.processes.host_identity`)
+and `start` is the process's start time in clock ticks since boot (/proc/PID/stat). A
+pid alone could be reused by an unrelated process; pid plus start time cannot. Another
+process of the same boot of the same machine, in the same pid namespace (containers
+share a kernel but not pids), can then tell for certain whether the owner still exists
+(`owner_is_dead`), and take its job over at once instead of waiting for the lease to run
+out. An owner anywhere else (another machine, even one with the same hostname and the
+same initial pid namespace inode; another boot; another container) is never judged dead
+here: only its lease expiry tells.
 
 The heartbeat thread lives in the pool child that runs the task (never in the prefork
 parent: a thread that holds a lock while the parent forks hands the child a held lock).
@@ -22,7 +25,7 @@ from typing import Any
 
 from store.db import Database
 from store.jobs import Claim, LeaseLost, claim, heartbeat
-from store.processes import host_identity, process_start
+from store.processes import host_identity, identity_is_known, process_start
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +49,16 @@ def start_attempt(db: Database, job_id: int, lease_seconds: float) -> tuple[str,
 
 
 def owner_is_dead(owner: str) -> bool:
-    """True only when `owner` names a process of this host that no longer exists."""
+    """True only when `owner` names a process of this machine's boot and pid namespace
+    that no longer exists."""
     try:
         host, pid, start, _ = owner.rsplit(":", 3)
         pid_number, start_ticks = int(pid), int(start)
     except ValueError:
         return False  # an owner written by an older version: leave it to its lease
-    if host != host_identity() or start_ticks == 0 or not os.path.isdir("/proc"):
+    here = host_identity()
+    if (host != here or not identity_is_known(here) or start_ticks == 0
+            or not os.path.isdir("/proc")):
         return False
     return process_start(pid_number) != start_ticks
 
