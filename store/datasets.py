@@ -286,9 +286,14 @@ def list_datasets(db: Database, limit: int = 100, offset: int = 0) -> list[Datas
 
 
 def delete_dataset(db: Database, artifacts: ArtifactStore, dataset_id: int) -> None:
-    """Delete a dataset, its items and embedding sets; refused while models use it."""
+    """Delete a dataset, its items and embedding sets; refused while models use it.
+
+    The dataset row is locked first (FOR UPDATE), and every submission that references
+    the dataset holds a share lock on it until it commits (`store.submit`): a submission
+    that went first is seen by the checks below (409), one that comes later waits and
+    then finds no dataset (404). Nothing is deleted under a job that uses it."""
     with db.session() as s:
-        dataset = s.get(Dataset, dataset_id)
+        dataset = s.get(Dataset, dataset_id, with_for_update=True)
         if dataset is None:
             raise NotFound(f"dataset {dataset_id} does not exist")
         n_models = s.scalar(select(func.count()).where(Model.dataset_id == dataset_id))
