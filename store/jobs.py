@@ -266,6 +266,26 @@ def finish(db: Database, job_id: int, owner: str, status: str, *, error: str | N
                 embedding_set=embedding_set)
 
 
+def mark_finishing(db: Database, job_id: int, set_id: int, owner: str) -> None:
+    """Every shard of the attempt is written: mark its embedding set `finishing` (searched
+    exactly while its figures are checked), only while `owner` holds the job.
+
+    The lease check and the status change are one statement: the job row is locked (FOR
+    SHARE, so a concurrent claim waits for it, or it waits for the claim and then sees
+    the new owner) before the set row changes. A stale finisher that checked the lease
+    before a newer attempt took the job over can therefore never mark the set the newer
+    attempt is writing. Raises LeaseLost, changing nothing, otherwise."""
+    with db.session() as s:
+        done = s.execute(text(
+            "WITH held AS (SELECT id FROM jobs WHERE id = :j AND lease_owner = :o "
+            "AND status = 'running' AND embedding_set_id = :s FOR SHARE) "
+            "UPDATE embedding_sets SET status = 'finishing' WHERE id = :s "
+            "AND status IN ('writing', 'finishing') AND EXISTS (SELECT 1 FROM held) "
+            "RETURNING id"), {"j": job_id, "o": owner, "s": set_id}).first()
+    if done is None:
+        raise LeaseLost(f"job {job_id} is no longer held by {owner}")
+
+
 METRIC_COLUMNS = ("elbo", "reconstruction", "kl", "log_px", "log_px_se", "ess",
                   "importance_samples", "loss", "beta", "lr", "active_units", "seconds")
 

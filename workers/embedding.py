@@ -31,7 +31,7 @@ from models.data import gather_rows
 from models.transforms import is_binary, prepare
 from models.vae import VAE, elbo_terms, log_px_importance
 from store.datasets import dataset_array, get_dataset
-from store.jobs import LeaseLost, count_done, finish, get_job, lease_guard
+from store.jobs import LeaseLost, count_done, finish, get_job, lease_guard, mark_finishing
 from store.latents import (
     analyze,
     build_index,
@@ -228,7 +228,7 @@ def finish_set(ctx: Context, job_id: int, set_id: int, owner: str,
         return {"outcome": "cancelled"}
     if append:
         return _finish_append(ctx, job_id, set_id, owner, results, append)
-    mark_set(ctx.db, set_id, status="finishing")
+    mark_finishing(ctx.db, job_id, set_id, owner)  # LeaseLost if a newer attempt took over
     with Lease(ctx.db, job_id, owner, ctx.settings.embed_lease_seconds) as lease:
         lease.report(0.98, "checking the rows")
         stats = set_statistics(ctx.db, set_id)
