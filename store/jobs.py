@@ -36,6 +36,7 @@ from store.tables import EmbeddingSet, EmbeddingSetPart, Job, Latent, Model
 
 log = logging.getLogger(__name__)
 TASKS = {"train": "latentbank.train", "embed": "latentbank.embed"}
+INDEX_TASK = "latentbank.embed_index"  # a ready set's HNSW index (workers.tasks.embed_index)
 QUEUES = {"train": "train", "embed": "embed", "maintenance": "maintenance"}
 WORKER_QUEUES = ",".join(QUEUES.values())  # what a worker consumes by default
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -96,6 +97,24 @@ def publish(db: Database, sender: TaskSender, job: Job) -> bool:
         return False
     with db.session() as s:
         s.execute(update(Job).where(Job.id == job.id).values(published_at=text("now()")))
+    return True
+
+
+def publish_index(db: Database, sender: TaskSender, set_id: int) -> bool:
+    """Send the index task of a set owed one (`store.latents.index_owed`), then record
+    that it was sent: the worker that made the set ready right after that commit, the
+    maintenance pass for sets whose task never came (`store.latents.stuck_indexes`). A
+    broker failure returns False and leaves the set owed; sending twice is harmless (one
+    build claims the set)."""
+    try:
+        sender.send_task(INDEX_TASK, args=[set_id], queue=QUEUES["embed"], retry=False)
+    except Exception as exc:  # any broker failure
+        log.warning("broker unavailable; the index of set_id=%d waits for a later pass (%s)",
+                    set_id, type(exc).__name__)
+        return False
+    with db.session() as s:
+        s.execute(update(EmbeddingSet).where(EmbeddingSet.id == set_id)
+                  .values(index_sent_at=text("now()")))
     return True
 
 

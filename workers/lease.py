@@ -25,6 +25,7 @@ from typing import Any
 
 from store.db import Database
 from store.jobs import Claim, LeaseLost, claim, heartbeat
+from store.latents import renew_index_lease
 from store.processes import host_identity, identity_is_known, process_start
 
 log = logging.getLogger(__name__)
@@ -118,3 +119,37 @@ class Lease:
                 self.beat()
             except Exception:  # a database blip: the lease has slack for a missed beat
                 log.warning("heartbeat failed job_id=%d", self.job_id, exc_info=True)
+
+
+class IndexLease:
+    """Renews a set's index-build lease every `lease_seconds / 3` (at most every 2 s) from
+    a thread while the build runs (CREATE INDEX CONCURRENTLY gives no progress to
+    report); `lost` turns True when another build took the set over. A worker that dies
+    stops renewing, and the maintenance pass sends the build again once the lease ran
+    out (or at once, when its owner is known dead)."""
+
+    def __init__(self, db: Database, set_id: int, owner: str, lease_seconds: float) -> None:
+        self.db, self.set_id, self.owner, self.lease_seconds = db, set_id, owner, lease_seconds
+        self.interval = min(2.0, lease_seconds / 3)
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"index-lease-{set_id}",
+                                        daemon=True)
+
+    def __enter__(self) -> IndexLease:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                if not renew_index_lease(self.db, self.set_id, self.owner, self.lease_seconds):
+                    self.lost = True
+                    return
+            except Exception:  # a database blip: the lease has slack for a missed beat
+                log.warning("index lease renewal failed set_id=%d", self.set_id,
+                            exc_info=True)
