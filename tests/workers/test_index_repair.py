@@ -302,3 +302,31 @@ def test_claims_of_an_index_build(db, settings, model_id):
     assert (es.index_status, es.index_owner, es.index_lease_expires_at) == ("ready", None, None)
     assert claim_index(db, set_id, "c", 600, 3) == "not_owed"
     assert claim_index(db, 10**12, "c", 600, 3) == "missing"
+
+
+def test_an_outage_that_outlasts_the_retries_marks_the_index_failed(db, settings, model_id,
+                                                                    monkeypatch):
+    """Every try meets the database away (an error of the connection, which a retry may
+    outlive): the task retries as the same owner (one attempt counted, not one per
+    retry), then marks the index failed with the reason instead of leaving it
+    `building`."""
+    from sqlalchemy.exc import OperationalError
+
+    from workers.tasks import SHARD_RETRIES, embed_index
+
+    set_id = ready_building_set(db, model_id)
+    monkeypatch.setattr("workers.tasks.context", lambda: context(db, settings))
+    tries = []
+
+    def away(db_, set_id_, settings_, owner=None, **kwargs):
+        tries.append(owner)
+        raise OperationalError("SELECT 1", {}, ConnectionError("server closed the connection"))
+
+    monkeypatch.setattr("workers.embedding.build_index", away)
+    result = embed_index.apply(args=[set_id], throw=False)  # retries run eagerly too
+    assert isinstance(result.result, OperationalError), result.result
+    assert len(tries) == SHARD_RETRIES + 1 and len(set(tries)) == 1
+    es = get_set(db, set_id)
+    assert (es.index_status, es.index_owner, es.index_attempts) == ("failed", None, 1)
+    assert es.index_error.startswith(f"the database stayed away through {SHARD_RETRIES} "
+                                     "retries (OperationalError")
