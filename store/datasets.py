@@ -29,7 +29,7 @@ from sqlalchemy.exc import IntegrityError
 from store.artifacts import ArtifactStore, dataset_key
 from store.db import Database, get_row
 from store.errors import Conflict, DatasetError, NotFound, TooLarge
-from store.latents import blockers, drop_indexes, refuse_if_blocked
+from store.latents import blockers, drop_indexes, live_index_builds, refuse_if_blocked
 from store.processes import pid_alive
 from store.settings import Settings
 from store.tables import Dataset, EmbeddingSet, EmbeddingSetPart, Item, Model
@@ -300,9 +300,14 @@ def list_datasets(db: Database, limit: int = 100, offset: int = 0) -> list[Datas
 
 
 def delete_dataset(db: Database, artifacts: ArtifactStore, dataset_id: int) -> None:
-    """Delete a dataset, its items and embedding sets; refused while models use it."""
+    """Delete a dataset, its items and embedding sets; refused while models use it.
+
+    The dataset row is locked first (FOR UPDATE), and every submission that references
+    the dataset holds a share lock on it until it commits (`store.submit`): a submission
+    that went first is seen by the checks below (409), one that comes later waits and
+    then finds no dataset (404). Nothing is deleted under a job that uses it."""
     with db.session() as s:
-        dataset = s.get(Dataset, dataset_id)
+        dataset = s.get(Dataset, dataset_id, with_for_update=True)
         if dataset is None:
             raise NotFound(f"dataset {dataset_id} does not exist")
         n_models = s.scalar(select(func.count()).where(Model.dataset_id == dataset_id))
@@ -320,6 +325,10 @@ def delete_dataset(db: Database, artifacts: ArtifactStore, dataset_id: int) -> N
         set_ids = list(s.scalars(select(EmbeddingSet.id).where(
             EmbeddingSet.dataset_id == dataset_id).with_for_update()))
         refuse_if_blocked(f"dataset {dataset_id}", *blockers(s, set_ids=set_ids))
+        building = live_index_builds(s, set_ids)
+        if building:
+            raise Conflict(f"dataset {dataset_id}'s embedding set {building[0]} is building "
+                           "its index; delete the dataset once it is built")
         s.execute(delete(Dataset).where(Dataset.id == dataset_id))
     drop_indexes(db, set_ids)
     artifacts.delete(dataset_key(dataset_id, None))

@@ -36,6 +36,7 @@ from store.tables import EmbeddingSet, EmbeddingSetPart, Job, Latent, Model
 
 log = logging.getLogger(__name__)
 TASKS = {"train": "latentbank.train", "embed": "latentbank.embed"}
+INDEX_TASK = "latentbank.embed_index"  # a ready set's HNSW index (workers.tasks.embed_index)
 QUEUES = {"train": "train", "embed": "embed", "maintenance": "maintenance"}
 WORKER_QUEUES = ",".join(QUEUES.values())  # what a worker consumes by default
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -96,6 +97,24 @@ def publish(db: Database, sender: TaskSender, job: Job) -> bool:
         return False
     with db.session() as s:
         s.execute(update(Job).where(Job.id == job.id).values(published_at=text("now()")))
+    return True
+
+
+def publish_index(db: Database, sender: TaskSender, set_id: int) -> bool:
+    """Send the index task of a set owed one (`store.latents.index_owed`), then record
+    that it was sent: the worker that made the set ready right after that commit, the
+    maintenance pass for sets whose task never came (`store.latents.stuck_indexes`). A
+    broker failure returns False and leaves the set owed; sending twice is harmless (one
+    build claims the set)."""
+    try:
+        sender.send_task(INDEX_TASK, args=[set_id], queue=QUEUES["embed"], retry=False)
+    except Exception as exc:  # any broker failure
+        log.warning("broker unavailable; the index of set_id=%d waits for a later pass (%s)",
+                    set_id, type(exc).__name__)
+        return False
+    with db.session() as s:
+        s.execute(update(EmbeddingSet).where(EmbeddingSet.id == set_id)
+                  .values(index_sent_at=text("now()")))
     return True
 
 
@@ -264,6 +283,26 @@ def finish(db: Database, job_id: int, owner: str, status: str, *, error: str | N
             raise LeaseLost(f"job {job_id} is no longer held by {owner}")
         _mirror(s, job, status, discard_latents=status != "succeeded", model=model,
                 embedding_set=embedding_set)
+
+
+def mark_finishing(db: Database, job_id: int, set_id: int, owner: str) -> None:
+    """Every shard of the attempt is written: mark its embedding set `finishing` (searched
+    exactly while its figures are checked), only while `owner` holds the job.
+
+    The lease check and the status change are one statement: the job row is locked (FOR
+    SHARE, so a concurrent claim waits for it, or it waits for the claim and then sees
+    the new owner) before the set row changes. A stale finisher that checked the lease
+    before a newer attempt took the job over can therefore never mark the set the newer
+    attempt is writing. Raises LeaseLost, changing nothing, otherwise."""
+    with db.session() as s:
+        done = s.execute(text(
+            "WITH held AS (SELECT id FROM jobs WHERE id = :j AND lease_owner = :o "
+            "AND status = 'running' AND embedding_set_id = :s FOR SHARE) "
+            "UPDATE embedding_sets SET status = 'finishing' WHERE id = :s "
+            "AND status IN ('writing', 'finishing') AND EXISTS (SELECT 1 FROM held) "
+            "RETURNING id"), {"j": job_id, "o": owner, "s": set_id}).first()
+    if done is None:
+        raise LeaseLost(f"job {job_id} is no longer held by {owner}")
 
 
 METRIC_COLUMNS = ("elbo", "reconstruction", "kl", "log_px", "log_px_se", "ess",

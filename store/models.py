@@ -7,7 +7,7 @@ from sqlalchemy import delete, select
 from store.artifacts import ArtifactStore
 from store.db import Database, get_row, narrowed
 from store.errors import Conflict, NotFound
-from store.latents import blockers, drop_indexes, refuse_if_blocked
+from store.latents import blockers, drop_indexes, live_index_builds, refuse_if_blocked
 from store.tables import EmbeddingSet, Model, TrainingMetric
 
 
@@ -47,7 +47,7 @@ def delete_model(db: Database, artifacts: ArtifactStore, model_id: int) -> list[
         set_ids = [es.id for es in sets]
         refuse_if_blocked(f"model {model_id}",
                           *blockers(s, model_ids=[model_id], set_ids=set_ids))
-        building = [es.id for es in sets if es.index_status == "building"]
+        building = live_index_builds(s, set_ids)
         if building:
             raise Conflict(f"model {model_id}'s embedding set {building[0]} is building its "
                            "index; delete the model once it is built")

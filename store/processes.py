@@ -1,5 +1,6 @@
 """Processes of this host, told apart for certain: a pid plus its start time names one
-process (a pid alone may be reused), and the host identity says where a pid means that."""
+process (a pid alone may be reused), and the host identity (machine, boot and pid
+namespace) says where a pid means that."""
 
 from __future__ import annotations
 
@@ -7,16 +8,51 @@ import os
 import socket
 from functools import cache
 
+MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")
+BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id"
+UNKNOWN = "-"
+
+
+def _first_line(*paths: str) -> str:
+    """The first non-empty line of the first readable file among `paths` ('' if none)."""
+    for path in paths:
+        try:
+            with open(path, encoding="ascii", errors="replace") as f:
+                value = f.readline().strip()
+        except OSError:
+            continue
+        if value:
+            return value
+    return ""
+
 
 @cache
 def host_identity() -> str:
-    """This host and pid namespace: where a pid means the same process (containers share
-    a kernel but not pids)."""
+    """Where a pid means the same process: `hostname/machine-id/boot-id/pid-namespace`.
+
+    A hostname is not unique (two hosts may share one), nor is a pid namespace's inode
+    (the initial namespace has the same inode on every host), so a pid is only compared
+    within one boot of one machine: the boot id is drawn at random at each boot, the
+    machine id tells cloned hosts apart where their boot ids cannot be read. Containers
+    share their host's kernel (and boot id) but not its pids: the namespace tells them
+    apart. A part that cannot be read is `-`; without a boot id no pid is judged
+    (`identity_is_known`)."""
     try:
-        namespace = os.stat("/proc/self/ns/pid").st_ino
+        namespace = str(os.stat("/proc/self/ns/pid").st_ino)
     except OSError:
-        namespace = 0
-    return f"{socket.gethostname()}/{namespace}"
+        namespace = UNKNOWN
+    machine = _first_line(*MACHINE_ID_FILES) or UNKNOWN
+    boot = _first_line(BOOT_ID_FILE).replace("-", "") or UNKNOWN
+    # ':' separates an owner's fields and '/' the identity's: neither may come from a file
+    machine, boot = (v.replace(":", "").replace("/", "") or UNKNOWN for v in (machine, boot))
+    return f"{socket.gethostname()}/{machine}/{boot}/{namespace}"
+
+
+def identity_is_known(identity: str) -> bool:
+    """Whether an identity names one boot and one pid namespace for certain (its boot id
+    and namespace were read): only then may a pid under it be judged."""
+    parts = identity.split("/")
+    return len(parts) == 4 and parts[2] != UNKNOWN and parts[3] != UNKNOWN
 
 
 def process_start(pid: int) -> int | None:

@@ -75,6 +75,13 @@ class Settings(BaseSettings):
         300.0, description="an embedding job's lease: renewed while a shard runs; it also "
                            "covers the wait of queued shards for a free worker")
     job_max_attempts: int = Field(3, description="deliveries before a crashing job fails")
+    index_lease_seconds: float = Field(
+        120.0, gt=0, description="an index build's lease, renewed every third of it (at "
+                                 "most every 2 s) while it runs; maintenance sends the "
+                                 "index task again once a build's lease ran out")
+    index_max_attempts: int = Field(
+        3, ge=1, description="index builds started for one set before its index is marked "
+                             "failed (searches stay exact, the set can be deleted)")
     maintenance_interval: float = Field(
         5.0, description="seconds between maintenance passes (beat): requeue jobs whose "
                          "worker vanished, publish jobs the broker missed")

@@ -25,9 +25,21 @@ from store.datasets import get_dataset
 from store.db import Database
 from store.errors import Conflict, IdempotencyMismatch, InvalidInput, NotFound
 from store.jobs import find_by_key
-from store.tables import EmbeddingSet, EmbeddingSetPart, Item, Job, Model
+from store.tables import Dataset, EmbeddingSet, EmbeddingSetPart, Item, Job, Model
 
 MAX_IMPORTANCE_SAMPLES = 100_000
+
+
+def _lock_dataset(s: Session, dataset_id: int) -> None:
+    """Inside a submission: share-lock the dataset row (FOR KEY SHARE) until the commit.
+
+    `delete_dataset` locks the row FOR UPDATE before it checks what uses the dataset, so
+    the two serialise: a delete that went first leaves no row (NotFound, 404, never a
+    foreign-key error), and a delete that comes later waits for this commit and then
+    sees the new model or set and its job (Conflict, 409)."""
+    if s.get(Dataset, dataset_id, with_for_update={"read": True, "key_share": True},
+             populate_existing=True) is None:
+        raise NotFound(f"dataset {dataset_id} does not exist")
 
 
 def _existing(db: Database, key: str | None, request_hash: str | None) -> Job | None:
@@ -72,6 +84,7 @@ def submit_training(db: Database, dataset_id: int, config: dict[str, Any], *,
     get_dataset(db, dataset_id)  # NotFound before anything is written
 
     def write(s: Session) -> Job:
+        _lock_dataset(s, dataset_id)
         row = Model(dataset_id=dataset_id, config=config, status="pending", sweep_id=sweep_id)
         s.add(row)
         s.flush()
@@ -158,6 +171,7 @@ def submit_embedding(db: Database, model_id: int, dataset_id: int,
                            f"{list(model.config['model']['input_shape'])}")
 
     def write(s: Session) -> Job:
+        _lock_dataset(s, dataset_id)  # a concurrent delete of the dataset waits, or went first
         # the model row locked for the transaction: a concurrent delete waits, or went first
         locked = s.get(Model, model_id, with_for_update={"read": True},
                        populate_existing=True)

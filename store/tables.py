@@ -202,6 +202,14 @@ class EmbeddingSet(Base):
     stats: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     created_at: Mapped[dt.datetime] = _now()
     ready_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # The index build (store.latents: index_owed, claim_index): owed since, task sent at,
+    # the process building it under a lease, builds started, and why it failed.
+    index_requested_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    index_sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    index_owner: Mapped[str | None] = mapped_column(Text)
+    index_lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    index_attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    index_error: Mapped[str | None] = mapped_column(Text)
 
 
 class EmbeddingSetPart(Base):

@@ -1,9 +1,11 @@
 """Bulk embedding: a coordinator splits the dataset into shards run as a Celery chord on
 the `embed` queue; each shard encodes its rows in chunks and writes them with the COPY
 writer (idempotent per shard); the finishing task checks the row count, computes the
-set's means and marks it ready: searchable at once, exactly. A follow-up task
-(`embed_index`) then builds the HNSW index and measures kNN label accuracy; until the
-index is valid the set says `index_status: building` and searches scan exactly.
+set's means and marks it ready: searchable at once, exactly, and owed its index. A
+follow-up task (`embed_index`) then builds the HNSW index under a lease and measures kNN
+label accuracy; until the index is valid the set says `index_status: building` and
+searches scan exactly. A build that fails says `failed` (with the reason); one whose task
+or worker was lost is sent again by the maintenance pass (workers.maintenance).
 
 Codes come from the model's verified ONNX encoder through onnxruntime on CPU (the same
 file the API serves, so stored codes equal served ones), or from torch on CUDA. The
@@ -31,11 +33,21 @@ from models.data import gather_rows
 from models.transforms import is_binary, prepare
 from models.vae import VAE, elbo_terms, log_px_importance
 from store.datasets import dataset_array, get_dataset
-from store.jobs import LeaseLost, count_done, finish, get_job, lease_guard
+from store.jobs import (
+    LeaseLost,
+    count_done,
+    finish,
+    get_job,
+    lease_guard,
+    mark_finishing,
+    publish_index,
+)
 from store.latents import (
     analyze,
     build_index,
+    claim_index,
     get_set,
+    index_owed,
     labelled_sample,
     latent_writer,
     mark_set,
@@ -46,7 +58,7 @@ from store.latents import (
 from store.models import get_model
 from store.processes import host_identity
 from workers.context import Context
-from workers.lease import Lease, start_attempt
+from workers.lease import IndexLease, Lease, owner_is_dead, start_attempt
 
 log = logging.getLogger(__name__)
 CHUNK_ROWS = 4096
@@ -228,7 +240,7 @@ def finish_set(ctx: Context, job_id: int, set_id: int, owner: str,
         return {"outcome": "cancelled"}
     if append:
         return _finish_append(ctx, job_id, set_id, owner, results, append)
-    mark_set(ctx.db, set_id, status="finishing")
+    mark_finishing(ctx.db, job_id, set_id, owner)  # LeaseLost if a newer attempt took over
     with Lease(ctx.db, job_id, owner, ctx.settings.embed_lease_seconds) as lease:
         lease.report(0.98, "checking the rows")
         stats = set_statistics(ctx.db, set_id)
@@ -239,13 +251,16 @@ def finish_set(ctx: Context, job_id: int, set_id: int, owner: str,
               "likelihood_kind": _kind(ctx, es.model_id, results)}
     if stats["n_items"] != es.n_items:  # never mark a short set ready
         raise RuntimeError(f"set {set_id} holds {stats['n_items']} rows, not {es.n_items}")
+    # The set is ready and owed its index in one transaction; the task is sent after the
+    # commit. A worker (or broker) that fails between the two leaves a set the
+    # maintenance pass finds owed and unsent, and sends for (store.latents.stuck_indexes).
     finish(ctx.db, job_id, owner, "succeeded",
            message=f"{stats['n_items']} items embedded; searchable now (exact search) while "
                    "the index is built",
-           embedding_set={"stats": stats, "index_status": "building"})
-    from workers.tasks import embed_index
+           embedding_set={"stats": stats, **index_owed()})
+    from workers.app import app
 
-    embed_index.delay(set_id)
+    publish_index(ctx.db, app, set_id)
     return {"outcome": "succeeded", "stats": stats}
 
 
@@ -255,7 +270,7 @@ def _finish_append(ctx: Context, job_id: int, set_id: int, owner: str,
     (over all its items) and count the new items in, in the job's finishing transaction.
     The set's HNSW index took the rows as they were inserted; a set that had none gets one
     once it is large enough."""
-    from workers.tasks import embed_index
+    from workers.app import app
 
     want = int(append["start"]) + int(append["n_items"])
     with Lease(ctx.db, job_id, owner, ctx.settings.embed_lease_seconds) as lease:
@@ -265,28 +280,35 @@ def _finish_append(ctx: Context, job_id: int, set_id: int, owner: str,
         lease.check()
     if stats["n_items"] != want:  # never count a short append in
         raise RuntimeError(f"set {set_id} holds {stats['n_items']} rows, not {want}")
-    old = get_set(ctx.db, set_id).stats or {}
+    es = get_set(ctx.db, set_id)
+    old = es.stats or {}
     stats |= {k: old[k] for k in ("knn_label_accuracy", "index") if k in old}
-    kind = _kind(ctx, get_set(ctx.db, set_id).model_id, results)
+    kind = _kind(ctx, es.model_id, results)
     stats["likelihood_kind"] = "unnormalised" if "unnormalised" in (
         kind, old.get("likelihood_kind")) else kind
     stats["appends"] = int(old.get("appends", 0)) + 1
+    # a set that had no index gets one once it is large enough: owed in the same
+    # transaction that counts the append in (see finish_set)
+    owed = es.index_status in ("none", "skipped") and want >= ctx.settings.exact_search_below
     finish(ctx.db, job_id, owner, "succeeded",
            message=f"{append['n_items']} items appended; the set holds {want}",
-           embedding_set={"stats": stats})
-    es = get_set(ctx.db, set_id)
-    if es.index_status in ("none", "skipped") and want >= ctx.settings.exact_search_below:
-        embed_index.delay(set_id)
+           embedding_set={"stats": stats, **(index_owed() if owed else {})})
+    if owed:
+        publish_index(ctx.db, app, set_id)
     return {"outcome": "succeeded", "stats": stats}
 
 
-def index_set(ctx: Context, set_id: int) -> dict[str, Any]:
-    """Build a ready set's index, then measure kNN label accuracy through it; both land in
-    the set's stats. Searches meanwhile scan exactly; a redelivered task builds again."""
-    es = get_set(ctx.db, set_id)
-    if es.status != "ready":
-        return {"outcome": f"set is {es.status}"}
-    report = build_index(ctx.db, set_id, ctx.settings)
+def index_set(ctx: Context, set_id: int, owner: str) -> dict[str, Any]:
+    """Build a ready set's owed index under a lease, then measure kNN label accuracy
+    through it; both land in the set's stats. Searches meanwhile scan exactly. A delivery
+    that finds the build held by a live worker, or not owed, does nothing."""
+    got = claim_index(ctx.db, set_id, owner, ctx.settings.index_lease_seconds,
+                      ctx.settings.index_max_attempts, owner_is_dead)
+    if got != "claimed":
+        log.info("index build skipped set_id=%d outcome=%s", set_id, got)
+        return {"outcome": got}
+    with IndexLease(ctx.db, set_id, owner, ctx.settings.index_lease_seconds):
+        report = build_index(ctx.db, set_id, ctx.settings, owner=owner)
     accuracy = knn_label_accuracy(ctx, set_id)
     stats = {**(get_set(ctx.db, set_id).stats or {}), "knn_label_accuracy": accuracy,
              "index": {"status": report.status, "build_seconds": report.build_seconds,

@@ -1,12 +1,15 @@
 """A running attempt's lease: its owner's identity, and a thread that renews it.
 
-An owner names the process that runs the attempt: `host/pidns:pid:start:random`, where
-`start` is the process's start time in clock ticks since boot (/proc/PID/stat). A pid
-alone could be reused by an unrelated process; pid plus start time cannot. Another
-process on the same host (and in the same pid namespace: containers share a kernel but
-not pids) can then tell for certain whether the owner still exists (`owner_is_dead`), and
-take its job over at once instead of waiting for the lease to run out. An owner on
-another host is never judged dead here: only its lease expiry tells.
+An owner names the process that runs the attempt: `identity:pid:start:random`, where the
+identity is `hostname/machine-id/boot-id/pid-namespace` (`store.processes.host_identity`)
+and `start` is the process's start time in clock ticks since boot (/proc/PID/stat). A
+pid alone could be reused by an unrelated process; pid plus start time cannot. Another
+process of the same boot of the same machine, in the same pid namespace (containers
+share a kernel but not pids), can then tell for certain whether the owner still exists
+(`owner_is_dead`), and take its job over at once instead of waiting for the lease to run
+out. An owner anywhere else (another machine, even one with the same hostname and the
+same initial pid namespace inode; another boot; another container) is never judged dead
+here: only its lease expiry tells.
 
 The heartbeat thread lives in the pool child that runs the task (never in the prefork
 parent: a thread that holds a lock while the parent forks hands the child a held lock).
@@ -22,7 +25,8 @@ from typing import Any
 
 from store.db import Database
 from store.jobs import Claim, LeaseLost, claim, heartbeat
-from store.processes import host_identity, process_start
+from store.latents import renew_index_lease
+from store.processes import host_identity, identity_is_known, process_start
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +50,16 @@ def start_attempt(db: Database, job_id: int, lease_seconds: float) -> tuple[str,
 
 
 def owner_is_dead(owner: str) -> bool:
-    """True only when `owner` names a process of this host that no longer exists."""
+    """True only when `owner` names a process of this machine's boot and pid namespace
+    that no longer exists."""
     try:
         host, pid, start, _ = owner.rsplit(":", 3)
         pid_number, start_ticks = int(pid), int(start)
     except ValueError:
         return False  # an owner written by an older version: leave it to its lease
-    if host != host_identity() or start_ticks == 0 or not os.path.isdir("/proc"):
+    here = host_identity()
+    if (host != here or not identity_is_known(here) or start_ticks == 0
+            or not os.path.isdir("/proc")):
         return False
     return process_start(pid_number) != start_ticks
 
@@ -112,3 +119,37 @@ class Lease:
                 self.beat()
             except Exception:  # a database blip: the lease has slack for a missed beat
                 log.warning("heartbeat failed job_id=%d", self.job_id, exc_info=True)
+
+
+class IndexLease:
+    """Renews a set's index-build lease every `lease_seconds / 3` (at most every 2 s) from
+    a thread while the build runs (CREATE INDEX CONCURRENTLY gives no progress to
+    report); `lost` turns True when another build took the set over. A worker that dies
+    stops renewing, and the maintenance pass sends the build again once the lease ran
+    out (or at once, when its owner is known dead)."""
+
+    def __init__(self, db: Database, set_id: int, owner: str, lease_seconds: float) -> None:
+        self.db, self.set_id, self.owner, self.lease_seconds = db, set_id, owner, lease_seconds
+        self.interval = min(2.0, lease_seconds / 3)
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"index-lease-{set_id}",
+                                        daemon=True)
+
+    def __enter__(self) -> IndexLease:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                if not renew_index_lease(self.db, self.set_id, self.owner, self.lease_seconds):
+                    self.lost = True
+                    return
+            except Exception:  # a database blip: the lease has slack for a missed beat
+                log.warning("index lease renewal failed set_id=%d", self.set_id,
+                            exc_info=True)

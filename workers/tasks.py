@@ -16,6 +16,7 @@ from celery import Task
 
 from store.db import is_transient
 from store.jobs import LeaseLost, finish, release
+from store.latents import fail_index
 from workers.app import MAINTENANCE_TASK, app
 from workers.context import context
 
@@ -28,7 +29,8 @@ def maintenance() -> dict[str, int]:
     from workers.maintenance import run_maintenance
 
     ctx = context()
-    return run_maintenance(ctx.db, app, ctx.settings.republish_seconds)
+    return run_maintenance(ctx.db, app, ctx.settings.republish_seconds,
+                           ctx.settings.index_max_attempts)
 
 
 @app.task(name="latentbank.train")
@@ -85,16 +87,33 @@ def embed_finish(self: Task, results: list[dict[str, Any]], job_id: int, set_id:
 
 @app.task(name="latentbank.embed_index", bind=True, max_retries=SHARD_RETRIES,
           ignore_result=True)
-def embed_index(self: Task, set_id: int) -> dict[str, Any]:
-    """A ready set's HNSW index and kNN statistics (the set is searchable meanwhile)."""
-    from workers.embedding import index_set
+def embed_index(self: Task, set_id: int, owner: str | None = None) -> dict[str, Any]:
+    """A ready set's HNSW index and kNN statistics (the set is searchable meanwhile).
 
+    A database outage is retried by the same owner (its lease is taken again, no new
+    attempt counted); any other failure, or an outage that outlasts the retries, marks
+    the index `failed` with the reason (searches stay exact, the set can be deleted).
+    Where even that cannot be written, the lease runs out and the maintenance pass
+    sends the build again, or marks it failed once its attempts are spent."""
+    from workers.embedding import index_set
+    from workers.lease import new_owner
+
+    owner = owner or new_owner()
+    ctx = context()
     try:
-        return index_set(context(), set_id)
+        return index_set(ctx, set_id, owner)
     except Exception as exc:
         if is_transient(exc) and self.request.retries < SHARD_RETRIES:
-            raise self.retry(exc=exc, countdown=min(30, 2 ** self.request.retries)) from None
+            raise self.retry(exc=exc, countdown=min(30, 2 ** self.request.retries),
+                             args=[set_id], kwargs={"owner": owner}) from None
         log.exception("index build failed set_id=%d", set_id)
+        reason = f"{type(exc).__name__}: {exc}"
+        if is_transient(exc):
+            reason = f"the database stayed away through {SHARD_RETRIES} retries ({reason})"
+        try:
+            fail_index(ctx.db, set_id, reason, owner)
+        except Exception:  # the database is away still: the lease runs out instead
+            log.warning("could not mark the index of set_id=%d failed", set_id, exc_info=True)
         raise
 
 

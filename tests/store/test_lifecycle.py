@@ -173,14 +173,20 @@ def test_deleting_a_set_drops_its_index_and_keeps_the_model(db, settings, two_mo
     set_id, other = ready_set(db, b), ready_set(db, b)
     build_index(db, set_id, small)
     build_index(db, other, small)
+    # a worker builds the index (a live lease): the delete waits for it
     with db.engine.begin() as conn:
-        conn.execute(text("UPDATE embedding_sets SET index_status = 'building' WHERE id = :s"),
+        conn.execute(text("UPDATE embedding_sets SET index_status = 'building', "
+                          "index_owner = 'builder', "
+                          "index_lease_expires_at = now() + interval '1 minute' WHERE id = :s"),
                      {"s": set_id})
     with pytest.raises(Conflict, match="being built"):
         delete_set(db, set_id)
+    with pytest.raises(Conflict, match="is building its index"):
+        delete_model(db, open_artifacts(settings), b)
+    # its lease ran out (the worker is gone): nothing holds the set any more
     with db.engine.begin() as conn:
-        conn.execute(text("UPDATE embedding_sets SET index_status = 'ready' WHERE id = :s"),
-                     {"s": set_id})
+        conn.execute(text("UPDATE embedding_sets SET index_lease_expires_at = now() "
+                          "- interval '1 second' WHERE id = :s"), {"s": set_id})
     delete_set(db, set_id)
     assert count_latents(db, set_id) == 0 and index_name(set_id) not in indexes(db)
     assert count_latents(db, other) == 200 and index_name(other) in indexes(db)
