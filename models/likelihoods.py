@@ -27,7 +27,10 @@ class Bernoulli(nn.Module):
     """p(x|z) = prod_i p_i^x_i (1 - p_i)^(1 - x_i) with p = sigmoid(logits), x in [0, 1]."""
 
     name = "bernoulli"
-    output_names = ("probs",)
+    # `logits` last, after the outputs older exports had: a consumer that reads outputs by
+    # name (or takes the first) is unchanged, and a scorer gets log p(x|z) exactly
+    # (x l - softplus(l)) where float32 probabilities round to 0 or 1 (|l| > 16.6)
+    output_names = ("probs", "logits")
 
     def __init__(self, item_dims: int) -> None:
         super().__init__()
@@ -38,8 +41,8 @@ class Bernoulli(nn.Module):
         return (x * logits - F.softplus(logits)).sum(self.item_dims)
 
     def parameters_of(self, logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The distribution's parameters as exported: `(probs,)`."""
-        return (torch.sigmoid(logits),)
+        """The distribution's parameters as exported: `(probs, logits)`."""
+        return torch.sigmoid(logits), logits
 
     def mean(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits)
@@ -83,10 +86,12 @@ def cb_mean(logits: torch.Tensor) -> torch.Tensor:
 class ContinuousBernoulli(nn.Module):
     """p(x|z) = C(lambda) lambda^x (1 - lambda)^(1 - x) on x in [0, 1], lambda = sigmoid(l):
     the Bernoulli made a true density by its normalising constant (Loaiza-Ganem &
-    Cunningham, 2019). The decoder exports its mean (not lambda) and lambda as `probs`."""
+    Cunningham, 2019). The decoder exports its mean (not lambda), lambda as `probs`, and the
+    logits, from which a scorer computes log C(lambda) for any logit (from float32 `probs`
+    it cannot beyond |l| = 16.6, where lambda rounds to 0 or 1)."""
 
     name = "continuous_bernoulli"
-    output_names = ("mean", "probs")
+    output_names = ("mean", "probs", "logits")
 
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
@@ -99,8 +104,8 @@ class ContinuousBernoulli(nn.Module):
             self.item_dims) + self.offset
 
     def parameters_of(self, logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """`(mean, probs)`: E[x] and lambda."""
-        return cb_mean(logits), torch.sigmoid(logits)
+        """`(mean, probs, logits)`: E[x], lambda and its logit."""
+        return cb_mean(logits), torch.sigmoid(logits), logits
 
     def mean(self, logits: torch.Tensor) -> torch.Tensor:
         return cb_mean(logits)

@@ -117,3 +117,30 @@ def value_problem(flat: np.ndarray, config: VAEConfig) -> tuple[int, str] | None
 def is_binary(flat: np.ndarray) -> bool:
     """Every value is exactly 0 or 1."""
     return bool(((flat == 0) | (flat == 1)).all())
+
+
+def range_problem(lo: float, hi: float, config: VAEConfig) -> str | None:
+    """Why data whose values lie in [lo, hi] cannot go through a model with `config` (what
+    `value_problem` finds item by item, decided from a dataset's stored range); None when
+    the range fits. Integer-ness is not a range's to say: see `needs_value_scan`."""
+    if config.dequantize != "none":
+        if lo < 0 or hi > config.levels - 1:
+            return (f"uniform dequantisation takes integers 0 .. {config.levels - 1} (levels "
+                    f"{config.levels}); the values lie in [{lo:g}, {hi:g}]")
+    elif config.likelihood in ("bernoulli", "continuous_bernoulli") and (lo < 0 or hi > 1):
+        return (f"the {config.likelihood} likelihood"
+                + (" (binarised)" if config.binarize != "none" else "")
+                + f" needs values in [0, 1]; the values lie in [{lo:g}, {hi:g}]")
+    return None
+
+
+def needs_value_scan(source_dtype: str, config: VAEConfig) -> bool:
+    """Whether data stored from `source_dtype` may hold values a model with `config` cannot
+    take although its range fits: non-integers (grey floats) for a dequantising model.
+    Integer and boolean sources cannot; anything else must be looked at value by value."""
+    if config.dequantize == "none":
+        return False
+    try:
+        return np.dtype(source_dtype).kind not in "biu"
+    except TypeError:
+        return True

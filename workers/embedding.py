@@ -29,8 +29,14 @@ import torch
 
 from models.checkpoint import load_model
 from models.config import VAEConfig
-from models.data import gather_rows
-from models.transforms import is_binary, prepare
+from models.data import gather_rows, scan_chunks
+from models.transforms import (
+    is_binary,
+    needs_value_scan,
+    prepare,
+    range_problem,
+    value_problem,
+)
 from models.vae import VAE, elbo_terms, log_px_importance
 from store.datasets import dataset_array, get_dataset
 from store.jobs import (
@@ -137,6 +143,11 @@ def start_embedding(ctx: Context, job_id: int) -> dict[str, Any]:
     job = got.job
     assert job is not None and job.embedding_set_id is not None
     set_id = job.embedding_set_id
+    problem = value_problem_of(ctx, job.params["model_id"], job.params["dataset_id"])
+    if problem is not None:  # before any row is written
+        with contextlib.suppress(LeaseLost):
+            finish(ctx.db, job_id, owner, "failed", error=problem)
+        return {"outcome": "failed"}
     es = get_set(ctx.db, set_id)
     append = job.params.get("append")
     # an append writes positions start .. start + n - 1 of the set; a new set 0 .. n - 1
@@ -147,6 +158,24 @@ def start_embedding(ctx: Context, job_id: int) -> dict[str, Any]:
     log.info("embedding started job_id=%d set_id=%d shards=%d attempt=%d", job_id, set_id,
              len(shards), job.attempts)
     return {"outcome": "dispatched", "shards": len(shards)}
+
+
+def value_problem_of(ctx: Context, model_id: int, dataset_id: int) -> str | None:
+    """Why the dataset's values do not suit the model's transform or likelihood, or None:
+    its stored range first (the API checked it at submission), then, for a dequantising
+    model on data not stored from integers, every value, in chunks (a memory map)."""
+    dataset = get_dataset(ctx.db, dataset_id)
+    config = VAEConfig.from_dict(get_model(ctx.db, model_id).config["model"])
+    why = range_problem(dataset.min_value, dataset.max_value, config)
+    if why is None and needs_value_scan(dataset.source_dtype, config):
+        data = dataset_array(ctx.artifacts, dataset, str(ctx.settings.cache_dir))
+        for start, chunk in scan_chunks(data):
+            found = value_problem(chunk.reshape(len(chunk), -1), config)
+            if found is not None:
+                why = found[1].format(item=start + found[0])
+                break
+    return None if why is None else (f"dataset {dataset_id} cannot be embedded with model "
+                                     f"{model_id}: {why}")
 
 
 def run_shard(ctx: Context, job_id: int, set_id: int, start: int, stop: int,

@@ -268,11 +268,13 @@ class Inference:
                 loaded = await self.load(model_id, role, sha256, uri)
             queue = self._batchers.get(key)  # another request may have made it meanwhile
         if queue is None:
+            names = served_outputs(loaded.output_names)
+
             def call(x: np.ndarray, loaded: Loaded = loaded) -> list[np.ndarray]:
-                return loaded.session.run(loaded.output_names, {loaded.input_name: x})
+                return loaded.session.run(names, {loaded.input_name: x})
 
             queue = (Batcher(call, self.executor, self.policy, self.observer(model_id, role)),
-                     loaded.output_names)
+                     names)
             self._batchers[key] = queue
             while len(self._batchers) > 4 * self.sessions.capacity:
                 self._batchers.popitem(last=False)
@@ -281,6 +283,13 @@ class Inference:
         outputs = await batcher(np.ascontiguousarray(rows, dtype=np.float32))
         batcher.observer.served(time.perf_counter() - started)
         return dict(zip(names, outputs, strict=True))
+
+
+def served_outputs(names: list[str]) -> list[str]:
+    """The outputs serving asks a session for: all but a (continuous) Bernoulli decoder's
+    `logits`, which only /score reads (through its own session call), so a decode
+    returns no copy of the values it does not answer with."""
+    return [n for n in names if n != "logits"] or names
 
 
 def decoder_mean(outputs: dict[str, np.ndarray]) -> np.ndarray:

@@ -199,6 +199,9 @@ class ModelOut(BaseModel):
                 "heldout_thresholds": {
                     "statistic": quantiles["statistic"],
                     "importance_samples": quantiles["importance_samples"],
+                    # val_fraction = 0: the "held-out" items are the training rows
+                    "split": "training" if summary.get("heldout_split") == "train"
+                    else "validation",
                     "by_fpr": {str(f): values[levels.index(f)]
                                for f in (0.001, 0.01, 0.05, 0.1) if f in levels}}}
         return cls(id=m.id, dataset_id=m.dataset_id, status=m.status, config=m.config,
@@ -425,8 +428,14 @@ class ScoreThreshold(BaseModel):
     statistic: Literal["log_px", "elbo"] = Field(
         description="what it bounds: log p(x) (with the held-out K) or, for a model "
                     "evaluated without importance samples, the ELBO")
-    importance_samples: int = Field(description="K of the held-out figures it was taken from")
+    importance_samples: int = Field(description="K of the held-out figures it was taken from "
+                                                "(with fpr, /score takes no other K)")
     heldout_items: int = Field(description="held-out items it was calibrated on")
+    split: Literal["validation", "training"] = Field(
+        description="where those items came from: the validation split, or the training "
+                    "rows of a model trained with val_fraction = 0 (items the model has seen "
+                    "score higher than new ones, so more than fpr are flagged)")
+    note: str | None = Field(None, description="what to know about this threshold")
 
 
 class ScoreOut(BaseModel):
@@ -450,6 +459,15 @@ class ScoreOut(BaseModel):
                     "grey items: no likelihood)")
     bits_per_dim: list[float] | None = Field(
         None, description="-log p(x) / (D ln 2) (the ELBO's when K = 0): 'discrete' only")
+    logits_source: Literal["exported", "recovered", "floored"] | None = Field(
+        None, description="(continuous) Bernoulli decoders: 'exported', the decoder file's "
+                          "own logits (the figures match torch's for any logit); "
+                          "'recovered', a continuous-Bernoulli file exported before logits "
+                          "were: each logit l is solved from the exported mean, within "
+                          "about 3e-8 l^2; 'floored', a Bernoulli file exported before "
+                          "logits were: probabilities are floored at 2^-24, so a value the "
+                          "decoder is surer of than |l| = 16.6 counts at most 16.6 nats "
+                          "(export the model again for exact figures). None: Gaussian")
     threshold: ScoreThreshold | None = None
     is_outlier: list[bool] | None = None
 

@@ -15,12 +15,16 @@ scaled by their largest, se = sqrt(Var(w~) / K) / mean(w~). The effective sample
 is (sum w)^2 / sum w^2 (K when every weight is equal, 1 when one dominates): an ESS
 far below K says the estimate and its error bar are not to be trusted.
 
-A Bernoulli decoder exports probabilities, not logits, so each pixel's log-probability
-is floored at log(2^-24) = -16.6 nats (float32 cannot hold a probability nearer 1): it
-differs from torch's only where the decoder is that sure and wrong. The continuous
-Bernoulli adds its log normalising constant log C(lambda), computed from the logit
-l = log(lambda / (1 - lambda)) as in models/likelihoods.py (its series near l = 0), and a
-density of dequantised data adds -D log L (models/transforms.py).
+A (continuous) Bernoulli decoder exports its logits l (models/likelihoods.py), and each
+value's log-probability is x l - softplus(l), plus log C(l) for the continuous Bernoulli
+(its series near l = 0, as in models/likelihoods.py): torch's figure for any logit. Files
+exported before the logits were have only float32 probabilities, which round to 0 or 1
+beyond |l| = 16.6 (and onnxruntime's sigmoid is 0 below l = -18): a continuous Bernoulli's
+logits are then recovered from its exported mean (`recover_cb_logits`: the mean keeps
+1/|l| of room to 0 or 1, so it resolves any logit), and a Bernoulli's probabilities are
+floored at 2^-24 as before, a value's log-probability at -16.6 nats (`logits_source` says
+which, and /score reports it). A density of dequantised data adds -D log L
+(models/transforms.py).
 """
 
 from __future__ import annotations
@@ -36,6 +40,10 @@ from models.transforms import dequantization_offset
 
 LOG_2PI = math.log(2 * math.pi)
 P_FLOOR = 2.0 ** -24
+# An old continuous-Bernoulli export's logit is read from lambda where lambda is in
+# [0.07, 0.93] (|l| < 2.6), elsewhere from the mean: float32 resolves each best there.
+CB_LAMBDA_BAND = (0.07, 0.93)
+NEWTON_STEPS = 8
 MAX_DECODED_VALUES = 1 << 22  # per decoder call: K is decoded in chunks of this size
 
 Decoder = Callable[[np.ndarray], dict[str, np.ndarray]]
@@ -66,16 +74,72 @@ def cb_log_normalizer(logits: np.ndarray) -> np.ndarray:
                     + 62 * a2 ** 3 / 181440, exact)
 
 
+def cb_mean_gap(a: np.ndarray) -> np.ndarray:
+    """1 - E[x] of the continuous Bernoulli at logit a >= ~1: 1/a - 1/(e^a - 1), which
+    falls from 1/2 at 0 like 1/a (models/likelihoods.py: cb_mean)."""
+    return 1.0 / a - np.exp(-a) / -np.expm1(-a)
+
+
+def recover_cb_logits(mean: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """The logits of a continuous-Bernoulli decoder exported without them, from its float32
+    mean and lambda (float64).
+
+    Inside CB_LAMBDA_BAND, l = log(lambda / (1 - lambda)). Outside it the mean's distance
+    s to the nearer end, 1/|l| - 1/(e^|l| - 1), is solved for |l| by Newton's method on
+    h(a) = 1 / gap(a) = 1 / s: h rises from 2 with a slope between 1/3 and 1 (convex),
+    and h(a) >= a, so from a = 1/s the steps fall monotonically onto the root (the
+    error squares each step; 8 steps are exact in float64 from |l| = 2.6 up). The mean's
+    float32 rounding (3e-8) moves a logit l by about 3e-8 l^2: 3e-5 at |l| = 30.
+    """
+    m, lam = mean.astype(np.float64), probs.astype(np.float64)
+    out = np.empty(m.shape, dtype=np.float64)
+    middle = (lam > CB_LAMBDA_BAND[0]) & (lam < CB_LAMBDA_BAND[1])
+    out[middle] = np.log(lam[middle]) - np.log1p(-lam[middle])
+    far = ~middle
+    mf = m[far]
+    # the mean rounds to 0 or 1 only beyond |l| ~ 3e7: hold it there, not at infinity
+    s = np.clip(np.minimum(mf, 1.0 - mf), 2.0 ** -25, 0.5)
+    target = 1.0 / s
+    a = target.copy()
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        for _ in range(NEWTON_STEPS):
+            g = cb_mean_gap(a)
+            slope = (1.0 / a ** 2 - np.exp(-a) / np.expm1(-a) ** 2) / g ** 2  # h'(a)
+            a = np.maximum(a - (1.0 / g - target) / slope, 1e-6)
+    out[far] = np.where(mf > 0.5, a, -a)
+    return out
+
+
+def logits_source(output_names: list[str] | tuple[str, ...], likelihood: str) -> str | None:
+    """Where `log_px_given_z` takes a (continuous) Bernoulli decoder's logits from, given
+    its file's outputs: `exported` (exact), `recovered` (an older continuous-Bernoulli
+    export: from its mean), `floored` (an older Bernoulli export: probabilities floored at
+    2^-24); None for a Gaussian decoder."""
+    if likelihood not in ("bernoulli", "continuous_bernoulli"):
+        return None
+    if "logits" in output_names:
+        return "exported"
+    return "recovered" if likelihood == "continuous_bernoulli" else "floored"
+
+
 def log_px_given_z(x: np.ndarray, params: dict[str, np.ndarray], config: VAEConfig,
                    ) -> np.ndarray:
     """log p(x|z) per row of the decoder's outputs (rows, *item) -> (rows,), float64."""
     axes = tuple(range(1, x.ndim))
     x64 = x.astype(np.float64)
-    if config.likelihood in ("bernoulli", "continuous_bernoulli"):
+    source = logits_source(tuple(params), config.likelihood)
+    if source == "floored" or (source == "recovered" and "mean" not in params):
         p = np.clip(params["probs"].astype(np.float64), P_FLOOR, 1.0 - P_FLOOR)
         log_p = x64 * np.log(p) + (1.0 - x64) * np.log1p(-p)
         if config.likelihood == "continuous_bernoulli":
             log_p += cb_log_normalizer(np.log(p) - np.log1p(-p))
+    elif source is not None:
+        logits = (params["logits"].astype(np.float64) if source == "exported"
+                  else recover_cb_logits(params["mean"], params["probs"]))
+        # x log sigmoid(l) + (1 - x) log sigmoid(-l) = x l - softplus(l), for any l
+        log_p = x64 * logits - np.logaddexp(0.0, logits)
+        if config.likelihood == "continuous_bernoulli":
+            log_p += cb_log_normalizer(logits)
     else:
         mean = params["mean"].astype(np.float64)
         log_scale = params["log_scale"].astype(np.float64)

@@ -36,11 +36,11 @@ def torch_outputs(model, cfg, x, z):
         mu, logvar = model.encode(torch.from_numpy(x))
         loc = model.decoder(torch.from_numpy(z))
         if cfg.likelihood == "bernoulli":
-            dec = [torch.sigmoid(loc)]
+            dec = [torch.sigmoid(loc), loc]
         elif cfg.likelihood == "continuous_bernoulli":
             # torch's own continuous Bernoulli (its mean is not lambda), not ours
             cb = torch.distributions.ContinuousBernoulli(logits=loc.double())
-            dec = [cb.mean.float(), torch.sigmoid(loc)]
+            dec = [cb.mean.float(), torch.sigmoid(loc), loc]
         else:
             dec = [loc, model.likelihood.log_scale().expand_as(loc)]
     return [mu.numpy(), logvar.numpy()], [d.numpy() for d in dec]

@@ -82,10 +82,16 @@ def test_the_api_scores_a_continuous_bernoulli_as_torch_does():
     torch.manual_seed(0)
     lik = VAE(cfg).likelihood
     logits = torch.randn(4, 2, 3, dtype=torch.float64) * 3
+    logits[0] = torch.tensor([[-30.0, -17.0, 0.05], [16.0, 25.0, 30.0]])  # beyond float32 probs
     x = torch.rand(4, 2, 3, dtype=torch.float64)
     want = lik.log_prob(x, logits).numpy()
-    got = log_px_given_z(x.numpy(), {"probs": torch.sigmoid(logits).numpy()}, cfg)
+    outputs = dict(zip(lik.output_names, (t.numpy() for t in lik.parameters_of(logits)),
+                       strict=True))
+    got = log_px_given_z(x.numpy(), outputs, cfg)
     np.testing.assert_allclose(got, want, rtol=1e-9)
+    # and torch's own distribution (computed from probabilities: 1e-4 near |l| = 30)
+    independent = torch.distributions.ContinuousBernoulli(logits=logits).log_prob(x).sum((1, 2))
+    np.testing.assert_allclose(got, independent.numpy(), rtol=0, atol=1e-3)
 
 
 def test_dequantised_gaussian_bounds_the_exact_bin_probability():

@@ -12,6 +12,8 @@ from typing import Any, Literal
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
+from models.config import VAEConfig
+from models.transforms import range_problem
 from service.api.deps import Id, Services, in_thread, require, services
 from service.api.routes.datasets import ERRORS
 from service.api.schemas import (
@@ -26,6 +28,7 @@ from store.aliases import resolve
 from store.datasets import get_dataset
 from store.errors import InvalidInput
 from store.jobs import TERMINAL, get_job, list_jobs, publish, request_cancel
+from store.models import get_model
 from store.submit import leaderboard, submit_embedding, submit_sweep, submit_training
 from store.tables import JOB_KINDS, JOB_STATUSES, Job
 
@@ -116,11 +119,26 @@ async def create_embedding_job(request: Request, response: Response, body: Embed
     model_id = await in_thread(resolve, svc.db, body.model_id, "model")
     set_id = None if body.embedding_set_id is None else await in_thread(
         resolve, svc.db, body.embedding_set_id, "embedding_set")
+    await in_thread(_embedding_values, svc, model_id, body.dataset_id)
     job, created = await in_thread(
         submit_embedding, svc.db, model_id, body.dataset_id, body.importance_samples,
         embedding_set_id=set_id,
         **_once(svc, request, body, idempotency_key))
     return _accepted(response, await _publish(svc, job, created), created)
+
+
+def _embedding_values(svc: Services, model_id: int, dataset_id: int) -> None:
+    """Refuse at once a dataset whose stored value range the model's transform or
+    likelihood cannot take, as training does (service.api.validation) and /score does per
+    item; whether a dequantising model's data are integers the range cannot say, so the
+    worker scans those before it writes a row (workers/embedding.py)."""
+    dataset = get_dataset(svc.db, dataset_id)
+    model = get_model(svc.db, model_id)
+    problem = range_problem(dataset.min_value, dataset.max_value,
+                            VAEConfig.from_dict(model.config["model"]))
+    if problem is not None:
+        raise InvalidInput(f"dataset {dataset_id} cannot be embedded with model {model_id}: "
+                           f"{problem}")
 
 
 @router.get("/v1/jobs", response_model=list[JobOut], dependencies=[require("read")],

@@ -50,7 +50,7 @@ from service.api.schemas import (
     TraverseOut,
     TraverseRequest,
 )
-from service.api.scoring import Scores, threshold_at
+from service.api.scoring import Scores, logits_source, threshold_at
 from service.api.scoring import score as score_items
 from store import models as store_models
 from store.aliases import resolve
@@ -384,19 +384,56 @@ async def reconstruct(request: Request, model_id: ModelId) -> Response:
 # -- scoring new items ---------------------------------------------------------------
 
 MAX_IMPORTANCE_SAMPLES = 5000
+TRAINING_SPLIT_NOTE = ("the model was trained with val_fraction = 0, so its threshold comes "
+                       "from the items it was trained on: new items score lower than those "
+                       "and are flagged more often than fpr")
 
 
 def _score_rows(svc: Services, model: Model, x: np.ndarray, mu: np.ndarray,
-                logvar: np.ndarray, importance_samples: int, seed: int | None) -> Scores:
+                logvar: np.ndarray, importance_samples: int, seed: int | None,
+                ) -> tuple[Scores, str | None]:
+    """The items' scores, and where their (continuous) Bernoulli logits came from
+    (service.api.scoring.logits_source: older files have no `logits` output)."""
     loaded = svc.inference.sessions.get(model.id, "decoder", model.decoder_sha256,
                                         model.decoder_uri)
+    config = VAEConfig.from_dict(model.config["model"])
 
     def decode(z: np.ndarray) -> dict[str, np.ndarray]:
         outputs = loaded.session.run(loaded.output_names, {loaded.input_name: z})
         return dict(zip(loaded.output_names, outputs, strict=True))
 
-    return score_items(decode, x, mu, logvar, VAEConfig.from_dict(model.config["model"]),
-                       importance_samples, np.random.default_rng(seed))
+    scores = score_items(decode, x, mu, logvar, config, importance_samples,
+                         np.random.default_rng(seed))
+    return scores, logits_source(loaded.output_names, config.likelihood)
+
+
+def _threshold_draws(quantiles: dict[str, Any], k: int) -> None:
+    """Refuse a K whose estimator is not the one the held-out threshold was taken with.
+
+    log p(x) estimated from K draws is biased low by an amount that shrinks with K
+    (Jensen's gap of the log of a mean), so a threshold from K' draws flags more (K < K')
+    or fewer (K > K') items than `fpr`; the held-out ELBO is one draw's, so only K <= 1
+    gives the same ELBO estimator (more draws narrow its spread)."""
+    taken = int(quantiles["importance_samples"])
+    if quantiles["statistic"] == "log_px":
+        if k != taken:
+            raise InvalidInput(
+                f"the held-out threshold bounds log p(x) estimated with importance_samples "
+                f"= {taken}; with {k} the estimate has another bias and the false-positive "
+                f"rate would not be fpr: give importance_samples {taken} (or leave it out), "
+                "or score without fpr")
+    elif k > 1:
+        raise InvalidInput(
+            "the held-out threshold bounds the ELBO of one posterior draw (the model was "
+            f"evaluated without importance samples); with importance_samples {k} the ELBO "
+            "averages more draws and the false-positive rate would not be fpr: give 0 or 1 "
+            "(or leave it out), or score without fpr")
+
+
+def threshold_split(summary: dict[str, Any]) -> Literal["validation", "training"]:
+    """The split a model's held-out figures came from: its validation rows, or its training
+    rows when it was trained with val_fraction = 0."""
+    return "training" if summary.get("heldout_split") == "train" else "validation"
 
 
 @router.post("/{model_id}/score", dependencies=[require("read")],
@@ -409,7 +446,8 @@ async def score(request: Request, model_id: ModelId,
                 importance_samples: int | None = Query(
                     None, ge=0, le=MAX_IMPORTANCE_SAMPLES,
                     description="K draws for log p(x); default 0, or with fpr the K the "
-                                "held-out threshold was taken with"),
+                                "held-out threshold was taken with (with fpr, another K is "
+                                "a 422: its estimator has another bias)"),
                 fpr: float | None = Query(
                     None, gt=0, le=0.5, description="false-positive rate on the held-out "
                                                     "split: adds threshold and is_outlier"),
@@ -435,6 +473,8 @@ async def score(request: Request, model_id: ModelId,
     if k is None:
         k = int(quantiles["importance_samples"]) if (
             fpr is not None and quantiles["statistic"] == "log_px") else 0
+    if fpr is not None:
+        _threshold_draws(quantiles, k)
     if len(x) * max(1, k) > limits.score_max_draws:
         raise TooLarge(f"{len(x)} items x {max(1, k)} draws is {len(x) * max(1, k)} decoder "
                        f"rows; /score runs at most {limits.score_max_draws} "
@@ -442,8 +482,8 @@ async def score(request: Request, model_id: ModelId,
     x = model_view(x, model.config["model"])
     encoded = await svc.inference.run(model.id, "encoder", model.encoder_sha256 or "",
                                       model.encoder_uri or "", x)
-    got = await in_thread(_score_rows, svc, model, x, encoded["mu"], encoded["logvar"], k,
-                          seed)
+    got, source = await in_thread(_score_rows, svc, model, x, encoded["mu"],
+                                  encoded["logvar"], k, seed)
     config = VAEConfig.from_dict(model.config["model"])
     kind = config.likelihood_kind(bool(np.isin(x, (0.0, 1.0)).all()))  # of these items
     best = got.log_px if got.log_px is not None else got.elbo
@@ -451,19 +491,19 @@ async def score(request: Request, model_id: ModelId,
                               "reconstruction": got.reconstruction, "kl": got.kl,
                               "elbo_se": got.elbo_se, "log_px": got.log_px,
                               "log_px_se": got.log_px_se, "ess": got.ess,
-                              "likelihood_kind": kind,
+                              "likelihood_kind": kind, "logits_source": source,
                               "bits_per_dim": bits_per_dim(best, config.input_size)
                               if kind == "discrete" else None}
     if fpr is not None:
         statistic = quantiles["statistic"]
-        if statistic == "log_px" and k == 0:
-            raise InvalidInput("the held-out threshold bounds log p(x): give importance_samples "
-                               f">= 1 (it was taken with {quantiles['importance_samples']})")
         value = threshold_at(quantiles, fpr)
         figures = got.log_px if statistic == "log_px" else got.elbo
-        answer["threshold"] = {"fpr": fpr, "value": value, "statistic": statistic,
-                               "importance_samples": quantiles["importance_samples"],
-                               "heldout_items": quantiles["n_items"]}
+        split = threshold_split(model.summary or {})
+        answer["threshold"] = {
+            "fpr": fpr, "value": value, "statistic": statistic,
+            "importance_samples": quantiles["importance_samples"],
+            "heldout_items": quantiles["n_items"], "split": split,
+            "note": None if split == "validation" else TRAINING_SPLIT_NOTE}
         answer["is_outlier"] = (figures < value).tolist()
     return Response(orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY),
                     media_type="application/json")

@@ -108,7 +108,7 @@ def test_continuous_bernoulli_decoder_serves_its_mean(client, trained):
         client.get(f"/v1/models/{model_id}/onnx/decoder").content,
         providers=["CPUExecutionProvider"])
     names = [o.name for o in decoder.get_outputs()]
-    assert names == ["mean", "probs"]
+    assert names == ["mean", "probs", "logits"]  # logits last: older readers unchanged
     lam = decoder.run(["probs"], {"z": z})[0].reshape(5, -1).astype(np.float64)
     want = torch.distributions.ContinuousBernoulli(probs=torch.from_numpy(lam)).mean.numpy()
     np.testing.assert_allclose(got, want, atol=2e-5)

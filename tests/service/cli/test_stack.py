@@ -174,7 +174,7 @@ def test_models_score_agrees_with_the_stored_figures(data_dir, trained, exported
                                                      tmp_path):
     np.save(tmp_path / "items.npy", digits[0][:100])
     got = cli_json(data_dir, "models", "score", trained["model_id"], tmp_path / "items.npy",
-                   "-k", "20", "--fpr", "0.05")
+                   "-k", "20")  # the set's K; a threshold (K = 50) takes only its own K
     stored = sorted(exported, key=lambda r: r["index"])[:100]
     np.testing.assert_allclose(got["kl"], [r["kl"] for r in stored], rtol=1e-4, atol=1e-4)
     z = (np.asarray(got["log_px"]) - [r["log_px"] for r in stored]) / (
@@ -183,6 +183,9 @@ def test_models_score_agrees_with_the_stored_figures(data_dir, trained, exported
     assert 0.3 <= np.median(np.abs(z)) <= 1.5, np.median(np.abs(z))
     assert np.mean(np.abs(z) <= 3) >= 0.9, np.sort(np.abs(z))[-5:]
     assert 25 <= np.sum(z > 0) <= 75, np.sum(z > 0)
+    got = cli_json(data_dir, "models", "score", trained["model_id"], tmp_path / "items.npy",
+                   "--fpr", "0.05")
+    assert got["importance_samples"] == 50 and got["threshold"]["split"] == "validation"
     assert got["is_outlier"] == [v < got["threshold"]["value"] for v in got["log_px"]]
     out = cli(data_dir, "models", "score", trained["model_id"], tmp_path / "items.npy")
     assert out.returncode == 0, out.stderr
