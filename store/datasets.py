@@ -27,7 +27,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from store.artifacts import ArtifactStore, dataset_key
-from store.db import Database, get_row
+from store.db import Database, get_row, unbounded
 from store.errors import Conflict, DatasetError, NotFound, TooLarge
 from store.latents import blockers, drop_indexes, refuse_if_blocked
 from store.processes import pid_alive
@@ -306,6 +306,7 @@ def delete_dataset(db: Database, artifacts: ArtifactStore, dataset_id: int) -> N
         set_ids = list(s.scalars(select(EmbeddingSet.id).where(
             EmbeddingSet.dataset_id == dataset_id).with_for_update()))
         refuse_if_blocked(f"dataset {dataset_id}", *blockers(s, set_ids=set_ids))
+        unbounded(s)  # the cascade is as large as the data
         s.execute(delete(Dataset).where(Dataset.id == dataset_id))
     drop_indexes(db, set_ids)
     artifacts.delete(dataset_key(dataset_id, None))
