@@ -27,7 +27,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from store.artifacts import ArtifactStore, dataset_key
-from store.db import Database, get_row
+from store.db import Database, get_row, unbounded
 from store.errors import Conflict, DatasetError, NotFound, TooLarge
 from store.latents import blockers, drop_indexes, live_index_builds, refuse_if_blocked
 from store.processes import pid_alive
@@ -329,6 +329,7 @@ def delete_dataset(db: Database, artifacts: ArtifactStore, dataset_id: int) -> N
         if building:
             raise Conflict(f"dataset {dataset_id}'s embedding set {building[0]} is building "
                            "its index; delete the dataset once it is built")
+        unbounded(s)  # the cascade is as large as the data
         s.execute(delete(Dataset).where(Dataset.id == dataset_id))
     drop_indexes(db, set_ids)
     artifacts.delete(dataset_key(dataset_id, None))

@@ -209,6 +209,26 @@ def narrowed(query: Any, filters: dict[Any, Any]) -> Any:
     return query
 
 
+def statement_timeout(ms: int) -> dict[str, str]:
+    """Connection arguments that make the server cancel any statement of the connection
+    after `ms` milliseconds (0: none). Set at connect time (libpq `options`), so it holds
+    for every session of the pool; a cancelled statement raises QueryCanceled."""
+    return {"options": f"-c statement_timeout={int(ms)}"} if ms > 0 else {}
+
+
+def is_statement_timeout(exc: BaseException) -> bool:
+    """The server cancelled the statement for its `statement_timeout` (SQLSTATE 57014)."""
+    orig = getattr(exc, "orig", exc)
+    return getattr(orig, "sqlstate", None) == "57014"
+
+
+def unbounded(session: Session) -> None:
+    """Lift the connection's statement timeout for the rest of `session`'s transaction: for
+    a delete whose cascade is as large as the data it removes (bounded by the upload
+    limits, not by the request), which would otherwise be cancelled on large data."""
+    session.execute(text("SET LOCAL statement_timeout = 0"))
+
+
 class Database:
     """An engine plus a session factory; one per process."""
 

@@ -49,8 +49,8 @@ import numpy as np
 from sqlalchemy import Connection, Text, cast, delete, func, literal, or_, select, text, update
 from sqlalchemy.orm import Session
 
-from store.db import Database, get_row, is_transient, narrowed
-from store.errors import Conflict, InvalidInput, NotFound
+from store.db import Database, get_row, is_transient, narrowed, unbounded
+from store.errors import Conflict, InvalidInput, NotFound, TooLarge
 from store.settings import Settings
 from store.tables import EmbeddingSet, EmbeddingSetPart
 
@@ -346,6 +346,7 @@ def delete_set(db: Database, set_id: int) -> None:
         if live_index_builds(s, [set_id]):
             raise Conflict(f"embedding set {set_id}'s index is being built; delete it once "
                            "the set's index_status is no longer 'building'")
+        unbounded(s)  # the cascade is as large as the data
         s.execute(delete(EmbeddingSet).where(EmbeddingSet.id == set_id))  # rows cascade
     drop_indexes(db, [set_id])
 
@@ -768,6 +769,12 @@ def search_many(db: Database, settings: Settings, set_id: int,
             # widened by 1 / share (pgvector's ceiling is 1000) to keep that recall.
             plan = Plan(min(EF_MAX, max(plan.ef_search, math.ceil(plan.ef_search / share))),
                         True)
+    if plan.ef_search is None and len(queries) * es.n_items > settings.search_max_exact_scan:
+        raise TooLarge(f"{len(queries)} queries x {es.n_items} items is "
+                       f"{len(queries) * es.n_items} distances by exact scan ({plan}: small "
+                       "set, k > 100, 'exact', no index yet or a filter the index cannot "
+                       f"serve); one search computes at most {settings.search_max_exact_scan} "
+                       "(LATENTBANK_SEARCH_MAX_EXACT_SCAN): send fewer queries per request")
     hits = _run_many(db, es, vectors, asked, metric, flt, plan.ef_search, plan.iterative,
                      settings.hnsw_max_scan_tuples)
     said = [str(plan)] * len(queries)

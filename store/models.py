@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import delete, select
 
 from store.artifacts import ArtifactStore
-from store.db import Database, get_row, narrowed
+from store.db import Database, get_row, narrowed, unbounded
 from store.errors import Conflict, NotFound
 from store.latents import blockers, drop_indexes, live_index_builds, refuse_if_blocked
 from store.tables import EmbeddingSet, Model, TrainingMetric
@@ -51,6 +51,7 @@ def delete_model(db: Database, artifacts: ArtifactStore, model_id: int) -> list[
         if building:
             raise Conflict(f"model {model_id}'s embedding set {building[0]} is building its "
                            "index; delete the model once it is built")
+        unbounded(s)  # the cascade is as large as the data
         s.execute(delete(Model).where(Model.id == model_id))  # metrics, sets, latents cascade
     drop_indexes(db, set_ids)
     artifacts.delete(f"models/{int(model_id)}")

@@ -65,6 +65,17 @@ class Settings(BaseSettings):
         20_000, description="embedding sets smaller than this are always searched exactly")
     recall_target: float = Field(0.95, description="recall@10 an HNSW search must reach")
     search_max_queries: int = Field(1000, ge=1, description="most queries in one batch search")
+    search_max_k: int = Field(
+        1000, ge=1, le=1000, description="largest k of one search (k > 100 always runs an "
+                                         "exact scan)")
+    search_max_results: int = Field(
+        50_000, ge=1, description="most neighbours one search request may ask for: queries x "
+                                  "k (the answer holds one hit with its metadata for each)")
+    search_max_exact_scan: int = Field(
+        50_000_000, ge=1, description="most distances one search request may compute by "
+                                      "exact scan: queries x the set's items, counted when "
+                                      "the plan is exact (small set, k > 100, `exact`, no "
+                                      "index yet, a filter the index cannot serve)")
     hnsw_max_scan_tuples: int = Field(
         20_000, ge=100, description="most index tuples a filtered (iterative) HNSW scan "
                                     "visits before the query is answered exactly instead")
@@ -99,6 +110,17 @@ class Settings(BaseSettings):
     onnx_sessions: int = Field(16, description="onnxruntime sessions the API keeps (LRU)")
     onnx_threads: int = Field(0, description="threads per onnxruntime session; 0 = all cores")
     decode_max_rows: int = Field(4096, description="most rows in one decode/encode request")
+    max_response_values: int = Field(
+        1 << 22, ge=1, description="most numbers one answer may carry: rows x values per row "
+                                   "of decode, sample, interpolate, traverse, encode, "
+                                   "reconstruct, and dataset items and thumbnails (4M: 4,096 "
+                                   "rows of 1,024 values; 16 MiB as float32, about 50 MB as "
+                                   "JSON); checked before any work")
+    sweep_max_configs: int = Field(
+        64, ge=1, description="most training configurations one sweep may create (the grid's "
+                              "product, computed before anything is expanded)")
+    sweep_max_fields: int = Field(
+        16, ge=1, description="most fields one sweep's grid may vary")
     decode_batching: bool = Field(
         True, description="batch concurrent decode requests into one onnxruntime call")
     decode_max_batch_rows: int = Field(
@@ -121,6 +143,11 @@ class Settings(BaseSettings):
     sql_reader_statement_timeout_s: float = Field(
         120.0, gt=0, description="the read-only SQL role's statement_timeout in seconds (a "
                                  "role default, set with the connection limit)")
+    db_statement_timeout_ms: int = Field(
+        30_000, ge=0, description="the API's database statements are cancelled after this "
+                                  "many milliseconds (the request answers 503 naming this "
+                                  "setting); 0 = no limit. Workers are not bound by it: "
+                                  "index builds and COPY take longer")
 
     @field_validator("allowed_roots", mode="before")
     @classmethod

@@ -25,7 +25,7 @@ from service.api.metrics import Metrics, RequestMetrics
 from service.api.routes import aliases, datasets, embeddings, jobs, keys, models, ops
 from store.broker import task_sender
 from store.datasets import sweep_leftovers
-from store.db import Database
+from store.db import Database, statement_timeout
 from store.jobs import count_jobs
 from store.settings import Settings, get_settings, open_artifacts
 
@@ -89,7 +89,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         raise RuntimeError("LATENTBANK_DATABASE_URL is not set: `latentbank up` starts the "
                            "embedded database and sets it for the API")
     db = Database(settings.database_url,
-                  connect_args={"connect_timeout": settings.db_connect_timeout},
+                  connect_args={"connect_timeout": settings.db_connect_timeout,
+                                **statement_timeout(settings.db_statement_timeout_ms)},
                   pool_timeout=settings.db_connect_timeout)
     artifacts = open_artifacts(settings)
     metrics = Metrics(lambda: count_jobs(db))

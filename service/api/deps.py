@@ -153,19 +153,47 @@ def _fast_npy(raw: bytes) -> np.ndarray | None:
     return np.frombuffer(raw, dtype, count, start).reshape(shape)
 
 
+_ZIP_MAGIC = b"PK"  # a local file header (PK\x03\x04) or an empty archive (PK\x05\x06)
+
+
 def load_npy(raw: bytes, what: str) -> np.ndarray:
-    """An `.npy` body: numeric, no pickles; numpy's usual layout is read without a copy."""
+    """An `.npy` body: numeric, no pickles; read without a copy (a view of the body).
+
+    The header is read and checked before anything is allocated: a zip archive (`.npz`,
+    which np.load would open as an archive), an object or structured dtype, and a declared
+    shape whose bytes differ from the body's (a header can announce terabytes in a few
+    bytes) are each refused with a 422."""
     fast = _fast_npy(raw)
     if fast is not None:
         return fast
+    if raw[:2] == _ZIP_MAGIC:
+        raise InvalidInput(f"'{what}': an .npy body was expected, got a zip (.npz) archive; "
+                           "send one array as written by numpy.save")
+    if raw[:6] != _NPY_MAGIC:
+        raise InvalidInput(f"'{what}' is not a valid .npy array (it does not start with "
+                           "numpy's magic bytes)")
+    stream = io.BytesIO(raw)
     try:
-        array = np.load(io.BytesIO(raw), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        reason = "object arrays are refused" if "allow_pickle" in str(exc) else "unreadable"
-        raise InvalidInput(f"'{what}' is not a valid .npy array ({reason})") from None
-    if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
-        raise InvalidInput(f"'{what}' must be numeric; got dtype {array.dtype}")
-    return array
+        version = np.lib.format.read_magic(stream)
+        if version not in ((1, 0), (2, 0), (3, 0)):
+            raise ValueError(f"version {version}")
+        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                else np.lib.format.read_array_header_2_0)  # 3.0: the same, in UTF-8
+        shape, fortran_order, dtype = read(stream)
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError):
+        raise InvalidInput(f"'{what}' is not a valid .npy array (unreadable header)") from None
+    if dtype.hasobject:
+        raise InvalidInput(f"'{what}' is not a valid .npy array (object arrays are refused)")
+    if not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
+        raise InvalidInput(f"'{what}' must be numeric; got dtype {dtype}")
+    count = math.prod(shape)
+    declared, held = count * dtype.itemsize, len(raw) - stream.tell()
+    if declared != held:
+        raise InvalidInput(f"'{what}' is not a valid .npy array: its header declares shape "
+                           f"{list(shape)} of {dtype} ({declared} bytes), the body holds "
+                           f"{held} bytes of data")
+    array = np.frombuffer(raw, dtype, count, stream.tell())
+    return array.reshape(shape[::-1]).T if fortran_order else array.reshape(shape)
 
 
 def media_type(request: Request) -> str:

@@ -13,10 +13,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from psycopg.errors import QueryCanceled
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from store.db import is_statement_timeout
 from store.errors import (
     Conflict,
     DatabaseUnavailable,
@@ -123,9 +125,19 @@ def install(app: FastAPI) -> None:
         return error_response(exc.status_code, HTTP_CODES.get(exc.status_code, "error"),
                               message, headers or None)
 
+    @app.exception_handler(QueryCanceled)  # raised by the driver itself (COPY)
     @app.exception_handler(OperationalError)
     @app.exception_handler(PoolTimeout)
-    async def _database_down(_: Request, exc: Exception) -> JSONResponse:
+    async def _database_down(request: Request, exc: Exception) -> JSONResponse:
+        if is_statement_timeout(exc):  # not an outage: this request's query ran too long
+            limit = request.app.state.services.settings.db_statement_timeout_ms
+            log.warning("statement timeout (%d ms) on %s %s", limit, request.method,
+                        request.url.path)
+            return error_response(503, "statement_timeout",
+                                  f"the database query took longer than {limit} ms and was "
+                                  "cancelled (LATENTBANK_DB_STATEMENT_TIMEOUT_MS); ask for "
+                                  "less, or try again when the server is less busy",
+                                  {"Retry-After": "5"})
         log.warning("database unavailable: %s", type(exc).__name__)
         return error_response(503, "database_unavailable",
                               "the database is unavailable; try again shortly",

@@ -9,8 +9,9 @@ itself when the request is an ordinary one:
 
 - its API key is in this process's verified-key cache, with the `read` scope;
 - its model is in the ready-model cache;
-- its body is JSON (exactly `{"z": ...}`) or `.npy`, with a Content-Length within
-  `max_request_bytes`, and it asks for JSON or `.npy`.
+- its body is JSON (exactly `{"z": ...}`, at most 64 KiB) or `.npy`, with a
+  Content-Length within `max_request_bytes`, and it asks for JSON or `.npy`;
+- its answer is within `decode_max_rows` and `max_response_values` (else the route says so).
 
 Everything else (the first request of a key or a model, PNG answers, chunked bodies,
 anything invalid) goes to the FastAPI route, with the body replayed if it was read: errors
@@ -28,9 +29,10 @@ from typing import Any
 
 import numpy as np
 import orjson
+from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import NPY, Services, dumps_arrays, load_npy, npy_bytes, npy_header
-from service.api.inference import as_float_rows, decoder_mean
+from service.api.inference import as_float_rows, check_answer, decoder_mean, item_values
 from store.keys import hash_key
 
 log = logging.getLogger("latentbank.api")
@@ -43,6 +45,10 @@ _NPY_TYPES = (NPY.encode(), b"application/octet-stream")
 # take any bytes-like body (uvicorn, h11, the test client); below it one joined bytes
 # object is cheaper than a second send.
 _ZERO_COPY_BYTES = 1 << 16
+# JSON bodies larger than this go to the route, which parses them off the event loop;
+# JSON answers of more numbers than this are serialised in a worker thread.
+_INLINE_JSON_BYTES = 1 << 16
+_INLINE_VALUES = 1 << 16
 
 
 class FastDecode:
@@ -101,6 +107,8 @@ class FastDecode:
         if known is None or "read" not in known[1]:
             return None
         if kind is None or kind == _JSON:
+            if int(length) > _INLINE_JSON_BYTES:
+                return None  # parsed by the route, in a worker thread
             npy_in = False
         elif kind in _NPY_TYPES:
             npy_in = True
@@ -128,12 +136,16 @@ class FastDecode:
             if not isinstance(doc, dict) or doc.keys() != {"z"}:
                 raise ValueError("not a plain {'z': ...} body")
             z = doc["z"]
-        z = as_float_rows(z, model.config["model"]["latent_dim"], "z",
-                          self.svc.settings.decode_max_rows)
+        settings = self.svc.settings
+        z = as_float_rows(z, model.config["model"]["latent_dim"], "z", settings.decode_max_rows)
+        check_answer(len(z), item_values(model.config["model"]), settings.max_response_values,
+                     "decode")  # the route's limits, checked before the decoder runs
         out = await self.svc.inference.run(model.id, "decoder", model.decoder_sha256 or "",
                                            model.decoder_uri or "", z)
         x = decoder_mean(out)
         if not npy_out:
+            if x.size > _INLINE_VALUES:
+                return (await run_in_threadpool(dumps_arrays, {"x": x}),)
             return (dumps_arrays({"x": x}),)
         if x.nbytes < _ZERO_COPY_BYTES or not x.flags.c_contiguous:
             return (npy_bytes(x),)

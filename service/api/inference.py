@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import threading
 import time
@@ -27,7 +28,7 @@ import onnxruntime as ort
 from models.config import VAEConfig
 from models.transforms import prepare, value_problem
 from store.artifacts import ArtifactStore
-from store.errors import Conflict, InvalidInput
+from store.errors import Conflict, InvalidInput, TooLarge
 
 
 @dataclass
@@ -333,11 +334,36 @@ def slerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
         omega)
 
 
+def item_values(model_config: dict[str, Any]) -> int:
+    """Numbers in one of the model's items (one row of a decoder's answer)."""
+    return math.prod(int(d) for d in model_config["input_shape"])
+
+
+def check_rows(rows: int, max_rows: int, what: str) -> None:
+    """Refuse (422) more than `max_rows` rows before anything is run."""
+    if rows > max_rows:
+        raise InvalidInput(f"'{what}' has {rows} rows; the limit is {max_rows} "
+                           "(LATENTBANK_DECODE_MAX_ROWS)")
+
+
+def check_answer(rows: int, per_row: int, max_values: int, what: str) -> None:
+    """Refuse (413) an answer of more than `max_values` numbers before any work is done:
+    a row limit alone lets a model with large items (or many repeated rows) make the API
+    hold and serialise gigabytes for one request of a few bytes."""
+    total = rows * per_row
+    if total > max_values:
+        raise TooLarge(f"{what}: {rows} rows x {per_row} values is {total} values; one "
+                       f"answer carries at most {max_values} (LATENTBANK_MAX_RESPONSE_VALUES)"
+                       "; ask for fewer rows per request")
+
+
 def as_float_rows(value: Any, width: int | None, what: str, max_rows: int,
                   item_shape: list[int] | None = None) -> np.ndarray:
     """Validate a batch: 2-D (or item-shaped), finite, within the row limit."""
     from store.errors import InvalidInput
 
+    if isinstance(value, np.ndarray) and value.ndim > 1:  # an .npy body: before a copy
+        check_rows(int(value.shape[0]), max_rows, what)
     try:
         array = np.asarray(value, dtype=np.float32)
     except (TypeError, ValueError):
@@ -346,8 +372,7 @@ def as_float_rows(value: Any, width: int | None, what: str, max_rows: int,
         array = array[None]
     if array.ndim == 0 or array.shape[0] == 0:
         raise InvalidInput(f"'{what}' must hold at least one row")
-    if array.shape[0] > max_rows:
-        raise InvalidInput(f"'{what}' has {array.shape[0]} rows; the limit is {max_rows}")
+    check_rows(int(array.shape[0]), max_rows, what)
     if item_shape is not None:
         flat = int(np.prod(item_shape))
         if tuple(array.shape[1:]) != tuple(item_shape):

@@ -12,7 +12,8 @@ from typing import Any
 from models.config import ConfigError, TrainConfig, VAEConfig
 from store.errors import InvalidInput
 
-MAX_SWEEP = 64
+MAX_SWEEP = 64  # the defaults of LATENTBANK_SWEEP_MAX_CONFIGS and _FIELDS
+MAX_FIELDS = 16
 
 
 def training_config(dataset_item_shape: list[int], model: dict[str, Any],
@@ -46,30 +47,43 @@ def training_config(dataset_item_shape: list[int], model: dict[str, Any],
     return {"model": model_cfg.to_dict(), "training": train_cfg.to_dict()}
 
 
-def expand_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
-    """{"model.latent_dim": [2, 8], "model.beta": [1, 4]} -> 4 override dicts."""
+def expand_grid(grid: dict[str, list[Any]], max_configs: int = MAX_SWEEP,
+                max_fields: int = MAX_FIELDS) -> list[dict[str, Any]]:
+    """{"model.latent_dim": [2, 8], "model.beta": [1, 4]} -> 4 override dicts.
+
+    The grid's size is the product of its lists' lengths, computed (and refused past
+    `max_configs`) before anything is expanded: a grid of a few hundred bytes can name
+    millions of points, and building them is what a caller could make the API do."""
     if not isinstance(grid, dict) or not grid:
         raise InvalidInput("sweep must be a non-empty object of 'model.x' / 'training.x' lists")
+    if len(grid) > max_fields:
+        raise InvalidInput(f"sweep varies {len(grid)} fields; the limit is {max_fields} "
+                           "(LATENTBANK_SWEEP_MAX_FIELDS)")
     for name, values in grid.items():
         section, _, field = name.partition(".")
         if section not in ("model", "training") or not field:
-            raise InvalidInput(f"sweep key {name!r} must look like 'model.<field>' or "
-                               "'training.<field>'")
+            raise InvalidInput(f"sweep key {str(name)[:100]!r} must look like "
+                               "'model.<field>' or 'training.<field>'")
         if not isinstance(values, list) or not values:
             raise InvalidInput(f"sweep values for {name!r} must be a non-empty list")
-    combos = [dict(zip(grid, values, strict=True))
-              for values in itertools.product(*grid.values())]
-    if len(combos) > MAX_SWEEP:
-        raise InvalidInput(f"sweep has {len(combos)} configurations; the limit is {MAX_SWEEP}")
-    return combos
+    size = math.prod(len(values) for values in grid.values())
+    if size > max_configs:
+        shape = " x ".join(str(len(values)) for values in grid.values())
+        raise InvalidInput(f"sweep has {size} configurations ({shape} values); the limit is "
+                           f"{max_configs} (LATENTBANK_SWEEP_MAX_CONFIGS)")
+    return [dict(zip(grid, values, strict=True))
+            for values in itertools.product(*grid.values())]
 
 
 def sweep_configs(dataset_item_shape: list[int], model: dict[str, Any],
                   training: dict[str, Any], grid: dict[str, list[Any]],
-                  value_range: tuple[float, float] | None = None) -> list[dict[str, Any]]:
-    """One normalised configuration per grid point; all are validated before any is used."""
+                  value_range: tuple[float, float] | None = None, *,
+                  max_configs: int = MAX_SWEEP, max_fields: int = MAX_FIELDS,
+                  ) -> list[dict[str, Any]]:
+    """One normalised configuration per grid point; all are validated before any is used
+    (the API runs this in a worker thread: up to `max_configs` validations)."""
     configs = []
-    for overrides in expand_grid(grid):
+    for overrides in expand_grid(grid, max_configs, max_fields):
         m, t = dict(model), dict(training)
         for name, value in overrides.items():
             section, _, field = name.partition(".")

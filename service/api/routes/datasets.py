@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 import tempfile
 from typing import Any
@@ -23,7 +24,7 @@ from service.api.deps import (
     services,
 )
 from service.api.errors import BodyTooLarge
-from service.api.inference import is_image_shape
+from service.api.inference import check_answer, is_image_shape
 from service.api.readers import (
     IngestOptions,
     format_of,
@@ -194,12 +195,16 @@ async def dataset(request: Request, dataset_id: Id) -> DatasetOut:
 MAX_ITEMS_PAGE = 256
 
 
-def _items(svc: Services, dataset_id: int, offset: int, limit: int,
+def _items(svc: Services, dataset_id: int, offset: int, limit: int, what: str,
            ) -> tuple[Any, np.ndarray, list[Any]]:
+    """A page of items, refused (413) before anything is read when its values (items x
+    values per item) pass LATENTBANK_MAX_RESPONSE_VALUES."""
     ds = get_dataset(svc.db, dataset_id)
     stop = min(ds.n_items, offset + limit)
     if offset >= ds.n_items:
         raise InvalidInput(f"offset {offset} is past the dataset's {ds.n_items} items")
+    check_answer(stop - offset, math.prod(ds.item_shape), svc.settings.max_response_values,
+                 what)
     data = dataset_array(svc.artifacts, ds, str(svc.settings.cache_dir))
     return ds, np.asarray(data[offset:stop]), item_rows(svc.db, ds.id, offset, stop)
 
@@ -210,12 +215,16 @@ def _items(svc: Services, dataset_id: int, offset: int, limit: int,
 async def dataset_items(request: Request, dataset_id: Id,
                         offset: int = Query(0, ge=0, le=2**62),
                         limit: int = Query(16, ge=1, le=MAX_ITEMS_PAGE)) -> Response:
-    ds, x, rows = await in_thread(_items, services(request), dataset_id, offset, limit)
-    return Response(orjson.dumps({
-        "dataset_id": ds.id, "offset": offset, "n": len(x), "item_shape": ds.item_shape,
-        "keys": [r.key for r in rows], "labels": [r.label for r in rows],
-        "x": np.ascontiguousarray(x, dtype=np.float32)},
-        option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
+    ds, x, rows = await in_thread(_items, services(request), dataset_id, offset, limit,
+                                  "dataset items")
+
+    def encode() -> bytes:  # up to max_response_values numbers: off the event loop
+        return orjson.dumps({
+            "dataset_id": ds.id, "offset": offset, "n": len(x), "item_shape": ds.item_shape,
+            "keys": [r.key for r in rows], "labels": [r.label for r in rows],
+            "x": np.ascontiguousarray(x, dtype=np.float32)}, option=orjson.OPT_SERIALIZE_NUMPY)
+
+    return Response(await in_thread(encode), media_type="application/json")
 
 
 @router.get("/{dataset_id}/thumbnails.png", dependencies=[require("read")],
@@ -225,15 +234,17 @@ async def dataset_items(request: Request, dataset_id: Id,
 async def thumbnails(request: Request, dataset_id: Id, offset: int = Query(0, ge=0, le=2**62),
                      n: int = Query(32, ge=1, le=MAX_ITEMS_PAGE),
                      columns: int = Query(8, ge=1, le=64)) -> Response:
-    ds, x, _ = await in_thread(_items, services(request), dataset_id, offset, n)
-    if not is_image_shape(ds.item_shape):
+    svc = services(request)
+    ds = await in_thread(get_dataset, svc.db, dataset_id)
+    if not is_image_shape(ds.item_shape):  # before any item is read
         raise Conflict(f"items of shape {list(ds.item_shape)} are not images")
-    lo, hi = min(0.0, ds.min_value), ds.max_value
-    scaled = (x.astype(np.float32) - lo) / (hi - lo if hi > lo else 1.0)
+    ds, x, _ = await in_thread(_items, svc, dataset_id, offset, n, "thumbnails")
 
     def draw() -> bytes:
         from service.api.plots import image_grid
 
+        lo, hi = min(0.0, ds.min_value), ds.max_value
+        scaled = (x.astype(np.float32) - lo) / (hi - lo if hi > lo else 1.0)
         buffer = io.BytesIO()
         image_grid(scaled, columns=min(columns, len(scaled))).save(buffer, format="PNG")
         return buffer.getvalue()

@@ -27,7 +27,7 @@ from service.api.schemas import (
     SearchOut,
     SearchRequest,
 )
-from store.errors import Conflict, InvalidInput
+from store.errors import Conflict, InvalidInput, TooLarge
 from store.latents import (
     SearchFilter,
     delete_set,
@@ -40,6 +40,7 @@ from store.latents import (
     search,
     search_many,
 )
+from store.settings import Settings
 from store.tables import SET_STATUSES, EmbeddingSet
 
 router = APIRouter(prefix="/v1/embeddings", tags=["embeddings"])
@@ -95,11 +96,26 @@ async def item(request: Request, set_id: SetId, key: str) -> ItemOut:
     return ItemOut(**{**row, "mu": row["mu"].tolist(), "logvar": row["logvar"].tolist()})
 
 
+def _check_search(settings: Settings, queries: int, k: int) -> None:
+    """Refuse (413) a search whose answer passes its bounds, before anything is read: k
+    (past 100 every query scans the whole set) and queries x k (one hit, with its item's
+    metadata, per neighbour)."""
+    if k > settings.search_max_k:
+        raise TooLarge(f"k is {k}; the limit is {settings.search_max_k} "
+                       "(LATENTBANK_SEARCH_MAX_K)")
+    if queries * k > settings.search_max_results:
+        raise TooLarge(f"{queries} queries x k = {k} is {queries * k} neighbours; one search "
+                       f"answers at most {settings.search_max_results} "
+                       "(LATENTBANK_SEARCH_MAX_RESULTS): ask for a smaller k or send fewer "
+                       "queries per request")
+
+
 @router.post("/{set_id}/search", response_model=SearchOut, dependencies=[require("read")],
              responses=ERRORS,
              summary="k nearest neighbours of a vector or a stored item, with filters")
 async def search_set(request: Request, set_id: SetId, body: SearchRequest) -> SearchOut:
     svc = services(request)
+    _check_search(svc.settings, 1, body.k)
     result = await in_thread(search, svc.db, svc.settings, set_id,
                              vector=None if body.vector is None else np.asarray(body.vector),
                              key=body.key, k=body.k, metric=body.metric,
@@ -111,19 +127,24 @@ async def search_set(request: Request, set_id: SetId, body: SearchRequest) -> Se
              dependencies=[require("read")], responses=ERRORS,
              summary="k nearest neighbours of many vectors or stored items, one request")
 async def search_batch(request: Request, set_id: SetId, body: BatchSearchRequest,
-                       ) -> BatchSearchOut:
+                       ) -> Response:
     svc = services(request)
+    _check_search(svc.settings, len(body.queries), body.k)
     queries: list[Any] = []
     for n, q in enumerate(body.queries):
         if (q.vector is None) == (q.key is None):
             raise InvalidInput(f"query {n}: give exactly one of 'vector' and 'key'")
         queries.append(q.key if q.key is not None else np.asarray(q.vector))
-    results = await in_thread(search_many, svc.db, svc.settings, set_id, queries, k=body.k,
+
+    def answer() -> bytes:  # up to search_max_results hits: built off the event loop
+        results = search_many(svc.db, svc.settings, set_id, queries, k=body.k,
                               metric=body.metric, flt=_filter(body.filter), exact=body.exact)
-    return BatchSearchOut(answers=[
-        BatchAnswer(results=[_hit(h) for h in r.hits], plan=r.plan,
-                    query=None if r.query is None else QueryItem(**r.query))
-        for r in results])
+        return BatchSearchOut(answers=[
+            BatchAnswer(results=[_hit(h) for h in r.hits], plan=r.plan,
+                        query=None if r.query is None else QueryItem(**r.query))
+            for r in results]).model_dump_json().encode()
+
+    return Response(await in_thread(answer), media_type="application/json")
 
 
 def _filter(f: SearchFilterIn | None) -> SearchFilter | None:

@@ -78,7 +78,7 @@ async def create_training_job(request: Request, response: Response, body: Traini
                               idempotency_key: str | None = IdempotencyKey) -> JobOut:
     svc = services(request)
     dataset = await in_thread(get_dataset, svc.db, body.dataset_id)
-    config = training_config(dataset.item_shape, body.model, body.training,
+    config = await in_thread(training_config, dataset.item_shape, body.model, body.training,
                              (dataset.min_value, dataset.max_value))
     job, created = await in_thread(
         submit_training, svc.db, body.dataset_id, config,
@@ -93,8 +93,10 @@ async def create_sweep(request: Request, response: Response, body: SweepRequest,
                        idempotency_key: str | None = IdempotencyKey) -> SweepOut:
     svc = services(request)
     dataset = await in_thread(get_dataset, svc.db, body.dataset_id)
-    configs = sweep_configs(dataset.item_shape, body.model, body.training, body.grid,
-                            (dataset.min_value, dataset.max_value))
+    configs = await in_thread(sweep_configs, dataset.item_shape, body.model, body.training,
+                              body.grid, (dataset.min_value, dataset.max_value),
+                              max_configs=svc.settings.sweep_max_configs,
+                              max_fields=svc.settings.sweep_max_fields)
     sweep_id, jobs = await in_thread(
         submit_sweep, svc.db, body.dataset_id, configs,
         **_once(svc, request, body, idempotency_key))

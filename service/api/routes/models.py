@@ -30,8 +30,11 @@ from service.api.errors import ApiError
 from service.api.inference import (
     as_float_rows,
     as_vector,
+    check_answer,
+    check_rows,
     decoder_mean,
     is_image_shape,
+    item_values,
     model_view,
     slerp,
 )
@@ -181,6 +184,24 @@ def _body_array(raw: bytes, request: Request, field: str, model_cls: Any) -> Any
     return getattr(parse_json(raw, model_cls), field)
 
 
+# Answers larger than this many numbers are encoded (JSON, .npy, PNG) in a worker thread:
+# up to max_response_values of them take a few hundred milliseconds, which the event loop
+# (and every other request, /healthz included) would otherwise wait out.
+_INLINE_VALUES = 1 << 16
+_INLINE_BYTES = 1 << 16  # the same for request bodies
+
+
+async def _rows(raw: bytes, request: Request, field: str, model_cls: Any, width: int | None,
+                max_rows: int, item_shape: list[int] | None = None) -> np.ndarray:
+    """The body's rows, checked (as_float_rows); a large body (up to max_request_bytes of
+    JSON to parse and check) is read in a worker thread, off the event loop."""
+    def read() -> np.ndarray:
+        return as_float_rows(_body_array(raw, request, field, model_cls), width, field,
+                             max_rows, item_shape=item_shape)
+
+    return read() if len(raw) <= _INLINE_BYTES else await in_thread(read)
+
+
 def _answer(request: Request, arrays: dict[str, np.ndarray], image: str | None = None,
             ) -> Response:
     """JSON, .npy (the `image` array, else the first) or a PNG grid of `image`."""
@@ -198,6 +219,13 @@ def _answer(request: Request, arrays: dict[str, np.ndarray], image: str | None =
         image_grid(main, columns=min(len(main), 16)).save(buffer, format="PNG")
         return Response(buffer.getvalue(), media_type=PNG)
     return Response(dumps_arrays(arrays), media_type="application/json")
+
+
+async def _reply(request: Request, arrays: dict[str, np.ndarray], image: str | None = None,
+                 ) -> Response:
+    if sum(a.size for a in arrays.values()) <= _INLINE_VALUES:
+        return _answer(request, arrays, image)
+    return await in_thread(_answer, request, arrays, image)
 
 
 SERVE_ERRORS = {**ERRORS, 406: ERRORS[409], 503: ERRORS[409]}
@@ -230,9 +258,11 @@ async def decode(request: Request, model_id: ModelId) -> Response:
     _array_body(request)
     raw = await read_body(request)
     model = await ready_model(svc, model_id)
-    z = as_float_rows(_body_array(raw, request, "z", DecodeRequest),
-                      model.config["model"]["latent_dim"], "z", svc.settings.decode_max_rows)
-    return _answer(request, {"x": await _decode(svc, model, z)}, image="x")
+    z = await _rows(raw, request, "z", DecodeRequest, model.config["model"]["latent_dim"],
+                    svc.settings.decode_max_rows)
+    check_answer(len(z), item_values(model.config["model"]), svc.settings.max_response_values,
+                 "decode")
+    return await _reply(request, {"x": await _decode(svc, model, z)}, image="x")
 
 
 @router.post("/{model_id}/sample", dependencies=[require("read")], responses=_answers(SampleOut),
@@ -241,12 +271,13 @@ async def decode(request: Request, model_id: ModelId) -> Response:
 async def sample(request: Request, model_id: ModelId, body: SampleRequest) -> Response:
     svc = services(request)
     model = await ready_model(svc, model_id)
-    if body.n > svc.settings.decode_max_rows:
-        raise InvalidInput(f"n is {body.n}; the limit is {svc.settings.decode_max_rows}")
-    rng = np.random.default_rng(body.seed)
+    check_rows(body.n, svc.settings.decode_max_rows, "n")
     dim = model.config["model"]["latent_dim"]
+    check_answer(body.n, item_values(model.config["model"]) + dim,
+                 svc.settings.max_response_values, "sample")
+    rng = np.random.default_rng(body.seed)
     z = (body.temperature * rng.standard_normal((body.n, dim))).astype(np.float32)
-    return _answer(request, {"x": await _decode(svc, model, z), "z": z}, image="x")
+    return await _reply(request, {"x": await _decode(svc, model, z), "z": z}, image="x")
 
 
 def _endpoints(svc: Services, model: Model, body: InterpolateRequest,
@@ -280,22 +311,43 @@ def _endpoints(svc: Services, model: Model, body: InterpolateRequest,
 async def interpolate(request: Request, model_id: ModelId, body: InterpolateRequest) -> Response:
     svc = services(request)
     model = await ready_model(svc, model_id)
+    check_rows(body.steps, svc.settings.decode_max_rows, "steps")
+    check_answer(body.steps, item_values(model.config["model"]) + model.config["model"][
+        "latent_dim"], svc.settings.max_response_values, "interpolate")
     a, b = await in_thread(_endpoints, svc, model, body)
     t = np.linspace(0.0, 1.0, body.steps)
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     z = slerp(a64, b64, t) if body.method == "slerp" else (1 - t)[:, None] * a64 + t[:, None] * b64
     z = z.astype(np.float32)
-    return _answer(request, {"x": await _decode(svc, model, z), "z": z}, image="x")
+    return await _reply(request, {"x": await _decode(svc, model, z), "z": z}, image="x")
 
 
 def _traversal(svc: Services, model: Model, body: TraverseRequest,
                ) -> tuple[np.ndarray, list[int], list[float | None], np.ndarray]:
-    """The traversal's latent grid (dims x steps rows), its dimensions, their KL, offsets."""
+    """The traversal's latent grid (dims x steps rows), its dimensions, their KL, offsets;
+    refused before anything is built or read when its rows (repeated dimensions count) or
+    its answer's values pass their limits."""
     dim = model.config["model"]["latent_dim"]
     if body.z is not None and (body.embedding_id is not None or body.key is not None):
         raise InvalidInput("give the base as 'z', or as 'embedding_id' with 'key', not both")
     if (body.embedding_id is None) != (body.key is None):
         raise InvalidInput("'embedding_id' and 'key' go together")
+    kl = (model.summary or {}).get("kl_per_dim")
+    if body.dims is not None:
+        bad = [d for d in body.dims if not 0 <= d < dim]
+        if bad:
+            raise InvalidInput(f"'dims' must lie in [0, {dim}); got {bad[:5]}")
+        dims = list(body.dims)
+    else:
+        order = np.argsort(-np.asarray(kl), kind="stable") if kl else np.arange(dim)
+        dims = [int(d) for d in order[:body.top]]
+    rows, limits = len(dims) * body.steps, svc.settings
+    if rows > limits.decode_max_rows:
+        raise InvalidInput(f"the traversal is {len(dims)} dims x {body.steps} steps = {rows} "
+                           "rows (a repeated dimension counts each time); the limit is "
+                           f"{limits.decode_max_rows} (LATENTBANK_DECODE_MAX_ROWS)")
+    check_answer(rows, item_values(model.config["model"]) + dim, limits.max_response_values,
+                 "traverse")
     if body.key is not None:
         from store.latents import get_set
 
@@ -308,17 +360,8 @@ def _traversal(svc: Services, model: Model, body: TraverseRequest,
         base = as_vector(body.z, dim, "z")
     else:
         base = np.zeros(dim)
-    kl = (model.summary or {}).get("kl_per_dim")
-    if body.dims is not None:
-        bad = [d for d in body.dims if not 0 <= d < dim]
-        if bad:
-            raise InvalidInput(f"'dims' must lie in [0, {dim}); got {bad[:5]}")
-        dims = list(body.dims)
-    else:
-        order = np.argsort(-np.asarray(kl), kind="stable") if kl else np.arange(dim)
-        dims = [int(d) for d in order[:body.top]]
     offsets = np.linspace(-body.span, body.span, body.steps)
-    z = np.repeat(base[None], len(dims) * body.steps, axis=0)
+    z = np.repeat(base[None], rows, axis=0)
     for row, d in enumerate(dims):
         z[row * body.steps:(row + 1) * body.steps, d] += offsets
     return z.astype(np.float32), dims, [kl[d] if kl else None for d in dims], offsets
@@ -339,26 +382,34 @@ async def traverse(request: Request, model_id: ModelId, body: TraverseRequest) -
         if not is_image_shape(x.shape[1:]):
             raise ApiError(406, f"items of shape {list(x.shape[1:])} are not images; ask "
                                 "for application/json or application/x-npy")
-        buffer = io.BytesIO()
-        image_grid(x, columns=body.steps).save(buffer, format="PNG")
-        return Response(buffer.getvalue(), media_type=PNG)
-    return _answer(request, {"x": await _decode(svc, model, z), "z": z,
-                             "dims": np.asarray(dims), "offsets": offsets,
-                             "kl": np.asarray(kl, dtype=np.float64) if kl[0] is not None
-                             else np.full(len(dims), np.nan)}, image="x")
+
+        def draw() -> bytes:
+            buffer = io.BytesIO()
+            image_grid(x, columns=body.steps).save(buffer, format="PNG")
+            return buffer.getvalue()
+
+        return Response(await in_thread(draw), media_type=PNG)
+    return await _reply(request, {"x": await _decode(svc, model, z), "z": z,
+                                  "dims": np.asarray(dims), "offsets": offsets,
+                                  "kl": np.asarray(kl, dtype=np.float64) if kl[0] is not None
+                                  else np.full(len(dims), np.nan)}, image="x")
 
 
-async def _encoded(request: Request, model_id: int) -> tuple[Services, Model,
-                                                                dict[str, np.ndarray]]:
-    """The request's items (JSON or .npy, item-shaped) through the model's encoder."""
+async def _encoded(request: Request, model_id: int, answer: Literal["encode", "reconstruct"],
+                   ) -> tuple[Services, Model, dict[str, np.ndarray]]:
+    """The request's items (JSON or .npy, item-shaped) through the model's encoder, once
+    the answer (mu and logvar, or the reconstructions) is known to be within its bound."""
     svc = services(request)
     _array_body(request)
     raw = await read_body(request)
     model = await ready_model(svc, model_id)
-    x = as_float_rows(_body_array(raw, request, "x", EncodeRequest), None, "x",
-                      svc.settings.decode_max_rows,
-                      item_shape=model.config["model"]["input_shape"])
-    x = model_view(x, model.config["model"])
+    x = await _rows(raw, request, "x", EncodeRequest, None, svc.settings.decode_max_rows,
+                    item_shape=model.config["model"]["input_shape"])
+    config = model.config["model"]
+    check_answer(len(x), 2 * config["latent_dim"] if answer == "encode" else item_values(config),
+                 svc.settings.max_response_values, answer)
+    x = (model_view(x, config) if x.size <= _INLINE_VALUES
+         else await in_thread(model_view, x, config))
     out = await svc.inference.run(model.id, "encoder", model.encoder_sha256 or "",
                                     model.encoder_uri or "", x)
     return svc, model, out
@@ -368,8 +419,8 @@ async def _encoded(request: Request, model_id: int) -> tuple[Services, Model,
              openapi_extra=_serving_body("EncodeRequest"), responses=_answers(EncodeOut),
              response_class=Response, summary="Posterior means and log-variances of items")
 async def encode(request: Request, model_id: ModelId) -> Response:
-    _, _, out = await _encoded(request, model_id)
-    return _answer(request, {"mu": out["mu"], "logvar": out["logvar"]})
+    _, _, out = await _encoded(request, model_id, "encode")
+    return await _reply(request, {"mu": out["mu"], "logvar": out["logvar"]})
 
 
 @router.post("/{model_id}/reconstruct", dependencies=[require("read")],
@@ -377,8 +428,8 @@ async def encode(request: Request, model_id: ModelId) -> Response:
              response_class=Response,
              summary="Decode each item's posterior mean: the decoder's mean at mu(x)")
 async def reconstruct(request: Request, model_id: ModelId) -> Response:
-    svc, model, out = await _encoded(request, model_id)
-    return _answer(request, {"x": await _decode(svc, model, out["mu"])}, image="x")
+    svc, model, out = await _encoded(request, model_id, "reconstruct")
+    return await _reply(request, {"x": await _decode(svc, model, out["mu"])}, image="x")
 
 
 # -- scoring new items ---------------------------------------------------------------

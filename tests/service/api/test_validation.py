@@ -1,5 +1,7 @@
 """Training submissions checked at the API's edge: normalised configurations, grids."""
 
+import time
+
 import pytest
 
 from service.api.validation import MAX_SWEEP, expand_grid, sweep_configs, training_config
@@ -34,3 +36,22 @@ def test_a_grid_expands_to_every_combination_and_validates_each():
         expand_grid({"model.latent_dim": list(range(1, MAX_SWEEP + 2))})
     with pytest.raises(InvalidInput, match="model.<field>"):
         expand_grid({"latent_dim": [1]})
+
+
+def test_a_grids_size_is_computed_before_anything_is_expanded():
+    # 10^12 points: building them would take hours and all memory; refused at once
+    grid = {f"model.f{i}": list(range(10)) for i in range(12)}
+    started = time.perf_counter()
+    with pytest.raises(InvalidInput, match=r"sweep has 1000000000000 configurations "
+                                           r"\(10 x 10 x .* values\); the limit is 64 "
+                                           r"\(LATENTBANK_SWEEP_MAX_CONFIGS\)"):
+        expand_grid(grid)
+    assert time.perf_counter() - started < 0.1
+    with pytest.raises(InvalidInput, match=r"the limit is 5 \(LATENTBANK_SWEEP_MAX_CONFIGS"):
+        sweep_configs([4], {}, {}, {"model.latent_dim": [1, 2, 3], "model.beta": [1, 2]},
+                      max_configs=5)
+    assert len(expand_grid({"model.latent_dim": list(range(1, 65))})) == 64  # the limit
+    with pytest.raises(InvalidInput, match=r"varies 17 fields; the limit is 16 "
+                                           r"\(LATENTBANK_SWEEP_MAX_FIELDS\)"):
+        expand_grid({f"model.f{i}": [1] for i in range(17)})
+    assert len(expand_grid({f"model.f{i}": [1] for i in range(16)})) == 1
