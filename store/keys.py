@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import re
 import secrets
 from dataclasses import dataclass
 
@@ -21,6 +22,8 @@ from store.tables import ApiKey
 
 SCOPES = ("read", "write", "admin")
 PREFIX = "lb_"
+# what create_key makes: the prefix and token_urlsafe(32); anything else is refused unread
+KEY_SHAPE = re.compile(r"lb_[A-Za-z0-9_-]{43}")
 # last_used_at is written at most this often per key: not one UPDATE per request
 TOUCH_EVERY = dt.timedelta(seconds=60)
 
@@ -60,12 +63,23 @@ def create_key(db: Database, name: str, scopes: list[str]) -> CreatedKey:
         return CreatedKey(row.id, name, key, row.prefix, list(row.scopes))
 
 
+def well_formed(key: str) -> bool:
+    """Whether `key` has the shape of a key this module makes (no lookup needed to refuse
+    one that has not)."""
+    return KEY_SHAPE.fullmatch(key) is not None
+
+
 def verify_key(db: Database, key: str) -> ApiKey | None:
     """The live key row for a presented secret, or None."""
     if not key.startswith(PREFIX) or len(key) > 200:
         return None
+    return verify_hash(db, hash_key(key))
+
+
+def verify_hash(db: Database, digest: str) -> ApiKey | None:
+    """The live key row whose secret hashes to `digest`, or None (revoked or unknown)."""
     with db.session() as s:
-        row = s.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key),
+        row = s.scalar(select(ApiKey).where(ApiKey.key_hash == digest,
                                             ApiKey.revoked_at.is_(None)))
         if row is None:
             return None

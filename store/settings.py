@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -134,7 +134,36 @@ class Settings(BaseSettings):
     score_max_draws: int = Field(
         262_144, ge=1, description="most decoder rows one /score request may run: items x "
                                    "max(1, importance_samples)")
-    sse_poll_seconds: float = Field(0.5, description="how often job events check the job")
+    sse_poll_seconds: float = Field(
+        0.5, description="how often job events check the job (and that their key is live)")
+    # Per-key limits are kept by each API process (in memory): with N processes behind a
+    # balancer a key may use N times these.
+    rate_limit_per_second: float = Field(
+        1000.0, ge=0, description="requests a second one API key may make (a token bucket "
+                                  "per key and API process); 0 = no limit. Over it: 429 "
+                                  "with Retry-After")
+    rate_limit_burst: int = Field(
+        2000, ge=1, description="requests one key may make at once above its rate (the "
+                                "bucket's size)")
+    max_concurrent_per_key: int = Field(
+        64, ge=0, description="requests one key may have in progress at once, per API "
+                              "process (event streams are counted apart); 0 = no limit. "
+                              "Over it: 429 with Retry-After")
+    max_streams_per_key: int = Field(
+        16, ge=0, description="job event streams one key may hold open at once, per API "
+                              "process; 0 = no limit. Over it: 429 with Retry-After")
+    auth_failures_per_second: float = Field(
+        2.0, gt=0, description="failed authentications (unknown, revoked or malformed "
+                               "keys) a second one client address may make, per API "
+                               "process, before its unverified keys get 429 (an IPv6 "
+                               "client counts by its /64)")
+    auth_failures_burst: int = Field(
+        50, ge=1, description="failed authentications one client address may make at once")
+    metrics_access: Literal["loopback", "open", "key"] = Field(
+        "loopback", description="who may read /metrics: 'loopback' = clients on 127.0.0.1 "
+                                "or ::1 without a key (a request that names a proxy in "
+                                "Forwarded/X-Forwarded-For is not one), anyone else with a "
+                                "read key; 'key' = a read key always; 'open' = anyone")
     db_connect_timeout: int = Field(5, description="seconds to wait for a database connection")
     sql_reader_connection_limit: int = Field(
         8, ge=1, description="most simultaneous connections of the read-only SQL role "

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.responses import RedirectResponse
+from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
 from service.api import errors
+from service.api.auth import Authenticate
 from service.api.deps import Services
 from service.api.errors import BodyTooLarge
 from service.api.fastpath import FastDecode
@@ -36,7 +37,9 @@ Train Variational Autoencoders on your datasets, store their latent codes and EL
 in PostgreSQL/pgvector, search them, and call the ONNX decoders.
 
 Every `/v1` route needs `Authorization: Bearer <key>` (create one with
-`latentbank keys create`); scopes are `read` < `write` < `admin`. Errors are
+`latentbank keys create`); scopes are `read` < `write` < `admin`. The key is checked
+before the body is read. Each key has a rate, a number of requests in progress and of
+event streams open (429 with `Retry-After` past them). Errors are
 `{"error": {"code", "message"}}`. Bounds are in nats per item; higher is better.
 """
 
@@ -115,8 +118,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         inference.close()
         db.dispose()
 
+    # /docs is served below from the package's own Swagger UI; no ReDoc (it needs a CDN)
     app = FastAPI(title="latentbank", version=_version(), description=DESCRIPTION,
-                  lifespan=lifespan)
+                  lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.services = svc
     errors.install(app)
 
@@ -130,7 +134,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _register_body_schemas(app)
     app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(RequestMetrics, metrics=metrics)
-    app.add_middleware(FastDecode, services=svc)  # outermost: see service/api/fastpath.py
+    app.add_middleware(FastDecode, services=svc)  # see service/api/fastpath.py
+    # outermost: no layer inside it receives a body before the key is checked
+    app.add_middleware(Authenticate, services=svc, routes=app.router.routes)
     return app
 
 
@@ -154,11 +160,26 @@ class UiFiles(StaticFiles):
         return response
 
 
+# Swagger UI from ui/vendor (swagger-ui-dist, with its licence) and an init script of
+# its own: nothing from another origin, no inline script, the UI's policy.
+DOCS_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>latentbank API</title>
+<link rel="stylesheet" href="ui/vendor/swagger-ui.css"></head>
+<body><div id="swagger-ui"></div>
+<script src="ui/vendor/swagger-ui-bundle.js"></script>
+<script src="ui/docs.js"></script></body></html>
+"""
+
+
 def _mount_ui(app: FastAPI) -> None:
     @app.get("/", include_in_schema=False)
     @app.get("/ui", include_in_schema=False)
     async def to_ui() -> RedirectResponse:
         return RedirectResponse("/ui/", status_code=307)
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return HTMLResponse(DOCS_PAGE, headers={**UI_HEADERS, "Cache-Control": "no-cache"})
 
     app.mount("/ui/", UiFiles(directory=UI_DIR, html=True), name="ui")
 
@@ -198,10 +219,31 @@ def _register_body_schemas(app: FastAPI) -> None:
                 found = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(found.pop("$defs", {}))
                 components[model.__name__] = found
+            _document_auth_answers(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _document_auth_answers(schema: dict[str, Any]) -> None:
+    """What the Authenticate middleware may answer on any /v1 operation, whatever the
+    route declares: 401 (no valid key) and 429 (a limit of the key or of the address)."""
+    error = {"$ref": "#/components/schemas/ErrorBody"}
+    for path, operations in schema.get("paths", {}).items():
+        if not path.startswith("/v1/"):
+            continue
+        for operation in operations.values():
+            answers = operation.setdefault("responses", {})
+            answers.setdefault("401", {"description": "no valid API key",
+                                       "content": {"application/json": {"schema": error}}})
+            answers.setdefault("429", {
+                "description": "over a limit of the key (rate, requests in progress, event "
+                               "streams) or of the address (failed authentications); "
+                               "Retry-After says when to try again",
+                "headers": {"Retry-After": {"schema": {"type": "integer"},
+                                            "description": "seconds to wait"}},
+                "content": {"application/json": {"schema": error}}})
 
 
 def _version() -> str:

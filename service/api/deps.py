@@ -25,7 +25,6 @@ from store.artifacts import ArtifactStore
 from store.db import Database
 from store.errors import InvalidInput
 from store.jobs import TaskSender
-from store.keys import hash_key, implied_scopes, verify_key
 from store.settings import Settings
 
 log = logging.getLogger("latentbank.api")
@@ -70,6 +69,11 @@ class Services:
     # verified keys: (id, scopes) by the secret's hash. A key revoked by another process
     # stops working within `seconds`; one revoked through this API at once.
     keys: TTLCache = field(default_factory=lambda: TTLCache(10.0))
+    # keys verified in the last 10 minutes (by hash): the failed-authentication limit of
+    # their address does not stop their next lookup (service/api/auth.py)
+    good_keys: TTLCache = field(default_factory=lambda: TTLCache(600.0))
+    # unknown or revoked keys (by hash): refused again without a lookup
+    unknown_keys: TTLCache = field(default_factory=lambda: TTLCache(60.0))
     # ready models (a ready model's files never change): skip a query per decode
     ready_models: TTLCache = field(default_factory=lambda: TTLCache(30.0))
 
@@ -82,30 +86,26 @@ bearer = HTTPBearer(auto_error=False, description="an API key from `latentbank k
 
 
 def require(scope: str) -> Any:
-    """A dependency: the caller's key, which must hold `scope` (401 / 403 otherwise)."""
+    """A dependency: the caller's key, which must hold `scope` (401 / 403 otherwise).
+
+    The key was verified before the body was read, by the Authenticate middleware
+    (service/api/auth.py), which also checks this scope there; this reads what it found
+    (no second lookup), and declares the bearer scheme for OpenAPI."""
 
     async def check(request: Request,
                     credentials: Annotated[HTTPAuthorizationCredentials | None,
                                            Depends(bearer)]) -> int:
-        if credentials is None:
+        state = request.scope.get("state") or {}
+        key_id = state.get("key_id")
+        if key_id is None:  # no verified key: never served without one
             raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'",
                            headers={"WWW-Authenticate": "Bearer"})
-        svc = services(request)
-        digest = hash_key(credentials.credentials)
-        known = svc.keys.get(digest)
-        if known is None:
-            key = await in_thread(verify_key, svc.db, credentials.credentials)
-            if key is None:
-                raise ApiError(401, "unknown or revoked API key",
-                               headers={"WWW-Authenticate": "Bearer"})
-            known = (key.id, implied_scopes(list(key.scopes)))
-            svc.keys.put(digest, known)
-        if scope not in known[1]:
+        if scope not in state["scopes"]:
             raise ApiError(403, f"this API key lacks the '{scope}' scope")
-        request.state.key_id, request.state.scopes = known
-        return known[0]
+        return key_id
 
     check.__name__ = f"require_{scope}"
+    check.required_scope = scope  # type: ignore[attr-defined]  # read by auth.scope_table
     return Depends(check)
 
 

@@ -7,13 +7,15 @@ thread-pool hand-offs for the body, `ast` parsing of the `.npy` header and an ac
 line cost the rest. This ASGI middleware sits outside all of that and answers a decode
 itself when the request is an ordinary one:
 
-- its API key is in this process's verified-key cache, with the `read` scope;
+- its API key was verified, with the `read` scope, by the Authenticate middleware outside
+  this one (service/api/auth.py: every key check, limit and refusal happens there, before
+  this reads a byte of the body);
 - its model is in the ready-model cache;
 - its body is JSON (exactly `{"z": ...}`, at most 64 KiB) or `.npy`, with a
   Content-Length within `max_request_bytes`, and it asks for JSON or `.npy`;
 - its answer is within `decode_max_rows` and `max_response_values` (else the route says so).
 
-Everything else (the first request of a key or a model, PNG answers, chunked bodies,
+Everything else (the first request for a model, PNG answers, chunked bodies,
 anything invalid) goes to the FastAPI route, with the body replayed if it was read: errors
 come from one place, so both paths answer a bad request in the same words. The answer is
 the same bytes either way (tests compare them). A decode on this path is counted in the
@@ -33,7 +35,6 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import NPY, Services, dumps_arrays, load_npy, npy_bytes, npy_header
 from service.api.inference import as_float_rows, check_answer, decoder_mean, item_values
-from store.keys import hash_key
 
 log = logging.getLogger("latentbank.api")
 
@@ -59,7 +60,7 @@ class FastDecode:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         found = (_PATH.fullmatch(scope["path"])
                  if scope["type"] == "http" and scope["method"] == "POST" else None)
-        plan = self._plan(scope["headers"], int(found[1])) if found else None
+        plan = self._plan(scope, int(found[1])) if found else None
         if plan is None:
             await self.app(scope, receive, send)
             return
@@ -86,25 +87,22 @@ class FastDecode:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("request method=POST route=%s status=200 ms=%.2f", ROUTE, 1000 * seconds)
 
-    def _plan(self, headers: list[tuple[bytes, bytes]], model_id: int,
-              ) -> tuple[Any, bool, bool] | None:
+    def _plan(self, scope: dict[str, Any], model_id: int) -> tuple[Any, bool, bool] | None:
         """(model, .npy body?, .npy answer?) when this request can take the fast path."""
-        auth = kind = accept = length = None
-        for name, value in headers:
-            if name == b"authorization":
-                auth = value
-            elif name == b"content-type":
+        verified = scope.get("state") or {}
+        if "read" not in verified.get("scopes", ()):
+            return None  # not verified here: the route answers (401/403)
+        kind = accept = length = None
+        for name, value in scope["headers"]:
+            if name == b"content-type":
                 kind = value.split(b";", 1)[0].strip().lower()
             elif name == b"accept":
                 accept = value
             elif name == b"content-length":
                 length = value
         svc = self.svc
-        if (auth is None or not auth.startswith(b"Bearer ") or length is None
-                or not length.isdigit() or int(length) > svc.settings.max_request_bytes):
-            return None
-        known = svc.keys.get(hash_key(auth[7:].decode("latin1").strip()))
-        if known is None or "read" not in known[1]:
+        if (length is None or not length.isdigit()
+                or int(length) > svc.settings.max_request_bytes):
             return None
         if kind is None or kind == _JSON:
             if int(length) > _INLINE_JSON_BYTES:

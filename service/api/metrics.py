@@ -55,6 +55,14 @@ class Metrics:
             buckets=(.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1, 5))
         self.submissions = Counter("latentbank_jobs_submitted", "jobs submitted", ["kind"],
                                    registry=self.registry)
+        # authentication (service/api/auth.py): answers given before any body was read,
+        # and key lookups that reached the database (the caches answer the rest)
+        self.auth_refusals = Counter(
+            "latentbank_auth_refusals", "requests refused before their body was read",
+            ["reason"], registry=self.registry)
+        self.key_lookups = Counter("latentbank_key_lookups",
+                                   "API keys looked up in the database",
+                                   registry=self.registry)
         self.registry.register(JobsCollector(count_jobs))
 
     def observer(self, model_id: int, role: str) -> ModelObserver:

@@ -14,6 +14,7 @@ from fastapi.responses import StreamingResponse
 
 from models.config import VAEConfig
 from models.transforms import range_problem
+from service.api.auth import key_alive
 from service.api.deps import Id, Services, in_thread, require, services
 from service.api.routes.datasets import ERRORS
 from service.api.schemas import (
@@ -175,8 +176,12 @@ def _event(name: str, data: dict[str, Any], event_id: int) -> bytes:
     return f"id: {event_id}\nevent: {name}\ndata: {json.dumps(data)}\n\n".encode()
 
 
-async def _events(svc: Services, job_id: int, first: Job) -> AsyncIterator[bytes]:
-    """A `progress` event whenever the job changes, then `end` once it has ended."""
+async def _events(svc: Services, job_id: int, first: Job,
+                  digest: str | None = None) -> AsyncIterator[bytes]:
+    """A `progress` event whenever the job changes, then `end` once it has ended. The
+    stream ends early, with a comment saying why, once its key (`digest`) is revoked:
+    checked every poll, from the verified-key cache (10 s; a key revoked through this API
+    leaves it at once), else the keys table."""
     seen, count, last_sent = None, 0, time.monotonic()
     job = first
     while True:
@@ -192,6 +197,9 @@ async def _events(svc: Services, job_id: int, first: Job) -> AsyncIterator[bytes
             last_sent = time.monotonic()
             yield b": keep-alive\n\n"
         await asyncio.sleep(svc.settings.sse_poll_seconds)
+        if digest is not None and not await key_alive(svc, digest):
+            yield b": the API key was revoked\n\n"
+            return
         job = await in_thread(get_job, svc.db, job_id)
 
 
@@ -204,5 +212,7 @@ async def _events(svc: Services, job_id: int, first: Job) -> AsyncIterator[bytes
 async def job_events(request: Request, job_id: Id) -> StreamingResponse:
     svc = services(request)
     first = await in_thread(get_job, svc.db, job_id)  # 404 before the stream starts
-    return StreamingResponse(_events(svc, job_id, first), media_type="text/event-stream",
+    digest = (request.scope.get("state") or {}).get("key_hash")
+    return StreamingResponse(_events(svc, job_id, first, digest),
+                             media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

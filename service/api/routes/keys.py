@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
+from service.api.auth import forget_key
 from service.api.deps import Id, in_thread, require, services
 from service.api.routes.datasets import ERRORS
 from service.api.schemas import CreatedKeyOut, KeyOut, KeyRequest, WhoAmIOut
@@ -44,5 +45,7 @@ async def revoke(request: Request, key_id: Id) -> KeyOut:
         raise Conflict(f"key {key_id} is the one making this request; revoke it with "
                        "another admin key (so no one locks themselves out by mistake)")
     revoked = await in_thread(revoke_key, svc.db, key_id)
-    svc.keys.clear()
+    # refused by this process from now on (its open event streams end at their next
+    # poll); other API processes stop accepting it within their cache's 10 s
+    forget_key(svc, revoked.key_hash)
     return KeyOut.of(revoked)

@@ -1,0 +1,366 @@
+"""Authentication before the body: an ASGI layer that checks the API key of a request from
+its headers alone, before anything receives, reads or parses its body.
+
+FastAPI resolves a route's body before its dependencies, so with a `require` dependency
+alone anyone could make the API read and parse `max_request_bytes` (and malformed JSON got
+422, not 401). Here a request that needs a key and has no valid one is answered at once
+(401, 403 or 429, with `Connection: close` when it carries a body) and its body is never
+received: `receive` is not called.
+
+Which requests need a key: every `/v1` path, and `/metrics` unless `metrics_access` opens
+it to this client. The scope a route needs is read from its own `require(scope)`
+dependency (found once on the route table), so a read key posting to a write route gets
+its 403 before the body too. The route's dependency then reads what this layer verified
+(`scope["state"]`): no second lookup, and OpenAPI still documents the security scheme.
+
+What this layer keeps, per API process, in memory (N processes: N times the limits):
+- verified keys (`Services.keys`, 10 s) and keys verified lately (`good_keys`, 10 min);
+- unknown keys (`unknown_keys`, bounded, 60 s): a repeated bogus key costs no lookup. A
+  key cannot become valid later (its secret is random and first shown when it is made),
+  so the entry can only ever be right;
+- a bucket of failed authentications per client address (`auth_failures_per_second`,
+  `auth_failures_burst`): once it is empty, keys not verified lately answer 429 without
+  a lookup, so a flood of distinct bogus keys costs the database nothing more;
+- a token bucket per key (`rate_limit_per_second`, `rate_limit_burst`) and the count of
+  each key's requests in progress and event streams open (`max_concurrent_per_key`,
+  `max_streams_per_key`); over any of them: 429 with `Retry-After`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+from service.api.deps import Services, in_thread
+from store.db import is_transient
+from store.keys import SCOPES, hash_key, implied_scopes, verify_hash, well_formed
+
+log = logging.getLogger("latentbank.api")
+
+# GET /v1/jobs/{job_id}/events: counted against max_streams_per_key, not the request cap
+STREAM = re.compile(r"/v1/jobs/[^/]+/events/?")
+BEARER = "missing API key: send 'Authorization: Bearer <key>'"
+UNKNOWN = "unknown or revoked API key"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    status: int
+    code: str
+    message: str
+    reason: str  # the label of latentbank_auth_refusals
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+class Buckets:
+    """Token buckets by name: each refills at `rate` tokens a second up to `burst`. At most
+    `capacity` are kept (all are dropped when more are needed: a bound on memory, at the
+    price of forgetting the levels)."""
+
+    def __init__(self, rate: float, burst: float, capacity: int = 10_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self.burst, self.capacity, self.clock = rate, burst, capacity, clock
+        self._levels: dict[Any, list[float]] = {}
+
+    def _level(self, name: Any) -> list[float]:
+        now = self.clock()
+        level = self._levels.get(name)
+        if level is None:
+            if len(self._levels) >= self.capacity:
+                self._levels.clear()
+            level = self._levels[name] = [float(self.burst), now]
+        else:
+            level[0] = min(float(self.burst), level[0] + (now - level[1]) * self.rate)
+            level[1] = now
+        return level
+
+    def wait(self, name: Any) -> float:
+        """Seconds until `name` has a token; 0 when it has one now (none is taken)."""
+        tokens = self._level(name)[0]
+        return 0.0 if tokens >= 1 else (1 - tokens) / self.rate
+
+    def take(self, name: Any) -> float:
+        """Take a token: 0 when there was one; else the seconds until there is one (and
+        nothing is taken)."""
+        level = self._level(name)
+        if level[0] >= 1:
+            level[0] -= 1
+            return 0.0
+        return (1 - level[0]) / self.rate
+
+
+class Slots:
+    """At most `limit` held at once per name (0: no limit)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held: dict[Any, int] = {}
+
+    def acquire(self, name: Any) -> bool:
+        held = self.held.get(name, 0)
+        if self.limit and held >= self.limit:
+            return False
+        self.held[name] = held + 1
+        return True
+
+    def release(self, name: Any) -> None:
+        held = self.held.get(name, 0) - 1
+        if held > 0:
+            self.held[name] = held
+        else:
+            self.held.pop(name, None)
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether `host` (the client's address as the server saw it) is 127.0.0.0/8 or ::1
+    (an IPv4-mapped IPv6 address counts as its IPv4 one)."""
+    if not host:
+        return False
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def client_address(scope: dict[str, Any]) -> str:
+    """The name failed authentications are counted under: the client's address, an IPv6
+    client by its /64 (one host is commonly given a whole /64)."""
+    client = scope.get("client")
+    if not client:
+        return "unknown"
+    try:
+        ip = ipaddress.ip_address(client[0])
+    except ValueError:
+        return str(client[0])
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        if not ip.is_loopback:
+            return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+def metrics_open(access: str, scope: dict[str, Any]) -> bool:
+    """Whether /metrics answers this request without a key (`metrics_access`). A request
+    that names a proxy (Forwarded, X-Forwarded-For) is not a loopback client: a proxy on
+    the same host would otherwise open /metrics to everyone it serves."""
+    if access == "open":
+        return True
+    if access != "loopback":
+        return False
+    client = scope.get("client")
+    if not client or not is_loopback(client[0]):
+        return False
+    return not any(name in (b"forwarded", b"x-forwarded-for", b"x-real-ip")
+                   for name, _ in scope.get("headers", ()))
+
+
+def _bearer(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            token = token.strip()
+            return token if scheme.lower() == "bearer" and token else None
+    return None
+
+
+def _has_body(headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
+            return True
+    return False
+
+
+def scope_table(routes: Sequence[Any]) -> list[tuple[frozenset[str], re.Pattern[str], str]]:
+    """(methods, path pattern, scope) of every route whose `require` asks more than read."""
+    try:  # FastAPI >= 0.160 keeps included routers whole: this walks what they hold
+        from fastapi.routing import iter_route_contexts
+    except ImportError:
+        flat: Any = routes
+    else:
+        flat = iter_route_contexts(routes)
+    table = []
+    for route in flat:
+        for dependency in getattr(route, "dependencies", None) or ():
+            needed = getattr(dependency.dependency, "required_scope", None)
+            if needed and needed != "read":
+                table.append((frozenset(route.methods or ()), route.path_regex, needed))
+    return table
+
+
+async def lookup(svc: Services, digest: str) -> tuple[int, set[str]] | None:
+    """The key (id, scopes) whose secret hashes to `digest`, from the database, caching
+    the answer either way."""
+    svc.metrics.key_lookups.inc()
+    row = await in_thread(verify_hash, svc.db, digest)
+    if row is None:
+        svc.keys.pop(digest)
+        svc.good_keys.pop(digest)
+        svc.unknown_keys.put(digest, True)
+        return None
+    known = (row.id, implied_scopes(list(row.scopes)))
+    svc.keys.put(digest, known)
+    svc.good_keys.put(digest, True)
+    return known
+
+
+async def key_alive(svc: Services, digest: str) -> bool:
+    """Whether the key is still live: from the verified-key cache while it holds it (10 s;
+    a key revoked through this API leaves it at once), else from the database."""
+    if svc.keys.get(digest) is not None:
+        return True
+    if svc.unknown_keys.get(digest) is not None:
+        return False
+    return await lookup(svc, digest) is not None
+
+
+def forget_key(svc: Services, digest: str) -> None:
+    """A key revoked through this process: refused from now on, without a lookup."""
+    svc.keys.pop(digest)
+    svc.good_keys.pop(digest)
+    svc.unknown_keys.put(digest, True)
+
+
+class Authenticate:
+    """The outermost middleware: see the module's docstring."""
+
+    def __init__(self, app: Any, services: Services, routes: Sequence[Any]) -> None:
+        self.app, self.svc, self.routes = app, services, routes
+        settings = services.settings
+        self.failures = Buckets(settings.auth_failures_per_second, settings.auth_failures_burst)
+        self.rate = (Buckets(settings.rate_limit_per_second, settings.rate_limit_burst)
+                     if settings.rate_limit_per_second > 0 else None)
+        self.active = Slots(settings.max_concurrent_per_key)
+        self.streams = Slots(settings.max_streams_per_key)
+        self._table: list[tuple[frozenset[str], re.Pattern[str], str]] | None = None
+        self.refused = services.metrics.auth_refusals
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        if not (path.startswith("/v1/") or path == "/v1" or (
+                path == "/metrics"
+                and not metrics_open(self.svc.settings.metrics_access, scope))):
+            await self.app(scope, receive, send)
+            return
+        verified = await self._verify(scope)
+        if isinstance(verified, Refusal):
+            await self._refuse(scope, send, verified)
+            return
+        (key_id, scopes), digest = verified
+        refusal, slots = self._admit(scope, key_id, scopes)
+        if refusal is not None:
+            await self._refuse(scope, send, refusal)
+            return
+        state = scope.setdefault("state", {})
+        state["key_id"], state["scopes"], state["key_hash"] = key_id, scopes, digest
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            slots.release(key_id)
+
+    async def _verify(self, scope: dict[str, Any],
+                      ) -> tuple[tuple[int, set[str]], str] | Refusal:
+        token = _bearer(scope["headers"])
+        if token is None:
+            return Refusal(401, "unauthorized", BEARER, "missing",
+                           (("WWW-Authenticate", "Bearer"),))
+        svc = self.svc
+        shaped = well_formed(token)
+        digest = hash_key(token) if shaped else ""
+        known = svc.keys.get(digest) if shaped else None
+        if known is not None:
+            return known, digest
+        address = client_address(scope)
+        if not shaped or svc.good_keys.get(digest) is None:  # keys verified lately pass
+            wait = self.failures.wait(address)
+            if wait > 0:
+                return Refusal(429, "too_many_requests",
+                               "too many failed authentications from this address; retry "
+                               "later (auth_failures_per_second)", "failures",
+                               (("Retry-After", str(math.ceil(wait))),))
+        if not shaped or svc.unknown_keys.get(digest) is not None:
+            self.failures.take(address)
+            return Refusal(401, "unauthorized", UNKNOWN, "unknown",
+                           (("WWW-Authenticate", "Bearer"),))
+        try:
+            known = await lookup(svc, digest)
+        except Exception as exc:
+            if not (is_transient(exc) or isinstance(exc, PoolTimeout)):
+                raise
+            log.warning("database unavailable for a key lookup: %s", type(exc).__name__)
+            return Refusal(503, "database_unavailable",
+                           "the database is unavailable; try again shortly", "unavailable",
+                           (("Retry-After", "5"),))
+        if known is None:
+            self.failures.take(address)
+            return Refusal(401, "unauthorized", UNKNOWN, "unknown",
+                           (("WWW-Authenticate", "Bearer"),))
+        return known, digest
+
+    def _admit(self, scope: dict[str, Any], key_id: int, scopes: set[str],
+               ) -> tuple[Refusal | None, Slots]:
+        """The scope, the key's rate and its slots; the slot is held when admitted."""
+        needed = "read" if "admin" in scopes else self._required(scope)
+        if needed not in scopes:
+            return Refusal(403, "forbidden", f"this API key lacks the '{needed}' scope",
+                           "forbidden"), self.active
+        if self.rate is not None:
+            wait = self.rate.take(key_id)
+            if wait > 0:
+                return Refusal(429, "too_many_requests",
+                               f"this API key is over its rate of "
+                               f"{self.rate.rate:g} requests a second "
+                               "(rate_limit_per_second)", "rate",
+                               (("Retry-After", str(math.ceil(wait))),)), self.active
+        stream = scope["method"] == "GET" and STREAM.fullmatch(scope["path"]) is not None
+        slots = self.streams if stream else self.active
+        if not slots.acquire(key_id):
+            what, setting = (("event streams open", "max_streams_per_key") if stream
+                             else ("requests in progress", "max_concurrent_per_key"))
+            return Refusal(429, "too_many_requests",
+                           f"this API key already has {slots.limit} {what} "
+                           f"({setting}); retry when one ends", "streams" if stream
+                           else "concurrent", (("Retry-After", "1"),)), slots
+        return None, slots
+
+    def _required(self, scope: dict[str, Any]) -> str:
+        """The scope the matched route's `require` names (read when none asks more)."""
+        if self._table is None:
+            self._table = scope_table(self.routes)
+        method, path = scope["method"], scope["path"]
+        needed = "read"
+        for methods, pattern, scope_name in self._table:
+            if (method in methods and pattern.match(path)
+                    and SCOPES.index(scope_name) > SCOPES.index(needed)):
+                needed = scope_name
+        return needed
+
+    async def _refuse(self, scope: dict[str, Any], send: Any, refusal: Refusal) -> None:
+        """The error, sent without receiving anything: the body stays unread, and a
+        connection that was about to carry one is closed after the answer."""
+        self.refused.labels(refusal.reason).inc()
+        body = json.dumps({"error": {"code": refusal.code, "message": refusal.message}}
+                          ).encode()
+        headers = [(b"content-type", b"application/json"),
+                   (b"content-length", str(len(body)).encode())]
+        headers += [(k.lower().encode(), v.encode()) for k, v in refusal.headers]
+        if _has_body(scope["headers"]):
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": refusal.status,
+                    "headers": headers})
+        await send({"type": "http.response.body", "body": body})
