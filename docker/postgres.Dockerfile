@@ -1,5 +1,6 @@
 # PostgreSQL 17 with pgvector 0.8 from Debian 13's packages, for docker/compose.local.yml.
-# (docker-compose.yml uses the public pgvector/pgvector image instead.)
+# (docker-compose.yml uses the public pgvector/pgvector image instead.) The entrypoint
+# runs /docker-entrypoint-initdb.d/*.sql on an empty volume, as that image does.
 ARG DEBIAN_BASE=debian:trixie-slim
 FROM ${DEBIAN_BASE}
 RUN apt-get update \

@@ -1,8 +1,15 @@
 """A small HTTP client for the latentbank API (what the CLI verbs and the demo use).
 
-Where it finds the API: `url` / `key` arguments, else `LATENTBANK_URL` /
-`LATENTBANK_API_KEY`, else the stack that `latentbank up` runs from `LATENTBANK_DATA_DIR`
-(its `stack.json` and `admin.key`), else http://127.0.0.1:8000 without a key.
+Where it finds the API, and which key goes there. A key is sent only to a URL the user
+gave or to the stack of the CLI's own data folder, never to a URL read from elsewhere:
+
+- `url` / `LATENTBANK_URL` (the user's): with `key` / `LATENTBANK_API_KEY`; without one,
+  with the local stack's `admin.key` only if that URL is the stack's own;
+- else the stack that `latentbank up` of this user runs from `LATENTBANK_DATA_DIR` (its
+  `stack.json`, trusted only as `service.cli.stack.read_stack` says): its URL, with the
+  user's key or else its `admin.key`;
+- else http://127.0.0.1:8000 without a key (a user's key is withheld: set
+  LATENTBANK_URL to send it there).
 """
 
 from __future__ import annotations
@@ -38,23 +45,21 @@ def _data_dir() -> Path:
 
 
 def resolve(url: str | None = None, key: str | None = None) -> tuple[str, str | None]:
-    """The API's URL and key, by the rules in this module's docstring. The key saved by
-    `latentbank up` goes only to that stack's URL (or to the default, local one), never
-    to another server named by `url` or LATENTBANK_URL."""
-    from service.cli.stack import key_file, read_stack, stack_file
+    """The API's URL and the key sent to it, by the rules in this module's docstring."""
+    from service.cli.stack import key_file, read_stack
 
     url = url or os.environ.get("LATENTBANK_URL")
     key = key or os.environ.get("LATENTBANK_API_KEY")
     data_dir = _data_dir()
-    try:
-        saved_url = json.loads(stack_file(data_dir).read_text()).get("url")
-    except (OSError, ValueError, AttributeError):
-        saved_url = None
-    if not url:
-        running = read_stack(data_dir)
-        url = running["url"] if running else "http://127.0.0.1:8000"
-    url = url.rstrip("/")
-    if not key and url in (saved_url, "http://127.0.0.1:8000"):
+    running = read_stack(data_dir)
+    own = str(running["url"]).rstrip("/") if running else None
+    if url:
+        url = url.rstrip("/")
+    elif own:
+        url = own
+    else:
+        return "http://127.0.0.1:8000", None
+    if not key and url == own:
         try:
             key = key_file(data_dir).read_text().strip() or None
         except OSError:
@@ -75,6 +80,8 @@ class Client:
     def __init__(self, url: str | None = None, key: str | None = None,
                  timeout: float = 60.0) -> None:
         self.url, self.key = resolve(url, key)
+        # the user's key, not sent to a URL the user did not give (see the docstring)
+        self.withheld = self.key is None and bool(key or os.environ.get("LATENTBANK_API_KEY"))
         headers = {"Authorization": f"Bearer {self.key}"} if self.key else {}
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
@@ -94,7 +101,11 @@ class Client:
             raise ClientError(f"cannot reach the latentbank API at {self.url} ({exc}); start "
                               f"it with `latentbank up` or set LATENTBANK_URL", 3) from None
         if response.status_code >= 400:
-            raise ClientError(reason(response), 1, response.status_code)
+            why = reason(response)
+            if response.status_code == 401 and self.withheld:
+                why += (f" (LATENTBANK_API_KEY is sent only to the URL given with it: set "
+                        f"LATENTBANK_URL={self.url} to send it there)")
+            raise ClientError(why, 1, response.status_code)
         return response
 
     def get(self, path: str, **kwargs: Any) -> Any:

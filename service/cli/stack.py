@@ -67,14 +67,51 @@ def key_file(data_dir: Path) -> Path:
 
 
 def read_stack(data_dir: Path) -> dict[str, Any] | None:
-    """The running stack's description, or None when no `up` runs from `data_dir`."""
+    """The running stack's description, or None when no `up` of this user runs from
+    `data_dir`. The CLI sends keys to the URL it names, so a `stack.json` counts only when
+    it and its folder belong to this user and nobody else may write them, and the process
+    it names is this user's and holds the folder's lock (what `up` keeps for its life): a
+    file planted in a shared or cloned folder, or one left by a killed supervisor whose
+    pid was reused, is not a stack."""
+    path = stack_file(data_dir)
     try:
-        info = json.loads(stack_file(data_dir).read_text())
+        info = json.loads(path.read_text())
+        if not (_own_and_private(path) and _own_and_private(path.parent)):
+            return None
     except (OSError, ValueError):
         return None
-    if not isinstance(info, dict) or not pid_alive(int(info.get("pid", 0))):
-        return None  # left behind by a supervisor that was killed
+    if not isinstance(info, dict) or not isinstance(info.get("pid"), int):
+        return None
+    if not _holds_lock(info["pid"], path.parent / LOCK_FILE):
+        return None  # left behind by a supervisor that was killed, or not ours
     return info
+
+
+def _own_and_private(path: Path) -> bool:
+    """Owned by this user and not writable by group or others."""
+    st = path.stat()
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+def _holds_lock(pid: int, lock: Path) -> bool:
+    """Whether process `pid`, run by this user, holds an exclusive flock on `lock`: read
+    from /proc (its open files and their fdinfo), never by trying the lock, which would
+    make an `up` starting at that instant fail. Without /proc: whether it is alive."""
+    proc = Path(f"/proc/{pid}")
+    if not Path("/proc/self/fdinfo").is_dir():
+        return pid_alive(pid)
+    try:
+        if pid <= 0 or proc.stat().st_uid != os.getuid():
+            return False
+        for fd in (proc / "fd").iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(fd) == str(lock) and any(
+                        line.startswith("lock:") and "FLOCK" in line and "WRITE" in line
+                        for line in (proc / "fdinfo" / fd.name).read_text().splitlines()):
+                    return True
+    except OSError:
+        return False
+    return False
 
 
 try:  # loaded once here: the child between fork and exec must not import or load
@@ -313,6 +350,9 @@ class Stack:
         from store.errors import DatabaseUnavailable
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        # no one else may write where the CLI reads the URL and key (see read_stack)
+        with contextlib.suppress(OSError):  # not ours: the CLI will not trust it anyway
+            os.chmod(self.data_dir, self.data_dir.stat().st_mode & 0o755)
         self._take_lock()
         host = self.settings.api_host
         if not port_free(host, self.port):
@@ -499,7 +539,10 @@ class Stack:
         for part in self.parts:  # kept for older readers
             state[f"{part.name}_pid"] = part.pid()
         tmp = stack_file(self.data_dir).with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(state, indent=2))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # whatever the umask, or a left-over file, said
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(state, indent=2))
         os.replace(tmp, stack_file(self.data_dir))
 
     def wait(self, tick: float = 0.5, health_every: float = 3.0) -> int:
@@ -550,9 +593,11 @@ class Stack:
 
 
 def run_up(settings: Settings, port: int, worker_grace: float,
-           say: Callable[[str], None], concurrency: int = 1) -> int:
+           say: Callable[[str], None], concurrency: int = 1,
+           show_key: bool | None = None) -> int:
     """Start, print where to find it, supervise until a signal, stop. Returns the exit
-    status."""
+    status. The admin key is printed only when `show_key` (default: stdout is a
+    terminal); it is always in `DATA_DIR/admin.key` (mode 0600)."""
     stack = Stack(settings, port, worker_grace, say, concurrency)
     previous = {s: signal.signal(s, stack.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -562,9 +607,12 @@ def run_up(settings: Settings, port: int, worker_grace: float,
             say(f"error: {exc}")
             return 1
         say(f"latentbank is up at {stack.url}  (API docs: {stack.url}/docs)")
-        say(f"web UI: {stack.url}/ui/  (sign in with the admin key below)")
-        say(f"admin API key: {stack.admin_key}")
-        say(f"  saved in {key_file(stack.data_dir)}; the CLI on this machine uses it")
+        say(f"web UI: {stack.url}/ui/  (sign in with the admin key)")
+        # a terminal shows it; a redirected output (a log file) must not keep it
+        show = sys.stdout.isatty() if show_key is None else show_key
+        say(f"admin API key: {stack.admin_key if show else '(not printed: not a terminal)'}")
+        say(f"  saved in {key_file(stack.data_dir)} (mode 0600); the CLI on this machine "
+            "uses it")
         say(f"  logs in {stack.data_dir / 'logs'}; `latentbank status` shows each part; "
             "Ctrl-C stops everything")
         status = stack.wait()

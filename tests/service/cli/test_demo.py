@@ -58,6 +58,20 @@ def test_the_demo_runs_to_its_summary_and_stops_the_stack(demo):
     assert not (demo["root"] / "data" / "postgres" / "postmaster.pid").exists()
 
 
+def test_the_admin_key_is_in_no_file_the_demo_leaves_but_its_own(demo):
+    """`make demo` ran `latentbank up` with its output in out/demo/stack.log: the key is
+    in the data folder's admin.key (0600), and in no log and no result."""
+    import stat
+
+    key_file = demo["root"] / "data" / "admin.key"
+    key = key_file.read_text().strip()
+    assert key.startswith("lb_") and stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert key not in demo["output"]
+    holding = [str(f) for f in [*demo["out"].rglob("*"), *demo["root"].glob("data/logs/*")]
+               if f.is_file() and key.encode() in f.read_bytes()]
+    assert (demo["out"] / "stack.log").exists() and not holding
+
+
 def test_knn_accuracy_equals_a_brute_force_over_the_exported_latents(demo):
     s = demo["summary"]
     rows = {r["key"]: r for r in pq.read_table(demo["out"] / "latents.parquet").to_pylist()}

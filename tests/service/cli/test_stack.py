@@ -72,6 +72,13 @@ def test_up_prints_the_url_and_an_admin_key_saved_for_the_owner_only(stack):
     key_file = stack.data_dir / "admin.key"
     assert key_file.read_text().strip() == stack.key
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    # its output went to a file: the key is not in it, only where it is
+    log = stack.log.read_text()
+    assert stack.key not in log and f"saved in {key_file} (mode 0600)" in log
+    assert stat.S_IMODE((stack.data_dir / "stack.json").stat().st_mode) == 0o600
+    assert not stack.data_dir.stat().st_mode & 0o022  # the CLI trusts what is in it
+    for part in ("api", "worker", "beat"):
+        assert stack.key not in (stack.data_dir / "logs" / f"{part}.log").read_text()
     assert stack.url == f"http://127.0.0.1:{stack.port}"
     ready = httpx.get(stack.url + "/readyz", timeout=10)
     assert ready.status_code == 200 and ready.json()["checks"] == {"database": "ok",

@@ -175,17 +175,144 @@ def test_training_progress_carries_the_last_validation_figures(monkeypatch):
     assert "kl_warmup_epochs" in reports[-1][1] and "free_bits" in reports[-1][1]
 
 
-def test_the_saved_admin_key_goes_only_to_the_local_stack(tmp_path, monkeypatch):
+@pytest.fixture
+def no_client_env(monkeypatch):
+    for name in ("LATENTBANK_URL", "LATENTBANK_API_KEY", "LATENTBANK_DATA_DIR"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def fake_stack(data_dir, url, pid=None, lock=True):
+    """What a running `latentbank up` leaves in its folder: stack.json (0600), admin.key,
+    and the folder's lock, held (here by this test's process, as `up` holds it)."""
+    import fcntl
+    import os
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "admin.key").write_text("lb_saved\n")
+    (data_dir / "stack.json").write_text(json.dumps({"url": url, "pid": pid or os.getpid()}))
+    (data_dir / "stack.json").chmod(0o600)
+    held = open(data_dir / "up.lock", "a+")  # noqa: SIM115 (closed by the caller)
+    if lock:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return held
+
+
+def test_the_saved_admin_key_goes_only_to_the_local_stack(tmp_path, monkeypatch,
+                                                          no_client_env):
     from service.cli.client import resolve
 
-    (tmp_path / "admin.key").write_text("lb_saved\n")
-    (tmp_path / "stack.json").write_text(json.dumps({"url": "http://127.0.0.1:8123",
-                                                     "pid": 1}))
+    held = fake_stack(tmp_path, "http://127.0.0.1:8123")
     monkeypatch.setenv("LATENTBANK_DATA_DIR", str(tmp_path))
-    monkeypatch.delenv("LATENTBANK_URL", raising=False)
-    monkeypatch.delenv("LATENTBANK_API_KEY", raising=False)
-    assert resolve("http://127.0.0.1:8123/") == ("http://127.0.0.1:8123", "lb_saved")
-    assert resolve("https://prod.example") == ("https://prod.example", None)
-    monkeypatch.setenv("LATENTBANK_URL", "https://prod.example")
-    monkeypatch.setenv("LATENTBANK_API_KEY", "lb_prod")
-    assert resolve() == ("https://prod.example", "lb_prod")
+    try:
+        assert resolve() == ("http://127.0.0.1:8123", "lb_saved")
+        assert resolve("http://127.0.0.1:8123/") == ("http://127.0.0.1:8123", "lb_saved")
+        assert resolve("https://prod.example") == ("https://prod.example", None)
+        monkeypatch.setenv("LATENTBANK_API_KEY", "lb_mine")  # the user's, to their stack
+        assert resolve() == ("http://127.0.0.1:8123", "lb_mine")
+        monkeypatch.setenv("LATENTBANK_URL", "https://prod.example")
+        monkeypatch.setenv("LATENTBANK_API_KEY", "lb_prod")
+        assert resolve() == ("https://prod.example", "lb_prod")
+    finally:
+        held.close()
+
+
+def test_a_stack_json_planted_in_the_working_folder_gets_no_key(tmp_path, monkeypatch,
+                                                                no_client_env):
+    """A `.latentbank/stack.json` in whatever folder the CLI runs from (a cloned repository,
+    a shared folder) naming another server, with a live pid (this very process): without
+    this user's `up` holding that folder's lock it is no stack, and LATENTBANK_API_KEY goes
+    nowhere but to a URL the user gives."""
+    from service.cli.client import Client, resolve
+    from service.cli.stack import read_stack
+
+    held = fake_stack(tmp_path / ".latentbank", "https://evil.example", lock=False)
+    held.close()
+    monkeypatch.chdir(tmp_path)  # the default data folder is ./.latentbank
+    monkeypatch.setenv("LATENTBANK_API_KEY", "lb_mine")
+    assert read_stack(tmp_path / ".latentbank") is None
+    assert resolve() == ("http://127.0.0.1:8000", None)
+    with Client() as c:
+        assert c.withheld and "Authorization" not in c.http.headers
+    monkeypatch.setenv("LATENTBANK_URL", "https://mine.example")
+    assert resolve() == ("https://mine.example", "lb_mine")
+
+
+def test_a_stack_json_counts_only_when_this_users_up_holds_its_folders_lock(
+        tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    from service.cli import stack
+
+    data_dir = tmp_path / "data"
+    held = fake_stack(data_dir, "http://127.0.0.1:8123")
+    try:
+        assert read_url(stack, data_dir) == "http://127.0.0.1:8123"
+        for path, mode in ((data_dir / "stack.json", 0o620), (data_dir / "stack.json", 0o602),
+                           (data_dir, 0o770), (data_dir, 0o757)):
+            before = path.stat().st_mode
+            path.chmod(mode)  # another user could have written it
+            assert read_url(stack, data_dir) is None, (path.name, oct(mode))
+            path.chmod(before)
+        assert read_url(stack, data_dir) == "http://127.0.0.1:8123"
+        # files and a process of another user (this one seen as someone else)
+        uid = os.getuid()
+        monkeypatch.setattr(stack.os, "getuid", lambda: uid + 1)
+        assert read_url(stack, data_dir) is None
+        monkeypatch.undo()
+        # a live process of this user that does not hold the lock (a reused pid)
+        other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        try:
+            info = json.loads((data_dir / "stack.json").read_text())
+            (data_dir / "stack.json").write_text(json.dumps({**info, "pid": other.pid}))
+            assert read_url(stack, data_dir) is None
+        finally:
+            other.kill()
+            other.wait()
+    finally:
+        held.close()
+    (data_dir / "stack.json").write_text(json.dumps({"url": "http://x", "pid": os.getpid()}))
+    assert read_url(stack, data_dir) is None  # the lock is no longer held
+
+
+def read_url(stack, data_dir):
+    info = stack.read_stack(data_dir)
+    return info["url"] if info else None
+
+
+def test_a_withheld_key_is_named_in_the_401(tmp_path, monkeypatch, no_client_env):
+    import httpx
+
+    from service.cli.client import Client
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LATENTBANK_API_KEY", "lb_mine")
+    with Client() as c:
+        c.http = httpx.Client(base_url=c.url, transport=httpx.MockTransport(
+            lambda r: httpx.Response(401, json={"error": {"message": "missing API key"}})))
+        with pytest.raises(ClientError) as raised:
+            c.get("/v1/models")
+    assert "set LATENTBANK_URL=http://127.0.0.1:8000" in str(raised.value)
+    assert "lb_mine" not in str(raised.value)
+
+
+def test_up_prints_the_admin_key_to_a_terminal_only(tmp_path, monkeypatch):
+    """Where `latentbank up`'s output goes to a file (`make demo`'s stack.log, a service
+    manager's journal) the key is not in it: only where it is saved (mode 0600)."""
+    from service.cli import stack
+    from store.settings import Settings
+
+    def start(self):
+        self.url, self.admin_key = "http://127.0.0.1:8123", "lb_the-admin-key"
+
+    monkeypatch.setattr(stack.Stack, "start", start)
+    monkeypatch.setattr(stack.Stack, "wait", lambda self: 0)
+    monkeypatch.setattr(stack.Stack, "stop", lambda self: None)
+    for show_key, shown in ((None, False), (False, False), (True, True)):
+        said: list[str] = []
+        assert stack.run_up(Settings(data_dir=tmp_path), 8123, 1.0, said.append,
+                            show_key=show_key) == 0
+        text = "\n".join(said)
+        assert ("lb_the-admin-key" in text) is shown, text  # pytest's stdout: no terminal
+        assert f"saved in {tmp_path.resolve() / 'admin.key'} (mode 0600)" in text
