@@ -36,6 +36,10 @@ class Settings(BaseSettings):
         description="folders whose files may be registered by path (colon-separated)")
     max_upload_bytes: int = Field(2 * GiB, description="largest dataset upload")
     max_request_bytes: int = Field(16 * MiB, description="largest JSON / .npy request body")
+    max_json_bytes: int = Field(
+        4 * MiB, ge=1024, description="largest JSON request body (at most max_request_bytes): "
+                                      "parsed JSON numbers cost about 17 times their text in "
+                                      "Python objects, so large arrays go as .npy")
     max_dataset_items: int = Field(50_000_000, description="most items in one dataset")
     max_item_values: int = Field(1 << 20, description="most values in one item")
     max_inflated_bytes: int = Field(

@@ -51,16 +51,22 @@ class BodyLimit:
     def __init__(self, app: Any, settings: Settings) -> None:
         self.app, self.settings = app, settings
 
-    def limit_for(self, scope: dict[str, Any]) -> int:
+    def limit_for(self, scope: dict[str, Any]) -> tuple[int, str]:
+        """The byte limit of this request's body, and the setting that sets it."""
         if scope["method"] == "POST" and scope["path"].rstrip("/") == "/v1/datasets":
-            return self.settings.max_upload_bytes
-        return self.settings.max_request_bytes
+            return self.settings.max_upload_bytes, "LATENTBANK_MAX_UPLOAD_BYTES"
+        kind = next((v for k, v in scope.get("headers", ()) if k == b"content-type"), b"")
+        if kind.split(b";")[0].strip().lower() in (b"", b"application/json") and (
+                self.settings.max_json_bytes < self.settings.max_request_bytes):
+            # parsed JSON costs about 17 bytes of Python objects per byte of numbers
+            return self.settings.max_json_bytes, "LATENTBANK_MAX_JSON_BYTES"
+        return self.settings.max_request_bytes, "LATENTBANK_MAX_REQUEST_BYTES"
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.limit_for(scope)
+        limit, setting = self.limit_for(scope)
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
@@ -69,7 +75,8 @@ class BodyLimit:
                     declared = -1
                 if declared > limit:
                     response = errors.error_response(
-                        413, "too_large", str(BodyTooLarge(limit)), {"Connection": "close"})
+                        413, "too_large", str(BodyTooLarge(limit, setting)),
+                        {"Connection": "close"})
                     await response(scope, receive, send)
                     return
         received = 0
@@ -80,7 +87,7 @@ class BodyLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise BodyTooLarge(limit)
+                    raise BodyTooLarge(limit, setting)
             return message
 
         await self.app(scope, counted, send)

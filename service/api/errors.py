@@ -51,8 +51,11 @@ class ApiError(Exception):
 class BodyTooLarge(Exception):
     """Raised while a body is read, once it has passed its limit (413)."""
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"the request body exceeds the limit of {limit} bytes")
+    def __init__(self, limit: int, setting: str = "LATENTBANK_MAX_REQUEST_BYTES") -> None:
+        hint = ("; send arrays as .npy (application/x-npy)"
+                if setting == "LATENTBANK_MAX_JSON_BYTES" else "")
+        super().__init__(f"the request body exceeds the limit of {limit} bytes ({setting})"
+                         f"{hint}")
         self.limit = limit
 
 

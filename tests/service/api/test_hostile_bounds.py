@@ -354,3 +354,38 @@ def test_a_delete_as_large_as_its_data_is_not_cut_by_the_timeout(api_db, api_set
     finally:
         holder.join(30)
         served.stop()
+
+
+# -- JSON bodies: parsed numbers cost ~17x their text in Python objects --------------------
+
+
+def _json_rows(size, width):
+    row = "[" + ",".join(["0.5"] * width) + "]"
+    return ('{"z":[' + ",".join([row] * (size // (len(row) + 1))) + "]}").encode()
+
+
+def test_a_json_body_of_millions_of_numbers_is_refused_before_parsing(hostile_api, hostile,
+                                                                       targets):
+    """16 MiB of JSON numbers (within max_request_bytes) parsed to 272 MiB of Python floats
+    with a read key; JSON bodies have their own, smaller limit, and .npy is the way for
+    large arrays."""
+    body = _json_rows(16 * MiB - 100, 1000)
+    assert len(body) > DEFAULTS.max_json_bytes
+    attack(hostile_api, lambda: hostile.post(
+        f"/v1/models/{targets['small']}/decode", content=body,
+        headers={"Content-Type": "application/json"}), 413, "LATENTBANK_MAX_JSON_BYTES", ".npy")
+    # chunked (no Content-Length): counted as it arrives
+    attack(hostile_api, lambda: hostile.post(
+        f"/v1/models/{targets['small']}/decode", content=iter([body[i:i + MiB] for i in range(
+            0, len(body), MiB)]), headers={"Content-Type": "application/json"}),
+        413, "LATENTBANK_MAX_JSON_BYTES")
+
+
+def test_the_largest_json_body_allowed_stays_within_the_memory_bound(hostile_api, hostile,
+                                                                     targets):
+    """Just under max_json_bytes: parsed (in a worker thread), then refused for its width,
+    within the bound on memory."""
+    body = _json_rows(DEFAULTS.max_json_bytes - 100, 1000)
+    attack(hostile_api, lambda: hostile.post(
+        f"/v1/models/{targets['small']}/decode", content=body,
+        headers={"Content-Type": "application/json"}), 422, "z")
