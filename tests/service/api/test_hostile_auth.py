@@ -169,7 +169,8 @@ def test_malformed_json_without_a_key_is_401_not_422(hostile_api, keys, method, 
     scope = "admin" if path == "/v1/keys" else "write"
     answer = httpx.request(method, f"{hostile_api.url}{path}", content=malformed, timeout=10,
                            headers={"Content-Type": "application/json", **bearer(keys[scope])})
-    assert answer.status_code in (404, 422), answer.text
+    # (model 1 may exist in any state here: another module's; 409 when it is not ready)
+    assert answer.status_code in (404, 409, 422), answer.text
 
 
 def test_the_app_never_calls_receive_for_a_request_it_refuses(api_settings):
