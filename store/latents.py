@@ -250,6 +250,7 @@ class IndexReport:
     recall: dict[int, float] = field(default_factory=dict)
     hnsw_ms: dict[int, float] = field(default_factory=dict)
     exact_ms: float | None = None
+    written: bool = True  # False: a build that lost its lease wrote no outcome
 
 
 def build_index(db: Database, set_id: int, settings: Settings, m: int = 16,
@@ -270,8 +271,7 @@ def build_index(db: Database, set_id: int, settings: Settings, m: int = 16,
     es = get_set(db, set_id)
     if es.n_items < settings.exact_search_below:
         analyze(db, "latents")
-        _set_index(db, set_id, "skipped", None, owner)
-        return IndexReport("skipped")
+        return IndexReport("skipped", written=_set_index(db, set_id, "skipped", None, owner))
     analyze(db, "latents")
     if owner is None:
         _set_index(db, set_id, "building", None)
@@ -293,7 +293,7 @@ def build_index(db: Database, set_id: int, settings: Settings, m: int = 16,
         if not is_transient(exc):
             _set_index(db, set_id, "failed", None, owner, error=f"{type(exc).__name__}: {exc}")
         raise
-    _set_index(db, set_id, "ready", report.ef_search, owner)
+    report.written = _set_index(db, set_id, "ready", report.ef_search, owner)
     log.info("index built set_id=%d seconds=%.1f ef_search=%s recall=%s", set_id,
              report.build_seconds, report.ef_search, report.recall)
     return report

@@ -108,6 +108,34 @@ def ensure_reader(db: Database, password: str, role: str = READER, *,
         conn.execute(text(f"ALTER DEFAULT PRIVILEGES FOR ROLE {owner} IN SCHEMA {SCHEMA} "
                           f'GRANT SELECT ON TABLES TO "{role}"'))
         conn.execute(text(f'REVOKE ALL ON ALL TABLES IN SCHEMA public FROM "{role}"'))
+        if conn.execute(text("SELECT rolsuper FROM pg_roles "
+                             "WHERE rolname = current_user")).scalar_one():
+            conn.execute(text(_CLOSE_PUBLIC_FUNCTIONS))
+
+
+# Functions PUBLIC may run that let a read-only session write or stall the service: large
+# objects (created with no privilege at all, they fill the disk) and advisory locks (one
+# held on the maintenance pass's key stops every pass). Revoked from PUBLIC and granted to
+# the database's owner, the service. Only their owner, the superuser, may: an external
+# server's administrator runs the same once (README, "Security").
+_CLOSE_PUBLIC_FUNCTIONS = """
+DO $$
+DECLARE
+    fn regprocedure;
+    owner text := (SELECT pg_get_userbyid(datdba) FROM pg_database
+                   WHERE datname = current_database());
+BEGIN
+    FOR fn IN
+        SELECT p.oid::regprocedure FROM pg_proc p
+        WHERE p.pronamespace = 'pg_catalog'::regnamespace
+          AND (p.proname LIKE 'pg\\_%advisory%'
+               OR p.proname IN ('lo_create', 'lo_creat', 'lo_from_bytea', 'lo_import'))
+    LOOP
+        EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', fn);
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I', fn, owner);
+    END LOOP;
+END
+$$"""
 
 
 def reader_url(admin_url: str, password: str, role: str = READER) -> str:

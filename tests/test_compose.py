@@ -261,6 +261,9 @@ def test_only_the_tls_proxy_is_published_and_flower_on_loopback(spec):
     assert "{$API_DOMAIN} {" in caddyfile and "reverse_proxy api:8000" in caddyfile
     assert any("/etc/caddy/Caddyfile" in (v if isinstance(v, str) else v["target"])
                for v in services["proxy"]["volumes"])
+    # the API behind the proxy sees real clients (per-address limits), not the proxy
+    api = command(services["api"])
+    assert api[api.index("--forwarded-allow-ips") + 1] == "*" and "ports" not in services["api"]
     flower = services["flower"]
     assert flower["environment"]["FLOWER_BASIC_AUTH"] == SECRETS["FLOWER_BASIC_AUTH"]
     # its broker URL (with the password) is in the environment, not on the command line

@@ -336,8 +336,11 @@ def index_set(ctx: Context, set_id: int, owner: str) -> dict[str, Any]:
     if got != "claimed":
         log.info("index build skipped set_id=%d outcome=%s", set_id, got)
         return {"outcome": got}
-    with IndexLease(ctx.db, set_id, owner, ctx.settings.index_lease_seconds):
+    with IndexLease(ctx.db, set_id, owner, ctx.settings.index_lease_seconds) as lease:
         report = build_index(ctx.db, set_id, ctx.settings, owner=owner)
+    if lease.lost or not report.written:  # another build took the set over: its outcome
+        log.warning("index build superseded set_id=%d owner=%s", set_id, owner)
+        return {"outcome": "superseded"}
     accuracy = knn_label_accuracy(ctx, set_id)
     stats = {**(get_set(ctx.db, set_id).stats or {}), "knn_label_accuracy": accuracy,
              "index": {"status": report.status, "build_seconds": report.build_seconds,

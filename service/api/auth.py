@@ -63,8 +63,8 @@ class Refusal:
 
 class Buckets:
     """Token buckets by name: each refills at `rate` tokens a second up to `burst`. At most
-    `capacity` are kept (all are dropped when more are needed: a bound on memory, at the
-    price of forgetting the levels)."""
+    `capacity` are kept: the one used least recently is forgotten to make room (a bound on
+    memory that never resets everyone's level at once)."""
 
     def __init__(self, rate: float, burst: float, capacity: int = 10_000,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -73,14 +73,15 @@ class Buckets:
 
     def _level(self, name: Any) -> list[float]:
         now = self.clock()
-        level = self._levels.get(name)
+        level = self._levels.pop(name, None)  # re-inserted last: dict order is recency
         if level is None:
             if len(self._levels) >= self.capacity:
-                self._levels.clear()
-            level = self._levels[name] = [float(self.burst), now]
+                del self._levels[next(iter(self._levels))]
+            level = [float(self.burst), now]
         else:
             level[0] = min(float(self.burst), level[0] + (now - level[1]) * self.rate)
             level[1] = now
+        self._levels[name] = level
         return level
 
     def wait(self, name: Any) -> float:
@@ -96,6 +97,11 @@ class Buckets:
             level[0] -= 1
             return 0.0
         return (1 - level[0]) / self.rate
+
+    def give(self, name: Any) -> None:
+        """Return a token taken by `take` (up to `burst`)."""
+        level = self._level(name)
+        level[0] = min(float(self.burst), level[0] + 1)
 
 
 class Slots:
@@ -286,15 +292,18 @@ class Authenticate:
         if known is not None:
             return known, digest
         address = client_address(scope)
-        if not shaped or svc.good_keys.get(digest) is None:  # keys verified lately pass
-            wait = self.failures.wait(address)
+        # A check that may fail takes its address's token BEFORE the lookup (given back when
+        # the key is found): requests in flight at once cannot all pass a limit that is
+        # only counted after their lookups. Keys verified lately pass without one.
+        guarded = not shaped or svc.good_keys.get(digest) is None
+        if guarded:
+            wait = self.failures.take(address)
             if wait > 0:
                 return Refusal(429, "too_many_requests",
                                "too many failed authentications from this address; retry "
                                "later (auth_failures_per_second)", "failures",
                                (("Retry-After", str(math.ceil(wait))),))
         if not shaped or svc.unknown_keys.get(digest) is not None:
-            self.failures.take(address)
             return Refusal(401, "unauthorized", UNKNOWN, "unknown",
                            (("WWW-Authenticate", "Bearer"),))
         try:
@@ -302,14 +311,17 @@ class Authenticate:
         except Exception as exc:
             if not (is_transient(exc) or isinstance(exc, PoolTimeout)):
                 raise
+            if guarded:
+                self.failures.give(address)
             log.warning("database unavailable for a key lookup: %s", type(exc).__name__)
             return Refusal(503, "database_unavailable",
                            "the database is unavailable; try again shortly", "unavailable",
                            (("Retry-After", "5"),))
         if known is None:
-            self.failures.take(address)
             return Refusal(401, "unauthorized", UNKNOWN, "unknown",
                            (("WWW-Authenticate", "Bearer"),))
+        if guarded:
+            self.failures.give(address)
         return known, digest
 
     def _admit(self, scope: dict[str, Any], key_id: int, scopes: set[str],

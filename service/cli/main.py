@@ -137,6 +137,10 @@ def api_command(
     host: str = typer.Option(None, help="listen address (default: LATENTBANK_API_HOST)"),
     port: int = typer.Option(None, help="port (default: LATENTBANK_API_PORT)"),
     workers: int = typer.Option(1, help="uvicorn worker processes"),
+    forwarded_allow_ips: str = typer.Option(
+        None, help="proxies whose X-Forwarded-For is trusted, so per-address limits see the "
+                   "real client (comma-separated, or '*' where only the proxy can reach the "
+                   "API); default: FORWARDED_ALLOW_IPS, else 127.0.0.1"),
 ) -> None:
     """Serve the HTTP API with uvicorn (needs LATENTBANK_DATABASE_URL; `up` sets it)."""
     import uvicorn
@@ -149,7 +153,8 @@ def api_command(
         raise typer.Exit(2)
     uvicorn.run("service.api.app:create_app", factory=True, host=host or settings.api_host,
                 port=port or settings.api_port, workers=workers, log_level="info",
-                proxy_headers=True, access_log=False)  # the API logs each request itself
+                proxy_headers=True, forwarded_allow_ips=forwarded_allow_ips,
+                access_log=False)  # the API logs each request itself
 
 
 @app.command("upgrade-db")

@@ -125,6 +125,13 @@ def test_the_reader_cannot_write_nor_make_temp_objects_even_with_read_only_off(s
                     "DELETE FROM lb_v1.training_metrics",
                     "UPDATE lb_v1.datasets SET name = 'x'",
                     "COPY (SELECT 1) TO PROGRAM 'true'",
+                    # large objects need no privilege by default: they fill the disk
+                    "SELECT lo_from_bytea(0, repeat('x', 1000)::bytea)",
+                    "SELECT lo_create(0)", "SELECT lo_creat(-1)",
+                    # an advisory lock on the maintenance pass's key stops every pass
+                    "SELECT pg_advisory_lock(1736263)",
+                    "SELECT pg_try_advisory_lock(1, 2)",
+                    "SELECT pg_advisory_lock_shared(hashtext('latentbank.embedded-roles'))",
                     "CREATE SCHEMA mine"):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute(sql)

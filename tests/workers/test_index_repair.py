@@ -330,3 +330,25 @@ def test_an_outage_that_outlasts_the_retries_marks_the_index_failed(db, settings
     assert (es.index_status, es.index_owner, es.index_attempts) == ("failed", None, 1)
     assert es.index_error.startswith(f"the database stayed away through {SHARD_RETRIES} "
                                      "retries (OperationalError")
+
+
+def test_a_build_taken_over_mid_way_writes_neither_its_outcome_nor_its_stats(
+        db, settings, model_id, monkeypatch):
+    """Build 'a' loses its lease while it runs ('b' takes the set over and ends it failed):
+    'a' must not write 'ready' or its kNN statistics over b's outcome."""
+    import workers.embedding as embedding
+
+    set_id = ready_building_set(db, model_id)
+    real = embedding.build_index
+
+    def taken_over_meanwhile(db_, set_id_, settings_, owner):
+        assert claim_index(db, set_id, "b", 600, 3, owner_is_dead=lambda o: o == "a") \
+            == "claimed"
+        latents._set_index(db, set_id, "failed", None, "b", error="b's reason")
+        return real(db_, set_id_, settings_, owner=owner)
+
+    monkeypatch.setattr(embedding, "build_index", taken_over_meanwhile)
+    assert embedding.index_set(context(db, settings), set_id, "a") == {"outcome": "superseded"}
+    es = get_set(db, set_id)
+    assert es.index_status == "failed" and es.index_error == "b's reason"
+    assert es.stats["index"]["status"] == "failed" and "knn_label_accuracy" not in es.stats

@@ -4,13 +4,13 @@ loopback by default, a read key otherwise; the Authenticate middleware decides).
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.api.deps import bearer, in_thread, services
+from service.api.deps import in_thread, services
 from service.api.schemas import ErrorBody, Health
 from store.broker import broker_ping
 from store.db import check_alive
@@ -51,8 +51,10 @@ async def readyz(request: Request) -> JSONResponse:
             responses={200: {"content": {"text/plain": {}}},
                        **{code: {"model": ErrorBody} for code in (401, 403, 429)}},
             summary="Prometheus metrics: request latency, jobs by status, decode batch sizes",
+            # the key is optional (an empty requirement): loopback clients need none
+            openapi_extra={"security": [{}, {"HTTPBearer": []}]},
             description="Open to clients on the loopback address; others need a read key "
                         "(the `metrics_access` setting: `loopback`, `key` or `open`).")
-async def metrics(request: Request, _: Annotated[Any, Depends(bearer)]) -> Response:
+async def metrics(request: Request) -> Response:  # the Authenticate layer checks access
     data = await in_thread(services(request).metrics.render)
     return Response(data, media_type=CONTENT_TYPE_LATEST)

@@ -210,6 +210,26 @@ def test_the_app_never_calls_receive_for_a_request_it_refuses(api_settings):
 
 # --- unknown keys: a negative cache and a limit per address -------------------------------
 
+def test_concurrent_bogus_keys_cannot_all_pass_the_address_limit(hostile_api):
+    """The address's token is taken before the lookup: 200 distinct bogus keys sent at once
+    from one address get at most the burst of lookups (a limit counted after the lookup
+    let every request in flight through: about 200 lookups)."""
+    import concurrent.futures
+
+    before = lookups(hostile_api.url)
+    transport = httpx.HTTPTransport(local_address="127.0.0.7",
+                                    limits=httpx.Limits(max_connections=200))
+    with httpx.Client(transport=transport, base_url=hostile_api.url, timeout=30) as c, \
+            concurrent.futures.ThreadPoolExecutor(64) as pool:
+        codes = list(pool.map(lambda _: c.get("/v1/models", headers=bearer(bogus_key()))
+                              .status_code, range(200)))
+    spent = lookups(hostile_api.url) - before
+    print(f"200 concurrent bogus keys: {codes.count(401)} x 401, {codes.count(429)} x 429, "
+          f"{spent:.0f} lookups")
+    assert set(codes) <= {401, 429} and codes.count(429) >= 100
+    assert spent == codes.count(401) <= 50 + 2 * 30
+
+
 def test_repeated_bogus_keys_cost_one_lookup_and_malformed_ones_none(api, api_db):
     """Counted independently of the API's code: every statement the app's engine sends
     that reads api_keys (SQLAlchemy's cursor events)."""
@@ -386,10 +406,12 @@ def test_token_buckets_and_slots():
     assert buckets.take("a") == 0.0 and buckets.take("a") == pytest.approx(0.5)
     now[0] = 100.0
     assert [buckets.take("a") for _ in range(4)][-1] > 0  # refills up to the burst only
-    few = Buckets(rate=1.0, burst=1, capacity=2)
-    for name in "xyz":
-        few.take(name)
-    assert len(few._levels) <= 2
+    few = Buckets(rate=1.0, burst=1, capacity=2, clock=lambda: now[0])
+    few.take("x"), few.take("y"), few.take("x")  # y is now the least recently used
+    few.take("z")  # room for z: y is forgotten, x keeps its (empty) level
+    assert set(few._levels) == {"x", "z"} and few.wait("x") > 0
+    few.give("x")
+    assert few.wait("x") == 0.0
     slots = Slots(2)
     assert slots.acquire(1) and slots.acquire(1) and not slots.acquire(1)
     assert slots.acquire(2)
