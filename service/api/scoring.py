@@ -29,6 +29,7 @@ which, and /score reports it). A density of dequantised data adds -D log L
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,7 +45,10 @@ P_FLOOR = 2.0 ** -24
 # [0.07, 0.93] (|l| < 2.6), elsewhere from the mean: float32 resolves each best there.
 CB_LAMBDA_BAND = (0.07, 0.93)
 NEWTON_STEPS = 8
-MAX_DECODED_VALUES = 1 << 22  # per decoder call: K is decoded in chunks of this size
+# Values per decoder call: K draws of B items are decoded in chunks of this size (more
+# items than fit are scored a slice at a time). float64 temporaries of the likelihood cost
+# about 10 x 8 bytes a value: 1 << 22 took +372 MiB for 1024 x 784 values at K = 256.
+MAX_DECODED_VALUES = 1 << 18
 
 Decoder = Callable[[np.ndarray], dict[str, np.ndarray]]
 
@@ -161,12 +165,18 @@ def score(decode: Decoder, x: np.ndarray, mu: np.ndarray, logvar: np.ndarray,
     """ELBO terms of each item from `max(1, K)` posterior draws and, with K > 0, its
     importance-sampled log p(x) with standard error and effective sample size (the ELBO
     terms average the same K draws, as an embedding job's do)."""
+    item_values = int(np.prod(x.shape[1:]))
+    per = max(1, MAX_DECODED_VALUES // max(1, item_values))
+    if len(x) > per:  # a slice of items at a time: memory bounded by MAX_DECODED_VALUES
+        parts = [score(decode, x[i:i + per], mu[i:i + per], logvar[i:i + per], config,
+                       importance_samples, rng) for i in range(0, len(x), per)]
+        return Scores(*(None if getattr(parts[0], f.name) is None else np.concatenate(
+            [getattr(p, f.name) for p in parts]) for f in dataclasses.fields(Scores)))
     batch, dim = mu.shape
     draws = max(1, importance_samples)
     mu64, logvar64 = mu.astype(np.float64), logvar.astype(np.float64)
     sigma = np.exp(0.5 * logvar64)
     kl = kl_closed_form(mu, logvar).sum(-1)
-    item_values = int(np.prod(x.shape[1:]))
     chunk = max(1, min(draws, MAX_DECODED_VALUES // max(1, batch * item_values)))
     log_lik = np.empty((draws, batch))
     log_w = np.empty((draws, batch))

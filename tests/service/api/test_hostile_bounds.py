@@ -389,3 +389,26 @@ def test_the_largest_json_body_allowed_stays_within_the_memory_bound(hostile_api
     attack(hostile_api, lambda: hostile.post(
         f"/v1/models/{targets['small']}/decode", content=body,
         headers={"Content-Type": "application/json"}), 422, "z")
+
+
+def test_the_largest_score_request_stays_within_the_memory_bound(hostile_api, hostile, targets):
+    """score_max_rows items x K = score_max_draws / items draws, with a read key: the
+    likelihood's float64 temporaries are bounded by the decoder-call chunk (4M values a
+    call took +372 MiB for 1024 x 784 values at K = 256; here 1024 x 64 at K = 256)."""
+    x = np.random.default_rng(3).random((DEFAULTS.score_max_rows, 1, 8, 8), dtype=np.float32)
+    k = DEFAULTS.score_max_draws // DEFAULTS.score_max_rows
+    probe = attack_ok(hostile_api, lambda: hostile.post(
+        f"/v1/models/{targets['small']}/score", params={"importance_samples": k},
+        content=npy((x > 0.5).astype(np.float32)), headers={"Content-Type": NPY}))
+    assert probe.grown < MAX_GROWTH
+
+
+def attack_ok(api, send):
+    """A request at the bounds that must succeed: its cost under a Probe."""
+    with Probe(api) as probe:
+        answer = send()
+    print(f"{answer.request.url.path}: {answer.status_code} in {probe.elapsed * 1000:.0f} ms, "
+          f"+{probe.grown / MiB:.1f} MiB, slowest /healthz {probe.slowest_health * 1000:.0f} ms")
+    assert answer.status_code == 200, answer.text[:500]
+    assert probe.slowest_health < MAX_HEALTH
+    return probe
