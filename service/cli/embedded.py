@@ -183,10 +183,10 @@ def _set_superuser_password_offline(server: Any, directory: Path, password: str)
     never runs with the old, trusting pg_hba.conf. Only the verifier is sent."""
     import subprocess
 
+    from store.roles import alter_password
     from store.sql import scram_verifier
 
-    statement = (f"ALTER ROLE {EMBEDDED_SUPERUSER} WITH PASSWORD "
-                 f"'{scram_verifier(password)}'\n")
+    statement = alter_password(EMBEDDED_SUPERUSER, scram_verifier(password)) + "\n"
     done = subprocess.run([str(server.bin_path / "postgres"), "--single", "-D",
                            str(directory), "postgres"], input=statement, text=True,
                           capture_output=True, user=server.system_user, cwd=str(directory),
@@ -216,6 +216,7 @@ def secure_embedded_postgres(server: Any, directory: Path, passwords: dict[str, 
 
     import psycopg
 
+    from store.roles import secure_roles, set_password_then_reload
     from store.sql import scram_verifier
 
     socket_dir = server.get_postmaster_info().socket_dir
@@ -224,10 +225,8 @@ def secure_embedded_postgres(server: Any, directory: Path, passwords: dict[str, 
         "postgresql+psycopg://", "postgresql://")
     verifier = scram_verifier(passwords[EMBEDDED_SUPERUSER])
     if not hba_checks_passwords(directory):  # running with a trusting pg_hba.conf
-        with psycopg.connect(plain, autocommit=True) as conn:
-            conn.execute(f"ALTER ROLE {EMBEDDED_SUPERUSER} WITH PASSWORD '{verifier}'")
-            _write_hba(directory)
-            conn.execute("SELECT pg_reload_conf()")
+        set_password_then_reload(plain, EMBEDDED_SUPERUSER, verifier,
+                                 lambda: _write_hba(directory))
         deadline = time.monotonic() + 10
         while True:  # the postmaster reloads on SIGHUP, a moment later
             try:
@@ -239,7 +238,8 @@ def secure_embedded_postgres(server: Any, directory: Path, passwords: dict[str, 
                                     f"connections without a password after a reload")
             time.sleep(0.05)
     try:
-        conn = psycopg.connect(superuser, autocommit=True, connect_timeout=10)
+        secure_roles(superuser, EMBEDDED_SUPERUSER, verifier, EMBEDDED_APP_ROLE,
+                     scram_verifier(passwords[EMBEDDED_APP_ROLE]))
     except psycopg.OperationalError as exc:
         raise EmbeddedError(
             f"the embedded PostgreSQL in {directory} refuses the superuser's saved password "
@@ -247,77 +247,8 @@ def secure_embedded_postgres(server: Any, directory: Path, passwords: dict[str, 
             f"{embedded_secrets_dir(directory)} was lost or replaced: stop the stack, set "
             f"the method of every line of {directory / 'pg_hba.conf'} to trust, and start "
             f"again (new passwords are then set and the file rewritten)") from None
-    app_verifier = scram_verifier(passwords[EMBEDDED_APP_ROLE])
-    with conn:
-        conn.execute("SELECT pg_advisory_lock(hashtext('latentbank.embedded-roles'))")
-        conn.execute(f"ALTER ROLE {EMBEDDED_SUPERUSER} WITH PASSWORD '{verifier}'")
-        if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s",
-                        (EMBEDDED_APP_ROLE,)).fetchone() is None:
-            conn.execute(f"CREATE ROLE {EMBEDDED_APP_ROLE}")
-        conn.execute(f"ALTER ROLE {EMBEDDED_APP_ROLE} WITH LOGIN NOSUPERUSER NOCREATEDB "
-                     f"NOCREATEROLE NOREPLICATION NOBYPASSRLS INHERIT "
-                     f"PASSWORD '{app_verifier}'")
-        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
-        conn.execute(f"ALTER DATABASE postgres OWNER TO {EMBEDDED_APP_ROLE}")
-        conn.execute(_GIVE_TO_APP_ROLE)
-        conn.execute("REVOKE CONNECT, TEMPORARY ON DATABASE template1 FROM PUBLIC")
 
 
-# Everything the superuser made in the database `postgres` before the service had a role of
-# its own (the schema of earlier releases, made by migrations run as `postgres`) passes to
-# that role. System schemas and pgvector's own objects (extension members) stay; a
-# column's sequence and a table's indexes follow their table.
-_GIVE_TO_APP_ROLE = f"""
-DO $$
-DECLARE
-    item record;
-BEGIN
-    FOR item IN
-        SELECT n.nspname FROM pg_namespace n
-        WHERE n.nspowner = '{EMBEDDED_SUPERUSER}'::regrole
-          AND n.nspname NOT LIKE 'pg\\_%' AND n.nspname <> 'information_schema'
-          AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_namespace'::regclass
-                          AND d.objid = n.oid AND d.deptype = 'e')
-    LOOP
-        EXECUTE format('ALTER SCHEMA %I OWNER TO {EMBEDDED_APP_ROLE}', item.nspname);
-    END LOOP;
-    FOR item IN
-        SELECT c.oid::regclass AS name, c.relkind FROM pg_class c
-        JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE c.relowner = '{EMBEDDED_SUPERUSER}'::regrole
-          AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
-          AND n.nspname NOT LIKE 'pg\\_%' AND n.nspname <> 'information_schema'
-          AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
-                          AND d.objid = c.oid AND d.deptype IN ('e', 'a', 'i'))
-    LOOP
-        EXECUTE format('ALTER %s %s OWNER TO {EMBEDDED_APP_ROLE}',
-                       CASE item.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW'
-                                         WHEN 'S' THEN 'SEQUENCE' WHEN 'f' THEN 'FOREIGN TABLE'
-                                         ELSE 'TABLE' END, item.name);
-    END LOOP;
-    FOR item IN
-        SELECT t.oid::regtype AS name, t.typtype FROM pg_type t
-        JOIN pg_namespace n ON n.oid = t.typnamespace
-        WHERE t.typowner = '{EMBEDDED_SUPERUSER}'::regrole AND t.typtype IN ('e', 'd', 'r')
-          AND n.nspname NOT LIKE 'pg\\_%' AND n.nspname <> 'information_schema'
-          AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_type'::regclass
-                          AND d.objid = t.oid AND d.deptype = 'e')
-    LOOP
-        EXECUTE format('ALTER %s %s OWNER TO {EMBEDDED_APP_ROLE}',
-                       CASE item.typtype WHEN 'd' THEN 'DOMAIN' ELSE 'TYPE' END, item.name);
-    END LOOP;
-    FOR item IN
-        SELECT p.oid::regprocedure AS name FROM pg_proc p
-        JOIN pg_namespace n ON n.oid = p.pronamespace
-        WHERE p.proowner = '{EMBEDDED_SUPERUSER}'::regrole
-          AND n.nspname NOT LIKE 'pg\\_%' AND n.nspname <> 'information_schema'
-          AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass
-                          AND d.objid = p.oid AND d.deptype = 'e')
-    LOOP
-        EXECUTE format('ALTER ROUTINE %s OWNER TO {EMBEDDED_APP_ROLE}', item.name);
-    END LOOP;
-END
-$$"""
 
 
 def upgrade_embedded_postgres(directory: Path) -> tuple[int, int]:

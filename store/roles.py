@@ -1,0 +1,115 @@
+"""The roles of a server latentbank sets up itself (the embedded PostgreSQL): the service's
+own role, which owns its database but is not superuser, and the superuser's password. The
+CLI (`service/cli/embedded.py`) decides when; the SQL lives here, with the data layer's.
+Passwords reach the server only as SCRAM verifiers (`store.sql.scram_verifier`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+_ROLE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+_VERIFIER = re.compile(r"SCRAM-SHA-256\$[0-9]+:[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+:[A-Za-z0-9+/=]+")
+
+
+def alter_password(role: str, verifier: str) -> str:
+    """`ALTER ROLE … PASSWORD` with a SCRAM verifier (never a clear password)."""
+    if not _ROLE.fullmatch(role) or not _VERIFIER.fullmatch(verifier):
+        raise ValueError("a plain role name and a SCRAM-SHA-256 verifier are needed")
+    return f"ALTER ROLE {role} WITH PASSWORD '{verifier}'"
+
+
+def set_password_then_reload(dsn: str, role: str, verifier: str,
+                             between: Callable[[], None]) -> None:
+    """On a server that still trusts local connections: set `role`'s password, run
+    `between` (the caller rewrites pg_hba.conf), then have the server reload its config."""
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(alter_password(role, verifier))
+        between()
+        conn.execute("SELECT pg_reload_conf()")
+
+
+def secure_roles(superuser_dsn: str, superuser: str, superuser_verifier: str,
+                 app_role: str, app_verifier: str) -> None:
+    """As the superuser (psycopg.OperationalError when its password is refused): its own
+    password again; `app_role` made or reset to LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE
+    with its password, owner of the database and of everything the superuser made in it;
+    pgvector created (it is not a trusted extension); template1 closed to PUBLIC.
+    Idempotent, and serialised between processes by an advisory lock."""
+    import psycopg
+
+    if not _ROLE.fullmatch(app_role) or not _VERIFIER.fullmatch(app_verifier):
+        raise ValueError("a plain role name and a SCRAM-SHA-256 verifier are needed")
+    with psycopg.connect(superuser_dsn, autocommit=True, connect_timeout=10) as conn:
+        conn.execute("SELECT pg_advisory_lock(hashtext('latentbank.embedded-roles'))")
+        conn.execute(alter_password(superuser, superuser_verifier))
+        if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s",
+                        (app_role,)).fetchone() is None:
+            conn.execute(f"CREATE ROLE {app_role}")
+        conn.execute(f"ALTER ROLE {app_role} WITH LOGIN NOSUPERUSER NOCREATEDB "
+                     f"NOCREATEROLE NOREPLICATION NOBYPASSRLS INHERIT "
+                     f"PASSWORD '{app_verifier}'")
+        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        conn.execute(f"ALTER DATABASE postgres OWNER TO {app_role}")
+        conn.execute(_GIVE_TO_APP_ROLE.format(superuser=superuser, app_role=app_role))
+        conn.execute("REVOKE CONNECT, TEMPORARY ON DATABASE template1 FROM PUBLIC")
+
+
+# Everything the superuser made in the database `postgres` before the service had a role of
+# its own (the schema of earlier releases, made by migrations run as `postgres`) passes to
+# that role. System schemas and pgvector's own objects (extension members) stay; a
+# column's sequence and a table's indexes follow their table.
+_GIVE_TO_APP_ROLE = """
+DO $$
+DECLARE
+    item record;
+BEGIN
+    FOR item IN
+        SELECT n.nspname FROM pg_namespace n
+        WHERE n.nspowner = '{superuser}'::regrole
+          AND n.nspname NOT LIKE 'pg\\_%' AND n.nspname <> 'information_schema'
+          AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_namespace'::regclass
+                          AND d.objid = n.oid AND d.deptype = 'e')
+    LOOP
+        EXECUTE format('ALTER SCHEMA %I OWNER TO {app_role}', item.nspname);
+    END LOOP;
+    FOR item IN
+        SELECT c.oid::regclass AS name, c.relkind FROM pg_class c
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relowner = '{superuser}'::regrole
+          AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
+          AND n.nspname NOT LIKE 'pg\\_%' AND n.nspname <> 'information_schema'
+          AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                          AND d.objid = c.oid AND d.deptype IN ('e', 'a', 'i'))
+    LOOP
+        EXECUTE format('ALTER %s %s OWNER TO {app_role}',
+                       CASE item.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW'
+                                         WHEN 'S' THEN 'SEQUENCE' WHEN 'f' THEN 'FOREIGN TABLE'
+                                         ELSE 'TABLE' END, item.name);
+    END LOOP;
+    FOR item IN
+        SELECT t.oid::regtype AS name, t.typtype FROM pg_type t
+        JOIN pg_namespace n ON n.oid = t.typnamespace
+        WHERE t.typowner = '{superuser}'::regrole AND t.typtype IN ('e', 'd', 'r')
+          AND n.nspname NOT LIKE 'pg\\_%' AND n.nspname <> 'information_schema'
+          AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_type'::regclass
+                          AND d.objid = t.oid AND d.deptype = 'e')
+    LOOP
+        EXECUTE format('ALTER %s %s OWNER TO {app_role}',
+                       CASE item.typtype WHEN 'd' THEN 'DOMAIN' ELSE 'TYPE' END, item.name);
+    END LOOP;
+    FOR item IN
+        SELECT p.oid::regprocedure AS name FROM pg_proc p
+        JOIN pg_namespace n ON n.oid = p.pronamespace
+        WHERE p.proowner = '{superuser}'::regrole
+          AND n.nspname NOT LIKE 'pg\\_%' AND n.nspname <> 'information_schema'
+          AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass
+                          AND d.objid = p.oid AND d.deptype = 'e')
+    LOOP
+        EXECUTE format('ALTER ROUTINE %s OWNER TO {app_role}', item.name);
+    END LOOP;
+END
+$$"""
