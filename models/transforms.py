@@ -144,3 +144,28 @@ def needs_value_scan(source_dtype: str, config: VAEConfig) -> bool:
         return np.dtype(source_dtype).kind not in "biu"
     except TypeError:
         return True
+
+
+# -- 8-bit storage -------------------------------------------------------------------------
+#
+# Datasets of 8-bit images are stored as uint8 (`datasets.dtype`). Their values, as every
+# reader outside a model sees them (items pages, thumbnails, the API's inputs, the stored
+# range), are x / 255 in [0, 1]; a model sees that scale too, except a dequantising one,
+# which takes the integers 0 .. 255 (its `levels` must then be 256).
+
+PIXEL_MAX = 255
+
+
+def item_values(x: np.ndarray) -> np.ndarray:
+    """Stored items as values: uint8 as x / 255 (float32), anything else as float32."""
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) * np.float32(1.0 / PIXEL_MAX)
+    return np.asarray(x, dtype=np.float32)
+
+
+def model_input(x: np.ndarray, config: VAEConfig) -> np.ndarray:
+    """Stored items as a model with `config` takes them (before `prepare`): uint8 as the
+    integers for a dequantising model, as x / 255 for any other; float32 unchanged."""
+    if x.dtype == np.uint8 and config.dequantize != "none":
+        return x.astype(np.float32)
+    return item_values(x)

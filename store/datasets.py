@@ -59,6 +59,9 @@ class Source:
     has_keys: bool = False
     has_labels: bool = False
     columns: dict[str, str] = field(default_factory=dict)
+    # 8-bit images: the chunks hold uint8 0..255, stored as uint8 (`datasets.dtype`) and
+    # seen as x / 255 in [0, 1] (min_value and max_value are recorded on that scale)
+    pixels: bool = False
 
 
 class _SameContent(Exception):
@@ -182,10 +185,12 @@ def _duplicate_key(exc: BaseException) -> str:
 
 def register_dataset(db: Database, artifacts: ArtifactStore, settings: Settings, name: str,
                      source: Source, source_uri: str | None = None,
-                     temp_bytes: int = 0) -> Registered:
-    """Ingest an opened `source` (a file's reader: see `service.api.readers`) as `name`,
-    in one transaction with its canonical file: all of it or nothing. `temp_bytes`: the
-    temporary files already written for it (counted against `max_upload_temp_bytes`)."""
+                     temp_bytes: int = 0, ingest: dict[str, Any] | None = None,
+                     ) -> Registered:
+    """Ingest an opened `source` (a reader's: see `ingest/`) as `name`, in one
+    transaction with its canonical file: all of it or nothing. `temp_bytes`: the
+    temporary files already written for it (counted against `max_upload_temp_bytes`).
+    `ingest`: how it was read (`datasets.ingest`: image transform, report, options)."""
     import psycopg
 
     if not name or len(name) > 200 or name != name.strip():
@@ -212,7 +217,7 @@ def register_dataset(db: Database, artifacts: ArtifactStore, settings: Settings,
                     source_dtype=source.dtype, source_format=source.format, n_items=0,
                     checksum=f"pending-{uuid.uuid4()}",
                     source_uri=source_uri, artifact_key="", size_bytes=0, min_value=0.0,
-                    max_value=0.0, has_labels=source.has_labels,
+                    max_value=0.0, has_labels=source.has_labels, ingest=ingest,
                 ).returning(Dataset.id)).scalar_one()
             cursor = conn.connection.driver_connection.cursor()
             for chunk in source.chunks:

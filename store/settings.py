@@ -65,6 +65,30 @@ class Settings(BaseSettings):
         10 * GiB, ge=1, description="most bytes of temporary files one dataset registration "
                                     "may write: the saved copies of the uploaded parts plus "
                                     "the float32 copy being built, counted while written")
+    allowed_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="URL prefixes whose objects may be registered by `uri` (comma-separated, "
+                    "e.g. s3://bucket/photos/), read through fsspec with source_options")
+    source_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec storage options (JSON) for the sources under allowed_urls, e.g. "
+                    '{"client_kwargs": {"endpoint_url": "http://minio:9000"}}')
+    max_image_pixels: int = Field(
+        64 * MiB, ge=1, description="most pixels one source image may declare (checked "
+                                    "from its header before it is decoded)")
+    ingest_max_failure_share: float = Field(
+        0.05, ge=0, le=1, description="a source whose share of unreadable images (or "
+                                      "records) is above this is refused, with its report")
+    ingest_report_failures: int = Field(
+        20, ge=0, le=1000, description="unreadable items a dataset's report names (key and "
+                                       "reason); all of them are counted")
+    ingest_sync_max_bytes: int = Field(
+        64 * MiB, ge=0, description="array uploads (.npy/.npz/.parquet/.csv) up to this size "
+                                    "register inside the request (201); larger ones, "
+                                    "archives, folders and every `uri` become ingest jobs "
+                                    "(202)")
+    ingest_lease_seconds: float = Field(
+        120.0, gt=0, description="an ingest job's lease, renewed while it reads")
     exact_search_below: int = Field(
         20_000, description="embedding sets smaller than this are always searched exactly")
     recall_target: float = Field(0.95, description="recall@10 an HNSW search must reach")
@@ -187,6 +211,13 @@ class Settings(BaseSettings):
     def _split_roots(cls, value: object) -> object:
         if isinstance(value, str):
             return [p for p in value.split(":") if p]
+        return value
+
+    @field_validator("allowed_urls", mode="before")
+    @classmethod
+    def _split_urls(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [p.strip() for p in value.split(",") if p.strip()]
         return value
 
     @property

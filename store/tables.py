@@ -31,7 +31,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-JOB_KINDS = ("train", "embed")
+JOB_KINDS = ("train", "embed", "ingest")
 MODEL_STATUSES = ("pending", "training", "ready", "failed", "cancelled")
 SET_STATUSES = ("pending", "writing", "finishing", "ready", "failed", "cancelled")
 INDEX_STATUSES = ("none", "building", "ready", "skipped", "failed")
@@ -76,6 +76,9 @@ class Dataset(Base):
     min_value: Mapped[float] = mapped_column(Double)
     max_value: Mapped[float] = mapped_column(Double)
     has_labels: Mapped[bool] = mapped_column(Boolean)
+    # How it was read (ingest/): {"image": ImageSpec.to_dict(), "report": {...},
+    # "options": {...}}; None for arrays registered before 0009 or without images.
+    ingest: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     created_at: Mapped[dt.datetime] = _now()
 
 
@@ -146,6 +149,9 @@ class Job(Base):
     embedding_set_id: Mapped[int | None] = mapped_column(
         BigInteger, ForeignKey("embedding_sets.id", ondelete="SET NULL"), index=True)
     sweep_id: Mapped[str | None] = mapped_column(Text, index=True)
+    # an ingest job's dataset, once registered
+    dataset_id: Mapped[int | None] = mapped_column(
+        BigInteger, ForeignKey("datasets.id", ondelete="SET NULL"), index=True)
     created_at: Mapped[dt.datetime] = _now()
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))

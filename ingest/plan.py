@@ -1,0 +1,158 @@
+"""The contract between a source and whoever ingests it (the API's synchronous path, the
+ingest jobs on the workers): a source is planned into *units*, each read on its own into
+`Chunk`s, and the chunks of all units, in order, make the dataset.
+
+- `Location`: where a source is, as an fsspec filesystem and a path (local files go
+  through fsspec's local filesystem too, so every reader works on S3 prefixes alike).
+- `plan_source(location, options, limits)`: what the source holds, cheaply (listing,
+  headers): its format and its units (a batch of files of a folder, one archive, one
+  WebDataset shard, a parquet row group range, one IDX pair, one array file), with bytes
+  each for progress. Bad input raises the store's 4xx errors (UnsupportedFormat,
+  DatasetError, TooLarge, NotFound) before any item is read.
+- `read_unit(plan, unit, options, limits, report)`: the unit's chunks, in a fixed order,
+  in bounded memory. Items that cannot be read (a corrupt image) are recorded in `report`
+  and skipped, never raised; anything that makes the whole unit unreadable (a truncated
+  archive) is recorded against the unit and raised only when `report.strict`.
+- `source_of(plan, options, limits, report)`: every unit's chunks as one `Source` for
+  `store.datasets.register_dataset`; after the last chunk it refuses the dataset when the
+  report's share of failures passes `options.max_failure_share` (before the commit).
+
+Item keys are stable whatever the container: an image's path relative to the source's
+root (`cat/001.png`, the same in a folder, a zip and a tar), a WebDataset sample's key
+(`000123`), a parquet row's key column or its image's `path`, an IDX item's index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ingest.images import ImageSpec
+from store.datasets import Chunk, Source
+from store.settings import Settings
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The bounds a reader applies to what a file declares, before reading it, and to what
+    it decodes, while reading (see the settings of the same names)."""
+
+    max_dataset_items: int = 50_000_000
+    max_item_values: int = 1 << 20
+    max_inflated_bytes: int = 8 << 30
+    max_compression_ratio: float = 200.0
+    max_side_chunk_bytes: int = 32 << 20
+    max_table_columns: int = 4096
+    max_image_pixels: int = 64 << 20
+
+    @classmethod
+    def of(cls, settings: Settings | None) -> Limits:
+        if settings is None:
+            return cls()
+        return cls(settings.max_dataset_items, settings.max_item_values,
+                   settings.max_inflated_bytes, settings.max_compression_ratio,
+                   settings.max_side_chunk_bytes, settings.max_table_columns,
+                   settings.max_image_pixels)
+
+
+@dataclass
+class IngestOptions:
+    """How to read a source: npz member, table columns, side arrays of keys and labels
+    (arrays); the image transform and the failure share (images)."""
+
+    array: str | None = None
+    key_column: str | None = None
+    label_column: str | None = None
+    feature_columns: list[str] | None = None
+    metadata_columns: list[str] | None = None
+    keys_path: str | None = None
+    labels_path: str | None = None
+    image: ImageSpec | None = None  # None: ImageSpec() (rgb, each image's own size)
+    image_column: str | None = None  # parquet: the column of {bytes, path} or bytes
+    max_failure_share: float = 0.05
+    report_failures: int = 20  # failures named in the report (all are counted)
+
+    def to_dict(self) -> dict[str, Any]:
+        """What the dataset records of how it was read (no server paths)."""
+        out: dict[str, Any] = {k: v for k, v in {
+            "array": self.array, "key_column": self.key_column,
+            "label_column": self.label_column, "feature_columns": self.feature_columns,
+            "metadata_columns": self.metadata_columns, "image_column": self.image_column,
+        }.items() if v is not None}
+        if self.image is not None:
+            out["image"] = self.image.to_dict()
+        return out
+
+
+@dataclass(frozen=True)
+class Location:
+    """A source: `path` on `fs` (an fsspec filesystem; local paths use the local one).
+    `display` is what users and logs see (never a server's folders)."""
+
+    fs: Any
+    path: str
+    display: str
+
+
+@dataclass(frozen=True)
+class Unit:
+    index: int  # position in the plan: units are read and registered in this order
+    name: str  # a file, member range or shard, for progress and the report
+    size_bytes: int  # what reading it costs, for progress (bytes read)
+    extra: dict[str, Any] = field(default_factory=dict)  # the reader's own
+
+
+@dataclass
+class Plan:
+    format: str  # npy npz parquet csv images zip tar webdataset image-parquet idx
+    location: Location
+    units: list[Unit]
+    total_bytes: int
+    n_items: int | None = None  # when the headers tell
+    pixels: bool = False  # 8-bit images: stored as uint8, seen as x / 255
+    image: ImageSpec | None = None  # the transform applied, when the items are images
+
+
+@dataclass
+class Report:
+    """Items counted as read and as failed; the first `keep` failures named."""
+
+    keep: int = 20
+    strict: bool = False
+    read: int = 0
+    failed: int = 0
+    failures: list[dict[str, str]] = field(default_factory=list)
+
+    def fail(self, key: str, reason: str) -> None:
+        self.failed += 1
+        if len(self.failures) < self.keep:
+            self.failures.append({"key": key, "reason": reason})
+
+    @property
+    def share(self) -> float:
+        total = self.read + self.failed
+        return self.failed / total if total else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"read": self.read, "failed": self.failed, "failures": list(self.failures)}
+
+    def merge(self, other: dict[str, Any]) -> None:
+        """Add a unit's report (as `to_dict` wrote it: a resumed job's staged units)."""
+        self.read += int(other["read"])
+        self.failed += int(other["failed"])
+        room = self.keep - len(self.failures)
+        self.failures.extend(other["failures"][:max(0, room)])
+
+
+def plan_source(location: Location, options: IngestOptions, limits: Limits) -> Plan:
+    raise NotImplementedError  # ingest/sources.py fills this in
+
+
+def read_unit(plan: Plan, unit: Unit, options: IngestOptions, limits: Limits,
+              report: Report) -> Iterator[Chunk]:
+    raise NotImplementedError
+
+
+def source_of(plan: Plan, options: IngestOptions, limits: Limits, report: Report) -> Source:
+    raise NotImplementedError
