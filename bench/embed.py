@@ -156,7 +156,7 @@ def main() -> None:
                 out[a:a + 50_000] = (rng.random((min(50_000, n - a), 784)) < 0.2)
             out.flush()
             del out
-            from service.api.readers import register_file
+            from ingest.arrays import register_file
 
             t = time.perf_counter()
             dataset = register_file(db, artifacts, settings, "bench", path).dataset

@@ -29,8 +29,8 @@ from sqlalchemy import text
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from ingest.arrays import register_file  # noqa: E402
 from migrations import migrate  # noqa: E402
-from service.api.readers import register_file  # noqa: E402
 from service.cli.embedded import start_embedded_postgres  # noqa: E402
 from store.artifacts import ArtifactStore  # noqa: E402
 from store.db import Database  # noqa: E402
@@ -106,7 +106,7 @@ INGEST_CHILD = """
 import sys
 sys.path.insert(0, sys.argv[4])
 from store.artifacts import ArtifactStore
-from service.api.readers import register_file
+from ingest.arrays import register_file
 from store.db import Database
 from store.settings import Settings
 db = Database(sys.argv[1])

@@ -61,6 +61,7 @@ class IngestOptions:
     """How to read a source: npz member, table columns, side arrays of keys and labels
     (arrays); the image transform and the failure share (images)."""
 
+    format: str | None = None  # None: told by the extension / contents (see plan_source)
     array: str | None = None
     key_column: str | None = None
     label_column: str | None = None
@@ -76,7 +77,7 @@ class IngestOptions:
     def to_dict(self) -> dict[str, Any]:
         """What the dataset records of how it was read (no server paths)."""
         out: dict[str, Any] = {k: v for k, v in {
-            "array": self.array, "key_column": self.key_column,
+            "format": self.format, "array": self.array, "key_column": self.key_column,
             "label_column": self.label_column, "feature_columns": self.feature_columns,
             "metadata_columns": self.metadata_columns, "image_column": self.image_column,
         }.items() if v is not None}
@@ -146,13 +147,36 @@ class Report:
 
 
 def plan_source(location: Location, options: IngestOptions, limits: Limits) -> Plan:
-    raise NotImplementedError  # ingest/sources.py fills this in
+    """The source's plan. (So far: one array file, read as one unit.)"""
+    from ingest.arrays import format_of
+
+    fmt = options.format or format_of(location.path)
+    size = int(location.fs.size(location.path))
+    return Plan(fmt, location, [Unit(0, location.display, size)], size)
 
 
 def read_unit(plan: Plan, unit: Unit, options: IngestOptions, limits: Limits,
               report: Report) -> Iterator[Chunk]:
-    raise NotImplementedError
+    """The unit's chunks. (So far: the array file's, from local disk.)"""
+    from ingest.arrays import open_source
+
+    source = open_source(plan.location.path, plan.location.path, options, limits)
+    for chunk in source.chunks:
+        report.read += len(chunk.values)
+        yield chunk
 
 
 def source_of(plan: Plan, options: IngestOptions, limits: Limits, report: Report) -> Source:
-    raise NotImplementedError
+    """Every unit's chunks as one Source. (So far: an array file's own Source.)"""
+    from ingest.arrays import open_source
+
+    return open_source(plan.location.path, plan.location.path, options, limits)
+
+
+def ingest_record(plan: Plan, options: IngestOptions, report: Report) -> dict[str, Any]:
+    """What a dataset records of how it was read (`datasets.ingest`)."""
+    record: dict[str, Any] = {"format": plan.format, "options": options.to_dict(),
+                              "report": report.to_dict()}
+    if plan.image is not None:
+        record["image"] = plan.image.to_dict()
+    return record

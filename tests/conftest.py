@@ -1,6 +1,7 @@
 """Session-scoped real servers. PostgreSQL+pgvector comes from pgserver, owned by this
 process only (workers and other processes get the URL)."""
 
+import os
 import uuid
 from pathlib import Path
 

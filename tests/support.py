@@ -38,11 +38,11 @@ def store_untrained_model(db, settings, tmp, model):
     Returns (model id, the decoder's local .onnx path)."""
     import numpy as np
 
+    from ingest.arrays import register_file
     from models.checkpoint import Checkpoint, save_checkpoint
     from models.config import TrainConfig, VAEConfig
     from models.export import export_vae
     from models.vae import VAE
-    from service.api.readers import register_file
     from store.artifacts import model_key
     from store.settings import open_artifacts
     from store.tables import Model

@@ -5,7 +5,7 @@ is written, and the set's HNSW index taking the inserted rows."""
 import numpy as np
 import pytest
 
-from service.api.readers import register_file
+from ingest.arrays import register_file
 from store.errors import Conflict, InvalidInput
 from store.jobs import claim, finish, get_job
 from store.latents import (

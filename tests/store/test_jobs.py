@@ -37,7 +37,7 @@ TRAINING = {"epochs": 1}
 
 @pytest.fixture(scope="module")
 def dataset(db, tmp_path_factory):
-    from service.api.readers import register_file
+    from ingest.arrays import register_file
     from store.artifacts import ArtifactStore
     from store.settings import Settings
 

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from service.api.readers import IngestOptions, register_file
+from ingest.arrays import IngestOptions, register_file
 from store.errors import Conflict, InvalidInput, NotFound
 from store.latents import (
     SearchFilter,

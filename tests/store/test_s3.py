@@ -4,7 +4,7 @@ import boto3
 import numpy as np
 import pytest
 
-from service.api.readers import register_file
+from ingest.arrays import register_file
 from store.datasets import dataset_array
 from store.errors import NotFound, PathNotAllowed
 from store.settings import Settings, open_artifacts

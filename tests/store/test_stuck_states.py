@@ -36,7 +36,7 @@ def artifacts(tmp_path):
 @pytest.fixture
 def new_dataset(db, tmp_path, artifacts):
     """A factory of datasets of their own content (datasets are deduplicated by it)."""
-    from service.api.readers import register_file
+    from ingest.arrays import register_file
     from store.settings import Settings
 
     def make(n=12):

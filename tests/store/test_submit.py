@@ -16,7 +16,7 @@ CONFIG = {"model": {"family": "mlp", "input_shape": [4], "latent_dim": 2},
 
 @pytest.fixture(scope="module")
 def dataset(db, tmp_path_factory):
-    from service.api.readers import register_file
+    from ingest.arrays import register_file
     from store.artifacts import ArtifactStore
     from store.settings import Settings
 

@@ -100,6 +100,6 @@ def celery_client(redis_url):
 
 @pytest.fixture(scope="session")
 def digits_dataset(db, worker_artifacts, worker_settings):
-    from service.api.readers import register_digits
+    from ingest.arrays import register_digits
 
     return register_digits(db, worker_artifacts, worker_settings, name="digits-workers").dataset

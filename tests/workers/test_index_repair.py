@@ -81,7 +81,7 @@ def settings(worker_settings, tmp_path):
 @pytest.fixture
 def model_id(db, worker_artifacts, settings, tmp_path):
     """A ready model row over a small dataset of its own (nothing here runs the model)."""
-    from service.api.readers import register_file
+    from ingest.arrays import register_file
 
     path = tmp_path / "x.npy"
     np.save(path, np.random.default_rng().random((N, 4), dtype=np.float32))

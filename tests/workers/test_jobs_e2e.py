@@ -148,7 +148,7 @@ def test_embedding_job_end_to_end_and_twice(db, trained, celery_client, digits_d
 
 def test_bad_dataset_fails_with_a_clear_message(db, worker, celery_client, worker_artifacts,
                                                 worker_settings, tmp_path):
-    from service.api.readers import register_file
+    from ingest.arrays import register_file
 
     np.save(tmp_path / "x.npy", np.random.default_rng(0).random((100, 4)) * 5)
     ds = register_file(db, worker_artifacts, worker_settings, "not-in-unit-interval",

@@ -13,6 +13,13 @@ import orjson
 from fastapi import APIRouter, Query, Request, Response
 from starlette.datastructures import UploadFile
 
+from ingest.arrays import (
+    IngestOptions,
+    format_of,
+    register_digits,
+    register_file,
+    resolve_allowed_path,
+)
 from service.api.deps import (
     Id,
     Services,
@@ -25,13 +32,6 @@ from service.api.deps import (
 )
 from service.api.errors import BodyTooLarge
 from service.api.inference import check_answer, is_image_shape
-from service.api.readers import (
-    IngestOptions,
-    format_of,
-    register_digits,
-    register_file,
-    resolve_allowed_path,
-)
 from service.api.schemas import DatasetByReference, DatasetItemsOut, DatasetOut, ErrorBody
 from store.datasets import (
     dataset_array,

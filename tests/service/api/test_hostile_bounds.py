@@ -43,7 +43,7 @@ def npy(array):
 @pytest.fixture(scope="module")
 def targets(api_db, api_settings, tmp_path_factory):
     """Two ready (untrained) models, a dataset of large items, and a ready embedding set."""
-    from service.api.readers import register_file
+    from ingest.arrays import register_file
     from store.settings import open_artifacts
 
     tmp = tmp_path_factory.mktemp("hostile-bounds")

@@ -1,5 +1,5 @@
-"""Streamed readers of dataset files (`.npy`, `.npz`, `.parquet`, `.csv`) for the API's
-dataset routes: they turn a file into the `Source` that `store.datasets` ingests.
+"""Streamed readers of array files (`.npy`, `.npz`, `.parquet`, `.csv`): they turn a file
+into the `Source` that `store.datasets` ingests.
 
 Each reader yields `Chunk`s of at most about `CHUNK_BYTES` of item values, so a file of
 any size is read in bounded memory. Nothing is unpickled: `.npy` and `.npz` members are
@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ingest.plan import IngestOptions, Limits
 from store.artifacts import ArtifactStore
 from store.datasets import Chunk, Registered, Source, register_dataset
 from store.db import Database
@@ -43,27 +44,6 @@ def check_numeric(dtype: np.dtype, what: str) -> None:
             or dtype == np.bool_):
         raise DatasetError(f"{what} must be numeric (integers, floats or booleans); "
                            f"got dtype {dtype}")
-
-
-@dataclass(frozen=True)
-class Limits:
-    """The bounds a reader applies to what a file declares, before reading it, and to what
-    it decodes, while reading (see the settings of the same names)."""
-
-    max_dataset_items: int = 50_000_000
-    max_item_values: int = 1 << 20
-    max_inflated_bytes: int = 8 << 30
-    max_compression_ratio: float = 200.0
-    max_side_chunk_bytes: int = 32 << 20
-    max_table_columns: int = 4096
-
-    @classmethod
-    def of(cls, settings: Settings | None) -> Limits:
-        if settings is None:
-            return cls()
-        return cls(settings.max_dataset_items, settings.max_item_values,
-                   settings.max_inflated_bytes, settings.max_compression_ratio,
-                   settings.max_side_chunk_bytes, settings.max_table_columns)
 
 
 def rows_per_chunk(item_shape: Sequence[int], itemsize: int, side_bytes: int = 0,
@@ -611,19 +591,6 @@ def open_table(path: str, fmt: str, key_column: str | None = None,
                   label_column is not None,
                   columns={"features": json.dumps(features), "key": str(key_column),
                            "label": str(label_column)})
-
-
-@dataclass
-class IngestOptions:
-    """How to read a file: npz member, table columns, side arrays of keys and labels."""
-
-    array: str | None = None
-    key_column: str | None = None
-    label_column: str | None = None
-    feature_columns: list[str] | None = None
-    metadata_columns: list[str] | None = None
-    keys_path: str | None = None
-    labels_path: str | None = None
 
 
 def resolve_allowed_path(uri: str, roots: list[Path]) -> str:
