@@ -17,16 +17,16 @@ import zipfile
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ingest.paths import resolve_allowed_path  # noqa: F401 - its old home, for callers
 from ingest.plan import IngestOptions, Limits
 from store.artifacts import ArtifactStore
 from store.datasets import Chunk, Registered, Source, register_dataset
 from store.db import Database
-from store.errors import DatasetError, NotFound, PathNotAllowed, TooLarge, UnsupportedFormat
+from store.errors import DatasetError, TooLarge, UnsupportedFormat
 from store.settings import Settings
 
 CHUNK_BYTES = 16 << 20
@@ -591,26 +591,6 @@ def open_table(path: str, fmt: str, key_column: str | None = None,
                   label_column is not None,
                   columns={"features": json.dumps(features), "key": str(key_column),
                            "label": str(label_column)})
-
-
-def resolve_allowed_path(uri: str, roots: list[Path]) -> str:
-    """A server-side file named by a user: it must resolve (symlinks too) inside a root."""
-    path = uri[len("file://"):] if uri.startswith("file://") else uri
-    if "\x00" in path:
-        raise PathNotAllowed("a path cannot contain NUL characters")
-    if not roots:
-        raise PathNotAllowed("registering server-side files is disabled (no allowed roots "
-                             "configured: LATENTBANK_ALLOWED_ROOTS)")
-    if not os.path.isabs(path):
-        raise PathNotAllowed(f"{uri!r} is not an absolute path")
-    real = os.path.realpath(path)
-    for root in roots:
-        real_root = os.path.realpath(root)
-        if os.path.commonpath([real, real_root]) == real_root:
-            if not os.path.isfile(real):
-                raise NotFound(f"{uri!r} is not a file")
-            return real
-    raise PathNotAllowed(f"{uri!r} is outside the allowed roots")
 
 
 def open_source(path: str, filename: str, options: IngestOptions,
