@@ -96,10 +96,21 @@ def image_chunks(items: Iterable[Encoded], plan: Plan, report: Report,
 def read_bounded(f: Any, declared: int | None, what: str,
                  limit: int = MAX_IMAGE_BYTES) -> bytes | str:
     """At most `limit` bytes of `f`: the bytes, or the reason they were not read (a
-    failure for the report)."""
+    failure for the report). Reads what the file declares (plus one byte, to see it grew),
+    never a buffer of `limit` bytes for a small file."""
     if declared is not None and declared > limit:
         return f"{what} is {declared} bytes; the limit for one image is {limit}"
-    data = f.read(limit + 1)
+    if declared is not None:
+        data = f.read(declared + 1)
+    else:
+        parts, size = [], 0
+        while size <= limit:
+            part = f.read(1 << 20)
+            if not part:
+                break
+            parts.append(part)
+            size += len(part)
+        data = b"".join(parts)
     if len(data) > limit:
         return f"{what} is more than {limit} bytes (the limit for one image)"
     return data

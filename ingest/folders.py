@@ -251,7 +251,7 @@ def tar_members(fileobj: Any, display: str, limits: Limits, report: Report,
     or truncated archive is a DatasetError naming where it broke."""
     inflated, n = 0, 0
     try:
-        with tarfile.open(fileobj=fileobj, mode="r|*") as tf:
+        with tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_Checked) as tf:
             for member in tf:
                 n += 1
                 if not member.isreg():
@@ -263,9 +263,24 @@ def tar_members(fileobj: Any, display: str, limits: Limits, report: Report,
                     raise TooLarge(f"{display} inflates to more than "
                                    f"{limits.max_inflated_bytes} bytes (max_inflated_bytes)")
                 yield member, tf
+            if getattr(tf, "cut_short", False):
+                raise tarfile.ReadError("the archive ends before its end marker")
     except ARCHIVE_ERRORS as exc:
         raise DatasetError(f"{display} is truncated or damaged after {n} members "
                            f"({type(exc).__name__}: {str(exc)[:120]})") from None
+
+
+class _Checked(tarfile.TarInfo):
+    """tarfile ends a stream quietly where a header is missing or cut (a truncated
+    archive); this notes it, so that a cut archive is an error, not a shorter dataset."""
+
+    @classmethod
+    def fromtarfile(cls, tf: Any) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tf)
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError):  # type: ignore[attr-defined]
+            tf.cut_short = True
+            raise
 
 
 def member_bytes(tf: Any, member: tarfile.TarInfo, key: str,
