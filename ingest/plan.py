@@ -12,7 +12,7 @@ ingest jobs on the workers): a source is planned into *units*, each read on its 
 - `read_unit(plan, unit, options, limits, report)`: the unit's chunks, in a fixed order,
   in bounded memory. Items that cannot be read (a corrupt image) are recorded in `report`
   and skipped, never raised; anything that makes the whole unit unreadable (a truncated
-  archive) is recorded against the unit and raised only when `report.strict`.
+  archive, a short IDX file) raises DatasetError naming the unit and where it broke.
 - `source_of(plan, options, limits, report)`: every unit's chunks as one `Source` for
   `store.datasets.register_dataset`; after the last chunk it refuses the dataset when the
   report's share of failures passes `options.max_failure_share` (before the commit).
