@@ -226,3 +226,38 @@ def test_centre_crop_without_resize_is_the_middle_columns(tmp_path):
     _, items, labels, *_ = read_all(root, tmp_path, image=ImageSpec("rgb", (10, 10)))
     np.testing.assert_array_equal(items["a.png"], pixels[:, 15:25].transpose(2, 0, 1))
     assert labels["a.png"] is None  # at the root: no class folder
+
+
+def test_units_read_apart_give_what_the_whole_gives(photos, tmp_path, monkeypatch):
+    """What an ingest job does: each unit read on its own (a fresh report each, merged),
+    the plan's item_shape carried over; the same items, keys and counts as source_of."""
+    import ingest.batches
+    import ingest.folders
+    from ingest.plan import read_unit
+
+    monkeypatch.setattr(ingest.folders, "UNIT_FILES", 5)
+    monkeypatch.setattr(ingest.batches, "CHUNK_BYTES", 3 * 3 * gen.H * gen.W)  # 3 per chunk
+    root = gen.write_folder(tmp_path / "p", photos.files)
+    opts = IngestOptions(max_failure_share=0.5)
+    plan = plan_source(resolve_location(str(root), where(tmp_path)), opts, Limits())
+    assert [len(u.extra["files"]) for u in plan.units] == [5, 5, 4]  # 14 image names
+    total, keys = Report(), []
+    for unit in plan.units:
+        report = Report()
+        for chunk in read_unit(plan, unit, opts, Limits(), report):
+            assert len(chunk.values) <= 3
+            keys += chunk.keys
+        total.merge(report.to_dict())
+    assert keys == sorted(photos.expected)
+    assert (total.read, total.failed, total.skipped) == (12, 2, 1)
+
+
+def test_hidden_files_and_macos_folders_are_skipped(tmp_path):
+    png = gen.encode(gen.draw("circle", 0), "PNG")
+    files = {"c/a.png": png, "c/._a.png": b"\0\5\26\7", "__MACOSX/c/._a.png": b"junk",
+             ".hidden/x.png": png}
+    for uri in (gen.write_folder(tmp_path / "f", files), gen.write_zip(tmp_path / "f.zip", files),
+                gen.write_tar(tmp_path / "f.tar", files)):
+        _, pixels, labels, _, report = read_all(uri, tmp_path)
+        assert list(pixels) == ["c/a.png"] and labels["c/a.png"] == "c"
+        assert (report.failed, report.skipped) == (0, 3)

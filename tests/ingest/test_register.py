@@ -157,3 +157,49 @@ def test_image_folder_under_an_allowed_s3_prefix(db, artifacts, s3_endpoint, pho
     assert {r.key for r in item_rows(db, ds.id, 0, 12)} == set(photos.expected)
     with pytest.raises(Exception, match="not under an allowed URL prefix"):
         resolve_location(f"s3://{bucket}/other/", settings)
+
+
+def test_uint8_storage_counts_one_byte_per_value(db, artifacts, settings, photos, request):
+    """12 grey items of 16x20 are 3,840 bytes (+256 of header) as uint8, 15,360 as
+    float32: a max_inflated_bytes of just that admits them; one byte less refuses. (Grey:
+    content of its own, not the rgb folder another test registered in this database.)"""
+    from store.errors import TooLarge
+
+    root = gen.write_folder(settings.allowed_roots[0] / "photos", photos.files)
+    need = 256 + 12 * gen.H * gen.W
+    tight = settings.model_copy(update={"max_inflated_bytes": need - 1})
+    before = counts(db), stored_files(artifacts)
+    with pytest.raises(TooLarge, match="as uint8"):
+        register(db, artifacts, tight, unique_name(request), root, image=ImageSpec("grey"))
+    assert (counts(db), stored_files(artifacts)) == before
+    enough = settings.model_copy(update={"max_inflated_bytes": need})
+    reg = register(db, artifacts, enough, unique_name(request), root, image=ImageSpec("grey"))
+    assert reg.created and reg.dataset.size_bytes == need
+
+
+def test_archives_and_shards_under_an_s3_prefix(db, artifacts, s3_endpoint, photos, tmp_path,
+                                               request):
+    bucket = f"arch-{tmp_path.name.lower().replace('_', '-')[:40]}"
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    client.create_bucket(Bucket=bucket)
+    client.put_object(Bucket=bucket, Key="in/p.zip",
+                      Body=gen.write_zip(tmp_path / "p.zip", photos.files).read_bytes())
+    samples, _ = gen.wds_samples(photos)
+    for shard in gen.write_shards(tmp_path, samples, 3):
+        client.put_object(Bucket=bucket, Key=f"in/wds/{shard.name}", Body=shard.read_bytes())
+    settings = Settings(data_dir=tmp_path / "data", allowed_urls=[f"s3://{bucket}/in/"],
+                        source_options={"client_kwargs": {"endpoint_url": s3_endpoint}})
+    spec = ImageSpec("grey", (12, 12))  # content no other test registers
+    zipped = register(db, artifacts, settings, unique_name(request) + "-zip",
+                      f"s3://{bucket}/in/p.zip", image=spec).dataset
+    assert {r.key for r in item_rows(db, zipped.id, 0, 12)} == set(photos.expected)
+    shards = register(db, artifacts, settings, unique_name(request) + "-wds",
+                      f"s3://{bucket}/in/wds/shard-{{000000..000002}}.tar", image=spec).dataset
+    assert shards.n_items == 12 and shards.ingest["format"] == "webdataset"
+    np.testing.assert_array_equal(
+        np.sort(dataset_array(artifacts, shards, str(tmp_path / "c")).reshape(12, -1), axis=0),
+        np.sort(dataset_array(artifacts, zipped, str(tmp_path / "c")).reshape(12, -1), axis=0))
+    with pytest.raises(Exception, match="local path only"):
+        np.save(tmp_path / "x.npy", np.zeros(3))
+        client.put_object(Bucket=bucket, Key="in/x.npy", Body=(tmp_path / "x.npy").read_bytes())
+        register(db, artifacts, settings, unique_name(request) + "-npy", f"s3://{bucket}/in/x.npy")
