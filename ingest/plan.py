@@ -46,6 +46,8 @@ class Limits:
     max_side_chunk_bytes: int = 32 << 20
     max_table_columns: int = 4096
     max_image_pixels: int = 64 << 20
+    max_temp_bytes: int = 8 << 30  # a remote array file's local copy
+    temp_dir: str | None = None  # where it is made (None: the system's temp folder)
 
     @classmethod
     def of(cls, settings: Settings | None) -> Limits:
@@ -54,7 +56,8 @@ class Limits:
         return cls(settings.max_dataset_items, settings.max_item_values,
                    settings.max_inflated_bytes, settings.max_compression_ratio,
                    settings.max_side_chunk_bytes, settings.max_table_columns,
-                   settings.max_image_pixels)
+                   settings.max_image_pixels, settings.max_upload_temp_bytes,
+                   str(settings.cache_dir))
 
 
 @dataclass
@@ -190,18 +193,9 @@ def source_of(plan: Plan, options: IngestOptions, limits: Limits, report: Report
     from ingest.readers import ARRAY_FORMATS, failure_summary
 
     if plan.format in ARRAY_FORMATS:
-        from ingest.arrays import open_source
+        from ingest.readers import open_array
 
-        source = open_source(plan.location.path, f"x.{plan.format}", options, limits)
-        inner = source.chunks
-
-        def counted() -> Iterator[Chunk]:
-            for chunk in inner:
-                report.read += len(chunk.values)
-                yield chunk
-
-        source.chunks = counted()
-        return source
+        return open_array(plan, options, limits, report)
 
     def chunks() -> Iterator[Chunk]:
         for unit in plan.units:

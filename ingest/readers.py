@@ -6,17 +6,22 @@ image folder inside a zip; `.tar`/`.tar.gz`/`.tgz` is WebDataset when its first 
 flat `<key>.<ext>` groups of an image and a cls/txt/json, else an image folder inside a
 tar; `.parquet` with an image column (or `image_column`) is `image-parquet`, else the
 table reader; `*-idx3-ubyte[.gz]` or the IDX magic is `idx`; `.npy`/`.npz`/`.csv` are
-arrays. Array files are read from local paths only.
+arrays. A remote array file is copied to a local temporary file first (its readers seek),
+bounded by `max_upload_temp_bytes`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import posixpath
+import tempfile
+import weakref
 from collections.abc import Callable, Iterator
 
 from ingest.plan import IngestOptions, Limits, Location, Plan, Report, Unit
-from store.datasets import Chunk
-from store.errors import DatasetError, UnsupportedFormat
+from store.datasets import Chunk, Source
+from store.errors import DatasetError, TooLarge, UnsupportedFormat
 
 ARRAY_FORMATS = ("npy", "npz", "parquet", "csv")
 IMAGE_FORMATS = ("images", "zip", "tar", "webdataset", "image-parquet", "idx")
@@ -96,22 +101,79 @@ def detect(location: Location, options: IngestOptions) -> str:
 
 
 def _plan_array(location: Location, options: IngestOptions, limits: Limits) -> Plan:
-    if not location.is_local:
-        raise UnsupportedFormat(f"{location.display}: array files are read from a local "
-                                "path only; image sources may be remote")
     size = int(location.fs.size(location.path))
+    if not location.is_local and size > limits.max_temp_bytes:
+        raise TooLarge(f"{location.display} is {size} bytes; a remote array file is copied "
+                       f"first, and the limit is {limits.max_temp_bytes} "
+                       "(max_upload_temp_bytes)")
     fmt = options.format or posixpath.splitext(location.path.lower())[1][1:]
     return Plan(fmt, location, [Unit(0, location.display, size)], size)
 
 
-def _read_array(plan: Plan, unit: Unit, options: IngestOptions, limits: Limits,
-                report: Report) -> Iterator[Chunk]:
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _copy_local(plan: Plan, limits: Limits) -> str:
+    """A remote array file's bounded local copy, named `ingest-<pid>-...` (a killed
+    process's copy is swept); the caller removes it."""
+    from store.datasets import LEFTOVER_PREFIX
+
+    location = plan.location
+    if limits.temp_dir:
+        os.makedirs(limits.temp_dir, exist_ok=True)
+    fd, path = tempfile.mkstemp(prefix=f"{LEFTOVER_PREFIX}{os.getpid()}-",
+                                suffix=f".{plan.format}", dir=limits.temp_dir)
+    try:
+        copied = 0
+        with os.fdopen(fd, "wb") as out, location.fs.open(location.path, "rb") as f:
+            while block := f.read(8 << 20):
+                copied += len(block)
+                if copied > limits.max_temp_bytes:
+                    raise TooLarge(f"{location.display} is more than {limits.max_temp_bytes} "
+                                   "bytes (max_upload_temp_bytes)")
+                out.write(block)
+    except BaseException:
+        _unlink(path)
+        raise
+    return path
+
+
+def open_array(plan: Plan, options: IngestOptions, limits: Limits, report: Report) -> Source:
+    """An array file's Source (its reader's own shape and dtype), its chunks counted in
+    `report`. A remote file is copied once, here; the copy goes when the chunks are done
+    (or dropped unread)."""
     from ingest.arrays import open_source
 
-    source = open_source(plan.location.path, f"x.{plan.format}", options, limits)
-    for chunk in source.chunks:
-        report.read += len(chunk.values)
-        yield chunk
+    local = plan.location.is_local
+    path = plan.location.path if local else _copy_local(plan, limits)
+    try:
+        source = open_source(path, f"x.{plan.format}", options, limits)
+    except BaseException:
+        if not local:
+            _unlink(path)
+        raise
+    inner = source.chunks
+
+    def counted() -> Iterator[Chunk]:
+        try:
+            for chunk in inner:
+                report.read += len(chunk.values)
+                yield chunk
+        finally:
+            if not local:
+                _unlink(path)
+
+    source.chunks = counted()
+    if not local:
+        weakref.finalize(source.chunks, _unlink, path)
+    return source
+
+
+def _read_array(plan: Plan, unit: Unit, options: IngestOptions, limits: Limits,
+                report: Report) -> Iterator[Chunk]:
+    yield from open_array(plan, options, limits, report).chunks
 
 
 Planner = Callable[[Location, IngestOptions, Limits], Plan]

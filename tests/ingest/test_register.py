@@ -15,7 +15,7 @@ from ingest.images import ImageSpec
 from ingest.paths import resolve_location
 from ingest.plan import IngestOptions, Limits, Report, ingest_record, plan_source, source_of
 from store.datasets import dataset_array, item_rows, register_dataset
-from store.errors import DatasetError
+from store.errors import DatasetError, TooLarge
 from store.settings import Settings
 from tests.ingest import data as gen
 from tests.support import counts, stored_files, unique_name
@@ -163,8 +163,6 @@ def test_uint8_storage_counts_one_byte_per_value(db, artifacts, settings, photos
     """12 grey items of 16x20 are 3,840 bytes (+256 of header) as uint8, 15,360 as
     float32: a max_inflated_bytes of just that admits them; one byte less refuses. (Grey:
     content of its own, not the rgb folder another test registered in this database.)"""
-    from store.errors import TooLarge
-
     root = gen.write_folder(settings.allowed_roots[0] / "photos", photos.files)
     need = 256 + 12 * gen.H * gen.W
     tight = settings.model_copy(update={"max_inflated_bytes": need - 1})
@@ -178,7 +176,7 @@ def test_uint8_storage_counts_one_byte_per_value(db, artifacts, settings, photos
 
 
 def test_archives_and_shards_under_an_s3_prefix(db, artifacts, s3_endpoint, photos, tmp_path,
-                                               request):
+                                               request, monkeypatch):
     bucket = f"arch-{tmp_path.name.lower().replace('_', '-')[:40]}"
     client = boto3.client("s3", endpoint_url=s3_endpoint)
     client.create_bucket(Bucket=bucket)
@@ -199,7 +197,20 @@ def test_archives_and_shards_under_an_s3_prefix(db, artifacts, s3_endpoint, phot
     np.testing.assert_array_equal(
         np.sort(dataset_array(artifacts, shards, str(tmp_path / "c")).reshape(12, -1), axis=0),
         np.sort(dataset_array(artifacts, zipped, str(tmp_path / "c")).reshape(12, -1), axis=0))
-    with pytest.raises(Exception, match="local path only"):
-        np.save(tmp_path / "x.npy", np.zeros(3))
-        client.put_object(Bucket=bucket, Key="in/x.npy", Body=(tmp_path / "x.npy").read_bytes())
-        register(db, artifacts, settings, unique_name(request) + "-npy", f"s3://{bucket}/in/x.npy")
+    data = np.random.default_rng(7).random((40, 3)).astype(np.float32)
+    np.save(tmp_path / "x.npy", data)
+    client.put_object(Bucket=bucket, Key="in/x.npy", Body=(tmp_path / "x.npy").read_bytes())
+    temp = tmp_path / "temp"
+    import ingest.readers
+
+    copies, copy = [], ingest.readers._copy_local
+    monkeypatch.setattr(ingest.readers, "_copy_local",
+                        lambda *a: copies.append(copy(*a)) or copies[-1])
+    arrays = register(db, artifacts, settings.model_copy(update={"data_dir": temp}),
+                      unique_name(request) + "-npy", f"s3://{bucket}/in/x.npy").dataset
+    np.testing.assert_array_equal(dataset_array(artifacts, arrays, str(tmp_path / "c")), data)
+    assert len(copies) == 1 and copies[0].startswith(str(temp))  # copied once, there,
+    assert not [p for p in temp.rglob("*") if p.is_file()]  # and gone
+    small = settings.model_copy(update={"max_upload_temp_bytes": 100})
+    with pytest.raises(TooLarge, match="max_upload_temp_bytes"):
+        register(db, artifacts, small, unique_name(request) + "-big", f"s3://{bucket}/in/x.npy")
