@@ -79,6 +79,9 @@ def _walk_local(root: str, roots: tuple[str, ...]) -> tuple[list[list[Any]], lis
 
 def plan_folder(location: Location, options: IngestOptions, limits: Limits) -> Plan:
     root = location.path.rstrip("/")
+    if not location.fs.isdir(root):
+        raise DatasetError(f"{location.display} is not a folder (format 'images' reads a "
+                           "folder of class folders; use 'zip' or 'tar' for an archive)")
     if location.is_local:
         files, outside, skipped = _walk_local(root, location.roots)
     else:

@@ -1,11 +1,9 @@
 """The dataset registry: ingest a file into a canonical `.npy` plus `items` rows.
 
-The canonical file is float32, or uint8 for 8-bit images (`Source.pixels`): the store keeps
-the integers 0..255 (4x less than float32) and records `dtype="uint8"`; whoever reads the
-values applies the convention of `models.transforms.item_values` (x / 255 in [0, 1]; a
-dequantising likelihood sees the integers). `min_value`/`max_value` are on the [0, 1]
-scale either way, and the checksum covers the dtype (an image set and its float32 twin
-are different datasets).
+The canonical file is float32, or uint8 for 8-bit images (`Source.pixels`): 0..255 as
+they are (4x less), `dtype="uint8"`, read by the convention of `models.transforms.item_values`
+(x / 255 in [0, 1]; a dequantising likelihood sees the integers). `min_value`/`max_value`
+are on the [0, 1] scale; the checksum covers the dtype (a float32 twin is another dataset).
 
 One pass over the source, in chunks: each chunk is validated (finite values, size
 limits), appended to the canonical file and its items are COPYed, all inside one
@@ -202,9 +200,10 @@ def _copy_items(cursor: Any, dataset_id: int, start: int, chunk: Chunk,
         for i in range(m):
             meta = json.dumps(metadata[i], sort_keys=True) if metadata[i] is not None else None
             copy.write_row((dataset_id, start + i, keys[i], labels[i], meta))
-    if chunk.labels and any(label is not None for label in chunk.labels):
-        writer.saw_labels = True
-    if chunk.keys or chunk.labels or chunk.metadata:
+            if writer.pixels:  # by row: images are the same content however chunked
+                writer.meta_hash.update(f"{keys[i]}\0{labels[i]}\0{meta}\n".encode())
+    writer.saw_labels = writer.saw_labels or any(label is not None for label in labels)
+    if not writer.pixels and (chunk.keys or chunk.labels or chunk.metadata):
         writer.meta_hash.update(json.dumps([chunk.keys, chunk.labels, chunk.metadata],
                                            sort_keys=True).encode())
 

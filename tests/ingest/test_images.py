@@ -261,3 +261,12 @@ def test_hidden_files_and_macos_folders_are_skipped(tmp_path):
         _, pixels, labels, _, report = read_all(uri, tmp_path)
         assert list(pixels) == ["c/a.png"] and labels["c/a.png"] == "c"
         assert (report.failed, report.skipped) == (0, 3)
+
+
+def test_a_source_with_no_readable_image_is_refused_naming_why(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match=r"no item could be read \(0 failed, 0 skipped"):
+        read_all(tmp_path / "empty", tmp_path)
+    root = gen.write_folder(tmp_path / "junk", {"a/x.png": b"nope", "notes.md": b"#"})
+    with pytest.raises(DatasetError, match=r"\(1 failed, 1 skipped.*a/x.png: not an image"):
+        read_all(root, tmp_path)
