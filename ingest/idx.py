@@ -11,6 +11,7 @@ uncompressed file, against its size before anything else is read; the data is st
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import posixpath
 import struct
@@ -43,11 +44,18 @@ def labels_beside(path: str) -> list[str]:
     return [posixpath.join(folder, base + ext) for ext in ("", ".gz")]
 
 
-def _open(fs: Any, path: str) -> Any:
-    raw = fs.open(path, "rb")
-    if path.lower().endswith(".gz"):
-        return gzip.GzipFile(fileobj=raw, mode="rb")
-    return raw
+@contextlib.contextmanager
+def _open(fs: Any, path: str | None) -> Iterator[Any]:
+    """The file's bytes (gunzipped as read for `.gz`); nothing for no path."""
+    if path is None:
+        yield None
+        return
+    with fs.open(path, "rb") as raw:
+        if path.lower().endswith(".gz"):
+            with gzip.GzipFile(fileobj=raw, mode="rb") as f:
+                yield f
+        else:
+            yield raw
 
 
 def _header(f: Any, magic: int, what: str) -> tuple[int, ...]:
@@ -112,8 +120,7 @@ def read_idx(plan: Plan, unit: Unit, options: IngestOptions, limits: Limits,
     rows = max(1, min(MAX_CHUNK_ROWS, CHUNK_BYTES // (h * w)))
     name = posixpath.basename(path)
     try:
-        with _open(fs, path) as f, (_open(fs, labels_path) if labels_path else
-                                    _Nothing()) as lf:
+        with _open(fs, path) as f, _open(fs, labels_path) as lf:
             _header(f, IMAGES_MAGIC, name)
             if labels_path:
                 _header(lf, LABELS_MAGIC, posixpath.basename(labels_path))
@@ -130,11 +137,3 @@ def read_idx(plan: Plan, unit: Unit, options: IngestOptions, limits: Limits,
     except (OSError, EOFError) as exc:  # a damaged gzip stream
         raise DatasetError(f"{name} cannot be read ({type(exc).__name__}: "
                            f"{str(exc)[:100]})") from None
-
-
-class _Nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

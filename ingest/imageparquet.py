@@ -12,6 +12,7 @@ read.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -56,14 +57,21 @@ def image_column_of(schema: Any, wanted: str | None) -> tuple[str, str] | None:
     return None
 
 
-def _open(location: Location) -> Any:
+@contextlib.contextmanager
+def open_parquet(location: Location) -> Iterator[Any]:
+    """The file as a pyarrow ParquetFile, closed (its fsspec file too) on leaving."""
     import pyarrow.parquet as pq
 
-    try:
-        return pq.ParquetFile(location.fs.open(location.path, "rb"))
-    except Exception as exc:  # pyarrow raises its own for a damaged footer
-        raise DatasetError(f"{location.display} is not a readable parquet file "
-                           f"({type(exc).__name__})") from None
+    with location.fs.open(location.path, "rb") as f:
+        try:
+            pf = pq.ParquetFile(f)
+        except Exception as exc:  # pyarrow raises its own for a damaged footer
+            raise DatasetError(f"{location.display} is not a readable parquet file "
+                               f"({type(exc).__name__})") from None
+        try:
+            yield pf
+        finally:
+            pf.close()
 
 
 def _image_bytes(meta: Any, group: int, column: str) -> int:
@@ -73,7 +81,11 @@ def _image_bytes(meta: Any, group: int, column: str) -> int:
 
 
 def plan_image_parquet(location: Location, options: IngestOptions, limits: Limits) -> Plan:
-    pf = _open(location)
+    with open_parquet(location) as pf:
+        return _plan(pf, location, options, limits)
+
+
+def _plan(pf: Any, location: Location, options: IngestOptions, limits: Limits) -> Plan:
     schema = pf.schema_arrow
     found = image_column_of(schema, options.image_column)
     if found is None:
@@ -136,9 +148,7 @@ def read_image_parquet(plan: Plan, unit: Unit, options: IngestOptions, limits: L
     names = [column] + [c for c in dict.fromkeys(
         [options.key_column, options.label_column, *(options.metadata_columns or [])])
         if c is not None and c != column]
-    pf = _open(plan.location)
-
-    def items() -> Iterator[Encoded]:
+    def items(pf: Any) -> Iterator[Encoded]:
         row = unit.extra["start"]
         for batch in pf.iter_batches(batch_size=ROWS_PER_BATCH, row_groups=[unit.extra["group"]],
                                      columns=names):
@@ -167,7 +177,5 @@ def read_image_parquet(plan: Plan, unit: Unit, options: IngestOptions, limits: L
                         if options.metadata_columns else None)
                 yield Encoded(key, data, None if label is None else str(label), meta)
 
-    try:
-        yield from image_chunks(items(), plan, report, limits.max_image_pixels)
-    finally:
-        pf.close()
+    with open_parquet(plan.location) as pf:
+        yield from image_chunks(items(pf), plan, report, limits.max_image_pixels)

@@ -81,13 +81,10 @@ def detect(location: Location, options: IngestOptions) -> str:
     if is_idx_name(path):
         return "idx"
     if lower.endswith(".parquet"):
-        from ingest.imageparquet import _open, image_column_of
+        from ingest.imageparquet import image_column_of, open_parquet
 
-        pf = _open(location)
-        try:
+        with open_parquet(location) as pf:
             found = image_column_of(pf.schema_arrow, options.image_column)
-        finally:
-            pf.close()
         return "image-parquet" if found else "parquet"
     ext = posixpath.splitext(lower)[1][1:]
     if ext in ARRAY_FORMATS:

@@ -65,8 +65,9 @@ def test_image_folder_layout_in_every_container(photos, tmp_path, container):
     elif container == "zip":
         uri = gen.write_zip(tmp_path / "photos.zip", photos.files)
     else:
-        uri = gen.write_tar(tmp_path / f"photos.{container}", photos.files,
-                            gz=container == "tar.gz")
+        uri = gen.write_tar(tmp_path / f"photos.{container}", photos.files,  # `tar -C`, or
+                            gz=container == "tar.gz",  # of the folder itself
+                            top="./" if container == "tar" else "photos/")
     plan, pixels, labels, _, report = read_all(uri, tmp_path)
     assert plan.format == {"folder": "images", "zip": "zip"}.get(container, "tar")
     check_collection(photos, pixels, labels, report)
