@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ingest.plan import Location
-from store.errors import NotFound, PathNotAllowed
+from store.errors import NotFound, PathNotAllowed, UnsupportedFormat
 
 MAX_BRACE_NAMES = 100_000
 _BRACE = re.compile(r"\{([^{}]*)\}")
@@ -146,7 +146,16 @@ def resolve_location(uri: str, settings: Any) -> Location:
         expand_braces(url.rsplit("/", 1)[1])
     from fsspec.core import url_to_fs
 
-    fs, path = url_to_fs(url, **dict(settings.source_options or {}))
-    if not has_brace(url) and not fs.exists(path):
+    try:
+        fs, path = url_to_fs(url, **dict(settings.source_options or {}))
+    except (ImportError, ValueError, TypeError) as exc:  # no such protocol, bad options
+        raise UnsupportedFormat(f"{uri!r} cannot be opened here ({type(exc).__name__}: "
+                                f"{str(exc)[:120]})") from None
+    try:
+        exists = has_brace(url) or fs.exists(path)
+    except Exception as exc:  # credentials, permissions, an unreachable store
+        raise PathNotAllowed(f"{uri!r} cannot be read with the configured source_options "
+                             f"({type(exc).__name__})") from None
+    if not exists:
         raise NotFound(f"{uri!r} does not exist")
     return Location(fs, path, uri)

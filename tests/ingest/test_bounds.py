@@ -163,3 +163,12 @@ def test_non_regular_tar_members_are_skipped(tmp_path):
     _, pixels, _, _, report = read_all(path, tmp_path)
     assert list(pixels) == ["c/a.png"] and report.skipped == 1 and report.failed == 0
     np.testing.assert_array_equal(pixels["c/a.png"], gen.draw("circle", 0).transpose(2, 0, 1))
+
+
+def test_an_allowed_url_that_cannot_be_opened_is_a_clear_error():
+    from store.errors import UnsupportedFormat
+
+    settings = SimpleNamespace(allowed_roots=[], allowed_urls=["nosuchfs://b/p/"],
+                               source_options={})
+    with pytest.raises(UnsupportedFormat, match="Protocol not known: nosuchfs"):
+        resolve_location("nosuchfs://b/p/x.tar", settings)
