@@ -271,3 +271,18 @@ def test_a_source_with_no_readable_image_is_refused_naming_why(tmp_path):
     root = gen.write_folder(tmp_path / "junk", {"a/x.png": b"nope", "notes.md": b"#"})
     with pytest.raises(DatasetError, match=r"\(1 failed, 1 skipped.*a/x.png: not an image"):
         read_all(root, tmp_path)
+
+
+def test_bmp_webp_and_gif_by_any_case_of_extension(tmp_path):
+    pixels = gen.draw("triangle", 2)
+    files = {}
+    for name, fmt, extra in (("a.BMP", "BMP", {}), ("b.WebP", "WEBP", {"lossless": True}),
+                             ("c.gif", "GIF", {})):
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format=fmt, **extra)
+        files[f"t/{name}"] = buf.getvalue()
+    _, items, labels, _, report = read_all(gen.write_folder(tmp_path / "f", files), tmp_path)
+    assert report.read == 3 and set(labels.values()) == {"t"}
+    for key in ("t/a.BMP", "t/b.WebP"):  # lossless: the drawn pixels exactly
+        np.testing.assert_array_equal(items[key], pixels.transpose(2, 0, 1))
+    np.testing.assert_array_equal(items["t/c.gif"], gen.pillow_rgb(files["t/c.gif"]))
