@@ -327,3 +327,21 @@ def test_items_and_thumbnails_of_8_bit_rgb_items(client, api_db, api_settings):
         r, q = divmod(i, 3)
         canvas[1 + 9 * r:9 + 9 * r, 1 + 9 * q:9 + 9 * q] = pixels[i].transpose(1, 2, 0)
     np.testing.assert_array_equal(drawn, canvas.repeat(4, axis=0).repeat(4, axis=1))
+
+
+def test_a_set_of_arrays_refuses_an_image_search_with_the_reason(client, world):
+    model = world["arrays_model"]
+    dataset_id = client.get(f"/v1/models/{model}").json()["dataset_id"]
+    answer = client.post("/v1/embedding-jobs", json={"model_id": model,
+                                                     "dataset_id": dataset_id})
+    assert answer.status_code == 202, answer.text
+    job = wait_job(client, answer.json()["id"])
+    assert job["status"] == "succeeded", job
+    set_id = job["embedding_set_id"]
+    before = client.get(f"/v1/embeddings/{set_id}").json()
+    answer = client.post(f"/v1/embeddings/{set_id}/search", data={"k": "3"},
+                         files={"image": ("q.png", png(world["pixels"][0]), "image/png")})
+    assert answer.status_code == 409, answer.text
+    assert (f"dataset {dataset_id} was not registered from images"
+            in answer.json()["error"]["message"])
+    assert client.get(f"/v1/embeddings/{set_id}").json() == before  # nothing changed
