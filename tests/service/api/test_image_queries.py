@@ -345,3 +345,80 @@ def test_a_set_of_arrays_refuses_an_image_search_with_the_reason(client, world):
     assert (f"dataset {dataset_id} was not registered from images"
             in answer.json()["error"]["message"])
     assert client.get(f"/v1/embeddings/{set_id}").json() == before  # nothing changed
+
+
+def expected_grid(items, columns, scale=4):
+    """image_grid's layout built here: black canvas, 1-pixel borders, `scale`x pixels."""
+    n, c, hgt, wid = items.shape
+    rows = -(-n // columns)
+    canvas = np.zeros((rows * (hgt + 1) + 1, columns * (wid + 1) + 1, c), np.uint8)
+    for i in range(n):
+        r, q = divmod(i, columns)
+        canvas[1 + r * (hgt + 1):1 + r * (hgt + 1) + hgt,
+               1 + q * (wid + 1):1 + q * (wid + 1) + wid] = np.rint(
+            np.clip(items[i], 0, 1) * 255).astype(np.uint8).transpose(1, 2, 0)
+    return canvas.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def png_answer(answer):
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"] == "image/png"
+    return np.asarray(Image.open(io.BytesIO(answer.content)))
+
+
+def test_decoded_rgb_items_come_back_as_colour_grids_and_npy(client, world):
+    model = world["model"]
+    sample = {"n": 5, "seed": 7}
+    as_json = client.post(f"/v1/models/{model}/sample", json=sample).json()
+    x = np.asarray(as_json["x"], np.float32)
+    assert x.shape == (5, *SHAPE)
+    drawn = png_answer(client.post(f"/v1/models/{model}/sample", json=sample,
+                                   headers={"Accept": "image/png"}))
+    assert drawn.shape[2] == 3  # RGB
+    np.testing.assert_array_equal(drawn, expected_grid(x, 5))
+    npy = client.post(f"/v1/models/{model}/sample", json=sample,
+                      headers={"Accept": "application/x-npy"})
+    np.testing.assert_array_equal(np.load(io.BytesIO(npy.content), allow_pickle=False), x)
+    # reconstructions of an image: the decoder's mean at the image's mu, drawn in colour
+    mu = encoded(world, 3)[0]
+    mean = np.asarray(client.post(f"/v1/models/{model}/decode", json={"z": mu.tolist()}
+                                  ).json()["x"], np.float32)
+    drawn = png_answer(client.post(f"/v1/models/{model}/reconstruct",
+                                   content=png(world["pixels"][3]),
+                                   headers={"Content-Type": "image/png",
+                                            "Accept": "image/png"}))
+    np.testing.assert_array_equal(drawn, expected_grid(mean, 1))
+    traverse = {"z": [0.0] * 4, "dims": [0, 2], "steps": 3, "span": 2.0}
+    z = np.zeros((6, 4), np.float32)
+    z[0:3, 0] = z[3:6, 2] = [-2.0, 0.0, 2.0]
+    mean = np.asarray(client.post(f"/v1/models/{model}/decode", json={"z": z.tolist()}
+                                  ).json()["x"], np.float32)
+    drawn = png_answer(client.post(f"/v1/models/{model}/traverse", json=traverse,
+                                   headers={"Accept": "image/png"}))
+    np.testing.assert_array_equal(drawn, expected_grid(mean, 3))
+
+
+def test_a_jpeg_query_is_decoded_as_pillow_decodes_it(client, world):
+    i = 14
+    buffer = io.BytesIO()
+    Image.fromarray(world["pixels"][i].transpose(1, 2, 0)).save(buffer, format="JPEG",
+                                                                quality=90)
+    jpeg = buffer.getvalue()
+    pixels = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")).transpose(2, 0, 1)
+    x = (pixels[None].astype(np.float64) / 255).astype(np.float32)
+    query = world["encoder"].run(None, {world["encoder"].get_inputs()[0].name: x})[0][0]
+    want_keys, want_distances = brute_force(world, query.astype(np.float64), 5)
+    answer = search_raw(client, world, jpeg, kind="image/jpeg", k=5, exact="true")
+    assert answer.status_code == 200, answer.text
+    assert [h["key"] for h in answer.json()["results"]] == want_keys
+    np.testing.assert_allclose([h["distance"] for h in answer.json()["results"]],
+                               want_distances, rtol=1e-4, atol=1e-4)
+
+
+def test_thumbnails_of_rgb_float_items_are_scaled_by_the_value_range(client, world):
+    ds = world["dataset"]
+    drawn = png_answer(client.get(f"/v1/datasets/{ds.id}/thumbnails.png",
+                                  params={"n": 4, "columns": 4}))
+    lo, hi = min(0.0, ds.min_value), ds.max_value
+    items = (values(world["pixels"][:4]) - lo) / (hi - lo)
+    np.testing.assert_array_equal(drawn, expected_grid(items, 4))
