@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from tests.service.api.test_image_queries import png, world  # noqa: F401 (a fixture)
-from tests.service.api.test_ui_browser import BROWSER, _browser_or_skip, ready, sign_in
+from tests.service.api.test_ui_browser import (
+    BROWSER,
+    SHOTS,
+    _browser_or_skip,
+    ready,
+    sign_in,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -61,6 +67,8 @@ def test_an_image_chosen_on_the_set_page_shows_the_apis_neighbours(browser, api,
     page.wait_for_function("[...document.querySelectorAll('#image-neighbours img.thumb')]"
                            ".every((img) => img.complete && img.naturalWidth > 0)")
     assert page.locator("#image-neighbours img.thumb").count() == len(want)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "image-search.png"), full_page=True)
     assert not errors, errors
 
 
