@@ -422,3 +422,27 @@ def test_thumbnails_of_rgb_float_items_are_scaled_by_the_value_range(client, wor
     lo, hi = min(0.0, ds.min_value), ds.max_value
     items = (values(world["pixels"][:4]) - lo) / (hi - lo)
     np.testing.assert_array_equal(drawn, expected_grid(items, 4))
+
+
+def test_a_dequantising_model_takes_an_image_as_its_integers(client, api_db, api_settings,
+                                                             world, tmp_path):
+    """A model with uniform dequantisation (levels 256) sees 8-bit items as the integers
+    0 .. 255: by image, the same codes as the item's integers sent as JSON, not as x / 255
+    (which it refuses: not integers)."""
+    from store.tables import Model
+
+    config = {**MODEL, "dequantize": "uniform", "levels": 256}
+    model_id, _ = store_untrained_model(api_db, api_settings, str(tmp_path), config)
+    with api_db.session() as s:
+        s.get(Model, model_id).dataset_id = world["dataset"].id
+    i = 6
+    by_image = client.post(f"/v1/models/{model_id}/encode", content=png(world["pixels"][i]),
+                           headers={"Content-Type": "image/png"})
+    assert by_image.status_code == 200, by_image.text
+    integers = world["pixels"][i:i + 1].astype(int).tolist()
+    by_json = client.post(f"/v1/models/{model_id}/encode", json={"x": integers})
+    assert by_json.status_code == 200, by_json.text
+    assert by_image.json() == by_json.json()
+    scaled = client.post(f"/v1/models/{model_id}/encode",
+                         json={"x": values(world["pixels"][i:i + 1]).tolist()})
+    assert scaled.status_code == 422 and "integers 0 .. 255" in scaled.text
