@@ -1,0 +1,191 @@
+"""The ingest job: claim, plan the source, read it unit by unit into the job's staging
+folder (a killed attempt resumes after the last staged unit), register the dataset from
+the staged chunks in one transaction, and name it on the job.
+
+Progress is counted as items (`items_done` of `items_total`, when the plan tells) and as
+bytes (`progress`: the share of the plan's bytes read, and the message). A cancel stops
+at the next unit boundary. The job's own failures (a refused source, a corrupt file, the
+failure share passed: every 4xx of the store) fail it with their message, at once; the
+database going away ends the attempt and requeues the job, its staged units kept. The
+staging folder, and an upload saved for the job, go when the job ends, whatever the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+from ingest.npy_folder import FORMAT as NPY_FOLDER
+from ingest.npy_folder import plan_npy_folder, read_npy_unit
+from ingest.plan import Limits, Location, Report, ingest_record, plan_source, read_unit
+from ingest.requests import options_of
+from ingest.staging import Staging, staging_root
+from store.datasets import register_dataset
+from store.db import is_transient
+from store.errors import DatasetError, PathNotAllowed, StoreError
+from store.jobs import LeaseLost, finish, ingest_progress
+from store.settings import Settings
+from workers.context import Context
+from workers.lease import Lease, start_attempt
+from workers.training import _failed, end_attempt, retry_transient
+
+try:  # the readers' own, once merged
+    from ingest.paths import resolve_location  # type: ignore[import-not-found]
+except ImportError:
+    from ingest.npy_folder import local_location as resolve_location
+
+log = logging.getLogger(__name__)
+ENDED = ("terminal", "cancelled", "exhausted")  # claims that find the job over
+
+
+class IngestCancelled(Exception):
+    pass
+
+
+def uploads_root(settings: Settings) -> Path:
+    return settings.data_dir.resolve() / "uploads"
+
+
+def _upload_location(settings: Settings, params: dict[str, Any]) -> Location:
+    """An upload saved for the job: it must be a file under the data dir's uploads."""
+    root = os.path.realpath(uploads_root(settings))
+    path = os.path.realpath(params["upload"])
+    if os.path.commonpath([path, root]) != root:
+        raise PathNotAllowed("the job's upload is outside the uploads folder")
+    if not os.path.isfile(path):
+        raise DatasetError("the uploaded file saved for this job is gone (removed, or "
+                           "saved on another host)")
+    return Location(fsspec.filesystem("file"), path, params.get("filename") or
+                    os.path.basename(path))
+
+
+def cleanup(settings: Settings, job_id: int, params: dict[str, Any] | None) -> None:
+    """What the job leaves behind once it has ended: its staging folder and upload."""
+    Staging(staging_root(settings), job_id).remove()
+    folder = (params or {}).get("upload_dir")
+    if folder:
+        root = os.path.realpath(uploads_root(settings))
+        real = os.path.realpath(folder)
+        if os.path.commonpath([real, root]) == root and real != root:
+            shutil.rmtree(real, ignore_errors=True)
+
+
+def run_ingest_job(ctx: Context, job_id: int) -> dict[str, Any]:
+    settings = ctx.settings
+    owner, got = start_attempt(ctx.db, job_id, settings.ingest_lease_seconds)
+    if got.outcome != "claimed":
+        if got.outcome in ENDED and got.job is not None:
+            cleanup(settings, job_id, got.job.params)
+        return {"outcome": got.outcome}
+    job = got.job
+    assert job is not None
+    log.info("ingest started job_id=%d attempt=%d", job_id, job.attempts)
+    with Lease(ctx.db, job_id, owner, settings.ingest_lease_seconds) as lease:
+        try:
+            result = _ingest(ctx, job_id, job.params, lease)
+        except LeaseLost:
+            log.warning("ingest attempt lost its lease job_id=%d owner=%s", job_id, owner)
+            return {"outcome": "lease_lost"}  # the staging is the next attempt's
+        except IngestCancelled:
+            if lease.lost:
+                return {"outcome": "lease_lost"}
+            try:
+                finish(ctx.db, job_id, owner, "cancelled",
+                       message="cancelled; nothing was registered")
+            except LeaseLost:
+                return {"outcome": "lease_lost"}
+            result = {"outcome": "cancelled"}
+        except Exception as exc:
+            if is_transient(exc):
+                return end_attempt(ctx, job_id, owner, exc)
+            if not isinstance(exc, StoreError):
+                log.exception("ingest failed job_id=%d", job_id)
+            error = str(exc) if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}"
+            result = _failed(ctx, job_id, owner, error)
+    if result["outcome"] in ("succeeded", "failed", "cancelled"):
+        cleanup(settings, job_id, job.params)
+    log.info("ingest ended job_id=%d outcome=%s", job_id, result["outcome"])
+    return result
+
+
+def _megabytes(n: float) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _ingest(ctx: Context, job_id: int, params: dict[str, Any], lease: Lease,
+            ) -> dict[str, Any]:
+    settings, limits = ctx.settings, Limits.of(ctx.settings)
+    options = options_of(params.get("options") or {}, settings,
+                         keys_path=params.get("keys_path"),
+                         labels_path=params.get("labels_path"))
+    if params.get("upload"):
+        location = _upload_location(settings, params)
+    else:
+        location = resolve_location(params["uri"], settings)
+    plan = plan_npy_folder(location, options, limits) or plan_source(location, options,
+                                                                     limits)
+    staging = Staging(staging_root(settings), job_id, settings.max_inflated_bytes)
+    done = staging.prepare()
+    report = Report(keep=options.report_failures)
+    items = f32 = read_bytes = 0
+    for index in sorted(done):
+        report.merge(done[index]["report"])
+        items, read_bytes = items + done[index]["items"], read_bytes + done[index]["bytes"]
+        f32 += done[index]["f32_bytes"]
+    if done:
+        log.info("ingest resuming job_id=%d after staged units=%d of %d items=%d", job_id,
+                 len(done), len(plan.units), items)
+    total = max(1, plan.total_bytes)
+
+    def progress() -> None:
+        retry_transient(lambda: ingest_progress(ctx.db, job_id, lease.owner, items,
+                                                plan.n_items), lease, f"progress of {job_id}")
+        lease.report(min(0.99, read_bytes / total),
+                     f"read {items} items, {_megabytes(read_bytes)} of "
+                     f"{_megabytes(plan.total_bytes)} ({len(done)} of {len(plan.units)} "
+                     "units)")
+
+    progress()
+    for unit in plan.units:
+        if unit.index in done:
+            continue
+        lease.check()
+        if lease.cancelled:
+            raise IngestCancelled
+        unit_report = Report(keep=options.report_failures)
+        reader = read_npy_unit if plan.format == NPY_FOLDER else read_unit
+        record = staging.write_unit(unit, reader(plan, unit, options, limits, unit_report),
+                                    unit_report, f32)
+        done[unit.index] = record
+        report.merge(record["report"])
+        items, read_bytes = items + record["items"], read_bytes + record["bytes"]
+        f32 += record["f32_bytes"]
+        progress()
+    if report.share > options.max_failure_share:
+        named = "; ".join(f"{f['key']}: {f['reason']}" for f in report.failures)
+        raise DatasetError(f"{report.failed} of {report.read + report.failed} items could "
+                           f"not be read ({report.share:.1%}, more than max_failure_share "
+                           f"{options.max_failure_share:.1%}): {named}")
+    lease.confirm()
+    if lease.cancelled:
+        raise IngestCancelled
+    lease.report(0.99, f"registering {items} items")
+    registered = register_dataset(
+        ctx.db, ctx.artifacts, settings, params["name"], staging.source(plan, done),
+        source_uri=params.get("uri"), ingest=ingest_record(plan, options, report))
+    dataset = registered.dataset
+    message = (f"dataset {dataset.id} registered: {dataset.n_items} items"
+               if registered.created else
+               f"the same content is registered already: dataset {dataset.id}")
+    if report.failed:
+        message += f" ({report.failed} unreadable items skipped; see the dataset's report)"
+    retry_transient(lambda: finish(ctx.db, job_id, lease.owner, "succeeded", message=message,
+                                   dataset_id=dataset.id), lease, f"finish of job {job_id}")
+    log.info("ingest succeeded job_id=%d dataset_id=%d items=%d created=%s", job_id,
+             dataset.id, dataset.n_items, registered.created)
+    return {"outcome": "succeeded", "dataset_id": dataset.id, "created": registered.created}
