@@ -353,17 +353,20 @@ def count_done(db: Database, job_id: int, owner: str, items: int) -> tuple[int, 
 
 
 def ingest_progress(db: Database, job_id: int, owner: str, items_done: int,
-                    items_total: int | None = None) -> None:
+                    items_total: int | None = None) -> bool:
     """An ingest attempt's items read so far (staged units included), and of how many when
-    its plan tells; only while `owner` holds the job (LeaseLost otherwise)."""
+    its plan tells; only while `owner` holds the job (LeaseLost otherwise). Returns True
+    when cancellation was requested (the attempt stops at its next unit)."""
     values: dict[str, Any] = {"items_done": int(items_done)}
     if items_total is not None:
         values["items_total"] = int(items_total)
     with db.session() as s:
-        if s.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner,
-                                       Job.status == "running").values(**values)
-                     .returning(Job.id)).first() is None:
-            raise LeaseLost(f"job {job_id} is no longer held by {owner}")
+        row = s.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner,
+                                          Job.status == "running").values(**values)
+                        .returning(Job.cancel_requested)).first()
+    if row is None:
+        raise LeaseLost(f"job {job_id} is no longer held by {owner}")
+    return bool(row[0])
 
 
 def release(db: Database, job_id: int, owner: str, reason: str) -> bool:

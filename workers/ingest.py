@@ -51,17 +51,21 @@ def uploads_root(settings: Settings) -> Path:
     return settings.data_dir.resolve() / "uploads"
 
 
-def _upload_location(settings: Settings, params: dict[str, Any]) -> Location:
-    """An upload saved for the job: it must be a file under the data dir's uploads."""
+def _saved(settings: Settings, path: str) -> str:
+    """A file saved for the job by the API: it must be under the data dir's uploads."""
     root = os.path.realpath(uploads_root(settings))
-    path = os.path.realpath(params["upload"])
-    if os.path.commonpath([path, root]) != root:
+    real = os.path.realpath(path)
+    if os.path.commonpath([real, root]) != root:
         raise PathNotAllowed("the job's upload is outside the uploads folder")
-    if not os.path.isfile(path):
+    if not os.path.isfile(real):
         raise DatasetError("the uploaded file saved for this job is gone (removed, or "
                            "saved on another host)")
-    return Location(fsspec.filesystem("file"), path, params.get("filename") or
-                    os.path.basename(path))
+    return real
+
+
+def _upload_location(settings: Settings, params: dict[str, Any]) -> Location:
+    return Location(fsspec.filesystem("file"), _saved(settings, params["upload"]),
+                    params.get("filename") or os.path.basename(params["upload"]))
 
 
 def cleanup(settings: Settings, job_id: int, params: dict[str, Any] | None) -> None:
@@ -120,9 +124,9 @@ def _megabytes(n: float) -> str:
 def _ingest(ctx: Context, job_id: int, params: dict[str, Any], lease: Lease,
             ) -> dict[str, Any]:
     settings, limits = ctx.settings, Limits.of(ctx.settings)
-    options = options_of(params.get("options") or {}, settings,
-                         keys_path=params.get("keys_path"),
-                         labels_path=params.get("labels_path"))
+    side = {f: _saved(settings, params[f]) for f in ("keys_path", "labels_path")
+            if params.get(f)}
+    options = options_of(params.get("options") or {}, settings, **side)
     if params.get("upload"):
         location = _upload_location(settings, params)
     else:
@@ -143,8 +147,9 @@ def _ingest(ctx: Context, job_id: int, params: dict[str, Any], lease: Lease,
     total = max(1, plan.total_bytes)
 
     def progress() -> None:
-        retry_transient(lambda: ingest_progress(ctx.db, job_id, lease.owner, items,
-                                                plan.n_items), lease, f"progress of {job_id}")
+        if retry_transient(lambda: ingest_progress(ctx.db, job_id, lease.owner, items,
+                                                   plan.n_items), lease, f"progress of {job_id}"):
+            lease.cancelled = True
         lease.report(min(0.99, read_bytes / total),
                      f"read {items} items, {_megabytes(read_bytes)} of "
                      f"{_megabytes(plan.total_bytes)} ({len(done)} of {len(plan.units)} "
