@@ -1,0 +1,192 @@
+"""Registration as an ingest job through the HTTP API, with the session's real worker:
+a `uri` answers 202 and the job registers the dataset; a large upload becomes a job, a
+small one stays in the request; bad options are refused before anything is queued; a
+broken file fails the job with its message and leaves nothing behind."""
+
+import io
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.support import Served, counts, settings_of
+
+
+def wait_job(client, job_id, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not end: {job}")
+
+
+def npy(array):
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def ingest_job_ids(client):
+    return {j["id"] for j in client.get("/v1/jobs", params={"kind": "ingest",
+                                                             "limit": 1000}).json()}
+
+
+def items_of(client, dataset_id, n):
+    page = client.get(f"/v1/datasets/{dataset_id}/items", params={"limit": n}).json()
+    return np.asarray(page["x"], np.float32), page["keys"]
+
+
+@pytest.fixture(scope="module")
+def allowed(api_env):
+    return Path(api_env["LATENTBANK_ALLOWED_ROOTS"])
+
+
+@pytest.fixture(scope="module")
+def staging(api_env):
+    return Path(api_env["LATENTBANK_DATA_DIR"]).resolve() / "staging"
+
+
+def test_a_uri_answers_202_and_the_job_registers_the_dataset(client, api_worker, allowed,
+                                                             staging):
+    data = np.random.default_rng(241).normal(size=(37, 2, 3)).astype(np.float64)
+    np.save(allowed / "ingest-uri.npy", data)
+    r = client.post("/v1/datasets", json={"name": "ingest-uri",
+                                          "uri": str(allowed / "ingest-uri.npy")})
+    assert r.status_code == 202, r.text
+    body = r.json()
+    assert body["mode"] == "job" and body["dataset"] is None
+    assert body["job"]["kind"] == "ingest" and body["job"]["status"] == "queued"
+    assert r.headers["location"] == f"/v1/jobs/{body['job']['id']}"
+    job = wait_job(client, body["job"]["id"])
+    assert job["status"] == "succeeded", job
+    assert job["items_done"] == 37 and job["progress"] == 1.0
+    dataset = client.get(f"/v1/datasets/{job['dataset_id']}").json()
+    assert (dataset["name"], dataset["n_items"], dataset["item_shape"]) == (
+        "ingest-uri", 37, [2, 3])
+    x, keys = items_of(client, dataset["id"], 37)
+    np.testing.assert_array_equal(x, data.astype(np.float32))  # numpy's own cast
+    assert keys == [str(i) for i in range(37)]
+    assert not (staging / f"job-{job['id']}").exists()
+    # the same content again: the job succeeds, pointing at the dataset already there
+    again = client.post("/v1/datasets", json={"name": "ingest-uri-again",
+                                              "uri": str(allowed / "ingest-uri.npy")})
+    repeat = wait_job(client, again.json()["job"]["id"])
+    assert repeat["status"] == "succeeded" and repeat["dataset_id"] == dataset["id"]
+    assert "registered already" in repeat["progress_message"]
+
+
+def test_a_folder_of_npy_files_is_one_dataset_in_file_order(client, api_worker, allowed):
+    folder = allowed / "ingest-folder"
+    folder.mkdir()
+    rng = np.random.default_rng(242)
+    parts = {name: rng.uniform(size=(n, 4)).astype(np.float32)
+             for name, n in (("b", 3), ("a", 5), ("c", 2))}
+    for name, part in parts.items():
+        np.save(folder / f"{name}.npy", part)
+    r = client.post("/v1/datasets", json={"name": "ingest-folder", "uri": str(folder)})
+    assert r.status_code == 202, r.text
+    job = wait_job(client, r.json()["job"]["id"])
+    assert job["status"] == "succeeded", job
+    x, keys = items_of(client, job["dataset_id"], 10)
+    np.testing.assert_array_equal(x, np.concatenate([parts["a"], parts["b"], parts["c"]]))
+    assert keys == [f"a/{i}" for i in range(5)] + [f"b/{i}" for i in range(3)] + [
+        "c/0", "c/1"]
+
+
+@pytest.mark.parametrize(("extra", "status", "needle"), [
+    ({"image_size": "big"}, 422, "image_size"),
+    ({"image_size": [0, 3]}, 422, "image_size"),
+    ({"color": "purple"}, 422, "color"),
+    ({"max_failure_share": 2}, 422, "max_failure_share"),
+    ({"format": "docx"}, 422, "format"),
+])
+def test_bad_options_are_refused_before_anything_is_queued(client, api_worker, allowed,
+                                                           extra, status, needle):
+    np.save(allowed / "ingest-options.npy", np.ones((2, 2)))
+    before = ingest_job_ids(client)
+    r = client.post("/v1/datasets", json={"name": "opts",
+                                          "uri": str(allowed / "ingest-options.npy"),
+                                          **extra})
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"]["message"]
+    assert ingest_job_ids(client) == before
+
+
+def test_a_uri_outside_the_roots_or_missing_is_refused_before_queueing(client, allowed,
+                                                                       tmp_path):
+    before = ingest_job_ids(client)
+    np.save(tmp_path / "outside.npy", np.ones((2, 2)))
+    r = client.post("/v1/datasets", json={"name": "x", "uri": str(tmp_path / "outside.npy")})
+    assert r.status_code == 422 and "outside the allowed roots" in r.json()["error"]["message"]
+    r = client.post("/v1/datasets", json={"name": "x", "uri": str(allowed / "nope.npy")})
+    assert r.status_code == 404, r.text
+    assert ingest_job_ids(client) == before
+
+
+def test_a_broken_file_fails_the_job_with_its_message_and_leaves_nothing(
+        client, api_worker, api_db, allowed, staging):
+    (allowed / "ingest-broken.npy").write_bytes(b"\x93NUMPY\x01\x00" + b"garbage" * 20)
+    before = counts(api_db)
+    r = client.post("/v1/datasets", json={"name": "ingest-broken",
+                                          "uri": str(allowed / "ingest-broken.npy")})
+    assert r.status_code == 202, r.text
+    job = wait_job(client, r.json()["job"]["id"])
+    assert job["status"] == "failed" and job["attempts"] == 1, job  # no retry
+    assert ".npy" in job["error"] and job["dataset_id"] is None
+    assert counts(api_db) == before
+    assert not (staging / f"job-{job['id']}").exists()
+
+
+def test_a_small_upload_stays_in_the_request(client):
+    data = np.random.default_rng(243).normal(size=(6, 3)).astype(np.float32)
+    r = client.post("/v1/datasets", data={"name": "ingest-small"},
+                    files={"file": ("small.npy", npy(data))})
+    assert r.status_code == 201, r.text
+    assert r.json()["mode"] == "sync" and r.json()["n_items"] == 6
+
+
+@pytest.fixture(scope="module")
+def small_sync_api(api_env, keys):
+    """A second API on the same database, broker and data dir whose uploads above 1 KiB
+    become ingest jobs."""
+    import httpx
+
+    from service.api.app import create_app
+
+    served = Served(create_app(settings_of(api_env, ingest_sync_max_bytes=1024)))
+    with httpx.Client(base_url=served.url, timeout=60,
+                      headers={"Authorization": f"Bearer {keys['write']}"}) as c:
+        yield c
+    served.stop()
+
+
+def test_a_large_upload_becomes_a_job_and_its_saved_file_goes(small_sync_api, api_worker,
+                                                               api_env):
+    data = np.random.default_rng(244).integers(0, 9, size=(300, 2)).astype(np.int32)
+    labels = np.arange(300) % 3
+    r = small_sync_api.post(
+        "/v1/datasets", data={"name": "ingest-large"},
+        files={"file": ("large.npy", npy(data)), "labels": ("l.npy", npy(labels))},
+        headers={"Idempotency-Key": "ingest-large-1"})
+    assert r.status_code == 202, r.text
+    body = r.json()
+    assert body["mode"] == "job" and "upload" not in body["job"]["params"]
+    assert body["job"]["params"]["filename"] == "large.npy"
+    replay = small_sync_api.post(
+        "/v1/datasets", data={"name": "ingest-large"},
+        files={"file": ("large.npy", npy(data)), "labels": ("l.npy", npy(labels))},
+        headers={"Idempotency-Key": "ingest-large-1"})
+    assert replay.status_code == 202 and replay.json()["job"]["id"] == body["job"]["id"]
+    assert replay.headers["idempotent-replayed"] == "true"
+    job = wait_job(small_sync_api, body["job"]["id"])
+    assert job["status"] == "succeeded", job
+    page = small_sync_api.get(f"/v1/datasets/{job['dataset_id']}/items",
+                              params={"limit": 256, "offset": 44}).json()
+    np.testing.assert_array_equal(np.asarray(page["x"]), data[44:300].astype(np.float32))
+    assert page["labels"] == [str(v) for v in labels[44:300]]
+    uploads = Path(api_env["LATENTBANK_DATA_DIR"]).resolve() / "uploads"
+    assert not [p for p in os.listdir(uploads) if p.startswith("upload-")]
