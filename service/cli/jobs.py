@@ -172,8 +172,9 @@ def _eta(seconds: float | None) -> str:
 
 def _final(job: dict[str, Any]) -> int:
     if job["status"] == "succeeded":
-        made = (f"model {job['model_id']}" if job["kind"] == "train"
-                else f"embedding set {job['embedding_set_id']}")
+        made = {"train": f"model {job['model_id']}",
+                "ingest": f"dataset {job.get('dataset_id')}"}.get(
+            job["kind"], f"embedding set {job['embedding_set_id']}")
         err.print(f"job {job['id']} succeeded: {made}")
         return 0
     err.print(f"error: job {job['id']} {job['status']}: "
