@@ -104,8 +104,10 @@ def _open(data: bytes, spec: ImageSpec) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"the image declares too many pixels ({str(exc)[:80]}); the limit "
+                         f"is {spec.max_pixels} (max_image_pixels)") from None
+    except UnidentifiedImageError:
         raise ImageError("not an image Pillow can read (unknown or damaged format)") from None
     except Exception as exc:  # a malformed header can raise anything
         raise ImageError(f"unreadable image header ({type(exc).__name__})") from None

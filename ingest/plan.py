@@ -12,7 +12,7 @@ ingest jobs on the workers): a source is planned into *units*, each read on its 
 - `read_unit(plan, unit, options, limits, report)`: the unit's chunks, in a fixed order,
   in bounded memory. Items that cannot be read (a corrupt image) are recorded in `report`
   and skipped, never raised; anything that makes the whole unit unreadable (a truncated
-  archive) is recorded against the unit and raised only when `report.strict`.
+  archive, a short IDX file) raises DatasetError naming the unit and where it broke.
 - `source_of(plan, options, limits, report)`: every unit's chunks as one `Source` for
   `store.datasets.register_dataset`; after the last chunk it refuses the dataset when the
   report's share of failures passes `options.max_failure_share` (before the commit).
@@ -30,6 +30,7 @@ from typing import Any
 
 from ingest.images import ImageSpec
 from store.datasets import Chunk, Source
+from store.errors import DatasetError
 from store.settings import Settings
 
 
@@ -45,6 +46,8 @@ class Limits:
     max_side_chunk_bytes: int = 32 << 20
     max_table_columns: int = 4096
     max_image_pixels: int = 64 << 20
+    max_temp_bytes: int = 8 << 30  # a remote array file's local copy
+    temp_dir: str | None = None  # where it is made (None: the system's temp folder)
 
     @classmethod
     def of(cls, settings: Settings | None) -> Limits:
@@ -53,7 +56,8 @@ class Limits:
         return cls(settings.max_dataset_items, settings.max_item_values,
                    settings.max_inflated_bytes, settings.max_compression_ratio,
                    settings.max_side_chunk_bytes, settings.max_table_columns,
-                   settings.max_image_pixels)
+                   settings.max_image_pixels, settings.max_upload_temp_bytes,
+                   str(settings.cache_dir))
 
 
 @dataclass
@@ -94,6 +98,12 @@ class Location:
     fs: Any
     path: str
     display: str
+    roots: tuple[str, ...] = ()  # local: the real allowed roots (a folder's symlinks)
+
+    @property
+    def is_local(self) -> bool:
+        protocol = getattr(self.fs, "protocol", "file")
+        return "file" in (protocol if isinstance(protocol, tuple) else (protocol,))
 
 
 @dataclass(frozen=True)
@@ -113,17 +123,23 @@ class Plan:
     n_items: int | None = None  # when the headers tell
     pixels: bool = False  # 8-bit images: stored as uint8, seen as x / 255
     image: ImageSpec | None = None  # the transform applied, when the items are images
+    # (C, H, W) every image must have: from image_size, or the first readable image (set
+    # by source_of; a job reading units apart sets it from its first staged chunk)
+    item_shape: tuple[int, ...] | None = None
 
 
 @dataclass
 class Report:
-    """Items counted as read and as failed; the first `keep` failures named."""
+    """Items counted as read and as failed; the first `keep` failures named. `skipped`:
+    files that are not images by their name (a README, a .DS_Store), neither read nor
+    failed."""
 
     keep: int = 20
     strict: bool = False
     read: int = 0
     failed: int = 0
     failures: list[dict[str, str]] = field(default_factory=list)
+    skipped: int = 0
 
     def fail(self, key: str, reason: str) -> None:
         self.failed += 1
@@ -136,41 +152,67 @@ class Report:
         return self.failed / total if total else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"read": self.read, "failed": self.failed, "failures": list(self.failures)}
+        return {"read": self.read, "failed": self.failed, "skipped": self.skipped,
+                "failures": list(self.failures)}
 
     def merge(self, other: dict[str, Any]) -> None:
         """Add a unit's report (as `to_dict` wrote it: a resumed job's staged units)."""
         self.read += int(other["read"])
         self.failed += int(other["failed"])
+        self.skipped += int(other.get("skipped", 0))
         room = self.keep - len(self.failures)
         self.failures.extend(other["failures"][:max(0, room)])
 
 
 def plan_source(location: Location, options: IngestOptions, limits: Limits) -> Plan:
-    """The source's plan. (So far: one array file, read as one unit.)"""
-    from ingest.arrays import format_of
+    """The source's plan: its format (see `ingest.readers.detect`) and units."""
+    from ingest.readers import detect, readers
 
-    fmt = options.format or format_of(location.path)
-    size = int(location.fs.size(location.path))
-    return Plan(fmt, location, [Unit(0, location.display, size)], size)
+    fmt = detect(location, options)
+    plan = readers(fmt)[0](location, options, limits)
+    if plan.pixels and plan.image is None:
+        plan.image = options.image or ImageSpec()
+        if plan.image.size is not None:
+            plan.item_shape = (plan.image.channels, *plan.image.size)
+    return plan
 
 
 def read_unit(plan: Plan, unit: Unit, options: IngestOptions, limits: Limits,
               report: Report) -> Iterator[Chunk]:
-    """The unit's chunks. (So far: the array file's, from local disk.)"""
-    from ingest.arrays import open_source
+    """The unit's chunks, in order; unreadable items recorded in `report`."""
+    from ingest.readers import readers
 
-    source = open_source(plan.location.path, plan.location.path, options, limits)
-    for chunk in source.chunks:
-        report.read += len(chunk.values)
-        yield chunk
+    return readers(plan.format)[1](plan, unit, options, limits, report)
 
 
 def source_of(plan: Plan, options: IngestOptions, limits: Limits, report: Report) -> Source:
-    """Every unit's chunks as one Source. (So far: an array file's own Source.)"""
-    from ingest.arrays import open_source
+    """Every unit's chunks as one Source. After the last chunk (still inside the
+    iteration, so `register_dataset` rolls back) a source whose share of failures passes
+    `options.max_failure_share`, or that has no readable item, is refused with the report's
+    counts and first failures (DatasetError, 422)."""
+    from ingest.readers import ARRAY_FORMATS, failure_summary
 
-    return open_source(plan.location.path, plan.location.path, options, limits)
+    if plan.format in ARRAY_FORMATS:
+        from ingest.readers import open_array
+
+        return open_array(plan, options, limits, report)
+
+    def chunks() -> Iterator[Chunk]:
+        for unit in plan.units:
+            yield from read_unit(plan, unit, options, limits, report)
+        total = report.read + report.failed
+        if report.read == 0:
+            raise DatasetError(f"{plan.location.display}: no item could be read ({report.failed} "
+                               f"failed, {report.skipped} skipped as not images); first "
+                               f"failures: {failure_summary(report)}")
+        if report.share > options.max_failure_share:
+            raise DatasetError(
+                f"{report.failed} of {total} items could not be read ({report.share:.1%}, "
+                f"more than the allowed {options.max_failure_share:.1%}: max_failure_share); "
+                f"first failures: {failure_summary(report)}")
+
+    return Source(plan.format, plan.item_shape or (), "uint8" if plan.pixels else "float32",
+                  None, chunks(), has_keys=True, has_labels=False, pixels=plan.pixels)
 
 
 def ingest_record(plan: Plan, options: IngestOptions, report: Report) -> dict[str, Any]:

@@ -1,4 +1,9 @@
-"""The dataset registry: ingest a file into a canonical float32 `.npy` plus `items` rows.
+"""The dataset registry: ingest a file into a canonical `.npy` plus `items` rows.
+
+The canonical file is float32, or uint8 for 8-bit images (`Source.pixels`): 0..255 as
+they are (4x less), `dtype="uint8"`, read by the convention of `models.transforms.item_values`
+(x / 255 in [0, 1]; a dequantising likelihood sees the integers). `min_value`/`max_value`
+are on the [0, 1] scale; the checksum covers the dtype (a float32 twin is another dataset).
 
 One pass over the source, in chunks: each chunk is validated (finite values, size
 limits), appended to the canonical file and its items are COPYed, all inside one
@@ -17,7 +22,7 @@ import logging
 import os
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,9 +80,10 @@ class Registered:
     created: bool  # False when the same content was already registered
 
 
-def npy_header(shape: tuple[int, ...]) -> bytes:
-    """A version-1.0 `.npy` header for float32 C-order data, padded to HEADER_BYTES."""
-    body = repr({"descr": "<f4", "fortran_order": False, "shape": shape}).encode("latin1")
+def npy_header(shape: tuple[int, ...], descr: str = "<f4") -> bytes:
+    """A version-1.0 `.npy` header for C-order data (float32, or `|u1`), padded to
+    HEADER_BYTES."""
+    body = repr({"descr": descr, "fortran_order": False, "shape": shape}).encode("latin1")
     prefix = b"\x93NUMPY\x01\x00"
     pad = HEADER_BYTES - len(prefix) - 2 - len(body) - 1
     if pad < 0:
@@ -87,20 +93,25 @@ def npy_header(shape: tuple[int, ...]) -> bytes:
 
 
 class _CanonicalWriter:
-    """Appends validated chunks as float32 to a `.npy` file and hashes the content.
+    """Appends validated chunks as float32 (or uint8 for `pixels`) to a `.npy` file and
+    hashes the content.
 
     Its size is counted before each write: it stays within `max_inflated_bytes`, and with
     the `temp_bytes` its caller already wrote (an upload's saved parts) within
     `max_upload_temp_bytes`, whatever a file's headers declared."""
 
-    def __init__(self, path: str, settings: Settings, temp_bytes: int = 0) -> None:
+    def __init__(self, path: str, settings: Settings, temp_bytes: int = 0,
+                 pixels: bool = False) -> None:
         self.path, self.settings, self.temp_bytes = path, settings, temp_bytes
+        self.pixels = pixels
+        self.itemsize = 1 if pixels else 4
         self.file = open(path, "wb")  # noqa: SIM115 - closed in finish/abort
         self.file.write(b"\0" * HEADER_BYTES)
         self.values_hash, self.meta_hash = hashlib.sha256(), hashlib.sha256()
         self.item_shape: tuple[int, ...] | None = None
         self.n = 0
         self.lo, self.hi = np.inf, -np.inf
+        self.saw_labels = False
 
     def append(self, chunk: Chunk) -> np.ndarray:
         values = chunk.values
@@ -117,14 +128,18 @@ class _CanonicalWriter:
                                f"{list(values.shape[1:])}, earlier items {list(self.item_shape)}")
         if self.n + len(values) > self.settings.max_dataset_items:
             raise TooLarge(f"more than {self.settings.max_dataset_items} items")
-        size = HEADER_BYTES + 4 * (self.n + len(values)) * int(np.prod(self.item_shape))
+        size = (HEADER_BYTES
+                + self.itemsize * (self.n + len(values)) * int(np.prod(self.item_shape)))
         if size > self.settings.max_inflated_bytes:
             raise TooLarge(f"the items decode to more than {self.settings.max_inflated_bytes} "
-                           "bytes as float32 (max_inflated_bytes)")
+                           f"bytes as {'uint8' if self.pixels else 'float32'} "
+                           "(max_inflated_bytes)")
         if self.temp_bytes + size > self.settings.max_upload_temp_bytes:
             raise TooLarge(f"registering this dataset needs more than "
                            f"{self.settings.max_upload_temp_bytes} bytes of temporary files "
                            "(max_upload_temp_bytes)")
+        if self.pixels:
+            return self._append_pixels(values)
         with np.errstate(over="ignore"):  # overflow is reported below, by item
             as32 = np.ascontiguousarray(values, dtype="<f4")
         flat = as32.reshape(len(as32), -1)
@@ -140,15 +155,31 @@ class _CanonicalWriter:
         self.n += len(values)
         return as32
 
+    def _append_pixels(self, values: np.ndarray) -> np.ndarray:
+        """8-bit images as they are: no conversion, no finiteness to check."""
+        if values.dtype != np.uint8:
+            raise DatasetError(f"image items must be uint8 (0..255); a reader gave "
+                               f"{values.dtype}")
+        data = np.ascontiguousarray(values)
+        self.lo = min(self.lo, int(data.min()) / 255.0)
+        self.hi = max(self.hi, int(data.max()) / 255.0)
+        buf = memoryview(data.reshape(-1)).cast("B")
+        self.file.write(buf)
+        self.values_hash.update(buf)
+        self.n += len(values)
+        return data
+
     def finish(self) -> str:
         """Write the real header; returns the content checksum."""
         if self.n == 0 or self.item_shape is None:
             raise DatasetError("the dataset is empty: no items")
         self.file.seek(0)
-        self.file.write(npy_header((self.n, *self.item_shape)))
+        self.file.write(npy_header((self.n, *self.item_shape), "|u1" if self.pixels else "<f4"))
         self.file.close()
         total = hashlib.sha256()
-        total.update(json.dumps([self.n, list(self.item_shape)]).encode())
+        # float32 datasets keep the checksum they always had; uint8 ones say so
+        described = [self.n, list(self.item_shape)] + (["uint8"] if self.pixels else [])
+        total.update(json.dumps(described).encode())
         total.update(self.values_hash.digest())
         total.update(self.meta_hash.digest())
         return total.hexdigest()
@@ -169,7 +200,10 @@ def _copy_items(cursor: Any, dataset_id: int, start: int, chunk: Chunk,
         for i in range(m):
             meta = json.dumps(metadata[i], sort_keys=True) if metadata[i] is not None else None
             copy.write_row((dataset_id, start + i, keys[i], labels[i], meta))
-    if chunk.keys or chunk.labels or chunk.metadata:
+            if writer.pixels:  # by row: images are the same content however chunked
+                writer.meta_hash.update(f"{keys[i]}\0{labels[i]}\0{meta}\n".encode())
+    writer.saw_labels = writer.saw_labels or any(label is not None for label in labels)
+    if not writer.pixels and (chunk.keys or chunk.labels or chunk.metadata):
         writer.meta_hash.update(json.dumps([chunk.keys, chunk.labels, chunk.metadata],
                                            sort_keys=True).encode())
 
@@ -185,12 +219,14 @@ def _duplicate_key(exc: BaseException) -> str:
 
 def register_dataset(db: Database, artifacts: ArtifactStore, settings: Settings, name: str,
                      source: Source, source_uri: str | None = None,
-                     temp_bytes: int = 0, ingest: dict[str, Any] | None = None,
+                     temp_bytes: int = 0,
+                     ingest: dict[str, Any] | Callable[[], dict[str, Any]] | None = None,
                      ) -> Registered:
     """Ingest an opened `source` (a reader's: see `ingest/`) as `name`, in one
     transaction with its canonical file: all of it or nothing. `temp_bytes`: the
     temporary files already written for it (counted against `max_upload_temp_bytes`).
-    `ingest`: how it was read (`datasets.ingest`: image transform, report, options)."""
+    `ingest`: how it was read (`datasets.ingest`: image transform, report, options), or a
+    function giving it once every chunk is read (a report is complete only then)."""
     import psycopg
 
     if not name or len(name) > 200 or name != name.strip():
@@ -205,7 +241,7 @@ def register_dataset(db: Database, artifacts: ArtifactStore, settings: Settings,
     fd, canonical = tempfile.mkstemp(prefix=f"{LEFTOVER_PREFIX}{os.getpid()}-", suffix=".npy",
                                      dir=tmp_dir)
     os.close(fd)
-    writer = _CanonicalWriter(canonical, settings, temp_bytes)
+    writer = _CanonicalWriter(canonical, settings, temp_bytes, source.pixels)
     artifact_key: str | None = None
     try:
         with db.engine.begin() as conn:
@@ -213,11 +249,13 @@ def register_dataset(db: Database, artifacts: ArtifactStore, settings: Settings,
             # after a lost answer) finds its dataset whatever name it carries.
             dataset_id = conn.execute(
                 Dataset.__table__.insert().values(
-                    name=f"pending-{uuid.uuid4()}", item_shape=[], dtype="float32",
+                    name=f"pending-{uuid.uuid4()}", item_shape=[],
+                    dtype="uint8" if source.pixels else "float32",
                     source_dtype=source.dtype, source_format=source.format, n_items=0,
                     checksum=f"pending-{uuid.uuid4()}",
                     source_uri=source_uri, artifact_key="", size_bytes=0, min_value=0.0,
-                    max_value=0.0, has_labels=source.has_labels, ingest=ingest,
+                    max_value=0.0, has_labels=source.has_labels,
+                    ingest=None if callable(ingest) else ingest,
                 ).returning(Dataset.id)).scalar_one()
             cursor = conn.connection.driver_connection.cursor()
             for chunk in source.chunks:
@@ -241,7 +279,8 @@ def register_dataset(db: Database, artifacts: ArtifactStore, settings: Settings,
             conn.execute(update(Dataset).where(Dataset.id == dataset_id).values(
                 name=name, item_shape=list(writer.item_shape or ()), n_items=writer.n,
                 checksum=checksum, artifact_key=artifact_key, size_bytes=size, min_value=writer.lo,
-                max_value=writer.hi))
+                max_value=writer.hi, has_labels=source.has_labels or writer.saw_labels,
+                **({"ingest": ingest()} if callable(ingest) else {})))
     except _SameContent as same:
         writer.abort()
         log.info("dataset content already registered dataset_id=%d", same.dataset_id)
@@ -341,7 +380,8 @@ def delete_dataset(db: Database, artifacts: ArtifactStore, dataset_id: int) -> N
 
 
 def dataset_array(artifacts: ArtifactStore, dataset: Dataset, cache_dir: str) -> np.ndarray:
-    """The canonical data as a read-only memory map (downloaded once for remote stores)."""
+    """The canonical data as a read-only memory map (downloaded once for remote stores),
+    in its stored dtype: uint8 image sets are 0..255 (see `models.transforms.item_values`)."""
     local = artifacts.local_path(dataset.artifact_key)
     if local is None:
         os.makedirs(cache_dir, exist_ok=True)

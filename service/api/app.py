@@ -215,14 +215,19 @@ def _register_body_schemas(app: FastAPI) -> None:
     references resolve for clients and generators."""
     from fastapi.openapi.utils import get_openapi
 
-    from service.api.schemas import DatasetByReference, DecodeRequest, EncodeRequest
+    from service.api.schemas import (
+        DatasetByReference,
+        DecodeRequest,
+        EncodeRequest,
+        SearchRequest,
+    )
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version,
                                  description=app.description, routes=app.routes)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (DatasetByReference, DecodeRequest, EncodeRequest):
+            for model in (DatasetByReference, DecodeRequest, EncodeRequest, SearchRequest):
                 found = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(found.pop("$defs", {}))
                 components[model.__name__] = found

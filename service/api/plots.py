@@ -69,10 +69,15 @@ def plot_latents(mu: np.ndarray, labels: np.ndarray | None, path: Target) -> Tar
 
 
 def image_grid(images: np.ndarray, columns: int = 8, scale: int = 4) -> Image.Image:
-    """Items (N, C, H, W) or (N, H, W) with values in [0, 1] as one grid image."""
+    """Items (N, C, H, W) with C = 1 (grey) or 3 (RGB), or (N, H, W) grey, with values in
+    [0, 1], as one grid image: `columns` tiles a row, each tile framed by a 1-pixel black
+    border, the whole enlarged `scale` times (nearest neighbour: pixels stay sharp)."""
     images = np.clip(np.asarray(images, dtype=np.float32), 0.0, 1.0)
     if images.ndim == 3:
         images = images[:, None]
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"image_grid takes (N, 1|3, H, W) or (N, H, W); got "
+                         f"{list(images.shape)}")
     n, c, h, w = images.shape
     rows = -(-n // columns)
     grid = np.zeros((c, rows * (h + 1) + 1, columns * (w + 1) + 1), np.float32)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import mimetypes
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,35 +64,64 @@ def _floats(text: str) -> list[float]:
         raise ValueError(f"{text!r} is not a comma-separated list of numbers") from None
 
 
+def _image(path: Path) -> Path:
+    """--image: an existing file, checked here so that a typo is not an upload."""
+    if not path.is_file():
+        raise fail(f"--image {path}: no such file")
+    return path
+
+
 @verb
 def search(set_id: Annotated[str, RefArg("embedding set")],
            key: Annotated[str | None, typer.Option(help="neighbours of this stored item")] = None,
            vector: Annotated[str | None, typer.Option(
                help="neighbours of this latent vector, comma-separated")] = None,
+           image: Annotated[Path | None, typer.Option(
+               help="neighbours of this picture (PNG, JPEG, WebP), decoded and encoded as "
+                    "the set's items were", dir_okay=False)] = None,
            k: Annotated[int, typer.Option("-k", "--k", min=1, max=1000)] = 10,
            metric: Annotated[str, typer.Option(help="l2 or cosine")] = "l2",
            label: Annotated[list[str] | None, typer.Option(
                help="keep only these labels (repeatable)")] = None,
            min_elbo: Annotated[float | None, typer.Option(help="keep ELBO >= this")] = None,
+           filter_json: Annotated[str | None, typer.Option(
+               "--filter", help='a filter as JSON, e.g. \'{"label": ["cat"]}\' (--label and '
+                                '--min-elbo add to it)')] = None,
            exact: Annotated[bool, typer.Option(help="exact scan instead of HNSW")] = False,
            as_json: JsonOpt = False) -> None:
-    """Nearest neighbours in latent space (of a stored item, or of a vector)."""
-    if (key is None) == (vector is None):
-        raise fail("give exactly one of --key and --vector")
-    body: dict[str, Any] = {"k": k, "metric": metric, "exact": exact}
-    if key is not None:
-        body["key"] = key
-    else:
-        body["vector"] = _floats(vector or "")
+    """Nearest neighbours in latent space (of a stored item, a vector, or an image)."""
+    if sum(v is not None for v in (key, vector, image)) != 1:
+        raise fail("give exactly one of --key, --vector and --image")
     flt: dict[str, Any] = {}
+    if filter_json is not None:
+        try:
+            flt = json.loads(filter_json)
+        except ValueError:
+            raise fail(f"--filter {filter_json!r} is not JSON") from None
+        if not isinstance(flt, dict):
+            raise fail("--filter must be a JSON object, e.g. '{\"label\": [\"cat\"]}'")
     if label:
         flt["label"] = label
     if min_elbo is not None:
         flt["elbo"] = [min_elbo, None]
-    if flt:
-        body["filter"] = flt
-    with client() as c:
-        answer = c.post(f"/v1/embeddings/{set_id}/search", json=body)
+    path = f"/v1/embeddings/{set_id}/search"
+    if image is not None:
+        form = {"k": str(k), "metric": metric, "exact": str(exact).lower()}
+        if flt:
+            form["filter"] = json.dumps(flt)
+        kind = mimetypes.guess_type(image.name)[0] or "application/octet-stream"
+        with client() as c, open(_image(image), "rb") as f:
+            answer = c.post(path, data=form, files={"image": (image.name, f, kind)})
+    else:
+        body: dict[str, Any] = {"k": k, "metric": metric, "exact": exact}
+        if key is not None:
+            body["key"] = key
+        else:
+            body["vector"] = _floats(vector or "")
+        if flt:
+            body["filter"] = flt
+        with client() as c:
+            answer = c.post(path, json=body)
     if as_json:
         emit_json(answer)
         return

@@ -20,6 +20,7 @@ from ingest.arrays import (
     register_digits,
     register_file,
 )
+from models.transforms import item_values
 from service.api.deps import (
     Id,
     Services,
@@ -257,7 +258,9 @@ def _items(svc: Services, dataset_id: int, offset: int, limit: int, what: str,
     check_answer(stop - offset, math.prod(ds.item_shape), svc.settings.max_response_values,
                  what)
     data = dataset_array(svc.artifacts, ds, str(svc.settings.cache_dir))
-    return ds, np.asarray(data[offset:stop]), item_rows(svc.db, ds.id, offset, stop)
+    # 8-bit items (uint8 storage) are read as their values, x / 255 in [0, 1]
+    return ds, item_values(np.asarray(data[offset:stop])), item_rows(svc.db, ds.id, offset,
+                                                                       stop)
 
 
 @router.get("/{dataset_id}/items", response_model=DatasetItemsOut,
@@ -281,7 +284,8 @@ async def dataset_items(request: Request, dataset_id: Id,
 @router.get("/{dataset_id}/thumbnails.png", dependencies=[require("read")],
             responses={200: {"content": {"image/png": {}}}, **ERRORS},
             response_class=Response,
-            summary="A grid of the dataset's items as images (scaled by its value range)")
+            summary="A grid of the dataset's items as images, grey or RGB (8-bit items as they "
+                     "are, others scaled by the dataset's value range)")
 async def thumbnails(request: Request, dataset_id: Id, offset: int = Query(0, ge=0, le=2**62),
                      n: int = Query(32, ge=1, le=MAX_ITEMS_PAGE),
                      columns: int = Query(8, ge=1, le=64)) -> Response:
@@ -294,8 +298,11 @@ async def thumbnails(request: Request, dataset_id: Id, offset: int = Query(0, ge
     def draw() -> bytes:
         from service.api.plots import image_grid
 
-        lo, hi = min(0.0, ds.min_value), ds.max_value
-        scaled = (x.astype(np.float32) - lo) / (hi - lo if hi > lo else 1.0)
+        if ds.dtype == "uint8":  # 8-bit images: drawn as they are, not stretched
+            scaled = x
+        else:
+            lo, hi = min(0.0, ds.min_value), ds.max_value
+            scaled = (x.astype(np.float32) - lo) / (hi - lo if hi > lo else 1.0)
         buffer = io.BytesIO()
         image_grid(scaled, columns=min(columns, len(scaled))).save(buffer, format="PNG")
         return buffer.getvalue()

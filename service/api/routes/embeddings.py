@@ -10,8 +10,21 @@ from typing import Any, Literal
 import numpy as np
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
 
-from service.api.deps import Services, SetId, in_thread, require, services
+from service.api.deps import (
+    Services,
+    SetId,
+    in_thread,
+    media_type,
+    parse_json,
+    read_body,
+    require,
+    services,
+)
+from service.api.errors import describe_validation
+from service.api.images import image_body, is_image_request
+from service.api.inference import model_view
 from service.api.routes.datasets import ERRORS
 from service.api.schemas import (
     BatchAnswer,
@@ -27,7 +40,7 @@ from service.api.schemas import (
     SearchOut,
     SearchRequest,
 )
-from store.errors import Conflict, InvalidInput, TooLarge
+from store.errors import Conflict, InvalidInput, TooLarge, UnsupportedFormat
 from store.latents import (
     SearchFilter,
     delete_set,
@@ -110,14 +123,74 @@ def _check_search(settings: Settings, queries: int, k: int) -> None:
                        "queries per request")
 
 
-@router.post("/{set_id}/search", response_model=SearchOut, dependencies=[require("read")],
-             responses=ERRORS,
-             summary="k nearest neighbours of a vector or a stored item, with filters")
-async def search_set(request: Request, set_id: SetId, body: SearchRequest) -> SearchOut:
-    svc = services(request)
+SEARCH_FIELDS = ("k", "metric", "exact", "filter")
+SEARCH_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"$ref": "#/components/schemas/SearchRequest"}},
+    **image_body({"k": {"type": "integer", "default": 10, "minimum": 1, "maximum": 1000},
+                  "metric": {"type": "string", "enum": ["l2", "cosine"],
+                             "default": "l2"},
+                  "exact": {"type": "boolean", "default": False},
+                  "filter": {"type": "string",
+                             "description": "JSON, as SearchRequest's filter"}},
+                 "k, metric, exact and filter (JSON)")}}}
+
+
+def _search_params(fields: dict[str, str]) -> SearchRequest:
+    """An image search's k, metric, exact and filter (form fields or query parameters)
+    checked as a JSON search's are."""
+    unknown = sorted(set(fields) - set(SEARCH_FIELDS))
+    if unknown:
+        raise InvalidInput(f"unknown parameter {unknown[0]!r}: an image search takes "
+                           f"{', '.join(SEARCH_FIELDS)}")
+    values: dict[str, Any] = dict(fields)
+    if "filter" in values:
+        try:
+            values["filter"] = json.loads(values["filter"])
+        except ValueError:
+            raise InvalidInput("'filter' must be JSON, e.g. {\"label\": [\"3\"]}") from None
+    try:
+        return SearchRequest.model_validate(values)
+    except ValidationError as exc:
+        raise InvalidInput(describe_validation(list(exc.errors()))) from None
+
+
+async def _image_query(request: Request, svc: Services, set_id: int,
+                       ) -> tuple[SearchRequest, np.ndarray]:
+    """The search's parameters and its vector: the uploaded image through the set's
+    model's encoder (posterior mean), transformed as the set's dataset's items were."""
+    from service.api.images import image_input, read_upload
+    from service.api.routes.models import ready_model
+
+    upload = await read_upload(request, SEARCH_FIELDS)
+    body = _search_params(upload.fields)
     _check_search(svc.settings, 1, body.k)
-    result = await in_thread(search, svc.db, svc.settings, set_id,
-                             vector=None if body.vector is None else np.asarray(body.vector),
+    es = await in_thread(_readable, svc, set_id)
+    model = await ready_model(svc, es.model_id)
+    config = model.config["model"]
+    x = model_view(await image_input(svc, upload, es.dataset_id, config), config)
+    out = await svc.inference.run(model.id, "encoder", model.encoder_sha256 or "",
+                                  model.encoder_uri or "", x)
+    return body, np.asarray(out["mu"][0], dtype=np.float64)
+
+
+@router.post("/{set_id}/search", response_model=SearchOut, dependencies=[require("read")],
+             responses=ERRORS, openapi_extra=SEARCH_BODY,
+             summary="k nearest neighbours of a vector, a stored item or an uploaded image "
+                     "(encoded by the set's model), with filters")
+async def search_set(request: Request, set_id: SetId) -> SearchOut:
+    svc = services(request)
+    if is_image_request(request):
+        body, vector = await _image_query(request, svc, set_id)
+    else:
+        kind = media_type(request)
+        if kind != "application/json":
+            raise UnsupportedFormat(
+                f"content type {kind!r} is not accepted: send JSON (a vector or a key), or "
+                "an image (image/png, image/jpeg, image/webp, or multipart field 'image')")
+        body = parse_json(await read_body(request), SearchRequest)
+        _check_search(svc.settings, 1, body.k)
+        vector = None if body.vector is None else np.asarray(body.vector)
+    result = await in_thread(search, svc.db, svc.settings, set_id, vector=vector,
                              key=body.key, k=body.k, metric=body.metric,
                              flt=_filter(body.filter), exact=body.exact)
     return SearchOut(results=[_hit(h) for h in result.hits], plan=result.plan)

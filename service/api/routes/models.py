@@ -27,6 +27,14 @@ from service.api.deps import (
     wants,
 )
 from service.api.errors import ApiError
+from service.api.images import (
+    SCORE_FIELDS,
+    image_body,
+    image_input,
+    is_image_request,
+    read_upload,
+    score_params,
+)
 from service.api.inference import (
     as_float_rows,
     as_vector,
@@ -231,13 +239,16 @@ async def _reply(request: Request, arrays: dict[str, np.ndarray], image: str | N
 SERVE_ERRORS = {**ERRORS, 406: ERRORS[409], 503: ERRORS[409]}
 
 
-def _serving_body(schema: str) -> dict[str, Any]:
+def _serving_body(schema: str, image: dict[str, Any] | None = None) -> dict[str, Any]:
     # The .npy body is declared as application/octet-stream, a type every client generator
-    # can send; the server takes the same bytes as application/x-npy too.
+    # can send; the server takes the same bytes as application/x-npy too. Routes that take
+    # an image (one item, as the model's dataset's were made) declare it beside them.
     return {"requestBody": {"required": True, "content": {
         "application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}},
         OCTETS: {"schema": {"type": "string", "format": "binary",
-                            "description": f"an .npy file (also accepted as {NPY})"}}}}}
+                            "description": f"an .npy file (also accepted as {NPY})"}},
+        **(image_body(image, ", ".join(image) or "no parameters")
+           if image is not None else {})}}}
 
 
 def _answers(model: type) -> dict[int | str, dict[str, Any]]:
@@ -400,11 +411,16 @@ async def _encoded(request: Request, model_id: int, answer: Literal["encode", "r
     """The request's items (JSON or .npy, item-shaped) through the model's encoder, once
     the answer (mu and logvar, or the reconstructions) is known to be within its bound."""
     svc = services(request)
-    _array_body(request)
-    raw = await read_body(request)
-    model = await ready_model(svc, model_id)
-    x = await _rows(raw, request, "x", EncodeRequest, None, svc.settings.decode_max_rows,
-                    item_shape=model.config["model"]["input_shape"])
+    if is_image_request(request):  # one image, transformed as the model's dataset was
+        model = await ready_model(svc, model_id)
+        x = await image_input(svc, await read_upload(request, ()), model.dataset_id,
+                              model.config["model"])
+    else:
+        _array_body(request)
+        raw = await read_body(request)
+        model = await ready_model(svc, model_id)
+        x = await _rows(raw, request, "x", EncodeRequest, None, svc.settings.decode_max_rows,
+                        item_shape=model.config["model"]["input_shape"])
     config = model.config["model"]
     check_answer(len(x), 2 * config["latent_dim"] if answer == "encode" else item_values(config),
                  svc.settings.max_response_values, answer)
@@ -416,7 +432,7 @@ async def _encoded(request: Request, model_id: int, answer: Literal["encode", "r
 
 
 @router.post("/{model_id}/encode", dependencies=[require("read")],
-             openapi_extra=_serving_body("EncodeRequest"), responses=_answers(EncodeOut),
+             openapi_extra=_serving_body("EncodeRequest", {}), responses=_answers(EncodeOut),
              response_class=Response, summary="Posterior means and log-variances of items")
 async def encode(request: Request, model_id: ModelId) -> Response:
     _, _, out = await _encoded(request, model_id, "encode")
@@ -434,6 +450,9 @@ async def reconstruct(request: Request, model_id: ModelId) -> Response:
 
 # -- scoring new items ---------------------------------------------------------------
 
+SCORE_FORM = {"importance_samples": {"type": "integer", "minimum": 0, "maximum": 5000},
+              "fpr": {"type": "number", "exclusiveMinimum": 0, "maximum": 0.5},
+              "seed": {"type": "integer", "minimum": 0}}
 MAX_IMPORTANCE_SAMPLES = 5000
 TRAINING_SPLIT_NOTE = ("the model was trained with val_fraction = 0, so its threshold comes "
                        "from the items it was trained on: new items score lower than those "
@@ -488,7 +507,7 @@ def threshold_split(summary: dict[str, Any]) -> Literal["validation", "training"
 
 
 @router.post("/{model_id}/score", dependencies=[require("read")],
-             openapi_extra=_serving_body("EncodeRequest"),
+             openapi_extra=_serving_body("EncodeRequest", SCORE_FORM),
              responses={200: {"model": ScoreOut}, **SERVE_ERRORS, 413: ERRORS[409]},
              response_class=Response,
              summary="ELBO, reconstruction, KL and log p(x) (with its Monte-Carlo error) of "
@@ -505,12 +524,19 @@ async def score(request: Request, model_id: ModelId,
                 seed: int | None = Query(None, ge=0, le=2**63 - 1,
                                          description="seed of the posterior draws")) -> Response:
     svc = services(request)
-    _array_body(request)
-    raw = await read_body(request)
-    model = await ready_model(svc, model_id)
+    if is_image_request(request):  # one image, transformed as the model's dataset was
+        model = await ready_model(svc, model_id)
+        upload = await read_upload(request, SCORE_FIELDS)
+        params = score_params(upload.fields)
+        importance_samples, fpr, seed = params.importance_samples, params.fpr, params.seed
+        x = await image_input(svc, upload, model.dataset_id, model.config["model"])
+    else:
+        _array_body(request)
+        raw = await read_body(request)
+        model = await ready_model(svc, model_id)
+        x = as_float_rows(_body_array(raw, request, "x", EncodeRequest), None, "x", 2**62,
+                          item_shape=model.config["model"]["input_shape"])
     limits = svc.settings
-    x = as_float_rows(_body_array(raw, request, "x", EncodeRequest), None, "x", 2**62,
-                      item_shape=model.config["model"]["input_shape"])
     bulk = "; score more with an embedding job (POST /v1/embedding-jobs), which stores the " \
            "same figures for every item of a dataset"
     if len(x) > limits.score_max_rows:

@@ -5,7 +5,8 @@
 const KEY = "latentbank.key";
 const state = { key: sessionStorage.getItem(KEY), scopes: [], timers: [], streams: [] };
 // what the browser tests read: the playground's vector and answer, the scatter's points
-const exposed = (window.latentbank = { playground: null, scatter: null, ready: false });
+const exposed = (window.latentbank = { playground: null, scatter: null, imageSearch: null,
+                                       ready: false });
 
 // -- helpers ------------------------------------------------------------------------------
 
@@ -66,7 +67,7 @@ function leaveView() {
   state.timers = [];
   state.streams.forEach((c) => c.abort());
   state.streams = [];
-  exposed.playground = exposed.scatter = null;
+  exposed.playground = exposed.scatter = exposed.imageSearch = null;
   exposed.ready = false;
 }
 
@@ -546,7 +547,8 @@ async function setView(main, id) {
     h("div", { style: "flex: 1; min-width: 320px" },
       h("form", { class: "row", onsubmit: (ev) => { ev.preventDefault();
         showNeighbours(es, model, keyInput.value.trim(), neighbours); } },
-      keyInput, h("button", { id: "search-go" }, "Nearest neighbours")), neighbours)));
+      keyInput, h("button", { id: "search-go" }, "Nearest neighbours")), neighbours,
+      imageShape(model.config.model.input_shape) ? imageQuery(es, model) : "")));
   const xs = p.points.map((q) => q[0]), ys = p.points.map((q) => q[1]);
   const [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
   const pad = 16, W = canvas.width - 2 * pad, H = canvas.height - 2 * pad;
@@ -637,6 +639,90 @@ async function showNeighbours(es, model, key, box) {
         distance: r.distance })) };
     }
   } catch (e) { box.replaceChildren(h("p", { class: "warn" }, e.message)); }
+}
+
+// -- search by image ----------------------------------------------------------------------
+
+const IMAGE_TYPES = "image/png,image/jpeg,image/webp,image/bmp,image/gif";
+
+function imageQuery(es, model) {
+  const box = h("div", { id: "image-results" });
+  const file = h("input", { type: "file", id: "image-file", accept: IMAGE_TYPES,
+    onchange: () => { if (file.files[0]) searchByImage(es, model, file.files[0], box); } });
+  const zone = h("div", { id: "image-drop", class: "drop" },
+    h("p", {}, "Drop an image here, or ", h("label", { class: "file" }, "choose a file", file)),
+    h("p", { class: "muted" }, "it is decoded and resized as the set's dataset was, encoded ",
+      "by the model, and searched like an item of the set"));
+  zone.addEventListener("dragover", (ev) => { ev.preventDefault(); zone.classList.add("over"); });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (ev) => {
+    ev.preventDefault();
+    zone.classList.remove("over");
+    const dropped = ev.dataTransfer.files[0];
+    if (dropped) searchByImage(es, model, dropped, box);
+  });
+  return h("div", { class: "card", id: "image-query" }, h("h2", {}, "Search by image"), zone, box);
+}
+
+function imageForm(file, fields) {
+  const form = new FormData();
+  form.append("image", file, file.name || "query");
+  for (const [k, v] of Object.entries(fields)) form.append(k, String(v));
+  return form;
+}
+
+// The query's score: against the held-out threshold at fpr 1 % when the model has one
+// (a 409 says it has none: scored without it).
+async function scoreImage(model, file) {
+  const path = `/v1/models/${model.id}/score`;
+  try {
+    return await api(path, { method: "POST", body: imageForm(file, { fpr: 0.01 }) });
+  } catch (e) {
+    if (!/held-out thresholds|fpr/.test(e.message)) throw e;
+    return api(path, { method: "POST", body: imageForm(file, {}) });
+  }
+}
+
+function thumbnail(es, index) {
+  const img = h("img", { class: "thumb", alt: `item ${index}` });
+  api(`/v1/datasets/${es.dataset_id}/thumbnails.png?offset=${index}&n=1&columns=1`,
+    { accept: "image/png" }).then((url) => { img.src = url; }).catch(() => img.remove());
+  return img;
+}
+
+function scoreLine(score) {
+  const figure = score.log_px ? "log p(x)" : "ELBO";
+  const value = (score.log_px || score.elbo)[0];
+  if (!score.threshold) return h("p", { id: "image-score" }, `${figure} ${fmt(value, 2)} `,
+    h("span", { class: "muted" }, "(the model has no held-out threshold)"));
+  const t = score.threshold, outlier = score.is_outlier[0];
+  return h("p", { id: "image-score" }, `${figure} ${fmt(value, 2)} against the held-out `,
+    `threshold ${fmt(t.value, 2)} (${100 * t.fpr} % of ${t.split} items lie below it): `,
+    h("strong", { class: outlier ? "warn" : "ok" }, outlier ? "an outlier" : "typical"));
+}
+
+async function searchByImage(es, model, file, box) {
+  box.replaceChildren(h("p", { class: "muted" }, `searching the neighbours of ${file.name}…`));
+  try {
+    const [found, score] = await Promise.all([
+      api(`/v1/embeddings/${es.id}/search`, { method: "POST",
+        body: imageForm(file, { k: 8 }) }),
+      scoreImage(model, file)]);
+    box.replaceChildren(h("div", { class: "row" },
+      h("img", { class: "thumb query", src: URL.createObjectURL(file), alt: file.name }),
+      h("div", {}, h("p", {}, `${file.name}: its ${found.results.length} nearest neighbours `,
+        h("span", { class: "muted" }, `(plan: ${found.plan})`)), scoreLine(score))),
+    h("table", { class: "neighbours", id: "image-neighbours" }, h("thead", {}, h("tr", {},
+      ["item", "key", "label", "distance", "log p(x)"].map((c) => h("th", {}, c)))),
+    h("tbody", {}, found.results.map((r) => h("tr", { "data-key": r.key },
+      h("td", {}, thumbnail(es, r.index)), h("td", {}, r.key), h("td", {}, r.label ?? "–"),
+      h("td", { class: "num" }, fmt(r.distance, 4)), h("td", { class: "num" }, fmt(r.log_px, 2)))))));
+    exposed.imageSearch = { name: file.name, score,
+      results: found.results.map((r) => ({ key: r.key, distance: r.distance })) };
+  } catch (e) {
+    box.replaceChildren(h("p", { class: "warn", id: "image-error" }, e.message));
+    exposed.imageSearch = { name: file.name, error: e.message };
+  }
 }
 
 // -- the router ---------------------------------------------------------------------------

@@ -414,7 +414,7 @@ def test_keys_over_http_and_direct(data_dir, stack):
      "error: 'optimizer': settings are named model.<field> or training.<field>"),
     (["train", "--dataset", "1", "--latent-dim", "0"], 1, "error: 422"),
     (["decode", "1", "--sample", "2", "-o", "x.txt"], 2, "error: --out x.txt: write .npy or .png"),
-    (["search", "1"], 2, "error: give exactly one of --key and --vector"),
+    (["search", "1"], 2, "error: give exactly one of --key, --vector and --image"),
     (["datasets", "add"], 2, "error: give exactly one of PATH, --uri and --builtin"),
 ])
 def test_failures_exit_non_zero_with_one_line(data_dir, trained, args, code, reason):

@@ -1,4 +1,4 @@
-"""The dataset file readers at the API's edge, through ingest into real PostgreSQL: every
+"""The array readers (ingest/arrays.py), through the store into real PostgreSQL: every
 format, every bad file rejected with its message and nothing left behind, and server-side
 paths confined to the allowed roots."""
 
@@ -13,8 +13,8 @@ from ingest.arrays import (
     IngestOptions,
     register_digits,
     register_file,
-    resolve_allowed_path,
 )
+from ingest.paths import resolve_allowed_path
 from store.datasets import dataset_array, item_rows
 from store.errors import DatasetError, PathNotAllowed, TooLarge, UnsupportedFormat
 from tests.support import counts, stored_files, unique_name

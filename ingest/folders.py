@@ -1,0 +1,339 @@
+"""Image folders, and the same layout inside a `.zip` or a `.tar`/`.tar.gz`.
+
+Layout: `root/<class>/<name>.png|jpg|jpeg|webp|bmp|gif` (any case). An item's key is its
+path under the root with `/` (`cat/001.png`); its label the first folder under the root
+(none for files at the root). Files that are not images by name are not items: they are
+counted as `skipped`, not failed; dot files and `__MACOSX/` likewise.
+
+An archive made of the folder itself (`zip -r photos.zip photos/`, members
+`photos/cat/001.png`) gives the same keys as the folder: a top folder that every image
+member shares is dropped when the images lie at least one class folder below it. A tar
+is streamed (archive order), so there the first image member decides.
+
+Bounds: a folder is planned in units of UNIT_FILES files; a folder entry whose real path
+leaves the allowed roots (a symlink) is a failure, never opened. A zip member's declared
+size and compression ratio are checked before it is inflated; a tar's inflated bytes are
+counted as they are read; one image is at most MAX_IMAGE_BYTES.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+import zipfile
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+from ingest.batches import (
+    MAX_IMAGE_BYTES,
+    Encoded,
+    image_chunks,
+    is_hidden,
+    label_of,
+    read_bounded,
+)
+from ingest.images import is_image_name
+from ingest.paths import inside_roots
+from ingest.plan import IngestOptions, Limits, Location, Plan, Report, Unit
+from store.datasets import Chunk
+from store.errors import DatasetError, TooLarge
+
+UNIT_FILES = 4096
+UNIT_BYTES = 256 << 20
+ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError)
+
+
+# -- folders -----------------------------------------------------------------------------
+
+def _walk_local(root: str, roots: tuple[str, ...]) -> tuple[list[list[Any]], list[str], int]:
+    """Image files under `root` as [path, key, size]; keys that leave the roots; skipped."""
+    files: list[list[Any]] = []
+    outside: list[str] = []
+    skipped = 0
+    for folder, dirnames, filenames in os.walk(root, followlinks=False):
+        rel = os.path.relpath(folder, root).replace(os.sep, "/")
+        prefix = "" if rel == "." else rel + "/"
+        for d in list(dirnames):
+            full = os.path.join(folder, d)
+            if os.path.islink(full):  # never followed; counted
+                if roots and not inside_roots(os.path.realpath(full), roots):
+                    outside.append(prefix + d + "/")
+                else:
+                    skipped += 1
+        for name in filenames:
+            key, full = prefix + name, os.path.join(folder, name)
+            if is_hidden(key) or not is_image_name(name):
+                skipped += 1
+                continue
+            if roots and not inside_roots(os.path.realpath(full), roots):
+                outside.append(key)
+                continue
+            try:
+                size = os.path.getsize(full)
+            except OSError:
+                size = 0
+            files.append([full, key, size])
+    return files, outside, skipped
+
+
+def plan_folder(location: Location, options: IngestOptions, limits: Limits) -> Plan:
+    root = location.path.rstrip("/")
+    if not location.fs.isdir(root):
+        raise DatasetError(f"{location.display} is not a folder (format 'images' reads a "
+                           "folder of class folders; use 'zip' or 'tar' for an archive)")
+    if location.is_local:
+        files, outside, skipped = _walk_local(root, location.roots)
+    else:
+        files, outside, skipped = [], [], 0
+        for path, info in sorted(location.fs.find(root, detail=True).items()):
+            if info.get("type") != "file":
+                continue
+            key = path[len(root):].lstrip("/")
+            if is_hidden(key) or not is_image_name(key):
+                skipped += 1
+                continue
+            files.append([path, key, int(info.get("size") or 0)])
+    files.sort(key=lambda f: f[1])
+    if len(files) > limits.max_dataset_items:
+        raise TooLarge(f"the folder holds {len(files)} images; the limit is "
+                       f"{limits.max_dataset_items} (max_dataset_items)")
+    units: list[Unit] = []
+    start = 0
+    while start < len(files) or not units:
+        stop, size = start, 0
+        while stop < len(files) and stop - start < UNIT_FILES and (
+                size < UNIT_BYTES or stop == start):
+            size += files[stop][2]
+            stop += 1
+        extra: dict[str, Any] = {"files": files[start:stop]}
+        if not units:
+            extra.update(outside=outside, skipped=skipped)
+        units.append(Unit(len(units), f"{location.display}[{start}:{stop}]", size, extra))
+        start = stop
+        if stop >= len(files):
+            break
+    return Plan("images", location, units, sum(f[2] for f in files), len(files) or None,
+                pixels=True)
+
+
+def _report_extra(unit: Unit, report: Report) -> None:
+    report.skipped += int(unit.extra.get("skipped", 0))
+    for key in unit.extra.get("outside", []):
+        report.fail(key, "outside the allowed roots (a link): not read")
+
+
+def read_folder(plan: Plan, unit: Unit, options: IngestOptions, limits: Limits,
+                report: Report) -> Iterator[Chunk]:
+    _report_extra(unit, report)
+    fs = plan.location.fs
+
+    def items() -> Iterator[Encoded]:
+        for path, key, size in unit.extra["files"]:
+            try:
+                with fs.open(path, "rb") as f:
+                    data = read_bounded(f, size, key)
+            except OSError as exc:
+                report.fail(key, f"cannot be read ({type(exc).__name__})")
+                continue
+            if isinstance(data, str):
+                report.fail(key, data)
+            else:
+                yield Encoded(key, data, label_of(key))
+
+    yield from image_chunks(items(), plan, report, limits.max_image_pixels)
+
+
+# -- zip ---------------------------------------------------------------------------------
+
+def _top_to_strip(names: list[str]) -> str:
+    """The top folder every image shares, when the classes lie below it."""
+    tops = {n.split("/", 1)[0] for n in names}
+    if len(tops) == 1 and all("/" in n for n in names) and any(n.count("/") >= 2
+                                                               for n in names):
+        return tops.pop() + "/"
+    return ""
+
+
+def _zip_members(zf: zipfile.ZipFile) -> tuple[list[zipfile.ZipInfo], int]:
+    members, skipped = [], 0
+    for info in zf.infolist():
+        if info.is_dir():
+            continue
+        if is_hidden(info.filename) or not is_image_name(info.filename):
+            skipped += 1
+            continue
+        members.append(info)
+    members.sort(key=lambda i: i.filename)
+    return members, skipped
+
+
+def _open_zip(location: Location) -> tuple[Any, zipfile.ZipFile]:
+    f = location.fs.open(location.path, "rb")
+    try:
+        return f, zipfile.ZipFile(f)
+    except ARCHIVE_ERRORS as exc:
+        f.close()
+        raise DatasetError(f"{location.display} is not a readable zip archive "
+                           f"({type(exc).__name__})") from None
+
+
+def plan_zip(location: Location, options: IngestOptions, limits: Limits) -> Plan:
+    f, zf = _open_zip(location)
+    with f, zf:
+        members, skipped = _zip_members(zf)
+    if len(members) > limits.max_dataset_items:
+        raise TooLarge(f"the archive holds {len(members)} images; the limit is "
+                       f"{limits.max_dataset_items} (max_dataset_items)")
+    declared = sum(i.file_size for i in members)
+    if declared > limits.max_inflated_bytes:
+        raise TooLarge(f"the archive's images declare {declared} bytes inflated; the limit "
+                       f"is {limits.max_inflated_bytes} (max_inflated_bytes)")
+    strip = _top_to_strip([i.filename for i in members])
+    units: list[Unit] = []
+    start = 0
+    while True:
+        stop, size = start, 0
+        while stop < len(members) and stop - start < UNIT_FILES and (
+                size < UNIT_BYTES or stop == start):
+            size += members[stop].compress_size
+            stop += 1
+        extra: dict[str, Any] = {"start": start, "stop": stop, "strip": strip}
+        if not units:
+            extra["skipped"] = skipped
+        units.append(Unit(len(units), f"{location.display}[{start}:{stop}]", size, extra))
+        start = stop
+        if stop >= len(members):
+            break
+    total = int(location.fs.size(location.path))
+    return Plan("zip", location, units, total, len(members) or None, pixels=True)
+
+
+def read_zip(plan: Plan, unit: Unit, options: IngestOptions, limits: Limits,
+             report: Report) -> Iterator[Chunk]:
+    _report_extra(unit, report)
+    strip = unit.extra["strip"]
+    f, zf = _open_zip(plan.location)
+
+    def items() -> Iterator[Encoded]:
+        members, _ = _zip_members(zf)
+        for info in members[unit.extra["start"]:unit.extra["stop"]]:
+            key = info.filename[len(strip):] if info.filename.startswith(strip) else info.filename
+            ratio = info.file_size / max(1, info.compress_size)
+            if info.file_size > MAX_IMAGE_BYTES:
+                report.fail(key, f"declares {info.file_size} bytes; the limit for one image "
+                            f"is {MAX_IMAGE_BYTES}")
+                continue
+            if info.file_size > 1 << 20 and ratio > limits.max_compression_ratio:
+                report.fail(key, f"compressed {ratio:.0f}:1, more than "
+                            f"{limits.max_compression_ratio:.0f}:1 (max_compression_ratio): "
+                            "not inflated")
+                continue
+            try:
+                with zf.open(info) as member:
+                    data = read_bounded(member, info.file_size, key)
+            except (*ARCHIVE_ERRORS, RuntimeError, NotImplementedError) as exc:
+                report.fail(key, f"the archive member is damaged or encrypted "
+                            f"({type(exc).__name__})")
+                continue
+            if isinstance(data, str):
+                report.fail(key, data)
+            else:
+                yield Encoded(key, data, label_of(key))
+
+    with f, zf:
+        yield from image_chunks(items(), plan, report, limits.max_image_pixels)
+
+
+# -- tar ---------------------------------------------------------------------------------
+
+def tar_members(fileobj: Any, display: str, limits: Limits, report: Report,
+                ) -> Iterator[tuple[tarfile.TarInfo, Any]]:
+    """A tar's regular members in archive order, streamed (gzip too), each with the open
+    stream to read it from; inflated bytes counted against `max_inflated_bytes`. A damaged
+    or truncated archive is a DatasetError naming where it broke."""
+    inflated, n = 0, 0
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_Checked) as tf:
+            for member in tf:
+                n += 1
+                if not member.isreg():
+                    if not member.isdir():
+                        report.skipped += 1
+                    continue
+                inflated += member.size
+                if inflated > limits.max_inflated_bytes:
+                    raise TooLarge(f"{display} inflates to more than "
+                                   f"{limits.max_inflated_bytes} bytes (max_inflated_bytes)")
+                yield member, tf
+            if getattr(tf, "cut_short", False):
+                raise tarfile.ReadError("the archive ends before its end marker")
+    except ARCHIVE_ERRORS as exc:
+        raise DatasetError(f"{display} is truncated or damaged after {n} members "
+                           f"({type(exc).__name__}: {str(exc)[:120]})") from None
+
+
+class _Checked(tarfile.TarInfo):
+    """tarfile ends a stream quietly where a header is missing or cut (a truncated
+    archive); this notes it, so that a cut archive is an error, not a shorter dataset."""
+
+    @classmethod
+    def fromtarfile(cls, tf: Any) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tf)
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError):  # type: ignore[attr-defined]
+            tf.cut_short = True
+            raise
+
+
+def member_bytes(tf: Any, member: tarfile.TarInfo, key: str,
+                 limit: int = MAX_IMAGE_BYTES) -> bytes | str:
+    if member.size > limit:
+        return f"{key} is {member.size} bytes; the limit is {limit}"
+    f = tf.extractfile(member)
+    data = f.read(member.size) if f is not None else b""
+    if len(data) != member.size:
+        raise tarfile.ReadError(f"{key}: unexpected end of data")
+    return data
+
+
+def tar_key(name: str) -> str:
+    while name.startswith("./"):
+        name = name[2:]
+    return name.lstrip("/")
+
+
+def plan_tar(location: Location, options: IngestOptions, limits: Limits,
+             fmt: str = "tar") -> Plan:
+    size = int(location.fs.size(location.path))
+    return Plan(fmt, location, [Unit(0, location.display, size, {"path": location.path})],
+                size, None, pixels=True)
+
+
+def read_tar(plan: Plan, unit: Unit, options: IngestOptions, limits: Limits,
+             report: Report) -> Iterator[Chunk]:
+    location = plan.location
+
+    def items() -> Iterator[Encoded]:
+        strip: str | None = None
+        with location.fs.open(location.path, "rb") as f:
+            for member, tf in tar_members(f, location.display, limits, report):
+                key = tar_key(member.name)
+                if is_hidden(key) or not is_image_name(key):
+                    report.skipped += 1
+                    continue
+                if strip is None:
+                    strip = key.split("/", 1)[0] + "/" if key.count("/") >= 2 else ""
+                if strip and key.startswith(strip):
+                    key = key[len(strip):]
+                try:
+                    data = member_bytes(tf, member, key)
+                except ARCHIVE_ERRORS as exc:
+                    raise DatasetError(f"{location.display} is truncated or damaged at "
+                                       f"{key} ({type(exc).__name__})") from None
+                if isinstance(data, str):
+                    report.fail(key, data)
+                else:
+                    yield Encoded(key, data, label_of(key))
+
+    yield from image_chunks(items(), plan, report, limits.max_image_pixels)

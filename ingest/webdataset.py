@@ -1,0 +1,155 @@
+"""WebDataset shards: `.tar` files whose members are samples, `<key>.<ext>` side by side
+(`000123.jpg`, `000123.cls`, `000123.json`). One unit per shard, streamed.
+
+A sample is the consecutive members sharing a key (the member's path up to the first dot
+of its basename). Its image is the first member with an image extension; `cls` is the
+label (text, stripped); `json` is the metadata (a dict, else `{"json": value}`; its
+`label` or `cls` value is the label when there is no cls member); `txt` is metadata
+`{"txt": ...}`. Other members are ignored. A sample without an image is a failure.
+
+Keys are the samples' own: shards are expected to number their samples apart. Two shards
+with the same key make the dataset fail with the store's duplicate-key error, naming it.
+
+Shards are a folder holding only `.tar` files, one `.tar`, or a brace pattern
+(`shard-{000000..000099}.tar`, expanded in `ingest.paths` with a bounded count).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from collections.abc import Iterator
+from typing import Any
+
+from ingest.batches import MAX_IMAGE_BYTES, MAX_SIDE_BYTES, Encoded, image_chunks
+from ingest.folders import ARCHIVE_ERRORS, member_bytes, tar_members
+from ingest.images import IMAGE_SUFFIXES
+from ingest.paths import expand_braces, has_brace, inside_roots
+from ingest.plan import IngestOptions, Limits, Location, Plan, Report, Unit
+from store.datasets import Chunk
+from store.errors import DatasetError, NotFound, PathNotAllowed
+
+IMAGE_EXTS = {s[1:] for s in IMAGE_SUFFIXES}
+SIDE_EXTS = ("cls", "txt", "json")
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """`dir/000123.seg.png` -> (`dir/000123`, `seg.png`)."""
+    folder, base = posixpath.split(name)
+    stem, _, ext = base.partition(".")
+    return (posixpath.join(folder, stem) if folder else stem), ext.lower()
+
+
+def looks_like_webdataset(names: list[str]) -> bool:
+    """The first members of a tar: flat `<key>.<ext>` groups of an image and a side file."""
+    groups: dict[str, set[str]] = {}
+    for name in names:
+        key, ext = split_key(name)
+        groups.setdefault(key, set()).add(ext)
+    return any(exts & IMAGE_EXTS and exts & set(SIDE_EXTS) for exts in groups.values())
+
+
+def shard_paths(location: Location) -> list[str]:
+    fs, path = location.fs, location.path
+    if has_brace(path):
+        folder, name = path.rsplit("/", 1)
+        paths = [f"{folder}/{n}" for n in expand_braces(name)]
+        for p in paths:
+            if not fs.exists(p):
+                raise NotFound(f"shard {posixpath.basename(p)!r} of {location.display} "
+                               "does not exist")
+    elif fs.isdir(path):
+        paths = sorted(p for p in fs.find(path) if p.lower().endswith(".tar"))
+    else:
+        paths = [path]
+    if location.is_local and location.roots:
+        for p in paths:
+            if not inside_roots(os.path.realpath(p), location.roots):
+                raise PathNotAllowed(f"shard {posixpath.basename(p)!r} is outside the "
+                                     "allowed roots (a link)")
+    if not paths:
+        raise DatasetError(f"{location.display} holds no .tar shards")
+    return paths
+
+
+def plan_webdataset(location: Location, options: IngestOptions, limits: Limits) -> Plan:
+    units = []
+    for i, path in enumerate(shard_paths(location)):
+        size = int(location.fs.size(path))
+        units.append(Unit(i, posixpath.basename(path), size, {"path": path}))
+    return Plan("webdataset", location, units, sum(u.size_bytes for u in units), None,
+                pixels=True)
+
+
+def _side(data: bytes, ext: str, sample: dict[str, Any]) -> None:
+    text = data.decode("utf-8", errors="replace")
+    if ext == "cls":
+        sample["cls"] = text.strip()
+    elif ext == "txt":
+        sample.setdefault("metadata", {})["txt"] = text
+    else:
+        try:
+            value = json.loads(text)
+        except ValueError:
+            sample["error"] = "its json member is not valid JSON"
+            return
+        meta = value if isinstance(value, dict) else {"json": value}
+        sample.setdefault("metadata", {}).update(meta)
+
+
+def _finish(sample: dict[str, Any], report: Report) -> Encoded | None:
+    key = sample["key"]
+    if "error" in sample:
+        report.fail(key, sample["error"])
+        return None
+    if "image" not in sample:
+        report.fail(key, "the sample has no image member (" + ", ".join(sorted(IMAGE_EXTS))
+                    + ")")
+        return None
+    meta = sample.get("metadata")
+    label = sample.get("cls")
+    if label is None and meta:
+        found = meta.get("label", meta.get("cls"))
+        label = None if found is None else str(found)
+    return Encoded(key, sample["image"], label, meta)
+
+
+def read_shard(plan: Plan, unit: Unit, options: IngestOptions, limits: Limits,
+               report: Report) -> Iterator[Chunk]:
+    path, display = unit.extra["path"], f"shard {unit.name}"
+
+    def items() -> Iterator[Encoded]:
+        sample: dict[str, Any] | None = None
+        with plan.location.fs.open(path, "rb") as f:
+            for member, tf in tar_members(f, display, limits, report):
+                key, ext = split_key(member.name.removeprefix("./"))
+                if sample is not None and sample["key"] != key:
+                    done = _finish(sample, report)
+                    if done is not None:
+                        yield done
+                    sample = None
+                if sample is None:
+                    sample = {"key": key}
+                last = ext.rsplit(".", 1)[-1]
+                wanted = ("image" not in sample and last in IMAGE_EXTS) or ext in SIDE_EXTS
+                if not wanted:
+                    continue
+                try:
+                    data = member_bytes(tf, member, member.name, MAX_SIDE_BYTES
+                                        if ext in SIDE_EXTS else MAX_IMAGE_BYTES)
+                except ARCHIVE_ERRORS as exc:
+                    raise DatasetError(f"{display} is truncated or damaged at {member.name} "
+                                       f"({type(exc).__name__})") from None
+                if isinstance(data, str):
+                    sample["error"] = data
+                elif ext in SIDE_EXTS:
+                    _side(data, ext, sample)
+                else:
+                    sample["image"] = data
+        if sample is not None:
+            done = _finish(sample, report)
+            if done is not None:
+                yield done
+
+    yield from image_chunks(items(), plan, report, limits.max_image_pixels)

@@ -1,0 +1,174 @@
+"""What a source declares is checked before it costs memory or work, and user paths stay
+inside the allowed roots and URL prefixes."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import tarfile
+import tracemalloc
+import zipfile
+import zlib
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ingest.paths import brace_count, expand_braces, resolve_location
+from ingest.plan import IngestOptions, Limits
+from store.errors import DatasetError, NotFound, PathNotAllowed, TooLarge
+from tests.ingest import data as gen
+from tests.ingest.test_images import read_all, where
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height, with a tiny IDAT (CRCs valid)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def test_png_declaring_a_billion_pixels_is_a_failure_without_allocating(tmp_path):
+    files = {"a/ok.png": gen.encode(gen.draw("circle", 0), "PNG"),
+             "a/bomb.png": png_declaring(40_000, 25_000)}
+    root = gen.write_folder(tmp_path / "p", files)
+    tracemalloc.start()
+    _, pixels, _, _, report = read_all(root, tmp_path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert list(pixels) == ["a/ok.png"]
+    assert report.failures[0]["key"] == "a/bomb.png"
+    reason = report.failures[0]["reason"]
+    assert "1000000000 pixels" in reason and "max_image_pixels" in reason
+    assert peak < 16 << 20  # 10^9 RGB pixels would be 3 GB
+
+
+def test_zip_member_with_a_huge_ratio_is_refused_before_inflating(tmp_path):
+    path = tmp_path / "z.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("a/ok.png", gen.encode(gen.draw("square", 0), "PNG"))
+        zf.writestr("a/zeros.png", b"\0" * (40 << 20))
+    info = zipfile.ZipFile(path).getinfo("a/zeros.png")
+    assert info.file_size / info.compress_size > 200  # the premise
+    tracemalloc.start()
+    _, pixels, _, _, report = read_all(path, tmp_path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert list(pixels) == ["a/ok.png"]
+    assert report.failures[0]["key"] == "a/zeros.png"
+    assert "max_compression_ratio" in report.failures[0]["reason"]
+    assert peak < 8 << 20  # 40 MiB were never inflated
+
+
+def test_zip_declaring_more_than_max_inflated_bytes_is_refused_at_plan(tmp_path):
+    path = gen.write_zip(tmp_path / "z.zip", gen.collection().files)
+    from ingest.plan import plan_source
+
+    with pytest.raises(TooLarge, match="max_inflated_bytes"):
+        plan_source(resolve_location(str(path), where(tmp_path)), IngestOptions(),
+                    Limits(max_inflated_bytes=1000))
+
+
+def test_tar_inflating_past_the_limit_is_refused(tmp_path):
+    path = gen.write_tar(tmp_path / "t.tar.gz", gen.collection().files, gz=True)
+    from ingest.plan import Report, plan_source, source_of
+
+    opts = IngestOptions(max_failure_share=0.5)
+    plan = plan_source(resolve_location(str(path), where(tmp_path)), opts, Limits())
+    with pytest.raises(TooLarge, match="max_inflated_bytes"):
+        list(source_of(plan, opts, Limits(max_inflated_bytes=2000), Report()).chunks)
+
+
+def test_truncated_tar_fails_with_a_clear_error(tmp_path):
+    path = gen.write_tar(tmp_path / "t.tar", gen.collection().files)
+    data = path.read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[: len(data) // 2 + 100])
+    with pytest.raises(DatasetError, match="cut.tar is truncated or damaged"):
+        read_all(tmp_path / "cut.tar", tmp_path)
+
+
+def test_parquet_row_group_larger_than_the_bound_is_refused_at_plan(tmp_path, monkeypatch):
+    import ingest.imageparquet
+
+    pngs = [gen.encode(gen.draw("circle", i, (20 + i, 16)), "PNG") for i in range(20)]
+    pq.write_table(pa.table({"image": pa.array(pngs, pa.binary())}), tmp_path / "p.parquet",
+                   compression="none")
+    monkeypatch.setattr(ingest.imageparquet, "MAX_ROW_GROUP_BYTES", sum(map(len, pngs[:10])))
+    with pytest.raises(TooLarge, match="row group 0"):
+        read_all(tmp_path / "p.parquet", tmp_path)
+
+
+def test_brace_patterns_are_counted_before_they_are_expanded(tmp_path):
+    assert expand_braces("s-{000..002}.tar") == ["s-000.tar", "s-001.tar", "s-002.tar"]
+    assert expand_braces("{a,b}-{1..2}") == ["a-1", "a-2", "b-1", "b-2"]
+    assert brace_count("x-{0..9999}-{0..9999}") == 10**8
+    tracemalloc.start()
+    for name in ("s-{0000000..9999999}.tar", "x-{0..9999}-{0..999}.tar"):
+        with pytest.raises(PathNotAllowed, match="names 10000000 files"):
+            resolve_location(str(tmp_path / name), where(tmp_path))
+    assert tracemalloc.get_traced_memory()[1] < 1 << 20
+    tracemalloc.stop()
+    gen.write_shards(tmp_path, [{"__key__": "a", "cls": b"1"}], 1)
+    with pytest.raises(NotFound, match="shard-000001.tar"):
+        read_all(tmp_path / "shard-{000000..000001}.tar", tmp_path)
+
+
+def test_paths_stay_inside_the_roots(tmp_path):
+    root = tmp_path / "allowed"
+    photos = gen.write_folder(root / "photos", {"a/ok.png": gen.encode(gen.draw("circle", 0),
+                                                                        "PNG")})
+    (tmp_path / "secret").mkdir()
+    (tmp_path / "secret" / "s.png").write_bytes(gen.encode(gen.draw("square", 0), "PNG"))
+    os.symlink(tmp_path / "secret" / "s.png", photos / "a" / "link.png")
+    os.symlink(tmp_path / "secret", photos / "linked-dir")
+    _, pixels, _, _, report = read_all(photos, root, max_failure_share=0.9)
+    assert list(pixels) == ["a/ok.png"]
+    assert sorted(f["key"] for f in report.failures) == ["a/link.png", "linked-dir/"]
+    assert all("outside the allowed roots" in f["reason"] for f in report.failures)
+    settings = where(root)
+    assert resolve_location((photos / "a" / "ok.png").as_uri(), settings).path == str(
+        (photos / "a" / "ok.png").resolve())
+    for uri in (str(root / ".." / "secret"), str(photos / "a" / "link.png"), "/etc",
+                str(root / "photos/{a,b}/x.png")):
+        with pytest.raises(PathNotAllowed):
+            resolve_location(uri, settings)
+    with pytest.raises(NotFound):
+        resolve_location(str(root / "missing"), settings)
+    with pytest.raises(PathNotAllowed, match="NUL"):
+        resolve_location(str(root) + "/a\x00b", settings)
+    urls = SimpleNamespace(allowed_roots=[], allowed_urls=["s3://bucket/photos/"],
+                           source_options={})
+    for url in ("s3://bucket/other/x.png", "s3://bucket/photos/../other/",
+                "s3://bucket/photosx/", "gs://bucket/photos/a"):
+        with pytest.raises(PathNotAllowed):
+            resolve_location(url, urls)
+
+
+def test_non_regular_tar_members_are_skipped(tmp_path):
+    path = tmp_path / "t.tar"
+    png = gen.encode(gen.draw("circle", 0), "PNG")
+    with tarfile.open(path, "w") as tf:
+        info = tarfile.TarInfo("c/a.png")
+        info.size = len(png)
+        tf.addfile(info, io.BytesIO(png))
+        link = tarfile.TarInfo("c/link.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tf.addfile(link)
+    _, pixels, _, _, report = read_all(path, tmp_path)
+    assert list(pixels) == ["c/a.png"] and report.skipped == 1 and report.failed == 0
+    np.testing.assert_array_equal(pixels["c/a.png"], gen.draw("circle", 0).transpose(2, 0, 1))
+
+
+def test_an_allowed_url_that_cannot_be_opened_is_a_clear_error():
+    from store.errors import UnsupportedFormat
+
+    settings = SimpleNamespace(allowed_roots=[], allowed_urls=["nosuchfs://b/p/"],
+                               source_options={})
+    with pytest.raises(UnsupportedFormat, match="Protocol not known: nosuchfs"):
+        resolve_location("nosuchfs://b/p/x.tar", settings)
