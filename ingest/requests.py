@@ -12,11 +12,10 @@ from typing import Any
 
 from ingest.images import COLORS, ImageError, ImageSpec, parse_size
 from ingest.plan import IngestOptions
+from ingest.readers import FORMATS
 from store.errors import InvalidInput
 from store.settings import Settings
 
-FORMATS = ("npy", "npz", "parquet", "csv", "images", "zip", "tar", "webdataset",
-           "image-parquet", "idx")
 TEXT = ("format", "array", "key_column", "label_column", "image_column")
 LISTS = ("feature_columns", "metadata_columns")
 FIELDS = (*TEXT, *LISTS, "image_size", "color", "max_failure_share")

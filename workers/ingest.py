@@ -22,7 +22,9 @@ import fsspec
 
 from ingest.npy_folder import FORMAT as NPY_FOLDER
 from ingest.npy_folder import plan_npy_folder, read_npy_unit
+from ingest.paths import resolve_location
 from ingest.plan import Limits, Location, Report, ingest_record, plan_source, read_unit
+from ingest.readers import failure_summary
 from ingest.requests import options_of
 from ingest.staging import Staging, staging_root
 from store.datasets import register_dataset
@@ -33,11 +35,6 @@ from store.settings import Settings
 from workers.context import Context
 from workers.lease import Lease, start_attempt
 from workers.training import _failed, end_attempt, retry_transient
-
-try:  # the readers' own, once merged
-    from ingest.paths import resolve_location  # type: ignore[import-not-found]
-except ImportError:
-    from ingest.npy_folder import local_location as resolve_location
 
 log = logging.getLogger(__name__)
 ENDED = ("terminal", "cancelled", "exhausted")  # claims that find the job over
@@ -171,11 +168,15 @@ def _ingest(ctx: Context, job_id: int, params: dict[str, Any], lease: Lease,
         items, read_bytes = items + record["items"], read_bytes + record["bytes"]
         f32 += record["f32_bytes"]
         progress()
+    if report.read == 0:
+        raise DatasetError(f"{location.display}: no item could be read ({report.failed} "
+                           f"failed, {report.skipped} skipped as not images); first "
+                           f"failures: {failure_summary(report)}")
     if report.share > options.max_failure_share:
-        named = "; ".join(f"{f['key']}: {f['reason']}" for f in report.failures)
-        raise DatasetError(f"{report.failed} of {report.read + report.failed} items could "
-                           f"not be read ({report.share:.1%}, more than max_failure_share "
-                           f"{options.max_failure_share:.1%}): {named}")
+        raise DatasetError(
+            f"{report.failed} of {report.read + report.failed} items could not be read "
+            f"({report.share:.1%}, more than the allowed {options.max_failure_share:.1%}: "
+            f"max_failure_share); first failures: {failure_summary(report)}")
     lease.confirm()
     if lease.cancelled:
         raise IngestCancelled

@@ -23,6 +23,7 @@ from typing import Any
 
 from starlette.datastructures import UploadFile
 
+from ingest.paths import resolve_location
 from ingest.requests import clean_options
 from service.api.deps import Services
 from service.api.schemas import DatasetByReference
@@ -30,11 +31,6 @@ from store.errors import DatasetError, InvalidInput, TooLarge
 from store.jobs import get_job, publish
 from store.submit import submit_ingest
 from store.tables import Job
-
-try:  # the readers' own, once merged
-    from ingest.paths import resolve_location  # type: ignore[import-not-found]
-except ImportError:
-    from ingest.npy_folder import local_location as resolve_location
 
 ARRAY_SUFFIXES = (".npy", ".npz", ".parquet", ".csv")
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
