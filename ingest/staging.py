@@ -79,6 +79,7 @@ class Staging:
         tmp.mkdir()
         n_items = n_chunks = f32_bytes = 0
         keys = labels = False
+        shape: list[int] | None = None
         try:
             for chunk in chunks:
                 values = np.asarray(chunk.values)
@@ -95,10 +96,12 @@ class Staging:
                     "keys": chunk.keys, "labels": chunk.labels, "metadata": chunk.metadata})
                 n_items += len(values)
                 n_chunks += 1
+                shape = shape or list(values.shape[1:])
                 keys, labels = keys or chunk.keys is not None, labels or chunk.labels is not None
             record = {"index": unit.index, "name": unit.name, "items": n_items,
                       "chunks": n_chunks, "bytes": unit.size_bytes, "f32_bytes": f32_bytes,
-                      "has_keys": keys, "has_labels": labels, "report": report.to_dict()}
+                      "has_keys": keys, "has_labels": labels, "item_shape": shape,
+                      "report": report.to_dict()}
             _write_json(str(tmp / "unit.json"), record)
             os.rename(tmp, self.path / f"unit-{unit.index:06d}")
         except BaseException:

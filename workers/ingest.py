@@ -138,6 +138,9 @@ def _ingest(ctx: Context, job_id: int, params: dict[str, Any], lease: Lease,
         report.merge(done[index]["report"])
         items, read_bytes = items + done[index]["items"], read_bytes + done[index]["bytes"]
         f32 += done[index]["f32_bytes"]
+    shapes = [done[i]["item_shape"] for i in sorted(done) if done[i].get("item_shape")]
+    if plan.pixels and plan.item_shape is None and shapes:
+        plan.item_shape = tuple(shapes[0])  # the images read later must match it
     if done:
         log.info("ingest resuming job_id=%d after staged units=%d of %d items=%d", job_id,
                  len(done), len(plan.units), items)

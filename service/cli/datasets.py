@@ -42,17 +42,20 @@ DATASET_COLUMNS = ["id", "name", "items", "item shape", "format", "labels", "ran
 def pack_folder(folder: Path, out: Path) -> Path:
     """The folder's regular files as an uncompressed .tar at `out`, written file by file
     (never the whole folder in memory), members named by their path relative to the
-    folder in sorted order (`cat/001.png`: the keys the server gives the items)."""
+    folder (`cat/001.png`: the keys the server gives the items), in the order the server
+    reads a folder (sorted by that name), so the dataset is the one a `--uri` of the
+    same folder makes. Links are left out (the server does not follow them either)."""
     import tarfile
 
+    names = []
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = Path(root) / name
+            if path.is_file() and not path.is_symlink():
+                names.append(path.relative_to(folder).as_posix())
     with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
-        for root, dirs, files in os.walk(folder):
-            dirs.sort()
-            for name in sorted(files):
-                path = Path(root) / name
-                if path.is_file() and not path.is_symlink():
-                    tar.add(path, arcname=path.relative_to(folder).as_posix(),
-                            recursive=False)
+        for name in sorted(names):
+            tar.add(folder / name, arcname=name, recursive=False)
     return out
 
 

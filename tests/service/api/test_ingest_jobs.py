@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests.support import Served, counts, settings_of
 
@@ -190,3 +191,61 @@ def test_a_large_upload_becomes_a_job_and_its_saved_file_goes(small_sync_api, ap
     assert page["labels"] == [str(v) for v in labels[44:300]]
     uploads = Path(api_env["LATENTBANK_DATA_DIR"]).resolve() / "uploads"
     assert not [p for p in os.listdir(uploads) if p.startswith("upload-")]
+
+
+def write_images(folder, seed, classes=("cat", "dog"), per_class=3):
+    """PNG files of random RGB pixels under class folders; their pixels by key."""
+    rng = np.random.default_rng(seed)
+    expected = {}
+    for cls in classes:
+        (folder / cls).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, size=(6, 5, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / cls / f"{i}.png")
+            expected[f"{cls}/{i}.png"] = pixels
+    return expected
+
+
+def test_a_folder_of_images_becomes_8bit_items_through_a_job(client, api_worker, allowed):
+    folder = allowed / "ingest-images"
+    expected = write_images(folder, 245)
+    (folder / "README.txt").write_text("not an image: skipped")
+    r = client.post("/v1/datasets", json={"name": "ingest-images", "uri": str(folder),
+                                          "color": "rgb"})
+    assert r.status_code == 202, r.text
+    job = wait_job(client, r.json()["job"]["id"])
+    assert job["status"] == "succeeded", job
+    ds = client.get(f"/v1/datasets/{job['dataset_id']}").json()
+    assert (ds["dtype"], ds["item_shape"], ds["n_items"], ds["has_labels"]) == (
+        "uint8", [3, 6, 5], 6, True)
+    page = client.get(f"/v1/datasets/{ds['id']}/items", params={"limit": 6}).json()
+    assert page["keys"] == sorted(expected)
+    assert page["labels"] == [k.split("/")[0] for k in sorted(expected)]
+    for key, x in zip(page["keys"], page["x"], strict=True):  # values are x / 255
+        decoded = np.asarray(Image.open(folder / key).convert("RGB")).transpose(2, 0, 1)
+        np.testing.assert_array_equal(np.rint(np.asarray(x) * 255), decoded)
+        np.testing.assert_array_equal(decoded, expected[key].transpose(2, 0, 1))
+
+
+def test_too_many_unreadable_images_fail_the_job_with_the_report(client, api_worker, api_db,
+                                                                allowed, staging):
+    folder = allowed / "ingest-corrupt"
+    write_images(folder, 246, classes=("a",), per_class=4)
+    (folder / "a" / "bad-1.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 30)
+    (folder / "a" / "bad-2.jpg").write_bytes(b"plain text")
+    before = counts(api_db)
+    r = client.post("/v1/datasets", json={"name": "ingest-corrupt", "uri": str(folder)})
+    job = wait_job(client, r.json()["job"]["id"])
+    assert job["status"] == "failed" and job["attempts"] == 1, job
+    assert "2 of 6 items could not be read" in job["error"]  # 2 / 6 > the default 5 %
+    assert "a/bad-1.png" in job["error"] and "a/bad-2.jpg" in job["error"]
+    assert counts(api_db) == before
+    assert not (staging / f"job-{job['id']}").exists()
+    # allowed a third of failures, the same folder registers its 4 readable images
+    r = client.post("/v1/datasets", json={"name": "ingest-corrupt", "uri": str(folder),
+                                          "max_failure_share": 0.34})
+    job = wait_job(client, r.json()["job"]["id"])
+    assert job["status"] == "succeeded", job
+    assert "2 unreadable items skipped" in job["progress_message"]
+    page = client.get(f"/v1/datasets/{job['dataset_id']}/items").json()
+    assert page["keys"] == [f"a/{i}.png" for i in range(4)]
