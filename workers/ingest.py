@@ -13,12 +13,7 @@ staging folder, and an upload saved for the job, go when the job ends, whatever 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-from pathlib import Path
 from typing import Any
-
-import fsspec
 
 from ingest.npy_folder import FORMAT as NPY_FOLDER
 from ingest.npy_folder import plan_npy_folder, read_npy_unit
@@ -27,11 +22,11 @@ from ingest.plan import Limits, Location, Report, ingest_record, plan_source, re
 from ingest.readers import failure_summary
 from ingest.requests import options_of
 from ingest.staging import Staging, staging_root
+from store.artifacts import check_key
 from store.datasets import register_dataset
 from store.db import is_transient
-from store.errors import DatasetError, PathNotAllowed, StoreError
+from store.errors import DatasetError, StoreError
 from store.jobs import LeaseLost, finish, ingest_progress
-from store.settings import Settings
 from workers.context import Context
 from workers.lease import Lease, start_attempt
 from workers.training import _failed, end_attempt, retry_transient
@@ -44,36 +39,31 @@ class IngestCancelled(Exception):
     pass
 
 
-def uploads_root(settings: Settings) -> Path:
-    return settings.data_dir.resolve() / "uploads"
+def _uploaded(ctx: Context, params: dict[str, Any], staging: Staging,
+              ) -> tuple[Location, dict[str, str]]:
+    """An upload saved for the job in the artifact store: its Location (read in place,
+    local or not) and its keys/labels parts as local files (the .npy reader's)."""
+    key = check_key(params["upload_key"])
+    if not key.startswith("uploads/") or not ctx.artifacts.exists(key):
+        raise DatasetError("the upload saved for this job is gone (the job ended, or its "
+                           "files were removed)")
+    side = {}
+    for part in ("keys", "labels"):
+        if params.get(f"{part}_key"):
+            part_key = check_key(params[f"{part}_key"])
+            local = ctx.artifacts.local_path(part_key) or ctx.artifacts.get_file(
+                part_key, str(staging.path / f"{part}.npy"))
+            side[f"{part}_path"] = local
+    display = params.get("filename") or key.rsplit("/", 1)[-1]
+    return Location(ctx.artifacts.fs, ctx.artifacts.path(key), display), side
 
 
-def _saved(settings: Settings, path: str) -> str:
-    """A file saved for the job by the API: it must be under the data dir's uploads."""
-    root = os.path.realpath(uploads_root(settings))
-    real = os.path.realpath(path)
-    if os.path.commonpath([real, root]) != root:
-        raise PathNotAllowed("the job's upload is outside the uploads folder")
-    if not os.path.isfile(real):
-        raise DatasetError("the uploaded file saved for this job is gone (removed, or "
-                           "saved on another host)")
-    return real
-
-
-def _upload_location(settings: Settings, params: dict[str, Any]) -> Location:
-    return Location(fsspec.filesystem("file"), _saved(settings, params["upload"]),
-                    params.get("filename") or os.path.basename(params["upload"]))
-
-
-def cleanup(settings: Settings, job_id: int, params: dict[str, Any] | None) -> None:
+def cleanup(ctx: Context, job_id: int, params: dict[str, Any] | None) -> None:
     """What the job leaves behind once it has ended: its staging folder and upload."""
-    Staging(staging_root(settings), job_id).remove()
-    folder = (params or {}).get("upload_dir")
-    if folder:
-        root = os.path.realpath(uploads_root(settings))
-        real = os.path.realpath(folder)
-        if os.path.commonpath([real, root]) == root and real != root:
-            shutil.rmtree(real, ignore_errors=True)
+    Staging(staging_root(ctx.settings), job_id).remove()
+    folder = (params or {}).get("upload_folder")
+    if folder and check_key(folder).startswith("uploads/"):
+        ctx.artifacts.delete(folder)
 
 
 def run_ingest_job(ctx: Context, job_id: int) -> dict[str, Any]:
@@ -81,7 +71,7 @@ def run_ingest_job(ctx: Context, job_id: int) -> dict[str, Any]:
     owner, got = start_attempt(ctx.db, job_id, settings.ingest_lease_seconds)
     if got.outcome != "claimed":
         if got.outcome in ENDED and got.job is not None:
-            cleanup(settings, job_id, got.job.params)
+            cleanup(ctx, job_id, got.job.params)
         return {"outcome": got.outcome}
     job = got.job
     assert job is not None
@@ -109,7 +99,7 @@ def run_ingest_job(ctx: Context, job_id: int) -> dict[str, Any]:
             error = str(exc) if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}"
             result = _failed(ctx, job_id, owner, error)
     if result["outcome"] in ("succeeded", "failed", "cancelled"):
-        cleanup(settings, job_id, job.params)
+        cleanup(ctx, job_id, job.params)
     log.info("ingest ended job_id=%d outcome=%s", job_id, result["outcome"])
     return result
 
@@ -121,17 +111,16 @@ def _megabytes(n: float) -> str:
 def _ingest(ctx: Context, job_id: int, params: dict[str, Any], lease: Lease,
             ) -> dict[str, Any]:
     settings, limits = ctx.settings, Limits.of(ctx.settings)
-    side = {f: _saved(settings, params[f]) for f in ("keys_path", "labels_path")
-            if params.get(f)}
-    options = options_of(params.get("options") or {}, settings, **side)
-    if params.get("upload"):
-        location = _upload_location(settings, params)
-    else:
-        location = resolve_location(params["uri"], settings)
-    plan = plan_npy_folder(location, options, limits) or plan_source(location, options,
-                                                                     limits)
     staging = Staging(staging_root(settings), job_id, settings.max_inflated_bytes)
     done = staging.prepare()
+    side: dict[str, str] = {}
+    if params.get("upload_key"):
+        location, side = _uploaded(ctx, params, staging)
+    else:
+        location = resolve_location(params["uri"], settings)
+    options = options_of(params.get("options") or {}, settings, **side)
+    plan = plan_npy_folder(location, options, limits) or plan_source(location, options,
+                                                                     limits)
     report = Report(keep=options.report_failures)
     items = f32 = read_bytes = 0
     for index in sorted(done):

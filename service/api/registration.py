@@ -4,10 +4,10 @@ file, and an array upload larger than `ingest_sync_max_bytes`.
 
 Everything is checked here, before anything is queued: the name, the options (one
 function with the worker: `ingest.requests`), the `uri` resolved and allowed. An upload
-is saved under the data dir's `uploads/` first in a folder named after this process
-(`<pid>-...`: a killed API's is swept at start), then renamed to the job's
-`upload-<uuid>/`, which the job removes when it ends. The worker reads the saved file
-from the same data dir (one host, or a shared volume).
+is saved under the data dir's `uploads/` first, in a folder named after this process
+(`<pid>-...`: a killed API's is swept at start), then moved into the artifact store
+(`uploads/<token>/`, `store.artifacts.upload_key`), where a worker on any host reads it
+and which the job removes when it ends, whatever the end.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from ingest.paths import resolve_location
 from ingest.requests import clean_options
 from service.api.deps import Services
 from service.api.schemas import DatasetByReference
+from store.artifacts import upload_key
 from store.errors import DatasetError, InvalidInput, TooLarge
 from store.jobs import get_job, publish
 from store.submit import submit_ingest
@@ -115,15 +116,21 @@ def save_upload(svc: Services, form: Any, filename: str, fields: dict[str, str |
             digest.update(part.encode())
             used += _copy(upload, os.path.join(tmp, f"{part}.npy"), budget - used, digest)
             params[f"{part}_path"] = f"{part}.npy"
-        folder = root / f"upload-{uuid.uuid4().hex}"
-        os.rename(tmp, folder)
+        token = uuid.uuid4().hex
+        params["upload_folder"] = upload_key(token)
+        params["upload_key"] = upload_key(token, name)
+        svc.artifacts.put_local_file(os.path.join(tmp, name), params["upload_key"])
+        for part in ("keys", "labels"):
+            if f"{part}_path" in params:
+                key = upload_key(token, params.pop(f"{part}_path"))
+                svc.artifacts.put_local_file(os.path.join(tmp, f"{part}.npy"), key)
+                params[f"{part}_key"] = key
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if "upload_folder" in params:
+            svc.artifacts.delete(params["upload_folder"])
         raise
-    params["upload"], params["upload_dir"] = str(folder / name), str(folder)
-    for part in ("keys", "labels"):
-        if f"{part}_path" in params:
-            params[f"{part}_path"] = str(folder / params[f"{part}_path"])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return params, digest.hexdigest()
 
 
@@ -148,11 +155,11 @@ def submit(svc: Services, name: str, params: dict[str, Any], request_hash: str,
                                      request_hash=request_hash,
                                      max_attempts=svc.settings.job_max_attempts)
     except BaseException:
-        if params.get("upload_dir"):
-            shutil.rmtree(params["upload_dir"], ignore_errors=True)
+        if params.get("upload_folder"):
+            svc.artifacts.delete(params["upload_folder"])
         raise
-    if not created and params.get("upload_dir"):
-        shutil.rmtree(params["upload_dir"], ignore_errors=True)
+    if not created and params.get("upload_folder"):
+        svc.artifacts.delete(params["upload_folder"])
     if created:
         svc.metrics.submissions.labels("ingest").inc()
     if job.published_at is None and job.status == "queued":

@@ -162,10 +162,10 @@ class JobOut(BaseModel):
 
 def _public_params(j: Job) -> dict[str, Any]:
     """A job's parameters as users see them: an ingest job's saved upload by its file
-    name only (never the server's folders)."""
+    name only (never the store's keys)."""
     if j.kind != "ingest":
         return j.params
-    hidden = ("upload", "upload_dir", "keys_path", "labels_path")
+    hidden = ("upload_key", "upload_folder", "keys_key", "labels_key")
     return {k: v for k, v in j.params.items() if k not in hidden}
 
 

@@ -175,7 +175,7 @@ def test_a_large_upload_becomes_a_job_and_its_saved_file_goes(small_sync_api, ap
         headers={"Idempotency-Key": "ingest-large-1"})
     assert r.status_code == 202, r.text
     body = r.json()
-    assert body["mode"] == "job" and "upload" not in body["job"]["params"]
+    assert body["mode"] == "job" and "upload_key" not in body["job"]["params"]
     assert body["job"]["params"]["filename"] == "large.npy"
     replay = small_sync_api.post(
         "/v1/datasets", data={"name": "ingest-large"},
@@ -189,8 +189,11 @@ def test_a_large_upload_becomes_a_job_and_its_saved_file_goes(small_sync_api, ap
                               params={"limit": 256, "offset": 44}).json()
     np.testing.assert_array_equal(np.asarray(page["x"]), data[44:300].astype(np.float32))
     assert page["labels"] == [str(v) for v in labels[44:300]]
-    uploads = Path(api_env["LATENTBANK_DATA_DIR"]).resolve() / "uploads"
-    assert not [p for p in os.listdir(uploads) if p.startswith("upload-")]
+    # the saved parts went: from the API's disk at once, from the artifact store with the job
+    assert not os.listdir(Path(api_env["LATENTBANK_DATA_DIR"]).resolve() / "uploads")
+    stored = Path(api_env["LATENTBANK_ARTIFACTS"].removeprefix("file://")) / "uploads"
+    assert (stored.parent / "datasets").is_dir()  # the store's root indeed
+    assert not stored.exists() or not os.listdir(stored)
 
 
 def write_images(folder, seed, classes=("cat", "dog"), per_class=3):

@@ -67,3 +67,29 @@ def test_a_folder_is_packed_member_by_member_with_relative_names(tmp_path):
         got = {m: tar.extractfile(m).read() for m in names}
     assert names == sorted(files)  # sorted, relative, no symlink, no folders
     assert got == files
+
+
+def test_a_local_folder_of_images_is_uploaded_and_is_the_same_dataset_as_its_uri(stack):
+    from PIL import Image
+
+    folder = stack.allowed / "photos"
+    rng = np.random.default_rng(2404)
+    for cls in ("cat", "dog"):
+        (folder / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, size=(9, 7, 3), dtype=np.uint8)).save(
+                folder / cls / f"{i}.png")
+    by_uri = cli_json(stack.data_dir, "datasets", "add", "--uri", folder, "--image-size", "4",
+                      "--color", "grey")
+    assert (by_uri["name"], by_uri["n_items"], by_uri["item_shape"], by_uri["dtype"]) == (
+        "photos", 8, [1, 4, 4], "uint8")
+    out = cli(stack.data_dir, "datasets", "add", folder, "--image-size", "4", "--color",
+              "grey", "--name", "photos-uploaded")
+    assert out.returncode == 0, out.stderr
+    # the same pixels, keys and labels from the packed .tar: the job finds the dataset
+    assert f"the same content is registered already: dataset {by_uri['id']}" in out.stderr
+    jobs = cli_json(stack.data_dir, "jobs", "list", "--kind", "ingest")
+    assert jobs[0]["params"]["filename"] == "photos.tar"
+    stored = stack.data_dir / "artifacts" / "uploads"  # the job removed its upload
+    assert (stored.parent / "datasets").is_dir()  # the store's root indeed
+    assert not stored.exists() or not list(stored.iterdir())
