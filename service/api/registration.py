@@ -59,17 +59,37 @@ def is_idx(filename: str) -> bool:
     return "-ubyte" in low or low.endswith((".idx", ".idx.gz"))
 
 
-def runs_as_job(filename: str, size: int, fields: dict[str, str | None],
-                sync_max_bytes: int) -> bool:
-    """Whether an upload becomes an ingest job: archives, IDX files, anything with image
-    options, and array files over `sync_max_bytes`; small array files register at once."""
+def has_image_column(upload: UploadFile) -> bool:
+    """Whether an uploaded .parquet holds images (a column of {bytes, path} structs or of
+    bytes), from its footer only; an unreadable file is left to the reader's own error."""
+    import pyarrow.parquet as pq
+
+    from ingest.imageparquet import image_column_of
+
+    try:
+        upload.file.seek(0)
+        found = image_column_of(pq.ParquetFile(upload.file).schema_arrow, None)
+    except Exception:  # not a parquet file: the synchronous reader says why
+        return False
+    finally:
+        upload.file.seek(0)
+    return found is not None
+
+
+def runs_as_job(upload: UploadFile, filename: str, size: int,
+                fields: dict[str, str | None], sync_max_bytes: int) -> bool:
+    """Whether an upload becomes an ingest job: archives, IDX files, image parquet,
+    anything with image options, and array files over `sync_max_bytes`; small array files
+    register at once."""
     low = filename.lower()
     if low.endswith(ARCHIVE_SUFFIXES) or is_idx(low):
         return True
     if any(fields.get(f) for f in IMAGE_OPTIONS) or fields.get("format") not in (
             None, "", "npy", "npz", "parquet", "csv"):
         return True
-    return low.endswith(ARRAY_SUFFIXES) and size > sync_max_bytes
+    if low.endswith(ARRAY_SUFFIXES) and size > sync_max_bytes:
+        return True
+    return low.endswith(".parquet") and has_image_column(upload)
 
 
 def _safe_name(filename: str) -> str:

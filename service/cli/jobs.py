@@ -217,7 +217,7 @@ def watch_job(c: Client, job_id: int, as_json: bool) -> int:
 @jobs_app.command("list")
 @verb
 def jobs_list(status: Annotated[str | None, typer.Option(help="queued, running, ...")] = None,
-              kind: Annotated[str | None, typer.Option(help="train or embed")] = None,
+              kind: Annotated[str | None, typer.Option(help="train, embed or ingest")] = None,
               limit: int = typer.Option(50, min=1, max=1000), as_json: JsonOpt = False) -> None:
     """Jobs, newest first."""
     items = fetch("/v1/jobs", status=status, kind=kind, limit=limit)

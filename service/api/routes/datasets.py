@@ -140,7 +140,8 @@ def _ingest_upload(svc: Services, form: Any, key: str | None) -> tuple[Any, bool
             raise InvalidInput(f"form field {field!r} must be text")
         fields[field] = value
     name = fields["name"] or stem(filename)
-    if runs_as_job(filename, _upload_size(upload), fields, svc.settings.ingest_sync_max_bytes):
+    if runs_as_job(upload, filename, _upload_size(upload), fields,
+                   svc.settings.ingest_sync_max_bytes):
         check_name(name)
         params, request_hash = save_upload(svc, form, filename, fields)
         job, created = submit(svc, name, params, request_hash, key)

@@ -252,3 +252,38 @@ def test_too_many_unreadable_images_fail_the_job_with_the_report(client, api_wor
     assert "2 unreadable items skipped" in job["progress_message"]
     page = client.get(f"/v1/datasets/{job['dataset_id']}/items").json()
     assert page["keys"] == [f"a/{i}.png" for i in range(4)]
+
+
+def test_an_uploaded_zip_and_image_parquet_are_jobs_with_the_same_pixels(client, api_worker,
+                                                                         tmp_path):
+    import zipfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    expected = write_images(tmp_path / "src", 247, classes=("x", "y"), per_class=2)
+    archive = tmp_path / "src.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for key in sorted(expected):
+            zf.write(tmp_path / "src" / key, key)
+    table = pa.table({
+        "image": [{"bytes": (tmp_path / "src" / k).read_bytes(), "path": k}
+                  for k in sorted(expected)],
+        "label": [k.split("/")[0] for k in sorted(expected)]})
+    pq.write_table(table, tmp_path / "src.parquet")
+    answers = [
+        client.post("/v1/datasets", data={"name": "ingest-zip"},
+                    files={"file": ("src.zip", archive.read_bytes())}),
+        client.post("/v1/datasets", data={"name": "ingest-image-parquet",
+                                          "label_column": "label"},
+                    files={"file": ("src.parquet", (tmp_path / "src.parquet").read_bytes())})]
+    for r in answers:
+        assert r.status_code == 202 and r.json()["mode"] == "job", r.text
+        job = wait_job(client, r.json()["job"]["id"])
+        assert job["status"] == "succeeded", job
+        page = client.get(f"/v1/datasets/{job['dataset_id']}/items").json()
+        assert page["keys"] == sorted(expected)
+        assert page["labels"] == ["x", "x", "y", "y"]
+        for key, x in zip(page["keys"], page["x"], strict=True):
+            np.testing.assert_array_equal(np.rint(np.asarray(x) * 255),
+                                          expected[key].transpose(2, 0, 1))
