@@ -23,9 +23,9 @@ from ingest.readers import failure_summary
 from ingest.requests import options_of
 from ingest.staging import Staging, staging_root
 from store.artifacts import check_key
-from store.datasets import register_dataset
+from store.datasets import Registered, register_dataset
 from store.db import is_transient
-from store.errors import DatasetError, StoreError
+from store.errors import Conflict, DatasetError, StoreError
 from store.jobs import LeaseLost, finish, ingest_progress
 from workers.context import Context
 from workers.lease import Lease, start_attempt
@@ -173,9 +173,22 @@ def _ingest(ctx: Context, job_id: int, params: dict[str, Any], lease: Lease,
     if lease.cancelled:
         raise IngestCancelled
     lease.report(0.99, f"registering {items} items")
-    registered = register_dataset(
-        ctx.db, ctx.artifacts, settings, params["name"], staging.source(plan, done),
-        source_uri=params.get("uri"), ingest=ingest_record(plan, options, report))
+    record = ingest_record(plan, options, report)
+
+    def register() -> Registered:
+        return register_dataset(ctx.db, ctx.artifacts, settings, params["name"],
+                                staging.source(plan, done), source_uri=params.get("uri"),
+                                ingest=record)
+
+    try:
+        registered = register()
+    except Conflict:
+        # An attempt that lost its lease may have registered the same content at the same
+        # moment (the checksum's unique index refused one of the two): once it has
+        # committed, registering again finds its dataset. A name taken by other content
+        # is refused again, with the same message.
+        lease.confirm()
+        registered = register()
     dataset = registered.dataset
     message = (f"dataset {dataset.id} registered: {dataset.n_items} items"
                if registered.created else
