@@ -12,7 +12,7 @@ or was killed ten times.
 
 The folder belongs to the job, not to a process: it outlives a killed attempt (the next
 one needs it) and is removed when the job ends, whatever the outcome (`remove`), or by
-`sweep_staging` when a job ended without a worker to remove it.
+`sweep_staging` (each ingest attempt sweeps its host) when the job ended elsewhere.
 """
 
 from __future__ import annotations
@@ -140,13 +140,25 @@ class Staging:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-def sweep_staging(root: Path, live: set[int]) -> list[str]:
-    """Remove the staging folders of jobs not in `live` (ended, or gone). Returns them."""
+def staged_jobs(root: Path) -> set[int]:
+    """The jobs that have a staging folder under `root` now."""
+    if not root.is_dir():
+        return set()
+    return {int(m.group(1)) for e in os.scandir(root) if (m := JOB.match(e.name))}
+
+
+def sweep_staging(root: Path, live: set[int], among: set[int] | None = None) -> list[str]:
+    """Remove the staging folders of jobs not in `live` (ended, or gone); with `among`,
+    only of those jobs (the ones listed before `live` was asked: a folder made since, by
+    a job that started meanwhile, is never taken for an ended one). Returns them."""
     removed = []
     if root.is_dir():
         for entry in os.scandir(root):
             match = JOB.match(entry.name)
-            if match and int(match.group(1)) not in live:
+            if match is None:
+                continue
+            job = int(match.group(1))
+            if job not in live and (among is None or job in among):
                 shutil.rmtree(entry.path, ignore_errors=True)
                 removed.append(entry.path)
     return removed

@@ -15,18 +15,21 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from sqlalchemy import select
+
 from ingest.npy_folder import FORMAT as NPY_FOLDER
 from ingest.npy_folder import plan_npy_folder, read_npy_unit
 from ingest.paths import resolve_location
 from ingest.plan import Limits, Location, Report, ingest_record, plan_source, read_unit
 from ingest.readers import failure_summary
 from ingest.requests import options_of
-from ingest.staging import Staging, staging_root
+from ingest.staging import Staging, staged_jobs, staging_root, sweep_staging
 from store.artifacts import check_key
 from store.datasets import Registered, register_dataset
 from store.db import is_transient
 from store.errors import Conflict, DatasetError, StoreError
-from store.jobs import LeaseLost, finish, ingest_progress
+from store.jobs import TERMINAL, LeaseLost, finish, ingest_progress
+from store.tables import Job
 from workers.context import Context
 from workers.lease import Lease, start_attempt
 from workers.training import _failed, end_attempt, retry_transient
@@ -66,8 +69,30 @@ def cleanup(ctx: Context, job_id: int, params: dict[str, Any] | None) -> None:
         ctx.artifacts.delete(folder)
 
 
+def sweep_ended(ctx: Context) -> list[str]:
+    """Remove this host's staging folders of ingest jobs that have ended (or are gone):
+    a job requeued onto another host and finished there leaves its first host's folder.
+    Best effort: a failure here never stops the job that is starting."""
+    try:
+        root = staging_root(ctx.settings)
+        listed = staged_jobs(root)  # before the query: an ended job never starts again
+        if not listed:
+            return []
+        with ctx.db.session() as s:
+            live = set(s.scalars(select(Job.id).where(Job.id.in_(listed),
+                                                      Job.status.not_in(TERMINAL))))
+        removed = sweep_staging(root, live, among=listed)
+    except Exception:
+        log.warning("could not sweep the staging folders", exc_info=True)
+        return []
+    for path in removed:
+        log.info("removed the staging of an ended ingest job path=%s", path)
+    return removed
+
+
 def run_ingest_job(ctx: Context, job_id: int) -> dict[str, Any]:
     settings = ctx.settings
+    sweep_ended(ctx)
     owner, got = start_attempt(ctx.db, job_id, settings.ingest_lease_seconds)
     if got.outcome != "claimed":
         if got.outcome in ENDED and got.job is not None:

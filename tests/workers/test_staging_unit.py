@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ingest.plan import Location, Plan, Report, Unit
-from ingest.staging import Staging, sweep_staging
+from ingest.staging import Staging, staged_jobs, sweep_staging
 from store.datasets import Chunk
 from store.errors import TooLarge
 
@@ -70,6 +70,9 @@ def test_the_sweep_removes_only_ended_jobs_folders(tmp_path):
     for job in (1, 2, 3):
         Staging(tmp_path, job).prepare()
     (tmp_path / "other").mkdir()
-    removed = sweep_staging(tmp_path, live={2})
-    assert sorted(os.path.basename(p) for p in removed) == ["job-1", "job-3"]
+    assert staged_jobs(tmp_path) == {1, 2, 3}
+    removed = sweep_staging(tmp_path, live={2}, among={1, 2})  # job 3 started since
+    assert [os.path.basename(p) for p in removed] == ["job-1"]
+    assert sorted(os.listdir(tmp_path)) == ["job-2", "job-3", "other"]
+    sweep_staging(tmp_path, live={2})
     assert sorted(os.listdir(tmp_path)) == ["job-2", "other"]

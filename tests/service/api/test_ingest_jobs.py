@@ -80,7 +80,9 @@ def test_a_uri_answers_202_and_the_job_registers_the_dataset(client, api_worker,
     assert "registered already" in repeat["progress_message"]
 
 
-def test_a_folder_of_npy_files_is_one_dataset_in_file_order(client, api_worker, allowed):
+def test_a_folder_of_npy_files_is_one_dataset_in_file_order(client, api_worker, allowed,
+                                                            staging):
+    (staging / "job-987654321" / "unit-000000").mkdir(parents=True)  # a job that is gone
     folder = allowed / "ingest-folder"
     folder.mkdir()
     rng = np.random.default_rng(242)
@@ -96,6 +98,7 @@ def test_a_folder_of_npy_files_is_one_dataset_in_file_order(client, api_worker, 
     np.testing.assert_array_equal(x, np.concatenate([parts["a"], parts["b"], parts["c"]]))
     assert keys == [f"a/{i}" for i in range(5)] + [f"b/{i}" for i in range(3)] + [
         "c/0", "c/1"]
+    assert not (staging / "job-987654321").exists()  # swept by the job's start
 
 
 @pytest.mark.parametrize(("extra", "status", "needle"), [
