@@ -37,6 +37,7 @@ ARRAY_SUFFIXES = (".npy", ".npz", ".parquet", ".csv")
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 OPTION_FIELDS = ("format", "image_size", "color", "image_column", "max_failure_share")
 IMAGE_OPTIONS = ("image_size", "color", "image_column")
+MAX_FOOTER_BYTES = 16 << 20  # of a parquet upload, read to tell whether it holds images
 
 
 def check_name(name: str | None) -> str:
@@ -67,6 +68,10 @@ def has_image_column(upload: UploadFile) -> bool:
     from ingest.imageparquet import image_column_of
 
     try:
+        upload.file.seek(-8, os.SEEK_END)
+        tail = upload.file.read(8)
+        if tail[4:] != b"PAR1" or int.from_bytes(tail[:4], "little") > MAX_FOOTER_BYTES:
+            return False  # not parquet, or a footer too large to read here: the reader's
         upload.file.seek(0)
         found = image_column_of(pq.ParquetFile(upload.file).schema_arrow, None)
     except Exception:  # not a parquet file: the synchronous reader says why

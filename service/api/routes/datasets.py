@@ -1,4 +1,8 @@
-"""/v1/datasets: multipart uploads streamed to disk, server-side files, builtins."""
+"""/v1/datasets: multipart uploads streamed to disk, server-side sources, builtins.
+
+Small array uploads and builtins register inside the request (201/200, `mode: sync`);
+a `uri`, an archive, an image source or a large upload becomes an ingest job (202,
+`mode: job`, see service.api.registration and workers.ingest)."""
 
 from __future__ import annotations
 
