@@ -98,8 +98,10 @@ def runs_as_job(upload: UploadFile, filename: str, size: int,
 
 
 def _safe_name(filename: str) -> str:
-    """The upload's file name on disk: its extension kept (readers go by it)."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", filename)[-120:].lstrip(".") or "upload"
+    """The upload's file name in the store: its extension kept (readers go by it), never
+    the name of a keys/labels part beside it."""
+    return "source-" + (re.sub(r"[^A-Za-z0-9._-]", "_", filename)[-120:].lstrip(".")
+                        or "upload")
 
 
 def _copy(upload: UploadFile, path: str, budget: int, digest: Any) -> int:
@@ -126,12 +128,12 @@ def save_upload(svc: Services, form: Any, filename: str, fields: dict[str, str |
     root = svc.settings.data_dir.resolve() / "uploads"
     root.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=root, prefix=f"{os.getpid()}-")
+    params: dict[str, Any] = {"filename": filename, "options": options}
     try:
         digest = hashlib.sha256(json.dumps([filename, fields], sort_keys=True).encode())
         budget = svc.settings.max_upload_temp_bytes
         name = _safe_name(filename)
         used = _copy(form.get("file"), os.path.join(tmp, name), budget, digest)
-        params: dict[str, Any] = {"filename": filename, "options": options}
         for part in ("keys", "labels"):
             upload = form.get(part)
             if upload is None:

@@ -174,15 +174,15 @@ def test_a_large_upload_becomes_a_job_and_its_saved_file_goes(small_sync_api, ap
     labels = np.arange(300) % 3
     r = small_sync_api.post(
         "/v1/datasets", data={"name": "ingest-large"},
-        files={"file": ("large.npy", npy(data)), "labels": ("l.npy", npy(labels))},
-        headers={"Idempotency-Key": "ingest-large-1"})
+        files={"file": ("labels.npy", npy(data)), "labels": ("l.npy", npy(labels))},
+        headers={"Idempotency-Key": "ingest-large-1"})  # a data file named as a part
     assert r.status_code == 202, r.text
     body = r.json()
     assert body["mode"] == "job" and "upload_key" not in body["job"]["params"]
-    assert body["job"]["params"]["filename"] == "large.npy"
+    assert body["job"]["params"]["filename"] == "labels.npy"
     replay = small_sync_api.post(
         "/v1/datasets", data={"name": "ingest-large"},
-        files={"file": ("large.npy", npy(data)), "labels": ("l.npy", npy(labels))},
+        files={"file": ("labels.npy", npy(data)), "labels": ("l.npy", npy(labels))},
         headers={"Idempotency-Key": "ingest-large-1"})
     assert replay.status_code == 202 and replay.json()["job"]["id"] == body["job"]["id"]
     assert replay.headers["idempotent-replayed"] == "true"
