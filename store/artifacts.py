@@ -40,6 +40,14 @@ def model_key(model_id: int, attempt: int, name: str) -> str:
     return check_key(f"models/{int(model_id)}/attempt-{int(attempt)}/{name}")
 
 
+def upload_key(token: str, name: str | None = None) -> str:
+    """A file uploaded for an ingest job (`name`), or the folder of the job's uploads
+    (`name=None`): the API writes it, the job reads it and removes the folder at its end.
+    In the artifact store, so a worker on another host reads it as the API wrote it."""
+    folder = f"uploads/{token}"
+    return check_key(folder if name is None else f"{folder}/{name}")
+
+
 def check_key(key: str) -> str:
     """Return `key` if it is a safe relative key; PathNotAllowed otherwise."""
     if not isinstance(key, str) or not key or len(key) > 512:

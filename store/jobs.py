@@ -35,9 +35,11 @@ from store.errors import Conflict, NotFound
 from store.tables import EmbeddingSet, EmbeddingSetPart, Job, Latent, Model
 
 log = logging.getLogger(__name__)
-TASKS = {"train": "latentbank.train", "embed": "latentbank.embed"}
+TASKS = {"train": "latentbank.train", "embed": "latentbank.embed",
+         "ingest": "latentbank.ingest"}
 INDEX_TASK = "latentbank.embed_index"  # a ready set's HNSW index (workers.tasks.embed_index)
-QUEUES = {"train": "train", "embed": "embed", "maintenance": "maintenance"}
+QUEUES = {"train": "train", "embed": "embed", "ingest": "ingest",
+          "maintenance": "maintenance"}
 WORKER_QUEUES = ",".join(QUEUES.values())  # what a worker consumes by default
 TERMINAL = ("succeeded", "failed", "cancelled")
 OwnerCheck = Callable[[str], bool]
@@ -261,17 +263,21 @@ def lease_guard(conn: Connection, job_id: int, owner: str) -> None:
 
 def finish(db: Database, job_id: int, owner: str, status: str, *, error: str | None = None,
            message: str | None = None, model: dict[str, Any] | None = None,
-           embedding_set: dict[str, Any] | None = None) -> None:
+           embedding_set: dict[str, Any] | None = None, dataset_id: int | None = None,
+           ) -> None:
     """End an attempt and its job: succeeded, failed or cancelled. Only the lease holder can.
 
     In the same transaction the job's model (training) or embedding set (embedding) takes
     the matching status (`ready` on success) plus the given column values; a failed or
-    cancelled embedding set loses its partial rows. Raises LeaseLost, writing nothing,
+    cancelled embedding set loses its partial rows; an ingest job names the dataset it
+    registered (`dataset_id`). Raises LeaseLost, writing nothing,
     when this attempt no longer holds the job.
     """
     if status not in TERMINAL:
         raise ValueError(status)
-    extra = {"progress": 1.0} if status == "succeeded" else {}
+    extra: dict[str, Any] = {"progress": 1.0} if status == "succeeded" else {}
+    if dataset_id is not None:
+        extra["dataset_id"] = dataset_id
     with db.session() as s:
         job = s.scalar(update(Job).where(Job.id == job_id, Job.lease_owner == owner,
                                          Job.status == "running")
@@ -344,6 +350,23 @@ def count_done(db: Database, job_id: int, owner: str, items: int) -> tuple[int, 
     if row is None:
         raise LeaseLost(f"job {job_id} is no longer held by {owner}")
     return int(row[0]), row[1]
+
+
+def ingest_progress(db: Database, job_id: int, owner: str, items_done: int,
+                    items_total: int | None = None) -> bool:
+    """An ingest attempt's items read so far (staged units included), and of how many when
+    its plan tells; only while `owner` holds the job (LeaseLost otherwise). Returns True
+    when cancellation was requested (the attempt stops at its next unit)."""
+    values: dict[str, Any] = {"items_done": int(items_done)}
+    if items_total is not None:
+        values["items_total"] = int(items_total)
+    with db.session() as s:
+        row = s.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner,
+                                          Job.status == "running").values(**values)
+                        .returning(Job.cancel_requested)).first()
+    if row is None:
+        raise LeaseLost(f"job {job_id} is no longer held by {owner}")
+    return bool(row[0])
 
 
 def release(db: Database, job_id: int, owner: str, reason: str) -> bool:

@@ -1,4 +1,5 @@
-"""Job submission: the model (or embedding set) row and its job row, in one transaction.
+"""Job submission: the model (or embedding set) row and its job row, in one transaction
+(an ingest job has no row of its own until it succeeds: it names its dataset then).
 
 Submissions arrive validated: the API checks a training configuration at its edge with the
 torch-free `models.config`, and hands over the normalised configuration. Publishing the task
@@ -90,6 +91,22 @@ def submit_training(db: Database, dataset_id: int, config: dict[str, Any], *,
         s.flush()
         job = Job(kind="train", params={"dataset_id": dataset_id, **config}, model_id=row.id,
                   sweep_id=sweep_id, max_attempts=max_attempts, status="queued")
+        s.add(job)
+        return job
+
+    return _submit(db, idempotency_key, request_hash, write)
+
+
+def submit_ingest(db: Database, name: str, params: dict[str, Any], *,
+                  idempotency_key: str | None = None, request_hash: str | None = None,
+                  max_attempts: int = 3) -> tuple[Job, bool]:
+    """An ingest job (queued) that registers the dataset `name` from a source the caller
+    checked: `params` holds its `uri` (as given) or `upload` (a file saved for the job),
+    and its reading `options`. Idempotency as in `submit_training`."""
+
+    def write(s: Session) -> Job:
+        job = Job(kind="ingest", params={"name": name, **params}, max_attempts=max_attempts,
+                  status="queued")
         s.add(job)
         return job
 

@@ -116,8 +116,8 @@ def test_training_workers_reserve_a_gpu_and_embedding_workers_scale(spec):
     cmd = command(train)
     assert cmd[cmd.index("--queues") + 1] == "train" and cmd[cmd.index("--pool") + 1] == "solo"
     cmd = command(embed)
-    # embedding workers also take the maintenance passes that beat schedules
-    assert cmd[cmd.index("--queues") + 1] == "embed,maintenance"
+    # embedding workers also take the ingest jobs and the maintenance passes beat schedules
+    assert cmd[cmd.index("--queues") + 1] == "embed,ingest,maintenance"
     assert command(spec["services"]["beat"])[:2] == ["latentbank", "beat"]
     # --scale needs no fixed container name and no fixed host port
     assert "container_name" not in embed and "ports" not in embed

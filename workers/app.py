@@ -1,5 +1,6 @@
-"""The Celery app: `celery -A workers.app worker -Q train -P solo` (GPU hosts) or `-Q embed`,
-and one `celery -A workers.app beat` for periodic maintenance.
+"""The Celery app: `celery -A workers.app worker -Q train -P solo` (GPU hosts) or `-Q embed`
+(`-Q ingest` for registrations from a `uri` or an uploaded archive), and one
+`celery -A workers.app beat` for periodic maintenance.
 
 Configured from the settings: Redis as broker and result backend, JSON only, and
 at-least-once delivery (acks late, requeue when a worker is lost, prefetch 1, a
@@ -31,7 +32,8 @@ MAINTENANCE_TASK = "latentbank.maintenance"
 MAINTENANCE_QUEUE = QUEUES["maintenance"]
 # Imported by the main process before the pool forks (see the module's docstring).
 PRELOAD = ("psycopg", "sqlalchemy.dialects.postgresql.psycopg", "redis", "kombu.transport.redis",
-           "workers.tasks", "workers.training", "workers.embedding", "workers.maintenance")
+           "workers.tasks", "workers.training", "workers.embedding", "workers.maintenance",
+           "workers.ingest")
 
 
 def make_app() -> Celery:
@@ -58,6 +60,7 @@ def make_app() -> Celery:
         result_expires=7 * 86_400,
         task_default_queue=QUEUES["embed"],
         task_routes={TASKS["train"]: {"queue": QUEUES["train"]},
+                     TASKS["ingest"]: {"queue": QUEUES["ingest"]},
                      "latentbank.embed*": {"queue": QUEUES["embed"]},
                      MAINTENANCE_TASK: {"queue": MAINTENANCE_QUEUE}},
         beat_schedule={"maintenance": {

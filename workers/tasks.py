@@ -40,6 +40,13 @@ def train(job_id: int) -> dict[str, Any]:
     return run_training_job(context(), job_id)
 
 
+@app.task(name="latentbank.ingest")
+def ingest(job_id: int) -> dict[str, Any]:
+    from workers.ingest import run_ingest_job
+
+    return run_ingest_job(context(), job_id)
+
+
 @app.task(name="latentbank.embed")
 def embed(job_id: int) -> dict[str, Any]:
     from workers.embedding import start_embedding

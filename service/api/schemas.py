@@ -40,6 +40,9 @@ class DatasetOut(BaseModel):
     checksum: str
     source_uri: str | None = None
     created_at: dt.datetime
+    mode: Literal["sync"] | None = Field(
+        None, description="on a registration: `sync`, registered inside the request (an "
+                          "ingest job answers 202 with `mode: job` instead)")
 
     @classmethod
     def of(cls, d: Dataset) -> DatasetOut:
@@ -83,11 +86,14 @@ class ProjectionOut(BaseModel):
 
 
 class DatasetByReference(BaseModel):
-    """Register a file already on the server (under an allowed root) or a builtin."""
+    """Register a source already on the server (a file or folder under an allowed root, or
+    an object under an allowed URL: an ingest job, 202) or a builtin (in the request)."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={
         "examples": [{"name": "digits", "builtin": "digits"},
-                     {"name": "mnist-train", "uri": "/data/mnist/train.npy"}]})
+                     {"name": "mnist-train", "uri": "/data/mnist/train.npy"},
+                     {"name": "photos", "uri": "s3://bucket/photos/", "image_size": 32,
+                      "color": "rgb"}]})
 
     name: str = Field(min_length=1, max_length=200)
     uri: str | None = Field(None, max_length=4096)
@@ -97,6 +103,22 @@ class DatasetByReference(BaseModel):
     label_column: str | None = Field(None, max_length=200)
     feature_columns: list[str] | None = None
     metadata_columns: list[str] | None = None
+    format: str | None = Field(None, max_length=40, description="default: told by the "
+                               "extension or contents (npy npz parquet csv images zip tar "
+                               "webdataset image-parquet idx)")
+    image_size: int | str | list[int] | None = Field(
+        None, description="resize + centre crop: N, \"HxW\" or [H, W]; default: each "
+                          "image's own size")
+    color: str | None = Field(None, max_length=10, description="grey or rgb (default)")
+    image_column: str | None = Field(None, max_length=200,
+                                     description="parquet: the column of images")
+    max_failure_share: float | None = Field(
+        None, description="refuse the source when more than this share of its items "
+                          "cannot be read (default: LATENTBANK_INGEST_MAX_FAILURE_SHARE)")
+
+    def options(self) -> dict[str, Any]:
+        """The reading options given (see ingest.requests.FIELDS)."""
+        return self.model_dump(exclude={"name", "uri", "builtin"}, exclude_none=True)
 
 
 class JobOut(BaseModel):
@@ -107,7 +129,8 @@ class JobOut(BaseModel):
     progress_message: str | None = None
     eta_seconds: float | None = None
     items_done: int = Field(0, description="the attempt's work done: epochs recorded "
-                                           "(training), items embedded (embedding)")
+                                           "(training), items embedded (embedding), items "
+                                           "read (ingest; `progress` is its bytes read)")
     items_total: int | None = Field(None, description="of how many (null before a start)")
     attempts: int
     max_attempts: int
@@ -115,6 +138,8 @@ class JobOut(BaseModel):
     cancel_requested: bool
     model_id: int | None = None
     embedding_set_id: int | None = None
+    dataset_id: int | None = Field(None, description="the dataset an ingest job registered "
+                                                     "(once it succeeded)")
     sweep_id: str | None = None
     params: dict[str, Any]
     created_at: dt.datetime
@@ -129,9 +154,28 @@ class JobOut(BaseModel):
                    items_done=j.items_done or 0, items_total=j.items_total,
                    attempts=j.attempts, max_attempts=j.max_attempts, error=j.error,
                    cancel_requested=j.cancel_requested, model_id=j.model_id,
-                   embedding_set_id=j.embedding_set_id, sweep_id=j.sweep_id, params=j.params,
+                   embedding_set_id=j.embedding_set_id, dataset_id=j.dataset_id,
+                   sweep_id=j.sweep_id, params=_public_params(j),
                    created_at=j.created_at, started_at=j.started_at,
                    finished_at=j.finished_at, published=j.published_at is not None)
+
+
+def _public_params(j: Job) -> dict[str, Any]:
+    """A job's parameters as users see them: an ingest job's saved upload by its file
+    name only (never the store's keys)."""
+    if j.kind != "ingest":
+        return j.params
+    hidden = ("upload_key", "upload_folder", "keys_key", "labels_key")
+    return {k: v for k, v in j.params.items() if k not in hidden}
+
+
+class IngestAccepted(BaseModel):
+    """A registration that runs as an ingest job (202): follow `job` (Location: the job);
+    `job.dataset_id` names the dataset once it succeeded."""
+
+    mode: Literal["job"] = "job"
+    job: JobOut
+    dataset: DatasetOut | None = None
 
 
 class TrainingRequest(BaseModel):

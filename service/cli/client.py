@@ -118,20 +118,25 @@ class Client:
     def add_dataset(self, *, path: Path | None = None, uri: str | None = None,
                     builtin: str | None = None, name: str | None = None,
                     labels: Path | None = None, keys: Path | None = None,
-                    **options: Any) -> dict[str, Any]:
-        """Upload a file, register a file on the server, or a builtin dataset."""
+                    idempotency_key: str | None = None, **options: Any) -> dict[str, Any]:
+        """Upload a file or archive, register a source on the server, or a builtin
+        dataset. The answer is the dataset (`mode: sync`) or its ingest job (`mode: job`,
+        202: `{"mode", "job", "dataset"}`)."""
         options = {k: v for k, v in options.items() if v is not None}
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         if path is None:
             body = {"name": name or builtin or Path(uri or "data").stem,
                     "uri": uri, "builtin": builtin, **options}
             return self.post("/v1/datasets", json={k: v for k, v in body.items()
-                                                   if v is not None})
-        form = {"name": name or path.stem, **{k: ",".join(v) if isinstance(v, list) else v
-                                              for k, v in options.items()}}
+                                                   if v is not None}, headers=headers)
+        form = {"name": name or dataset_name(path.name),
+                **{k: ",".join(v) if isinstance(v, list) else str(v)
+                   for k, v in options.items()}}
         with contextlib.ExitStack() as opened:
             files = {field: (p.name, opened.enter_context(open(p, "rb")))
                      for field, p in (("file", path), ("labels", labels), ("keys", keys)) if p}
-            return self.post("/v1/datasets", data=form, files=files, timeout=None)
+            return self.post("/v1/datasets", data=form, files=files, timeout=None,
+                             headers=headers)
 
     # --- jobs -----------------------------------------------------------------------
     def events(self, job_id: int) -> Iterator[dict[str, Any]]:
@@ -166,6 +171,14 @@ class Client:
     def post_array(self, path: str, accept: str, **kwargs: Any) -> bytes:
         headers = {**kwargs.pop("headers", {}), "Accept": accept}
         return self.request("POST", path, headers=headers, **kwargs).content
+
+
+def dataset_name(filename: str) -> str:
+    """A dataset's default name: the file's without its extension (both of `.tar.gz`)."""
+    for suffix in (".tar.gz", ".tgz"):
+        if filename.lower().endswith(suffix):
+            return filename[:-len(suffix)]
+    return Path(filename).stem
 
 
 def npy_body(array: np.ndarray) -> bytes:

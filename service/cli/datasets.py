@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -12,6 +14,7 @@ from service.cli.output import (
     JsonOpt,
     client,
     emit_json,
+    err,
     fail,
     fetch,
     show,
@@ -36,14 +39,55 @@ def _split(value: str | None) -> list[str] | None:
 DATASET_COLUMNS = ["id", "name", "items", "item shape", "format", "labels", "range", "source"]
 
 
+def pack_folder(folder: Path, out: Path) -> Path:
+    """The folder's regular files as an uncompressed .tar at `out`, written file by file
+    (never the whole folder in memory), members named by their path relative to the
+    folder (`cat/001.png`: the keys the server gives the items), in the order the server
+    reads a folder (sorted by that name), so the dataset is the one a `--uri` of the
+    same folder makes. Links are left out (the server does not follow them either)."""
+    import tarfile
+
+    names = []
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = Path(root) / name
+            if path.is_file() and not path.is_symlink():
+                names.append(path.relative_to(folder).as_posix())
+    with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name in sorted(names):
+            tar.add(folder / name, arcname=name, recursive=False)
+    return out
+
+
+def follow(c: Any, answer: dict[str, Any], as_json: bool) -> dict[str, Any]:
+    """An ingest job followed to its end (a progress bar of items and bytes on a
+    terminal); the dataset it registered, or exit 1 with the job's error."""
+    from service.cli.jobs import watch_job
+
+    job_id = answer["job"]["id"]
+    if as_json:
+        job = answer["job"]
+        for state in c.events(job_id):
+            job = state
+        if job.get("status") != "succeeded":
+            emit_json(job)
+            raise typer.Exit(1)
+    elif watch_job(c, job_id, False) != 0:
+        raise typer.Exit(1)
+    job = c.get(f"/v1/jobs/{job_id}")
+    return c.get(f"/v1/datasets/{job['dataset_id']}")
+
+
 @datasets_app.command("add")
 @verb
 def datasets_add(
     path: Annotated[Path | None, typer.Argument(
-        help="a local .npy/.npz/.parquet/.csv file to upload", exists=True, dir_okay=False,
-        show_default=False)] = None,
+        help="a local file (.npy/.npz/.parquet/.csv, an archive of images .zip/.tar/"
+             ".tar.gz, an image parquet, IDX) or a folder of images (packed into a .tar "
+             "on the fly and uploaded)", exists=True, show_default=False)] = None,
     uri: Annotated[str | None, typer.Option(
-        help="a file already on the server, under LATENTBANK_ALLOWED_ROOTS")] = None,
+        help="a file or folder on the server (under LATENTBANK_ALLOWED_ROOTS) or an object "
+             "under LATENTBANK_ALLOWED_URLS: an ingest job")] = None,
     builtin: Annotated[str | None, typer.Option(help="a builtin dataset: digits")] = None,
     name: Annotated[str | None, typer.Option(help="default: the file name")] = None,
     labels: Annotated[Path | None, typer.Option(
@@ -57,19 +101,53 @@ def datasets_add(
         help="comma-separated table columns to use as features")] = None,
     metadata_columns: Annotated[str | None, typer.Option(
         help="comma-separated table columns kept as metadata")] = None,
+    image_size: Annotated[str | None, typer.Option(
+        help="images: resize + centre crop to N or HxW (default: each image's own)")] = None,
+    color: Annotated[str | None, typer.Option(help="images: grey or rgb (default)")] = None,
+    data_format: Annotated[str | None, typer.Option(
+        "--format", help="default: told by the extension or contents")] = None,
+    image_column: Annotated[str | None, typer.Option(
+        help="parquet: the column of images")] = None,
+    max_failure_share: Annotated[float | None, typer.Option(
+        help="refuse the source when more than this share of items cannot be read",
+        min=0.0, max=1.0)] = None,
+    wait: Annotated[bool, typer.Option(
+        "--wait/--no-wait", help="follow an ingest job to its end (--no-wait: print the "
+                                 "job at once)")] = True,
     as_json: JsonOpt = False,
 ) -> None:
-    """Register a dataset: upload PATH, or name a server-side --uri, or a --builtin."""
+    """Register a dataset: upload PATH (a file, an archive or a folder), name a
+    server-side --uri, or a --builtin. Archives, folders, large files and every --uri
+    run as an ingest job on the workers, followed with a progress bar."""
     if sum(x is not None for x in (path, uri, builtin)) != 1:
         raise fail("give exactly one of PATH, --uri and --builtin")
     if (labels or keys) and path is None:
         raise fail("--labels and --keys go with an uploaded PATH")
-    with client() as c:
-        d = c.add_dataset(path=path, uri=uri, builtin=builtin, name=name, labels=labels,
-                          keys=keys, array=array, key_column=key_column,
-                          label_column=label_column,
-                          feature_columns=_split(feature_columns),
-                          metadata_columns=_split(metadata_columns))
+    options = {"array": array, "key_column": key_column, "label_column": label_column,
+               "feature_columns": _split(feature_columns),
+               "metadata_columns": _split(metadata_columns), "image_size": image_size,
+               "color": color, "format": data_format, "image_column": image_column,
+               "max_failure_share": max_failure_share}
+    with client() as c, tempfile.TemporaryDirectory(prefix="latentbank-pack-") as tmp:
+        if path is not None and path.is_dir():
+            if labels or keys:
+                raise fail("--labels and --keys go with a file, not a folder")
+            name = name or path.resolve().name
+            path = pack_folder(path, Path(tmp) / f"{path.resolve().name}.tar")
+        answer = c.add_dataset(path=path, uri=uri, builtin=builtin, name=name, labels=labels,
+                               keys=keys, **options)
+        if answer.get("mode") == "job":
+            if not wait:
+                if as_json:
+                    emit_json(answer)
+                else:
+                    job = answer["job"]
+                    err.print(f"job {job['id']} queued: follow it with `latentbank jobs "
+                              f"watch {job['id']}`")
+                return
+            d = follow(c, answer, as_json)
+        else:
+            d = answer
     if as_json:
         emit_json(d)
     else:

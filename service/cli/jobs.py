@@ -172,8 +172,9 @@ def _eta(seconds: float | None) -> str:
 
 def _final(job: dict[str, Any]) -> int:
     if job["status"] == "succeeded":
-        made = (f"model {job['model_id']}" if job["kind"] == "train"
-                else f"embedding set {job['embedding_set_id']}")
+        made = {"train": f"model {job['model_id']}",
+                "ingest": f"dataset {job.get('dataset_id')}"}.get(
+            job["kind"], f"embedding set {job['embedding_set_id']}")
         err.print(f"job {job['id']} succeeded: {made}")
         return 0
     err.print(f"error: job {job['id']} {job['status']}: "
@@ -216,7 +217,7 @@ def watch_job(c: Client, job_id: int, as_json: bool) -> int:
 @jobs_app.command("list")
 @verb
 def jobs_list(status: Annotated[str | None, typer.Option(help="queued, running, ...")] = None,
-              kind: Annotated[str | None, typer.Option(help="train or embed")] = None,
+              kind: Annotated[str | None, typer.Option(help="train, embed or ingest")] = None,
               limit: int = typer.Option(50, min=1, max=1000), as_json: JsonOpt = False) -> None:
     """Jobs, newest first."""
     items = fetch("/v1/jobs", status=status, kind=kind, limit=limit)

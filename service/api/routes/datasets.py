@@ -1,4 +1,8 @@
-"""/v1/datasets: multipart uploads streamed to disk, server-side files, builtins."""
+"""/v1/datasets: multipart uploads streamed to disk, server-side sources, builtins.
+
+Small array uploads and builtins register inside the request (201/200, `mode: sync`);
+a `uri`, an archive, an image source or a large upload becomes an ingest job (202,
+`mode: job`, see service.api.registration and workers.ingest)."""
 
 from __future__ import annotations
 
@@ -10,7 +14,8 @@ from typing import Any
 
 import numpy as np
 import orjson
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 
 from ingest.arrays import (
@@ -18,7 +23,6 @@ from ingest.arrays import (
     format_of,
     register_digits,
     register_file,
-    resolve_allowed_path,
 )
 from models.transforms import item_values
 from service.api.deps import (
@@ -33,7 +37,23 @@ from service.api.deps import (
 )
 from service.api.errors import BodyTooLarge
 from service.api.inference import check_answer, is_image_shape
-from service.api.schemas import DatasetByReference, DatasetItemsOut, DatasetOut, ErrorBody
+from service.api.registration import (
+    check_name,
+    reference_hash,
+    reference_params,
+    runs_as_job,
+    save_upload,
+    stem,
+    submit,
+)
+from service.api.schemas import (
+    DatasetByReference,
+    DatasetItemsOut,
+    DatasetOut,
+    ErrorBody,
+    IngestAccepted,
+    JobOut,
+)
 from store.datasets import (
     dataset_array,
     delete_dataset,
@@ -52,7 +72,10 @@ UPLOAD_SCHEMA = {
     "required": ["file"],
     "properties": {
         "file": {"type": "string", "format": "binary",
-                 "description": ".npy, .npz, .parquet or .csv; the extension names the format"},
+                 "description": ".npy, .npz, .parquet or .csv (up to ingest_sync_max_bytes: "
+                                "registered in the request, 201), or larger, or an archive "
+                                "of images (.zip, .tar, .tar.gz, .tgz), an image parquet, "
+                                "an IDX file: an ingest job (202)"},
         "name": {"type": "string", "description": "defaults to the file's name"},
         "labels": {"type": "string", "format": "binary", "description": ".npy, one per item"},
         "keys": {"type": "string", "format": "binary", "description": ".npy, one per item"},
@@ -61,6 +84,11 @@ UPLOAD_SCHEMA = {
         "label_column": {"type": "string"},
         "feature_columns": {"type": "string", "description": "comma-separated"},
         "metadata_columns": {"type": "string", "description": "comma-separated"},
+        "format": {"type": "string", "description": "default: told by the extension"},
+        "image_size": {"type": "string", "description": "N or HxW: resize + centre crop"},
+        "color": {"type": "string", "enum": ["grey", "rgb"]},
+        "image_column": {"type": "string", "description": "parquet: the column of images"},
+        "max_failure_share": {"type": "number", "minimum": 0, "maximum": 1},
     },
 }
 CREATE_BODY = {"requestBody": {"required": True, "content": {
@@ -68,7 +96,11 @@ CREATE_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"$ref": "#/components/schemas/DatasetByReference"}},
 }}}
 TEXT_FIELDS = ("name", "array", "key_column", "label_column", "feature_columns",
-               "metadata_columns")
+               "metadata_columns", "format", "image_size", "color", "image_column",
+               "max_failure_share")
+IdempotencyKey = Header(None, alias="Idempotency-Key", max_length=200,
+                        pattern=r"^[!-~]([ -~]*[!-~])?$",
+                        description="repeat an ingest submission safely (as for training)")
 
 
 def _columns(value: str | None) -> list[str] | None:
@@ -91,19 +123,34 @@ def _save(upload: UploadFile, folder: str, suffix: str, budget: int) -> tuple[st
     return path, written
 
 
-def _ingest_upload(svc: Services, form: Any) -> tuple[Any, bool]:
+def _upload_size(upload: UploadFile) -> int:
+    if upload.size is not None:
+        return int(upload.size)
+    upload.file.seek(0, os.SEEK_END)
+    return int(upload.file.tell())
+
+
+def _ingest_upload(svc: Services, form: Any, key: str | None) -> tuple[Any, bool, str]:
+    """(dataset or job, created, mode): small array files register here (`sync`);
+    archives, image sources and large files become an ingest job (`job`)."""
     upload = form.get("file")
     if not isinstance(upload, UploadFile):
         raise InvalidInput("multipart field 'file' (the data file) is missing")
     filename = os.path.basename(upload.filename or "")
-    fmt = format_of(filename)  # UnsupportedFormat (415) before anything is written
     fields = {}
     for field in TEXT_FIELDS:
         value = form.get(field)
         if value is not None and not isinstance(value, str):
             raise InvalidInput(f"form field {field!r} must be text")
         fields[field] = value
-    name = fields["name"] or filename.rsplit(".", 1)[0]
+    name = fields["name"] or stem(filename)
+    if runs_as_job(upload, filename, _upload_size(upload), fields,
+                   svc.settings.ingest_sync_max_bytes):
+        check_name(name)
+        params, request_hash = save_upload(svc, form, filename, fields)
+        job, created = submit(svc, name, params, request_hash, key)
+        return job, created, "job"
+    fmt = format_of(filename)  # UnsupportedFormat (415) before anything is written
     folder = svc.settings.data_dir / "uploads"
     folder.mkdir(parents=True, exist_ok=True)
     # named after this process: a sweep at start removes what a killed process left
@@ -127,34 +174,36 @@ def _ingest_upload(svc: Services, form: Any) -> tuple[Any, bool]:
                                 keys_path=side["keys"], labels_path=side["labels"])
         registered = register_file(svc.db, svc.artifacts, svc.settings, name, data,
                                    filename=filename, options=options, temp_bytes=used)
-    return registered.dataset, registered.created
+    return registered.dataset, registered.created, "sync"
 
 
-def _ingest_reference(svc: Services, body: DatasetByReference) -> tuple[Any, bool]:
+def _ingest_reference(svc: Services, body: DatasetByReference, path: str,
+                      key: str | None) -> tuple[Any, bool, str]:
     if (body.uri is None) == (body.builtin is None):
-        raise InvalidInput("give exactly one of 'uri' (a file under an allowed root) and "
-                           "'builtin'")
+        raise InvalidInput("give exactly one of 'uri' (a file or folder under an allowed "
+                           "root, or an object under an allowed URL) and 'builtin'")
     if body.builtin == "digits":
+        if body.options():
+            raise InvalidInput("reading options go with a 'uri', not a builtin")
         registered = register_digits(svc.db, svc.artifacts, svc.settings, name=body.name)
-        return registered.dataset, registered.created
-    assert body.uri is not None
-    path = resolve_allowed_path(body.uri, svc.settings.allowed_roots)
-    options = IngestOptions(array=body.array, key_column=body.key_column,
-                            label_column=body.label_column,
-                            feature_columns=body.feature_columns,
-                            metadata_columns=body.metadata_columns)
-    registered = register_file(svc.db, svc.artifacts, svc.settings, body.name, path,
-                               options=options, source_uri=path)
-    return registered.dataset, registered.created
+        return registered.dataset, registered.created, "sync"
+    params = reference_params(svc, body)
+    job, created = submit(svc, body.name, params, reference_hash(path, body), key)
+    return job, created, "job"
 
 
 @router.post("", status_code=201, response_model=DatasetOut, openapi_extra=CREATE_BODY,
              dependencies=[require("write")],
              responses={200: {"model": DatasetOut,
                               "description": "the same content is already registered"},
+                        202: {"model": IngestAccepted,
+                              "description": "an ingest job registers it (a `uri`, an "
+                                             "archive, a large upload): follow the job"},
                         **ERRORS},
-             summary="Register a dataset: upload a file, name a server-side file, or a builtin")
-async def create_dataset(request: Request, response: Response) -> DatasetOut:
+             summary="Register a dataset: upload a file or archive, name a server-side "
+                     "source, or a builtin")
+async def create_dataset(request: Request, response: Response,
+                         idempotency_key: str | None = IdempotencyKey) -> Any:
     svc = services(request)
     kind = media_type(request)
     if kind == "multipart/form-data":
@@ -165,18 +214,25 @@ async def create_dataset(request: Request, response: Response) -> DatasetOut:
         except Exception:  # starlette's parser: malformed multipart, too many parts
             raise InvalidInput("the multipart body is malformed") from None
         try:
-            dataset, created = await in_thread(_ingest_upload, svc, form)
+            made, created, mode = await in_thread(_ingest_upload, svc, form, idempotency_key)
         finally:
             await form.close()
     elif kind == "application/json":
         body = parse_json(await read_body(request), DatasetByReference)
-        dataset, created = await in_thread(_ingest_reference, svc, body)
+        made, created, mode = await in_thread(_ingest_reference, svc, body, request.url.path,
+                                              idempotency_key)
     else:
         raise UnsupportedFormat(f"content type {kind!r} is not accepted: upload with "
                                 "multipart/form-data or send JSON {\"name\", \"uri\"|\"builtin\"}")
+    if mode == "job":
+        headers = {"Location": f"/v1/jobs/{made.id}"}
+        if not created:
+            headers["Idempotent-Replayed"] = "true"
+        answer = IngestAccepted(job=JobOut.of(made))
+        return JSONResponse(answer.model_dump(mode="json"), status_code=202, headers=headers)
     response.status_code = 201 if created else 200
-    response.headers["Location"] = f"/v1/datasets/{dataset.id}"
-    return DatasetOut.of(dataset)
+    response.headers["Location"] = f"/v1/datasets/{made.id}"
+    return DatasetOut.of(made).model_copy(update={"mode": "sync"})
 
 
 @router.get("", response_model=list[DatasetOut], dependencies=[require("read")],

@@ -1,0 +1,227 @@
+"""The ingest job: claim, plan the source, read it unit by unit into the job's staging
+folder (a killed attempt resumes after the last staged unit), register the dataset from
+the staged chunks in one transaction, and name it on the job.
+
+Progress is counted as items (`items_done` of `items_total`, when the plan tells) and as
+bytes (`progress`: the share of the plan's bytes read, and the message). A cancel stops
+at the next unit boundary. The job's own failures (a refused source, a corrupt file, the
+failure share passed: every 4xx of the store) fail it with their message, at once; the
+database going away ends the attempt and requeues the job, its staged units kept. The
+staging folder, and an upload saved for the job, go when the job ends, whatever the end.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sqlalchemy import select
+
+from ingest.npy_folder import FORMAT as NPY_FOLDER
+from ingest.npy_folder import plan_npy_folder, read_npy_unit
+from ingest.paths import resolve_location
+from ingest.plan import Limits, Location, Report, ingest_record, plan_source, read_unit
+from ingest.readers import failure_summary
+from ingest.requests import options_of
+from ingest.staging import Staging, staged_jobs, staging_root, sweep_staging
+from store.artifacts import check_key
+from store.datasets import Registered, register_dataset
+from store.db import is_transient
+from store.errors import Conflict, DatasetError, StoreError
+from store.jobs import TERMINAL, LeaseLost, finish, ingest_progress
+from store.tables import Job
+from workers.context import Context
+from workers.lease import Lease, start_attempt
+from workers.training import _failed, end_attempt, retry_transient
+
+log = logging.getLogger(__name__)
+ENDED = ("terminal", "cancelled", "exhausted")  # claims that find the job over
+
+
+class IngestCancelled(Exception):
+    pass
+
+
+def _uploaded(ctx: Context, params: dict[str, Any], staging: Staging,
+              ) -> tuple[Location, dict[str, str]]:
+    """An upload saved for the job in the artifact store: its Location (read in place,
+    local or not) and its keys/labels parts as local files (the .npy reader's)."""
+    key = check_key(params["upload_key"])
+    if not key.startswith("uploads/") or not ctx.artifacts.exists(key):
+        raise DatasetError("the upload saved for this job is gone (the job ended, or its "
+                           "files were removed)")
+    side = {}
+    for part in ("keys", "labels"):
+        if params.get(f"{part}_key"):
+            part_key = check_key(params[f"{part}_key"])
+            local = ctx.artifacts.local_path(part_key) or ctx.artifacts.get_file(
+                part_key, str(staging.path / f"{part}.npy"))
+            side[f"{part}_path"] = local
+    display = params.get("filename") or key.rsplit("/", 1)[-1]
+    return Location(ctx.artifacts.fs, ctx.artifacts.path(key), display), side
+
+
+def cleanup(ctx: Context, job_id: int, params: dict[str, Any] | None) -> None:
+    """What the job leaves behind once it has ended: its staging folder and upload."""
+    Staging(staging_root(ctx.settings), job_id).remove()
+    folder = (params or {}).get("upload_folder")
+    if folder and check_key(folder).startswith("uploads/"):
+        ctx.artifacts.delete(folder)
+
+
+def sweep_ended(ctx: Context) -> list[str]:
+    """Remove this host's staging folders of ingest jobs that have ended (or are gone):
+    a job requeued onto another host and finished there leaves its first host's folder.
+    Best effort: a failure here never stops the job that is starting."""
+    try:
+        root = staging_root(ctx.settings)
+        listed = staged_jobs(root)  # before the query: an ended job never starts again
+        if not listed:
+            return []
+        with ctx.db.session() as s:
+            live = set(s.scalars(select(Job.id).where(Job.id.in_(listed),
+                                                      Job.status.not_in(TERMINAL))))
+        removed = sweep_staging(root, live, among=listed)
+    except Exception:
+        log.warning("could not sweep the staging folders", exc_info=True)
+        return []
+    for path in removed:
+        log.info("removed the staging of an ended ingest job path=%s", path)
+    return removed
+
+
+def run_ingest_job(ctx: Context, job_id: int) -> dict[str, Any]:
+    settings = ctx.settings
+    sweep_ended(ctx)
+    owner, got = start_attempt(ctx.db, job_id, settings.ingest_lease_seconds)
+    if got.outcome != "claimed":
+        if got.outcome in ENDED and got.job is not None:
+            cleanup(ctx, job_id, got.job.params)
+        return {"outcome": got.outcome}
+    job = got.job
+    assert job is not None
+    log.info("ingest started job_id=%d attempt=%d", job_id, job.attempts)
+    with Lease(ctx.db, job_id, owner, settings.ingest_lease_seconds) as lease:
+        try:
+            result = _ingest(ctx, job_id, job.params, lease)
+        except LeaseLost:
+            log.warning("ingest attempt lost its lease job_id=%d owner=%s", job_id, owner)
+            return {"outcome": "lease_lost"}  # the staging is the next attempt's
+        except IngestCancelled:
+            if lease.lost:
+                return {"outcome": "lease_lost"}
+            try:
+                finish(ctx.db, job_id, owner, "cancelled",
+                       message="cancelled; nothing was registered")
+            except LeaseLost:
+                return {"outcome": "lease_lost"}
+            result = {"outcome": "cancelled"}
+        except Exception as exc:
+            if is_transient(exc):
+                return end_attempt(ctx, job_id, owner, exc)
+            if not isinstance(exc, StoreError):
+                log.exception("ingest failed job_id=%d", job_id)
+            error = str(exc) if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}"
+            result = _failed(ctx, job_id, owner, error)
+    if result["outcome"] in ("succeeded", "failed", "cancelled"):
+        cleanup(ctx, job_id, job.params)
+    log.info("ingest ended job_id=%d outcome=%s", job_id, result["outcome"])
+    return result
+
+
+def _megabytes(n: float) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _ingest(ctx: Context, job_id: int, params: dict[str, Any], lease: Lease,
+            ) -> dict[str, Any]:
+    settings, limits = ctx.settings, Limits.of(ctx.settings)
+    staging = Staging(staging_root(settings), job_id, settings.max_inflated_bytes)
+    done = staging.prepare()
+    side: dict[str, str] = {}
+    if params.get("upload_key"):
+        location, side = _uploaded(ctx, params, staging)
+    else:
+        location = resolve_location(params["uri"], settings)
+    options = options_of(params.get("options") or {}, settings, **side)
+    plan = plan_npy_folder(location, options, limits) or plan_source(location, options,
+                                                                     limits)
+    report = Report(keep=options.report_failures)
+    items = f32 = read_bytes = 0
+    for index in sorted(done):
+        report.merge(done[index]["report"])
+        items, read_bytes = items + done[index]["items"], read_bytes + done[index]["bytes"]
+        f32 += done[index]["f32_bytes"]
+    shapes = [done[i]["item_shape"] for i in sorted(done) if done[i].get("item_shape")]
+    if plan.pixels and plan.item_shape is None and shapes:
+        plan.item_shape = tuple(shapes[0])  # the images read later must match it
+    if done:
+        log.info("ingest resuming job_id=%d after staged units=%d of %d items=%d", job_id,
+                 len(done), len(plan.units), items)
+    total = max(1, plan.total_bytes)
+
+    def progress() -> None:
+        if retry_transient(lambda: ingest_progress(ctx.db, job_id, lease.owner, items,
+                                                   plan.n_items), lease, f"progress of {job_id}"):
+            lease.cancelled = True
+        lease.report(min(0.99, read_bytes / total),
+                     f"read {items} items, {_megabytes(read_bytes)} of "
+                     f"{_megabytes(plan.total_bytes)} ({len(done)} of {len(plan.units)} "
+                     "units)")
+
+    progress()
+    for unit in plan.units:
+        if unit.index in done:
+            continue
+        lease.check()
+        if lease.cancelled:
+            raise IngestCancelled
+        unit_report = Report(keep=options.report_failures)
+        reader = read_npy_unit if plan.format == NPY_FOLDER else read_unit
+        record = staging.write_unit(unit, reader(plan, unit, options, limits, unit_report),
+                                    unit_report, f32)
+        done[unit.index] = record
+        report.merge(record["report"])
+        items, read_bytes = items + record["items"], read_bytes + record["bytes"]
+        f32 += record["f32_bytes"]
+        progress()
+    if report.read == 0:
+        raise DatasetError(f"{location.display}: no item could be read ({report.failed} "
+                           f"failed, {report.skipped} skipped as not images); first "
+                           f"failures: {failure_summary(report)}")
+    if report.share > options.max_failure_share:
+        raise DatasetError(
+            f"{report.failed} of {report.read + report.failed} items could not be read "
+            f"({report.share:.1%}, more than the allowed {options.max_failure_share:.1%}: "
+            f"max_failure_share); first failures: {failure_summary(report)}")
+    lease.confirm()
+    if lease.cancelled:
+        raise IngestCancelled
+    lease.report(0.99, f"registering {items} items")
+    record = ingest_record(plan, options, report)
+
+    def register() -> Registered:
+        return register_dataset(ctx.db, ctx.artifacts, settings, params["name"],
+                                staging.source(plan, done), source_uri=params.get("uri"),
+                                ingest=record)
+
+    try:
+        registered = register()
+    except Conflict:
+        # An attempt that lost its lease may have registered the same content at the same
+        # moment (the checksum's unique index refused one of the two): once it has
+        # committed, registering again finds its dataset. A name taken by other content
+        # is refused again, with the same message.
+        lease.confirm()
+        registered = register()
+    dataset = registered.dataset
+    message = (f"dataset {dataset.id} registered: {dataset.n_items} items"
+               if registered.created else
+               f"the same content is registered already: dataset {dataset.id}")
+    if report.failed:
+        message += f" ({report.failed} unreadable items skipped; see the dataset's report)"
+    retry_transient(lambda: finish(ctx.db, job_id, lease.owner, "succeeded", message=message,
+                                   dataset_id=dataset.id), lease, f"finish of job {job_id}")
+    log.info("ingest succeeded job_id=%d dataset_id=%d items=%d created=%s", job_id,
+             dataset.id, dataset.n_items, registered.created)
+    return {"outcome": "succeeded", "dataset_id": dataset.id, "created": registered.created}
