@@ -141,14 +141,19 @@ def range_problem(lo: float, hi: float, config: VAEConfig) -> str | None:
 
 def needs_value_scan(source_dtype: str, config: VAEConfig) -> bool:
     """Whether data stored from `source_dtype` may hold values a model with `config` cannot
-    take although its range fits: non-integers (grey floats) for a dequantising model.
-    Integer and boolean sources cannot; anything else must be looked at value by value."""
+    take although its range fits: non-integers (grey floats) for a dequantising model, and
+    8-bit items (uint8: their range reads [0, 1], the model sees 0 .. 255) for one with
+    fewer than 256 levels. Other integer and boolean sources cannot; anything else must be
+    looked at value by value (the stored values: the integers, for a dequantising model)."""
     if config.dequantize == "none":
         return False
     try:
-        return np.dtype(source_dtype).kind not in "biu"
+        dtype = np.dtype(source_dtype)
     except TypeError:
         return True
+    if dtype == np.uint8:
+        return config.levels <= PIXEL_MAX
+    return dtype.kind not in "biu"
 
 
 # -- 8-bit storage -------------------------------------------------------------------------

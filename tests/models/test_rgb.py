@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from models.config import ConfigError, TrainConfig, VAEConfig
-from models.data import iter_batches, open_npy, validate_array
+from models.data import DataError, iter_batches, open_npy, validate_array
 from models.trainer import Trainer
+from models.transforms import needs_value_scan, range_problem, value_problem
 from models.vae import VAE
 
 COLOURS = np.array([[220, 40, 40], [40, 200, 60], [50, 70, 230], [240, 220, 30]])
@@ -148,10 +149,17 @@ def test_uint8_memmap_gives_the_batches_of_its_float32_twin(tmp_path):
         for x, y in zip(a, b, strict=True):
             assert x.dtype == torch.float32 and x.shape[1:] == shape
             torch.testing.assert_close(x, y, atol=1e-7, rtol=0)
-    # a dequantising model sees the integers: its levels must hold 0 .. 255
-    with pytest.raises(Exception, match="integers 0 .. 15"):
-        validate_array(u8, VAEConfig(input_shape=shape, likelihood="gaussian",
-                                     dequantize="uniform", levels=16))
+    # a dequantising model sees the integers: its levels must hold 0 .. 255, which the
+    # stored range (x / 255, in [0, 1]) cannot tell, so the embedding worker scans them
+    few = VAEConfig(input_shape=shape, likelihood="gaussian", dequantize="uniform", levels=16)
+    with pytest.raises(DataError, match="integers 0 .. 15"):
+        validate_array(u8, few)
+    assert range_problem(0.0, 1.0, few) is None
+    assert needs_value_scan("uint8", few)
+    assert value_problem(np.asarray(u8).reshape(40, -1), few) is not None
+    many = VAEConfig(input_shape=shape, likelihood="gaussian", dequantize="uniform")
+    assert not needs_value_scan("uint8", many)
+    assert needs_value_scan("float32", many) and not needs_value_scan("int16", many)
 
 
 @pytest.mark.parametrize("cfg", [
@@ -175,3 +183,38 @@ def test_training_on_a_uint8_memmap_equals_training_on_its_twin(tmp_path, cfg):
         assert a["split"] == b["split"]
         assert math.isfinite(a["elbo"])
         assert a["elbo"] == pytest.approx(b["elbo"], rel=1e-4)
+
+
+def test_pipeline_on_8bit_rgb_reports_bits_and_the_exported_decoder_scores_as_torch(tmp_path):
+    """train -> held-out evaluation -> ONNX on a uint8 memory map: a 'discrete' figure with
+    bits/dim, and the API's NumPy log p(x|z) over the exported decoder's outputs equals the
+    torch model's at the same codes (float32 graph against float32 torch)."""
+    import onnxruntime as ort
+
+    from models.pipeline import train_evaluate_export
+    from service.api.scoring import log_px_given_z
+
+    images, _ = shapes(64, 16, seed=4)
+    np.save(tmp_path / "u8.npy", images)
+    data = open_npy(tmp_path / "u8.npy")
+    cfg = VAEConfig(input_shape=(3, 16, 16), family="conv", hidden=(8, 16), latent_dim=4,
+                    blocks=1, norm="group", likelihood="discretized_logistic")
+    train = TrainConfig(epochs=2, batch_size=16, seed=0, eval_importance_samples=0,
+                        importance_samples=20)
+    res = train_evaluate_export(data, cfg, train, str(tmp_path / "out"))
+    s = res.summary
+    assert s["likelihood_kind"] == "discrete"
+    assert s["heldout_bits_per_dim"] == pytest.approx(
+        -s["heldout_log_px"] / (3 * 16 * 16 * math.log(2)))
+    assert s["onnx"]["decoder"]["outputs"] == ["mean", "log_scale", "loc"]
+    z = np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32)
+    x = images[res.train.val_rows[:6]].astype(np.float64) / 255
+    session = ort.InferenceSession(res.onnx["decoder"].path,
+                                   providers=["CPUExecutionProvider"])
+    outputs = dict(zip(["mean", "log_scale", "loc"], session.run(None, {"z": z}), strict=True))
+    assert outputs["mean"].min() >= 0 and outputs["mean"].max() <= 1
+    got = log_px_given_z(x, outputs, cfg)
+    with torch.no_grad():
+        want = res.train.model.cpu().log_px_given_z(torch.from_numpy(x).float(),
+                                                    torch.from_numpy(z)).double().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4)
