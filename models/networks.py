@@ -2,7 +2,9 @@
 
 An encoder maps items `(B, *input_shape)` to `(mu, logvar)`, each `(B, latent_dim)`.
 A decoder maps codes `(B, latent_dim)` to one tensor `(B, *input_shape)`: the
-location parameter of the likelihood (Bernoulli logits or Gaussian means).
+location parameter of the likelihood (Bernoulli logits, Gaussian means, the discretised
+logistic's locations). The conv family takes residual blocks and GroupNorm as options
+(models.config.VAEConfig: `blocks`, `norm`) for RGB items at 32x32 and 64x64.
 """
 
 from __future__ import annotations
