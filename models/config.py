@@ -19,6 +19,8 @@ Objective = Literal["elbo", "iwae"]
 FAMILIES = ("mlp", "conv")
 LIKELIHOODS = ("bernoulli", "continuous_bernoulli", "gaussian", "discretized_logistic")
 NORMS = ("none", "group")
+# the floor of a learned log-scale when the config leaves it unset
+MIN_LOG_SCALE = {"gaussian": -4.0, "discretized_logistic": -7.0}
 BINARIZE = ("none", "static", "dynamic")
 DEQUANTIZE = ("none", "uniform")
 OBJECTIVES = ("elbo", "iwae")
@@ -82,12 +84,15 @@ class VAEConfig:
     any shape, `conv` needs `(C, H, W)` with H and W divisible by 2**len(hidden).
     `hidden` lists layer widths (mlp) or channel counts of stride-2 convolutions (conv).
     For `gaussian`, `gaussian_scale` is `learned` (one log-scale per data dimension,
-    floored at `min_log_scale`) or `fixed` (`fixed_log_scale` everywhere).
+    floored at `min_log_scale`, by default -4) or `fixed` (`fixed_log_scale` everywhere).
     `continuous_bernoulli` is the Bernoulli with its normalising constant: a density on
     [0, 1] (Loaiza-Ganem & Cunningham, 2019). `discretized_logistic` is made for 8-bit
     data: the probability of each value's bin on the grid k / (`levels` - 1) under a
     logistic with one learned scale per channel (PixelCNN++, IAF; models/likelihoods.py),
-    floored at `min_log_scale`; it takes values in [0, 1] and no dequantisation.
+    floored at `min_log_scale`, by default -7 (PixelCNN++'s floor; a bin's probability is
+    at most 1, so no floor keeps it finite, but the Gaussian's -4 would cap an interior
+    value's probability at 0.053, 4.2 bits); it takes values in [0, 1] and no
+    dequantisation. An unset `min_log_scale` is filled in with the likelihood's default.
     `beta` weights the KL term of the training objective (beta-VAE); reported ELBOs
     always use beta = 1.
 
@@ -114,7 +119,7 @@ class VAEConfig:
     likelihood: LikelihoodName = "bernoulli"
     gaussian_scale: Literal["learned", "fixed"] = "learned"
     fixed_log_scale: float = 0.0
-    min_log_scale: float = -4.0
+    min_log_scale: float | None = None  # the likelihood's own: MIN_LOG_SCALE
     beta: float = 1.0
     binarize: Literal["none", "static", "dynamic"] = "none"
     dequantize: Literal["none", "uniform"] = "none"
@@ -142,6 +147,8 @@ class VAEConfig:
         _check_choice("likelihood", self.likelihood, LIKELIHOODS)
         _check_choice("gaussian_scale", self.gaussian_scale, ("learned", "fixed"))
         _check_float("fixed_log_scale", self.fixed_log_scale, low=-20.0, high=20.0)
+        if self.min_log_scale is None:
+            object.__setattr__(self, "min_log_scale", MIN_LOG_SCALE.get(self.likelihood, -4.0))
         _check_float("min_log_scale", self.min_log_scale, low=-20.0, high=20.0)
         _check_float("beta", self.beta, low=0.0, high=1e4)
         _check_choice("binarize", self.binarize, BINARIZE)

@@ -115,6 +115,19 @@ def test_gradients_are_finite_at_the_edges_and_for_extreme_parameters():
     assert float(lp[0].detach()) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_the_default_floor_caps_an_interior_bin_as_documented():
+    """At s = e^-7 the bin centred on mu holds sigma(d/s) - sigma(-d/s), d = 1/510: 0.79;
+    at e^-4, 0.053 (SciPy's logistic)."""
+    for log_s, cap in ((-7.0, 0.79), (-4.0, 0.053)):
+        d = stats.logistic(loc=0.5 + 0.5 / 255, scale=math.exp(log_s))
+        p = d.cdf(128.5 / 255) - d.cdf(127.5 / 255)
+        assert p == pytest.approx(cap, abs=0.005)
+        lp = log_bin_probability(torch.tensor(128 / 255, dtype=torch.float64),
+                                 torch.tensor(128 / 255, dtype=torch.float64),
+                                 torch.tensor(log_s, dtype=torch.float64), 256)
+        assert math.exp(float(lp)) == pytest.approx(p, rel=1e-9)
+
+
 def test_per_channel_scale_floor_and_data_initialisation():
     cfg = VAEConfig(input_shape=(3, 4, 4), family="conv", hidden=(4,),
                     likelihood="discretized_logistic", min_log_scale=-5.0)
@@ -200,6 +213,12 @@ def test_options_and_values_are_checked():
         VAEConfig(input_shape=(4,), likelihood="discretized_logistic", binarize="static")
     cfg = VAEConfig(input_shape=(4,), likelihood="discretized_logistic")
     assert VAEConfig.from_dict(cfg.to_dict()) == cfg
+    # an unset floor is the likelihood's own, and stored as a number
+    assert cfg.min_log_scale == -7.0 and cfg.to_dict()["min_log_scale"] == -7.0
+    assert VAEConfig(input_shape=(4,), likelihood="gaussian").min_log_scale == -4.0
+    assert VAEConfig(input_shape=(4,)).to_dict()["min_log_scale"] == -4.0  # as before
+    assert VAEConfig(input_shape=(4,), likelihood="discretized_logistic",
+                     min_log_scale=-4.0).min_log_scale == -4.0
     with pytest.raises(DataError, match=r"discretized_logistic likelihood needs values in "
                                         r"\[0, 1\]; item 1 has values in \[0, 2\]"):
         validate_array(np.array([[0, 1, 0.5, 0], [0, 2, 0, 0]], dtype=np.float32), cfg)
