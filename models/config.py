@@ -13,11 +13,14 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 Family = Literal["mlp", "conv"]
-LikelihoodName = Literal["bernoulli", "continuous_bernoulli", "gaussian"]
+LikelihoodName = Literal["bernoulli", "continuous_bernoulli", "gaussian", "discretized_logistic"]
 Objective = Literal["elbo", "iwae"]
 
 FAMILIES = ("mlp", "conv")
-LIKELIHOODS = ("bernoulli", "continuous_bernoulli", "gaussian")
+LIKELIHOODS = ("bernoulli", "continuous_bernoulli", "gaussian", "discretized_logistic")
+NORMS = ("none", "group")
+# the floor of a learned log-scale when the config leaves it unset
+MIN_LOG_SCALE = {"gaussian": -4.0, "discretized_logistic": -7.0}
 BINARIZE = ("none", "static", "dynamic")
 DEQUANTIZE = ("none", "uniform")
 OBJECTIVES = ("elbo", "iwae")
@@ -81,9 +84,15 @@ class VAEConfig:
     any shape, `conv` needs `(C, H, W)` with H and W divisible by 2**len(hidden).
     `hidden` lists layer widths (mlp) or channel counts of stride-2 convolutions (conv).
     For `gaussian`, `gaussian_scale` is `learned` (one log-scale per data dimension,
-    floored at `min_log_scale`) or `fixed` (`fixed_log_scale` everywhere).
+    floored at `min_log_scale`, by default -4) or `fixed` (`fixed_log_scale` everywhere).
     `continuous_bernoulli` is the Bernoulli with its normalising constant: a density on
-    [0, 1] (Loaiza-Ganem & Cunningham, 2019).
+    [0, 1] (Loaiza-Ganem & Cunningham, 2019). `discretized_logistic` is made for 8-bit
+    data: the probability of each value's bin on the grid k / (`levels` - 1) under a
+    logistic with one learned scale per channel (PixelCNN++, IAF; models/likelihoods.py),
+    floored at `min_log_scale`, by default -7 (PixelCNN++'s floor; a bin's probability is
+    at most 1, so no floor keeps it finite, but the Gaussian's -4 would cap an interior
+    value's probability at 0.053, 4.2 bits); it takes values in [0, 1] and no
+    dequantisation. An unset `min_log_scale` is filled in with the likelihood's default.
     `beta` weights the KL term of the training objective (beta-VAE); reported ELBOs
     always use beta = 1.
 
@@ -92,6 +101,15 @@ class VAEConfig:
     epoch, evaluated on the `data_seed` copy); `dequantize: uniform` (`gaussian` or
     `continuous_bernoulli`) takes integer data 0 .. `levels` - 1 to (x + u) / levels and
     reports the discrete data's log-probability.
+
+    The conv family at 32x32 and 64x64 (RGB or grey): `blocks` residual blocks (two 3x3
+    convolutions, the second started at zero so each block starts as the identity) follow
+    every stride-2 layer, deepening the network without the vanishing or exploding signal
+    a plain stack of that depth has; `norm: group` puts GroupNorm before each activation
+    (statistics per item, so training and evaluation compute the same function, the ONNX
+    graph has no running statistics to freeze, and small batches do not matter, unlike
+    BatchNorm). `blocks: 0` with `norm: none` is the plain network of earlier models,
+    parameter for parameter. Both apply to the conv family only.
     """
 
     input_shape: tuple[int, ...]
@@ -101,12 +119,14 @@ class VAEConfig:
     likelihood: LikelihoodName = "bernoulli"
     gaussian_scale: Literal["learned", "fixed"] = "learned"
     fixed_log_scale: float = 0.0
-    min_log_scale: float = -4.0
+    min_log_scale: float | None = None  # the likelihood's own: MIN_LOG_SCALE
     beta: float = 1.0
     binarize: Literal["none", "static", "dynamic"] = "none"
     dequantize: Literal["none", "uniform"] = "none"
     levels: int = 256
     data_seed: int = 0
+    blocks: int = 0
+    norm: Literal["none", "group"] = "none"
 
     def __post_init__(self) -> None:
         # JSON gives lists; store tuples so the config is hashable and immutable.
@@ -127,12 +147,23 @@ class VAEConfig:
         _check_choice("likelihood", self.likelihood, LIKELIHOODS)
         _check_choice("gaussian_scale", self.gaussian_scale, ("learned", "fixed"))
         _check_float("fixed_log_scale", self.fixed_log_scale, low=-20.0, high=20.0)
+        if self.min_log_scale is None:
+            object.__setattr__(self, "min_log_scale", MIN_LOG_SCALE.get(self.likelihood, -4.0))
         _check_float("min_log_scale", self.min_log_scale, low=-20.0, high=20.0)
         _check_float("beta", self.beta, low=0.0, high=1e4)
         _check_choice("binarize", self.binarize, BINARIZE)
         _check_choice("dequantize", self.dequantize, DEQUANTIZE)
         _check_int("levels", self.levels, low=2, high=1 << 16)
         _check_int("data_seed", self.data_seed, low=0, high=2**63 - 1)
+        _check_int("blocks", self.blocks, low=0, high=16)
+        _check_choice("norm", self.norm, NORMS)
+        if self.family != "conv" and (self.blocks or self.norm != "none"):
+            _fail("blocks" if self.blocks else "norm", "residual blocks and normalisation "
+                  "are options of the conv family (family 'conv', or blocks 0 and norm 'none')")
+        if self.dequantize != "none" and self.likelihood == "discretized_logistic":
+            _fail("dequantize", "the discretized_logistic likelihood gives discrete 8-bit "
+                  "data its probability directly; use dequantize 'none' (or the "
+                  "'gaussian' likelihood with uniform dequantisation)")
         if self.binarize != "none" and self.likelihood != "bernoulli":
             _fail("binarize", f"binarises data for the bernoulli likelihood; got likelihood "
                   f"{self.likelihood!r} (use 'bernoulli', or binarize 'none')")
@@ -158,10 +189,12 @@ class VAEConfig:
 
     def likelihood_kind(self, data_is_binary: bool) -> str:
         """Which figure log p(x) is for data like the training data: `discrete` (the
-        probability of binary or dequantised integer data; bits/dim apply), `density` (a
+        probability of binary, dequantised integer or (discretised logistic) 8-bit data;
+        bits/dim apply), `density` (a
         density of continuous data) or `unnormalised` (Bernoulli on grey data: not a
         likelihood of anything, comparable with nothing published)."""
-        if self.dequantize != "none" or (self.likelihood == "bernoulli" and (
+        if self.dequantize != "none" or self.likelihood == "discretized_logistic" or (
+                self.likelihood == "bernoulli" and (
                 self.binarize != "none" or data_is_binary)):
             return "discrete"
         return "unnormalised" if self.likelihood == "bernoulli" else "density"

@@ -46,7 +46,9 @@ class EncoderGraph(nn.Module):
 
 
 class DecoderGraph(nn.Module):
-    """z (B, D) -> probs (Bernoulli) or mean, log_scale (Gaussian), each (B, *item)."""
+    """z (B, D) -> the likelihood's `output_names`, each (B, *item): probs, logits
+    (Bernoulli); mean, probs, logits (continuous Bernoulli); mean, log_scale (Gaussian);
+    mean, log_scale, loc (discretised logistic)."""
 
     def __init__(self, vae: VAE) -> None:
         super().__init__()

@@ -2,7 +2,9 @@
 
 An encoder maps items `(B, *input_shape)` to `(mu, logvar)`, each `(B, latent_dim)`.
 A decoder maps codes `(B, latent_dim)` to one tensor `(B, *input_shape)`: the
-location parameter of the likelihood (Bernoulli logits or Gaussian means).
+location parameter of the likelihood (Bernoulli logits, Gaussian means, the discretised
+logistic's locations). The conv family takes residual blocks and GroupNorm as options
+(models.config.VAEConfig: `blocks`, `norm`) for RGB items at 32x32 and 64x64.
 """
 
 from __future__ import annotations
@@ -48,15 +50,51 @@ class MLPDecoder(nn.Module):
         return self.body(z).unflatten(-1, self.input_shape)
 
 
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with up to 32 groups of equal size (a divisor of `channels`)."""
+    return nn.GroupNorm(math.gcd(channels, 32), channels)
+
+
+class ResidualBlock(nn.Module):
+    """x + conv3x3(act(norm(conv3x3(act(norm(x)))))): pre-activation (He et al., 2016),
+    the second convolution started at zero so a new block is the identity and a deep
+    stack trains from the start like a shallow one."""
+
+    def __init__(self, channels: int, norm: str) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for _ in range(2):
+            if norm == "group":
+                layers.append(group_norm(channels))
+            layers += [nn.ReLU(), nn.Conv2d(channels, channels, kernel_size=3, padding=1)]
+        self.body = nn.Sequential(*layers)
+        nn.init.zeros_(layers[-1].weight)
+        nn.init.zeros_(layers[-1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+def _stage(channels: int, config: VAEConfig) -> list[nn.Module]:
+    """What follows a resizing convolution that is not the last: [norm,] ReLU, then the
+    residual blocks at that resolution (with blocks 0 and norm none, the ReLU of earlier
+    models, so their parameters keep their names)."""
+    layers: list[nn.Module] = [group_norm(channels)] if config.norm == "group" else []
+    layers.append(nn.ReLU())
+    return layers + [ResidualBlock(channels, config.norm) for _ in range(config.blocks)]
+
+
 class ConvEncoder(nn.Module):
-    """Stride-2 4x4 convolutions (each halves H and W), then a linear head."""
+    """Stride-2 4x4 convolutions (each halves H and W; `norm` and `blocks` per
+    models.config.VAEConfig after each), then a linear head."""
 
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
         channels, height, width = config.input_shape
         layers: list[nn.Module] = []
         for h in config.hidden:
-            layers += [nn.Conv2d(channels, h, kernel_size=4, stride=2, padding=1), nn.ReLU()]
+            layers += [nn.Conv2d(channels, h, kernel_size=4, stride=2, padding=1),
+                       *_stage(h, config)]
             channels = h
         self.body = nn.Sequential(*layers)
         factor = 2 ** len(config.hidden)
@@ -69,7 +107,8 @@ class ConvEncoder(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-    """A linear layer to the smallest feature map, then stride-2 transposed convolutions."""
+    """A linear layer to the smallest feature map (then its residual blocks), then stride-2
+    transposed convolutions, each but the last followed by `norm` and `blocks`."""
 
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
@@ -77,17 +116,19 @@ class ConvDecoder(nn.Module):
         factor = 2 ** len(config.hidden)
         self.start_shape = (config.hidden[-1], height // factor, width // factor)
         self.stem = nn.Sequential(nn.Linear(config.latent_dim, math.prod(self.start_shape)),
-                                  nn.ReLU())
+                                  nn.ReLU(), *(ResidualBlock(config.hidden[-1], config.norm)
+                                               for _ in range(config.blocks)))
         layers: list[nn.Module] = []
         channels = [*reversed(config.hidden), out_channels]
         for i, (c_in, c_out) in enumerate(itertools.pairwise(channels)):
             layers.append(nn.ConvTranspose2d(c_in, c_out, kernel_size=4, stride=2, padding=1))
             if i < len(channels) - 2:
-                layers.append(nn.ReLU())
+                layers += _stage(c_out, config)
         self.body = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.body(self.stem(z).unflatten(-1, self.start_shape))
+        x = self.stem[0](z)
+        return self.body(self.stem[1:](x.unflatten(-1, self.start_shape)))
 
 
 @torch.no_grad()

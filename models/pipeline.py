@@ -35,8 +35,9 @@ class PipelineResult:
 
 
 LIKELIHOOD_NOTES = {
-    "discrete": "log-probabilities (nats) of discrete data (binary, binarised, or integer "
-                "data under uniform dequantisation: a lower bound); bits/dim apply",
+    "discrete": "log-probabilities (nats) of discrete data (binary, binarised, 8-bit data "
+                "under the discretised logistic, or integer data under uniform "
+                "dequantisation: a lower bound); bits/dim apply",
     "density": "log-densities (nats) of continuous data: comparable between models of the "
                "same data, not with discrete likelihoods or bits/dim tables",
     "unnormalised": "NOT a normalised likelihood: a Bernoulli decoder on data that is not "

@@ -92,10 +92,15 @@ def training_seed(config: VAEConfig, train_seed: int, epoch: int) -> int | None:
     return None
 
 
+# likelihoods of values in [0, 1]; the discretised logistic bins a value between its grid's
+# levels k / (L - 1) to the nearest, so any value in [0, 1] is one it can score
+UNIT_INTERVAL = ("bernoulli", "continuous_bernoulli", "discretized_logistic")
+
+
 def value_problem(flat: np.ndarray, config: VAEConfig) -> tuple[int, str] | None:
     """The first item of `flat` (N, D) whose values a model with `config` cannot take, and
-    why; None when all fit. (0/1 and [0, 1] data for the Bernoulli kinds, integers
-    0 .. L-1 for dequantisation.)"""
+    why; None when all fit. (0/1 and [0, 1] data for the Bernoulli kinds, [0, 1] for the
+    discretised logistic, integers 0 .. L-1 for dequantisation.)"""
     if config.dequantize != "none":
         bad = ((flat < 0) | (flat > config.levels - 1) | (flat != np.round(flat))).any(axis=1)
         if bad.any():
@@ -104,7 +109,7 @@ def value_problem(flat: np.ndarray, config: VAEConfig) -> tuple[int, str] | None
                        f"(levels {config.levels}); item {{item}} has values in "
                        f"[{flat[i].min():g}, {flat[i].max():g}] (give the raw integer data, "
                        "or set levels)")
-    elif config.likelihood in ("bernoulli", "continuous_bernoulli"):
+    elif config.likelihood in UNIT_INTERVAL:
         bad = ((flat < 0) | (flat > 1)).any(axis=1)
         if bad.any():
             i = int(np.argmax(bad))
@@ -127,7 +132,7 @@ def range_problem(lo: float, hi: float, config: VAEConfig) -> str | None:
         if lo < 0 or hi > config.levels - 1:
             return (f"uniform dequantisation takes integers 0 .. {config.levels - 1} (levels "
                     f"{config.levels}); the values lie in [{lo:g}, {hi:g}]")
-    elif config.likelihood in ("bernoulli", "continuous_bernoulli") and (lo < 0 or hi > 1):
+    elif config.likelihood in UNIT_INTERVAL and (lo < 0 or hi > 1):
         return (f"the {config.likelihood} likelihood"
                 + (" (binarised)" if config.binarize != "none" else "")
                 + f" needs values in [0, 1]; the values lie in [{lo:g}, {hi:g}]")
@@ -136,14 +141,19 @@ def range_problem(lo: float, hi: float, config: VAEConfig) -> str | None:
 
 def needs_value_scan(source_dtype: str, config: VAEConfig) -> bool:
     """Whether data stored from `source_dtype` may hold values a model with `config` cannot
-    take although its range fits: non-integers (grey floats) for a dequantising model.
-    Integer and boolean sources cannot; anything else must be looked at value by value."""
+    take although its range fits: non-integers (grey floats) for a dequantising model, and
+    8-bit items (uint8: their range reads [0, 1], the model sees 0 .. 255) for one with
+    fewer than 256 levels. Other integer and boolean sources cannot; anything else must be
+    looked at value by value (the stored values: the integers, for a dequantising model)."""
     if config.dequantize == "none":
         return False
     try:
-        return np.dtype(source_dtype).kind not in "biu"
+        dtype = np.dtype(source_dtype)
     except TypeError:
         return True
+    if dtype == np.uint8:
+        return config.levels <= PIXEL_MAX
+    return dtype.kind not in "biu"
 
 
 # -- 8-bit storage -------------------------------------------------------------------------

@@ -498,7 +498,8 @@ class ScoreOut(BaseModel):
         None, description="effective sample size of the importance weights (1 to K)")
     likelihood_kind: Literal["discrete", "density", "unnormalised"] = Field(
         description="which figure log p(x) and the ELBO are: 'discrete' (log-probability of "
-                    "binary, binarised or dequantised integer data; bits/dim apply), "
+                    "binary, binarised, dequantised integer or discretised-logistic "
+                    "8-bit data; bits/dim apply), "
                     "'density' (of continuous data), 'unnormalised' (a Bernoulli decoder on "
                     "grey items: no likelihood)")
     bits_per_dim: list[float] | None = Field(

@@ -24,7 +24,9 @@ logits are then recovered from its exported mean (`recover_cb_logits`: the mean 
 1/|l| of room to 0 or 1, so it resolves any logit), and a Bernoulli's probabilities are
 floored at 2^-24 as before, a value's log-probability at -16.6 nats (`logits_source` says
 which, and /score reports it). A density of dequantised data adds -D log L
-(models/transforms.py).
+(models/transforms.py). A discretised-logistic decoder exports its unclamped location
+`loc` beside `mean` (its clamp to [0, 1]) and `log_scale`: each value's bin probability is
+computed from them in log space as models/likelihoods.py does.
 """
 
 from __future__ import annotations
@@ -114,6 +116,23 @@ def recover_cb_logits(mean: np.ndarray, probs: np.ndarray) -> np.ndarray:
     return out
 
 
+def log_bin_probability(x: np.ndarray, loc: np.ndarray, log_scale: np.ndarray,
+                        levels: int) -> np.ndarray:
+    """log P(x's bin) of the discretised logistic, elementwise, as models/likelihoods.py
+    computes it: x binned to the nearest level k / (L - 1); with a, b the bin's upper and
+    lower edges standardised, -softplus(-a) at the lowest level, -softplus(b) at the
+    highest, -softplus(-a) - softplus(b) + log(-expm1(b - a)) between (exact, stable)."""
+    n = levels - 1
+    k = np.clip(np.round(x * n), 0, n)
+    inv_s = np.exp(-log_scale)
+    centre = k / n - loc
+    a = (centre + 0.5 / n) * inv_s
+    b = (centre - 0.5 / n) * inv_s
+    low, high = -np.logaddexp(0.0, -a), -np.logaddexp(0.0, b)
+    middle = low + high + np.log(-np.expm1(-inv_s / n))
+    return np.where(k == 0, low, np.where(k == n, high, middle))
+
+
 def logits_source(output_names: list[str] | tuple[str, ...], likelihood: str) -> str | None:
     """Where `log_px_given_z` takes a (continuous) Bernoulli decoder's logits from, given
     its file's outputs: `exported` (exact), `recovered` (an older continuous-Bernoulli
@@ -144,6 +163,10 @@ def log_px_given_z(x: np.ndarray, params: dict[str, np.ndarray], config: VAEConf
         log_p = x64 * logits - np.logaddexp(0.0, logits)
         if config.likelihood == "continuous_bernoulli":
             log_p += cb_log_normalizer(logits)
+    elif config.likelihood == "discretized_logistic":
+        loc = params["loc"] if "loc" in params else params["mean"]
+        log_p = log_bin_probability(x64, loc.astype(np.float64),
+                                    params["log_scale"].astype(np.float64), config.levels)
     else:
         mean = params["mean"].astype(np.float64)
         log_scale = params["log_scale"].astype(np.float64)

@@ -28,7 +28,25 @@ CONFIGS = {
     "conv-fixed-scale-1x8x8": VAEConfig(input_shape=(1, 8, 8), family="conv", hidden=(4,),
                                         likelihood="gaussian", gaussian_scale="fixed",
                                         fixed_log_scale=-1.5),
+    "conv-dlogistic-residual-group-3x32x32": VAEConfig(
+        input_shape=(3, 32, 32), family="conv", hidden=(8, 16), latent_dim=4, blocks=1,
+        norm="group", likelihood="discretized_logistic"),
+    "conv-residual-3x64x64": VAEConfig(input_shape=(3, 64, 64), family="conv",
+                                       hidden=(4, 8, 8), latent_dim=3, blocks=2,
+                                       likelihood="gaussian"),
+    "mlp-dlogistic-flat": VAEConfig(input_shape=(7,), latent_dim=2, hidden=(8,),
+                                    likelihood="discretized_logistic"),
 }
+
+
+def perturb(model):
+    """Learned-looking parameters: a residual block starts as the identity (its second
+    convolution at zero) and GroupNorm as the plain normalisation; parity must hold for
+    what training makes of them, so every parameter moves."""
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=generator))
 
 
 def torch_outputs(model, cfg, x, z):
@@ -41,6 +59,12 @@ def torch_outputs(model, cfg, x, z):
             # torch's own continuous Bernoulli (its mean is not lambda), not ours
             cb = torch.distributions.ContinuousBernoulli(logits=loc.double())
             dec = [cb.mean.float(), torch.sigmoid(loc), loc]
+        elif cfg.likelihood == "discretized_logistic":
+            # mean: the location clamped to [0, 1]; log_scale: the per-channel (or
+            # per-value, flat) parameter broadcast to the item
+            scale = model.likelihood.log_scale_param.clamp(min=cfg.min_log_scale)
+            dec = [torch.from_numpy(np.clip(loc.numpy(), 0.0, 1.0)),
+                   torch.broadcast_to(scale, loc.shape), loc]
         else:
             dec = [loc, model.likelihood.log_scale().expand_as(loc)]
     return [mu.numpy(), logvar.numpy()], [d.numpy() for d in dec]
@@ -52,8 +76,11 @@ def test_export_matches_torch_in_onnxruntime_and_reference_evaluator(tmp_path, n
     torch.manual_seed(0)
     model = VAE(cfg).eval()
     with torch.no_grad():  # a non-trivial learned scale
-        if cfg.likelihood == "gaussian" and cfg.gaussian_scale == "learned":
+        if cfg.likelihood == "discretized_logistic" or (
+                cfg.likelihood == "gaussian" and cfg.gaussian_scale == "learned"):
             model.likelihood.log_scale_param.uniform_(-1, 1)
+    if cfg.blocks or cfg.norm != "none":
+        perturb(model)
     files = export_vae(model, str(tmp_path), exporter="torchscript")
     assert sorted(os.listdir(tmp_path)) == ["decoder.onnx", "encoder.onnx"]
     rng = np.random.default_rng(1)
@@ -129,3 +156,26 @@ def test_checker_failure_is_an_error(tmp_path):
         f.write(b"not an onnx model")
     with pytest.raises(ExportError, match=r"onnx\.checker failed"):
         verify_onnx(path, torch.nn.Identity(), "x", (3,), ("y",))
+
+
+@pytest.mark.parametrize("name", ["conv-dlogistic-residual-group-3x32x32",
+                                  "conv-residual-3x64x64"])
+def test_dynamo_exports_residual_blocks_and_group_norm(tmp_path, name):
+    """The default exporter (what training jobs use) on the residual network with GroupNorm
+    and the discretised logistic's three outputs, through onnxruntime and the reference
+    evaluator."""
+    cfg = CONFIGS[name]
+    torch.manual_seed(0)
+    model = VAE(cfg).eval()
+    perturb(model)
+    files = export_vae(model, str(tmp_path))
+    rng = np.random.default_rng(2)
+    x = rng.random((3, *cfg.input_shape), dtype=np.float32)
+    z = rng.normal(size=(3, cfg.latent_dim)).astype(np.float32)
+    want_enc, want_dec = torch_outputs(model, cfg, x, z)
+    for role, feed, want in (("encoder", {"x": x}, want_enc), ("decoder", {"z": z}, want_dec)):
+        path = files[role].path
+        for got in (ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(
+                None, feed), ReferenceEvaluator(path).run(None, feed)):
+            for w, g in zip(want, got, strict=True):
+                np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
