@@ -46,6 +46,8 @@ bench: $(STAMP)
 	$(PY) bench/store.py $(BENCH_ARGS)
 	$(PY) bench/embed.py $(BENCH_ARGS)
 	$(PY) bench/serve.py $(BENCH_ARGS)
+	$(PY) bench/ingest.py $(BENCH_ARGS)
+	$(PY) bench/rgb.py
 	$(PY) bench/goals.py
 
 # The likelihood studies (about 40 minutes): the trainer's defaults against the

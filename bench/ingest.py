@@ -89,6 +89,25 @@ def generate(tmp: str, n: int) -> tuple[str, str, str, int]:
     return folder, tar_path, f"{tmp}/shard-{{000000..{shards - 1:06d}}}.tar", total
 
 
+def pss_anon(pid: int) -> int:
+    """The process's anonymous memory, pages shared with its fork parent counted half in
+    each (PSS): summing RssAnon over a prefork worker counts the imports twice."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss_Anon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def memory(pid: int) -> tuple[int, int]:
+    """(RssAnon summed, Pss_Anon summed) over the worker's main process and pool."""
+    pids = [pid, *children(pid)]
+    return sum(anon_rss(p) for p in pids), sum(pss_anon(p) for p in pids)
+
+
 def bare_rate(folder: str) -> tuple[float, int]:
     """Items/s of reading and decoding every file alone (this process, one thread)."""
     files = sorted(str(p) for p in Path(folder).rglob("*") if p.is_file())
@@ -142,17 +161,17 @@ def main() -> None:
             warm = submit(db, settings, "warm-up", f"{tmp}/warm")
             publish(db, client, warm)
             wait(db, warm.id)
-            idle = sum(anon_rss(p) for p in [worker.pid, *children(worker.pid)])
+            idle = memory(worker.pid)
             rows = []
             for label, uri in (("class folders", folder), ("one .tar", tar_path),
                                ("WebDataset, 10 shards", pattern)):
-                peak = [0]
+                peak = [0, 0]
                 done = threading.Event()
 
                 def sample(done: threading.Event = done, peak: list[int] = peak) -> None:
                     while not done.is_set():
-                        pids = [worker.pid, *children(worker.pid)]
-                        peak[0] = max(peak[0], sum(anon_rss(p) for p in pids))
+                        rss, pss = memory(worker.pid)
+                        peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
                         time.sleep(0.1)
 
                 sampler = threading.Thread(target=sample)
@@ -162,22 +181,27 @@ def main() -> None:
                 seconds = wait(db, job.id, poll=0.05)
                 done.set()
                 sampler.join()
-                rows.append((label, n / seconds, peak[0], get_job(db, job.id)))
+                rows.append((label, n / seconds, tuple(peak), get_job(db, job.id)))
             print(f"\ningest jobs: {n} images to 3x32x32 uint8 (resize + centre crop), "
                   "1 worker process")
-            print(f"  {'source':34s} {'items/s':>9s} {'/ bare':>7s} {'peak MiB':>9s}")
+            mib = 1 << 20
+            print(f"  {'source':34s} {'items/s':>9s} {'/ bare':>7s} {'peak PSS':>9s} "
+                  f"{'peak RSS':>9s} {'growth':>7s}  (MiB, anonymous, main + pool)")
             print(f"  {'bare decode alone (this process)':34s} {bare:9.0f}")
             for label, rate, mem, _ in rows:
-                print(f"  {label:34s} {rate:9.0f} {rate / bare:7.2f} {mem / (1 << 20):9.0f}")
+                print(f"  {label:34s} {rate:9.0f} {rate / bare:7.2f} {mem[1] / mib:9.0f} "
+                      f"{mem[0] / mib:9.0f} {(mem[1] - idle[1]) / mib:7.0f}")
             from bench.goals import record
 
             scale = f"{n // 1000}k"
             for label, rate, mem, _ in rows:
                 record(f"ingest: {label}, items/s over {scale} / bare decode", rate / bare, 0.7)
-                record(f"ingest: {label}, worker peak memory ({scale})", mem / (1 << 20), 500,
-                       "Mi", at_most=True)
+                record(f"ingest: {label}, worker peak memory PSS ({scale})", mem[1] / mib,
+                       500, "Mi", at_most=True)
             print(f"  decodable images: {decodable} of {n}; the worker's own memory when "
-                  f"idle (after one small job): {idle / (1 << 20):.0f} MiB")
+                  f"idle (after one small job): PSS {idle[1] / mib:.0f} MiB, RSS "
+                  f"{idle[0] / mib:.0f} MiB (RSS counts the pages the pool child shares "
+                  "with its parent twice)")
             db.dispose()
         finally:
             if worker is not None:

@@ -43,6 +43,11 @@ class DatasetOut(BaseModel):
     mode: Literal["sync"] | None = Field(
         None, description="on a registration: `sync`, registered inside the request (an "
                           "ingest job answers 202 with `mode: job` instead)")
+    ingest: dict[str, Any] | None = Field(
+        None, description="how the items were read: `format`, `options`, `image` (the "
+                          "transform a query image goes through: color, size) and `report` "
+                          "(items read, failed, skipped, and the first failures: key and "
+                          "reason)")
 
     @classmethod
     def of(cls, d: Dataset) -> DatasetOut:
@@ -53,7 +58,7 @@ class DatasetOut(BaseModel):
                    dtype=d.dtype, source_dtype=d.source_dtype, source_format=d.source_format,
                    has_labels=d.has_labels, size_bytes=d.size_bytes, min_value=d.min_value,
                    max_value=d.max_value, checksum=d.checksum, source_uri=source,
-                   created_at=d.created_at)
+                   created_at=d.created_at, ingest=d.ingest)
 
 
 class DatasetItemsOut(BaseModel):

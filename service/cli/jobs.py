@@ -91,7 +91,12 @@ def train(
     latent_dim: Annotated[int | None, typer.Option(help="latent dimensions")] = None,
     hidden: Annotated[str | None, typer.Option(help="hidden widths, e.g. 256,128")] = None,
     likelihood: Annotated[str | None, typer.Option(
-        help="bernoulli, continuous_bernoulli or gaussian")] = None,
+        help="bernoulli, continuous_bernoulli, gaussian or discretized_logistic (8-bit "
+             "images: log p(x) and bits/dim of the pixels)")] = None,
+    blocks: Annotated[int | None, typer.Option(
+        help="conv: residual blocks per resolution (0 = plain stride-2 convolutions)")
+    ] = None,
+    norm: Annotated[str | None, typer.Option(help="conv: none or group (GroupNorm)")] = None,
     binarize: Annotated[str | None, typer.Option(
         help="bernoulli on grey data: static (one binary copy) or dynamic (re-drawn each "
              "epoch)")] = None,
@@ -119,7 +124,8 @@ def train(
     spec.setdefault("training", {})
     flags = {"model.family": family, "model.latent_dim": latent_dim,
              "model.hidden": [int(h) for h in hidden.split(",")] if hidden else None,
-             "model.likelihood": likelihood, "model.beta": beta, "training.epochs": epochs,
+             "model.likelihood": likelihood, "model.beta": beta,
+             "model.blocks": blocks, "model.norm": norm, "training.epochs": epochs,
              "model.binarize": binarize,
              "model.dequantize": "uniform" if dequantize is not None else None,
              "model.levels": dequantize,

@@ -149,7 +149,9 @@ function bytes(n) {
 }
 
 function uploadForm() {
-  const file = h("input", { id: "upload-file", type: "file", accept: ".npy,.npz,.parquet,.csv" });
+  const file = h("input", { id: "upload-file", type: "file",
+    accept: ".npy,.npz,.parquet,.csv,.zip,.tar,.gz,.tgz" });
+  const size = h("input", { id: "upload-image-size", placeholder: "images: e.g. 32 or 48x64" });
   const name = h("input", { id: "upload-name", placeholder: "name (default: the file's)" });
   const bar = h("progress", { id: "upload-progress", max: 1, value: 0, hidden: true });
   const form = h("form", { id: "upload", class: "card grid", onsubmit: (ev) => {
@@ -158,6 +160,7 @@ function uploadForm() {
     const data = new FormData();
     data.append("file", file.files[0]);
     if (name.value) data.append("name", name.value);
+    if (size.value) data.append("image_size", size.value);
     const xhr = new XMLHttpRequest(); // fetch cannot report upload progress
     xhr.open("POST", "/v1/datasets");
     xhr.setRequestHeader("Authorization", `Bearer ${state.key}`);
@@ -168,12 +171,30 @@ function uploadForm() {
       let answer = {};
       try { answer = JSON.parse(xhr.responseText); } catch (_) { /* not JSON */ }
       if (xhr.status >= 400) return toast(answer.error ? answer.error.message : xhr.statusText, true);
+      if (answer.mode === "job") { // archives and large files: an ingest job on the workers
+        toast(`ingest job ${answer.job.id} queued`);
+        bar.hidden = false;
+        bar.value = 0;
+        follow(answer.job.id, (job) => {
+          bar.value = job.progress || 0;
+          if (job.status === "succeeded") {
+            bar.hidden = true;
+            toast(`dataset ${job.dataset_id} registered: ${job.items_done} items`);
+            render();
+          } else if (["failed", "cancelled"].includes(job.status)) {
+            bar.hidden = true;
+            toast(`ingest job ${job.id} ${job.status}: ${job.error || ""}`, true);
+          }
+        });
+        return;
+      }
       toast(`dataset ${answer.id} registered: ${answer.n_items} items`);
       render();
     };
     xhr.onerror = () => { bar.hidden = true; toast("upload failed (network)", true); };
     xhr.send(data);
-  } }, h("label", {}, "file (.npy, .npz, .parquet, .csv)", file), h("label", {}, "name", name),
+  } }, h("label", {}, "file (.npy, .npz, .parquet, .csv; images: .zip, .tar, .tar.gz)", file),
+  h("label", {}, "name", name), h("label", {}, "image size", size),
   h("div", {}, h("button", { id: "upload-go" }, "Upload"), " ", bar));
   return form;
 }
@@ -184,8 +205,18 @@ async function datasetView(main, id) {
     [["items", d.n_items], ["item shape", d.item_shape.join("×")],
      ["values", `[${fmt(d.min_value, 3)}, ${fmt(d.max_value, 3)}] (${d.dtype})`],
      ["labels", d.has_labels ? "yes" : "no"], ["source", d.source_uri || d.source_format],
-     ["checksum", d.checksum.slice(0, 16) + "…"]].map(([k, v]) => [h("dt", {}, k),
-       h("dd", {}, v)])));
+     ["checksum", d.checksum.slice(0, 16) + "…"],
+     ...(d.ingest && d.ingest.report ? [["read", `${d.ingest.report.read} items, ` +
+       `${d.ingest.report.failed} unreadable, ${d.ingest.report.skipped || 0} skipped` +
+       (d.ingest.image ? ` (${d.ingest.image.color}` +
+         (d.ingest.image.size ? `, ${d.ingest.image.size.join("×")})` : ")") : "")]]
+       : [])].map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)])));
+  const failures = (d.ingest && d.ingest.report && d.ingest.report.failures) || [];
+  if (failures.length) {
+    main.append(h("h2", {}, "Unreadable items"), table(["key", "reason"],
+      failures.map((f) => h("tr", {}, h("td", {}, f.key), h("td", {}, f.reason))),
+      { id: "ingest-failures" }));
+  }
   if (imageShape(d.item_shape)) {
     main.append(h("h2", {}, "The first 32 items"),
       await image(`/v1/datasets/${id}/thumbnails.png?n=32&columns=16`, { alt: "items" }));

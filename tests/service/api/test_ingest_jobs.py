@@ -255,6 +255,12 @@ def test_too_many_unreadable_images_fail_the_job_with_the_report(client, api_wor
     assert "2 unreadable items skipped" in job["progress_message"]
     page = client.get(f"/v1/datasets/{job['dataset_id']}/items").json()
     assert page["keys"] == [f"a/{i}.png" for i in range(4)]
+    # the dataset keeps its report: both failures named with a reason, counts exact
+    record = client.get(f"/v1/datasets/{job['dataset_id']}").json()["ingest"]
+    assert (record["report"]["read"], record["report"]["failed"]) == (4, 2)
+    named = {f["key"]: f["reason"] for f in record["report"]["failures"]}
+    assert set(named) == {"a/bad-1.png", "a/bad-2.jpg"} and all(named.values())
+    assert record["format"] == "images" and record["image"]["color"] == "rgb"
 
 
 def test_an_uploaded_zip_and_image_parquet_are_jobs_with_the_same_pixels(client, api_worker,

@@ -266,6 +266,47 @@ def test_upload_from_the_page_with_a_progress_bar(stack, browser, trained, tmp_p
     page.screenshot(path=str(SHOTS / "dataset.png"), full_page=True)
 
 
+def test_an_archive_of_images_uploaded_from_the_page_becomes_an_ingest_job(stack, browser,
+                                                                          tmp_path):
+    """A .zip of class folders (one file in it is not an image it claims to be): the page
+    follows the job to its dataset, whose page shows colour thumbnails and names the
+    unreadable file with its reason."""
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    page, _ = browser
+    sign_in(page, stack["up"].url, stack["up"].key)
+    page.goto(f"{stack['up'].url}/ui/#/datasets")
+    ready(page)
+    archive = tmp_path / "pets.zip"
+    colours = {"red": (230, 30, 30), "blue": (30, 30, 230)}
+    with zipfile.ZipFile(archive, "w") as zf:
+        for label, colour in colours.items():
+            for i in range(20):
+                buffer = io.BytesIO()
+                Image.new("RGB", (12 + i, 10), colour).save(buffer, format="PNG")
+                zf.writestr(f"pets/{label}/{i:02d}.png", buffer.getvalue())
+        zf.writestr("pets/red/broken.png", b"not a png at all")
+    page.set_input_files("#upload-file", str(archive))
+    page.fill("#upload-name", "pets-from-the-ui")
+    page.fill("#upload-image-size", "8")
+    page.click("#upload-go")
+    page.wait_for_selector("text=pets-from-the-ui", timeout=120_000)
+    stored = [d for d in stack["client"].get("/v1/datasets").json()
+              if d["name"] == "pets-from-the-ui"]
+    assert len(stored) == 1 and stored[0]["n_items"] == 40
+    assert (stored[0]["dtype"], stored[0]["item_shape"]) == ("uint8", [3, 8, 8])
+    page.click("text=pets-from-the-ui")
+    page.wait_for_selector("#ingest-failures")
+    assert "red/broken.png" in page.inner_text("#ingest-failures")
+    grid = Image.open(io.BytesIO(page.locator("img.grid").first.screenshot()))
+    pixels = np.asarray(grid.convert("RGB")).reshape(-1, 3).astype(int)
+    for colour in colours.values():  # both classes drawn in their colour
+        assert (np.abs(pixels - colour).sum(axis=1) < 40).any()
+
+
 def test_every_page_works_under_its_own_csp(stack, browser, trained):
     """The other tests bypass the page's Content-Security-Policy (Playwright's waits
     evaluate code); a user's browser enforces it. Here it is enforced: each page renders
