@@ -64,7 +64,7 @@ def photos(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def added(stack, photos):
-    root, files = photos
+    root, _ = photos
     out = cli(stack.data_dir, "datasets", "add", root, "--image-size", SIDE, "--json")
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
@@ -120,7 +120,7 @@ def test_webdataset_shards_by_uri_through_the_job_path_give_the_same_pixels(stac
 
 def test_train_embed_and_search_by_image_finds_the_photo_itself(stack, photos, added,
                                                                 tmp_path):
-    root, files = photos
+    _, files = photos
     train = cli(stack.data_dir, "train", "--dataset", added["id"], "--family", "conv",
                 "--hidden", "16,32", "--blocks", "1", "--norm", "group", "--latent-dim", "8",
                 "--likelihood",
