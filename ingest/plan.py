@@ -138,6 +138,7 @@ class Report:
     strict: bool = False
     read: int = 0
     failed: int = 0
+    bytes: int = 0  # source bytes the reader has consumed (progress within a unit)
     failures: list[dict[str, str]] = field(default_factory=list)
     skipped: int = 0
 

@@ -82,6 +82,13 @@ def clean_options(raw: dict[str, Any], settings: Settings) -> dict[str, Any]:
         if color not in COLORS:
             raise InvalidInput(f"color must be one of {', '.join(COLORS)}; got {color!r}")
         out["color"] = color
+    if size is not None:  # refused now, not after the whole source is read and staged
+        channels = 1 if out.get("color") == "grey" else 3
+        values = channels * size[0] * size[1]
+        if values > settings.max_item_values:
+            raise InvalidInput(f"image_size {size[0]}x{size[1]} with color "
+                               f"{out.get('color', 'rgb')} makes items of {values} values; "
+                               f"the limit is {settings.max_item_values} (max_item_values)")
     if raw.get("max_failure_share") not in (None, ""):
         out["max_failure_share"] = _share(raw["max_failure_share"],
                                           settings.ingest_max_failure_share)

@@ -17,6 +17,8 @@ one needs it) and is removed when the job ends, whatever the outcome (`remove`),
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import os
@@ -32,10 +34,13 @@ import numpy as np
 from ingest.plan import Plan, Report, Unit
 from store.datasets import Chunk, Source
 from store.errors import DatasetError, TooLarge
+from store.processes import pid_alive
 from store.settings import Settings
 
 log = logging.getLogger(__name__)
 UNIT = re.compile(r"^unit-(\d{6})$")
+TEMPORARY = re.compile(r"^\.unit-\d{6}-(\d+)-")  # then the writing process's pid
+PLAN = "plan.json"
 JOB = re.compile(r"^job-(\d+)$")
 
 
@@ -55,18 +60,43 @@ class Staging:
         self.path = root / f"job-{job_id}"
         self.max_bytes = max_bytes  # float32 bytes of all items (max_inflated_bytes)
 
-    def prepare(self) -> dict[int, dict[str, Any]]:
+    def prepare(self, fingerprint: str) -> dict[int, dict[str, Any]]:
         """Create the folder, drop what a killed attempt left half-written, and return
-        the units staged already: {index: their unit.json}."""
+        the units staged already: {index: their unit.json}.
+
+        `fingerprint` is the plan's (`plan_fingerprint`): units staged under another plan
+        (the source changed between attempts: a file added to a folder shifts every unit
+        after it) are dropped, never mixed with the new plan's. A temporary folder is
+        removed only when the process that was writing it is gone: a stale attempt of
+        the same job may still be writing on this host."""
         self.path.mkdir(parents=True, exist_ok=True)
+        plan_file = self.path / PLAN
+        try:
+            staged_under = json.loads(plan_file.read_text())["fingerprint"]
+        except (OSError, ValueError, KeyError):
+            staged_under = None
+        if staged_under != fingerprint:
+            for entry in os.scandir(self.path):
+                if UNIT.match(entry.name):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+            if staged_under is not None:
+                log.warning("ingest source changed since its units were staged; reading "
+                            "it again path=%s", self.path)
+            _write_json(str(self.path / f".{PLAN}.{os.getpid()}"), {"fingerprint": fingerprint})
+            os.replace(self.path / f".{PLAN}.{os.getpid()}", plan_file)
         done: dict[int, dict[str, Any]] = {}
         for entry in os.scandir(self.path):
             match = UNIT.match(entry.name)
-            if match is None:  # a temporary folder of a killed attempt
-                shutil.rmtree(entry.path, ignore_errors=True)
+            if match is None:
+                temporary = TEMPORARY.match(entry.name)
+                if temporary and not pid_alive(int(temporary.group(1))):
+                    shutil.rmtree(entry.path, ignore_errors=True)
                 continue
-            with open(os.path.join(entry.path, "unit.json")) as f:
-                done[int(match.group(1))] = json.load(f)
+            try:
+                with open(os.path.join(entry.path, "unit.json")) as f:
+                    done[int(match.group(1))] = json.load(f)
+            except (OSError, ValueError):  # cannot be: units are renamed in whole
+                shutil.rmtree(entry.path, ignore_errors=True)
         return done
 
     def write_unit(self, unit: Unit, chunks: Iterable[Chunk], report: Report,
@@ -75,7 +105,7 @@ class Staging:
         then rename it into place. `values_before`: float32 bytes staged by the units
         before it, so the job is refused (TooLarge) as soon as the items pass max_bytes.
         Returns the unit's record (items, bytes, report, float32 bytes of its items)."""
-        tmp = self.path / f".unit-{unit.index:06d}-{uuid.uuid4().hex[:8]}"
+        tmp = self.path / f".unit-{unit.index:06d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         n_items = n_chunks = f32_bytes = 0
         keys = labels = False
@@ -103,7 +133,17 @@ class Staging:
                       "has_keys": keys, "has_labels": labels, "item_shape": shape,
                       "report": report.to_dict()}
             _write_json(str(tmp / "unit.json"), record)
-            os.rename(tmp, self.path / f"unit-{unit.index:06d}")
+            final = self.path / f"unit-{unit.index:06d}"
+            try:
+                os.rename(tmp, final)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                # another attempt of the job staged this unit first (the same plan: the
+                # same content); its record stands, this copy goes
+                shutil.rmtree(tmp, ignore_errors=True)
+                with open(final / "unit.json") as f:
+                    return json.load(f)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -138,6 +178,15 @@ class Staging:
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def plan_fingerprint(plan: Plan) -> str:
+    """What identifies a plan between attempts: its format and every unit's name, bytes
+    and reader's own description (a folder unit lists its files with their sizes). A
+    file rewritten in place with the same name and size is not seen."""
+    units = [[u.index, u.name, u.size_bytes, u.extra] for u in plan.units]
+    text = json.dumps([plan.format, units], sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def staged_jobs(root: Path) -> set[int]:

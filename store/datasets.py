@@ -201,7 +201,8 @@ def _copy_items(cursor: Any, dataset_id: int, start: int, chunk: Chunk,
             meta = json.dumps(metadata[i], sort_keys=True) if metadata[i] is not None else None
             copy.write_row((dataset_id, start + i, keys[i], labels[i], meta))
             if writer.pixels:  # by row: images are the same content however chunked
-                writer.meta_hash.update(f"{keys[i]}\0{labels[i]}\0{meta}\n".encode())
+                # JSON, so that no label (null) and the label "None" hash apart
+                writer.meta_hash.update(json.dumps([keys[i], labels[i], meta]).encode())
     writer.saw_labels = writer.saw_labels or any(label is not None for label in labels)
     if not writer.pixels and (chunk.keys or chunk.labels or chunk.metadata):
         writer.meta_hash.update(json.dumps([chunk.keys, chunk.labels, chunk.metadata],

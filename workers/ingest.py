@@ -13,6 +13,7 @@ staging folder, and an upload saved for the job, go when the job ends, whatever 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from sqlalchemy import select
@@ -20,12 +21,26 @@ from sqlalchemy import select
 from ingest.npy_folder import FORMAT as NPY_FOLDER
 from ingest.npy_folder import plan_npy_folder, read_npy_unit
 from ingest.paths import resolve_location
-from ingest.plan import Limits, Location, Report, ingest_record, plan_source, read_unit
+from ingest.plan import (
+    Limits,
+    Location,
+    Report,
+    Unit,
+    ingest_record,
+    plan_source,
+    read_unit,
+)
 from ingest.readers import failure_summary
 from ingest.requests import options_of
-from ingest.staging import Staging, staged_jobs, staging_root, sweep_staging
+from ingest.staging import (
+    Staging,
+    plan_fingerprint,
+    staged_jobs,
+    staging_root,
+    sweep_staging,
+)
 from store.artifacts import check_key
-from store.datasets import Registered, register_dataset
+from store.datasets import Chunk, Registered, register_dataset
 from store.db import is_transient
 from store.errors import Conflict, DatasetError, StoreError
 from store.jobs import TERMINAL, LeaseLost, finish, ingest_progress
@@ -129,6 +144,22 @@ def run_ingest_job(ctx: Context, job_id: int) -> dict[str, Any]:
     return result
 
 
+def _watched(chunks: Iterator[Chunk], unit: Unit, report: Report, lease: Lease,
+             progress: Callable[[int, int], None]) -> Iterator[Chunk]:
+    """A unit's chunks, with the job's progress inside the unit (items, and the source
+    bytes its reader counted, at most the unit's) and its cancel flag seen per chunk: one
+    archive is one unit, and a user cancelling a 10 GB tar should not wait for its end.
+    A cancel or a lost lease stops the unit (its half-written staging goes)."""
+    items = 0
+    for chunk in chunks:
+        lease.check()
+        if lease.cancelled:
+            raise IngestCancelled
+        items += len(chunk.values)
+        progress(items, min(report.bytes, unit.size_bytes))
+        yield chunk
+
+
 def _megabytes(n: float) -> str:
     return f"{n / 1e6:.1f} MB"
 
@@ -137,7 +168,7 @@ def _ingest(ctx: Context, job_id: int, params: dict[str, Any], lease: Lease,
             ) -> dict[str, Any]:
     settings, limits = ctx.settings, Limits.of(ctx.settings)
     staging = Staging(staging_root(settings), job_id, settings.max_inflated_bytes)
-    done = staging.prepare()
+    staging.path.mkdir(parents=True, exist_ok=True)
     side: dict[str, str] = {}
     if params.get("upload_key"):
         location, side = _uploaded(ctx, params, staging)
@@ -146,6 +177,7 @@ def _ingest(ctx: Context, job_id: int, params: dict[str, Any], lease: Lease,
     options = options_of(params.get("options") or {}, settings, **side)
     plan = plan_npy_folder(location, options, limits) or plan_source(location, options,
                                                                      limits)
+    done = staging.prepare(plan_fingerprint(plan))
     report = Report(keep=options.report_failures)
     items = f32 = read_bytes = 0
     for index in sorted(done):
@@ -178,8 +210,16 @@ def _ingest(ctx: Context, job_id: int, params: dict[str, Any], lease: Lease,
             raise IngestCancelled
         unit_report = Report(keep=options.report_failures)
         reader = read_npy_unit if plan.format == NPY_FOLDER else read_unit
-        record = staging.write_unit(unit, reader(plan, unit, options, limits, unit_report),
-                                    unit_report, f32)
+
+        def within(n: int, b: int, items: int = items, read_bytes: int = read_bytes) -> None:
+            lease.report(min(0.99, (read_bytes + b) / total),
+                         f"read {items + n} items, {_megabytes(read_bytes + b)} of "
+                         f"{_megabytes(plan.total_bytes)} ({len(done)} of "
+                         f"{len(plan.units)} units)")
+
+        chunks = _watched(reader(plan, unit, options, limits, unit_report), unit,
+                          unit_report, lease, within)
+        record = staging.write_unit(unit, chunks, unit_report, f32)
         done[unit.index] = record
         report.merge(record["report"])
         items, read_bytes = items + record["items"], read_bytes + record["bytes"]

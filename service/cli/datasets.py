@@ -41,10 +41,12 @@ DATASET_COLUMNS = ["id", "name", "items", "item shape", "format", "labels", "ran
 
 def pack_folder(folder: Path, out: Path) -> Path:
     """The folder's regular files as an uncompressed .tar at `out`, written file by file
-    (never the whole folder in memory), members named by their path relative to the
-    folder (`cat/001.png`: the keys the server gives the items), in the order the server
-    reads a folder (sorted by that name), so the dataset is the one a `--uri` of the
-    same folder makes. Links are left out (the server does not follow them either)."""
+    (never the whole folder in memory): first a directory entry of the folder's own name,
+    then each file under it (`photos/cat/001.png`), sorted by its path in the folder (the
+    order the server reads a folder). The server drops a top folder that the archive
+    opens with, so the keys are the paths in the folder (`cat/001.png`) and the dataset
+    is the one a `--uri` of the same folder makes, whatever the folder's depth. Links
+    are left out (the server does not follow them either)."""
     import tarfile
 
     names = []
@@ -53,9 +55,11 @@ def pack_folder(folder: Path, out: Path) -> Path:
             path = Path(root) / name
             if path.is_file() and not path.is_symlink():
                 names.append(path.relative_to(folder).as_posix())
+    top = folder.resolve().name or "folder"
     with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
+        tar.add(folder, arcname=top, recursive=False)
         for name in sorted(names):
-            tar.add(folder / name, arcname=name, recursive=False)
+            tar.add(folder / name, arcname=f"{top}/{name}", recursive=False)
     return out
 
 

@@ -41,6 +41,26 @@ def test_same_content_twice_is_recognised(db, artifacts, settings, tmp_path, req
     assert not os.listdir(artifacts.local_path("tmp"))  # no ingest file left behind
 
 
+def test_8bit_content_tells_no_label_from_the_label_none(db, artifacts, settings, request):
+    """The same pixels and keys, once without labels and once labelled "None": two
+    datasets (the second must not be answered with the first, losing its labels)."""
+    from store.datasets import Chunk, Source, register_dataset
+
+    pixels = np.arange(2 * 3 * 2 * 2, dtype=np.uint8).reshape(2, 3, 2, 2)
+
+    def source(labels):
+        return Source("images", (3, 2, 2), "uint8", 2,
+                      iter([Chunk(pixels, ["a.png", "b.png"], labels)]), pixels=True)
+
+    bare = register_dataset(db, artifacts, settings, unique_name(request) + "-bare",
+                            source(None))
+    named = register_dataset(db, artifacts, settings, unique_name(request) + "-none",
+                             source(["None", "None"]))
+    assert bare.created and named.created and named.dataset.id != bare.dataset.id
+    assert [r.label for r in item_rows(db, named.dataset.id, 0, 2)] == ["None", "None"]
+    assert bare.dataset.dtype == "uint8" and bare.dataset.max_value == pytest.approx(23 / 255)
+
+
 def test_leftovers_of_dead_processes_are_swept_and_live_ones_kept(tmp_path):
     import subprocess
     import sys

@@ -259,6 +259,8 @@ def test_bad_images_and_bad_bodies_get_a_clear_4xx(client, world, api_settings):
          f"the limit is {api_settings.max_image_pixels}"),
         (search_raw(client, world, item, k=5, vector="1"), 422, "unknown parameter 'vector'"),
         (search_multipart(client, world, item, filter="{label"), 422, "'filter' must be JSON"),
+        (search_multipart(client, world, item, filter="[" * 60_000), 422,
+         "'filter' must be JSON"),  # nesting: never a RecursionError (a 500)
         (search_multipart(client, world, item, k="0"), 422, "k"),
         (search_multipart(client, world, item, colour="red"), 422, "unknown form field"),
         (client.post(f"/v1/embeddings/{world['set']}/search", data={"k": "3"},

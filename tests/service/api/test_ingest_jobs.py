@@ -105,6 +105,9 @@ def test_a_folder_of_npy_files_is_one_dataset_in_file_order(client, api_worker, 
     ({"image_size": "big"}, 422, "image_size"),
     ({"image_size": [0, 3]}, 422, "image_size"),
     ({"color": "purple"}, 422, "color"),
+    # 3 x 600 x 600 = 1,080,000 values > max_item_values (1,048,576): refused at once
+    ({"image_size": 600}, 422, "1080000 values"),
+    ({"image_size": "1025x1024", "color": "grey"}, 422, "max_item_values"),
     ({"max_failure_share": 2}, 422, "max_failure_share"),
     ({"format": "docx"}, 422, "format"),
 ])
@@ -296,3 +299,50 @@ def test_an_uploaded_zip_and_image_parquet_are_jobs_with_the_same_pixels(client,
         for key, x in zip(page["keys"], page["x"], strict=True):
             np.testing.assert_array_equal(np.rint(np.asarray(x) * 255),
                                           expected[key].transpose(2, 0, 1))
+
+
+def test_an_uploaded_tar_gz_and_idx_files_by_uri_are_jobs_with_their_own_pixels(
+        client, api_worker, allowed, tmp_path):
+    """The remaining containers through the HTTP API: a .tar.gz of class folders (upload)
+    and an MNIST-style IDX pair, gzipped, named by uri (the labels found beside the
+    images by name); IDX files are written here byte by byte from the format's spec."""
+    import gzip
+    import struct
+    import tarfile
+
+    expected = write_images(tmp_path / "src", 248, classes=("p", "q"), per_class=3)
+    archive = tmp_path / "src.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for key in sorted(expected):
+            tar.add(tmp_path / "src" / key, arcname=f"src/{key}")
+    r = client.post("/v1/datasets", data={"name": "ingest-targz"},
+                    files={"file": ("src.tar.gz", archive.read_bytes())})
+    assert r.status_code == 202 and r.json()["mode"] == "job", r.text
+    job = wait_job(client, r.json()["job"]["id"])
+    assert job["status"] == "succeeded", job
+    page = client.get(f"/v1/datasets/{job['dataset_id']}/items").json()
+    assert page["keys"] == sorted(expected)  # the archive's top folder is not in the keys
+    assert page["labels"] == [k.split("/")[0] for k in sorted(expected)]
+    for key, x in zip(page["keys"], page["x"], strict=True):
+        np.testing.assert_array_equal(np.rint(np.asarray(x) * 255),
+                                      expected[key].transpose(2, 0, 1))
+
+    pixels = np.random.default_rng(248).integers(0, 256, size=(7, 5, 4), dtype=np.uint8)
+    digits = np.asarray([3, 1, 4, 1, 5, 9, 2], np.uint8)
+    folder = allowed / "ingest-idx"
+    folder.mkdir()
+    with gzip.open(folder / "t10k-images-idx3-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">IIII", 0x803, 7, 5, 4) + pixels.tobytes())
+    with gzip.open(folder / "t10k-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">II", 0x801, 7) + digits.tobytes())
+    r = client.post("/v1/datasets", json={
+        "name": "ingest-idx", "uri": str(folder / "t10k-images-idx3-ubyte.gz")})
+    assert r.status_code == 202, r.text
+    job = wait_job(client, r.json()["job"]["id"])
+    assert job["status"] == "succeeded", job
+    ds = client.get(f"/v1/datasets/{job['dataset_id']}").json()
+    assert (ds["dtype"], ds["item_shape"], ds["source_format"]) == ("uint8", [1, 5, 4], "idx")
+    page = client.get(f"/v1/datasets/{ds['id']}/items", params={"limit": 7}).json()
+    assert page["keys"] == [str(i) for i in range(7)]
+    assert page["labels"] == [str(d) for d in digits]
+    np.testing.assert_array_equal(np.rint(np.asarray(page["x"]) * 255), pixels[:, None])

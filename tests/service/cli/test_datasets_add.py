@@ -64,9 +64,10 @@ def test_a_folder_is_packed_member_by_member_with_relative_names(tmp_path):
     out = pack_folder(tmp_path / "src", tmp_path / "src.tar")
     with tarfile.open(out) as tar:
         names = tar.getnames()
-        got = {m: tar.extractfile(m).read() for m in names}
-    assert names == sorted(files)  # sorted, relative, no symlink, no folders
-    assert got == files
+        got = {m: tar.extractfile(m).read() for m in names if m != "src"}
+    # the folder's own entry first, then its files under it, sorted; no symlink
+    assert names == ["src", *(f"src/{n}" for n in sorted(files))]
+    assert {m.removeprefix("src/"): d for m, d in got.items() if m != "src"} == files
 
 
 def test_a_local_folder_of_images_is_uploaded_and_is_the_same_dataset_as_its_uri(stack):
@@ -79,10 +80,15 @@ def test_a_local_folder_of_images_is_uploaded_and_is_the_same_dataset_as_its_uri
         for i in range(4):
             Image.fromarray(rng.integers(0, 256, size=(9, 7, 3), dtype=np.uint8)).save(
                 folder / cls / f"{i}.png")
+    # an image at the root (first in the order: no label) and one a folder deeper (its
+    # label is still its class): the packed tar must give the same keys and labels
+    (folder / "cat" / "2020").mkdir()
+    for path in (folder / "a.png", folder / "cat" / "2020" / "9.png"):
+        Image.fromarray(rng.integers(0, 256, size=(9, 7, 3), dtype=np.uint8)).save(path)
     by_uri = cli_json(stack.data_dir, "datasets", "add", "--uri", folder, "--image-size", "4",
                       "--color", "grey")
     assert (by_uri["name"], by_uri["n_items"], by_uri["item_shape"], by_uri["dtype"]) == (
-        "photos", 8, [1, 4, 4], "uint8")
+        "photos", 10, [1, 4, 4], "uint8")
     out = cli(stack.data_dir, "datasets", "add", folder, "--image-size", "4", "--color",
               "grey", "--name", "photos-uploaded")
     assert out.returncode == 0, out.stderr
