@@ -6,10 +6,15 @@ columns) and the serving routes that take an image (search, encode, score by ima
 the dataset's items were.
 
 The transform, in order: the first frame; EXIF orientation applied; converted to `L`
-(grey) or `RGB` (an alpha channel is dropped, a palette expanded); when `size` is given,
-resized so that the shorter side matches (bilinear, antialiased) and centre-cropped to
-`size` exactly (torchvision's Resize + CenterCrop). Without `size` the image keeps its
-own; a dataset then needs all its images the same size.
+(grey) or `RGB` (an alpha channel is dropped, a palette expanded; 16-bit grey rounded to
+8 bits first, `v * 255 / top` halves up, `top` 65535 for `I;16`, the image's maximum for
+32-bit `I`); when `size` (H, W) is given, the centre region of the target's aspect ratio
+(`centre_box`: the largest centred box of W:H, in source pixels, fractional edges kept)
+resized to `size` exactly (bilinear, antialiased, Pillow's `resize(box=...)`). That is
+torchvision's Resize + CenterCrop up to rounding, but only the region kept is ever
+resampled: resizing the whole image first would make a 200000x1 PNG 12.8M x 64 pixels
+before the crop. Without `size` the image keeps its own; a dataset then needs all its
+images the same size.
 
 Nothing is decoded before its declared size is checked against `max_pixels` (a 100-byte
 PNG can declare 10^10 pixels); JPEGs are decoded at a reduced scale where the target is
@@ -120,6 +125,48 @@ def _open(data: bytes, spec: ImageSpec) -> Any:
     return image
 
 
+def centre_box(width: int, height: int, size: tuple[int, int],
+               ) -> tuple[float, float, float, float]:
+    """The largest box of `size`'s aspect ratio (H, W) centred in a `width` x `height`
+    image, as Pillow's (left, top, right, bottom); fractional, so that the centring is
+    exact rather than off by a rounded pixel."""
+    h, w = size
+    if width * h > height * w:  # wider than the target: full height, the middle columns
+        bw, bh = height * w / h, float(height)
+    else:
+        bw, bh = float(width), width * h / w
+    left, top = (width - bw) / 2, (height - bh) / 2
+    return left, top, left + bw, top + bh
+
+
+ROUND_BLOCK_PIXELS = 1 << 20  # 16-bit grey is mapped to 8 bits this many pixels at a time
+
+_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def _to_8bit(image: Any) -> Any:
+    """16-bit (`I;16*`) or 32-bit (`I`) grey to `L`: `v * 255 / top` rounded halves up,
+    computed in integers as `(510 v + top) // (2 top)` clipped to 0..255, a block of rows
+    at a time (an 8000x8000 image in float64 would be 512 MB per temporary). `top` is
+    65535 for 16 bits, else the image's maximum (from `getextrema`, no copy). Rounding
+    rather than `v >> 8` keeps the mapping the datasets already registered were made with
+    (65535 -> 255, 257 k -> k exactly), so query images still decode as their items."""
+    from PIL import Image
+
+    width, height = image.size
+    top = 65535 if image.mode.startswith("I;16") else max(1, int(image.getextrema()[1]))
+    out = np.empty((height, width), dtype=np.uint8)
+    rows = max(1, ROUND_BLOCK_PIXELS // width)
+    for y in range(0, height, rows):
+        block = np.asarray(image.crop((0, y, width, min(height, y + rows))), dtype=np.int64)
+        block *= 510
+        block += top
+        block //= 2 * top
+        np.clip(block, 0, 255, out=block)
+        out[y:y + rows] = block
+    return Image.fromarray(out)
+
+
 def decode_image(data: bytes, spec: ImageSpec) -> np.ndarray:
     """The image in `data` as uint8 `(C, H, W)` per `spec`; ImageError (with the reason)
     when it cannot be read. Never anything else for bad bytes."""
@@ -128,28 +175,28 @@ def decode_image(data: bytes, spec: ImageSpec) -> np.ndarray:
     image = _open(data, spec)
     try:
         if spec.size is not None and image.format == "JPEG":
+            # the whole image at a scale where its centre box still covers the target
+            # (in the file's orientation, before EXIF turns it)
             h, w = spec.size
-            ratio = max(h / image.size[1], w / image.size[0])  # the side that must fit
-            need = (math.ceil(image.size[0] * ratio), math.ceil(image.size[1] * ratio))
+            if image.getexif().get(0x0112) in _TRANSPOSED:
+                h, w = w, h
+            sw, sh = image.size
+            left, top, right, bottom = centre_box(sw, sh, (h, w))
+            need = (math.ceil(sw * w / (right - left)), math.ceil(sh * h / (bottom - top)))
             image.draft("L" if spec.color == "grey" else "RGB", need)
         image.seek(0)
         image = ImageOps.exif_transpose(image) or image
         mode = "L" if spec.color == "grey" else "RGB"
         if image.mode != mode:
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey to 8 bits
-                array = np.asarray(image, dtype=np.float64)
-                top = 65535.0 if image.mode.startswith("I;16") else max(1.0, array.max())
-                image = Image.fromarray(np.clip(array * 255.0 / top + 0.5, 0, 255)
-                                        .astype(np.uint8))
+                image = _to_8bit(image)
             image = image.convert(mode)
         if spec.size is not None:
             h, w = spec.size
-            scale = max(h / image.size[1], w / image.size[0])
-            size = (max(w, round(image.size[0] * scale)), max(h, round(image.size[1] * scale)))
-            if size != image.size:
-                image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
-            left, top = (image.size[0] - w) // 2, (image.size[1] - h) // 2
-            image = image.crop((left, top, left + w, top + h))
+            box = centre_box(image.size[0], image.size[1], (h, w))
+            if (w, h) != image.size:
+                image = image.resize((w, h), Image.Resampling.BILINEAR, box=box,
+                                     reducing_gap=3.0)
         pixels = np.asarray(image, dtype=np.uint8)
     except ImageError:
         raise

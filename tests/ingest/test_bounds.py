@@ -172,3 +172,77 @@ def test_an_allowed_url_that_cannot_be_opened_is_a_clear_error():
                                source_options={})
     with pytest.raises(UnsupportedFormat, match="Protocol not known: nosuchfs"):
         resolve_location("nosuchfs://b/p/x.tar", settings)
+
+
+def _decode_in_child(tmp_path, data: bytes, color: str, size) -> tuple[np.ndarray, float]:
+    """`decode_image` in a fresh interpreter: (pixels, MiB its peak RSS grew by during the
+    decode). A child, because Pillow's buffers are not seen by tracemalloc and this
+    process's peak is already set by whatever ran before."""
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "in.bin").write_bytes(data)
+    script = f"""
+import io, json, resource, numpy as np
+from PIL import Image
+from ingest.images import ImageSpec, decode_image
+data = open({str(tmp_path / "in.bin")!r}, "rb").read()
+buf = io.BytesIO(); Image.new("RGB", (4, 4)).save(buf, "PNG")
+decode_image(buf.getvalue(), ImageSpec({color!r}, (4, 4)))  # plugins and numpy warmed up
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+pixels = decode_image(data, ImageSpec({color!r}, {size!r}))
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+np.save({str(tmp_path / "out.npy")!r}, pixels)
+print(json.dumps((after - before) / 1024))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    return np.load(tmp_path / "out.npy"), json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_thin_image_resizes_only_its_centre(tmp_path):
+    """A 200000x1 PNG (under 1 KB) to 64x64: the old resize-then-crop made it 12.8M x 64
+    pixels (3.6 GB) first. Only the centre box (one source pixel wide) is resampled now;
+    the item equals Pillow's resize of that box, and numpy's view of it: every row the
+    same, going from the left half's red (200) to the right half's (40)."""
+    from PIL import Image
+
+    source = np.zeros((1, 200_000, 3), np.uint8)
+    source[0, :100_000, 0], source[0, 100_000:, 0] = 200, 40
+    source[0, :, 1] = 7
+    buf = io.BytesIO()
+    Image.fromarray(source).save(buf, "PNG")
+    assert len(buf.getvalue()) < 4096  # the premise: a tiny file
+    pixels, grew = _decode_in_child(tmp_path, buf.getvalue(), "rgb", (64, 64))
+    assert grew < 50  # MiB; 3.6 GB before
+    want = Image.fromarray(source).resize((64, 64), Image.Resampling.BILINEAR,
+                                          box=(99_999.5, 0, 100_000.5, 1), reducing_gap=3.0)
+    np.testing.assert_array_equal(pixels, np.asarray(want).transpose(2, 0, 1))
+    red = pixels[0].astype(int)
+    assert (red == red[0]).all() and (pixels[1] == 7).all() and (pixels[2] == 0).all()
+    assert red[0, 0] > 150 and red[0, -1] < 90 and (np.diff(red[0]) <= 0).all()
+
+
+def test_a_large_16_bit_png_is_mapped_in_integers(tmp_path):
+    """A 6000x6000 16-bit PNG (36M pixels): Pillow holds it at 2 bytes a pixel and the
+    item is 1; the float64 mapping added 8 bytes a pixel per temporary (over 1 GB here).
+    The peak stays under 5 bytes a pixel, and the values are numpy's rounding of
+    v * 255 / 65535."""
+    from PIL import Image
+
+    side = 6000
+    source = np.zeros((side, side), np.uint16)
+    source[:7, :9] = np.arange(63, dtype=np.uint16).reshape(7, 9) * 1040
+    source[-1, -5:] = [128, 129, 385, 386, 65535]
+    buf = io.BytesIO()
+    Image.fromarray(source).save(buf, "PNG")
+    assert Image.open(io.BytesIO(buf.getvalue())).mode == "I;16"  # the premise
+    pixels, grew = _decode_in_child(tmp_path, buf.getvalue(), "grey", None)
+    assert grew < 5 * side * side / (1 << 20)
+    want = np.floor(source[:7, :9].astype(np.float64) * 255 / 65535 + 0.5).astype(np.uint8)
+    np.testing.assert_array_equal(pixels[0, :7, :9], want)
+    np.testing.assert_array_equal(pixels[0, -1, -5:], [0, 1, 1, 2, 255])
+    assert pixels.shape == (1, side, side) and int(pixels.sum()) == int(want.sum()) + 259

@@ -170,15 +170,17 @@ def test_without_image_size_another_size_is_a_named_failure(photos, tmp_path):
 
 
 def _resize_crop(pixels: np.ndarray, h: int, w: int, grey: bool) -> np.ndarray:
-    """torchvision's Resize(shorter side) + CenterCrop, written out with Pillow and numpy."""
+    """The documented transform written out with Pillow: the largest centred box of
+    aspect W:H in the source (fractional edges), resized to W x H bilinear."""
     image = Image.fromarray(pixels).convert("L" if grey else "RGB")
     sw, sh = image.size
-    s = max(h / sh, w / sw)
-    nw, nh = max(w, round(sw * s)), max(h, round(sh * s))
-    image = image.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    if sw / sh > w / h:
+        bw, bh = sh * w / h, sh
+    else:
+        bw, bh = sw, sw * h / w
+    box = ((sw - bw) / 2, (sh - bh) / 2, (sw + bw) / 2, (sh + bh) / 2)
+    image = image.resize((w, h), Image.Resampling.BILINEAR, box=box, reducing_gap=3.0)
     arr = np.asarray(image)
-    top, left = (nh - h) // 2, (nw - w) // 2
-    arr = arr[top:top + h, left:left + w]
     return arr[None] if grey else arr.transpose(2, 0, 1)
 
 
@@ -286,3 +288,24 @@ def test_bmp_webp_and_gif_by_any_case_of_extension(tmp_path):
     for key in ("t/a.BMP", "t/b.WebP"):  # lossless: the drawn pixels exactly
         np.testing.assert_array_equal(items[key], pixels.transpose(2, 0, 1))
     np.testing.assert_array_equal(items["t/c.gif"], gen.pillow_rgb(files["t/c.gif"]))
+
+
+def test_16_bit_grey_is_rounded_to_8_bits_as_numpy_rounds(tmp_path):
+    """Every 16-bit value through a PNG (mode I;16): v * 255 / 65535 rounded halves up,
+    computed here in float64; a 32-bit `I` image is scaled by its own maximum."""
+    from ingest.images import _to_8bit, decode_image
+
+    values = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    buf = io.BytesIO()
+    Image.fromarray(values).save(buf, "PNG")
+    assert Image.open(io.BytesIO(buf.getvalue())).mode == "I;16"
+    want = np.floor(values.astype(np.float64) * 255 / 65535 + 0.5).astype(np.uint8)
+    np.testing.assert_array_equal(decode_image(buf.getvalue(), ImageSpec("grey"))[0], want)
+    rgb = decode_image(buf.getvalue(), ImageSpec("rgb"))
+    np.testing.assert_array_equal(rgb, np.stack([want] * 3))
+    wide = np.random.default_rng(4).integers(-500, 300_000, (40, 70)).astype(np.int32)
+    wide[3, 5] = 300_000  # the maximum, to 255
+    got = np.asarray(_to_8bit(Image.fromarray(wide, "I")))
+    want = np.clip(np.floor(wide.astype(np.float64) * 255 / 300_000 + 0.5), 0, 255)
+    np.testing.assert_array_equal(got, want.astype(np.uint8))
+    assert got[3, 5] == 255 and got[wide < 0].max() == 0

@@ -5,7 +5,7 @@ nearest neighbour is the photo itself; and the same photos as WebDataset shards 
 brace-pattern `--uri` through the API's job path give the same pixels.
 
 Every figure is checked independently: the stored items against Pillow's own decode of the
-files (resize + centre crop done here with Pillow), the neighbours against a NumPy brute
+files (the centre box resized, done here with Pillow), the neighbours against a NumPy brute
 force over the exported latents."""
 
 import io
@@ -37,15 +37,14 @@ def photo(label, i):
 
 
 def expected(data):
-    """What the service must store for these bytes: Pillow's decode, the shorter side
-    resized to SIDE (bilinear), centre-cropped, channels first."""
+    """What the service must store for these bytes: Pillow's decode, its centred square
+    (the target's aspect ratio, fractional edges) resized to SIDE x SIDE (bilinear),
+    channels first. The photos are small enough that no JPEG draft scale applies."""
     image = Image.open(io.BytesIO(data)).convert("RGB")
     w, h = image.size
-    scale = SIDE / min(w, h)
-    size = (max(SIDE, round(w * scale)), max(SIDE, round(h * scale)))
-    image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
-    left, top = (size[0] - SIDE) // 2, (size[1] - SIDE) // 2
-    image = image.crop((left, top, left + SIDE, top + SIDE))
+    side = min(w, h)
+    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+    image = image.resize((SIDE, SIDE), Image.Resampling.BILINEAR, box=box, reducing_gap=3.0)
     return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
 
 
