@@ -169,10 +169,11 @@ def main() -> None:
                 done = threading.Event()
 
                 def sample(done: threading.Event = done, peak: list[int] = peak) -> None:
-                    while not done.is_set():
+                    # every 0.5 s: smaps_rollup walks every mapping of a process that
+                    # imported torch, and sampling must not take the job's CPU
+                    while not done.wait(0.5):
                         rss, pss = memory(worker.pid)
                         peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
-                        time.sleep(0.1)
 
                 sampler = threading.Thread(target=sample)
                 sampler.start()

@@ -6,7 +6,6 @@ import datetime as dt
 import io
 import json
 import math
-import time
 
 import httpx
 import numpy as np
@@ -15,6 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
+
+from tests.support import wait_job
 
 pytestmark = pytest.mark.slow
 
@@ -41,16 +42,6 @@ def sse_events(client, path):
             elif line.startswith("data: "):
                 events.append((name, json.loads(line[len("data: "):])))
     return events
-
-
-def wait_job(client, job_id, timeout=300):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(0.3)
-    raise AssertionError(f"job {job_id} did not end: {job}")
 
 
 @pytest.fixture(scope="module")

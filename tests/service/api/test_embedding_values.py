@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.support import store_untrained_model
+from tests.support import store_untrained_model, wait_job
 
 SHAPE = [1, 4, 4]
 MODELS = {
@@ -34,16 +34,6 @@ def upload(client, name, array):
         "file": (f"{name}.npy", npy(array), "application/octet-stream")})
     assert answer.status_code in (200, 201), answer.text
     return answer.json()["id"]
-
-
-def wait_job(client, job_id, timeout=180):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} did not end: {job}")
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 from PIL import Image, ImageDraw
 
-from tests.support import cli, store_untrained_model
+from tests.support import cli, store_untrained_model, wait_job
 
 N, SHAPE = 24, (3, 8, 8)
 MODEL = {"input_shape": list(SHAPE), "latent_dim": 4, "hidden": [32],
@@ -73,16 +73,6 @@ def register_images(db, settings, name, pixels, labels, uint8_storage=False):
             s.get(Dataset, ds.id).dtype = "uint8"
         ds = get_dataset(db, ds.id)
     return ds, keys
-
-
-def wait_job(client, job_id, timeout=240):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} did not end: {job}")
 
 
 @pytest.fixture(scope="module")

@@ -5,24 +5,13 @@ broken file fails the job with its message and leaves nothing behind."""
 
 import io
 import os
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.support import Served, counts, settings_of
-
-
-def wait_job(client, job_id, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} did not end: {job}")
+from tests.support import Served, counts, settings_of, wait_job
 
 
 def npy(array):
