@@ -246,3 +246,76 @@ def test_a_large_16_bit_png_is_mapped_in_integers(tmp_path):
     np.testing.assert_array_equal(pixels[0, :7, :9], want)
     np.testing.assert_array_equal(pixels[0, -1, -5:], [0, 1, 1, 2, 255])
     assert pixels.shape == (1, side, side) and int(pixels.sum()) == int(want.sum()) + 259
+
+
+def _long_name_bomb(path, declared: int, gz: bool = True) -> None:
+    """A GNU long-name header declaring `declared` bytes of name (`c/aaa...a.png`,
+    compressing to almost nothing), then a small PNG member that the name is for: the
+    reviewer's 400 KB .tar.gz that took 888 MiB to open."""
+    import gzip
+
+    png = gen.encode(gen.draw("circle", 0), "PNG")
+    long_name = tarfile.TarInfo("././@LongLink")
+    long_name.size, long_name.type = declared, tarfile.GNUTYPE_LONGNAME
+    member = tarfile.TarInfo("c/x.png")
+    member.size = len(png)
+    name = b"c/" + b"a" * (declared - 7) + b".png\0"
+    body = (long_name.tobuf(format=tarfile.USTAR_FORMAT) + name + b"\0" * (-declared % 512)
+            + member.tobuf(format=tarfile.USTAR_FORMAT) + png + b"\0" * (-len(png) % 512)
+            + b"\0" * 1024)
+    path.write_bytes(gzip.compress(body, 9) if gz else body)
+
+
+@pytest.mark.parametrize("fmt", ["tar", "webdataset"])
+def test_a_huge_tar_long_name_is_refused_before_it_is_read(tmp_path, fmt):
+    from ingest.plan import Report, plan_source, source_of
+
+    path = tmp_path / "bomb.tar.gz"
+    _long_name_bomb(path, 32 << 20)
+    assert path.stat().st_size < 100 << 10  # the premise: 32 MiB of name in a small file
+    opts = IngestOptions(format=fmt, max_failure_share=0.5)
+    plan = plan_source(resolve_location(str(path), where(tmp_path)), opts, Limits())
+    tracemalloc.start()
+    with pytest.raises(TooLarge) as err:
+        list(source_of(plan, opts, Limits(), Report()).chunks)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert f"a tar header of {32 << 20} bytes" in str(err.value)
+    assert "bomb.tar.gz" in str(err.value) and "limit is 1048576" in str(err.value)
+    assert peak < 4 << 20  # the 32 MiB name was never read
+
+
+def test_long_names_within_the_bound_still_read_and_count_as_inflated(tmp_path):
+    """pax and GNU long names (over tar's 100 characters) read as before; their records
+    count into max_inflated_bytes like member data."""
+    from ingest.plan import Report, plan_source, source_of
+
+    long = "c/" + "n" * 150 + ".png"
+    png = gen.encode(gen.draw("square", 1), "PNG")
+    for tar_format, name in ((tarfile.PAX_FORMAT, "pax.tar"), (tarfile.GNU_FORMAT, "gnu.tar")):
+        with tarfile.open(tmp_path / name, "w", format=tar_format) as tf:
+            for key in (long, "c/short.png"):
+                info = tarfile.TarInfo(key)
+                info.size = len(png)
+                tf.addfile(info, io.BytesIO(png))
+        _, pixels, labels, _, report = read_all(tmp_path / name, tmp_path, format="tar")
+        assert sorted(pixels) == sorted([long, "c/short.png"]) and report.failed == 0
+        assert set(labels.values()) == {"c"}
+        np.testing.assert_array_equal(pixels[long], gen.draw("square", 1).transpose(2, 0, 1))
+    bomb = tmp_path / "b.tar"
+    _long_name_bomb(bomb, 1000 << 10, gz=False)  # under the 1 MiB cap: read, then counted
+    opts = IngestOptions(format="tar")
+    plan = plan_source(resolve_location(str(bomb), where(tmp_path)), opts, Limits())
+    with pytest.raises(TooLarge, match="max_inflated_bytes"):
+        list(source_of(plan, opts, Limits(max_inflated_bytes=900 << 10), Report()).chunks)
+    _, pixels, _, _, report = read_all(bomb, tmp_path, format="tar")
+    assert [len(k) for k in pixels] == [(1000 << 10) - 1] and report.failed == 0  # allowed
+
+
+def test_gnu_sparse_tar_members_are_refused(tmp_path):
+    path = tmp_path / "s.tar"
+    sparse = tarfile.TarInfo("c/s.png")
+    sparse.type = tarfile.GNUTYPE_SPARSE
+    path.write_bytes(sparse.tobuf(format=tarfile.GNU_FORMAT) + b"\0" * 1024)
+    with pytest.raises(DatasetError, match="sparse members are not read"):
+        read_all(path, tmp_path, format="tar")
