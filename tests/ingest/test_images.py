@@ -309,3 +309,33 @@ def test_16_bit_grey_is_rounded_to_8_bits_as_numpy_rounds(tmp_path):
     want = np.clip(np.floor(wide.astype(np.float64) * 255 / 300_000 + 0.5), 0, 255)
     np.testing.assert_array_equal(got, want.astype(np.uint8))
     assert got[3, 5] == 255 and got[wide < 0].max() == 0
+
+
+def test_zip_units_read_their_own_members_without_listing_the_archive(photos, tmp_path,
+                                                                      monkeypatch):
+    """The plan lists the zip once; each unit opens only its members (their entries come
+    from the plan), so reading n units is not n listings of every member."""
+    import zipfile
+
+    import ingest.folders
+    from ingest.plan import read_unit
+
+    listings = []
+    real = zipfile.ZipFile._RealGetContents
+    monkeypatch.setattr(zipfile.ZipFile, "_RealGetContents",
+                        lambda self: (listings.append(1), real(self))[1])
+    monkeypatch.setattr(ingest.folders, "UNIT_FILES", 5)
+    path = gen.write_zip(tmp_path / "p.zip", photos.files)
+    opts = IngestOptions(max_failure_share=0.5)
+    plan = plan_source(resolve_location(str(path), where(tmp_path)), opts, Limits())
+    assert len(plan.units) == 3 and len(listings) == 1
+    pixels, labels, total = {}, {}, Report()
+    for unit in plan.units:
+        report = Report()
+        for chunk in read_unit(plan, unit, opts, Limits(), report):
+            pixels.update(zip(chunk.keys, chunk.values, strict=True))
+            labels.update(zip(chunk.keys, chunk.labels, strict=True))
+        total.merge(report.to_dict())
+    assert len(listings) == 1
+    check_collection(photos, pixels, labels, total)
+    assert sorted(f["key"] for f in total.failures) == sorted(photos.bad)
