@@ -6,10 +6,16 @@ that cannot be used is recorded in the report (key and reason) and left out, nev
 raised. Without `image_size` every image must have the shape of the first readable one
 (`plan.item_shape`): another size is a failure that names both and suggests image_size.
 Chunks hold uint8 `(m, C, H, W)`, at most CHUNK_BYTES of pixels or MAX_CHUNK_ROWS rows.
+
+An item's key, label and metadata are checked before its image is decoded
+(`item_problem`): what PostgreSQL would refuse for the whole dataset (a NUL in text, NaN
+in JSON, a key too long for the unique index) or what is too big to be a label or
+metadata is one item's failure, never the dataset's error.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -27,6 +33,11 @@ CHUNK_BYTES = 16 << 20
 MAX_CHUNK_ROWS = 65_536
 MAX_IMAGE_BYTES = 64 << 20  # one encoded image; a larger file is a failure, not read
 MAX_SIDE_BYTES = 1 << 20  # one WebDataset cls/txt/json member
+MAX_KEY_CHARS = 1000
+MAX_KEY_BYTES = 2000  # UTF-8; PostgreSQL's unique index on keys takes about 2700 a row
+MAX_LABEL_CHARS = 1000
+MAX_METADATA_BYTES = 64 << 10  # an item's metadata as JSON
+SHOWN_KEY_CHARS = 200  # of a failed item's key in the report
 
 
 @dataclass
@@ -50,6 +61,69 @@ def _shape_text(shape: tuple[int, ...]) -> str:
     return f"{shape[1]}x{shape[2]}"
 
 
+def shown_key(key: str) -> str:
+    """A key as the report can hold it: NUL written `\\x00`, at most SHOWN_KEY_CHARS
+    (the report is stored as JSON in PostgreSQL, which takes neither a NUL nor, usefully,
+    a megabyte of key)."""
+    key = key.replace("\x00", "\\x00")
+    return key if len(key) <= SHOWN_KEY_CHARS else key[:SHOWN_KEY_CHARS - 1] + "…"
+
+
+def _has_nul(value: Any) -> bool:
+    """A NUL in any string of a JSON value (keys too); iterative, so depth costs no
+    recursion."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if "\x00" in v:
+                return True
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list | tuple):
+            stack.extend(v)
+    return False
+
+
+def text_problem(what: str, text: str, limit: int) -> str | None:
+    """Why `text` cannot be a key or label (`what`), or None."""
+    if "\x00" in text:
+        return f"its {what} contains a NUL character"
+    if len(text) > limit:
+        return f"its {what} is {len(text)} characters; the limit is {limit}"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a file name's undecodable bytes (surrogates)
+        return f"its {what} is not valid UTF-8 text"
+    return None
+
+
+def item_problem(key: str, label: str | None, metadata: dict[str, Any] | None) -> str | None:
+    """Why this item's key, label or metadata cannot be stored, or None."""
+    problem = text_problem("key", key, MAX_KEY_CHARS)
+    if problem is None and len(key.encode("utf-8")) > MAX_KEY_BYTES:
+        problem = f"its key is more than {MAX_KEY_BYTES} bytes as UTF-8"
+    if problem is None and label is not None:
+        problem = text_problem("label", label, MAX_LABEL_CHARS)
+    if problem is not None or metadata is None:
+        return problem
+    try:
+        text = json.dumps(metadata, allow_nan=False)
+    except ValueError:
+        return "its metadata holds NaN or infinity (not JSON)"
+    except RecursionError:
+        return "its metadata is nested too deeply"
+    except TypeError as exc:
+        return f"its metadata is not JSON ({str(exc)[:80]})"
+    if len(text) > MAX_METADATA_BYTES:
+        return (f"its metadata is {len(text)} bytes as JSON; the limit is "
+                f"{MAX_METADATA_BYTES}")
+    if _has_nul(metadata):
+        return "its metadata contains a NUL character"
+    return None
+
+
 def image_chunks(items: Iterable[Encoded], plan: Plan, report: Report,
                  max_pixels: int) -> Iterator[Chunk]:
     """Decode `items` in order into chunks; failures go to `report`."""
@@ -68,6 +142,10 @@ def image_chunks(items: Iterable[Encoded], plan: Plan, report: Report,
         return chunk
 
     for item in items:
+        problem = item_problem(item.key, item.label, item.metadata)
+        if problem is not None:
+            report.fail(shown_key(item.key), problem)
+            continue
         try:
             pixels = decode_image(item.data, spec)
         except ImageError as exc:

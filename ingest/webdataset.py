@@ -5,7 +5,9 @@ A sample is the consecutive members sharing a key (the member's path up to the f
 of its basename). Its image is the first member with an image extension; `cls` is the
 label (text, stripped); `json` is the metadata (a dict, else `{"json": value}`; its
 `label` or `cls` value is the label when there is no cls member); `txt` is metadata
-`{"txt": ...}`. Other members are ignored. A sample without an image is a failure.
+`{"txt": ...}`. Other members are ignored. A sample without an image is a failure; so
+is one whose side members hold what cannot be stored (a NUL, NaN or Infinity, json nested
+past Python's recursion limit: see `_side`), never the dataset's error.
 
 Keys are the samples' own: shards are expected to number their samples apart. Two shards
 with the same key make the dataset fail with the store's duplicate-key error, naming it.
@@ -22,7 +24,13 @@ import posixpath
 from collections.abc import Iterator
 from typing import Any
 
-from ingest.batches import MAX_IMAGE_BYTES, MAX_SIDE_BYTES, Encoded, image_chunks
+from ingest.batches import (
+    MAX_IMAGE_BYTES,
+    MAX_SIDE_BYTES,
+    Encoded,
+    image_chunks,
+    shown_key,
+)
 from ingest.folders import ARCHIVE_ERRORS, member_bytes, tar_members
 from ingest.images import IMAGE_SUFFIXES
 from ingest.paths import expand_braces, has_brace, inside_roots
@@ -82,15 +90,34 @@ def plan_webdataset(location: Location, options: IngestOptions, limits: Limits) 
                 pixels=True)
 
 
+class _Constant(ValueError):
+    """NaN or Infinity in a json member: Python's json reads them, JSON has no such value."""
+
+
+def _no_constant(name: str) -> Any:
+    raise _Constant(name)
+
+
 def _side(data: bytes, ext: str, sample: dict[str, Any]) -> None:
+    """A side member into `sample`; what cannot be stored is the sample's error (one
+    item's failure), never the dataset's: a NUL (PostgreSQL text takes none), NaN or
+    Infinity (nor does its JSON), json nested past Python's recursion limit."""
     text = data.decode("utf-8", errors="replace")
-    if ext == "cls":
+    if "\x00" in text:
+        sample["error"] = f"its {ext} member contains a NUL character"
+    elif ext == "cls":
         sample["cls"] = text.strip()
     elif ext == "txt":
         sample.setdefault("metadata", {})["txt"] = text
     else:
         try:
-            value = json.loads(text)
+            value = json.loads(text, parse_constant=_no_constant)
+        except _Constant as exc:
+            sample["error"] = f"its json member holds {exc} (not JSON)"
+            return
+        except RecursionError:
+            sample["error"] = "its json member is nested too deeply"
+            return
         except ValueError:
             sample["error"] = "its json member is not valid JSON"
             return
@@ -101,11 +128,11 @@ def _side(data: bytes, ext: str, sample: dict[str, Any]) -> None:
 def _finish(sample: dict[str, Any], report: Report) -> Encoded | None:
     key = sample["key"]
     if "error" in sample:
-        report.fail(key, sample["error"])
+        report.fail(shown_key(key), sample["error"])
         return None
     if "image" not in sample:
-        report.fail(key, "the sample has no image member (" + ", ".join(sorted(IMAGE_EXTS))
-                    + ")")
+        report.fail(shown_key(key), "the sample has no image member ("
+                    + ", ".join(sorted(IMAGE_EXTS)) + ")")
         return None
     meta = sample.get("metadata")
     label = sample.get("cls")

@@ -212,3 +212,67 @@ def test_archives_and_shards_under_an_s3_prefix(db, artifacts, s3_endpoint, phot
     small = settings.model_copy(update={"max_upload_temp_bytes": 100})
     with pytest.raises(TooLarge, match="max_upload_temp_bytes"):
         register(db, artifacts, small, unique_name(request) + "-big", f"s3://{bucket}/in/x.npy")
+
+
+def _shard(path, samples):
+    """One shard: each sample a PNG (4x4, red = the sample's number) and its side members."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    with tarfile.open(path, "w") as tf:
+        for key, side in samples:
+            buf = io.BytesIO()
+            Image.new("RGB", (4, 4), (int(key) % 256, 0, 0)).save(buf, "PNG")
+            for name, data in [(f"{key}.png", buf.getvalue()),
+                               *[(f"{key}.{ext}", d) for ext, d in side]]:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize(("ext", "data", "reason"), [
+    ("json", b'{"score": NaN}', "its json member holds NaN (not JSON)"),
+    ("json", b'{"score": -Infinity}', "its json member holds -Infinity (not JSON)"),
+    ("json", b"[" * 100_000, "its json member is nested too deeply"),
+    ("json", b'{"a": "x\\u0000y"}', "its metadata contains a NUL character"),
+    ("json", b'{"a": "' + b"x" * (70 << 10) + b'"}',
+     f"its metadata is {(70 << 10) + 9} bytes as JSON; the limit is 65536"),
+    ("txt", b"a\x00b", "its txt member contains a NUL character"),
+    ("cls", b"x\x00y", "its cls member contains a NUL character"),
+    ("cls", b"c" * 1001, "its label is 1001 characters; the limit is 1000"),
+])
+def test_one_bad_side_member_is_that_sample_s_failure(db, artifacts, settings, request, ext,
+                                                      data, reason):
+    """What PostgreSQL would refuse (NUL, NaN) or Python cannot parse (deep json) in one
+    sample's side members: the other 9 register, the bad one is named with its reason."""
+    root, name = settings.allowed_roots[0], unique_name(request)
+    label = name.encode()[-100:]  # each case's good samples its own content (not deduplicated)
+    _shard(root / "s.tar", [(f"{i:03d}", [("cls", label)]) for i in range(9)]
+           + [("999", [(ext, data)])])
+    ds = register(db, artifacts, settings, name, root / "s.tar",
+                  format="webdataset", max_failure_share=0.5).dataset
+    assert ds.n_items == 9
+    assert [r.key for r in item_rows(db, ds.id, 0, 9)] == [f"{i:03d}" for i in range(9)]
+    assert ds.ingest["report"]["failures"] == [{"key": "999", "reason": reason}]
+    assert ds.ingest["report"]["read"] == 9 and ds.ingest["report"]["failed"] == 1
+
+
+def test_a_key_with_a_nul_is_that_item_s_failure(db, artifacts, settings, request):
+    """A pax path may hold a NUL, which PostgreSQL's text cannot: that item fails, named
+    with the NUL written out (the report itself is stored)."""
+    import io
+    import tarfile
+
+    root, name = settings.allowed_roots[0], unique_name(request)
+    with tarfile.open(root / "n.tar", "w", format=tarfile.PAX_FORMAT) as tf:
+        for i, key in enumerate(["c/0.png", "c/1.png", "c/a\x00b.png"]):
+            png = gen.encode(gen.draw("circle", i), "PNG")
+            info = tarfile.TarInfo("x.png")
+            info.size, info.pax_headers = len(png), {"path": key}
+            tf.addfile(info, io.BytesIO(png))
+    ds = register(db, artifacts, settings, name, root / "n.tar", max_failure_share=0.5).dataset
+    assert [r.key for r in item_rows(db, ds.id, 0, 2)] == ["c/0.png", "c/1.png"]
+    assert ds.ingest["report"]["failures"] == [
+        {"key": "c/a\\x00b.png", "reason": "its key contains a NUL character"}]
