@@ -5,25 +5,44 @@ columns.
 The image column is `options.image_column`, else the first column of either type. Keys:
 `key_column` when given; else the struct's `path` when every row has one and they are
 unique (read alone, at plan time); else the row number. Labels from `label_column`,
-metadata from `metadata_columns`. One unit per row group; a row group's image bytes
-(declared in the file's metadata) are checked against MAX_ROW_GROUP_BYTES before it is
-read.
+metadata from `metadata_columns`. One unit per row group; the bytes a row group holds
+in every column read (image, key, label, metadata; declared in the file's metadata) are
+checked against MAX_ROW_GROUP_BYTES before it is read, and `path` keys are read at plan
+time only when their declared bytes are at most MAX_PATH_KEY_BYTES (else row numbers).
+Each cell's Arrow size is checked before it becomes a Python value (`_cell`): an image
+over MAX_IMAGE_BYTES, a key or label over a few KB, a metadata cell over
+MAX_METADATA_BYTES is that row's failure (named by its key, or its row number where the
+key itself is the cell too big); text and binary columns are read as parquet's
+dictionaries (`open_parquet`), so a value repeated in many rows is not expanded; then
+`ingest.batches.item_problem` checks the values themselves (characters, NUL, JSON size).
+A NaN or infinite number in metadata becomes null (`_json_safe`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from ingest.batches import MAX_IMAGE_BYTES, Encoded, image_chunks
+from ingest.batches import (
+    MAX_IMAGE_BYTES,
+    MAX_KEY_BYTES,
+    MAX_LABEL_CHARS,
+    MAX_METADATA_BYTES,
+    Encoded,
+    image_chunks,
+    shown_key,
+)
 from ingest.plan import IngestOptions, Limits, Location, Plan, Report, Unit
 from store.datasets import Chunk
 from store.errors import DatasetError, TooLarge
 
-MAX_ROW_GROUP_BYTES = 512 << 20
+MAX_ROW_GROUP_BYTES = 512 << 20  # declared, every column read
+MAX_PATH_KEY_BYTES = 64 << 20  # declared, of the image struct's `path`, all row groups
 ROWS_PER_BATCH = 256
+_KEY_CELL_BYTES = MAX_KEY_BYTES + 64  # Arrow's offsets and validity besides the text
+_LABEL_CELL_BYTES = 4 * MAX_LABEL_CHARS + 64  # UTF-8 is at most 4 bytes a character
 
 
 def _is_image_type(t: Any) -> str | None:
@@ -58,13 +77,24 @@ def image_column_of(schema: Any, wanted: str | None) -> tuple[str, str] | None:
 
 
 @contextlib.contextmanager
-def open_parquet(location: Location) -> Iterator[Any]:
-    """The file as a pyarrow ParquetFile, closed (its fsspec file too) on leaving."""
+def open_parquet(location: Location, as_dictionary: Callable[[str], bool] | None = None,
+                 ) -> Iterator[Any]:
+    """The file as a pyarrow ParquetFile, closed (its fsspec file too) on leaving.
+
+    `as_dictionary`: which column paths (`label`, `image.bytes`) of text or binary values
+    are read as Arrow dictionaries, as parquet stores them: expanded, one 64 MiB value
+    repeated in 8 rows is 512 MiB in memory though the file declares 64 MiB."""
     import pyarrow.parquet as pq
 
     with location.fs.open(location.path, "rb") as f:
         try:
             pf = pq.ParquetFile(f)
+            if as_dictionary:
+                wanted = [c.path for c in pf.schema
+                          if as_dictionary(c.path) and c.physical_type == "BYTE_ARRAY"]
+                if wanted:
+                    f.seek(0)
+                    pf = pq.ParquetFile(f, metadata=pf.metadata, read_dictionary=wanted)
         except Exception as exc:  # pyarrow raises its own for a damaged footer
             raise DatasetError(f"{location.display} is not a readable parquet file "
                                f"({type(exc).__name__})") from None
@@ -74,14 +104,27 @@ def open_parquet(location: Location) -> Iterator[Any]:
             pf.close()
 
 
-def _image_bytes(meta: Any, group: int, column: str) -> int:
+def _a_struct_path(path: str) -> bool:
+    """A top-level struct's `path` child: the one column a plan reads (`_paths_are_keys`)."""
+    return path.count(".") == 1 and path.endswith(".path")
+
+
+def _declared_bytes(meta: Any, group: int, columns: set[str]) -> int:
+    """The uncompressed bytes row group `group` declares for `columns` (top-level names,
+    a struct's children included)."""
     rg = meta.row_group(group)
     return sum(rg.column(j).total_uncompressed_size for j in range(rg.num_columns)
-               if rg.column(j).path_in_schema.split(".")[0] == column)
+               if rg.column(j).path_in_schema.split(".")[0] in columns)
+
+
+def _columns_read(column: str, options: IngestOptions) -> list[str]:
+    return [column] + [c for c in dict.fromkeys(
+        [options.key_column, options.label_column, *(options.metadata_columns or [])])
+        if c is not None and c != column]
 
 
 def plan_image_parquet(location: Location, options: IngestOptions, limits: Limits) -> Plan:
-    with open_parquet(location) as pf:
+    with open_parquet(location, _a_struct_path) as pf:
         return _plan(pf, location, options, limits)
 
 
@@ -100,19 +143,23 @@ def _plan(pf: Any, location: Location, options: IngestOptions, limits: Limits) -
         raise TooLarge(f"{location.display} has {meta.num_rows} rows; the limit is "
                        f"{limits.max_dataset_items} (max_dataset_items)")
     units = []
+    read = _columns_read(column, options)
     for g in range(meta.num_row_groups):
-        size = _image_bytes(meta, g, column)
+        size = _declared_bytes(meta, g, set(read))
         if size > MAX_ROW_GROUP_BYTES:
-            raise TooLarge(f"row group {g} of {location.display} holds {size} bytes of "
-                           f"images; the limit is {MAX_ROW_GROUP_BYTES} per row group "
-                           "(write it with smaller row groups)")
+            raise TooLarge(f"row group {g} of {location.display} holds {size} bytes in the "
+                           f"columns read ({', '.join(read)}); the limit is "
+                           f"{MAX_ROW_GROUP_BYTES} per row group (write it with smaller row "
+                           "groups)")
         units.append(Unit(g, f"{location.display}#rg{g}", size, {"group": g}))
     key_mode = "column" if options.key_column else "row"
-    if key_mode == "row" and kind == "struct" and "path" in schema.field(column).type.names:
-        paths = _paths(pf, column)
-        if paths.null_count == 0 and len(set(paths.to_pylist())) == len(paths) and all(
-                paths.to_pylist()):
-            key_mode = "path"
+    path_bytes = sum(meta.row_group(g).column(j).total_uncompressed_size
+                     for g in range(meta.num_row_groups)
+                     for j in range(meta.row_group(g).num_columns)
+                     if meta.row_group(g).column(j).path_in_schema == f"{column}.path")
+    if (key_mode == "row" and kind == "struct" and "path" in schema.field(column).type.names
+            and path_bytes <= MAX_PATH_KEY_BYTES and _paths_are_keys(pf, column)):
+        key_mode = "path"
     starts, total = [], 0
     for g in range(meta.num_row_groups):
         starts.append(total)
@@ -123,59 +170,117 @@ def _plan(pf: Any, location: Location, options: IngestOptions, limits: Limits) -
                 meta.num_rows, pixels=True)
 
 
-def _paths(pf: Any, column: str) -> Any:
-    """The struct's `path` child alone (its bytes are not read)."""
+def _paths_are_keys(pf: Any, column: str) -> bool:
+    """Whether the struct's `path` child (read alone, its bytes are not) is set, non-empty
+    and unique in every row. Read as a dictionary (`plan_image_parquet`), so that a path
+    repeated in every row is counted from its indices, never expanded row by row."""
     import pyarrow as pa
+    import pyarrow.compute as pc
 
-    parts = [pf.read_row_group(g, columns=[f"{column}.path"]).column(0)
-             for g in range(pf.metadata.num_row_groups)]
-    merged = pa.chunked_array([c for p in parts for c in p.chunks],
-                              type=parts[0].type if parts else None).combine_chunks()
-    return merged.field("path")
+    seen: set[str] = set()
+    rows = 0
+    for g in range(pf.metadata.num_row_groups):
+        for chunk in pf.read_row_group(g, columns=[f"{column}.path"]).column(0).chunks:
+            paths = chunk.flatten()[0]
+            if paths.null_count:
+                return False
+            if pa.types.is_dictionary(paths.type):
+                if len(pc.unique(paths.indices)) != len(paths):
+                    return False  # a repeat, seen without expanding it
+                paths = paths.dictionary.take(paths.indices)
+            rows += len(paths)
+            seen.update(paths.to_pylist())
+            if len(seen) != rows or "" in seen:
+                return False
+    return True
 
 
 def _json_safe(value: Any) -> Any:
-    try:
-        json.dumps(value)
+    """A cell's value as JSON can hold it. A NaN or infinite number becomes null, not a
+    failure: pandas writes a missing float as NaN, so refusing it would refuse ordinary
+    files, and PostgreSQL's JSON has no NaN. What JSON has no type for (bytes, dates,
+    decimals) becomes its str()."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, bool | int | str):
         return value
-    except (TypeError, ValueError):
-        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return str(value)
+
+
+class _Oversized(ValueError):
+    """A cell too big to become a Python value: the row's failure."""
+
+
+def _cell(array: Any, i: int, limit: int, what: str) -> Any:
+    """Row `i` of an Arrow array as a Python value, once its Arrow size (the buffer ranges
+    it uses, nested ones too; a dictionary's entry alone) is at most `limit`: a 64 MiB
+    label is never copied out."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(array.type):
+        index = array.indices[i].as_py()
+        if index is None:
+            return None
+        array, i = array.dictionary, index
+    size = array.slice(i, 1).nbytes
+    if size > limit:
+        raise _Oversized(f"its {what} is {size} bytes; the limit is {limit}")
+    return array[i].as_py()
+
+
+def _image_parts(images: Any, kind: str) -> tuple[Any, Any]:
+    """(bytes, path or None) arrays of an image column's batch."""
+    if kind == "binary":
+        return images, None
+    children = dict(zip([f.name for f in images.type], images.flatten(), strict=True))
+    return children["bytes"], children.get("path")
 
 
 def read_image_parquet(plan: Plan, unit: Unit, options: IngestOptions, limits: Limits,
                        report: Report) -> Iterator[Chunk]:
     column, kind, key_mode = (unit.extra[k] for k in ("column", "kind", "key_mode"))
-    names = [column] + [c for c in dict.fromkeys(
-        [options.key_column, options.label_column, *(options.metadata_columns or [])])
-        if c is not None and c != column]
+    names = _columns_read(column, options)
+    key_column, label_column = options.key_column, options.label_column
+    meta_columns = options.metadata_columns or []
+
     def items(pf: Any) -> Iterator[Encoded]:
         row = unit.extra["start"]
         for batch in pf.iter_batches(batch_size=ROWS_PER_BATCH, row_groups=[unit.extra["group"]],
                                      columns=names):
-            table = batch.to_pydict()
-            for i, image in enumerate(table[column]):
-                if kind == "struct":
-                    data, path = (image or {}).get("bytes"), (image or {}).get("path")
-                else:
-                    data, path = image, None
-                if key_mode == "column":
-                    key = str(table[options.key_column][i])
-                elif key_mode == "path":
-                    key = str(path)
-                else:
-                    key = str(row)
+            data_col, path_col = _image_parts(batch.column(column), kind)
+            for i in range(batch.num_rows):
+                key = str(row)
                 row += 1
+                try:
+                    if key_mode == "column":
+                        key = str(_cell(batch.column(key_column), i, _KEY_CELL_BYTES, "key"))
+                    elif key_mode == "path":
+                        key = str(_cell(path_col, i, _KEY_CELL_BYTES, "path"))
+                    label = (_cell(batch.column(label_column), i, _LABEL_CELL_BYTES, "label")
+                             if label_column else None)
+                    meta = ({c: _json_safe(_cell(batch.column(c), i, MAX_METADATA_BYTES,
+                                                 f"metadata column {c!r}"))
+                             for c in meta_columns} if meta_columns else None)
+                    data = _cell(data_col, i, MAX_IMAGE_BYTES + 64, "image cell")
+                except _Oversized as exc:
+                    report.fail(shown_key(key), str(exc))
+                    continue
+                except RecursionError:
+                    report.fail(shown_key(key), "its metadata is nested too deeply")
+                    continue
                 if data is None:
-                    report.fail(key, "the image cell is empty")
+                    report.fail(shown_key(key), "the image cell is empty")
                     continue
                 if len(data) > MAX_IMAGE_BYTES:
-                    report.fail(key, f"{len(data)} bytes; the limit for one image is "
-                                f"{MAX_IMAGE_BYTES}")
+                    report.fail(shown_key(key), f"{len(data)} bytes; the limit for one image "
+                                f"is {MAX_IMAGE_BYTES}")
                     continue
-                label = table[options.label_column][i] if options.label_column else None
-                meta = ({c: _json_safe(table[c][i]) for c in options.metadata_columns}
-                        if options.metadata_columns else None)
                 yield Encoded(key, data, None if label is None else str(label), meta)
 
-    with open_parquet(plan.location) as pf:
+    dictionary = {*names, f"{column}.bytes", f"{column}.path"}
+    with open_parquet(plan.location, dictionary.__contains__) as pf:
         yield from image_chunks(items(pf), plan, report, limits.max_image_pixels)

@@ -321,3 +321,63 @@ def test_gnu_sparse_tar_members_are_refused(tmp_path):
     path.write_bytes(sparse.tobuf(format=tarfile.GNU_FORMAT) + b"\0" * 1024)
     with pytest.raises(DatasetError, match="sparse members are not read"):
         read_all(path, tmp_path, format="tar")
+
+
+def test_parquet_row_groups_count_every_column_read(tmp_path, monkeypatch):
+    """A label column is bytes read like the images: with label_column the row group is
+    over the bound, without it (the labels never read) it is not."""
+    import ingest.imageparquet
+    from ingest.plan import plan_source
+
+    pngs = [gen.encode(gen.draw("circle", i), "PNG") for i in range(4)]
+    labels = [f"{i}" + "x" * 5000 for i in range(4)]  # distinct: stored plain, 20 KB
+    pq.write_table(pa.table({"image": pa.array(pngs, pa.binary()), "label": labels}),
+                   tmp_path / "p.parquet", compression="none", use_dictionary=False)
+    group = pq.ParquetFile(tmp_path / "p.parquet").metadata.row_group(0)
+    image, label = (group.column(j).total_uncompressed_size for j in range(2))
+    assert label > 4 * 5000 > image  # the premise
+    monkeypatch.setattr(ingest.imageparquet, "MAX_ROW_GROUP_BYTES", image + label - 1)
+    location = resolve_location(str(tmp_path / "p.parquet"), where(tmp_path))
+    with pytest.raises(TooLarge, match=rf"holds {image + label} bytes in the columns read "
+                                       r"\(image, label\)"):
+        plan_source(location, IngestOptions(label_column="label"), Limits())
+    plan = plan_source(location, IngestOptions(), Limits())
+    assert [u.size_bytes for u in plan.units] == [image]
+
+
+def test_a_label_repeated_by_parquet_s_dictionary_is_not_expanded(tmp_path):
+    """16 rows sharing one 8 MiB label: zstd and parquet's dictionary make it a few KB of
+    file declaring 8 MiB; read as plain strings it was 128 MiB in Arrow (the reviewer's
+    64 MiB x 8 took 1.7 GB). Read as a dictionary, Arrow's peak stays near the one label,
+    and each row is a failure naming the label's size; the 2 rows with short labels read."""
+    import json
+    import subprocess
+    import sys
+
+    pngs = [gen.encode(gen.draw("square", i), "PNG") for i in range(18)]
+    labels = ["L" * (8 << 20)] * 16 + ["a", "b"]
+    pq.write_table(pa.table({"image": pa.array(pngs, pa.binary()), "label": labels}),
+                   tmp_path / "d.parquet", compression="zstd")
+    assert (tmp_path / "d.parquet").stat().st_size < 64 << 10  # the premise
+    script = f"""
+import json, fsspec, pyarrow as pa
+from ingest.plan import IngestOptions, Limits, Location, Report, plan_source, read_unit
+loc = Location(fsspec.filesystem("file"), {str(tmp_path / "d.parquet")!r}, "d.parquet")
+opts = IngestOptions(label_column="label")
+plan = plan_source(loc, opts, Limits())
+report, labels = Report(), []
+for unit in plan.units:
+    for chunk in read_unit(plan, unit, opts, Limits(), report):
+        labels += chunk.labels
+print(json.dumps([pa.default_memory_pool().max_memory(), labels, report.to_dict()]))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    peak, labels, report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert labels == ["a", "b"] and report["read"] == 2 and report["failed"] == 16
+    for failure in report["failures"]:
+        size = int(failure["reason"].split(" bytes;")[0].rsplit(" ", 1)[1])
+        assert 8 << 20 <= size <= (8 << 20) + 16  # the label and its Arrow offsets
+    assert peak < 64 << 20  # expanded and read as Python strings: 272 MiB

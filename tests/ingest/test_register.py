@@ -4,6 +4,7 @@ embedded PostgreSQL: uint8 storage, the recorded ingest report, all or nothing."
 from __future__ import annotations
 
 import gzip
+import re
 
 import boto3
 import numpy as np
@@ -276,3 +277,41 @@ def test_a_key_with_a_nul_is_that_item_s_failure(db, artifacts, settings, reques
     assert [r.key for r in item_rows(db, ds.id, 0, 2)] == ["c/0.png", "c/1.png"]
     assert ds.ingest["report"]["failures"] == [
         {"key": "c/a\\x00b.png", "reason": "its key contains a NUL character"}]
+
+
+def test_parquet_cells_that_cannot_be_stored_are_row_failures(db, artifacts, settings,
+                                                              request):
+    """Per row: a label over 1000 characters, a key with a NUL, a metadata cell over
+    64 KiB are that row's failures; a NaN or infinite metadata number is stored as null
+    (pandas writes missing floats as NaN), nested ones too."""
+    root, name = settings.allowed_roots[0], unique_name(request)
+    pngs = [gen.encode(gen.draw("square", i), "PNG") for i in range(8)]
+    keys = [f"{name[-40:]}-{i}" for i in range(8)]
+    labels = ["s"] * 8
+    notes = ["n"] * 8
+    scores = [0.5, float("nan"), float("inf"), -1.0, 2.0, 3.0, 4.0, 5.0]
+    series = [[1.0, float("-inf")], [], None, [2.0], [], [], [], []]
+    labels[2] = "l" * 1001
+    keys[3] = "a\x00b"
+    notes[4] = "m" * (70 << 10)
+    pq.write_table(pa.table({"image": pa.array(pngs, pa.binary()), "key": keys,
+                             "label": labels, "note": notes, "score": scores,
+                             "series": series}), root / "cells.parquet")
+    ds = register(db, artifacts, settings, name, root / "cells.parquet", key_column="key",
+                  label_column="label", metadata_columns=["score", "series", "note"],
+                  max_failure_share=0.5).dataset
+    rows = {r.key: r for r in item_rows(db, ds.id, 0, 8)}
+    assert sorted(rows) == sorted(keys[i] for i in (0, 1, 5, 6, 7))
+    failures = ds.ingest["report"]["failures"]
+    assert failures[:2] == [
+        {"key": keys[2], "reason": "its label is 1001 characters; the limit is 1000"},
+        {"key": "a\\x00b", "reason": "its key contains a NUL character"}]
+    assert failures[2]["key"] == keys[4] and len(failures) == 3
+    size = int(re.fullmatch(r"its metadata column 'note' is (\d+) bytes; the limit is 65536",
+                            failures[2]["reason"])[1])
+    assert 70 << 10 <= size <= (70 << 10) + 16  # the text and its Arrow offsets
+    assert rows[keys[0]].metadata_ == {"score": 0.5, "series": [1.0, None], "note": "n"}
+    assert rows[keys[1]].metadata_ == {"score": None, "series": [], "note": "n"}
+    np.testing.assert_array_equal(
+        dataset_array(artifacts, ds, str(settings.allowed_roots[0] / "c"))[
+            rows[keys[1]].index], gen.draw("square", 1).transpose(2, 0, 1))
