@@ -180,7 +180,11 @@ def _paths_are_keys(pf: Any, column: str) -> bool:
     seen: set[str] = set()
     rows = 0
     for g in range(pf.metadata.num_row_groups):
-        for chunk in pf.read_row_group(g, columns=[f"{column}.path"]).column(0).chunks:
+        try:  # a whole row group: pyarrow reads a struct of dictionaries so, not by batch
+            read = pf.read_row_group(g, columns=[f"{column}.path"]).column(0)
+        except NotImplementedError:  # pyarrow's ArrowNotImplementedError: row numbers
+            return False
+        for chunk in read.chunks:
             paths = chunk.flatten()[0]
             if paths.null_count:
                 return False
@@ -281,6 +285,7 @@ def read_image_parquet(plan: Plan, unit: Unit, options: IngestOptions, limits: L
                     continue
                 yield Encoded(key, data, None if label is None else str(label), meta)
 
-    dictionary = {*names, f"{column}.bytes", f"{column}.path"}
-    with open_parquet(plan.location, dictionary.__contains__) as pf:
+    # top-level columns only: pyarrow's batches cannot hold a struct of dictionaries
+    # ("Nested data conversions not implemented for chunked array outputs")
+    with open_parquet(plan.location, set(names).__contains__) as pf:
         yield from image_chunks(items(pf), plan, report, limits.max_image_pixels)
