@@ -12,7 +12,7 @@ time only when their declared bytes are at most MAX_PATH_KEY_BYTES (else row num
 Each cell's Arrow size is checked before it becomes a Python value (`_cell`): an image
 over MAX_IMAGE_BYTES, a key or label over a few KB, a metadata cell over
 MAX_METADATA_BYTES is that row's failure (named by its key, or its row number where the
-key itself is the cell too big); text and binary columns are read as parquet's
+key itself is the cell too big); top-level text and binary columns are read as parquet's
 dictionaries (`open_parquet`), so a value repeated in many rows is not expanded; then
 `ingest.batches.item_problem` checks the values themselves (characters, NUL, JSON size).
 A NaN or infinite number in metadata becomes null (`_json_safe`).
