@@ -142,6 +142,7 @@ def image_chunks(items: Iterable[Encoded], plan: Plan, report: Report,
         return chunk
 
     for item in items:
+        report.bytes += len(item.data)  # the job's progress inside a unit
         problem = item_problem(item.key, item.label, item.metadata)
         if problem is not None:
             report.fail(shown_key(item.key), problem)

@@ -30,17 +30,22 @@ PEEK_MEMBERS = 16
 
 
 def _peek_tar(location: Location) -> list[str]:
+    """The first regular members' names, through the checked tar reader (a long-name or
+    pax header bomb is refused here too, before the format is even decided)."""
     import tarfile
+
+    from ingest.folders import TarRefused, open_tar
 
     names: list[str] = []
     try:
-        with location.fs.open(location.path, "rb") as f, tarfile.open(fileobj=f,
-                                                                      mode="r|*") as tf:
+        with location.fs.open(location.path, "rb") as f, open_tar(f) as tf:
             for member in tf:
                 if member.isreg():
                     names.append(member.name.removeprefix("./"))
                 if len(names) >= PEEK_MEMBERS:
                     break
+    except TarRefused as exc:
+        raise type(exc)(f"{location.display}: {exc}") from None
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise DatasetError(f"{location.display} is not a readable tar archive "
                            f"({type(exc).__name__})") from None

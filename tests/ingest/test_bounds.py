@@ -285,6 +285,42 @@ def test_a_huge_tar_long_name_is_refused_before_it_is_read(tmp_path, fmt):
     assert peak < 4 << 20  # the 32 MiB name was never read
 
 
+def test_a_tar_bomb_is_refused_while_the_format_is_being_told(tmp_path):
+    """No format given: the first members are peeked at to tell WebDataset from class
+    folders, through the same checked reader (a plain tarfile took 888 MiB here)."""
+    from ingest.plan import plan_source
+
+    path = tmp_path / "bomb.tar.gz"
+    _long_name_bomb(path, 32 << 20)
+    tracemalloc.start()
+    with pytest.raises(DatasetError) as err:
+        plan_source(resolve_location(str(path), where(tmp_path)), IngestOptions(), Limits())
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert "bomb.tar.gz" in str(err.value) and peak < 4 << 20
+
+
+def test_a_tar_that_opens_with_its_folder_gives_the_folders_keys(tmp_path):
+    """`tar cf photos.tar photos/` (and the CLI's packed folder) opens with the folder's
+    entry: dropped, whatever the depth of the first image (one at the root: no label)."""
+    png = gen.encode(gen.draw("square", 1), "PNG")
+    with tarfile.open(tmp_path / "photos.tar", "w") as tf:
+        tf.addfile(_folder_entry("photos"))
+        for key in ("photos/a.png", "photos/cat/2020/1.png", "photos/dog/2.png"):
+            info = tarfile.TarInfo(key)
+            info.size = len(png)
+            tf.addfile(info, io.BytesIO(png))
+    _, pixels, labels, _, report = read_all(tmp_path / "photos.tar", tmp_path, format="tar")
+    assert sorted(pixels) == ["a.png", "cat/2020/1.png", "dog/2.png"] and report.failed == 0
+    assert labels == {"a.png": None, "cat/2020/1.png": "cat", "dog/2.png": "dog"}
+
+
+def _folder_entry(name):
+    info = tarfile.TarInfo(name)
+    info.type, info.mode = tarfile.DIRTYPE, 0o755
+    return info
+
+
 def test_long_names_within_the_bound_still_read_and_count_as_inflated(tmp_path):
     """pax and GNU long names (over tar's 100 characters) read as before; their records
     count into max_inflated_bytes like member data."""
