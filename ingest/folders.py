@@ -8,22 +8,21 @@ counted as `skipped`, not failed; dot files and `__MACOSX/` likewise.
 An archive made of the folder itself (`zip -r photos.zip photos/`, members
 `photos/cat/001.png`) gives the same keys as the folder: a top folder that every image
 member shares is dropped when the images lie at least one class folder below it. A tar
-is streamed (archive order), so there the first image member decides.
+is streamed (archive order): a top folder whose entry opens the archive (`tar cf x.tar
+photos/`, the CLI's packed folder) is dropped, else the first image member decides.
 
 Bounds: a folder is planned in units of UNIT_FILES files; a folder entry whose real path
 leaves the allowed roots (a symlink) is a failure, never opened. A zip's directory is
 read once, at plan time (each unit carries its members' entries); a zip member's declared
 size and compression ratio are checked before it is inflated; a tar's inflated bytes
 (headers too) are counted as they are read, and its long-name and pax records are capped
-before tarfile reads them (`open_tar`); one image is at most MAX_IMAGE_BYTES.
+before tarfile reads them (`ingest.tarfiles`); one image is at most MAX_IMAGE_BYTES.
 """
 
 from __future__ import annotations
 
 import os
-import tarfile
 import zipfile
-import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -38,12 +37,12 @@ from ingest.batches import (
 from ingest.images import is_image_name
 from ingest.paths import inside_roots
 from ingest.plan import IngestOptions, Limits, Location, Plan, Report, Unit
+from ingest.tarfiles import ARCHIVE_ERRORS, member_bytes, tar_key, tar_members
 from store.datasets import Chunk
 from store.errors import DatasetError, TooLarge
 
 UNIT_FILES = 4096
 UNIT_BYTES = 256 << 20
-ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError)
 
 
 # -- folders -----------------------------------------------------------------------------
@@ -280,122 +279,6 @@ def read_zip(plan: Plan, unit: Unit, options: IngestOptions, limits: Limits,
 
 
 # -- tar ---------------------------------------------------------------------------------
-
-MAX_TAR_HEADER_BYTES = 1 << 20  # one member's long-name / pax records, all together
-_EXTENDED = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
-             tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
-
-
-def open_tar(fileobj: Any) -> tarfile.TarFile:
-    """`fileobj` as a streamed tar (gzip and the like too) whose headers are checked
-    (`_Checked`): every reader of tar headers goes through this, WebDataset shards too."""
-    return tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_Checked)
-
-
-def tar_members(fileobj: Any, display: str, limits: Limits, report: Report,
-                ) -> Iterator[tuple[tarfile.TarInfo, Any]]:
-    """A tar's regular members in archive order, streamed (gzip too), each with the open
-    stream to read it from; inflated bytes (headers and their long-name and pax records
-    too) counted against `max_inflated_bytes`. A damaged or truncated archive is a
-    DatasetError naming where it broke; a header bigger than MAX_TAR_HEADER_BYTES is
-    refused before it is read. Members are not kept once passed (tarfile keeps a list of
-    every member it has read, which on a stream of a million images is most of the
-    memory)."""
-    inflated, n = 0, 0
-    try:
-        with open_tar(fileobj) as tf:
-            while (member := tf.next()) is not None:
-                tf.members.clear()
-                n += 1
-                if n == 1 and member.isdir() and "/" not in tar_key(member.name).rstrip("/"):
-                    # an archive that opens with its top folder's entry (`tar cf x.tar
-                    # photos/`, the CLI's packed folder): its readers drop that folder
-                    tf.opening_folder = tar_key(member.name).rstrip("/") + "/"
-                if member.isreg():
-                    inflated += member.size
-                if inflated + tf.header_bytes > limits.max_inflated_bytes:
-                    raise TooLarge(f"{display} inflates to more than "
-                                   f"{limits.max_inflated_bytes} bytes (max_inflated_bytes)")
-                if not member.isreg():
-                    if not member.isdir():
-                        report.skipped += 1
-                    continue
-                yield member, tf
-            if getattr(tf, "cut_short", False):
-                raise tarfile.ReadError("the archive ends before its end marker")
-    except TarRefused as exc:
-        raise type(exc)(f"{display}: after {n} members, {exc}") from None
-    except ARCHIVE_ERRORS as exc:
-        raise DatasetError(f"{display} is truncated or damaged after {n} members "
-                           f"({type(exc).__name__}: {str(exc)[:120]})") from None
-
-
-class TarRefused(DatasetError):
-    """A tar header this reader will not read. Not a tarfile error, so that tarfile passes
-    it through unchanged (it turns its own header errors into 'damaged'); a DatasetError,
-    so that any reader of `open_tar` headers answers it as one."""
-
-
-class TarHeaderTooLarge(TarRefused, TooLarge):
-    """Long-name or pax records over MAX_TAR_HEADER_BYTES."""
-
-
-class _Checked(tarfile.TarInfo):
-    """tarfile ends a stream quietly where a header is missing or cut (a truncated
-    archive); this notes it, so that a cut archive is an error, not a shorter dataset.
-
-    tarfile reads a GNU long-name/long-link or pax record whole, whatever size its header
-    declares, before the caller sees a member (a 400 KB .tar.gz declaring a 888 MiB long
-    name took 888 MiB). Here the records before one member may hold MAX_TAR_HEADER_BYTES
-    all together, checked before each is read; every header block and record counts into
-    `tf.header_bytes` (the inflated total). GNU sparse members are refused: their maps are
-    read unbounded too, and no image container uses them."""
-
-    @classmethod
-    def fromtarfile(cls, tf: Any) -> tarfile.TarInfo:
-        tf.header_bytes = getattr(tf, "header_bytes", 0) + tarfile.BLOCKSIZE
-        try:
-            return super().fromtarfile(tf)
-        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError):  # type: ignore[attr-defined]
-            tf.cut_short = True
-            raise
-
-    def _proc_member(self, tf: Any) -> tarfile.TarInfo:
-        if self.type == tarfile.GNUTYPE_SPARSE:
-            raise TarRefused(f"a GNU sparse member ({self.name[:80]!r}): sparse members "
-                             "are not read")
-        if self.type not in _EXTENDED:
-            tf.record_bytes = 0  # the records before this member end here
-            return super()._proc_member(tf)
-        size = self._block(self.size)
-        tf.record_bytes = getattr(tf, "record_bytes", 0) + size
-        if tf.record_bytes > MAX_TAR_HEADER_BYTES:
-            raise TarHeaderTooLarge(f"a tar header of {tf.record_bytes} bytes (long-name or "
-                                    f"pax records); the limit is {MAX_TAR_HEADER_BYTES}: "
-                                    "not read")
-        tf.header_bytes = getattr(tf, "header_bytes", 0) + size
-        return super()._proc_member(tf)
-
-    def _proc_gnusparse_10(self, next: Any, pax_headers: Any, tf: Any) -> None:
-        raise TarRefused("a GNU sparse member (pax 1.0 map): sparse members are not read")
-
-
-def member_bytes(tf: Any, member: tarfile.TarInfo, key: str,
-                 limit: int = MAX_IMAGE_BYTES) -> bytes | str:
-    if member.size > limit:
-        return f"{key} is {member.size} bytes; the limit is {limit}"
-    f = tf.extractfile(member)
-    data = f.read(member.size) if f is not None else b""
-    if len(data) != member.size:
-        raise tarfile.ReadError(f"{key}: unexpected end of data")
-    return data
-
-
-def tar_key(name: str) -> str:
-    while name.startswith("./"):
-        name = name[2:]
-    return name.lstrip("/")
-
 
 def plan_tar(location: Location, options: IngestOptions, limits: Limits,
              fmt: str = "tar") -> Plan:

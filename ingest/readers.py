@@ -34,7 +34,7 @@ def _peek_tar(location: Location) -> list[str]:
     pax header bomb is refused here too, before the format is even decided)."""
     import tarfile
 
-    from ingest.folders import TarRefused, open_tar
+    from ingest.tarfiles import TarRefused, open_tar
 
     names: list[str] = []
     try:

@@ -31,10 +31,10 @@ from ingest.batches import (
     image_chunks,
     shown_key,
 )
-from ingest.folders import ARCHIVE_ERRORS, member_bytes, tar_members
 from ingest.images import IMAGE_SUFFIXES
 from ingest.paths import expand_braces, has_brace, inside_roots
 from ingest.plan import IngestOptions, Limits, Location, Plan, Report, Unit
+from ingest.tarfiles import ARCHIVE_ERRORS, member_bytes, tar_members
 from store.datasets import Chunk
 from store.errors import DatasetError, NotFound, PathNotAllowed
 
