@@ -19,6 +19,7 @@ COPY workers /app/workers
 COPY service /app/service
 COPY store /app/store
 COPY migrations /app/migrations
+COPY ingest /app/ingest
 
 FROM ${PYTHON_BASE} AS python
 # EXTRA_CA_URLS: certificates to trust while building, for a machine whose traffic passes
