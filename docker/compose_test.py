@@ -18,7 +18,7 @@ container uses the host's network, bound to 127.0.0.1), builds the images
 - faults at the container level: `docker kill` of the training worker mid-training (the
   job resumes from its checkpoint in the restarted container), Redis and PostgreSQL
   restarted mid-job (the jobs finish; no row lost or written twice), the API killed
-  mid-upload (the retry registers the dataset once).
+  mid-upload (the retry's ingest job registers the dataset once).
 
 Where no engine can be had it says so in one line and exits 1 under CI=true (0 elsewhere).
 """
@@ -452,10 +452,18 @@ def kill_api_mid_upload(api: Api) -> str:
     wait_until(lambda: _ready(API), 120, "the API to come back")
     answer = api.http.post("/v1/datasets", data={"name": "big-upload"},
                            files={"file": ("big.npy", body, "application/octet-stream")})
-    assert answer.status_code in (200, 201), answer.text[:500]
+    # over ingest_sync_max_bytes: an ingest job (202) that a worker registers
+    assert answer.status_code == 202 and answer.json()["mode"] == "job", answer.text[:500]
+    job_id = answer.json()["job"]["id"]
+    job = wait_until(lambda: (j := api.get(f"/v1/jobs/{job_id}"))["status"] in (
+        "succeeded", "failed", "cancelled") and j, 300, "the ingest job to end")
+    assert job["status"] == "succeeded", job
     after = [d["name"] for d in api.get("/v1/datasets")]
     assert after.count("big-upload") == 1 and set(after) - before == {"big-upload"}
-    return f"first try: {failed[0]} error; retry answered {answer.status_code}"
+    stored = api.get(f"/v1/datasets/{job['dataset_id']}")
+    assert (stored["n_items"], stored["item_shape"]) == (40_000, [784]), stored
+    return (f"first try: {failed[0]} error; the retry's ingest job registered it in "
+            f"{job['attempts']} attempt(s)")
 
 
 def _ready(url: str) -> bool:
