@@ -30,7 +30,6 @@ from typing import Any
 
 from ingest.images import ImageSpec
 from store.datasets import Chunk, Source
-from store.errors import DatasetError
 from store.settings import Settings
 
 
@@ -191,7 +190,7 @@ def source_of(plan: Plan, options: IngestOptions, limits: Limits, report: Report
     iteration, so `register_dataset` rolls back) a source whose share of failures passes
     `options.max_failure_share`, or that has no readable item, is refused with the report's
     counts and first failures (DatasetError, 422)."""
-    from ingest.readers import ARRAY_FORMATS, failure_summary
+    from ingest.readers import ARRAY_FORMATS, refuse_failures
 
     if plan.format in ARRAY_FORMATS:
         from ingest.readers import open_array
@@ -201,16 +200,7 @@ def source_of(plan: Plan, options: IngestOptions, limits: Limits, report: Report
     def chunks() -> Iterator[Chunk]:
         for unit in plan.units:
             yield from read_unit(plan, unit, options, limits, report)
-        total = report.read + report.failed
-        if report.read == 0:
-            raise DatasetError(f"{plan.location.display}: no item could be read ({report.failed} "
-                               f"failed, {report.skipped} skipped as not images); first "
-                               f"failures: {failure_summary(report)}")
-        if report.share > options.max_failure_share:
-            raise DatasetError(
-                f"{report.failed} of {total} items could not be read ({report.share:.1%}, "
-                f"more than the allowed {options.max_failure_share:.1%}: max_failure_share); "
-                f"first failures: {failure_summary(report)}")
+        refuse_failures(report, options.max_failure_share, plan.location.display)
 
     return Source(plan.format, plan.item_shape or (), "uint8" if plan.pixels else "float32",
                   None, chunks(), has_keys=True, has_labels=False, pixels=plan.pixels)

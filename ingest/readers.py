@@ -215,3 +215,18 @@ def readers(fmt: str) -> tuple[Planner, Reader]:
 def failure_summary(report: Report, limit: int = 5) -> str:
     named = "; ".join(f"{f['key']}: {f['reason']}" for f in report.failures[:limit])
     return named or "none named"
+
+
+def refuse_failures(report: Report, max_share: float, display: str) -> None:
+    """DatasetError, with the report's first failures, when nothing could be read or the
+    share of failures passes `max_share`: the one rule for a source read whole
+    (`source_of`) and one read unit by unit (the ingest job)."""
+    if report.read == 0:
+        raise DatasetError(f"{display}: no item could be read ({report.failed} failed, "
+                           f"{report.skipped} skipped as not images); first failures: "
+                           f"{failure_summary(report)}")
+    if report.share > max_share:
+        raise DatasetError(
+            f"{report.failed} of {report.read + report.failed} items could not be read "
+            f"({report.share:.1%}, more than the allowed {max_share:.1%}: "
+            f"max_failure_share); first failures: {failure_summary(report)}")

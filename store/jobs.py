@@ -64,6 +64,13 @@ def get_job(db: Database, job_id: int) -> Job:
     return get_row(db, Job, job_id, "job")
 
 
+def unfinished(db: Database, job_ids: set[int]) -> set[int]:
+    """Which of `job_ids` exist and have not ended (queued or running)."""
+    with db.session() as s:
+        return set(s.scalars(select(Job.id).where(Job.id.in_(job_ids),
+                                                  Job.status.not_in(TERMINAL))))
+
+
 def list_jobs(db: Database, *, status: str | None = None, kind: str | None = None,
               model_id: int | None = None, sweep_id: str | None = None, limit: int = 100,
               offset: int = 0) -> list[Job]:

@@ -16,8 +16,6 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from sqlalchemy import select
-
 from ingest.npy_folder import FORMAT as NPY_FOLDER
 from ingest.npy_folder import plan_npy_folder, read_npy_unit
 from ingest.paths import resolve_location
@@ -30,7 +28,7 @@ from ingest.plan import (
     plan_source,
     read_unit,
 )
-from ingest.readers import failure_summary
+from ingest.readers import refuse_failures
 from ingest.requests import options_of
 from ingest.staging import (
     Staging,
@@ -43,8 +41,7 @@ from store.artifacts import check_key
 from store.datasets import Chunk, Registered, register_dataset
 from store.db import is_transient
 from store.errors import Conflict, DatasetError, StoreError
-from store.jobs import TERMINAL, LeaseLost, finish, ingest_progress
-from store.tables import Job
+from store.jobs import LeaseLost, finish, ingest_progress, unfinished
 from workers.context import Context
 from workers.lease import Lease, start_attempt
 from workers.training import _failed, end_attempt, retry_transient
@@ -93,10 +90,7 @@ def sweep_ended(ctx: Context) -> list[str]:
         listed = staged_jobs(root)  # before the query: an ended job never starts again
         if not listed:
             return []
-        with ctx.db.session() as s:
-            live = set(s.scalars(select(Job.id).where(Job.id.in_(listed),
-                                                      Job.status.not_in(TERMINAL))))
-        removed = sweep_staging(root, live, among=listed)
+        removed = sweep_staging(root, unfinished(ctx.db, listed), among=listed)
     except Exception:
         log.warning("could not sweep the staging folders", exc_info=True)
         return []
@@ -225,15 +219,7 @@ def _ingest(ctx: Context, job_id: int, params: dict[str, Any], lease: Lease,
         items, read_bytes = items + record["items"], read_bytes + record["bytes"]
         f32 += record["f32_bytes"]
         progress()
-    if report.read == 0:
-        raise DatasetError(f"{location.display}: no item could be read ({report.failed} "
-                           f"failed, {report.skipped} skipped as not images); first "
-                           f"failures: {failure_summary(report)}")
-    if report.share > options.max_failure_share:
-        raise DatasetError(
-            f"{report.failed} of {report.read + report.failed} items could not be read "
-            f"({report.share:.1%}, more than the allowed {options.max_failure_share:.1%}: "
-            f"max_failure_share); first failures: {failure_summary(report)}")
+    refuse_failures(report, options.max_failure_share, location.display)
     lease.confirm()
     if lease.cancelled:
         raise IngestCancelled

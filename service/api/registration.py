@@ -104,7 +104,9 @@ def _safe_name(filename: str) -> str:
                         or "upload")
 
 
-def _copy(upload: UploadFile, path: str, budget: int, digest: Any) -> int:
+def copy_upload(upload: UploadFile, path: str, budget: int, digest: Any = None) -> int:
+    """The part copied to `path`, counted: at most `budget` bytes (what is left of
+    `max_upload_temp_bytes`), hashed into `digest` when given. Returns the bytes."""
     written = 0
     with open(path, "wb") as out:
         upload.file.seek(0)
@@ -113,7 +115,8 @@ def _copy(upload: UploadFile, path: str, budget: int, digest: Any) -> int:
             if written > budget:
                 raise TooLarge("the uploaded parts need more temporary disk than "
                                "max_upload_temp_bytes allows")
-            digest.update(block)
+            if digest is not None:
+                digest.update(block)
             out.write(block)
     return written
 
@@ -133,7 +136,7 @@ def save_upload(svc: Services, form: Any, filename: str, fields: dict[str, str |
         digest = hashlib.sha256(json.dumps([filename, fields], sort_keys=True).encode())
         budget = svc.settings.max_upload_temp_bytes
         name = _safe_name(filename)
-        used = _copy(form.get("file"), os.path.join(tmp, name), budget, digest)
+        used = copy_upload(form.get("file"), os.path.join(tmp, name), budget, digest)
         for part in ("keys", "labels"):
             upload = form.get(part)
             if upload is None:
@@ -141,7 +144,7 @@ def save_upload(svc: Services, form: Any, filename: str, fields: dict[str, str |
             if not isinstance(upload, UploadFile):
                 raise InvalidInput(f"multipart field {part!r} must be an .npy file")
             digest.update(part.encode())
-            used += _copy(upload, os.path.join(tmp, f"{part}.npy"), budget - used, digest)
+            used += copy_upload(upload, os.path.join(tmp, f"{part}.npy"), budget - used, digest)
             params[f"{part}_path"] = f"{part}.npy"
         token = uuid.uuid4().hex
         params["upload_folder"] = upload_key(token)

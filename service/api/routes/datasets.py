@@ -39,6 +39,7 @@ from service.api.errors import BodyTooLarge
 from service.api.inference import check_answer, is_image_shape
 from service.api.registration import (
     check_name,
+    copy_upload,
     reference_hash,
     reference_params,
     runs_as_job,
@@ -61,7 +62,7 @@ from store.datasets import (
     item_rows,
     list_datasets,
 )
-from store.errors import Conflict, InvalidInput, TooLarge, UnsupportedFormat
+from store.errors import Conflict, InvalidInput, UnsupportedFormat
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -111,16 +112,8 @@ def _save(upload: UploadFile, folder: str, suffix: str, budget: int) -> tuple[st
     """The part copied to a file of its own, counted: at most `budget` bytes (what is left
     of `max_upload_temp_bytes`). Returns the path and the bytes written."""
     fd, path = tempfile.mkstemp(dir=folder, suffix=suffix)
-    written = 0
-    with os.fdopen(fd, "wb") as out:
-        upload.file.seek(0)
-        while block := upload.file.read(1 << 20):
-            written += len(block)
-            if written > budget:
-                raise TooLarge("the uploaded parts need more temporary disk than "
-                               "max_upload_temp_bytes allows")
-            out.write(block)
-    return path, written
+    os.close(fd)
+    return path, copy_upload(upload, path, budget)
 
 
 def _upload_size(upload: UploadFile) -> int:

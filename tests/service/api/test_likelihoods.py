@@ -7,13 +7,14 @@ ContinuousBernoulli, the embedding job's torch figures for the same items)."""
 import io
 import json
 import math
-import time
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
 from sklearn.datasets import load_digits
+
+from tests.support import wait_job
 
 pytestmark = pytest.mark.slow
 
@@ -26,16 +27,6 @@ def npy(array):
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
-
-
-def wait_job(client, job_id, timeout=300):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(0.3)
-    raise AssertionError(f"job {job_id} did not end: {job}")
 
 
 def train(client, dataset_id, **model):
