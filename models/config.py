@@ -19,6 +19,8 @@ Objective = Literal["elbo", "iwae"]
 FAMILIES = ("mlp", "conv")
 LIKELIHOODS = ("bernoulli", "continuous_bernoulli", "gaussian", "discretized_logistic")
 NORMS = ("none", "group")
+ACTIVATIONS = ("relu", "tanh", "gelu", "elu", "silu", "softplus", "leaky_relu")
+LR_SCHEDULES = ("constant", "cosine", "step", "iwae")
 # the floor of a learned log-scale when the config leaves it unset
 MIN_LOG_SCALE = {"gaussian": -4.0, "discretized_logistic": -7.0}
 BINARIZE = ("none", "static", "dynamic")
@@ -110,6 +112,10 @@ class VAEConfig:
     graph has no running statistics to freeze, and small batches do not matter, unlike
     BatchNorm). `blocks: 0` with `norm: none` is the plain network of earlier models,
     parameter for parameter. Both apply to the conv family only.
+
+    `activation` is the nonlinearity after every hidden layer of either family (`relu`;
+    `tanh` is the IWAE paper's; it has no parameters, so a model's weights keep their
+    names whichever is chosen).
     """
 
     input_shape: tuple[int, ...]
@@ -127,6 +133,7 @@ class VAEConfig:
     data_seed: int = 0
     blocks: int = 0
     norm: Literal["none", "group"] = "none"
+    activation: str = "relu"
 
     def __post_init__(self) -> None:
         # JSON gives lists; store tuples so the config is hashable and immutable.
@@ -157,6 +164,7 @@ class VAEConfig:
         _check_int("data_seed", self.data_seed, low=0, high=2**63 - 1)
         _check_int("blocks", self.blocks, low=0, high=16)
         _check_choice("norm", self.norm, NORMS)
+        _check_choice("activation", self.activation, ACTIVATIONS)
         if self.family != "conv" and (self.blocks or self.norm != "none"):
             _fail("blocks" if self.blocks else "norm", "residual blocks and normalisation "
                   "are options of the conv family (family 'conv', or blocks 0 and norm 'none')")
@@ -186,6 +194,14 @@ class VAEConfig:
     @property
     def input_size(self) -> int:
         return math.prod(self.input_shape)
+
+    def architecture(self) -> str:
+        """One line, e.g. 'mlp 784-200-200-50 tanh, bernoulli' (the widths of the
+        encoder; the decoder mirrors it)."""
+        widths = "-".join(str(w) for w in (self.input_size, *self.hidden, self.latent_dim))
+        extra = (f", {self.blocks} blocks" if self.blocks else "") + (
+            f", {self.norm} norm" if self.norm != "none" else "")
+        return f"{self.family} {widths} {self.activation}{extra}, {self.likelihood}"
 
     def likelihood_kind(self, data_is_binary: bool) -> str:
         """Which figure log p(x) is for data like the training data: `discrete` (the
@@ -217,11 +233,15 @@ class TrainConfig:
     `objective` is `elbo` (with beta, linear KL warm-up over `kl_warmup_epochs` and
     optional `free_bits` nats per latent dimension; its reconstruction term averages
     `elbo_samples` draws) or `iwae` (the IWAE bound with `iwae_samples` samples).
-    `lr_schedule` is `constant` or `cosine` (from `lr` down to `lr * lr_final` at the last
-    step, by step count, so a resumed run follows the same curve). `init_from_data` starts
-    the decoder's output bias at the training data's per-value mean (its log-odds for the
-    Bernoulli kinds) and a learned Gaussian scale at the data's spread, so the first steps
-    fit the codes rather than the average item (bench/likelihood.py measures its effect).
+    `lr_schedule` (models/schedule.py) is `constant`, `cosine` (from `lr` down to
+    `lr * lr_final` at the last step, by step count, so a resumed run follows the same
+    curve), `step` (`lr` times `lr_gamma` for each of `lr_milestones`, epochs, passed) or
+    `iwae` (Burda et al.'s: stage i = 0, 1, ... lasts 3^i epochs at `lr` * 10^(-i/7); 40
+    epochs are stages 0-3, 3,280 all eight). `adam_eps`, `adam_beta1` and `adam_beta2` are
+    Adam's (the IWAE paper: eps 1e-4; its code's beta1 is 0.99 where the paper says 0.9).
+    `init_from_data` starts the decoder's output bias at the training data's per-value
+    mean (its log-odds for the Bernoulli kinds) and a learned Gaussian scale at the data's
+    spread, so the first steps fit the codes rather than the average item (bench/likelihood.py measures its effect).
     `eval_importance_samples` is K of the per-epoch validation log p(x) estimate,
     `importance_samples` the K of the final held-out evaluation (0 skips it).
     `early_stopping_patience` counts epochs without a validation-ELBO gain of more than
@@ -240,8 +260,13 @@ class TrainConfig:
     objective: Objective = "elbo"
     elbo_samples: int = 1
     iwae_samples: int = 5
-    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_schedule: Literal["constant", "cosine", "step", "iwae"] = "constant"
     lr_final: float = 0.1
+    lr_milestones: tuple[int, ...] = ()
+    lr_gamma: float = 0.1
+    adam_eps: float = 1e-8
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
     init_from_data: bool = True
     kl_warmup_epochs: int = 0
     free_bits: float = 0.0
@@ -252,6 +277,10 @@ class TrainConfig:
     mixed_precision: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.lr_milestones, list):
+            object.__setattr__(self, "lr_milestones", tuple(self.lr_milestones))
+        elif not isinstance(self.lr_milestones, tuple):
+            _fail("lr_milestones", f"must be a list of epochs, got {self.lr_milestones!r}")
         _check_int("epochs", self.epochs, low=1, high=100_000)
         _check_int("batch_size", self.batch_size, low=1, high=1 << 20)
         _check_float("lr", self.lr, low=0.0, high=10.0, low_open=True)
@@ -268,8 +297,21 @@ class TrainConfig:
         _check_choice("objective", self.objective, OBJECTIVES)
         _check_int("elbo_samples", self.elbo_samples, low=1, high=10_000)
         _check_int("iwae_samples", self.iwae_samples, low=1, high=10_000)
-        _check_choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _check_float("lr_final", self.lr_final, low=0.0, high=1.0)
+        if len(self.lr_milestones) > 64:
+            _fail("lr_milestones", f"at most 64 milestones, got {len(self.lr_milestones)}")
+        for i, m in enumerate(self.lr_milestones):
+            _check_int(f"lr_milestones[{i}]", m, low=1, high=100_000)
+        if list(self.lr_milestones) != sorted(set(self.lr_milestones)):
+            _fail("lr_milestones", f"must be increasing epochs, got {list(self.lr_milestones)}")
+        if self.lr_milestones and self.lr_schedule != "step":
+            _fail("lr_milestones", "are the epochs of the 'step' schedule; set lr_schedule "
+                  f"'step' (got {self.lr_schedule!r}) or leave them out")
+        _check_float("lr_gamma", self.lr_gamma, low=0.0, high=1.0, low_open=True)
+        _check_float("adam_eps", self.adam_eps, low=0.0, high=1.0, low_open=True)
+        _check_float("adam_beta1", self.adam_beta1, low=0.0, high=0.9999)
+        _check_float("adam_beta2", self.adam_beta2, low=0.0, high=0.99999)
         if not isinstance(self.init_from_data, bool):
             _fail("init_from_data", f"must be true or false, got {self.init_from_data!r}")
         _check_int("kl_warmup_epochs", self.kl_warmup_epochs, low=0)
@@ -282,7 +324,9 @@ class TrainConfig:
             _fail("mixed_precision", f"must be true or false, got {self.mixed_precision!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["lr_milestones"] = list(self.lr_milestones)
+        return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:

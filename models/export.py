@@ -73,6 +73,7 @@ def model_metadata(vae: VAE, role: str) -> dict[str, str]:
     return {
         "latentbank.role": role,
         "latentbank.likelihood": cfg.likelihood,
+        "latentbank.activation": cfg.activation,
         "latentbank.latent_dim": str(cfg.latent_dim),
         "latentbank.item_shape": json.dumps(list(cfg.input_shape)),
         "latentbank.outputs": json.dumps(list(vae.likelihood.output_names)),

@@ -4,7 +4,8 @@ An encoder maps items `(B, *input_shape)` to `(mu, logvar)`, each `(B, latent_di
 A decoder maps codes `(B, latent_dim)` to one tensor `(B, *input_shape)`: the
 location parameter of the likelihood (Bernoulli logits, Gaussian means, the discretised
 logistic's locations). The conv family takes residual blocks and GroupNorm as options
-(models.config.VAEConfig: `blocks`, `norm`) for RGB items at 32x32 and 64x64.
+(models.config.VAEConfig: `blocks`, `norm`) for RGB items at 32x32 and 64x64. Every
+hidden layer of either family is followed by the config's `activation`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,16 @@ from torch import nn
 
 from models.config import VAEConfig
 
+ACTIVATION_MODULES: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "elu": nn.ELU, "silu": nn.SiLU,
+    "softplus": nn.Softplus, "leaky_relu": nn.LeakyReLU,
+}
+
+
+def activation(name: str) -> nn.Module:
+    """A new module of the named nonlinearity (models.config.ACTIVATIONS)."""
+    return ACTIVATION_MODULES[name]()
+
 
 class MLPEncoder(nn.Module):
     def __init__(self, config: VAEConfig) -> None:
@@ -24,7 +35,7 @@ class MLPEncoder(nn.Module):
         layers: list[nn.Module] = []
         width = config.input_size
         for h in config.hidden:
-            layers += [nn.Linear(width, h), nn.ReLU()]
+            layers += [nn.Linear(width, h), activation(config.activation)]
             width = h
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(width, 2 * config.latent_dim)
@@ -40,7 +51,7 @@ class MLPDecoder(nn.Module):
         layers: list[nn.Module] = []
         width = config.latent_dim
         for h in reversed(config.hidden):
-            layers += [nn.Linear(width, h), nn.ReLU()]
+            layers += [nn.Linear(width, h), activation(config.activation)]
             width = h
         layers.append(nn.Linear(width, config.input_size))
         self.body = nn.Sequential(*layers)
@@ -60,13 +71,13 @@ class ResidualBlock(nn.Module):
     the second convolution started at zero so a new block is the identity and a deep
     stack trains from the start like a shallow one."""
 
-    def __init__(self, channels: int, norm: str) -> None:
+    def __init__(self, channels: int, norm: str, act: str = "relu") -> None:
         super().__init__()
         layers: list[nn.Module] = []
         for _ in range(2):
             if norm == "group":
                 layers.append(group_norm(channels))
-            layers += [nn.ReLU(), nn.Conv2d(channels, channels, kernel_size=3, padding=1)]
+            layers += [activation(act), nn.Conv2d(channels, channels, kernel_size=3, padding=1)]
         self.body = nn.Sequential(*layers)
         nn.init.zeros_(layers[-1].weight)
         nn.init.zeros_(layers[-1].bias)
@@ -76,12 +87,13 @@ class ResidualBlock(nn.Module):
 
 
 def _stage(channels: int, config: VAEConfig) -> list[nn.Module]:
-    """What follows a resizing convolution that is not the last: [norm,] ReLU, then the
-    residual blocks at that resolution (with blocks 0 and norm none, the ReLU of earlier
-    models, so their parameters keep their names)."""
+    """What follows a resizing convolution that is not the last: [norm,] the activation,
+    then the residual blocks at that resolution (with blocks 0 and norm none, the layers of
+    earlier models, so their parameters keep their names)."""
     layers: list[nn.Module] = [group_norm(channels)] if config.norm == "group" else []
-    layers.append(nn.ReLU())
-    return layers + [ResidualBlock(channels, config.norm) for _ in range(config.blocks)]
+    layers.append(activation(config.activation))
+    return layers + [ResidualBlock(channels, config.norm, config.activation)
+                     for _ in range(config.blocks)]
 
 
 class ConvEncoder(nn.Module):
@@ -116,8 +128,10 @@ class ConvDecoder(nn.Module):
         factor = 2 ** len(config.hidden)
         self.start_shape = (config.hidden[-1], height // factor, width // factor)
         self.stem = nn.Sequential(nn.Linear(config.latent_dim, math.prod(self.start_shape)),
-                                  nn.ReLU(), *(ResidualBlock(config.hidden[-1], config.norm)
-                                               for _ in range(config.blocks)))
+                                  activation(config.activation),
+                                  *(ResidualBlock(config.hidden[-1], config.norm,
+                                                  config.activation)
+                                    for _ in range(config.blocks)))
         layers: list[nn.Module] = []
         channels = [*reversed(config.hidden), out_channels]
         for i, (c_in, c_out) in enumerate(itertools.pairwise(channels)):

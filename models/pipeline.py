@@ -81,6 +81,7 @@ def train_evaluate_export(data: np.ndarray, model_config: VAEConfig, train_confi
         resume.progress.get("epoch", 0) if resume else 0))
     kind = model_config.likelihood_kind(result.data_binary)
     summary = {
+        "architecture": model_config.architecture(),
         "heldout_split": "val" if len(result.val_rows) else "train",
         **{f"heldout_{k}": v for k, v in heldout.summary().items()},
         "likelihood_kind": kind,

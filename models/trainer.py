@@ -25,6 +25,7 @@ from models.config import ConfigError, TrainConfig, VAEConfig
 from models.data import iter_batches, split_indices, validate_array
 from models.evaluate import COLLAPSE_WARNING_SHARE, evaluate
 from models.networks import set_output_bias
+from models.schedule import learning_rate
 from models.transforms import training_seed
 from models.vae import VAE, beta_elbo_loss, elbo_terms, iwae_bound
 
@@ -128,8 +129,10 @@ class Trainer:
             torch.manual_seed(train_config.seed)
             self.model = VAE(model_config)
         self.model.to(self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=train_config.lr,
-                                          weight_decay=train_config.weight_decay)
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=train_config.lr, eps=train_config.adam_eps,
+            betas=(train_config.adam_beta1, train_config.adam_beta2),
+            weight_decay=train_config.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.epoch = 0  # completed epochs
         self.step = 0
@@ -283,13 +286,11 @@ class Trainer:
             yield (x.pin_memory() if pin else x).to(self.device, non_blocking=pin)
 
     def _set_lr(self, total_steps: int) -> None:
-        """The schedule's learning rate for the step about to run (a function of the step
-        count only, so resuming restores it)."""
-        cfg = self.config
-        if cfg.lr_schedule == "constant":
+        """The schedule's learning rate for the step about to run (a function of the epoch
+        and step count only, so resuming restores it)."""
+        if self.config.lr_schedule == "constant":
             return
-        done = min(1.0, self.step / max(1, total_steps - 1))
-        lr = cfg.lr * (cfg.lr_final + (1 - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * done)))
+        lr = learning_rate(self.config, self.epoch, self.step, total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 

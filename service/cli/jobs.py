@@ -97,6 +97,8 @@ def train(
         help="conv: residual blocks per resolution (0 = plain stride-2 convolutions)")
     ] = None,
     norm: Annotated[str | None, typer.Option(help="conv: none or group (GroupNorm)")] = None,
+    activation: Annotated[str | None, typer.Option(
+        help="relu, tanh (the IWAE paper's), gelu, elu, silu, softplus or leaky_relu")] = None,
     binarize: Annotated[str | None, typer.Option(
         help="bernoulli on grey data: static (one binary copy) or dynamic (re-drawn each "
              "epoch)")] = None,
@@ -125,7 +127,8 @@ def train(
     flags = {"model.family": family, "model.latent_dim": latent_dim,
              "model.hidden": [int(h) for h in hidden.split(",")] if hidden else None,
              "model.likelihood": likelihood, "model.beta": beta,
-             "model.blocks": blocks, "model.norm": norm, "training.epochs": epochs,
+             "model.blocks": blocks, "model.norm": norm, "model.activation": activation,
+             "training.epochs": epochs,
              "model.binarize": binarize,
              "model.dequantize": "uniform" if dequantize is not None else None,
              "model.levels": dequantize,

@@ -34,6 +34,12 @@ CONFIGS = {
     "conv-residual-3x64x64": VAEConfig(input_shape=(3, 64, 64), family="conv",
                                        hidden=(4, 8, 8), latent_dim=3, blocks=2,
                                        likelihood="gaussian"),
+    # the IWAE paper's nonlinearity, and one the dynamo and torchscript exporters lower
+    # differently (GELU: Erf)
+    "mlp-tanh-8x8": VAEConfig(input_shape=(1, 8, 8), latent_dim=5, hidden=(32, 16),
+                              activation="tanh"),
+    "conv-gelu-residual-1x8x8": VAEConfig(input_shape=(1, 8, 8), family="conv", hidden=(4,),
+                                          latent_dim=3, blocks=1, activation="gelu"),
     "mlp-dlogistic-flat": VAEConfig(input_shape=(7,), latent_dim=2, hidden=(8,),
                                     likelihood="discretized_logistic"),
 }
@@ -101,6 +107,7 @@ def test_export_matches_torch_in_onnxruntime_and_reference_evaluator(tmp_path, n
     dec = onnx.load(files["decoder"].path)
     meta = {p.key: p.value for p in dec.metadata_props}
     assert meta["latentbank.likelihood"] == cfg.likelihood
+    assert meta["latentbank.activation"] == cfg.activation
     assert int(meta["latentbank.latent_dim"]) == cfg.latent_dim
     assert json.loads(meta["latentbank.item_shape"]) == list(cfg.input_shape)
     assert VAEConfig.from_dict(json.loads(meta["latentbank.config"])) == cfg
@@ -159,11 +166,12 @@ def test_checker_failure_is_an_error(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["conv-dlogistic-residual-group-3x32x32",
-                                  "conv-residual-3x64x64"])
+                                  "conv-residual-3x64x64", "mlp-tanh-8x8",
+                                  "conv-gelu-residual-1x8x8"])
 def test_dynamo_exports_residual_blocks_and_group_norm(tmp_path, name):
-    """The default exporter (what training jobs use) on the residual network with GroupNorm
-    and the discretised logistic's three outputs, through onnxruntime and the reference
-    evaluator."""
+    """The default exporter (what training jobs use) on the residual network with GroupNorm,
+    the discretised logistic's three outputs and the other activations, through
+    onnxruntime and the reference evaluator."""
     cfg = CONFIGS[name]
     torch.manual_seed(0)
     model = VAE(cfg).eval()

@@ -30,6 +30,7 @@ def test_outputs_and_summary(run):
         summary = json.load(f)["summary"]
     assert summary["heldout_n_items"] == len(res.train.val_rows) == 180
     assert summary["heldout_importance_samples"] == 200
+    assert summary["architecture"] == "mlp 64-64-4 relu, bernoulli"  # 8x8 in, 64, 4 latent
     # log p(x) estimate >= ELBO on average (same draws: logmeanexp >= mean).
     assert summary["heldout_log_px"] >= summary["heldout_elbo"]
     assert summary["heldout_elbo"] == pytest.approx(

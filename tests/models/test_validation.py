@@ -35,6 +35,8 @@ MLP = VAEConfig(input_shape=(4,), latent_dim=2, hidden=(8,))
      "needs H and W divisible by 4; got 7x7"),
     ({"input_shape": (1, 8, 8), "family": "conv", "hidden": ()}, "at least one convolution"),
     ({"input_shape": "64"}, "input_shape: must be a list of integers"),
+    ({"input_shape": (4,), "activation": "sigmoid"},
+     "activation: must be one of relu, tanh, gelu, elu, silu, softplus, leaky_relu"),
 ])
 def test_bad_model_config(kwargs, message):
     with pytest.raises(ConfigError, match=message):
@@ -50,6 +52,13 @@ def test_bad_model_config(kwargs, message):
     ({"device": "tpu"}, "device: must be one of auto, cpu, cuda"),
     ({"val_fraction": 0.0, "early_stopping_patience": 3}, "needs a validation split"),
     ({"importance_samples": -1}, "importance_samples: must be in"),
+    ({"lr_schedule": "exponential"}, "lr_schedule: must be one of constant, cosine, step, iwae"),
+    ({"lr_schedule": "step", "lr_milestones": [5, 3]}, "must be increasing epochs"),
+    ({"lr_milestones": [5]}, "are the epochs of the 'step' schedule"),
+    ({"lr_schedule": "step", "lr_milestones": "5"}, "lr_milestones: must be a list of epochs"),
+    ({"lr_schedule": "step", "lr_gamma": 0.0}, "lr_gamma: must be > 0.0"),
+    ({"adam_eps": 0.0}, "adam_eps: must be > 0.0"),
+    ({"adam_beta1": 1.0}, "adam_beta1: must be >= 0.0 and <= 0.9999"),
 ])
 def test_bad_train_config(kwargs, message):
     with pytest.raises(ConfigError, match=message):
