@@ -79,6 +79,15 @@ def shard_ranges(n: int, shard_rows: int) -> list[tuple[int, int]]:
     return [(a, min(n, a + shard_rows)) for a in range(0, n, shard_rows)]
 
 
+def rows_per_shard(base: int, importance_samples: int) -> int:
+    """`embed_shard_rows` at K <= 100; above, divided by K / 100 (at least 256 rows), so
+    a shard is about the same work whatever K: a K = 5000 set of 10,000 items is 10
+    shards, not one of ten minutes with no progress and all of it lost to a kill."""
+    if importance_samples <= 100:
+        return base
+    return max(min(base, 256), base * 100 // importance_samples)
+
+
 def _load(ctx: Context, model_id: int) -> tuple[VAE, Any]:
     """The model (torch) and its encoder session (onnxruntime), cached per process, from
     the files the model row records (verified against its encoder's sha256)."""
@@ -152,7 +161,8 @@ def start_embedding(ctx: Context, job_id: int) -> dict[str, Any]:
     append = job.params.get("append")
     # an append writes positions start .. start + n - 1 of the set; a new set 0 .. n - 1
     first, n = (int(append["start"]), int(append["n_items"])) if append else (0, es.n_items)
-    shards = [(first + a, first + b) for a, b in shard_ranges(n, ctx.settings.embed_shard_rows)]
+    size = rows_per_shard(ctx.settings.embed_shard_rows, es.importance_samples)
+    shards = [(first + a, first + b) for a, b in shard_ranges(n, size)]
     chord([embed_shard.si(job_id, set_id, a, b, owner) for a, b in shards],
           embed_finish.s(job_id, set_id, owner)).apply_async()
     log.info("embedding started job_id=%d set_id=%d shards=%d attempt=%d", job_id, set_id,
