@@ -241,7 +241,8 @@ class TrainConfig:
     Adam's (the IWAE paper: eps 1e-4; its code's beta1 is 0.99 where the paper says 0.9).
     `init_from_data` starts the decoder's output bias at the training data's per-value
     mean (its log-odds for the Bernoulli kinds) and a learned Gaussian scale at the data's
-    spread, so the first steps fit the codes rather than the average item (bench/likelihood.py measures its effect).
+    spread, so the first steps fit the codes rather than the average item
+    (bench/likelihood.py measures its effect).
     `eval_importance_samples` is K of the per-epoch validation log p(x) estimate,
     `importance_samples` the K of the final held-out evaluation (0 skips it).
     `early_stopping_patience` counts epochs without a validation-ELBO gain of more than
