@@ -1,0 +1,118 @@
+"""Where the client finds the API, and which key it sends there (as the `latentbank` CLI).
+
+A key goes only to a URL the user gave, or to the stack of the user's own data folder,
+never to a URL read from elsewhere:
+
+- `url` / `LATENTBANK_URL` (the user's), with `key` / `LATENTBANK_API_KEY`; without a key,
+  with the local stack's `admin.key` only if that URL is the stack's own;
+- else the stack that `latentbank up` of this user runs from the data folder
+  (`LATENTBANK_DATA_DIR`; unset: `./.latentbank`, then `~/.latentbank`): the URL in its
+  `stack.json`, with the user's key or else its `admin.key`. A `stack.json` counts only
+  when it and its folder are this user's and private, and the process it names is this
+  user's and holds the folder's `up.lock` (what `up` holds while it runs);
+- else http://127.0.0.1:8000 without a key (a user's key is withheld: set LATENTBANK_URL
+  to send it there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+STACK_FILE, KEY_FILE, LOCK_FILE = "stack.json", "admin.key", "up.lock"
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The API's URL, the key sent to it, and whether a key the user set was withheld."""
+
+    url: str
+    key: str | None
+    withheld: bool = False
+
+
+def data_dirs() -> list[Path]:
+    """The data folders searched for a running stack, in order."""
+    given = os.environ.get("LATENTBANK_DATA_DIR")
+    if given:
+        return [Path(given)]
+    return [Path(".latentbank"), Path.home() / ".latentbank"]
+
+
+def _own_and_private(path: Path) -> bool:
+    st = path.stat()
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+def _holds_lock(pid: int, lock: Path) -> bool:
+    """Whether process `pid` (this user's) holds an exclusive flock on `lock`, read from
+    /proc; without /proc, whether it is alive."""
+    proc = Path(f"/proc/{pid}")
+    if pid <= 0:
+        return False
+    if not Path("/proc/self/fdinfo").is_dir():
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return False
+        return True
+    try:
+        if proc.stat().st_uid != os.getuid():
+            return False
+        for fd in (proc / "fd").iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(fd) == str(lock) and any(
+                        line.startswith("lock:") and "FLOCK" in line and "WRITE" in line
+                        for line in (proc / "fdinfo" / fd.name).read_text().splitlines()):
+                    return True
+    except OSError:
+        return False
+    return False
+
+
+def read_stack(data_dir: Path) -> dict[str, Any] | None:
+    """The running stack's `stack.json`, or None unless it is trusted (module docstring)."""
+    folder = data_dir.resolve()
+    path = folder / STACK_FILE
+    try:
+        info = json.loads(path.read_text())
+        if not (_own_and_private(path) and _own_and_private(folder)):
+            return None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or not isinstance(info.get("pid"), int) \
+            or not isinstance(info.get("url"), str):
+        return None
+    if not _holds_lock(info["pid"], folder / LOCK_FILE):
+        return None
+    return info
+
+
+def resolve(url: str | None = None, key: str | None = None) -> Resolved:
+    """The URL and key by the rules of this module's docstring."""
+    user_key = key or os.environ.get("LATENTBANK_API_KEY") or None
+    url = url or os.environ.get("LATENTBANK_URL") or None
+    own, own_dir = None, None
+    for folder in data_dirs():
+        running = read_stack(folder)
+        if running:
+            own, own_dir = running["url"].rstrip("/"), folder.resolve()
+            break
+    if url:
+        url = url.rstrip("/")
+    elif own:
+        url = own
+    else:
+        return Resolved(DEFAULT_URL, None, withheld=user_key is not None)
+    chosen = user_key
+    if not chosen and url == own and own_dir is not None:
+        try:
+            chosen = (own_dir / KEY_FILE).read_text().strip() or None
+        except OSError:
+            chosen = None
+    return Resolved(url, chosen)
