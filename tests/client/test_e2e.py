@@ -8,7 +8,6 @@ import io
 import httpx
 import numpy as np
 import pytest
-
 from latentbank_client import (
     AsyncClient,
     Client,
@@ -17,6 +16,7 @@ from latentbank_client import (
     NotFound,
     RetryPolicy,
 )
+
 from tests.support import Up, free_port
 
 pytestmark = pytest.mark.slow
@@ -94,7 +94,7 @@ def test_contract_script(client, trained):
     assert hits.plan and "exact" in hits.plan
 
     try:
-        import pandas  # noqa: F401
+        import pandas
     except ImportError:
         pandas = None
     if pandas is not None:
@@ -255,3 +255,26 @@ def test_async_client(up, trained):
     assert [h.key for h in hits] == [h.key for h in same]
     np.testing.assert_allclose(scores.log_px, again.log_px, rtol=1e-6)
     assert ds.id != 0
+
+
+def test_add_a_file_and_a_folder(client, tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    np.save(tmp_path / "small.npy", rng.random((30, 8)).astype("float32"))
+    np.save(tmp_path / "labels.npy", np.arange(30) % 3)
+    ds = client.datasets.add(tmp_path / "small.npy", labels=tmp_path / "labels.npy")
+    assert (ds.name, ds.n_items, ds.item_shape, ds.has_labels) == ("small", 30, [8], True)
+
+    photos = tmp_path / "photos"
+    for label in ("cat", "dog"):
+        (photos / label).mkdir(parents=True)
+        for i in range(3):
+            pixels = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+            Image.fromarray(pixels, mode="L").save(photos / label / f"{i}.png")
+    states = []
+    folder = client.datasets.add(photos, image_size=8, color="grey", progress=states.append)
+    assert (folder.name, folder.n_items) == ("photos", 6)
+    assert folder.item_shape[-2:] == [8, 8]
+    assert states and states[-1]["kind"] == "ingest" and states[-1]["status"] == "succeeded"
+    assert states[-1]["dataset_id"] == folder.id

@@ -1,0 +1,353 @@
+"""Units over httpx.MockTransport: error mapping, retries, back-off, Retry-After,
+Idempotency-Key reuse, the event stream and its polling fallback, argument checks."""
+
+import asyncio
+import email.utils
+import io
+import json
+import time
+
+import httpx
+import latentbank_client.client as client_module
+import numpy as np
+import pytest
+from latentbank_client import (
+    AsyncClient,
+    Client,
+    Conflict,
+    ConnectionFailed,
+    Forbidden,
+    InvalidInput,
+    JobFailed,
+    LatentbankError,
+    NotFound,
+    RateLimited,
+    RetryPolicy,
+    ServerError,
+    TooLarge,
+    Unauthorized,
+    Unavailable,
+)
+
+URL = "http://api.test"
+JOB = {"id": 5, "kind": "train", "status": "queued", "progress": 0.0, "attempts": 0,
+       "max_attempts": 3, "cancel_requested": False, "params": {},
+       "created_at": "2026-01-01T00:00:00Z", "published": True}
+
+
+@pytest.fixture
+def slept(monkeypatch):
+    """The waits the retry loops asked for (none is really waited)."""
+    waits = []
+    monkeypatch.setattr(client_module, "sleep", waits.append)
+
+    async def fake(seconds):
+        waits.append(seconds)
+
+    monkeypatch.setattr(client_module, "async_sleep", fake)
+    return waits
+
+
+def make(handler, **kwargs):
+    return Client(url=URL, key="k", transport=httpx.MockTransport(handler), **kwargs)
+
+
+def error(status, code="some_code", message="what went wrong", headers=None):
+    return httpx.Response(status, json={"error": {"code": code, "message": message}},
+                          headers=headers)
+
+
+@pytest.mark.parametrize(("status", "cls"), [
+    (400, InvalidInput), (401, Unauthorized), (403, Forbidden), (404, NotFound),
+    (406, InvalidInput), (409, Conflict), (413, TooLarge), (415, InvalidInput),
+    (422, InvalidInput), (429, RateLimited), (500, ServerError), (503, Unavailable)])
+def test_each_status_maps_to_its_error(status, cls, slept):
+    calls = []
+
+    def handler(request):
+        calls.append(request)
+        return error(status, "the_code", f"refused with {status}")
+
+    with make(handler, retry=RetryPolicy(attempts=1)) as c, pytest.raises(cls) as caught:
+        c.models.get(3)
+    e = caught.value
+    assert isinstance(e, LatentbankError)
+    assert (e.status, e.code, e.message) == (status, "the_code", f"refused with {status}")
+    assert str(e) == f"refused with {status} ({status} the_code)"
+    assert len(calls) == 1 and slept == []
+    assert calls[0].headers["authorization"] == "Bearer k"
+
+
+def test_an_error_without_the_json_shape_keeps_its_text(slept):
+    def handler(request):
+        return httpx.Response(502, text="bad gateway from the proxy\nmore")
+
+    with make(handler) as c, pytest.raises(ServerError, match="bad gateway from the proxy"):
+        c.datasets.get(1)
+
+
+def test_retry_after_is_honoured(slept):
+    answers = [error(429, headers={"Retry-After": "7"}), error(503, headers={"Retry-After": "2"}),
+               httpx.Response(200, json={"id": 3, "status": "ready"})]
+
+    def handler(request):
+        return answers.pop(0)
+
+    with make(handler) as c:
+        model = c.models.get(3)
+    assert model.id == 3 and model.status == "ready"
+    assert slept == [7.0, 2.0]
+
+
+def test_retry_after_as_an_http_date(slept):
+    when = email.utils.formatdate(time.time() + 30, usegmt=True)
+    answers = [error(429, headers={"Retry-After": when}), httpx.Response(200, json={"id": 1})]
+
+    with make(lambda request: answers.pop(0)) as c:
+        c.datasets.get(1)
+    assert len(slept) == 1 and 25 <= slept[0] <= 31
+
+
+def test_a_retry_after_too_long_is_raised_at_once(slept):
+    calls = []
+
+    def handler(request):
+        calls.append(1)
+        return error(429, headers={"Retry-After": "120"})
+
+    with make(handler) as c, pytest.raises(RateLimited) as caught:
+        c.models.get(3)
+    assert caught.value.retry_after == 120.0 and len(calls) == 1 and slept == []
+
+
+def test_back_off_is_exponential_and_bounded(slept):
+    calls = []
+
+    def handler(request):
+        calls.append(1)
+        return error(503, "database_unavailable")
+
+    policy = RetryPolicy(attempts=6, backoff=1.0, max_backoff=3.0)
+    with make(handler, retry=policy) as c, pytest.raises(Unavailable) as caught:
+        c.models.get(3)
+    assert len(calls) == 6 and slept == [1.0, 2.0, 3.0, 3.0, 3.0]
+    assert caught.value.retry_after is None
+
+    calls.clear()
+    slept.clear()
+    with make(handler) as c, pytest.raises(Unavailable):  # the default policy
+        c.models.get(3)
+    assert len(calls) == 4 and slept == [0.5, 1.0, 2.0]
+
+
+def test_connection_errors_are_retried_then_raised(slept):
+    calls = []
+
+    def handler(request):
+        calls.append(1)
+        raise httpx.ConnectError("connection refused", request=request)
+
+    with make(handler) as c, pytest.raises(ConnectionFailed, match="cannot reach"):
+        c.datasets.list()
+    assert len(calls) == 4 and slept == [0.5, 1.0, 2.0]
+
+
+def test_submissions_reuse_their_idempotency_key_across_retries(slept):
+    seen = []
+
+    def handler(request):
+        seen.append(request.headers.get("idempotency-key"))
+        if len(seen) in (1, 3):  # each submission's first answer is lost
+            raise httpx.ReadError("connection reset", request=request)
+        return httpx.Response(202, json={**JOB, "id": len(seen)})
+
+    with make(handler) as c:
+        first = c.models.train(1, model={"family": "mlp", "latent_dim": 2})
+        second = c.embeddings.create(2, 1, importance_samples=3)
+    assert (first.id, second.id) == (2, 4)
+    assert seen[0] == seen[1] and seen[2] == seen[3] and seen[0] != seen[2]
+    assert all(len(k) == 36 for k in seen)  # uuid4
+    assert slept == [0.5, 0.5]
+
+
+def test_a_given_idempotency_key_is_sent(slept):
+    seen = []
+
+    def handler(request):
+        seen.append(request.headers.get("idempotency-key"))
+        return httpx.Response(202, json=JOB)
+
+    with make(handler) as c:
+        c.models.train(1, model={"family": "mlp", "latent_dim": 2}, idempotency_key="mine-1")
+    assert seen == ["mine-1"]
+
+
+def test_a_call_unsafe_to_repeat_is_not_retried_after_a_broken_connection(slept):
+    calls = []
+
+    def handler(request):
+        calls.append(1)
+        raise httpx.ReadError("connection reset", request=request)
+
+    with make(handler) as c, pytest.raises(ConnectionFailed):
+        c.keys.create("ci", ["read"])
+    assert len(calls) == 1 and slept == []
+
+
+def test_async_client_retries_with_the_same_key(slept):
+    seen = []
+
+    def handler(request):
+        seen.append(request.headers.get("idempotency-key"))
+        if len(seen) == 1:
+            return error(429, headers={"Retry-After": "3"})
+        return httpx.Response(202, json=JOB)
+
+    async def run():
+        async with AsyncClient(url=URL, key="k", transport=httpx.MockTransport(handler)) as c:
+            return await c.models.train(1, model={"family": "mlp", "latent_dim": 2})
+
+    job = asyncio.run(run())
+    assert job.id == 5 and seen[0] == seen[1] and slept == [3.0]
+
+
+def events(*states):
+    text = "".join(f"id: {i}\nevent: progress\ndata: {json.dumps(s)}\n\n"
+                   for i, s in enumerate(states))
+    text += f"event: end\ndata: {json.dumps(states[-1])}\n\n"
+    return httpx.Response(200, text=": keep-alive\n\n" + text,
+                          headers={"content-type": "text/event-stream"})
+
+
+def test_wait_follows_the_event_stream(slept):
+    states = [{**JOB, "status": "running", "progress": 0.5, "progress_message": "epoch 1/2"},
+              {**JOB, "status": "succeeded", "progress": 1.0, "model_id": 9}]
+
+    def handler(request):
+        if request.url.path == "/v1/jobs/5/events":
+            return events(*states)
+        if request.url.path == "/v1/training-jobs":
+            return httpx.Response(202, json=JOB)
+        if request.url.path == "/v1/models/9":
+            return httpx.Response(200, json={"id": 9, "status": "ready"})
+        return error(404)
+
+    seen = []
+    with make(handler) as c:
+        job = c.models.train(1, model={"family": "mlp", "latent_dim": 2})
+        done = job.wait(progress=seen.append)
+        assert done.status == "succeeded" and done.model_id == 9
+        assert done.model().id == 9
+    assert [s["status"] for s in seen] == ["queued", "running", "succeeded"]
+
+
+def test_wait_shows_plain_lines_without_tqdm(slept, capsys, monkeypatch):
+    monkeypatch.setenv("LATENTBANK_NO_TQDM", "1")
+    states = [{**JOB, "status": "running", "progress": 0.5}, {**JOB, "status": "succeeded",
+                                                             "progress": 1.0}]
+    with make(lambda request: events(*states)) as c:
+        from latentbank_client import Job
+        from latentbank_client.results import build
+
+        build(Job, JOB, c).wait(progress=True)
+    err = capsys.readouterr().err
+    assert "job 5 (train): running 50%" in err and "job 5 (train): succeeded 100%" in err
+
+
+def test_wait_raises_job_failed(slept):
+    failed = {**JOB, "status": "failed", "error": "the data has NaN"}
+
+    with make(lambda request: events(failed)) as c:
+        from latentbank_client import Job
+        from latentbank_client.results import build
+
+        with pytest.raises(JobFailed, match="the data has NaN") as caught:
+            build(Job, JOB, c).wait()
+    assert caught.value.job.status == "failed"
+
+
+def test_wait_falls_back_to_polling(slept):
+    polled = []
+
+    def handler(request):
+        if request.url.path.endswith("/events"):
+            return error(500, "internal")
+        polled.append(1)
+        return httpx.Response(200, json={**JOB, "status": "running" if len(polled) < 3
+                                         else "succeeded"})
+
+    with make(handler) as c:
+        from latentbank_client import Job
+        from latentbank_client.results import build
+
+        done = build(Job, JOB, c).wait(poll=0.25)
+    assert done.status == "succeeded" and len(polled) == 3
+    assert slept == [1.0, 2.0, 4.0, 0.25, 0.25]  # three stream failures, then two polls
+
+
+def test_arguments_are_checked_before_any_request(slept):
+    def handler(request):
+        raise AssertionError("no request expected")
+
+    with make(handler) as c:
+        with pytest.raises(InvalidInput, match=r"shape \(n, \.\.\.\)"):
+            c.datasets.add(np.zeros(5))
+        with pytest.raises(InvalidInput, match="labels has 3 entries for 4 items"):
+            c.datasets.add(np.zeros((4, 2)), labels=[1, 2, 3])
+        with pytest.raises(InvalidInput, match="numeric"):
+            c.datasets.add(np.array([["a"], ["b"]], dtype=object))
+        with pytest.raises(InvalidInput, match="does not exist"):
+            c.datasets.add("/no/such/file.npy")
+        with pytest.raises(InvalidInput, match="exactly one"):
+            c.datasets.add(np.zeros((4, 2)), builtin="digits")
+        with pytest.raises(InvalidInput, match="@alias"):
+            c.models.get("prod")
+        with pytest.raises(InvalidInput, match="model= must be a dict"):
+            c.models.train(1, model="mlp")
+        with pytest.raises(InvalidInput, match="scopes"):
+            c.keys.create("x", ["root"])
+        from latentbank_client import EmbeddingSet, Model
+        from latentbank_client.results import build
+
+        es = build(EmbeddingSet, {"id": 1, "dim": 4}, c)
+        with pytest.raises(InvalidInput, match="exactly one of vector, key= and image="):
+            es.search(np.zeros(4), key="3")
+        with pytest.raises(InvalidInput, match=r"shape \(n, 4\)"):
+            es.search(np.zeros(3))
+        with pytest.raises(InvalidInput, match="metric"):
+            es.search(key="3", metric="manhattan")
+        model = build(Model, {"id": 1, "config": {"model": {"latent_dim": 2}}}, c)
+        with pytest.raises(InvalidInput, match="NaN"):
+            model.decode([[0.0, float("nan")]])
+        with pytest.raises(InvalidInput, match="fpr"):
+            model.score(np.zeros((1, 2)), fpr=0.9)
+
+
+def test_arrays_travel_as_npy(slept):
+    bodies = []
+
+    def handler(request):
+        bodies.append((request.headers["content-type"], request.headers.get("accept"),
+                       request.content))
+        x = np.load(io.BytesIO(request.content))
+        out = io.BytesIO()
+        np.save(out, (x * 2).astype(np.float32))
+        return httpx.Response(200, content=out.getvalue(),
+                              headers={"content-type": "application/x-npy"})
+
+    with make(handler) as c:
+        from latentbank_client import Model
+        from latentbank_client.results import build
+
+        model = build(Model, {"id": 1, "config": {"model": {"latent_dim": 2}}}, c)
+        out = model.decode([1.0, 2.0])  # one point becomes one row
+    np.testing.assert_array_equal(out, [[2.0, 4.0]])
+    assert bodies[0][:2] == ("application/x-npy", "application/x-npy")
+
+
+def test_results_tolerate_unknown_fields_and_parse_times(slept):
+    answer = {**JOB, "a_field_from_the_future": {"x": 1}, "finished_at": None}
+    with make(lambda request: httpx.Response(200, json=answer)) as c:
+        job = c.jobs.get(5)
+    assert job.id == 5 and job.created_at.year == 2026 and job.created_at.tzinfo is not None
+    assert job.finished_at is None and not hasattr(job, "a_field_from_the_future")
