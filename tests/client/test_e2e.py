@@ -278,3 +278,28 @@ def test_add_a_file_and_a_folder(client, tmp_path):
     assert folder.item_shape[-2:] == [8, 8]
     assert states and states[-1]["kind"] == "ingest" and states[-1]["status"] == "succeeded"
     assert states[-1]["dataset_id"] == folder.id
+    # a model of those images, searched and scored by an image file
+    model = client.models.train(folder, model={"family": "mlp", "latent_dim": 2, "hidden": [8]},
+                                training={"epochs": 1, "val_fraction": 0}).result()
+    emb = client.embeddings.create(model, folder).result()
+    query = photos / "dog" / "1.png"
+    hits = emb.search(image=query, k=2)
+    assert hits[0].key == "dog/1.png" and hits[0].distance < 1e-4
+    encoded = model.encode(image=query)
+    # (GET /items/{key} cannot name a key with '/': the server's route takes one segment)
+    table = emb.to_arrow()
+    stored = table.column("mu").to_pylist()[table.column("key").to_pylist().index("dog/1.png")]
+    np.testing.assert_allclose(encoded.mu[0], stored, rtol=1e-4, atol=1e-5)
+    scores = model.score(image=query.read_bytes())
+    assert scores.n_items == 1 and scores.elbo.shape == (1,)
+
+
+def test_plots(trained):
+    import matplotlib.figure
+
+    curves = trained["model"].plot_curves()
+    assert isinstance(curves, matplotlib.figure.Figure) and len(curves.axes) == 3
+    assert trained["model"].curves_png().data[:8] == b"\x89PNG\r\n\x1a\n"
+    latents = trained["emb"].plot_latents()
+    (scatter,) = latents.axes[0].collections
+    assert len(scatter.get_offsets()) == trained["emb"].n_items == 500

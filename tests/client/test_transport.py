@@ -351,3 +351,39 @@ def test_results_tolerate_unknown_fields_and_parse_times(slept):
         job = c.jobs.get(5)
     assert job.id == 5 and job.created_at.year == 2026 and job.created_at.tzinfo is not None
     assert job.finished_at is None and not hasattr(job, "a_field_from_the_future")
+
+
+def test_wait_drives_a_tqdm_bar_when_tqdm_is_installed(slept, monkeypatch):
+    import sys
+    import types
+
+    bars = []
+
+    class FakeBar:
+        def __init__(self, total, desc, bar_format):
+            self.total, self.desc, self.n, self.postfix, self.closed = total, desc, 0, "", False
+            bars.append(self)
+
+        def set_postfix_str(self, text, refresh=True):
+            self.postfix = text
+
+        def refresh(self):
+            pass
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setitem(sys.modules, "tqdm", types.ModuleType("tqdm"))
+    monkeypatch.setitem(sys.modules, "tqdm.auto", types.SimpleNamespace(tqdm=FakeBar))
+    monkeypatch.delenv("LATENTBANK_NO_TQDM", raising=False)
+    long = "epoch 2/2 " + "x" * 100
+    states = [{**JOB, "status": "running", "progress": 0.25},
+              {**JOB, "status": "succeeded", "progress": 1.0, "progress_message": long}]
+    with make(lambda request: events(*states)) as c:
+        from latentbank_client import Job
+        from latentbank_client.results import build
+
+        build(Job, JOB, c).wait(progress=True)
+    (bar,) = bars
+    assert (bar.desc, bar.total, bar.n, bar.closed) == ("job 5 (train)", 100.0, 100.0, True)
+    assert bar.postfix.startswith("succeeded epoch 2/2") and len(bar.postfix) <= 70

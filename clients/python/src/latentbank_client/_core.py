@@ -190,12 +190,12 @@ class Progress:
             except ImportError:
                 self.bar = False
             else:
-                self.bar = tqdm(total=100.0, unit="%", desc=f"job {job['id']} ({job['kind']})",
-                                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}% "
-                                           "[{elapsed}<{remaining}{postfix}]")
+                self.bar = tqdm(total=100.0, desc=f"job {job['id']} ({job['kind']})",
+                                bar_format="{l_bar}{bar}| [{elapsed}<{remaining}{postfix}]")
         if self.bar:
             self.bar.n = done
-            self.bar.set_postfix_str(f"{job.get('status')} {note}".strip(), refresh=False)
+            short = note if len(note) <= 60 else note[:59] + "…"
+            self.bar.set_postfix_str(f"{job.get('status')} {short}".strip(), refresh=False)
             self.bar.refresh()
             return
         now = time.monotonic()
