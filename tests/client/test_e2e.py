@@ -79,6 +79,10 @@ def test_contract_script(client, trained):
     assert (emb.n_items, emb.dim, emb.importance_samples, emb.model_id) == (500, 4, 10,
                                                                             model.id)
 
+    page = ds.items(offset=10, limit=4)
+    np.testing.assert_array_equal(page.x, trained["x"][10:14])  # stored as sent (float32)
+    assert page.keys == ["10", "11", "12", "13"] and page.labels == ["0", "1", "2", "3"]
+
     hits = client.embeddings.get(emb.id).search(key="7", k=5)
     rows = exported(emb)
     assert rows["rows"] == 500 and sorted(rows["keys"], key=int) == [str(i) for i in range(500)]
@@ -276,6 +280,7 @@ def test_add_a_file_and_a_folder(client, tmp_path):
     folder = client.datasets.add(photos, image_size=8, color="grey", progress=states.append)
     assert (folder.name, folder.n_items) == ("photos", 6)
     assert folder.item_shape[-2:] == [8, 8]
+    assert folder.thumbnails(n=6).data[:8] == b"\x89PNG\r\n\x1a\n"
     assert states and states[-1]["kind"] == "ingest" and states[-1]["status"] == "succeeded"
     assert states[-1]["dataset_id"] == folder.id
     # a model of those images, searched and scored by an image file

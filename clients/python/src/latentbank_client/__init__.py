@@ -40,6 +40,7 @@ from latentbank_client.results import (
     AliasEvent,
     ApiKey,
     CreatedKey,
+    DatasetItems,
     Encoded,
     Hit,
     Item,
@@ -56,7 +57,8 @@ from latentbank_client.results import (
 
 __all__ = [
     "Alias", "AliasEvent", "ApiKey", "AsyncClient", "Client", "Conflict", "ConnectionFailed",
-    "CreatedKey", "Dataset", "EmbeddingSet", "Encoded", "Forbidden", "Hit", "InvalidInput",
+    "CreatedKey", "Dataset", "DatasetItems", "EmbeddingSet", "Encoded", "Forbidden", "Hit",
+    "InvalidInput",
     "Item", "Job", "JobFailed", "LatentbankError", "MetricRow", "Model", "NotFound",
     "Outliers", "Projection", "RateLimited", "RetryPolicy", "Sample", "Scores",
     "SearchResult", "ServerError", "Threshold", "TooLarge", "Traversal", "Unauthorized",

@@ -65,7 +65,9 @@ class Call:
                     opened.append(body)
                 parts[name] = (filename, body, ctype)
             kwargs["files"] = parts
-        if self.timeout != "default":
+        if self.timeout is None:  # long uploads and downloads: no read or write limit
+            kwargs["timeout"] = httpx.Timeout(None, connect=30.0, pool=30.0)
+        elif self.timeout != "default":
             kwargs["timeout"] = self.timeout
         return kwargs, opened
 

@@ -23,9 +23,9 @@ from latentbank_client._core import (
     submission,
 )
 from latentbank_client._jobs import Bound, Job, Resource, _wait
-from latentbank_client.display import html_table
+from latentbank_client.display import PNG, html_table
 from latentbank_client.errors import InvalidInput
-from latentbank_client.results import build
+from latentbank_client.results import DatasetItems, build
 
 
 @dataclass(kw_only=True)
@@ -48,6 +48,23 @@ class Dataset(Bound):
     created_at: dt.datetime | None = None
     mode: str | None = None
     ingest: dict[str, Any] | None = None
+
+    def items(self, offset: int = 0, limit: int = 16) -> DatasetItems:
+        """A page of the stored items (at most 256): keys, labels and values `x`."""
+        def plan() -> Plan:
+            response = yield Call("GET", f"/v1/datasets/{self.id}/items",
+                                  params={"offset": int(offset), "limit": int(limit)})
+            return build(DatasetItems, response.json())
+        return self._run(plan())
+
+    def thumbnails(self, offset: int = 0, n: int = 32, columns: int = 8) -> PNG:
+        """A PNG grid of image items (shown inline by a notebook); Conflict when the
+        items are not images."""
+        def plan() -> Plan:
+            response = yield Call("GET", f"/v1/datasets/{self.id}/thumbnails.png",
+                                  params={"offset": offset, "n": n, "columns": columns})
+            return PNG(response.content)
+        return self._run(plan())
 
     def delete(self) -> None:
         """Delete the dataset (409 while a model or job uses it)."""

@@ -91,6 +91,21 @@ class Outliers(list):  # type: ignore[type-arg]
 
 
 @dataclass(kw_only=True)
+class DatasetItems:
+    """A page of a dataset's items (server schema DatasetItemsOut): `x` (n, *item_shape)
+    float32 values as stored (8-bit items as x / 255), with their keys and labels."""
+
+    ARRAYS: ClassVar[dict[str, Any]] = {"x": np.float32}
+    dataset_id: int
+    offset: int = 0
+    n: int = 0
+    item_shape: list[int] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    labels: list[str | None] = field(default_factory=list)
+    x: np.ndarray | None = None
+
+
+@dataclass(kw_only=True)
 class Item:
     """One stored item's latent code and ELBO terms (server schema ItemOut)."""
 
