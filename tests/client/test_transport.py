@@ -387,3 +387,46 @@ def test_wait_drives_a_tqdm_bar_when_tqdm_is_installed(slept, monkeypatch):
     (bar,) = bars
     assert (bar.desc, bar.total, bar.n, bar.closed) == ("job 5 (train)", 100.0, 100.0, True)
     assert bar.postfix.startswith("succeeded epoch 2/2") and len(bar.postfix) <= 70
+
+
+def test_a_stream_that_closes_at_once_is_not_reopened_in_a_tight_loop(slept):
+    opened, polled = [], []
+
+    def handler(request):
+        if request.url.path.endswith("/events"):
+            opened.append(1)
+            return httpx.Response(200, text=": nothing\n\n",
+                                  headers={"content-type": "text/event-stream"})
+        polled.append(1)
+        return httpx.Response(200, json={**JOB, "status": "succeeded"})
+
+    with make(handler) as c:
+        from latentbank_client import Job
+        from latentbank_client.results import build
+
+        assert build(Job, JOB, c).wait().status == "succeeded"
+    assert len(opened) == 3 and len(polled) == 1 and slept == [1.0, 2.0, 4.0]
+
+
+def test_async_wait_follows_the_event_stream(slept):
+    states = [{**JOB, "status": "running", "progress": 0.5},
+              {**JOB, "status": "succeeded", "progress": 1.0, "embedding_set_id": 4}]
+
+    def handler(request):
+        if request.url.path == "/v1/jobs/5/events":
+            return events(*states)
+        if request.url.path == "/v1/jobs/5":
+            return httpx.Response(200, json=JOB)
+        if request.url.path == "/v1/embeddings/4":
+            return httpx.Response(200, json={"id": 4, "status": "ready", "n_items": 3})
+        return error(404)
+
+    async def run():
+        async with AsyncClient(url=URL, key="k", transport=httpx.MockTransport(handler)) as c:
+            job = await c.jobs.get(5)
+            seen = []
+            done = await job.wait(progress=seen.append)
+            return seen, await done.embedding_set()
+
+    seen, es = asyncio.run(run())
+    assert [s["status"] for s in seen][-1] == "succeeded" and (es.id, es.n_items) == (4, 3)

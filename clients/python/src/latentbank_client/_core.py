@@ -162,8 +162,9 @@ class EventParser:
 
 
 class Progress:
-    """A job's progress shown while waiting: a tqdm bar when tqdm is installed, else one
-    plain line per change on stderr; `progress` may also be a callable given each state."""
+    """A job's progress shown while waiting: a tqdm bar when tqdm is installed (and
+    LATENTBANK_NO_TQDM is unset), else one plain line per change (at most one a second)
+    on stderr; `progress` may also be a callable given each state (a dict)."""
 
     def __init__(self, progress: Any, stream: IO[str] | None = None) -> None:
         self.callback = progress if callable(progress) else None

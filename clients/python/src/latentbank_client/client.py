@@ -113,6 +113,7 @@ class _Watch:
         self.poll = op.poll
         self.streaming = True
         self.failures = 0
+        self.events_seen = False
 
     def update(self, job: dict[str, Any]) -> bool:
         """Record a state; True once the job has ended."""
@@ -132,6 +133,13 @@ class _Watch:
         if self.failures >= 3:
             self.streaming = False
         return min(8.0, 0.5 * 2 ** self.failures)
+
+    def started(self) -> None:
+        """A stream opened: `ended_empty` tells whether it brought any event."""
+        self.events_seen = False
+
+    def ended_empty(self) -> bool:
+        return not self.events_seen
 
     def wait_time(self, seconds: float) -> float:
         left = self.deadline.left()
@@ -259,13 +267,16 @@ class Client(_Base):
                             sleep(w.wait_time(w.broke()))
                             continue
                         parser = EventParser()
+                        w.started()
                         for line in r.iter_lines():
                             got = parser.feed(line)
                             if got is not None:
-                                w.failures = 0
+                                w.failures, w.events_seen = 0, True
                                 if w.update(got[1]):
                                     return w.job
                             w.check()
+                    if w.ended_empty():  # closed with nothing said: not at once again
+                        sleep(w.wait_time(w.broke()))
                 except httpx.TransportError:
                     w.check()
                     sleep(w.wait_time(w.broke()))
@@ -393,13 +404,16 @@ class AsyncClient(_Base):
                             await async_sleep(w.wait_time(w.broke()))
                             continue
                         parser = EventParser()
+                        w.started()
                         async for line in r.aiter_lines():
                             got = parser.feed(line)
                             if got is not None:
-                                w.failures = 0
+                                w.failures, w.events_seen = 0, True
                                 if w.update(got[1]):
                                     return w.job
                             w.check()
+                    if w.ended_empty():  # closed with nothing said: not at once again
+                        await async_sleep(w.wait_time(w.broke()))
                 except httpx.TransportError:
                     w.check()
                     await async_sleep(w.wait_time(w.broke()))

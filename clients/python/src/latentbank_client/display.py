@@ -40,6 +40,7 @@ class PNG:
         return self.data
 
     def save(self, path: str) -> None:
+        """Write the PNG to `path`."""
         with open(path, "wb") as f:
             f.write(self.data)
 
