@@ -430,3 +430,12 @@ def test_async_wait_follows_the_event_stream(slept):
 
     seen, es = asyncio.run(run())
     assert [s["status"] for s in seen][-1] == "succeeded" and (es.id, es.n_items) == (4, 3)
+
+
+def test_wait_gives_up_after_its_timeout(slept):
+    from latentbank_client import Job, WaitTimeout
+    from latentbank_client.results import build
+
+    with make(lambda request: events({**JOB, "status": "running"})) as c, \
+            pytest.raises(WaitTimeout, match="still queued"):
+        build(Job, JOB, c).wait(timeout=0)
