@@ -12,10 +12,11 @@ STAMP := $(VENV)/.latentbank-installed
 install: $(STAMP)
 
 # torch first, so the project's "torch>=2.10" is already met and pip fetches no CUDA wheels.
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml clients/python/pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e './clients/python[pandas,progress]'
 	@touch $(STAMP)
 
 # The layer contracts (pyproject's [tool.importlinter]) and ruff first: a broken
