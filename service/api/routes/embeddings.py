@@ -101,7 +101,7 @@ async def remove_set(request: Request, set_id: SetId) -> Response:
     return Response(status_code=204)
 
 
-@router.get("/{set_id}/items/{key}", response_model=ItemOut, dependencies=[require("read")],
+@router.get("/{set_id}/items/{key:path}", response_model=ItemOut, dependencies=[require("read")],
             responses=ERRORS, summary="One item's latent code and ELBO terms by its key")
 async def item(request: Request, set_id: SetId, key: str) -> ItemOut:
     svc = services(request)

@@ -44,6 +44,9 @@ def sse_events(client, path):
     return events
 
 
+FOLDER_KEY = "class 4/d 0042.png"
+
+
 @pytest.fixture(scope="module")
 def digits():
     d = load_digits()
@@ -54,7 +57,9 @@ def digits():
 def flow(client, api_worker, digits):
     """Upload, train (watched through SSE), embed: the state the tests below read."""
     images, labels = digits
-    keys = np.array([f"d{i:04d}" for i in range(len(images))])
+    keys = np.array([f"d{i:04d}" for i in range(len(images))], dtype=object)
+    keys[42] = FOLDER_KEY  # an image folder's key: a path, with a space
+    keys = keys.astype(str)
     answer = client.post("/v1/datasets", data={"name": "digits-upload"}, files={
         "file": ("digits.npy", npy(images), "application/octet-stream"),
         "labels": ("labels.npy", npy(labels)), "keys": ("keys.npy", npy(keys))})
@@ -195,9 +200,12 @@ def test_sample_as_png_is_a_grid_of_the_items(client, flow):
 
 def test_interpolation_between_stored_items_follows_the_great_circle(client, flow, onnx_files):
     a = np.asarray(client.get(f"/v1/embeddings/{flow['set_id']}/items/d0000").json()["mu"])
-    b = np.asarray(client.get(f"/v1/embeddings/{flow['set_id']}/items/d0042").json()["mu"])
+    # a key with a slash, as written and with the slash escaped (%2F): the same item
+    b = np.asarray(client.get(f"/v1/embeddings/{flow['set_id']}/items/{FOLDER_KEY}").json()["mu"])
+    escaped = client.get(f"/v1/embeddings/{flow['set_id']}/items/class%204%2Fd%200042.png")
+    assert escaped.status_code == 200 and escaped.json()["key"] == FOLDER_KEY
     answer = client.post(f"/v1/models/{flow['model_id']}/interpolate", json={
-        "embedding_id": flow["set_id"], "from_key": "d0000", "to_key": "d0042", "steps": 5,
+        "embedding_id": flow["set_id"], "from_key": "d0000", "to_key": FOLDER_KEY, "steps": 5,
         "method": "slerp"}).json()
     z = np.asarray(answer["z"])
     np.testing.assert_allclose(z[0], a, atol=1e-5)
