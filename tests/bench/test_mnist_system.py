@@ -42,8 +42,11 @@ def test_a_short_bench_run_through_the_service(tmp_path):
         stdin=subprocess.DEVNULL)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads((tmp_path / "out" / "mnist.json").read_text())["results"][0]
-    service, plain = result["rows"]
-    assert (service["run"], plain["run"]) == ("vae", "plain")
+    service, plain, other_seed = result["rows"]  # --seeds 2 by default
+    assert (service["run"], plain["run"], other_seed["seed"]) == ("vae", "plain", 1)
+    # both seeds scored on the same (binarised once) items: their spread is the seed noise
+    assert result["seed_sd"] == pytest.approx(
+        abs(plain["first_items_log_px"] - other_seed["first_items_log_px"]) / np.sqrt(2))
     assert service["eval_items"] == plain["eval_items"] == result["test_items"] == 200
     assert service["architecture"] == "mlp 784-200-200-50 tanh, bernoulli"
     # log p(x) of 784 binary pixels: below 0, and an IWAE-50 estimate above the ELBO
