@@ -162,7 +162,7 @@ def test_serving_and_search_against_numpy(client, trained):
     np.testing.assert_allclose(model.decode(traversal.z), traversal.x, rtol=1e-5, atol=1e-6)
 
     metrics = model.metrics()
-    assert sorted({m.epoch for m in metrics}) == [1, 2, 3] or len(metrics) >= 3
+    assert sorted({m.epoch for m in metrics}) == [1, 2, 3]  # training={"epochs": 3}
 
     with pytest.raises(InvalidInput, match="shape"):
         model.decode(np.zeros((2, 5)))
@@ -229,7 +229,7 @@ def test_retried_submission_makes_one_job(up, client, trained):
 
 
 def test_async_client(up, trained):
-    ds, model, emb, x = trained["ds"], trained["model"], trained["emb"], trained["x"]
+    model, emb, x = trained["model"], trained["emb"], trained["x"]
 
     async def flow():
         async with AsyncClient(url=up.url, key=up.key) as c:
@@ -258,7 +258,6 @@ def test_async_client(up, trained):
         again = c.models.get(model.id).score(x[:8], importance_samples=5, seed=0)
     assert [h.key for h in hits] == [h.key for h in same]
     np.testing.assert_allclose(scores.log_px, again.log_px, rtol=1e-6)
-    assert ds.id != 0
 
 
 def test_add_a_file_and_a_folder(client, tmp_path):
@@ -291,10 +290,12 @@ def test_add_a_file_and_a_folder(client, tmp_path):
     hits = emb.search(image=query, k=2)
     assert hits[0].key == "dog/1.png" and hits[0].distance < 1e-4
     encoded = model.encode(image=query)
-    # (GET /items/{key} cannot name a key with '/': the server's route takes one segment)
     table = emb.to_arrow()
     stored = table.column("mu").to_pylist()[table.column("key").to_pylist().index("dog/1.png")]
     np.testing.assert_allclose(encoded.mu[0], stored, rtol=1e-4, atol=1e-5)
+    item = emb.item("dog/1.png")  # a key with a slash, as an image folder's keys are
+    assert item.key == "dog/1.png"
+    np.testing.assert_allclose(item.mu, stored, rtol=1e-6)
     scores = model.score(image=query.read_bytes())
     assert scores.n_items == 1 and scores.elbo.shape == (1,)
 

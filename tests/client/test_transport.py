@@ -28,6 +28,7 @@ from latentbank_client import (
     Unauthorized,
     Unavailable,
 )
+from latentbank_client._core import ref
 
 URL = "http://api.test"
 JOB = {"id": 5, "kind": "train", "status": "queued", "progress": 0.0, "attempts": 0,
@@ -302,6 +303,9 @@ def test_arguments_are_checked_before_any_request(slept):
             c.datasets.add(np.zeros((4, 2)), builtin="digits")
         with pytest.raises(InvalidInput, match="@alias"):
             c.models.get("prod")
+        # an alias is one path segment whatever it holds: '/', '?' and '..' are escaped
+        assert ref("@prod", "model") == "@prod"
+        assert ref("@a/../b?x=1", "model") == "@a%2F..%2Fb%3Fx%3D1"
         with pytest.raises(InvalidInput, match="model= must be a dict"):
             c.models.train(1, model="mlp")
         with pytest.raises(InvalidInput, match="scopes"):

@@ -18,6 +18,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import quote
 
 import httpx
 import numpy as np
@@ -283,9 +284,10 @@ def ref(value: Any, what: str) -> str:
         raise InvalidInput(f"{what} must be an id or '@alias'; got {value!r}")
     if isinstance(value, int | np.integer) and value >= 1:
         return str(int(value))
-    if isinstance(value, str) and ((value.isdigit() and int(value) >= 1) or
-                                   (value.startswith("@") and len(value) > 1)):
+    if isinstance(value, str) and value.isdigit() and int(value) >= 1:
         return value
+    if isinstance(value, str) and value.startswith("@") and len(value) > 1:
+        return "@" + quote(value[1:], safe="")  # one path segment, whatever the name holds
     raise InvalidInput(f"{what} must be a positive id or '@alias'; got {value!r}")
 
 
