@@ -133,7 +133,8 @@ class Settings(BaseSettings):
                             "longer than the longest job")
     embed_shard_rows: int = Field(50_000, description="items per embedding shard task "
                                   "(with K > 100 importance samples divided by K / 100, at "
-                                  "least 256: about the same work per shard whatever K)")
+                                  "least 256: above K = 100, about the same work per shard "
+                                  "whatever K)")
 
     api_host: str = Field("127.0.0.1", description="where `latentbank api` listens")
     api_port: int = Field(8000, description="the API's port")
