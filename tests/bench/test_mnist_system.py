@@ -36,17 +36,29 @@ def test_a_short_bench_run_through_the_service(tmp_path):
     run = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "mnist.py"), "--datasets", "mnist",
          "--mnist-dir", str(tmp_path / "mnist"), "--epochs", "1", "--runs", "vae,plain",
-         "--k-eval", "50", "--val-k", "20", "--no-overhead", "--out", str(tmp_path / "out"),
+         "--k-eval", "50", "--val-k", "20", "--no-overhead", "--seeds", "2",
+         "--seed-items", "100", "--out", str(tmp_path / "out"),
          "--cache", str(tmp_path / "cache")],
         capture_output=True, text=True, timeout=800, env=env, cwd=ROOT,
         stdin=subprocess.DEVNULL)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads((tmp_path / "out" / "mnist.json").read_text())["results"][0]
-    service, plain, other_seed = result["rows"]  # --seeds 2 by default
-    assert (service["run"], plain["run"], other_seed["seed"]) == ("vae", "plain", 1)
-    # both seeds scored on the same (binarised once) items: their spread is the seed noise
-    assert result["seed_sd"] == pytest.approx(
-        abs(plain["first_items_log_px"] - other_seed["first_items_log_px"]) / np.sqrt(2))
+    service, service_1, plain, plain_1 = result["rows"]
+    assert [(r["run"], r["seed"]) for r in result["rows"]] == [
+        ("vae", 0), ("vae", 1), ("plain", 0), ("plain", 1)]
+    # the extra seeds are scored on the first 100 test items only, both sides
+    assert service_1["eval_items"] == plain_1["eval_items"] == result["seed_items"] == 100
+    assert service_1["model_id"] != service["model_id"]
+    assert result["vae_seeds"][1] == service_1["test_log_px"]
+    assert result["plain_seeds"] == [plain["first_items_log_px"], plain_1["test_log_px"]]
+    # seed 0 scored all 200: its first-100 mean lies within its items' range of means
+    assert -784 * np.log(2) * 2 < result["vae_seeds"][0] < 0
+    # the verdict in the table: the difference of the seed means and its standard error
+    a, b = np.array(result["vae_seeds"]), np.array(result["plain_seeds"])
+    gap = a.mean() - b.mean()
+    se = np.sqrt(a.var(ddof=1) / 2 + b.var(ddof=1) / 2)
+    assert f"service minus plain loop, mean over seeds: {gap:+.3f} nats, standard error " \
+           f"{se:.3f}" in (tmp_path / "out" / "mnist.md").read_text()
     assert service["eval_items"] == plain["eval_items"] == result["test_items"] == 200
     assert service["architecture"] == "mlp 784-200-200-50 tanh, bernoulli"
     # log p(x) of 784 binary pixels: below 0, and an IWAE-50 estimate above the ELBO
