@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.latentbank-installed
 
-.PHONY: install test test-system lint bench bench-likelihood bench-mnist faults demo images compose-test clean
+.PHONY: install test test-system lint docs bench bench-likelihood bench-mnist faults demo images compose-test clean
 
 install: $(STAMP)
 
@@ -35,6 +35,12 @@ test-system: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/ruff check .
+
+# The documentation site (mkdocs.yml) into out/site; the reference pages are generated from
+# the code (tools/docs_hooks.py). `make test` builds it with --strict (tests/docs) and runs
+# every tutorial's code against a real stack. While editing: $(VENV)/bin/mkdocs serve.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir out/site
 
 # The full fault-injection run (about 40 minutes): the README's table of recovery figures.
 faults: $(STAMP)

@@ -1,0 +1,96 @@
+"""The generated reference pages (tools/docs_hooks.py) hold what they must, checked against
+the objects themselves: every CLI command, every HTTP route, every setting, every field of
+the models' configuration."""
+
+import dataclasses
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def hooks():
+    spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "tools" / "docs_hooks.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("docs_hooks", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def pages(hooks):
+    return hooks.generated_pages()
+
+
+def command_paths():
+    """Every command path of the typer app, walked with typer's own API (not the hook's)."""
+    from service.cli.main import app
+
+    found = []
+
+    def walk(info, prefix):
+        for command in info.registered_commands:
+            if not command.hidden:
+                found.append(f"{prefix} {command.name or command.callback.__name__}")
+        for group in info.registered_groups:
+            walk(group.typer_instance, f"{prefix} {group.name}")
+
+    walk(app, "latentbank")
+    return found
+
+
+def test_every_cli_command_is_in_the_reference(pages):
+    page = pages["reference/cli.md"]
+    paths = command_paths()
+    assert len(paths) > 30
+    for path in paths:
+        assert f"`{path}`" in page, path
+
+
+def test_every_option_of_a_command_is_in_the_reference(pages):
+    page = pages["reference/cli.md"]
+    section = page[page.index("## `latentbank train`"):]
+    section = section[:section.index("\n## ", 5)]
+    for option in ("--dataset", "--latent-dim", "--likelihood", "--sweep", "--watch"):
+        assert f"`{option}`" in section, option
+
+
+def test_every_route_is_in_the_endpoint_table(pages):
+    document = json.loads(pages["reference/openapi.json"])
+    page = pages["reference/endpoints.md"]
+    routes = [(m.upper(), p) for p, item in document["paths"].items() for m in item
+              if m in ("get", "post", "put", "patch", "delete")]
+    assert len(routes) > 40
+    for method, path in routes:
+        assert f"| {method} | `{path}` |" in page, (method, path)
+    assert "`/docs`" in page
+
+
+def test_every_setting_is_in_the_configuration_page(pages):
+    from store.settings import Settings
+
+    page = pages["reference/configuration.md"]
+    for name, field in Settings.model_fields.items():
+        row = next((line for line in page.splitlines()
+                    if line.startswith(f"| `LATENTBANK_{name.upper()}` |")), None)
+        assert row is not None, name
+        assert " ".join(field.description.split())[:40].replace("<", "&lt;").replace(
+            ">", "&gt;") in row, name
+
+
+def test_every_model_field_is_in_the_models_page_with_a_meaning(hooks, pages):
+    from models.config import TrainConfig, VAEConfig
+
+    page = pages["reference/models-config.md"]
+    for cls in (VAEConfig, TrainConfig):
+        names = {f.name for f in dataclasses.fields(cls)}
+        assert set(hooks.MODEL_FIELD_MEANINGS[cls.__name__]) == names, cls.__name__
+        for f in dataclasses.fields(cls):
+            assert f"| `{f.name}` |" in page, f.name
+    assert "| `latent_dim` | `int` | `16` |" in page
+    assert "| `epochs` | `int` | `20` |" in page
