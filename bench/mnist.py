@@ -40,6 +40,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -382,6 +383,8 @@ def main() -> None:
                         "LATENTBANK_API_KEY; it must see the data at the same paths)")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "bench")
     args = parser.parse_args()
+    # `kill` as Ctrl-C: the stack started here is stopped on the way out, not orphaned
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     if args.report:
         saved = [json.loads(p.read_text()) for p in args.report]
         for key in ("epochs", "batch_size", "k_eval"):
