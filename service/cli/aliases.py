@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from service.cli.output import JsonOpt, client, emit_json, fail, fetch, out, table, verb
+from service.cli.output import JsonOpt, client, emit_json, fail, listing, out, table, verb
 
 aliases_app = typer.Typer(help="Aliases (prod, staging, ...) for models and embedding sets; "
                                "use @name wherever an id goes.", no_args_is_help=True)
@@ -29,15 +29,14 @@ def aliases_set(name: Annotated[str, typer.Argument(help="the alias, e.g. prod")
     """Create the alias or move it (atomically) to a model or an embedding set."""
     if (model is None) == (embedding is None):
         raise fail("give exactly one of --model ID and --embedding ID")
-    body = {"model_id": model} if model is not None else {"embedding_set_id": embedding}
     with client() as c:
-        answer = c.request("PUT", f"/v1/aliases/{name}", json=body)
-    got = answer.json()
+        alias = c.aliases.set(name, model=model, embedding_set=embedding)
+    got = alias.raw
     if as_json:
         emit_json(got)
         return
     kind = got["kind"].replace("_", " ")
-    verb_done = "created" if answer.status_code == 201 else "points at"
+    verb_done = "created" if alias.created else "points at"
     out.print(f"alias {got['name']} {verb_done} {kind} {got['target_id']}")
 
 
@@ -45,8 +44,9 @@ def aliases_set(name: Annotated[str, typer.Argument(help="the alias, e.g. prod")
 @verb
 def aliases_list(as_json: JsonOpt = False) -> None:
     """Every alias, its target and how often it changed."""
-    items = fetch("/v1/aliases")
-    emit_json(items) if as_json else table("aliases", COLUMNS, _rows(items))
+    with client() as c:
+        items = c.aliases.list()
+    listing(items, as_json, "aliases", COLUMNS, _rows)
 
 
 @aliases_app.command("show")
@@ -54,7 +54,7 @@ def aliases_list(as_json: JsonOpt = False) -> None:
 def aliases_show(name: str, as_json: JsonOpt = False) -> None:
     """One alias with its whole history."""
     with client() as c:
-        got = c.get(f"/v1/aliases/{name}")
+        got = c.aliases.get(name).raw
     if as_json:
         emit_json(got)
         return
@@ -69,5 +69,5 @@ def aliases_show(name: str, as_json: JsonOpt = False) -> None:
 def aliases_rm(name: str, as_json: JsonOpt = False) -> None:
     """Delete the alias (its history stays)."""
     with client() as c:
-        c.request("DELETE", f"/v1/aliases/{name}")
+        c.aliases.delete(name)
     emit_json({"deleted": name}) if as_json else out.print(f"deleted alias {name}")

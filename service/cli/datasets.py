@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -16,11 +14,14 @@ from service.cli.output import (
     emit_json,
     err,
     fail,
-    fetch,
+    listing,
     show,
     table,
     verb,
 )
+
+if TYPE_CHECKING:
+    from latentbank_client import Client, Job
 
 datasets_app = typer.Typer(help="Register and list datasets.", no_args_is_help=True)
 
@@ -39,47 +40,23 @@ def _split(value: str | None) -> list[str] | None:
 DATASET_COLUMNS = ["id", "name", "items", "item shape", "format", "labels", "range", "source"]
 
 
-def pack_folder(folder: Path, out: Path) -> Path:
-    """The folder's regular files as an uncompressed .tar at `out`, written file by file
-    (never the whole folder in memory): first a directory entry of the folder's own name,
-    then each file under it (`photos/cat/001.png`), sorted by its path in the folder (the
-    order the server reads a folder). The server drops a top folder that the archive
-    opens with, so the keys are the paths in the folder (`cat/001.png`) and the dataset
-    is the one a `--uri` of the same folder makes, whatever the folder's depth. Links
-    are left out (the server does not follow them either)."""
-    import tarfile
-
-    names = []
-    for root, _, files in os.walk(folder):
-        for name in files:
-            path = Path(root) / name
-            if path.is_file() and not path.is_symlink():
-                names.append(path.relative_to(folder).as_posix())
-    top = folder.resolve().name or "folder"
-    with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
-        tar.add(folder, arcname=top, recursive=False)
-        for name in sorted(names):
-            tar.add(folder / name, arcname=f"{top}/{name}", recursive=False)
-    return out
-
-
-def follow(c: Any, answer: dict[str, Any], as_json: bool) -> dict[str, Any]:
+def follow(c: Client, job: Job, as_json: bool) -> dict[str, Any]:
     """An ingest job followed to its end (a progress bar of items and bytes on a
-    terminal); the dataset it registered, or exit 1 with the job's error."""
+    terminal); the dataset it registered (the API's JSON), or exit 1 with the job's
+    error (--json: the job's last state)."""
+    from latentbank_client import JobFailed
+
     from service.cli.jobs import watch_job
 
-    job_id = answer["job"]["id"]
     if as_json:
-        job = answer["job"]
-        for state in c.events(job_id):
-            job = state
-        if job.get("status") != "succeeded":
-            emit_json(job)
-            raise typer.Exit(1)
-    elif watch_job(c, job_id, False) != 0:
+        try:
+            job.wait()
+        except JobFailed as exc:
+            emit_json(exc.job.raw)
+            raise typer.Exit(1) from None
+    elif watch_job(c, job, False) != 0:
         raise typer.Exit(1)
-    job = c.get(f"/v1/jobs/{job_id}")
-    return c.get(f"/v1/datasets/{job['dataset_id']}")
+    return c.jobs.get(job.id).dataset().raw
 
 
 @datasets_app.command("add")
@@ -132,26 +109,26 @@ def datasets_add(
                "metadata_columns": _split(metadata_columns), "image_size": image_size,
                "color": color, "format": data_format, "image_column": image_column,
                "max_failure_share": max_failure_share}
-    with client() as c, tempfile.TemporaryDirectory(prefix="latentbank-pack-") as tmp:
-        if path is not None and path.is_dir():
-            if labels or keys:
-                raise fail("--labels and --keys go with a file, not a folder")
-            name = name or path.resolve().name
-            path = pack_folder(path, Path(tmp) / f"{path.resolve().name}.tar")
-        answer = c.add_dataset(path=path, uri=uri, builtin=builtin, name=name, labels=labels,
-                               keys=keys, **options)
-        if answer.get("mode") == "job":
-            if not wait:
-                if as_json:
-                    emit_json(answer)
-                else:
-                    job = answer["job"]
-                    err.print(f"job {job['id']} queued: follow it with `latentbank jobs "
-                              f"watch {job['id']}`")
-                return
-            d = follow(c, answer, as_json)
+    if path is not None and path.is_dir() and (labels or keys):
+        raise fail("--labels and --keys go with a file, not a folder")
+    from latentbank_client import Dataset
+
+    with client() as c:
+        # a folder is packed into a .tar by the client; an archive, a folder, a large
+        # file and every --uri answer with an ingest job
+        answer = c.datasets.add(path, uri=uri, builtin=builtin, name=name, labels=labels,
+                                keys=keys, wait=False, **options)
+        if isinstance(answer, Dataset):  # registered inside the request
+            d = answer.raw
+        elif not wait:
+            if as_json:  # the 202 answer (IngestAccepted): the dataset comes with the job
+                emit_json({"mode": "job", "job": answer.raw, "dataset": None})
+            else:
+                err.print(f"job {answer.id} queued: follow it with `latentbank jobs "
+                          f"watch {answer.id}`")
+            return
         else:
-            d = answer
+            d = follow(c, answer, as_json)
     if as_json:
         emit_json(d)
     else:
@@ -163,15 +140,14 @@ def datasets_add(
 def datasets_list(limit: int = typer.Option(100, min=1, max=1000),
                   as_json: JsonOpt = False) -> None:
     """Registered datasets, newest first."""
-    items = fetch("/v1/datasets", limit=limit)
-    if as_json:
-        emit_json(items)
-    else:
-        table("datasets", DATASET_COLUMNS, _dataset_rows(items))
+    with client() as c:
+        items = c.datasets.list(limit=limit)
+    listing(items, as_json, "datasets", DATASET_COLUMNS, _dataset_rows)
 
 
 @datasets_app.command("show")
 @verb
 def datasets_show(dataset_id: int, as_json: JsonOpt = False) -> None:
     """One dataset."""
-    show(f"/v1/datasets/{dataset_id}", f"dataset {dataset_id}", as_json)
+    with client() as c:
+        show(c.datasets.get(dataset_id).raw, f"dataset {dataset_id}", as_json)

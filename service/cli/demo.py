@@ -20,19 +20,20 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import httpx
 import numpy as np
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from service.cli.client import Client, ClientError
 from service.cli.jobs import watch_job
 from service.cli.stack import free_port, port_free, read_stack, stack_file
 from store.settings import get_settings
+
+if TYPE_CHECKING:
+    from latentbank_client import Client, EmbeddingSet
 
 console = Console(highlight=False)
 if not console.is_terminal:
@@ -89,20 +90,18 @@ def stack(data_dir: Path, port: int | None, log_path: Path) -> Iterator[tuple[st
         console.print(f"stack stopped (exit status {proc.returncode}); nothing left running")
 
 
-def knn_accuracy(c: Client, set_id: int, keys: list[str], k: int,
-                 ) -> tuple[float, float, float]:
+def knn_accuracy(es: EmbeddingSet, keys: list[str], k: int) -> tuple[float, float, float]:
     """Leave-one-out kNN: each query item's label against the majority label of its k
     nearest *other* items (exact L2 search; a tie goes to the label met first, i.e. the
     nearer), all queries in one batch search. Returns (accuracy, the most common label's
     share among the queries: what guessing it would score, the batch's seconds)."""
     started = time.perf_counter()
-    answers = c.post(f"/v1/embeddings/{set_id}/search/batch", json={
-        "queries": [{"key": key} for key in keys], "k": k, "exact": True})["answers"]
+    answers = es.search_many(keys=keys, k=k, exact=True)
     seconds = time.perf_counter() - started
     hits, own_labels = 0, collections.Counter()
     for answer in answers:  # a key's answer never holds the item itself
-        own = answer["query"]["label"]
-        votes = collections.Counter(h["label"] for h in answer["results"])
+        own = answer.query["label"]
+        votes = collections.Counter(h.label for h in answer)
         hits += votes.most_common(1)[0][0] == own
         own_labels[own] += 1
     return hits / len(keys), own_labels.most_common(1)[0][1] / len(keys), seconds
@@ -114,59 +113,55 @@ def run(c: Client, out: Path, epochs: int, latent_dim: int, importance_samples: 
         timings[name] = time.perf_counter() - started
 
     started = time.perf_counter()
-    dataset = c.post("/v1/datasets", json={"name": "digits", "builtin": "digits"})
+    dataset = c.datasets.add(builtin="digits", name="digits")
     timed("register digits", started)
-    console.print(f"dataset {dataset['id']}: {dataset['n_items']} digits of "
-                  f"{'×'.join(map(str, dataset['item_shape']))} in [0, 1], with labels")
+    console.print(f"dataset {dataset.id}: {dataset.n_items} digits of "
+                  f"{'×'.join(map(str, dataset.item_shape))} in [0, 1], with labels")
 
     started = time.perf_counter()
-    job = c.post("/v1/training-jobs", json={
-        "dataset_id": dataset["id"],
+    job = c.models.train(
+        dataset.id,
         # the IWAE paper's protocol: a Bernoulli on binary draws of the grey pixels, new
         # ones each epoch, so log p(x) is a normalised likelihood (in bits/dim too)
-        "model": {"family": "mlp", "latent_dim": latent_dim, "hidden": [128, 64],
-                  "likelihood": "bernoulli", "binarize": "dynamic"},
-        "training": {"epochs": epochs, "batch_size": 64, "lr": 2e-3, "seed": 0,
-                     "kl_warmup_epochs": min(10, epochs), "early_stopping_patience": 10,
-                     "importance_samples": importance_samples}})
-    console.print(f"training job {job['id']} queued (model {job['model_id']})")
-    if watch_job(c, job["id"], False):
+        {"family": "mlp", "latent_dim": latent_dim, "hidden": [128, 64],
+         "likelihood": "bernoulli", "binarize": "dynamic"},
+        {"epochs": epochs, "batch_size": 64, "lr": 2e-3, "seed": 0,
+         "kl_warmup_epochs": min(10, epochs), "early_stopping_patience": 10,
+         "importance_samples": importance_samples})
+    console.print(f"training job {job.id} queued (model {job.model_id})")
+    if watch_job(c, job, False):
         raise SystemExit("training failed")
     timed("train (queue to ready)", started)
-    model = c.get(f"/v1/models/{job['model_id']}")
+    model = c.models.get(job.model_id)
 
     started = time.perf_counter()
-    job = c.post("/v1/embedding-jobs", json={"model_id": model["id"],
-                                             "dataset_id": dataset["id"],
-                                             "importance_samples": 100})
-    console.print(f"embedding job {job['id']} queued (embedding set {job['embedding_set_id']})")
-    if watch_job(c, job["id"], False):
+    job = c.embeddings.create(model.id, dataset.id, importance_samples=100)
+    console.print(f"embedding job {job.id} queued (embedding set {job.embedding_set_id})")
+    if watch_job(c, job, False):
         raise SystemExit("embedding failed")
     timed("embed every item (K=100)", started)
-    es = c.get(f"/v1/embeddings/{job['embedding_set_id']}")
+    es = c.embeddings.get(job.embedding_set_id)
 
-    item = c.get(f"/v1/embeddings/{es['id']}/items/0")
-    near = c.post(f"/v1/embeddings/{es['id']}/search", json={"key": "0", "k": 6})
-    console.print(f"nearest neighbours of item 0 (label {item['label']}) in latent space:")
+    item = es.item("0")
+    near = es.search(key="0", k=6)
+    console.print(f"nearest neighbours of item 0 (label {item.label}) in latent space:")
     t = Table()
     for col in ("key", "label", "L2 distance", "ELBO", "log p(x)"):
         t.add_column(col, justify="right")
-    for h in near["results"]:
-        t.add_row(h["key"], h["label"], f"{h['distance']:.4f}", f"{h['elbo']:.2f}",
-                  f"{h['log_px']:.2f}")
+    for h in near:
+        t.add_row(h.key, h.label, f"{h.distance:.4f}", f"{h.elbo:.2f}", f"{h.log_px:.2f}")
     console.print(t)
 
     rng = np.random.default_rng(0)
-    query_keys = [str(i) for i in rng.choice(es["n_items"], size=min(queries, es["n_items"]),
+    query_keys = [str(i) for i in rng.choice(es.n_items, size=min(queries, es.n_items),
                                              replace=False)]
     started = time.perf_counter()
-    accuracy, chance, batch_seconds = knn_accuracy(c, es["id"], query_keys, k=10)
+    accuracy, chance, batch_seconds = knn_accuracy(es, query_keys, k=10)
     timed(f"kNN accuracy ({len(query_keys)} searches)", started)
 
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    samples = c.request("POST", f"/v1/models/{model['id']}/sample",
-                        json={"n": 64, "seed": 0}, headers={"Accept": "image/png"}).content
+    samples = model.sample_png(64, seed=0)
     timed("decode 64 prior samples to PNG", started)
     files = {"prior samples (64, seed 0)": out / "samples.png",
              "training curves": out / "curves.png",
@@ -174,20 +169,16 @@ def run(c: Client, out: Path, epochs: int, latent_dim: int, importance_samples: 
              "latents of every item": out / "latents.parquet",
              "encoder.onnx": out / "encoder.onnx", "decoder.onnx": out / "decoder.onnx",
              "summary": out / "summary.json"}
-    files["prior samples (64, seed 0)"].write_bytes(samples)
-    files["training curves"].write_bytes(
-        c.request("GET", f"/v1/models/{model['id']}/plots/curves.png").content)
-    files["latent scatter (PCA of mu)"].write_bytes(
-        c.request("GET", f"/v1/embeddings/{es['id']}/plots/latent.png").content)
-    files["latents of every item"].write_bytes(c.request(
-        "GET", f"/v1/embeddings/{es['id']}/export", params={"format": "parquet"}).content)
+    files["prior samples (64, seed 0)"].write_bytes(samples.data)
+    files["training curves"].write_bytes(model.curves_png().data)
+    files["latent scatter (PCA of mu)"].write_bytes(es.latents_png().data)
+    es.export(files["latents of every item"], "parquet")
     for role in ("encoder", "decoder"):
-        files[f"{role}.onnx"].write_bytes(
-            c.request("GET", f"/v1/models/{model['id']}/onnx/{role}").content)
+        files[f"{role}.onnx"].write_bytes(model.onnx(role))
 
-    s, st = model["summary"], es["stats"]
+    s, st = model.summary, es.stats
     summary = {
-        "dataset_id": dataset["id"], "model_id": model["id"], "embedding_set_id": es["id"],
+        "dataset_id": dataset.id, "model_id": model.id, "embedding_set_id": es.id,
         "heldout_items": s["heldout_n_items"], "heldout_elbo": s["heldout_elbo"],
         "heldout_reconstruction": s["heldout_reconstruction"], "heldout_kl": s["heldout_kl"],
         "heldout_log_px": s["heldout_log_px"], "heldout_log_px_se": s["heldout_log_px_se"],
@@ -265,6 +256,8 @@ def demo(
 ) -> None:
     """The whole service on the built-in digits, through its HTTP API (what `make demo`
     runs): train, embed, search, decode; prints a summary and where the results are."""
+    from latentbank_client import Client, LatentbankError
+
     data_dir = get_settings().data_dir
     timings: dict[str, float] = {}
     began = time.perf_counter()
@@ -279,7 +272,7 @@ def demo(
                 with Client(local) as c:
                     summary = run(c, out, epochs, latent_dim, importance_samples, queries,
                                   timings)
-    except (ClientError, httpx.HTTPError) as exc:
+    except LatentbankError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     summary["timings_seconds"]["total"] = time.perf_counter() - began

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import mimetypes
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,15 +10,14 @@ from typing import Annotated, Any
 
 import typer
 
-from service.cli.client import ClientError, reason
 from service.cli.output import (
     JsonOpt,
     RefArg,
     client,
     emit_json,
     fail,
-    fetch,
     fmt,
+    listing,
     out,
     show,
     table,
@@ -45,8 +43,9 @@ def embeddings_list(model: Annotated[int | None, typer.Option(help="model id")] 
                     limit: int = typer.Option(100, min=1, max=1000),
                     as_json: JsonOpt = False) -> None:
     """Embedding sets, newest first."""
-    items = fetch("/v1/embeddings", model_id=model, limit=limit)
-    emit_json(items) if as_json else table("embedding sets", SET_COLUMNS, _set_rows(items))
+    with client() as c:
+        items = c.embeddings.list(model_id=model, limit=limit)
+    listing(items, as_json, "embedding sets", SET_COLUMNS, _set_rows)
 
 
 @embeddings_app.command("show")
@@ -54,7 +53,8 @@ def embeddings_list(model: Annotated[int | None, typer.Option(help="model id")] 
 def embeddings_show(set_id: Annotated[str, RefArg("embedding set")],
                     as_json: JsonOpt = False) -> None:
     """One embedding set with its statistics."""
-    show(f"/v1/embeddings/{set_id}", f"embedding set {set_id}", as_json)
+    with client() as c:
+        show(c.embeddings.get(set_id).raw, f"embedding set {set_id}", as_json)
 
 
 def _floats(text: str) -> list[float]:
@@ -104,24 +104,19 @@ def search(set_id: Annotated[str, RefArg("embedding set")],
         flt["label"] = label
     if min_elbo is not None:
         flt["elbo"] = [min_elbo, None]
-    path = f"/v1/embeddings/{set_id}/search"
     if image is not None:
-        form = {"k": str(k), "metric": metric, "exact": str(exact).lower()}
-        if flt:
-            form["filter"] = json.dumps(flt)
-        kind = mimetypes.guess_type(image.name)[0] or "application/octet-stream"
-        with client() as c, open(_image(image), "rb") as f:
-            answer = c.post(path, data=form, files={"image": (image.name, f, kind)})
-    else:
-        body: dict[str, Any] = {"k": k, "metric": metric, "exact": exact}
-        if key is not None:
-            body["key"] = key
+        _image(image)
+    with client() as c:
+        es = c.embeddings.get(set_id)
+        if image is not None:
+            found = es.search(image=image, k=k, metric=metric, exact=exact,
+                              filter=flt or None)
+        elif key is not None:
+            found = es.search(key=key, k=k, metric=metric, exact=exact, filter=flt or None)
         else:
-            body["vector"] = _floats(vector or "")
-        if flt:
-            body["filter"] = flt
-        with client() as c:
-            answer = c.post(path, json=body)
+            found = es.search(_floats(vector or ""), k=k, metric=metric, exact=exact,
+                              filter=flt or None)
+    answer = found.raw
     if as_json:
         emit_json(answer)
         return
@@ -142,19 +137,10 @@ def export(set_id: Annotated[str, RefArg("embedding set")],
     if suffix not in formats:
         raise fail(f"--out {output}: write .parquet or .ndjson")
     output.parent.mkdir(parents=True, exist_ok=True)
-    started, size = time.perf_counter(), 0
-    tmp = output.with_name(output.name + ".part")
-    with client() as c, c.http.stream("GET", f"/v1/embeddings/{set_id}/export",
-                                      params={"format": formats[suffix]},
-                                      timeout=None) as response:
-        if response.status_code >= 400:
-            response.read()
-            raise ClientError(reason(response))
-        with open(tmp, "wb") as f:
-            for chunk in response.iter_bytes():
-                f.write(chunk)
-                size += len(chunk)
-    tmp.replace(output)  # never a half-written file under the asked name
+    started = time.perf_counter()
+    with client() as c:  # streamed to a file beside `output`, renamed once whole
+        c.embeddings.get(set_id).export(output, formats[suffix])
+    size = output.stat().st_size
     if as_json:
         emit_json({"path": str(output.resolve()), "bytes": size})
     else:
@@ -168,5 +154,5 @@ def embeddings_rm(set_id: Annotated[str, RefArg("embedding set")],
                   as_json: JsonOpt = False) -> None:
     """Delete an embedding set: its rows and index (refused while aliased or in use)."""
     with client() as c:
-        c.request("DELETE", f"/v1/embeddings/{set_id}")
+        c.embeddings.delete(set_id)
     emit_json({"deleted": set_id}) if as_json else out.print(f"deleted embedding set {set_id}")

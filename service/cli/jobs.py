@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
 
-from service.cli.client import TERMINAL, Client
 from service.cli.output import (
     JsonOpt,
     WatchOpt,
@@ -17,12 +17,16 @@ from service.cli.output import (
     client,
     emit_json,
     err,
-    fetch,
-    ref_json,
+    listing,
     show,
     table,
     verb,
 )
+
+if TYPE_CHECKING:
+    from latentbank_client import Client, Job
+
+TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 def _yaml_loader() -> Any:
@@ -152,20 +156,21 @@ def train(
         spec["dataset_id"] = dataset
     if "dataset_id" not in spec:
         raise ValueError("which dataset? give --dataset ID (see `latentbank datasets list`)")
+    dataset_id = spec.pop("dataset_id")
     with client() as c:
         if grid:
-            answer = c.post("/v1/sweeps", json={**spec, "grid": grid})
-            jobs = answer["jobs"]
+            jobs = c.models.sweep(dataset_id, spec["model"], spec["training"], grid)
+            answer: Any = {"sweep_id": jobs[0].sweep_id, "jobs": [j.raw for j in jobs]}
         else:
-            jobs = [c.post("/v1/training-jobs", json=spec)]
-            answer = jobs[0]
+            jobs = [c.models.train(dataset_id, spec["model"], spec["training"])]
+            answer = jobs[0].raw
         if as_json and not watch:
             emit_json(answer)
         elif not as_json:
             title = f"sweep {answer['sweep_id']}" if grid else "training job queued"
-            table(title, JOB_COLUMNS, job_rows(jobs))
+            table(title, JOB_COLUMNS, job_rows([j.raw for j in jobs]))
         if watch:
-            status = max(watch_job(c, j["id"], as_json) for j in jobs)
+            status = max(watch_job(c, j, as_json) for j in jobs)
             raise typer.Exit(status)
 
 
@@ -191,36 +196,66 @@ def _final(job: dict[str, Any]) -> int:
     return 1
 
 
-def watch_job(c: Client, job_id: int, as_json: bool) -> int:
-    """Follow a job until it ends; 0 when it succeeded, 1 otherwise.
+def watch_job(c: Client, job: Job | int, as_json: bool) -> int:
+    """Follow a job (a latentbank_client Job, or its id) until it ends, from the API's
+    event stream (the client's: it reconnects, and polls if the stream keeps failing);
+    0 when it succeeded, 1 otherwise.
 
     A terminal gets a live bar (progress, the worker's message: epoch, val ELBO and
     log p(x) for training, and the ETA); a pipe gets one line per change; --json gets
     each state of the job as one JSON line.
     """
-    job: dict[str, Any] = {}
+    from latentbank_client import JobFailed
+
+    job_id = job if isinstance(job, int) else job.id
+    with _shown(job_id, as_json) as seen:
+        try:
+            final = (c.jobs.wait(job_id, progress=seen) if isinstance(job, int)
+                     else job.wait(progress=seen))
+        except JobFailed as exc:
+            final = exc.job
     if as_json:
-        for job in c.events(job_id):
-            emit_json(job)
-        return 0 if job.get("status") == "succeeded" else 1
+        return 0 if final.status == "succeeded" else 1
+    return _final(final.raw)
+
+
+@contextlib.contextmanager
+def _shown(job_id: int, as_json: bool) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """What receives each state of a job while it is watched; a state equal to the one
+    before (the job as submitted, then the stream's first event) is shown once."""
+    last: list[dict[str, Any]] = []
+
+    def changed(job: dict[str, Any]) -> bool:
+        if last and last[0] == job:
+            return False
+        last[:] = [job]
+        return True
+
+    if as_json:
+        yield lambda job: emit_json(job) if changed(job) else None
+        return
     if not err.is_terminal:
-        for job in c.events(job_id):
-            err.print(f"job {job_id} {job['status']} {100 * job['progress']:5.1f}% "
-                      f"{escape(job.get('progress_message') or '')} {_eta(job['eta_seconds'])}"
-                      .rstrip())
-        return _final(job)
+        def line(job: dict[str, Any]) -> None:
+            if changed(job):
+                err.print(f"job {job_id} {job['status']} {100 * job['progress']:5.1f}% "
+                          f"{escape(job.get('progress_message') or '')} "
+                          f"{_eta(job.get('eta_seconds'))}".rstrip())
+        yield line
+        return
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
                   TextColumn("{task.fields[message]}"), TextColumn("{task.fields[eta]}"),
                   console=err, transient=False) as bar:
         task = bar.add_task(f"job {job_id}", total=1.0, message="", eta="")
-        for job in c.events(job_id):
+
+        def update(job: dict[str, Any]) -> None:
             bar.update(task, completed=job["progress"],
                        description=f"job {job_id} {job['kind']} {job['status']}",
                        message=escape(job.get("progress_message") or ""),
-                       eta=_eta(job["eta_seconds"]) if job["status"] not in TERMINAL else "")
-    return _final(job)
+                       eta=_eta(job.get("eta_seconds")) if job["status"] not in TERMINAL
+                       else "")
+        yield update
 
 
 @jobs_app.command("list")
@@ -229,15 +264,17 @@ def jobs_list(status: Annotated[str | None, typer.Option(help="queued, running, 
               kind: Annotated[str | None, typer.Option(help="train, embed or ingest")] = None,
               limit: int = typer.Option(50, min=1, max=1000), as_json: JsonOpt = False) -> None:
     """Jobs, newest first."""
-    items = fetch("/v1/jobs", status=status, kind=kind, limit=limit)
-    emit_json(items) if as_json else table("jobs", JOB_COLUMNS, job_rows(items))
+    with client() as c:
+        items = c.jobs.list(status=status, kind=kind, limit=limit)
+    listing(items, as_json, "jobs", JOB_COLUMNS, job_rows)
 
 
 @jobs_app.command("show")
 @verb
 def jobs_show(job_id: int, as_json: JsonOpt = False) -> None:
     """One job: status, progress, attempts, error, what it made."""
-    show(f"/v1/jobs/{job_id}", f"job {job_id}", as_json)
+    with client() as c:
+        show(c.jobs.get(job_id).raw, f"job {job_id}", as_json)
 
 
 @jobs_app.command("watch")
@@ -253,8 +290,8 @@ def jobs_watch(job_id: int, as_json: JsonOpt = False) -> None:
 def jobs_cancel(job_id: int, as_json: JsonOpt = False) -> None:
     """Cancel: a queued job never starts, a running one stops at its next check."""
     with client() as c:
-        j = c.post(f"/v1/jobs/{job_id}/cancel")
-    emit_json(j) if as_json else err.print(f"job {job_id}: cancel requested ({j['status']})")
+        j = c.jobs.cancel(job_id)
+    emit_json(j.raw) if as_json else err.print(f"job {job_id}: cancel requested ({j.status})")
 
 
 @verb
@@ -270,16 +307,11 @@ def embed(model: Annotated[str, typer.Option(help="a ready model's id, or @alias
           watch: WatchOpt = False, as_json: JsonOpt = False) -> None:
     """Queue an embedding job: every item's posterior and ELBO terms, into pgvector (a new
     set, or appended to one with --into)."""
-    body: dict[str, Any] = {"model_id": ref_json(model), "dataset_id": dataset}
-    if importance_samples is not None:
-        body["importance_samples"] = importance_samples
-    if into is not None:
-        body["embedding_set_id"] = ref_json(into)
     with client() as c:
-        job = c.post("/v1/embedding-jobs", json=body)
+        job = c.embeddings.create(model, dataset, importance_samples, append_to=into)
         if as_json and not watch:
-            emit_json(job)
+            emit_json(job.raw)
         elif not as_json:
-            table("embedding job queued", JOB_COLUMNS, job_rows([job]))
+            table("embedding job queued", JOB_COLUMNS, job_rows([job.raw]))
         if watch:
-            raise typer.Exit(watch_job(c, job["id"], as_json))
+            raise typer.Exit(watch_job(c, job, as_json))

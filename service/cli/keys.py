@@ -13,8 +13,7 @@ from service.cli.output import (
     emit_json,
     err,
     fail,
-    fetch,
-    table,
+    listing,
     verb,
 )
 
@@ -38,7 +37,7 @@ def keys_create(
         created = _create_key_direct(name, scopes)
     else:
         with client() as c:
-            created = c.post("/v1/keys", json={"name": name, "scopes": scopes})
+            created = c.keys.create(name, scopes).raw
     if as_json:
         emit_json(created)
         return
@@ -68,14 +67,13 @@ def _create_key_direct(name: str, scopes: list[str]) -> dict[str, Any]:
 @verb
 def keys_list(as_json: JsonOpt = False) -> None:
     """Every key (never the secrets)."""
-    items = fetch("/v1/keys")
-    if as_json:
-        emit_json(items)
-    else:
-        table("API keys", ["id", "name", "prefix", "scopes", "last used", "revoked"],
-              ([k["id"], k["name"], k["prefix"], ",".join(k["scopes"]),
-                str(k["last_used_at"] or "")[:19], str(k["revoked_at"] or "")[:19]]
-               for k in items))
+    with client() as c:
+        items = c.keys.list()
+    listing(items, as_json, "API keys", ["id", "name", "prefix", "scopes", "last used",
+                                         "revoked"],
+            lambda raw: ([k["id"], k["name"], k["prefix"], ",".join(k["scopes"]),
+                          str(k["last_used_at"] or "")[:19], str(k["revoked_at"] or "")[:19]]
+                         for k in raw))
 
 
 @keys_app.command("revoke")
@@ -83,5 +81,5 @@ def keys_list(as_json: JsonOpt = False) -> None:
 def keys_revoke(key_id: int, as_json: JsonOpt = False) -> None:
     """Revoke a key (other API processes notice within 10 s)."""
     with client() as c:
-        k = c.request("DELETE", f"/v1/keys/{key_id}").json()
+        k = c.keys.revoke(key_id).raw
     emit_json(k) if as_json else err.print(f"key {key_id} revoked")

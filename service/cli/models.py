@@ -9,15 +9,14 @@ from typing import Annotated, Any
 
 import typer
 
-from service.cli.client import NPY, npy_body
 from service.cli.output import (
     JsonOpt,
     RefArg,
     client,
     emit_json,
     fail,
-    fetch,
     fmt,
+    listing,
     out,
     table,
     verb,
@@ -45,8 +44,9 @@ def models_list(status: Annotated[str | None, typer.Option()] = None,
                 limit: int = typer.Option(100, min=1, max=1000),
                 as_json: JsonOpt = False) -> None:
     """Models, newest first, with held-out ELBO and log p(x) (nats per item)."""
-    items = fetch("/v1/models", status=status, dataset_id=dataset, limit=limit)
-    emit_json(items) if as_json else table("models", MODEL_COLUMNS, _model_rows(items))
+    with client() as c:
+        items = c.models.list(status=status, dataset_id=dataset, limit=limit)
+    listing(items, as_json, "models", MODEL_COLUMNS, _model_rows)
 
 
 @models_app.command("show")
@@ -54,8 +54,8 @@ def models_list(status: Annotated[str | None, typer.Option()] = None,
 def models_show(model_id: Annotated[str, RefArg("model")], as_json: JsonOpt = False) -> None:
     """One model: its configuration, held-out summary and per-epoch metrics."""
     with client() as c:
-        m = c.get(f"/v1/models/{model_id}")
-        metrics = c.get(f"/v1/models/{model_id}/metrics")
+        model = c.models.get(model_id)
+        m, metrics = model.raw, [row.raw for row in model.metrics()]
     if as_json:
         emit_json({**m, "metrics": metrics})
         return
@@ -90,9 +90,10 @@ def models_onnx(model_id: Annotated[str, RefArg("model")],
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
     with client() as c:
+        model = c.models.get(model_id)
         for role in ("encoder", "decoder"):
             path = out_dir / f"model-{model_id}-{role}.onnx"
-            path.write_bytes(c.request("GET", f"/v1/models/{model_id}/onnx/{role}").content)
+            path.write_bytes(model.onnx(role))
             written[role] = str(path.resolve())
     if as_json:
         emit_json(written)
@@ -131,16 +132,26 @@ def decode(model_id: Annotated[str, RefArg("a ready model's")],
         raise fail(f"--out {output}: write .npy or .png")
     if (z is None) == (sample is None):
         raise fail("give exactly one of --z FILE.npy and --sample N")
-    accept = NPY if suffix == ".npy" else "image/png"
     with client() as c:
+        model = c.models.get(model_id)
         if z is not None:
             vectors = np.load(z, allow_pickle=False)
-            data = c.post_array(f"/v1/models/{model_id}/decode", accept,
-                                content=npy_body(vectors), headers={"Content-Type": NPY})
+            png = suffix == ".png"
+            answer = model.decode_png(vectors) if png else model.decode(vectors)
         else:
-            data = c.post_array(f"/v1/models/{model_id}/sample", accept, json={
-                "n": sample, "seed": seed, "temperature": temperature})
-    _write(output, data, as_json)
+            answer = (model.sample_png(sample, seed, temperature) if suffix == ".png"
+                      else model.sample(sample, seed, temperature))
+    _write(output, answer.data if suffix == ".png" else _npy(answer), as_json)
+
+
+def _npy(array: Any) -> bytes:
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
 
 
 @models_app.command("score")
@@ -161,11 +172,9 @@ def models_score(model_id: Annotated[str, RefArg("a ready model's")],
     import numpy as np
 
     x = np.load(items, allow_pickle=False)
-    params = {k: v for k, v in (("importance_samples", importance_samples), ("fpr", fpr),
-                                ("seed", seed)) if v is not None}
     with client() as c:
-        got = c.post(f"/v1/models/{model_id}/score", params=params, content=npy_body(x),
-                     headers={"Content-Type": NPY})
+        got = c.models.get(model_id).score(x, fpr=fpr, importance_samples=importance_samples,
+                                           seed=seed).raw
     if as_json:
         emit_json(got)
         return
@@ -208,11 +217,16 @@ def models_traverse(model_id: Annotated[str, RefArg("a ready model's")],
     suffix = output.suffix.lower()
     if suffix not in (".png", ".json"):
         raise fail(f"--out {output}: write .png or .json")
-    body = {"top": top, "steps": steps, "span": span, "embedding_id": embedding, "key": key}
+    if (embedding is None) != (key is None):
+        raise fail("--embedding and --key go together (the base item's set and key)")
     with client() as c:
-        data = c.post_array(f"/v1/models/{model_id}/traverse",
-                            "image/png" if suffix == ".png" else "application/json",
-                            json={k: v for k, v in body.items() if v is not None})
+        model = c.models.get(model_id)
+        if suffix == ".png":
+            data = model.traverse_png(embedding_set=embedding, key=key, top=top,
+                                      steps=steps, span=span).data
+        else:
+            data = json.dumps(model.traverse(embedding_set=embedding, key=key, top=top,
+                                             steps=steps, span=span).raw).encode()
     _write(output, data, as_json)
 
 
@@ -221,5 +235,5 @@ def models_traverse(model_id: Annotated[str, RefArg("a ready model's")],
 def models_rm(model_id: Annotated[str, RefArg("model")], as_json: JsonOpt = False) -> None:
     """Delete a model with its embedding sets and files (refused while aliased or in use)."""
     with client() as c:
-        c.request("DELETE", f"/v1/models/{model_id}")
+        c.models.delete(model_id)
     emit_json({"deleted": model_id}) if as_json else out.print(f"deleted model {model_id}")

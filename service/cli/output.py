@@ -1,6 +1,13 @@
 """What every client verb shares: output (rich tables, `--json`), errors and the client.
 
-Each client verb of the `latentbank` command is a call to the HTTP API.
+Each client verb of the `latentbank` command is a call to the HTTP API through
+`latentbank_client.Client` (one HTTP layer: retries with back-off honouring Retry-After,
+an Idempotency-Key on each submission, one error hierarchy, folder packing, the event
+stream). Where it sends requests and which key goes there is the client's rule
+(latentbank_client.config): a key goes only to a URL the user gave or to the stack that
+this user's `latentbank up` runs from the data folder, never to a URL read from elsewhere.
+The client is imported when a verb runs, never by the server's commands (up, api, worker,
+beat, migrate), so the images need no latentbank-client.
 
 Human output is a rich table on stdout (progress on stderr); `--json` prints the API's
 JSON instead, for scripts. A failure prints one line, `error: <reason>`, on stderr and
@@ -14,14 +21,15 @@ import json
 import re
 import sys
 from collections.abc import Callable, Iterable
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from service.cli.client import Client, ClientError
+if TYPE_CHECKING:
+    from latentbank_client import Client
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False)
@@ -39,22 +47,46 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+def failure(exc: BaseException) -> tuple[int, str] | None:
+    """The exit status and one-line reason of a failed verb, or None when `exc` is not a
+    failure a verb reports (a bug: it is raised)."""
+    errors = sys.modules.get("latentbank_client.errors")  # loaded if the client raised it
+    if errors is not None and isinstance(exc, errors.LatentbankError):
+        if isinstance(exc, errors.ConnectionFailed):
+            return 3, exc.message
+        if exc.status is None:  # refused by the client before sending, or a job's end
+            return (2 if isinstance(exc, errors.InvalidInput) else 1), exc.message
+        phrase = exc.response.reason_phrase if exc.response is not None else ""
+        return 1, f"{exc.status} {phrase}: {exc.message}"
+    if isinstance(exc, OSError | ValueError):
+        return 2, str(exc)
+    return None
+
+
 def verb(fn: F) -> F:
-    """Turn ClientError and bad local input into one line on stderr and an exit status."""
+    """Turn the client's errors and bad local input into one line on stderr and an exit
+    status (see `failure`)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except ClientError as exc:
-            raise fail(str(exc), exc.exit_code) from None
-        except (OSError, ValueError) as exc:
-            raise fail(str(exc), 2) from None
+        except Exception as exc:
+            reported = failure(exc)
+            if reported is None:
+                raise
+            raise fail(reported[1], reported[0]) from None
 
     return wrapper  # type: ignore[return-value]
 
 
 def client() -> Client:
+    """The client the verbs call through (URL and key: latentbank_client.config)."""
+    try:
+        from latentbank_client import Client
+    except ImportError:
+        raise fail("the client verbs need the latentbank-client package: pip install "
+                   "./clients/python") from None
     return Client()
 
 
@@ -77,19 +109,22 @@ def fields(title: str, data: dict[str, Any]) -> None:
                                       for k, v in data.items()))
 
 
-def fetch(path: str, **params: Any) -> Any:
-    """GET `path` with the query parameters that are set."""
-    with client() as c:
-        return c.get(path, params={k: v for k, v in params.items() if v is not None})
-
-
-def show(path: str, title: str, as_json: bool) -> None:
-    """One resource: its JSON, or a field/value table."""
-    data = fetch(path)
+def show(data: dict[str, Any], title: str, as_json: bool) -> None:
+    """One resource (the API's JSON): as it is, or a field/value table."""
     if as_json:
         emit_json(data)
     else:
         fields(title, data)
+
+
+def listing(items: list[Any], as_json: bool, title: str, columns: list[str],
+            rows: Callable[[list[dict[str, Any]]], Iterable[Iterable[Any]]]) -> None:
+    """A list of results: their JSON as the API answered it, or a table."""
+    raw = [item.raw for item in items]
+    if as_json:
+        emit_json(raw)
+    else:
+        table(title, columns, rows(raw))
 
 
 def fmt(value: Any, digits: int = 3) -> str:
@@ -105,11 +140,6 @@ def check_ref(value: str | None) -> str | None:
     if value is not None and not _REF.fullmatch(value):
         raise typer.BadParameter(f"{value!r} is neither an id nor an alias (@name)")
     return value
-
-
-def ref_json(value: str) -> int | str:
-    """The id as JSON wants it: a number, or the alias string."""
-    return value if value.startswith("@") else int(value)
 
 
 def RefArg(what: str) -> Any:

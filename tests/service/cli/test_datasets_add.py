@@ -4,11 +4,9 @@ broken source prints the job's error and exits 1; --no-wait answers with the job
 local folder is packed into a .tar member by member."""
 
 import json
-import tarfile
 
 import numpy as np
 
-from service.cli.datasets import pack_folder
 from tests.support import cli, cli_json
 
 
@@ -52,22 +50,6 @@ def test_no_wait_answers_with_the_job_at_once(stack):
     assert answer["mode"] == "job" and answer["job"]["kind"] == "ingest"
     job = cli_json(stack.data_dir, "jobs", "show", answer["job"]["id"])
     assert job["id"] == answer["job"]["id"]
-
-
-def test_a_folder_is_packed_member_by_member_with_relative_names(tmp_path):
-    (tmp_path / "src" / "cat").mkdir(parents=True)
-    (tmp_path / "src" / "dog").mkdir()
-    files = {"cat/2.png": b"two", "cat/10.png": b"ten" * 1000, "dog/a.jpg": b"\x00\xff" * 7}
-    for name, data in files.items():
-        (tmp_path / "src" / name).write_bytes(data)
-    (tmp_path / "src" / "dog" / "link.jpg").symlink_to(tmp_path / "src" / "cat" / "2.png")
-    out = pack_folder(tmp_path / "src", tmp_path / "src.tar")
-    with tarfile.open(out) as tar:
-        names = tar.getnames()
-        got = {m: tar.extractfile(m).read() for m in names if m != "src"}
-    # the folder's own entry first, then its files under it, sorted; no symlink
-    assert names == ["src", *(f"src/{n}" for n in sorted(files))]
-    assert {m.removeprefix("src/"): d for m, d in got.items() if m != "src"} == files
 
 
 def test_a_local_folder_of_images_is_uploaded_and_is_the_same_dataset_as_its_uri(stack):

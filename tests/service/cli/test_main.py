@@ -87,3 +87,27 @@ def test_api_command_serves_until_terminated(api_env, tmp_path):
         # uvicorn shuts down cleanly, then re-raises SIGTERM (exit status -15)
         assert proc.wait(timeout=30) in (0, -15)
     assert "Application shutdown complete" in (tmp_path / "api.log").read_text()
+
+
+def test_the_servers_commands_go_without_the_client_distribution():
+    """The images install no latentbank-client: the server's commands never import it
+    (the client verbs do, when they run), and a client verb without it says what to
+    install."""
+    code = """
+import sys
+import service.cli.main
+from typer.testing import CliRunner
+assert "latentbank_client" not in sys.modules, "imported with the CLI"
+sys.modules["latentbank_client"] = None  # as where it is not installed
+runner = CliRunner()
+for argv in (["version"], ["worker", "--help"], ["up", "--help"], ["migrate", "--help"]):
+    result = runner.invoke(service.cli.main.app, argv)
+    assert result.exit_code == 0, (argv, result.output)
+result = runner.invoke(service.cli.main.app, ["models", "list"])
+print(result.exit_code, result.output.strip())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ("2 error: the client verbs need the latentbank-client "
+                                  "package: pip install ./clients/python")

@@ -24,7 +24,8 @@ class Aliases(Resource):
     wherever an id goes (`client.models["@prod"]`)."""
 
     def set(self, name: str, *, model: Any = None, embedding_set: Any = None) -> Alias:
-        """Create alias `name` or move it (atomically) to `model` or `embedding_set`."""
+        """Create alias `name` or move it (atomically) to `model` or `embedding_set`;
+        the answer's `created` tells which (True: this call made it)."""
         if (model is None) == (embedding_set is None):
             raise InvalidInput("give exactly one of model= and embedding_set=")
         body = ({"model_id": ident(model, "model")} if model is not None
@@ -32,7 +33,9 @@ class Aliases(Resource):
 
         def plan() -> Plan:
             response = yield Call("PUT", f"/v1/aliases/{_name(name)}", json=body)
-            return Alias.of(response.json())
+            alias = Alias.of(response.json())
+            alias.created = response.status_code == 201
+            return alias
         return self._run(plan())
 
     def get(self, name: str) -> Alias:

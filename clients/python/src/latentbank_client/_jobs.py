@@ -9,7 +9,7 @@ from typing import Any
 from latentbank_client._core import TERMINAL, Call, Plan, Watch, ident
 from latentbank_client.display import bar, html_table
 from latentbank_client.errors import JobFailed, LatentbankError
-from latentbank_client.results import build
+from latentbank_client.results import FromApi, build
 
 
 class Resource:
@@ -23,7 +23,7 @@ class Resource:
 
 
 @dataclass(kw_only=True)
-class Bound:
+class Bound(FromApi):
     """A result that can make further calls through the client it came from. With an
     `AsyncClient`, its methods return awaitables."""
 

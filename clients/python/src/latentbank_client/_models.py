@@ -34,6 +34,7 @@ from latentbank_client.results import (
     build,
 )
 
+PNG_TYPE = "image/png"
 
 def image_part(image: Any) -> tuple[str, Any, str]:
     """A multipart `image` part from a path or bytes (PNG, JPEG or WebP)."""
@@ -92,6 +93,17 @@ class Model(Bound):
             return load_npy(response.content)
         return self._run(plan())
 
+    def decode_png(self, z: Any) -> PNG:
+        """The decoder's means for latent points `z` (n, latent_dim) as one PNG grid of
+        images (the server draws it; shown inline by a notebook)."""
+        rows = float_rows(z, "z", self.latent_dim)
+
+        def plan() -> Plan:
+            response = yield Call("POST", self._path("decode"), content=npy_bytes(rows),
+                                  headers={"Content-Type": NPY, "Accept": PNG_TYPE})
+            return PNG(response.content)
+        return self._run(plan())
+
     def sample(self, n: int = 16, seed: int | None = None, temperature: float = 1.0,
                return_latents: bool = False) -> Any:
         """`n` items decoded from prior draws N(0, temperature² I): an array of
@@ -105,6 +117,17 @@ class Model(Bound):
             response = yield Call("POST", self._path("sample"), json=body,
                                   headers={"Accept": NPY})
             return load_npy(response.content)
+        return self._run(plan())
+
+    def sample_png(self, n: int = 16, seed: int | None = None,
+                   temperature: float = 1.0) -> PNG:
+        """`n` items decoded from prior draws (as `sample`), as one PNG grid."""
+        body = {"n": n, "seed": seed, "temperature": temperature}
+
+        def plan() -> Plan:
+            response = yield Call("POST", self._path("sample"), json=body,
+                                  headers={"Accept": PNG_TYPE})
+            return PNG(response.content)
         return self._run(plan())
 
     def _items_call(self, tail: str, x: Any, image: Any, params: dict[str, Any] | None,
@@ -162,6 +185,29 @@ class Model(Bound):
         """Move one latent dimension at a time from a base point (`z`, or item `key` of
         `embedding_set`, else the prior mean): `Traversal.x` holds len(dims) x steps
         decoded items, the most informative dimensions first unless `dims` is given."""
+        body = self._traverse_body(z, embedding_set, key, dims, top, steps, span)
+
+        def plan() -> Plan:
+            response = yield Call("POST", self._path("traverse"), json=body)
+            return build(Traversal, response.json())
+        return self._run(plan())
+
+    def traverse_png(self, z: Any = None, *, embedding_set: Any = None,
+                     key: str | None = None, dims: list[int] | None = None, top: int = 8,
+                     steps: int = 9, span: float = 3.0) -> PNG:
+        """The traversal of `traverse` as one PNG grid: a row per dimension, a column per
+        step."""
+        body = self._traverse_body(z, embedding_set, key, dims, top, steps, span)
+
+        def plan() -> Plan:
+            response = yield Call("POST", self._path("traverse"), json=body,
+                                  headers={"Accept": PNG_TYPE})
+            return PNG(response.content)
+        return self._run(plan())
+
+    def _traverse_body(self, z: Any, embedding_set: Any, key: str | None,
+                       dims: list[int] | None, top: int, steps: int, span: float,
+                       ) -> dict[str, Any]:
         body: dict[str, Any] = {"top": top, "steps": steps, "span": span}
         if z is not None:
             body["z"] = float_rows(z, "z", self.latent_dim)[0].tolist()
@@ -172,11 +218,7 @@ class Model(Bound):
             body["key"] = str(key)
         if dims is not None:
             body["dims"] = [int(d) for d in dims]
-
-        def plan() -> Plan:
-            response = yield Call("POST", self._path("traverse"), json=body)
-            return build(Traversal, response.json())
-        return self._run(plan())
+        return body
 
     def interpolate(self, z_from: Any = None, z_to: Any = None, *, embedding_set: Any = None,
                     from_key: str | None = None, to_key: str | None = None, steps: int = 8,

@@ -1,4 +1,8 @@
-"""Where the client finds the API, and which key it sends there (as the `latentbank` CLI).
+"""Where the client finds the API, and which key it sends there: the one rule, which the
+`latentbank` CLI's client verbs go by too (they run on this client). `latentbank up` and
+`latentbank status` read `stack.json` with service.cli.stack.read_stack, the same checks
+written again there (this distribution imports nothing of the server's;
+tests/service/cli/test_verbs_unit.py holds both readers to the same cases).
 
 A key goes only to a URL the user gave, or to the stack of the user's own data folder,
 never to a URL read from elsewhere:

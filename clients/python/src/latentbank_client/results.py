@@ -15,6 +15,18 @@ import numpy as np
 T = TypeVar("T")
 
 
+class FromApi:
+    """A result built from an answer of the API. `raw` is that answer's JSON as it came,
+    fields this client does not know included (what `latentbank ... --json` prints)."""
+
+    _raw: Any = None
+
+    @property
+    def raw(self) -> Any:
+        """The API's JSON this result was built from (None when built otherwise)."""
+        return self._raw
+
+
 def parse_time(value: Any) -> Any:
     """An ISO-8601 timestamp as a datetime (None and non-strings as they are)."""
     if not isinstance(value, str):
@@ -44,13 +56,13 @@ def build(cls: type[T], data: dict[str, Any], client: Any = None) -> T:
     obj = cls(**values)
     if client is not None and hasattr(obj, "_client"):
         obj._client = client  # type: ignore[attr-defined]
-    if hasattr(obj, "_raw"):
-        obj._raw = data  # type: ignore[attr-defined]
+    if isinstance(obj, FromApi):
+        obj._raw = data
     return obj
 
 
 @dataclass(kw_only=True)
-class Hit:
+class Hit(FromApi):
     """One neighbour or outlier (server schema HitOut)."""
 
     key: str
@@ -62,7 +74,7 @@ class Hit:
     metadata: dict[str, Any] | None = None
 
 
-class SearchResult(list):  # type: ignore[type-arg]
+class SearchResult(FromApi, list):  # type: ignore[type-arg]
     """The hits of one query, nearest first (server schema SearchOut / BatchAnswer):
     a list of `Hit`, with the `plan` the database used and, for a key query of a batch
     search, the `query` item itself."""
@@ -74,10 +86,11 @@ class SearchResult(list):  # type: ignore[type-arg]
     def of(cls, data: dict[str, Any]) -> SearchResult:
         out = cls(build(Hit, h) for h in data.get("results", []))
         out.plan, out.query = data.get("plan"), data.get("query")
+        out._raw = data
         return out
 
 
-class Outliers(list):  # type: ignore[type-arg]
+class Outliers(FromApi, list):  # type: ignore[type-arg]
     """The items of lowest log p(x) (or ELBO), a list of `Hit` (server schema
     OutliersOut); `ranked_by` says which figure ranked them."""
 
@@ -87,11 +100,12 @@ class Outliers(list):  # type: ignore[type-arg]
     def of(cls, data: dict[str, Any]) -> Outliers:
         out = cls(build(Hit, h) for h in data.get("results", []))
         out.ranked_by = data.get("ranked_by")
+        out._raw = data
         return out
 
 
 @dataclass(kw_only=True)
-class DatasetItems:
+class DatasetItems(FromApi):
     """A page of a dataset's items (server schema DatasetItemsOut): `x` (n, *item_shape)
     float32 values as stored (8-bit items as x / 255), with their keys and labels."""
 
@@ -106,7 +120,7 @@ class DatasetItems:
 
 
 @dataclass(kw_only=True)
-class Item:
+class Item(FromApi):
     """One stored item's latent code and ELBO terms (server schema ItemOut)."""
 
     ARRAYS: ClassVar[dict[str, Any]] = {"mu": np.float32, "logvar": np.float32}
@@ -125,7 +139,7 @@ class Item:
 
 
 @dataclass(kw_only=True)
-class Threshold:
+class Threshold(FromApi):
     """The held-out threshold a score was judged by (server schema ScoreThreshold)."""
 
     fpr: float
@@ -138,7 +152,7 @@ class Threshold:
 
 
 @dataclass(kw_only=True)
-class Scores:
+class Scores(FromApi):
     """Per-item figures of new items, numpy arrays (server schema ScoreOut): `elbo`,
     `reconstruction`, `kl`, and with K > 0 `log_px`, `log_px_se`, `ess`; with `fpr`,
     `threshold` and the boolean `is_outlier`."""
@@ -171,7 +185,7 @@ class Scores:
 
 
 @dataclass(kw_only=True)
-class Encoded:
+class Encoded(FromApi):
     """Posterior means and log-variances, (n, latent_dim) each (server schema EncodeOut)."""
 
     ARRAYS: ClassVar[dict[str, Any]] = {"mu": np.float32, "logvar": np.float32}
@@ -180,7 +194,7 @@ class Encoded:
 
 
 @dataclass(kw_only=True)
-class Sample:
+class Sample(FromApi):
     """Decoded items `x` (item-shaped) and the latent points `z` they came from (server
     schema SampleOut)."""
 
@@ -190,7 +204,7 @@ class Sample:
 
 
 @dataclass(kw_only=True)
-class Traversal:
+class Traversal(FromApi):
     """A latent traversal (server schema TraverseOut): `x` has len(dims) x steps items,
     row r of the grid moving dimension dims[r] by each of `offsets`."""
 
@@ -204,7 +218,7 @@ class Traversal:
 
 
 @dataclass(kw_only=True)
-class MetricRow:
+class MetricRow(FromApi):
     """One epoch's figures of one split, nats per item (server schema MetricRow)."""
 
     epoch: int
@@ -224,7 +238,7 @@ class MetricRow:
 
 
 @dataclass(kw_only=True)
-class Projection:
+class Projection(FromApi):
     """2-D PCA of an even sample of a set's posterior means (server schema ProjectionOut);
     `points` is (n, 2)."""
 
@@ -240,7 +254,7 @@ class Projection:
 
 
 @dataclass(kw_only=True)
-class AliasEvent:
+class AliasEvent(FromApi):
     """One change of an alias (server schema AliasEventOut)."""
 
     action: str
@@ -252,7 +266,7 @@ class AliasEvent:
 
 
 @dataclass(kw_only=True)
-class Alias:
+class Alias(FromApi):
     """A name for a model or an embedding set (server schema AliasOut); use it as
     '@name' wherever an id goes."""
 
@@ -262,6 +276,9 @@ class Alias:
     created_at: dt.datetime | None = None
     updated_at: dt.datetime | None = None
     history: list[AliasEvent] = field(default_factory=list)
+    # not a field of the API's answer: `Aliases.set` says whether its call made the
+    # alias (201) rather than moved or kept it (200); None elsewhere
+    created = None
 
     @classmethod
     def of(cls, data: dict[str, Any]) -> Alias:
@@ -271,7 +288,7 @@ class Alias:
 
 
 @dataclass(kw_only=True)
-class ApiKey:
+class ApiKey(FromApi):
     """An API key's record, never its secret (server schema KeyOut)."""
 
     id: int
@@ -292,7 +309,7 @@ class CreatedKey(ApiKey):
 
 
 @dataclass(kw_only=True)
-class WhoAmI:
+class WhoAmI(FromApi):
     """The calling key and its scopes (server schema WhoAmIOut)."""
 
     key_id: int
