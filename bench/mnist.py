@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import math
 import os
@@ -76,65 +75,63 @@ FULL_EPOCHS = 3280  # stages 0..7 of 3^i epochs
 # -- the service -----------------------------------------------------------------------
 
 class Service:
-    """The stack's HTTP API, driven as a user would (service/cli/client.py's Client)."""
+    """The stack's HTTP API, driven as a user would: through `latentbank_client` (every
+    answer kept as the API's JSON, `.raw`)."""
 
     def __init__(self, client: Any) -> None:
         self.c = client
 
-    def wait(self, job_id: int, what: str) -> dict[str, Any]:
-        said = 0.0
-        while True:
-            job = self.c.get(f"/v1/jobs/{job_id}")
-            if job["status"] in ("succeeded", "failed", "cancelled"):
-                if job["status"] != "succeeded":
-                    raise SystemExit(f"{what}: job {job_id} {job['status']}: {job.get('error')}")
-                return job
-            if time.perf_counter() - said > 60:
-                said = time.perf_counter()
-                print(f"  {what}: {100 * job['progress']:.0f}% "
+    @staticmethod
+    def shown(what: str) -> Any:
+        """A progress callback: the job's state on one line, at most once a minute."""
+        said = [-math.inf]
+
+        def show(job: dict[str, Any]) -> None:
+            if time.perf_counter() - said[0] > 60:
+                said[0] = time.perf_counter()
+                print(f"  {what}: {100 * (job.get('progress') or 0):.0f}% "
                       f"{job.get('progress_message') or ''}", flush=True)
-            time.sleep(2.0)
+        return show
+
+    def wait(self, job: Any, what: str) -> Any:
+        from latentbank_client import JobFailed
+
+        try:
+            return job.wait(progress=self.shown(what), poll=2.0)
+        except JobFailed as exc:
+            raise SystemExit(f"{what}: {exc}") from None
 
     def register(self, name: str, images: Path) -> dict[str, Any]:
         """An IDX file by path (under the stack's allowed roots), read by an ingest job."""
-        answer = self.c.post("/v1/datasets", json={"name": name, "uri": str(images)})
-        if answer.get("mode") == "job":
-            job = self.wait(answer["job"]["id"], f"ingest {name}")
-            answer = self.c.get(f"/v1/datasets/{job['dataset_id']}")
-        return answer
+        return self.c.datasets.add(uri=str(images), name=name,
+                                   progress=self.shown(f"ingest {name}")).raw
 
     def train(self, dataset: dict[str, Any], objective: str, k: int, epochs: int,
               batch: int, seed: int, val_k: int) -> tuple[dict[str, Any], float]:
         started = time.perf_counter()
-        job = self.c.post("/v1/training-jobs", json={
-            "dataset_id": dataset["id"],
-            "model": {"family": "mlp", "latent_dim": 50, "hidden": [200, 200],
-                      "activation": "tanh", "likelihood": "bernoulli", "binarize": "dynamic"},
-            "training": {"epochs": epochs, "batch_size": batch, "lr": 1e-3,
-                         "lr_schedule": "iwae", "adam_eps": 1e-4, "grad_clip": None,
-                         "val_fraction": VALIDATION_ITEMS / dataset["n_items"],
-                         "objective": objective, "iwae_samples": k, "seed": seed,
-                         "importance_samples": val_k}})
-        self.wait(job["id"], f"train {objective} k={k}")
-        return self.c.get(f"/v1/models/{job['model_id']}"), time.perf_counter() - started
+        job = self.c.models.train(
+            dataset["id"],
+            model={"family": "mlp", "latent_dim": 50, "hidden": [200, 200],
+                   "activation": "tanh", "likelihood": "bernoulli", "binarize": "dynamic"},
+            training={"epochs": epochs, "batch_size": batch, "lr": 1e-3,
+                      "lr_schedule": "iwae", "adam_eps": 1e-4, "grad_clip": None,
+                      "val_fraction": VALIDATION_ITEMS / dataset["n_items"],
+                      "objective": objective, "iwae_samples": k, "seed": seed,
+                      "importance_samples": val_k})
+        model = self.wait(job, f"train {objective} k={k} seed {seed}").model()
+        return model.raw, time.perf_counter() - started
 
     def embed(self, model: dict[str, Any], dataset: dict[str, Any], k: int,
               ) -> tuple[dict[str, Any], float]:
         started = time.perf_counter()
-        job = self.c.post("/v1/embedding-jobs", json={
-            "model_id": model["id"], "dataset_id": dataset["id"], "importance_samples": k})
-        self.wait(job["id"], f"embed {dataset['name']} K={k}")
-        return (self.c.get(f"/v1/embeddings/{job['embedding_set_id']}"),
-                time.perf_counter() - started)
+        job = self.c.embeddings.create(model["id"], dataset["id"], importance_samples=k)
+        done = self.wait(job, f"embed {dataset['name']} K={k}").embedding_set()
+        return done.raw, time.perf_counter() - started
 
     def latents(self, set_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(mu, labels, log p(x)) of every item, in item order, from the set's Parquet
         export (log p(x) is NaN for a set embedded with K = 0)."""
-        import pyarrow.parquet as pq
-
-        body = self.c.request("GET", f"/v1/embeddings/{set_id}/export",
-                              params={"format": "parquet"}, timeout=None).content
-        table = pq.read_table(io.BytesIO(body), columns=["index", "label", "mu", "log_px"])
+        table = self.c.embeddings.get(set_id).to_arrow()
         order = np.argsort(table.column("index").to_numpy())
         mu = np.asarray(table.column("mu").to_pylist(), dtype=np.float32)[order]
         labels = np.asarray([int(v) for v in table.column("label").to_pylist()])[order]
@@ -146,20 +143,20 @@ class Service:
 @contextlib.contextmanager
 def service(args: argparse.Namespace, roots: list[Path]) -> Iterator[Service]:
     """A stack started here on a private data folder (the data folders allowed as roots),
-    or the one at --url."""
-    if args.url:
-        from service.cli.client import Client
+    or the one at --url (its key from LATENTBANK_API_KEY)."""
+    from latentbank_client import Client
 
+    if args.url:
         with Client(args.url) as c:
             yield Service(c)
         return
     data_dir = Path(tempfile.mkdtemp(prefix="latentbank-mnist-"))
     os.environ["LATENTBANK_DATA_DIR"] = str(data_dir)
     os.environ["LATENTBANK_ALLOWED_ROOTS"] = ":".join(str(r) for r in roots)
-    from service.cli.client import Client
     from service.cli.demo import stack
 
     try:
+        # the key: the stack's own admin key, which the client reads from the data folder
         with stack(data_dir, None, args.out / "mnist-stack.log") as (url, _), Client(
                 url, timeout=600) as c:
             yield Service(c)
