@@ -244,18 +244,18 @@ def test_aliases_address_models_and_sets_and_guard_deletes(data_dir, trained, ex
     assert cli(data_dir, "aliases", "rm", "prod").returncode == 0
 
 
-def readme_sql():
-    """The statements of README's SQL block, verbatim."""
+def documented_sql():
+    """The statements of the SQL views reference page's SQL block, verbatim."""
     import pathlib
     import re
 
-    text = (pathlib.Path(__file__).parents[3] / "README.md").read_text()
+    text = (pathlib.Path(__file__).parents[3] / "docs" / "reference" / "sql.md").read_text()
     blocks = re.findall(r"```sql\n(.*?)```", text, flags=re.S)
     assert len(blocks) == 1
     return [q.strip() for q in blocks[0].split(";\n") if q.strip()]
 
 
-def test_readme_sql_runs_verbatim_as_the_reader_and_agrees_with_the_api(data_dir, trained,
+def test_the_documented_sql_runs_verbatim_as_the_reader_and_agrees_with_the_api(data_dir, trained,
                                                                         stack):
     import psycopg
 
@@ -269,7 +269,7 @@ def test_readme_sql_runs_verbatim_as_the_reader_and_agrees_with_the_api(data_dir
                        headers={"Authorization": f"Bearer {stack.key}"})
     try:
         with psycopg.connect(dsn) as conn:
-            nearest, joined, lowest, ready = [conn.execute(q).fetchall() for q in readme_sql()]
+            nearest, joined, lowest, ready = [conn.execute(q).fetchall() for q in documented_sql()]
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute("SELECT * FROM public.api_keys")
         want = api.post(f"/v1/embeddings/{set_id}/search",
