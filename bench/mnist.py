@@ -214,6 +214,7 @@ def run_dataset(svc: Service, name: str, files: dict[str, tuple[Path, Path]],
     keep = np.random.default_rng([0, 0x5EED]).permutation(len(train))[VALIDATION_ITEMS:]
     first = min(args.seed_items, len(test))
     first_ds = None  # the first `first` test items, for the service's extra seeds
+    out["item_log_px"] = {}  # per test item, in item order, of each run's seed 0
     for run in args.runs:
         seeds = range(args.seeds) if run in ("plain", "vae") else range(1)
         for seed in seeds:
@@ -226,6 +227,8 @@ def run_dataset(svc: Service, name: str, files: dict[str, tuple[Path, Path]],
                        "mc_se": r["mc_se"], "eval_items": len(items),
                        "train_s": r["train_seconds"], "eval_s": r["eval_seconds"],
                        "first_items_log_px": float(r["items"][:first].mean())}
+                if seed == 0:
+                    out["item_log_px"]["plain"] = r["items"].tolist()
             elif seed > 0:  # another seed of the same run, scored on the first items only
                 if first_ds is None:
                     first_ds = svc.register(f"{name}-test-binarised-first{first}",
@@ -245,7 +248,9 @@ def run_dataset(svc: Service, name: str, files: dict[str, tuple[Path, Path]],
             else:
                 row = service_row(svc, run, train_ds, test_ds, train_labels, test_labels,
                                   args, name)
-                row["first_items_log_px"] = float(row.pop("item_log_px")[:first].mean())
+                items = row.pop("item_log_px")
+                row["first_items_log_px"] = float(items[:first].mean())
+                out["item_log_px"][run] = items.tolist()
             out["rows"].append(row)
             print(f"{name}: {row}", flush=True)
     out["seed_items"] = first
