@@ -119,21 +119,49 @@ class VAEConfig:
     """
 
     input_shape: tuple[int, ...]
+    """Shape of one item, `[D]` or `[C, H, W]`."""
     latent_dim: int = 16
+    """D of z."""
     family: Family = "mlp"
+    """`mlp` or `conv`."""
     hidden: tuple[int, ...] = (256, 128)
+    """Layer widths (mlp) or channels of the stride-2 convolutions (conv)."""
     likelihood: LikelihoodName = "bernoulli"
+    """`bernoulli` (values in [0, 1]), `continuous_bernoulli` (values in [0, 1]; a true
+    density), `gaussian`, or `discretized_logistic` (values on the grid k/(`levels` − 1) in
+    [0, 1], 8-bit images: log p(x) and bits/dim of the discrete pixels)."""
     gaussian_scale: Literal["learned", "fixed"] = "learned"
+    """`learned` (one log σ per data dimension) or `fixed`."""
     fixed_log_scale: float = 0.0
+    """Log σ when fixed."""
     min_log_scale: float | None = None  # the likelihood's own: MIN_LOG_SCALE
+    """Floor of a learned log σ (or log s: at −4 a discretised logistic could not give an
+    interior 8-bit value more than 4.2 bits) (pixels that never vary would otherwise drive σ
+    → 0 and the likelihood → +∞); unset: −4.0, or −7.0 for `discretized_logistic`."""
     beta: float = 1.0
+    """Weight of the KL term in the training objective (β-VAE); reported ELBOs always use β =
+    1."""
     binarize: Literal["none", "static", "dynamic"] = "none"
+    """`bernoulli` only: `static` (one binary copy drawn with `data_seed`, for training and
+    evaluation) or `dynamic` (drawn anew each training epoch, evaluated on the `data_seed`
+    copy: the IWAE paper's protocol)."""
     dequantize: Literal["none", "uniform"] = "none"
+    """`uniform` (`gaussian` or `continuous_bernoulli`): integer data 0 .. `levels` − 1 becomes
+    y = (x + u) / levels, u ~ U[0, 1)."""
     levels: int = 256
+    """The number of integer levels of `dequantize` and of the `discretized_logistic` grid."""
     data_seed: int = 0
+    """Seed of the fixed binarisation / dequantisation noise (evaluation, embedding, `/score`)."""
     blocks: int = 0
+    """Conv only: residual blocks per resolution; 0 (with `norm: none`) is the plain network of
+    earlier releases, parameter for parameter."""
     norm: Literal["none", "group"] = "none"
+    """Conv only: `group` normalisation (GroupNorm, up to 32 groups: batch-independent and
+    exported to ONNX as is, unlike BatchNorm) or `none`."""
     activation: str = "relu"
+    """The nonlinearity after every hidden layer of either family: `relu`, `tanh` (the IWAE
+    paper's), `gelu`, `elu`, `silu`, `softplus`, `leaky_relu`; recorded in the model's
+    `summary.architecture` and each ONNX file's `latentbank.activation`."""
 
     def __post_init__(self) -> None:
         # JSON gives lists; store tuples so the config is hashable and immutable.
@@ -250,32 +278,66 @@ class TrainConfig:
     """
 
     epochs: int = 20
+    """Adam: epochs."""
     batch_size: int = 128
+    """Adam: batch size."""
     lr: float = 1e-3
+    """Adam: learning rate."""
     weight_decay: float = 0.0
+    """Adam: weight decay."""
     seed: int = 0
+    """Seeds initialisation, the split and every random draw."""
     val_fraction: float = 0.1
+    """Held-out share (0 allowed: no validation rows)."""
     grad_clip: float | None = 100.0
+    """Max global gradient norm (`null` disables)."""
     early_stopping_patience: int | None = None
+    """Stop after this many epochs without a validation-ELBO gain > `min_delta`, and restore
+    the best epoch's weights (unset: no early stopping)."""
     min_delta: float = 0.0
+    """The validation-ELBO gain (nats) that counts for early stopping."""
     objective: Objective = "elbo"
+    """`elbo` (β, warm-up, free bits apply; `elbo_samples` draws) or `iwae` (IWAE bound with
+    `iwae_samples`)."""
     elbo_samples: int = 1
+    """Draws the `elbo` objective's reconstruction term averages."""
     iwae_samples: int = 5
+    """Samples of the `iwae` objective's bound."""
     lr_schedule: Literal["constant", "cosine", "step", "iwae"] = "constant"
+    """`constant`; `cosine` decays `lr` to `lr * lr_final` by the last step (measured worse
+    than constant at 5–10 epochs: `bench/likelihood.py`); `step` multiplies `lr` by
+    `lr_gamma` at each epoch of `lr_milestones`; `iwae` is Burda et al.'s: stage i = 0, 1, …
+    lasts 3^i epochs at `lr`·10^(−i/7), so 40 epochs are stages 0–3 and 3,280 all eight
+    (`models/schedule.py`)."""
     lr_final: float = 0.1
+    """The `cosine` schedule's last learning rate, as a share of `lr`."""
     lr_milestones: tuple[int, ...] = ()
+    """The epochs at which the `step` schedule multiplies `lr` by `lr_gamma`."""
     lr_gamma: float = 0.1
+    """The `step` schedule's factor."""
     adam_eps: float = 1e-8
+    """Adam's ε (the IWAE paper: ε = 1e-4)."""
     adam_beta1: float = 0.9
+    """Adam's β1."""
     adam_beta2: float = 0.999
+    """Adam's β2."""
     init_from_data: bool = True
+    """The decoder's output bias starts at the training items' mean (its log-odds for the
+    Bernoulli kinds; a learned Gaussian scale at their spread)."""
     kl_warmup_epochs: int = 0
+    """Β rises linearly from 0 to `beta` over this many epochs (per step)."""
     free_bits: float = 0.0
+    """Each latent dimension's batch-mean KL counts as at least this many nats."""
     eval_importance_samples: int = 16
+    """K of the per-epoch validation log p(x)."""
     importance_samples: int = 1000
+    """K of the final held-out log p(x) (0 = ELBO terms only)."""
     eval_batch_size: int = 512
+    """Items per batch of the evaluation passes."""
     device: str = "auto"
+    """`auto` (CUDA if present), `cpu`, `cuda`."""
     mixed_precision: bool = False
+    """Bf16 autocast on CUDA (fp16 + loss scaling where bf16 is missing); ignored on CPU."""
 
     def __post_init__(self) -> None:
         if isinstance(self.lr_milestones, list):
