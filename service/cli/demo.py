@@ -29,6 +29,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from service.cli.jobs import watch_job
+from service.cli.output import require_client
 from service.cli.stack import free_port, port_free, read_stack, stack_file
 from store.settings import get_settings
 
@@ -256,23 +257,23 @@ def demo(
 ) -> None:
     """The whole service on the built-in digits, through its HTTP API (what `make demo`
     runs): train, embed, search, decode; prints a summary and where the results are."""
-    from latentbank_client import Client, LatentbankError
+    lb = require_client()  # before anything else: exit 2 saying what to install
 
     data_dir = get_settings().data_dir
     timings: dict[str, float] = {}
     began = time.perf_counter()
     try:
         if url:
-            with Client(url) as c:
+            with lb.Client(url) as c:
                 summary = run(c, out, epochs, latent_dim, importance_samples, queries, timings)
         else:
             with stack(data_dir, port, out / "stack.log") as (local, seconds):
                 if seconds:
                     timings["start the stack"] = seconds
-                with Client(local) as c:
+                with lb.Client(local) as c:
                     summary = run(c, out, epochs, latent_dim, importance_samples, queries,
                                   timings)
-    except LatentbankError as exc:
+    except lb.LatentbankError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     summary["timings_seconds"]["total"] = time.perf_counter() - began
