@@ -178,3 +178,18 @@ print(result.exit_code, result.output.strip())
                               "LATENTBANK_DATABASE_URL": "postgresql://u@127.0.0.1:1/x"})
     assert out.returncode == 0, out.stderr
     assert "latentbank-client" not in out.stdout and "Traceback" not in out.stdout
+
+
+def test_no_dependency_names_the_client_distribution():
+    """latentbank-client is on no package index: a requirement or extra naming it would
+    make pip resolve the name on the public index, where anyone may own it. The one route
+    is `pip install ./clients/python`."""
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parents[3] / "pyproject.toml").read_text())
+    project = project["project"]
+    named = [d for d in [*project["dependencies"],
+                         *(d for ds in project["optional-dependencies"].values() for d in ds)]
+             if d.replace("_", "-").lower().startswith("latentbank")]
+    assert named == []
