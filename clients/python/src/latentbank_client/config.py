@@ -10,7 +10,9 @@ never to a URL read from elsewhere:
 - `url` / `LATENTBANK_URL` (the user's), with `key` / `LATENTBANK_API_KEY`; without a key,
   with the local stack's `admin.key` only if that URL is the stack's own;
 - else the stack that `latentbank up` of this user runs from the data folder
-  (`LATENTBANK_DATA_DIR`; unset: `./.latentbank`, then `~/.latentbank`): the URL in its
+  (`LATENTBANK_DATA_DIR`, else `./.latentbank`: the folder every `latentbank` command
+  means, `up`, `status` and `demo` too, so a verb never reaches a stack that `status`
+  says is not running here): the URL in its
   `stack.json`, with the user's key or else its `admin.key`. A `stack.json` counts only
   when it and its folder are this user's and private, and the process it names is this
   user's and holds the folder's `up.lock` (what `up` holds while it runs);
@@ -40,12 +42,10 @@ class Resolved:
     withheld: bool = False
 
 
-def data_dirs() -> list[Path]:
-    """The data folders searched for a running stack, in order."""
-    given = os.environ.get("LATENTBANK_DATA_DIR")
-    if given:
-        return [Path(given)]
-    return [Path(".latentbank"), Path.home() / ".latentbank"]
+def data_dir() -> Path:
+    """The data folder of the stack meant: LATENTBANK_DATA_DIR, else ./.latentbank (the
+    server's rule, store.settings, for `up` and `status`)."""
+    return Path(os.environ.get("LATENTBANK_DATA_DIR") or ".latentbank")
 
 
 def _own_and_private(path: Path) -> bool:
@@ -102,11 +102,9 @@ def resolve(url: str | None = None, key: str | None = None) -> Resolved:
     user_key = key or os.environ.get("LATENTBANK_API_KEY") or None
     url = url or os.environ.get("LATENTBANK_URL") or None
     own, own_dir = None, None
-    for folder in data_dirs():
-        running = read_stack(folder)
-        if running:
-            own, own_dir = running["url"].rstrip("/"), folder.resolve()
-            break
+    running = read_stack(data_dir())
+    if running:
+        own, own_dir = running["url"].rstrip("/"), data_dir().resolve()
     if url:
         url = url.rstrip("/")
     elif own:
