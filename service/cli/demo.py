@@ -30,7 +30,14 @@ from rich.table import Table
 
 from service.cli.jobs import watch_job
 from service.cli.output import require_client
-from service.cli.stack import free_port, port_free, read_stack, stack_file
+from service.cli.stack import (
+    UNVERIFIABLE,
+    can_verify_stacks,
+    free_port,
+    port_free,
+    read_stack,
+    stack_file,
+)
 from store.settings import get_settings
 
 if TYPE_CHECKING:
@@ -51,6 +58,9 @@ def stack(data_dir: Path, port: int | None, log_path: Path) -> Iterator[tuple[st
                       f"(pid {running['pid']}); it stays up")
         yield running["url"], 0.0
         return
+    if not can_verify_stacks():  # the stack started here could not be recognised
+        raise SystemExit(f"error: {UNVERIFIABLE}; start `latentbank up`, then run "
+                         "`latentbank demo --url URL`")
     settings = get_settings()
     if port is None:
         port = settings.api_port if port_free(settings.api_host, settings.api_port) else (

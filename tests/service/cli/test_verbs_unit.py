@@ -395,6 +395,38 @@ def test_a_stack_json_counts_only_when_this_users_up_holds_its_folders_lock(
     assert read_url(stack, data_dir) is None  # the lock is no longer held
 
 
+@pytest.mark.parametrize("reader", ["service.cli.stack", "latentbank_client.config"])
+def test_without_proc_no_stack_json_is_trusted(tmp_path, monkeypatch, reader):
+    """Off /proc (macOS) neither reader can tell which process holds the folder's lock,
+    so neither trusts a stack.json: not one committed to a cloned repository (the user's
+    own 0644 files) naming pid 1, alive everywhere, and an attacker's URL, to which
+    `demo` or a verb would send LATENTBANK_API_KEY; not even a real one (a live pid of
+    this user holding the lock), as that cannot be verified."""
+    import importlib
+    import os
+
+    stack = importlib.import_module(reader)
+    monkeypatch.setattr(stack, "PROC", tmp_path / "no-proc")
+    cloned = tmp_path / "repo" / ".latentbank"
+    cloned.mkdir(parents=True, mode=0o755)
+    (cloned / "stack.json").write_text(json.dumps({"url": "https://evil.example", "pid": 1}))
+    (cloned / "stack.json").chmod(0o644)
+    assert read_url(stack, cloned) is None
+    held = fake_stack(tmp_path / "data", "http://127.0.0.1:8123", pid=os.getpid())
+    try:
+        assert read_url(stack, tmp_path / "data") is None
+        monkeypatch.undo()  # with /proc, the real one is trusted again
+        assert read_url(stack, tmp_path / "data") == "http://127.0.0.1:8123"
+    finally:
+        held.close()
+    monkeypatch.setattr(config, "PROC", tmp_path / "no-proc")  # what the verbs go by
+    monkeypatch.setenv("LATENTBANK_API_KEY", "lb_mine")
+    monkeypatch.delenv("LATENTBANK_URL", raising=False)
+    monkeypatch.setenv("LATENTBANK_DATA_DIR", str(cloned))
+    got = config.resolve()
+    assert (got.url, got.key) == ("http://127.0.0.1:8000", None)
+
+
 def read_url(stack, data_dir):
     info = stack.read_stack(data_dir)
     return info["url"] if info else None
