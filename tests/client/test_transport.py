@@ -195,6 +195,60 @@ def test_a_call_unsafe_to_repeat_is_not_retried_after_a_broken_connection(slept)
     assert len(calls) == 1 and slept == []
 
 
+class ActsThenBreaks:
+    """A server that does what each request asks, but whose first answer to it is lost
+    (the connection breaks after it acted): a repeat would meet the changed state (404
+    for a second DELETE, 409 for a second cancel, 200 rather than 201 for a second
+    PUT)."""
+
+    def __init__(self):
+        self.done = set()
+        self.requests = []
+
+    def __call__(self, request):
+        self.requests.append((request.method, request.url.path))
+        what = (request.method, request.url.path)
+        if what in self.done:
+            if request.method == "GET":
+                return httpx.Response(200, json=JOB)
+            if request.url.path.endswith("/decode"):
+                return httpx.Response(200, content=request.content,
+                                      headers={"content-type": "application/x-npy"})
+            return error(404 if request.method == "DELETE" else 409)
+        self.done.add(what)
+        raise httpx.ReadError("connection reset", request=request)
+
+
+@pytest.mark.parametrize("call", [
+    lambda c: c.models.delete(3), lambda c: c.embeddings.delete(4),
+    lambda c: c.datasets.delete(2), lambda c: c.aliases.delete("prod"),
+    lambda c: c.aliases.set("prod", model=3), lambda c: c.jobs.cancel(5),
+    lambda c: c.keys.revoke(6)],
+    ids=["models.delete", "embeddings.delete", "datasets.delete", "aliases.delete",
+         "aliases.set", "jobs.cancel", "keys.revoke"])
+def test_a_change_is_not_repeated_after_the_server_acted_and_the_connection_broke(
+        slept, call):
+    """Not a false 404/409 (the change happened), but the broken connection: the outcome
+    is unknown, ConnectionFailed (the CLI's exit 3), after one request."""
+    server = ActsThenBreaks()
+    with make(server) as c, pytest.raises(ConnectionFailed, match="cannot reach"):
+        call(c)
+    assert len(server.requests) == 1 and slept == []
+
+
+def test_reads_and_computations_are_still_retried_after_a_broken_connection(slept):
+    from latentbank_client import Model
+    from latentbank_client.results import build
+
+    server = ActsThenBreaks()
+    with make(server) as c:
+        assert c.jobs.get(5).id == 5
+        model = build(Model, {"id": 1, "config": {"model": {"latent_dim": 2}}}, c)
+        assert model.decode([1.0, 2.0]).shape == (1, 2)
+    assert server.requests == [("GET", "/v1/jobs/5")] * 2 + [("POST",
+                                                              "/v1/models/1/decode")] * 2
+
+
 def test_async_client_retries_with_the_same_key(slept):
     seen = []
 

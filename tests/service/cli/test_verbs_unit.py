@@ -212,6 +212,28 @@ def test_no_api_is_exit_3_naming_up_and_the_url_variable(monkeypatch, no_client_
     assert len(slept) == 3  # the client's retries of a connection never made
 
 
+def test_a_delete_whose_answer_is_lost_is_exit_3_not_a_false_404(monkeypatch,
+                                                                  no_client_env, slept):
+    """The server deleted the model, then the connection broke: not retried (a retry's
+    404 would say it never existed), so the verb says the API could not be reached."""
+    requests = []
+
+    def handler(request):
+        requests.append(request)
+        if len(requests) == 1:
+            raise httpx.RemoteProtocolError("Server disconnected", request=request)
+        return httpx.Response(404, json={"error": {"code": "not_found",
+                                                   "message": "model 3 does not exist"}})
+
+    monkeypatch.setenv("LATENTBANK_URL", URL)
+    monkeypatch.setattr(latentbank_client, "Client", functools.partial(
+        latentbank_client.Client, transport=httpx.MockTransport(handler)))
+    out = runner.invoke(app, ["models", "rm", "3"])
+    assert out.exit_code == 3, out.output
+    assert out.output.startswith(f"error: cannot reach the latentbank API at {URL}")
+    assert len(requests) == 1
+
+
 def test_a_bad_argument_is_refused_before_any_request(api, tmp_path):
     out = runner.invoke(app, ["search", "4", "--vector", "1,2", "--metric", "manhattan"])
     # the set is read first (its dimension checks the vector); the search never goes out

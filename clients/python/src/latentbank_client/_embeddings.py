@@ -80,13 +80,13 @@ class EmbeddingSet(Bound):
             form = {name: (json.dumps(v) if name == "filter" else str(v).lower()
                            if isinstance(v, bool) else str(v)) for name, v in body.items()}
             call = Call("POST", self._path("search"), files={"image": image_part(image)},
-                        data=form)
+                        data=form, safe=True)
         else:
             if vector is not None:
                 body["vector"] = float_rows(vector, "vector", self.dim)[0].tolist()
             else:
                 body["key"] = str(key)
-            call = Call("POST", self._path("search"), json=body)
+            call = Call("POST", self._path("search"), json=body, safe=True)
 
         def plan() -> Plan:
             response = yield call
@@ -112,7 +112,7 @@ class EmbeddingSet(Bound):
         body = {**self._query(k, metric, exact, filter), "queries": queries}
 
         def plan() -> Plan:
-            response = yield Call("POST", self._path("search/batch"), json=body)
+            response = yield Call("POST", self._path("search/batch"), json=body, safe=True)
             return [SearchResult.of(a) for a in response.json()["answers"]]
         return self._run(plan())
 
