@@ -497,3 +497,32 @@ def test_wait_gives_up_after_its_timeout(slept):
     with make(lambda request: events({**JOB, "status": "running"})) as c, \
             pytest.raises(WaitTimeout, match="still queued"):
         build(Job, JOB, c).wait(timeout=0)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_an_export_is_made_as_open_would_make_it_and_whole_or_not_at_all(slept, tmp_path,
+                                                                         umask):
+    """Mode 0666 less the umask (a temporary file's 0600 was not what the user's umask
+    asks for), renamed into place once whole; a failed export leaves nothing."""
+    import os
+
+    def handler(request):
+        if request.url.path == "/v1/embeddings/4":
+            return httpx.Response(200, json={"id": 4, "dim": 2, "status": "ready"})
+        if request.url.path == "/v1/embeddings/5":
+            return httpx.Response(200, json={"id": 5, "dim": 2, "status": "ready"})
+        if request.url.path == "/v1/embeddings/4/export":
+            return httpx.Response(200, content=b"PAR1 rows PAR1")
+        return error(500)
+
+    before = os.umask(umask)
+    try:
+        with make(handler) as c:
+            target = c.embeddings.get(4).export(tmp_path / "set.parquet")
+            with pytest.raises(ServerError):
+                c.embeddings.get(5).export(tmp_path / "other.parquet")
+    finally:
+        os.umask(before)
+    assert target.read_bytes() == b"PAR1 rows PAR1"
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set.parquet"]
