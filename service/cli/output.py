@@ -11,7 +11,9 @@ beat, migrate), so the images need no latentbank-client.
 
 Human output is a rich table on stdout (progress on stderr); `--json` prints the API's
 JSON instead, for scripts. A failure prints one line, `error: <reason>`, on stderr and
-exits 1 (the API refused or the job failed), 2 (bad usage or input) or 3 (no API).
+exits 1 (the API refused, the job failed, or the answer was not the API's), 2 (bad usage
+or input, also input the client refuses before sending) or 3 (no API, or a connection
+broken after a change was sent).
 """
 
 from __future__ import annotations

@@ -526,3 +526,38 @@ def test_an_export_is_made_as_open_would_make_it_and_whole_or_not_at_all(slept, 
     assert target.read_bytes() == b"PAR1 rows PAR1"
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask
     assert sorted(p.name for p in tmp_path.iterdir()) == ["set.parquet"]
+
+
+def test_a_success_answer_that_is_not_the_apis_is_unreadable_answer(slept):
+    """A proxy's HTML page with 200 where JSON or .npy was due: UnreadableAnswer, an
+    API-side failure naming the URL and what came, not a bare JSONDecodeError (a
+    ValueError, taken for bad input)."""
+    from latentbank_client import Model, UnreadableAnswer
+    from latentbank_client.results import build
+
+    page = httpx.Response(200, text="<html>Sign in to the proxy</html>",
+                          headers={"content-type": "text/html"})
+    with make(lambda request: page) as c:
+        with pytest.raises(UnreadableAnswer) as got:
+            c.models.list()
+        assert got.value.status == 200 and not isinstance(got.value, InvalidInput)
+        assert str(got.value.message).startswith(
+            f"the answer of {URL} to GET /v1/models is not the latentbank API's (text/html; "
+            "JSONDecodeError: ")
+        model = build(Model, {"id": 1, "config": {"model": {"latent_dim": 2}}}, c)
+        with pytest.raises(UnreadableAnswer, match="POST /v1/models/1/decode"):
+            model.decode([1.0, 2.0])  # not an .npy
+        with pytest.raises(InvalidInput):  # the caller's own mistakes stay InvalidInput
+            model.decode([[float("nan"), 1.0]])
+
+
+def test_async_client_reports_an_unreadable_answer_too(slept):
+    from latentbank_client import UnreadableAnswer
+
+    async def go():
+        async with AsyncClient(url=URL, key="k", transport=httpx.MockTransport(
+                lambda request: httpx.Response(200, text="<html/>"))) as c:
+            await c.models.list()
+
+    with pytest.raises(UnreadableAnswer):
+        asyncio.run(go())

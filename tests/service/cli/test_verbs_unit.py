@@ -234,6 +234,21 @@ def test_a_delete_whose_answer_is_lost_is_exit_3_not_a_false_404(monkeypatch,
     assert len(requests) == 1
 
 
+def test_an_answer_that_is_not_the_apis_is_exit_1_saying_so(monkeypatch, no_client_env,
+                                                            slept):
+    """A proxy's HTML page answering 200: an API-side failure (exit 1) that says what
+    came from where, not bad usage (exit 2) with a bare JSON decoding error."""
+    monkeypatch.setenv("LATENTBANK_URL", URL)
+    monkeypatch.setattr(latentbank_client, "Client", functools.partial(
+        latentbank_client.Client, transport=httpx.MockTransport(lambda request: httpx.Response(
+            200, text="<html>proxy login</html>", headers={"content-type": "text/html"}))))
+    out = runner.invoke(app, ["jobs", "list"])
+    assert out.exit_code == 1, out.output
+    assert out.output.startswith(f"error: 200 OK: the answer of {URL} to GET /v1/jobs is "
+                                 "not the latentbank API's (text/html; JSONDecodeError")
+    assert "a proxy's page?" in out.output
+
+
 def test_a_bad_argument_is_refused_before_any_request(api, tmp_path):
     out = runner.invoke(app, ["search", "4", "--vector", "1,2", "--metric", "manhattan"])
     # the set is read first (its dimension checks the vector); the search never goes out
