@@ -111,9 +111,9 @@ def datasets_add(
                "max_failure_share": max_failure_share}
     if path is not None and path.is_dir() and (labels or keys):
         raise fail("--labels and --keys go with a file, not a folder")
-    from latentbank_client import Dataset
-
     with client() as c:
+        from latentbank_client import Dataset
+
         # a folder is packed into a .tar by the client; an archive, a folder, a large
         # file and every --uri answer with an ingest job
         answer = c.datasets.add(path, uri=uri, builtin=builtin, name=name, labels=labels,

@@ -29,7 +29,15 @@ from rich.markup import escape
 from rich.table import Table
 
 from service.cli.jobs import watch_job
-from service.cli.stack import free_port, port_free, read_stack, stack_file
+from service.cli.output import require_client
+from service.cli.stack import (
+    UNVERIFIABLE,
+    can_verify_stacks,
+    free_port,
+    port_free,
+    read_stack,
+    stack_file,
+)
 from store.settings import get_settings
 
 if TYPE_CHECKING:
@@ -50,6 +58,9 @@ def stack(data_dir: Path, port: int | None, log_path: Path) -> Iterator[tuple[st
                       f"(pid {running['pid']}); it stays up")
         yield running["url"], 0.0
         return
+    if not can_verify_stacks():  # the stack started here could not be recognised
+        raise SystemExit(f"error: {UNVERIFIABLE}; start `latentbank up`, then run "
+                         "`latentbank demo --url URL`")
     settings = get_settings()
     if port is None:
         port = settings.api_port if port_free(settings.api_host, settings.api_port) else (
@@ -256,23 +267,23 @@ def demo(
 ) -> None:
     """The whole service on the built-in digits, through its HTTP API (what `make demo`
     runs): train, embed, search, decode; prints a summary and where the results are."""
-    from latentbank_client import Client, LatentbankError
+    lb = require_client()  # before anything else: exit 2 saying what to install
 
     data_dir = get_settings().data_dir
     timings: dict[str, float] = {}
     began = time.perf_counter()
     try:
         if url:
-            with Client(url) as c:
+            with lb.Client(url) as c:
                 summary = run(c, out, epochs, latent_dim, importance_samples, queries, timings)
         else:
             with stack(data_dir, port, out / "stack.log") as (local, seconds):
                 if seconds:
                     timings["start the stack"] = seconds
-                with Client(local) as c:
+                with lb.Client(local) as c:
                     summary = run(c, out, epochs, latent_dim, importance_samples, queries,
                                   timings)
-    except LatentbankError as exc:
+    except lb.LatentbankError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     summary["timings_seconds"]["total"] = time.perf_counter() - began

@@ -21,7 +21,7 @@ keys_app = typer.Typer(help="API keys (admin scope).", no_args_is_help=True)
 
 
 @keys_app.command("create")
-@verb
+@verb(offline="direct")
 def keys_create(
     name: Annotated[str, typer.Option(help="who or what uses the key")],
     scope: Annotated[list[str] | None, typer.Option(

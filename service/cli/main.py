@@ -96,13 +96,14 @@ def status_command(
     import json
     import time
 
-    from service.cli.stack import read_stack
+    from service.cli.stack import UNVERIFIABLE, can_verify_stacks, read_stack
     from store.settings import get_settings
 
     info = read_stack(get_settings().data_dir)
     if info is None:
-        typer.echo(f"error: no latentbank stack runs from {get_settings().data_dir.resolve()}",
-                   err=True)
+        why = "" if can_verify_stacks() else f" that can be verified ({UNVERIFIABLE})"
+        typer.echo(f"error: no latentbank stack runs from {get_settings().data_dir.resolve()}"
+                   + why, err=True)
         raise typer.Exit(3)
     if as_json:
         typer.echo(json.dumps(info, indent=2))
@@ -163,7 +164,7 @@ def upgrade_db_command() -> None:
     (PostgreSQL 16, pgvector 0.6.2) to PostgreSQL 18 with pgvector 0.8, with pg_upgrade.
     The original folder is kept beside it as `postgres.old`. Stop the stack first."""
     from service.cli.embedded import EmbeddedError, upgrade_embedded_postgres
-    from service.cli.stack import read_stack
+    from service.cli.stack import try_folder_lock
     from store.settings import get_settings
 
     settings = get_settings()
@@ -171,7 +172,9 @@ def upgrade_db_command() -> None:
         typer.echo("error: LATENTBANK_DATABASE_URL is set: upgrade an external server with "
                    "its own tools (pg_upgrade, then ALTER EXTENSION vector UPDATE)", err=True)
         raise typer.Exit(2)
-    if read_stack(settings.data_dir):
+    # `up`'s own lock, held through the upgrade: no stack runs, and none starts meanwhile
+    lock = try_folder_lock(settings.data_dir) if settings.data_dir.is_dir() else None
+    if lock is None and settings.data_dir.is_dir():
         typer.echo(f"error: a stack runs from {settings.data_dir.resolve()}: stop it first",
                    err=True)
         raise typer.Exit(2)
@@ -180,6 +183,9 @@ def upgrade_db_command() -> None:
     except (EmbeddedError, FileNotFoundError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    finally:
+        if lock is not None:
+            lock.close()
     kept = f"; the original is kept in {settings.postgres_dir}.old" if before != after else ""
     typer.echo(f"embedded database: PostgreSQL {before} -> {after}, pgvector updated{kept}")
 

@@ -11,7 +11,9 @@ beat, migrate), so the images need no latentbank-client.
 
 Human output is a rich table on stdout (progress on stderr); `--json` prints the API's
 JSON instead, for scripts. A failure prints one line, `error: <reason>`, on stderr and
-exits 1 (the API refused or the job failed), 2 (bad usage or input) or 3 (no API).
+exits 1 (the API refused, the job failed, or the answer was not the API's), 2 (bad usage
+or input, also input the client refuses before sending) or 3 (no API, or a connection
+broken after a change was sent).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import re
 import sys
 from collections.abc import Callable, Iterable
+from types import ModuleType
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
@@ -63,31 +66,48 @@ def failure(exc: BaseException) -> tuple[int, str] | None:
     return None
 
 
-def verb(fn: F) -> F:
-    """Turn the client's errors and bad local input into one line on stderr and an exit
-    status (see `failure`)."""
+NEEDS_CLIENT = ("the client verbs need the latentbank-client package: pip install "
+                "./clients/python")
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:
-            reported = failure(exc)
-            if reported is None:
-                raise
-            raise fail(reported[1], reported[0]) from None
 
-    return wrapper  # type: ignore[return-value]
+def require_client() -> ModuleType:
+    """The latentbank_client package, or exit 2 saying how to install it. Every client
+    verb (by `verb`) and `demo` pass here before anything else, so none of them meets a
+    ModuleNotFoundError later on."""
+    try:
+        import latentbank_client
+    except ImportError:
+        raise fail(NEEDS_CLIENT) from None
+    return latentbank_client
+
+
+def verb(fn: F | None = None, *, offline: str | None = None) -> Any:
+    """A client verb: it needs the client (`require_client`, checked before the verb
+    runs, unless its flag `offline` is given: `keys create --direct` writes to the
+    database), and the client's errors and bad local input become one line on stderr
+    and an exit status (see `failure`)."""
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if not (offline and kwargs.get(offline)):
+                require_client()
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:
+                reported = failure(exc)
+                if reported is None:
+                    raise
+                raise fail(reported[1], reported[0]) from None
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate if fn is None else decorate(fn)
 
 
 def client() -> Client:
     """The client the verbs call through (URL and key: latentbank_client.config)."""
-    try:
-        from latentbank_client import Client
-    except ImportError:
-        raise fail("the client verbs need the latentbank-client package: pip install "
-                   "./clients/python") from None
-    return Client()
+    return require_client().Client()  # type: ignore[no-any-return]
 
 
 def emit_json(data: Any) -> None:

@@ -52,6 +52,7 @@ logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per readine
 STACK_FILE = "stack.json"
 KEY_FILE = "admin.key"
 LOCK_FILE = "up.lock"
+PROC = Path("/proc")  # where _holds_lock reads who holds a lock (tests move it away)
 
 
 class StackError(Exception):
@@ -93,15 +94,30 @@ def _own_and_private(path: Path) -> bool:
     return st.st_uid == os.getuid() and not st.st_mode & 0o022
 
 
+def can_verify_stacks() -> bool:
+    """Whether this host shows who holds a lock (/proc): without it no stack.json is
+    trusted (`_holds_lock`), so `status` cannot see a stack and `demo` cannot start one."""
+    return (PROC / "self" / "fdinfo").is_dir()
+
+
+UNVERIFIABLE = ("this host has no /proc, so the stack's stack.json cannot be verified: "
+                "point the client verbs at it with LATENTBANK_URL and LATENTBANK_API_KEY "
+                "(DATA_DIR/admin.key)")
+
+
 def _holds_lock(pid: int, lock: Path) -> bool:
     """Whether process `pid`, run by this user, holds an exclusive flock on `lock`: read
     from /proc (its open files and their fdinfo), never by trying the lock, which would
-    make an `up` starting at that instant fail. Without /proc: whether it is alive."""
-    proc = Path(f"/proc/{pid}")
-    if not Path("/proc/self/fdinfo").is_dir():
-        return pid_alive(pid)
+    make an `up` starting at that instant fail. Without /proc (macOS) that cannot be
+    verified, so it is False: a live pid proves nothing (pid 1 is alive everywhere, and
+    a `stack.json` committed to a cloned repository is this user's file), and trusting
+    one would send the user's key to the URL it names. latentbank_client.config's copy
+    answers the same."""
+    proc = PROC / str(pid)
+    if pid <= 0 or not can_verify_stacks():
+        return False
     try:
-        if pid <= 0 or proc.stat().st_uid != os.getuid():
+        if proc.stat().st_uid != os.getuid():
             return False
         for fd in (proc / "fd").iterdir():
             with contextlib.suppress(OSError):
@@ -112,6 +128,19 @@ def _holds_lock(pid: int, lock: Path) -> bool:
     except OSError:
         return False
     return False
+
+
+def try_folder_lock(data_dir: Path) -> IO[str] | None:
+    """The folder's `up.lock`, taken (held until the file is closed), or None when a
+    running `up` holds it. What a command that must not run beside a stack takes: a
+    stack.json that cannot be verified (no /proc) is no proof that none runs."""
+    lock = open(data_dir / LOCK_FILE, "a+")  # noqa: SIM115 (the caller closes it)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        return None
+    return lock
 
 
 try:  # loaded once here: the child between fork and exec must not import or load

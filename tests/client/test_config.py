@@ -92,10 +92,29 @@ def test_a_malformed_stack_json_is_ignored(stack):
     assert resolve().url == DEFAULT_URL
 
 
-def test_the_home_folder_is_searched_after_the_working_directory(tmp_path, stack,
-                                                                 monkeypatch):
+def test_one_data_folder_the_stack_commands_mean_too(tmp_path, stack, monkeypatch):
+    """LATENTBANK_DATA_DIR, else ./.latentbank, as `up` and `status` (store.settings):
+    a stack run from ~/.latentbank is not this folder's, so no verb goes there while
+    `status` says no stack runs here; and the home folder is never looked up (it may not
+    exist: HOME unset, a uid without a passwd entry)."""
+    from pathlib import Path
+
+    from store.settings import Settings
+
     monkeypatch.delenv("LATENTBANK_DATA_DIR")
     home = tmp_path / "home"
     home.mkdir()
     stack.rename(home / ".latentbank")
+    monkeypatch.delenv("HOME")
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    assert resolve().url == DEFAULT_URL
+    monkeypatch.chdir(home)  # ./.latentbank is now that folder
     assert resolve().url == "http://127.0.0.1:8123"
+    assert Settings().data_dir.resolve() == (home / ".latentbank").resolve()
+    monkeypatch.setenv("LATENTBANK_DATA_DIR", str(tmp_path / "elsewhere"))
+    assert resolve().url == DEFAULT_URL
+    assert Settings().data_dir == tmp_path / "elsewhere"

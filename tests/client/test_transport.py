@@ -195,6 +195,60 @@ def test_a_call_unsafe_to_repeat_is_not_retried_after_a_broken_connection(slept)
     assert len(calls) == 1 and slept == []
 
 
+class ActsThenBreaks:
+    """A server that does what each request asks, but whose first answer to it is lost
+    (the connection breaks after it acted): a repeat would meet the changed state (404
+    for a second DELETE, 409 for a second cancel, 200 rather than 201 for a second
+    PUT)."""
+
+    def __init__(self):
+        self.done = set()
+        self.requests = []
+
+    def __call__(self, request):
+        self.requests.append((request.method, request.url.path))
+        what = (request.method, request.url.path)
+        if what in self.done:
+            if request.method == "GET":
+                return httpx.Response(200, json=JOB)
+            if request.url.path.endswith("/decode"):
+                return httpx.Response(200, content=request.content,
+                                      headers={"content-type": "application/x-npy"})
+            return error(404 if request.method == "DELETE" else 409)
+        self.done.add(what)
+        raise httpx.ReadError("connection reset", request=request)
+
+
+@pytest.mark.parametrize("call", [
+    lambda c: c.models.delete(3), lambda c: c.embeddings.delete(4),
+    lambda c: c.datasets.delete(2), lambda c: c.aliases.delete("prod"),
+    lambda c: c.aliases.set("prod", model=3), lambda c: c.jobs.cancel(5),
+    lambda c: c.keys.revoke(6)],
+    ids=["models.delete", "embeddings.delete", "datasets.delete", "aliases.delete",
+         "aliases.set", "jobs.cancel", "keys.revoke"])
+def test_a_change_is_not_repeated_after_the_server_acted_and_the_connection_broke(
+        slept, call):
+    """Not a false 404/409 (the change happened), but the broken connection: the outcome
+    is unknown, ConnectionFailed (the CLI's exit 3), after one request."""
+    server = ActsThenBreaks()
+    with make(server) as c, pytest.raises(ConnectionFailed, match="cannot reach"):
+        call(c)
+    assert len(server.requests) == 1 and slept == []
+
+
+def test_reads_and_computations_are_still_retried_after_a_broken_connection(slept):
+    from latentbank_client import Model
+    from latentbank_client.results import build
+
+    server = ActsThenBreaks()
+    with make(server) as c:
+        assert c.jobs.get(5).id == 5
+        model = build(Model, {"id": 1, "config": {"model": {"latent_dim": 2}}}, c)
+        assert model.decode([1.0, 2.0]).shape == (1, 2)
+    assert server.requests == [("GET", "/v1/jobs/5")] * 2 + [("POST",
+                                                              "/v1/models/1/decode")] * 2
+
+
 def test_async_client_retries_with_the_same_key(slept):
     seen = []
 
@@ -443,3 +497,67 @@ def test_wait_gives_up_after_its_timeout(slept):
     with make(lambda request: events({**JOB, "status": "running"})) as c, \
             pytest.raises(WaitTimeout, match="still queued"):
         build(Job, JOB, c).wait(timeout=0)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_an_export_is_made_as_open_would_make_it_and_whole_or_not_at_all(slept, tmp_path,
+                                                                         umask):
+    """Mode 0666 less the umask (a temporary file's 0600 was not what the user's umask
+    asks for), renamed into place once whole; a failed export leaves nothing."""
+    import os
+
+    def handler(request):
+        if request.url.path == "/v1/embeddings/4":
+            return httpx.Response(200, json={"id": 4, "dim": 2, "status": "ready"})
+        if request.url.path == "/v1/embeddings/5":
+            return httpx.Response(200, json={"id": 5, "dim": 2, "status": "ready"})
+        if request.url.path == "/v1/embeddings/4/export":
+            return httpx.Response(200, content=b"PAR1 rows PAR1")
+        return error(500)
+
+    before = os.umask(umask)
+    try:
+        with make(handler) as c:
+            target = c.embeddings.get(4).export(tmp_path / "set.parquet")
+            with pytest.raises(ServerError):
+                c.embeddings.get(5).export(tmp_path / "other.parquet")
+    finally:
+        os.umask(before)
+    assert target.read_bytes() == b"PAR1 rows PAR1"
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set.parquet"]
+
+
+def test_a_success_answer_that_is_not_the_apis_is_unreadable_answer(slept):
+    """A proxy's HTML page with 200 where JSON or .npy was due: UnreadableAnswer, an
+    API-side failure naming the URL and what came, not a bare JSONDecodeError (a
+    ValueError, taken for bad input)."""
+    from latentbank_client import Model, UnreadableAnswer
+    from latentbank_client.results import build
+
+    page = httpx.Response(200, text="<html>Sign in to the proxy</html>",
+                          headers={"content-type": "text/html"})
+    with make(lambda request: page) as c:
+        with pytest.raises(UnreadableAnswer) as got:
+            c.models.list()
+        assert got.value.status == 200 and not isinstance(got.value, InvalidInput)
+        assert str(got.value.message).startswith(
+            f"the answer of {URL} to GET /v1/models is not the latentbank API's (text/html; "
+            "JSONDecodeError: ")
+        model = build(Model, {"id": 1, "config": {"model": {"latent_dim": 2}}}, c)
+        with pytest.raises(UnreadableAnswer, match="POST /v1/models/1/decode"):
+            model.decode([1.0, 2.0])  # not an .npy
+        with pytest.raises(InvalidInput):  # the caller's own mistakes stay InvalidInput
+            model.decode([[float("nan"), 1.0]])
+
+
+def test_async_client_reports_an_unreadable_answer_too(slept):
+    from latentbank_client import UnreadableAnswer
+
+    async def go():
+        async with AsyncClient(url=URL, key="k", transport=httpx.MockTransport(
+                lambda request: httpx.Response(200, text="<html/>"))) as c:
+            await c.models.list()
+
+    with pytest.raises(UnreadableAnswer):
+        asyncio.run(go())

@@ -89,25 +89,107 @@ def test_api_command_serves_until_terminated(api_env, tmp_path):
     assert "Application shutdown complete" in (tmp_path / "api.log").read_text()
 
 
-def test_the_servers_commands_go_without_the_client_distribution():
-    """The images install no latentbank-client: the server's commands never import it
-    (the client verbs do, when they run), and a client verb without it says what to
-    install."""
+# The commands that run without latentbank-client (the images' own); every other command
+# of the app is a client verb. A new command must be put in one group or the other.
+SERVER_COMMANDS = {"version", "migrate", "worker", "beat", "status", "api", "upgrade-db",
+                   "sql-role", "sql", "up"}
+
+
+def test_without_the_client_distribution_every_client_verb_says_what_to_install(tmp_path):
+    """The images install no latentbank-client: the server's commands never import it,
+    and every client verb (each command of the app but the server's, enumerated from the
+    typer app: `datasets add` and `demo` included), given arguments that parse, exits 2
+    with one line naming what to install, before anything else (no traceback)."""
+    (tmp_path / "1").write_text("")  # "1": an id, an alias-free ref, a name, a file
+    code = """
+import sys
+import typer.main
+import service.cli.main
+from typer.testing import CliRunner
+from tests.service.cli.test_main import SERVER_COMMANDS
+assert "latentbank_client" not in sys.modules, "imported with the CLI"
+sys.modules["latentbank_client"] = None  # as where it is not installed
+runner = CliRunner()
+app = service.cli.main.app
+
+def walk(command, path=()):
+    subs = getattr(command, "commands", None)
+    if subs:
+        for name, sub in subs.items():
+            yield from walk(sub, (*path, name))
+    else:
+        yield path, command
+
+commands = dict(walk(typer.main.get_command(app)))
+assert SERVER_COMMANDS <= {" ".join(p) for p in commands}, "a server command is gone"
+verbs = [p for p in commands if " ".join(p) not in SERVER_COMMANDS]
+assert {("datasets", "add"), ("demo",), ("jobs", "list"), ("keys", "create")} <= set(verbs)
+assert len(verbs) >= 25, verbs
+for path in sorted(commands):
+    if " ".join(path) in SERVER_COMMANDS:
+        if path not in (("up",), ("worker",), ("api",), ("beat",)):
+            continue
+        result = runner.invoke(app, [*path, "--help"])
+        assert result.exit_code == 0, (path, result.output)
+        continue
+    argv = list(path)
+    for param in commands[path].params:
+        if param.required:
+            argv += ["1"] if param.param_type_name == "argument" else [param.opts[0], "1"]
+    result = runner.invoke(app, argv)
+    print(result.exit_code, " ".join(argv), "|", result.output.strip())
+for argv in (["version"], ["migrate", "--help"], ["keys", "create", "--help"]):
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 0, (argv, result.output)
+"""
+    import os
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) >= 25
+    for line in lines:
+        status, _, rest = line.partition(" ")
+        said = rest.partition(" | ")[2]
+        assert (status, said) == ("2", "error: the client verbs need the latentbank-client "
+                                       "package: pip install ./clients/python"), line
+
+
+def test_keys_create_direct_goes_without_the_client_distribution(tmp_path):
+    """`keys create --direct` (a deployment's first admin key, run in the API image)
+    writes to the database: it never asks for the client."""
+    import os
+
     code = """
 import sys
 import service.cli.main
 from typer.testing import CliRunner
-assert "latentbank_client" not in sys.modules, "imported with the CLI"
-sys.modules["latentbank_client"] = None  # as where it is not installed
-runner = CliRunner()
-for argv in (["version"], ["worker", "--help"], ["up", "--help"], ["migrate", "--help"]):
-    result = runner.invoke(service.cli.main.app, argv)
-    assert result.exit_code == 0, (argv, result.output)
-result = runner.invoke(service.cli.main.app, ["models", "list"])
+sys.modules["latentbank_client"] = None
+result = CliRunner().invoke(service.cli.main.app, ["keys", "create", "--name", "a",
+                                                   "--direct"])
 print(result.exit_code, result.output.strip())
 """
+    env = {k: v for k, v in os.environ.items() if k != "LATENTBANK_DATABASE_URL"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120)
+                         timeout=120, cwd=tmp_path,
+                         env={**env, "PYTHONPATH": os.pathsep.join(sys.path),
+                              "LATENTBANK_DATABASE_URL": "postgresql://u@127.0.0.1:1/x"})
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == ("2 error: the client verbs need the latentbank-client "
-                                  "package: pip install ./clients/python")
+    assert "latentbank-client" not in out.stdout and "Traceback" not in out.stdout
+
+
+def test_no_dependency_names_the_client_distribution():
+    """latentbank-client is on no package index: a requirement or extra naming it would
+    make pip resolve the name on the public index, where anyone may own it. The one route
+    is `pip install ./clients/python`."""
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parents[3] / "pyproject.toml").read_text())
+    project = project["project"]
+    named = [d for d in [*project["dependencies"],
+                         *(d for ds in project["optional-dependencies"].values() for d in ds)]
+             if d.replace("_", "-").lower().startswith("latentbank")]
+    assert named == []

@@ -110,3 +110,62 @@ def test_a_part_that_ran_a_while_is_restarted_quickly_again(tmp_path, monkeypatc
     part.watch(print)
     assert part.restarts == 1 and part.alive()
     part.stop_fn()
+
+
+def test_upgrade_db_is_refused_while_up_holds_the_folder_even_without_proc(tmp_path,
+                                                                           monkeypatch):
+    """`upgrade-db` takes `up`'s lock for the upgrade: refused while a stack holds it,
+    also off /proc, where no stack.json can be verified (read_stack says None)."""
+    import fcntl
+    import json
+    import os
+
+    from typer.testing import CliRunner
+
+    from service.cli import stack
+    from service.cli.main import app
+    from store.settings import get_settings
+
+    monkeypatch.setattr(stack, "PROC", tmp_path / "no-proc")
+    monkeypatch.setenv("LATENTBANK_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("LATENTBANK_DATABASE_URL", raising=False)
+    get_settings.cache_clear()
+    (tmp_path / "stack.json").write_text(json.dumps({"url": "http://x", "pid": os.getpid()}))
+    (tmp_path / "stack.json").chmod(0o600)
+    held = open(tmp_path / "up.lock", "a+")  # noqa: SIM115 (as `up` holds it)
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        assert stack.read_stack(tmp_path) is None  # unverifiable: not trusted
+        out = CliRunner().invoke(app, ["upgrade-db"])
+        assert out.exit_code == 2
+        assert out.output.strip() == f"error: a stack runs from {tmp_path.resolve()}: " \
+                                     "stop it first"
+    finally:
+        held.close()
+        get_settings.cache_clear()
+    out = CliRunner().invoke(app, ["upgrade-db"])  # nothing to upgrade, but not refused
+    assert "stop it first" not in out.output
+    get_settings.cache_clear()
+
+
+def test_off_proc_status_and_demo_say_why_they_see_no_stack(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from service.cli import stack
+    from service.cli.main import app
+    from store.settings import get_settings
+
+    monkeypatch.setattr(stack, "PROC", tmp_path / "no-proc")
+    monkeypatch.setenv("LATENTBANK_DATA_DIR", str(tmp_path))
+    get_settings.cache_clear()
+    try:
+        out = CliRunner().invoke(app, ["status"])
+        assert out.exit_code == 3
+        assert "this host has no /proc" in out.output and "LATENTBANK_URL" in out.output
+        started = []
+        monkeypatch.setattr(stack.subprocess, "Popen", lambda *a, **k: started.append(a))
+        out = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "out")])
+        assert out.exit_code == 1 and started == []
+        assert "latentbank demo --url URL" in str(out.exception) + out.output
+    finally:
+        get_settings.cache_clear()

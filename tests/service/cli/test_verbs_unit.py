@@ -212,6 +212,43 @@ def test_no_api_is_exit_3_naming_up_and_the_url_variable(monkeypatch, no_client_
     assert len(slept) == 3  # the client's retries of a connection never made
 
 
+def test_a_delete_whose_answer_is_lost_is_exit_3_not_a_false_404(monkeypatch,
+                                                                  no_client_env, slept):
+    """The server deleted the model, then the connection broke: not retried (a retry's
+    404 would say it never existed), so the verb says the API could not be reached."""
+    requests = []
+
+    def handler(request):
+        requests.append(request)
+        if len(requests) == 1:
+            raise httpx.RemoteProtocolError("Server disconnected", request=request)
+        return httpx.Response(404, json={"error": {"code": "not_found",
+                                                   "message": "model 3 does not exist"}})
+
+    monkeypatch.setenv("LATENTBANK_URL", URL)
+    monkeypatch.setattr(latentbank_client, "Client", functools.partial(
+        latentbank_client.Client, transport=httpx.MockTransport(handler)))
+    out = runner.invoke(app, ["models", "rm", "3"])
+    assert out.exit_code == 3, out.output
+    assert out.output.startswith(f"error: cannot reach the latentbank API at {URL}")
+    assert len(requests) == 1
+
+
+def test_an_answer_that_is_not_the_apis_is_exit_1_saying_so(monkeypatch, no_client_env,
+                                                            slept):
+    """A proxy's HTML page answering 200: an API-side failure (exit 1) that says what
+    came from where, not bad usage (exit 2) with a bare JSON decoding error."""
+    monkeypatch.setenv("LATENTBANK_URL", URL)
+    monkeypatch.setattr(latentbank_client, "Client", functools.partial(
+        latentbank_client.Client, transport=httpx.MockTransport(lambda request: httpx.Response(
+            200, text="<html>proxy login</html>", headers={"content-type": "text/html"}))))
+    out = runner.invoke(app, ["jobs", "list"])
+    assert out.exit_code == 1, out.output
+    assert out.output.startswith(f"error: 200 OK: the answer of {URL} to GET /v1/jobs is "
+                                 "not the latentbank API's (text/html; JSONDecodeError")
+    assert "a proxy's page?" in out.output
+
+
 def test_a_bad_argument_is_refused_before_any_request(api, tmp_path):
     out = runner.invoke(app, ["search", "4", "--vector", "1,2", "--metric", "manhattan"])
     # the set is read first (its dimension checks the vector); the search never goes out
@@ -393,6 +430,38 @@ def test_a_stack_json_counts_only_when_this_users_up_holds_its_folders_lock(
         held.close()
     (data_dir / "stack.json").write_text(json.dumps({"url": "http://x", "pid": os.getpid()}))
     assert read_url(stack, data_dir) is None  # the lock is no longer held
+
+
+@pytest.mark.parametrize("reader", ["service.cli.stack", "latentbank_client.config"])
+def test_without_proc_no_stack_json_is_trusted(tmp_path, monkeypatch, reader):
+    """Off /proc (macOS) neither reader can tell which process holds the folder's lock,
+    so neither trusts a stack.json: not one committed to a cloned repository (the user's
+    own 0644 files) naming pid 1, alive everywhere, and an attacker's URL, to which
+    `demo` or a verb would send LATENTBANK_API_KEY; not even a real one (a live pid of
+    this user holding the lock), as that cannot be verified."""
+    import importlib
+    import os
+
+    stack = importlib.import_module(reader)
+    monkeypatch.setattr(stack, "PROC", tmp_path / "no-proc")
+    cloned = tmp_path / "repo" / ".latentbank"
+    cloned.mkdir(parents=True, mode=0o755)
+    (cloned / "stack.json").write_text(json.dumps({"url": "https://evil.example", "pid": 1}))
+    (cloned / "stack.json").chmod(0o644)
+    assert read_url(stack, cloned) is None
+    held = fake_stack(tmp_path / "data", "http://127.0.0.1:8123", pid=os.getpid())
+    try:
+        assert read_url(stack, tmp_path / "data") is None
+        monkeypatch.undo()  # with /proc, the real one is trusted again
+        assert read_url(stack, tmp_path / "data") == "http://127.0.0.1:8123"
+    finally:
+        held.close()
+    monkeypatch.setattr(config, "PROC", tmp_path / "no-proc")  # what the verbs go by
+    monkeypatch.setenv("LATENTBANK_API_KEY", "lb_mine")
+    monkeypatch.delenv("LATENTBANK_URL", raising=False)
+    monkeypatch.setenv("LATENTBANK_DATA_DIR", str(cloned))
+    got = config.resolve()
+    assert (got.url, got.key) == ("http://127.0.0.1:8000", None)
 
 
 def read_url(stack, data_dir):

@@ -33,6 +33,7 @@ from latentbank_client.errors import (
     TooLarge,
     Unauthorized,
     Unavailable,
+    UnreadableAnswer,
     WaitTimeout,
 )
 from latentbank_client.results import (
@@ -62,5 +63,5 @@ __all__ = [
     "Item", "Job", "JobFailed", "LatentbankError", "MetricRow", "Model", "NotFound",
     "Outliers", "Projection", "RateLimited", "RetryPolicy", "Sample", "Scores",
     "SearchResult", "ServerError", "Threshold", "TooLarge", "Traversal", "Unauthorized",
-    "Unavailable", "WaitTimeout", "WhoAmI",
+    "Unavailable", "UnreadableAnswer", "WaitTimeout", "WhoAmI",
 ]

@@ -32,8 +32,15 @@ Opener = Callable[[], Any]  # a fresh body part per attempt: bytes or an open fi
 
 @dataclass
 class Call:
-    """One HTTP request. `safe`: repeating it cannot do anything twice (reads, and
-    submissions carrying an Idempotency-Key), so any broken connection is retried."""
+    """One HTTP request. `safe`: repeating it cannot do anything twice, so a connection
+    broken after sending is retried. By default only GET/HEAD and submissions carrying an
+    Idempotency-Key are; a POST that only computes (search, decode, encode, sample...)
+    says safe=True. Every other call (DELETE, PUT of an alias, a job's cancel, a key's
+    creation) is not retried once sent: if the server acted before the break, a retry
+    would report a false failure (a DELETE's 404, a cancel's 409), so the broken
+    connection is reported instead (ConnectionFailed: the outcome is unknown). A 404 on a
+    retried DELETE is not taken as success: it cannot tell our delete from someone
+    else's, or from an id that never existed."""
 
     method: str
     path: str
@@ -44,7 +51,11 @@ class Call:
     data: dict[str, str] | None = None
     headers: dict[str, str] = field(default_factory=dict)
     timeout: float | str | None = "default"
-    safe: bool = True
+    safe: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.safe is None:
+            self.safe = self.method in ("GET", "HEAD") or "Idempotency-Key" in self.headers
 
     def request_kwargs(self) -> tuple[dict[str, Any], list[Any]]:
         """httpx.request's arguments for one attempt, and the files it opened."""

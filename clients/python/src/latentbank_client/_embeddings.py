@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import shutil
+import os
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,13 +81,13 @@ class EmbeddingSet(Bound):
             form = {name: (json.dumps(v) if name == "filter" else str(v).lower()
                            if isinstance(v, bool) else str(v)) for name, v in body.items()}
             call = Call("POST", self._path("search"), files={"image": image_part(image)},
-                        data=form)
+                        data=form, safe=True)
         else:
             if vector is not None:
                 body["vector"] = float_rows(vector, "vector", self.dim)[0].tolist()
             else:
                 body["key"] = str(key)
-            call = Call("POST", self._path("search"), json=body)
+            call = Call("POST", self._path("search"), json=body, safe=True)
 
         def plan() -> Plan:
             response = yield call
@@ -112,7 +113,7 @@ class EmbeddingSet(Bound):
         body = {**self._query(k, metric, exact, filter), "queries": queries}
 
         def plan() -> Plan:
-            response = yield Call("POST", self._path("search/batch"), json=body)
+            response = yield Call("POST", self._path("search/batch"), json=body, safe=True)
             return [SearchResult.of(a) for a in response.json()["answers"]]
         return self._run(plan())
 
@@ -137,15 +138,19 @@ class EmbeddingSet(Bound):
         target = Path(path)
 
         def plan() -> Plan:
-            with tempfile.NamedTemporaryFile(dir=target.parent, delete=False,
-                                             prefix=".latentbank-") as sink:
-                try:
+            # beside the target, renamed once whole; made with mode 0666 less the umask,
+            # as a plain open() would (a NamedTemporaryFile is 0600), without touching
+            # the process's umask
+            part = target.parent / f".latentbank-{uuid.uuid4().hex}.part"
+            fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+            try:
+                with open(fd, "w+b") as sink:
                     yield Download(Call("GET", self._path("export"),
                                         params={"format": format}, timeout=None), sink)
-                except BaseException:
-                    Path(sink.name).unlink(missing_ok=True)
-                    raise
-            shutil.move(sink.name, target)
+                os.replace(part, target)
+            except BaseException:
+                part.unlink(missing_ok=True)
+                raise
             return target
         return self._run(plan())
 

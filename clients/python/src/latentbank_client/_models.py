@@ -89,7 +89,7 @@ class Model(Bound):
 
         def plan() -> Plan:
             response = yield Call("POST", self._path("decode"), content=npy_bytes(rows),
-                                  headers={"Content-Type": NPY, "Accept": NPY})
+                                  headers={"Content-Type": NPY, "Accept": NPY}, safe=True)
             return load_npy(response.content)
         return self._run(plan())
 
@@ -100,7 +100,8 @@ class Model(Bound):
 
         def plan() -> Plan:
             response = yield Call("POST", self._path("decode"), content=npy_bytes(rows),
-                                  headers={"Content-Type": NPY, "Accept": PNG_TYPE})
+                                  headers={"Content-Type": NPY, "Accept": PNG_TYPE},
+                                  safe=True)
             return PNG(response.content)
         return self._run(plan())
 
@@ -112,10 +113,10 @@ class Model(Bound):
 
         def plan() -> Plan:
             if return_latents:
-                response = yield Call("POST", self._path("sample"), json=body)
+                response = yield Call("POST", self._path("sample"), json=body, safe=True)
                 return build(Sample, response.json())
             response = yield Call("POST", self._path("sample"), json=body,
-                                  headers={"Accept": NPY})
+                                  headers={"Accept": NPY}, safe=True)
             return load_npy(response.content)
         return self._run(plan())
 
@@ -126,7 +127,7 @@ class Model(Bound):
 
         def plan() -> Plan:
             response = yield Call("POST", self._path("sample"), json=body,
-                                  headers={"Accept": PNG_TYPE})
+                                  headers={"Accept": PNG_TYPE}, safe=True)
             return PNG(response.content)
         return self._run(plan())
 
@@ -138,12 +139,12 @@ class Model(Bound):
             filename, opener, kind = image_part(image)
             data = {k: str(v) for k, v in (params or {}).items() if v is not None}
             return Call("POST", self._path(tail), files={"image": (filename, opener, kind)},
-                        data=data, headers={"Accept": accept})
+                        data=data, headers={"Accept": accept}, safe=True)
         array = float_rows(x, "x")
         if self.item_shape is not None and array.shape == self.item_shape:
             array = array[None]  # one item
         return Call("POST", self._path(tail), content=npy_bytes(array), params=params,
-                    headers={"Content-Type": NPY, "Accept": accept})
+                    headers={"Content-Type": NPY, "Accept": accept}, safe=True)
 
     def encode(self, x: Any = None, *, image: Any = None) -> Encoded:
         """Posterior means and log-variances of items `x` (n, *item_shape) or of one
@@ -188,7 +189,7 @@ class Model(Bound):
         body = self._traverse_body(z, embedding_set, key, dims, top, steps, span)
 
         def plan() -> Plan:
-            response = yield Call("POST", self._path("traverse"), json=body)
+            response = yield Call("POST", self._path("traverse"), json=body, safe=True)
             return build(Traversal, response.json())
         return self._run(plan())
 
@@ -201,7 +202,7 @@ class Model(Bound):
 
         def plan() -> Plan:
             response = yield Call("POST", self._path("traverse"), json=body,
-                                  headers={"Accept": PNG_TYPE})
+                                  headers={"Accept": PNG_TYPE}, safe=True)
             return PNG(response.content)
         return self._run(plan())
 
@@ -234,7 +235,7 @@ class Model(Bound):
             body["from_key"], body["to_key"] = from_key, to_key
 
         def plan() -> Plan:
-            response = yield Call("POST", self._path("interpolate"), json=body)
+            response = yield Call("POST", self._path("interpolate"), json=body, safe=True)
             return build(Sample, response.json())
         return self._run(plan())
 

@@ -4,6 +4,7 @@ httpx.Client or httpx.AsyncClient."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -31,6 +32,7 @@ from latentbank_client.config import resolve
 from latentbank_client.errors import (
     ConnectionFailed,
     LatentbankError,
+    UnreadableAnswer,
     WaitTimeout,
     error_for,
     retry_after,
@@ -78,6 +80,33 @@ class _Base:
         return ConnectionFailed(f"cannot reach the latentbank API at {self.url} "
                                 f"({type(exc).__name__}: {exc}); start it with "
                                 "`latentbank up` or set LATENTBANK_URL")
+
+    def _unreadable(self, response: httpx.Response | None,
+                    exc: ValueError) -> UnreadableAnswer:
+        """A plan failed to read a success answer (JSON or .npy that is not): the API's
+        side failed, not the caller's input."""
+        if response is None:
+            return UnreadableAnswer(f"the API at {self.url} sent an answer that is not its "
+                                    f"JSON ({type(exc).__name__}: {exc})")
+        ctype = response.headers.get("content-type") or "no content type"
+        return UnreadableAnswer(
+            f"the answer of {self.url} to {response.request.method} "
+            f"{response.request.url.path} is not the latentbank API's ({ctype}; "
+            f"{type(exc).__name__}: {exc}); is that URL the API, not a proxy's page?",
+            status=response.status_code, response=response)
+
+    def _advance(self, plan: Plan, value: Any, error: BaseException | None) -> Any:
+        """The plan's next operation (StopIteration at its end). A ValueError that is not
+        the client's own (a JSON or .npy answer that does not decode) raised while the
+        plan reads an answer becomes UnreadableAnswer."""
+        try:
+            return plan.throw(error) if error is not None else plan.send(value)
+        except ValueError as exc:
+            if isinstance(exc, LatentbankError) or not (
+                    isinstance(value, httpx.Response) or isinstance(exc, json.JSONDecodeError)):
+                raise
+            raise self._unreadable(value if isinstance(value, httpx.Response) else None,
+                                   exc) from exc
 
     def _stream_timeout(self, deadline: Deadline) -> httpx.Timeout:
         left = deadline.left()
@@ -180,7 +209,7 @@ class Client(_Base):
         error: BaseException | None = None
         while True:
             try:
-                op = plan.throw(error) if error is not None else plan.send(value)
+                op = self._advance(plan, value, error)
             except StopIteration as stop:
                 return stop.value
             value, error = None, None
@@ -316,7 +345,7 @@ class AsyncClient(_Base):
         error: BaseException | None = None
         while True:
             try:
-                op = plan.throw(error) if error is not None else plan.send(value)
+                op = self._advance(plan, value, error)
             except StopIteration as stop:
                 return stop.value
             value, error = None, None

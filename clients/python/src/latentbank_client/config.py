@@ -10,10 +10,13 @@ never to a URL read from elsewhere:
 - `url` / `LATENTBANK_URL` (the user's), with `key` / `LATENTBANK_API_KEY`; without a key,
   with the local stack's `admin.key` only if that URL is the stack's own;
 - else the stack that `latentbank up` of this user runs from the data folder
-  (`LATENTBANK_DATA_DIR`; unset: `./.latentbank`, then `~/.latentbank`): the URL in its
-  `stack.json`, with the user's key or else its `admin.key`. A `stack.json` counts only
-  when it and its folder are this user's and private, and the process it names is this
-  user's and holds the folder's `up.lock` (what `up` holds while it runs);
+  (`LATENTBANK_DATA_DIR`, else `./.latentbank`: the folder every `latentbank` command
+  means, `up`, `status` and `demo` too, so a verb never reaches a stack that `status`
+  says is not running here): the URL in its `stack.json`, with the user's key or else
+  its `admin.key`. A `stack.json` counts only when it and its folder are this user's
+  and private, and the process it names is this user's and holds the folder's
+  `up.lock` (what `up` holds while it runs), as read from /proc: without /proc (macOS)
+  none counts;
 - else http://127.0.0.1:8000 without a key (a user's key is withheld: set LATENTBANK_URL
   to send it there).
 """
@@ -29,6 +32,7 @@ from typing import Any
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 STACK_FILE, KEY_FILE, LOCK_FILE = "stack.json", "admin.key", "up.lock"
+PROC = Path("/proc")  # where _holds_lock reads who holds a lock (tests move it away)
 
 
 @dataclass(frozen=True)
@@ -40,12 +44,10 @@ class Resolved:
     withheld: bool = False
 
 
-def data_dirs() -> list[Path]:
-    """The data folders searched for a running stack, in order."""
-    given = os.environ.get("LATENTBANK_DATA_DIR")
-    if given:
-        return [Path(given)]
-    return [Path(".latentbank"), Path.home() / ".latentbank"]
+def data_dir() -> Path:
+    """The data folder of the stack meant: LATENTBANK_DATA_DIR, else ./.latentbank (the
+    server's rule, store.settings, for `up` and `status`)."""
+    return Path(os.environ.get("LATENTBANK_DATA_DIR") or ".latentbank")
 
 
 def _own_and_private(path: Path) -> bool:
@@ -55,16 +57,13 @@ def _own_and_private(path: Path) -> bool:
 
 def _holds_lock(pid: int, lock: Path) -> bool:
     """Whether process `pid` (this user's) holds an exclusive flock on `lock`, read from
-    /proc; without /proc, whether it is alive."""
-    proc = Path(f"/proc/{pid}")
-    if pid <= 0:
+    /proc. Without /proc (macOS) that cannot be verified, so it is False: a live pid
+    proves nothing (a `stack.json` committed to a cloned repository may name pid 1), and
+    trusting one would send the user's key to the URL it names; set LATENTBANK_URL and
+    LATENTBANK_API_KEY there. service.cli.stack's copy answers the same."""
+    proc = PROC / str(pid)
+    if pid <= 0 or not (PROC / "self" / "fdinfo").is_dir():
         return False
-    if not Path("/proc/self/fdinfo").is_dir():
-        try:
-            os.kill(pid, 0)
-        except OSError:
-            return False
-        return True
     try:
         if proc.stat().st_uid != os.getuid():
             return False
@@ -102,11 +101,9 @@ def resolve(url: str | None = None, key: str | None = None) -> Resolved:
     user_key = key or os.environ.get("LATENTBANK_API_KEY") or None
     url = url or os.environ.get("LATENTBANK_URL") or None
     own, own_dir = None, None
-    for folder in data_dirs():
-        running = read_stack(folder)
-        if running:
-            own, own_dir = running["url"].rstrip("/"), folder.resolve()
-            break
+    running = read_stack(data_dir())
+    if running:
+        own, own_dir = running["url"].rstrip("/"), data_dir().resolve()
     if url:
         url = url.rstrip("/")
     elif own:

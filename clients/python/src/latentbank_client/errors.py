@@ -85,6 +85,12 @@ class ConnectionFailed(LatentbankError):
     """The API could not be reached (or the connection broke) after the retries."""
 
 
+class UnreadableAnswer(LatentbankError):
+    """A success answer (2xx) the client could not read: not the API's JSON or .npy (a
+    proxy's or another server's page at that URL, a truncated body). `status` is the
+    answer's status (None when it came while following a job)."""
+
+
 class JobFailed(LatentbankError):
     """A job the client waited for ended `failed` or `cancelled`; `job` is its last state
     (`job.error` the worker's reason)."""
