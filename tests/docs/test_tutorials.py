@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from markdown_it import MarkdownIt
 
 from tests.support import Up, clean_env, free_port
 
@@ -35,7 +36,7 @@ RUN = {"python": "python", "py": "python", "sh": "sh", "bash": "sh", "shell": "s
        "console": "console"}
 SHOWN = {"text", "output"}
 MARKER = re.compile(r"^<!--\s*(not-run|cwd)\s*:\s*(.*?)\s*-->\s*$")
-FENCE = re.compile(r"^(`{3,}|~{3,})\s*([\w+-]*)[^\n]*$")
+FENCE = re.compile(r"^(`{3,}|~{3,})\s*\{?\.?([\w+-]*)[^\n]*$")
 BLOCK_TIMEOUT = 300
 
 
@@ -49,40 +50,72 @@ class Block:
 
 
 def parse(text: str) -> list[Block]:
-    """The fenced blocks of a Markdown page with the markers just before each (blank lines
-    between a marker and its fence allowed). Raises ValueError for an unclosed fence."""
-    blocks, markers = [], {}
+    """The fenced blocks of a Markdown page, wherever they are (top level, list items,
+    block quotes, admonitions and details), with the markers just before each (blank lines
+    between a marker and its fence allowed). Fences are found by a CommonMark parser
+    (markdown-it-py), not by lines at column 0. Raises ValueError for an unclosed fence."""
+    return _blocks(text, 0)
+
+
+# The openers of Python-Markdown's indented containers (admonition `!!!`, details `???` and
+# `???+`, pymdownx.tabbed `===`): CommonMark reads their indented content as an indented
+# code block (or, without a blank line, as part of a paragraph). Blanked (line numbers
+# kept), their content becomes an indented code block, which _blocks parses again.
+CONTAINER = re.compile(r"^\s*(!!!|\?\?\?\+?|===)\s+\S")
+
+
+def _blocks(text: str, offset: int) -> list[Block]:
     lines = text.split("\n")
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        marker = MARKER.match(line.strip())
-        if marker:
-            markers[marker.group(1)] = marker.group(2)
-            i += 1
-            continue
-        fence = FENCE.match(line.strip()) if line.startswith(("```", "~~~")) else None
-        if fence:
-            close, start = fence.group(1), i
-            body = []
-            i += 1
-            while i < len(lines) and not lines[i].startswith(close):
-                body.append(lines[i])
-                i += 1
-            if i == len(lines):
-                raise ValueError(f"line {start + 1}: the fence is never closed")
-            blocks.append(Block(start + 1, fence.group(2).lower(), "\n".join(body) + "\n",
+    source = "\n".join("" if CONTAINER.match(line) else line for line in lines)
+    blocks, markers = [], {}
+    for token in MarkdownIt("commonmark").parse(source):
+        if token.type == "html_block":
+            marker = MARKER.match(token.content.strip())
+            if marker:
+                markers[marker.group(1)] = marker.group(2)
+                continue
+        if token.type == "fence":
+            start, end = token.map
+            closing = lines[end - 1].lstrip(" \t>") if end - 1 > start else ""
+            if not (closing.startswith(token.markup)
+                    and not closing.strip().strip(token.markup[0])):
+                raise ValueError(f"line {offset + start + 1}: the fence is never closed")
+            info = token.info.strip().lstrip("{").lstrip(".")
+            lang = re.match(r"[\w+-]*", info).group(0).lower()
+            blocks.append(Block(offset + start + 1, lang, token.content,
                                 markers.get("not-run"), markers.get("cwd")))
-            markers = {}
-        elif line.strip():
+        elif token.type == "code_block":
+            blocks += _blocks(token.content, offset + token.map[0])
+        if token.type in ("fence", "code_block", "html_block", "paragraph_open",
+                          "heading_open", "hr", "table_open"):
             markers = {}   # a marker belongs to the block right after it
-        i += 1
     return blocks
 
 
-def problems(blocks: list[Block]) -> list[str]:
+def unseen(text: str, blocks: list[Block]) -> list[str]:
+    """Lines that look like the opening fence of a runnable block but that the parser did
+    not read as one (inside raw HTML, say), so that the runner would skip them silently;
+    a not-run marker on the line before (blank lines allowed) excuses one."""
+    inside = set()
+    for b in blocks:
+        inside.update(range(b.line, b.line + b.code.count("\n") + 2))
+    found, marked = [], False
+    for number, line in enumerate(text.split("\n"), 1):
+        fence = FENCE.match(line.strip().lstrip(">").strip())
+        if fence and fence.group(2).lower() in RUN and number not in inside and not marked:
+            found.append(f"line {number}: a ```{fence.group(2).lower()} fence the runner "
+                         "does not see as a code block (raw HTML around it?); make it a "
+                         "Markdown block or mark it <!-- not-run: why -->")
+        marker = MARKER.match(line.strip())
+        if marker or line.strip():
+            marked = bool(marker and marker.group(1) == "not-run" and marker.group(2))
+    return found
+
+
+def problems(text: str) -> list[str]:
     """What keeps a page from being tested: blocks that cannot run and carry no marker,
-    empty reasons, and no block to run at all."""
+    runnable fences the runner does not see, empty reasons, and no block to run at all."""
+    blocks = parse(text)
     found = []
     for b in blocks:
         if b.not_run is not None and not b.not_run:
@@ -92,6 +125,7 @@ def problems(blocks: list[Block]) -> list[str]:
                          "here; mark it <!-- not-run: why --> or make it runnable")
         if b.cwd not in (None, "repo"):
             found.append(f"line {b.line}: cwd must be 'repo', got {b.cwd!r}")
+    found += unseen(text, blocks)
     if not [b for b in blocks if b.not_run is None and b.lang in RUN]:
         found.append("no block runs: a tutorial must have code that CI runs")
     return found
@@ -223,23 +257,82 @@ def test_markers_and_languages_are_read():
     assert [(b.lang, b.not_run, b.cwd) for b in blocks] == [
         ("python", None, None), ("sh", "needs Docker", None), ("yaml", None, None),
         ("sh", None, "repo"), ("text", None, None)]
-    assert problems(blocks) == [
+    assert problems(page) == [
         "line 10: a ```yaml block cannot run here; mark it <!-- not-run: why --> or make it "
         "runnable"]
 
 
+def test_indented_blocks_are_found_and_run_dedented():
+    """Fences in list items, admonitions and details are the page's code too (the old
+    column-0 scan skipped them: neither run nor flagged)."""
+    page = "\n".join([
+        "# t",                                    # 1
+        "1. First:",                              # 2
+        "",                                       # 3
+        "    ```python",                          # 4
+        "    x = 1",                              # 5
+        "    ```",                                # 6
+        "",                                       # 7
+        "- item",                                 # 8
+        "  <!-- not-run: needs Docker -->",       # 9
+        "  ```sh",                                # 10
+        "  docker compose up",                    # 11
+        "  ```",                                  # 12
+        "",                                       # 13
+        '!!! note "Inside an admonition"',        # 14
+        "    Some text:",                         # 15
+        "    ```python",                          # 16
+        "    assert x == 1",                      # 17
+        "        y = 2 if x else 3",              # 18
+        "    ```",                                # 19
+        "",                                       # 20
+        "??? tip",                                # 21
+        "",                                       # 22
+        "    <!-- cwd: repo -->",                 # 23
+        "    ```console",                         # 24
+        "    $ ls",                               # 25
+        "    ```",                                # 26
+        "",                                       # 27
+        "> ```bash",                              # 28
+        "> echo quoted",                          # 29
+        "> ```",                                  # 30
+        ""])
+    blocks = parse(page)
+    assert [(b.line, b.lang, b.code, b.not_run, b.cwd) for b in blocks] == [
+        (4, "python", "x = 1\n", None, None),
+        (10, "sh", "docker compose up\n", "needs Docker", None),
+        (16, "python", "assert x == 1\n    y = 2 if x else 3\n", None, None),
+        (24, "console", "$ ls\n", None, "repo"),
+        (28, "bash", "echo quoted\n", None, None)]
+    assert problems(page) == []
+    with pytest.raises(ValueError, match="line 3: the fence is never closed"):
+        parse("!!! note\n\n    ```python\n    x = 1\n")
+
+
+def test_a_runnable_fence_the_parser_does_not_see_is_refused():
+    page = "```python\nx = 1\n```\n<div markdown>\n```python\nhidden = 1\n```\n</div>\n"
+    assert [b.line for b in parse(page)] == [1]
+    assert problems(page) == [
+        "line 5: a ```python fence the runner does not see as a code block (raw HTML around "
+        "it?); make it a Markdown block or mark it <!-- not-run: why -->"]
+    assert problems(page.replace("<div markdown>\n", "<div markdown>\n<!-- not-run: x -->\n")
+                    ) == []
+    # a fence shown inside a longer fence is that block's text, not a block
+    assert problems("````text\n```python\nx = 1\n```\n````\n```sh\nls\n```\n") == []
+
+
 def test_a_page_with_nothing_to_run_is_refused():
-    assert problems(parse("<!-- not-run: no -->\n```sh\nls\n```\n```text\nout\n```\n")) == [
+    assert problems("<!-- not-run: no -->\n```sh\nls\n```\n```text\nout\n```\n") == [
         "no block runs: a tutorial must have code that CI runs"]
-    assert "a not-run marker must say why" in problems(parse(
-        "<!-- not-run: -->\n```sh\nls\n```\n```python\n1\n```\n"))[0]
+    assert "a not-run marker must say why" in problems(
+        "<!-- not-run: -->\n```sh\nls\n```\n```python\n1\n```\n")[0]
     with pytest.raises(ValueError, match="never closed"):
         parse("```python\nx = 1\n")
 
 
 @pytest.mark.parametrize("page", TUTORIALS, ids=lambda p: p.stem)
 def test_every_tutorial_block_can_be_run_or_says_why_not(page):
-    assert problems(parse(page.read_text())) == []
+    assert problems(page.read_text()) == []
 
 
 def test_the_tutorials_are_the_ones_in_the_nav():
@@ -265,8 +358,8 @@ def stack(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("page", TUTORIALS, ids=lambda p: p.stem)
 def test_tutorial_runs(page, stack, tmp_path):
+    assert problems(page.read_text()) == []
     blocks = parse(page.read_text())
-    assert problems(blocks) == []
     workdir = tmp_path / "work"
     workdir.mkdir()
     env = {**block_env(stack), "LB_TUTORIAL_STATE": str(tmp_path / "shell-state.sh")}
