@@ -4,10 +4,13 @@
 Per page, in order: ```python blocks run in one Python process (one namespace, as in a
 notebook), ```sh / ```bash blocks with `bash -euo pipefail` (the shell variables a block
 sets carry over to the next, as in one terminal), ```console blocks likewise (their `$ `
-lines). Blocks run in a fresh folder with LATENTBANK_URL / LATENTBANK_API_KEY (and
-LATENTBANK_DATA_DIR) naming the stack, and `latentbank` on the PATH. A ```text block is
-output shown to the reader. Any other block, or one that must not run here, carries a
-marker on a line of its own before it, saying why:
+lines). Fences are found wherever Markdown puts them (list items, admonitions, details),
+by a Markdown parser. Blocks run in a fresh folder with LATENTBANK_URL / LATENTBANK_API_KEY
+(and LATENTBANK_DATA_DIR) naming the stack, and `latentbank` on the PATH; the pages of
+DISCOVERY run with LATENTBANK_DATA_DIR only, so the client finds the stack as the tutorials
+say it does (its data folder's stack.json and admin.key). A ```text block is output shown
+to the reader. Any other block, or one that must not run here, carries a marker on a line
+of its own before it, saying why:
 
     <!-- not-run: needs Docker; make compose-test runs this topology -->
 
@@ -38,6 +41,8 @@ SHOWN = {"text", "output"}
 MARKER = re.compile(r"^<!--\s*(not-run|cwd)\s*:\s*(.*?)\s*-->\s*$")
 FENCE = re.compile(r"^(`{3,}|~{3,})\s*\{?\.?([\w+-]*)[^\n]*$")
 BLOCK_TIMEOUT = 300
+# pages run without LATENTBANK_URL / LATENTBANK_API_KEY: the documented discovery is tested
+DISCOVERY = {"notebook.md"}
 
 
 @dataclass
@@ -234,12 +239,14 @@ class Page:
         return "--- its output (last lines):\n" + "\n".join(lines[-n:])
 
 
-def block_env(up: Up) -> dict[str, str]:
-    """A user's shell on the machine running the stack: the stack's URL and key, this
-    checkout's code, `latentbank` and `python` from this interpreter's environment."""
+def block_env(up: Up, discover: bool = False) -> dict[str, str]:
+    """A user's shell on the machine running the stack: the stack's URL and key (with
+    `discover`, only LATENTBANK_DATA_DIR, the stack's data folder), this checkout's code,
+    `latentbank` and `python` from this interpreter's environment."""
     paths = [str(ROOT), str(ROOT / "clients" / "python" / "src")]
     old = os.environ.get("PYTHONPATH")
-    return clean_env(up.data_dir, LATENTBANK_URL=up.url, LATENTBANK_API_KEY=up.key,
+    named = {} if discover else {"LATENTBANK_URL": up.url, "LATENTBANK_API_KEY": up.key}
+    return clean_env(up.data_dir, **named,
                      PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
                      PYTHONPATH=os.pathsep.join([*paths, *([old] if old else [])]),
                      MPLBACKEND="Agg")
@@ -335,6 +342,10 @@ def test_every_tutorial_block_can_be_run_or_says_why_not(page):
     assert problems(page.read_text()) == []
 
 
+def test_discovery_pages_are_tutorials():
+    assert DISCOVERY and DISCOVERY.issubset(p.name for p in TUTORIALS)
+
+
 def test_the_tutorials_are_the_ones_in_the_nav():
     assert {p.stem for p in TUTORIALS} == {
         "first-model-cli", "notebook", "own-images", "anomaly-scoring", "sql",
@@ -362,7 +373,11 @@ def test_tutorial_runs(page, stack, tmp_path):
     blocks = parse(page.read_text())
     workdir = tmp_path / "work"
     workdir.mkdir()
-    env = {**block_env(stack), "LB_TUTORIAL_STATE": str(tmp_path / "shell-state.sh")}
+    env = {**block_env(stack, discover=page.name in DISCOVERY),
+           "LB_TUTORIAL_STATE": str(tmp_path / "shell-state.sh")}
+    if page.name in DISCOVERY:
+        assert "LATENTBANK_URL" not in env and "LATENTBANK_API_KEY" not in env
+        assert env["LATENTBANK_DATA_DIR"] == str(stack.data_dir)
     runner = Page(page.name, workdir, env, tmp_path / "blocks.log")
     started = time.monotonic()
     runner.run(blocks)
