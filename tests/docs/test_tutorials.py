@@ -71,7 +71,10 @@ CONTAINER = re.compile(r"^\s*(!!!|\?\?\?\+?|===)\s+\S")
 
 def _blocks(text: str, offset: int) -> list[Block]:
     lines = text.split("\n")
-    source = "\n".join("" if CONTAINER.match(line) else line for line in lines)
+    fenced = {n for t in MarkdownIt("commonmark").parse(text) if t.type == "fence"
+              for n in range(*t.map)}   # a fence's own lines are code, never an opener
+    source = "\n".join("" if CONTAINER.match(line) and n not in fenced else line
+                        for n, line in enumerate(lines))
     blocks, markers = [], {}
     for token in MarkdownIt("commonmark").parse(source):
         if token.type == "html_block":
@@ -314,6 +317,9 @@ def test_indented_blocks_are_found_and_run_dedented():
     assert problems(page) == []
     with pytest.raises(ValueError, match="line 3: the fence is never closed"):
         parse("!!! note\n\n    ```python\n    x = 1\n")
+    # inside a fence, a line like a container's opener is code
+    assert parse('```python\nprint("""\n=== a heading in a string\n""")\n```\n')[0].code == (
+        'print("""\n=== a heading in a string\n""")\n')
 
 
 def test_a_runnable_fence_the_parser_does_not_see_is_refused():
