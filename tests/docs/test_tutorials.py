@@ -4,10 +4,13 @@
 Per page, in order: ```python blocks run in one Python process (one namespace, as in a
 notebook), ```sh / ```bash blocks with `bash -euo pipefail` (the shell variables a block
 sets carry over to the next, as in one terminal), ```console blocks likewise (their `$ `
-lines). Blocks run in a fresh folder with LATENTBANK_URL / LATENTBANK_API_KEY (and
-LATENTBANK_DATA_DIR) naming the stack, and `latentbank` on the PATH. A ```text block is
-output shown to the reader. Any other block, or one that must not run here, carries a
-marker on a line of its own before it, saying why:
+lines). Fences are found wherever Markdown puts them (list items, admonitions, details),
+by a Markdown parser. Blocks run in a fresh folder with LATENTBANK_URL / LATENTBANK_API_KEY
+(and LATENTBANK_DATA_DIR) naming the stack, and `latentbank` on the PATH; the pages of
+DISCOVERY run with LATENTBANK_DATA_DIR only, so the client finds the stack as the tutorials
+say it does (its data folder's stack.json and admin.key). A ```text block is output shown
+to the reader. Any other block, or one that must not run here, carries a marker on a line
+of its own before it, saying why:
 
     <!-- not-run: needs Docker; make compose-test runs this topology -->
 
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from markdown_it import MarkdownIt
 
 from tests.support import Up, clean_env, free_port
 
@@ -35,8 +39,10 @@ RUN = {"python": "python", "py": "python", "sh": "sh", "bash": "sh", "shell": "s
        "console": "console"}
 SHOWN = {"text", "output"}
 MARKER = re.compile(r"^<!--\s*(not-run|cwd)\s*:\s*(.*?)\s*-->\s*$")
-FENCE = re.compile(r"^(`{3,}|~{3,})\s*([\w+-]*)[^\n]*$")
+FENCE = re.compile(r"^(`{3,}|~{3,})\s*\{?\.?([\w+-]*)[^\n]*$")
 BLOCK_TIMEOUT = 300
+# pages run without LATENTBANK_URL / LATENTBANK_API_KEY: the documented discovery is tested
+DISCOVERY = {"notebook.md"}
 
 
 @dataclass
@@ -49,40 +55,75 @@ class Block:
 
 
 def parse(text: str) -> list[Block]:
-    """The fenced blocks of a Markdown page with the markers just before each (blank lines
-    between a marker and its fence allowed). Raises ValueError for an unclosed fence."""
-    blocks, markers = [], {}
+    """The fenced blocks of a Markdown page, wherever they are (top level, list items,
+    block quotes, admonitions and details), with the markers just before each (blank lines
+    between a marker and its fence allowed). Fences are found by a CommonMark parser
+    (markdown-it-py), not by lines at column 0. Raises ValueError for an unclosed fence."""
+    return _blocks(text, 0)
+
+
+# The openers of Python-Markdown's indented containers (admonition `!!!`, details `???` and
+# `???+`, pymdownx.tabbed `===`): CommonMark reads their indented content as an indented
+# code block (or, without a blank line, as part of a paragraph). Blanked (line numbers
+# kept), their content becomes an indented code block, which _blocks parses again.
+CONTAINER = re.compile(r"^\s*(!!!|\?\?\?\+?|===)\s+\S")
+
+
+def _blocks(text: str, offset: int) -> list[Block]:
     lines = text.split("\n")
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        marker = MARKER.match(line.strip())
-        if marker:
-            markers[marker.group(1)] = marker.group(2)
-            i += 1
-            continue
-        fence = FENCE.match(line.strip()) if line.startswith(("```", "~~~")) else None
-        if fence:
-            close, start = fence.group(1), i
-            body = []
-            i += 1
-            while i < len(lines) and not lines[i].startswith(close):
-                body.append(lines[i])
-                i += 1
-            if i == len(lines):
-                raise ValueError(f"line {start + 1}: the fence is never closed")
-            blocks.append(Block(start + 1, fence.group(2).lower(), "\n".join(body) + "\n",
+    fenced = {n for t in MarkdownIt("commonmark").parse(text) if t.type == "fence"
+              for n in range(*t.map)}   # a fence's own lines are code, never an opener
+    source = "\n".join("" if CONTAINER.match(line) and n not in fenced else line
+                        for n, line in enumerate(lines))
+    blocks, markers = [], {}
+    for token in MarkdownIt("commonmark").parse(source):
+        if token.type == "html_block":
+            marker = MARKER.match(token.content.strip())
+            if marker:
+                markers[marker.group(1)] = marker.group(2)
+                continue
+        if token.type == "fence":
+            start, end = token.map
+            closing = lines[end - 1].lstrip(" \t>") if end - 1 > start else ""
+            if not (closing.startswith(token.markup)
+                    and not closing.strip().strip(token.markup[0])):
+                raise ValueError(f"line {offset + start + 1}: the fence is never closed")
+            info = token.info.strip().lstrip("{").lstrip(".")
+            lang = re.match(r"[\w+-]*", info).group(0).lower()
+            blocks.append(Block(offset + start + 1, lang, token.content,
                                 markers.get("not-run"), markers.get("cwd")))
-            markers = {}
-        elif line.strip():
+        elif token.type == "code_block":
+            blocks += _blocks(token.content, offset + token.map[0])
+        if token.type in ("fence", "code_block", "html_block", "paragraph_open",
+                          "heading_open", "hr", "table_open"):
             markers = {}   # a marker belongs to the block right after it
-        i += 1
     return blocks
 
 
-def problems(blocks: list[Block]) -> list[str]:
+def unseen(text: str, blocks: list[Block]) -> list[str]:
+    """Lines that look like the opening fence of a runnable block but that the parser did
+    not read as one (inside raw HTML, say), so that the runner would skip them silently;
+    a not-run marker on the line before (blank lines allowed) excuses one."""
+    inside = set()
+    for b in blocks:
+        inside.update(range(b.line, b.line + b.code.count("\n") + 2))
+    found, marked = [], False
+    for number, line in enumerate(text.split("\n"), 1):
+        fence = FENCE.match(line.strip().lstrip(">").strip())
+        if fence and fence.group(2).lower() in RUN and number not in inside and not marked:
+            found.append(f"line {number}: a ```{fence.group(2).lower()} fence the runner "
+                         "does not see as a code block (raw HTML around it?); make it a "
+                         "Markdown block or mark it <!-- not-run: why -->")
+        marker = MARKER.match(line.strip())
+        if marker or line.strip():
+            marked = bool(marker and marker.group(1) == "not-run" and marker.group(2))
+    return found
+
+
+def problems(text: str) -> list[str]:
     """What keeps a page from being tested: blocks that cannot run and carry no marker,
-    empty reasons, and no block to run at all."""
+    runnable fences the runner does not see, empty reasons, and no block to run at all."""
+    blocks = parse(text)
     found = []
     for b in blocks:
         if b.not_run is not None and not b.not_run:
@@ -92,6 +133,7 @@ def problems(blocks: list[Block]) -> list[str]:
                          "here; mark it <!-- not-run: why --> or make it runnable")
         if b.cwd not in (None, "repo"):
             found.append(f"line {b.line}: cwd must be 'repo', got {b.cwd!r}")
+    found += unseen(text, blocks)
     if not [b for b in blocks if b.not_run is None and b.lang in RUN]:
         found.append("no block runs: a tutorial must have code that CI runs")
     return found
@@ -200,12 +242,14 @@ class Page:
         return "--- its output (last lines):\n" + "\n".join(lines[-n:])
 
 
-def block_env(up: Up) -> dict[str, str]:
-    """A user's shell on the machine running the stack: the stack's URL and key, this
-    checkout's code, `latentbank` and `python` from this interpreter's environment."""
+def block_env(up: Up, discover: bool = False) -> dict[str, str]:
+    """A user's shell on the machine running the stack: the stack's URL and key (with
+    `discover`, only LATENTBANK_DATA_DIR, the stack's data folder), this checkout's code,
+    `latentbank` and `python` from this interpreter's environment."""
     paths = [str(ROOT), str(ROOT / "clients" / "python" / "src")]
     old = os.environ.get("PYTHONPATH")
-    return clean_env(up.data_dir, LATENTBANK_URL=up.url, LATENTBANK_API_KEY=up.key,
+    named = {} if discover else {"LATENTBANK_URL": up.url, "LATENTBANK_API_KEY": up.key}
+    return clean_env(up.data_dir, **named,
                      PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
                      PYTHONPATH=os.pathsep.join([*paths, *([old] if old else [])]),
                      MPLBACKEND="Agg")
@@ -223,23 +267,89 @@ def test_markers_and_languages_are_read():
     assert [(b.lang, b.not_run, b.cwd) for b in blocks] == [
         ("python", None, None), ("sh", "needs Docker", None), ("yaml", None, None),
         ("sh", None, "repo"), ("text", None, None)]
-    assert problems(blocks) == [
+    assert problems(page) == [
         "line 10: a ```yaml block cannot run here; mark it <!-- not-run: why --> or make it "
         "runnable"]
 
 
+def test_indented_blocks_are_found_and_run_dedented():
+    """Fences in list items, admonitions and details are the page's code too (the old
+    column-0 scan skipped them: neither run nor flagged)."""
+    page = "\n".join([
+        "# t",                                    # 1
+        "1. First:",                              # 2
+        "",                                       # 3
+        "    ```python",                          # 4
+        "    x = 1",                              # 5
+        "    ```",                                # 6
+        "",                                       # 7
+        "- item",                                 # 8
+        "  <!-- not-run: needs Docker -->",       # 9
+        "  ```sh",                                # 10
+        "  docker compose up",                    # 11
+        "  ```",                                  # 12
+        "",                                       # 13
+        '!!! note "Inside an admonition"',        # 14
+        "    Some text:",                         # 15
+        "    ```python",                          # 16
+        "    assert x == 1",                      # 17
+        "        y = 2 if x else 3",              # 18
+        "    ```",                                # 19
+        "",                                       # 20
+        "??? tip",                                # 21
+        "",                                       # 22
+        "    <!-- cwd: repo -->",                 # 23
+        "    ```console",                         # 24
+        "    $ ls",                               # 25
+        "    ```",                                # 26
+        "",                                       # 27
+        "> ```bash",                              # 28
+        "> echo quoted",                          # 29
+        "> ```",                                  # 30
+        ""])
+    blocks = parse(page)
+    assert [(b.line, b.lang, b.code, b.not_run, b.cwd) for b in blocks] == [
+        (4, "python", "x = 1\n", None, None),
+        (10, "sh", "docker compose up\n", "needs Docker", None),
+        (16, "python", "assert x == 1\n    y = 2 if x else 3\n", None, None),
+        (24, "console", "$ ls\n", None, "repo"),
+        (28, "bash", "echo quoted\n", None, None)]
+    assert problems(page) == []
+    with pytest.raises(ValueError, match="line 3: the fence is never closed"):
+        parse("!!! note\n\n    ```python\n    x = 1\n")
+    # inside a fence, a line like a container's opener is code
+    assert parse('```python\nprint("""\n=== a heading in a string\n""")\n```\n')[0].code == (
+        'print("""\n=== a heading in a string\n""")\n')
+
+
+def test_a_runnable_fence_the_parser_does_not_see_is_refused():
+    page = "```python\nx = 1\n```\n<div markdown>\n```python\nhidden = 1\n```\n</div>\n"
+    assert [b.line for b in parse(page)] == [1]
+    assert problems(page) == [
+        "line 5: a ```python fence the runner does not see as a code block (raw HTML around "
+        "it?); make it a Markdown block or mark it <!-- not-run: why -->"]
+    assert problems(page.replace("<div markdown>\n", "<div markdown>\n<!-- not-run: x -->\n")
+                    ) == []
+    # a fence shown inside a longer fence is that block's text, not a block
+    assert problems("````text\n```python\nx = 1\n```\n````\n```sh\nls\n```\n") == []
+
+
 def test_a_page_with_nothing_to_run_is_refused():
-    assert problems(parse("<!-- not-run: no -->\n```sh\nls\n```\n```text\nout\n```\n")) == [
+    assert problems("<!-- not-run: no -->\n```sh\nls\n```\n```text\nout\n```\n") == [
         "no block runs: a tutorial must have code that CI runs"]
-    assert "a not-run marker must say why" in problems(parse(
-        "<!-- not-run: -->\n```sh\nls\n```\n```python\n1\n```\n"))[0]
+    assert "a not-run marker must say why" in problems(
+        "<!-- not-run: -->\n```sh\nls\n```\n```python\n1\n```\n")[0]
     with pytest.raises(ValueError, match="never closed"):
         parse("```python\nx = 1\n")
 
 
 @pytest.mark.parametrize("page", TUTORIALS, ids=lambda p: p.stem)
 def test_every_tutorial_block_can_be_run_or_says_why_not(page):
-    assert problems(parse(page.read_text())) == []
+    assert problems(page.read_text()) == []
+
+
+def test_discovery_pages_are_tutorials():
+    assert DISCOVERY and DISCOVERY.issubset(p.name for p in TUTORIALS)
 
 
 def test_the_tutorials_are_the_ones_in_the_nav():
@@ -265,11 +375,15 @@ def stack(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("page", TUTORIALS, ids=lambda p: p.stem)
 def test_tutorial_runs(page, stack, tmp_path):
+    assert problems(page.read_text()) == []
     blocks = parse(page.read_text())
-    assert problems(blocks) == []
     workdir = tmp_path / "work"
     workdir.mkdir()
-    env = {**block_env(stack), "LB_TUTORIAL_STATE": str(tmp_path / "shell-state.sh")}
+    env = {**block_env(stack, discover=page.name in DISCOVERY),
+           "LB_TUTORIAL_STATE": str(tmp_path / "shell-state.sh")}
+    if page.name in DISCOVERY:
+        assert "LATENTBANK_URL" not in env and "LATENTBANK_API_KEY" not in env
+        assert env["LATENTBANK_DATA_DIR"] == str(stack.data_dir)
     runner = Page(page.name, workdir, env, tmp_path / "blocks.log")
     started = time.monotonic()
     runner.run(blocks)
