@@ -14,13 +14,16 @@ only named (as tests/client/test_drift.py builds it).
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import html
 import inspect
+import itertools
 import json
 import re
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -263,87 +266,23 @@ def render_configuration() -> str:
 # The meaning of each field, as the README's tables gave them (the dataclasses' docstrings,
 # rendered above each table, explain them together); tests/docs/test_generated.py fails
 # when a field has no entry here or an entry names no field.
-MODEL_FIELD_MEANINGS = {
-    "VAEConfig": {
-        "input_shape": "shape of one item, `[D]` or `[C, H, W]`",
-        "latent_dim": "D of z",
-        "family": "`mlp` or `conv`",
-        "hidden": "layer widths (mlp) or channels of the stride-2 convolutions (conv)",
-        "likelihood": "`bernoulli` (values in [0, 1]), `continuous_bernoulli` (values in "
-                      "[0, 1]; a true density), `gaussian`, or `discretized_logistic` (values "
-                      "on the grid k/(`levels` − 1) in [0, 1], 8-bit images: log p(x) and "
-                      "bits/dim of the discrete pixels)",
-        "gaussian_scale": "`learned` (one log σ per data dimension) or `fixed`",
-        "fixed_log_scale": "log σ when fixed",
-        "min_log_scale": "floor of a learned log σ (or log s: at −4 a discretised logistic "
-                         "could not give an interior 8-bit value more than 4.2 bits) (pixels "
-                         "that never vary would otherwise drive σ → 0 and the likelihood → "
-                         "+∞); unset: −4.0, or −7.0 for `discretized_logistic`",
-        "beta": "weight of the KL term in the training objective (β-VAE); reported ELBOs "
-                "always use β = 1",
-        "binarize": "`bernoulli` only: `static` (one binary copy drawn with `data_seed`, for "
-                    "training and evaluation) or `dynamic` (drawn anew each training epoch, "
-                    "evaluated on the `data_seed` copy: the IWAE paper's protocol)",
-        "dequantize": "`uniform` (`gaussian` or `continuous_bernoulli`): integer data 0 .. "
-                      "`levels` − 1 becomes y = (x + u) / levels, u ~ U[0, 1)",
-        "levels": "the number of integer levels of `dequantize` and of the "
-                  "`discretized_logistic` grid",
-        "data_seed": "seed of the fixed binarisation / dequantisation noise (evaluation, "
-                     "embedding, `/score`)",
-        "blocks": "conv only: residual blocks per resolution; 0 (with `norm: none`) is the "
-                  "plain network of earlier releases, parameter for parameter",
-        "norm": "conv only: `group` normalisation (GroupNorm, up to 32 groups: "
-                "batch-independent and exported to ONNX as is, unlike BatchNorm) or `none`",
-        "activation": "the nonlinearity after every hidden layer of either family: `relu`, "
-                      "`tanh` (the IWAE paper's), `gelu`, `elu`, `silu`, `softplus`, "
-                      "`leaky_relu`; recorded in the model's `summary.architecture` and each "
-                      "ONNX file's `latentbank.activation`",
-    },
-    "TrainConfig": {
-        "epochs": "Adam: epochs",
-        "batch_size": "Adam: batch size",
-        "lr": "Adam: learning rate",
-        "weight_decay": "Adam: weight decay",
-        "seed": "seeds initialisation, the split and every random draw",
-        "val_fraction": "held-out share (0 allowed: no validation rows)",
-        "grad_clip": "max global gradient norm (`null` disables)",
-        "early_stopping_patience": "stop after this many epochs without a validation-ELBO gain "
-                                   "> `min_delta`, and restore the best epoch's weights "
-                                   "(unset: no early stopping)",
-        "min_delta": "the validation-ELBO gain (nats) that counts for early stopping",
-        "objective": "`elbo` (β, warm-up, free bits apply; `elbo_samples` draws) or `iwae` "
-                     "(IWAE bound with `iwae_samples`)",
-        "elbo_samples": "draws the `elbo` objective's reconstruction term averages",
-        "iwae_samples": "samples of the `iwae` objective's bound",
-        "lr_schedule": "`constant`; `cosine` decays `lr` to `lr * lr_final` by the last step "
-                       "(measured worse than constant at 5–10 epochs: `bench/likelihood.py`); "
-                       "`step` multiplies `lr` by `lr_gamma` at each epoch of `lr_milestones`; "
-                       "`iwae` is Burda et al.'s: stage i = 0, 1, … lasts 3^i epochs at "
-                       "`lr`·10^(−i/7), so 40 epochs are stages 0–3 and 3,280 all eight "
-                       "(`models/schedule.py`)",
-        "lr_final": "the `cosine` schedule's last learning rate, as a share of `lr`",
-        "lr_milestones": "the epochs at which the `step` schedule multiplies `lr` by `lr_gamma`",
-        "lr_gamma": "the `step` schedule's factor",
-        "adam_eps": "Adam's ε (the IWAE paper: ε = 1e-4)",
-        "adam_beta1": "Adam's β1",
-        "adam_beta2": "Adam's β2",
-        "init_from_data": "the decoder's output bias starts at the training items' mean (its "
-                          "log-odds for the Bernoulli kinds; a learned Gaussian scale at their "
-                          "spread)",
-        "kl_warmup_epochs": "β rises linearly from 0 to `beta` over this many epochs (per step)",
-        "free_bits": "each latent dimension's batch-mean KL counts as at least this many nats",
-        "eval_importance_samples": "K of the per-epoch validation log p(x)",
-        "importance_samples": "K of the final held-out log p(x) (0 = ELBO terms only)",
-        "eval_batch_size": "items per batch of the evaluation passes",
-        "device": "`auto` (CUDA if present), `cpu`, `cuda`",
-        "mixed_precision": "bf16 autocast on CUDA (fp16 + loss scaling where bf16 is missing); "
-                           "ignored on CPU",
-    },
-}
+def field_docstrings(cls: type) -> dict[str, str]:
+    """Each dataclass field's attribute docstring (the string literal on the line after
+    it, as mkdocstrings reads them), from the class's source: the meanings live beside
+    the fields in models/config.py, not in a table here."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    found = {}
+    for field, after in itertools.pairwise(body):
+        if (isinstance(field, ast.AnnAssign) and isinstance(field.target, ast.Name)
+                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)):
+            found[field.target.id] = " ".join(after.value.value.split())
+    return found
 
 
 def model_config_rows(cls: type) -> list[dict[str, str]]:
-    meanings = MODEL_FIELD_MEANINGS[cls.__name__]
+    meanings = field_docstrings(cls)
     rows = []
     for f in dataclasses.fields(cls):
         if f.default is not dataclasses.MISSING:
