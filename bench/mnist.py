@@ -4,7 +4,7 @@ Salakhutdinov, *Importance Weighted Autoencoders* (ICLR 2016), Table 1.
     make bench-mnist                                  # --epochs 40 on this machine
     make bench-mnist BENCH_MNIST_ARGS="--protocol full"   # 3,280 epochs, for a GPU worker
     python bench/mnist.py [--epochs 40] [--runs vae,iwae5,iwae50,plain]
-        [--datasets mnist,fashion] [--batch-size 20] [--k-eval 5000] [--seeds 1]
+        [--datasets mnist,fashion] [--batch-size 20] [--k-eval 5000] [--seeds 3]
         [--mnist-dir DIR] [--fashion-dir DIR] [--cache DIR] [--train-items N] [--test-items N]
 
 The paper's protocol, one stochastic layer: 784-200-200-50 with tanh, a Bernoulli decoder,
@@ -26,9 +26,11 @@ by ingest jobs, each model is trained by a training job, the test set is embedde
 embedding job with K = `--k-eval` (its mean log p(x) and Monte-Carlo standard error are
 the set's stats), the training set by one with K = 0 for the kNN label accuracy (test
 latents against training latents, k = 10, exact, computed here in NumPy from the exported
-sets). The `plain` row is a PyTorch loop of the same architecture written below with no
-project code, trained and evaluated here at equal epochs: the service's figure is read
-against it, with the Monte-Carlo error and (`--seeds 2` or more) the spread between seeds.
+sets). The `plain` row is a PyTorch loop of the same architecture written in
+bench/mnist_baselines.py with no project code, trained and evaluated here at equal epochs.
+Both the loop and the service's VAE train over `--seeds` seeds (seed 0 scored on every
+test image, the others on the first `--seed-items`), and the verdict is the difference of
+their seed means on those items against its standard error (each side's seed spread).
 """
 
 from __future__ import annotations
