@@ -134,15 +134,6 @@ def delete_alias(db: Database, name: str, key_id: int | None = None) -> None:
         s.delete(row)
 
 
-def aliases_of(db: Database, kind: Kind, ids: list[int]) -> list[str]:
-    """The names of the aliases that point at any of `ids`."""
-    if not ids:
-        return []
-    column = Alias.model_id if kind == "model" else Alias.embedding_set_id
-    with db.session() as s:
-        return list(s.scalars(select(Alias.name).where(column.in_(ids)).order_by(Alias.name)))
-
-
 def resolve(db: Database, ref: str | int, kind: Kind) -> int:
     """The id a client gave: a number, or `@name` for an alias of that kind."""
     if isinstance(ref, int):

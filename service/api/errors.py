@@ -67,7 +67,6 @@ STATUSES: tuple[tuple[type[StoreError], int], ...] = (
 def status_of(exc: StoreError) -> int:
     """The first match in STATUSES (subclasses come before their bases); else 422."""
     return next((status for cls, status in STATUSES if isinstance(exc, cls)), 422)
-    return 422
 
 
 def error_response(status: int, code: str, message: str,
