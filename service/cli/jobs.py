@@ -249,13 +249,13 @@ def _shown(job_id: int, as_json: bool) -> Iterator[Callable[[dict[str, Any]], No
                   console=err, transient=False) as bar:
         task = bar.add_task(f"job {job_id}", total=1.0, message="", eta="")
 
-        def update(job: dict[str, Any]) -> None:
+        def show_state(job: dict[str, Any]) -> None:
             bar.update(task, completed=job["progress"],
                        description=f"job {job_id} {job['kind']} {job['status']}",
                        message=escape(job.get("progress_message") or ""),
                        eta=_eta(job.get("eta_seconds")) if job["status"] not in TERMINAL
                        else "")
-        yield update
+        yield show_state
 
 
 @jobs_app.command("list")
