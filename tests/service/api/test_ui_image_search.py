@@ -4,6 +4,8 @@ input is searched through the API and its neighbours, their thumbnails and its s
 against the held-out threshold are shown. The set is test_image_queries.py's RGB set,
 served by the test session's API; no browser on the machine skips (fails under CI)."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -69,6 +71,25 @@ def test_an_image_chosen_on_the_set_page_shows_the_apis_neighbours(browser, api,
     assert page.locator("#image-neighbours img.thumb").count() == len(want)
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / "image-search.png"), full_page=True)
+    # an image dropped on the zone (a browser's drop event with the file in its
+    # DataTransfer) searches the same way: another item, the API's neighbours of it
+    j = 11
+    dropped = png(world["pixels"][j])
+    transfer = page.evaluate_handle(
+        """(bytes) => { const dt = new DataTransfer();
+           dt.items.add(new File([new Uint8Array(bytes)], "dropped.png", {type: "image/png"}));
+           return dt; }""", list(dropped))
+    page.dispatch_event("#image-drop", "dragover", {"dataTransfer": transfer})
+    page.dispatch_event("#image-drop", "drop", {"dataTransfer": transfer})
+    page.wait_for_function(
+        f"window.latentbank.imageSearch && window.latentbank.imageSearch.results[0].key "
+        f"=== {json.dumps(world['keys'][j])}")
+    shown = page.evaluate("window.latentbank.imageSearch")
+    want = client.post(f"/v1/embeddings/{world['set']}/search", data={"k": "8"},
+                       files={"image": ("q.png", dropped, "image/png")}).json()["results"]
+    assert [r["key"] for r in shown["results"]] == [r["key"] for r in want]
+    np.testing.assert_allclose([r["distance"] for r in shown["results"]],
+                               [r["distance"] for r in want], rtol=1e-9, atol=1e-9)
     assert not errors, errors
 
 

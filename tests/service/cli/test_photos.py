@@ -2,7 +2,9 @@
 sub-folders of JPEGs added with `datasets add ./photos/`, a conv VAE with the discretised
 logistic trained on it, embedded, and searched with `search SET --image query.jpg`, whose
 nearest neighbour is the photo itself; and the same photos as WebDataset shards by a
-brace-pattern `--uri` through the API's job path give the same pixels.
+brace-pattern `--uri` through the API's job path give the same pixels; and the same chain
+through the HTTP API for a `.zip` upload, WebDataset shards by `uri` and an uploaded
+image-column parquet.
 
 Every figure is checked independently: the stored items against Pillow's own decode of the
 files (the centre box resized, done here with Pillow), the neighbours against a NumPy brute
@@ -117,9 +119,9 @@ def test_webdataset_shards_by_uri_through_the_job_path_give_the_same_pixels(stac
                                           expected(files[key]))
 
 
-def test_train_embed_and_search_by_image_finds_the_photo_itself(stack, photos, added,
-                                                                tmp_path):
-    _, files = photos
+@pytest.fixture(scope="module")
+def trained(stack, added):
+    """A conv VAE with the discretised logistic, trained on the folder's photos by the CLI."""
     train = cli(stack.data_dir, "train", "--dataset", added["id"], "--family", "conv",
                 "--hidden", "16,32", "--blocks", "1", "--norm", "group", "--latent-dim", "8",
                 "--likelihood",
@@ -130,6 +132,13 @@ def test_train_embed_and_search_by_image_finds_the_photo_itself(stack, photos, a
     model = cli_json(stack.data_dir, "models", "show", model_id)
     assert model["config"]["model"]["likelihood"] == "discretized_logistic"
     assert model["config"]["model"]["blocks"] == 1
+    return model_id
+
+
+def test_train_embed_and_search_by_image_finds_the_photo_itself(stack, photos, added,
+                                                                trained, tmp_path):
+    _, files = photos
+    model_id = trained
     embed = cli(stack.data_dir, "embed", "--model", model_id, "--dataset", added["id"],
                 "--watch", "--json")
     assert embed.returncode == 0, embed.stderr
@@ -147,3 +156,89 @@ def test_train_embed_and_search_by_image_finds_the_photo_itself(stack, photos, a
         assert hits[0]["key"] == key and hits[0]["distance"] == pytest.approx(0, abs=1e-4)
         brute = sorted(rows, key=lambda k: np.linalg.norm(rows[k] - rows[key]))[:5]
         assert [h["key"] for h in hits] == brute
+
+
+def test_the_same_chain_through_the_api_for_a_zip_shards_and_an_image_parquet(
+        stack, photos, trained, tmp_path):
+    """The photos as a `.zip` upload, WebDataset shards named by `uri` and an uploaded
+    parquet with an image column: each an ingest job, embedded with the model trained on
+    the folder, and searched with an uploaded JPEG through the API. The pixels are the
+    folder's (checked above for the folder and the shards), so each set's exact neighbours
+    must be the folder-trained model's neighbours of that photo: the key of the photo
+    itself at distance 0, then the same distances as a NumPy brute force over the set's
+    exported latents."""
+    import zipfile
+
+    import httpx
+    import pyarrow as pa
+
+    from tests.support import wait_job
+
+    _, files = photos
+    keys = sorted(files)
+    # each container leaves out a different photo: the same items would be recognised by
+    # their checksum as the folder's dataset (registration returns the first one)
+    held = {"zip": [k for k in keys if k != "cat/000.jpg"],
+            "image-parquet": [k for k in keys if k != "cat/001.jpg"], "webdataset": keys}
+    archive = tmp_path / "photos.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for key in held["zip"]:
+            zf.writestr(key, files[key])
+    table = tmp_path / "photos.parquet"
+    pq.write_table(pa.table({"image": [{"bytes": files[k], "path": k}
+                                       for k in held["image-parquet"]],
+                             "label": [k.split("/")[0] for k in held["image-parquet"]]}),
+                   table)
+    sample_of = {}  # WebDataset sample id -> the photo's key
+    with tarfile.open(stack.allowed / "api-shard-000000.tar", "w") as first, \
+            tarfile.open(stack.allowed / "api-shard-000001.tar", "w") as second:
+        for j, key in enumerate(keys):
+            sample_of[f"s{j:04d}"] = key
+            for name, payload in ((f"s{j:04d}.jpg", files[key]),
+                                  (f"s{j:04d}.cls", key.split("/")[0].encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                (first if j % 2 else second).addfile(info, io.BytesIO(payload))
+
+    with httpx.Client(base_url=stack.url, timeout=120,
+                      headers={"Authorization": f"Bearer {stack.key}"}) as client:
+        answers = {
+            "zip": client.post("/v1/datasets", data={"name": "api-zip", "image_size": SIDE},
+                               files={"file": ("photos.zip", archive.read_bytes())}),
+            "webdataset": client.post("/v1/datasets", json={
+                "name": "api-shards", "image_size": SIDE,
+                "uri": f"{stack.allowed}/api-shard-{{000000..000001}}.tar"}),
+            "image-parquet": client.post(
+                "/v1/datasets", data={"name": "api-image-parquet", "image_size": SIDE,
+                                      "label_column": "label"},
+                files={"file": ("photos.parquet", table.read_bytes())})}
+        for source, answer in answers.items():
+            assert answer.status_code == 202, (source, answer.text)
+            job = wait_job(client, answer.json()["job"]["id"])
+            assert job["status"] == "succeeded", (source, job)
+            dataset = client.get(f"/v1/datasets/{job['dataset_id']}").json()
+            assert dataset["n_items"] == len(held[source]), source
+            assert dataset["dtype"] == "uint8" and dataset["source_format"] == source
+            embedding = client.post("/v1/embedding-jobs", json={
+                "model_id": trained, "dataset_id": dataset["id"]})
+            assert embedding.status_code == 202, (source, embedding.text)
+            done = wait_job(client, embedding.json()["id"])
+            assert done["status"] == "succeeded", (source, done)
+            set_id = done["embedding_set_id"]
+            export = tmp_path / f"{source}.parquet"
+            export.write_bytes(client.get(f"/v1/embeddings/{set_id}/export",
+                                          params={"format": "parquet"}).content)
+            mu = {(sample_of.get(r["key"], r["key"])): np.asarray(r["mu"], dtype=np.float64)
+                  for r in pq.read_table(export).to_pylist()}
+            assert sorted(mu) == held[source], source
+            for key in ("dog/009.jpg", "owl/013.jpg"):
+                hits = client.post(f"/v1/embeddings/{set_id}/search",
+                                   data={"k": "5", "exact": "true"},
+                                   files={"image": ("query.jpg", files[key], "image/jpeg")})
+                assert hits.status_code == 200, (source, hits.text)
+                results = hits.json()["results"]
+                assert sample_of.get(results[0]["key"], results[0]["key"]) == key, source
+                assert results[0]["distance"] == pytest.approx(0, abs=1e-4)
+                brute = sorted(np.linalg.norm(v - mu[key]) for v in mu.values())[:5]
+                np.testing.assert_allclose([h["distance"] for h in results], brute,
+                                           rtol=1e-4, atol=1e-4)
