@@ -242,3 +242,11 @@ def test_the_same_chain_through_the_api_for_a_zip_shards_and_an_image_parquet(
                 brute = sorted(np.linalg.norm(v - mu[key]) for v in mu.values())[:5]
                 np.testing.assert_allclose([h["distance"] for h in results], brute,
                                            rtol=1e-4, atol=1e-4)
+        # /encode and /score take the JPEG too: its code is the one the worker stored
+        jpeg = {"image": ("query.jpg", files["dog/009.jpg"], "image/jpeg")}
+        code = client.post(f"/v1/models/{trained}/encode", files=jpeg)
+        assert code.status_code == 200, code.text
+        np.testing.assert_allclose(code.json()["mu"][0], mu["dog/009.jpg"], atol=1e-5)
+        score = client.post(f"/v1/models/{trained}/score", data={"fpr": "0.05"}, files=jpeg)
+        assert score.status_code == 200, score.text
+        assert np.isfinite(score.json()["elbo"][0]) and len(score.json()["is_outlier"]) == 1
