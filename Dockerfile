@@ -82,11 +82,12 @@ CMD ["latentbank", "api", "--host", "0.0.0.0", "--port", "8000"]
 COPY --from=project /opt/project /opt/project
 
 FROM python AS worker
-# torch first, so the project's "torch>=2.10" is met and pip fetches no CUDA wheels.
-# TORCH_INDEX empty: TORCH_SPEC is a requirement pip resolves itself (make images passes
-# "torch @ <the machine's CPU wheel>").
+# torch first, so the project's "torch>=2.10" is met before the requirements. TORCH_INDEX
+# (empty: pip's configured index) names a wheel index, e.g. PyTorch's CPU-only one, which
+# keeps the CUDA libraries out of this image; make images passes TORCH_SPEC="torch @ <the
+# machine's CPU wheel>" instead.
 ARG TORCH_SPEC="torch==2.13.0"
-ARG TORCH_INDEX="https://download.pytorch.org/whl/cpu"
+ARG TORCH_INDEX=""
 RUN pip install ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "$TORCH_SPEC"
 COPY --from=requirements /tmp/worker.txt /tmp/requirements.txt
 RUN pip install -r /tmp/requirements.txt
@@ -103,8 +104,10 @@ RUN apt-get update && apt-get install -y --no-install-recommends python3 python3
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 LATENTBANK_DATA_DIR=/data \
     PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app
+# pip's configured index serves Linux torch wheels built with CUDA; TORCH_INDEX may name
+# PyTorch's index for another CUDA version.
 ARG TORCH_SPEC="torch>=2.10"
-ARG TORCH_INDEX="https://download.pytorch.org/whl/cu128"
+ARG TORCH_INDEX=""
 RUN pip install ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "$TORCH_SPEC"
 COPY --from=requirements /tmp/worker.txt /tmp/requirements.txt
 RUN pip install -r /tmp/requirements.txt

@@ -7,7 +7,14 @@
 # base images are kept, and Docker's layer cache makes a rebuild quick.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+# The Debian mirror: DEBIAN_MIRROR, else the first archive (not -security) of this
+# machine's apt sources, else debootstrap's own default.
+machine_mirror() {
+    { grep -hE '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null | tr ' ' '\n'
+      grep -hE '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null |
+          tr ' ' '\n'; } | grep -E '^(https?|file)://' | grep -v -- '-security' | head -1 || true
+}
+MIRROR=${DEBIAN_MIRROR:-$(machine_mirror)}
 ROOTS=${IMAGE_ROOTS:-/var/tmp/latentbank-rootfs}
 say() { printf 'images: %s\n' "$*"; }
 command -v docker >/dev/null || { say "no docker client (apt-get install docker.io)"; exit 1; }
@@ -22,9 +29,9 @@ base() {  # latentbank-base:SUITE, a minimal Debian SUITE
         return
     fi
     command -v debootstrap >/dev/null || { say "no debootstrap (apt-get install debootstrap)"; exit 1; }
-    say "debootstrap $suite from $MIRROR"
+    say "debootstrap $suite from ${MIRROR:-debootstrap's default mirror}"
     rm -rf "${ROOTS:?}/$suite" && mkdir -p "$ROOTS"
-    debootstrap --variant=minbase "$suite" "$ROOTS/$suite" "$MIRROR" > "$ROOTS/$suite.log" 2>&1 ||
+    debootstrap --variant=minbase "$suite" "$ROOTS/$suite" ${MIRROR:+"$MIRROR"} > "$ROOTS/$suite.log" 2>&1 ||
         { tail -20 "$ROOTS/$suite.log"; exit 1; }
     tar -C "$ROOTS/$suite" -c . | docker import - "latentbank-base:$suite" >/dev/null
     rm -rf "${ROOTS:?}/$suite"
@@ -54,7 +61,7 @@ if "$PY" -m pip download --no-deps --quiet -d "$WHEELS" "torch==2.13.0" >/dev/nu
     torch_args=(--build-arg TORCH_INDEX= --build-arg "TORCH_SPEC=torch @ http://127.0.0.1:$PORT/$(basename "$wheel")")
     say "torch from $(basename "$wheel") (served on 127.0.0.1:$PORT for the build)"
 else
-    say "no local CPU wheel of torch 2.13.0: the worker image takes it from download.pytorch.org"
+    say "no local CPU wheel of torch 2.13.0: the worker image resolves torch==2.13.0 from pip's configured index (set TORCH_INDEX for a CPU-only wheel index)"
 fi
 
 # this machine's extra certificate authorities (a TLS-inspecting proxy's), for pip in
