@@ -273,6 +273,40 @@ def _zip_entries(path: str) -> int:
     return int(end[zipfile._ECD_ENTRIES_TOTAL])  # type: ignore[attr-defined]
 
 
+def _npz_member(path: str, info: zipfile.ZipInfo | None, what: str,
+                limits: Limits) -> _Member | None:
+    """One `.npy` member of an `.npz`: its header read and checked against the member's
+    size, stored or deflated only, its inflation ratio within the limit."""
+    if info is None:
+        return None
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise DatasetError(f"{what} is compressed with zip method {info.compress_type}; "
+                           "only stored or deflated members are read (np.savez, "
+                           "np.savez_compressed)")
+
+    @contextlib.contextmanager
+    def opened() -> Iterator[Any]:
+        try:
+            with zipfile.ZipFile(path) as z, z.open(info) as f:
+                _read_npy_header(f, what)
+                yield f
+        except READ_ERRORS as exc:
+            raise DatasetError(f"{what} is corrupt: {exc}") from None
+
+    try:
+        with zipfile.ZipFile(path) as z, z.open(info) as f:
+            header = _read_npy_header(f, what)
+    except READ_ERRORS as exc:
+        raise DatasetError(f"{what} is corrupt: {exc}") from None
+    _check_length(header, info.file_size, what)
+    if (info.file_size > 1 << 20 and info.file_size
+            > limits.max_compression_ratio * max(1, info.compress_size)):
+        raise TooLarge(f"{what} inflates {info.file_size // max(1, info.compress_size)}-"
+                       f"fold ({info.compress_size} -> {info.file_size} bytes); the limit "
+                       f"is {limits.max_compression_ratio:g} (max_compression_ratio)")
+    return _Member(what, header, opened)
+
+
 def open_npz(path: str, array: str | None = None, limits: Limits | None = None) -> Source:
     limits = limits or Limits()
     if _zip_entries(path) > MAX_NPZ_MEMBERS:
@@ -284,51 +318,18 @@ def open_npz(path: str, array: str | None = None, limits: Limits | None = None) 
     with archive:
         infos = {i.filename[:-4]: i for i in archive.infolist() if i.filename.endswith(".npy")}
     names = sorted(infos)
-    side = {"keys", "labels"}
     if array is None:
-        candidates = [n for n in names if n not in side]
+        candidates = [n for n in names if n not in ("keys", "labels")]
         if len(candidates) != 1:
             raise DatasetError("the .npz file must hold exactly one data array besides "
                                f"'keys' and 'labels' (or name it); found {names}")
         array = candidates[0]
     if array not in infos:
         raise DatasetError(f"the .npz file has no array {array!r}; found {names}")
-
-    def member(name: str, what: str) -> _Member | None:
-        info = infos.get(name)
-        if info is None:
-            return None
-        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-            raise DatasetError(f"{what} is compressed with zip method {info.compress_type}; "
-                               "only stored or deflated members are read (np.savez, "
-                               "np.savez_compressed)")
-
-        @contextlib.contextmanager
-        def opened() -> Iterator[Any]:
-            try:
-                with zipfile.ZipFile(path) as z, z.open(info) as f:
-                    _read_npy_header(f, what)
-                    yield f
-            except READ_ERRORS as exc:
-                raise DatasetError(f"{what} is corrupt: {exc}") from None
-
-        try:
-            with zipfile.ZipFile(path) as z, z.open(info) as f:
-                header = _read_npy_header(f, what)
-        except READ_ERRORS as exc:
-            raise DatasetError(f"{what} is corrupt: {exc}") from None
-        _check_length(header, info.file_size, what)
-        if (info.file_size > 1 << 20 and info.file_size
-                > limits.max_compression_ratio * max(1, info.compress_size)):
-            raise TooLarge(f"{what} inflates {info.file_size // max(1, info.compress_size)}-"
-                           f"fold ({info.compress_size} -> {info.file_size} bytes); the limit "
-                           f"is {limits.max_compression_ratio:g} (max_compression_ratio)")
-        return _Member(what, header, opened)
-
-    data = member(array, f"the .npz array {array!r}")
+    data = _npz_member(path, infos[array], f"the .npz array {array!r}", limits)
     assert data is not None
-    keys = member("keys", "'keys' in the .npz file")
-    labels = member("labels", "'labels' in the .npz file")
+    keys = _npz_member(path, infos.get("keys"), "'keys' in the .npz file", limits)
+    labels = _npz_member(path, infos.get("labels"), "'labels' in the .npz file", limits)
     declared = sum(infos[m].file_size for m in {array, "keys", "labels"} if m in infos)
     if declared > limits.max_inflated_bytes:
         raise TooLarge(f"the .npz members read inflate to {declared} bytes; the limit is "

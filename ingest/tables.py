@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -116,60 +117,88 @@ def _side_bytes(arrays: Sequence[Any]) -> int:
     return total
 
 
-def open_table(path: str, fmt: str, key_column: str | None = None,
-               label_column: str | None = None, feature_columns: Sequence[str] | None = None,
-               metadata_columns: Sequence[str] | None = None,
-               limits: Limits | None = None) -> Source:
-    """Numeric feature columns (or one list column) become the item; others as named."""
+@dataclass(frozen=True)
+class _Table:
+    """An opened table file: its schema, rows (None for a CSV) and batches of named columns."""
+
+    schema: Any
+    n_items: int | None
+    batches: Callable[[list[str], int], Iterator[Any]]
+    parquet: Any = None
+
+
+def _open_parquet(path: str, limits: Limits) -> _Table:
     import pyarrow as pa
-    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
 
-    limits = limits or Limits()
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DatasetError(f"the .parquet file cannot be read: {exc}") from None
+    schema = parquet.schema_arrow
+    if parquet.metadata.num_columns > limits.max_table_columns:
+        raise TooLarge(f"the .parquet file has {parquet.metadata.num_columns} columns; "
+                       f"the limit is {limits.max_table_columns} (max_table_columns)")
 
+    def batches(columns: list[str], batch_size: int) -> Iterator[Any]:
+        # text columns stay dictionaries until measured (_side_bytes)
+        text = [c for c in columns if pa.types.is_string(schema.field(c).type)
+                or pa.types.is_binary(schema.field(c).type)]
+        reader = pq.ParquetFile(path, read_dictionary=text)
+        yield from reader.iter_batches(batch_size=batch_size, columns=columns)
+
+    return _Table(schema, parquet.metadata.num_rows, batches, parquet)
+
+
+def _open_csv(path: str, limits: Limits) -> _Table:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    _csv_header_columns(path, limits)
+
+    def reader() -> Any:
         try:
-            parquet = pq.ParquetFile(path)
+            return pacsv.open_csv(path, read_options=pacsv.ReadOptions(
+                block_size=CSV_BLOCK_BYTES))
         except (pa.ArrowInvalid, OSError) as exc:
-            raise DatasetError(f"the .parquet file cannot be read: {exc}") from None
-        schema, n_items = parquet.schema_arrow, parquet.metadata.num_rows
-        if parquet.metadata.num_columns > limits.max_table_columns:
-            raise TooLarge(f"the .parquet file has {parquet.metadata.num_columns} columns; "
-                           f"the limit is {limits.max_table_columns} (max_table_columns)")
+            raise DatasetError(f"the .csv file cannot be read: {exc}") from None
 
-        def batches() -> Iterator[Any]:
-            # text side columns stay dictionaries until measured (_side_bytes)
-            text = [c for c in side if pa.types.is_string(schema.field(c).type)
-                    or pa.types.is_binary(schema.field(c).type)]
-            reader = pq.ParquetFile(path, read_dictionary=text)
-            yield from reader.iter_batches(batch_size=rows_per_chunk((width,), 8),
-                                           columns=sorted(set(features) | set(side)))
-    else:
-        import pyarrow.csv as pacsv
+    def batches(columns: list[str], batch_size: int) -> Iterator[Any]:
+        try:
+            yield from reader()
+        except pa.ArrowInvalid as exc:
+            raise DatasetError(f"the .csv file is malformed: {exc}") from None
 
-        _csv_header_columns(path, limits)
+    return _Table(reader().schema, None, batches)
 
-        def reader() -> Any:
-            try:
-                return pacsv.open_csv(path, read_options=pacsv.ReadOptions(
-                    block_size=CSV_BLOCK_BYTES))
-            except (pa.ArrowInvalid, OSError) as exc:
-                raise DatasetError(f"the .csv file cannot be read: {exc}") from None
 
-        schema, n_items = reader().schema, None
+@dataclass(frozen=True)
+class _Columns:
+    """Which columns are the item (one list column or numeric ones) and which ride beside."""
 
-        def batches() -> Iterator[Any]:
-            try:
-                yield from reader()
-            except pa.ArrowInvalid as exc:
-                raise DatasetError(f"the .csv file is malformed: {exc}") from None
+    features: list[str]
+    list_col: str | None
+    key: str | None
+    label: str | None
+    metadata: list[str]
+
+    @property
+    def side(self) -> list[str]:
+        return sorted(c for c in {self.key, self.label, *self.metadata} if c is not None)
+
+
+def _columns(schema: Any, fmt: str, key_column: str | None, label_column: str | None,
+             feature_columns: Sequence[str] | None, metadata_columns: Sequence[str] | None,
+             limits: Limits) -> _Columns:
+    """The named columns checked against the schema: each exists, features are numeric
+    (or one list column of numbers), side columns hold single values."""
+    import pyarrow as pa
 
     names = list(schema.names)
     if len(names) > limits.max_table_columns:
         raise TooLarge(f"the .{fmt} file has {len(names)} columns; the limit is "
                        f"{limits.max_table_columns} (max_table_columns)")
-    named = {"key_column": key_column, "label_column": label_column}
-    for what, col in named.items():
+    for what, col in {"key_column": key_column, "label_column": label_column}.items():
         if col is not None and col not in names:
             raise DatasetError(f"{what} {col!r} is not a column; columns: {names}")
     meta_cols = list(metadata_columns or [])
@@ -198,83 +227,107 @@ def open_table(path: str, fmt: str, key_column: str | None = None,
                 or pa.types.is_boolean(inner)):
             raise DatasetError(f"column {c!r} has type {t}; features must be numeric (name it "
                                "as key_column, label_column or metadata_columns, or leave it out)")
-    side = sorted(c for c in taken if c is not None)
-    for c in side:
+    cols = _Columns(features, list_cols[0] if list_cols else None, key_column, label_column,
+                    meta_cols)
+    for c in cols.side:
         if pa.types.is_nested(schema.field(c).type):
             raise DatasetError(f"column {c!r} has type {schema.field(c).type}; key, label and "
                                "metadata columns must hold single values")
-    width = max(1, len(features))
-    if fmt == "parquet":
-        itemsize = max(4, *(_value_type(types[c]).bit_width // 8 for c in features))
-        width = _parquet_width(parquet, list_cols[0] if list_cols else None, features, side,
+    return cols
+
+
+def _list_values(col: Any, row: int, name: str, first_width: list[int]) -> np.ndarray:
+    """A list column's batch as (rows, width) float64; every row as wide as the first."""
+    import pyarrow.compute as pc
+
+    if col.null_count:
+        raise DatasetError(f"missing item in column {name!r} near row {row}")
+    lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+    if not first_width:
+        first_width.append(int(lengths[0]))
+    bad = np.flatnonzero(lengths != first_width[0])
+    if len(bad):
+        raise DatasetError(f"inconsistent item shape: row {row + int(bad[0])} has "
+                           f"{int(lengths[bad[0]])} values, earlier rows {first_width[0]}")
+    flat = col.flatten()
+    if flat.null_count:
+        raise DatasetError(f"missing value inside column {name!r} near row {row}")
+    values = flat.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+    return values.reshape(len(col), first_width[0])
+
+
+def _column_values(batch: Any, features: list[str], row: int) -> np.ndarray:
+    """Numeric feature columns of a batch side by side as (rows, features) float64."""
+    cols = []
+    for c in features:
+        arr = batch.column(c)
+        if arr.null_count:
+            bad = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
+            raise DatasetError(f"missing value in column {c!r} at row {row + bad}")
+        cols.append(arr.to_numpy(zero_copy_only=False).astype(np.float64, copy=False))
+    return np.stack(cols, axis=1)
+
+
+def _side_values(batch: Any, cols: _Columns, row: int) -> tuple[Any, Any, Any]:
+    """A batch's keys, labels and metadata (None where no column is named)."""
+    keys = labels = metadata = None
+    if cols.key is not None:
+        key_arr = batch.column(cols.key)
+        if key_arr.null_count:
+            raise DatasetError(f"missing key in column {cols.key!r} near row {row}")
+        keys = [str(k) for k in key_arr.to_pylist()]
+    if cols.label is not None:
+        labels = [None if v is None else (str(int(v)) if isinstance(v, float)
+                                          and v.is_integer() else str(v))
+                  for v in batch.column(cols.label).to_pylist()]
+    if cols.metadata:
+        values = {c: batch.column(c).to_pylist() for c in cols.metadata}
+        metadata = [{c: _json_safe(values[c][i]) for c in cols.metadata}
+                    for i in range(batch.num_rows)]
+    return keys, labels, metadata
+
+
+def open_table(path: str, fmt: str, key_column: str | None = None,
+               label_column: str | None = None, feature_columns: Sequence[str] | None = None,
+               metadata_columns: Sequence[str] | None = None,
+               limits: Limits | None = None) -> Source:
+    """Numeric feature columns (or one list column) become the item; others as named."""
+    import pyarrow as pa
+
+    limits = limits or Limits()
+    table = _open_parquet(path, limits) if fmt == "parquet" else _open_csv(path, limits)
+    cols = _columns(table.schema, fmt, key_column, label_column, feature_columns,
+                    metadata_columns, limits)
+    types = {c: table.schema.field(c).type for c in cols.features}
+    width = max(1, len(cols.features))
+    if table.parquet is not None:
+        itemsize = max(4, *(_value_type(types[c]).bit_width // 8 for c in cols.features))
+        width = _parquet_width(table.parquet, cols.list_col, cols.features, cols.side,
                                itemsize, limits)
     first_width: list[int] = []
-    dtype = str(np.dtype(np.float64))
 
     def chunks() -> Iterator[Chunk]:
         row = 0
-        for batch in batches():
+        wanted = sorted(set(cols.features) | set(cols.side))
+        for batch in table.batches(wanted, rows_per_chunk((width,), 8)):
             m = batch.num_rows
             if m == 0:
                 continue
-            decoded = _side_bytes([batch.column(c) for c in side])
+            decoded = _side_bytes([batch.column(c) for c in cols.side])
             if decoded > limits.max_side_chunk_bytes:
                 raise TooLarge(f"the key, label and metadata columns of rows {row}-{row + m - 1} "
                                f"decode to {decoded} bytes; the limit is "
                                f"{limits.max_side_chunk_bytes} (max_side_chunk_bytes)")
-            if list_cols:
-                col = batch.column(list_cols[0])
-                if col.null_count:
-                    raise DatasetError(f"missing item in column {list_cols[0]!r} near row {row}")
-                lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
-                if not first_width:
-                    first_width.append(int(lengths[0]))
-                bad = np.flatnonzero(lengths != first_width[0])
-                if len(bad):
-                    raise DatasetError(f"inconsistent item shape: row {row + int(bad[0])} has "
-                                       f"{int(lengths[bad[0]])} values, earlier rows "
-                                       f"{first_width[0]}")
-                flat = col.flatten()
-                if flat.null_count:
-                    raise DatasetError(f"missing value inside column {list_cols[0]!r} "
-                                       f"near row {row}")
-                values = flat.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
-                values = values.reshape(m, first_width[0])
-            else:
-                cols = []
-                for c in features:
-                    arr = batch.column(c)
-                    if arr.null_count:
-                        bad = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
-                        raise DatasetError(f"missing value in column {c!r} at row {row + bad}")
-                    cols.append(arr.to_numpy(zero_copy_only=False).astype(np.float64,
-                                                                        copy=False))
-                values = np.stack(cols, axis=1)
-            keys = labels = metadata = None
-            if key_column is not None:
-                key_arr = batch.column(key_column)
-                if key_arr.null_count:
-                    raise DatasetError(f"missing key in column {key_column!r} near row {row}")
-                keys = [str(k) for k in key_arr.to_pylist()]
-            if label_column is not None:
-                labels = [None if v is None else (str(int(v)) if isinstance(v, float)
-                                                  and v.is_integer() else str(v))
-                          for v in batch.column(label_column).to_pylist()]
-            if meta_cols:
-                cols = {c: batch.column(c).to_pylist() for c in meta_cols}
-                metadata = [{c: _json_safe(cols[c][i]) for c in meta_cols} for i in range(m)]
-            yield Chunk(values, keys, labels, metadata)
+            values = (_list_values(batch.column(cols.list_col), row, cols.list_col, first_width)
+                      if cols.list_col else _column_values(batch, cols.features, row))
+            yield Chunk(values, *_side_values(batch, cols, row))
             row += m
 
-    shape: tuple[int, ...]
-    if list_cols:
-        t = types[list_cols[0]]
+    shape: tuple[int, ...] = (len(cols.features),)
+    if cols.list_col:
+        t = types[cols.list_col]
         shape = (t.list_size,) if pa.types.is_fixed_size_list(t) else (-1,)
-    else:
-        shape = (len(features),)
-    return Source(fmt, shape, dtype, n_items, chunks(), key_column is not None,
-                  label_column is not None,
-                  columns={"features": json.dumps(features), "key": str(key_column),
+    return Source(fmt, shape, str(np.dtype(np.float64)), table.n_items, chunks(),
+                  key_column is not None, label_column is not None,
+                  columns={"features": json.dumps(cols.features), "key": str(key_column),
                            "label": str(label_column)})
-
-
