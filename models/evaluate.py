@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ import torch
 from models.config import VAEConfig
 from models.data import iter_batches
 from models.transforms import bits_per_dim
-from models.vae import VAE, elbo_terms, log_px_importance
+from models.vae import VAE, ImportanceEstimate, elbo_terms, log_px_importance
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 QUANTILE_LEVELS = np.round(np.linspace(0.0, 0.5, 1001), 6)  # steps of 0.0005
@@ -96,6 +97,17 @@ class Evaluation:
         }
 
 
+def _keep_estimates(est: ImportanceEstimate, span: slice, log_px: Any, ess: Any,
+                    log_px_se: np.ndarray | None, log_px_at: dict[int, np.ndarray]) -> None:
+    """A batch's importance-sampled figures written into the evaluation's arrays."""
+    log_px[span] = est.log_px.double().cpu().numpy()
+    ess[span] = est.ess.double().cpu().numpy()
+    if log_px_se is not None and est.log_px_se is not None:
+        log_px_se[span] = est.log_px_se.double().cpu().numpy()
+    for k, values in log_px_at.items():
+        values[span] = est.at[k].double().cpu().numpy()
+
+
 @torch.no_grad()
 def evaluate(model: VAE, array: np.ndarray, rows: np.ndarray, *, importance_samples: int,
              batch_size: int = 512, seed: int = 0, device: str | torch.device = "cpu",
@@ -132,13 +144,8 @@ def evaluate(model: VAE, array: np.ndarray, rows: np.ndarray, *, importance_samp
                 est = log_px_importance(model, x, importance_samples, generator,
                                         at=tuple(stops))
                 terms, mu = est, est.mu
-                span = slice(done, done + len(x))
-                log_px[span] = est.log_px.double().cpu().numpy()  # type: ignore[index]
-                ess[span] = est.ess.double().cpu().numpy()  # type: ignore[index]
-                if log_px_se is not None and est.log_px_se is not None:
-                    log_px_se[span] = est.log_px_se.double().cpu().numpy()
-                for s_k, values in log_px_at.items():
-                    values[span] = est.at[s_k].double().cpu().numpy()
+                _keep_estimates(est, slice(done, done + len(x)), log_px, ess, log_px_se,
+                                log_px_at)
             else:
                 terms = elbo_terms(model, x, elbo_samples, generator)
                 mu, _ = model.encode(x)
@@ -161,3 +168,13 @@ def evaluate(model: VAE, array: np.ndarray, rows: np.ndarray, *, importance_samp
                       (kl_dims / max(n, 1)).numpy(), mu_variance.numpy(), importance_samples,
                       item_size=config.input_size, log_px_se=log_px_se, ess=ess,
                       log_px_at=log_px_at or None)
+
+
+def collapse_warning(active_units: int | None, latent_dim: int) -> str:
+    """A progress-message suffix when most latent dimensions have collapsed to the prior
+    (inactive on the validation split), naming the knobs that help; else ''."""
+    if active_units is None or latent_dim - active_units <= COLLAPSE_WARNING_SHARE * latent_dim:
+        return ""
+    return (f"; warning: {latent_dim - active_units} of {latent_dim} latent dimensions "
+            "collapsed (posterior = prior): try KL warm-up (training.kl_warmup_epochs), "
+            "free bits (training.free_bits), a smaller beta or latent_dim")

@@ -23,7 +23,7 @@ import torch
 from models.checkpoint import Checkpoint, CheckpointError, save_checkpoint
 from models.config import ConfigError, TrainConfig, VAEConfig
 from models.data import iter_batches, split_indices, validate_array
-from models.evaluate import COLLAPSE_WARNING_SHARE, evaluate
+from models.evaluate import collapse_warning, evaluate
 from models.networks import set_output_bias
 from models.schedule import learning_rate
 from models.transforms import training_seed
@@ -102,16 +102,6 @@ def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
     """A 63-bit seed for one (seed, epoch, stream) triple."""
     return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1, np.uint64)[0]
                >> np.uint64(1))
-
-
-def collapse_warning(active_units: int | None, latent_dim: int) -> str:
-    """A progress-message suffix when most latent dimensions have collapsed to the prior
-    (inactive on the validation split), naming the knobs that help; else ''."""
-    if active_units is None or latent_dim - active_units <= COLLAPSE_WARNING_SHARE * latent_dim:
-        return ""
-    return (f"; warning: {latent_dim - active_units} of {latent_dim} latent dimensions "
-            "collapsed (posterior = prior): try KL warm-up (training.kl_warmup_epochs), "
-            "free bits (training.free_bits), a smaller beta or latent_dim")
 
 
 class Trainer:
@@ -241,26 +231,35 @@ class Trainer:
                     last_report = now
                     self._check_finite(sums)
                     self._report(start_step, total_steps, started, now, "training")
-            self._check_finite(sums)
-            self.epoch += 1
-            rows = [self._train_row(sums, len(train_rows), beta, epoch_started)]
-            if len(val_rows):
-                rows.append(self._validate(data, val_rows))
-                stopped_early = self._early_stopping(rows[-1]["elbo"])
-            self.history.extend(rows)
-            log.info("epoch done epoch=%d %s", self.epoch,
-                     " ".join(f"{r['split']}_elbo={r['elbo']:.3f}" for r in rows))
-            for cb in self.callbacks:
-                cb.on_epoch_end(self, rows)
+            stopped_early = self._end_epoch(data, sums, len(train_rows), val_rows, beta,
+                                            epoch_started)
             self._report(start_step, total_steps, started, time.perf_counter(),
                          f"epoch {self.epoch}/{cfg.epochs} done" + collapse_warning(
-                             rows[-1]["active_units"], self.model_config.latent_dim))
+                             self.history[-1]["active_units"], self.model_config.latent_dim))
         if stopped_early and self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         self.model.eval()
         return TrainResult(self.model, self.history, self.epoch, self.best_epoch, stopped_early,
                            train_rows, val_rows, str(self.device),
                            time.perf_counter() - started, data_binary=stats.binary)
+
+    def _end_epoch(self, data: np.ndarray, sums: torch.Tensor, n_train: int,
+                   val_rows: np.ndarray, beta: float, epoch_started: float) -> bool:
+        """The epoch's rows (training, and validation when there is a split) into the
+        history and to the callbacks; True when early stopping says stop."""
+        self._check_finite(sums)
+        self.epoch += 1
+        stop = False
+        rows = [self._train_row(sums, n_train, beta, epoch_started)]
+        if len(val_rows):
+            rows.append(self._validate(data, val_rows))
+            stop = self._early_stopping(rows[-1]["elbo"])
+        self.history.extend(rows)
+        log.info("epoch done epoch=%d %s", self.epoch,
+                 " ".join(f"{r['split']}_elbo={r['elbo']:.3f}" for r in rows))
+        for cb in self.callbacks:
+            cb.on_epoch_end(self, rows)
+        return stop
 
     def _init_from_data(self, data: np.ndarray, rows: np.ndarray) -> None:
         """The decoder's output starts at the training items' mean (models.networks
