@@ -1,14 +1,6 @@
-"""The ingest job: claim, plan the source, read it unit by unit into the job's staging
-folder (a killed attempt resumes after the last staged unit), register the dataset from
-the staged chunks in one transaction, and name it on the job.
-
-Progress is counted as items (`items_done` of `items_total`, when the plan tells) and as
-bytes (`progress`: the share of the plan's bytes read, and the message). A cancel stops
-at the next unit boundary. The job's own failures (a refused source, a corrupt file, the
-failure share passed: every 4xx of the store) fail it with their message, at once; the
-database going away ends the attempt and requeues the job, its staged units kept. The
-staging folder, and an upload saved for the job, go when the job ends, whatever the end.
-"""
+"""The ingest job: read a source unit by unit into the job's staging folder (a killed
+attempt resumes after the last staged unit), then register the dataset from it in one
+transaction (docs/internals/ingest.md)."""
 
 from __future__ import annotations
 
@@ -44,7 +36,7 @@ from store.errors import Conflict, DatasetError, StoreError
 from store.jobs import LeaseLost, finish, ingest_progress, unfinished
 from workers.context import Context
 from workers.lease import Lease, start_attempt
-from workers.training import _failed, end_attempt, retry_transient
+from workers.outages import end_for, retry_while_leased
 
 log = logging.getLogger(__name__)
 ENDED = ("terminal", "cancelled", "exhausted")  # claims that find the job over
@@ -126,12 +118,12 @@ def run_ingest_job(ctx: Context, job_id: int) -> dict[str, Any]:
                 return {"outcome": "lease_lost"}
             result = {"outcome": "cancelled"}
         except Exception as exc:
-            if is_transient(exc):
-                return end_attempt(ctx, job_id, owner, exc)
-            if not isinstance(exc, StoreError):
+            if is_transient(exc):  # the staged units stay for the next attempt
+                return end_for(ctx, job_id, owner, exc)
+            own = isinstance(exc, StoreError)  # a refused source: its message says it all
+            if not own:
                 log.exception("ingest failed job_id=%d", job_id)
-            error = str(exc) if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}"
-            result = _failed(ctx, job_id, owner, error)
+            result = end_for(ctx, job_id, owner, exc, str(exc) if own else None)
     if result["outcome"] in ("succeeded", "failed", "cancelled"):
         cleanup(ctx, job_id, job.params)
     log.info("ingest ended job_id=%d outcome=%s", job_id, result["outcome"])
@@ -187,7 +179,7 @@ def _ingest(ctx: Context, job_id: int, params: dict[str, Any], lease: Lease,
     total = max(1, plan.total_bytes)
 
     def progress() -> None:
-        if retry_transient(lambda: ingest_progress(ctx.db, job_id, lease.owner, items,
+        if retry_while_leased(lambda: ingest_progress(ctx.db, job_id, lease.owner, items,
                                                    plan.n_items), lease, f"progress of {job_id}"):
             lease.cancelled = True
         lease.report(min(0.99, read_bytes / total),
@@ -246,7 +238,7 @@ def _ingest(ctx: Context, job_id: int, params: dict[str, Any], lease: Lease,
                f"the same content is registered already: dataset {dataset.id}")
     if report.failed:
         message += f" ({report.failed} unreadable items skipped; see the dataset's report)"
-    retry_transient(lambda: finish(ctx.db, job_id, lease.owner, "succeeded", message=message,
+    retry_while_leased(lambda: finish(ctx.db, job_id, lease.owner, "succeeded", message=message,
                                    dataset_id=dataset.id), lease, f"finish of job {job_id}")
     log.info("ingest succeeded job_id=%d dataset_id=%d items=%d created=%s", job_id,
              dataset.id, dataset.n_items, registered.created)
