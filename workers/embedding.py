@@ -319,8 +319,8 @@ def _finish_append(ctx: Context, job_id: int, set_id: int, owner: str,
 
 def index_set(ctx: Context, set_id: int, owner: str) -> dict[str, Any]:
     """Build a ready set's owed index under a lease, then measure kNN label accuracy
-    through it; both land in the set's stats. Searches meanwhile scan exactly. A delivery
-    that finds the build held by a live worker, or not owed, does nothing."""
+    through it, both into the set's stats; a delivery that finds the build held by a live
+    worker, or not owed, does nothing."""
     got = claim_index(ctx.db, set_id, owner, ctx.settings.index_lease_seconds,
                       ctx.settings.index_max_attempts, owner_is_dead)
     if got != "claimed":
