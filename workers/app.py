@@ -1,19 +1,6 @@
-"""The Celery app: `celery -A workers.app worker -Q train -P solo` (GPU hosts) or `-Q embed`
-(`-Q ingest` for registrations from a `uri` or an uploaded archive), and one
-`celery -A workers.app beat` for periodic maintenance.
-
-Configured from the settings: Redis as broker and result backend, JSON only, and
-at-least-once delivery (acks late, requeue when a worker is lost, prefetch 1, a
-visibility timeout longer than the longest job). The jobs table, not Celery, decides
-whether a delivery runs (see store.jobs).
-
-The worker's main process forks pool children, so it runs no thread of ours and no torch
-op: a lock held by another thread at fork time is inherited held (a replacement child
-once hung forever in an import lock taken by a maintenance thread), and a multi-threaded
-torch op before fork deadlocks children in OpenMP. Periodic maintenance is a beat
-schedule, run as a task by whichever worker takes it. Everything a task needs is imported
-in the main process before the pool forks, so children start with nothing left to import.
-"""
+"""The Celery app, configured from the settings for at-least-once delivery (the jobs table,
+not Celery, decides whether a delivery runs); the main process imports everything before
+the pool forks and runs no thread or torch op of ours (see docs/internals/workers.md)."""
 
 from __future__ import annotations
 
@@ -22,7 +9,7 @@ import logging
 import os
 
 from celery import Celery
-from celery.signals import worker_init, worker_process_init
+from celery.signals import worker_init
 
 from store.jobs import QUEUES, TASKS
 from store.settings import get_settings
@@ -52,9 +39,7 @@ def make_app() -> Celery:
         worker_prefetch_multiplier=1,
         broker_transport_options=transport,
         result_backend_transport_options=transport,
-        # A result stored while Redis restarts waits for it instead of failing the task:
-        # a shard marked failed that way (its rows written) broke its embedding chord, and
-        # the job waited out its lease (seen under `make compose-test`: 300 s, attempt 2).
+        # a result stored while Redis restarts waits for it instead of failing the task
         result_backend_always_retry=True,
         result_backend_max_retries=100,  # backing off to 10 s each: about 15 minutes
         result_expires=7 * 86_400,
@@ -89,15 +74,3 @@ def _before_fork(sender: object = None, **_: object) -> None:
         os.environ["LATENTBANK_WORKER_CONCURRENCY"] = str(concurrency)
     for module in PRELOAD:
         importlib.import_module(module)
-
-
-@worker_process_init.connect
-def _per_process(**_: object) -> None:
-    """In each pool process: its own database connections and a share of the cores."""
-    import torch
-
-    from workers.context import reset_context
-
-    reset_context()
-    concurrency = int(os.environ.get("LATENTBANK_WORKER_CONCURRENCY", "1"))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, concurrency)))

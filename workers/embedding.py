@@ -1,19 +1,6 @@
-"""Bulk embedding: a coordinator splits the dataset into shards run as a Celery chord on
-the `embed` queue; each shard encodes its rows in chunks and writes them with the COPY
-writer (idempotent per shard); the finishing task checks the row count, computes the
-set's means and marks it ready: searchable at once, exactly, and owed its index. A
-follow-up task (`embed_index`) then builds the HNSW index under a lease and measures kNN
-label accuracy; until the index is valid the set says `index_status: building` and
-searches scan exactly. A build that fails says `failed` (with the reason); one whose task
-or worker was lost is sent again by the maintenance pass (workers.maintenance).
-
-Codes come from the model's verified ONNX encoder through onnxruntime on CPU (the same
-file the API serves, so stored codes equal served ones), or from torch on CUDA. The
-per-item ELBO terms and log p(x) (with its Monte-Carlo standard error and the weights'
-effective sample size) use the model's torch decoder and models/ bounds. Items are
-encoded as the model sees them: the evaluation copy of binarised or dequantised data
-(models/transforms.py, keyed by the item's dataset row).
-"""
+"""Bulk embedding: shards of a dataset encoded as a Celery chord and written by the COPY
+writer, a finishing step that marks the set ready (searchable exactly at once), and a
+follow-up build of its HNSW index (docs/internals/workers.md)."""
 
 from __future__ import annotations
 
@@ -65,6 +52,7 @@ from store.models import get_model
 from store.processes import host_identity
 from workers.context import Context
 from workers.lease import IndexLease, Lease, owner_is_dead, start_attempt
+from workers.sender import FINISH_TASK, SHARD_TASK
 
 log = logging.getLogger(__name__)
 CHUNK_ROWS = 4096
@@ -142,10 +130,6 @@ def embed_rows(model: VAE, session: Any, x: np.ndarray, importance_samples: int,
 
 def start_embedding(ctx: Context, job_id: int) -> dict[str, Any]:
     """Claim the job, then fan its shards out as a chord with a finishing task."""
-    from celery import chord
-
-    from workers.tasks import embed_finish, embed_shard
-
     owner, got = start_attempt(ctx.db, job_id, ctx.settings.embed_lease_seconds)
     if got.outcome != "claimed":
         return {"outcome": got.outcome}
@@ -163,8 +147,8 @@ def start_embedding(ctx: Context, job_id: int) -> dict[str, Any]:
     first, n = (int(append["start"]), int(append["n_items"])) if append else (0, es.n_items)
     size = rows_per_shard(ctx.settings.embed_shard_rows, es.importance_samples)
     shards = [(first + a, first + b) for a, b in shard_ranges(n, size)]
-    chord([embed_shard.si(job_id, set_id, a, b, owner) for a, b in shards],
-          embed_finish.s(job_id, set_id, owner)).apply_async()
+    ctx.sender.send_chord([(SHARD_TASK, [job_id, set_id, a, b, owner]) for a, b in shards],
+                          (FINISH_TASK, [job_id, set_id, owner]))
     log.info("embedding started job_id=%d set_id=%d shards=%d attempt=%d", job_id, set_id,
              len(shards), job.attempts)
     return {"outcome": "dispatched", "shards": len(shards)}
@@ -297,9 +281,7 @@ def finish_set(ctx: Context, job_id: int, set_id: int, owner: str,
            message=f"{stats['n_items']} items embedded; searchable now (exact search) while "
                    "the index is built",
            embedding_set={"stats": stats, **index_owed()})
-    from workers.app import app
-
-    publish_index(ctx.db, app, set_id)
+    publish_index(ctx.db, ctx.sender, set_id)
     return {"outcome": "succeeded", "stats": stats}
 
 
@@ -309,8 +291,6 @@ def _finish_append(ctx: Context, job_id: int, set_id: int, owner: str,
     (over all its items) and count the new items in, in the job's finishing transaction.
     The set's HNSW index took the rows as they were inserted; a set that had none gets one
     once it is large enough."""
-    from workers.app import app
-
     want = int(append["start"]) + int(append["n_items"])
     with Lease(ctx.db, job_id, owner, ctx.settings.embed_lease_seconds) as lease:
         lease.report(0.98, "checking the rows")
@@ -333,14 +313,14 @@ def _finish_append(ctx: Context, job_id: int, set_id: int, owner: str,
            message=f"{append['n_items']} items appended; the set holds {want}",
            embedding_set={"stats": stats, **(index_owed() if owed else {})})
     if owed:
-        publish_index(ctx.db, app, set_id)
+        publish_index(ctx.db, ctx.sender, set_id)
     return {"outcome": "succeeded", "stats": stats}
 
 
 def index_set(ctx: Context, set_id: int, owner: str) -> dict[str, Any]:
     """Build a ready set's owed index under a lease, then measure kNN label accuracy
-    through it; both land in the set's stats. Searches meanwhile scan exactly. A delivery
-    that finds the build held by a live worker, or not owed, does nothing."""
+    through it, both into the set's stats; a delivery that finds the build held by a live
+    worker, or not owed, does nothing."""
     got = claim_index(ctx.db, set_id, owner, ctx.settings.index_lease_seconds,
                       ctx.settings.index_max_attempts, owner_is_dead)
     if got != "claimed":

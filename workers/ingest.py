@@ -1,27 +1,22 @@
-"""The ingest job: claim, plan the source, read it unit by unit into the job's staging
-folder (a killed attempt resumes after the last staged unit), register the dataset from
-the staged chunks in one transaction, and name it on the job.
-
-Progress is counted as items (`items_done` of `items_total`, when the plan tells) and as
-bytes (`progress`: the share of the plan's bytes read, and the message). A cancel stops
-at the next unit boundary. The job's own failures (a refused source, a corrupt file, the
-failure share passed: every 4xx of the store) fail it with their message, at once; the
-database going away ends the attempt and requeues the job, its staged units kept. The
-staging folder, and an upload saved for the job, go when the job ends, whatever the end.
-"""
+"""The ingest job: read a source unit by unit into the job's staging folder (a killed
+attempt resumes after the last staged unit), then register the dataset from it in one
+transaction (docs/internals/ingest.md)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from ingest.npy_folder import FORMAT as NPY_FOLDER
 from ingest.npy_folder import plan_npy_folder, read_npy_unit
 from ingest.paths import resolve_location
 from ingest.plan import (
+    IngestOptions,
     Limits,
     Location,
+    Plan,
     Report,
     Unit,
     ingest_record,
@@ -44,7 +39,7 @@ from store.errors import Conflict, DatasetError, StoreError
 from store.jobs import LeaseLost, finish, ingest_progress, unfinished
 from workers.context import Context
 from workers.lease import Lease, start_attempt
-from workers.training import _failed, end_attempt, retry_transient
+from workers.outages import end_for, retry_while_leased
 
 log = logging.getLogger(__name__)
 ENDED = ("terminal", "cancelled", "exhausted")  # claims that find the job over
@@ -126,12 +121,12 @@ def run_ingest_job(ctx: Context, job_id: int) -> dict[str, Any]:
                 return {"outcome": "lease_lost"}
             result = {"outcome": "cancelled"}
         except Exception as exc:
-            if is_transient(exc):
-                return end_attempt(ctx, job_id, owner, exc)
-            if not isinstance(exc, StoreError):
+            if is_transient(exc):  # the staged units stay for the next attempt
+                return end_for(ctx, job_id, owner, exc)
+            own = isinstance(exc, StoreError)  # a refused source: its message says it all
+            if not own:
                 log.exception("ingest failed job_id=%d", job_id)
-            error = str(exc) if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}"
-            result = _failed(ctx, job_id, owner, error)
+            result = end_for(ctx, job_id, owner, exc, str(exc) if own else None)
     if result["outcome"] in ("succeeded", "failed", "cancelled"):
         cleanup(ctx, job_id, job.params)
     log.info("ingest ended job_id=%d outcome=%s", job_id, result["outcome"])
@@ -158,46 +153,103 @@ def _megabytes(n: float) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
+@dataclass
+class _Reading:
+    """What the job has read so far: its staged units (by index), items, bytes, failures."""
+
+    plan: Plan
+    done: dict[int, dict[str, Any]]
+    report: Report
+    items: int = 0
+    read_bytes: int = 0
+    f32: int = 0
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.report.merge(record["report"])
+        self.items += record["items"]
+        self.read_bytes += record["bytes"]
+        self.f32 += record["f32_bytes"]
+
+    def message(self, items: int, read_bytes: int) -> str:
+        return (f"read {items} items, {_megabytes(read_bytes)} of "
+                f"{_megabytes(self.plan.total_bytes)} ({len(self.done)} of "
+                f"{len(self.plan.units)} units)")
+
+
 def _ingest(ctx: Context, job_id: int, params: dict[str, Any], lease: Lease,
             ) -> dict[str, Any]:
     settings, limits = ctx.settings, Limits.of(ctx.settings)
     staging = Staging(staging_root(settings), job_id, settings.max_inflated_bytes)
     staging.path.mkdir(parents=True, exist_ok=True)
+    location, options, plan = _plan(ctx, params, staging, limits)
+    reading = _resume(job_id, plan, staging.prepare(plan_fingerprint(plan)), options)
+    _read_units(ctx, job_id, reading, options, limits, staging, lease)
+    refuse_failures(reading.report, options.max_failure_share, location.display)
+    lease.confirm()
+    if lease.cancelled:
+        raise IngestCancelled
+    lease.report(0.99, f"registering {reading.items} items")
+    registered = _register(ctx, params, reading, options, staging, lease)
+    dataset = registered.dataset
+    message = (f"dataset {dataset.id} registered: {dataset.n_items} items"
+               if registered.created else
+               f"the same content is registered already: dataset {dataset.id}")
+    if reading.report.failed:
+        message += (f" ({reading.report.failed} unreadable items skipped; see the dataset's "
+                    "report)")
+    retry_while_leased(lambda: finish(ctx.db, job_id, lease.owner, "succeeded",
+                                      message=message, dataset_id=dataset.id),
+                       lease, f"finish of job {job_id}")
+    log.info("ingest succeeded job_id=%d dataset_id=%d items=%d created=%s", job_id,
+             dataset.id, dataset.n_items, registered.created)
+    return {"outcome": "succeeded", "dataset_id": dataset.id, "created": registered.created}
+
+
+def _plan(ctx: Context, params: dict[str, Any], staging: Staging, limits: Limits,
+          ) -> tuple[Location, IngestOptions, Plan]:
+    """The job's source (an upload saved for it, or its uri), its options and its plan."""
     side: dict[str, str] = {}
     if params.get("upload_key"):
         location, side = _uploaded(ctx, params, staging)
     else:
-        location = resolve_location(params["uri"], settings)
-    options = options_of(params.get("options") or {}, settings, **side)
+        location = resolve_location(params["uri"], ctx.settings)
+    options = options_of(params.get("options") or {}, ctx.settings, **side)
     plan = plan_npy_folder(location, options, limits) or plan_source(location, options,
                                                                      limits)
-    done = staging.prepare(plan_fingerprint(plan))
-    report = Report(keep=options.report_failures)
-    items = f32 = read_bytes = 0
+    return location, options, plan
+
+
+def _resume(job_id: int, plan: Plan, done: dict[int, dict[str, Any]],
+            options: IngestOptions) -> _Reading:
+    """What earlier attempts staged under this plan, counted in."""
+    reading = _Reading(plan, done, Report(keep=options.report_failures))
     for index in sorted(done):
-        report.merge(done[index]["report"])
-        items, read_bytes = items + done[index]["items"], read_bytes + done[index]["bytes"]
-        f32 += done[index]["f32_bytes"]
+        reading.add(done[index])
     shapes = [done[i]["item_shape"] for i in sorted(done) if done[i].get("item_shape")]
     if plan.pixels and plan.item_shape is None and shapes:
         plan.item_shape = tuple(shapes[0])  # the images read later must match it
     if done:
         log.info("ingest resuming job_id=%d after staged units=%d of %d items=%d", job_id,
-                 len(done), len(plan.units), items)
-    total = max(1, plan.total_bytes)
+                 len(done), len(plan.units), reading.items)
+    return reading
+
+
+def _read_units(ctx: Context, job_id: int, reading: _Reading, options: IngestOptions,
+                limits: Limits, staging: Staging, lease: Lease) -> None:
+    """Stage every unit not staged yet, reporting progress after each (and within it)."""
+    plan, total = reading.plan, max(1, reading.plan.total_bytes)
 
     def progress() -> None:
-        if retry_transient(lambda: ingest_progress(ctx.db, job_id, lease.owner, items,
-                                                   plan.n_items), lease, f"progress of {job_id}"):
+        if retry_while_leased(lambda: ingest_progress(ctx.db, job_id, lease.owner,
+                                                      reading.items, plan.n_items),
+                              lease, f"progress of {job_id}"):
             lease.cancelled = True
-        lease.report(min(0.99, read_bytes / total),
-                     f"read {items} items, {_megabytes(read_bytes)} of "
-                     f"{_megabytes(plan.total_bytes)} ({len(done)} of {len(plan.units)} "
-                     "units)")
+        lease.report(min(0.99, reading.read_bytes / total),
+                     reading.message(reading.items, reading.read_bytes))
 
     progress()
     for unit in plan.units:
-        if unit.index in done:
+        if unit.index in reading.done:
             continue
         lease.check()
         if lease.cancelled:
@@ -205,49 +257,35 @@ def _ingest(ctx: Context, job_id: int, params: dict[str, Any], lease: Lease,
         unit_report = Report(keep=options.report_failures)
         reader = read_npy_unit if plan.format == NPY_FOLDER else read_unit
 
-        def within(n: int, b: int, items: int = items, read_bytes: int = read_bytes) -> None:
+        def within(n: int, b: int, items: int = reading.items,
+                   read_bytes: int = reading.read_bytes) -> None:
             lease.report(min(0.99, (read_bytes + b) / total),
-                         f"read {items + n} items, {_megabytes(read_bytes + b)} of "
-                         f"{_megabytes(plan.total_bytes)} ({len(done)} of "
-                         f"{len(plan.units)} units)")
+                         reading.message(items + n, read_bytes + b))
 
         chunks = _watched(reader(plan, unit, options, limits, unit_report), unit,
                           unit_report, lease, within)
-        record = staging.write_unit(unit, chunks, unit_report, f32)
-        done[unit.index] = record
-        report.merge(record["report"])
-        items, read_bytes = items + record["items"], read_bytes + record["bytes"]
-        f32 += record["f32_bytes"]
+        record = staging.write_unit(unit, chunks, unit_report, reading.f32)
+        reading.done[unit.index] = record
+        reading.add(record)
         progress()
-    refuse_failures(report, options.max_failure_share, location.display)
-    lease.confirm()
-    if lease.cancelled:
-        raise IngestCancelled
-    lease.report(0.99, f"registering {items} items")
-    record = ingest_record(plan, options, report)
+
+
+def _register(ctx: Context, params: dict[str, Any], reading: _Reading, options: IngestOptions,
+              staging: Staging, lease: Lease) -> Registered:
+    """Register the dataset from the staged units in one transaction."""
+    record = ingest_record(reading.plan, options, reading.report)
 
     def register() -> Registered:
-        return register_dataset(ctx.db, ctx.artifacts, settings, params["name"],
-                                staging.source(plan, done), source_uri=params.get("uri"),
-                                ingest=record)
+        return register_dataset(ctx.db, ctx.artifacts, ctx.settings, params["name"],
+                                staging.source(reading.plan, reading.done),
+                                source_uri=params.get("uri"), ingest=record)
 
     try:
-        registered = register()
+        return register()
     except Conflict:
         # An attempt that lost its lease may have registered the same content at the same
         # moment (the checksum's unique index refused one of the two): once it has
         # committed, registering again finds its dataset. A name taken by other content
         # is refused again, with the same message.
         lease.confirm()
-        registered = register()
-    dataset = registered.dataset
-    message = (f"dataset {dataset.id} registered: {dataset.n_items} items"
-               if registered.created else
-               f"the same content is registered already: dataset {dataset.id}")
-    if report.failed:
-        message += f" ({report.failed} unreadable items skipped; see the dataset's report)"
-    retry_transient(lambda: finish(ctx.db, job_id, lease.owner, "succeeded", message=message,
-                                   dataset_id=dataset.id), lease, f"finish of job {job_id}")
-    log.info("ingest succeeded job_id=%d dataset_id=%d items=%d created=%s", job_id,
-             dataset.id, dataset.n_items, registered.created)
-    return {"outcome": "succeeded", "dataset_id": dataset.id, "created": registered.created}
+        return register()

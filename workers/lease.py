@@ -1,19 +1,5 @@
-"""A running attempt's lease: its owner's identity, and a thread that renews it.
-
-An owner names the process that runs the attempt: `identity:pid:start:random`, where the
-identity is `hostname/machine-id/boot-id/pid-namespace` (`store.processes.host_identity`)
-and `start` is the process's start time in clock ticks since boot (/proc/PID/stat). A
-pid alone could be reused by an unrelated process; pid plus start time cannot. Another
-process of the same boot of the same machine, in the same pid namespace (containers
-share a kernel but not pids), can then tell for certain whether the owner still exists
-(`owner_is_dead`), and take its job over at once instead of waiting for the lease to run
-out. An owner anywhere else (another machine, even one with the same hostname and the
-same initial pid namespace inode; another boot; another container) is never judged dead
-here: only its lease expiry tells.
-
-The heartbeat thread lives in the pool child that runs the task (never in the prefork
-parent: a thread that holds a lock while the parent forks hands the child a held lock).
-"""
+"""A running attempt's lease: an owner name that tells whether its process still exists on
+this machine, and the threads that renew a job's or an index build's lease."""
 
 from __future__ import annotations
 
@@ -123,10 +109,7 @@ class Lease:
 
 class IndexLease:
     """Renews a set's index-build lease every `lease_seconds / 3` (at most every 2 s) from
-    a thread while the build runs (CREATE INDEX CONCURRENTLY gives no progress to
-    report); `lost` turns True when another build took the set over. A worker that dies
-    stops renewing, and the maintenance pass sends the build again once the lease ran
-    out (or at once, when its owner is known dead)."""
+    a thread while the build runs; `lost` turns True when another build took the set over."""
 
     def __init__(self, db: Database, set_id: int, owner: str, lease_seconds: float) -> None:
         self.db, self.set_id, self.owner, self.lease_seconds = db, set_id, owner, lease_seconds

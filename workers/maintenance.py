@@ -1,13 +1,5 @@
-"""Periodic maintenance, run by the beat schedule as the `latentbank.maintenance` task:
-requeue jobs whose attempt is gone, then publish jobs whose task was never sent (or was
-sent but seems lost), then repair index builds: a ready set whose index is `building`
-with no live build (its task never sent, lost by the broker, or its worker gone) has its
-task sent again, or its index marked `failed` with the reason once its attempts are
-spent, so no set stays `building` (searched exactly, refusing deletion) for good.
-
-Guarded by a PostgreSQL advisory lock, so overlapping passes (two beats, a slow pass)
-are harmless: the second one finds the lock taken and does nothing.
-"""
+"""The periodic maintenance pass (beat's `latentbank.maintenance` task): requeue jobs whose
+attempt is gone, publish jobs never sent, repair index builds; one pass at a time."""
 
 from __future__ import annotations
 

@@ -1,23 +1,13 @@
 """The training job: claim, resume from the last checkpoint, train with per-epoch metric
-rows and checkpoints, evaluate held-out log p(x), export ONNX, register the model.
-
-Fencing: each attempt writes its files under its own artifact folder (`model_key`), and
-every record of them in the database (metric rows with the checkpoint pointer each epoch,
-the model's URIs at the end) is written only while the attempt holds the job's lease.
-Within an attempt the checkpoint file is replaced each epoch before the epoch is recorded,
-so a resume writes the checkpoint's history again (it may be one epoch ahead). An
-attempt that lost its lease (it hung past its lease; another attempt runs the job) stops
-at its next check without touching what the newer attempt recorded.
-"""
+rows and checkpoints, evaluate held-out log p(x), export ONNX and register the model, every
+record written only while the attempt holds the job's lease (docs/internals/workers.md)."""
 
 from __future__ import annotations
 
 import logging
 import os
 import tempfile
-import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from models.checkpoint import CheckpointError, load_checkpoint
 from models.config import ConfigError, TrainConfig, VAEConfig
@@ -28,32 +18,15 @@ from store.artifacts import model_key
 from store.datasets import dataset_array, get_dataset
 from store.db import is_transient
 from store.errors import StoreError
-from store.jobs import LeaseLost, finish, get_job, publish, record_epochs, release
+from store.jobs import LeaseLost, finish, record_epochs
 from store.models import get_model
 from workers.context import Context
 from workers.lease import Lease, start_attempt
+from workers.outages import end_for, retry_while_leased
 
 log = logging.getLogger(__name__)
 TRAIN_SHARE = 0.9  # of the job's progress; held-out evaluation and export are the rest
-T = TypeVar("T")
-
-
-def retry_transient(fn: Callable[[], T], lease: Lease, what: str) -> T:
-    """Run `fn`, retrying database outages while a third of the lease lasts (the lease
-    still has slack then); the last error propagates, and the attempt is released."""
-    deadline = time.monotonic() + lease.lease_seconds / 3
-    pause = 0.2
-    while True:
-        lease.check()
-        try:
-            return fn()
-        except Exception as exc:
-            if not is_transient(exc) or time.monotonic() + pause > deadline:
-                raise
-            log.warning("%s: the database is away (%s); retrying in %.1f s", what,
-                        type(exc).__name__, pause)
-            time.sleep(pause)
-            pause = min(2.0, pause * 2)
+OWN_ERRORS = (ConfigError, DataError, CheckpointError, StoreError)  # bad data or config
 
 
 class JobCallback(Callback):
@@ -77,7 +50,7 @@ class JobCallback(Callback):
         self.lease.confirm()
         self.ctx.artifacts.put_file(self.local_checkpoint, self.checkpoint_key)
         uri = self.ctx.artifacts.uri(self.checkpoint_key)
-        retry_transient(lambda: record_epochs(self.ctx.db, self.job_id, self.lease.owner,
+        retry_while_leased(lambda: record_epochs(self.ctx.db, self.job_id, self.lease.owner,
                                               self.model_id, rows, uri),
                         self.lease, f"metrics of job {self.job_id}")
         val = [r for r in rows if r["split"] == "val"]
@@ -117,15 +90,11 @@ def run_training_job(ctx: Context, job_id: int) -> dict[str, Any]:
             finish(ctx.db, job_id, owner, "cancelled",
                    message="cancelled; the last checkpoint is kept")
             return {"outcome": "cancelled"}
-        except (ConfigError, DataError, CheckpointError) as exc:
-            return _failed(ctx, job_id, owner, str(exc))
         except Exception as exc:
-            if is_transient(exc):
-                return end_attempt(ctx, job_id, owner, exc)
-            if isinstance(exc, StoreError):
-                return _failed(ctx, job_id, owner, str(exc))
-            log.exception("training failed job_id=%d", job_id)
-            return _failed(ctx, job_id, owner, f"{type(exc).__name__}: {exc}")
+            own = isinstance(exc, OWN_ERRORS)  # the job's own: its message says it all
+            if not own and not is_transient(exc):
+                log.exception("training failed job_id=%d", job_id)
+            return end_for(ctx, job_id, owner, exc, str(exc) if own else None)
 
 
 def _train(ctx: Context, job_id: int, params: dict[str, Any], model_id: int, attempt: int,
@@ -144,7 +113,7 @@ def _train(ctx: Context, job_id: int, params: dict[str, Any], model_id: int, att
         # An attempt overwrites its checkpoint file each epoch before it records the
         # epoch, so the file can be one epoch ahead of the rows (killed in between):
         # record the checkpoint's own history again (upserts of the same values).
-        retry_transient(lambda: record_epochs(ctx.db, job_id, lease.owner, model_id,
+        retry_while_leased(lambda: record_epochs(ctx.db, job_id, lease.owner, model_id,
                                               resume.history), lease, f"resume of {job_id}")
         lease.report(TRAIN_SHARE * resume.progress["epoch"] / train_cfg.epochs,
                      f"resuming after epoch {resume.progress['epoch']}")
@@ -158,7 +127,7 @@ def _train(ctx: Context, job_id: int, params: dict[str, Any], model_id: int, att
         key = model_key(model_id, attempt, f"{role}.onnx")
         ctx.artifacts.put_file(exported.path, key)
         uris[role] = (ctx.artifacts.uri(key), exported.sha256)
-    retry_transient(lambda: finish(
+    retry_while_leased(lambda: finish(
         ctx.db, job_id, lease.owner, "succeeded", message=ready_message(result.summary),
         model={
             "summary": result.summary,
@@ -181,42 +150,3 @@ def ready_message(summary: dict[str, Any]) -> str:
         message += ("; note: a Bernoulli decoder on grey data, so log p(x) is not a "
                     "normalised likelihood (binarize or continuous_bernoulli makes it one)")
     return message
-
-
-def _failed(ctx: Context, job_id: int, owner: str, error: str) -> dict[str, Any]:
-    try:
-        finish(ctx.db, job_id, owner, "failed", error=error)
-    except LeaseLost:
-        return {"outcome": "lease_lost"}
-    except Exception as exc:
-        if not is_transient(exc):
-            raise
-        return end_attempt(ctx, job_id, owner, exc)
-    return {"outcome": "failed"}
-
-
-def end_attempt(ctx: Context, job_id: int, owner: str, exc: BaseException) -> dict[str, Any]:
-    """The machinery failed (the database went away), not the job: end this attempt and
-    requeue the job at once. If the database cannot be told now, a task retries the
-    release until it can (the lease would otherwise hold the job until it expires)."""
-    reason = f"attempt ended by {type(exc).__name__}: {str(exc).strip()[:200]}"
-    log.warning("ending attempt job_id=%d: %s", job_id, reason)
-    try:
-        release(ctx.db, job_id, owner, reason)
-        publish_released(ctx, job_id)
-    except Exception as again:
-        if not is_transient(again):
-            raise
-        from workers.tasks import release_attempt
-
-        release_attempt.apply_async((job_id, owner, reason), countdown=1)
-    return {"outcome": "released"}
-
-
-def publish_released(ctx: Context, job_id: int) -> None:
-    """Send the requeued job's task now rather than at the next maintenance pass."""
-    from workers.app import app
-
-    job = get_job(ctx.db, job_id)
-    if job.status == "queued" and job.published_at is None:
-        publish(ctx.db, app, job)  # the broker away too: maintenance publishes it later

@@ -312,7 +312,8 @@ def test_an_outage_that_outlasts_the_retries_marks_the_index_failed(db, settings
     `building`."""
     from sqlalchemy.exc import OperationalError
 
-    from workers.tasks import SHARD_RETRIES, embed_index
+    from workers.outages import SHARD_RETRIES
+    from workers.tasks import embed_index
 
     set_id = ready_building_set(db, model_id)
     monkeypatch.setattr("workers.tasks.context", lambda: context(db, settings))

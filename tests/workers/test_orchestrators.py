@@ -1,0 +1,264 @@
+"""The three orchestrators (training, embedding, maintenance) as units: for a given job
+state, what each one publishes through the sender it is handed (a fake that records),
+against an in-process PostgreSQL and no Celery worker."""
+
+import os
+import uuid
+
+import numpy as np
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
+
+import workers.outages as outages
+import workers.training as training
+from ingest.arrays import register_file
+from store.jobs import INDEX_TASK, claim, get_job, maintenance_lock, request_cancel
+from store.latents import get_set, write_latents
+from store.submit import submit_embedding, submit_training
+from store.tables import Model
+from workers.context import Context
+from workers.embedding import finish_set, start_embedding
+from workers.maintenance import run_maintenance
+from workers.sender import FINISH_TASK, RELEASE_TASK, SHARD_TASK
+from workers.training import run_training_job
+
+CONFIG = {"model": {"family": "mlp", "input_shape": [4], "latent_dim": 2, "hidden": [8]},
+          "training": {"epochs": 1}}
+N = 40
+
+
+class FakeSender:
+    """Records what would be published: tasks (name, args, options) and chords."""
+
+    def __init__(self, down=False):
+        self.tasks, self.chords, self.down = [], [], down
+
+    def send_task(self, name, args=None, **options):
+        if self.down:
+            raise ConnectionError("broker down")
+        self.tasks.append((name, list(args or []), options))
+
+    def send_chord(self, header, body):
+        self.chords.append((header, body))
+
+
+@pytest.fixture(scope="module")
+def db(new_database):
+    """A database of its own: the session's workers and beat must not take these jobs."""
+    from migrations import migrate
+    from store.db import Database
+
+    url = new_database("orchestrators")
+    migrate(url)
+    database = Database(url)
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def sender():
+    return FakeSender()
+
+
+@pytest.fixture
+def ctx(db, settings, artifacts, sender):
+    return Context(settings.model_copy(update={"embed_shard_rows": 16}), db, artifacts,
+                   os.getpid(), sender=sender)
+
+
+def new_dataset(ctx, values):
+    path = ctx.settings.allowed_roots[0] / f"{uuid.uuid4().hex[:8]}.npy"
+    np.save(path, values.astype(np.float32))
+    return register_file(ctx.db, ctx.artifacts, ctx.settings, f"orch-{path.stem}",
+                         str(path)).dataset
+
+
+@pytest.fixture
+def dataset(ctx):
+    return new_dataset(ctx, np.random.default_rng().random((N, 4)))
+
+
+@pytest.fixture
+def model_id(ctx, dataset):
+    """A ready model row over the dataset (nothing here runs the model)."""
+    with ctx.db.session() as s:
+        row = Model(dataset_id=dataset.id, status="ready", config=CONFIG)
+        s.add(row)
+        s.flush()
+        return row.id
+
+
+def tasks_for(sender, job_id):
+    return [t for t in sender.tasks if t[1][:1] == [job_id]]
+
+
+# training
+
+
+def test_training_with_a_bad_config_fails_and_publishes_nothing(ctx, sender, dataset):
+    config = {**CONFIG, "model": {**CONFIG["model"], "family": "nope"}}
+    job, _ = submit_training(ctx.db, dataset.id, config)
+    assert run_training_job(ctx, job.id) == {"outcome": "failed"}
+    row = get_job(ctx.db, job.id)
+    assert row.status == "failed" and "family" in row.error
+    assert not row.error.startswith("ConfigError")  # the job's own error: its message only
+    assert sender.tasks == [] and sender.chords == []
+
+
+def test_training_delivered_after_its_end_publishes_nothing(ctx, sender, dataset):
+    job, _ = submit_training(ctx.db, dataset.id, CONFIG)
+    request_cancel(ctx.db, job.id)  # queued: cancelled at once
+    assert run_training_job(ctx, job.id) == {"outcome": "terminal"}
+    assert get_job(ctx.db, job.id).status == "cancelled"
+    assert sender.tasks == []
+
+
+def test_an_outage_during_training_requeues_and_publishes_the_job_again(
+        ctx, sender, dataset, monkeypatch):
+    def away(*args, **kwargs):
+        raise OperationalError("SELECT 1", {}, ConnectionError("server closed the connection"))
+
+    monkeypatch.setattr(training, "train_evaluate_export", away)
+    job, _ = submit_training(ctx.db, dataset.id, CONFIG)
+    assert run_training_job(ctx, job.id) == {"outcome": "released"}
+    row = get_job(ctx.db, job.id)
+    assert (row.status, row.attempts, row.lease_owner) == ("queued", 1, None)
+    assert row.published_at is not None and "OperationalError" in row.progress_message
+    assert sender.tasks == [("latentbank.train", [job.id], {"queue": "train", "retry": False})]
+
+
+def test_an_attempt_the_database_cannot_be_told_of_sends_its_release(ctx, sender, dataset,
+                                                                     monkeypatch):
+    """The release itself meets the outage: the release task is sent, retried until the
+    database answers; the job stays running until then."""
+    def away(*args, **kwargs):
+        raise OperationalError("UPDATE jobs", {}, ConnectionError("connection refused"))
+
+    monkeypatch.setattr(training, "train_evaluate_export", away)
+    monkeypatch.setattr(outages, "release", away)
+    job, _ = submit_training(ctx.db, dataset.id, CONFIG)
+    assert run_training_job(ctx, job.id) == {"outcome": "released"}
+    row = get_job(ctx.db, job.id)
+    assert row.status == "running"
+    [(name, args, options)] = sender.tasks
+    assert (name, args[:2], options) == (RELEASE_TASK, [job.id, row.lease_owner],
+                                         {"countdown": 1})
+    assert args[2].startswith("attempt ended by OperationalError")
+
+
+# embedding
+
+
+def test_an_embedding_job_fans_its_shards_out_as_one_chord(ctx, sender, model_id, dataset):
+    job, _ = submit_embedding(ctx.db, model_id, dataset.id)
+    assert start_embedding(ctx, job.id) == {"outcome": "dispatched", "shards": 3}
+    row = get_job(ctx.db, job.id)
+    owner, set_id = row.lease_owner, job.embedding_set_id
+    assert row.status == "running" and owner
+    assert sender.chords == [([(SHARD_TASK, [job.id, set_id, a, b, owner])
+                               for a, b in [(0, 16), (16, 32), (32, 40)]],
+                              (FINISH_TASK, [job.id, set_id, owner]))]
+    assert sender.tasks == []
+    assert start_embedding(ctx, job.id) == {"outcome": "busy"}  # a second delivery
+    assert len(sender.chords) == 1
+
+
+def test_an_embedding_job_over_unfit_values_fails_before_any_shard(ctx, sender, model_id):
+    """The worker checks the values again (the API did at submission): a dataset whose
+    stored range no longer suits the model fails the job before any shard is sent."""
+    unfit = new_dataset(ctx, np.random.default_rng().random((N, 4)))
+    job, _ = submit_embedding(ctx.db, model_id, unfit.id)
+    with ctx.db.engine.begin() as conn:  # a Bernoulli model takes values in [0, 1]
+        conn.execute(text("UPDATE datasets SET max_value = 5 WHERE id = :d"), {"d": unfit.id})
+    assert start_embedding(ctx, job.id) == {"outcome": "failed"}
+    row = get_job(ctx.db, job.id)
+    assert row.status == "failed" and f"dataset {unfit.id} cannot be embedded" in row.error
+    assert sender.chords == [] and sender.tasks == []
+
+
+def written(ctx, model_id, dataset, owner="embedder"):
+    """An embedding job claimed by `owner` whose set holds all its rows."""
+    job, _ = submit_embedding(ctx.db, model_id, dataset.id)
+    assert claim(ctx.db, job.id, owner, 600).outcome == "claimed"
+    mu = np.random.default_rng(job.id).normal(size=(N, 2)).astype(np.float32)
+    zeros = np.zeros(N)
+    write_latents(ctx.db, job.embedding_set_id, 0, mu, mu, zeros - 1, zeros, zeros + 1)
+    return job
+
+
+def test_a_finished_set_is_ready_and_its_index_task_is_sent(ctx, sender, model_id, dataset):
+    job = written(ctx, model_id, dataset)
+    results = [{"rows": 16, "worker": "w"}, {"rows": 16, "worker": "w"},
+               {"rows": 8, "worker": "v"}]
+    out = finish_set(ctx, job.id, job.embedding_set_id, "embedder", results)
+    assert out["outcome"] == "succeeded"
+    assert out["stats"]["workers"] == {"w": 2, "v": 1}
+    es = get_set(ctx.db, job.embedding_set_id)
+    assert (es.status, es.index_status) == ("ready", "building")
+    assert es.index_sent_at is not None
+    assert sender.tasks == [(INDEX_TASK, [job.embedding_set_id],
+                             {"queue": "embed", "retry": False})]
+    assert get_job(ctx.db, job.id).status == "succeeded"
+
+
+def test_a_finish_with_the_broker_down_leaves_the_index_owed(model_id, dataset, ctx):
+    ctx.sender = FakeSender(down=True)
+    job = written(ctx, model_id, dataset)
+    assert finish_set(ctx, job.id, job.embedding_set_id, "embedder",
+                      [{"rows": N}])["outcome"] == "succeeded"
+    es = get_set(ctx.db, job.embedding_set_id)
+    assert (es.status, es.index_status, es.index_sent_at) == ("ready", "building", None)
+
+
+def test_a_cancelled_or_stale_finish_publishes_nothing(ctx, sender, model_id, dataset):
+    job = written(ctx, model_id, dataset)
+    assert finish_set(ctx, job.id, job.embedding_set_id, "someone-else",
+                      [{"rows": N}]) == {"outcome": "stale"}
+    request_cancel(ctx.db, job.id)
+    assert finish_set(ctx, job.id, job.embedding_set_id, "embedder",
+                      [{"rows": N}]) == {"outcome": "cancelled"}
+    assert get_set(ctx.db, job.embedding_set_id).status == "cancelled"
+    assert get_job(ctx.db, job.id).status == "cancelled"
+    assert sender.tasks == []
+
+
+# maintenance
+
+
+def test_maintenance_publishes_a_job_never_sent_once(ctx, sender, dataset):
+    job, _ = submit_training(ctx.db, dataset.id, CONFIG)
+    down = FakeSender(down=True)
+    run_maintenance(ctx.db, down, None, 3, grace_seconds=0.0)
+    assert get_job(ctx.db, job.id).published_at is None  # stays owed
+    run_maintenance(ctx.db, sender, None, 3, grace_seconds=0.0)
+    assert tasks_for(sender, job.id) == [("latentbank.train", [job.id],
+                                          {"queue": "train", "retry": False})]
+    run_maintenance(ctx.db, sender, None, 3, grace_seconds=0.0)
+    assert len(tasks_for(sender, job.id)) == 1  # sent: not again
+
+
+def test_maintenance_requeues_a_job_whose_lease_ran_out_and_sends_it(ctx, sender, dataset):
+    job, _ = submit_training(ctx.db, dataset.id, CONFIG)
+    assert claim(ctx.db, job.id, "far-away-host/m/b/1:1:1:x", 600).outcome == "claimed"
+    run_maintenance(ctx.db, sender, None, 3, grace_seconds=0.0)
+    assert tasks_for(sender, job.id) == []  # a live lease elsewhere: left alone
+    with ctx.db.engine.begin() as conn:
+        conn.execute(text("UPDATE jobs SET lease_expires_at = now() - interval '1 second' "
+                          "WHERE id = :j"), {"j": job.id})
+    counts = run_maintenance(ctx.db, sender, None, 3, grace_seconds=0.0)
+    assert counts["requeued"] >= 1 and counts["published"] >= 1
+    row = get_job(ctx.db, job.id)
+    assert (row.status, row.attempts, row.lease_owner) == ("queued", 1, None)
+    assert tasks_for(sender, job.id) == [("latentbank.train", [job.id],
+                                          {"queue": "train", "retry": False})]
+
+
+def test_a_pass_that_finds_the_lock_taken_publishes_nothing(ctx, sender, dataset):
+    job, _ = submit_training(ctx.db, dataset.id, CONFIG)
+    with maintenance_lock(ctx.db) as taken:
+        assert taken
+        assert run_maintenance(ctx.db, sender, None, 3, grace_seconds=0.0) == {
+            "requeued": -1, "published": -1, "indexes_sent": -1, "indexes_failed": -1}
+    assert sender.tasks == []
+    assert get_job(ctx.db, job.id).published_at is None
