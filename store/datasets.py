@@ -32,9 +32,10 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from store.artifacts import ArtifactStore, dataset_key
-from store.db import Database, get_row, unbounded
+from store.db import Database, analyze, get_row, unbounded
+from store.deletion import blockers, refuse_if_blocked
 from store.errors import Conflict, DatasetError, NotFound, TooLarge
-from store.latents import blockers, drop_indexes, live_index_builds, refuse_if_blocked
+from store.indexes import drop_indexes, live_index_builds
 from store.processes import pid_alive
 from store.settings import Settings
 from store.tables import Dataset, EmbeddingSet, EmbeddingSetPart, Item, Model
@@ -298,8 +299,6 @@ def register_dataset(db: Database, artifacts: ArtifactStore, settings: Settings,
             artifacts.delete(artifact_key)
         raise
     if writer.n >= 10_000:
-        from store.latents import analyze
-
         analyze(db, "items")
     dataset = get_dataset(db, dataset_id)
     log.info("dataset registered dataset_id=%d items=%d shape=%s", dataset.id, dataset.n_items,

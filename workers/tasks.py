@@ -15,8 +15,8 @@ from typing import Any
 from celery import Task
 
 from store.db import is_transient
+from store.indexes import fail_index
 from store.jobs import LeaseLost, finish, release
-from store.latents import fail_index
 from workers.app import MAINTENANCE_TASK, app
 from workers.context import context
 

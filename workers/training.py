@@ -28,8 +28,9 @@ from store.artifacts import model_key
 from store.datasets import dataset_array, get_dataset
 from store.db import is_transient
 from store.errors import StoreError
-from store.jobs import LeaseLost, finish, get_job, publish, record_epochs, release
+from store.jobs import LeaseLost, finish, get_job, record_epochs, release
 from store.models import get_model
+from store.publishing import publish
 from workers.context import Context
 from workers.lease import Lease, start_attempt
 

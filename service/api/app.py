@@ -194,7 +194,7 @@ def _mount_ui(app: FastAPI) -> None:
 def _report_pgvector(db: Database) -> None:
     """Say at start what the database's pgvector allows (a database that is down now is
     reported when it answers: the version is read on first use)."""
-    from store.latents import ITERATIVE_SCANS
+    from store.search import ITERATIVE_SCANS
 
     try:
         version = db.pgvector()

@@ -16,9 +16,9 @@ import pytest
 from sqlalchemy import func, select, text
 
 from store.datasets import delete_dataset, get_dataset
+from store.embedding_sets import get_set
 from store.errors import Conflict, NotFound
 from store.jobs import LeaseLost, claim, get_job, mark_finishing
-from store.latents import get_set
 from store.submit import submit_embedding, submit_training
 from store.tables import EmbeddingSet, Job, Model
 

@@ -1,0 +1,31 @@
+"""Embedding sets for tests, made the way the service makes them: submitted
+(`store.submit.submit_embedding`), claimed by their job, written, then ended by the job."""
+
+from store.indexes import index_owed
+from store.jobs import claim, finish, mark_finishing
+from store.submit import submit_embedding
+
+
+def writing_set(db, model_id, dataset_id, importance_samples=0):
+    """(set id, job id, owner) of a set submitted and claimed by its job: `writing`."""
+    job, _ = submit_embedding(db, model_id, dataset_id, importance_samples)
+    owner = f"test-owner-{job.id}"
+    assert claim(db, job.id, owner, 3600).outcome == "claimed"
+    return job.embedding_set_id, job.id, owner
+
+
+def end_set(db, set_id, job_id, owner, status="ready", owed_index=False):
+    """The set's job ends: `ready` (succeeded; `owed_index`: owed its index build, as the
+    worker leaves it), or `finishing` (every shard written, the job still running)."""
+    if status == "finishing":
+        mark_finishing(db, job_id, set_id, owner)
+        return
+    finish(db, job_id, owner, "succeeded", embedding_set=index_owed() if owed_index else None)
+
+
+def ready_set(db, model_id, dataset_id, write, importance_samples=0, owed_index=False):
+    """A set written by `write(set_id)` and made ready by its job; returns its id."""
+    set_id, job_id, owner = writing_set(db, model_id, dataset_id, importance_samples)
+    write(set_id)
+    end_set(db, set_id, job_id, owner, owed_index=owed_index)
+    return set_id
