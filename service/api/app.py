@@ -25,9 +25,9 @@ from service.api.inference import BatchPolicy, Inference, SessionCache
 from service.api.metrics import Metrics, RequestMetrics
 from service.api.routes import aliases, datasets, embeddings, jobs, keys, models, ops
 from store.broker import task_sender
-from store.datasets import sweep_leftovers
 from store.db import Database, statement_timeout
 from store.jobs import count_jobs
+from store.leftovers import sweep_leftovers
 from store.settings import Settings, get_settings, open_artifacts
 
 log = logging.getLogger("latentbank.api")
