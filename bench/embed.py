@@ -38,10 +38,10 @@ from service.cli.commands import worker_argv  # noqa: E402
 from service.cli.embedded import start_embedded_postgres  # noqa: E402
 from store.db import Database  # noqa: E402
 from store.jobs import get_job  # noqa: E402
-from store.latent_rows import write_latents  # noqa: E402
 from store.publishing import publish  # noqa: E402
 from store.settings import Settings, open_artifacts  # noqa: E402
 from store.submit import submit_embedding, submit_training  # noqa: E402
+from tests.store.sets import write_latents  # noqa: E402
 
 MODEL = {"family": "mlp", "latent_dim": 20, "hidden": [400], "likelihood": "bernoulli"}
 

@@ -1,6 +1,6 @@
 """The data layer against the embedded PostgreSQL 18 + pgvector 0.8, in one run:
 
-1. latent writes: `store.latent_rows.write_latents` rows/s against a raw psycopg binary COPY
+1. latent writes: `store.latent_rows.latent_writer` rows/s against a raw psycopg binary COPY
    of the same rows (pgvector's psycopg dumper, `write_row` per row);
 2. ingest: rows/s and peak memory (a child process, sampled) for an N x 784 `.npy`;
 3. kNN over N latents of dimension 32, for latents of a trained VAE (digits, noisy copies,
@@ -37,11 +37,11 @@ from store.db import Database  # noqa: E402
 from store.embedding_sets import get_set  # noqa: E402
 from store.indexes import build_index  # noqa: E402
 from store.jobs import claim, finish  # noqa: E402
-from store.latent_rows import write_latents  # noqa: E402
 from store.search import SearchFilter, nearest, search  # noqa: E402
 from store.settings import Settings  # noqa: E402
 from store.submit import submit_embedding  # noqa: E402
 from store.tables import Model  # noqa: E402
+from tests.store.sets import write_latents  # noqa: E402
 
 
 def model_row(db: Database, dataset_id: int, dim: int) -> int:
@@ -96,7 +96,7 @@ def bench_writes(db, artifacts, settings, tmp, n: int, dim: int = 32) -> list[tu
             with db.engine.begin() as conn:
                 conn.execute(text("DELETE FROM embedding_sets WHERE id = :s"), {"s": set_id})
     return [("raw psycopg binary COPY (write_row)", n / best["raw"], 1.0),
-            ("store.latent_rows.write_latents", n / best["ours"], best["raw"] / best["ours"])]
+            ("store.latent_rows.latent_writer", n / best["ours"], best["raw"] / best["ours"])]
 
 
 INGEST_CHILD = """

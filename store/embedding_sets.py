@@ -7,7 +7,7 @@ from sqlalchemy import select, text
 
 from store.db import Database, get_row, narrowed
 from store.errors import NotFound
-from store.tables import EmbeddingSet, EmbeddingSetPart
+from store.tables import EmbeddingSet
 
 # a key's item in a set: through the part that holds the key's dataset (primary keys all
 # the way: parts by set, items by (dataset, key), latents by (set, position))
@@ -34,13 +34,6 @@ def list_sets(db: Database, *, model_id: int | None = None, status: str | None =
                                        EmbeddingSet.status: status})
     with db.session() as s:
         return list(s.scalars(query))
-
-
-def set_parts(db: Database, set_id: int) -> list[EmbeddingSetPart]:
-    """The datasets the set holds, in position order."""
-    with db.session() as s:
-        return list(s.scalars(select(EmbeddingSetPart).where(EmbeddingSetPart.set_id == set_id)
-                              .order_by(EmbeddingSetPart.start)))
 
 
 def part_at(db: Database, set_id: int, position: int) -> tuple[int, int]:

@@ -75,26 +75,3 @@ def latent_writer(db: Database, set_id: int, first_index: int, n_rows: int,
             copy.write(PGCOPY_TRAILER)
         if written != n_rows:
             raise InvalidInput(f"shard of {n_rows} rows got only {written}")
-
-
-def write_latents(db: Database, set_id: int, first_index: int, mu: np.ndarray,
-                  logvar: np.ndarray, elbo: np.ndarray, reconstruction: np.ndarray,
-                  kl: np.ndarray, log_px: np.ndarray | None = None,
-                  chunk_rows: int = 50_000,
-                  guard: Callable[[Connection], None] | None = None) -> int:
-    """Write one whole shard from arrays (see `latent_writer`); returns the rows written."""
-    mu = _check_chunk(mu, {"logvar": logvar, "elbo": elbo, "reconstruction": reconstruction,
-                           "kl": kl, "log_px": log_px})
-    n = len(mu)
-    with latent_writer(db, set_id, first_index, n, guard) as write:
-        for a in range(0, n, chunk_rows):
-            b = min(n, a + chunk_rows)
-            write(mu[a:b], logvar[a:b], elbo[a:b], reconstruction[a:b], kl[a:b],
-                  None if log_px is None else log_px[a:b])
-    return n
-
-
-def count_latents(db: Database, set_id: int) -> int:
-    with db.engine.connect() as conn:
-        return int(conn.execute(text("SELECT count(*) FROM latents WHERE set_id = :s"),
-                                {"s": set_id}).scalar_one())

@@ -143,18 +143,3 @@ def reader_url(admin_url: str, password: str, role: str = READER) -> str:
     the plain `postgresql://` form psql, psycopg and pandas take."""
     url = make_url(admin_url).set(drivername="postgresql", username=role, password=password)
     return url.render_as_string(hide_password=False)
-
-
-def view_columns(db: Database) -> dict[str, list[tuple[str, str]]]:
-    """Each view of the surface with its columns and their types, in order."""
-    with db.engine.connect() as conn:
-        rows = conn.execute(text(
-            "SELECT table_name, column_name, "
-            "CASE WHEN data_type = 'USER-DEFINED' THEN udt_name "
-            "WHEN data_type = 'ARRAY' THEN udt_name ELSE data_type END "
-            "FROM information_schema.columns WHERE table_schema = :s "
-            "ORDER BY table_name, ordinal_position"), {"s": SCHEMA}).all()
-    columns: dict[str, list[tuple[str, str]]] = {}
-    for table, column, kind in rows:
-        columns.setdefault(table, []).append((column, kind))
-    return columns

@@ -6,17 +6,16 @@ import numpy as np
 import pytest
 
 from ingest.arrays import register_file
-from store.embedding_sets import get_set, set_parts
+from store.embedding_sets import get_set
 from store.errors import Conflict, InvalidInput
 from store.indexes import _set_index, build_index
 from store.jobs import claim, finish, get_job
-from store.latent_rows import count_latents, write_latents
 from store.models import get_model
 from store.retrieval import export_pages, get_item
 from store.search import search
 from store.settings import open_artifacts
 from store.submit import submit_embedding
-from tests.store.sets import ready_set
+from tests.store.sets import count_latents, ready_set, set_parts, write_latents
 from tests.support import store_untrained_model
 
 MODEL = {"input_shape": [4], "latent_dim": 2, "hidden": [8]}

@@ -24,11 +24,11 @@ from store.jobs import (
     release,
     request_cancel,
 )
-from store.latent_rows import count_latents, write_latents
 from store.models import get_model
 from store.publishing import publish
 from store.recovery import requeue_lost, unpublished_jobs
 from store.submit import submit_embedding
+from tests.store.sets import count_latents, write_latents
 from tests.support import submit_train
 
 MODEL = {"latent_dim": 2, "hidden": [8]}

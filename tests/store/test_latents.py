@@ -11,13 +11,12 @@ from ingest.arrays import IngestOptions, register_file
 from store.embedding_sets import get_set
 from store.errors import Conflict, InvalidInput, NotFound
 from store.indexes import build_index
-from store.latent_rows import count_latents, write_latents
 from store.retrieval import export_pages, get_item, outliers
 from store.search import SearchFilter, search
 from store.settings import Settings
 from store.submit import submit_embedding
 from store.tables import Model
-from tests.store.sets import end_set, ready_set, writing_set
+from tests.store.sets import count_latents, end_set, ready_set, write_latents, writing_set
 
 N, DIM, SHARD = 100_000, 16, 25_000
 

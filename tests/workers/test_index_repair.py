@@ -21,11 +21,10 @@ from store.embedding_sets import get_set
 from store.errors import Conflict
 from store.indexes import build_index, claim_index
 from store.jobs import claim, get_job
-from store.latent_rows import count_latents, write_latents
 from store.models import delete_model
 from store.submit import submit_embedding
 from store.tables import Model
-from tests.store.sets import ready_set
+from tests.store.sets import count_latents, ready_set, write_latents
 from workers.maintenance import run_maintenance
 
 CONFIG = {"model": {"family": "mlp", "input_shape": [4], "latent_dim": 2, "hidden": [8]},

@@ -17,10 +17,9 @@ from sqlalchemy import text
 
 from service.api.deps import load_npy
 from store.errors import InvalidInput, TooLarge
-from store.latent_rows import write_latents
 from store.search import search_many
 from store.settings import Settings
-from tests.store.sets import ready_set
+from tests.store.sets import ready_set, write_latents
 from tests.support import Probe, Served, store_untrained_model
 
 MiB = 1 << 20

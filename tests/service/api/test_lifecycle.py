@@ -7,8 +7,7 @@ import httpx
 import numpy as np
 import pytest
 
-from store.latent_rows import write_latents
-from tests.store.sets import ready_set
+from tests.store.sets import ready_set, write_latents
 from tests.support import store_untrained_model
 
 MODEL = {"input_shape": [1, 4, 4], "latent_dim": 3, "hidden": [8]}
