@@ -1,10 +1,5 @@
-"""SQLAlchemy 2 tables (DESIGN.md, "Data model"). Schema changes go through Alembic.
-
-Statuses are strings guarded by CHECK constraints rather than PostgreSQL enum types,
-so adding a status is a plain migration. Per-set HNSW indexes on `latents.mu` are not
-declared here: they are data (one partial expression index per embedding set, built
-by `store.indexes.build_index`) and the migration environment ignores them.
-"""
+"""SQLAlchemy 2 tables, changed only through Alembic revisions; statuses are text under
+CHECK constraints, and the per-set HNSW indexes are data (`store.indexes`), not schema."""
 
 from __future__ import annotations
 
