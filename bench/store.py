@@ -61,19 +61,18 @@ def fake_dataset(db: Database, artifacts: ArtifactStore, settings: Settings, n: 
     return register_file(db, artifacts, settings, name, path).dataset.id
 
 
-def raw_copy(db: Database, set_id: int, mu, logvar, elbo, rec, kl, log_px) -> None:
-    from pgvector.psycopg import register_vector
-
+def raw_copy(db: Database, set_id: int, dataset_id: int, mu, logvar, elbo, rec, kl,
+             log_px) -> None:
     with db.engine.begin() as conn:
-        raw = conn.connection.driver_connection
-        register_vector(raw)
-        cur = raw.cursor()
-        with cur.copy("COPY latents (set_id, item_index, mu, logvar, elbo, reconstruction, kl, "
-                      "log_px) FROM STDIN WITH (FORMAT BINARY)") as copy:
-            copy.set_types(["int8", "int8", "vector", "vector", "float8", "float8", "float8",
-                            "float8"])
+        cur = conn.connection.driver_connection.cursor()  # pgvector's types: store.db
+        with cur.copy("COPY latents (set_id, item_index, dataset_id, dataset_index, mu, logvar, "
+                      "elbo, reconstruction, kl, log_px) FROM STDIN WITH (FORMAT BINARY)"
+                      ) as copy:
+            copy.set_types(["int8", "int8", "int8", "int8", "vector", "vector", "float8",
+                            "float8", "float8", "float8"])
             for i in range(len(mu)):
-                copy.write_row((set_id, i, mu[i], logvar[i], elbo[i], rec[i], kl[i], log_px[i]))
+                copy.write_row((set_id, i, dataset_id, i, mu[i], logvar[i], elbo[i], rec[i],
+                                kl[i], log_px[i]))
 
 
 def bench_writes(db, artifacts, settings, tmp, n: int, dim: int = 32) -> list[tuple]:
@@ -89,7 +88,7 @@ def bench_writes(db, artifacts, settings, tmp, n: int, dim: int = 32) -> list[tu
             set_id = submit_embedding(db, mid, ds)[0].embedding_set_id
             t = time.perf_counter()
             if name == "raw":
-                raw_copy(db, set_id, mu, logvar, elbo, rec, kl, log_px)
+                raw_copy(db, set_id, ds, mu, logvar, elbo, rec, kl, log_px)
             else:
                 write_latents(db, set_id, 0, mu, logvar, elbo, rec, kl, log_px)
             best[name] = min(best[name], time.perf_counter() - t)
