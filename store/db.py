@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import psycopg
 from pgvector.psycopg import register_vector
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -238,6 +238,14 @@ def _register_vector(dbapi_connection: Any, record: Any, proxy: Any) -> None:
     except psycopg.ProgrammingError:  # "vector type not found in the database"
         return
     record.info["vector"] = True
+
+
+def binary_rows(conn: Connection, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """The rows of `sql` (psycopg's `%(name)s` placeholders) in PostgreSQL's binary format,
+    so a `vector` arrives as its float32 bytes (a `pgvector.Vector`), never as text."""
+    with conn.connection.driver_connection.cursor(binary=True) as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchall()
 
 
 def unbounded(session: Session) -> None:

@@ -10,10 +10,11 @@ from store.errors import NotFound
 from store.tables import EmbeddingSet
 
 # a key's item in a set: through the part that holds the key's dataset (primary keys all
-# the way: parts by set, items by (dataset, key), latents by (set, position))
+# the way: parts by set, items by (dataset, key), latents by (set, position)); psycopg's
+# placeholder, for `binary_rows`
 BY_KEY = ("embedding_set_parts p JOIN items i ON i.dataset_id = p.dataset_id "
           "JOIN latents l ON l.set_id = p.set_id AND l.item_index = p.start + i.index "
-          "WHERE p.set_id = :s")
+          "WHERE p.set_id = %(s)s")
 
 
 def join_items(latents: str = "l") -> str:

@@ -14,7 +14,7 @@ import numpy as np
 from sqlalchemy import Text, cast, func, literal, select, text, update
 from sqlalchemy.orm import Session
 
-from store.db import Database, analyze, is_transient
+from store.db import Database, analyze, binary_rows, is_transient
 from store.embedding_sets import get_set
 from store.jobs import OwnerCheck
 from store.search import nearest
@@ -262,14 +262,12 @@ def calibration_queries(db: Database, es: EmbeddingSet, n: int) -> list[np.ndarr
     rng = np.random.default_rng(es.id)
     picks = np.sort(rng.choice(es.n_items, size=min(n, es.n_items), replace=False))
     with db.engine.connect() as conn:
-        rows = conn.execute(text("SELECT mu FROM latents WHERE set_id = :s AND "
-                                 "item_index = ANY(:i)"),
-                            {"s": es.id, "i": [int(i) for i in picks]}).scalars().all()
-        stats = conn.execute(text(
-            f"SELECT avg(mu::vector({int(es.dim)})) FROM latents WHERE set_id = :s"),
-            {"s": es.id}).scalar_one()
-    sample = np.stack([r.to_numpy() for r in rows])
-    mean, spread = stats.to_numpy(), sample.std(axis=0) + 1e-6
+        rows = binary_rows(conn, "SELECT mu FROM latents WHERE set_id = %(s)s AND "
+                           "item_index = ANY(%(i)s)", {"s": es.id, "i": [int(i) for i in picks]})
+        mean = binary_rows(conn, f"SELECT avg(mu::vector({int(es.dim)})) FROM latents "
+                           "WHERE set_id = %(s)s", {"s": es.id})[0][0]
+    sample = np.stack([r[0].to_numpy() for r in rows])
+    mean, spread = mean.to_numpy(), sample.std(axis=0) + 1e-6
     half = len(sample) // 2
     moved = sample[:half] + rng.normal(size=(half, es.dim)) * spread / 4
     fitted = mean + rng.normal(size=(len(sample) - half, es.dim)) * spread

@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy import text
 
-from store.db import Database
+from store.db import Database, binary_rows
 from store.embedding_sets import BY_KEY, get_set, join_items
 from store.errors import NotFound
 from store.search import Hit
@@ -19,10 +19,11 @@ def get_item(db: Database, set_id: int, key: str) -> dict[str, Any]:
     """One stored item of a set by its external key: codes, ELBO terms, label, metadata."""
     get_set(db, set_id)  # NotFound for an unknown set
     with db.engine.connect() as conn:
-        row = conn.execute(text(
-            "SELECT l.item_index, i.key, i.label, i.metadata, l.mu, l.logvar, "
+        rows = binary_rows(
+            conn, "SELECT l.item_index, i.key, i.label, i.metadata, l.mu, l.logvar, "
             f"l.elbo, l.reconstruction, l.kl, l.log_px, l.log_px_se, l.ess FROM {BY_KEY} "
-            "AND i.key = :key"), {"s": set_id, "key": key}).first()
+            "AND i.key = %(key)s", {"s": set_id, "key": key})
+    row = rows[0] if rows else None
     if row is None:
         raise NotFound(f"embedding set {set_id} has no item with key {key!r}")
     return {"index": int(row[0]), "key": row[1], "label": row[2], "metadata": row[3],
@@ -52,13 +53,13 @@ def export_pages(db: Database, set_id: int, page_rows: int = 10_000,
     after = -1
     while True:
         with db.engine.connect() as conn:
-            rows = conn.execute(text(
-                "SELECT l.item_index, i.key, i.label, l.mu, l.logvar, l.elbo, "
+            rows = binary_rows(
+                conn, "SELECT l.item_index, i.key, i.label, l.mu, l.logvar, l.elbo, "
                 f"l.reconstruction, l.kl, l.log_px, l.log_px_se, l.ess FROM latents l "
                 f"{join_items()} "
-                "WHERE l.set_id = :s AND l.item_index > :after "
-                "ORDER BY l.item_index LIMIT :n"),
-                {"s": set_id, "after": after, "n": page_rows}).all()
+                "WHERE l.set_id = %(s)s AND l.item_index > %(after)s "
+                "ORDER BY l.item_index LIMIT %(n)s",
+                {"s": set_id, "after": after, "n": page_rows})
         if not rows:
             return
         yield [{"index": int(r[0]), "key": r[1], "label": r[2],
@@ -74,11 +75,10 @@ def sample_items(db: Database, set_id: int, n: int) -> list[dict[str, Any]]:
     es = get_set(db, set_id)
     step = max(1, math.ceil(es.n_items / max(1, n)))
     with db.engine.connect() as conn:
-        rows = conn.execute(text(
-            f"SELECT l.item_index, i.key, i.label, l.mu, l.elbo, l.log_px FROM latents l "
-            f"{join_items()} "
-            "WHERE l.set_id = :s AND l.item_index % :step = 0 ORDER BY l.item_index LIMIT :n"),
-            {"s": set_id, "step": step, "n": int(n)}).all()
+        rows = binary_rows(
+            conn, f"SELECT l.item_index, i.key, i.label, l.mu, l.elbo, l.log_px FROM latents l "
+            f"{join_items()} WHERE l.set_id = %(s)s AND l.item_index %% %(step)s = 0 "
+            "ORDER BY l.item_index LIMIT %(n)s", {"s": set_id, "step": step, "n": int(n)})
     return [{"index": int(r[0]), "key": r[1], "label": r[2], "mu": r[3].to_numpy(),
              "elbo": r[4], "log_px": r[5]} for r in rows]
 

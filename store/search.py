@@ -12,7 +12,7 @@ from typing import Any, Literal
 import numpy as np
 from sqlalchemy import text
 
-from store.db import Database
+from store.db import Database, binary_rows
 from store.embedding_sets import BY_KEY, get_set, join_items
 from store.errors import Conflict, InvalidInput, NotFound, TooLarge
 from store.settings import Settings
@@ -274,9 +274,8 @@ def _items_by_key(db: Database, es: EmbeddingSet, keys: list[str],
                   ) -> dict[str, tuple[np.ndarray, int, str | None]]:
     """`mu`, index and label of each key's item (NotFound naming the first missing keys)."""
     with db.engine.connect() as conn:
-        rows = conn.execute(text(
-            f"SELECT i.key, l.mu, l.item_index, i.label FROM {BY_KEY} AND i.key = ANY(:keys)"),
-            {"s": es.id, "keys": sorted(set(keys))}).all()
+        rows = binary_rows(conn, f"SELECT i.key, l.mu, l.item_index, i.label FROM {BY_KEY} "
+                           "AND i.key = ANY(%(keys)s)", {"s": es.id, "keys": sorted(set(keys))})
     found = {r[0]: (r[1].to_numpy(), int(r[2]), r[3]) for r in rows}
     missing = [key for key in dict.fromkeys(keys) if key not in found]
     if missing:
