@@ -37,10 +37,11 @@ from service.api.validation import training_config  # noqa: E402
 from service.cli.commands import worker_argv  # noqa: E402
 from service.cli.embedded import start_embedded_postgres  # noqa: E402
 from store.db import Database  # noqa: E402
-from store.jobs import get_job, publish  # noqa: E402
-from store.latents import create_embedding_set, write_latents  # noqa: E402
+from store.jobs import get_job  # noqa: E402
+from store.publishing import publish  # noqa: E402
 from store.settings import Settings, open_artifacts  # noqa: E402
 from store.submit import submit_embedding, submit_training  # noqa: E402
+from tests.store.sets import write_latents  # noqa: E402
 
 MODEL = {"family": "mlp", "latent_dim": 20, "hidden": [400], "likelihood": "bernoulli"}
 
@@ -207,7 +208,7 @@ def main() -> None:
             ejob, _ = submit_embedding(db, job.model_id, dataset.id)
             t = time.perf_counter()
             publish(db, client, ejob)
-            from store.latents import get_set
+            from store.embedding_sets import get_set
 
             while get_set(db, ejob.embedding_set_id).status not in ("finishing", "ready",
                                                                    "failed"):
@@ -223,11 +224,11 @@ def main() -> None:
 
             encoder_s, decoder_s, mu, logvar = onnx_alone(db, artifacts, job.model_id, path,
                                                           tmp, n)
-            es = create_embedding_set(db, job.model_id, dataset.id, 20, n)
+            set_id = submit_embedding(db, job.model_id, dataset.id)[0].embedding_set_id
             zeros = np.zeros(n)
             t = time.perf_counter()
             for a in range(0, n, 50_000):
-                write_latents(db, es.id, a, mu[a:a + 50_000], logvar[a:a + 50_000],
+                write_latents(db, set_id, a, mu[a:a + 50_000], logvar[a:a + 50_000],
                               zeros[a:a + 50_000], zeros[a:a + 50_000], zeros[a:a + 50_000])
             copy_s = time.perf_counter() - t
 

@@ -33,7 +33,8 @@ from migrations import migrate  # noqa: E402
 from service.cli.commands import worker_argv  # noqa: E402
 from service.cli.embedded import start_embedded_postgres  # noqa: E402
 from store.db import Database  # noqa: E402
-from store.jobs import get_job, publish  # noqa: E402
+from store.jobs import get_job  # noqa: E402
+from store.publishing import publish  # noqa: E402
 from store.settings import Settings  # noqa: E402
 
 CLASSES = 10

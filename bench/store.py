@@ -1,6 +1,6 @@
 """The data layer against the embedded PostgreSQL 18 + pgvector 0.8, in one run:
 
-1. latent writes: `store.latents.write_latents` rows/s against a raw psycopg binary COPY
+1. latent writes: `store.latent_rows.latent_writer` rows/s against a raw psycopg binary COPY
    of the same rows (pgvector's psycopg dumper, `write_row` per row);
 2. ingest: rows/s and peak memory (a child process, sampled) for an N x 784 `.npy`;
 3. kNN over N latents of dimension 32, for latents of a trained VAE (digits, noisy copies,
@@ -34,23 +34,20 @@ from migrations import migrate  # noqa: E402
 from service.cli.embedded import start_embedded_postgres  # noqa: E402
 from store.artifacts import ArtifactStore  # noqa: E402
 from store.db import Database  # noqa: E402
-from store.latents import (  # noqa: E402
-    SearchFilter,
-    _run,
-    build_index,
-    create_embedding_set,
-    get_set,
-    mark_set,
-    search,
-    write_latents,
-)
+from store.embedding_sets import get_set  # noqa: E402
+from store.indexes import build_index  # noqa: E402
+from store.jobs import claim, finish  # noqa: E402
+from store.search import SearchFilter, nearest, search  # noqa: E402
 from store.settings import Settings  # noqa: E402
+from store.submit import submit_embedding  # noqa: E402
 from store.tables import Model  # noqa: E402
+from tests.store.sets import write_latents  # noqa: E402
 
 
-def model_row(db: Database, dataset_id: int) -> int:
+def model_row(db: Database, dataset_id: int, dim: int) -> int:
     with db.session() as s:
-        m = Model(dataset_id=dataset_id, config={}, status="ready")
+        m = Model(dataset_id=dataset_id, status="ready",
+                  config={"model": {"input_shape": [1], "latent_dim": dim}})
         s.add(m)
         s.flush()
         return m.id
@@ -64,19 +61,18 @@ def fake_dataset(db: Database, artifacts: ArtifactStore, settings: Settings, n: 
     return register_file(db, artifacts, settings, name, path).dataset.id
 
 
-def raw_copy(db: Database, set_id: int, mu, logvar, elbo, rec, kl, log_px) -> None:
-    from pgvector.psycopg import register_vector
-
+def raw_copy(db: Database, set_id: int, dataset_id: int, mu, logvar, elbo, rec, kl,
+             log_px) -> None:
     with db.engine.begin() as conn:
-        raw = conn.connection.driver_connection
-        register_vector(raw)
-        cur = raw.cursor()
-        with cur.copy("COPY latents (set_id, item_index, mu, logvar, elbo, reconstruction, kl, "
-                      "log_px) FROM STDIN WITH (FORMAT BINARY)") as copy:
-            copy.set_types(["int8", "int8", "vector", "vector", "float8", "float8", "float8",
-                            "float8"])
+        cur = conn.connection.driver_connection.cursor()  # pgvector's types: store.db
+        with cur.copy("COPY latents (set_id, item_index, dataset_id, dataset_index, mu, logvar, "
+                      "elbo, reconstruction, kl, log_px) FROM STDIN WITH (FORMAT BINARY)"
+                      ) as copy:
+            copy.set_types(["int8", "int8", "int8", "int8", "vector", "vector", "float8",
+                            "float8", "float8", "float8"])
             for i in range(len(mu)):
-                copy.write_row((set_id, i, mu[i], logvar[i], elbo[i], rec[i], kl[i], log_px[i]))
+                copy.write_row((set_id, i, dataset_id, i, mu[i], logvar[i], elbo[i], rec[i],
+                                kl[i], log_px[i]))
 
 
 def bench_writes(db, artifacts, settings, tmp, n: int, dim: int = 32) -> list[tuple]:
@@ -85,21 +81,21 @@ def bench_writes(db, artifacts, settings, tmp, n: int, dim: int = 32) -> list[tu
     logvar = rng.normal(size=(n, dim)).astype(np.float32)
     elbo, rec, kl, log_px = (rng.normal(size=n) for _ in range(4))
     ds = fake_dataset(db, artifacts, settings, n, "bench-writes", tmp)
-    mid = model_row(db, ds)
+    mid = model_row(db, ds, dim)
     best = {"raw": np.inf, "ours": np.inf}
     for _ in range(3):
         for name in ("raw", "ours"):
-            es = create_embedding_set(db, mid, ds, dim, n)
+            set_id = submit_embedding(db, mid, ds)[0].embedding_set_id
             t = time.perf_counter()
             if name == "raw":
-                raw_copy(db, es.id, mu, logvar, elbo, rec, kl, log_px)
+                raw_copy(db, set_id, ds, mu, logvar, elbo, rec, kl, log_px)
             else:
-                write_latents(db, es.id, 0, mu, logvar, elbo, rec, kl, log_px)
+                write_latents(db, set_id, 0, mu, logvar, elbo, rec, kl, log_px)
             best[name] = min(best[name], time.perf_counter() - t)
             with db.engine.begin() as conn:
-                conn.execute(text("DELETE FROM embedding_sets WHERE id = :s"), {"s": es.id})
+                conn.execute(text("DELETE FROM embedding_sets WHERE id = :s"), {"s": set_id})
     return [("raw psycopg binary COPY (write_row)", n / best["raw"], 1.0),
-            ("store.latents.write_latents", n / best["ours"], best["raw"] / best["ours"])]
+            ("store.latent_rows.latent_writer", n / best["ours"], best["raw"] / best["ours"])]
 
 
 INGEST_CHILD = """
@@ -199,14 +195,16 @@ def bench_knn(db, artifacts, settings, tmp, kind: str, n: int, dim: int, n_queri
         mu = rng.normal(size=(n, dim)).astype(np.float32)
         queries = rng.normal(size=(n_queries, dim)).astype(np.float32)
     ds = fake_dataset(db, artifacts, settings, n, f"bench-knn-{kind[:6]}", tmp)
-    es = create_embedding_set(db, model_row(db, ds), ds, dim, n)
+    job, _ = submit_embedding(db, model_row(db, ds, dim), ds)
+    claim(db, job.id, "bench", 3600)  # the set is `writing`, as under an embedding job
+    es = get_set(db, job.embedding_set_id)
     zeros = np.zeros(n)
     t = time.perf_counter()
     for a in range(0, n, 100_000):
         write_latents(db, es.id, a, mu[a:a + 100_000], mu[a:a + 100_000], zeros[a:a + 100_000],
                       zeros[a:a + 100_000], zeros[a:a + 100_000])
     write_s = time.perf_counter() - t
-    mark_set(db, es.id, status="ready")
+    finish(db, job.id, "bench", "succeeded")  # the set is `ready`
     report = build_index(db, es.id, settings)
     es = get_set(db, es.id)
     truth = [brute_top10(mu, q) for q in queries]
@@ -222,10 +220,10 @@ def bench_knn(db, artifacts, settings, tmp, kind: str, n: int, dim: int, n_queri
         rows.append((kind, label, float(np.percentile(times, 50)),
                      float(np.percentile(times, 95)), hits / (10 * len(queries))))
 
-    measure("exact", lambda q: [h.index for h in _run(db, es, q, 10, "l2", None, None)])
+    measure("exact", lambda q: [h.index for h in nearest(db, es, q[None], 10, "l2", None, None)[0]])
     for ef in (40, 100, 200, 400, 640, 1000):
         measure(f"hnsw ef_search={ef}",
-                lambda q, ef=ef: [h.index for h in _run(db, es, q, 10, "l2", None, ef)])
+                lambda q, ef=ef: [h.index for h in nearest(db, es, q[None], 10, "l2", None, ef)[0]])
     plan = search(db, settings, es.id, vector=queries[0], k=10).plan
     measure(f"auto plan -> {plan}",
             lambda q: [h.index for h in search(db, settings, es.id, vector=q, k=10).hits])

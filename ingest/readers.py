@@ -120,7 +120,7 @@ def _unlink(path: str) -> None:
 def _copy_local(plan: Plan, limits: Limits) -> str:
     """A remote array file's bounded local copy, named `ingest-<pid>-...` (a killed
     process's copy is swept); the caller removes it."""
-    from store.datasets import LEFTOVER_PREFIX
+    from store.leftovers import LEFTOVER_PREFIX
 
     location = plan.location
     if limits.temp_dir:

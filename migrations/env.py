@@ -13,7 +13,7 @@ target_metadata = Base.metadata
 
 
 def include_object(obj, name, type_, reflected, compare_to):  # noqa: ANN001, ANN201
-    # Per-set HNSW indexes are data built by store.latents, not schema.
+    # Per-set HNSW indexes are data built by store.indexes, not schema.
     return not (type_ == "index" and name is not None and name.startswith("latents_mu_hnsw_"))
 
 

@@ -1,5 +1,2 @@
-"""The shared data layer: settings, PostgreSQL tables and queries, the artifact store.
-
-Used by both the API (`service/`) and the workers (`workers/`); imports neither torch
-nor Celery, so the API image stays small.
-"""
+"""The data layer the API and the workers share: settings, PostgreSQL tables and queries,
+the artifact store; it imports neither torch nor Celery, so the API image stays small."""

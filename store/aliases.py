@@ -1,12 +1,5 @@
-"""Aliases (`prod`, `staging`, ...) for models and embedding sets, with their history.
-
-An alias names one ready model or one ready embedding set; it is created or moved in one
-transaction that locks the alias row and the new target (so a concurrent delete of the
-target either waits or finds the alias). A client addresses an aliased object as
-`@name` wherever it gives an id (`resolve`). Every change is kept in `alias_events`,
-after the alias and its targets are gone. The foreign keys RESTRICT: an aliased model
-or set cannot be deleted until the alias moves or goes.
-"""
+"""Aliases (`prod`, `staging`, ...) naming one ready model or embedding set, each created
+or moved in one transaction that locks the alias and its new target, every change kept."""
 
 from __future__ import annotations
 

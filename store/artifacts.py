@@ -1,10 +1,5 @@
-"""The artifact store: datasets, checkpoints and ONNX files under one fsspec root.
-
-The root is a URL (`file:///srv/latentbank/artifacts`, `s3://bucket/prefix`, ...).
-Keys are relative POSIX paths confined to the root: no absolute paths, no `..`, no
-empty segments, a small character set. Every write returns the content's sha256,
-which callers store in the database, and reads can verify it.
-"""
+"""The artifact store: datasets, checkpoints and ONNX files under one fsspec root (`file://`,
+`s3://`), keys confined to it, and every write returning the sha256 callers record."""
 
 from __future__ import annotations
 

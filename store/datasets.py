@@ -1,21 +1,8 @@
-"""The dataset registry: ingest a file into a canonical `.npy` plus `items` rows.
-
-The canonical file is float32, or uint8 for 8-bit images (`Source.pixels`): 0..255 as
-they are (4x less), `dtype="uint8"`, read by the convention of `models.transforms.item_values`
-(x / 255 in [0, 1]; a dequantising likelihood sees the integers). `min_value`/`max_value`
-are on the [0, 1] scale; the checksum covers the dtype (a float32 twin is another dataset).
-
-One pass over the source, in chunks: each chunk is validated (finite values, size
-limits), appended to the canonical file and its items are COPYed, all inside one
-database transaction. The dataset becomes visible only when everything succeeded;
-on any error the transaction rolls back and the partial file is removed, so nothing is
-half-written. The same content (values, keys, labels, metadata) registered twice is
-recognised by its checksum and returns the first dataset.
-"""
+"""The dataset registry: one pass over a source, in chunks, into a canonical `.npy` (float32,
+or uint8 for 8-bit images) plus `items` rows, in one transaction: all of it or nothing."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -24,18 +11,19 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import delete, func, select, update
+import psycopg
+from sqlalchemy import Connection, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from store.artifacts import ArtifactStore, dataset_key
-from store.db import Database, get_row, unbounded
+from store.db import Database, analyze, get_row, unbounded
+from store.deletion import blockers, refuse_if_blocked
 from store.errors import Conflict, DatasetError, NotFound, TooLarge
-from store.latents import blockers, drop_indexes, live_index_builds, refuse_if_blocked
-from store.processes import pid_alive
+from store.indexes import drop_indexes, live_index_builds
+from store.leftovers import LEFTOVER_PREFIX
 from store.settings import Settings
 from store.tables import Dataset, EmbeddingSet, EmbeddingSetPart, Item, Model
 
@@ -218,6 +206,51 @@ def _duplicate_key(exc: BaseException) -> str:
     return "?"
 
 
+def _check_source(name: str, source: Source, settings: Settings) -> None:
+    if not name or len(name) > 200 or name != name.strip():
+        raise DatasetError("name must be 1-200 characters without surrounding spaces")
+    if source.n_items == 0:
+        raise DatasetError("the dataset is empty: no items")
+    if source.n_items is not None and source.n_items > settings.max_dataset_items:
+        raise TooLarge(f"{source.n_items} items; the limit is {settings.max_dataset_items}")
+
+
+def _insert_pending(conn: Connection, source: Source, source_uri: str | None,
+                    ingest: dict[str, Any] | None) -> int:
+    """The dataset's row under a placeholder name and checksum; returns its id. The name is
+    taken at the end: the same content sent again (a client's retry after a lost answer)
+    finds its dataset whatever name it carries."""
+    return conn.execute(
+        Dataset.__table__.insert().values(
+            name=f"pending-{uuid.uuid4()}", item_shape=[],
+            dtype="uint8" if source.pixels else "float32",
+            source_dtype=source.dtype, source_format=source.format, n_items=0,
+            checksum=f"pending-{uuid.uuid4()}",
+            source_uri=source_uri, artifact_key="", size_bytes=0, min_value=0.0,
+            max_value=0.0, has_labels=source.has_labels, ingest=ingest,
+        ).returning(Dataset.id)).scalar_one()
+
+
+def _copy_chunks(conn: Connection, dataset_id: int, source: Source,
+                 writer: _CanonicalWriter) -> str:
+    """Every chunk into the canonical file and its items into `items`; returns the
+    checksum, or raises _SameContent when that content is registered already."""
+    cursor = conn.connection.driver_connection.cursor()
+    for chunk in source.chunks:
+        start = writer.n
+        writer.append(chunk)
+        try:
+            _copy_items(cursor, dataset_id, start, chunk, writer)
+        except psycopg.errors.UniqueViolation as exc:
+            raise DatasetError(f"duplicate key {_duplicate_key(exc)!r}: keys must be "
+                               "unique within a dataset") from None
+    checksum = writer.finish()
+    existing = conn.execute(select(Dataset.id).where(Dataset.checksum == checksum)).scalar()
+    if existing is not None:
+        raise _SameContent(existing)
+    return checksum
+
+
 def register_dataset(db: Database, artifacts: ArtifactStore, settings: Settings, name: str,
                      source: Source, source_uri: str | None = None,
                      temp_bytes: int = 0,
@@ -228,14 +261,7 @@ def register_dataset(db: Database, artifacts: ArtifactStore, settings: Settings,
     temporary files already written for it (counted against `max_upload_temp_bytes`).
     `ingest`: how it was read (`datasets.ingest`: image transform, report, options), or a
     function giving it once every chunk is read (a report is complete only then)."""
-    import psycopg
-
-    if not name or len(name) > 200 or name != name.strip():
-        raise DatasetError("name must be 1-200 characters without surrounding spaces")
-    if source.n_items == 0:
-        raise DatasetError("the dataset is empty: no items")
-    if source.n_items is not None and source.n_items > settings.max_dataset_items:
-        raise TooLarge(f"{source.n_items} items; the limit is {settings.max_dataset_items}")
+    _check_source(name, source, settings)
     tmp_dir = artifacts.local_path("tmp") if artifacts.is_local else None
     if tmp_dir:
         os.makedirs(tmp_dir, exist_ok=True)
@@ -246,32 +272,9 @@ def register_dataset(db: Database, artifacts: ArtifactStore, settings: Settings,
     artifact_key: str | None = None
     try:
         with db.engine.begin() as conn:
-            # The name is taken at the end: the same content sent again (a client's retry
-            # after a lost answer) finds its dataset whatever name it carries.
-            dataset_id = conn.execute(
-                Dataset.__table__.insert().values(
-                    name=f"pending-{uuid.uuid4()}", item_shape=[],
-                    dtype="uint8" if source.pixels else "float32",
-                    source_dtype=source.dtype, source_format=source.format, n_items=0,
-                    checksum=f"pending-{uuid.uuid4()}",
-                    source_uri=source_uri, artifact_key="", size_bytes=0, min_value=0.0,
-                    max_value=0.0, has_labels=source.has_labels,
-                    ingest=None if callable(ingest) else ingest,
-                ).returning(Dataset.id)).scalar_one()
-            cursor = conn.connection.driver_connection.cursor()
-            for chunk in source.chunks:
-                start = writer.n
-                writer.append(chunk)
-                try:
-                    _copy_items(cursor, dataset_id, start, chunk, writer)
-                except psycopg.errors.UniqueViolation as exc:
-                    raise DatasetError(f"duplicate key {_duplicate_key(exc)!r}: keys must be "
-                                       "unique within a dataset") from None
-            checksum = writer.finish()
-            existing = conn.execute(select(Dataset.id).where(Dataset.checksum == checksum)
-                                    ).scalar()
-            if existing is not None:
-                raise _SameContent(existing)
+            dataset_id = _insert_pending(conn, source, source_uri,
+                                         None if callable(ingest) else ingest)
+            checksum = _copy_chunks(conn, dataset_id, source, writer)
             if conn.execute(select(Dataset.id).where(Dataset.name == name)).first():
                 raise Conflict(f"a dataset named {name!r} already exists (with other content)")
             artifact_key = dataset_key(dataset_id)
@@ -298,41 +301,11 @@ def register_dataset(db: Database, artifacts: ArtifactStore, settings: Settings,
             artifacts.delete(artifact_key)
         raise
     if writer.n >= 10_000:
-        from store.latents import analyze
-
         analyze(db, "items")
     dataset = get_dataset(db, dataset_id)
     log.info("dataset registered dataset_id=%d items=%d shape=%s", dataset.id, dataset.n_items,
              dataset.item_shape)
     return Registered(dataset, created=True)
-
-
-LEFTOVER_PREFIX = "ingest-"  # then the writing process's pid: `ingest-<pid>-...`
-
-
-def sweep_leftovers(*folders: str | Path | None) -> list[str]:
-    """Remove the temporary files and folders named `[ingest-]<pid>-...` in `folders`
-    whose process no longer runs (an upload or ingest killed mid-way). Another live
-    process's files are left alone. Returns what was removed."""
-    import re
-    import shutil
-
-    removed = []
-    pattern = re.compile(rf"^(?:{LEFTOVER_PREFIX})?(\d+)-")
-    for folder in folders:
-        if folder is None or not os.path.isdir(folder):
-            continue
-        for entry in os.scandir(folder):
-            match = pattern.match(entry.name)
-            if match is None or pid_alive(int(match.group(1))):
-                continue
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path, ignore_errors=True)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)
-            removed.append(entry.path)
-    return removed
 
 
 def get_dataset(db: Database, dataset_id: int) -> Dataset:

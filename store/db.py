@@ -1,7 +1,5 @@
-"""Engines, sessions, the pgvector check, and how to tell an outage from an error.
-
-The embedded PostgreSQL of a local stack is started by `service.cli.embedded`; the schema
-is upgraded by `migrations.upgrade`."""
+"""Engines, sessions, the pgvector check, and how to tell an outage from an error (the
+embedded server is started by `service.cli.embedded`, the schema upgraded by `migrations`)."""
 
 from __future__ import annotations
 
@@ -12,7 +10,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, text
+import psycopg
+from pgvector.psycopg import register_vector
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -117,8 +117,6 @@ def check_alive(db: Database) -> None:
 
 def ping(url: str, timeout: int = 2) -> None:
     """Connect and run `SELECT 1` once (no pool); raises unless the database answers."""
-    import psycopg
-
     with psycopg.connect(sqlalchemy_url(url).replace("postgresql+psycopg://", "postgresql://"),
                          connect_timeout=timeout) as conn:
         conn.execute("SELECT 1")
@@ -127,7 +125,6 @@ def ping(url: str, timeout: int = 2) -> None:
 def is_transient(exc: BaseException) -> bool:
     """A failure of the connection to the database (restart, outage, network), which a
     retry may outlive, as opposed to an error of the statement or its data."""
-    import psycopg
     from sqlalchemy.exc import DBAPIError, InterfaceError
     from sqlalchemy.exc import OperationalError as SAOperationalError
 
@@ -222,6 +219,35 @@ def is_statement_timeout(exc: BaseException) -> bool:
     return getattr(orig, "sqlstate", None) == "57014"
 
 
+def analyze(db: Database, table: str) -> None:
+    """Refresh planner statistics after a bulk load (else plans assume a tiny table)."""
+    if table not in ("latents", "items"):
+        raise ValueError(table)
+    with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text(f"ANALYZE {table}"))
+
+
+def _register_vector(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+    """At checkout, once per connection: pgvector's types for psycopg, so a `vector` comes
+    back as a `pgvector.Vector` (float32). Retried at the next checkout while the database
+    has no `vector` type yet (before the first migration creates the extension)."""
+    if record.info.get("vector"):
+        return
+    try:
+        register_vector(dbapi_connection)
+    except psycopg.ProgrammingError:  # "vector type not found in the database"
+        return
+    record.info["vector"] = True
+
+
+def binary_rows(conn: Connection, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """The rows of `sql` (psycopg's `%(name)s` placeholders) in PostgreSQL's binary format,
+    so a `vector` arrives as its float32 bytes (a `pgvector.Vector`), never as text."""
+    with conn.connection.driver_connection.cursor(binary=True) as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchall()
+
+
 def unbounded(session: Session) -> None:
     """Lift the connection's statement timeout for the rest of `session`'s transaction: for
     a delete whose cascade is as large as the data it removes (bounded by the upload
@@ -235,6 +261,7 @@ class Database:
     def __init__(self, url: str, **engine_kwargs: Any) -> None:
         self.url = sqlalchemy_url(url)
         self.engine = make_engine(self.url, **engine_kwargs)
+        event.listen(self.engine, "checkout", _register_vector)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager

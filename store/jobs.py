@@ -1,54 +1,22 @@
-"""The jobs table is the truth: every state change of a job is one guarded transaction here.
-
-    queued --claim--> running --finish--> succeeded | failed | cancelled
-       |                 |  \\--release--> queued   (the attempt ended, the job did not)
-       \\--cancel--> cancelled                      (a running job is cancelled cooperatively)
-
-A claim takes a *lease*: an owner string per attempt (see `workers.lease.new_owner`) and
-an expiry that a heartbeat renews. A task delivered twice claims once; the second delivery
-sees a live lease and steps aside, unless the caller can tell that the lease's owner is a
-process that no longer exists (`owner_is_dead`), in which case it takes the job over at
-once. Writes of an attempt's outputs check the lease in the same transaction
-(`lease_guard`), so an attempt that lost its lease can never overwrite a newer one.
-A job whose worker vanished keeps its row `running` until `requeue_lost` sets it back to
-`queued` (its lease expired, or its owner is known dead). Attempts are counted here, not by
-Celery: a job that crashes its worker every time ends `failed` after `max_attempts`.
-
-Ending a job and its model's (or embedding set's) status happen in one transaction
-(`finish`), so no reader ever sees a ready model under a running job.
-"""
+"""The jobs table is the truth: every state change of a job is one guarded transaction
+here (the state machine and its leases: docs/internals/workers.md)."""
 
 from __future__ import annotations
 
 import datetime as dt
-import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from sqlalchemy import Connection, delete, false, func, or_, select, text, update
+from sqlalchemy import Connection, delete, func, select, text, update
 from sqlalchemy.orm import Session
 
 from store.db import Database, get_row, narrowed
 from store.errors import Conflict, NotFound
 from store.tables import EmbeddingSet, EmbeddingSetPart, Job, Latent, Model
 
-log = logging.getLogger(__name__)
-TASKS = {"train": "latentbank.train", "embed": "latentbank.embed",
-         "ingest": "latentbank.ingest"}
-INDEX_TASK = "latentbank.embed_index"  # a ready set's HNSW index (workers.tasks.embed_index)
-QUEUES = {"train": "train", "embed": "embed", "ingest": "ingest",
-          "maintenance": "maintenance"}
-WORKER_QUEUES = ",".join(QUEUES.values())  # what a worker consumes by default
 TERMINAL = ("succeeded", "failed", "cancelled")
 OwnerCheck = Callable[[str], bool]
-
-
-class TaskSender(Protocol):
-    """What publishes a task: a Celery app (`store.broker.task_sender`, or the worker's)."""
-
-    def send_task(self, name: str, args: Any = ..., **options: Any) -> Any: ...
 
 
 class LeaseLost(Exception):
@@ -90,41 +58,6 @@ def count_jobs(db: Database) -> list[tuple[str, str, int]]:
         return [(kind, status, int(n)) for kind, status, n in rows]
 
 
-def publish(db: Database, sender: TaskSender, job: Job) -> bool:
-    """Send a queued job's task, then record that it was sent. The one way a job's task
-    reaches the broker: the API calls it right after a submission commits, the
-    maintenance pass for jobs never sent (the broker was down) or requeued.
-
-    A broker failure is logged and returns False: the job row is committed already and
-    stays unpublished, so a later maintenance pass sends it. Sending twice is harmless
-    (the claim lets one delivery run)."""
-    try:
-        sender.send_task(TASKS[job.kind], args=[job.id], queue=QUEUES[job.kind], retry=False)
-    except Exception as exc:  # any broker failure
-        log.warning("broker unavailable; job_id=%d stays queued until a later pass (%s)",
-                    job.id, type(exc).__name__)
-        return False
-    with db.session() as s:
-        s.execute(update(Job).where(Job.id == job.id).values(published_at=text("now()")))
-    return True
-
-
-def publish_index(db: Database, sender: TaskSender, set_id: int) -> bool:
-    """Send the index task of a set owed one (`store.latents.index_owed`), then record
-    that it was sent: the worker that made the set ready right after that commit, the
-    maintenance pass for sets whose task never came (`store.latents.stuck_indexes`). A
-    broker failure returns False and leaves the set owed; sending twice is harmless (one
-    build claims the set)."""
-    try:
-        sender.send_task(INDEX_TASK, args=[set_id], queue=QUEUES["embed"], retry=False)
-    except Exception as exc:  # any broker failure
-        log.warning("broker unavailable; the index of set_id=%d waits for a later pass (%s)",
-                    set_id, type(exc).__name__)
-        return False
-    with db.session() as s:
-        s.execute(update(EmbeddingSet).where(EmbeddingSet.id == set_id)
-                  .values(index_sent_at=text("now()")))
-    return True
 
 
 @dataclass
@@ -409,74 +342,3 @@ def request_cancel(db: Database, job_id: int) -> Job:
             job.progress_message = "cancelled before it started"
         s.flush()
         return job
-
-
-def requeue_lost(db: Database, owner_is_dead: OwnerCheck | None = None,
-                 silent_seconds: float = 6.0) -> list[int]:
-    """Set back to `queued` every running job whose attempt is gone: its lease expired
-    (its host vanished or stopped answering), or `owner_is_dead(owner)` says its process
-    is gone and no heartbeat came for `silent_seconds` (a heartbeat may come from another
-    process of the same attempt: embedding shards carry their attempt's owner). Attempts
-    stay counted. Returns the ids requeued."""
-    with db.session() as s:
-        ids = list(s.scalars(text(
-            "UPDATE jobs SET status = 'queued', lease_owner = NULL, lease_expires_at = NULL, "
-            "published_at = NULL, "
-            "progress_message = 'requeued: its worker stopped answering' "
-            "WHERE status = 'running' AND lease_expires_at < now() RETURNING id")))
-        if owner_is_dead is None:
-            return ids
-        quiet = s.execute(select(Job.id, Job.lease_owner).where(
-            Job.status == "running", Job.lease_owner.is_not(None),
-            Job.heartbeat_at < text(f"now() - interval '{float(silent_seconds)} seconds'"))
-        ).all()
-        for job_id, owner in quiet:
-            if owner_is_dead(owner):
-                done = s.scalar(update(Job).where(Job.id == job_id, Job.lease_owner == owner,
-                                                  Job.status == "running")
-                                .values(status="queued", lease_owner=None,
-                                        lease_expires_at=None, published_at=None,
-                                        progress_message="requeued: its worker process died")
-                                .returning(Job.id))
-                if done is not None:
-                    ids.append(done)
-        return ids
-
-
-MAINTENANCE_LOCK = 0x1A7E47  # pg advisory lock: one maintenance pass at a time
-
-
-@contextmanager
-def maintenance_lock(db: Database) -> Iterator[bool]:
-    """Hold the maintenance advisory lock for the block if no one else does; yields
-    whether it was taken (a pass that finds it taken does nothing)."""
-    with db.engine.connect() as conn:
-        taken = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"),
-                                  {"k": MAINTENANCE_LOCK}).scalar())
-        try:
-            yield taken
-        finally:
-            if taken:
-                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": MAINTENANCE_LOCK})
-                conn.commit()
-
-
-def unpublished_jobs(db: Database, grace_seconds: float = 10.0,
-                     republish_seconds: float | None = None) -> list[Job]:
-    """Queued jobs to (re)send: those whose task was never sent (the broker was down, or
-    the job was requeued), and with `republish_seconds`, those sent that long ago but
-    still not started, in case the broker lost the message (a worker killed while it was
-    blocked on the queue pops a message it never keeps). Sending again is harmless: the
-    claim lets one delivery run. The wait grows with the job's age (at least half of it),
-    so a long backlog is not sent over and over. A job created in the last
-    `grace_seconds` is left to its submitter, who publishes right after committing it."""
-    lost = false()
-    if republish_seconds is not None:
-        lost = Job.published_at < text(
-            f"now() - greatest(interval '{float(republish_seconds)} seconds', "
-            "(now() - jobs.created_at) / 2)")
-    with db.session() as s:
-        return list(s.scalars(select(Job).where(
-            Job.status == "queued", or_(Job.published_at.is_(None), lost),
-            Job.created_at < text(f"now() - interval '{float(grace_seconds)} seconds'"),
-        ).order_by(Job.id)))

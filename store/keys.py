@@ -1,10 +1,5 @@
-"""API keys: random secrets shown once, stored as their SHA-256.
-
-A key is `lb_` + 43 url-safe characters (256 random bits). With that much entropy a
-plain SHA-256 is the right hash: a slow password hash protects guessable secrets, and
-it would cost every request a few hundred milliseconds. Scopes are ordered:
-`admin` includes `write`, which includes `read`.
-"""
+"""API keys: `lb_` + 256 random bits, shown once and stored as their SHA-256, with ordered
+scopes (`admin` includes `write`, which includes `read`)."""
 
 from __future__ import annotations
 

@@ -6,8 +6,9 @@ from sqlalchemy import delete, select
 
 from store.artifacts import ArtifactStore
 from store.db import Database, get_row, narrowed, unbounded
+from store.deletion import blockers, refuse_if_blocked
 from store.errors import Conflict, NotFound
-from store.latents import blockers, drop_indexes, live_index_builds, refuse_if_blocked
+from store.indexes import drop_indexes, live_index_builds
 from store.tables import EmbeddingSet, Model, TrainingMetric
 
 

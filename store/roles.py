@@ -1,8 +1,5 @@
-"""The roles of a server latentbank sets up itself (the embedded PostgreSQL): the service's
-own role, which owns its database but is not superuser, and the superuser's password. The
-CLI (`service/cli/embedded.py`) decides when; the SQL lives here, with the data layer's.
-Passwords reach the server only as SCRAM verifiers (`store.sql.scram_verifier`).
-"""
+"""The roles latentbank sets up on its embedded PostgreSQL: the service's own (owning its
+database, not superuser) and the superuser, their passwords sent only as SCRAM verifiers."""
 
 from __future__ import annotations
 

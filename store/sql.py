@@ -1,21 +1,5 @@
-"""The SQL surface for analysts: the views of schema `lb_v1` (migration 0005) and a
-read-only role that may read them and nothing else.
-
-The role logs in with a password, has `default_transaction_read_only` on, its
-`search_path` set to `lb_v1, public` (pgvector's operators live in `public`), SELECT on
-every view of `lb_v1` (and, through default privileges, on views a later migration
-adds), and no privilege on the internal tables: a view reads them with its owner's
-rights, so the role sees exactly the views' columns.
-
-`default_transaction_read_only` is a convenience, not the guard: any role may SET it off.
-What keeps the role from writing is that it holds no privilege to write anything: no
-INSERT/UPDATE/DELETE on any table or view, no CREATE on any schema, and no TEMP on the
-database (revoked from PUBLIC too, which every role inherits). It has a connection limit
-and a statement timeout (role defaults: a session may still raise its own timeout; the
-connection limit bounds how many such sessions exist). Its password reaches the server
-only as a SCRAM-SHA-256 verifier computed here, so the clear text never appears in a
-statement the server could log.
-"""
+"""The SQL surface for analysts: the views of schema `lb_v1` and a read-only role that may
+read them and nothing else (docs/operations/security.md says what holds it there)."""
 
 from __future__ import annotations
 
@@ -143,18 +127,3 @@ def reader_url(admin_url: str, password: str, role: str = READER) -> str:
     the plain `postgresql://` form psql, psycopg and pandas take."""
     url = make_url(admin_url).set(drivername="postgresql", username=role, password=password)
     return url.render_as_string(hide_password=False)
-
-
-def view_columns(db: Database) -> dict[str, list[tuple[str, str]]]:
-    """Each view of the surface with its columns and their types, in order."""
-    with db.engine.connect() as conn:
-        rows = conn.execute(text(
-            "SELECT table_name, column_name, "
-            "CASE WHEN data_type = 'USER-DEFINED' THEN udt_name "
-            "WHEN data_type = 'ARRAY' THEN udt_name ELSE data_type END "
-            "FROM information_schema.columns WHERE table_schema = :s "
-            "ORDER BY table_name, ordinal_position"), {"s": SCHEMA}).all()
-    columns: dict[str, list[tuple[str, str]]] = {}
-    for table, column, kind in rows:
-        columns.setdefault(table, []).append((column, kind))
-    return columns

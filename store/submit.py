@@ -1,15 +1,5 @@
-"""Job submission: the model (or embedding set) row and its job row, in one transaction
-(an ingest job has no row of its own until it succeeds: it names its dataset then).
-
-Submissions arrive validated: the API checks a training configuration at its edge with the
-torch-free `models.config`, and hands over the normalised configuration. Publishing the task
-is the caller's next step (`store.jobs.publish`, after the commit), so a broker outage
-loses nothing: an unpublished job is published by the maintenance pass.
-
-An Idempotency-Key binds a submission to its request (the hash of its route and body): the
-same key with the same request answers the job it created the first time; with another
-request, IdempotencyMismatch.
-"""
+"""Job submission: the model (or embedding set) row and its job row, in one transaction,
+bound to its request by an Idempotency-Key (docs/internals/workers.md)."""
 
 from __future__ import annotations
 
@@ -157,19 +147,10 @@ def fits(item_shape: list[int], model_config: dict[str, Any]) -> bool:
                                         and math.prod(item_shape) == math.prod(want))
 
 
-def submit_embedding(db: Database, model_id: int, dataset_id: int,
-                     importance_samples: int | None = 0, *, embedding_set_id: int | None = None,
-                     idempotency_key: str | None = None, max_attempts: int = 3,
-                     request_hash: str | None = None) -> tuple[Job, bool]:
-    """An embedding set (pending) and its job (queued) for a ready model over a dataset
-    whose items fit it, in one transaction; idempotency as in `submit_training`.
-
-    With `embedding_set_id` the dataset's items are appended to that ready set of the same
-    model instead (`append_part` checks it); `importance_samples` None means the set's K
-    (a new set: 0)."""
-    existing = _existing(db, idempotency_key, request_hash)
-    if existing is not None:
-        return existing, False
+def _embeddable(db: Database, model_id: int, dataset_id: int,
+                importance_samples: int | None) -> tuple[Dataset, Model]:
+    """The dataset and the model of an embedding submission, checked: a valid K, a ready
+    model, and items that fit it."""
     if importance_samples is not None and (
             isinstance(importance_samples, bool) or not isinstance(importance_samples, int)
             or not 0 <= importance_samples <= MAX_IMPORTANCE_SAMPLES):
@@ -186,6 +167,23 @@ def submit_embedding(db: Database, model_id: int, dataset_id: int,
         raise InvalidInput(f"dataset {dataset_id}'s items {list(dataset.item_shape)} do not fit "
                            f"model {model_id}'s input shape "
                            f"{list(model.config['model']['input_shape'])}")
+    return dataset, model
+
+
+def submit_embedding(db: Database, model_id: int, dataset_id: int,
+                     importance_samples: int | None = 0, *, embedding_set_id: int | None = None,
+                     idempotency_key: str | None = None, max_attempts: int = 3,
+                     request_hash: str | None = None) -> tuple[Job, bool]:
+    """An embedding set (pending) and its job (queued) for a ready model over a dataset
+    whose items fit it, in one transaction; idempotency as in `submit_training`.
+
+    With `embedding_set_id` the dataset's items are appended to that ready set of the same
+    model instead (`append_part` checks it); `importance_samples` None means the set's K
+    (a new set: 0)."""
+    existing = _existing(db, idempotency_key, request_hash)
+    if existing is not None:
+        return existing, False
+    dataset, model = _embeddable(db, model_id, dataset_id, importance_samples)
 
     def write(s: Session) -> Job:
         _lock_dataset(s, dataset_id)  # a concurrent delete of the dataset waits, or went first

@@ -1,10 +1,5 @@
-"""SQLAlchemy 2 tables (DESIGN.md, "Data model"). Schema changes go through Alembic.
-
-Statuses are strings guarded by CHECK constraints rather than PostgreSQL enum types,
-so adding a status is a plain migration. Per-set HNSW indexes on `latents.mu` are not
-declared here: they are data (one partial expression index per embedding set, built
-by `store.latents.build_index`) and the migration environment ignores them.
-"""
+"""SQLAlchemy 2 tables, changed only through Alembic revisions; statuses are text under
+CHECK constraints, and the per-set HNSW indexes are data (`store.indexes`), not schema."""
 
 from __future__ import annotations
 
@@ -208,7 +203,7 @@ class EmbeddingSet(Base):
     stats: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     created_at: Mapped[dt.datetime] = _now()
     ready_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
-    # The index build (store.latents: index_owed, claim_index): owed since, task sent at,
+    # The index build (store.indexes: index_owed, claim_index): owed since, task sent at,
     # the process building it under a lease, builds started, and why it failed.
     index_requested_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     index_sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))

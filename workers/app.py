@@ -11,7 +11,7 @@ import os
 from celery import Celery
 from celery.signals import worker_init
 
-from store.jobs import QUEUES, TASKS
+from store.publishing import QUEUES, TASKS
 from store.settings import get_settings
 
 log = logging.getLogger(__name__)

@@ -26,30 +26,16 @@ from models.transforms import (
 )
 from models.vae import VAE, elbo_terms, log_px_importance
 from store.datasets import dataset_array, get_dataset
-from store.jobs import (
-    LeaseLost,
-    count_done,
-    finish,
-    get_job,
-    lease_guard,
-    mark_finishing,
-    publish_index,
-)
-from store.latents import (
-    analyze,
-    build_index,
-    claim_index,
-    get_set,
-    index_owed,
-    labelled_sample,
-    latent_writer,
-    mark_set,
-    part_at,
-    search_many,
-    set_statistics,
-)
+from store.db import analyze
+from store.embedding_sets import get_set, part_at
+from store.indexes import build_index, claim_index, index_owed, record_index_stats
+from store.jobs import LeaseLost, count_done, finish, get_job, lease_guard, mark_finishing
+from store.latent_rows import latent_writer
 from store.models import get_model
 from store.processes import host_identity
+from store.publishing import publish_index
+from store.retrieval import labelled_sample, set_statistics
+from store.search import search_many
 from workers.context import Context
 from workers.lease import IndexLease, Lease, owner_is_dead, start_attempt
 from workers.sender import FINISH_TASK, SHARD_TASK
@@ -276,7 +262,7 @@ def finish_set(ctx: Context, job_id: int, set_id: int, owner: str,
         raise RuntimeError(f"set {set_id} holds {stats['n_items']} rows, not {es.n_items}")
     # The set is ready and owed its index in one transaction; the task is sent after the
     # commit. A worker (or broker) that fails between the two leaves a set the
-    # maintenance pass finds owed and unsent, and sends for (store.latents.stuck_indexes).
+    # maintenance pass finds owed and unsent, and sends for (store.indexes.stuck_indexes).
     finish(ctx.db, job_id, owner, "succeeded",
            message=f"{stats['n_items']} items embedded; searchable now (exact search) while "
                    "the index is built",
@@ -336,7 +322,7 @@ def index_set(ctx: Context, set_id: int, owner: str) -> dict[str, Any]:
              "index": {"status": report.status, "build_seconds": report.build_seconds,
                        "ef_search": report.ef_search,
                        "calibration_recall": {str(k): v for k, v in report.recall.items()}}}
-    mark_set(ctx.db, set_id, stats=stats)
+    record_index_stats(ctx.db, set_id, stats)
     log.info("set indexed set_id=%d status=%s seconds=%.1f knn_label_accuracy=%s", set_id,
              report.status, report.build_seconds, accuracy)
     return {"outcome": report.status}

@@ -10,8 +10,8 @@ import uuid
 from typing import Any
 
 from store.db import Database
+from store.indexes import renew_index_lease
 from store.jobs import Claim, LeaseLost, claim, heartbeat
-from store.latents import renew_index_lease
 from store.processes import host_identity, identity_is_known, process_start
 
 log = logging.getLogger(__name__)

@@ -6,15 +6,9 @@ from __future__ import annotations
 import logging
 
 from store.db import Database
-from store.jobs import (
-    TaskSender,
-    maintenance_lock,
-    publish,
-    publish_index,
-    requeue_lost,
-    unpublished_jobs,
-)
-from store.latents import fail_index, release_index, stuck_indexes
+from store.indexes import fail_index, release_index, stuck_indexes
+from store.publishing import TaskSender, publish, publish_index
+from store.recovery import maintenance_lock, requeue_lost, unpublished_jobs
 from workers.lease import owner_is_dead
 
 log = logging.getLogger(__name__)

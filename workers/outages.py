@@ -15,7 +15,8 @@ from typing import Any, TypeVar
 from celery import Task
 
 from store.db import is_transient
-from store.jobs import LeaseLost, finish, get_job, publish, release
+from store.jobs import LeaseLost, finish, get_job, release
+from store.publishing import publish
 from workers.context import Context
 from workers.lease import Lease
 from workers.sender import RELEASE_TASK

@@ -7,7 +7,7 @@ from typing import Any, Protocol
 
 from celery import Celery, chord
 
-from store.jobs import TaskSender
+from store.publishing import TaskSender
 
 SHARD_TASK = "latentbank.embed_shard"
 FINISH_TASK = "latentbank.embed_finish"

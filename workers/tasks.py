@@ -9,8 +9,9 @@ from typing import Any
 from celery import Task
 
 from store.db import is_transient
-from store.jobs import INDEX_TASK, TASKS, LeaseLost, release
-from store.latents import fail_index
+from store.indexes import fail_index
+from store.jobs import LeaseLost, release
+from store.publishing import INDEX_TASK, TASKS
 from workers.app import MAINTENANCE_TASK, app
 from workers.context import context
 from workers.embedding import finish_set, index_set, run_shard, start_embedding

@@ -25,9 +25,9 @@ from service.api.inference import BatchPolicy, Inference, SessionCache
 from service.api.metrics import Metrics, RequestMetrics
 from service.api.routes import aliases, datasets, embeddings, jobs, keys, models, ops
 from store.broker import task_sender
-from store.datasets import sweep_leftovers
 from store.db import Database, statement_timeout
 from store.jobs import count_jobs
+from store.leftovers import sweep_leftovers
 from store.settings import Settings, get_settings, open_artifacts
 
 log = logging.getLogger("latentbank.api")
@@ -194,7 +194,7 @@ def _mount_ui(app: FastAPI) -> None:
 def _report_pgvector(db: Database) -> None:
     """Say at start what the database's pgvector allows (a database that is down now is
     reported when it answers: the version is read on first use)."""
-    from store.latents import ITERATIVE_SCANS
+    from store.search import ITERATIVE_SCANS
 
     try:
         version = db.pgvector()

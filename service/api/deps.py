@@ -24,7 +24,7 @@ from service.api.metrics import Metrics
 from store.artifacts import ArtifactStore
 from store.db import Database
 from store.errors import InvalidInput
-from store.jobs import TaskSender
+from store.publishing import TaskSender
 from store.settings import Settings
 
 log = logging.getLogger("latentbank.api")

@@ -29,7 +29,8 @@ from service.api.deps import Services
 from service.api.schemas import DatasetByReference
 from store.artifacts import upload_key
 from store.errors import DatasetError, InvalidInput, TooLarge
-from store.jobs import get_job, publish
+from store.jobs import get_job
+from store.publishing import publish
 from store.submit import submit_ingest
 from store.tables import Job
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 import sys
 
-from store.jobs import WORKER_QUEUES
+from store.publishing import WORKER_QUEUES
 
 
 def default_pool() -> str:

@@ -7,7 +7,7 @@ from importlib.metadata import version
 import typer
 
 from service.cli import aliases, datasets, demo, embeddings, jobs, keys, models
-from store.jobs import WORKER_QUEUES
+from store.publishing import WORKER_QUEUES
 
 app = typer.Typer(help="latentbank: train VAEs, store latents, serve ONNX decoders.",
                   no_args_is_help=True, add_completion=False)

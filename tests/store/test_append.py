@@ -6,24 +6,16 @@ import numpy as np
 import pytest
 
 from ingest.arrays import register_file
+from store.embedding_sets import get_set
 from store.errors import Conflict, InvalidInput
+from store.indexes import _set_index, build_index
 from store.jobs import claim, finish, get_job
-from store.latents import (
-    _set_index,
-    build_index,
-    count_latents,
-    create_embedding_set,
-    export_pages,
-    get_item,
-    get_set,
-    mark_set,
-    search,
-    set_parts,
-    write_latents,
-)
 from store.models import get_model
+from store.retrieval import export_pages, get_item
+from store.search import search
 from store.settings import open_artifacts
 from store.submit import submit_embedding
+from tests.store.sets import count_latents, ready_set, set_parts, write_latents
 from tests.support import store_untrained_model
 
 MODEL = {"input_shape": [4], "latent_dim": 2, "hidden": [8]}
@@ -43,12 +35,10 @@ def world(db, settings, tmp_path):
     (tmp_path / "m").mkdir()
     model_id = store_untrained_model(db, settings, str(tmp_path / "m"), MODEL)[0]
     base = get_model(db, model_id).dataset_id
-    es = create_embedding_set(db, model_id, base, 2, N0)
-    mark_set(db, es.id, status="writing")
     mu = np.random.default_rng(0).normal(size=(N0, 2)).astype(np.float32)
-    write_latents(db, es.id, 0, mu, mu, -np.ones(N0), -np.ones(N0), np.zeros(N0))
-    mark_set(db, es.id, status="ready")
-    return {"model": model_id, "set": es.id,
+    set_id = ready_set(db, model_id, base, lambda set_id: write_latents(
+        db, set_id, 0, mu, mu, -np.ones(N0), -np.ones(N0), np.zeros(N0)))
+    return {"model": model_id, "set": set_id,
             "b": dataset_of(db, settings, tmp_path, "b", 30, "b"),
             "c": dataset_of(db, settings, tmp_path, "c", 20, "c")}
 

@@ -65,7 +65,7 @@ def test_leftovers_of_dead_processes_are_swept_and_live_ones_kept(tmp_path):
     import subprocess
     import sys
 
-    from store.datasets import sweep_leftovers
+    from store.leftovers import sweep_leftovers
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

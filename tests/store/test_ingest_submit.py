@@ -5,17 +5,8 @@ import numpy as np
 import pytest
 
 from store.errors import IdempotencyMismatch
-from store.jobs import (
-    QUEUES,
-    TASKS,
-    WORKER_QUEUES,
-    LeaseLost,
-    claim,
-    finish,
-    get_job,
-    ingest_progress,
-    request_cancel,
-)
+from store.jobs import LeaseLost, claim, finish, get_job, ingest_progress, request_cancel
+from store.publishing import QUEUES, TASKS, WORKER_QUEUES
 from store.submit import submit_ingest
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from sqlalchemy import text
 
+from store.embedding_sets import get_set
 from store.errors import Conflict
 from store.jobs import (
     LeaseLost,
@@ -19,16 +20,15 @@ from store.jobs import (
     get_job,
     heartbeat,
     list_jobs,
-    publish,
     record_epochs,
     release,
     request_cancel,
-    requeue_lost,
-    unpublished_jobs,
 )
-from store.latents import count_latents, get_set, write_latents
 from store.models import get_model
+from store.publishing import publish
+from store.recovery import requeue_lost, unpublished_jobs
 from store.submit import submit_embedding
+from tests.store.sets import count_latents, write_latents
 from tests.support import submit_train
 
 MODEL = {"latent_dim": 2, "hidden": [8]}
@@ -218,7 +218,7 @@ def test_a_sent_job_that_never_started_is_sent_again_with_a_growing_wait(db, dat
 
 
 def test_one_maintenance_pass_at_a_time(db):
-    from store.jobs import maintenance_lock
+    from store.recovery import maintenance_lock
 
     with maintenance_lock(db) as first, maintenance_lock(db) as second:
         assert (first, second) == (True, False)

@@ -8,22 +8,15 @@ import numpy as np
 import pytest
 
 from ingest.arrays import IngestOptions, register_file
+from store.embedding_sets import get_set
 from store.errors import Conflict, InvalidInput, NotFound
-from store.latents import (
-    SearchFilter,
-    build_index,
-    count_latents,
-    create_embedding_set,
-    export_pages,
-    get_item,
-    get_set,
-    mark_set,
-    outliers,
-    search,
-    write_latents,
-)
+from store.indexes import build_index
+from store.retrieval import export_pages, get_item, outliers
+from store.search import SearchFilter, search
 from store.settings import Settings
+from store.submit import submit_embedding
 from store.tables import Model
+from tests.store.sets import count_latents, end_set, ready_set, write_latents, writing_set
 
 N, DIM, SHARD = 100_000, 16, 25_000
 
@@ -53,7 +46,8 @@ def world(db, tmp_path_factory):
              keys=np.array([f"item-{i}" for i in range(N)]))
     ds = register_file(db, artifacts, settings, "latents-world", str(tmp / "d.npz")).dataset
     with db.session() as s:
-        model = Model(dataset_id=ds.id, config={}, status="ready")
+        model = Model(dataset_id=ds.id, status="ready",
+                      config={"model": {"input_shape": [1], "latent_dim": DIM}})
         s.add(model)
         s.flush()
         model_id = model.id
@@ -64,14 +58,13 @@ def world(db, tmp_path_factory):
     elbo = rng.normal(-100, 10, N)
     rec, kl = elbo - 5.0, np.full(N, 5.0)
     log_px = elbo + rng.random(N)
-    es = create_embedding_set(db, model_id, ds.id, DIM, N, importance_samples=100)
-    mark_set(db, es.id, status="writing")
+    set_id, job_id, owner = writing_set(db, model_id, ds.id, importance_samples=100)
     for a in range(0, N, SHARD):
         b = a + SHARD
-        write_latents(db, es.id, a, mu[a:b], logvar[a:b], elbo[a:b], rec[a:b], kl[a:b],
+        write_latents(db, set_id, a, mu[a:b], logvar[a:b], elbo[a:b], rec[a:b], kl[a:b],
                       log_px[a:b], chunk_rows=10_000)
-    mark_set(db, es.id, status="finishing")
-    return {"set_id": es.id, "settings": settings, "mu": mu, "logvar": logvar, "elbo": elbo,
+    end_set(db, set_id, job_id, owner, "finishing")
+    return {"set_id": set_id, "settings": settings, "mu": mu, "logvar": logvar, "elbo": elbo,
             "log_px": log_px, "labels": labels, "dataset_id": ds.id, "model_id": model_id}
 
 
@@ -126,14 +119,14 @@ def test_metadata_filter(db, tmp_path, settings, artifacts):
                        options=IngestOptions(feature_columns=["x"],
                                                 metadata_columns=["colour", "size"])).dataset
     with db.session() as s:
-        model = Model(dataset_id=ds.id, config={}, status="ready")
+        model = Model(dataset_id=ds.id, status="ready",
+                      config={"model": {"input_shape": [1], "latent_dim": 4}})
         s.add(model)
         s.flush()
     mu = np.random.default_rng(3).normal(size=(n, 4)).astype(np.float32)
-    es = create_embedding_set(db, model.id, ds.id, 4, n)
-    write_latents(db, es.id, 0, mu, mu, np.zeros(n), np.zeros(n), np.zeros(n))
-    mark_set(db, es.id, status="ready")
-    res = search(db, settings, es.id, vector=np.zeros(4), k=5,
+    set_id = ready_set(db, model.id, ds.id, lambda set_id: write_latents(
+        db, set_id, 0, mu, mu, np.zeros(n), np.zeros(n), np.zeros(n)))
+    res = search(db, settings, set_id, vector=np.zeros(4), k=5,
                  flt=SearchFilter(metadata={"colour": "red", "size": 2}))
     mask = (np.arange(n) % 2 == 0) & (np.arange(n) % 5 == 2)
     assert [h.index for h in res.hits] == brute_force(mu, np.zeros(4), 5, mask)[0]
@@ -200,7 +193,7 @@ def indexed(db, world, ef_search=200):
     """The world's set with its HNSW index in use at `ef_search`: calibration on 2 shared
     cores may find exact search as fast for 100k rows of dim 16 and keep none, or settle
     on any candidate; these tests need the index plan at a known ef_search."""
-    from store.latents import _set_index
+    from store.indexes import _set_index
 
     settings, set_id = world["settings"], world["set_id"]
     if get_set(db, set_id).index_status != "ready":
@@ -241,11 +234,11 @@ def test_filtered_search_through_the_index_is_never_short(db, world):
             # queries and a 0.9 floor still fail an index that loses its neighbours.
             assert found / total >= 0.9, (flt, found / total)
         # A label keeps a cluster far from most queries: the graph walk finds it late, so
-        # recall through the index is poor there (module docstring of store.latents).
+        # recall through the index is poor there (docs/internals/data-layer.md).
 
 
 def test_an_index_scan_that_gives_up_is_answered_exactly(db, world, monkeypatch):
-    import store.latents
+    import store.search
 
     settings, set_id = indexed(db, world)
     band = np.sort(world["elbo"])[[1000, 1004]]  # an ELBO band that 5 rows of 100k pass
@@ -259,7 +252,7 @@ def test_an_index_scan_that_gives_up_is_answered_exactly(db, world, monkeypatch)
     assert res.plan == "exact" and [h.index for h in res.hits] == want
     # Had it guessed that every row passes, the index scan runs, gives up short of k
     # (at most 300 tuples here), and the query is answered again, exactly.
-    monkeypatch.setattr(store.latents, "_matching_rows", lambda db, es, flt: es.n_items)
+    monkeypatch.setattr(store.search, "_matching_rows", lambda db, es, flt: es.n_items)
     stingy = settings.model_copy(update={"hnsw_max_scan_tuples": 300})
     res = search(db, stingy, set_id, vector=q, k=10, flt=flt)
     assert res.plan.startswith("exact (after hnsw-iterative"), res.plan
@@ -278,7 +271,7 @@ def test_before_pgvector_0_8_filtered_queries_run_exact(db, world, monkeypatch):
 
 
 def test_a_batch_of_queries_equals_one_search_each(db, world):
-    from store.latents import search_many
+    from store.search import search_many
 
     settings, set_id = world["settings"], world["set_id"]
     rng = np.random.default_rng(6)
@@ -300,7 +293,7 @@ def test_a_batch_of_queries_equals_one_search_each(db, world):
 
 
 def test_a_batch_names_its_missing_keys_and_bad_queries(db, world):
-    from store.latents import search_many
+    from store.search import search_many
 
     settings, set_id = world["settings"], world["set_id"]
     with pytest.raises(NotFound, match="'nope-1', 'nope-2'"):
@@ -354,6 +347,6 @@ def test_bad_queries_are_clear_errors(db, world):
     with pytest.raises(InvalidInput, match="logvar has 2 rows, mu has 3"):
         write_latents(db, set_id, 0, np.zeros((3, DIM)), np.zeros((2, DIM)), np.zeros(3),
                       np.zeros(3), np.zeros(3))
-    pending = create_embedding_set(db, world["model_id"], world["dataset_id"], DIM, 1)
+    pending, _ = submit_embedding(db, world["model_id"], world["dataset_id"])
     with pytest.raises(Conflict, match="is pending, not ready"):
-        search(db, settings, pending.id, vector=np.zeros(DIM))
+        search(db, settings, pending.embedding_set_id, vector=np.zeros(DIM))

@@ -10,22 +10,17 @@ import pytest
 from sqlalchemy import text
 
 from store.aliases import delete_alias, get_alias, list_aliases, resolve, set_alias
+from store.deletion import delete_set
 from store.errors import Conflict, InvalidInput, NotFound
-from store.latents import (
-    build_index,
-    count_latents,
-    create_embedding_set,
-    delete_set,
-    index_name,
-    mark_set,
-    write_latents,
-)
+from store.indexes import build_index, index_name
 from store.models import delete_model, get_model
 from store.settings import open_artifacts
 from store.tables import Job
+from tests.store.sets import count_latents, ready_set, write_latents
 from tests.support import store_untrained_model
 
 MODEL = {"input_shape": [4], "latent_dim": 2, "hidden": [8]}
+N_ITEMS = 64  # the items of store_untrained_model's dataset: a set holds them all
 
 
 @pytest.fixture
@@ -37,15 +32,16 @@ def two_models(db, settings, tmp_path):
     return ids
 
 
-def ready_set(db, model_id, n=200, dim=2):
+def a_ready_set(db, model_id):
     model = get_model(db, model_id)
-    es = create_embedding_set(db, model_id, model.dataset_id, dim, n)
-    mark_set(db, es.id, status="writing")
-    mu = np.random.default_rng(es.id).normal(size=(n, dim)).astype(np.float32)
-    zeros = np.zeros(n)
-    write_latents(db, es.id, 0, mu, mu, zeros, zeros, zeros)
-    mark_set(db, es.id, status="ready")
-    return es.id
+    n, dim = N_ITEMS, MODEL["latent_dim"]
+
+    def write(set_id):
+        mu = np.random.default_rng(set_id).normal(size=(n, dim)).astype(np.float32)
+        zeros = np.zeros(n)
+        write_latents(db, set_id, 0, mu, mu, zeros, zeros, zeros)
+
+    return ready_set(db, model_id, model.dataset_id, write)
 
 
 def indexes(db):
@@ -69,7 +65,7 @@ def test_an_alias_is_created_moved_and_resolved_with_its_history(db, two_models,
     assert name not in [v.name for v in list_aliases(db, "embedding_set")]
     with pytest.raises(NotFound, match="names model .* not an embedding set"):
         resolve(db, f"@{name}", "embedding_set")
-    set_id = ready_set(db, a)
+    set_id = a_ready_set(db, a)
     with pytest.raises(Conflict, match=f"alias '{name}' names model {b}"):
         set_alias(db, name, "embedding_set", set_id)
     delete_alias(db, name)
@@ -133,7 +129,7 @@ def test_concurrent_moves_leave_one_target_and_a_history_of_every_move(db, two_m
 def test_deleting_a_model_takes_its_rows_indexes_and_files(db, settings, two_models):
     a, _ = two_models
     small = settings.model_copy(update={"exact_search_below": 10})
-    set_id = ready_set(db, a)
+    set_id = a_ready_set(db, a)
     assert build_index(db, set_id, small).status == "ready"
     assert index_name(set_id) in indexes(db)
     artifacts = open_artifacts(settings)
@@ -150,7 +146,7 @@ def test_deleting_a_model_takes_its_rows_indexes_and_files(db, settings, two_mod
         job_id = job.id
     with pytest.raises(Conflict, match=f"queued or running job {job_id}"):
         delete_model(db, artifacts, a)
-    assert count_latents(db, set_id) == 200  # refused: nothing went
+    assert count_latents(db, set_id) == N_ITEMS  # refused: nothing went
     with db.engine.begin() as conn:
         conn.execute(text("UPDATE jobs SET status = 'cancelled' WHERE id = :j"), {"j": job_id})
 
@@ -170,7 +166,7 @@ def test_deleting_a_model_takes_its_rows_indexes_and_files(db, settings, two_mod
 def test_deleting_a_set_drops_its_index_and_keeps_the_model(db, settings, two_models):
     _, b = two_models
     small = settings.model_copy(update={"exact_search_below": 10})
-    set_id, other = ready_set(db, b), ready_set(db, b)
+    set_id, other = a_ready_set(db, b), a_ready_set(db, b)
     build_index(db, set_id, small)
     build_index(db, other, small)
     # a worker builds the index (a live lease): the delete waits for it
@@ -189,5 +185,5 @@ def test_deleting_a_set_drops_its_index_and_keeps_the_model(db, settings, two_mo
                           "- interval '1 second' WHERE id = :s"), {"s": set_id})
     delete_set(db, set_id)
     assert count_latents(db, set_id) == 0 and index_name(set_id) not in indexes(db)
-    assert count_latents(db, other) == 200 and index_name(other) in indexes(db)
+    assert count_latents(db, other) == N_ITEMS and index_name(other) in indexes(db)
     assert get_model(db, b).status == "ready"

@@ -11,7 +11,7 @@ from sqlalchemy import text
 
 from migrations import alembic_config, migrate
 from store.db import Database
-from store.sql import ensure_reader, reader_url, view_columns
+from store.sql import SCHEMA, ensure_reader, reader_url
 
 FIRST_RELEASE = {
     "datasets": [("dataset_id", "bigint"), ("name", "text"), ("item_shape", "_int4"),
@@ -63,6 +63,21 @@ def surface(new_database):
     db = Database(url)
     yield url, db
     db.dispose()
+
+
+def view_columns(db):
+    """Each view of the surface with its columns and their types, in order."""
+    with db.engine.connect() as conn:
+        rows = conn.execute(text(
+            "SELECT table_name, column_name, "
+            "CASE WHEN data_type = 'USER-DEFINED' THEN udt_name "
+            "WHEN data_type = 'ARRAY' THEN udt_name ELSE data_type END "
+            "FROM information_schema.columns WHERE table_schema = :s "
+            "ORDER BY table_name, ordinal_position"), {"s": SCHEMA}).all()
+    columns: dict[str, list[tuple[str, str]]] = {}
+    for table, column, kind in rows:
+        columns.setdefault(table, []).append((column, kind))
+    return columns
 
 
 def test_the_views_keep_their_columns(surface):

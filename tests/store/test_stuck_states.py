@@ -1,6 +1,6 @@
 """States the review found that nothing repaired, forced with real concurrent transactions
 on real PostgreSQL: a dataset deleted while a submission references it, and a stale
-finisher marking a set that a newer attempt is writing.
+finisher marking a set that a newer attempt is writing, and late index statistics.
 
 Each interleaving is forced, not hoped for: a transaction of the test holds a lock that
 one side must wait on, and the test waits until PostgreSQL reports the expected number
@@ -16,9 +16,9 @@ import pytest
 from sqlalchemy import func, select, text
 
 from store.datasets import delete_dataset, get_dataset
+from store.embedding_sets import get_set
 from store.errors import Conflict, NotFound
 from store.jobs import LeaseLost, claim, get_job, mark_finishing
-from store.latents import get_set
 from store.submit import submit_embedding, submit_training
 from store.tables import EmbeddingSet, Job, Model
 
@@ -236,3 +236,25 @@ def test_the_finishing_mark_waits_for_a_claim_in_flight_and_then_sees_it(db, wri
     with db.session() as s:
         assert s.get(EmbeddingSet, job.embedding_set_id).status == "finishing"
         assert s.get(Job, job.id).lease_owner == "new"
+
+
+def test_late_index_statistics_never_cover_a_rebuilt_index(db, ready_model, new_dataset):
+    """An index build's statistics land while the set is ready and its index has ended;
+    once the set is owed a new build (an append made it large enough), a late write of the
+    old build's statistics changes nothing."""
+    from store.indexes import index_owed, record_index_stats
+    from store.jobs import finish
+
+    dataset = new_dataset()
+    job, _ = submit_embedding(db, ready_model, dataset.id)
+    assert claim(db, job.id, "w", 60).outcome == "claimed"
+    finish(db, job.id, "w", "succeeded")
+    set_id = job.embedding_set_id
+    assert record_index_stats(db, set_id, {"knn_label_accuracy": 0.5})
+    assert get_set(db, set_id).stats == {"knn_label_accuracy": 0.5}
+    with db.session() as s:
+        s.execute(EmbeddingSet.__table__.update().where(EmbeddingSet.id == set_id)
+                  .values(**index_owed()))
+    assert not record_index_stats(db, set_id, {"knn_label_accuracy": 0.1})
+    assert get_set(db, set_id).stats == {"knn_label_accuracy": 0.5}
+    assert not record_index_stats(db, 999_999, {})  # a deleted set: nothing to write

@@ -15,20 +15,16 @@ import numpy as np
 import pytest
 from sqlalchemy import text
 
-import store.latents as latents
+import store.indexes as indexes
+from store.deletion import delete_set
+from store.embedding_sets import get_set
 from store.errors import Conflict
+from store.indexes import build_index, claim_index
 from store.jobs import claim, get_job
-from store.latents import (
-    build_index,
-    claim_index,
-    count_latents,
-    delete_set,
-    get_set,
-    write_latents,
-)
 from store.models import delete_model
 from store.submit import submit_embedding
 from store.tables import Model
+from tests.store.sets import count_latents, ready_set, write_latents
 from workers.maintenance import run_maintenance
 
 CONFIG = {"model": {"family": "mlp", "input_shape": [4], "latent_dim": 2, "hidden": [8]},
@@ -135,18 +131,18 @@ def dead_owner():
 def ready_building_set(db, model_id, n=N):
     """A ready set left at `index_status = 'building'` with nothing building it: what the
     first wave left when its worker died between the commit and the index task."""
-    from store.latents import create_embedding_set, mark_set
+    def write(set_id):
+        mu = np.random.default_rng(set_id).normal(size=(n, 2)).astype(np.float32)
+        zeros = np.zeros(n)
+        write_latents(db, set_id, 0, mu, mu, zeros, zeros, zeros)
 
-    es = create_embedding_set(db, model_id, get_model_dataset(db, model_id), 2, n)
-    mu = np.random.default_rng(es.id).normal(size=(n, 2)).astype(np.float32)
-    zeros = np.zeros(n)
-    write_latents(db, es.id, 0, mu, mu, zeros, zeros, zeros)
-    mark_set(db, es.id, status="ready", index_status="building")
+    set_id = ready_set(db, model_id, get_model_dataset(db, model_id), write, owed_index=True)
     with db.engine.begin() as conn:
         conn.execute(text("UPDATE embedding_sets SET ready_at = now() - interval '1 hour', "
-                          "created_at = now() - interval '1 hour' WHERE id = :s"),
-                     {"s": es.id})
-    return es.id
+                          "created_at = now() - interval '1 hour', "
+                          "index_requested_at = now() - interval '1 hour' WHERE id = :s"),
+                     {"s": set_id})
+    return set_id
 
 
 def test_a_broker_error_after_the_set_is_ready_leaves_it_owed_and_maintenance_sends_it(
@@ -202,14 +198,14 @@ def test_a_calibration_failure_marks_the_index_failed_with_its_reason(
         db, settings, model_id, monkeypatch):
     """CREATE INDEX succeeded, calibration raised: the index says `failed` and why,
     searches stay exact, and the set and its model can be deleted."""
-    from store.latents import search
+    from store.search import search
 
     set_id = ready_building_set(db, model_id)
 
     def broken(*args, **kwargs):
         raise RuntimeError("calibration blew up")
 
-    monkeypatch.setattr(latents, "_calibrate", broken)
+    monkeypatch.setattr(indexes, "_calibrate", broken)
     with pytest.raises(RuntimeError, match="calibration blew up"):
         build_index(db, set_id, settings)
     es = get_set(db, set_id)
@@ -345,7 +341,7 @@ def test_a_build_taken_over_mid_way_writes_neither_its_outcome_nor_its_stats(
     def taken_over_meanwhile(db_, set_id_, settings_, owner):
         assert claim_index(db, set_id, "b", 600, 3, owner_is_dead=lambda o: o == "a") \
             == "claimed"
-        latents._set_index(db, set_id, "failed", None, "b", error="b's reason")
+        indexes._set_index(db, set_id, "failed", None, "b", error="b's reason")
         return real(db_, set_id_, settings_, owner=owner)
 
     monkeypatch.setattr(embedding, "build_index", taken_over_meanwhile)

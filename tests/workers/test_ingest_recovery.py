@@ -13,7 +13,8 @@ import pytest
 from sqlalchemy import text
 
 from store.datasets import dataset_array, get_dataset, item_rows
-from store.jobs import get_job, publish, request_cancel
+from store.jobs import get_job, request_cancel
+from store.publishing import publish
 from store.submit import submit_ingest
 from tests.support import Worker, children_of, counts
 

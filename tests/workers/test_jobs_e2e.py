@@ -11,8 +11,11 @@ from sqlalchemy import text
 from models.config import TrainConfig, VAEConfig
 from models.data import load_digits_dataset
 from models.trainer import Trainer
-from store.jobs import get_job, publish, request_cancel
-from store.latents import export_pages, get_set, search
+from store.embedding_sets import get_set
+from store.jobs import get_job, request_cancel
+from store.publishing import publish
+from store.retrieval import export_pages
+from store.search import search
 from store.settings import Settings
 from store.submit import leaderboard, submit_embedding
 from store.tables import Model

@@ -13,10 +13,13 @@ from sqlalchemy.exc import OperationalError
 import workers.outages as outages
 import workers.training as training
 from ingest.arrays import register_file
-from store.jobs import INDEX_TASK, claim, get_job, maintenance_lock, request_cancel
-from store.latents import get_set, write_latents
+from store.embedding_sets import get_set
+from store.jobs import claim, get_job, request_cancel
+from store.publishing import INDEX_TASK
+from store.recovery import maintenance_lock
 from store.submit import submit_embedding, submit_training
 from store.tables import Model
+from tests.store.sets import write_latents
 from workers.context import Context
 from workers.embedding import finish_set, start_embedding
 from workers.maintenance import run_maintenance

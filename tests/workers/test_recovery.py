@@ -7,7 +7,8 @@ import re
 import signal
 import time
 
-from store.jobs import get_job, publish
+from store.jobs import get_job
+from store.publishing import publish
 from tests.support import Worker, children_of, submit_train
 
 MODEL = {"family": "mlp", "latent_dim": 4, "hidden": [64, 32], "likelihood": "bernoulli"}

@@ -41,19 +41,11 @@ from service.api.schemas import (
     SearchOut,
     SearchRequest,
 )
+from store.deletion import delete_set
+from store.embedding_sets import get_set, list_sets
 from store.errors import Conflict, InvalidInput, TooLarge, UnsupportedFormat
-from store.latents import (
-    SearchFilter,
-    delete_set,
-    export_pages,
-    get_item,
-    get_set,
-    list_sets,
-    outliers,
-    sample_items,
-    search,
-    search_many,
-)
+from store.retrieval import export_pages, get_item, outliers, sample_items
+from store.search import SearchFilter, search, search_many
 from store.settings import Settings
 from store.tables import SET_STATUSES, EmbeddingSet
 

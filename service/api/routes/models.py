@@ -66,7 +66,7 @@ from service.api.scoring import score as score_items
 from store import models as store_models
 from store.aliases import resolve
 from store.errors import Conflict, InvalidInput, TooLarge
-from store.latents import get_item
+from store.retrieval import get_item
 from store.tables import MODEL_STATUSES, Model, TrainingMetric
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -302,7 +302,7 @@ def _endpoints(svc: Services, model: Model, body: InterpolateRequest,
                            "'from_key' and 'to_key'")
     dim = model.config["model"]["latent_dim"]
     if by_key:
-        from store.latents import get_set
+        from store.embedding_sets import get_set
 
         es = get_set(svc.db, resolve(svc.db, body.embedding_id, "embedding_set"))  # type: ignore[arg-type]
         if es.model_id != model.id:
@@ -360,7 +360,7 @@ def _traversal(svc: Services, model: Model, body: TraverseRequest,
     check_answer(rows, item_values(model.config["model"]) + dim, limits.max_response_values,
                  "traverse")
     if body.key is not None:
-        from store.latents import get_set
+        from store.embedding_sets import get_set
 
         es = get_set(svc.db, resolve(svc.db, body.embedding_id, "embedding_set"))  # type: ignore[arg-type]
         if es.model_id != model.id:

@@ -17,8 +17,9 @@ from sqlalchemy import text
 
 from service.api.deps import load_npy
 from store.errors import InvalidInput, TooLarge
-from store.latents import create_embedding_set, mark_set, search_many, write_latents
+from store.search import search_many
 from store.settings import Settings
+from tests.store.sets import ready_set, write_latents
 from tests.support import Probe, Served, store_untrained_model
 
 MiB = 1 << 20
@@ -61,12 +62,10 @@ def targets(api_db, api_settings, tmp_path_factory):
         from store.tables import Model
 
         dataset_id = s.get(Model, small).dataset_id
-    es = create_embedding_set(api_db, small, dataset_id, SMALL["latent_dim"], n)
-    mark_set(api_db, es.id, status="writing")
     mu = np.random.default_rng(1).normal(size=(n, SMALL["latent_dim"])).astype(np.float32)
-    write_latents(api_db, es.id, 0, mu, mu, np.zeros(n), np.zeros(n), np.zeros(n))
-    mark_set(api_db, es.id, status="ready")
-    return {"small": small, "large": large, "items": big_items.id, "set": es.id,
+    set_id = ready_set(api_db, small, dataset_id, lambda set_id: write_latents(
+        api_db, set_id, 0, mu, mu, np.zeros(n), np.zeros(n), np.zeros(n)))
+    return {"small": small, "large": large, "items": big_items.id, "set": set_id,
             "dataset": dataset_id}
 
 

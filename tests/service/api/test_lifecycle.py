@@ -7,7 +7,7 @@ import httpx
 import numpy as np
 import pytest
 
-from store.latents import create_embedding_set, mark_set, write_latents
+from tests.store.sets import ready_set, write_latents
 from tests.support import store_untrained_model
 
 MODEL = {"input_shape": [1, 4, 4], "latent_dim": 3, "hidden": [8]}
@@ -22,17 +22,14 @@ def models(api_db, api_settings, tmp_path):
     return ids
 
 
-def a_set(db, model_id, n=50):
+def a_set(db, model_id, n=64):  # the items of store_untrained_model's dataset
     with db.session() as s:
         from store.tables import Model
 
         dataset_id = s.get(Model, model_id).dataset_id
-    es = create_embedding_set(db, model_id, dataset_id, 3, n)
-    mark_set(db, es.id, status="writing")
     mu = np.random.default_rng(1).normal(size=(n, 3)).astype(np.float32)
-    write_latents(db, es.id, 0, mu, mu, np.zeros(n), np.zeros(n), np.zeros(n))
-    mark_set(db, es.id, status="ready")
-    return es.id
+    return ready_set(db, model_id, dataset_id, lambda set_id: write_latents(
+        db, set_id, 0, mu, mu, np.zeros(n), np.zeros(n), np.zeros(n)))
 
 
 def decode(client, ref):

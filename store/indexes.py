@@ -1,0 +1,304 @@
+"""A set's HNSW index: built CONCURRENTLY after the bulk load, calibrated to the recall
+target, and owed, claimed under a lease and repaired as a task of its own."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Text, cast, func, literal, select, text, update
+from sqlalchemy.orm import Session
+
+from store.db import Database, analyze, binary_rows, is_transient
+from store.embedding_sets import get_set
+from store.jobs import OwnerCheck
+from store.search import nearest
+from store.settings import Settings
+from store.tables import EmbeddingSet
+
+log = logging.getLogger(__name__)
+
+OPCLASSES = {"l2": "vector_l2_ops", "cosine": "vector_cosine_ops"}
+EF_CANDIDATES = (40, 80, 160, 320, 640, 1000)
+
+
+def index_name(set_id: int) -> str:
+    return f"latents_mu_hnsw_{int(set_id)}"
+
+
+@dataclass
+class IndexReport:
+    status: str
+    build_seconds: float = 0.0
+    ef_search: int | None = None
+    recall: dict[int, float] = field(default_factory=dict)
+    hnsw_ms: dict[int, float] = field(default_factory=dict)
+    exact_ms: float | None = None
+    written: bool = True  # False: a build that lost its lease wrote no outcome
+
+
+def build_index(db: Database, set_id: int, settings: Settings, m: int = 16,
+                ef_construction: int = 64, calibration_queries: int = 40,
+                maintenance_work_mem: str = "1GB", owner: str | None = None) -> IndexReport:
+    """Build the set's HNSW index (CONCURRENTLY: reads and writes go on), then calibrate.
+
+    Calibration runs `calibration_queries` of the set's own vectors through exact and
+    HNSW search at increasing ef_search, and keeps the smallest ef_search whose mean
+    recall@10 reaches the target with a margin, if that is faster than exact search.
+
+    With `owner` (the holder of the build's lease, `claim_index`) the set is `building`
+    already and the outcome is written only while `owner` holds the build. A failure of
+    the build or of the calibration marks the index `failed` with its reason (searches
+    stay exact, the set can be deleted), unless it is the database going away: then the
+    caller retries, or the maintenance pass sends the build again.
+    """
+    es = get_set(db, set_id)
+    if es.n_items < settings.exact_search_below:
+        analyze(db, "latents")
+        return IndexReport("skipped", written=_set_index(db, set_id, "skipped", None, owner))
+    analyze(db, "latents")
+    if owner is None:
+        _set_index(db, set_id, "building", None)
+    name, opclass = index_name(set_id), OPCLASSES[es.index_metric]
+    started = time.perf_counter()
+    try:
+        with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text(f"SET maintenance_work_mem = '{maintenance_work_mem}'"))
+            conn.execute(text("SET max_parallel_maintenance_workers = 1"))
+            conn.execute(text(f"DROP INDEX CONCURRENTLY IF EXISTS {name}"))
+            conn.execute(text(
+                f"CREATE INDEX CONCURRENTLY {name} ON latents USING hnsw "
+                f"((mu::vector({int(es.dim)})) {opclass}) "
+                f"WITH (m = {int(m)}, ef_construction = {int(ef_construction)}) "
+                f"WHERE set_id = {int(set_id)}"))
+        report = IndexReport("ready", build_seconds=time.perf_counter() - started)
+        _calibrate(db, es, settings, calibration_queries, report)
+    except Exception as exc:
+        if not is_transient(exc):
+            _set_index(db, set_id, "failed", None, owner, error=f"{type(exc).__name__}: {exc}")
+        raise
+    report.written = _set_index(db, set_id, "ready", report.ef_search, owner)
+    log.info("index built set_id=%d seconds=%.1f ef_search=%s recall=%s", set_id,
+             report.build_seconds, report.ef_search, report.recall)
+    return report
+
+
+def drop_indexes(db: Database, set_ids: Sequence[int]) -> None:
+    """Drop the HNSW indexes of deleted sets (CONCURRENTLY: searches of other sets go on)."""
+    if not set_ids:
+        return
+    with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        for set_id in set_ids:
+            conn.execute(text(f"DROP INDEX CONCURRENTLY IF EXISTS {index_name(set_id)}"))
+
+
+def _set_index(db: Database, set_id: int, status: str, ef_search: int | None,
+               owner: str | None = None, error: str | None = None) -> bool:
+    """The set's index status (and calibrated ef_search); a build that ends (ready,
+    skipped, failed) gives its lease up, and a failed one records why (in `index_error`
+    and in its stats' `index`, which the API shows). With `owner`, only while that build
+    holds the lease. Returns whether the row changed."""
+    values: dict[str, Any] = {"index_status": status, "hnsw_ef_search": ef_search}
+    if status != "building":
+        values |= {"index_owner": None, "index_lease_expires_at": None, "index_error": error}
+    if status == "failed":
+        error = (error or "the index build failed")[:1000]
+        values |= {"index_error": error, "stats": func.coalesce(
+            EmbeddingSet.stats, text("'{}'::jsonb")).op("||")(func.jsonb_build_object(
+                "index", func.jsonb_build_object("status", text("'failed'"), "error",
+                                                 cast(literal(error), Text))))}
+    query = update(EmbeddingSet).where(EmbeddingSet.id == set_id)
+    if owner is not None:
+        query = query.where(EmbeddingSet.index_owner == owner)
+    with db.session() as s:
+        return s.execute(query.values(**values).returning(EmbeddingSet.id)).first() is not None
+
+
+def record_index_stats(db: Database, set_id: int, stats: dict[str, Any]) -> bool:
+    """Replace a ready set's `stats` with those of its ended index build (kNN label accuracy,
+    the build's figures), in one statement that refuses (False) once the set is gone or
+    its index is owed or being built again, so a late write never covers a newer build's."""
+    with db.session() as s:
+        return s.execute(update(EmbeddingSet).where(
+            EmbeddingSet.id == set_id, EmbeddingSet.status == "ready",
+            EmbeddingSet.index_status != "building").values(stats=stats)
+            .returning(EmbeddingSet.id)).first() is not None
+
+
+# -- the index build as a task: owed, sent, built under a lease, repaired ------------------
+
+def index_owed() -> dict[str, Any]:
+    """The set's columns that say it is owed an index build: given to the transaction
+    that marks the set ready (`store.jobs.finish`), so a worker that dies (or a broker
+    that fails) before the index task is sent leaves a set the maintenance pass finds
+    (`stuck_indexes`), not one `building` for good."""
+    return {"index_status": "building", "index_requested_at": text("now()"),
+            "index_sent_at": None, "index_owner": None, "index_lease_expires_at": None,
+            "index_attempts": 0, "index_error": None, "hnsw_ef_search": None}
+
+
+def claim_index(db: Database, set_id: int, owner: str, lease_seconds: float,
+                max_attempts: int, owner_is_dead: OwnerCheck | None = None) -> str:
+    """Take the lease of a set's owed index build for `owner`, atomically (the set row is
+    locked meanwhile). Returns `claimed`, or why not: `missing` (the set was deleted),
+    `not_owed` (not ready, or its index is not `building`), `busy` (another build holds
+    a live lease, and its owner is not known dead) or `exhausted` (`max_attempts` builds
+    started already: the index is marked failed). A claim by the owner that holds the
+    lease (a retry of the same task) renews it and counts no new attempt."""
+    with db.session() as s:
+        es = s.get(EmbeddingSet, set_id, with_for_update=True)
+        if es is None:
+            return "missing"
+        if es.status != "ready" or es.index_status != "building":
+            return "not_owed"
+        now = s.scalar(text("SELECT now()"))
+        live = es.index_lease_expires_at is not None and es.index_lease_expires_at > now
+        if es.index_owner not in (None, owner) and live and not (
+                owner_is_dead is not None and owner_is_dead(es.index_owner)):
+            return "busy"
+        if es.index_owner != owner:
+            if es.index_attempts >= max_attempts:
+                reason = _gave_up(es.index_attempts)
+                es.index_status, es.hnsw_ef_search, es.index_error = "failed", None, reason
+                es.index_owner = es.index_lease_expires_at = None
+                es.stats = {**(es.stats or {}), "index": {"status": "failed", "error": reason}}
+                return "exhausted"
+            es.index_attempts += 1
+        es.index_owner = owner
+        es.index_lease_expires_at = now + dt.timedelta(seconds=lease_seconds)
+        return "claimed"
+
+
+def _gave_up(attempts: int) -> str:
+    return (f"gave up after {attempts} attempt(s): the worker building the index stopped "
+            "without finishing (crash, kill, lost host or database)")
+
+
+def renew_index_lease(db: Database, set_id: int, owner: str, lease_seconds: float) -> bool:
+    """Extend a running build's lease; False when `owner` no longer holds it."""
+    with db.session() as s:
+        return s.execute(update(EmbeddingSet).where(
+            EmbeddingSet.id == set_id, EmbeddingSet.index_owner == owner,
+            EmbeddingSet.index_status == "building").values(
+            index_lease_expires_at=text(f"now() + interval '{float(lease_seconds)} seconds'"))
+            .returning(EmbeddingSet.id)).first() is not None
+
+
+def fail_index(db: Database, set_id: int, reason: str, owner: str | None) -> bool:
+    """Mark a set's index `failed` with `reason`, if it is still `building` under `owner`
+    (None: under no owner). Returns whether it did."""
+    with db.session() as s:
+        held = s.scalar(select(EmbeddingSet.id).where(
+            EmbeddingSet.id == set_id, EmbeddingSet.index_status == "building",
+            EmbeddingSet.index_owner.is_not_distinct_from(owner)).with_for_update())
+        if held is None:
+            return False
+    return _set_index(db, set_id, "failed", None, owner, error=reason)
+
+
+def release_index(db: Database, set_id: int, owner: str) -> bool:
+    """Take the lease from a build whose worker is gone: the index stays owed, its task
+    unsent (the next pass sends it again if this one cannot)."""
+    with db.session() as s:
+        return s.execute(update(EmbeddingSet).where(
+            EmbeddingSet.id == set_id, EmbeddingSet.index_owner == owner,
+            EmbeddingSet.index_status == "building").values(
+            index_owner=None, index_lease_expires_at=None, index_sent_at=None)
+            .returning(EmbeddingSet.id)).first() is not None
+
+
+def stuck_indexes(db: Database, owner_is_dead: OwnerCheck | None = None,
+                  grace_seconds: float = 10.0, republish_seconds: float | None = None,
+                  ) -> list[EmbeddingSet]:
+    """Ready sets whose index is `building` with no live build: never sent (the worker
+    that made the set ready died, or the broker failed, before the task was sent), sent
+    `republish_seconds` ago and never taken (the broker lost it), or taken by a build
+    whose lease ran out or whose owner `owner_is_dead` says is gone. A set owed its index
+    in the last `grace_seconds` is left to the worker that made it ready."""
+    with db.session() as s:
+        now = s.scalar(text("SELECT now()"))
+        rows = list(s.scalars(select(EmbeddingSet).where(
+            EmbeddingSet.status == "ready", EmbeddingSet.index_status == "building",
+            func.coalesce(EmbeddingSet.index_requested_at, EmbeddingSet.ready_at,
+                          EmbeddingSet.created_at)
+            < text(f"now() - interval '{float(grace_seconds)} seconds'"),
+        ).order_by(EmbeddingSet.id)))
+    stuck = []
+    for es in rows:
+        if es.index_owner is None:
+            sent = es.index_sent_at
+            if sent is None or (republish_seconds is not None
+                                and sent < now - dt.timedelta(seconds=republish_seconds)):
+                stuck.append(es)
+        elif (es.index_lease_expires_at is None or es.index_lease_expires_at < now
+              or (owner_is_dead is not None and owner_is_dead(es.index_owner))):
+            stuck.append(es)
+    return stuck
+
+
+def live_index_builds(s: Session, set_ids: Sequence[int]) -> list[int]:
+    """Those of the sets whose index a worker is building now (a live lease): a delete
+    waits for them. A set owed an index that no live build holds can go (its task, when
+    it comes, finds no set)."""
+    if not set_ids:
+        return []
+    return list(s.scalars(select(EmbeddingSet.id).where(
+        EmbeddingSet.id.in_(list(set_ids)), EmbeddingSet.index_status == "building",
+        EmbeddingSet.index_owner.is_not(None),
+        EmbeddingSet.index_lease_expires_at > func.now()).order_by(EmbeddingSet.id)))
+
+
+# -- calibration ---------------------------------------------------------------------------
+
+def calibration_queries(db: Database, es: EmbeddingSet, n: int) -> list[np.ndarray]:
+    """Queries that are not in the set, so recall is not flattered by exact matches:
+    half are stored vectors moved by noise of the set's per-dimension spread / 4, half
+    are drawn from a Gaussian fitted to the set (the hard case for HNSW)."""
+    rng = np.random.default_rng(es.id)
+    picks = np.sort(rng.choice(es.n_items, size=min(n, es.n_items), replace=False))
+    with db.engine.connect() as conn:
+        rows = binary_rows(conn, "SELECT mu FROM latents WHERE set_id = %(s)s AND "
+                           "item_index = ANY(%(i)s)", {"s": es.id, "i": [int(i) for i in picks]})
+        mean = binary_rows(conn, f"SELECT avg(mu::vector({int(es.dim)})) FROM latents "
+                           "WHERE set_id = %(s)s", {"s": es.id})[0][0]
+    sample = np.stack([r[0].to_numpy() for r in rows])
+    mean, spread = mean.to_numpy(), sample.std(axis=0) + 1e-6
+    half = len(sample) // 2
+    moved = sample[:half] + rng.normal(size=(half, es.dim)) * spread / 4
+    fitted = mean + rng.normal(size=(len(sample) - half, es.dim)) * spread
+    return list(np.concatenate([moved, fitted]).astype(np.float32))
+
+
+def _nearest_10(db: Database, es: EmbeddingSet, q: np.ndarray, ef: int | None) -> set[int]:
+    return {h.index for h in nearest(db, es, q[None], 10, es.index_metric, None, ef)[0]}
+
+
+def _calibrate(db: Database, es: EmbeddingSet, settings: Settings, n_queries: int,
+               report: IndexReport) -> None:
+    queries = calibration_queries(db, es, n_queries)
+    exact_times, truth = [], []
+    for q in queries:
+        t = time.perf_counter()
+        truth.append(_nearest_10(db, es, q, None))
+        exact_times.append(time.perf_counter() - t)
+    report.exact_ms = 1000 * float(np.median(exact_times))
+    margin_target = min(1.0, settings.recall_target + 0.02)
+    for ef in EF_CANDIDATES:
+        times, recalls = [], []
+        for q, want in zip(queries, truth, strict=True):
+            t = time.perf_counter()
+            got = _nearest_10(db, es, q, ef)
+            times.append(time.perf_counter() - t)
+            recalls.append(len(got & want) / max(1, len(want)))
+        half = len(recalls) // 2  # the target must hold for both kinds of query
+        recall = min(float(np.mean(recalls[:half])), float(np.mean(recalls[half:])))
+        report.recall[ef], report.hnsw_ms[ef] = recall, 1000 * float(np.median(times))
+        if recall >= margin_target:
+            if report.hnsw_ms[ef] < report.exact_ms:
+                report.ef_search = ef
+            return

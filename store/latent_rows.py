@@ -1,0 +1,77 @@
+"""Writing a set's latent rows: one shard per transaction, streamed through binary COPY, so
+a shard written twice leaves one row per item and a failed one leaves the previous state."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Connection, text
+
+from store.db import Database
+from store.embedding_sets import part_at
+from store.errors import InvalidInput
+from store.pgcopy import COPY_COLUMNS, PGCOPY_HEADER, PGCOPY_TRAILER, copy_rows
+
+
+def _check_chunk(mu: np.ndarray, arrays: dict[str, Any]) -> np.ndarray:
+    mu = np.asarray(mu, dtype=np.float32)
+    if mu.ndim != 2 or len(mu) == 0:
+        raise InvalidInput(f"mu must be a non-empty (n, dim) array; got shape {mu.shape}")
+    for name, values in arrays.items():
+        if values is not None and len(values) != len(mu):
+            raise InvalidInput(f"{name} has {len(values)} rows, mu has {len(mu)}")
+    for name, values in {"mu": mu, **arrays}.items():
+        if values is not None and not np.isfinite(values).all():
+            raise InvalidInput(f"{name} has non-finite values")
+    return mu
+
+
+@contextmanager
+def latent_writer(db: Database, set_id: int, first_index: int, n_rows: int,
+                  guard: Callable[[Connection], None] | None = None,
+                  ) -> Iterator[Callable[..., None]]:
+    """Stream one shard, items `first_index .. first_index + n_rows - 1`, into one COPY.
+
+    Idempotent per shard: in one transaction the shard's rows are deleted, then the
+    chunks given to `write(mu, logvar, elbo, reconstruction, kl, log_px=None,
+    log_px_se=None, ess=None)` are
+    COPYed as they come (the server parses them while the caller computes the next),
+    and the transaction commits only if exactly `n_rows` rows were written. Writing a
+    shard twice therefore leaves one row per item; a failure leaves the previous state.
+    `guard(conn)` runs first inside the transaction (a job's lease check).
+    """
+    written = 0
+    part = part_at(db, set_id, first_index)  # a shard never spans two parts
+    with db.engine.begin() as conn:
+        if guard is not None:
+            guard(conn)
+        conn.execute(text("DELETE FROM latents WHERE set_id = :s AND item_index >= :a "
+                          "AND item_index < :b"),
+                     {"s": set_id, "a": first_index, "b": first_index + n_rows})
+        cursor = conn.connection.driver_connection.cursor()
+        with cursor.copy(f"COPY latents ({COPY_COLUMNS}) FROM STDIN WITH (FORMAT BINARY)"
+                         ) as copy:
+            copy.write(PGCOPY_HEADER)
+
+            def write(mu: np.ndarray, logvar: np.ndarray, elbo: np.ndarray,
+                      reconstruction: np.ndarray, kl: np.ndarray,
+                      log_px: np.ndarray | None = None, log_px_se: np.ndarray | None = None,
+                      ess: np.ndarray | None = None) -> None:
+                nonlocal written
+                mu = _check_chunk(mu, {"logvar": logvar, "elbo": elbo,
+                                       "reconstruction": reconstruction, "kl": kl,
+                                       "log_px": log_px, "log_px_se": log_px_se, "ess": ess})
+                if written + len(mu) > n_rows:
+                    raise InvalidInput(f"shard of {n_rows} rows got {written + len(mu)}")
+                copy.write(copy_rows(set_id, first_index + written, mu,
+                                     np.asarray(logvar, np.float32), elbo, reconstruction, kl,
+                                     log_px, part, log_px_se, ess))
+                written += len(mu)
+
+            yield write
+            copy.write(PGCOPY_TRAILER)
+        if written != n_rows:
+            raise InvalidInput(f"shard of {n_rows} rows got only {written}")
