@@ -1,5 +1,6 @@
 """`Client` (blocking) and `AsyncClient` (asyncio): the same resources and plans, run by
 httpx.Client or httpx.AsyncClient."""
+# size: the blocking and the asyncio runner side by side, so that they change together
 
 from __future__ import annotations
 
