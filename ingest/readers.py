@@ -13,6 +13,7 @@ bounded by `max_upload_temp_bytes`.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import posixpath
 import tempfile
@@ -182,34 +183,24 @@ Planner = Callable[[Location, IngestOptions, Limits], Plan]
 Reader = Callable[[Plan, Unit, IngestOptions, Limits, Report], Iterator[Chunk]]
 
 
+# each image format's planner and reader, imported when first asked for (Pillow, pyarrow)
+_IMAGE_READERS = {"images": ("ingest.folders", "plan_folder", "read_folder"),
+                  "zip": ("ingest.folders", "plan_zip", "read_zip"),
+                  "tar": ("ingest.folders", "plan_tar", "read_tar"),
+                  "webdataset": ("ingest.webdataset", "plan_webdataset", "read_shard"),
+                  "image-parquet": ("ingest.imageparquet", "plan_image_parquet",
+                                    "read_image_parquet"),
+                  "idx": ("ingest.idx", "plan_idx", "read_idx")}
+
+
 def readers(fmt: str) -> tuple[Planner, Reader]:
     if fmt in ARRAY_FORMATS:
         return _plan_array, _read_array
-    if fmt == "images":
-        from ingest.folders import plan_folder, read_folder
-
-        return plan_folder, read_folder
-    if fmt == "zip":
-        from ingest.folders import plan_zip, read_zip
-
-        return plan_zip, read_zip
-    if fmt == "tar":
-        from ingest.folders import plan_tar, read_tar
-
-        return plan_tar, read_tar
-    if fmt == "webdataset":
-        from ingest.webdataset import plan_webdataset, read_shard
-
-        return plan_webdataset, read_shard
-    if fmt == "image-parquet":
-        from ingest.imageparquet import plan_image_parquet, read_image_parquet
-
-        return plan_image_parquet, read_image_parquet
-    if fmt == "idx":
-        from ingest.idx import plan_idx, read_idx
-
-        return plan_idx, read_idx
-    raise UnsupportedFormat(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if fmt not in _IMAGE_READERS:
+        raise UnsupportedFormat(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
+    module, plan, read = _IMAGE_READERS[fmt]
+    found = importlib.import_module(module)
+    return getattr(found, plan), getattr(found, read)
 
 
 def failure_summary(report: Report, limit: int = 5) -> str:
