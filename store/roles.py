@@ -59,54 +59,40 @@ def secure_roles(superuser_dsn: str, superuser: str, superuser_verifier: str,
 # its own (the schema of earlier releases, made by migrations run as `postgres`) passes to
 # that role. System schemas and pgvector's own objects (extension members) stay; a
 # column's sequence and a table's indexes follow their table.
-_GIVE_TO_APP_ROLE = """
-DO $$
-DECLARE
-    item record;
-BEGIN
+_NOT_SYSTEM = "n.nspname NOT LIKE 'pg\\_%' AND n.nspname <> 'information_schema'"
+
+
+def _hand_over(select: str, catalog: str, alias: str, deptypes: str, alter: str) -> str:
+    """One loop of the hand-over: each object `select` finds that is no extension's member
+    (nor, for `deptypes` a/i, a table's index or a column's sequence) gets `alter`."""
+    return f"""
     FOR item IN
-        SELECT n.nspname FROM pg_namespace n
-        WHERE n.nspowner = '{superuser}'::regrole
-          AND n.nspname NOT LIKE 'pg\\_%' AND n.nspname <> 'information_schema'
-          AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_namespace'::regclass
-                          AND d.objid = n.oid AND d.deptype = 'e')
+        {select}
+          AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = '{catalog}'::regclass
+                          AND d.objid = {alias}.oid AND d.deptype {deptypes})
     LOOP
-        EXECUTE format('ALTER SCHEMA %I OWNER TO {app_role}', item.nspname);
-    END LOOP;
-    FOR item IN
-        SELECT c.oid::regclass AS name, c.relkind FROM pg_class c
-        JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE c.relowner = '{superuser}'::regrole
-          AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
-          AND n.nspname NOT LIKE 'pg\\_%' AND n.nspname <> 'information_schema'
-          AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
-                          AND d.objid = c.oid AND d.deptype IN ('e', 'a', 'i'))
-    LOOP
-        EXECUTE format('ALTER %s %s OWNER TO {app_role}',
-                       CASE item.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW'
-                                         WHEN 'S' THEN 'SEQUENCE' WHEN 'f' THEN 'FOREIGN TABLE'
-                                         ELSE 'TABLE' END, item.name);
-    END LOOP;
-    FOR item IN
-        SELECT t.oid::regtype AS name, t.typtype FROM pg_type t
-        JOIN pg_namespace n ON n.oid = t.typnamespace
-        WHERE t.typowner = '{superuser}'::regrole AND t.typtype IN ('e', 'd', 'r')
-          AND n.nspname NOT LIKE 'pg\\_%' AND n.nspname <> 'information_schema'
-          AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_type'::regclass
-                          AND d.objid = t.oid AND d.deptype = 'e')
-    LOOP
-        EXECUTE format('ALTER %s %s OWNER TO {app_role}',
-                       CASE item.typtype WHEN 'd' THEN 'DOMAIN' ELSE 'TYPE' END, item.name);
-    END LOOP;
-    FOR item IN
-        SELECT p.oid::regprocedure AS name FROM pg_proc p
-        JOIN pg_namespace n ON n.oid = p.pronamespace
-        WHERE p.proowner = '{superuser}'::regrole
-          AND n.nspname NOT LIKE 'pg\\_%' AND n.nspname <> 'information_schema'
-          AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass
-                          AND d.objid = p.oid AND d.deptype = 'e')
-    LOOP
-        EXECUTE format('ALTER ROUTINE %s OWNER TO {app_role}', item.name);
-    END LOOP;
-END
-$$"""
+        EXECUTE {alter};
+    END LOOP;"""
+
+
+_GIVE_TO_APP_ROLE = "DO $$ DECLARE item record; BEGIN" + "".join([
+    _hand_over("SELECT n.nspname FROM pg_namespace n WHERE n.nspowner = '{superuser}'::regrole "
+               f"AND {_NOT_SYSTEM}", "pg_namespace", "n", "= 'e'",
+               "format('ALTER SCHEMA %I OWNER TO {app_role}', item.nspname)"),
+    _hand_over("SELECT c.oid::regclass AS name, c.relkind FROM pg_class c JOIN pg_namespace n "
+               "ON n.oid = c.relnamespace WHERE c.relowner = '{superuser}'::regrole AND "
+               f"c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S') AND {_NOT_SYSTEM}",
+               "pg_class", "c", "IN ('e', 'a', 'i')",
+               "format('ALTER %s %s OWNER TO {app_role}', CASE item.relkind "
+               "WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW' WHEN 'S' THEN 'SEQUENCE' "
+               "WHEN 'f' THEN 'FOREIGN TABLE' ELSE 'TABLE' END, item.name)"),
+    _hand_over("SELECT t.oid::regtype AS name, t.typtype FROM pg_type t JOIN pg_namespace n "
+               "ON n.oid = t.typnamespace WHERE t.typowner = '{superuser}'::regrole AND "
+               f"t.typtype IN ('e', 'd', 'r') AND {_NOT_SYSTEM}", "pg_type", "t", "= 'e'",
+               "format('ALTER %s %s OWNER TO {app_role}', CASE item.typtype "
+               "WHEN 'd' THEN 'DOMAIN' ELSE 'TYPE' END, item.name)"),
+    _hand_over("SELECT p.oid::regprocedure AS name FROM pg_proc p JOIN pg_namespace n "
+               "ON n.oid = p.pronamespace WHERE p.proowner = '{superuser}'::regrole AND "
+               f"{_NOT_SYSTEM}", "pg_proc", "p", "= 'e'",
+               "format('ALTER ROUTINE %s OWNER TO {app_role}', item.name)"),
+]) + "\nEND $$"
