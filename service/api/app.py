@@ -18,13 +18,13 @@ from fastapi.staticfiles import StaticFiles
 
 from service.api import errors
 from service.api.auth import Authenticate
+from service.api.broker import task_sender
 from service.api.deps import Services
 from service.api.errors import BodyTooLarge
 from service.api.fastpath import FastDecode
 from service.api.inference import BatchPolicy, Inference, SessionCache
 from service.api.metrics import Metrics, RequestMetrics
 from service.api.routes import aliases, datasets, embeddings, jobs, keys, models, ops
-from store.broker import task_sender
 from store.datasets import sweep_leftovers
 from store.db import Database, statement_timeout
 from store.jobs import count_jobs

@@ -10,9 +10,9 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from service.api.broker import broker_ping
 from service.api.deps import in_thread, services
 from service.api.schemas import ErrorBody, Health
-from store.broker import broker_ping
 from store.db import check_alive
 
 router = APIRouter(tags=["operations"])
