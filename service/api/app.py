@@ -130,11 +130,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.services = svc
     errors.install(app)
-
-    @app.exception_handler(BodyTooLarge)
-    async def _too_large(_: Any, exc: BodyTooLarge) -> Any:
-        return errors.error_response(413, "too_large", str(exc), {"Connection": "close"})
-
     for module in (ops, keys, datasets, jobs, models, embeddings, aliases):
         app.include_router(module.router)
     _mount_ui(app)

@@ -38,10 +38,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy.exc import TimeoutError as PoolTimeout
-
 from service.api.deps import Services, in_thread
-from store.db import is_transient
+from store.db import is_unavailable
 from store.keys import SCOPES, hash_key, implied_scopes, verify_hash, well_formed
 
 log = logging.getLogger("latentbank.api")
@@ -309,7 +307,7 @@ class Authenticate:
         try:
             known = await lookup(svc, digest)
         except Exception as exc:
-            if not (is_transient(exc) or isinstance(exc, PoolTimeout)):
+            if not is_unavailable(exc):
                 raise
             if guarded:
                 self.failures.give(address)
