@@ -24,7 +24,7 @@ from service.api.errors import BodyTooLarge
 from service.api.fastpath import FastDecode
 from service.api.inference import BatchPolicy, Inference, SessionCache
 from service.api.metrics import Metrics, RequestMetrics
-from service.api.routes import aliases, datasets, embeddings, jobs, keys, models, ops
+from service.api.routes import aliases, datasets, embeddings, jobs, keys, models, ops, serving
 from store.datasets import sweep_leftovers
 from store.db import Database, statement_timeout
 from store.jobs import count_jobs
@@ -130,7 +130,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.services = svc
     errors.install(app)
-    for module in (ops, keys, datasets, jobs, models, embeddings, aliases):
+    for module in (ops, keys, datasets, jobs, models, serving, embeddings, aliases):
         app.include_router(module.router)
     _mount_ui(app)
     _register_body_schemas(app)

@@ -196,9 +196,12 @@ def scope_table(routes: Sequence[Any]) -> list[tuple[frozenset[str], re.Pattern[
     else:
         flat = iter_route_contexts(routes)
     table = []
-    for route in flat:
-        for dependency in getattr(route, "dependencies", None) or ():
-            needed = getattr(dependency.dependency, "required_scope", None)
+    for route in flat:  # `require` in the route's dependencies, or as a parameter's
+        calls = [d.dependency for d in getattr(route, "dependencies", None) or ()]
+        calls += [d.call for d in getattr(getattr(route, "dependant", None), "dependencies",
+                                          ())]
+        for call in calls:
+            needed = getattr(call, "required_scope", None)
             if needed and needed != "read":
                 table.append((frozenset(route.methods or ()), route.path_regex, needed))
     return table
