@@ -210,12 +210,9 @@ def _register_body_schemas(app: FastAPI) -> None:
     references resolve for clients and generators."""
     from fastapi.openapi.utils import get_openapi
 
-    from service.api.schemas import (
-        DatasetByReference,
-        DecodeRequest,
-        EncodeRequest,
-        SearchRequest,
-    )
+    from service.api.schemas.datasets import DatasetByReference
+    from service.api.schemas.embeddings import SearchRequest
+    from service.api.schemas.serving import DecodeRequest, EncodeRequest
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -10,7 +10,7 @@ import numpy as np
 
 from service.api.arrays import as_vector, check_answer, item_values
 from service.api.deps import Services, in_thread
-from service.api.schemas import InterpolateRequest, TraverseRequest
+from service.api.schemas.serving import InterpolateRequest, TraverseRequest
 from service.api.scoring import Scores, threshold_at
 from store import models as store_models
 from store.aliases import resolve

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Path, Query, Response
 
 from service.api.deps import ReadKey, SvcDep, WriteKey
 from service.api.error_responses import ERRORS
-from service.api.schemas import AliasOut, AliasRequest
+from service.api.schemas.access import AliasOut, AliasRequest
 from store import aliases as store_aliases
 from store.errors import InvalidInput
 from store.tables import ALIAS_PATTERN

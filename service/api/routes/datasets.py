@@ -40,13 +40,13 @@ from service.api.registration import (
     stem,
     submit,
 )
-from service.api.schemas import (
+from service.api.schemas.datasets import (
     DatasetByReference,
     DatasetItemsOut,
     DatasetOut,
     IngestAccepted,
-    JobOut,
 )
+from service.api.schemas.jobs import JobOut
 from store.datasets import (
     dataset_array,
     delete_dataset,

@@ -19,7 +19,7 @@ from service.api.deps import ReadKey, Services, SetId, SvcDep, WriteKey, in_thre
 from service.api.error_responses import ERRORS
 from service.api.errors import describe_validation
 from service.api.images import image_body, image_input, is_image_request, read_upload
-from service.api.schemas import (
+from service.api.schemas.embeddings import (
     BatchAnswer,
     BatchSearchOut,
     BatchSearchRequest,

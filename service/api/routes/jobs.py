@@ -17,7 +17,7 @@ from models.transforms import range_problem
 from service.api.auth import key_alive
 from service.api.deps import Id, ReadKey, Services, SvcDep, WriteKey, in_thread
 from service.api.error_responses import ERRORS
-from service.api.schemas import (
+from service.api.schemas.jobs import (
     EmbeddingRequest,
     JobOut,
     SweepOut,

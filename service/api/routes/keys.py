@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from service.api.auth import forget_key
 from service.api.deps import AdminKey, Id, ReadKey, SvcDep
 from service.api.error_responses import ERRORS
-from service.api.schemas import CreatedKeyOut, KeyOut, KeyRequest, WhoAmIOut
+from service.api.schemas.access import CreatedKeyOut, KeyOut, KeyRequest, WhoAmIOut
 from store.errors import Conflict
 from store.keys import SCOPES, create_key, list_keys, revoke_key
 

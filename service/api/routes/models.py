@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query, Response
 
 from service.api.deps import ModelId, ReadKey, SvcDep, WriteKey, in_thread
 from service.api.error_responses import ERRORS
-from service.api.schemas import MetricRow, ModelOut
+from service.api.schemas.models import MetricRow, ModelOut
 from service.api.serving_policy import ready_model
 from store import models as store_models
 from store.errors import Conflict

@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.api.broker import broker_ping
 from service.api.deps import SvcDep, in_thread
-from service.api.schemas import ErrorBody, Health
+from service.api.schemas.common import ErrorBody, Health
 from store.db import check_alive
 
 router = APIRouter(tags=["operations"])

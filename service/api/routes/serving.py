@@ -43,7 +43,7 @@ from service.api.images import (
     read_upload,
     score_params,
 )
-from service.api.schemas import (
+from service.api.schemas.serving import (
     ArrayOut,
     DecodeRequest,
     EncodeOut,
