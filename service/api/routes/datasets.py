@@ -265,12 +265,12 @@ def dataset_items(_: ReadKey, svc: SvcDep, dataset_id: Id,
 def thumbnails(_: ReadKey, svc: SvcDep, dataset_id: Id, offset: int = Query(0, ge=0, le=2**62),
                n: int = Query(32, ge=1, le=MAX_ITEMS_PAGE),
                columns: int = Query(8, ge=1, le=64)) -> Response:
-    from service.api.plots import image_grid
-
     ds = get_dataset(svc.db, dataset_id)
     if not is_image_shape(ds.item_shape):  # before any item is read
         raise Conflict(f"items of shape {list(ds.item_shape)} are not images")
     ds, x = _items(svc, dataset_id, offset, n, "thumbnails")[:2]
+    from service.api.plots import image_grid  # after the bounds: matplotlib is slow to load
+
     if ds.dtype == "uint8":  # 8-bit images: drawn as they are, not stretched
         scaled = x
     else:

@@ -82,11 +82,11 @@ async def onnx_file(_: ReadKey, svc: SvcDep, model_id: ModelId,
             response_class=Response,
             summary="Training curves: ELBO, log p(x), reconstruction and KL per epoch")
 def curves_png(_: ReadKey, svc: SvcDep, model_id: ModelId) -> Response:
-    from service.api.plots import plot_training_curves
-
     rows = store_models.model_metrics(svc.db, model_id)
     if not rows:
         raise Conflict(f"model {model_id} has no metrics yet")
+    from service.api.plots import plot_training_curves  # matplotlib: only when it draws
+
     buffer = io.BytesIO()
     plot_training_curves([metric_dict(m) for m in rows], buffer)
     return Response(buffer.getvalue(), media_type=PNG)
