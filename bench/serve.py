@@ -147,7 +147,7 @@ def old_json_codec(batch: int, seconds: float) -> float:
     """Requests/s of the JSON codec alone as it was before orjson (server: pydantic parse
     of z, tolist + json.dumps of x; client: json.loads of x): the in-run baseline of the
     JSON goal."""
-    from service.api.schemas import DecodeRequest
+    from service.api.schemas.serving import DecodeRequest
 
     rng = np.random.default_rng(2)
     body = json.dumps({"z": rng.standard_normal((batch, 20)).astype(np.float32).tolist()})

@@ -12,12 +12,22 @@ from typing import Any, TypeVar
 
 import psycopg
 from pgvector.psycopg import register_vector
+from psycopg.errors import QueryCanceled
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
-from store.errors import DatabaseUnavailable, NotFound, PgvectorMissing
+from store.errors import (
+    DatabaseOutage,
+    DatabaseUnavailable,
+    InvalidInput,
+    NotFound,
+    PgvectorMissing,
+    StatementTimeout,
+    StoreError,
+)
 from store.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -246,6 +256,33 @@ def binary_rows(conn: Connection, sql: str, params: dict[str, Any]) -> list[tupl
     with conn.connection.driver_connection.cursor(binary=True) as cursor:
         cursor.execute(sql, params)
         return cursor.fetchall()
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """`is_transient`, or no connection of the pool came free within its timeout."""
+    return is_transient(exc) or isinstance(exc, PoolTimeout)
+
+
+# The driver's and the pool's errors that `store_error_of` gives a meaning to: a COPY's
+# cancellation comes from the driver's own cursor, the rest through SQLAlchemy.
+DRIVER_ERRORS: tuple[type[Exception], ...] = (QueryCanceled, DBAPIError, PoolTimeout)
+
+
+def store_error_of(exc: BaseException) -> StoreError | None:
+    """What a driver or pool error means to the service, as a store error whose cause is
+    `exc`; None for an error of the statement itself (a bug)."""
+    found: StoreError | None = None
+    if isinstance(exc, QueryCanceled | OperationalError | PoolTimeout):
+        found = (StatementTimeout("the statement ran past its statement_timeout")
+                 if is_statement_timeout(exc) else
+                 DatabaseOutage("the database is unavailable; try again shortly"))
+    elif isinstance(exc, DataError):  # a value the database refused: the request's fault
+        found = InvalidInput("a value in the request is out of range or malformed")
+    elif isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        found = DatabaseOutage("the database is unavailable; try again shortly")
+    if found is not None:
+        found.__cause__ = exc
+    return found
 
 
 def unbounded(session: Session) -> None:

@@ -63,3 +63,15 @@ class DatabaseUnavailable(StoreError):
 
 class PgvectorMissing(DatabaseUnavailable):
     code = "pgvector_missing"
+
+
+class DatabaseOutage(DatabaseUnavailable):
+    """The connection failed, was lost, or none came free in time: a retry may outlive it
+    (HTTP 503 with Retry-After)."""
+
+
+class StatementTimeout(DatabaseUnavailable):
+    """The server cancelled a statement that ran past LATENTBANK_DB_STATEMENT_TIMEOUT_MS
+    (HTTP 503 with Retry-After)."""
+
+    code = "statement_timeout"

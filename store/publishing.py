@@ -21,7 +21,7 @@ WORKER_QUEUES = ",".join(QUEUES.values())  # what a worker consumes by default
 
 
 class TaskSender(Protocol):
-    """What publishes a task: a Celery app (`store.broker.task_sender`, or the worker's)."""
+    """What publishes a task: a Celery app (`service.api.broker.task_sender`, or the worker's)."""
 
     def send_task(self, name: str, args: Any = ..., **options: Any) -> Any: ...
 

@@ -18,13 +18,13 @@ from fastapi.staticfiles import StaticFiles
 
 from service.api import errors
 from service.api.auth import Authenticate
+from service.api.broker import task_sender
 from service.api.deps import Services
 from service.api.errors import BodyTooLarge
 from service.api.fastpath import FastDecode
 from service.api.inference import BatchPolicy, Inference, SessionCache
 from service.api.metrics import Metrics, RequestMetrics
-from service.api.routes import aliases, datasets, embeddings, jobs, keys, models, ops
-from store.broker import task_sender
+from service.api.routes import aliases, datasets, embeddings, jobs, keys, models, ops, serving
 from store.db import Database, statement_timeout
 from store.jobs import count_jobs
 from store.leftovers import sweep_leftovers
@@ -130,12 +130,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.services = svc
     errors.install(app)
-
-    @app.exception_handler(BodyTooLarge)
-    async def _too_large(_: Any, exc: BodyTooLarge) -> Any:
-        return errors.error_response(413, "too_large", str(exc), {"Connection": "close"})
-
-    for module in (ops, keys, datasets, jobs, models, embeddings, aliases):
+    for module in (ops, keys, datasets, jobs, models, serving, embeddings, aliases):
         app.include_router(module.router)
     _mount_ui(app)
     _register_body_schemas(app)
@@ -215,12 +210,9 @@ def _register_body_schemas(app: FastAPI) -> None:
     references resolve for clients and generators."""
     from fastapi.openapi.utils import get_openapi
 
-    from service.api.schemas import (
-        DatasetByReference,
-        DecodeRequest,
-        EncodeRequest,
-        SearchRequest,
-    )
+    from service.api.schemas.datasets import DatasetByReference
+    from service.api.schemas.embeddings import SearchRequest
+    from service.api.schemas.serving import DecodeRequest, EncodeRequest
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

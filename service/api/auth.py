@@ -38,10 +38,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy.exc import TimeoutError as PoolTimeout
-
 from service.api.deps import Services, in_thread
-from store.db import is_transient
+from store.db import is_unavailable
 from store.keys import SCOPES, hash_key, implied_scopes, verify_hash, well_formed
 
 log = logging.getLogger("latentbank.api")
@@ -198,9 +196,12 @@ def scope_table(routes: Sequence[Any]) -> list[tuple[frozenset[str], re.Pattern[
     else:
         flat = iter_route_contexts(routes)
     table = []
-    for route in flat:
-        for dependency in getattr(route, "dependencies", None) or ():
-            needed = getattr(dependency.dependency, "required_scope", None)
+    for route in flat:  # `require` in the route's dependencies, or as a parameter's
+        calls = [d.dependency for d in getattr(route, "dependencies", None) or ()]
+        calls += [d.call for d in getattr(getattr(route, "dependant", None), "dependencies",
+                                          ())]
+        for call in calls:
+            needed = getattr(call, "required_scope", None)
             if needed and needed != "read":
                 table.append((frozenset(route.methods or ()), route.path_regex, needed))
     return table
@@ -309,7 +310,7 @@ class Authenticate:
         try:
             known = await lookup(svc, digest)
         except Exception as exc:
-            if not (is_transient(exc) or isinstance(exc, PoolTimeout)):
+            if not is_unavailable(exc):
                 raise
             if guarded:
                 self.failures.give(address)

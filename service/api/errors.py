@@ -13,17 +13,16 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from psycopg.errors import QueryCanceled
-from sqlalchemy.exc import DataError, DBAPIError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from store.db import is_statement_timeout
+from store.db import DRIVER_ERRORS, store_error_of
 from store.errors import (
     Conflict,
+    DatabaseOutage,
     DatabaseUnavailable,
     InvalidInput,
     NotFound,
+    StatementTimeout,
     StoreError,
     TooLarge,
     UnsupportedFormat,
@@ -100,17 +99,54 @@ def allowed_methods(request: Request) -> list[str]:
     return sorted(methods)
 
 
+RETRY = {"Retry-After": "5"}
+
+
+def store_answer(request: Request, exc: StoreError) -> JSONResponse:
+    """A store error's answer: its status, code and message; an outage or a statement
+    timeout says when to try again."""
+    if isinstance(exc, StatementTimeout):  # not an outage: this request's query ran too long
+        limit = request.app.state.services.settings.db_statement_timeout_ms
+        log.warning("statement timeout (%d ms) on %s %s", limit, request.method,
+                    request.url.path)
+        return error_response(503, exc.code,
+                              f"the database query took longer than {limit} ms and was "
+                              "cancelled (LATENTBANK_DB_STATEMENT_TIMEOUT_MS); ask for "
+                              "less, or try again when the server is less busy", RETRY)
+    if isinstance(exc, DatabaseOutage):
+        log.warning("database unavailable: %s", type(exc.__cause__ or exc).__name__)
+        return error_response(503, exc.code, str(exc), RETRY)
+    status = status_of(exc)
+    if status == 503:
+        log.warning("database unavailable: %s", exc)
+    return error_response(status, exc.code, str(exc))
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api(_: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc.status, exc.code, exc.message, exc.headers)
 
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(_: Request, exc: BodyTooLarge) -> JSONResponse:
+        return error_response(413, "too_large", str(exc), {"Connection": "close"})
+
     @app.exception_handler(StoreError)
-    async def _store(_: Request, exc: StoreError) -> JSONResponse:
-        status = status_of(exc)
-        if status == 503:
-            log.warning("database unavailable: %s", exc)
-        return error_response(status, exc.code, str(exc))
+    async def _store(request: Request, exc: StoreError) -> JSONResponse:
+        return store_answer(request, exc)
+
+    async def _driver(request: Request, exc: Exception) -> JSONResponse:
+        # the data layer says what a driver error means (store.db.store_error_of)
+        found = store_error_of(exc)
+        if found is None:
+            log.error("database error", exc_info=exc)
+            return error_response(500, "internal", "internal error; see the server log")
+        if isinstance(found, InvalidInput):
+            log.warning("database refused a value: %s", str(exc).splitlines()[0])
+        return store_answer(request, found)
+
+    for driver_error in DRIVER_ERRORS:
+        app.add_exception_handler(driver_error, _driver)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -126,41 +162,6 @@ def install(app: FastAPI) -> None:
             headers["Allow"] = ", ".join(allowed_methods(request))
         return error_response(exc.status_code, HTTP_CODES.get(exc.status_code, "error"),
                               message, headers or None)
-
-    @app.exception_handler(QueryCanceled)  # raised by the driver itself (COPY)
-    @app.exception_handler(OperationalError)
-    @app.exception_handler(PoolTimeout)
-    async def _database_down(request: Request, exc: Exception) -> JSONResponse:
-        if is_statement_timeout(exc):  # not an outage: this request's query ran too long
-            limit = request.app.state.services.settings.db_statement_timeout_ms
-            log.warning("statement timeout (%d ms) on %s %s", limit, request.method,
-                        request.url.path)
-            return error_response(503, "statement_timeout",
-                                  f"the database query took longer than {limit} ms and was "
-                                  "cancelled (LATENTBANK_DB_STATEMENT_TIMEOUT_MS); ask for "
-                                  "less, or try again when the server is less busy",
-                                  {"Retry-After": "5"})
-        log.warning("database unavailable: %s", type(exc).__name__)
-        return error_response(503, "database_unavailable",
-                              "the database is unavailable; try again shortly",
-                              {"Retry-After": "5"})
-
-    @app.exception_handler(DataError)
-    async def _data(_: Request, exc: DataError) -> JSONResponse:
-        # The database refused a value (out of range, malformed text): the request's fault,
-        # though validation should have caught it first.
-        log.warning("database refused a value: %s", str(exc.orig).splitlines()[0])
-        return error_response(422, "invalid_input",
-                              "a value in the request is out of range or malformed")
-
-    @app.exception_handler(DBAPIError)
-    async def _dbapi(_: Request, exc: DBAPIError) -> JSONResponse:
-        if exc.connection_invalidated:
-            return error_response(503, "database_unavailable",
-                                  "the database is unavailable; try again shortly",
-                                  {"Retry-After": "5"})
-        log.error("database error", exc_info=exc)
-        return error_response(500, "internal", "internal error; see the server log")
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -33,8 +33,9 @@ import numpy as np
 import orjson
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import NPY, Services, dumps_arrays, load_npy, npy_bytes, npy_header
-from service.api.inference import as_float_rows, check_answer, decoder_mean, item_values
+from service.api.arrays import as_float_rows, check_answer, decoder_mean, item_values
+from service.api.codecs import NPY, dumps_arrays, load_npy, npy_bytes, npy_header
+from service.api.deps import Services
 
 log = logging.getLogger("latentbank.api")
 

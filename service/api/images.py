@@ -28,7 +28,8 @@ from starlette.datastructures import UploadFile
 from ingest.images import ImageError, ImageSpec, decode_image
 from models.config import VAEConfig
 from models.transforms import model_input
-from service.api.deps import Services, in_thread, media_type, read_body
+from service.api.codecs import media_type, read_body
+from service.api.deps import Services, in_thread
 from service.api.errors import BodyTooLarge, describe_validation
 from store.datasets import get_dataset
 from store.errors import Conflict, InvalidInput, UnsupportedFormat

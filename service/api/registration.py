@@ -26,7 +26,7 @@ from starlette.datastructures import UploadFile
 from ingest.paths import resolve_location
 from ingest.requests import clean_options
 from service.api.deps import Services
-from service.api.schemas import DatasetByReference
+from service.api.schemas.datasets import DatasetByReference
 from store.artifacts import upload_key
 from store.errors import DatasetError, InvalidInput, TooLarge
 from store.jobs import get_job

@@ -451,12 +451,12 @@ class Stack:
                     lambda: child.reap(0.0))
 
     def _redis_part(self) -> Part:
+        from service.api.broker import broker_ping
         from service.cli.embedded import (
             EmbeddedError,
             start_embedded_redis,
             stop_embedded_redis,
         )
-        from store.broker import broker_ping
 
         def start() -> None:
             try:

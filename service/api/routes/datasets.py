@@ -25,18 +25,11 @@ from ingest.arrays import (
     register_file,
 )
 from models.transforms import item_values
-from service.api.deps import (
-    Id,
-    Services,
-    in_thread,
-    media_type,
-    parse_json,
-    read_body,
-    require,
-    services,
-)
+from service.api.arrays import check_answer, is_image_shape
+from service.api.codecs import media_type, parse_json, read_body
+from service.api.deps import Id, ReadKey, Services, SvcDep, WriteKey, in_thread
+from service.api.error_responses import ERRORS
 from service.api.errors import BodyTooLarge
-from service.api.inference import check_answer, is_image_shape
 from service.api.registration import (
     check_name,
     copy_upload,
@@ -47,14 +40,13 @@ from service.api.registration import (
     stem,
     submit,
 )
-from service.api.schemas import (
+from service.api.schemas.datasets import (
     DatasetByReference,
     DatasetItemsOut,
     DatasetOut,
-    ErrorBody,
     IngestAccepted,
-    JobOut,
 )
+from service.api.schemas.jobs import JobOut
 from store.datasets import (
     dataset_array,
     delete_dataset,
@@ -64,9 +56,7 @@ from store.datasets import (
 )
 from store.errors import Conflict, InvalidInput, UnsupportedFormat
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (401, 403, 404, 409, 413, 415, 422)}
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=ERRORS)
 
 UPLOAD_SCHEMA = {
     "type": "object",
@@ -186,18 +176,15 @@ def _ingest_reference(svc: Services, body: DatasetByReference, path: str,
 
 
 @router.post("", status_code=201, response_model=DatasetOut, openapi_extra=CREATE_BODY,
-             dependencies=[require("write")],
              responses={200: {"model": DatasetOut,
                               "description": "the same content is already registered"},
                         202: {"model": IngestAccepted,
                               "description": "an ingest job registers it (a `uri`, an "
-                                             "archive, a large upload): follow the job"},
-                        **ERRORS},
+                                             "archive, a large upload): follow the job"}},
              summary="Register a dataset: upload a file or archive, name a server-side "
                      "source, or a builtin")
-async def create_dataset(request: Request, response: Response,
+async def create_dataset(_: WriteKey, svc: SvcDep, request: Request, response: Response,
                          idempotency_key: str | None = IdempotencyKey) -> Any:
-    svc = services(request)
     kind = media_type(request)
     if kind == "multipart/form-data":
         try:
@@ -228,18 +215,15 @@ async def create_dataset(request: Request, response: Response,
     return DatasetOut.of(made).model_copy(update={"mode": "sync"})
 
 
-@router.get("", response_model=list[DatasetOut], dependencies=[require("read")],
-            responses=ERRORS)
-async def datasets(request: Request, limit: int = Query(100, ge=1, le=1000),
-                   offset: int = Query(0, ge=0, le=2**62)) -> list[DatasetOut]:
-    rows = await in_thread(list_datasets, services(request).db, limit, offset)
-    return [DatasetOut.of(d) for d in rows]
+@router.get("", response_model=list[DatasetOut])
+def datasets(_: ReadKey, svc: SvcDep, limit: int = Query(100, ge=1, le=1000),
+             offset: int = Query(0, ge=0, le=2**62)) -> list[DatasetOut]:
+    return [DatasetOut.of(d) for d in list_datasets(svc.db, limit, offset)]
 
 
-@router.get("/{dataset_id}", response_model=DatasetOut, dependencies=[require("read")],
-            responses=ERRORS)
-async def dataset(request: Request, dataset_id: Id) -> DatasetOut:
-    return DatasetOut.of(await in_thread(get_dataset, services(request).db, dataset_id))
+@router.get("/{dataset_id}", response_model=DatasetOut)
+def dataset(_: ReadKey, svc: SvcDep, dataset_id: Id) -> DatasetOut:
+    return DatasetOut.of(get_dataset(svc.db, dataset_id))
 
 
 MAX_ITEMS_PAGE = 256
@@ -262,55 +246,42 @@ def _items(svc: Services, dataset_id: int, offset: int, limit: int, what: str,
 
 
 @router.get("/{dataset_id}/items", response_model=DatasetItemsOut,
-            dependencies=[require("read")], responses=ERRORS,
             summary="A page of the dataset's items: keys, labels and values")
-async def dataset_items(request: Request, dataset_id: Id,
-                        offset: int = Query(0, ge=0, le=2**62),
-                        limit: int = Query(16, ge=1, le=MAX_ITEMS_PAGE)) -> Response:
-    ds, x, rows = await in_thread(_items, services(request), dataset_id, offset, limit,
-                                  "dataset items")
-
-    def encode() -> bytes:  # up to max_response_values numbers: off the event loop
-        return orjson.dumps({
-            "dataset_id": ds.id, "offset": offset, "n": len(x), "item_shape": ds.item_shape,
-            "keys": [r.key for r in rows], "labels": [r.label for r in rows],
-            "x": np.ascontiguousarray(x, dtype=np.float32)}, option=orjson.OPT_SERIALIZE_NUMPY)
-
-    return Response(await in_thread(encode), media_type="application/json")
+def dataset_items(_: ReadKey, svc: SvcDep, dataset_id: Id,
+                  offset: int = Query(0, ge=0, le=2**62),
+                  limit: int = Query(16, ge=1, le=MAX_ITEMS_PAGE)) -> Response:
+    ds, x, rows = _items(svc, dataset_id, offset, limit, "dataset items")
+    return Response(orjson.dumps({
+        "dataset_id": ds.id, "offset": offset, "n": len(x), "item_shape": ds.item_shape,
+        "keys": [r.key for r in rows], "labels": [r.label for r in rows],
+        "x": np.ascontiguousarray(x, dtype=np.float32)}, option=orjson.OPT_SERIALIZE_NUMPY),
+        media_type="application/json")
 
 
-@router.get("/{dataset_id}/thumbnails.png", dependencies=[require("read")],
-            responses={200: {"content": {"image/png": {}}}, **ERRORS},
+@router.get("/{dataset_id}/thumbnails.png", responses={200: {"content": {"image/png": {}}}},
             response_class=Response,
             summary="A grid of the dataset's items as images, grey or RGB (8-bit items as they "
                      "are, others scaled by the dataset's value range)")
-async def thumbnails(request: Request, dataset_id: Id, offset: int = Query(0, ge=0, le=2**62),
-                     n: int = Query(32, ge=1, le=MAX_ITEMS_PAGE),
-                     columns: int = Query(8, ge=1, le=64)) -> Response:
-    svc = services(request)
-    ds = await in_thread(get_dataset, svc.db, dataset_id)
+def thumbnails(_: ReadKey, svc: SvcDep, dataset_id: Id, offset: int = Query(0, ge=0, le=2**62),
+               n: int = Query(32, ge=1, le=MAX_ITEMS_PAGE),
+               columns: int = Query(8, ge=1, le=64)) -> Response:
+    ds = get_dataset(svc.db, dataset_id)
     if not is_image_shape(ds.item_shape):  # before any item is read
         raise Conflict(f"items of shape {list(ds.item_shape)} are not images")
-    ds, x, _ = await in_thread(_items, svc, dataset_id, offset, n, "thumbnails")
+    ds, x = _items(svc, dataset_id, offset, n, "thumbnails")[:2]
+    from service.api.plots import image_grid  # after the bounds: matplotlib is slow to load
 
-    def draw() -> bytes:
-        from service.api.plots import image_grid
-
-        if ds.dtype == "uint8":  # 8-bit images: drawn as they are, not stretched
-            scaled = x
-        else:
-            lo, hi = min(0.0, ds.min_value), ds.max_value
-            scaled = (x.astype(np.float32) - lo) / (hi - lo if hi > lo else 1.0)
-        buffer = io.BytesIO()
-        image_grid(scaled, columns=min(columns, len(scaled))).save(buffer, format="PNG")
-        return buffer.getvalue()
-
-    return Response(await in_thread(draw), media_type="image/png")
+    if ds.dtype == "uint8":  # 8-bit images: drawn as they are, not stretched
+        scaled = x
+    else:
+        lo, hi = min(0.0, ds.min_value), ds.max_value
+        scaled = (x.astype(np.float32) - lo) / (hi - lo if hi > lo else 1.0)
+    buffer = io.BytesIO()
+    image_grid(scaled, columns=min(columns, len(scaled))).save(buffer, format="PNG")
+    return Response(buffer.getvalue(), media_type="image/png")
 
 
-@router.delete("/{dataset_id}", status_code=204, dependencies=[require("write")],
-               responses=ERRORS, response_class=Response)
-async def remove_dataset(request: Request, dataset_id: Id) -> Response:
-    svc = services(request)
-    await in_thread(delete_dataset, svc.db, svc.artifacts, dataset_id)
+@router.delete("/{dataset_id}", status_code=204, response_class=Response)
+def remove_dataset(_: WriteKey, svc: SvcDep, dataset_id: Id) -> Response:
+    delete_dataset(svc.db, svc.artifacts, dataset_id)
     return Response(status_code=204)

@@ -13,21 +13,13 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
-from service.api.deps import (
-    Services,
-    SetId,
-    in_thread,
-    media_type,
-    parse_json,
-    read_body,
-    require,
-    services,
-)
+from service.api.arrays import model_view
+from service.api.codecs import media_type, parse_json, read_body
+from service.api.deps import ReadKey, Services, SetId, SvcDep, WriteKey, in_thread
+from service.api.error_responses import ERRORS
 from service.api.errors import describe_validation
-from service.api.images import image_body, is_image_request
-from service.api.inference import model_view
-from service.api.routes.datasets import ERRORS
-from service.api.schemas import (
+from service.api.images import image_body, image_input, is_image_request, read_upload
+from service.api.schemas.embeddings import (
     BatchAnswer,
     BatchSearchOut,
     BatchSearchRequest,
@@ -41,6 +33,7 @@ from service.api.schemas import (
     SearchOut,
     SearchRequest,
 )
+from service.api.serving_policy import ready_model
 from store.deletion import delete_set
 from store.embedding_sets import get_set, list_sets
 from store.errors import Conflict, InvalidInput, TooLarge, UnsupportedFormat
@@ -49,7 +42,7 @@ from store.search import SearchFilter, search, search_many
 from store.settings import Settings
 from store.tables import SET_STATUSES, EmbeddingSet
 
-router = APIRouter(prefix="/v1/embeddings", tags=["embeddings"])
+router = APIRouter(prefix="/v1/embeddings", tags=["embeddings"], responses=ERRORS)
 PAGE_ROWS = 5_000
 
 
@@ -66,39 +59,34 @@ def _readable(svc: Services, set_id: int) -> EmbeddingSet:
     return es
 
 
-@router.get("", response_model=list[EmbeddingSetOut], dependencies=[require("read")],
-            responses=ERRORS)
-async def embedding_sets(request: Request,
-                         model_id: int | None = Query(None, ge=1, le=2**63 - 1),
-                         status: Literal[SET_STATUSES] | None = None,
-                         limit: int = Query(100, ge=1, le=1000),
-                         offset: int = Query(0, ge=0, le=2**62)) -> list[EmbeddingSetOut]:
-    rows = await in_thread(list_sets, services(request).db, model_id=model_id, status=status,
-                           limit=limit, offset=offset)
+@router.get("", response_model=list[EmbeddingSetOut])
+def embedding_sets(_: ReadKey, svc: SvcDep,
+                   model_id: int | None = Query(None, ge=1, le=2**63 - 1),
+                   status: Literal[SET_STATUSES] | None = None,
+                   limit: int = Query(100, ge=1, le=1000),
+                   offset: int = Query(0, ge=0, le=2**62)) -> list[EmbeddingSetOut]:
+    rows = list_sets(svc.db, model_id=model_id, status=status, limit=limit, offset=offset)
     return [EmbeddingSetOut.of(e) for e in rows]
 
 
-@router.get("/{set_id}", response_model=EmbeddingSetOut, dependencies=[require("read")],
-            responses=ERRORS)
-async def embedding_set(request: Request, set_id: SetId) -> EmbeddingSetOut:
-    return EmbeddingSetOut.of(await in_thread(get_set, services(request).db, set_id))
+@router.get("/{set_id}", response_model=EmbeddingSetOut)
+def embedding_set(_: ReadKey, svc: SvcDep, set_id: SetId) -> EmbeddingSetOut:
+    return EmbeddingSetOut.of(get_set(svc.db, set_id))
 
 
-@router.delete("/{set_id}", status_code=204, dependencies=[require("write")],
-               responses=ERRORS, response_class=Response,
+@router.delete("/{set_id}", status_code=204, response_class=Response,
                summary="Delete an embedding set: its rows and its index; 409 while aliased, "
                        "used by a job, or building its index")
-async def remove_set(request: Request, set_id: SetId) -> Response:
-    await in_thread(delete_set, services(request).db, set_id)
+def remove_set(_: WriteKey, svc: SvcDep, set_id: SetId) -> Response:
+    delete_set(svc.db, set_id)
     return Response(status_code=204)
 
 
-@router.get("/{set_id}/items/{key:path}", response_model=ItemOut, dependencies=[require("read")],
-            responses=ERRORS, summary="One item's latent code and ELBO terms by its key")
-async def item(request: Request, set_id: SetId, key: str) -> ItemOut:
-    svc = services(request)
-    await in_thread(_readable, svc, set_id)
-    row = await in_thread(get_item, svc.db, set_id, key)
+@router.get("/{set_id}/items/{key:path}", response_model=ItemOut,
+            summary="One item's latent code and ELBO terms by its key")
+def item(_: ReadKey, svc: SvcDep, set_id: SetId, key: str) -> ItemOut:
+    _readable(svc, set_id)
+    row = get_item(svc.db, set_id, key)
     return ItemOut(**{**row, "mu": row["mu"].tolist(), "logvar": row["logvar"].tolist()})
 
 
@@ -153,9 +141,6 @@ async def _image_query(request: Request, svc: Services, set_id: int,
                        ) -> tuple[SearchRequest, np.ndarray]:
     """The search's parameters and its vector: the uploaded image through the set's
     model's encoder (posterior mean), transformed as the set's dataset's items were."""
-    from service.api.images import image_input, read_upload
-    from service.api.routes.models import ready_model
-
     upload = await read_upload(request, SEARCH_FIELDS)
     body = _search_params(upload.fields)
     _check_search(svc.settings, 1, body.k)
@@ -168,12 +153,10 @@ async def _image_query(request: Request, svc: Services, set_id: int,
     return body, np.asarray(out["mu"][0], dtype=np.float64)
 
 
-@router.post("/{set_id}/search", response_model=SearchOut, dependencies=[require("read")],
-             responses=ERRORS, openapi_extra=SEARCH_BODY,
+@router.post("/{set_id}/search", response_model=SearchOut, openapi_extra=SEARCH_BODY,
              summary="k nearest neighbours of a vector, a stored item or an uploaded image "
                      "(encoded by the set's model), with filters")
-async def search_set(request: Request, set_id: SetId) -> SearchOut:
-    svc = services(request)
+async def search_set(_: ReadKey, svc: SvcDep, request: Request, set_id: SetId) -> SearchOut:
     if is_image_request(request):
         body, vector = await _image_query(request, svc, set_id)
     else:
@@ -192,27 +175,21 @@ async def search_set(request: Request, set_id: SetId) -> SearchOut:
 
 
 @router.post("/{set_id}/search/batch", response_model=BatchSearchOut,
-             dependencies=[require("read")], responses=ERRORS,
              summary="k nearest neighbours of many vectors or stored items, one request")
-async def search_batch(request: Request, set_id: SetId, body: BatchSearchRequest,
-                       ) -> Response:
-    svc = services(request)
+def search_batch(_: ReadKey, svc: SvcDep, set_id: SetId, body: BatchSearchRequest) -> Response:
     _check_search(svc.settings, len(body.queries), body.k)
     queries: list[Any] = []
     for n, q in enumerate(body.queries):
         if (q.vector is None) == (q.key is None):
             raise InvalidInput(f"query {n}: give exactly one of 'vector' and 'key'")
         queries.append(q.key if q.key is not None else np.asarray(q.vector))
-
-    def answer() -> bytes:  # up to search_max_results hits: built off the event loop
-        results = search_many(svc.db, svc.settings, set_id, queries, k=body.k,
-                              metric=body.metric, flt=_filter(body.filter), exact=body.exact)
-        return BatchSearchOut(answers=[
-            BatchAnswer(results=[_hit(h) for h in r.hits], plan=r.plan,
-                        query=None if r.query is None else QueryItem(**r.query))
-            for r in results]).model_dump_json().encode()
-
-    return Response(await in_thread(answer), media_type="application/json")
+    results = search_many(svc.db, svc.settings, set_id, queries, k=body.k,
+                          metric=body.metric, flt=_filter(body.filter), exact=body.exact)
+    # up to search_max_results hits, serialized here (off the event loop)
+    return Response(BatchSearchOut(answers=[
+        BatchAnswer(results=[_hit(h) for h in r.hits], plan=r.plan,
+                    query=None if r.query is None else QueryItem(**r.query))
+        for r in results]).model_dump_json().encode(), media_type="application/json")
 
 
 def _filter(f: SearchFilterIn | None) -> SearchFilter | None:
@@ -223,13 +200,12 @@ def _filter(f: SearchFilterIn | None) -> SearchFilter | None:
                         log_px=tuple(f.log_px) if f.log_px else None)  # type: ignore[arg-type]
 
 
-@router.get("/{set_id}/outliers", response_model=OutliersOut, dependencies=[require("read")],
-            responses=ERRORS, summary="The items of lowest log p(x) (or ELBO without it)")
-async def outliers_of(request: Request, set_id: SetId,
-                      k: int = Query(10, ge=1, le=1000)) -> OutliersOut:
-    svc = services(request)
-    es = await in_thread(_readable, svc, set_id)
-    hits = await in_thread(outliers, svc.db, set_id, k)
+@router.get("/{set_id}/outliers", response_model=OutliersOut,
+            summary="The items of lowest log p(x) (or ELBO without it)")
+def outliers_of(_: ReadKey, svc: SvcDep, set_id: SetId,
+                k: int = Query(10, ge=1, le=1000)) -> OutliersOut:
+    es = _readable(svc, set_id)
+    hits = outliers(svc.db, set_id, k)
     return OutliersOut(results=[_hit(h, False) for h in hits],
                        ranked_by="log_px" if es.importance_samples > 0 else "elbo")
 
@@ -282,16 +258,15 @@ def _parquet(pages: Iterator[list[dict[str, Any]]], dim: int) -> Iterator[bytes]
     yield sink.take()
 
 
-@router.get("/{set_id}/export", dependencies=[require("read")], responses={
+@router.get("/{set_id}/export", responses={
     200: {"content": {"application/x-ndjson": {}, "application/vnd.apache.parquet": {}},
           "description": "every item: index, key, label, mu, logvar, elbo, reconstruction, "
-                         "kl, log_px, log_px_se, ess"}, **ERRORS},
+                         "kl, log_px, log_px_se, ess"}},
     response_class=StreamingResponse,
     summary="Stream the whole set as NDJSON or Parquet (bounded memory)")
-async def export(request: Request, set_id: SetId,
-                 format: Literal["ndjson", "parquet"] = Query("ndjson")) -> StreamingResponse:
-    svc = services(request)
-    es = await in_thread(_readable, svc, set_id)
+def export(_: ReadKey, svc: SvcDep, set_id: SetId,
+           format: Literal["ndjson", "parquet"] = Query("ndjson")) -> StreamingResponse:
+    es = _readable(svc, set_id)
     pages = export_pages(svc.db, set_id, PAGE_ROWS)
     if format == "parquet":
         return StreamingResponse(_parquet(pages, es.dim),
@@ -346,17 +321,13 @@ def _projection(svc: Services, set_id: int, n: int) -> dict[str, Any]:
 
 
 @router.get("/{set_id}/projection", response_model=ProjectionOut,
-            dependencies=[require("read")], responses=ERRORS,
             summary="2-D PCA of the posterior means of an even sample of the set's items")
-async def projection(request: Request, set_id: SetId,
-                     n: int = Query(2000, ge=1, le=MAX_PROJECTED)) -> dict[str, Any]:
-    return await in_thread(_projection, services(request), set_id, n)
+def projection(_: ReadKey, svc: SvcDep, set_id: SetId,
+               n: int = Query(2000, ge=1, le=MAX_PROJECTED)) -> dict[str, Any]:
+    return _projection(svc, set_id, n)
 
 
-@router.get("/{set_id}/plots/latent.png", dependencies=[require("read")],
-            responses={200: {"content": {"image/png": {}}}, **ERRORS}, response_class=Response,
-            summary="2-D PCA of the posterior means, coloured by label")
-async def latent_png(request: Request, set_id: SetId) -> Response:
-    svc = services(request)
-    es = await in_thread(_readable, svc, set_id)
-    return Response(await in_thread(_latent_png, svc, es), media_type="image/png")
+@router.get("/{set_id}/plots/latent.png", responses={200: {"content": {"image/png": {}}}},
+            response_class=Response, summary="2-D PCA of the posterior means, coloured by label")
+def latent_png(_: ReadKey, svc: SvcDep, set_id: SetId) -> Response:
+    return Response(_latent_png(svc, _readable(svc, set_id)), media_type="image/png")

@@ -15,9 +15,9 @@ from fastapi.responses import StreamingResponse
 from models.config import VAEConfig
 from models.transforms import range_problem
 from service.api.auth import key_alive
-from service.api.deps import Id, Services, in_thread, require, services
-from service.api.routes.datasets import ERRORS
-from service.api.schemas import (
+from service.api.deps import Id, ReadKey, Services, SvcDep, WriteKey, in_thread
+from service.api.error_responses import ERRORS
+from service.api.schemas.jobs import (
     EmbeddingRequest,
     JobOut,
     SweepOut,
@@ -34,7 +34,7 @@ from store.publishing import publish
 from store.submit import leaderboard, submit_embedding, submit_sweep, submit_training
 from store.tables import JOB_KINDS, JOB_STATUSES, Job
 
-router = APIRouter(tags=["jobs"])
+router = APIRouter(tags=["jobs"], responses=ERRORS)
 IdempotencyKey = Header(None, alias="Idempotency-Key", max_length=200,
                         pattern=r"^[!-~]([ -~]*[!-~])?$",
                         description="repeat a submission safely: the same key with the "
@@ -49,12 +49,12 @@ def _accepted(response: Response, job: Job, created: bool) -> JobOut:
     return JobOut.of(job)
 
 
-async def _publish(svc: Services, job: Job, created: bool) -> Job:
+def _publish(svc: Services, job: Job, created: bool) -> Job:
     if created:
         svc.metrics.submissions.labels(job.kind).inc()
     if job.published_at is None and job.status == "queued":
-        await in_thread(publish, svc.db, svc.sender, job)
-        return await in_thread(get_job, svc.db, job.id)
+        publish(svc.db, svc.sender, job)
+        return get_job(svc.db, job.id)
     return job
 
 
@@ -64,9 +64,10 @@ def _request_hash(request: Request, body: Any) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _once(svc: Services, request: Request, body: Any, key: str | None) -> dict[str, Any]:
-    """What makes a submission safe to repeat: its Idempotency-Key bound to the request,
-    and the attempt cap of its job."""
+def _idempotency_args(svc: Services, request: Request, body: Any, key: str | None,
+                      ) -> dict[str, Any]:
+    """The submission's arguments that make it safe to repeat: its Idempotency-Key bound to
+    the request, and the attempt cap of its job."""
     if key is not None and (not key.strip() or not key.isprintable()):
         raise InvalidInput("Idempotency-Key must be 1-200 printable characters")
     return {"idempotency_key": key, "request_hash": _request_hash(request, body),
@@ -74,61 +75,53 @@ def _once(svc: Services, request: Request, body: Any, key: str | None) -> dict[s
 
 
 @router.post("/v1/training-jobs", status_code=202, response_model=JobOut,
-             dependencies=[require("write")], responses=ERRORS,
              summary="Train a VAE on a dataset (202: queued; follow the Location)")
-async def create_training_job(request: Request, response: Response, body: TrainingRequest,
-                              idempotency_key: str | None = IdempotencyKey) -> JobOut:
-    svc = services(request)
-    dataset = await in_thread(get_dataset, svc.db, body.dataset_id)
-    config = await in_thread(training_config, dataset.item_shape, body.model, body.training,
+def create_training_job(_: WriteKey, svc: SvcDep, request: Request, response: Response,
+                        body: TrainingRequest,
+                        idempotency_key: str | None = IdempotencyKey) -> JobOut:
+    dataset = get_dataset(svc.db, body.dataset_id)
+    config = training_config(dataset.item_shape, body.model, body.training,
                              (dataset.min_value, dataset.max_value))
-    job, created = await in_thread(
-        submit_training, svc.db, body.dataset_id, config,
-        **_once(svc, request, body, idempotency_key))
-    return _accepted(response, await _publish(svc, job, created), created)
+    job, created = submit_training(svc.db, body.dataset_id, config,
+                                   **_idempotency_args(svc, request, body, idempotency_key))
+    return _accepted(response, _publish(svc, job, created), created)
 
 
 @router.post("/v1/sweeps", status_code=202, response_model=SweepOut,
-             dependencies=[require("write")], responses=ERRORS,
              summary="A grid of training jobs under one sweep id")
-async def create_sweep(request: Request, response: Response, body: SweepRequest,
-                       idempotency_key: str | None = IdempotencyKey) -> SweepOut:
-    svc = services(request)
-    dataset = await in_thread(get_dataset, svc.db, body.dataset_id)
-    configs = await in_thread(sweep_configs, dataset.item_shape, body.model, body.training,
-                              body.grid, (dataset.min_value, dataset.max_value),
-                              max_configs=svc.settings.sweep_max_configs,
-                              max_fields=svc.settings.sweep_max_fields)
-    sweep_id, jobs = await in_thread(
-        submit_sweep, svc.db, body.dataset_id, configs,
-        **_once(svc, request, body, idempotency_key))
-    published = [await _publish(svc, job, True) for job in jobs]
+def create_sweep(_: WriteKey, svc: SvcDep, request: Request, response: Response,
+                 body: SweepRequest, idempotency_key: str | None = IdempotencyKey) -> SweepOut:
+    dataset = get_dataset(svc.db, body.dataset_id)
+    configs = sweep_configs(dataset.item_shape, body.model, body.training, body.grid,
+                            (dataset.min_value, dataset.max_value),
+                            max_configs=svc.settings.sweep_max_configs,
+                            max_fields=svc.settings.sweep_max_fields)
+    sweep_id, jobs = submit_sweep(svc.db, body.dataset_id, configs,
+                                  **_idempotency_args(svc, request, body, idempotency_key))
+    published = [_publish(svc, job, True) for job in jobs]
     response.headers["Location"] = f"/v1/sweeps/{sweep_id}"
     return SweepOut(sweep_id=sweep_id, jobs=[JobOut.of(j) for j in published])
 
 
-@router.get("/v1/sweeps/{sweep_id}", dependencies=[require("read")], responses=ERRORS,
-            response_model=list[dict[str, Any]],
+@router.get("/v1/sweeps/{sweep_id}", response_model=list[dict[str, Any]],
             summary="The sweep's models ranked by held-out log p(x)")
-async def sweep(request: Request, sweep_id: str) -> list[dict[str, Any]]:
-    return await in_thread(leaderboard, services(request).db, sweep_id)
+def sweep(_: ReadKey, svc: SvcDep, sweep_id: str) -> list[dict[str, Any]]:
+    return leaderboard(svc.db, sweep_id)
 
 
 @router.post("/v1/embedding-jobs", status_code=202, response_model=JobOut,
-             dependencies=[require("write")], responses=ERRORS,
              summary="Embed a dataset with a ready model (202: queued)")
-async def create_embedding_job(request: Request, response: Response, body: EmbeddingRequest,
-                               idempotency_key: str | None = IdempotencyKey) -> JobOut:
-    svc = services(request)
-    model_id = await in_thread(resolve, svc.db, body.model_id, "model")
-    set_id = None if body.embedding_set_id is None else await in_thread(
-        resolve, svc.db, body.embedding_set_id, "embedding_set")
-    await in_thread(_embedding_values, svc, model_id, body.dataset_id)
-    job, created = await in_thread(
-        submit_embedding, svc.db, model_id, body.dataset_id, body.importance_samples,
-        embedding_set_id=set_id,
-        **_once(svc, request, body, idempotency_key))
-    return _accepted(response, await _publish(svc, job, created), created)
+def create_embedding_job(_: WriteKey, svc: SvcDep, request: Request, response: Response,
+                         body: EmbeddingRequest,
+                         idempotency_key: str | None = IdempotencyKey) -> JobOut:
+    model_id = resolve(svc.db, body.model_id, "model")
+    set_id = None if body.embedding_set_id is None else resolve(
+        svc.db, body.embedding_set_id, "embedding_set")
+    _embedding_values(svc, model_id, body.dataset_id)
+    job, created = submit_embedding(
+        svc.db, model_id, body.dataset_id, body.importance_samples, embedding_set_id=set_id,
+        **_idempotency_args(svc, request, body, idempotency_key))
+    return _accepted(response, _publish(svc, job, created), created)
 
 
 def _embedding_values(svc: Services, model_id: int, dataset_id: int) -> None:
@@ -145,32 +138,29 @@ def _embedding_values(svc: Services, model_id: int, dataset_id: int) -> None:
                            f"{problem}")
 
 
-@router.get("/v1/jobs", response_model=list[JobOut], dependencies=[require("read")],
-            responses=ERRORS, summary="Jobs, newest first")
-async def jobs(request: Request,
-               status: Literal[JOB_STATUSES] | None = None,
-               kind: Literal[JOB_KINDS] | None = None,
-               model_id: int | None = Query(None, ge=1, le=2**63 - 1),
-               sweep_id: str | None = Query(None, max_length=200),
-               limit: int = Query(100, ge=1, le=1000),
-               offset: int = Query(0, ge=0, le=2**62)) -> list[JobOut]:
-    rows = await in_thread(list_jobs, services(request).db, status=status, kind=kind,
-                           model_id=model_id, sweep_id=sweep_id, limit=limit, offset=offset)
+@router.get("/v1/jobs", response_model=list[JobOut], summary="Jobs, newest first")
+def jobs(_: ReadKey, svc: SvcDep,
+         status: Literal[JOB_STATUSES] | None = None,
+         kind: Literal[JOB_KINDS] | None = None,
+         model_id: int | None = Query(None, ge=1, le=2**63 - 1),
+         sweep_id: str | None = Query(None, max_length=200),
+         limit: int = Query(100, ge=1, le=1000),
+         offset: int = Query(0, ge=0, le=2**62)) -> list[JobOut]:
+    rows = list_jobs(svc.db, status=status, kind=kind, model_id=model_id, sweep_id=sweep_id,
+                     limit=limit, offset=offset)
     return [JobOut.of(j) for j in rows]
 
 
-@router.get("/v1/jobs/{job_id}", response_model=JobOut, dependencies=[require("read")],
-            responses=ERRORS)
-async def job(request: Request, job_id: Id) -> JobOut:
-    return JobOut.of(await in_thread(get_job, services(request).db, job_id))
+@router.get("/v1/jobs/{job_id}", response_model=JobOut)
+def job(_: ReadKey, svc: SvcDep, job_id: Id) -> JobOut:
+    return JobOut.of(get_job(svc.db, job_id))
 
 
 @router.post("/v1/jobs/{job_id}/cancel", response_model=JobOut,
-             dependencies=[require("write")], responses=ERRORS,
              summary="Cancel: a queued job never starts, a running one stops at its next "
                      "check (409 when it has already ended)")
-async def cancel_job(request: Request, job_id: Id) -> JobOut:
-    return JobOut.of(await in_thread(request_cancel, services(request).db, job_id))
+def cancel_job(_: WriteKey, svc: SvcDep, job_id: Id) -> JobOut:
+    return JobOut.of(request_cancel(svc.db, job_id))
 
 
 def _event(name: str, data: dict[str, Any], event_id: int) -> bytes:
@@ -204,14 +194,14 @@ async def _events(svc: Services, job_id: int, first: Job,
         job = await in_thread(get_job, svc.db, job_id)
 
 
-@router.get("/v1/jobs/{job_id}/events", dependencies=[require("read")],
+@router.get("/v1/jobs/{job_id}/events",
             responses={200: {"content": {"text/event-stream": {}},
                              "description": "`progress` events (the job as JSON), then "
-                                            "`end`"}, **ERRORS},
+                                            "`end`"}},
             response_class=StreamingResponse,
             summary="Server-sent progress events until the job ends")
-async def job_events(request: Request, job_id: Id) -> StreamingResponse:
-    svc = services(request)
+async def job_events(_: ReadKey, svc: SvcDep, request: Request, job_id: Id,
+                     ) -> StreamingResponse:
     first = await in_thread(get_job, svc.db, job_id)  # 404 before the stream starts
     digest = (request.scope.get("state") or {}).get("key_hash")
     return StreamingResponse(_events(svc, job_id, first, digest),

@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.api.deps import in_thread, services
-from service.api.schemas import ErrorBody, Health
-from store.broker import broker_ping
+from service.api.broker import broker_ping
+from service.api.deps import SvcDep, in_thread
+from service.api.schemas.common import ErrorBody, Health
 from store.db import check_alive
 
 router = APIRouter(tags=["operations"])
@@ -26,8 +26,8 @@ async def healthz() -> Health:
 
 @router.get("/readyz", response_model=Health, responses={503: {"model": Health}},
             summary="The database and the broker answer (each within 2 s)")
-async def readyz(request: Request) -> JSONResponse:
-    svc = services(request)
+async def readyz(svc: SvcDep) -> JSONResponse:
+    # async: both probes run side by side, each bounded by its own timeout
     limit = READY_TIMEOUT
 
     async def probe(fn: Any) -> str:
@@ -55,6 +55,5 @@ async def readyz(request: Request) -> JSONResponse:
             openapi_extra={"security": [{}, {"HTTPBearer": []}]},
             description="Open to clients on the loopback address; others need a read key "
                         "(the `metrics_access` setting: `loopback`, `key` or `open`).")
-async def metrics(request: Request) -> Response:  # the Authenticate layer checks access
-    data = await in_thread(services(request).metrics.render)
-    return Response(data, media_type=CONTENT_TYPE_LATEST)
+def metrics(svc: SvcDep) -> Response:  # the Authenticate layer checks access
+    return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)

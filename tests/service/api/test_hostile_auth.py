@@ -535,9 +535,11 @@ def test_every_route_that_requires_a_scope_is_one_the_layer_guards(api):
             return routes
 
     app = api.server.config.app
-    guarded = [(r.path, getattr(d.dependency, "required_scope", None))
+    # `require`, in the route's dependencies or as a parameter's (ReadKey, WriteKey, ...)
+    guarded = [(r.path, getattr(call, "required_scope", None))
                for r in iter_route_contexts(app.routes)
-               for d in (getattr(r, "dependencies", None) or ())]
+               for call in [d.dependency for d in (getattr(r, "dependencies", None) or ())]
+               + [d.call for d in getattr(getattr(r, "dependant", None), "dependencies", ())]]
     scoped = [(path, needed) for path, needed in guarded if needed]
     assert len(scoped) > 40 and all(path.startswith("/v1/") for path, _ in scoped), scoped
     table = scope_table(app.router.routes)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from sqlalchemy import text
 
-from service.api.deps import load_npy
+from service.api.codecs import load_npy
 from store.errors import InvalidInput, TooLarge
 from store.search import search_many
 from store.settings import Settings

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from service.api import fastpath
-from service.api.deps import _fast_npy, load_npy, npy_bytes
+from service.api.codecs import _fast_npy, load_npy, npy_bytes
 from service.api.inference import Batcher, BatchPolicy
 from tests.support import Served, store_untrained_model
 

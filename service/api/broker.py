@@ -1,7 +1,7 @@
-"""The broker seen from the data layer: a publisher of job tasks, and a liveness probe.
+"""The broker seen from the API and the CLI: a publisher of job tasks, and a liveness probe.
 
-The API and the maintenance pass publish through `store.jobs.publish`; neither imports the
-worker's task code (a task is named by its string, see `store.jobs.TASKS`).
+Tasks are published by name through `store.jobs.publish` (see `store.jobs.TASKS`), so
+neither imports the worker's task code.
 """
 
 from __future__ import annotations
