@@ -321,6 +321,18 @@ def test_items_and_thumbnails_of_8_bit_rgb_items(client, api_db, api_settings):
     np.testing.assert_array_equal(drawn, canvas.repeat(4, axis=0).repeat(4, axis=1))
 
 
+def settled(client, set_id, timeout=120):
+    """The set once its index build (sent after the job succeeded) has written its
+    statistics, or at once when no index is owed: after that nothing changes it by itself."""
+    deadline = time.monotonic() + timeout
+    while True:
+        es = client.get(f"/v1/embeddings/{set_id}").json()
+        if es["index_status"] in ("none", "failed") or "index" in (es["stats"] or {}):
+            return es
+        assert time.monotonic() < deadline, f"set {set_id}'s index did not settle: {es}"
+        time.sleep(0.2)
+
+
 def test_a_set_of_arrays_refuses_an_image_search_with_the_reason(client, world):
     model = world["arrays_model"]
     dataset_id = client.get(f"/v1/models/{model}").json()["dataset_id"]
@@ -330,7 +342,7 @@ def test_a_set_of_arrays_refuses_an_image_search_with_the_reason(client, world):
     job = wait_job(client, answer.json()["id"])
     assert job["status"] == "succeeded", job
     set_id = job["embedding_set_id"]
-    before = client.get(f"/v1/embeddings/{set_id}").json()
+    before = settled(client, set_id)
     answer = client.post(f"/v1/embeddings/{set_id}/search", data={"k": "3"},
                          files={"image": ("q.png", png(world["pixels"][0]), "image/png")})
     assert answer.status_code == 409, answer.text
