@@ -50,7 +50,7 @@ sys.path.insert(0, ROOT)
 
 from sqlalchemy import create_engine, text  # noqa: E402
 
-from service.cli.stack import stack_processes  # noqa: E402
+from service.cli.running import stack_processes  # noqa: E402
 from store.db import embedded_url  # noqa: E402
 
 LEASE = 6.0  # the stack's job lease: a SIGSTOP of twice this loses it

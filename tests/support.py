@@ -16,7 +16,8 @@ from sqlalchemy import create_engine
 
 from service.api.validation import sweep_configs, training_config
 from service.cli.commands import beat_argv, worker_argv
-from service.cli.stack import free_port, stack_processes
+from service.cli.ports import free_port
+from service.cli.running import stack_processes
 from store.submit import submit_sweep, submit_training
 
 
@@ -220,7 +221,7 @@ class Up:
         self.info = json.loads((data_dir / "stack.json").read_text())
 
     def processes(self):
-        """Every process of the stack (see `service.cli.stack.stack_processes`)."""
+        """Every process of the stack (see `service.cli.running.stack_processes`)."""
         return stack_processes(self.data_dir, self.proc.pid)
 
     def stop(self, sig=signal.SIGTERM, timeout=120):

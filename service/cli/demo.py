@@ -30,14 +30,8 @@ from rich.table import Table
 
 from service.cli.jobs import watch_job
 from service.cli.output import require_client
-from service.cli.stack import (
-    UNVERIFIABLE,
-    can_verify_stacks,
-    free_port,
-    port_free,
-    read_stack,
-    stack_file,
-)
+from service.cli.ports import free_port, port_free
+from service.cli.running import UNVERIFIABLE, can_verify_stacks, read_stack, stack_file
 from store.settings import get_settings
 
 if TYPE_CHECKING:

@@ -96,7 +96,7 @@ def status_command(
     import json
     import time
 
-    from service.cli.stack import UNVERIFIABLE, can_verify_stacks, read_stack
+    from service.cli.running import UNVERIFIABLE, can_verify_stacks, read_stack
     from store.settings import get_settings
 
     info = read_stack(get_settings().data_dir)
@@ -164,7 +164,7 @@ def upgrade_db_command() -> None:
     (PostgreSQL 16, pgvector 0.6.2) to PostgreSQL 18 with pgvector 0.8, with pg_upgrade.
     The original folder is kept beside it as `postgres.old`. Stop the stack first."""
     from service.cli.embedded import EmbeddedError, upgrade_embedded_postgres
-    from service.cli.stack import try_folder_lock
+    from service.cli.running import try_folder_lock
     from store.settings import get_settings
 
     settings = get_settings()

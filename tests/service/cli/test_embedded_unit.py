@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from service.cli import embedded
 from service.cli.main import app
-from service.cli.stack import free_port, run_up
+from service.cli.ports import free_port
+from service.cli.stack import run_up
 from store.settings import Settings, get_settings
 
 
