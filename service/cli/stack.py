@@ -134,11 +134,8 @@ class Stack:
                     lambda: child.reap(0.0))
 
     def _redis_part(self) -> Part:
-        from service.cli.embedded import (
-            EmbeddedError,
-            start_embedded_redis,
-            stop_embedded_redis,
-        )
+        from service.cli.embedded.errors import EmbeddedError
+        from service.cli.embedded.redis import start_embedded_redis, stop_embedded_redis
         from store.broker import broker_ping
 
         def start() -> None:
@@ -159,8 +156,8 @@ class Stack:
                     stop)
 
     def _postgres_part(self) -> Part:
-        from service.cli.embedded import (
-            EmbeddedError,
+        from service.cli.embedded.errors import EmbeddedError
+        from service.cli.embedded.postgres import (
             postmaster_pid,
             restart_embedded_postgres,
             start_embedded_postgres,
@@ -289,12 +286,12 @@ class Stack:
             if info.get("pid") == os.getpid():
                 stack_file(self.data_dir).unlink()
         if self._redis is not None:
-            from service.cli.embedded import stop_embedded_redis
+            from service.cli.embedded.redis import stop_embedded_redis
 
             stop_embedded_redis(self._redis)
             self._redis = None
         if self._pg is not None:
-            from service.cli.embedded import stop_embedded_postgres
+            from service.cli.embedded.postgres import stop_embedded_postgres
 
             stop_embedded_postgres(self._pg, self.settings.postgres_dir)
             self._pg = None
