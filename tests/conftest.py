@@ -40,12 +40,22 @@ def new_database(pg_server):
 
 
 @pytest.fixture(scope="session")
-def db_url(new_database):
+def migrated_database(new_database):
+    """A factory of fresh databases at the schema's head: the store's, the workers' and the
+    API's tests each have their own (datasets are deduplicated by content)."""
     from migrations import migrate
 
-    url = new_database("latentbank")
-    migrate(url)
-    return url
+    def make(prefix):
+        url = new_database(prefix)
+        migrate(url)
+        return url
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def db_url(migrated_database):
+    return migrated_database("latentbank")
 
 
 @pytest.fixture(scope="session")

@@ -11,12 +11,8 @@ MiB = 1 << 20
 
 
 @pytest.fixture(scope="session")
-def api_db_url(new_database):
-    from migrations import migrate
-
-    url = new_database("api")
-    migrate(url)
-    return url
+def api_db_url(migrated_database):
+    return migrated_database("api")
 
 
 @pytest.fixture(scope="session")

@@ -9,18 +9,14 @@ from tests.support import Beat, Worker
 
 
 @pytest.fixture(scope="session")
-def db_url(new_database):
+def db_url(migrated_database):
     """A database of their own: datasets are deduplicated by content, and the store tests
     registered the same digits into another artifact root."""
-    from migrations import migrate
-
-    url = new_database("workers")
-    migrate(url)
-    return url
+    return migrated_database("workers")
 
 
 @pytest.fixture(scope="session")
-def db(db_url):
+def db(db_url):  # tests/conftest.py's `db` would keep the first db_url it was given
     from store.db import Database
 
     database = Database(db_url)
