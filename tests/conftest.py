@@ -7,6 +7,25 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import lanes
+
+
+def pytest_collection_modifyitems(items):
+    """`stack` on every test that uses a whole-stack fixture (tests.support.lanes)."""
+    for item in items:
+        if lanes.uses_whole_stack(item):
+            item.add_marker(pytest.mark.stack)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    lanes.running(item)  # before its fixtures: a session fixture starts inside a test
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item):
+    lanes.running(None)
+
 
 @pytest.fixture(scope="session")
 def pg_server(tmp_path_factory):

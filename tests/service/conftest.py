@@ -5,7 +5,7 @@ import os
 import httpx
 import pytest
 
-from tests.support import Served, Worker, settings_of
+from tests.support import Served, Worker, settings_of, whole_stack
 
 MiB = 1 << 20
 
@@ -45,6 +45,7 @@ def api_db(api_db_url):
 
 
 @pytest.fixture(scope="session")
+@whole_stack
 def api(api_settings):
     from service.api.app import create_app
 
@@ -54,6 +55,7 @@ def api(api_settings):
 
 
 @pytest.fixture(scope="session")
+@whole_stack
 def api_worker(api_env, tmp_path_factory):
     worker = Worker({**os.environ, **api_env, "PYTHONUNBUFFERED": "1"},
                     tmp_path_factory.mktemp("api-worker"), "api")
@@ -83,6 +85,7 @@ def anonymous(api):
 
 
 @pytest.fixture(scope="session")
+@whole_stack
 def hostile_api(api_env, tmp_path_factory):
     """The API in a uvicorn process of its own on the same database and broker as `api`,
     with the production defaults for every bound (the hostile-input suite measures its

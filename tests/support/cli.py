@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from service.cli.running import stack_processes
+from tests.support.lanes import require_stack_lane
 
 
 def clean_env(data_dir, **extra):
@@ -36,6 +37,7 @@ class Up:
     """`latentbank up --port N` in the background, logging to a file."""
 
     def __init__(self, data_dir: Path, port: int, log: Path, **env: str) -> None:
+        require_stack_lane("`latentbank up`")
         self.data_dir, self.port, self.log = data_dir, port, log
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "up", "--port", str(port),

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from service.cli.commands import beat_argv, worker_argv
 from service.cli.ports import free_port
+from tests.support.lanes import require_stack_lane
 
 
 class Worker:
@@ -18,6 +19,7 @@ class Worker:
 
     def __init__(self, env: dict[str, str], log_dir: Path, name: str,
                  concurrency: int = 1) -> None:
+        require_stack_lane("a Celery worker")
         self.log = log_dir / f"{name}.log"
         self.proc = subprocess.Popen(
             worker_argv(concurrency=concurrency, pool="prefork", name=f"{name}@%h"),
@@ -63,6 +65,7 @@ class Beat:
     """`celery -A workers.app beat` (the maintenance schedule), logging to a file."""
 
     def __init__(self, env: dict[str, str], log_dir: Path, name: str = "beat") -> None:
+        require_stack_lane("Celery beat")
         self.log = log_dir / f"{name}.log"
         self.proc = subprocess.Popen(
             beat_argv(str(log_dir / f"{name}.schedule")),
@@ -96,6 +99,7 @@ class Served:
     """`uvicorn.Server` in a thread of the test process, on a free port."""
 
     def __init__(self, app):
+        require_stack_lane("uvicorn")
         import uvicorn
 
         self.port = free_port()
@@ -121,6 +125,7 @@ class ApiProcess:
     own to measure), on a free port, with `env` (LATENTBANK_* settings)."""
 
     def __init__(self, env: dict[str, str], log: Path) -> None:
+        require_stack_lane("uvicorn")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log

@@ -5,7 +5,7 @@ import os
 import pytest
 from celery import Celery
 
-from tests.support import Beat, Worker
+from tests.support import Beat, Worker, whole_stack
 
 
 @pytest.fixture(scope="session")
@@ -60,6 +60,7 @@ def worker_logs(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+@whole_stack
 def beat(worker_env, worker_logs):
     """The maintenance schedule, as in production: its own process."""
     process = Beat(worker_env, worker_logs)
@@ -68,6 +69,7 @@ def beat(worker_env, worker_logs):
 
 
 @pytest.fixture(scope="session")
+@whole_stack
 def start_worker(worker_env, worker_logs, beat):
     started = []
 
