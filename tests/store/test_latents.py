@@ -155,6 +155,7 @@ def test_shard_rewrite_is_idempotent(db, world):
     assert count_latents(db, set_id) == N
 
 
+@pytest.mark.slow
 def test_hnsw_recall_and_exact_search_during_the_build(db, world):
     settings, set_id = world["settings"], world["set_id"]
     rng = np.random.default_rng(4)
@@ -209,6 +210,7 @@ def indexed(db, world, ef_search=200):
     return settings, set_id
 
 
+@pytest.mark.slow
 def test_filtered_search_through_the_index_is_never_short(db, world):
     # The smallest ef_search calibration may choose: a filter that keeps 31 % of the rows
     # only holds the recall through the index because the scan widens ef_search by 1/share.

@@ -216,6 +216,7 @@ def test_a_batch_search_of_a_million_neighbours_is_refused(hostile_api, hostile,
     assert len(answers) == 1000 and all(len(a["results"]) == 10 for a in answers)
 
 
+@pytest.mark.slow
 def test_an_exact_scan_is_bounded_by_queries_times_items(api_db, api_settings, targets):
     settings = api_settings.model_copy(update={"search_max_exact_scan": 64 * 10})
     queries = [np.zeros(SMALL["latent_dim"])] * 10

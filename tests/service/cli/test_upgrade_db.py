@@ -10,6 +10,8 @@ from sqlalchemy import create_engine, text
 from store.db import sqlalchemy_url
 from tests.support import cli
 
+pytestmark = pytest.mark.slow  # pg_upgrade of a PostgreSQL 16 folder
+
 
 def fingerprint(folder):
     """Every file's path and content hash: 'untouched' means this is unchanged."""
