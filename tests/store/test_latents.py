@@ -246,6 +246,7 @@ def test_filtered_search_through_the_index_is_never_short(db, world):
         # recall through the index is poor there (module docstring of store.latents).
 
 
+@pytest.mark.slow  # builds the HNSW index (indexed)
 def test_an_index_scan_that_gives_up_is_answered_exactly(db, world, monkeypatch):
     import store.latents
 
@@ -268,6 +269,7 @@ def test_an_index_scan_that_gives_up_is_answered_exactly(db, world, monkeypatch)
     assert [h.index for h in res.hits] == want
 
 
+@pytest.mark.slow  # builds the HNSW index (indexed)
 def test_before_pgvector_0_8_filtered_queries_run_exact(db, world, monkeypatch):
     settings, set_id = indexed(db, world)
     monkeypatch.setattr(type(db), "pgvector", lambda self: (0, 6, 2))
