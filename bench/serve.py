@@ -31,7 +31,7 @@ sys.path.insert(0, ROOT)
 import httpx  # noqa: E402
 
 from migrations import migrate  # noqa: E402
-from service.cli.embedded import start_embedded_postgres  # noqa: E402
+from service.cli.embedded.postgres import start_embedded_postgres  # noqa: E402
 from store.db import Database  # noqa: E402
 from store.keys import create_key  # noqa: E402
 from store.settings import Settings  # noqa: E402
@@ -82,7 +82,7 @@ def echo_app() -> object:
 
 def echo_floor(tmp: str, body: str, answer_bytes: int, seconds: float) -> dict[str, float]:
     """The load client against `echo_app` answering `answer_bytes`."""
-    from service.cli.stack import free_port
+    from service.cli.ports import free_port
 
     port = free_port()
     proc = subprocess.Popen(
@@ -197,7 +197,7 @@ SERVERS = {"no batching": {"LATENTBANK_DECODE_BATCHING": "false"},
 def run(env: dict[str, str], tmp: str, model_id: int, decoder: str, key: str,
         seconds: float) -> None:
     from bench.goals import record
-    from service.cli.stack import free_port
+    from service.cli.ports import free_port
 
     ports = {name: free_port() for name in SERVERS}
     procs = [start_api({**env, **extra}, ports[name], Path(tmp, f"api-{i}.log"))

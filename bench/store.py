@@ -31,7 +31,7 @@ sys.path.insert(0, ROOT)
 
 from ingest.arrays import register_file  # noqa: E402
 from migrations import migrate  # noqa: E402
-from service.cli.embedded import start_embedded_postgres  # noqa: E402
+from service.cli.embedded.postgres import start_embedded_postgres  # noqa: E402
 from store.artifacts import ArtifactStore  # noqa: E402
 from store.db import Database  # noqa: E402
 from store.embedding_sets import get_set  # noqa: E402

@@ -7,11 +7,30 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import lanes
+
+
+def pytest_collection_modifyitems(items):
+    """`stack` on every test that uses a whole-stack fixture (tests.support.lanes)."""
+    for item in items:
+        if lanes.uses_whole_stack(item):
+            item.add_marker(pytest.mark.stack)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    lanes.running(item)  # before its fixtures: a session fixture starts inside a test
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item):
+    lanes.running(None)
+
 
 @pytest.fixture(scope="session")
 def pg_server(tmp_path_factory):
     """The superuser's URL (with its password): tests make a database per module."""
-    from service.cli.embedded import embedded_uri, start_embedded_postgres
+    from service.cli.embedded.postgres import embedded_uri, start_embedded_postgres
     from store.db import EMBEDDED_SUPERUSER
 
     folder = Path(tmp_path_factory.mktemp("pg")) / "data"
@@ -40,12 +59,22 @@ def new_database(pg_server):
 
 
 @pytest.fixture(scope="session")
-def db_url(new_database):
+def migrated_database(new_database):
+    """A factory of fresh databases at the schema's head: the store's, the workers' and the
+    API's tests each have their own (datasets are deduplicated by content)."""
     from migrations import migrate
 
-    url = new_database("latentbank")
-    migrate(url)
-    return url
+    def make(prefix):
+        url = new_database(prefix)
+        migrate(url)
+        return url
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def db_url(migrated_database):
+    return migrated_database("latentbank")
 
 
 @pytest.fixture(scope="session")
@@ -132,7 +161,7 @@ def _redis(index, tmp_path_factory):
         return
     except redis.exceptions.ConnectionError:
         pass
-    from service.cli.embedded import start_embedded_redis, stop_embedded_redis
+    from service.cli.embedded.redis import start_embedded_redis, stop_embedded_redis
 
     sock = Path(tmp_path_factory.mktemp("redis")) / "redis.sock"
     server = start_embedded_redis(sock)

@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -30,18 +30,12 @@ from rich.table import Table
 
 from service.cli.jobs import watch_job
 from service.cli.output import require_client
-from service.cli.stack import (
-    UNVERIFIABLE,
-    can_verify_stacks,
-    free_port,
-    port_free,
-    read_stack,
-    stack_file,
-)
+from service.cli.ports import free_port, port_free
+from service.cli.running import UNVERIFIABLE, can_verify_stacks, read_stack, stack_file
 from store.settings import get_settings
 
 if TYPE_CHECKING:
-    from latentbank_client import Client, EmbeddingSet
+    from latentbank_client import Client, Dataset, EmbeddingSet, Model
 
 console = Console(highlight=False)
 if not console.is_terminal:
@@ -123,6 +117,43 @@ def run(c: Client, out: Path, epochs: int, latent_dim: int, importance_samples: 
     def timed(name: str, started: float) -> None:
         timings[name] = time.perf_counter() - started
 
+    dataset, model, es = train_and_embed(c, epochs, latent_dim, importance_samples, timed)
+    show_neighbours(es)
+    rng = np.random.default_rng(0)
+    query_keys = [str(i) for i in rng.choice(es.n_items, size=min(queries, es.n_items),
+                                             replace=False)]
+    started = time.perf_counter()
+    accuracy, chance, batch_seconds = knn_accuracy(es, query_keys, k=10)
+    timed(f"kNN accuracy ({len(query_keys)} searches)", started)
+    files = write_files(model, es, out, timed)
+    s, st = model.summary, es.stats
+    summary = {
+        "dataset_id": dataset.id, "model_id": model.id, "embedding_set_id": es.id,
+        "heldout_items": s["heldout_n_items"], "heldout_elbo": s["heldout_elbo"],
+        "heldout_reconstruction": s["heldout_reconstruction"], "heldout_kl": s["heldout_kl"],
+        "heldout_log_px": s["heldout_log_px"], "heldout_log_px_se": s["heldout_log_px_se"],
+        "heldout_log_px_by_k": s["heldout_log_px_by_k"],
+        "heldout_bits_per_dim": s["heldout_bits_per_dim"],
+        "likelihood_kind": s["likelihood_kind"],
+        "collapse_warning": (s.get("collapse") or {}).get("warning"),
+        "heldout_importance_samples": s["heldout_importance_samples"],
+        "active_units": s["heldout_active_units"], "latent_dim": latent_dim,
+        "epochs_run": s["epochs_run"], "best_epoch": s["best_epoch"],
+        "all_items_mean_elbo": st["mean_elbo"], "all_items_mean_log_px": st["mean_log_px"],
+        "knn_k": 10, "knn_queries": query_keys, "knn_label_accuracy": accuracy,
+        "knn_majority_baseline": chance,
+        "search_batch_ms": 1000 * batch_seconds,
+        "timings_seconds": timings,
+        "files": {name: str(path.resolve()) for name, path in files.items()},
+    }
+    files["summary"].write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def train_and_embed(c: Client, epochs: int, latent_dim: int, importance_samples: int,
+                    timed: Callable[[str, float], None]) -> tuple[Dataset, Model, EmbeddingSet]:
+    """The digits registered, a VAE trained on them and every item embedded, each step
+    timed; (dataset, model, embedding set)."""
     started = time.perf_counter()
     dataset = c.datasets.add(builtin="digits", name="digits")
     timed("register digits", started)
@@ -151,8 +182,11 @@ def run(c: Client, out: Path, epochs: int, latent_dim: int, importance_samples: 
     if watch_job(c, job, False):
         raise SystemExit("embedding failed")
     timed("embed every item (K=100)", started)
-    es = c.embeddings.get(job.embedding_set_id)
+    return dataset, model, c.embeddings.get(job.embedding_set_id)
 
+
+def show_neighbours(es: EmbeddingSet) -> None:
+    """Item 0's nearest neighbours in latent space, as a table."""
     item = es.item("0")
     near = es.search(key="0", k=6)
     console.print(f"nearest neighbours of item 0 (label {item.label}) in latent space:")
@@ -163,13 +197,10 @@ def run(c: Client, out: Path, epochs: int, latent_dim: int, importance_samples: 
         t.add_row(h.key, h.label, f"{h.distance:.4f}", f"{h.elbo:.2f}", f"{h.log_px:.2f}")
     console.print(t)
 
-    rng = np.random.default_rng(0)
-    query_keys = [str(i) for i in rng.choice(es.n_items, size=min(queries, es.n_items),
-                                             replace=False)]
-    started = time.perf_counter()
-    accuracy, chance, batch_seconds = knn_accuracy(es, query_keys, k=10)
-    timed(f"kNN accuracy ({len(query_keys)} searches)", started)
 
+def write_files(model: Model, es: EmbeddingSet, out: Path,
+                timed: Callable[[str, float], None]) -> dict[str, Path]:
+    """The demo's results into `out` (the summary's path named, written by the caller)."""
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     samples = model.sample_png(64, seed=0)
@@ -186,29 +217,7 @@ def run(c: Client, out: Path, epochs: int, latent_dim: int, importance_samples: 
     es.export(files["latents of every item"], "parquet")
     for role in ("encoder", "decoder"):
         files[f"{role}.onnx"].write_bytes(model.onnx(role))
-
-    s, st = model.summary, es.stats
-    summary = {
-        "dataset_id": dataset.id, "model_id": model.id, "embedding_set_id": es.id,
-        "heldout_items": s["heldout_n_items"], "heldout_elbo": s["heldout_elbo"],
-        "heldout_reconstruction": s["heldout_reconstruction"], "heldout_kl": s["heldout_kl"],
-        "heldout_log_px": s["heldout_log_px"], "heldout_log_px_se": s["heldout_log_px_se"],
-        "heldout_log_px_by_k": s["heldout_log_px_by_k"],
-        "heldout_bits_per_dim": s["heldout_bits_per_dim"],
-        "likelihood_kind": s["likelihood_kind"],
-        "collapse_warning": (s.get("collapse") or {}).get("warning"),
-        "heldout_importance_samples": s["heldout_importance_samples"],
-        "active_units": s["heldout_active_units"], "latent_dim": latent_dim,
-        "epochs_run": s["epochs_run"], "best_epoch": s["best_epoch"],
-        "all_items_mean_elbo": st["mean_elbo"], "all_items_mean_log_px": st["mean_log_px"],
-        "knn_k": 10, "knn_queries": query_keys, "knn_label_accuracy": accuracy,
-        "knn_majority_baseline": chance,
-        "search_batch_ms": 1000 * batch_seconds,
-        "timings_seconds": timings,
-        "files": {name: str(path.resolve()) for name, path in files.items()},
-    }
-    files["summary"].write_text(json.dumps(summary, indent=2))
-    return summary
+    return files
 
 
 def report(summary: dict[str, Any]) -> None:

@@ -28,7 +28,8 @@ def show_version() -> None:
 def migrate_command(revision: str = typer.Argument("head", help="Alembic revision")) -> None:
     """Check the database (PostgreSQL with pgvector) and upgrade its schema."""
     from migrations import migrate
-    from service.cli.embedded import EmbeddedError, start_embedded_postgres
+    from service.cli.embedded.errors import EmbeddedError
+    from service.cli.embedded.postgres import start_embedded_postgres
     from store.db import redacted
     from store.errors import DatabaseUnavailable
     from store.settings import get_settings
@@ -96,7 +97,7 @@ def status_command(
     import json
     import time
 
-    from service.cli.stack import UNVERIFIABLE, can_verify_stacks, read_stack
+    from service.cli.running import UNVERIFIABLE, can_verify_stacks, read_stack
     from store.settings import get_settings
 
     info = read_stack(get_settings().data_dir)
@@ -163,8 +164,9 @@ def upgrade_db_command() -> None:
     """Upgrade the embedded database of LATENTBANK_DATA_DIR made by an earlier release
     (PostgreSQL 16, pgvector 0.6.2) to PostgreSQL 18 with pgvector 0.8, with pg_upgrade.
     The original folder is kept beside it as `postgres.old`. Stop the stack first."""
-    from service.cli.embedded import EmbeddedError, upgrade_embedded_postgres
-    from service.cli.stack import try_folder_lock
+    from service.cli.embedded.errors import EmbeddedError
+    from service.cli.embedded.upgrade import upgrade_embedded_postgres
+    from service.cli.running import try_folder_lock
     from store.settings import get_settings
 
     settings = get_settings()
@@ -197,7 +199,7 @@ def _reader_dsn(rotate: bool) -> str:
     external one as LATENTBANK_DATABASE_URL's role, which needs CREATEROLE (README)."""
     import secrets
 
-    from service.cli.embedded import running_embedded_url
+    from service.cli.embedded.postgres import running_embedded_url
     from store.db import EMBEDDED_SUPERUSER, Database
     from store.errors import DatabaseUnavailable
     from store.settings import get_settings

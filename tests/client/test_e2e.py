@@ -19,7 +19,7 @@ from latentbank_client import (
 
 from tests.support import Up, free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.stack]
 
 
 @pytest.fixture(scope="module")

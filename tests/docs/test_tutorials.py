@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 from markdown_it import MarkdownIt
 
-from tests.support import Up, clean_env, free_port
+from tests.support import Up, clean_env, free_port, whole_stack
 
 ROOT = Path(__file__).resolve().parents[2]
 TUTORIALS = sorted(p for p in (ROOT / "docs" / "tutorials").glob("*.md") if p.name != "index.md")
@@ -364,6 +364,7 @@ def test_the_tutorials_are_the_ones_in_the_nav():
 
 
 @pytest.fixture(scope="module")
+@whole_stack
 def stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("tutorial-stack")
     up = Up(root / "data", free_port(), root / "up.log")

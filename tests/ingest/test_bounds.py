@@ -381,6 +381,7 @@ def test_parquet_row_groups_count_every_column_read(tmp_path, monkeypatch):
     assert [u.size_bytes for u in plan.units] == [image]
 
 
+@pytest.mark.slow
 def test_a_label_repeated_by_parquet_s_dictionary_is_not_expanded(tmp_path):
     """16 rows sharing one 8 MiB label: zstd and parquet's dictionary make it a few KB of
     file declaring 8 MiB; read as plain strings it was 128 MiB in Arrow (the reviewer's

@@ -82,6 +82,7 @@ def test_exact_posterior_makes_every_importance_weight_equal_log_px():
     np.testing.assert_allclose(exact_elbo(model, truth, x), expected, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_importance_sampled_log_px_within_005_nats_with_k5000():
     model, truth = linear_gaussian(shift=0.15, inflate=0.4)
     x = sample_x(truth, 200)

@@ -115,6 +115,7 @@ def test_export_matches_torch_in_onnxruntime_and_reference_evaluator(tmp_path, n
     assert [i.name for i in dec.graph.input] == ["z"]
 
 
+@pytest.mark.slow
 def test_dynamo_exporter_gives_the_same_interface(tmp_path):
     cfg = CONFIGS["conv-gaussian-3x32x32"]
     torch.manual_seed(0)
@@ -165,6 +166,7 @@ def test_checker_failure_is_an_error(tmp_path):
         verify_onnx(path, torch.nn.Identity(), "x", (3,), ("y",))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["conv-dlogistic-residual-group-3x32x32",
                                   "conv-residual-3x64x64", "mlp-tanh-8x8",
                                   "conv-gelu-residual-1x8x8"])

@@ -275,6 +275,7 @@ def test_nested_estimates_use_the_first_draws(small_model):
     assert set(est.at) == {1, 10, 100}
 
 
+@pytest.mark.slow
 def test_summary_names_its_figure_shows_the_bound_converge_and_flags_collapse(tmp_path):
     from models.data import load_digits_dataset
 

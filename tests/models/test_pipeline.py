@@ -12,6 +12,8 @@ from models.config import TrainConfig, VAEConfig
 from models.data import load_digits_dataset
 from models.pipeline import train_evaluate_export
 
+pytestmark = pytest.mark.slow  # trains, evaluates and exports a model end to end
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):

@@ -95,6 +95,7 @@ def test_options_are_validated():
     assert VAEConfig.from_dict(old).blocks == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("size", "hidden", "blocks", "norm", "n"), [
     (32, (16, 32), 0, "none", 192),
     (64, (8, 16, 16), 1, "group", 96),
@@ -170,6 +171,7 @@ def test_uint8_memmap_gives_the_batches_of_its_float32_twin(tmp_path):
     VAEConfig(input_shape=(3, 8, 8), family="conv", hidden=(4,), latent_dim=2,
               likelihood="discretized_logistic"),
 ], ids=["bernoulli-binarised", "gaussian-dequantised", "discretized-logistic"])
+@pytest.mark.slow
 def test_training_on_a_uint8_memmap_equals_training_on_its_twin(tmp_path, cfg):
     images, _ = shapes(48, 8, seed=2)
     np.save(tmp_path / "u8.npy", images)
@@ -185,6 +187,7 @@ def test_training_on_a_uint8_memmap_equals_training_on_its_twin(tmp_path, cfg):
         assert a["elbo"] == pytest.approx(b["elbo"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_pipeline_on_8bit_rgb_reports_bits_and_the_exported_decoder_scores_as_torch(tmp_path):
     """train -> held-out evaluation -> ONNX on a uint8 memory map: a 'discrete' figure with
     bits/dim, and the API's NumPy log p(x|z) over the exported decoder's outputs equals the

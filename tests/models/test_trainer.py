@@ -41,6 +41,7 @@ def without_seconds(history):
     return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
 
 
+@pytest.mark.slow
 def test_digits_training_raises_validation_elbo_well_above_start(digits):
     images, _ = digits
     cfg = dataclasses.replace(FAST, epochs=15)
@@ -61,6 +62,7 @@ def test_digits_training_raises_validation_elbo_well_above_start(digits):
     assert final["elbo"] == pytest.approx(again, abs=0.3)
 
 
+@pytest.mark.slow
 def test_same_seed_same_weights_and_metrics(digits):
     images, _ = digits
     a = Trainer(MLP, dataclasses.replace(FAST, epochs=2)).fit(images)
@@ -82,6 +84,7 @@ class CancelAt(Callback):
         return self.trainer.epoch >= self.epoch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["elbo", "iwae"])
 def test_resume_from_checkpoint_equals_uninterrupted_run_bit_for_bit(digits, tmp_path, objective):
     images, _ = digits
@@ -129,6 +132,7 @@ def test_flat_items_fit_an_mlp_with_image_shape(digits):
     assert_same_weights(Trainer(MLP, cfg).fit(images).model, Trainer(MLP, cfg).fit(flat).model)
 
 
+@pytest.mark.slow
 def test_early_stopping_restores_best_weights(digits):
     images, _ = digits
     # min_delta so large that no epoch after the first counts as better.
@@ -150,6 +154,7 @@ class Recorder(Callback):
         self.epochs.append(rows)
 
 
+@pytest.mark.slow
 def test_progress_and_epoch_callbacks(digits):
     images, _ = digits
     rec = Recorder()
@@ -174,6 +179,7 @@ def test_kl_warmup_ramps_beta_linearly(digits):
     assert steps > 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_cfg", [
     VAEConfig(input_shape=(1, 8, 8), family="conv", hidden=(16, 32), latent_dim=4),
     VAEConfig(input_shape=(1, 8, 8), latent_dim=4, hidden=(64,), likelihood="gaussian",
@@ -210,6 +216,7 @@ def test_cancellation_stops_within_a_batch(digits):
     assert cb.calls == 4
 
 
+@pytest.mark.slow
 def test_device_selection_and_cpu_fallback(digits):
     images, _ = digits
     if not torch.cuda.is_available():
@@ -262,6 +269,7 @@ def test_the_decoder_starts_at_the_data_mean(digits):
     assert np.abs(off.model.decoder.body[-1].bias.detach().numpy()).max() < 0.2  # default init
 
 
+@pytest.mark.slow
 def test_cosine_schedule_follows_its_formula(digits):
     images, _ = digits
     cfg = dataclasses.replace(FAST, epochs=4, lr=1e-3, lr_schedule="cosine", lr_final=0.1)

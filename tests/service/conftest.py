@@ -5,18 +5,14 @@ import os
 import httpx
 import pytest
 
-from tests.support import Served, Worker, settings_of
+from tests.support import Served, Worker, settings_of, whole_stack
 
 MiB = 1 << 20
 
 
 @pytest.fixture(scope="session")
-def api_db_url(new_database):
-    from migrations import migrate
-
-    url = new_database("api")
-    migrate(url)
-    return url
+def api_db_url(migrated_database):
+    return migrated_database("api")
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +45,7 @@ def api_db(api_db_url):
 
 
 @pytest.fixture(scope="session")
+@whole_stack
 def api(api_settings):
     from service.api.app import create_app
 
@@ -58,6 +55,7 @@ def api(api_settings):
 
 
 @pytest.fixture(scope="session")
+@whole_stack
 def api_worker(api_env, tmp_path_factory):
     worker = Worker({**os.environ, **api_env, "PYTHONUNBUFFERED": "1"},
                     tmp_path_factory.mktemp("api-worker"), "api")
@@ -87,6 +85,7 @@ def anonymous(api):
 
 
 @pytest.fixture(scope="session")
+@whole_stack
 def hostile_api(api_env, tmp_path_factory):
     """The API in a uvicorn process of its own on the same database and broker as `api`,
     with the production defaults for every bound (the hostile-input suite measures its

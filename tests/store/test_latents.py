@@ -148,6 +148,7 @@ def test_shard_rewrite_is_idempotent(db, world):
     assert count_latents(db, set_id) == N
 
 
+@pytest.mark.slow
 def test_hnsw_recall_and_exact_search_during_the_build(db, world):
     settings, set_id = world["settings"], world["set_id"]
     rng = np.random.default_rng(4)
@@ -202,6 +203,7 @@ def indexed(db, world, ef_search=200):
     return settings, set_id
 
 
+@pytest.mark.slow
 def test_filtered_search_through_the_index_is_never_short(db, world):
     # The smallest ef_search calibration may choose: a filter that keeps 31 % of the rows
     # only holds the recall through the index because the scan widens ef_search by 1/share.
@@ -237,6 +239,7 @@ def test_filtered_search_through_the_index_is_never_short(db, world):
         # recall through the index is poor there (docs/internals/data-layer.md).
 
 
+@pytest.mark.slow  # builds the HNSW index (indexed)
 def test_an_index_scan_that_gives_up_is_answered_exactly(db, world, monkeypatch):
     import store.search
 
@@ -259,6 +262,7 @@ def test_an_index_scan_that_gives_up_is_answered_exactly(db, world, monkeypatch)
     assert [h.index for h in res.hits] == want
 
 
+@pytest.mark.slow  # builds the HNSW index (indexed)
 def test_before_pgvector_0_8_filtered_queries_run_exact(db, world, monkeypatch):
     settings, set_id = indexed(db, world)
     monkeypatch.setattr(type(db), "pgvector", lambda self: (0, 6, 2))

@@ -5,22 +5,18 @@ import os
 import pytest
 from celery import Celery
 
-from tests.support import Beat, Worker
+from tests.support import Beat, Worker, whole_stack
 
 
 @pytest.fixture(scope="session")
-def db_url(new_database):
+def db_url(migrated_database):
     """A database of their own: datasets are deduplicated by content, and the store tests
     registered the same digits into another artifact root."""
-    from migrations import migrate
-
-    url = new_database("workers")
-    migrate(url)
-    return url
+    return migrated_database("workers")
 
 
 @pytest.fixture(scope="session")
-def db(db_url):
+def db(db_url):  # tests/conftest.py's `db` would keep the first db_url it was given
     from store.db import Database
 
     database = Database(db_url)
@@ -64,6 +60,7 @@ def worker_logs(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+@whole_stack
 def beat(worker_env, worker_logs):
     """The maintenance schedule, as in production: its own process."""
     process = Beat(worker_env, worker_logs)
@@ -72,6 +69,7 @@ def beat(worker_env, worker_logs):
 
 
 @pytest.fixture(scope="session")
+@whole_stack
 def start_worker(worker_env, worker_logs, beat):
     started = []
 

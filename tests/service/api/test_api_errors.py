@@ -269,6 +269,7 @@ def test_broker_down_a_submission_still_answers_202(api_env, keys, client, datas
     client.post(f"/v1/jobs/{job_id}/cancel")
 
 
+@pytest.mark.stack  # starts uvicorn itself
 def test_database_down_answers_503(api_env, keys):
     from service.api.app import create_app
 

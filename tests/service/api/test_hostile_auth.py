@@ -386,6 +386,7 @@ def test_a_key_over_its_stream_cap_gets_429_and_its_other_requests_still_run(
             sock.close()
 
 
+@pytest.mark.stack  # starts uvicorn itself
 def test_a_key_over_its_rate_gets_429_with_retry_after(api_env, keys):
     from service.api.app import create_app
 

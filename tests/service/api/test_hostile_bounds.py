@@ -215,6 +215,7 @@ def test_a_batch_search_of_a_million_neighbours_is_refused(hostile_api, hostile,
     assert len(answers) == 1000 and all(len(a["results"]) == 10 for a in answers)
 
 
+@pytest.mark.slow
 def test_an_exact_scan_is_bounded_by_queries_times_items(api_db, api_settings, targets):
     settings = api_settings.model_copy(update={"search_max_exact_scan": 64 * 10})
     queries = [np.zeros(SMALL["latent_dim"])] * 10
@@ -224,6 +225,7 @@ def test_an_exact_scan_is_bounded_by_queries_times_items(api_db, api_settings, t
     assert "11 queries x 64 items is 704 distances" in str(raised.value)
 
 
+@pytest.mark.stack  # starts uvicorn itself
 def test_the_bounds_follow_their_settings(api_db, api_settings, targets):
     """k, and the values of encode / reconstruct answers (which the request-body limit
     keeps small at the defaults), by settings lowered on an app of their own."""
@@ -285,6 +287,7 @@ def test_load_npy_reads_numpys_layouts_and_refuses_the_rest():
 
 # -- the database's statement timeout ------------------------------------------------------
 
+@pytest.mark.stack  # starts uvicorn itself
 def test_a_query_past_the_statement_timeout_is_a_503_naming_the_setting(api_db, api_settings,
                                                                       keys):
     """A real slow query: the table the route reads is locked by another transaction, so
@@ -331,6 +334,7 @@ def test_the_statement_timeout_defaults_to_30_s_and_0_means_none():
     assert statement_timeout(0) == {}
 
 
+@pytest.mark.stack  # starts uvicorn itself
 def test_a_delete_as_large_as_its_data_is_not_cut_by_the_timeout(api_db, api_settings, keys,
                                                                  tmp_path):
     """The cascade of a delete is as large as the data it removes: it runs without the

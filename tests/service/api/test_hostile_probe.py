@@ -8,7 +8,7 @@ import time
 
 import httpx
 
-from service.cli.stack import free_port
+from service.cli.ports import free_port
 from tests.support import Probe
 
 MiB = 1 << 20

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.support import Served, counts, settings_of, wait_job
+from tests.support import Served, counts, settings_of, wait_job, whole_stack
 
 
 def npy(array):
@@ -146,6 +146,7 @@ def test_a_small_upload_stays_in_the_request(client):
 
 
 @pytest.fixture(scope="module")
+@whole_stack
 def small_sync_api(api_env, keys):
     """A second API on the same database, broker and data dir whose uploads above 1 KiB
     become ingest jobs."""

@@ -13,7 +13,7 @@ import pytest
 from service.api import fastpath
 from service.api.codecs import _fast_npy, load_npy, npy_bytes
 from service.api.inference import Batcher, BatchPolicy
-from tests.support import Served, store_untrained_model
+from tests.support import Served, store_untrained_model, whole_stack
 
 MODEL = {"family": "mlp", "latent_dim": 6, "hidden": [32], "likelihood": "bernoulli",
          "input_shape": [1, 8, 8]}
@@ -178,6 +178,7 @@ def test_an_error_reaches_every_caller_of_its_batch_and_the_queue_goes_on():
 # -- over HTTP --------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
+@whole_stack
 def served_model(api_db, api_settings, tmp_path_factory):
     """A ready (untrained) model, and an API process of its own, so its caches start cold."""
     from service.api.app import create_app

@@ -18,7 +18,7 @@ import pytest
 
 from tests.support import Up, cli_json, free_port
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.stack, pytest.mark.timeout(900)]
 ROOT = Path(__file__).resolve().parents[3]
 SHOTS = ROOT / "out" / "ui"
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")

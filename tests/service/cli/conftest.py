@@ -4,10 +4,11 @@
 
 import pytest
 
-from tests.support import Up, free_port
+from tests.support import Up, free_port, whole_stack
 
 
 @pytest.fixture(scope="module")
+@whole_stack
 def stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("stack")
     (root / "allowed").mkdir()

@@ -17,7 +17,7 @@ from PIL import Image
 
 from tests.support import alive, clean_env, free_port
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.stack, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ import stat
 import psycopg
 import pytest
 
-from service.cli.embedded import (
+from service.cli.embedded.passwords import hba_checks_passwords
+from service.cli.embedded.postgres import (
     embedded_uri,
-    hba_checks_passwords,
     start_embedded_postgres,
     stop_embedded_postgres,
 )

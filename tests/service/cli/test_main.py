@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 from sqlalchemy import create_engine, inspect
 
 from tests.support import SYSTEM_PG, system_pg_up
@@ -58,6 +59,7 @@ def test_keys_create_direct_prints_a_key_the_api_accepts(api, api_env):
     assert bad.returncode == 2 and "scopes must be" in bad.stderr
 
 
+@pytest.mark.stack  # starts uvicorn itself
 def test_api_command_serves_until_terminated(api_env, tmp_path):
     import os
     import time

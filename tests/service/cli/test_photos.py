@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 
 from tests.support import cli, cli_json
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.stack, pytest.mark.timeout(900)]
 
 SIDE = 16  # stored items are 3 x 16 x 16 (the photos are larger and not square)
 CLASSES = {"cat": (220, 60, 40), "dog": (40, 160, 60), "owl": (50, 70, 210)}

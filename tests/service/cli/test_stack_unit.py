@@ -1,9 +1,11 @@
 """Units of the `up` supervisor."""
 
 import socket
+import subprocess
 import sys
 
-from service.cli.stack import Child, port_free
+from service.cli.parts import Child
+from service.cli.ports import port_free
 
 
 def test_a_child_reads_only_its_own_run_of_an_appended_log(tmp_path):
@@ -37,7 +39,7 @@ def test_port_free():
 
 
 def _part(tmp_path, code="import time; time.sleep(60)", dead_after=0.0):
-    from service.cli.stack import Part
+    from service.cli.parts import Part
 
     child = Child("sleeper", [sys.executable, "-c", code], {}, tmp_path / "log")
     return child, Part("sleeper", child.start, lambda: child.pid if child.running() else 0,
@@ -45,10 +47,10 @@ def _part(tmp_path, code="import time; time.sleep(60)", dead_after=0.0):
 
 
 def test_a_dead_part_is_restarted_with_a_doubling_back_off(tmp_path, monkeypatch):
-    from service.cli import stack
+    from service.cli import parts
 
     clock = [1000.0]
-    monkeypatch.setattr(stack.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(parts.time, "monotonic", lambda: clock[0])
     said = []
     child, part = _part(tmp_path, "pass")  # exits at once, every time
     part.start()
@@ -69,10 +71,10 @@ def test_a_dead_part_is_restarted_with_a_doubling_back_off(tmp_path, monkeypatch
 
 def test_a_death_must_last_before_a_restart_and_a_live_part_is_left_alone(tmp_path,
                                                                           monkeypatch):
-    from service.cli import stack
+    from service.cli import parts
 
     clock = [0.0]
-    monkeypatch.setattr(stack.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(parts.time, "monotonic", lambda: clock[0])
     child, part = _part(tmp_path, dead_after=3.0)
     part.start()
     part.watch(print)
@@ -94,18 +96,18 @@ def test_a_death_must_last_before_a_restart_and_a_live_part_is_left_alone(tmp_pa
 
 
 def test_a_part_that_ran_a_while_is_restarted_quickly_again(tmp_path, monkeypatch):
-    from service.cli import stack
+    from service.cli import parts
 
     clock = [0.0]
-    monkeypatch.setattr(stack.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(parts.time, "monotonic", lambda: clock[0])
     child, part = _part(tmp_path)
-    part._backoff = stack.BACKOFF_MAX  # after a crash loop
+    part._backoff = parts.BACKOFF_MAX  # after a crash loop
     part.start()
-    clock[0] = stack.STABLE_AFTER
+    clock[0] = parts.STABLE_AFTER
     part.watch(print)  # up long enough: it started well
     child.reap(0.0)
     part.watch(print)
-    assert part._next_start == clock[0] + stack.BACKOFF_FIRST
+    assert part._next_start == clock[0] + parts.BACKOFF_FIRST
     clock[0] += 1.0
     part.watch(print)
     assert part.restarts == 1 and part.alive()
@@ -122,11 +124,11 @@ def test_upgrade_db_is_refused_while_up_holds_the_folder_even_without_proc(tmp_p
 
     from typer.testing import CliRunner
 
-    from service.cli import stack
+    from service.cli import running
     from service.cli.main import app
     from store.settings import get_settings
 
-    monkeypatch.setattr(stack, "PROC", tmp_path / "no-proc")
+    monkeypatch.setattr(running, "PROC", tmp_path / "no-proc")
     monkeypatch.setenv("LATENTBANK_DATA_DIR", str(tmp_path))
     monkeypatch.delenv("LATENTBANK_DATABASE_URL", raising=False)
     get_settings.cache_clear()
@@ -135,7 +137,7 @@ def test_upgrade_db_is_refused_while_up_holds_the_folder_even_without_proc(tmp_p
     held = open(tmp_path / "up.lock", "a+")  # noqa: SIM115 (as `up` holds it)
     fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
     try:
-        assert stack.read_stack(tmp_path) is None  # unverifiable: not trusted
+        assert running.read_stack(tmp_path) is None  # unverifiable: not trusted
         out = CliRunner().invoke(app, ["upgrade-db"])
         assert out.exit_code == 2
         assert out.output.strip() == f"error: a stack runs from {tmp_path.resolve()}: " \
@@ -151,11 +153,11 @@ def test_upgrade_db_is_refused_while_up_holds_the_folder_even_without_proc(tmp_p
 def test_off_proc_status_and_demo_say_why_they_see_no_stack(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from service.cli import stack
+    from service.cli import running
     from service.cli.main import app
     from store.settings import get_settings
 
-    monkeypatch.setattr(stack, "PROC", tmp_path / "no-proc")
+    monkeypatch.setattr(running, "PROC", tmp_path / "no-proc")
     monkeypatch.setenv("LATENTBANK_DATA_DIR", str(tmp_path))
     get_settings.cache_clear()
     try:
@@ -163,7 +165,7 @@ def test_off_proc_status_and_demo_say_why_they_see_no_stack(tmp_path, monkeypatc
         assert out.exit_code == 3
         assert "this host has no /proc" in out.output and "LATENTBANK_URL" in out.output
         started = []
-        monkeypatch.setattr(stack.subprocess, "Popen", lambda *a, **k: started.append(a))
+        monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: started.append(a))
         out = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "out")])
         assert out.exit_code == 1 and started == []
         assert "latentbank demo --url URL" in str(out.exception) + out.output

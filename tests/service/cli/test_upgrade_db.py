@@ -10,6 +10,8 @@ from sqlalchemy import create_engine, text
 from store.db import sqlalchemy_url
 from tests.support import cli
 
+pytestmark = pytest.mark.slow  # pg_upgrade of a PostgreSQL 16 folder
+
 
 def fingerprint(folder):
     """Every file's path and content hash: 'untouched' means this is unchanged."""
@@ -40,7 +42,8 @@ def old_folder(tmp_path):
 
 
 def test_an_old_folder_is_refused_untouched_with_the_upgrade_command(old_folder):
-    from service.cli.embedded import OldDataFolder, postmaster_pid, start_embedded_postgres
+    from service.cli.embedded.errors import OldDataFolder
+    from service.cli.embedded.postgres import postmaster_pid, start_embedded_postgres
 
     before = fingerprint(old_folder)
     with pytest.raises(OldDataFolder, match="latentbank upgrade-db") as refused:
@@ -53,7 +56,7 @@ def test_an_old_folder_is_refused_untouched_with_the_upgrade_command(old_folder)
 
 
 def test_upgrade_db_keeps_the_rows_and_brings_iterative_scans(old_folder):
-    from service.cli.embedded import start_embedded_postgres, stop_embedded_postgres
+    from service.cli.embedded.postgres import start_embedded_postgres, stop_embedded_postgres
 
     out = cli(old_folder.parent, "upgrade-db", timeout=600)
     assert out.returncode == 0, out.stderr

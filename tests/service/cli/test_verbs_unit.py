@@ -15,7 +15,7 @@ from latentbank_client import config
 from typer.testing import CliRunner
 
 from service.cli.main import app
-from service.cli.stack import free_port
+from service.cli.ports import free_port
 
 URL = "http://api.test"
 
@@ -352,7 +352,7 @@ def test_a_stack_json_planted_in_the_working_folder_gets_no_key(tmp_path, monkey
     a shared folder) naming another server, with a live pid (this very process): without
     this user's `up` holding that folder's lock it is no stack, and LATENTBANK_API_KEY goes
     nowhere but to a URL the user gives; the 401 says why and what to set."""
-    from service.cli.stack import read_stack
+    from service.cli.running import read_stack
 
     held = fake_stack(tmp_path / ".latentbank", "https://evil.example", lock=False)
     held.close()
@@ -389,7 +389,7 @@ def test_the_cli_sends_the_saved_key_to_its_own_stack_only(tmp_path, monkeypatch
         held.close()
 
 
-@pytest.mark.parametrize("reader", ["service.cli.stack", "latentbank_client.config"])
+@pytest.mark.parametrize("reader", ["service.cli.running", "latentbank_client.config"])
 def test_a_stack_json_counts_only_when_this_users_up_holds_its_folders_lock(
         tmp_path, monkeypatch, reader):
     """Both readers of stack.json (`up`'s own, and the client's, which the verbs go by)
@@ -432,7 +432,7 @@ def test_a_stack_json_counts_only_when_this_users_up_holds_its_folders_lock(
     assert read_url(stack, data_dir) is None  # the lock is no longer held
 
 
-@pytest.mark.parametrize("reader", ["service.cli.stack", "latentbank_client.config"])
+@pytest.mark.parametrize("reader", ["service.cli.running", "latentbank_client.config"])
 def test_without_proc_no_stack_json_is_trusted(tmp_path, monkeypatch, reader):
     """Off /proc (macOS) neither reader can tell which process holds the folder's lock,
     so neither trusts a stack.json: not one committed to a cloned repository (the user's

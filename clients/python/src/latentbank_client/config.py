@@ -1,6 +1,6 @@
 """Where the client finds the API, and which key it sends there: the one rule, which the
 `latentbank` CLI's client verbs go by too (they run on this client). `latentbank up` and
-`latentbank status` read `stack.json` with service.cli.stack.read_stack, the same checks
+`latentbank status` read `stack.json` with service.cli.running.read_stack, the same checks
 written again there (this distribution imports nothing of the server's;
 tests/service/cli/test_verbs_unit.py holds both readers to the same cases).
 
@@ -60,7 +60,7 @@ def _holds_lock(pid: int, lock: Path) -> bool:
     /proc. Without /proc (macOS) that cannot be verified, so it is False: a live pid
     proves nothing (a `stack.json` committed to a cloned repository may name pid 1), and
     trusting one would send the user's key to the URL it names; set LATENTBANK_URL and
-    LATENTBANK_API_KEY there. service.cli.stack's copy answers the same."""
+    LATENTBANK_API_KEY there. service.cli.running's copy answers the same."""
     proc = PROC / str(pid)
     if pid <= 0 or not (PROC / "self" / "fdinfo").is_dir():
         return False
