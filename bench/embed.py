@@ -88,7 +88,7 @@ def onnx_alone(db: Database, artifacts, model_id: int, path: str, tmp: str, n: i
     the worker's session settings; and the codes (for the COPY-alone run)."""
     import onnxruntime as ort
 
-    from store.models import get_model
+    from store.registry import get_model
 
     row = get_model(db, model_id)
     sessions = []

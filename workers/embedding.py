@@ -31,9 +31,9 @@ from store.embedding_sets import get_set, part_at
 from store.indexes import build_index, claim_index, index_owed, record_index_stats
 from store.jobs import LeaseLost, count_done, finish, get_job, lease_guard, mark_finishing
 from store.latent_rows import latent_writer
-from store.models import get_model
 from store.processes import host_identity
 from store.publishing import publish_index
+from store.registry import get_model
 from store.retrieval import labelled_sample, set_statistics
 from store.search import search_many
 from workers.context import Context

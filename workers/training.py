@@ -19,7 +19,7 @@ from store.datasets import dataset_array, get_dataset
 from store.db import is_transient
 from store.errors import StoreError
 from store.jobs import LeaseLost, finish, record_epochs
-from store.models import get_model
+from store.registry import get_model
 from workers.context import Context
 from workers.lease import Lease, start_attempt
 from workers.outages import end_for, retry_while_leased

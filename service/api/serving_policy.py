@@ -12,7 +12,7 @@ from service.api.arrays import as_vector, check_answer, item_values
 from service.api.deps import Services, in_thread
 from service.api.schemas.serving import InterpolateRequest, TraverseRequest
 from service.api.scoring import Scores, threshold_at
-from store import models as store_models
+from store import registry
 from store.aliases import resolve
 from store.embedding_sets import get_set
 from store.errors import Conflict, InvalidInput, TooLarge
@@ -29,7 +29,7 @@ BULK = ("; score more with an embedding job (POST /v1/embedding-jobs), which sto
 
 
 def _ready(svc: Services, model_id: int) -> Model:
-    model = store_models.get_model(svc.db, model_id)
+    model = registry.get_model(svc.db, model_id)
     if model.status != "ready":
         raise Conflict(f"model {model_id} is {model.status}, not ready")
     svc.ready_models.put(model_id, model)

@@ -10,7 +10,7 @@ from store.embedding_sets import get_set
 from store.errors import Conflict, InvalidInput
 from store.indexes import _set_index, build_index
 from store.jobs import claim, finish, get_job
-from store.models import get_model
+from store.registry import get_model
 from store.retrieval import export_pages, get_item
 from store.search import search
 from store.settings import open_artifacts

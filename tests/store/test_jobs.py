@@ -24,9 +24,9 @@ from store.jobs import (
     release,
     request_cancel,
 )
-from store.models import get_model
 from store.publishing import publish
 from store.recovery import requeue_lost, unpublished_jobs
+from store.registry import get_model
 from store.submit import submit_embedding
 from tests.store.sets import count_latents, write_latents
 from tests.support import submit_train

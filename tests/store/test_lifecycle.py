@@ -13,7 +13,7 @@ from store.aliases import delete_alias, get_alias, list_aliases, resolve, set_al
 from store.deletion import delete_set
 from store.errors import Conflict, InvalidInput, NotFound
 from store.indexes import build_index, index_name
-from store.models import delete_model, get_model
+from store.registry import delete_model, get_model
 from store.settings import open_artifacts
 from store.tables import Job
 from tests.store.sets import count_latents, ready_set, write_latents

@@ -21,7 +21,7 @@ from store.embedding_sets import get_set
 from store.errors import Conflict
 from store.indexes import build_index, claim_index
 from store.jobs import claim, get_job
-from store.models import delete_model
+from store.registry import delete_model
 from store.submit import submit_embedding
 from store.tables import Model
 from tests.store.sets import count_latents, ready_set, write_latents

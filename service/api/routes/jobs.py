@@ -29,8 +29,8 @@ from store.aliases import resolve
 from store.datasets import get_dataset
 from store.errors import InvalidInput
 from store.jobs import TERMINAL, get_job, list_jobs, request_cancel
-from store.models import get_model
 from store.publishing import publish
+from store.registry import get_model
 from store.submit import leaderboard, submit_embedding, submit_sweep, submit_training
 from store.tables import JOB_KINDS, JOB_STATUSES, Job
 

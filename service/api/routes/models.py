@@ -12,7 +12,7 @@ from service.api.deps import ModelId, ReadKey, SvcDep, WriteKey, in_thread
 from service.api.error_responses import ERRORS
 from service.api.schemas.models import MetricRow, ModelOut
 from service.api.serving_policy import ready_model
-from store import models as store_models
+from store import registry
 from store.errors import Conflict
 from store.tables import MODEL_STATUSES, TrainingMetric
 
@@ -31,21 +31,21 @@ def list_models(_: ReadKey, svc: SvcDep, status: Literal[MODEL_STATUSES] | None 
                 sweep_id: str | None = Query(None, max_length=200),
                 limit: int = Query(100, ge=1, le=1000),
                 offset: int = Query(0, ge=0, le=2**62)) -> list[ModelOut]:
-    rows = store_models.list_models(svc.db, status=status, dataset_id=dataset_id,
+    rows = registry.list_models(svc.db, status=status, dataset_id=dataset_id,
                                     sweep_id=sweep_id, limit=limit, offset=offset)
     return [ModelOut.of(m) for m in rows]
 
 
 @router.get("/{model_id}", response_model=ModelOut, name="model")
 def get_model(_: ReadKey, svc: SvcDep, model_id: ModelId) -> ModelOut:
-    return ModelOut.of(store_models.get_model(svc.db, model_id))
+    return ModelOut.of(registry.get_model(svc.db, model_id))
 
 
 @router.delete("/{model_id}", status_code=204, response_class=Response,
                summary="Delete a model: its metrics, embedding sets (rows and indexes), "
                        "checkpoints and ONNX files; 409 while aliased or used by a job")
 def remove_model(_: WriteKey, svc: SvcDep, model_id: ModelId) -> Response:
-    store_models.delete_model(svc.db, svc.artifacts, model_id)
+    registry.delete_model(svc.db, svc.artifacts, model_id)
     svc.ready_models.pop(model_id)
     svc.inference.forget(model_id)
     return Response(status_code=204)
@@ -54,7 +54,7 @@ def remove_model(_: WriteKey, svc: SvcDep, model_id: ModelId) -> Response:
 @router.get("/{model_id}/metrics", response_model=list[MetricRow],
             summary="Per-epoch metrics in nats per item (train and val splits)")
 def model_metrics(_: ReadKey, svc: SvcDep, model_id: ModelId) -> list[MetricRow]:
-    rows = store_models.model_metrics(svc.db, model_id)
+    rows = registry.model_metrics(svc.db, model_id)
     return [MetricRow.model_validate(m, from_attributes=True) for m in rows]
 
 
@@ -82,7 +82,7 @@ async def onnx_file(_: ReadKey, svc: SvcDep, model_id: ModelId,
             response_class=Response,
             summary="Training curves: ELBO, log p(x), reconstruction and KL per epoch")
 def curves_png(_: ReadKey, svc: SvcDep, model_id: ModelId) -> Response:
-    rows = store_models.model_metrics(svc.db, model_id)
+    rows = registry.model_metrics(svc.db, model_id)
     if not rows:
         raise Conflict(f"model {model_id} has no metrics yet")
     from service.api.plots import plot_training_curves  # matplotlib: only when it draws

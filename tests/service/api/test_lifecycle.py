@@ -126,7 +126,7 @@ def test_delete_is_refused_while_aliased_then_forgets_the_model(client, models, 
 
 
 def test_an_embedding_job_takes_the_model_by_alias(client, models, api_worker, api_db):
-    from store.models import get_model
+    from store.registry import get_model
 
     b = models[1]
     client.put("/v1/aliases/embedder", json={"model_id": b})

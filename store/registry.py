@@ -1,4 +1,4 @@
-"""Trained model versions (the `models` table) and their per-epoch metrics."""
+"""The model registry: trained model versions (the `models` table) and their per-epoch metrics."""
 
 from __future__ import annotations
 
