@@ -14,24 +14,20 @@ import os
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ingest.paths import resolve_allowed_path  # noqa: F401 - its old home, for callers
-from ingest.plan import IngestOptions, Limits
+from ingest.plan import IngestOptions, Limits, check_declared, rows_per_chunk
 from store.artifacts import ArtifactStore
 from store.datasets import Chunk, Registered, Source, register_dataset
 from store.db import Database
 from store.errors import DatasetError, TooLarge, UnsupportedFormat
 from store.settings import Settings
 
-CHUNK_BYTES = 16 << 20
-MAX_CHUNK_ROWS = 65_536
 MAX_NPZ_MEMBERS = 256
-CSV_BLOCK_BYTES = 4 << 20  # a line must fit one block; each block costs ~4x in the reader
 FORMATS = (".npy", ".npz", ".parquet", ".csv")
 
 
@@ -45,33 +41,7 @@ def check_numeric(dtype: np.dtype, what: str) -> None:
                            f"got dtype {dtype}")
 
 
-def rows_per_chunk(item_shape: Sequence[int], itemsize: int, side_bytes: int = 0,
-                   max_side_bytes: int = 32 << 20) -> int:
-    """Rows per read step: about CHUNK_BYTES of values, at most MAX_CHUNK_ROWS rows (each
-    row's key and label become Python objects), and at most `max_side_bytes` of side
-    entries of `side_bytes` each."""
-    rows = min(MAX_CHUNK_ROWS, CHUNK_BYTES // max(1, itemsize * math.prod(item_shape)))
-    if side_bytes:
-        rows = min(rows, max_side_bytes // side_bytes)
-    return max(1, rows)
 
-
-def check_declared(n: int, item_shape: Sequence[int], itemsize: int, limits: Limits,
-                   what: str) -> None:
-    """What a header or metadata declares, against the limits: before anything is read."""
-    if n < 0 or any(d < 0 for d in item_shape):
-        raise DatasetError(f"{what} declares a negative dimension")
-    if n > limits.max_dataset_items:
-        raise TooLarge(f"{what} declares {n} items; the limit is {limits.max_dataset_items} "
-                       "(max_dataset_items)")
-    size = math.prod(item_shape)
-    if size > limits.max_item_values:
-        raise TooLarge(f"items have {size} values each; the limit is "
-                       f"{limits.max_item_values} (max_item_values)")
-    inflated = n * size * max(itemsize, 4)  # the file's values, or their float32 copy
-    if inflated > limits.max_inflated_bytes:
-        raise TooLarge(f"{what} declares {n} x {size} values ({inflated} bytes decoded); the "
-                       f"limit is {limits.max_inflated_bytes} bytes (max_inflated_bytes)")
 
 
 def format_of(filename: str) -> str:

@@ -24,13 +24,11 @@ from typing import Any
 import numpy as np
 
 from ingest.images import ImageError, ImageSpec, decode_image
-from ingest.plan import Plan, Report
+from ingest.plan import CHUNK_BYTES, MAX_CHUNK_ROWS, Plan, Report
 from store.datasets import Chunk
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 16 << 20
-MAX_CHUNK_ROWS = 65_536
 MAX_IMAGE_BYTES = 64 << 20  # one encoded image; a larger file is a failure, not read
 MAX_SIDE_BYTES = 1 << 20  # one WebDataset cls/txt/json member
 MAX_KEY_CHARS = 1000

@@ -20,9 +20,17 @@ from typing import Any
 
 import numpy as np
 
-from ingest.batches import CHUNK_BYTES, MAX_CHUNK_ROWS
 from ingest.images import ImageSpec
-from ingest.plan import IngestOptions, Limits, Location, Plan, Report, Unit
+from ingest.plan import (
+    CHUNK_BYTES,
+    MAX_CHUNK_ROWS,
+    IngestOptions,
+    Limits,
+    Location,
+    Plan,
+    Report,
+    Unit,
+)
 from store.datasets import Chunk
 from store.errors import DatasetError, TooLarge
 

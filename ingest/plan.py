@@ -24,13 +24,17 @@ root (`cat/001.png`, the same in a folder, a zip and a tar), a WebDataset sample
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ingest.images import ImageSpec
-from store.datasets import Chunk, Source
+from store.errors import DatasetError, TooLarge
 from store.settings import Settings
+
+CHUNK_BYTES = 16 << 20  # of item values in one chunk, about
+MAX_CHUNK_ROWS = 65_536  # rows in one chunk at most (keys and labels become Python objects)
 
 
 @dataclass(frozen=True)
@@ -164,48 +168,6 @@ class Report:
         self.failures.extend(other["failures"][:max(0, room)])
 
 
-def plan_source(location: Location, options: IngestOptions, limits: Limits) -> Plan:
-    """The source's plan: its format (see `ingest.readers.detect`) and units."""
-    from ingest.readers import detect, readers
-
-    fmt = detect(location, options)
-    plan = readers(fmt)[0](location, options, limits)
-    if plan.pixels and plan.image is None:
-        plan.image = options.image or ImageSpec()
-        if plan.image.size is not None:
-            plan.item_shape = (plan.image.channels, *plan.image.size)
-    return plan
-
-
-def read_unit(plan: Plan, unit: Unit, options: IngestOptions, limits: Limits,
-              report: Report) -> Iterator[Chunk]:
-    """The unit's chunks, in order; unreadable items recorded in `report`."""
-    from ingest.readers import readers
-
-    return readers(plan.format)[1](plan, unit, options, limits, report)
-
-
-def source_of(plan: Plan, options: IngestOptions, limits: Limits, report: Report) -> Source:
-    """Every unit's chunks as one Source. After the last chunk (still inside the
-    iteration, so `register_dataset` rolls back) a source whose share of failures passes
-    `options.max_failure_share`, or that has no readable item, is refused with the report's
-    counts and first failures (DatasetError, 422)."""
-    from ingest.readers import ARRAY_FORMATS, refuse_failures
-
-    if plan.format in ARRAY_FORMATS:
-        from ingest.readers import open_array
-
-        return open_array(plan, options, limits, report)
-
-    def chunks() -> Iterator[Chunk]:
-        for unit in plan.units:
-            yield from read_unit(plan, unit, options, limits, report)
-        refuse_failures(report, options.max_failure_share, plan.location.display)
-
-    return Source(plan.format, plan.item_shape or (), "uint8" if plan.pixels else "float32",
-                  None, chunks(), has_keys=True, has_labels=False, pixels=plan.pixels)
-
-
 def ingest_record(plan: Plan, options: IngestOptions, report: Report) -> dict[str, Any]:
     """What a dataset records of how it was read (`datasets.ingest`)."""
     record: dict[str, Any] = {"format": plan.format, "options": options.to_dict(),
@@ -213,3 +175,32 @@ def ingest_record(plan: Plan, options: IngestOptions, report: Report) -> dict[st
     if plan.image is not None:
         record["image"] = plan.image.to_dict()
     return record
+
+
+def rows_per_chunk(item_shape: Sequence[int], itemsize: int, side_bytes: int = 0,
+                   max_side_bytes: int = 32 << 20) -> int:
+    """Rows per read step: about CHUNK_BYTES of values, at most MAX_CHUNK_ROWS rows (each
+    row's key and label become Python objects), and at most `max_side_bytes` of side
+    entries of `side_bytes` each."""
+    rows = min(MAX_CHUNK_ROWS, CHUNK_BYTES // max(1, itemsize * math.prod(item_shape)))
+    if side_bytes:
+        rows = min(rows, max_side_bytes // side_bytes)
+    return max(1, rows)
+
+
+def check_declared(n: int, item_shape: Sequence[int], itemsize: int, limits: Limits,
+                   what: str) -> None:
+    """What a header or metadata declares, against the limits: before anything is read."""
+    if n < 0 or any(d < 0 for d in item_shape):
+        raise DatasetError(f"{what} declares a negative dimension")
+    if n > limits.max_dataset_items:
+        raise TooLarge(f"{what} declares {n} items; the limit is {limits.max_dataset_items} "
+                       "(max_dataset_items)")
+    size = math.prod(item_shape)
+    if size > limits.max_item_values:
+        raise TooLarge(f"items have {size} values each; the limit is "
+                       f"{limits.max_item_values} (max_item_values)")
+    inflated = n * size * max(itemsize, 4)  # the file's values, or their float32 copy
+    if inflated > limits.max_inflated_bytes:
+        raise TooLarge(f"{what} declares {n} x {size} values ({inflated} bytes decoded); the "
+                       f"limit is {limits.max_inflated_bytes} bytes (max_inflated_bytes)")

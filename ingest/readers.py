@@ -20,6 +20,7 @@ import tempfile
 import weakref
 from collections.abc import Callable, Iterator
 
+from ingest.images import ImageSpec
 from ingest.plan import IngestOptions, Limits, Location, Plan, Report, Unit
 from store.datasets import Chunk, Source
 from store.errors import DatasetError, TooLarge, UnsupportedFormat
@@ -221,3 +222,37 @@ def refuse_failures(report: Report, max_share: float, display: str) -> None:
             f"{report.failed} of {report.read + report.failed} items could not be read "
             f"({report.share:.1%}, more than the allowed {max_share:.1%}: "
             f"max_failure_share); first failures: {failure_summary(report)}")
+
+
+def plan_source(location: Location, options: IngestOptions, limits: Limits) -> Plan:
+    """The source's plan: its format (see `detect`) and units."""
+    fmt = detect(location, options)
+    plan = readers(fmt)[0](location, options, limits)
+    if plan.pixels and plan.image is None:
+        plan.image = options.image or ImageSpec()
+        if plan.image.size is not None:
+            plan.item_shape = (plan.image.channels, *plan.image.size)
+    return plan
+
+
+def read_unit(plan: Plan, unit: Unit, options: IngestOptions, limits: Limits,
+              report: Report) -> Iterator[Chunk]:
+    """The unit's chunks, in order; unreadable items recorded in `report`."""
+    return readers(plan.format)[1](plan, unit, options, limits, report)
+
+
+def source_of(plan: Plan, options: IngestOptions, limits: Limits, report: Report) -> Source:
+    """Every unit's chunks as one Source. After the last chunk (still inside the
+    iteration, so `register_dataset` rolls back) a source whose share of failures passes
+    `options.max_failure_share`, or that has no readable item, is refused with the report's
+    counts and first failures (DatasetError, 422)."""
+    if plan.format in ARRAY_FORMATS:
+        return open_array(plan, options, limits, report)
+
+    def chunks() -> Iterator[Chunk]:
+        for unit in plan.units:
+            yield from read_unit(plan, unit, options, limits, report)
+        refuse_failures(report, options.max_failure_share, plan.location.display)
+
+    return Source(plan.format, plan.item_shape or (), "uint8" if plan.pixels else "float32",
+                  None, chunks(), has_keys=True, has_labels=False, pixels=plan.pixels)

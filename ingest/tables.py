@@ -14,14 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from ingest.arrays import (
-    CSV_BLOCK_BYTES,
-    check_declared,
-    rows_per_chunk,
-)
-from ingest.plan import Limits
+from ingest.plan import Limits, check_declared, rows_per_chunk
 from store.datasets import Chunk, Source
 from store.errors import DatasetError, TooLarge
+
+CSV_BLOCK_BYTES = 4 << 20  # a line must fit one block; each block costs ~4x in the reader
 
 # -- parquet / csv -----------------------------------------------------------------------
 

@@ -20,10 +20,8 @@ from ingest.plan import (
     Report,
     Unit,
     ingest_record,
-    plan_source,
-    read_unit,
 )
-from ingest.readers import refuse_failures
+from ingest.readers import plan_source, read_unit, refuse_failures
 from ingest.requests import options_of
 from ingest.staging import (
     Staging,

@@ -222,9 +222,9 @@ def test_declared_and_decoded_sizes_are_bounded(db, artifacts, settings, tmp_pat
 def test_side_arrays_stream_with_the_data(db, artifacts, settings, tmp_path, request,
                                           monkeypatch):
     """keys and labels are read a chunk at a time alongside the data, and still line up."""
-    import ingest.arrays
+    import ingest.plan
 
-    monkeypatch.setattr(ingest.arrays, "CHUNK_BYTES", 64)  # 4 rows of 2 float64
+    monkeypatch.setattr(ingest.plan, "CHUNK_BYTES", 64)  # 4 rows of 2 float64
     x = np.arange(46, dtype=np.float64).reshape(23, 2)
     np.savez_compressed(tmp_path / "s.npz", x=x, keys=np.array([f"k{i}" for i in range(23)]),
                         labels=np.arange(23) % 5)

@@ -68,7 +68,7 @@ def test_zip_member_with_a_huge_ratio_is_refused_before_inflating(tmp_path):
 
 def test_zip_declaring_more_than_max_inflated_bytes_is_refused_at_plan(tmp_path):
     path = gen.write_zip(tmp_path / "z.zip", gen.collection().files)
-    from ingest.plan import plan_source
+    from ingest.readers import plan_source
 
     with pytest.raises(TooLarge, match="max_inflated_bytes"):
         plan_source(resolve_location(str(path), where(tmp_path)), IngestOptions(),
@@ -77,7 +77,8 @@ def test_zip_declaring_more_than_max_inflated_bytes_is_refused_at_plan(tmp_path)
 
 def test_tar_inflating_past_the_limit_is_refused(tmp_path):
     path = gen.write_tar(tmp_path / "t.tar.gz", gen.collection().files, gz=True)
-    from ingest.plan import Report, plan_source, source_of
+    from ingest.plan import Report
+    from ingest.readers import plan_source, source_of
 
     opts = IngestOptions(max_failure_share=0.5)
     plan = plan_source(resolve_location(str(path), where(tmp_path)), opts, Limits())
@@ -268,7 +269,8 @@ def _long_name_bomb(path, declared: int, gz: bool = True) -> None:
 
 @pytest.mark.parametrize("fmt", ["tar", "webdataset"])
 def test_a_huge_tar_long_name_is_refused_before_it_is_read(tmp_path, fmt):
-    from ingest.plan import Report, plan_source, source_of
+    from ingest.plan import Report
+    from ingest.readers import plan_source, source_of
 
     path = tmp_path / "bomb.tar.gz"
     _long_name_bomb(path, 32 << 20)
@@ -288,7 +290,7 @@ def test_a_huge_tar_long_name_is_refused_before_it_is_read(tmp_path, fmt):
 def test_a_tar_bomb_is_refused_while_the_format_is_being_told(tmp_path):
     """No format given: the first members are peeked at to tell WebDataset from class
     folders, through the same checked reader (a plain tarfile took 888 MiB here)."""
-    from ingest.plan import plan_source
+    from ingest.readers import plan_source
 
     path = tmp_path / "bomb.tar.gz"
     _long_name_bomb(path, 32 << 20)
@@ -324,7 +326,8 @@ def _folder_entry(name):
 def test_long_names_within_the_bound_still_read_and_count_as_inflated(tmp_path):
     """pax and GNU long names (over tar's 100 characters) read as before; their records
     count into max_inflated_bytes like member data."""
-    from ingest.plan import Report, plan_source, read_unit, source_of
+    from ingest.plan import Report
+    from ingest.readers import plan_source, read_unit, source_of
 
     long = "c/" + "n" * 150 + ".png"
     png = gen.encode(gen.draw("square", 1), "PNG")
@@ -363,7 +366,7 @@ def test_parquet_row_groups_count_every_column_read(tmp_path, monkeypatch):
     """A label column is bytes read like the images: with label_column the row group is
     over the bound, without it (the labels never read) it is not."""
     import ingest.imageparquet
-    from ingest.plan import plan_source
+    from ingest.readers import plan_source
 
     pngs = [gen.encode(gen.draw("circle", i), "PNG") for i in range(4)]
     labels = [f"{i}" + "x" * 5000 for i in range(4)]  # distinct: stored plain, 20 KB
@@ -398,7 +401,8 @@ def test_a_label_repeated_by_parquet_s_dictionary_is_not_expanded(tmp_path):
     assert (tmp_path / "d.parquet").stat().st_size < 64 << 10  # the premise
     script = f"""
 import json, fsspec, pyarrow as pa
-from ingest.plan import IngestOptions, Limits, Location, Report, plan_source, read_unit
+from ingest.plan import IngestOptions, Limits, Location, Report
+from ingest.readers import plan_source, read_unit
 loc = Location(fsspec.filesystem("file"), {str(tmp_path / "d.parquet")!r}, "d.parquet")
 opts = IngestOptions(label_column="label")
 plan = plan_source(loc, opts, Limits())

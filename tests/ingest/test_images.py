@@ -16,7 +16,8 @@ from PIL import Image
 
 from ingest.images import ImageSpec
 from ingest.paths import resolve_location
-from ingest.plan import IngestOptions, Limits, Report, plan_source, source_of
+from ingest.plan import IngestOptions, Limits, Report
+from ingest.readers import plan_source, source_of
 from store.errors import DatasetError
 from tests.ingest import data as gen
 
@@ -236,7 +237,7 @@ def test_units_read_apart_give_what_the_whole_gives(photos, tmp_path, monkeypatc
     the plan's item_shape carried over; the same items, keys and counts as source_of."""
     import ingest.batches
     import ingest.folders
-    from ingest.plan import read_unit
+    from ingest.readers import read_unit
 
     monkeypatch.setattr(ingest.folders, "UNIT_FILES", 5)
     monkeypatch.setattr(ingest.batches, "CHUNK_BYTES", 3 * 3 * gen.H * gen.W)  # 3 per chunk
@@ -318,7 +319,7 @@ def test_zip_units_read_their_own_members_without_listing_the_archive(photos, tm
     import zipfile
 
     import ingest.folders
-    from ingest.plan import read_unit
+    from ingest.readers import read_unit
 
     listings = []
     real = zipfile.ZipFile._RealGetContents

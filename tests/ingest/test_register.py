@@ -14,7 +14,8 @@ import pytest
 
 from ingest.images import ImageSpec
 from ingest.paths import resolve_location
-from ingest.plan import IngestOptions, Limits, Report, ingest_record, plan_source, source_of
+from ingest.plan import IngestOptions, Limits, Report, ingest_record
+from ingest.readers import plan_source, source_of
 from store.datasets import dataset_array, item_rows, register_dataset
 from store.errors import DatasetError, TooLarge
 from store.settings import Settings

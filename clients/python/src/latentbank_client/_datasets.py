@@ -22,7 +22,7 @@ from latentbank_client._core import (
     side_array,
     submission,
 )
-from latentbank_client._jobs import Bound, Job, Resource, _wait
+from latentbank_client._jobs import LINKED, Bound, Job, Resource, _wait
 from latentbank_client.display import PNG, html_table
 from latentbank_client.errors import InvalidInput
 from latentbank_client.results import DatasetItems, build
@@ -82,6 +82,9 @@ class Dataset(Bound):
 def get_dataset(client: Any, dataset_id: int) -> Plan:
     response = yield Call("GET", f"/v1/datasets/{dataset_id}")
     return build(Dataset, response.json(), client)
+
+
+LINKED["dataset_id"] = get_dataset
 
 
 def _delete(dataset_id: int) -> Plan:

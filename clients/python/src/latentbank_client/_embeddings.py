@@ -15,7 +15,7 @@ from urllib.parse import quote
 import numpy as np
 
 from latentbank_client._core import Call, Download, Plan, float_rows, ident, ref, submission
-from latentbank_client._jobs import Bound, Job, Resource
+from latentbank_client._jobs import LINKED, Bound, Job, Resource
 from latentbank_client._models import image_part
 from latentbank_client.display import PNG, html_table, latents_figure, pyplot
 from latentbank_client.errors import InvalidInput, LatentbankError
@@ -231,6 +231,9 @@ class EmbeddingSet(Bound):
 def get_set(client: Any, embedding_set: Any) -> Plan:
     response = yield Call("GET", f"/v1/embeddings/{embedding_set}")
     return build(EmbeddingSet, response.json(), client)
+
+
+LINKED["embedding_set_id"] = get_set
 
 
 def _delete(embedding_set: str) -> Plan:

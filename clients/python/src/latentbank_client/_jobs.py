@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,11 +135,13 @@ def _result(client: Any, job: Job, progress: Any, timeout: float | None) -> Plan
     return (yield from _linked(client, final, attribute))
 
 
-def _linked(client: Any, job: Job, attribute: str) -> Plan:
-    from latentbank_client._datasets import get_dataset
-    from latentbank_client._embeddings import get_set
-    from latentbank_client._models import get_model
+# How a job's result is fetched, by the job's attribute naming it: each resource module
+# adds its getter when it is imported (they import this module, so this one cannot import
+# them); the package imports them all before any job exists.
+LINKED: dict[str, Callable[[Any, Any], Plan]] = {}
 
+
+def _linked(client: Any, job: Job, attribute: str) -> Plan:
     value = getattr(job, attribute)
     if value is None:
         job = yield from _get_job(client, job.id)
@@ -146,9 +149,7 @@ def _linked(client: Any, job: Job, attribute: str) -> Plan:
     if value is None:
         what = attribute.removesuffix("_id").replace("_", " ")
         raise LatentbankError(f"job {job.id} ({job.kind}, {job.status}) has no {what}")
-    get = {"model_id": get_model, "embedding_set_id": get_set,
-           "dataset_id": get_dataset}[attribute]
-    return (yield from get(client, value))
+    return (yield from LINKED[attribute](client, value))
 
 
 def _cancel(client: Any, job_id: int) -> Plan:

@@ -22,7 +22,7 @@ from latentbank_client._core import (
     ref,
     submission,
 )
-from latentbank_client._jobs import Bound, Job, Resource
+from latentbank_client._jobs import LINKED, Bound, Job, Resource
 from latentbank_client.display import PNG, curves_figure, html_table, pyplot
 from latentbank_client.errors import InvalidInput
 from latentbank_client.results import (
@@ -296,6 +296,9 @@ class Model(Bound):
 def get_model(client: Any, model: Any) -> Plan:
     response = yield Call("GET", f"/v1/models/{model}")
     return build(Model, response.json(), client)
+
+
+LINKED["model_id"] = get_model
 
 
 def _delete(model: str) -> Plan:
