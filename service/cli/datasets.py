@@ -61,7 +61,7 @@ def follow(c: Client, job: Job, as_json: bool) -> dict[str, Any]:
 
 @datasets_app.command("add")
 @verb
-# over 60 lines: typer declares each of its options in the signature
+# size: typer declares each of its options in the signature
 def datasets_add(
     path: Annotated[Path | None, typer.Argument(
         help="a local file (.npy/.npz/.parquet/.csv, an archive of images .zip/.tar/"

@@ -86,7 +86,7 @@ JOB_COLUMNS = ["id", "kind", "status", "progress", "message", "model", "set", "c
 
 
 @verb
-# over 60 lines: typer declares each of its 21 options in the signature (the body is 48)
+# size: typer declares each of its 21 options in the signature (the body is 48)
 def train(
     dataset: Annotated[int | None, typer.Option(help="dataset id")] = None,
     config: Annotated[Path | None, typer.Option(
