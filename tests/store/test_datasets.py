@@ -83,9 +83,9 @@ def test_leftovers_of_dead_processes_are_swept_and_live_ones_kept(tmp_path):
 
 def test_duplicate_key_found_in_a_later_chunk_rolls_back_everything(db, artifacts, settings,
                                                                     tmp_path, monkeypatch):
-    import ingest.arrays
+    import ingest.plan
 
-    monkeypatch.setattr(ingest.arrays, "CHUNK_BYTES", 64)  # 8 rows of 2 float32 per chunk
+    monkeypatch.setattr(ingest.plan, "CHUNK_BYTES", 64)  # 8 rows of 2 float32 per chunk
     keys = np.array([f"k{i}" for i in range(40)] + ["k3"])
     np.savez(tmp_path / "d.npz", x=np.zeros((41, 2), np.float32), keys=keys)
     before = counts(db), stored_files(artifacts)
