@@ -33,15 +33,12 @@ N = 40
 
 
 @pytest.fixture(scope="module")
-def db(new_database):
+def db(migrated_database):
     """A database of its own: the session's workers (and their beat's maintenance passes)
     must not take these sets' index tasks."""
-    from migrations import migrate
     from store.db import Database
 
-    url = new_database("repair")
-    migrate(url)
-    database = Database(url)
+    database = Database(migrated_database("repair"))
     yield database
     database.dispose()
 

@@ -47,14 +47,11 @@ class FakeSender:
 
 
 @pytest.fixture(scope="module")
-def db(new_database):
+def db(migrated_database):
     """A database of its own: the session's workers and beat must not take these jobs."""
-    from migrations import migrate
     from store.db import Database
 
-    url = new_database("orchestrators")
-    migrate(url)
-    database = Database(url)
+    database = Database(migrated_database("orchestrators"))
     yield database
     database.dispose()
 
