@@ -1,17 +1,7 @@
 """Encoded images to chunks: what every image reader (folders, archives, WebDataset shards,
-parquet image columns) shares once it has an image's bytes.
-
-Each image is decoded with `ingest.images.decode_image` and the plan's `ImageSpec`; one
-that cannot be used is recorded in the report (key and reason) and left out, never
-raised. Without `image_size` every image must have the shape of the first readable one
-(`plan.item_shape`): another size is a failure that names both and suggests image_size.
-Chunks hold uint8 `(m, C, H, W)`, at most CHUNK_BYTES of pixels or MAX_CHUNK_ROWS rows.
-
-An item's key, label and metadata are checked before its image is decoded
-(`item_problem`): what PostgreSQL would refuse for the whole dataset (a NUL in text, NaN
-in JSON, a key too long for the unique index) or what is too big to be a label or
-metadata is one item's failure, never the dataset's error.
-"""
+parquet image columns) shares once it has an image's bytes. An item that cannot be used or
+stored is one item's failure in the report, never the dataset's error
+(docs/internals/ingest.md)."""
 
 from __future__ import annotations
 

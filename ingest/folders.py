@@ -1,23 +1,6 @@
-"""Image folders, and the same layout inside a `.zip` or a `.tar`/`.tar.gz`.
-
-Layout: `root/<class>/<name>.png|jpg|jpeg|webp|bmp|gif` (any case). An item's key is its
-path under the root with `/` (`cat/001.png`); its label the first folder under the root
-(none for files at the root). Files that are not images by name are not items: they are
-counted as `skipped`, not failed; dot files and `__MACOSX/` likewise.
-
-An archive made of the folder itself (`zip -r photos.zip photos/`, members
-`photos/cat/001.png`) gives the same keys as the folder: a top folder that every image
-member shares is dropped when the images lie at least one class folder below it. A tar
-is streamed (archive order): a top folder whose entry opens the archive (`tar cf x.tar
-photos/`, the CLI's packed folder) is dropped, else the first image member decides.
-
-Bounds: a folder is planned in units of UNIT_FILES files; a folder entry whose real path
-leaves the allowed roots (a symlink) is a failure, never opened. A zip's directory is
-read once, at plan time (each unit carries its members' entries); a zip member's declared
-size and compression ratio are checked before it is inflated; a tar's inflated bytes
-(headers too) are counted as they are read, and its long-name and pax records are capped
-before tarfile reads them (`ingest.tarfiles`); one image is at most MAX_IMAGE_BYTES.
-"""
+"""Image folders, and the same layout inside a `.zip` or a `.tar`/`.tar.gz`, read in bounded
+units (docs/internals/ingest.md). A folder entry whose real path leaves the allowed roots
+(a symlink) is a failure, never opened."""
 
 from __future__ import annotations
 

@@ -1,13 +1,6 @@
-"""IDX files, the MNIST family's format: `*-images-idx3-ubyte[.gz]` (magic 0x00000803:
-uint8, 3 dimensions, big-endian sizes) and its labels `*-labels-idx1-ubyte[.gz]` (0x00000801)
-found beside it by name.
-
-Items are the stored pixels as they are, uint8 `(1, H, W)` (grey 8-bit: `pixels=True`);
-`image_size`/`color` do not apply (recorded as grey at the file's size). Keys are item
-indices, labels the digits. The header's sizes are checked against the limits and, for an
-uncompressed file, against its size before anything else is read; the data is streamed
-(gzip too) a chunk at a time, and a short file is a DatasetError.
-"""
+"""IDX files, the MNIST family's format (`*-images-idx3-ubyte[.gz]`, with its labels
+`*-labels-idx1-ubyte[.gz]` found beside it by name), streamed a chunk at a time once the
+header's sizes are checked (docs/internals/ingest.md)."""
 
 from __future__ import annotations
 

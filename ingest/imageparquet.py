@@ -1,22 +1,6 @@
-"""Parquet with an image column, as Hugging Face writes image datasets: a column of
-`struct<bytes: binary, path: string>` (or of raw `binary`) beside label and metadata
-columns.
-
-The image column is `options.image_column`, else the first column of either type. Keys:
-`key_column` when given; else the struct's `path` when every row has one and they are
-unique (read alone, at plan time); else the row number. Labels from `label_column`,
-metadata from `metadata_columns`. One unit per row group; the bytes a row group holds
-in every column read (image, key, label, metadata; declared in the file's metadata) are
-checked against MAX_ROW_GROUP_BYTES before it is read, and `path` keys are read at plan
-time only when their declared bytes are at most MAX_PATH_KEY_BYTES (else row numbers).
-Each cell's Arrow size is checked before it becomes a Python value (`_cell`): an image
-over MAX_IMAGE_BYTES, a key or label over a few KB, a metadata cell over
-MAX_METADATA_BYTES is that row's failure (named by its key, or its row number where the
-key itself is the cell too big); top-level text and binary columns are read as parquet's
-dictionaries (`open_parquet`), so a value repeated in many rows is not expanded; then
-`ingest.batches.item_problem` checks the values themselves (characters, NUL, JSON size).
-A NaN or infinite number in metadata becomes null (`_json_safe`).
-"""
+"""Parquet with an image column, as Hugging Face writes image datasets, read a row group at a
+time. Every size parquet declares (a row group's, a cell's) is checked before the data is
+read or becomes a Python value (docs/internals/ingest.md)."""
 
 from __future__ import annotations
 

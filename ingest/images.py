@@ -1,25 +1,8 @@
-"""One image file's bytes to a uint8 array `(C, H, W)`, the same way everywhere.
-
-Registration (every container: folders, archives, WebDataset shards, parquet image
-columns) and the serving routes that take an image (search, encode, score by image) call
-`decode_image` with the dataset's `ImageSpec`, so a query image is transformed exactly as
-the dataset's items were.
-
-The transform, in order: the first frame; EXIF orientation applied; converted to `L`
-(grey) or `RGB` (an alpha channel is dropped, a palette expanded; 16-bit grey rounded to
-8 bits first, `v * 255 / top` halves up, `top` 65535 for `I;16`, the image's maximum for
-32-bit `I`); when `size` (H, W) is given, the centre region of the target's aspect ratio
-(`centre_box`: the largest centred box of W:H, in source pixels, fractional edges kept)
-resized to `size` exactly (bilinear, antialiased, Pillow's `resize(box=...)`). That is
-torchvision's Resize + CenterCrop up to rounding, but only the region kept is ever
-resampled: resizing the whole image first would make a 200000x1 PNG 12.8M x 64 pixels
-before the crop. Without `size` the image keeps its own; a dataset then needs all its
-images the same size.
-
-Nothing is decoded before its declared size is checked against `max_pixels` (a 100-byte
-PNG can declare 10^10 pixels); JPEGs are decoded at a reduced scale where the target is
-smaller (libjpeg's DCT scaling, `Image.draft`), which is most of the cost of a resize.
-"""
+"""One image file's bytes to a uint8 array `(C, H, W)`, the same way everywhere: registration
+and the serving routes that take an image call `decode_image` with the dataset's
+`ImageSpec`, so a query image is transformed exactly as the dataset's items were. Nothing is
+decoded before its declared size is checked against `max_pixels`
+(docs/internals/ingest.md)."""
 
 from __future__ import annotations
 

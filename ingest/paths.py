@@ -1,16 +1,6 @@
 """Where a user's source may be: a path under the configured roots, or a URL under the
-configured prefixes. Nothing else is opened.
-
-`resolve_location(uri, settings)` is the only way a user's name for a source becomes a
-`Location`. A local path is resolved (symlinks too) and must land inside
-`allowed_roots`; a URL (`s3://bucket/photos/`) must start with one of `allowed_urls`
-after normalisation (no `..`, no empty or `.` segments, no NUL), and is opened through
-fsspec with `source_options`. The last segment may be a brace pattern
-(`shard-{000000..000099}.tar`, WebDataset's), whose expansion is counted before it is made.
-
-Inside a folder, entries whose real path leaves the root (a symlink to `/etc`) are never
-read: the folder readers call `inside_roots` and count them as failures.
-"""
+configured prefixes. Nothing else is opened: `resolve_location` is the only way a user's name
+for a source becomes a `Location` (docs/internals/ingest.md)."""
 
 from __future__ import annotations
 

@@ -1,26 +1,6 @@
 """The contract between a source and whoever ingests it (the API's synchronous path, the
 ingest jobs on the workers): a source is planned into *units*, each read on its own into
-`Chunk`s, and the chunks of all units, in order, make the dataset.
-
-- `Location`: where a source is, as an fsspec filesystem and a path (local files go
-  through fsspec's local filesystem too, so every reader works on S3 prefixes alike).
-- `plan_source(location, options, limits)`: what the source holds, cheaply (listing,
-  headers): its format and its units (a batch of files of a folder, one archive, one
-  WebDataset shard, a parquet row group range, one IDX pair, one array file), with bytes
-  each for progress. Bad input raises the store's 4xx errors (UnsupportedFormat,
-  DatasetError, TooLarge, NotFound) before any item is read.
-- `read_unit(plan, unit, options, limits, report)`: the unit's chunks, in a fixed order,
-  in bounded memory. Items that cannot be read (a corrupt image) are recorded in `report`
-  and skipped, never raised; anything that makes the whole unit unreadable (a truncated
-  archive, a short IDX file) raises DatasetError naming the unit and where it broke.
-- `source_of(plan, options, limits, report)`: every unit's chunks as one `Source` for
-  `store.datasets.register_dataset`; after the last chunk it refuses the dataset when the
-  report's share of failures passes `options.max_failure_share` (before the commit).
-
-Item keys are stable whatever the container: an image's path relative to the source's
-root (`cat/001.png`, the same in a folder, a zip and a tar), a WebDataset sample's key
-(`000123`), a parquet row's key column or its image's `path`, an IDX item's index.
-"""
+`Chunk`s, and the chunks of all units, in order, make the dataset (docs/internals/ingest.md)."""
 
 from __future__ import annotations
 

@@ -1,14 +1,5 @@
-"""Which reader a source gets, and the dispatch behind `ingest.plan`'s functions.
-
-The format is `options.format` when given; else: a brace pattern is WebDataset; a folder
-holding only `.tar` files is WebDataset, any other folder an image folder; `.zip` is an
-image folder inside a zip; `.tar`/`.tar.gz`/`.tgz` is WebDataset when its first members are
-flat `<key>.<ext>` groups of an image and a cls/txt/json, else an image folder inside a
-tar; `.parquet` with an image column (or `image_column`) is `image-parquet`, else the
-table reader; `*-idx3-ubyte[.gz]` or the IDX magic is `idx`; `.npy`/`.npz`/`.csv` are
-arrays. A remote array file is copied to a local temporary file first (its readers seek),
-bounded by `max_upload_temp_bytes`.
-"""
+"""Which reader a source gets, and the dispatch behind `ingest.plan`'s functions (the rules:
+docs/internals/ingest.md)."""
 
 from __future__ import annotations
 

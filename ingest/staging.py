@@ -1,19 +1,6 @@
-"""An ingest job's staged units: what makes a killed attempt resume where it stopped.
-
-Each unit the job has read is written under the job's own folder
-(`<data_dir>/staging/job-<id>/unit-<index>/`): per chunk, its values as `.npy` (the
-source's dtype: uint8 pixels stay uint8) and its keys, labels and metadata as JSON, and
-last `unit.json` (items, bytes, the unit's report). A unit is written into a temporary
-folder and renamed into place, so a unit folder either holds the whole unit or is not
-there: a new attempt skips the units it finds and reads the others, and nothing is
-staged twice. Registration then streams the staged chunks in unit order into
-`store.datasets.register_dataset`, so the dataset is the same whether the job ran once
-or was killed ten times.
-
-The folder belongs to the job, not to a process: it outlives a killed attempt (the next
-one needs it) and is removed when the job ends, whatever the outcome (`remove`), or by
-`sweep_staging` (each ingest attempt sweeps its host) when the job ended elsewhere.
-"""
+"""An ingest job's staged units: what makes a killed attempt resume where it stopped. A unit is
+written into a temporary folder and renamed into place, so a unit folder holds the whole unit
+or is not there (docs/internals/ingest.md)."""
 
 from __future__ import annotations
 
@@ -54,7 +41,7 @@ def _write_json(path: str, value: Any) -> None:
 
 
 class Staging:
-    """The staged units of one job (see the module's docstring)."""
+    """The staged units of one job (docs/internals/ingest.md: staging)."""
 
     def __init__(self, root: Path, job_id: int, max_bytes: int | None = None) -> None:
         self.path = root / f"job-{job_id}"

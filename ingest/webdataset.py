@@ -1,20 +1,6 @@
 """WebDataset shards: `.tar` files whose members are samples, `<key>.<ext>` side by side
-(`000123.jpg`, `000123.cls`, `000123.json`). One unit per shard, streamed.
-
-A sample is the consecutive members sharing a key (the member's path up to the first dot
-of its basename). Its image is the first member with an image extension; `cls` is the
-label (text, stripped); `json` is the metadata (a dict, else `{"json": value}`; its
-`label` or `cls` value is the label when there is no cls member); `txt` is metadata
-`{"txt": ...}`. Other members are ignored. A sample without an image is a failure; so
-is one whose side members hold what cannot be stored (a NUL, NaN or Infinity, json nested
-past Python's recursion limit: see `_side`), never the dataset's error.
-
-Keys are the samples' own: shards are expected to number their samples apart. Two shards
-with the same key make the dataset fail with the store's duplicate-key error, naming it.
-
-Shards are a folder holding only `.tar` files, one `.tar`, or a brace pattern
-(`shard-{000000..000099}.tar`, expanded in `ingest.paths` with a bounded count).
-"""
+(`000123.jpg`, `000123.cls`, `000123.json`), one unit per shard, streamed
+(docs/internals/ingest.md)."""
 
 from __future__ import annotations
 

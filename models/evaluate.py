@@ -1,12 +1,6 @@
-"""Per-item evaluation of a trained VAE over a dataset, in nats.
-
-For each item: ELBO, reconstruction E_q[log p(x|z)], KL(q(z|x) || p(z)) and, with
-K > 0 importance samples, log p(x) ~ logmeanexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)]
-with its Monte-Carlo standard error and the weights' effective sample size.
-Over the set: mean KL per latent dimension and active units (Burda et al., 2016:
-dimension d is active when Var_x(E_q[z_d]) > 0.01; an inactive one has collapsed to the
-prior).
-"""
+"""Per-item evaluation of a trained VAE over a dataset, in nats (ELBO, reconstruction, KL,
+importance-sampled log p(x)), and over the set the KL per latent dimension and the active
+units: the figures docs/internals/likelihoods.md defines."""
 
 from __future__ import annotations
 

@@ -1,12 +1,6 @@
-"""Encoder and decoder networks of the two families: `mlp` and `conv`.
-
-An encoder maps items `(B, *input_shape)` to `(mu, logvar)`, each `(B, latent_dim)`.
-A decoder maps codes `(B, latent_dim)` to one tensor `(B, *input_shape)`: the
-location parameter of the likelihood (Bernoulli logits, Gaussian means, the discretised
-logistic's locations). The conv family takes residual blocks and GroupNorm as options
-(models.config.VAEConfig: `blocks`, `norm`) for RGB items at 32x32 and 64x64. Every
-hidden layer of either family is followed by the config's `activation`.
-"""
+"""Encoder and decoder networks of the two families, `mlp` and `conv`: an encoder maps items to
+(mu, logvar), a decoder maps codes to the likelihood's location parameter
+(docs/internals/models.md)."""
 
 from __future__ import annotations
 

@@ -1,14 +1,5 @@
 """Learning-rate schedules: the rate for a step as a pure function of where training
-stands (epoch, step), so a run resumed from a checkpoint follows the same curve.
-
-- `constant`: `lr` throughout.
-- `cosine`: from `lr` at step 0 down to `lr * lr_final` at the last step.
-- `step`: `lr * lr_gamma ** m`, m = how many of `lr_milestones` (epochs) have passed.
-- `iwae`: Burda, Grosse & Salakhutdinov (2016), section 5: stage i = 0, 1, 2, ... lasts
-  3^i epochs at `lr * 10 ** (-i / 7)`. Stages 0..n-1 take (3^n - 1) / 2 epochs: 40 for
-  n = 4, the paper's 3,280 for n = 8. Past the last whole stage the rate keeps falling
-  stage by stage, so any epoch budget is the paper's schedule cut short.
-"""
+stands (epoch, step), so a run resumed from a checkpoint follows the same curve."""
 
 from __future__ import annotations
 

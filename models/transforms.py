@@ -1,20 +1,7 @@
-"""What the model sees of an item: binarised or dequantised values, in NumPy (no torch).
-
-Both transforms draw uniform noise u in [0, 1) that depends only on (seed, row of the
-dataset, position in the item): the same item gets the same noise in every batch, shard,
-worker and API process, so an evaluation is reproducible whatever splits it.
-
-- binarisation (Bernoulli on grey data): x_b = 1[u < x], so E[x_b] = x. `static` uses
-  `data_seed` for training and evaluation alike (one binary copy); `dynamic` draws new
-  noise each training epoch and evaluates on the `data_seed` copy (the IWAE paper's
-  protocol).
-- uniform dequantisation (integer data 0 .. L-1): y = (x + u) / L lies in [0, 1). A density
-  p on y gives the discrete data the probability P(x) = L^-D E_u[p(y)], so
-  log P(x) >= log p(y) - D log L: the likelihoods add the offset -D log L and report the
-  discrete figure (and bits/dim = -log P(x) / (D ln 2)).
-
-This module is shared by the trainer, the embedding workers and the API's scoring.
-"""
+"""What the model sees of an item: binarised or dequantised values, in NumPy (no torch) so that
+the trainer, the embedding workers and the API's scoring share it. The noise depends only on
+(seed, dataset row, position in the item), so an evaluation is reproducible however it is
+split (docs/internals/likelihoods.md)."""
 
 from __future__ import annotations
 

@@ -1,30 +1,6 @@
 """Authentication before the body: an ASGI layer that checks the API key of a request from
-its headers alone, before anything receives, reads or parses its body.
-
-FastAPI resolves a route's body before its dependencies, so with a `require` dependency
-alone anyone could make the API read and parse `max_request_bytes` (and malformed JSON got
-422, not 401). Here a request that needs a key and has no valid one is answered at once
-(401, 403 or 429, with `Connection: close` when it carries a body) and its body is never
-received: `receive` is not called.
-
-Which requests need a key: every `/v1` path, and `/metrics` unless `metrics_access` opens
-it to this client. The scope a route needs is read from its own `require(scope)`
-dependency (found once on the route table), so a read key posting to a write route gets
-its 403 before the body too. The route's dependency then reads what this layer verified
-(`scope["state"]`): no second lookup, and OpenAPI still documents the security scheme.
-
-What this layer keeps, per API process, in memory (N processes: N times the limits):
-- verified keys (`Services.keys`, 10 s) and keys verified lately (`good_keys`, 10 min);
-- unknown keys (`unknown_keys`, bounded, 60 s): a repeated bogus key costs no lookup. A
-  key cannot become valid later (its secret is random and first shown when it is made),
-  so the entry can only ever be right;
-- a bucket of failed authentications per client address (`auth_failures_per_second`,
-  `auth_failures_burst`): once it is empty, keys not verified lately answer 429 without
-  a lookup, so a flood of distinct bogus keys costs the database nothing more;
-- a token bucket per key (`rate_limit_per_second`, `rate_limit_burst`) and the count of
-  each key's requests in progress and event streams open (`max_concurrent_per_key`,
-  `max_streams_per_key`); over any of them: 429 with `Retry-After`.
-"""
+its headers alone, before anything receives, reads or parses its body
+(docs/internals/serving.md, docs/operations/security.md)."""
 
 from __future__ import annotations
 
@@ -215,6 +191,8 @@ async def lookup(svc: Services, digest: str) -> tuple[int, set[str]] | None:
     if row is None:
         svc.keys.pop(digest)
         svc.good_keys.pop(digest)
+        # always right: a key never becomes valid later (its secret is random, first shown
+        # when the key is made)
         svc.unknown_keys.put(digest, True)
         return None
     known = (row.id, implied_scopes(list(row.scopes)))
@@ -241,7 +219,8 @@ def forget_key(svc: Services, digest: str) -> None:
 
 
 class Authenticate:
-    """The outermost middleware: see the module's docstring."""
+    """The outermost middleware (docs/internals/serving.md: authentication before the
+    body)."""
 
     def __init__(self, app: Any, services: Services, routes: Sequence[Any]) -> None:
         self.app, self.svc, self.routes = app, services, routes

@@ -1,26 +1,6 @@
-"""The decode hot path: `POST /v1/models/{id}/decode` without the framework's per-request
-machinery, when everything it needs is already known to this process.
-
-A profile of the API under batch-1 decodes put the endpoint's own work at a sixth of the
-time: route matching over every route, the stacked middlewares, dependency resolution,
-thread-pool hand-offs for the body, `ast` parsing of the `.npy` header and an access-log
-line cost the rest. This ASGI middleware sits outside all of that and answers a decode
-itself when the request is an ordinary one:
-
-- its API key was verified, with the `read` scope, by the Authenticate middleware outside
-  this one (service/api/auth.py: every key check, limit and refusal happens there, before
-  this reads a byte of the body);
-- its model is in the ready-model cache;
-- its body is JSON (exactly `{"z": ...}`, at most 64 KiB) or `.npy`, with a
-  Content-Length within `max_request_bytes`, and it asks for JSON or `.npy`;
-- its answer is within `decode_max_rows` and `max_response_values` (else the route says so).
-
-Everything else (the first request for a model, PNG answers, chunked bodies,
-anything invalid) goes to the FastAPI route, with the body replayed if it was read: errors
-come from one place, so both paths answer a bad request in the same words. The answer is
-the same bytes either way (tests compare them). A decode on this path is counted in the
-request-latency histogram like any other; its log line is at DEBUG level.
-"""
+"""The decode hot path: `POST /v1/models/{id}/decode` answered without the framework's
+per-request machinery when everything it needs is already known to this process; anything
+else goes to the FastAPI route, so errors come from one place (docs/internals/serving.md)."""
 
 from __future__ import annotations
 
@@ -90,6 +70,8 @@ class FastDecode:
 
     def _plan(self, scope: dict[str, Any], model_id: int) -> tuple[Any, bool, bool] | None:
         """(model, .npy body?, .npy answer?) when this request can take the fast path."""
+        # Authenticate, outside this middleware, has made every key check, limit and
+        # refusal before a byte of the body is read: only what it verified is taken here.
         verified = scope.get("state") or {}
         if "read" not in verified.get("scopes", ()):
             return None  # not verified here: the route answers (401/403)

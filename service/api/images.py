@@ -1,18 +1,6 @@
-"""Query images: a picture sent to search, encode or score, made into the model's input.
-
-A user who finds an odd item asks "what is like this picture?" with the picture itself,
-not with its pixels typed out. The image is decoded and transformed exactly as the
-dataset's items were when they were registered (`ingest.images.decode_image` with the
-`ImageSpec` the dataset recorded in `datasets.ingest`), then given to the model as stored
-8-bit items are (`models.transforms.model_input`: x / 255, or the integers 0 .. 255 for a
-dequantising model), so a query that is one of the items lands on that item.
-
-Two ways to send one: multipart with the file in field `image` and the route's other
-parameters as form fields, or the raw file as the body (`image/png`, `image/jpeg`,
-`image/webp`) with its parameters in the query string. The body is bounded by
-`max_request_bytes` before it is read (service/api/app.py's BodyLimit) and the decoded
-size by `max_image_pixels` before a pixel is decoded; decoding runs off the event loop.
-"""
+"""Query images: a picture sent to search, encode or score, decoded exactly as the dataset's
+items were and given to the model as stored 8-bit items are, so a query that is one of the
+items lands on that item (docs/internals/serving.md)."""
 
 from __future__ import annotations
 

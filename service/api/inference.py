@@ -1,12 +1,6 @@
-"""onnxruntime sessions for the models' encoders and decoders, and request batching.
-
-Sessions are cached per (model, role, sha256) in a bounded LRU; a new model version has a
-new sha256, so a cached session is never stale. Inference runs on a small thread pool,
-never on the event loop. Concurrent decode requests for the same model are merged: while
-one onnxruntime call runs, the requests that arrive queue up and go in the next call
-together; `BatchPolicy` adds Triton's two knobs, the most rows a call takes and how long
-a request may wait for company.
-"""
+"""onnxruntime sessions for the models' encoders and decoders, cached per model version and
+run off the event loop, and the batching of concurrent requests for one model
+(docs/internals/serving.md)."""
 
 from __future__ import annotations
 

@@ -1,14 +1,6 @@
-"""Registrations that run as ingest jobs: a `uri` (a file or folder under an allowed
-root, or an object under an allowed URL), an uploaded archive, image parquet or IDX
-file, and an array upload larger than `ingest_sync_max_bytes`.
-
-Everything is checked here, before anything is queued: the name, the options (one
-function with the worker: `ingest.requests`), the `uri` resolved and allowed. An upload
-is saved under the data dir's `uploads/` first, in a folder named after this process
-(`<pid>-...`: a killed API's is swept at start), then moved into the artifact store
-(`uploads/<token>/`, `store.artifacts.upload_key`), where a worker on any host reads it
-and which the job removes when it ends, whatever the end.
-"""
+"""Registrations that run as ingest jobs (a `uri`, an uploaded archive, image parquet or IDX
+file, a large array upload), each checked here before anything is queued
+(docs/internals/ingest.md)."""
 
 from __future__ import annotations
 

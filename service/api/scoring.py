@@ -1,33 +1,6 @@
-"""Per-item scores of new items through a model's ONNX encoder and decoder, in NumPy.
-
-The API imports no torch, so the bounds of models/vae.py are written again here over the
-exported graphs' outputs, in float64 (tests/service/api check them against the torch
-figures an embedding job stores for the same items):
-
-    q(z|x) = N(mu, diag(exp(logvar))),   z_k = mu + exp(logvar / 2) * eps_k
-    KL     = 0.5 * sum_d (exp(logvar) + mu^2 - 1 - logvar)               (closed form)
-    rec    = mean_k log p(x | z_k)                 ELBO = rec - KL
-    log w_k = log p(x | z_k) + log N(z_k; 0, I) - log q(z_k | x)
-    log p(x) ~ log mean_k w_k
-
-The Monte-Carlo standard error of log p(x) is the delta method's: with w~ the weights
-scaled by their largest, se = sqrt(Var(w~) / K) / mean(w~). The effective sample size
-is (sum w)^2 / sum w^2 (K when every weight is equal, 1 when one dominates): an ESS
-far below K says the estimate and its error bar are not to be trusted.
-
-A (continuous) Bernoulli decoder exports its logits l (models/likelihoods.py), and each
-value's log-probability is x l - softplus(l), plus log C(l) for the continuous Bernoulli
-(its series near l = 0, as in models/likelihoods.py): torch's figure for any logit. Files
-exported before the logits were have only float32 probabilities, which round to 0 or 1
-beyond |l| = 16.6 (and onnxruntime's sigmoid is 0 below l = -18): a continuous Bernoulli's
-logits are then recovered from its exported mean (`recover_cb_logits`: the mean keeps
-1/|l| of room to 0 or 1, so it resolves any logit), and a Bernoulli's probabilities are
-floored at 2^-24 as before, a value's log-probability at -16.6 nats (`logits_source` says
-which, and /score reports it). A density of dequantised data adds -D log L
-(models/transforms.py). A discretised-logistic decoder exports its unclamped location
-`loc` beside `mean` (its clamp to [0, 1]) and `log_scale`: each value's bin probability is
-computed from them in log space as models/likelihoods.py does.
-"""
+"""Per-item scores of new items through a model's ONNX encoder and decoder, in NumPy: the API
+imports no torch, so the bounds of models/vae.py are written again here, in float64
+(docs/internals/serving.md)."""
 
 from __future__ import annotations
 

@@ -1,12 +1,5 @@
-"""`make demo`: the whole service on the builtin digits, through its HTTP API.
-
-Starts `latentbank up` in the background (or uses the stack already running from
-LATENTBANK_DATA_DIR), registers scikit-learn's digits, trains a VAE, embeds every item,
-finds neighbours, decodes prior samples to a PNG grid, prints a summary table and the
-paths of the results, and stops the stack it started.
-
-    latentbank demo [--epochs 100] [--out out/demo]
-"""
+"""`make demo`: the whole service on the builtin digits, through its HTTP API, on the stack
+already running or on one it starts and stops (the steps: docs/quickstart.md)."""
 
 from __future__ import annotations
 

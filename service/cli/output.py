@@ -1,20 +1,5 @@
-"""What every client verb shares: output (rich tables, `--json`), errors and the client.
-
-Each client verb of the `latentbank` command is a call to the HTTP API through
-`latentbank_client.Client` (one HTTP layer: retries with back-off honouring Retry-After,
-an Idempotency-Key on each submission, one error hierarchy, folder packing, the event
-stream). Where it sends requests and which key goes there is the client's rule
-(latentbank_client.config): a key goes only to a URL the user gave or to the stack that
-this user's `latentbank up` runs from the data folder, never to a URL read from elsewhere.
-The client is imported when a verb runs, never by the server's commands (up, api, worker,
-beat, migrate), so the images need no latentbank-client.
-
-Human output is a rich table on stdout (progress on stderr); `--json` prints the API's
-JSON instead, for scripts. A failure prints one line, `error: <reason>`, on stderr and
-exits 1 (the API refused, the job failed, or the answer was not the API's), 2 (bad usage
-or input, also input the client refuses before sending) or 3 (no API, or a connection
-broken after a change was sent).
-"""
+"""What every client verb shares: output (rich tables, `--json`), errors and their exit codes,
+and the client, imported only when a verb runs (docs/reference/commands.md)."""
 
 from __future__ import annotations
 
