@@ -7,12 +7,13 @@
 # base images are kept, and Docker's layer cache makes a rebuild quick.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# The Debian mirror: DEBIAN_MIRROR, else the first archive (not -security) of this
-# machine's apt sources, else debootstrap's own default.
+# The Debian mirror: DEBIAN_MIRROR, else the first Debian archive (a URI ending in /debian,
+# not -security) of this machine's apt sources, else debootstrap's own default; another
+# distribution's archive or a third-party repository is never taken for it.
 machine_mirror() {
     { grep -hE '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null | tr ' ' '\n'
       grep -hE '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null |
-          tr ' ' '\n'; } | grep -E '^(https?|file)://' | grep -v -- '-security' | head -1 || true
+          tr ' ' '\n'; } | grep -E '^(https?|file)://.*/debian/?$' | head -1 || true
 }
 MIRROR=${DEBIAN_MIRROR:-$(machine_mirror)}
 ROOTS=${IMAGE_ROOTS:-/var/tmp/latentbank-rootfs}
@@ -29,7 +30,7 @@ base() {  # latentbank-base:SUITE, a minimal Debian SUITE
         return
     fi
     command -v debootstrap >/dev/null || { say "no debootstrap (apt-get install debootstrap)"; exit 1; }
-    say "debootstrap $suite from ${MIRROR:-debootstrap's default mirror}"
+    say "debootstrap $suite from ${MIRROR:-the default mirror of debootstrap}"
     rm -rf "${ROOTS:?}/$suite" && mkdir -p "$ROOTS"
     debootstrap --variant=minbase "$suite" "$ROOTS/$suite" ${MIRROR:+"$MIRROR"} > "$ROOTS/$suite.log" 2>&1 ||
         { tail -20 "$ROOTS/$suite.log"; exit 1; }

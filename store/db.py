@@ -245,17 +245,21 @@ def _register_vector(dbapi_connection: Any, record: Any, proxy: Any) -> None:
         return
     try:
         register_vector(dbapi_connection)
-    except psycopg.ProgrammingError:  # "vector type not found in the database"
-        return
+    except psycopg.Error:  # "vector type not found", or the server went away: the
+        return             # statement that follows fails through SQLAlchemy if it is gone
     record.info["vector"] = True
 
 
 def binary_rows(conn: Connection, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
     """The rows of `sql` (psycopg's `%(name)s` placeholders) in PostgreSQL's binary format,
-    so a `vector` arrives as its float32 bytes (a `pgvector.Vector`), never as text."""
-    with conn.connection.driver_connection.cursor(binary=True) as cursor:
-        cursor.execute(sql, params)
-        return cursor.fetchall()
+    so a `vector` arrives as its float32 bytes (a `pgvector.Vector`), never as text. The
+    driver's errors come wrapped as SQLAlchemy's would be (store_error_of reads them)."""
+    try:
+        with conn.connection.driver_connection.cursor(binary=True) as cursor:
+            cursor.execute(sql, params)
+            return cursor.fetchall()
+    except psycopg.Error as exc:
+        raise DBAPIError.instance(sql, params, exc, psycopg.Error) from exc
 
 
 def is_unavailable(exc: BaseException) -> bool:

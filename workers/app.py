@@ -17,7 +17,8 @@ from store.settings import get_settings
 log = logging.getLogger(__name__)
 MAINTENANCE_TASK = "latentbank.maintenance"
 MAINTENANCE_QUEUE = QUEUES["maintenance"]
-# Imported by the main process before the pool forks (see the module's docstring).
+# Imported by the main process before the pool forks, so no child imports under a lock
+# another thread held at the fork (docs/internals/workers.md).
 PRELOAD = ("psycopg", "sqlalchemy.dialects.postgresql.psycopg", "redis", "kombu.transport.redis",
            "workers.tasks", "workers.training", "workers.embedding", "workers.maintenance",
            "workers.ingest")

@@ -322,7 +322,9 @@ def index_set(ctx: Context, set_id: int, owner: str) -> dict[str, Any]:
              "index": {"status": report.status, "build_seconds": report.build_seconds,
                        "ef_search": report.ef_search,
                        "calibration_recall": {str(k): v for k, v in report.recall.items()}}}
-    record_index_stats(ctx.db, set_id, stats)
+    if not record_index_stats(ctx.db, set_id, stats):  # a newer build owns the set now
+        log.warning("index statistics superseded set_id=%d owner=%s", set_id, owner)
+        return {"outcome": "superseded"}
     log.info("set indexed set_id=%d status=%s seconds=%.1f knn_label_accuracy=%s", set_id,
              report.status, report.build_seconds, accuracy)
     return {"outcome": report.status}

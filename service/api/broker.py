@@ -1,7 +1,7 @@
 """The broker seen from the API and the CLI: a publisher of job tasks, and a liveness probe.
 
-Tasks are published by name through `store.jobs.publish` (see `store.jobs.TASKS`), so
-neither imports the worker's task code.
+Tasks are published by name through `store.publishing.publish` (see
+`store.publishing.TASKS`), so neither imports the worker's task code.
 """
 
 from __future__ import annotations

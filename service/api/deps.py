@@ -25,7 +25,7 @@ class Services:
     settings: Settings
     db: Database
     artifacts: ArtifactStore
-    sender: TaskSender  # publishes job tasks (store.jobs.publish)
+    sender: TaskSender  # publishes job tasks (store.publishing.publish)
     inference: Inference
     metrics: Metrics
     # verified keys: (id, scopes) by the secret's hash. A key revoked by another process

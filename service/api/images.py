@@ -140,7 +140,7 @@ async def image_input(svc: Services, upload: Upload, dataset_id: int,
     """`upload`'s image as the values the routes take for one item (1, *input_shape):
     x / 255 in [0, 1], or the integers 0 .. 255 for a dequantising model (what a JSON item
     of the dataset would hold); the route then applies the model's transform as for JSON
-    (`inference.model_view`)."""
+    (`arrays.model_view`)."""
     spec = await in_thread(image_spec, svc, dataset_id)
     pixels = await in_thread(image_pixels, upload.data, spec, model_config["input_shape"])
     log.info("query image dataset_id=%d bytes=%d shape=%s", dataset_id, len(upload.data),

@@ -354,3 +354,18 @@ def test_bad_queries_are_clear_errors(db, world):
     pending, _ = submit_embedding(db, world["model_id"], world["dataset_id"])
     with pytest.raises(Conflict, match="is pending, not ready"):
         search(db, settings, pending.embedding_set_id, vector=np.zeros(DIM))
+
+
+def test_a_binary_read_the_driver_refuses_is_the_store_error_it_means(db):
+    """Reads through a raw binary cursor (vectors) raise what SQLAlchemy would have raised,
+    so store_error_of gives them their meaning: a NUL in a text parameter is the caller's."""
+    from sqlalchemy.exc import DBAPIError
+
+    from store.db import binary_rows, store_error_of
+    from store.errors import InvalidInput
+
+    with db.engine.connect() as conn:
+        assert binary_rows(conn, "SELECT %(k)s::text", {"k": "ab"}) == [("ab",)]
+        with pytest.raises(DBAPIError) as raised:
+            binary_rows(conn, "SELECT %(k)s::text", {"k": "a\x00b"})
+    assert isinstance(store_error_of(raised.value), InvalidInput)

@@ -44,8 +44,9 @@ def get_model(_: ReadKey, svc: SvcDep, model_id: ModelId) -> ModelOut:
 @router.delete("/{model_id}", status_code=204, response_class=Response,
                summary="Delete a model: its metrics, embedding sets (rows and indexes), "
                        "checkpoints and ONNX files; 409 while aliased or used by a job")
-def remove_model(_: WriteKey, svc: SvcDep, model_id: ModelId) -> Response:
-    registry.delete_model(svc.db, svc.artifacts, model_id)
+async def remove_model(_: WriteKey, svc: SvcDep, model_id: ModelId) -> Response:
+    await in_thread(registry.delete_model, svc.db, svc.artifacts, model_id)
+    # on the event loop: the inference sessions and their batchers are the loop's own
     svc.ready_models.pop(model_id)
     svc.inference.forget(model_id)
     return Response(status_code=204)

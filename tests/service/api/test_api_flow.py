@@ -204,6 +204,9 @@ def test_interpolation_between_stored_items_follows_the_great_circle(client, flo
     b = np.asarray(client.get(f"/v1/embeddings/{flow['set_id']}/items/{FOLDER_KEY}").json()["mu"])
     escaped = client.get(f"/v1/embeddings/{flow['set_id']}/items/class%204%2Fd%200042.png")
     assert escaped.status_code == 200 and escaped.json()["key"] == FOLDER_KEY
+    # a key PostgreSQL cannot hold (a NUL) is the caller's error, not the server's
+    nul = client.get(f"/v1/embeddings/{flow['set_id']}/items/d%000000")
+    assert nul.status_code == 422, nul.text
     answer = client.post(f"/v1/models/{flow['model_id']}/interpolate", json={
         "embedding_id": flow["set_id"], "from_key": "d0000", "to_key": FOLDER_KEY, "steps": 5,
         "method": "slerp"}).json()
