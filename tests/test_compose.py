@@ -361,3 +361,37 @@ def test_the_init_script_makes_an_owner_that_is_no_superuser_and_migrations_run_
                         "SELECT pg_read_file('/etc/hostname')"):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute(attempt)
+
+
+@pytest.mark.parametrize("script", ["docker/images.sh", "docker/postgres-entrypoint.sh",
+                                    ".ci/run"])
+def test_the_shell_scripts_parse(script):
+    """`bash -n`: a quoting slip in a script only CI runs (images.sh builds the compose
+    images) fails here, in the fast lane, not an hour into CI."""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(["bash", "-n", str(root / script)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_images_take_only_a_debian_archive_from_the_machines_sources(tmp_path):
+    """images.sh's mirror: the first URI ending in /debian of the apt sources it is shown,
+    never another distribution's archive or a third-party repository."""
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "docker/images.sh").read_text()
+    function = text[text.index("machine_mirror() {"):text.index("\n}\n", text.index(
+        "machine_mirror() {")) + 3].replace("/etc/apt", str(tmp_path))
+    (tmp_path / "sources.list.d").mkdir()
+    (tmp_path / "sources.list.d" / "a-docker.sources").write_text(
+        "Types: deb\nURIs: https://download.example/linux/debian-like\nSuites: x\n")
+    (tmp_path / "sources.list.d" / "b-ubuntu.sources").write_text(
+        "Types: deb\nURIs: http://archive.example/ubuntu\nSuites: noble\n")
+    (tmp_path / "sources.list.d" / "c-debian.sources").write_text(
+        "Types: deb\nURIs: http://mirror.example/debian-security\nSuites: x-security\n\n"
+        "Types: deb\nURIs: http://mirror.example/debian\nSuites: bookworm\n")
+    found = subprocess.run(["bash", "-c", function + "machine_mirror"], capture_output=True,
+                           text=True)
+    assert found.stdout.strip() == "http://mirror.example/debian", found.stderr
+    (tmp_path / "sources.list.d" / "c-debian.sources").unlink()
+    found = subprocess.run(["bash", "-c", function + "machine_mirror"], capture_output=True,
+                           text=True)
+    assert found.returncode == 0 and found.stdout.strip() == ""  # debootstrap's default
