@@ -1,5 +1,6 @@
 """The test suite's two lanes: `make check` runs the tests that start no whole stack, and a
-test that does (uvicorn, a Celery worker or beat, `latentbank up`) must carry `stack`."""
+test that does (uvicorn, a Celery worker or beat, `latentbank up`) must carry `stack` (or
+`system`, the suites that `make test-system` runs, whole stacks all)."""
 
 from typing import Any
 
@@ -38,7 +39,8 @@ def running(item: Any) -> None:
 def require_stack_lane(what: str) -> None:
     """Refuse to start `what` in a test of the fast lane, so a test without the marker fails
     in `make check` instead of slowing it down; outside pytest (the benches) anything goes."""
-    if _running is not None and _running.get_closest_marker("stack") is None:
+    if _running is not None and not any(_running.get_closest_marker(lane) is not None
+                                        for lane in ("stack", "system")):  # system: whole too
         raise RuntimeError(
             f"{_running.nodeid} starts {what} but is not marked `stack`: mark it with "
             "@pytest.mark.stack, or its fixture with tests.support.lanes.whole_stack")
