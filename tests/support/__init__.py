@@ -18,10 +18,10 @@ from tests.support.processes import (
     terminate,
 )
 from tests.support.ready_models import store_untrained_model
-from tests.support.waiting import wait_job
+from tests.support.waiting import wait, wait_job
 
 __all__ = ["SYSTEM_PG", "ApiProcess", "Beat", "Probe", "Served", "Up", "Worker", "alive",
            "children_of", "clean_env", "cli", "cli_json", "counts", "free_port", "settings_of",
            "store_untrained_model", "stored_files", "submit_grid",
-           "submit_train", "system_pg_up", "terminate", "unique_name", "wait_job",
+           "submit_train", "system_pg_up", "terminate", "unique_name", "wait", "wait_job",
            "whole_stack"]

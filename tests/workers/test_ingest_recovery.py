@@ -6,7 +6,6 @@ leaving no dataset and no staged files."""
 import os
 import re
 import signal
-import time
 
 import numpy as np
 import pytest
@@ -16,19 +15,9 @@ from store.datasets import dataset_array, get_dataset, item_rows
 from store.jobs import get_job, request_cancel
 from store.publishing import publish
 from store.submit import submit_ingest
-from tests.support import Worker, children_of, counts
+from tests.support import Worker, children_of, counts, wait
 
 ROWS, WIDTH = 500, 8
-
-
-def wait(what, check, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def npy_folder(root, name, files, seed):

@@ -5,11 +5,11 @@ by the replacement child at once (not after its lease), resuming from its checkp
 import os
 import re
 import signal
-import time
 
 from store.jobs import get_job
 from store.publishing import publish
 from tests.support import Worker, children_of, submit_train
+from tests.support import wait as wait_for_it
 
 MODEL = {"family": "mlp", "latent_dim": 4, "hidden": [64, 32], "likelihood": "bernoulli"}
 TRAINING = {"epochs": 300, "batch_size": 64, "lr": 0.002, "seed": 1,
@@ -20,14 +20,8 @@ def threads_of(pid):
     return len(os.listdir(f"/proc/{pid}/task"))
 
 
-def wait(what, check, timeout=90):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+def wait(what, check):
+    return wait_for_it(what, check, timeout=90)
 
 
 def epochs(db, model_id):

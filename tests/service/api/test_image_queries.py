@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 from PIL import Image, ImageDraw
 
-from tests.support import cli, store_untrained_model, wait_job
+from tests.support import cli, store_untrained_model, wait, wait_job
 
 N, SHAPE = 24, (3, 8, 8)
 MODEL = {"input_shape": list(SHAPE), "latent_dim": 4, "hidden": [32],
@@ -324,13 +324,12 @@ def test_items_and_thumbnails_of_8_bit_rgb_items(client, api_db, api_settings):
 def settled(client, set_id, timeout=120):
     """The set once its index build (sent after the job succeeded) has written its
     statistics, or at once when no index is owed: after that nothing changes it by itself."""
-    deadline = time.monotonic() + timeout
-    while True:
+    def ended():
         es = client.get(f"/v1/embeddings/{set_id}").json()
-        if es["index_status"] in ("none", "failed") or "index" in (es["stats"] or {}):
-            return es
-        assert time.monotonic() < deadline, f"set {set_id}'s index did not settle: {es}"
-        time.sleep(0.2)
+        return es if es["index_status"] in ("none", "failed") or "index" in (
+            es["stats"] or {}) else None
+
+    return wait(f"set {set_id}'s index to settle", ended, timeout, every=0.2)
 
 
 def test_a_set_of_arrays_refuses_an_image_search_with_the_reason(client, world):
