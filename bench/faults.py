@@ -54,6 +54,7 @@ from service.cli.running import stack_processes  # noqa: E402
 from store.db import embedded_url  # noqa: E402
 
 LEASE = 6.0  # the stack's job lease: a SIGSTOP of twice this loses it
+STALL = 4.0  # an embedding attempt with no heartbeat this long is sent what it owes
 SETTLED = 10.5  # seconds every part has run before the next fault (`up`'s STABLE_AFTER)
 MODEL = {"latent_dim": 8, "hidden": [256, 128]}
 TRAINING = {"epochs": 120, "batch_size": 64, "lr": 0.002, "importance_samples": 20,
@@ -101,6 +102,7 @@ class Stack:
         env.update(LATENTBANK_DATA_DIR=str(self.data), PYTHONUNBUFFERED="1",
                    LATENTBANK_JOB_LEASE_SECONDS=str(LEASE),
                    LATENTBANK_EMBED_LEASE_SECONDS="30", LATENTBANK_MAINTENANCE_INTERVAL="1",
+                   LATENTBANK_EMBED_STALL_SECONDS=str(STALL),
                    LATENTBANK_REPUBLISH_SECONDS="5",
                    LATENTBANK_EMBED_SHARD_ROWS="400", LATENTBANK_EXACT_SEARCH_BELOW="1000")
         self.env = env
@@ -513,6 +515,57 @@ def redis_stop(ctx: Context) -> tuple[float, str]:
                       + "; " + check_training(ctx, during, lost_attempt=False))
 
 
+def redis_restart_shards(ctx: Context) -> tuple[float, str]:
+    """Redis stopped as an operator or `docker compose restart` stops it (SIGTERM: it
+    writes its append-only file and exits; `up` starts it again) while an embedding job's
+    shards run. The job must end in the same attempt: a shard message or chord count the
+    restart lost would leave it waiting out its lease (`make compose-test` once saw 5 min)."""
+    job = submit_embedding(ctx)
+    wait_until("shards writing", lambda: ctx.stack.job(job)["status"] == "running" and
+               ctx.stack.job(job)["progress"] > 0, 90, 0.02)
+    at = db_now(ctx)
+    kill(ctx.stack.pid("redis"), signal.SIGTERM)
+    ctx.stack.wait_ready()
+    recovery = recovery_after(ctx, job, at)
+    note = check_embedding(ctx, job)
+    if ctx.stack.job(job)["attempts"] != 1:
+        raise TrialFailed(f"the job needed a second attempt ({note}): the restart lost work "
+                          "that only the lease's expiry recovered")
+    return recovery, note
+
+
+def lost_shard(ctx: Context) -> tuple[float, str]:
+    """A shard's message taken off the broker's queue before any worker got it (what a
+    Redis restart can do to a message in flight): its chord never completes. The job
+    must still end in its first attempt, well before its lease (30 s here) runs out:
+    maintenance finds the attempt stalled (no heartbeat for `STALL` s) and sends the
+    unwritten shard again on its own, which sends the finishing step."""
+    import redis
+
+    broker = redis.Redis(unix_socket_path=str(ctx.stack.data / "redis" / "redis.sock"))
+    job = submit_embedding(ctx)
+
+    def take_a_shard() -> bool:
+        raw = broker.lpop("embed")  # the newest message: the chord's last shard
+        if raw is None:
+            return False
+        if json.loads(raw)["headers"]["task"] == "latentbank.embed_shard":
+            return True
+        broker.lpush("embed", raw)
+        return False
+
+    wait_until("a queued shard to take", take_a_shard, 90, 0.005)
+    at = db_now(ctx)
+    job_row = finished(ctx, job, timeout=120)
+    took = float(job_row["now"]) - at
+    note = check_embedding(ctx, job)
+    if job_row["attempts"] != 1 or took > 25:
+        raise TrialFailed(f"the job ended {took:.1f} s after the loss in attempt "
+                          f"{job_row['attempts']}: its lease's expiry, not maintenance, "
+                          "recovered it")
+    return took, note + f"; ended {took:.1f} s after the loss"
+
+
 def postgres_kill(ctx: Context) -> tuple[float, str]:
     job = submit_training(ctx)
     wait_until("two epochs", lambda: running_with_epochs(ctx, job, 2), 90)
@@ -652,6 +705,9 @@ SCENARIOS: dict[str, tuple[Callable[[Context], tuple[float, str]], str]] = {
     "child-stop": (child_stop, "pool child SIGSTOP for 2x the lease (training)"),
     "redis-kill": (redis_kill, "Redis SIGKILL + restart during training"),
     "redis-stop": (redis_stop, "Redis SIGSTOP 20 s during training"),
+    "lost-shard": (lost_shard, "a shard's message lost by the broker (chord never completes)"),
+    "redis-restart-shards": (redis_restart_shards,
+                             "Redis SIGTERM + restart during embedding shards"),
     "postgres-kill": (postgres_kill, "PostgreSQL postmaster SIGKILL during training"),
     "postgres-restart-shards": (postgres_restart_shards,
                                 "pg_ctl restart during embedding shard writes"),
@@ -661,12 +717,12 @@ SCENARIOS: dict[str, tuple[Callable[[Context], tuple[float, str]], str]] = {
     "api-kill-arrived": (api_kill_arrived, "API SIGKILL just after an upload arrived"),
     "cancel-embedding": (cancel_embedding, "cancel of an embedding job mid-way"),
 }
-# The full run: pool-child kills 20+10+10+5+10 = 55, worker kills 10, Redis 10 + 5,
-# PostgreSQL 4 + 3 + 3 = 10.
+# The full run: pool-child kills 20+10+10+5+10 = 55, worker kills 10, Redis 10 + 5 + 5,
+# a lost shard message 5, PostgreSQL 4 + 3 + 3 = 10.
 FULL = {"child-kill-train": 20, "child-kill-train-early": 10, "child-kill-shard": 10,
         "child-kill-append": 5, "child-kill-index": 10, "worker-kill": 10, "child-stop": 5,
-        "redis-kill": 10,
-        "redis-stop": 5, "postgres-kill": 4, "postgres-restart-shards": 3,
+        "redis-kill": 10, "redis-stop": 5, "redis-restart-shards": 5, "lost-shard": 5,
+        "postgres-kill": 4, "postgres-restart-shards": 3,
         "postgres-restart-index": 3, "api-kill-streaming": 5, "api-kill-arrived": 5,
         "cancel-embedding": 5}
 

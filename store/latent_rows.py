@@ -75,3 +75,17 @@ def latent_writer(db: Database, set_id: int, first_index: int, n_rows: int,
             copy.write(PGCOPY_TRAILER)
         if written != n_rows:
             raise InvalidInput(f"shard of {n_rows} rows got only {written}")
+
+
+def unwritten(db: Database, set_id: int, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The ranges `[a, b)` of item positions that do not hold all their rows yet (one
+    statement: a count per range over the set's (set_id, item_index) key)."""
+    if not ranges:
+        return []
+    with db.engine.connect() as conn:
+        short = conn.execute(text(
+            "SELECT r.a, r.b FROM unnest(CAST(:a AS bigint[]), CAST(:b AS bigint[])) AS r(a, b) "
+            "WHERE (SELECT count(*) FROM latents WHERE set_id = :s AND item_index >= r.a "
+            "AND item_index < r.b) < r.b - r.a ORDER BY r.a"),
+            {"s": set_id, "a": [a for a, _ in ranges], "b": [b for _, b in ranges]}).all()
+    return [(int(a), int(b)) for a, b in short]

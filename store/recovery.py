@@ -82,3 +82,21 @@ def unpublished_jobs(db: Database, grace_seconds: float = 10.0,
             Job.status == "queued", or_(Job.published_at.is_(None), lost),
             Job.created_at < text(f"now() - interval '{float(grace_seconds)} seconds'"),
         ).order_by(Job.id)))
+
+
+def stalled_embeddings(db: Database, stall_seconds: float) -> list[Job]:
+    """Running embedding jobs whose attempt is live (its lease holds) but that no shard
+    or finishing step has heartbeat for `stall_seconds`: the broker may have lost a
+    shard's message or the chord's count (a Redis restart, seen under `make
+    compose-test`), and only the lease's expiry would otherwise end the wait. Each job
+    returned is marked nudged now (`published_at`, which a running job does not use
+    otherwise); the next nudge waits at least as long again, and at least half the
+    attempt's age, so a job whose shards only queue behind other work is nudged a few
+    times, not every pass."""
+    stall = f"interval '{float(stall_seconds)} seconds'"
+    with db.session() as s:
+        return list(s.scalars(select(Job).from_statement(text(
+            "UPDATE jobs SET published_at = now() WHERE kind = 'embed' AND status = 'running' "
+            f"AND lease_expires_at > now() AND heartbeat_at < now() - {stall} "
+            f"AND (published_at IS NULL OR published_at < now() - greatest({stall}, "
+            "(now() - coalesce(started_at, created_at)) / 2)) RETURNING *"))))

@@ -113,6 +113,11 @@ class Settings(BaseSettings):
     embed_lease_seconds: float = Field(
         300.0, description="an embedding job's lease: renewed while a shard runs; it also "
                            "covers the wait of queued shards for a free worker")
+    embed_stall_seconds: float = Field(
+        60.0, gt=0, description="an embedding attempt whose lease holds but that no shard "
+                                "has heartbeat for this long is sent its unwritten shards "
+                                "again, or its finishing step (the broker lost a message or "
+                                "the chord's count); shards written are not computed again")
     job_max_attempts: int = Field(3, description="deliveries before a crashing job fails")
     index_lease_seconds: float = Field(
         120.0, gt=0, description="an index build's lease, renewed every third of it (at "

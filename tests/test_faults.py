@@ -1,8 +1,9 @@
 """The fault-injection suite's fast subset: one trial of every scenario of
 `bench/faults.py` against a real `latentbank up` (pool-child, worker, Redis, PostgreSQL
-and API kills and stops, a cancel mid-way), each followed by its invariants (the job ends
-as it should, no duplicated or missing rows, resumed from a checkpoint, fenced files),
-and no process left once the stack is stopped. `make faults` runs the full counts."""
+and API kills and stops, a shard's message lost by the broker, a cancel mid-way), each
+followed by its invariants (the job ends as it should, no duplicated or missing rows,
+resumed from a checkpoint, fenced files), and no process left once the stack is
+stopped. `make faults` runs the full counts."""
 
 import os
 import subprocess
@@ -27,4 +28,4 @@ def test_one_trial_of_every_fault_holds(tmp_path):
     import json
 
     trials = json.loads((tmp_path / "trials.json").read_text())
-    assert len(trials) == 15 and all(t["held"] for t in trials)
+    assert len(trials) == 17 and all(t["held"] for t in trials)

@@ -30,7 +30,7 @@ from store.db import analyze
 from store.embedding_sets import get_set, part_at
 from store.indexes import build_index, claim_index, index_owed, record_index_stats
 from store.jobs import LeaseLost, count_done, finish, get_job, lease_guard, mark_finishing
-from store.latent_rows import latent_writer
+from store.latent_rows import latent_writer, unwritten
 from store.processes import host_identity
 from store.publishing import publish_index
 from store.registry import get_model
@@ -39,6 +39,7 @@ from store.search import search_many
 from workers.context import Context
 from workers.lease import IndexLease, Lease, owner_is_dead, start_attempt
 from workers.sender import FINISH_TASK, SHARD_TASK
+from workers.shards import job_shards, owed_shards
 
 log = logging.getLogger(__name__)
 CHUNK_ROWS = 4096
@@ -47,19 +48,6 @@ KNN_SAMPLE = 500
 
 class ShardCancelled(Exception):
     """The job was cancelled while this shard ran: its rows are not written."""
-
-
-def shard_ranges(n: int, shard_rows: int) -> list[tuple[int, int]]:
-    return [(a, min(n, a + shard_rows)) for a in range(0, n, shard_rows)]
-
-
-def rows_per_shard(base: int, importance_samples: int) -> int:
-    """`embed_shard_rows` at K <= 100; above, divided by K / 100 (at least 256 rows), so
-    a shard is about the same work whatever K: a K = 5000 set of 10,000 items is 10
-    shards, not one of ten minutes with no progress and all of it lost to a kill."""
-    if importance_samples <= 100:
-        return base
-    return max(min(base, 256), base * 100 // importance_samples)
 
 
 def _load(ctx: Context, model_id: int) -> tuple[VAE, Any]:
@@ -128,11 +116,8 @@ def start_embedding(ctx: Context, job_id: int) -> dict[str, Any]:
             finish(ctx.db, job_id, owner, "failed", error=problem)
         return {"outcome": "failed"}
     es = get_set(ctx.db, set_id)
-    append = job.params.get("append")
-    # an append writes positions start .. start + n - 1 of the set; a new set 0 .. n - 1
-    first, n = (int(append["start"]), int(append["n_items"])) if append else (0, es.n_items)
-    size = rows_per_shard(ctx.settings.embed_shard_rows, es.importance_samples)
-    shards = [(first + a, first + b) for a, b in shard_ranges(n, size)]
+    shards = job_shards(job.params, es.n_items, es.importance_samples,
+                        ctx.settings.embed_shard_rows)
     ctx.sender.send_chord([(SHARD_TASK, [job_id, set_id, a, b, owner]) for a, b in shards],
                           (FINISH_TASK, [job_id, set_id, owner]))
     log.info("embedding started job_id=%d set_id=%d shards=%d attempt=%d", job_id, set_id,
@@ -159,55 +144,73 @@ def value_problem_of(ctx: Context, model_id: int, dataset_id: int) -> str | None
 
 
 def run_shard(ctx: Context, job_id: int, set_id: int, start: int, stop: int,
-              owner: str) -> dict[str, Any]:
-    """Embed items [start, stop) and write them; skipped if the attempt is stale.
+              owner: str, finish: bool = False) -> dict[str, Any]:
+    """Embed items [start, stop) and write them; skipped if the attempt is stale, and
+    computed only if the rows are not all written already (an earlier delivery of the
+    shard, or an earlier attempt, wrote them with the same noise).
 
     The attempt's lease is renewed while the shard runs (another process of the same
-    attempt may have dispatched it), and the rows are written under its guard."""
+    attempt may have dispatched it), and the rows are written under its guard. With
+    `finish` (a shard sent again by maintenance for a stalled attempt, outside the chord)
+    it sends the finishing step once it finds every row of the job written."""
     job = get_job(ctx.db, job_id)
     if job.status != "running" or job.lease_owner != owner:
         return {"skipped": True, "worker": socket.gethostname()}
     if job.cancel_requested:
         return {"cancelled": True, "worker": socket.gethostname()}
     es = get_set(ctx.db, set_id)
-    dataset_id, offset = part_at(ctx.db, set_id, start)  # the dataset these positions hold
-    dataset = get_dataset(ctx.db, dataset_id)
+    binary: bool | None = None  # unknown for rows written earlier: finish_set scans
     with Lease(ctx.db, job_id, owner, ctx.settings.embed_lease_seconds) as lease:
-        model, session = _load(ctx, es.model_id)
-        data = dataset_array(ctx.artifacts, dataset, str(ctx.settings.cache_dir))
-        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(
-            set_id * 1_000_003 + start)  # a re-run shard draws the same noise
-        rows = np.arange(start - offset, stop - offset)  # the dataset's own indices
-        # a Bernoulli model on grey data reports figures that are no likelihood: say so
-        check_binary = model.config.likelihood == "bernoulli" and model.config.binarize == "none"
-        binary = True
-        # Each chunk goes into the open COPY as soon as it is computed: the database parses
-        # it while the next chunk is encoded, and memory holds one chunk, not the shard.
-        try:
-            with latent_writer(ctx.db, set_id, start, stop - start,
-                               guard=lambda conn: lease_guard(conn, job_id, owner)) as write:
-                for a in range(0, len(rows), CHUNK_ROWS):
-                    if lease.cancelled:  # cancelled or lost: the transaction rolls back
-                        lease.check()
-                        raise ShardCancelled
-                    chunk = rows[a:a + CHUNK_ROWS]
-                    x = gather_rows(data, chunk, model.config).numpy()
-                    binary = binary and (not check_binary or is_binary(x))
-                    out = embed_rows(model, session, prepare(x, chunk, model.config),
-                                     es.importance_samples, generator)
-                    write(out["mu"], out["logvar"], out["elbo"], out["reconstruction"],
-                          out["kl"], out.get("log_px"), out.get("log_px_se"), out.get("ess"))
-        except ShardCancelled:
-            return {"cancelled": True, "worker": socket.gethostname()}
+        if unwritten(ctx.db, set_id, [(start, stop)]):
+            try:
+                binary = _write_shard(ctx, job_id, es, start, stop, owner, lease)
+            except ShardCancelled:
+                return {"cancelled": True, "worker": socket.gethostname()}
         with contextlib.suppress(LeaseLost):  # the finishing task will notice
             done, total = count_done(ctx.db, job_id, owner, stop - start)
             total = total or (stop - start)
             done = min(done, total)  # a re-run shard counts again
             lease.report(0.95 * done / total, f"{done}/{total} items embedded")
             lease.beat()
+    if finish and not owed_shards(ctx.db, job, ctx.settings.embed_shard_rows):
+        log.info("a resent shard found job_id=%d written: sending its finishing step", job_id)
+        ctx.sender.send_task(FINISH_TASK, [[], job_id, set_id, owner], queue="embed",
+                             retry=False)
     # host/pid-namespace:pid: containers that share the host's network (and name) differ
     return {"rows": stop - start, "worker": f"{host_identity()}:{os.getpid()}",
             "binary": binary}
+
+
+def _write_shard(ctx: Context, job_id: int, es: Any, start: int, stop: int, owner: str,
+                 lease: Lease) -> bool:
+    """Encode and score items [start, stop) chunk by chunk into one COPY under the
+    lease's guard; returns whether every value was 0 or 1 (asked of Bernoulli models on
+    data not binarised: their log p(x) is no likelihood otherwise)."""
+    model, session = _load(ctx, es.model_id)
+    dataset_id, offset = part_at(ctx.db, es.id, start)  # the dataset these positions hold
+    data = dataset_array(ctx.artifacts, get_dataset(ctx.db, dataset_id),
+                         str(ctx.settings.cache_dir))
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(
+        es.id * 1_000_003 + start)  # a re-run shard draws the same noise
+    rows = np.arange(start - offset, stop - offset)  # the dataset's own indices
+    check_binary = model.config.likelihood == "bernoulli" and model.config.binarize == "none"
+    binary = True
+    # Each chunk goes into the open COPY as soon as it is computed: the database parses
+    # it while the next chunk is encoded, and memory holds one chunk, not the shard.
+    with latent_writer(ctx.db, es.id, start, stop - start,
+                       guard=lambda conn: lease_guard(conn, job_id, owner)) as write:
+        for a in range(0, len(rows), CHUNK_ROWS):
+            if lease.cancelled:  # cancelled or lost: the transaction rolls back
+                lease.check()
+                raise ShardCancelled
+            chunk = rows[a:a + CHUNK_ROWS]
+            x = gather_rows(data, chunk, model.config).numpy()
+            binary = binary and (not check_binary or is_binary(x))
+            out = embed_rows(model, session, prepare(x, chunk, model.config),
+                             es.importance_samples, generator)
+            write(out["mu"], out["logvar"], out["elbo"], out["reconstruction"],
+                  out["kl"], out.get("log_px"), out.get("log_px_se"), out.get("ess"))
+    return binary
 
 
 def knn_label_accuracy(ctx: Context, set_id: int, sample: int = KNN_SAMPLE, k: int = 10,
@@ -228,11 +231,31 @@ def knn_label_accuracy(ctx: Context, set_id: int, sample: int = KNN_SAMPLE, k: i
     return hits / len(keys)
 
 
-def _kind(ctx: Context, model_id: int, results: list[dict[str, Any]]) -> str:
+def _kind(ctx: Context, job: Any, es: Any, results: list[dict[str, Any]]) -> str:
     """Which figure the set's log p(x) is (VAEConfig.likelihood_kind) for the data the
-    shards saw."""
-    config = VAEConfig.from_dict(get_model(ctx.db, model_id).config["model"])
-    return config.likelihood_kind(all(r.get("binary", True) for r in results))
+    job's shards saw: told by the shards that computed their rows; read again from the
+    data when a shard found its rows written or the finish came from maintenance (no
+    shard results), which only a Bernoulli model on data it does not binarise asks."""
+    config = VAEConfig.from_dict(get_model(ctx.db, es.model_id).config["model"])
+    told = [r.get("binary", True) for r in results if "rows" in r]
+    if told and None not in told:
+        binary = all(told)
+    elif config.likelihood == "bernoulli" and config.binarize == "none":
+        binary = all(_items_binary(ctx, es, a, b) for a, b in job_shards(
+            job.params, es.n_items, es.importance_samples, ctx.settings.embed_shard_rows))
+    else:
+        binary = True  # not asked
+    return config.likelihood_kind(binary)
+
+
+def _items_binary(ctx: Context, es: Any, start: int, stop: int) -> bool:
+    config = VAEConfig.from_dict(get_model(ctx.db, es.model_id).config["model"])
+    dataset_id, offset = part_at(ctx.db, es.id, start)
+    data = dataset_array(ctx.artifacts, get_dataset(ctx.db, dataset_id),
+                         str(ctx.settings.cache_dir))
+    return all(is_binary(gather_rows(data, rows, config).numpy())
+               for rows in np.array_split(np.arange(start - offset, stop - offset),
+                                          max(1, (stop - start) // CHUNK_ROWS)))
 
 
 def finish_set(ctx: Context, job_id: int, set_id: int, owner: str,
@@ -248,7 +271,7 @@ def finish_set(ctx: Context, job_id: int, set_id: int, owner: str,
             " of the append; the set is as it was" if append else ""))
         return {"outcome": "cancelled"}
     if append:
-        return _finish_append(ctx, job_id, set_id, owner, results, append)
+        return _finish_append(ctx, job, set_id, owner, results, append)
     mark_finishing(ctx.db, job_id, set_id, owner)  # LeaseLost if a newer attempt took over
     with Lease(ctx.db, job_id, owner, ctx.settings.embed_lease_seconds) as lease:
         lease.report(0.98, "checking the rows")
@@ -257,7 +280,9 @@ def finish_set(ctx: Context, job_id: int, set_id: int, owner: str,
         lease.check()
     stats |= {"shards": len(results),
               "workers": dict(Counter(r.get("worker", "?") for r in results)),
-              "likelihood_kind": _kind(ctx, es.model_id, results)}
+              "likelihood_kind": _kind(ctx, job, es, results)}
+    if not results:
+        stats["finished_by"] = "maintenance, after the attempt stalled"
     if stats["n_items"] != es.n_items:  # never mark a short set ready
         raise RuntimeError(f"set {set_id} holds {stats['n_items']} rows, not {es.n_items}")
     # The set is ready and owed its index in one transaction; the task is sent after the
@@ -271,12 +296,13 @@ def finish_set(ctx: Context, job_id: int, set_id: int, owner: str,
     return {"outcome": "succeeded", "stats": stats}
 
 
-def _finish_append(ctx: Context, job_id: int, set_id: int, owner: str,
+def _finish_append(ctx: Context, job: Any, set_id: int, owner: str,
                    results: list[dict[str, Any]], append: dict[str, Any]) -> dict[str, Any]:
     """Every shard of an append is written: check the count, refresh the set's statistics
     (over all its items) and count the new items in, in the job's finishing transaction.
     The set's HNSW index took the rows as they were inserted; a set that had none gets one
     once it is large enough."""
+    job_id = job.id
     want = int(append["start"]) + int(append["n_items"])
     with Lease(ctx.db, job_id, owner, ctx.settings.embed_lease_seconds) as lease:
         lease.report(0.98, "checking the rows")
@@ -288,7 +314,7 @@ def _finish_append(ctx: Context, job_id: int, set_id: int, owner: str,
     es = get_set(ctx.db, set_id)
     old = es.stats or {}
     stats |= {k: old[k] for k in ("knn_label_accuracy", "index") if k in old}
-    kind = _kind(ctx, es.model_id, results)
+    kind = _kind(ctx, job, es, results)
     stats["likelihood_kind"] = "unnormalised" if "unnormalised" in (
         kind, old.get("likelihood_kind")) else kind
     stats["appends"] = int(old.get("appends", 0)) + 1

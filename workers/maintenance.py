@@ -10,18 +10,22 @@ from store.indexes import fail_index, release_index, stuck_indexes
 from store.publishing import TaskSender, publish, publish_index
 from store.recovery import maintenance_lock, requeue_lost, unpublished_jobs
 from workers.lease import owner_is_dead
+from workers.shards import resume_stalled
 
 log = logging.getLogger(__name__)
 
 
 def run_maintenance(db: Database, sender: TaskSender, republish_seconds: float | None = None,
                     index_max_attempts: int = 3, grace_seconds: float = 10.0,
-                    ) -> dict[str, int]:
-    """One pass. Returns how many jobs were requeued and published, and how many index
+                    stall: tuple[float, int] | None = None) -> dict[str, int]:
+    """One pass. Returns how many jobs were requeued and published, how many stalled
+    embedding attempts were sent what they owe (with `stall`: the seconds without a
+    heartbeat that make one stalled, and the settings' shard rows), and how many index
     builds were sent again or marked failed (-1: another pass holds the lock)."""
     with maintenance_lock(db) as taken:
         if not taken:
-            return {"requeued": -1, "published": -1, "indexes_sent": -1, "indexes_failed": -1}
+            return {"requeued": -1, "published": -1, "stalled": -1, "indexes_sent": -1,
+                    "indexes_failed": -1}
         requeued = requeue_lost(db, owner_is_dead)
         for job_id in requeued:
             log.warning("requeued job_id=%d: its attempt is gone", job_id)
@@ -31,10 +35,11 @@ def run_maintenance(db: Database, sender: TaskSender, republish_seconds: float |
             log.info("publishing job job_id=%d kind=%s attempts=%d", job.id, job.kind,
                      job.attempts)
             published += publish(db, sender, job)
+        stalled = resume_stalled(db, sender, *stall) if stall else 0
         sent, failed = repair_indexes(db, sender, republish_seconds, index_max_attempts,
                                       grace_seconds)
-        return {"requeued": len(requeued), "published": published, "indexes_sent": sent,
-                "indexes_failed": failed}
+        return {"requeued": len(requeued), "published": published, "stalled": stalled,
+                "indexes_sent": sent, "indexes_failed": failed}
 
 
 def repair_indexes(db: Database, sender: TaskSender, republish_seconds: float | None,

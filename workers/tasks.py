@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 def maintenance() -> dict[str, int]:
     ctx = context()
     return run_maintenance(ctx.db, ctx.sender, ctx.settings.republish_seconds,
-                           ctx.settings.index_max_attempts)
+                           ctx.settings.index_max_attempts,
+                           stall=(ctx.settings.embed_stall_seconds,
+                                  ctx.settings.embed_shard_rows))
 
 
 @app.task(name=TASKS["train"])
@@ -48,7 +50,7 @@ def embed(job_id: int) -> dict[str, Any]:
 
 
 def _shard_failed(exc: Exception, job_id: int, set_id: int, start: int, stop: int,
-                  owner: str) -> None:
+                  owner: str, finish: bool = False) -> None:
     log.exception("embedding shard failed job_id=%d rows=%d-%d", job_id, start, stop)
     end_for(context(), job_id, owner, exc)  # the set's partial rows go with either end
 
@@ -56,9 +58,9 @@ def _shard_failed(exc: Exception, job_id: int, set_id: int, start: int, stop: in
 @app.task(name=SHARD_TASK, bind=True, max_retries=SHARD_RETRIES)
 @retried_on_outage(give_up=_shard_failed)
 def embed_shard(self: Task, job_id: int, set_id: int, start: int, stop: int,
-                owner: str) -> dict[str, Any]:
+                owner: str, finish: bool = False) -> dict[str, Any]:
     try:
-        return run_shard(context(), job_id, set_id, start, stop, owner)
+        return run_shard(context(), job_id, set_id, start, stop, owner, finish)
     except LeaseLost:
         return {"skipped": True}
 

@@ -259,6 +259,100 @@ def test_a_pass_that_finds_the_lock_taken_publishes_nothing(ctx, sender, dataset
     with maintenance_lock(ctx.db) as taken:
         assert taken
         assert run_maintenance(ctx.db, sender, None, 3, grace_seconds=0.0) == {
-            "requeued": -1, "published": -1, "indexes_sent": -1, "indexes_failed": -1}
+            "requeued": -1, "published": -1, "stalled": -1, "indexes_sent": -1,
+            "indexes_failed": -1}
     assert sender.tasks == []
     assert get_job(ctx.db, job.id).published_at is None
+
+
+# a stalled embedding attempt (the broker lost a shard's message or the chord's count)
+
+
+def stalled(ctx, model_id, dataset, shards_written, owner="stalled-embedder"):
+    """An embedding job claimed by `owner` (lease 600 s) whose shards in
+    `shards_written` (of (0, 16), (16, 32), (32, 40)) hold their rows, with its last
+    heartbeat a minute ago and its task sent then."""
+    job, _ = submit_embedding(ctx.db, model_id, dataset.id)
+    assert claim(ctx.db, job.id, owner, 600).outcome == "claimed"
+    rng = np.random.default_rng(job.id)
+    for a, b in shards_written:
+        mu = rng.normal(size=(b - a, 2)).astype(np.float32)
+        zeros = np.zeros(b - a)
+        write_latents(ctx.db, job.embedding_set_id, a, mu, mu, zeros - 1, zeros, zeros + 1)
+    quiet(ctx, job.id, 60)
+    return job
+
+
+def quiet(ctx, job_id, seconds):
+    with ctx.db.engine.begin() as conn:
+        conn.execute(text("UPDATE jobs SET heartbeat_at = now() - make_interval(secs => :t), "
+                          "published_at = now() - make_interval(secs => :t) WHERE id = :j"),
+                     {"j": job_id, "t": seconds})
+
+
+def test_a_stalled_attempt_is_sent_its_unwritten_shards_alone(ctx, sender, model_id,
+                                                              dataset):
+    """Two of three shards written, none running for 60 s: the missing one goes again, on
+    its own (the chord's count is what may have been lost) and told to finish the job;
+    the next pass, at once, sends nothing (the nudge backs off)."""
+    job = stalled(ctx, model_id, dataset, [(0, 16), (32, 40)])
+    owner, set_id = "stalled-embedder", job.embedding_set_id
+    counts = run_maintenance(ctx.db, sender, None, 3, grace_seconds=0.0, stall=(30.0, 16))
+    assert counts["stalled"] >= 1
+    assert tasks_for(sender, job.id) == [(SHARD_TASK, [job.id, set_id, 16, 32, owner, True],
+                                          {"queue": "embed", "retry": False})]
+    run_maintenance(ctx.db, sender, None, 3, grace_seconds=0.0, stall=(30.0, 16))
+    assert len(tasks_for(sender, job.id)) == 1
+    row = get_job(ctx.db, job.id)
+    assert (row.status, row.attempts, row.lease_owner) == ("running", 1, owner)
+
+
+def test_a_stalled_attempt_with_every_row_written_is_sent_its_finish(ctx, sender,
+                                                                     model_id, dataset):
+    """Every row written but no finishing step came (the chord's count was lost): the
+    pass sends the finishing step with no shard results, and that step makes the set
+    ready, saying who finished it."""
+    job = stalled(ctx, model_id, dataset, [(0, 16), (16, 32), (32, 40)])
+    owner, set_id = "stalled-embedder", job.embedding_set_id
+    run_maintenance(ctx.db, sender, None, 3, grace_seconds=0.0, stall=(30.0, 16))
+    finish_call = [t for t in sender.tasks if t[0] == FINISH_TASK and t[1][1] == job.id]
+    assert finish_call == [(FINISH_TASK, [[], job.id, set_id, owner],
+                            {"queue": "embed", "retry": False})]
+    out = finish_set(ctx, job.id, set_id, owner, [])
+    assert out["outcome"] == "succeeded" and out["stats"]["n_items"] == N
+    assert out["stats"]["finished_by"].startswith("maintenance")
+    # no shard said whether the values were 0/1: read again, grey values under a
+    # Bernoulli model that does not binarise give no likelihood
+    assert out["stats"]["likelihood_kind"] == "unnormalised"
+    assert get_set(ctx.db, set_id).status == "ready"
+    assert finish_set(ctx, job.id, set_id, owner, []) == {"outcome": "stale"}  # a duplicate
+
+
+def test_an_attempt_that_beats_or_ended_is_not_nudged(ctx, sender, model_id, dataset):
+    """A heartbeat 10 s old (under the 30 s stall), or a lease run out (requeue's case),
+    or a cancel asked (then the finish goes, which cancels): no shard is sent."""
+    beating = stalled(ctx, model_id, dataset, [(0, 16)])
+    quiet(ctx, beating.id, 10)
+    expired = stalled(ctx, model_id, dataset, [(0, 16)], owner="far-away-host/m/b/1:1:1:x")
+    with ctx.db.engine.begin() as conn:
+        conn.execute(text("UPDATE jobs SET lease_expires_at = now() - interval '1 second' "
+                          "WHERE id = :j"), {"j": expired.id})
+    cancelled = stalled(ctx, model_id, dataset, [(0, 16)])
+    request_cancel(ctx.db, cancelled.id)
+    run_maintenance(ctx.db, sender, None, 3, grace_seconds=0.0, stall=(30.0, 16))
+    assert tasks_for(sender, beating.id) == []
+    assert [t[0] for t in tasks_for(sender, expired.id)] in ([], ["latentbank.embed"])
+    assert [t for t in sender.tasks if t[0] == SHARD_TASK and t[1][0] == cancelled.id] == []
+    assert [t[1][1:] for t in sender.tasks if t[0] == FINISH_TASK
+            and t[1][1] == cancelled.id] == [[cancelled.id, cancelled.embedding_set_id,
+                                              "stalled-embedder"]]
+
+
+def test_a_finish_with_no_shard_results_reads_binary_values_as_discrete(ctx, sender,
+                                                                        model_id):
+    """The same finish over 0/1 values (a rounded copy of the data): the figure is a
+    probability of binary data."""
+    binary = new_dataset(ctx, np.random.default_rng(3).random((N, 4)).round())
+    job = stalled(ctx, model_id, binary, [(0, 16), (16, 32), (32, 40)])
+    out = finish_set(ctx, job.id, job.embedding_set_id, "stalled-embedder", [])
+    assert out["stats"]["likelihood_kind"] == "discrete"

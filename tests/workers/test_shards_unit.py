@@ -1,6 +1,6 @@
 """How an embedding job cuts its dataset into shard tasks."""
 
-from workers.embedding import rows_per_shard, shard_ranges
+from workers.shards import rows_per_shard, shard_ranges
 
 
 def test_embedding_shards_shrink_with_the_importance_samples():
