@@ -32,7 +32,7 @@ def _check_chunk(mu: np.ndarray, arrays: dict[str, Any]) -> np.ndarray:
 @contextmanager
 def latent_writer(db: Database, set_id: int, first_index: int, n_rows: int,
                   guard: Callable[[Connection], None] | None = None,
-                  ) -> Iterator[Callable[..., None]]:
+                  keep_written: bool = False) -> Iterator[Callable[..., None] | None]:
     """Stream one shard, items `first_index .. first_index + n_rows - 1`, into one COPY.
 
     Idempotent per shard: in one transaction the shard's rows are deleted, then the
@@ -42,12 +42,25 @@ def latent_writer(db: Database, set_id: int, first_index: int, n_rows: int,
     and the transaction commits only if exactly `n_rows` rows were written. Writing a
     shard twice therefore leaves one row per item; a failure leaves the previous state.
     `guard(conn)` runs first inside the transaction (a job's lease check).
+
+    One writer of a shard at a time: a second delivery of it (the broker's, or one
+    maintenance sent) waits for the first's transaction to end instead of failing on
+    the rows' keys. With `keep_written`, a shard that then holds all its rows yields
+    None and writes nothing (the caller computes nothing).
     """
     written = 0
     part = part_at(db, set_id, first_index)  # a shard never spans two parts
     with db.engine.begin() as conn:
         if guard is not None:
             guard(conn)
+        conn.execute(text("SELECT pg_advisory_xact_lock(:s, :a)"),  # (int4, int4) keys
+                     {"s": set_id % 2**31, "a": first_index % 2**31})
+        if keep_written and conn.execute(text(
+                "SELECT count(*) FROM latents WHERE set_id = :s AND item_index >= :a "
+                "AND item_index < :b"),
+                {"s": set_id, "a": first_index, "b": first_index + n_rows}).scalar() == n_rows:
+            yield None
+            return
         conn.execute(text("DELETE FROM latents WHERE set_id = :s AND item_index >= :a "
                           "AND item_index < :b"),
                      {"s": set_id, "a": first_index, "b": first_index + n_rows})

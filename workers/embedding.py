@@ -30,7 +30,7 @@ from store.db import analyze
 from store.embedding_sets import get_set, part_at
 from store.indexes import build_index, claim_index, index_owed, record_index_stats
 from store.jobs import LeaseLost, count_done, finish, get_job, lease_guard, mark_finishing
-from store.latent_rows import latent_writer, unwritten
+from store.latent_rows import latent_writer
 from store.processes import host_identity
 from store.publishing import publish_index
 from store.registry import get_model
@@ -147,7 +147,8 @@ def run_shard(ctx: Context, job_id: int, set_id: int, start: int, stop: int,
               owner: str, finish: bool = False) -> dict[str, Any]:
     """Embed items [start, stop) and write them; skipped if the attempt is stale, and
     computed only if the rows are not all written already (an earlier delivery of the
-    shard, or an earlier attempt, wrote them with the same noise).
+    shard, or an earlier attempt, wrote them with the same noise; a delivery running
+    now is waited for, `latent_writer`).
 
     The attempt's lease is renewed while the shard runs (another process of the same
     attempt may have dispatched it), and the rows are written under its guard. With
@@ -159,13 +160,11 @@ def run_shard(ctx: Context, job_id: int, set_id: int, start: int, stop: int,
     if job.cancel_requested:
         return {"cancelled": True, "worker": socket.gethostname()}
     es = get_set(ctx.db, set_id)
-    binary: bool | None = None  # unknown for rows written earlier: finish_set scans
     with Lease(ctx.db, job_id, owner, ctx.settings.embed_lease_seconds) as lease:
-        if unwritten(ctx.db, set_id, [(start, stop)]):
-            try:
-                binary = _write_shard(ctx, job_id, es, start, stop, owner, lease)
-            except ShardCancelled:
-                return {"cancelled": True, "worker": socket.gethostname()}
+        try:  # None: the rows were written already (finish_set reads the values again)
+            binary = _write_shard(ctx, job_id, es, start, stop, owner, lease)
+        except ShardCancelled:
+            return {"cancelled": True, "worker": socket.gethostname()}
         with contextlib.suppress(LeaseLost):  # the finishing task will notice
             done, total = count_done(ctx.db, job_id, owner, stop - start)
             total = total or (stop - start)
@@ -182,10 +181,11 @@ def run_shard(ctx: Context, job_id: int, set_id: int, start: int, stop: int,
 
 
 def _write_shard(ctx: Context, job_id: int, es: Any, start: int, stop: int, owner: str,
-                 lease: Lease) -> bool:
+                 lease: Lease) -> bool | None:
     """Encode and score items [start, stop) chunk by chunk into one COPY under the
     lease's guard; returns whether every value was 0 or 1 (asked of Bernoulli models on
-    data not binarised: their log p(x) is no likelihood otherwise)."""
+    data not binarised: their log p(x) is no likelihood otherwise), or None if the rows
+    were all written already (an earlier delivery or attempt wrote them, same noise)."""
     model, session = _load(ctx, es.model_id)
     dataset_id, offset = part_at(ctx.db, es.id, start)  # the dataset these positions hold
     data = dataset_array(ctx.artifacts, get_dataset(ctx.db, dataset_id),
@@ -197,8 +197,10 @@ def _write_shard(ctx: Context, job_id: int, es: Any, start: int, stop: int, owne
     binary = True
     # Each chunk goes into the open COPY as soon as it is computed: the database parses
     # it while the next chunk is encoded, and memory holds one chunk, not the shard.
-    with latent_writer(ctx.db, es.id, start, stop - start,
+    with latent_writer(ctx.db, es.id, start, stop - start, keep_written=True,
                        guard=lambda conn: lease_guard(conn, job_id, owner)) as write:
+        if write is None:
+            return None
         for a in range(0, len(rows), CHUNK_ROWS):
             if lease.cancelled:  # cancelled or lost: the transaction rolls back
                 lease.check()

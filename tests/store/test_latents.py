@@ -369,3 +369,48 @@ def test_a_binary_read_the_driver_refuses_is_the_store_error_it_means(db):
         with pytest.raises(DBAPIError) as raised:
             binary_rows(conn, "SELECT %(k)s::text", {"k": "a\x00b"})
     assert isinstance(store_error_of(raised.value), InvalidInput)
+
+
+def test_two_writers_of_one_shard_take_turns(db, world):
+    """A second delivery of a shard (the broker's, or one maintenance sent) while the
+    first writes: it waits for the first to commit instead of failing on the rows' keys;
+    told to keep written rows, it then writes nothing; otherwise it writes them again."""
+    from store.jobs import lease_guard
+    from store.latent_rows import latent_writer, unwritten
+
+    set_id, job_id, owner = writing_set(db, world["model_id"], world["dataset_id"])
+    n, rng = 100, np.random.default_rng(5)
+    first, second = (rng.normal(size=(n, DIM)).astype(np.float32) for _ in range(2))
+    half_written, go_on, entered, got = threading.Event(), threading.Event(), [], []
+
+    def write_first():
+        with latent_writer(db, set_id, 0, n, lambda c: lease_guard(c, job_id, owner)) as w:
+            w(first[:50], first[:50], np.zeros(50), np.zeros(50), np.zeros(50))
+            half_written.set()
+            go_on.wait(10)
+            w(first[50:], first[50:], np.zeros(50), np.zeros(50), np.zeros(50))
+
+    def write_second():
+        with latent_writer(db, set_id, 0, n, lambda c: lease_guard(c, job_id, owner),
+                           keep_written=True) as w:
+            entered.append(time.monotonic())
+            got.append(w)
+
+    a = threading.Thread(target=write_first)
+    a.start()
+    assert half_written.wait(10)
+    b = threading.Thread(target=write_second)
+    b.start()
+    time.sleep(0.5)
+    assert entered == []  # waiting for the first writer's transaction
+    assert unwritten(db, set_id, [(0, n), (n, 2 * n)]) == [(0, n), (n, 2 * n)]
+    go_on.set()
+    a.join(10)
+    b.join(10)
+    assert got == [None]  # the rows were there: nothing computed, nothing written
+    assert unwritten(db, set_id, [(0, n), (n, 2 * n)]) == [(n, 2 * n)]
+    write_latents(db, set_id, 0, second, second, np.zeros(n), np.zeros(n), np.zeros(n))
+    assert count_latents(db, set_id) == n
+    np.testing.assert_array_equal(
+        np.stack([get_item(db, set_id, f"item-{i}")["mu"] for i in (0, 99)]),
+        second[[0, 99]])

@@ -356,3 +356,21 @@ def test_a_finish_with_no_shard_results_reads_binary_values_as_discrete(ctx, sen
     job = stalled(ctx, model_id, binary, [(0, 16), (16, 32), (32, 40)])
     out = finish_set(ctx, job.id, job.embedding_set_id, "stalled-embedder", [])
     assert out["stats"]["likelihood_kind"] == "discrete"
+
+
+def test_an_attempt_whose_shard_is_writing_is_not_nudged(ctx, sender, model_id, dataset):
+    """A shard holds the job's row (FOR SHARE) for its whole write transaction, so its
+    heartbeat waits for the commit and can be older than the stall: a K = 5000 shard
+    writes for minutes on CPU. While that lock is held the job is not stalled; once the
+    transaction ends (here: the shard's worker gone), it is."""
+    from store.jobs import lease_guard
+
+    job = stalled(ctx, model_id, dataset, [(0, 16)])
+    with ctx.db.engine.connect() as conn:
+        tx = conn.begin()
+        lease_guard(conn, job.id, "stalled-embedder")
+        run_maintenance(ctx.db, sender, None, 3, grace_seconds=0.0, stall=(30.0, 16))
+        assert tasks_for(sender, job.id) == []
+        tx.rollback()
+    run_maintenance(ctx.db, sender, None, 3, grace_seconds=0.0, stall=(30.0, 16))
+    assert [t[1][2:4] for t in tasks_for(sender, job.id)] == [[16, 32], [32, 40]]
