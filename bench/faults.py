@@ -563,6 +563,11 @@ def lost_shard(ctx: Context) -> tuple[float, str]:
         raise TrialFailed(f"the job ended {took:.1f} s after the loss in attempt "
                           f"{job_row['attempts']}: its lease's expiry, not maintenance, "
                           "recovered it")
+    log = (ctx.stack.data / "logs" / "worker.log").read_text()
+    if f"embedding attempt stalled job_id={job} " not in log or \
+            f"a resent shard completed job_id={job}:" not in log:
+        raise TrialFailed("no nudge, or no finishing step sent by the resent shard, in "
+                          "the worker's log: was the shard lost?")
     return took, note + f"; ended {took:.1f} s after the loss"
 
 

@@ -278,6 +278,22 @@ def record_epochs(db: Database, job_id: int, owner: str, model_id: int,
                          .values(checkpoint_uri=checkpoint_uri, updated_at=text("now()")))
 
 
+def record_shard_rows(db: Database, job_id: int, owner: str, rows: int) -> dict[str, Any]:
+    """Keep an embedding attempt's shard size in its job's params (`shard_rows`), only
+    while `owner` holds the job (LeaseLost otherwise); returns the params. Maintenance
+    and later attempts cut the job's shards at the same positions from it, whatever their
+    own `embed_shard_rows` says (two cuts would overlap and collide on the rows' keys)."""
+    with db.session() as s:
+        row = s.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner,
+                                          Job.status == "running")
+                        .values(params=Job.params.op("||")(
+                            func.jsonb_build_object("shard_rows", int(rows))))
+                        .returning(Job.params)).first()
+    if row is None:
+        raise LeaseLost(f"job {job_id} is no longer held by {owner}")
+    return dict(row[0])
+
+
 def count_done(db: Database, job_id: int, owner: str, items: int) -> tuple[int, int | None]:
     """Add `items` to the attempt's `items_done` counter (one atomic increment, so the
     processes of one attempt may count side by side); returns (done, total). Raises

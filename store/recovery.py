@@ -90,18 +90,18 @@ def stalled_embeddings(db: Database, stall_seconds: float) -> list[Job]:
     shard's message or the chord's count (a Redis restart, seen under `make
     compose-test`), and only the lease's expiry would otherwise end the wait. Each job
     returned is marked nudged now (`published_at`, which a running job does not use
-    otherwise); the next nudge waits at least as long again, and at least half the
-    attempt's age, so a job whose shards only queue behind other work is nudged a few
-    times, not every pass. A job whose row a shard's write transaction holds (`FOR
-    SHARE`, `store.jobs.lease_guard`, for the whole shard: its heartbeat waits for the
-    commit) is skipped: that shard is running, however long it takes."""
+    otherwise), and nudged again no sooner than `stall_seconds` later: a job whose
+    shards only queue behind other work is nudged at most lease / stall times (5 at the
+    defaults) before its lease runs out, as it would have without the nudges. A job
+    whose row a shard's write transaction holds (`FOR SHARE`, `store.jobs.lease_guard`,
+    for the whole shard: its heartbeat waits for the commit) is skipped: that shard is
+    running, however long it takes."""
     stall = f"interval '{float(stall_seconds)} seconds'"
     with db.session() as s:
         return list(s.scalars(select(Job).from_statement(text(
             "WITH quiet AS (SELECT id FROM jobs WHERE kind = 'embed' AND status = 'running' "
             f"AND lease_expires_at > now() AND heartbeat_at < now() - {stall} "
-            f"AND (published_at IS NULL OR published_at < now() - greatest({stall}, "
-            "(now() - coalesce(started_at, created_at)) / 2)) "
+            f"AND (published_at IS NULL OR published_at < now() - {stall}) "
             "FOR NO KEY UPDATE SKIP LOCKED) "
             "UPDATE jobs SET published_at = now() FROM quiet WHERE jobs.id = quiet.id "
             "RETURNING jobs.*"))))

@@ -29,7 +29,15 @@ from store.datasets import dataset_array, get_dataset
 from store.db import analyze
 from store.embedding_sets import get_set, part_at
 from store.indexes import build_index, claim_index, index_owed, record_index_stats
-from store.jobs import LeaseLost, count_done, finish, get_job, lease_guard, mark_finishing
+from store.jobs import (
+    LeaseLost,
+    count_done,
+    finish,
+    get_job,
+    lease_guard,
+    mark_finishing,
+    record_shard_rows,
+)
 from store.latent_rows import latent_writer
 from store.processes import host_identity
 from store.publishing import publish_index
@@ -39,7 +47,7 @@ from store.search import search_many
 from workers.context import Context
 from workers.lease import IndexLease, Lease, owner_is_dead, start_attempt
 from workers.sender import FINISH_TASK, SHARD_TASK
-from workers.shards import job_shards, owed_shards
+from workers.shards import job_shards, owed_shards, rows_per_shard
 
 log = logging.getLogger(__name__)
 CHUNK_ROWS = 4096
@@ -110,13 +118,18 @@ def start_embedding(ctx: Context, job_id: int) -> dict[str, Any]:
     job = got.job
     assert job is not None and job.embedding_set_id is not None
     set_id = job.embedding_set_id
-    problem = value_problem_of(ctx, job.params["model_id"], job.params["dataset_id"])
+    # under a lease: a scan of every value can outlast the stall maintenance looks for
+    with Lease(ctx.db, job_id, owner, ctx.settings.embed_lease_seconds):
+        problem = value_problem_of(ctx, job.params["model_id"], job.params["dataset_id"])
     if problem is not None:  # before any row is written
         with contextlib.suppress(LeaseLost):
             finish(ctx.db, job_id, owner, "failed", error=problem)
         return {"outcome": "failed"}
     es = get_set(ctx.db, set_id)
-    shards = job_shards(job.params, es.n_items, es.importance_samples,
+    params = job.params if job.params.get("shard_rows") else record_shard_rows(
+        ctx.db, job_id, owner, rows_per_shard(ctx.settings.embed_shard_rows,
+                                              es.importance_samples))
+    shards = job_shards(params, es.n_items, es.importance_samples,
                         ctx.settings.embed_shard_rows)
     ctx.sender.send_chord([(SHARD_TASK, [job_id, set_id, a, b, owner]) for a, b in shards],
                           (FINISH_TASK, [job_id, set_id, owner]))
@@ -171,13 +184,26 @@ def run_shard(ctx: Context, job_id: int, set_id: int, start: int, stop: int,
             done = min(done, total)  # a re-run shard counts again
             lease.report(0.95 * done / total, f"{done}/{total} items embedded")
             lease.beat()
-    if finish and not owed_shards(ctx.db, job, ctx.settings.embed_shard_rows):
-        log.info("a resent shard found job_id=%d written: sending its finishing step", job_id)
-        ctx.sender.send_task(FINISH_TASK, [[], job_id, set_id, owner], queue="embed",
-                             retry=False)
+    if finish and binary is not None:
+        _finish_if_written(ctx, job, owner)
     # host/pid-namespace:pid: containers that share the host's network (and name) differ
     return {"rows": stop - start, "worker": f"{host_identity()}:{os.getpid()}",
             "binary": binary}
+
+
+def _finish_if_written(ctx: Context, job: Any, owner: str) -> None:
+    """A shard maintenance sent again wrote its rows: if no shard of the job is owed any
+    more, send the finishing step (the chord's count may be what was lost). The broker
+    away: the next nudge sends it."""
+    if owed_shards(ctx.db, job, ctx.settings.embed_shard_rows):
+        return
+    log.info("a resent shard completed job_id=%d: sending its finishing step", job.id)
+    try:
+        ctx.sender.send_task(FINISH_TASK, [[], job.id, job.embedding_set_id, owner],
+                             queue="embed", retry=False)
+    except Exception as exc:  # never fail the job over it
+        log.warning("finishing step of job_id=%d not sent (%s): maintenance sends it",
+                    job.id, type(exc).__name__)
 
 
 def _write_shard(ctx: Context, job_id: int, es: Any, start: int, stop: int, owner: str,

@@ -35,10 +35,11 @@ def job_shards(params: dict[str, Any], n_items: int, importance_samples: int,
                base_rows: int) -> list[tuple[int, int]]:
     """The positions `[a, b)` of each shard of an embedding job: the set's items, or an
     append's (positions start .. start + n - 1, one part of the set, which no shard
-    spans)."""
+    spans), cut at the size its first attempt recorded (`shard_rows`), else at
+    `rows_per_shard(base_rows, importance_samples)`."""
     append = params.get("append")
     first, n = (int(append["start"]), int(append["n_items"])) if append else (0, n_items)
-    size = rows_per_shard(base_rows, importance_samples)
+    size = int(params.get("shard_rows") or rows_per_shard(base_rows, importance_samples))
     return [(first + a, first + b) for a, b in shard_ranges(n, size)]
 
 
@@ -54,26 +55,29 @@ def resume_stalled(db: Database, sender: TaskSender, stall_seconds: float,
                    base_rows: int) -> int:
     """Send what each stalled embedding attempt still owes, under its own lease owner:
     its unwritten shards, each on its own (not in a chord, whose count may be what was
-    lost) and told to send the finishing step when it finds the job's rows complete; or,
-    with every row written or a cancel asked, the finishing step itself. Duplicates are
-    harmless: a shard whose rows are all written does no work, and one finishing step
-    ends the job (the others find it ended). Returns how many jobs were nudged."""
+    lost) and told to send the finishing step if its write leaves the job's rows
+    complete; or, with every row written or a cancel asked, the finishing step itself.
+    Duplicates are harmless: a shard whose rows are all written does no work, and one
+    finishing step ends the job (the others find it ended). A job that cannot be served
+    now (the broker or the database away) is nudged again `stall_seconds` later.
+    Returns how many jobs were nudged."""
     nudged = 0
     for job in stalled_embeddings(db, stall_seconds):
         owner, set_id = job.lease_owner, job.embedding_set_id
-        owed = [] if job.cancel_requested else owed_shards(db, job, base_rows)
-        log.warning("embedding attempt stalled job_id=%d owner=%s: sending %s", job.id,
-                    owner, f"{len(owed)} unwritten shard(s)" if owed else "its finishing step")
         try:
+            owed = [] if job.cancel_requested else owed_shards(db, job, base_rows)
+            log.warning("embedding attempt stalled job_id=%d owner=%s: sending %s", job.id,
+                        owner, f"{len(owed)} unwritten shard(s)" if owed
+                        else "its finishing step")
             if not owed:
                 sender.send_task(FINISH_TASK, [[], job.id, set_id, owner],
                                  queue=QUEUES["embed"], retry=False)
             for a, b in owed:
                 sender.send_task(SHARD_TASK, [job.id, set_id, a, b, owner, True],
                                  queue=QUEUES["embed"], retry=False)
-        except Exception as exc:  # the broker away: the next nudge sends them
-            log.warning("broker unavailable; stalled job_id=%d waits for the next pass (%s)",
-                        job.id, type(exc).__name__)
+        except Exception as exc:  # nudged again stall_seconds from now
+            log.warning("stalled job_id=%d not served this pass (%s: %s)", job.id,
+                        type(exc).__name__, exc)
             continue
         nudged += 1
     return nudged

@@ -302,9 +302,25 @@ def test_a_stalled_attempt_is_sent_its_unwritten_shards_alone(ctx, sender, model
     assert tasks_for(sender, job.id) == [(SHARD_TASK, [job.id, set_id, 16, 32, owner, True],
                                           {"queue": "embed", "retry": False})]
     run_maintenance(ctx.db, sender, None, 3, grace_seconds=0.0, stall=(30.0, 16))
-    assert len(tasks_for(sender, job.id)) == 1
+    assert len(tasks_for(sender, job.id)) == 1  # nudged: not again within the stall
     row = get_job(ctx.db, job.id)
     assert (row.status, row.attempts, row.lease_owner) == ("running", 1, owner)
+    quiet(ctx, job.id, 31)  # a stall later, still nothing came: nudged again
+    run_maintenance(ctx.db, sender, None, 3, grace_seconds=0.0, stall=(30.0, 16))
+    assert [t[1][2:4] for t in tasks_for(sender, job.id)] == [[16, 32], [16, 32]]
+
+
+def test_the_shards_are_cut_where_the_attempt_cut_them(ctx, sender, model_id, dataset):
+    """The coordinator records its shard size in the job; a maintenance pass whose own
+    `embed_shard_rows` differs (7 here) cuts the same shards (overlapping cuts would
+    collide on the rows' keys)."""
+    job, _ = submit_embedding(ctx.db, model_id, dataset.id)
+    assert start_embedding(ctx, job.id)["shards"] == 3
+    row = get_job(ctx.db, job.id)
+    assert row.params["shard_rows"] == 16
+    quiet(ctx, job.id, 60)
+    run_maintenance(ctx.db, sender, None, 3, grace_seconds=0.0, stall=(30.0, 7))
+    assert [t[1][2:4] for t in tasks_for(sender, job.id)] == [[0, 16], [16, 32], [32, 40]]
 
 
 def test_a_stalled_attempt_with_every_row_written_is_sent_its_finish(ctx, sender,
