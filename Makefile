@@ -6,6 +6,11 @@ PY := $(VENV)/bin/python
 # install torch into $(VENV) yourself first; any torch >= 2.10 satisfies the project.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.latentbank-installed
+# A whole MLflow (server, `mlflow models serve`, onnxruntime) in a virtualenv of its own, as
+# a team runs it beside latentbank: the bridge's tests start its server (tests/workers).
+MLFLOW_VENV ?= .venv-mlflow
+MLFLOW_STAMP := $(MLFLOW_VENV)/.installed
+MLFLOW_SPEC ?= mlflow>=3,<4
 
 .PHONY: install check test test-system lint docs bench bench-likelihood bench-mnist faults demo images compose-test clean
 
@@ -18,6 +23,11 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml Makefile
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	$(PY) -m pip install --quiet --disable-pip-version-check -e './clients/python[pandas,progress]'
 	@touch $(STAMP)
+
+$(MLFLOW_STAMP): Makefile
+	@test -x $(MLFLOW_VENV)/bin/python || $(PYTHON) -m venv $(MLFLOW_VENV)
+	$(MLFLOW_VENV)/bin/python -m pip install --quiet --disable-pip-version-check "$(MLFLOW_SPEC)" onnx onnxruntime
+	@touch $(MLFLOW_STAMP)
 
 # The layer contracts (pyproject's [tool.importlinter]) and ruff first: a broken
 # boundary fails the run before the suite starts. Each run gets its own temporary root
@@ -32,7 +42,7 @@ check: lint
 	$(PYTEST) -m "not system and not stack and not slow" $(PYTEST_ARGS); rc=$$?; [ $$rc -ne 0 ] || rm -rf $$tmp; exit $$rc
 
 # Everything but the system suites: the fast lane and the whole-stack tests.
-test: lint
+test: lint $(MLFLOW_STAMP)
 	$(PYTEST) -m "not system" $(PYTEST_ARGS); rc=$$?; [ $$rc -ne 0 ] || rm -rf $$tmp; exit $$rc
 
 # The suites that drive a whole stack from outside for minutes: one trial of every fault

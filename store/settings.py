@@ -126,6 +126,20 @@ class Settings(BaseSettings):
     index_max_attempts: int = Field(
         3, ge=1, description="index builds started for one set before its index is marked "
                              "failed (searches stay exact, the set can be deleted)")
+    mlflow_tracking_uri: str | None = Field(
+        None, description="an MLflow tracking server (http://mlflow:5000): every training job "
+                          "submitted from then on becomes a run there and every ready model a "
+                          "registered version, pushed by the workers in the background "
+                          "(needs the `mlflow` extra on the workers); unset = no bridge")
+    mlflow_experiment: str = Field(
+        "latentbank", min_length=1, max_length=500,
+        description="the MLflow experiment the runs go into (created when missing)")
+    mlflow_sync_interval: float = Field(
+        5.0, gt=0, description="seconds between the bridge's passes (beat): how soon an "
+                               "epoch, a finished job or an alias move shows in MLflow")
+    mlflow_timeout_seconds: float = Field(
+        10.0, gt=0, description="each request to MLflow: a pass that meets a slow or absent "
+                                "server stops there and the next one catches up")
     maintenance_interval: float = Field(
         5.0, description="seconds between maintenance passes (beat): requeue jobs whose "
                          "worker vanished, publish jobs the broker missed")

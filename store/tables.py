@@ -307,3 +307,65 @@ class ApiKey(Base):
     created_at: Mapped[dt.datetime] = _now()
     last_used_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class MlflowBridge(Base):
+    """An MLflow tracking server the bridge pushes to (workers/mlflow_bridge.py): training
+    jobs created after `enabled_at` are tracked there by themselves, older models when
+    `latentbank mlflow sync` is asked to. `instance` tags every run and version this
+    database made there, so two deployments can share one server."""
+
+    __tablename__ = "mlflow_bridges"
+
+    tracking_uri: Mapped[str] = mapped_column(Text, primary_key=True)
+    instance: Mapped[str] = mapped_column(Text)
+    experiment_id: Mapped[str | None] = mapped_column(Text)
+    enabled_at: Mapped[dt.datetime] = _now()
+
+
+class MlflowRun(Base):
+    """What one model's MLflow run holds so far. No foreign key to the model: the record
+    outlives a deleted model so that the deletion reaches the registry too."""
+
+    __tablename__ = "mlflow_runs"
+
+    tracking_uri: Mapped[str] = mapped_column(Text, primary_key=True)
+    model_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    job_id: Mapped[int | None] = mapped_column(BigInteger)
+    run_id: Mapped[str | None] = mapped_column(Text)
+    params_logged: Mapped[bool] = mapped_column(Boolean, server_default="false")
+    epochs_logged: Mapped[int] = mapped_column(Integer, server_default="0")
+    # the last epoch of a metric batch sent and not yet confirmed: the server may hold it
+    sending_through: Mapped[int | None] = mapped_column(Integer)
+    run_status: Mapped[str | None] = mapped_column(Text)  # RUNNING | FINISHED | FAILED | KILLED
+    summary_logged: Mapped[bool] = mapped_column(Boolean, server_default="false")
+    registered_name: Mapped[str | None] = mapped_column(Text)
+    registered_version: Mapped[str | None] = mapped_column(Text)
+    deleted_marked: Mapped[bool] = mapped_column(Boolean, server_default="false")
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = _now()
+    synced_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class MlflowSweep(Base):
+    """A sweep's parent run: its training jobs' runs are its children."""
+
+    __tablename__ = "mlflow_sweeps"
+
+    tracking_uri: Mapped[str] = mapped_column(Text, primary_key=True)
+    sweep_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    run_id: Mapped[str] = mapped_column(Text)
+    run_status: Mapped[str | None] = mapped_column(Text)
+
+
+class MlflowAlias(Base):
+    """A latentbank model alias as the bridge last set it in MLflow (`version` of
+    `registered_name`), or why it could not (`error`: a name MLflow refuses)."""
+
+    __tablename__ = "mlflow_aliases"
+
+    tracking_uri: Mapped[str] = mapped_column(Text, primary_key=True)
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    registered_name: Mapped[str | None] = mapped_column(Text)
+    version: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)

@@ -17,6 +17,7 @@ from store.settings import get_settings
 log = logging.getLogger(__name__)
 MAINTENANCE_TASK = "latentbank.maintenance"
 MAINTENANCE_QUEUE = QUEUES["maintenance"]
+MLFLOW_TASK = "latentbank.mlflow_sync"
 # Imported by the main process before the pool forks, so no child imports under a lock
 # another thread held at the fork (docs/internals/workers.md).
 PRELOAD = ("psycopg", "sqlalchemy.dialects.postgresql.psycopg", "redis", "kombu.transport.redis",
@@ -29,6 +30,14 @@ def make_app() -> Celery:
     app = Celery("latentbank", include=["workers.tasks"])
     transport = {"visibility_timeout": settings.visibility_timeout}
     interval = settings.maintenance_interval
+    schedule = {"maintenance": {
+        "task": MAINTENANCE_TASK, "schedule": interval,
+        # a pass that waited longer than one interval is superseded by the next
+        "options": {"expires": interval, "queue": MAINTENANCE_QUEUE}}}
+    if settings.mlflow_tracking_uri:  # the MLflow bridge (workers/mlflow_bridge.py)
+        every = settings.mlflow_sync_interval
+        schedule["mlflow-sync"] = {"task": MLFLOW_TASK, "schedule": every,
+                                   "options": {"expires": every, "queue": MAINTENANCE_QUEUE}}
     app.conf.update(
         broker_url=settings.broker_url,
         result_backend=settings.broker_url,
@@ -48,11 +57,9 @@ def make_app() -> Celery:
         task_routes={TASKS["train"]: {"queue": QUEUES["train"]},
                      TASKS["ingest"]: {"queue": QUEUES["ingest"]},
                      "latentbank.embed*": {"queue": QUEUES["embed"]},
-                     MAINTENANCE_TASK: {"queue": MAINTENANCE_QUEUE}},
-        beat_schedule={"maintenance": {
-            "task": MAINTENANCE_TASK, "schedule": interval,
-            # a pass that waited longer than one interval is superseded by the next
-            "options": {"expires": interval, "queue": MAINTENANCE_QUEUE}}},
+                     MAINTENANCE_TASK: {"queue": MAINTENANCE_QUEUE},
+                     MLFLOW_TASK: {"queue": MAINTENANCE_QUEUE}},
+        beat_schedule=schedule,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,  # a broker outage is waited out, never fatal
         worker_cancel_long_running_tasks_on_connection_loss=False,

@@ -12,12 +12,13 @@ from store.db import is_transient
 from store.indexes import fail_index
 from store.jobs import LeaseLost, release
 from store.publishing import INDEX_TASK, TASKS
-from workers.app import MAINTENANCE_TASK, app
+from workers.app import MAINTENANCE_TASK, MLFLOW_TASK, app
 from workers.context import context
 from workers.embedding import finish_set, index_set, run_shard, start_embedding
 from workers.ingest import run_ingest_job
 from workers.lease import new_owner
 from workers.maintenance import run_maintenance
+from workers.mlflow_bridge import sync_pass
 from workers.outages import SHARD_RETRIES, end_for, publish_released, retried_on_outage
 from workers.sender import FINISH_TASK, RELEASE_TASK, SHARD_TASK
 from workers.training import run_training_job
@@ -32,6 +33,18 @@ def maintenance() -> dict[str, int]:
                            ctx.settings.index_max_attempts,
                            stall=(ctx.settings.embed_stall_seconds,
                                   ctx.settings.embed_shard_rows))
+
+
+@app.task(name=MLFLOW_TASK, ignore_result=True)
+def mlflow_sync() -> dict[str, Any]:
+    """One pass of the MLflow bridge; a worker without the setting does nothing."""
+    ctx = context()
+    s = ctx.settings
+    if not s.mlflow_tracking_uri:
+        return {"configured": False}
+    return sync_pass(ctx.db, ctx.artifacts, s.mlflow_tracking_uri, s.mlflow_experiment,
+                     timeout=s.mlflow_timeout_seconds,
+                     budget=max(10.0, 4 * s.mlflow_sync_interval)).as_dict()
 
 
 @app.task(name=TASKS["train"])

@@ -6,7 +6,7 @@ from importlib.metadata import version
 
 import typer
 
-from service.cli import aliases, datasets, demo, embeddings, jobs, keys, models
+from service.cli import aliases, datasets, demo, embeddings, jobs, keys, mlflow_sync, models
 from store.publishing import WORKER_QUEUES
 
 app = typer.Typer(help="latentbank: train VAEs, store latents, serve ONNX decoders.",
@@ -287,6 +287,7 @@ app.add_typer(models.models_app, name="models")
 app.add_typer(embeddings.embeddings_app, name="embeddings")
 app.add_typer(keys.keys_app, name="keys")
 app.add_typer(aliases.aliases_app, name="aliases")
+app.add_typer(mlflow_sync.mlflow_app, name="mlflow")
 for _verb in (jobs.train, jobs.embed, embeddings.search, models.decode, embeddings.export):
     app.command(_verb.__name__)(_verb)
 

@@ -14,7 +14,8 @@ from store.tables import Base
 from tests.support import SYSTEM_PG, system_pg_up
 
 TABLES = {"datasets", "items", "models", "jobs", "training_metrics", "embedding_sets",
-          "latents", "api_keys", "aliases", "alias_events", "embedding_set_parts"}
+          "latents", "api_keys", "aliases", "alias_events", "embedding_set_parts",
+          "mlflow_bridges", "mlflow_runs", "mlflow_sweeps", "mlflow_aliases"}
 
 
 def tables(url):

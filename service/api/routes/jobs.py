@@ -29,6 +29,7 @@ from store.aliases import resolve
 from store.datasets import get_dataset
 from store.errors import InvalidInput
 from store.jobs import TERMINAL, get_job, list_jobs, request_cancel
+from store.mlflow_sync import job_sync_state
 from store.publishing import publish
 from store.registry import get_model
 from store.submit import leaderboard, submit_embedding, submit_sweep, submit_training
@@ -82,6 +83,8 @@ def create_training_job(_: WriteKey, svc: SvcDep, request: Request, response: Re
     dataset = get_dataset(svc.db, body.dataset_id)
     config = training_config(dataset.item_shape, body.model, body.training,
                              (dataset.min_value, dataset.max_value))
+    if body.registered_model:
+        config["registered_model"] = body.registered_model
     job, created = submit_training(svc.db, body.dataset_id, config,
                                    **_idempotency_args(svc, request, body, idempotency_key))
     return _accepted(response, _publish(svc, job, created), created)
@@ -96,6 +99,8 @@ def create_sweep(_: WriteKey, svc: SvcDep, request: Request, response: Response,
                             (dataset.min_value, dataset.max_value),
                             max_configs=svc.settings.sweep_max_configs,
                             max_fields=svc.settings.sweep_max_fields)
+    if body.registered_model:
+        configs = [{**c, "registered_model": body.registered_model} for c in configs]
     sweep_id, jobs = submit_sweep(svc.db, body.dataset_id, configs,
                                   **_idempotency_args(svc, request, body, idempotency_key))
     published = [_publish(svc, job, True) for job in jobs]
@@ -153,7 +158,11 @@ def jobs(_: ReadKey, svc: SvcDep,
 
 @router.get("/v1/jobs/{job_id}", response_model=JobOut)
 def job(_: ReadKey, svc: SvcDep, job_id: Id) -> JobOut:
-    return JobOut.of(get_job(svc.db, job_id))
+    row = get_job(svc.db, job_id)
+    out = JobOut.of(row)
+    if row.kind == "train":
+        out.mlflow = job_sync_state(svc.db, row.id)
+    return out
 
 
 @router.post("/v1/jobs/{job_id}/cancel", response_model=JobOut,

@@ -36,6 +36,12 @@ class JobOut(BaseModel):
     started_at: dt.datetime | None = None
     finished_at: dt.datetime | None = None
     published: bool
+    mlflow: dict[str, Any] | None = Field(
+        None, description="a training job's MLflow run (GET /v1/jobs/{id} only, with the "
+                          "bridge configured): `run_id`, `in_sync` (the run holds every "
+                          "epoch, the status and the registered version latentbank has), "
+                          "`epochs_logged` of `epochs_recorded`, `registered_model`, "
+                          "`registered_version`, the last `error`, `synced_at`")
 
     @classmethod
     def of(cls, j: Job) -> JobOut:
@@ -71,6 +77,10 @@ class TrainingRequest(BaseModel):
     model: dict[str, Any] = Field(description="models.config.VAEConfig fields (see README)")
     training: dict[str, Any] = Field(default_factory=dict,
                                      description="models.config.TrainConfig fields")
+    registered_model: str | None = Field(
+        None, min_length=1, max_length=200, pattern=r"^[^/:\x00-\x1f]+$",
+        description="with the MLflow bridge: the registered model the trained model becomes "
+                    "a version of (default: the dataset's name)")
 
 
 class SweepRequest(TrainingRequest):

@@ -94,7 +94,7 @@ def test_api_command_serves_until_terminated(api_env, tmp_path):
 # The commands that run without latentbank-client (the images' own); every other command
 # of the app is a client verb. A new command must be put in one group or the other.
 SERVER_COMMANDS = {"version", "migrate", "worker", "beat", "status", "api", "upgrade-db",
-                   "sql-role", "sql", "up"}
+                   "sql-role", "sql", "up", "mlflow sync"}
 
 
 def test_without_the_client_distribution_every_client_verb_says_what_to_install(tmp_path):
