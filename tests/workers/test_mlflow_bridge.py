@@ -22,6 +22,7 @@ from store.aliases import delete_alias, set_alias
 from store.jobs import get_job
 from store.mlflow_sync import bridge, job_sync_state
 from store.publishing import publish
+from store.registry import delete_model
 from tests.support import Beat, Served, Worker, submit_grid, submit_train, whole_stack
 from tests.support.waiting import wait
 from workers.mlflow_bridge import epoch_metrics, sync_pass
@@ -292,6 +293,13 @@ def test_aliases_follow_latentbanks(db, celery_client, trained, digits_dataset, 
     delete_alias(db, "has.dot")
     one_pass(db, worker_artifacts, mlflow_server)
     assert "champion" not in mlflow_client.get_registered_model(name).aliases
+
+    delete_model(db, worker_artifacts, second.model_id)  # the version stays, marked
+    report = one_pass(db, worker_artifacts, mlflow_server)
+    assert report.stopped is None and not report.errors, report
+    kept = mlflow_client.get_model_version(name, second_rec.registered_version)
+    assert "latentbank.deleted" in kept.tags
+    assert mlflow_client.get_run(second_rec.run_id).info.status == "FINISHED"
 
 
 class LosesAnswers:

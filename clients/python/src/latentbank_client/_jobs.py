@@ -63,6 +63,7 @@ class Job(Bound):
     started_at: dt.datetime | None = None
     finished_at: dt.datetime | None = None
     published: bool | None = None
+    mlflow: dict[str, Any] | None = None  # the MLflow run's sync state (jobs.get only)
 
     @property
     def done(self) -> bool:

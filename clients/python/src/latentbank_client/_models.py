@@ -310,11 +310,14 @@ class Models(Resource):
 
     def train(self, dataset: Any, model: dict[str, Any] | None = None,
               training: dict[str, Any] | None = None, *,
-              idempotency_key: str | None = None) -> Job:
+              idempotency_key: str | None = None,
+              registered_model: str | None = None) -> Job:
         """Queue a training job on `dataset` (an id or a Dataset): `model` and `training`
         are the dicts of POST /v1/training-jobs (`{"family": "mlp", "latent_dim": 8,
         "hidden": [256, 128], ...}`, `{"epochs": 20, ...}`). Sent with an Idempotency-Key
-        (a fresh one unless given), so the client's retries never make two jobs."""
+        (a fresh one unless given), so the client's retries never make two jobs. With the
+        server's MLflow bridge, `registered_model` names the MLflow registered model the
+        trained model becomes a version of (default: the dataset's name)."""
         if not isinstance(model, dict):
             raise InvalidInput("model= must be a dict of model settings, e.g. "
                                "{'family': 'mlp', 'latent_dim': 8}")
@@ -322,6 +325,8 @@ class Models(Resource):
             raise InvalidInput("training= must be a dict of training settings")
         body = {"dataset_id": ident(dataset, "dataset"), "model": model,
                 "training": training or {}}
+        if registered_model is not None:
+            body["registered_model"] = registered_model
 
         def plan() -> Plan:
             response = yield Call("POST", "/v1/training-jobs", json=body,
@@ -331,11 +336,14 @@ class Models(Resource):
 
     def sweep(self, dataset: Any, model: dict[str, Any], training: dict[str, Any] | None,
               grid: dict[str, list[Any]], *, idempotency_key: str | None = None,
-              ) -> list[Job]:
+              registered_model: str | None = None) -> list[Job]:
         """Queue a grid of training jobs (`grid`: 'model.<field>' or 'training.<field>'
-        to the values to try); the jobs share a `sweep_id`."""
+        to the values to try); the jobs share a `sweep_id` (in MLflow, with the bridge:
+        one parent run, a child run per job)."""
         body = {"dataset_id": ident(dataset, "dataset"), "model": model,
                 "training": training or {}, "grid": grid}
+        if registered_model is not None:
+            body["registered_model"] = registered_model
 
         def plan() -> Plan:
             response = yield Call("POST", "/v1/sweeps", json=body,
