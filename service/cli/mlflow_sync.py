@@ -5,7 +5,7 @@ artifact store, like `migrate` (docs/operations/mlflow.md)."""
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -25,13 +25,10 @@ def mlflow_sync(
     parameters, every epoch's metrics, its summary and status, and a ready one a
     registered version with its ONNX files; aliases follow. Runs the passes the workers
     run, here, until nothing lags (exit 1 if the server stops answering)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
     from store.db import Database, database_url
     from store.errors import StoreError
     from store.mlflow_sync import runs_behind, track_models
     from store.settings import get_settings, open_artifacts
-    from workers.mlflow_bridge import sync_pass
 
     settings = get_settings()
     uri = tracking_uri or settings.mlflow_tracking_uri
@@ -50,26 +47,8 @@ def mlflow_sync(
         total = len(runs_behind(db, uri, limit=1_000_000))
         typer.echo(f"{added} model(s) newly tracked on {uri}; {total} run(s) to bring up "
                    "to date", err=True)
-        synced = 0
-        with Progress(TextColumn("mlflow sync"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("{task.description}"), transient=True) as bar:
-            task = bar.add_task("", total=max(total, 1))
-            for _ in range(passes):
-                report = sync_pass(db, artifacts, uri, settings.mlflow_experiment,
-                                   timeout=settings.mlflow_timeout_seconds, budget=60.0)
-                left = len(runs_behind(db, uri, limit=1_000_000))
-                synced = max(synced, total - left)
-                bar.update(task, completed=min(synced, total),
-                           description=f"{report.versions} version(s) registered")
-                if report.stopped:
-                    typer.echo(f"error: MLflow stopped answering: {report.stopped}",
-                               err=True)
-                    raise typer.Exit(1)
-                if not left:
-                    break
-                if report.skipped:  # a worker's pass holds the lock: it is catching up too
-                    time.sleep(1.0)
-        for line in report.errors:
+        left, errors = _passes(db, artifacts, uri, settings, total, passes)
+        for line in errors:
             typer.echo(f"refused: {line}", err=True)
         typer.echo(f"{uri}: {total - left} of {total} run(s) up to date"
                    + (f", {left} lagging (see `latentbank jobs show`)" if left else ""))
@@ -77,3 +56,34 @@ def mlflow_sync(
             raise typer.Exit(1)
     finally:
         db.dispose()
+
+
+def _passes(db: Any, artifacts: Any, uri: str, settings: Any, total: int,
+            passes: int) -> tuple[int, list[str]]:
+    """Bridge passes with a progress bar until nothing lags, or three passes in a row
+    leave as many runs lagging (refused ones, jobs still training): (lagging, errors)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from store.mlflow_sync import runs_behind
+    from workers.mlflow_bridge import sync_pass
+
+    left, still, errors = total, 0, []
+    with Progress(TextColumn("mlflow sync"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.description}"), transient=True) as bar:
+        task = bar.add_task("", total=max(total, 1))
+        for _ in range(passes):
+            report = sync_pass(db, artifacts, uri, settings.mlflow_experiment,
+                               timeout=settings.mlflow_timeout_seconds, budget=60.0)
+            before, left = left, len(runs_behind(db, uri, limit=1_000_000))
+            errors = report.errors
+            bar.update(task, completed=max(0, total - left),
+                       description=f"{report.versions} version(s) registered")
+            if report.stopped:
+                typer.echo(f"error: MLflow stopped answering: {report.stopped}", err=True)
+                raise typer.Exit(1)
+            still = still + 1 if left >= before and not report.skipped else 0
+            if not left or still >= 3:
+                break
+            if report.skipped:  # a worker's pass holds the lock: it is catching up too
+                time.sleep(1.0)
+    return left, errors

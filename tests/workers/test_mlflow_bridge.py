@@ -479,3 +479,35 @@ def test_the_job_api_says_whether_its_run_is_in_sync(db, trained, worker_setting
     finally:
         api.stop()
 
+
+
+def test_mlflow_sync_back_fills_models_trained_before_the_bridge(
+        db, trained, mlflow_server, mlflow_client, worker_env):
+    """`latentbank mlflow sync --model ID`, run as an operator runs it (a process with the
+    database and artifact settings), pushes a model this server was never told of: here
+    the same server under another name, so nothing tracked it yet."""
+    import sys
+
+    other = mlflow_server.uri.replace("127.0.0.1", "localhost")
+    env = {**worker_env, "LATENTBANK_MLFLOW_TRACKING_URI": other,
+           "LATENTBANK_MLFLOW_EXPERIMENT": "latentbank-backfill"}
+    missing = subprocess.run([sys.executable, "-m", "service.cli", "mlflow", "sync",
+                              "--model", "987654321"], env=env, capture_output=True,
+                             text=True, timeout=120)
+    assert missing.returncode == 2 and "model 987654321 does not exist" in missing.stderr
+    done = subprocess.run([sys.executable, "-m", "service.cli", "mlflow", "sync", "--model",
+                           str(trained.model_id)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 model(s) newly tracked" in done.stderr and "1 of 1 run(s) up to date" in done.stdout
+    experiment = mlflow_client.get_experiment_by_name("latentbank-backfill")
+    runs = mlflow_client.search_runs([experiment.experiment_id])
+    assert [r.data.tags["latentbank.model_id"] for r in runs] == [str(trained.model_id)]
+    assert runs[0].info.status == "FINISHED"
+    assert_history_is_latentbanks(mlflow_client, runs[0].info.run_id,
+                                  recorded(db, trained.model_id))
+    again = subprocess.run([sys.executable, "-m", "service.cli", "mlflow", "sync", "--model",
+                            str(trained.model_id)], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0 and "0 model(s) newly tracked" in again.stderr
+    assert len(mlflow_client.search_runs([experiment.experiment_id])) == 1  # no second run
