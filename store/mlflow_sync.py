@@ -18,6 +18,7 @@ from store.errors import NotFound
 from store.jobs import METRIC_COLUMNS
 from store.tables import MlflowAlias, MlflowBridge, MlflowRun, MlflowSweep, Model
 
+TRACK_WINDOW = 1000  # job ids below the newest tracked one still looked at (late commits)
 PASS_LOCK = 0x6D6C666C  # pg_try_advisory_lock key of a bridge pass ("mlfl")
 TERMINAL = {"succeeded": "FINISHED", "ready": "FINISHED", "failed": "FAILED",
             "cancelled": "KILLED"}
@@ -33,6 +34,7 @@ def run_status_of(status: str | None) -> str:
 class Bridge:
     tracking_uri: str
     instance: str
+    experiment: str | None  # the experiment's name `experiment_id` was resolved from
     experiment_id: str | None
     enabled_at: Any
 
@@ -57,24 +59,30 @@ def bridge(db: Database, tracking_uri: str) -> Bridge:
                   .on_conflict_do_nothing())
         row = s.get(MlflowBridge, tracking_uri)
         assert row is not None
-        return Bridge(row.tracking_uri, row.instance, row.experiment_id, row.enabled_at)
+        return Bridge(row.tracking_uri, row.instance, row.experiment, row.experiment_id,
+                      row.enabled_at)
 
 
-def set_experiment(db: Database, tracking_uri: str, experiment_id: str) -> None:
+def set_experiment(db: Database, tracking_uri: str, name: str, experiment_id: str) -> None:
+    """The experiment new runs go into (runs made before stay where they are)."""
     with db.session() as s:
         s.execute(update(MlflowBridge).where(MlflowBridge.tracking_uri == tracking_uri)
-                  .values(experiment_id=experiment_id))
+                  .values(experiment=name, experiment_id=experiment_id))
 
 
 def track_new_jobs(db: Database, b: Bridge) -> int:
     """Track every training job created since the bridge was enabled; returns how many
-    were new."""
+    were new. Only jobs above the newest tracked one (less a window for submissions that
+    committed out of id order) are looked at, so a pass reads a few rows, not every job."""
     with db.session() as s:
         result = s.execute(text(
             "INSERT INTO mlflow_runs (tracking_uri, model_id, job_id) "
             "SELECT :uri, j.model_id, j.id FROM jobs j WHERE j.kind = 'train' "
-            "AND j.model_id IS NOT NULL AND j.created_at >= :since "
-            "ON CONFLICT DO NOTHING"), {"uri": b.tracking_uri, "since": b.enabled_at})
+            "AND j.model_id IS NOT NULL AND j.created_at >= :since AND j.id > "
+            "(SELECT coalesce(max(r.job_id), 0) - :window FROM mlflow_runs r "
+            " WHERE r.tracking_uri = :uri) "
+            "ON CONFLICT DO NOTHING"),
+            {"uri": b.tracking_uri, "since": b.enabled_at, "window": TRACK_WINDOW})
         return int(result.rowcount or 0)
 
 
@@ -97,16 +105,21 @@ def track_models(db: Database, tracking_uri: str, model_ids: list[int] | None = 
         return int(result.rowcount or 0)
 
 
-# A tracked model needs a pass when its run lags what latentbank holds. Kept in SQL so a
-# pass reads only the runs that are behind, however many are tracked.
-_BEHIND = """
-    r.run_id IS NULL OR NOT r.params_logged OR r.sending_through IS NOT NULL
-    OR (j.id IS NOT NULL AND r.epochs_logged < j.items_done)
-    OR (m.id IS NOT NULL AND r.run_status IS DISTINCT FROM
-        CASE COALESCE(j.status, m.status) WHEN 'succeeded' THEN 'FINISHED'
-             WHEN 'ready' THEN 'FINISHED' WHEN 'failed' THEN 'FAILED'
-             WHEN 'cancelled' THEN 'KILLED' ELSE 'RUNNING' END)
-    OR (m.status = 'ready' AND (r.registered_version IS NULL OR NOT r.summary_logged))
+# A tracked model needs a pass when its run lags what latentbank holds, and it is not
+# waiting out a refusal (`retry_at`). Kept in SQL so a pass reads only the runs that are
+# behind, however many are tracked. Epochs are counted from the metric rows themselves
+# (a new attempt starts its job's `items_done` again from 0).
+_EPOCHS = ("(SELECT coalesce(max(t.epoch), 0) FROM training_metrics t "
+           "WHERE t.model_id = r.model_id)")
+_BEHIND = f"""
+    (m.id IS NOT NULL AND (
+        r.run_id IS NULL OR NOT r.params_logged OR r.sending_through IS NOT NULL
+        OR r.epochs_logged < {_EPOCHS}
+        OR r.run_status IS DISTINCT FROM
+            CASE COALESCE(j.status, m.status) WHEN 'succeeded' THEN 'FINISHED'
+                 WHEN 'ready' THEN 'FINISHED' WHEN 'failed' THEN 'FAILED'
+                 WHEN 'cancelled' THEN 'KILLED' ELSE 'RUNNING' END
+        OR (m.status = 'ready' AND (r.registered_version IS NULL OR NOT r.summary_logged))))
     OR (m.id IS NULL AND NOT r.deleted_marked
         AND (r.registered_version IS NOT NULL OR r.run_status = 'RUNNING'))
 """
@@ -115,7 +128,8 @@ _BEHIND = """
 def runs_behind(db: Database, tracking_uri: str, limit: int = 100) -> list[RunWork]:
     """Tracked models whose run lags, least recently synced first."""
     sql = text(f"""
-        SELECT r.*, j.id AS j_id, j.status AS j_status, j.items_done AS j_items_done,
+        SELECT r.*, {_EPOCHS} AS epochs_recorded,
+               j.id AS j_id, j.status AS j_status, j.items_done AS j_items_done,
                j.params AS j_params, j.sweep_id AS j_sweep_id, j.created_at AS j_created_at,
                j.started_at AS j_started_at, j.finished_at AS j_finished_at,
                m.id AS m_id, m.status AS m_status, m.config AS m_config,
@@ -128,6 +142,7 @@ def runs_behind(db: Database, tracking_uri: str, limit: int = 100) -> list[RunWo
         LEFT JOIN jobs j ON j.id = r.job_id
         LEFT JOIN datasets d ON d.id = m.dataset_id
         WHERE r.tracking_uri = :uri AND ({_BEHIND})
+          AND (r.retry_at IS NULL OR r.retry_at <= now())
         ORDER BY r.synced_at NULLS FIRST, r.model_id
         LIMIT :limit""")
     with db.engine.connect() as conn:
@@ -136,6 +151,7 @@ def runs_behind(db: Database, tracking_uri: str, limit: int = 100) -> list[RunWo
     out = []
     for row in rows:
         record = {c.name: row[c.name] for c in MlflowRun.__table__.columns}
+        record["epochs_recorded"] = int(row["epochs_recorded"])
         job = None if row["j_id"] is None else {
             k[2:]: v for k, v in row.items() if k.startswith("j_")}
         model = None if row["m_id"] is None else {
@@ -146,12 +162,41 @@ def runs_behind(db: Database, tracking_uri: str, limit: int = 100) -> list[RunWo
     return out
 
 
+def count_behind(db: Database, tracking_uri: str) -> int:
+    """How many tracked models' runs lag (those waiting out a refusal included)."""
+    with db.engine.connect() as conn:
+        return int(conn.execute(text(
+            f"SELECT count(*) FROM mlflow_runs r LEFT JOIN models m ON m.id = r.model_id "
+            f"LEFT JOIN jobs j ON j.id = r.job_id WHERE r.tracking_uri = :uri "
+            f"AND ({_BEHIND})"), {"uri": tracking_uri}).scalar() or 0)
+
+
+def refused(db: Database, tracking_uri: str, model_id: int, error: str) -> None:
+    """A run MLflow refused, or whose sync failed here: the error kept, the next try
+    after 10 s, doubling to an hour."""
+    with db.session() as s:
+        s.execute(update(MlflowRun).where(MlflowRun.tracking_uri == tracking_uri,
+                                          MlflowRun.model_id == model_id)
+                  .values(error=error, failures=MlflowRun.failures + 1,
+                          synced_at=text("now()"),
+                          retry_at=text("now() + least(3600, 10 * power(2, failures)) "
+                                        "* interval '1 second'")))
+
+
 def update_run(db: Database, tracking_uri: str, model_id: int, **values: Any) -> None:
     """Record what the run holds now (and when it was last synced)."""
     with db.session() as s:
         s.execute(update(MlflowRun).where(MlflowRun.tracking_uri == tracking_uri,
                                           MlflowRun.model_id == model_id)
                   .values(**values, synced_at=text("now()")))
+
+
+def seconds_through(db: Database, model_id: int, epoch: int) -> float:
+    """The training seconds of the model's epochs 1..epoch (its train rows)."""
+    with db.engine.connect() as conn:
+        return float(conn.execute(text(
+            "SELECT coalesce(sum(seconds), 0) FROM training_metrics WHERE model_id = :m "
+            "AND split = 'train' AND epoch <= :e"), {"m": model_id, "e": epoch}).scalar())
 
 
 def metric_rows(db: Database, model_id: int, after: int, through: int) -> list[dict[str, Any]]:
@@ -190,18 +235,18 @@ def sweeps_ended(db: Database, tracking_uri: str) -> list[tuple[str, str]]:
 
 @dataclass
 class AliasState:
-    desired: dict[str, tuple[str, str]]  # alias -> (registered model, version)
+    desired: dict[str, tuple[str | None, str | None]]  # alias -> (model, version)
     current: dict[str, MlflowAlias]
 
 
 def alias_state(db: Database, tracking_uri: str) -> AliasState:
-    """latentbank's model aliases whose model has a registered version, beside what the
-    bridge last set in MLflow."""
+    """latentbank's aliases of tracked models, each with its model's registered version
+    (None while it has none yet), beside what the bridge last set in MLflow."""
     with db.engine.connect() as conn:
         desired = {r[0]: (r[1], r[2]) for r in conn.execute(text(
             "SELECT a.name, r.registered_name, r.registered_version FROM aliases a "
-            "JOIN mlflow_runs r ON r.model_id = a.model_id AND r.tracking_uri = :uri "
-            "WHERE r.registered_version IS NOT NULL"), {"uri": tracking_uri})}
+            "JOIN mlflow_runs r ON r.model_id = a.model_id AND r.tracking_uri = :uri"),
+            {"uri": tracking_uri})}
     with db.session() as s:
         current = {a.name: a for a in s.scalars(
             select(MlflowAlias).where(MlflowAlias.tracking_uri == tracking_uri))}
@@ -231,7 +276,7 @@ def job_sync_state(db: Database, job_id: int) -> dict[str, Any] | None:
         row = conn.execute(text(f"""
             SELECT r.tracking_uri, r.run_id, r.epochs_logged, r.run_status,
                    r.registered_name, r.registered_version, r.error, r.synced_at,
-                   j.items_done, ({_BEHIND}) AS behind
+                   r.retry_at, {_EPOCHS} AS epochs_recorded, ({_BEHIND}) AS behind
             FROM mlflow_runs r JOIN jobs j ON j.id = r.job_id
             LEFT JOIN models m ON m.id = r.model_id
             WHERE r.job_id = :job ORDER BY r.created_at LIMIT 1"""), {"job": job_id}).first()
@@ -239,10 +284,10 @@ def job_sync_state(db: Database, job_id: int) -> dict[str, Any] | None:
         return None
     return {"tracking_uri": row.tracking_uri, "run_id": row.run_id,
             "in_sync": not row.behind, "epochs_logged": row.epochs_logged,
-            "epochs_recorded": row.items_done, "run_status": row.run_status,
+            "epochs_recorded": row.epochs_recorded, "run_status": row.run_status,
             "registered_model": row.registered_name,
             "registered_version": row.registered_version, "error": row.error,
-            "synced_at": row.synced_at}
+            "retry_at": row.retry_at, "synced_at": row.synced_at}
 
 
 @contextmanager

@@ -313,12 +313,13 @@ class MlflowBridge(Base):
     """An MLflow tracking server the bridge pushes to (workers/mlflow_bridge.py): training
     jobs created after `enabled_at` are tracked there by themselves, older models when
     `latentbank mlflow sync` is asked to. `instance` tags every run and version this
-    database made there, so two deployments can share one server."""
+    database made there (runs are found again by it)."""
 
     __tablename__ = "mlflow_bridges"
 
     tracking_uri: Mapped[str] = mapped_column(Text, primary_key=True)
     instance: Mapped[str] = mapped_column(Text)
+    experiment: Mapped[str | None] = mapped_column(Text)  # the name `experiment_id` is of
     experiment_id: Mapped[str | None] = mapped_column(Text)
     enabled_at: Mapped[dt.datetime] = _now()
 
@@ -331,7 +332,7 @@ class MlflowRun(Base):
 
     tracking_uri: Mapped[str] = mapped_column(Text, primary_key=True)
     model_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    job_id: Mapped[int | None] = mapped_column(BigInteger)
+    job_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
     run_id: Mapped[str | None] = mapped_column(Text)
     params_logged: Mapped[bool] = mapped_column(Boolean, server_default="false")
     epochs_logged: Mapped[int] = mapped_column(Integer, server_default="0")
@@ -343,6 +344,9 @@ class MlflowRun(Base):
     registered_version: Mapped[str | None] = mapped_column(Text)
     deleted_marked: Mapped[bool] = mapped_column(Boolean, server_default="false")
     error: Mapped[str | None] = mapped_column(Text)
+    # a record MLflow refused (or that failed here) waits before its next try, doubling
+    failures: Mapped[int] = mapped_column(Integer, server_default="0")
+    retry_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[dt.datetime] = _now()
     synced_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 

@@ -21,8 +21,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,20 +30,30 @@ from store.db import Database
 from store.mlflow_sync import (
     Bridge,
     RunWork,
-    alias_state,
     bridge,
-    drop_alias,
     metric_rows,
     pass_lock,
+    refused,
     run_status_of,
     runs_behind,
-    save_alias,
     save_sweep,
+    seconds_through,
     set_experiment,
     sweep_run,
     sweeps_ended,
     track_new_jobs,
     update_run,
+)
+from workers.mlflow_registry import (
+    TAG,
+    ServerTrouble,
+    code,
+    mark_deleted,
+    register,
+    registered_name,
+    server_trouble,
+    short,
+    sync_aliases,
 )
 
 log = logging.getLogger(__name__)
@@ -54,13 +62,6 @@ EPOCH_KEYS = ("elbo", "reconstruction", "kl", "log_px", "log_px_se", "ess", "los
 SHARED_KEYS = {"lr": "lr", "beta": "beta", "seconds": "epoch_seconds"}  # from the train row
 BATCH_METRICS = 900  # MLflow takes at most 1,000 metrics in one log-batch request
 MAX_PARAM = 6000  # MLflow's longest parameter value
-CLIENT_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS",
-                 "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE", "BAD_REQUEST"}
-TAG = "latentbank."
-
-
-class ServerTrouble(Exception):
-    """The server did not answer as a working server does: the pass stops here."""
 
 
 @dataclass
@@ -83,33 +84,27 @@ class PassReport:
 
 def client_for(tracking_uri: str, timeout: float) -> Any:
     """An MlflowClient whose requests fail fast: MLflow's own retries (minutes of
-    back-off by default) would hold a pass, and the next pass retries anyway."""
+    back-off by default) would hold a pass, and the next pass retries anyway. Variables
+    the operator set for MLflow are left as they are."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, round(timeout))))
     try:
         from mlflow.tracking import MlflowClient
-    except ImportError as exc:  # pragma: no cover - the extra is missing on this worker
-        raise RuntimeError("LATENTBANK_MLFLOW_TRACKING_URI is set but MLflow's client is "
-                           "not installed on this worker: pip install "
-                           "'latentbank[mlflow]' (mlflow-skinny)") from exc
+    except ImportError as exc:  # the extra is missing on this worker
+        raise ServerTrouble("LATENTBANK_MLFLOW_TRACKING_URI is set but MLflow's client is "
+                            "not installed on this worker: pip install "
+                            "'latentbank[mlflow]'") from exc
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-
-
-def _code(exc: BaseException) -> str:
-    return str(getattr(exc, "error_code", "") or "")
-
-
-def _is_client_error(exc: BaseException) -> bool:
-    """MLflow refused this request (the record's own problem); anything else (no answer,
-    a timeout, a 5xx) is the server's, and ends the pass."""
-    return _code(exc) in CLIENT_ERRORS
 
 
 def sync_pass(db: Database, artifacts: ArtifactStore, tracking_uri: str, experiment: str,
               *, timeout: float = 10.0, budget: float = 30.0, client: Any = None,
               limit: int = 100) -> PassReport:
-    """One pass: track new training jobs, catch up the runs that lag, mirror the aliases.
-    At most `budget` seconds of work are started; the rest waits for the next pass."""
+    """One pass: track new training jobs, catch up the runs that lag, close finished
+    sweeps, mirror the aliases. A record MLflow refuses (or whose files fail here) is
+    noted on it and tried again later, doubling the wait; a server that does not answer
+    ends the pass. Runs are started for at most `budget` seconds (one run's sync is not
+    cut short); the rest waits for the next pass."""
     report = PassReport()
     with pass_lock(db) as got:
         if not got:
@@ -117,55 +112,53 @@ def sync_pass(db: Database, artifacts: ArtifactStore, tracking_uri: str, experim
             return report
         b = bridge(db, tracking_uri)
         report.tracked = track_new_jobs(db, b)
-        client = client or client_for(tracking_uri, timeout)
         deadline = time.monotonic() + budget
         try:
-            if b.experiment_id is None:
+            client = client or client_for(tracking_uri, timeout)
+            if b.experiment_id is None or b.experiment != experiment:
                 b.experiment_id = _experiment(client, experiment)
-                set_experiment(db, tracking_uri, b.experiment_id)
+                set_experiment(db, tracking_uri, experiment, b.experiment_id)
             for work in runs_behind(db, tracking_uri, limit):
                 if time.monotonic() > deadline:
                     break
-                try:
-                    _sync_run(db, artifacts, client, b, work, report)
-                    report.runs_synced += 1
-                except ServerTrouble:
-                    raise
-                except Exception as exc:
-                    if not _is_client_error(exc):
-                        update_run(db, tracking_uri, work.model_id, error=_short(exc))
-                        raise ServerTrouble(_short(exc)) from exc
-                    log.warning("mlflow sync of model %d refused: %s", work.model_id,
-                                _short(exc))
-                    update_run(db, tracking_uri, work.model_id, error=_short(exc))
-                    report.errors.append(f"model {work.model_id}: {_short(exc)}")
-            _close_sweeps(db, client, tracking_uri)
-            report.aliases = _sync_aliases(db, client, tracking_uri, report)
-        except ServerTrouble as trouble:
-            report.stopped = str(trouble)
-        except Exception as exc:  # the experiment, a sweep or an alias: next pass
-            report.stopped = _short(exc)
-        if report.stopped:
-            log.warning("mlflow sync pass stopped (the next pass goes on): %s", report.stopped)
+                _one_run(db, artifacts, client, b, work, report)
+            _close_sweeps(db, client, tracking_uri, report.errors)
+            report.aliases = sync_aliases(db, client, tracking_uri, report.errors)
+        except Exception as exc:
+            if not server_trouble(exc):
+                raise
+            report.stopped = short(exc)
+            log.warning("mlflow sync pass stopped (the next pass goes on): %s",
+                        report.stopped)
     return report
 
 
-def _short(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}"
-    return text if len(text) <= 500 else text[:497] + "..."
+def _one_run(db: Database, artifacts: ArtifactStore, client: Any, b: Bridge, work: RunWork,
+             report: PassReport) -> None:
+    try:
+        _sync_run(db, artifacts, client, b, work, report)
+        report.runs_synced += 1
+    except Exception as exc:
+        if server_trouble(exc):
+            update_run(db, b.tracking_uri, work.model_id, error=short(exc))
+            raise
+        log.warning("mlflow sync of model %d failed (tried again later): %s",
+                    work.model_id, short(exc))
+        refused(db, b.tracking_uri, work.model_id, short(exc))
+        report.errors.append(f"model {work.model_id}: {short(exc)}")
 
 
 def _experiment(client: Any, name: str) -> str:
     found = client.get_experiment_by_name(name)
     if found is not None:
-        if found.lifecycle_stage == "deleted":
+        if found.lifecycle_stage == "deleted":  # nothing can be logged until then
             raise ServerTrouble(f"the MLflow experiment {name!r} is deleted: restore it or "
                                 "set LATENTBANK_MLFLOW_EXPERIMENT to another name")
         return str(found.experiment_id)
     try:
         return str(client.create_experiment(name, tags={f"{TAG}created_by": "latentbank"}))
     except Exception as exc:
-        if _code(exc) != "RESOURCE_ALREADY_EXISTS":
+        if code(exc) != "RESOURCE_ALREADY_EXISTS":
             raise
         return str(client.get_experiment_by_name(name).experiment_id)
 
@@ -183,39 +176,38 @@ def _status(work: RunWork) -> str:
 def _sync_run(db: Database, artifacts: ArtifactStore, client: Any, b: Bridge, work: RunWork,
               report: PassReport) -> None:
     uri, rec, job, model = b.tracking_uri, work.record, work.job, work.model
-    run_id = rec["run_id"]
     if model is None:  # deleted in latentbank: say so in MLflow, keep the run
-        _mark_deleted(db, client, b, work)
+        mark_deleted(db, client, b, work)
         return
+    run_id = rec["run_id"]
     if run_id is None:
         run_id = _find_or_create_run(db, client, b, work)
-        update_run(db, uri, work.model_id, run_id=run_id, error=None)
+        update_run(db, uri, work.model_id, run_id=run_id)
     if not rec["params_logged"]:
         _log_params(client, run_id, work)
         update_run(db, uri, work.model_id, params_logged=True)
-    done = int(job["items_done"] or 0) if job else int(rec["epochs_logged"])
-    logged = int(rec["epochs_logged"])
+    done, logged = rec["epochs_recorded"], int(rec["epochs_logged"])
     if rec["sending_through"] is not None:  # a batch whose answer was lost: ask the server
         logged = _confirmed_through(client, run_id, logged, int(rec["sending_through"]))
         update_run(db, uri, work.model_id, epochs_logged=logged, sending_through=None)
     if done > logged:
         report.epochs_logged += _log_epochs(db, client, b, work, run_id, logged, done)
-    status = _status(work)
     if model["status"] == "ready" and not rec["summary_logged"]:
-        _log_summary(client, run_id, model, done)
+        _log_summary(client, run_id, model, done, (job or {}).get("finished_at"))
         update_run(db, uri, work.model_id, summary_logged=True)
-    if model["status"] == "ready" and rec["registered_version"] is None:
-        name, version = _register(client, artifacts, b, work, run_id)
-        update_run(db, uri, work.model_id, registered_name=name, registered_version=version)
-        report.versions += 1
+    status = _status(work)
     if rec["run_status"] != status:
         if status == "RUNNING":
             client.update_run(run_id, status="RUNNING")
         else:
-            end = job.get("finished_at") if job else None
-            client.set_terminated(run_id, status=status, end_time=_ms(end))
+            client.set_terminated(run_id, status=status,
+                                  end_time=_ms((job or {}).get("finished_at")))
         update_run(db, uri, work.model_id, run_status=status)
-    update_run(db, uri, work.model_id, error=None)
+    if model["status"] == "ready" and rec["registered_version"] is None:
+        name, version = register(client, artifacts, b, work, run_id)
+        update_run(db, uri, work.model_id, registered_name=name, registered_version=version)
+        report.versions += 1
+    update_run(db, uri, work.model_id, error=None, failures=0, retry_at=None)
 
 
 def _find_or_create_run(db: Database, client: Any, b: Bridge, work: RunWork) -> str:
@@ -265,9 +257,16 @@ def _sweep_parent(db: Database, client: Any, b: Bridge, sweep_id: str) -> str:
     return run_id
 
 
-def _close_sweeps(db: Database, client: Any, tracking_uri: str) -> None:
+def _close_sweeps(db: Database, client: Any, tracking_uri: str, errors: list[str]) -> None:
+    """End the parent run of each sweep whose jobs have all ended (one deleted in MLflow
+    meanwhile is left as it is)."""
     for sweep_id, run_id in sweeps_ended(db, tracking_uri):
-        client.set_terminated(run_id, status="FINISHED")
+        try:
+            client.set_terminated(run_id, status="FINISHED")
+        except Exception as exc:
+            if server_trouble(exc):
+                raise
+            errors.append(f"sweep {sweep_id}: {short(exc)}")
         save_sweep(db, tracking_uri, sweep_id, run_id, "FINISHED")
 
 
@@ -292,15 +291,6 @@ def flat_params(work: RunWork) -> dict[str, str]:
         out["dataset_id"] = str(work.dataset["id"])
     out["registered_model"] = registered_name(work)
     return out
-
-
-def registered_name(work: RunWork) -> str:
-    """The registered model a ready model becomes a version of: the job's
-    `registered_model`, else its dataset's name ('/' and ':', which MLflow refuses in a
-    name, become '-')."""
-    params = (work.job or {}).get("params") or {}
-    name = params.get("registered_model") or (work.dataset or {}).get("name") or "latentbank"
-    return str(name).replace("/", "-").replace(":", "-")
 
 
 def _log_params(client: Any, run_id: str, work: RunWork) -> None:
@@ -340,10 +330,11 @@ def _log_epochs(db: Database, client: Any, b: Bridge, work: RunWork, run_id: str
     written down as `sending_through` before it goes."""
     from mlflow.entities import Metric
 
-    rows = metric_rows(db, work.model_id, 0, done)  # from 1: the timestamps add up
+    rows = metric_rows(db, work.model_id, logged, done)
     job = work.job or {}
-    base = _ms(job.get("started_at") or job.get("created_at")) or int(time.time() * 1000)
-    metrics = [m for m in epoch_metrics(rows, base) if m[0] > logged]
+    start = _ms(job.get("started_at") or job.get("created_at")) or int(time.time() * 1000)
+    base = start + int(seconds_through(db, work.model_id, logged) * 1000)
+    metrics = epoch_metrics(rows, base)
     by_epoch: dict[int, list[tuple[int, str, float, int]]] = {}
     for m in metrics:
         by_epoch.setdefault(m[0], []).append(m)
@@ -373,11 +364,12 @@ def _confirmed_through(client: Any, run_id: str, logged: int, sending: int) -> i
     return max(held) if held else logged
 
 
-def _log_summary(client: Any, run_id: str, model: dict[str, Any], last_epoch: int) -> None:
+def _log_summary(client: Any, run_id: str, model: dict[str, Any], last_epoch: int,
+                 finished: dt.datetime | None) -> None:
     from mlflow.entities import Metric
 
     summary = model.get("summary") or {}
-    now = int(time.time() * 1000)
+    now = _ms(finished) or int(time.time() * 1000)  # the same on every pass
     metrics = [Metric(f"heldout/{k[len('heldout_'):]}", float(v), now, last_epoch)
                for k, v in sorted(summary.items())
                if k.startswith("heldout_") and isinstance(v, int | float)
@@ -385,122 +377,3 @@ def _log_summary(client: Any, run_id: str, model: dict[str, Any], last_epoch: in
     if metrics:
         client.log_batch(run_id, metrics=metrics)
     client.log_text(run_id, json.dumps(summary, indent=2, sort_keys=True), "summary.json")
-
-
-def onnx_signature(path: str) -> Any:
-    """The MLflow signature of an ONNX graph: its inputs and outputs as tensors, with -1
-    for a dynamic axis."""
-    import onnx
-    from mlflow.models.signature import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
-
-    graph = onnx.load(path, load_external_data=False).graph
-
-    def spec(value: Any) -> Any:
-        t = value.type.tensor_type
-        shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
-        return TensorSpec(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type), shape,
-                          value.name)
-
-    return ModelSignature(Schema([spec(v) for v in graph.input]),
-                          Schema([spec(v) for v in graph.output]))
-
-
-def mlflow_onnx_model(onnx_path: str, out_dir: str) -> str:
-    """An MLflow model directory (`mlflow.onnx` flavour, with the graph's signature)
-    whose `model.onnx` is the very file given, byte for byte."""
-    import mlflow.onnx
-    import onnx
-
-    mlflow.onnx.save_model(onnx.load(onnx_path), out_dir, signature=onnx_signature(onnx_path))
-    shutil.copyfile(onnx_path, os.path.join(out_dir, "model.onnx"))
-    return out_dir
-
-
-def _register(client: Any, artifacts: ArtifactStore, b: Bridge, work: RunWork,
-              run_id: str) -> tuple[str, str]:
-    """Log the model's ONNX files into its run and register the decoder as a version of
-    its registered model (found again by run id when an answer was lost)."""
-    model = work.model or {}
-    name = registered_name(work)
-    with tempfile.TemporaryDirectory(prefix="mlflow-") as tmp:
-        for role in ("encoder", "decoder"):
-            local = os.path.join(tmp, f"{role}.onnx")
-            artifacts.get_file(artifacts.key_of(model[f"{role}_uri"]), local,
-                               model.get(f"{role}_sha256"))
-            client.log_artifacts(run_id, mlflow_onnx_model(local, os.path.join(tmp, role)),
-                                 role)
-    try:
-        client.create_registered_model(
-            name, tags={f"{TAG}instance": b.instance},
-            description="VAE decoders trained by latentbank (z -> x); each version's run "
-                        "holds its encoder too")
-    except Exception as exc:
-        if _code(exc) != "RESOURCE_ALREADY_EXISTS":
-            raise
-    found = client.search_model_versions(f"name = '{_quoted(name)}' and run_id = '{run_id}'")
-    if found:
-        return name, str(found[0].version)
-    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/decoder"
-    version = client.create_model_version(
-        name, source, run_id=run_id,
-        tags={f"{TAG}model_id": str(work.model_id), f"{TAG}instance": b.instance,
-              f"{TAG}decoder_sha256": str(model.get("decoder_sha256")),
-              f"{TAG}encoder_sha256": str(model.get("encoder_sha256"))},
-        description=f"latentbank model {work.model_id}: the decoder (z -> x); the "
-                    "encoder is the run's `encoder` artifact")
-    return name, str(version.version)
-
-
-def _quoted(value: str) -> str:
-    return value.replace("'", "\\'")
-
-
-def _mark_deleted(db: Database, client: Any, b: Bridge, work: RunWork) -> None:
-    """A model deleted in latentbank: its version stays in MLflow (a registry keeps its
-    history) tagged `latentbank.deleted`, its aliases go (the alias pass), an unfinished
-    run ends KILLED."""
-    rec = work.record
-    if rec["registered_version"] is not None:
-        client.set_model_version_tag(rec["registered_name"], rec["registered_version"],
-                                     f"{TAG}deleted", dt.datetime.now(dt.UTC).isoformat())
-    if rec["run_id"] is not None and rec["run_status"] in (None, "RUNNING"):
-        client.set_terminated(rec["run_id"], status="KILLED")
-    update_run(db, b.tracking_uri, work.model_id, deleted_marked=True, run_status="KILLED",
-               error=None)
-
-
-def _sync_aliases(db: Database, client: Any, tracking_uri: str, report: PassReport) -> int:
-    """Mirror latentbank's model aliases onto the registered versions; returns how many
-    changed in MLflow. A name MLflow refuses (a '.', `latest`, `v1`) is recorded with
-    the reason and skipped."""
-    state = alias_state(db, tracking_uri)
-    changed = 0
-    for name, kept in state.current.items():
-        want = state.desired.get(name)
-        if kept.version is not None and (want is None or want[0] != kept.registered_name):
-            try:
-                client.delete_registered_model_alias(kept.registered_name, name)
-            except Exception as exc:
-                if _code(exc) != "RESOURCE_DOES_NOT_EXIST":
-                    raise
-            changed += 1
-        if want is None:
-            drop_alias(db, tracking_uri, name)
-    for name, (reg, version) in sorted(state.desired.items()):
-        kept = state.current.get(name)
-        if kept is not None and (kept.registered_name, kept.version) == (reg, version):
-            continue
-        if kept is not None and kept.error and kept.registered_name == reg:
-            continue  # refused before: it stays refused until the alias moves
-        try:
-            client.set_registered_model_alias(reg, name, version)
-        except Exception as exc:
-            if not _is_client_error(exc):
-                raise
-            save_alias(db, tracking_uri, name, reg, None, _short(exc))
-            report.errors.append(f"alias {name}: {_short(exc)}")
-            continue
-        save_alias(db, tracking_uri, name, reg, version)
-        changed += 1
-    return changed

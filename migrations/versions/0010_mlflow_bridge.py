@@ -29,6 +29,7 @@ def upgrade() -> None:
         'mlflow_bridges',
         sa.Column('tracking_uri', sa.Text(), nullable=False),
         sa.Column('instance', sa.Text(), nullable=False),
+        sa.Column('experiment', sa.Text(), nullable=True),
         sa.Column('experiment_id', sa.Text(), nullable=True),
         sa.Column('enabled_at', sa.DateTime(timezone=True), server_default=sa.text('now()'),
                   nullable=False),
@@ -48,9 +49,12 @@ def upgrade() -> None:
         sa.Column('registered_version', sa.Text(), nullable=True),
         sa.Column('deleted_marked', sa.Boolean(), server_default='false', nullable=False),
         sa.Column('error', sa.Text(), nullable=True),
+        sa.Column('failures', sa.Integer(), server_default='0', nullable=False),
+        sa.Column('retry_at', sa.DateTime(timezone=True), nullable=True),
         _now(),
         sa.Column('synced_at', sa.DateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint('tracking_uri', 'model_id', name=op.f('pk_mlflow_runs')))
+    op.create_index(op.f('ix_mlflow_runs_job_id'), 'mlflow_runs', ['job_id'])
     op.create_table(
         'mlflow_sweeps',
         sa.Column('tracking_uri', sa.Text(), nullable=False),

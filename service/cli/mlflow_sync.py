@@ -27,7 +27,7 @@ def mlflow_sync(
     run, here, until nothing lags (exit 1 if the server stops answering)."""
     from store.db import Database, database_url
     from store.errors import StoreError
-    from store.mlflow_sync import runs_behind, track_models
+    from store.mlflow_sync import count_behind, track_models
     from store.settings import get_settings, open_artifacts
 
     settings = get_settings()
@@ -44,7 +44,7 @@ def mlflow_sync(
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
         artifacts = open_artifacts(settings)
-        total = len(runs_behind(db, uri, limit=1_000_000))
+        total = count_behind(db, uri)
         typer.echo(f"{added} model(s) newly tracked on {uri}; {total} run(s) to bring up "
                    "to date", err=True)
         left, errors = _passes(db, artifacts, uri, settings, total, passes)
@@ -64,7 +64,7 @@ def _passes(db: Any, artifacts: Any, uri: str, settings: Any, total: int,
     leave as many runs lagging (refused ones, jobs still training): (lagging, errors)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from store.mlflow_sync import runs_behind
+    from store.mlflow_sync import count_behind
     from workers.mlflow_bridge import sync_pass
 
     left, still, errors = total, 0, []
@@ -74,7 +74,7 @@ def _passes(db: Any, artifacts: Any, uri: str, settings: Any, total: int,
         for _ in range(passes):
             report = sync_pass(db, artifacts, uri, settings.mlflow_experiment,
                                timeout=settings.mlflow_timeout_seconds, budget=60.0)
-            before, left = left, len(runs_behind(db, uri, limit=1_000_000))
+            before, left = left, count_behind(db, uri)
             errors = report.errors
             bar.update(task, completed=max(0, total - left),
                        description=f"{report.versions} version(s) registered")

@@ -207,6 +207,9 @@ def test_the_ready_model_is_a_registered_version_with_latentbanks_onnx_files(
                                   str(mine))
         assert got == mine.read_bytes(), role  # byte for byte
         assert hashlib.sha256(got).hexdigest() == getattr(model, f"{role}_sha256")
+        files = {p.name for p in Path(local).iterdir()}
+        assert files <= {"MLmodel", "model.onnx", "conda.yaml", "python_env.yaml",
+                         "requirements.txt"}, files  # no copy of the weights beside it
         mlmodel = (Path(local) / "MLmodel").read_text()
         assert "onnx:" in mlmodel and "signature:" in mlmodel, mlmodel
     summary = json.loads(Path(mlflow_client.download_artifacts(
@@ -511,3 +514,45 @@ def test_mlflow_sync_back_fills_models_trained_before_the_bridge(
                            timeout=300)
     assert again.returncode == 0 and "0 model(s) newly tracked" in again.stderr
     assert len(mlflow_client.search_runs([experiment.experiment_id])) == 1  # no second run
+
+
+def test_a_model_deleted_before_it_was_ready_ends_its_run_and_leaves_nothing_behind(
+        db, digits_dataset, worker_artifacts, mlflow_server, mlflow_client, enabled):
+    from store.jobs import request_cancel
+    from store.mlflow_sync import count_behind
+
+    job, _ = submit_train(db, digits_dataset, MODEL, TRAINING)  # never sent: stays queued
+    one_pass(db, worker_artifacts, mlflow_server)
+    record = run_of(db, mlflow_server, job.model_id)
+    assert mlflow_client.get_run(record.run_id).info.status == "RUNNING"
+    request_cancel(db, job.id)
+    report = one_pass(db, worker_artifacts, mlflow_server)
+    assert mlflow_client.get_run(record.run_id).info.status == "KILLED", report
+    delete_model(db, worker_artifacts, job.model_id)
+    report = one_pass(db, worker_artifacts, mlflow_server)
+    assert report.stopped is None and not report.errors, report
+    record = run_of(db, mlflow_server, job.model_id)
+    assert record.run_status == "KILLED" and record.registered_version is None
+    assert count_behind(db, mlflow_server.uri) == 0  # nothing lags for ever
+    assert job_sync_state(db, job.id)["in_sync"]
+
+
+def test_registered_names_are_ones_mlflow_takes():
+    from pydantic import ValidationError
+
+    from service.api.schemas.jobs import TrainingRequest
+    from store.mlflow_sync import RunWork
+    from workers.mlflow_registry import registered_name
+
+    def name(dataset_name, params=None):
+        return registered_name(RunWork(1, {}, {"params": params or {}}, {},
+                                       {"name": dataset_name}))
+
+    assert name("digits") == "digits"
+    assert name("team/digits:v2") == "team-digits-v2"
+    assert name("../x") == "x" and name("") == "latentbank" and name("a'b\\") == "a-b"
+    assert name("digits", {"registered_model": "faces v2"}) == "faces v2"
+    for bad in ("a/b", "a:b", "..x", "x..y", " x", "", "é"):
+        with pytest.raises(ValidationError):
+            TrainingRequest(dataset_id=1, model={}, registered_model=bad)
+    assert TrainingRequest(dataset_id=1, model={}, registered_model="Faces_v2.1-a b")

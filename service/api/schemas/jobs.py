@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from service.api.schemas.common import MAX_ID, Ref
 from store.tables import Job
@@ -78,9 +78,17 @@ class TrainingRequest(BaseModel):
     training: dict[str, Any] = Field(default_factory=dict,
                                      description="models.config.TrainConfig fields")
     registered_model: str | None = Field(
-        None, min_length=1, max_length=200, pattern=r"^[^/:\x00-\x1f]+$",
+        None, min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_. -]*$",
         description="with the MLflow bridge: the registered model the trained model becomes "
-                    "a version of (default: the dataset's name)")
+                    "a version of (default: the dataset's name); letters, digits, '_', "
+                    "'.', '-' and spaces, starting with a letter or digit, no '..'")
+
+    @field_validator("registered_model")
+    @classmethod
+    def _no_parent_path(cls, value: str | None) -> str | None:
+        if value is not None and ".." in value:  # MLflow refuses a name like a path
+            raise ValueError("registered_model may not contain '..'")
+        return value
 
 
 class SweepRequest(TrainingRequest):
