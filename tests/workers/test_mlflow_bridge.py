@@ -362,21 +362,24 @@ def test_a_lost_answer_sends_no_epoch_twice_and_loses_none(
 
 
 def test_a_dead_mlflow_server_costs_a_job_nothing_and_its_run_catches_up(
-        db, celery_client, digits_dataset, worker_artifacts, mlflow_server, mlflow_client, trained):
+        db, digits_dataset, mlflow_stack, mlflow_server, mlflow_client, trained):
+    """The deployed path: the job runs on a worker whose beat sends the bridge's passes
+    against a server that is down; the job succeeds, the passes fail and say so on the
+    job, and once the server is back the run catches up by itself."""
     mlflow_server.stop()
     try:
-        job = train(db, celery_client, digits_dataset, epochs=3, seed=21)
-        assert wait_job(db, job.id).status == "succeeded"  # the job never waits on MLflow
-        report = one_pass(db, worker_artifacts, mlflow_server)
-        assert report.stopped, report  # no server: the pass stops at its first request
-        state = job_sync_state(db, job.id)
-        assert not state["in_sync"] and state["run_id"] is None and state["error"], state
+        job = train(db, mlflow_stack["sender"], digits_dataset, epochs=3, seed=21)
+        assert wait_job(db, job.id).status == "succeeded"
+        state = wait("a failed pass to note the outage on the job",
+                     lambda: (s := job_sync_state(db, job.id)) and s["error"] and s,
+                     timeout=60, every=0.2)
+        assert not state["in_sync"] and state["run_id"] is None, state
     finally:
         mlflow_server.start()
-    report = one_pass(db, worker_artifacts, mlflow_server)
-    assert report.stopped is None, report
-    state = job_sync_state(db, job.id)
-    assert state["in_sync"] and state["registered_version"], state
+    state = wait("the run to catch up",
+                 lambda: (s := job_sync_state(db, job.id))["in_sync"] and s, timeout=120,
+                 every=0.25)
+    assert state["registered_version"] and state["error"] is None, state
     assert_history_is_latentbanks(mlflow_client, state["run_id"], recorded(db, job.model_id))
 
 
@@ -417,6 +420,8 @@ def test_epoch_metrics_unit():
 def mlflow_stack(worker_env, worker_logs, mlflow_server, tmp_path_factory):
     """A worker and a beat configured with the bridge, as a deployment runs them, on a
     broker of their own (the other tests' worker never sees this stack's tasks)."""
+    from celery import Celery
+
     from tests.conftest import _redis
 
     redis = _redis(14, tmp_path_factory)
@@ -429,7 +434,9 @@ def mlflow_stack(worker_env, worker_logs, mlflow_server, tmp_path_factory):
     # compose, where the embedding workers run the maintenance queue)
     worker = Worker(env, worker_logs, "mlflow-worker", concurrency=2)
     beat = Beat(env, worker_logs, "mlflow-beat")
-    yield {"env": env, "worker": worker, "url": url}
+    sender = Celery("mlflow-stack-client", broker=url)
+    sender.conf.update(task_serializer="json", broker_connection_retry_on_startup=True)
+    yield {"env": env, "worker": worker, "url": url, "sender": sender}
     beat.stop()
     worker.stop()
     next(redis, None)
@@ -440,10 +447,7 @@ def test_beat_keeps_the_run_in_step_through_a_pool_child_killed_mid_training(
     """The deployed path: beat sends the bridge's passes to a worker; a training job's
     pool child is killed after some epochs reached MLflow; the job resumes from its
     checkpoint and the run holds every epoch exactly once."""
-    from celery import Celery
-
-    sender = Celery("t", broker=mlflow_stack["url"])
-    sender.conf.update(task_serializer="json", broker_connection_retry_on_startup=True)
+    sender = mlflow_stack["sender"]
     job, _ = submit_train(db, digits_dataset, MODEL,
                           {**TRAINING, "epochs": 100, "seed": 31, "importance_samples": 100})
     publish(db, sender, job)
