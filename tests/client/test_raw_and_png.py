@@ -99,3 +99,23 @@ def test_an_alias_set_says_whether_it_made_the_alias(status, created):
     with make(handler) as c:
         got = c.aliases.set("prod", model=3)
     assert got.created is created and got.target_id == 3 and got.raw == alias
+
+
+def test_train_and_sweep_pass_the_registered_model_name_only_when_given():
+    bodies = []
+
+    def handler(request):
+        bodies.append(json.loads(request.content))
+        job = {"id": 1, "kind": "train", "status": "queued", "params": {},
+               "mlflow": {"in_sync": False}}
+        return httpx.Response(202, json=job if request.url.path.endswith("jobs")
+                              else {"sweep_id": "s", "jobs": [job]})
+
+    with make(handler) as c:
+        job = c.models.train(1, model={"family": "mlp"}, registered_model="faces")
+        c.models.train(1, model={"family": "mlp"})
+        c.models.sweep(1, {"family": "mlp"}, None, {"model.latent_dim": [2]},
+                       registered_model="faces")
+    assert [b.get("registered_model") for b in bodies] == ["faces", None, "faces"]
+    assert "registered_model" not in bodies[1]
+    assert job.mlflow == {"in_sync": False}
