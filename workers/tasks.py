@@ -40,7 +40,9 @@ def mlflow_sync() -> dict[str, Any]:
     """One pass of the MLflow bridge; a worker without the setting does nothing."""
     ctx = context()
     s = ctx.settings
-    if not s.mlflow_tracking_uri:
+    if not s.mlflow_tracking_uri:  # beat has the setting, this worker not
+        log.warning("an MLflow sync pass reached a worker without "
+                    "LATENTBANK_MLFLOW_TRACKING_URI: give the workers the beat's setting")
         return {"configured": False}
     return sync_pass(ctx.db, ctx.artifacts, s.mlflow_tracking_uri, s.mlflow_experiment,
                      timeout=s.mlflow_timeout_seconds,
