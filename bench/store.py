@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ from service.cli.embedded.postgres import start_embedded_postgres  # noqa: E402
 from store.artifacts import ArtifactStore  # noqa: E402
 from store.db import Database  # noqa: E402
 from store.embedding_sets import get_set  # noqa: E402
+from store.index_build import plan_build, server_is_local  # noqa: E402
 from store.indexes import build_index  # noqa: E402
 from store.jobs import claim, finish  # noqa: E402
 from store.search import SearchFilter, nearest, search  # noqa: E402
@@ -205,6 +207,12 @@ def bench_knn(db, artifacts, settings, tmp, kind: str, n: int, dim: int, n_queri
                       zeros[a:a + 100_000], zeros[a:a + 100_000])
     write_s = time.perf_counter() - t
     finish(db, job.id, "bench", "succeeded")  # the set is `ready`
+    # the baseline: the same build with one process (the leader, no parallel worker), then
+    # the build as the service plans it (memory from the set, workers from the cores)
+    with db.engine.connect() as conn:
+        planned = plan_build(conn, settings, server_is_local(db), n, dim, 16)
+    single = build_index(db, es.id, settings, calibration_queries=4,
+                         plan=replace(planned, workers=0))
     report = build_index(db, es.id, settings)
     es = get_set(db, es.id)
     truth = [brute_top10(mu, q) for q in queries]
@@ -231,6 +239,8 @@ def bench_knn(db, artifacts, settings, tmp, kind: str, n: int, dim: int, n_queri
         "trained") else []
     return rows, {"filtered": filtered, "kind": kind, "write_s": write_s,
                   "build_s": report.build_seconds, "ef_search": report.ef_search,
+                  "single_build_s": single.build_seconds, "build": es.index_build,
+                  "single_build": single.build,
                   "calibration": report.recall}
 
 
@@ -321,6 +331,12 @@ def main() -> None:
                     print(f"  {kind}: write {info['write_s']:.1f} s, HNSW build "
                           f"{info['build_s']:.0f} s, calibrated ef_search={info['ef_search']} "
                           f"(calibration recall by ef: {by_ef})")
+                    b, one = info["build"], info["single_build"]
+                    print(f"  {kind}: index build, one process {one['seconds']:.1f} s, "
+                          f"planned ({b['workers']} parallel worker(s) + leader) "
+                          f"{b['seconds']:.1f} s: {one['seconds'] / b['seconds']:.2f}x; "
+                          f"memory {b['memory_mb']} MiB given, {b['needed_mb']} MiB needed, "
+                          f"fitted: {b['fits']}; index {b['index_mb']} MiB on disk")
             db.dispose()
             if "knn" not in args.skip:
                 record_filtered(knn_info, args.knn_n)
@@ -331,6 +347,9 @@ def main() -> None:
 def record_filtered(infos: list[dict], n: int) -> None:
     from bench.goals import record
 
+    for info in infos:
+        record(f"store: HNSW build over {n} {info['kind']}, planned vs one process",
+               info["single_build"]["seconds"] / info["build"]["seconds"], 1.6, "x")
     filtered = next(i["filtered"] for i in infos if i["filtered"])
     ten = next(f for f in filtered if f["share"] == 10)
     scale = f"{n // 1000}k" if n < 1_000_000 else f"{n // 1_000_000}M"

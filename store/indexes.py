@@ -7,15 +7,25 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 from sqlalchemy import Text, cast, func, literal, select, text, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from store.db import Database, analyze, binary_rows, is_transient
 from store.embedding_sets import get_set
+from store.index_build import (
+    BuildPlan,
+    IndexWatch,
+    MiB,
+    apply_plan,
+    is_shared_memory_full,
+    plan_build,
+    server_is_local,
+)
 from store.jobs import OwnerCheck
 from store.search import nearest
 from store.settings import Settings
@@ -40,11 +50,13 @@ class IndexReport:
     hnsw_ms: dict[int, float] = field(default_factory=dict)
     exact_ms: float | None = None
     written: bool = True  # False: a build that lost its lease wrote no outcome
+    build: dict[str, Any] | None = None  # what the set's `index_build` says at the end
 
 
 def build_index(db: Database, set_id: int, settings: Settings, m: int = 16,
                 ef_construction: int = 64, calibration_queries: int = 40,
-                maintenance_work_mem: str = "1GB", owner: str | None = None) -> IndexReport:
+                owner: str | None = None, plan: BuildPlan | None = None,
+                progress_interval: float = 1.0) -> IndexReport:
     """Build the set's HNSW index (CONCURRENTLY: reads and writes go on), then calibrate.
 
     Calibration runs `calibration_queries` of the set's own vectors through exact and
@@ -56,6 +68,11 @@ def build_index(db: Database, set_id: int, settings: Settings, m: int = 16,
     the build or of the calibration marks the index `failed` with its reason (searches
     stay exact, the set can be deleted), unless it is the database going away: then the
     caller retries, or the maintenance pass sends the build again.
+
+    The build gets the memory and parallel workers of `plan` (default: `plan_build`, sized
+    from the set and the server); its progress goes into the set's `index_build` every
+    `progress_interval` seconds, and what it was given and whether its graph fitted in
+    memory stay there when it ends.
     """
     es = get_set(db, set_id)
     if es.n_items < settings.exact_search_below:
@@ -66,25 +83,51 @@ def build_index(db: Database, set_id: int, settings: Settings, m: int = 16,
         _set_index(db, set_id, "building", None)
     name, opclass = index_name(set_id), OPCLASSES[es.index_metric]
     started = time.perf_counter()
+    watch: IndexWatch | None = None
+    create = (f"CREATE INDEX CONCURRENTLY {name} ON latents USING hnsw "
+              f"((mu::vector({int(es.dim)})) {opclass}) "
+              f"WITH (m = {int(m)}, ef_construction = {int(ef_construction)}) "
+              f"WHERE set_id = {int(set_id)}")
     try:
         with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(text(f"SET maintenance_work_mem = '{maintenance_work_mem}'"))
-            conn.execute(text("SET max_parallel_maintenance_workers = 1"))
-            conn.execute(text(f"DROP INDEX CONCURRENTLY IF EXISTS {name}"))
-            conn.execute(text(
-                f"CREATE INDEX CONCURRENTLY {name} ON latents USING hnsw "
-                f"((mu::vector({int(es.dim)})) {opclass}) "
-                f"WITH (m = {int(m)}, ef_construction = {int(ef_construction)}) "
-                f"WHERE set_id = {int(set_id)}"))
-        report = IndexReport("ready", build_seconds=time.perf_counter() - started)
+            plan = plan or plan_build(conn, settings, server_is_local(db), es.n_items,
+                                      es.dim, m)
+            for attempt in (plan, replace(plan, workers=0)):
+                apply_plan(conn, attempt)
+                conn.execute(text(f"DROP INDEX CONCURRENTLY IF EXISTS {name}"))
+                try:
+                    with IndexWatch(db, conn, set_id, es.n_items, attempt, owner,
+                                    progress_interval) as watch:
+                        conn.execute(text(create))
+                    break
+                except OperationalError as exc:
+                    if attempt.workers == 0 or not is_shared_memory_full(exc):
+                        raise
+                    log.warning("parallel index build ran out of shared memory set_id=%d "
+                                "memory_mb=%d: building with one process (give the "
+                                "database server a larger /dev/shm, e.g. compose's "
+                                "shm_size)", set_id, attempt.memory_mb)
+            plan = attempt
+            index_mb = round(conn.execute(text(
+                f"SELECT pg_relation_size('{name}')")).scalar_one() / MiB, 1)
+            conn.execute(text("RESET maintenance_work_mem"))  # the connection goes back
+            conn.execute(text("RESET max_parallel_maintenance_workers"))  # to the pool
+        watch.write({"phase": "calibrating", "fraction": 1.0, "index_mb": index_mb})
+        report = IndexReport("ready", build_seconds=time.perf_counter() - started,
+                             build=watch.state(phase="done", fraction=1.0, index_mb=index_mb))
         _calibrate(db, es, settings, calibration_queries, report)
     except Exception as exc:
         if not is_transient(exc):
-            _set_index(db, set_id, "failed", None, owner, error=f"{type(exc).__name__}: {exc}")
+            build = watch.state(phase="failed") if watch is not None else None
+            _set_index(db, set_id, "failed", None, owner, error=f"{type(exc).__name__}: {exc}",
+                       build=build)
         raise
-    report.written = _set_index(db, set_id, "ready", report.ef_search, owner)
-    log.info("index built set_id=%d seconds=%.1f ef_search=%s recall=%s", set_id,
-             report.build_seconds, report.ef_search, report.recall)
+    report.written = _set_index(db, set_id, "ready", report.ef_search, owner,
+                                build=report.build)
+    log.info("index built set_id=%d seconds=%.1f ef_search=%s recall=%s workers=%d "
+             "memory_mb=%d needed_mb=%d fits=%s", set_id, report.build_seconds,
+             report.ef_search, report.recall, plan.workers, plan.memory_mb, plan.needed_mb,
+             report.build["fits"])
     return report
 
 
@@ -98,12 +141,16 @@ def drop_indexes(db: Database, set_ids: Sequence[int]) -> None:
 
 
 def _set_index(db: Database, set_id: int, status: str, ef_search: int | None,
-               owner: str | None = None, error: str | None = None) -> bool:
+               owner: str | None = None, error: str | None = None,
+               build: dict[str, Any] | None = None) -> bool:
     """The set's index status (and calibrated ef_search); a build that ends (ready,
     skipped, failed) gives its lease up, and a failed one records why (in `index_error`
     and in its stats' `index`, which the API shows). With `owner`, only while that build
-    holds the lease. Returns whether the row changed."""
+    holds the lease. `build` replaces the set's `index_build` (an ended build's record).
+    Returns whether the row changed."""
     values: dict[str, Any] = {"index_status": status, "hnsw_ef_search": ef_search}
+    if build is not None or status in ("building", "skipped"):
+        values["index_build"] = build
     if status != "building":
         values |= {"index_owner": None, "index_lease_expires_at": None, "index_error": error}
     if status == "failed":
@@ -139,7 +186,8 @@ def index_owed() -> dict[str, Any]:
     (`stuck_indexes`), not one `building` for good."""
     return {"index_status": "building", "index_requested_at": text("now()"),
             "index_sent_at": None, "index_owner": None, "index_lease_expires_at": None,
-            "index_attempts": 0, "index_error": None, "hnsw_ef_search": None}
+            "index_attempts": 0, "index_error": None, "hnsw_ef_search": None,
+            "index_build": None}
 
 
 def claim_index(db: Database, set_id: int, owner: str, lease_seconds: float,

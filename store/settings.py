@@ -126,6 +126,20 @@ class Settings(BaseSettings):
     index_max_attempts: int = Field(
         3, ge=1, description="index builds started for one set before its index is marked "
                              "failed (searches stay exact, the set can be deleted)")
+    index_build_workers: int | None = Field(
+        None, ge=0, le=64,
+        description="parallel workers of an HNSW build besides its leader process "
+                    "(max_parallel_maintenance_workers), capped by the server's "
+                    "max_parallel_workers; unset = the server's cores less one when the "
+                    "database runs on this host (embedded or local), else the server's own "
+                    "max_parallel_maintenance_workers")
+    index_build_max_memory_mb: int | None = Field(
+        None, ge=64,
+        description="most memory (MiB) one HNSW build may take (maintenance_work_mem, "
+                    "sized from the set so its graph fits; a graph larger than this is "
+                    "built partly on disk, several times slower, and the set says so); "
+                    "unset = a quarter of the server's memory when the database runs on "
+                    "this host, else 1024")
     mlflow_tracking_uri: str | None = Field(
         None, description="an MLflow tracking server (http://mlflow:5000): every training job "
                           "submitted from then on becomes a run there and every ready model a "

@@ -211,6 +211,9 @@ class EmbeddingSet(Base):
     index_lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     index_attempts: Mapped[int] = mapped_column(Integer, server_default="0")
     index_error: Mapped[str | None] = mapped_column(Text)
+    # The index build as it runs and as it ended (store.indexes.BuildPlan, IndexWatch):
+    # phase, tuples loaded, workers, memory given and needed, whether the graph fitted.
+    index_build: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
 
 
 class EmbeddingSetPart(Base):

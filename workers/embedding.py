@@ -357,6 +357,12 @@ def _finish_append(ctx: Context, job: Any, set_id: int, owner: str,
     return {"outcome": "succeeded", "stats": stats}
 
 
+def _build_figures(build: dict[str, Any] | None) -> dict[str, Any]:
+    """What the build was given and whether its graph fitted, for the set's stats."""
+    keys = ("workers", "memory_mb", "needed_mb", "fits", "index_mb")
+    return {k: build[k] for k in keys if k in build} if build else {}
+
+
 def index_set(ctx: Context, set_id: int, owner: str) -> dict[str, Any]:
     """Build a ready set's owed index under a lease, then measure kNN label accuracy
     through it, both into the set's stats; a delivery that finds the build held by a live
@@ -375,7 +381,8 @@ def index_set(ctx: Context, set_id: int, owner: str) -> dict[str, Any]:
     stats = {**(get_set(ctx.db, set_id).stats or {}), "knn_label_accuracy": accuracy,
              "index": {"status": report.status, "build_seconds": report.build_seconds,
                        "ef_search": report.ef_search,
-                       "calibration_recall": {str(k): v for k, v in report.recall.items()}}}
+                       "calibration_recall": {str(k): v for k, v in report.recall.items()},
+                       **_build_figures(report.build)}}
     if not record_index_stats(ctx.db, set_id, stats):  # a newer build owns the set now
         log.warning("index statistics superseded set_id=%d owner=%s", set_id, owner)
         return {"outcome": "superseded"}

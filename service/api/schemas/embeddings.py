@@ -21,6 +21,12 @@ class EmbeddingSetOut(BaseModel):
     importance_samples: int
     index_status: str
     index_metric: str
+    index_build: dict[str, Any] | None = Field(
+        None, description="the HNSW build as it runs and as it ended: phase, tuples_done, "
+                          "fraction (0-1), workers (parallel, besides the leader), memory_mb "
+                          "given, needed_mb by the graph, fits (false: the graph outgrew its "
+                          "memory after spilled_after tuples and was built partly on disk), "
+                          "seconds, index_mb once built")
     stats: dict[str, Any] | None = None
     created_at: dt.datetime
     ready_at: dt.datetime | None = None
@@ -29,7 +35,8 @@ class EmbeddingSetOut(BaseModel):
     def of(cls, e: EmbeddingSet) -> EmbeddingSetOut:
         return cls(id=e.id, model_id=e.model_id, dataset_id=e.dataset_id, status=e.status,
                    dim=e.dim, n_items=e.n_items, importance_samples=e.importance_samples,
-                   index_status=e.index_status, index_metric=e.index_metric, stats=e.stats,
+                   index_status=e.index_status, index_metric=e.index_metric,
+                   index_build=e.index_build, stats=e.stats,
                    created_at=e.created_at, ready_at=e.ready_at)
 
 

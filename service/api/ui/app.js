@@ -538,8 +538,27 @@ async function setsView(main) {
       h("td", {}, h("a", { href: `#/embeddings/${e.id}` }, e.id)),
       h("td", {}, h("a", { href: `#/models/${e.model_id}` }, e.model_id)), h("td", {}, e.dataset_id),
       h("td", { class: `status-${e.status}` }, e.status), h("td", { class: "num" }, e.n_items),
-      h("td", {}, e.dim), h("td", {}, e.importance_samples), h("td", {}, e.index_status),
+      h("td", {}, e.dim), h("td", {}, e.importance_samples),
+      h("td", { class: "index-status" }, indexText(e)),
       h("td", { class: "num" }, fmt((e.stats || {}).mean_log_px))))));
+}
+
+// The index's state with its build's progress (pg_stat_progress_create_index) while it
+// runs, and a warning when the graph outgrew its memory (built partly on disk).
+function indexText(es) {
+  const b = es.index_build || {};
+  if (es.index_status === "building" && b.fraction !== undefined) {
+    return `building ${Math.round(100 * b.fraction)} % (${b.phase})`;
+  }
+  return b.fits === false ? `${es.index_status} (graph did not fit in memory)` : es.index_status;
+}
+
+function buildText(b) {
+  if (!b || b.workers === undefined) return "–";
+  const fit = b.fits ? "fitted" : `did not fit: spilled to disk after ${b.spilled_after ?? "?"} tuples`;
+  const disk = b.index_mb !== undefined ? `, ${b.index_mb} MiB on disk` : "";
+  return `${b.workers + 1} process(es), ${b.memory_mb} MiB given, ${b.needed_mb} MiB needed ` +
+    `(${fit}), ${Number(b.seconds).toFixed(1)} s${disk}`;
 }
 
 const PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
@@ -557,7 +576,8 @@ async function setView(main, id) {
   main.append(h("h1", {}, `Embedding set ${es.id}`), h("dl", { class: "summary card" },
     [["model", h("a", { href: `#/models/${es.model_id}` }, es.model_id)],
      ["dataset", h("a", { href: `#/datasets/${es.dataset_id}` }, es.dataset_id)],
-     ["status / index", `${es.status} / ${es.index_status}`], ["items", es.n_items],
+     ["status / index", `${es.status} / ${indexText(es)}`], ["index build", buildText(es.index_build)],
+     ["items", es.n_items],
      ["mean ELBO", fmt(st.mean_elbo)],
      ["mean log p(x)", `${fmt(st.mean_log_px)} ± ${fmt(st.mean_log_px_se)} (K = ${es.importance_samples})`],
      ["figure", st.likelihood_kind || "–"],

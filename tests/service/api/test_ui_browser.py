@@ -210,6 +210,49 @@ def test_a_click_in_the_scatter_shows_the_apis_neighbours(stack, browser, traine
     assert not errors, errors
 
 
+def test_an_index_builds_progress_and_a_graph_that_did_not_fit_are_shown(stack, browser,
+                                                                          trained):
+    """The sets list and a set's page render what the API says of an index build: its
+    share done while it runs, and what it was given and whether its graph fitted after.
+    (The sets here are below the index threshold, so the API's answers are patched in
+    the browser; the figures themselves are tested in tests/store/test_index_build.py.)"""
+    page, errors = browser
+    up, client = stack["up"], stack["client"]
+    set_id = client.get("/v1/embeddings").json()[0]["id"]
+    running = {"phase": "building index: loading tuples", "tuples_done": 450,
+               "fraction": 0.45, "workers": 1, "memory_mb": 64, "needed_mb": 2, "fits": True}
+    ended = {"phase": "done", "fraction": 1.0, "workers": 0, "memory_mb": 1, "needed_mb": 4,
+             "fits": False, "spilled_after": 1248, "seconds": 2.5, "index_mb": 3.1}
+
+    def patch(route, change):
+        answer = route.fetch()
+        body = answer.json()
+        for es in body if isinstance(body, list) else [body]:
+            if es["id"] == set_id:
+                es.update(change)
+        route.fulfill(response=answer, json=body)
+
+    page.route("**/v1/embeddings?limit=100", lambda r: patch(
+        r, {"index_status": "building", "index_build": running}))
+    page.route(f"**/v1/embeddings/{set_id}", lambda r: patch(
+        r, {"index_status": "ready", "index_build": ended}))
+    try:
+        page.goto(f"{up.url}/ui/#/embeddings")
+        ready(page)
+        cell = page.inner_text(f'tr[data-set-id="{set_id}"] .index-status')
+        assert cell == "building 45 % (building index: loading tuples)"
+        page.goto(f"{up.url}/ui/#/embeddings/{set_id}")
+        ready(page)
+        summary = page.inner_text("dl.summary")
+        assert "ready (graph did not fit in memory)" in summary
+        assert ("1 process(es), 1 MiB given, 4 MiB needed (did not fit: spilled to disk "
+                "after 1248 tuples), 2.5 s, 3.1 MiB on disk") in summary
+    finally:
+        page.unroute("**/v1/embeddings?limit=100")
+        page.unroute(f"**/v1/embeddings/{set_id}")
+    assert not errors, errors
+
+
 def test_cancel_from_the_jobs_list(stack, browser, trained):
     page, _ = browser
     page.goto(f"{stack['up'].url}/ui/#/jobs")

@@ -47,6 +47,7 @@ class EmbeddingSet(Bound):
     importance_samples: int = 0
     index_status: str | None = None
     index_metric: str | None = None
+    index_build: dict[str, Any] | None = None
     stats: dict[str, Any] | None = None
     created_at: dt.datetime | None = None
     ready_at: dt.datetime | None = None
@@ -224,8 +225,20 @@ class EmbeddingSet(Bound):
             ("status", self.status), ("model", self.model_id), ("dataset", self.dataset_id),
             ("items", self.n_items), ("latent dim", self.dim),
             ("importance samples", self.importance_samples),
-            ("index", f"{self.index_status} ({self.index_metric})"), *figures,
+            ("index", f"{self.index_status} ({self.index_metric}){build_note(self)}"),
+            *figures,
             ("ready", self.ready_at)])
+
+
+def build_note(es: EmbeddingSet) -> str:
+    """', 45 % (building index: loading tuples)' while the index is built; ', graph did
+    not fit in memory' after a build that spilled to disk; else ''."""
+    build = es.index_build or {}
+    if es.index_status == "building" and "fraction" in build:
+        return f", {100 * build['fraction']:.0f} % ({build.get('phase', '')})"
+    if build.get("fits") is False:
+        return ", graph did not fit in memory"
+    return ""
 
 
 def get_set(client: Any, embedding_set: Any) -> Plan:

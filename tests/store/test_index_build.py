@@ -1,0 +1,192 @@
+"""HNSW builds that use the machine, on real PostgreSQL/pgvector: the memory the graph
+needs against pgvector's own accounting, the plan (memory and parallel workers) against
+hand arithmetic and the server's settings, the build's progress seen on the set while it
+runs, and a graph larger than its memory built anyway and said so."""
+
+import logging
+import math
+import os
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from latentbank_client._embeddings import EmbeddingSet as ClientSet
+from latentbank_client._embeddings import build_note
+from sqlalchemy import text
+
+from ingest.arrays import register_file
+from service.api.schemas.embeddings import EmbeddingSetOut
+from store.embedding_sets import get_set
+from store.index_build import (
+    BuildPlan,
+    graph_bytes,
+    is_shared_memory_full,
+    plan_build,
+    server_is_local,
+)
+from store.indexes import build_index, index_name
+from store.search import nearest
+from store.settings import Settings
+from store.tables import Model
+from tests.store.sets import ready_set, write_latents
+
+DIM = 32
+MiB = 1 << 20
+
+
+def make_set(db, tmp, name, n, seed):
+    """A ready, unindexed set of `n` clustered 32-d latents; returns (set id, mu)."""
+    from store.artifacts import ArtifactStore
+
+    settings = Settings(data_dir=tmp / "data")
+    artifacts = ArtifactStore((tmp / "artifacts").as_uri())
+    np.savez(tmp / f"{name}.npz", x=np.zeros((n, 1), np.float32))
+    ds = register_file(db, artifacts, settings, name, str(tmp / f"{name}.npz")).dataset
+    with db.session() as s:
+        model = Model(dataset_id=ds.id, status="ready",
+                      config={"model": {"input_shape": [1], "latent_dim": DIM}})
+        s.add(model)
+        s.flush()
+        model_id = model.id
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=3.0, size=(20, DIM))
+    mu = (centres[rng.integers(0, 20, n)] + rng.normal(size=(n, DIM))).astype(np.float32)
+    zeros = np.zeros(n)
+
+    def write(set_id):
+        write_latents(db, set_id, 0, mu, mu, zeros, zeros, zeros)
+
+    return ready_set(db, model_id, ds.id, write), mu
+
+
+def recall_at_10(db, set_id, mu, n_queries=20):
+    """Recall@10 of the set's HNSW index (ef_search 100, its use checked by EXPLAIN)
+    against a brute-force numpy search."""
+    es = get_set(db, set_id)
+    with db.engine.begin() as conn:
+        conn.execute(text("SET LOCAL enable_seqscan = off"))
+        shown = "\n".join(conn.execute(text(
+            f"EXPLAIN SELECT item_index FROM latents WHERE set_id = {set_id} ORDER BY "
+            f"mu::vector({DIM}) <-> '[{','.join(['0'] * DIM)}]' LIMIT 10")).scalars())
+    assert index_name(set_id) in shown, shown
+    rng = np.random.default_rng(1)
+    queries = mu[rng.choice(len(mu), n_queries, replace=False)] + rng.normal(
+        scale=0.3, size=(n_queries, DIM)).astype(np.float32)
+    found = []
+    for q, hits in zip(queries, nearest(db, es, queries, 10, "l2", None, 100), strict=True):
+        truth = np.argsort(((mu.astype(np.float64) - q) ** 2).sum(1), kind="stable")[:10]
+        found.append(len({h.index for h in hits} & set(truth.tolist())) / 10)
+    return float(np.mean(found))
+
+
+def test_the_graph_estimate_matches_pgvectors_own_accounting_and_a_spilled_build_says_so(
+        db, tmp_path, caplog):
+    """With 1 MiB of memory pgvector stops adding to the in-memory graph after as many
+    tuples as fit, and says how many; the estimate per element must agree within 3 %. The
+    build goes on (on disk), the index works, and the set, its API schema, the client and
+    the log all say the graph did not fit."""
+    settings = Settings(data_dir=tmp_path / "data", exact_search_below=1000)
+    set_id, mu = make_set(db, tmp_path, "spill", 4000, seed=2)
+    tiny = BuildPlan(workers=0, memory_mb=1, needed_mb=math.ceil(
+        graph_bytes(4000, DIM, 16) / MiB))
+    with caplog.at_level(logging.WARNING, logger="store.index_build"):
+        report = build_index(db, set_id, settings, plan=tiny)
+    es = get_set(db, set_id)
+    assert es.index_status == "ready" and report.status == "ready"
+    build = es.index_build
+    assert build["fits"] is False and build["phase"] == "done" and build["memory_mb"] == 1
+    per_element = 200 + 4 * DIM + 2 * 16 * 16  # the estimate, written out by hand
+    assert graph_bytes(1, DIM, 16) == per_element
+    assert abs(build["spilled_after"] - MiB / per_element) <= 0.03 * MiB / per_element
+    assert any("LATENTBANK_INDEX_BUILD_MAX_MEMORY_MB" in r.getMessage() for r in caplog.records)
+    assert recall_at_10(db, set_id, mu) >= 0.9
+    shown = EmbeddingSetOut.of(es).model_dump()["index_build"]
+    assert shown["fits"] is False and shown["spilled_after"] == build["spilled_after"]
+    client_view = ClientSet(id=set_id, index_status="ready", index_build=shown)
+    assert build_note(client_view) == ", graph did not fit in memory"
+
+
+@pytest.mark.slow
+def test_a_parallel_build_reports_its_progress_on_the_set_and_keeps_its_figures(
+        db, tmp_path):
+    n = 30_000
+    settings = Settings(data_dir=tmp_path / "data", exact_search_below=1000)
+    set_id, mu = make_set(db, tmp_path, "progress", n, seed=3)
+    plan = BuildPlan(workers=1, memory_mb=256, needed_mb=math.ceil(graph_bytes(n, DIM, 16)
+                                                                   / MiB))
+    seen, report = [], {}
+    builder = threading.Thread(target=lambda: report.update(
+        r=build_index(db, set_id, settings, plan=plan, progress_interval=0.1)))
+    builder.start()
+    while builder.is_alive():
+        es = get_set(db, set_id)
+        if es.index_status == "building" and es.index_build:
+            seen.append(es.index_build)
+        time.sleep(0.05)
+    builder.join()
+    loading = [b for b in seen if b["phase"].startswith("building index")]
+    assert any(0 < b["fraction"] < 1 for b in loading), seen
+    for b in loading:  # the share is the tuples loaded over the set's items
+        assert b["fraction"] == pytest.approx(min(1.0, b["tuples_done"] / n), abs=1e-4)
+        assert b["workers"] == 1 and b["memory_mb"] == 256
+    fractions = [b["fraction"] for b in loading]
+    assert fractions == sorted(fractions)
+    es = get_set(db, set_id)
+    assert es.index_status == "ready"
+    build = es.index_build
+    assert build["phase"] == "done" and build["fraction"] == 1.0 and build["fits"] is True
+    assert build["spilled_after"] is None and build["workers"] == 1
+    with db.engine.connect() as conn:
+        size = conn.execute(text(f"SELECT pg_relation_size('{index_name(set_id)}')")).scalar()
+    assert build["index_mb"] == round(size / MiB, 1)
+    assert recall_at_10(db, set_id, mu) >= 0.9
+    # a later build starts from nothing: the set's record is the new build's
+    build_index(db, set_id, settings, plan=BuildPlan(0, 64, plan.needed_mb))
+    assert get_set(db, set_id).index_build["workers"] == 0
+
+
+def test_the_plan_sizes_memory_from_the_set_and_workers_from_the_server(db):
+    with db.engine.connect() as conn:
+        max_parallel = int(conn.execute(text("SHOW max_parallel_workers")).scalar())
+        server_default = int(conn.execute(text("SHOW max_parallel_maintenance_workers"))
+                             .scalar())
+        # 1M items of 32-d at m = 16: 1e6 x (200 + 128 + 512) bytes = 801.1 MiB -> 802
+        plan = plan_build(conn, Settings(index_build_max_memory_mb=4096), True,
+                          1_000_000, 32, 16)
+        assert (plan.needed_mb, plan.memory_mb, plan.fits) == (802, 883, True)
+        capped = plan_build(conn, Settings(index_build_max_memory_mb=500), True,
+                            1_000_000, 32, 16)
+        assert (capped.memory_mb, capped.fits) == (500, False)
+        # halfvec halves the vector's part: 1e6 x (200 + 64 + 512) = 740.1 MiB -> 741
+        assert plan_build(conn, Settings(), True, 1_000_000, 32, 16, 2).needed_mb == 741
+        assert plan_build(conn, Settings(), True, 100, 32, 16).memory_mb == 64  # the floor
+        remote = plan_build(conn, Settings(), False, 10_000_000, 32, 16)
+        assert remote.memory_mb == 1024 and not remote.fits  # 8,011 MiB needed
+        # workers: the setting, capped by the server; else this host's cores less the
+        # leader; else (a remote server) the server's own default
+        assert plan_build(conn, Settings(index_build_workers=3), False, 10, 2, 16).workers == 3
+        assert plan_build(conn, Settings(index_build_workers=64), True, 10, 2,
+                          16).workers == min(64, max_parallel)
+        assert plan_build(conn, Settings(), True, 10, 2, 16).workers == min(
+            max_parallel, len(os.sched_getaffinity(0)) - 1)
+        assert plan_build(conn, Settings(), False, 10, 2, 16).workers == min(
+            max_parallel, server_default)
+
+
+@pytest.mark.parametrize(("host", "local"), [(None, True), ("127.0.0.1", True),
+                                             ("localhost", True), ("postgres", False),
+                                             ("10.0.0.5", False)])
+def test_a_server_is_local_on_a_socket_or_loopback(host, local):
+    fake = SimpleNamespace(engine=SimpleNamespace(url=SimpleNamespace(host=host)))
+    assert server_is_local(fake) is local
+
+
+def test_a_parallel_build_short_of_shared_memory_is_told_apart():
+    """The error a parallel build gets from a small /dev/shm (as pgvector users report it
+    from containers) sends the build again with one process; other errors do not."""
+    full = Exception('could not resize shared memory segment "/PostgreSQL.2892504480" to '
+                     "16774205952 bytes: No space left on device")
+    assert is_shared_memory_full(SimpleNamespace(orig=full))
+    assert not is_shared_memory_full(Exception("could not extend file: No space left"))
