@@ -7,7 +7,9 @@
    encoded) and for random Gaussian vectors: p50/p95 latency and recall@10 of exact search,
    HNSW at several ef_search, and the automatic plan; for the trained latents, label
    filters that 50 %, 10 % and 1 % of the items pass (HNSW iterative scans): p50/p99,
-   recall@10 against a NumPy brute force, and answers short of k.
+   recall@10 against a NumPy brute force, and answers short of k; the HNSW build with one
+   process against the service's plan (memory from the set, workers from the cores); the
+   set's partition on disk, and the time deleting the set takes (one DROP of it).
 
     python bench/store.py [--quick] [--knn-n 1000000] [--ingest-n 1000000]
 """
@@ -35,10 +37,12 @@ from migrations import migrate  # noqa: E402
 from service.cli.embedded.postgres import start_embedded_postgres  # noqa: E402
 from store.artifacts import ArtifactStore  # noqa: E402
 from store.db import Database  # noqa: E402
+from store.deletion import delete_set  # noqa: E402
 from store.embedding_sets import get_set  # noqa: E402
 from store.index_build import plan_build, server_is_local  # noqa: E402
 from store.indexes import build_index  # noqa: E402
 from store.jobs import claim, finish  # noqa: E402
+from store.partitions import partition_sizes  # noqa: E402
 from store.search import SearchFilter, nearest, search  # noqa: E402
 from store.settings import Settings  # noqa: E402
 from store.submit import submit_embedding  # noqa: E402
@@ -207,13 +211,14 @@ def bench_knn(db, artifacts, settings, tmp, kind: str, n: int, dim: int, n_queri
                       zeros[a:a + 100_000], zeros[a:a + 100_000])
     write_s = time.perf_counter() - t
     finish(db, job.id, "bench", "succeeded")  # the set is `ready`
-    # the baseline: the same build with one process (the leader, no parallel worker), then
-    # the build as the service plans it (memory from the set, workers from the cores)
+    # the build as the service plans it (memory from the set, workers from the cores), then
+    # the baseline: the same build with one process (the leader, no parallel worker)
     with db.engine.connect() as conn:
         planned = plan_build(conn, settings, server_is_local(db), n, dim, 16)
-    single = build_index(db, es.id, settings, calibration_queries=4,
-                         plan=replace(planned, workers=0))
-    report = build_index(db, es.id, settings)
+    # the plan first, so a cold cache counts against it, not against the baseline
+    report = build_index(db, es.id, settings, plan=planned)
+    planned_build = get_set(db, es.id).index_build
+    single = build_index(db, es.id, settings, plan=replace(planned, workers=0))
     es = get_set(db, es.id)
     truth = [brute_top10(mu, q) for q in queries]
     rows = []
@@ -237,9 +242,14 @@ def bench_knn(db, artifacts, settings, tmp, kind: str, n: int, dim: int, n_queri
             lambda q: [h.index for h in search(db, settings, es.id, vector=q, k=10).hits])
     filtered = bench_filtered(db, settings, es.id, mu, queries) if kind.startswith(
         "trained") else []
-    return rows, {"filtered": filtered, "kind": kind, "write_s": write_s,
+    sizes = partition_sizes(db, es.id)
+    t = time.perf_counter()
+    delete_set(db, es.id)  # the set's partition goes in one DROP
+    delete_s = time.perf_counter() - t
+    return rows, {"sizes": sizes, "delete_s": delete_s, "filtered": filtered, "kind": kind,
+                  "write_s": write_s,
                   "build_s": report.build_seconds, "ef_search": report.ef_search,
-                  "single_build_s": single.build_seconds, "build": es.index_build,
+                  "single_build_s": single.build_seconds, "build": planned_build,
                   "single_build": single.build,
                   "calibration": report.recall}
 
@@ -333,10 +343,16 @@ def main() -> None:
                           f"(calibration recall by ef: {by_ef})")
                     b, one = info["build"], info["single_build"]
                     print(f"  {kind}: index build, one process {one['seconds']:.1f} s, "
-                          f"planned ({b['workers']} parallel worker(s) + leader) "
-                          f"{b['seconds']:.1f} s: {one['seconds'] / b['seconds']:.2f}x; "
+                          f"planned ({b['workers_launched']} parallel worker(s) started + "
+                          f"leader) {b['seconds']:.1f} s: "
+                          f"{one['seconds'] / max(b['seconds'], 0.1):.2f}x; "
                           f"memory {b['memory_mb']} MiB given, {b['needed_mb']} MiB needed, "
                           f"fitted: {b['fits']}; index {b['index_mb']} MiB on disk")
+                    mib = 1 << 20
+                    print(f"  {kind}: partition {info['sizes']['table_bytes'] / mib:.0f} MiB "
+                          f"of rows ({info['sizes']['table_bytes'] / args.knn_n:.0f} B a row), "
+                          f"{info['sizes']['index_bytes'] / mib:.0f} MiB of indexes; "
+                          f"deleting the set {info['delete_s']:.2f} s")
             db.dispose()
             if "knn" not in args.skip:
                 record_filtered(knn_info, args.knn_n)
@@ -349,7 +365,8 @@ def record_filtered(infos: list[dict], n: int) -> None:
 
     for info in infos:
         record(f"store: HNSW build over {n} {info['kind']}, planned vs one process",
-               info["single_build"]["seconds"] / info["build"]["seconds"], 1.6, "x")
+               info["single_build"]["seconds"] / max(info["build"]["seconds"], 0.1), 1.6,
+               "x")
     filtered = next(i["filtered"] for i in infos if i["filtered"])
     ten = next(f for f in filtered if f["share"] == 10)
     scale = f"{n // 1000}k" if n < 1_000_000 else f"{n // 1_000_000}M"

@@ -22,8 +22,9 @@ from store.artifacts import ArtifactStore, dataset_key
 from store.db import Database, analyze, get_row, unbounded
 from store.deletion import blockers, refuse_if_blocked
 from store.errors import Conflict, DatasetError, NotFound, TooLarge
-from store.indexes import drop_indexes, live_index_builds
+from store.indexes import live_index_builds
 from store.leftovers import LEFTOVER_PREFIX
+from store.partitions import drop_partitions
 from store.settings import Settings
 from store.tables import Dataset, EmbeddingSet, EmbeddingSetPart, Item, Model
 
@@ -349,7 +350,7 @@ def delete_dataset(db: Database, artifacts: ArtifactStore, dataset_id: int) -> N
                            "its index; delete the dataset once it is built")
         unbounded(s)  # the cascade is as large as the data
         s.execute(delete(Dataset).where(Dataset.id == dataset_id))
-    drop_indexes(db, set_ids)
+    drop_partitions(db, set_ids)  # the sets' rows and indexes
     artifacts.delete(dataset_key(dataset_id, None))
 
 

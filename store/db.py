@@ -230,8 +230,9 @@ def is_statement_timeout(exc: BaseException) -> bool:
 
 
 def analyze(db: Database, table: str) -> None:
-    """Refresh planner statistics after a bulk load (else plans assume a tiny table)."""
-    if table not in ("latents", "items"):
+    """Refresh planner statistics after a bulk load (else plans assume a tiny table):
+    `items`, or one set's partition of `latents` (`latents_set_<id>`)."""
+    if table != "items" and re.fullmatch(r"latents_set_[0-9]+", table) is None:
         raise ValueError(table)
     with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(text(f"ANALYZE {table}"))

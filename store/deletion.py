@@ -8,9 +8,10 @@ from collections.abc import Sequence
 from sqlalchemy import delete, or_, select
 from sqlalchemy.orm import Session
 
-from store.db import Database, unbounded
+from store.db import Database
 from store.errors import Conflict, NotFound
-from store.indexes import drop_indexes, live_index_builds
+from store.indexes import live_index_builds
+from store.partitions import drop_partitions
 from store.tables import Alias, EmbeddingSet, Job
 
 
@@ -39,7 +40,8 @@ def refuse_if_blocked(what: str, aliases: list[str], jobs: list[int]) -> None:
 
 
 def delete_set(db: Database, set_id: int) -> None:
-    """Delete an embedding set: its rows, then its index. Refused (Conflict) while an
+    """Delete an embedding set: its row, then its partition (the rows and the index, in
+    one DROP: no DELETE, no dead tuples; store.partitions). Refused (Conflict) while an
     alias names it, a queued or running job uses it, or a worker builds its index (a
     live lease: an index owed but not being built does not hold the set)."""
     with db.session() as s:
@@ -50,6 +52,5 @@ def delete_set(db: Database, set_id: int) -> None:
         if live_index_builds(s, [set_id]):
             raise Conflict(f"embedding set {set_id}'s index is being built; delete it once "
                            "the set's index_status is no longer 'building'")
-        unbounded(s)  # the cascade is as large as the data
-        s.execute(delete(EmbeddingSet).where(EmbeddingSet.id == set_id))  # rows cascade
-    drop_indexes(db, [set_id])
+        s.execute(delete(EmbeddingSet).where(EmbeddingSet.id == set_id))
+    drop_partitions(db, [set_id])  # the rows and the index, at once

@@ -56,40 +56,72 @@ class BuildPlan:
         return self.needed_mb <= self.memory_mb
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "fits": self.fits}
+        return {**asdict(self), "predicted_fits": self.fits}
+
+
+LOOPBACK = ("localhost", "127.0.0.1", "::1")
 
 
 def server_is_local(db: Database) -> bool:
-    """The database server runs on this host: a Unix socket (the embedded server) or a
-    loopback address, so this host's cores and memory are the server's."""
+    """The database server runs on this host: a loopback address, or a Unix socket (the
+    embedded server; a URL without a host means libpq's default, PGHOST or a socket), so
+    this host's cores and memory are the server's."""
     url = db.engine.url
-    return url.host in (None, "", "localhost", "127.0.0.1", "::1")
+    if url.host:
+        return url.host in LOOPBACK
+    host = url.query.get("host") or os.environ.get("PGHOST") or "/"
+    host = host[0] if isinstance(host, tuple) else host
+    return host.startswith("/") or host in LOOPBACK
+
+
+def _cgroup(name: str) -> str | None:
+    try:
+        with open(f"/sys/fs/cgroup/{name}") as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 def local_cores() -> int:
-    """The cores this process may run on (a container's or a taskset's share)."""
+    """The cores this process may use: its affinity (a taskset), within the cgroup's CPU
+    quota (a container's --cpus)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = (_cgroup("cpu.max") or "max").split()
+    if quota[0] != "max" and len(quota) == 2 and int(quota[1]) > 0:
+        cores = min(cores, max(1, int(quota[0]) // int(quota[1])))
+    return cores
 
 
 def local_memory_mb() -> int:
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // MiB
+    """This host's memory, within the cgroup's limit (a container's --memory)."""
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    limit = _cgroup("memory.max")
+    if limit and limit.isdigit():
+        total = min(total, int(limit))
+    return total // MiB
 
 
-def _show(conn: Connection, name: str) -> int:
-    return int(conn.execute(text(f"SHOW {name}")).scalar_one())
+def server_setting(conn: Connection, name: str) -> int:
+    """The server's own value of a setting (not this session's: a pooled connection may
+    carry a SET)."""
+    return int(conn.execute(text("SELECT reset_val FROM pg_settings WHERE name = :n"),
+                            {"n": name}).scalar_one())
 
 
 def plan_build(conn: Connection, settings: Settings, local: bool, n_items: int, dim: int,
                m: int, value_bytes: int = 4) -> BuildPlan:
     """Memory: the graph's size with a tenth to spare, at least PostgreSQL's default, at
     most `index_build_max_memory_mb` (unset: a quarter of the server's memory when it is
-    local, else 1 GiB). Workers: `index_build_workers` (unset: the server's cores less the
-    leader when it is local, else the server's own max_parallel_maintenance_workers),
-    never more than the server's max_parallel_workers allows, and none when a local
-    server's /dev/shm could not hold the graph (a parallel build keeps it there)."""
+    local, else 1 GiB). Workers: `index_build_workers` (unset: half the server's cores
+    when it is local, leaving the rest to searches and loads, else the server's own
+    max_parallel_maintenance_workers), never more than the server's max_parallel_workers,
+    nor more than PostgreSQL would start with that memory (32 MB a process), and none when
+    a local server's /dev/shm could not hold the graph (a parallel build keeps it there).
+    PostgreSQL may still start fewer (a small table, no free worker slot): the build
+    records how many it started."""
     needed = math.ceil(graph_bytes(n_items, dim, m, value_bytes) / MiB)
     cap = settings.index_build_max_memory_mb or (
         max(MIN_BUILD_MEMORY_MB, local_memory_mb() // 4) if local else REMOTE_BUILD_MEMORY_MB)
@@ -97,20 +129,25 @@ def plan_build(conn: Connection, settings: Settings, local: bool, n_items: int, 
     if settings.index_build_workers is not None:
         workers = settings.index_build_workers
     elif local:
-        workers = local_cores() - 1
+        workers = local_cores() // 2
     else:
-        workers = _show(conn, "max_parallel_maintenance_workers")
-    workers = max(0, min(workers, _show(conn, "max_parallel_workers")))
+        workers = server_setting(conn, "max_parallel_maintenance_workers")
+    workers = max(0, min(workers, server_setting(conn, "max_parallel_workers"),
+                         memory // 32 - 1))
     shm = shared_memory_mb() if local and workers > 0 else None
     if shm is not None and memory > 0.9 * shm:  # a parallel graph lives in /dev/shm
         workers = 0
     return BuildPlan(workers, memory, needed)
 
 
-def is_shared_memory_full(exc: BaseException) -> bool:
-    """A parallel build could not get its graph's shared memory (a small /dev/shm, as in
-    a container): the same build with one process needs none."""
-    return "could not resize shared memory segment" in str(getattr(exc, "orig", exc))
+def is_out_of_resources(exc: BaseException) -> bool:
+    """The server ran out of memory or disk for the build (SQLSTATE class 53), as a
+    parallel build does when its graph's shared memory cannot be had (a small /dev/shm in
+    a container: "could not resize shared memory segment"): not the database going away,
+    so the build is not sent again as is."""
+    orig = getattr(exc, "orig", exc)
+    return (str(getattr(orig, "sqlstate", "") or "").startswith("53")
+            or "could not resize shared memory segment" in str(orig))
 
 
 def shared_memory_mb() -> int | None:
@@ -123,9 +160,26 @@ def shared_memory_mb() -> int | None:
     return st.f_bavail * st.f_frsize // MiB
 
 
+BUILD_SETTINGS = ("maintenance_work_mem", "max_parallel_maintenance_workers",
+                  "client_min_messages")
+
+
 def apply_plan(conn: Connection, plan: BuildPlan) -> None:
+    """The plan as this session's settings (`reset_plan` undoes them); notices on, so
+    pgvector's word that the graph outgrew its memory reaches IndexWatch."""
     conn.execute(text(f"SET maintenance_work_mem = '{int(plan.memory_mb)}MB'"))
     conn.execute(text(f"SET max_parallel_maintenance_workers = {int(plan.workers)}"))
+    conn.execute(text("SET client_min_messages = notice"))
+
+
+def reset_plan(conn: Connection) -> None:
+    """The session's settings back to the server's, before the connection goes back to
+    the pool; a connection that cannot take that is not reused."""
+    try:
+        for name in BUILD_SETTINGS:
+            conn.execute(text(f"RESET {name}"))
+    except Exception:
+        conn.invalidate()
 
 
 class IndexWatch:
@@ -140,6 +194,7 @@ class IndexWatch:
         self.db, self.set_id, self.n_items, self.plan, self.owner = db, set_id, n_items, plan, owner
         self.interval = interval
         self.spilled_after: int | None = None
+        self.launched = 0  # parallel workers PostgreSQL started (seen while it ran)
         self.started = time.perf_counter()
         self._raw = conn.connection.driver_connection
         self._pid = int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
@@ -148,15 +203,17 @@ class IndexWatch:
                                         daemon=True)
 
     def __enter__(self) -> IndexWatch:
-        self._raw.add_notice_handler(self._notice)
         self.write({"phase": "starting", "tuples_done": 0, "fraction": 0.0})
         self._thread.start()
+        self._raw.add_notice_handler(self._notice)  # last: nothing after it can fail
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._raw.remove_notice_handler(self._notice)
+        try:
+            self._stop.set()
+            self._thread.join()
+        finally:
+            self._raw.remove_notice_handler(self._notice)
 
     def _notice(self, diag: Any) -> None:
         found = SPILL_NOTICE.search(diag.message_primary or "")
@@ -176,8 +233,8 @@ class IndexWatch:
         return 0.0 if phase in ("initializing", "waiting for writers before build") else 1.0
 
     def state(self, **extra: Any) -> dict[str, Any]:
-        return {**self.plan.as_dict(), "spilled_after": self.spilled_after,
-                "fits": self.plan.fits and self.spilled_after is None,
+        return {**self.plan.as_dict(), "workers_launched": self.launched,
+                "spilled_after": self.spilled_after, "fits": self.spilled_after is None,
                 "seconds": round(time.perf_counter() - self.started, 1), **extra}
 
     def write(self, progress: dict[str, Any]) -> bool:
@@ -194,9 +251,12 @@ class IndexWatch:
             try:
                 with self.db.engine.connect() as conn:
                     row = conn.execute(text(
-                        "SELECT phase, tuples_done FROM pg_stat_progress_create_index "
-                        "WHERE pid = :pid"), {"pid": self._pid}).first()
+                        "SELECT phase, tuples_done, (SELECT count(*) FROM pg_stat_activity "
+                        "WHERE leader_pid = :pid) AS launched "
+                        "FROM pg_stat_progress_create_index WHERE pid = :pid"),
+                        {"pid": self._pid}).first()
                 if row is not None and not self._stop.is_set():
+                    self.launched = max(self.launched, int(row.launched))
                     done = int(row.tuples_done or 0)
                     self.write({"phase": row.phase, "tuples_done": done,
                                 "fraction": self.fraction(row.phase, done)})

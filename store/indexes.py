@@ -22,11 +22,13 @@ from store.index_build import (
     IndexWatch,
     MiB,
     apply_plan,
-    is_shared_memory_full,
+    is_out_of_resources,
     plan_build,
+    reset_plan,
     server_is_local,
 )
 from store.jobs import OwnerCheck
+from store.partitions import partition_name
 from store.search import nearest
 from store.settings import Settings
 from store.tables import EmbeddingSet
@@ -76,68 +78,84 @@ def build_index(db: Database, set_id: int, settings: Settings, m: int = 16,
     """
     es = get_set(db, set_id)
     if es.n_items < settings.exact_search_below:
-        analyze(db, "latents")
+        analyze(db, partition_name(set_id))
         return IndexReport("skipped", written=_set_index(db, set_id, "skipped", None, owner))
-    analyze(db, "latents")
-    if owner is None:
-        _set_index(db, set_id, "building", None)
-    name, opclass = index_name(set_id), OPCLASSES[es.index_metric]
-    started = time.perf_counter()
-    watch: IndexWatch | None = None
-    create = (f"CREATE INDEX CONCURRENTLY {name} ON latents USING hnsw "
-              f"((mu::vector({int(es.dim)})) {opclass}) "
-              f"WITH (m = {int(m)}, ef_construction = {int(ef_construction)}) "
-              f"WHERE set_id = {int(set_id)}")
+    analyze(db, partition_name(set_id))
+    if owner is None:  # a direct build (tests, benches): no worker's lease holds the set
+        with db.session() as s:
+            s.execute(update(EmbeddingSet).where(EmbeddingSet.id == set_id).values(
+                index_status="building", hnsw_ef_search=None, index_build=None,
+                index_owner=None, index_lease_expires_at=None))
+    name, started = index_name(set_id), time.perf_counter()
+    watches: list[IndexWatch] = []
     try:
-        with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            plan = plan or plan_build(conn, settings, server_is_local(db), es.n_items,
-                                      es.dim, m)
-            for attempt in (plan, replace(plan, workers=0)):
-                apply_plan(conn, attempt)
-                conn.execute(text(f"DROP INDEX CONCURRENTLY IF EXISTS {name}"))
-                try:
-                    with IndexWatch(db, conn, set_id, es.n_items, attempt, owner,
-                                    progress_interval) as watch:
-                        conn.execute(text(create))
-                    break
-                except OperationalError as exc:
-                    if attempt.workers == 0 or not is_shared_memory_full(exc):
-                        raise
-                    log.warning("parallel index build ran out of shared memory set_id=%d "
-                                "memory_mb=%d: building with one process (give the "
-                                "database server a larger /dev/shm, e.g. compose's "
-                                "shm_size)", set_id, attempt.memory_mb)
-            plan = attempt
-            index_mb = round(conn.execute(text(
-                f"SELECT pg_relation_size('{name}')")).scalar_one() / MiB, 1)
-            conn.execute(text("RESET maintenance_work_mem"))  # the connection goes back
-            conn.execute(text("RESET max_parallel_maintenance_workers"))  # to the pool
+        index_mb = _create(db, es, settings, m, ef_construction, plan, owner,
+                           progress_interval, watches)
+        watch = watches[-1]
         watch.write({"phase": "calibrating", "fraction": 1.0, "index_mb": index_mb})
         report = IndexReport("ready", build_seconds=time.perf_counter() - started,
                              build=watch.state(phase="done", fraction=1.0, index_mb=index_mb))
         _calibrate(db, es, settings, calibration_queries, report)
     except Exception as exc:
-        if not is_transient(exc):
-            build = watch.state(phase="failed") if watch is not None else None
-            _set_index(db, set_id, "failed", None, owner, error=f"{type(exc).__name__}: {exc}",
-                       build=build)
+        if not is_transient(exc) or is_out_of_resources(exc):
+            build = watches[-1].state(phase="failed") if watches else None
+            if _set_index(db, set_id, "failed", None, owner,
+                          error=f"{type(exc).__name__}: {exc}", build=build):
+                _drop_invalid(db, name)  # ours to drop: no other build holds the set
         raise
     report.written = _set_index(db, set_id, "ready", report.ef_search, owner,
                                 build=report.build)
     log.info("index built set_id=%d seconds=%.1f ef_search=%s recall=%s workers=%d "
-             "memory_mb=%d needed_mb=%d fits=%s", set_id, report.build_seconds,
-             report.ef_search, report.recall, plan.workers, plan.memory_mb, plan.needed_mb,
-             report.build["fits"])
+             "launched=%d memory_mb=%d needed_mb=%d fits=%s", set_id, report.build_seconds,
+             report.ef_search, report.recall, watch.plan.workers, watch.launched,
+             watch.plan.memory_mb, watch.plan.needed_mb, report.build["fits"])
     return report
 
 
-def drop_indexes(db: Database, set_ids: Sequence[int]) -> None:
-    """Drop the HNSW indexes of deleted sets (CONCURRENTLY: searches of other sets go on)."""
-    if not set_ids:
-        return
+def _create(db: Database, es: EmbeddingSet, settings: Settings, m: int, ef_construction: int,
+            plan: BuildPlan | None, owner: str | None, progress_interval: float,
+            watches: list[IndexWatch]) -> float:
+    """CREATE INDEX CONCURRENTLY on the set's partition under `plan` (default: plan_build),
+    once more with one process when the server refuses a parallel build its memory; each
+    attempt's IndexWatch goes into `watches`. Returns the index's MiB on disk."""
+    name = index_name(es.id)
+    create = (f"CREATE INDEX CONCURRENTLY {name} ON {partition_name(es.id)} USING hnsw "
+              f"((mu::vector({int(es.dim)})) {OPCLASSES[es.index_metric]}) "
+              f"WITH (m = {int(m)}, ef_construction = {int(ef_construction)})")
     with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        for set_id in set_ids:
-            conn.execute(text(f"DROP INDEX CONCURRENTLY IF EXISTS {index_name(set_id)}"))
+        try:
+            plan = plan or plan_build(conn, settings, server_is_local(db), es.n_items,
+                                      es.dim, m)
+            for attempt in (plan, replace(plan, workers=0)):
+                apply_plan(conn, attempt)
+                conn.execute(text(f"DROP INDEX CONCURRENTLY IF EXISTS {name}"))
+                watches.append(IndexWatch(db, conn, es.id, es.n_items, attempt, owner,
+                                          progress_interval))
+                try:
+                    with watches[-1]:
+                        conn.execute(text(create))
+                    break
+                except OperationalError as exc:
+                    if attempt.workers == 0 or not is_out_of_resources(exc):
+                        raise
+                    log.warning("parallel index build ran out of memory set_id=%d "
+                                "memory_mb=%d (%s): building with one process (give the "
+                                "database server a larger /dev/shm, e.g. compose's "
+                                "shm_size)", es.id, attempt.memory_mb, exc.orig)
+            return round(conn.execute(text(
+                f"SELECT pg_relation_size('{name}')")).scalar_one() / MiB, 1)
+        finally:
+            reset_plan(conn)  # the connection goes back to the pool
+
+
+def _drop_invalid(db: Database, name: str) -> None:
+    """Best effort: a failed CREATE INDEX CONCURRENTLY leaves an invalid index that
+    inserts would go on maintaining."""
+    try:
+        with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text(f"DROP INDEX CONCURRENTLY IF EXISTS {name}"))
+    except Exception:
+        log.warning("could not drop the failed index %s", name, exc_info=True)
 
 
 def _set_index(db: Database, set_id: int, status: str, ef_search: int | None,
@@ -146,11 +164,11 @@ def _set_index(db: Database, set_id: int, status: str, ef_search: int | None,
     """The set's index status (and calibrated ef_search); a build that ends (ready,
     skipped, failed) gives its lease up, and a failed one records why (in `index_error`
     and in its stats' `index`, which the API shows). With `owner`, only while that build
-    holds the lease. `build` replaces the set's `index_build` (an ended build's record).
-    Returns whether the row changed."""
-    values: dict[str, Any] = {"index_status": status, "hnsw_ef_search": ef_search}
-    if build is not None or status in ("building", "skipped"):
-        values["index_build"] = build
+    holds the lease; without, a build's ending only while no other build holds it.
+    `build` replaces the set's `index_build` (an ended build's record; None clears a
+    stale one). Returns whether the row changed."""
+    values: dict[str, Any] = {"index_status": status, "hnsw_ef_search": ef_search,
+                              "index_build": build}
     if status != "building":
         values |= {"index_owner": None, "index_lease_expires_at": None, "index_error": error}
     if status == "failed":
@@ -162,6 +180,8 @@ def _set_index(db: Database, set_id: int, status: str, ef_search: int | None,
     query = update(EmbeddingSet).where(EmbeddingSet.id == set_id)
     if owner is not None:
         query = query.where(EmbeddingSet.index_owner == owner)
+    elif status in ("ready", "failed"):  # a worker's build may have taken the set over
+        query = query.where(EmbeddingSet.index_owner.is_(None))
     with db.session() as s:
         return s.execute(query.values(**values).returning(EmbeddingSet.id)).first() is not None
 
@@ -213,10 +233,12 @@ def claim_index(db: Database, set_id: int, owner: str, lease_seconds: float,
             if es.index_attempts >= max_attempts:
                 reason = _gave_up(es.index_attempts)
                 es.index_status, es.hnsw_ef_search, es.index_error = "failed", None, reason
-                es.index_owner = es.index_lease_expires_at = None
+                es.index_owner = es.index_lease_expires_at = es.index_build = None
                 es.stats = {**(es.stats or {}), "index": {"status": "failed", "error": reason}}
                 return "exhausted"
             es.index_attempts += 1
+        if es.index_owner != owner:
+            es.index_build = None  # an earlier build's progress is not this one's
         es.index_owner = owner
         es.index_lease_expires_at = now + dt.timedelta(seconds=lease_seconds)
         return "claimed"
@@ -256,7 +278,8 @@ def release_index(db: Database, set_id: int, owner: str) -> bool:
         return s.execute(update(EmbeddingSet).where(
             EmbeddingSet.id == set_id, EmbeddingSet.index_owner == owner,
             EmbeddingSet.index_status == "building").values(
-            index_owner=None, index_lease_expires_at=None, index_sent_at=None)
+            index_owner=None, index_lease_expires_at=None, index_sent_at=None,
+            index_build=None)
             .returning(EmbeddingSet.id)).first() is not None
 
 

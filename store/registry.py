@@ -8,7 +8,8 @@ from store.artifacts import ArtifactStore
 from store.db import Database, get_row, narrowed, unbounded
 from store.deletion import blockers, refuse_if_blocked
 from store.errors import Conflict, NotFound
-from store.indexes import drop_indexes, live_index_builds
+from store.indexes import live_index_builds
+from store.partitions import drop_partitions
 from store.tables import EmbeddingSet, Model, TrainingMetric
 
 
@@ -52,8 +53,8 @@ def delete_model(db: Database, artifacts: ArtifactStore, model_id: int) -> list[
         if building:
             raise Conflict(f"model {model_id}'s embedding set {building[0]} is building its "
                            "index; delete the model once it is built")
-        unbounded(s)  # the cascade is as large as the data
-        s.execute(delete(Model).where(Model.id == model_id))  # metrics, sets, latents cascade
-    drop_indexes(db, set_ids)
+        unbounded(s)  # the cascade is as large as the metrics
+        s.execute(delete(Model).where(Model.id == model_id))  # metrics and sets cascade
+    drop_partitions(db, set_ids)  # the sets' rows and indexes
     artifacts.delete(f"models/{int(model_id)}")
     return set_ids

@@ -16,6 +16,7 @@ from store.datasets import get_dataset
 from store.db import Database
 from store.errors import Conflict, IdempotencyMismatch, InvalidInput, NotFound
 from store.jobs import find_by_key
+from store.partitions import create_partition
 from store.tables import Dataset, EmbeddingSet, EmbeddingSetPart, Item, Job, Model
 
 MAX_IMPORTANCE_SAMPLES = 100_000
@@ -212,6 +213,7 @@ def submit_embedding(db: Database, model_id: int, dataset_id: int,
                           importance_samples=k, status="pending")
         s.add(es)
         s.flush()
+        create_partition(s, es.id)
         s.add(EmbeddingSetPart(set_id=es.id, dataset_id=dataset_id, start=0,
                                n_items=dataset.n_items, status="ready"))
         job = Job(kind="embed", params={**params, "importance_samples": k},

@@ -241,9 +241,11 @@ class Latent(Base):
     `dataset_index`) the item it codes (the set's own dataset, or an appended one)."""
 
     __tablename__ = "latents"
+    # One partition per set (store/partitions.py), made and dropped with the set: no
+    # foreign key, a row cannot be written for a set without a partition.
+    __table_args__ = ({"postgresql_partition_by": "LIST (set_id)"},)
 
-    set_id: Mapped[int] = mapped_column(
-        BigInteger, ForeignKey("embedding_sets.id", ondelete="CASCADE"), primary_key=True)
+    set_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     item_index: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     dataset_id: Mapped[int] = mapped_column(BigInteger)
     dataset_index: Mapped[int] = mapped_column(BigInteger)

@@ -39,6 +39,7 @@ from store.jobs import (
     record_shard_rows,
 )
 from store.latent_rows import latent_writer
+from store.partitions import partition_name
 from store.processes import host_identity
 from store.publishing import publish_index
 from store.registry import get_model
@@ -304,7 +305,7 @@ def finish_set(ctx: Context, job_id: int, set_id: int, owner: str,
     with Lease(ctx.db, job_id, owner, ctx.settings.embed_lease_seconds) as lease:
         lease.report(0.98, "checking the rows")
         stats = set_statistics(ctx.db, set_id)
-        analyze(ctx.db, "latents")  # the planner sees the new rows before the first search
+        analyze(ctx.db, partition_name(set_id))  # the planner sees the rows before a search
         lease.check()
     stats |= {"shards": len(results),
               "workers": dict(Counter(r.get("worker", "?") for r in results)),
@@ -335,7 +336,7 @@ def _finish_append(ctx: Context, job: Any, set_id: int, owner: str,
     with Lease(ctx.db, job_id, owner, ctx.settings.embed_lease_seconds) as lease:
         lease.report(0.98, "checking the rows")
         stats = set_statistics(ctx.db, set_id)
-        analyze(ctx.db, "latents")
+        analyze(ctx.db, partition_name(set_id))
         lease.check()
     if stats["n_items"] != want:  # never count a short append in
         raise RuntimeError(f"set {set_id} holds {stats['n_items']} rows, not {want}")

@@ -1,5 +1,6 @@
 """The periodic maintenance pass (beat's `latentbank.maintenance` task): requeue jobs whose
-attempt is gone, publish jobs never sent, repair index builds; one pass at a time."""
+attempt is gone, publish jobs never sent, repair index builds, drop the partitions deleted
+sets left behind; one pass at a time."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 
 from store.db import Database
 from store.indexes import fail_index, release_index, stuck_indexes
+from store.partitions import drop_partitions, orphan_partitions
 from store.publishing import TaskSender, publish, publish_index
 from store.recovery import maintenance_lock, requeue_lost, unpublished_jobs
 from workers.lease import owner_is_dead
@@ -38,6 +40,10 @@ def run_maintenance(db: Database, sender: TaskSender, republish_seconds: float |
         stalled = resume_stalled(db, sender, *stall) if stall else 0
         sent, failed = repair_indexes(db, sender, republish_seconds, index_max_attempts,
                                       grace_seconds)
+        orphans = orphan_partitions(db)
+        if orphans:
+            log.warning("dropping the partitions of deleted sets set_ids=%s", orphans)
+            drop_partitions(db, orphans)
         return {"requeued": len(requeued), "published": published, "stalled": stalled,
                 "indexes_sent": sent, "indexes_failed": failed}
 

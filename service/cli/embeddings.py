@@ -31,10 +31,13 @@ SET_COLUMNS = ["id", "model", "dataset", "status", "items", "dim", "index", "mea
 
 
 def _set_rows(items: list[dict[str, Any]]) -> Iterator[list[Any]]:
+    from latentbank_client._embeddings import build_note  # the client is optional
+
     for e in items:
         s = e.get("stats") or {}
         yield [e["id"], e["model_id"], e["dataset_id"], e["status"], e["n_items"], e["dim"],
-               e["index_status"], fmt(s.get("mean_elbo")), fmt(s.get("mean_log_px"))]
+               e["index_status"] + build_note(e["index_status"], e.get("index_build")),
+               fmt(s.get("mean_elbo")), fmt(s.get("mean_log_px"))]
 
 
 @embeddings_app.command("list")

@@ -13,6 +13,7 @@ from store.aliases import delete_alias, get_alias, list_aliases, resolve, set_al
 from store.deletion import delete_set
 from store.errors import Conflict, InvalidInput, NotFound
 from store.indexes import build_index, index_name
+from store.partitions import partition_name
 from store.registry import delete_model, get_model
 from store.settings import open_artifacts
 from store.tables import Job
@@ -45,9 +46,18 @@ def a_ready_set(db, model_id):
 
 
 def indexes(db):
+    """The indexes of `latents` and of its partitions."""
     with db.engine.connect() as conn:
         return set(conn.execute(text(
-            "SELECT indexname FROM pg_indexes WHERE tablename = 'latents'")).scalars())
+            "SELECT indexname FROM pg_indexes WHERE tablename = 'latents' OR tablename IN "
+            "(SELECT inhrelid::regclass::text FROM pg_inherits "
+            "WHERE inhparent = 'latents'::regclass)")).scalars())
+
+
+def partition_exists(db, set_id):
+    with db.engine.connect() as conn:
+        return conn.execute(text("SELECT to_regclass(:n) IS NOT NULL"),
+                            {"n": partition_name(set_id)}).scalar()
 
 
 def test_an_alias_is_created_moved_and_resolved_with_its_history(db, two_models, request):
@@ -154,7 +164,7 @@ def test_deleting_a_model_takes_its_rows_indexes_and_files(db, settings, two_mod
     with pytest.raises(NotFound):
         get_model(db, a)
     assert count_latents(db, set_id) == 0
-    assert index_name(set_id) not in indexes(db)
+    assert index_name(set_id) not in indexes(db) and not partition_exists(db, set_id)
     assert not artifacts.exists(f"models/{a}")
     with db.engine.connect() as conn:  # the job's history stays, without its model
         assert conn.execute(text("SELECT model_id FROM jobs WHERE id = :j"),
@@ -185,5 +195,6 @@ def test_deleting_a_set_drops_its_index_and_keeps_the_model(db, settings, two_mo
                           "- interval '1 second' WHERE id = :s"), {"s": set_id})
     delete_set(db, set_id)
     assert count_latents(db, set_id) == 0 and index_name(set_id) not in indexes(db)
+    assert not partition_exists(db, set_id) and partition_exists(db, other)
     assert count_latents(db, other) == N_ITEMS and index_name(other) in indexes(db)
     assert get_model(db, b).status == "ready"

@@ -65,6 +65,71 @@ def test_0003_moves_the_embedding_counter_out_of_the_params_json(new_database):
     engine.dispose()
 
 
+def test_0012_moves_every_sets_rows_into_its_own_partition_and_back(new_database):
+    """A populated database at 0011 (two sets, one with a ready partial HNSW index, one
+    without rows): after 0012 each set's rows are in its partition, unchanged, the SQL
+    view answers the same, the index is owed again (on the partition, by maintenance),
+    and inserts for a set without a partition are refused; the downgrade puts every row
+    back in one table with its foreign key."""
+    url = new_database("mig12")
+    migrate(url, "0011")
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO datasets (id, name, item_shape, dtype, source_dtype, source_format, "
+            "n_items, checksum, artifact_key, size_bytes, min_value, max_value, has_labels) "
+            "VALUES (1, 'd', '{2}', 'float32', 'float32', 'npy', 3, 'x', 'k', 24, 0, 1, false)"))
+        conn.execute(text("INSERT INTO items (dataset_id, index, key) "
+                          "SELECT 1, g, 'item-' || g FROM generate_series(0, 2) g"))
+        conn.execute(text("INSERT INTO models (id, dataset_id, config, status) "
+                          "VALUES (1, 1, '{}', 'ready')"))
+        conn.execute(text(
+            "INSERT INTO embedding_sets (id, model_id, dataset_id, status, dim, n_items, "
+            "index_status, hnsw_ef_search) VALUES (7, 1, 1, 'ready', 2, 3, 'ready', 40), "
+            "(9, 1, 1, 'ready', 2, 0, 'skipped', NULL)"))
+        conn.execute(text(
+            "INSERT INTO latents (set_id, item_index, dataset_id, dataset_index, mu, logvar, "
+            "elbo, reconstruction, kl, log_px) SELECT 7, g, 1, g, "
+            "('[' || g || ',' || -g || ']')::vector, '[0,0]', -g, -g - 1, 1, -g + 0.5 "
+            "FROM generate_series(0, 2) g"))
+        conn.execute(text("CREATE INDEX latents_mu_hnsw_7 ON latents USING hnsw "
+                          "((mu::vector(2)) vector_l2_ops) WHERE set_id = 7"))
+        before = conn.execute(text("SELECT * FROM latents ORDER BY set_id, item_index")).all()
+        view = conn.execute(text("SELECT * FROM lb_v1.latents ORDER BY 1, 2")).all()
+    assert len(before) == 3 and len(view) == 3
+    migrate(url, "0012")
+    with engine.begin() as conn:
+        assert conn.execute(text("SELECT * FROM latents ORDER BY set_id, item_index")
+                            ).all() == before
+        assert conn.execute(text("SELECT * FROM lb_v1.latents ORDER BY 1, 2")).all() == view
+        parts = conn.execute(text(
+            "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i "
+            "JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = 'latents'::regclass "
+            "ORDER BY 1")).all()
+        assert parts == [("latents_set_7", "FOR VALUES IN ('7')"),
+                         ("latents_set_9", "FOR VALUES IN ('9')")]
+        assert conn.execute(text("SELECT count(*) FROM latents_set_7")).scalar() == 3
+        assert conn.execute(text("SELECT to_regclass('latents_mu_hnsw_7')")).scalar() is None
+        owed = conn.execute(text("SELECT id, index_status, index_requested_at IS NOT NULL, "
+                                 "hnsw_ef_search FROM embedding_sets ORDER BY id")).all()
+        assert owed == [(7, "building", True, None), (9, "skipped", False, None)]
+    with pytest.raises(Exception, match="no partition of relation"), engine.begin() as conn:
+        conn.execute(text("INSERT INTO latents (set_id, item_index, dataset_id, "
+                          "dataset_index, mu, logvar, elbo, reconstruction, kl) "
+                          "VALUES (8, 0, 1, 0, '[0,0]', '[0,0]', 0, 0, 0)"))
+    command.downgrade(alembic_config(url), "0011")
+    with engine.begin() as conn:
+        assert conn.execute(text("SELECT * FROM latents ORDER BY set_id, item_index")
+                            ).all() == before
+        assert conn.execute(text("SELECT * FROM lb_v1.latents ORDER BY 1, 2")).all() == view
+        assert conn.execute(text("SELECT relkind FROM pg_class WHERE relname = 'latents'")
+                            ).scalar() == "r"
+        assert conn.execute(text("SELECT to_regclass('latents_set_7')")).scalar() is None
+        conn.execute(text("DELETE FROM embedding_sets WHERE id = 7"))  # the key cascades
+        assert conn.execute(text("SELECT count(*) FROM latents")).scalar() == 0
+    engine.dispose()
+
+
 @pytest.mark.skipif(not system_pg_up(), reason="no PostgreSQL on 127.0.0.1:5432")
 def test_postgres_without_pgvector_is_refused_with_a_fix(tmp_path):
     with pytest.raises(PgvectorMissing) as info:

@@ -23,10 +23,11 @@ class EmbeddingSetOut(BaseModel):
     index_metric: str
     index_build: dict[str, Any] | None = Field(
         None, description="the HNSW build as it runs and as it ended: phase, tuples_done, "
-                          "fraction (0-1), workers (parallel, besides the leader), memory_mb "
-                          "given, needed_mb by the graph, fits (false: the graph outgrew its "
-                          "memory after spilled_after tuples and was built partly on disk), "
-                          "seconds, index_mb once built")
+                          "fraction (0-1), workers (parallel workers asked for, besides the "
+                          "leader), workers_launched (those PostgreSQL started), memory_mb "
+                          "given, needed_mb by the graph, predicted_fits, fits (false: the "
+                          "graph outgrew its memory after spilled_after tuples and was "
+                          "built partly on disk), seconds, index_mb once built")
     stats: dict[str, Any] | None = None
     created_at: dt.datetime
     ready_at: dt.datetime | None = None

@@ -557,7 +557,8 @@ function buildText(b) {
   if (!b || b.workers === undefined) return "–";
   const fit = b.fits ? "fitted" : `did not fit: spilled to disk after ${b.spilled_after ?? "?"} tuples`;
   const disk = b.index_mb !== undefined ? `, ${b.index_mb} MiB on disk` : "";
-  return `${b.workers + 1} process(es), ${b.memory_mb} MiB given, ${b.needed_mb} MiB needed ` +
+  const processes = (b.workers_launched ?? b.workers) + 1; // the leader and the workers started
+  return `${processes} process(es), ${b.memory_mb} MiB given, ${b.needed_mb} MiB needed ` +
     `(${fit}), ${Number(b.seconds).toFixed(1)} s${disk}`;
 }
 

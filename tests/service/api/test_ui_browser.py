@@ -221,7 +221,8 @@ def test_an_index_builds_progress_and_a_graph_that_did_not_fit_are_shown(stack, 
     set_id = client.get("/v1/embeddings").json()[0]["id"]
     running = {"phase": "building index: loading tuples", "tuples_done": 450,
                "fraction": 0.45, "workers": 1, "memory_mb": 64, "needed_mb": 2, "fits": True}
-    ended = {"phase": "done", "fraction": 1.0, "workers": 0, "memory_mb": 1, "needed_mb": 4,
+    ended = {"phase": "done", "fraction": 1.0, "workers": 1, "workers_launched": 0,
+             "memory_mb": 1, "needed_mb": 4,
              "fits": False, "spilled_after": 1248, "seconds": 2.5, "index_mb": 3.1}
 
     def patch(route, change):

@@ -225,16 +225,17 @@ class EmbeddingSet(Bound):
             ("status", self.status), ("model", self.model_id), ("dataset", self.dataset_id),
             ("items", self.n_items), ("latent dim", self.dim),
             ("importance samples", self.importance_samples),
-            ("index", f"{self.index_status} ({self.index_metric}){build_note(self)}"),
+            ("index", f"{self.index_status} ({self.index_metric})"
+                       f"{build_note(self.index_status, self.index_build)}"),
             *figures,
             ("ready", self.ready_at)])
 
 
-def build_note(es: EmbeddingSet) -> str:
+def build_note(index_status: str | None, index_build: dict[str, Any] | None) -> str:
     """', 45 % (building index: loading tuples)' while the index is built; ', graph did
     not fit in memory' after a build that spilled to disk; else ''."""
-    build = es.index_build or {}
-    if es.index_status == "building" and "fraction" in build:
+    build = index_build or {}
+    if index_status == "building" and "fraction" in build:
         return f", {100 * build['fraction']:.0f} % ({build.get('phase', '')})"
     if build.get("fits") is False:
         return ", graph did not fit in memory"
