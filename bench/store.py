@@ -98,8 +98,7 @@ def bench_writes(db, artifacts, settings, tmp, n: int, dim: int = 32) -> list[tu
             else:
                 write_latents(db, set_id, 0, mu, logvar, elbo, rec, kl, log_px)
             best[name] = min(best[name], time.perf_counter() - t)
-            with db.engine.begin() as conn:
-                conn.execute(text("DELETE FROM embedding_sets WHERE id = :s"), {"s": set_id})
+            delete_set(db, set_id)  # the row and its partition
     return [("raw psycopg binary COPY (write_row)", n / best["raw"], 1.0),
             ("store.latent_rows.latent_writer", n / best["ours"], best["raw"] / best["ours"])]
 

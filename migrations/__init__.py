@@ -7,9 +7,22 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 from store.db import check_database, make_engine, sqlalchemy_url
+
+
+def include_object(obj: Any, name: str | None, type_: str, reflected: bool,
+                   compare_to: Any) -> bool:
+    """What autogenerate and drift checks compare: not the per-set HNSW indexes
+    (store.indexes) nor the per-set partitions of `latents` (store.partitions), data made
+    with each set rather than schema."""
+    if name is None:
+        return True
+    if type_ == "index" and name.startswith("latents_mu_hnsw_"):
+        return False
+    return not (type_ == "table" and re.fullmatch(r"latents_set_[0-9]+", name))
 
 
 def alembic_config(url: str) -> Any:

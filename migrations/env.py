@@ -6,15 +6,11 @@ import pgvector.sqlalchemy  # noqa: F401  (registers the vector type for autogen
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
+from migrations import include_object
 from store.tables import Base
 
 config = context.config
 target_metadata = Base.metadata
-
-
-def include_object(obj, name, type_, reflected, compare_to):  # noqa: ANN001, ANN201
-    # Per-set HNSW indexes are data built by store.indexes, not schema.
-    return not (type_ == "index" and name is not None and name.startswith("latents_mu_hnsw_"))
 
 
 def run_migrations_online() -> None:

@@ -9,7 +9,7 @@ import logging
 import re
 from collections.abc import Sequence
 
-from sqlalchemy import text
+from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 
 PARTITION_PATTERN = re.compile(r"^latents_set_(\d+)$")
 DROP_LOCK_TIMEOUT_MS = 5000
+# what a partition must share with `latents` to be attached (its CHECKs above all)
+LIKE_PARENT = ("INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING STORAGE "
+               "INCLUDING COMPRESSION")
 
 
 def partition_name(set_id: int) -> str:
@@ -31,41 +34,75 @@ def create_partition(s: Session, set_id: int) -> None:
     of other sets go on (CREATE TABLE ... PARTITION OF would wait for them and hold them
     up); the new table is empty, so the attach checks nothing."""
     name = partition_name(set_id)
-    s.execute(text(f"CREATE TABLE {name} (LIKE latents INCLUDING DEFAULTS)"))
+    s.execute(text(f"CREATE TABLE {name} (LIKE latents {LIKE_PARENT})"))
     s.execute(text(f"ALTER TABLE latents ATTACH PARTITION {name} FOR VALUES IN ({int(set_id)})"))
 
 
 def drop_partitions(db: Database, set_ids: Sequence[int],
-                    lock_timeout_ms: int = DROP_LOCK_TIMEOUT_MS) -> list[int]:
-    """Drop the partitions of deleted sets: detached CONCURRENTLY (searches of other sets
-    are not held up; it waits for transactions that still read `latents`), then dropped.
-    A partition whose detach or drop waits longer than `lock_timeout_ms` is left for the
-    maintenance pass (`orphan_partitions`); one left half-detached is finished. Returns
-    the sets whose partition is left."""
-    left = []
-    for set_id in set_ids:
-        name = partition_name(set_id)
-        try:
-            with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-                conn.execute(text(f"SET lock_timeout = {int(lock_timeout_ms)}"))
-                try:
-                    attached = conn.execute(text(
-                        "SELECT inhdetachpending FROM pg_inherits WHERE inhrelid = "
-                        "to_regclass(:n) AND inhparent = 'latents'::regclass"),
-                        {"n": name}).first()
-                    if attached is not None:
-                        how = "FINALIZE" if attached[0] else "CONCURRENTLY"
-                        conn.execute(text(f"ALTER TABLE latents DETACH PARTITION {name} {how}"))
-                    conn.execute(text(f"DROP TABLE IF EXISTS {name}"))
-                finally:  # the connection goes back to the pool
-                    conn.execute(text("RESET lock_timeout"))
-        except DBAPIError as exc:
-            if getattr(exc.orig, "sqlstate", None) != "55P03":  # lock_not_available
-                raise
-            log.warning("partition drop waited too long set_id=%d: left for the maintenance "
-                        "pass", set_id)
-            left.append(int(set_id))
+                    wait_ms: int = DROP_LOCK_TIMEOUT_MS) -> list[int]:
+    """Drop the partitions of deleted sets, after their rows are committed gone: each is
+    detached CONCURRENTLY (searches and writes of other sets go on; it waits for the
+    transactions that had `latents` open, a shard's COPY for one), then dropped.
+
+    PostgreSQL lets one detach be pending at a time, and a detach whose wait is cut
+    short stays pending until it is finished (FINALIZE): so drops run one at a time
+    (an advisory lock; a caller that finds it taken leaves its sets), finish a pending
+    detach first, and give up on a wait longer than `wait_ms`. Whatever is left (that,
+    or any error: the set is gone already, so nothing is raised) the maintenance pass
+    drops later (`orphan_partitions`). Returns the sets whose partition is left."""
+    left = [int(i) for i in set_ids]
+    if not left:
+        return []
+    try:
+        with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            if not conn.execute(text("SELECT pg_try_advisory_lock(hashtext(:k))"),
+                                {"k": DROP_LOCK}).scalar():
+                return left
+            try:
+                conn.execute(text(f"SET lock_timeout = {int(wait_ms)}"))
+                _finish_pending(conn)
+                while left:
+                    _detach_and_drop(conn, left[0])
+                    left.pop(0)
+            finally:
+                _release(conn)
+    except DBAPIError as exc:
+        log.warning("partition drop left for the maintenance pass set_ids=%s: %s", left,
+                    str(exc.orig).strip().splitlines()[0] if exc.orig else exc)
     return left
+
+
+DROP_LOCK = "latentbank.partition-drops"
+
+
+def _finish_pending(conn: Connection) -> None:
+    """Finish the detach a cut-short wait left pending (whatever its set), and drop it."""
+    pending = conn.execute(text(
+        "SELECT inhrelid::regclass::text FROM pg_inherits WHERE inhparent = "
+        "'latents'::regclass AND inhdetachpending")).scalars().all()
+    for name in pending:
+        conn.execute(text(f"ALTER TABLE latents DETACH PARTITION {name} FINALIZE"))
+        conn.execute(text(f"DROP TABLE IF EXISTS {name}"))
+
+
+def _detach_and_drop(conn: Connection, set_id: int) -> None:
+    name = partition_name(set_id)
+    attached = conn.execute(text(
+        "SELECT 1 FROM pg_inherits WHERE inhrelid = to_regclass(:n) "
+        "AND inhparent = 'latents'::regclass"), {"n": name}).first()
+    if attached is not None:
+        conn.execute(text(f"ALTER TABLE latents DETACH PARTITION {name} CONCURRENTLY"))
+    conn.execute(text(f"DROP TABLE IF EXISTS {name}"))
+
+
+def _release(conn: Connection) -> None:
+    """The lock and the setting, before the connection goes back to the pool (one that
+    cannot take that is not reused)."""
+    try:
+        conn.execute(text("SELECT pg_advisory_unlock(hashtext(:k))"), {"k": DROP_LOCK})
+        conn.execute(text("RESET lock_timeout"))
+    except DBAPIError:
+        conn.invalidate()
 
 
 def orphan_partitions(db: Database) -> list[int]:
@@ -75,7 +112,7 @@ def orphan_partitions(db: Database) -> list[int]:
         names = conn.execute(text(
             "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
             "WHERE n.nspname = current_schema() AND c.relkind = 'r' "
-            "AND c.relname LIKE 'latents\\_set\\_%' AND NOT EXISTS (SELECT 1 FROM "
+            "AND c.relname ~ '^latents_set_[0-9]+$' AND NOT EXISTS (SELECT 1 FROM "
             "embedding_sets e WHERE 'latents_set_' || e.id = c.relname)")).scalars().all()
     return sorted(int(m.group(1)) for n in names if (m := PARTITION_PATTERN.match(n)))
 

@@ -6,7 +6,10 @@ it after the set (a partition left behind is dropped by the maintenance pass), a
 row cannot be written for a set without a partition.
 
 Every set's rows move into its partition (one INSERT ... SELECT: plan for its time and
-twice the table's disk on a large database). The views that read `latents` (lb_v1) are
+twice the table's disk on a large database). Stop the API and the workers first: the
+migration locks `embedding_sets` against new sets, and workers of the old release would
+build indexes on the parent. It takes about eight locks a set in one transaction: past
+about 2,000 sets raise `max_locks_per_transaction` for it. The views that read `latents` (lb_v1) are
 redefined as they were, so their columns, meaning and grants do not change. The old
 per-set partial HNSW indexes go with the old table: sets whose index was ready or being
 built are owed a new one (on their partition), which the maintenance pass sends; their
@@ -41,43 +44,52 @@ def _dependent_views() -> list[tuple[str, str]]:
         "SELECT DISTINCT v.oid::regclass::text, pg_get_viewdef(v.oid), v.oid "
         "FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid "
         "JOIN pg_class v ON v.oid = r.ev_class "
-        "WHERE d.refobjid = 'public.latents'::regclass AND v.oid <> d.refobjid "
+        "WHERE d.classid = 'pg_rewrite'::regclass "
+        "AND d.refobjid = 'public.latents'::regclass AND v.oid <> d.refobjid "
         "ORDER BY v.oid")).all()
     return [(name, definition) for name, definition, _ in rows]
 
 
-def _swap(old_name: str, create: list[str]) -> None:
-    """Rename `latents` to `old_name`, make the new `latents` (`create`), move the rows,
-    point the views at it, drop the old table (with its partitions, if any)."""
+def _swap(old_name: str, create: list[str], after: tuple[str, ...] = ()) -> None:
+    """Rename `latents` to `old_name`, make the new `latents` (`create`), move the rows of
+    the sets that exist, run `after`, point the views at it, drop the old table (with its
+    partitions, if any)."""
     views = _dependent_views()
     op.execute(f"ALTER TABLE latents RENAME TO {old_name}")
     op.execute(f"ALTER TABLE {old_name} RENAME CONSTRAINT {PK} TO {PK}_old")
     for statement in create:
         op.execute(statement)
-    op.execute(f"INSERT INTO latents SELECT * FROM {old_name}")
+    op.execute(f"INSERT INTO latents SELECT * FROM {old_name} "
+               "WHERE set_id IN (SELECT id FROM embedding_sets)")
+    for statement in after:
+        op.execute(statement)
     for name, definition in views:
         op.execute(f"CREATE OR REPLACE VIEW {name} AS {definition}")
     op.execute(f"DROP TABLE {old_name}")  # a partitioned one takes its partitions
     op.execute(OWED)
 
 
+LIKE = "INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING STORAGE INCLUDING COMPRESSION"
+
+
 def upgrade() -> None:
     bind = op.get_bind()
+    # no set is added (by a service still running) between this read and the commit
+    op.execute("LOCK TABLE embedding_sets IN SHARE ROW EXCLUSIVE MODE")
     set_ids = bind.execute(text("SELECT id FROM embedding_sets ORDER BY id")).scalars().all()
-    create = ["CREATE TABLE latents (LIKE latents_unpartitioned INCLUDING DEFAULTS "
-              "INCLUDING CONSTRAINTS) PARTITION BY LIST (set_id)",
+    create = [f"CREATE TABLE latents (LIKE latents_unpartitioned {LIKE}) "
+              "PARTITION BY LIST (set_id)",
               f"ALTER TABLE latents ADD CONSTRAINT {PK} PRIMARY KEY (set_id, item_index)"]
     for set_id in set_ids:
         name = f"latents_set_{int(set_id)}"
-        create += [f"CREATE TABLE {name} (LIKE latents INCLUDING DEFAULTS)",
+        create += [f"CREATE TABLE {name} (LIKE latents {LIKE})",
                    f"ALTER TABLE latents ATTACH PARTITION {name} FOR VALUES IN ({int(set_id)})"]
     _swap("latents_unpartitioned", create)
 
 
 def downgrade() -> None:
     _swap("latents_partitioned", [
-        "CREATE TABLE latents (LIKE latents_partitioned INCLUDING DEFAULTS "
-        "INCLUDING CONSTRAINTS)",
-        f"ALTER TABLE latents ADD CONSTRAINT {PK} PRIMARY KEY (set_id, item_index)",
-        f"ALTER TABLE latents ADD CONSTRAINT {FK} FOREIGN KEY (set_id) "
-        "REFERENCES embedding_sets (id) ON DELETE CASCADE"])
+        f"CREATE TABLE latents (LIKE latents_partitioned {LIKE})",
+        f"ALTER TABLE latents ADD CONSTRAINT {PK} PRIMARY KEY (set_id, item_index)"],
+        after=(f"ALTER TABLE latents ADD CONSTRAINT {FK} FOREIGN KEY (set_id) "
+               "REFERENCES embedding_sets (id) ON DELETE CASCADE",))

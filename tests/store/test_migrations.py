@@ -7,7 +7,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, text
 
-from migrations import alembic_config, migrate
+from migrations import alembic_config, include_object, migrate
 from store.db import check_database, make_engine
 from store.errors import DatabaseUnavailable, PgvectorMissing
 from store.tables import Base
@@ -95,13 +95,13 @@ def test_0012_moves_every_sets_rows_into_its_own_partition_and_back(new_database
         conn.execute(text("CREATE INDEX latents_mu_hnsw_7 ON latents USING hnsw "
                           "((mu::vector(2)) vector_l2_ops) WHERE set_id = 7"))
         before = conn.execute(text("SELECT * FROM latents ORDER BY set_id, item_index")).all()
-        view = conn.execute(text("SELECT * FROM lb_v1.latents ORDER BY 1, 2")).all()
+        view = conn.execute(text("SELECT * FROM lb_v1.latents ORDER BY set_id, item_index")).all()
     assert len(before) == 3 and len(view) == 3
     migrate(url, "0012")
     with engine.begin() as conn:
         assert conn.execute(text("SELECT * FROM latents ORDER BY set_id, item_index")
                             ).all() == before
-        assert conn.execute(text("SELECT * FROM lb_v1.latents ORDER BY 1, 2")).all() == view
+        assert conn.execute(text("SELECT * FROM lb_v1.latents ORDER BY set_id, item_index")).all() == view
         parts = conn.execute(text(
             "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i "
             "JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = 'latents'::regclass "
@@ -113,15 +113,30 @@ def test_0012_moves_every_sets_rows_into_its_own_partition_and_back(new_database
         owed = conn.execute(text("SELECT id, index_status, index_requested_at IS NOT NULL, "
                                  "hnsw_ef_search FROM embedding_sets ORDER BY id")).all()
         assert owed == [(7, "building", True, None), (9, "skipped", False, None)]
+    with engine.connect() as conn:  # the partitions are data, not drift
+        ctx = MigrationContext.configure(conn, opts={"compare_type": True,
+                                                     "include_object": include_object})
+        assert compare_metadata(ctx, Base.metadata) == []
     with pytest.raises(Exception, match="no partition of relation"), engine.begin() as conn:
         conn.execute(text("INSERT INTO latents (set_id, item_index, dataset_id, "
                           "dataset_index, mu, logvar, elbo, reconstruction, kl) "
                           "VALUES (8, 0, 1, 0, '[0,0]', '[0,0]', 0, 0, 0)"))
+    with engine.begin() as conn:  # a set deleted, its partition not dropped yet
+        conn.execute(text("INSERT INTO embedding_sets (id, model_id, dataset_id, status, dim, "
+                          "n_items) VALUES (11, 1, 1, 'ready', 2, 1)"))
+        conn.execute(text("CREATE TABLE latents_set_11 (LIKE latents INCLUDING DEFAULTS)"))
+        conn.execute(text("ALTER TABLE latents ATTACH PARTITION latents_set_11 "
+                          "FOR VALUES IN (11)"))
+        conn.execute(text("INSERT INTO latents (set_id, item_index, dataset_id, "
+                          "dataset_index, mu, logvar, elbo, reconstruction, kl) SELECT 11, "
+                          "item_index, dataset_id, dataset_index, mu, logvar, elbo, "
+                          "reconstruction, kl FROM latents_set_7 LIMIT 1"))
+        conn.execute(text("DELETE FROM embedding_sets WHERE id = 11"))
     command.downgrade(alembic_config(url), "0011")
-    with engine.begin() as conn:
+    with engine.begin() as conn:  # the orphan's row is not carried back
         assert conn.execute(text("SELECT * FROM latents ORDER BY set_id, item_index")
                             ).all() == before
-        assert conn.execute(text("SELECT * FROM lb_v1.latents ORDER BY 1, 2")).all() == view
+        assert conn.execute(text("SELECT * FROM lb_v1.latents ORDER BY set_id, item_index")).all() == view
         assert conn.execute(text("SELECT relkind FROM pg_class WHERE relname = 'latents'")
                             ).scalar() == "r"
         assert conn.execute(text("SELECT to_regclass('latents_set_7')")).scalar() is None

@@ -57,31 +57,68 @@ def test_each_set_is_a_partition_of_its_own_and_goes_with_the_set(db, model_id):
     assert a not in orphan_partitions(db)
 
 
-def test_a_drop_held_up_by_a_reader_is_left_and_finished_later(db, model_id, settings):
-    (a, _), (b, mu_b) = a_set(db, model_id, 3), a_set(db, model_id, 4)
-    reader = db.engine.connect()
-    reader.begin()  # a long export of set b: its transaction reads `latents`
-    reader.execute(text(f"SELECT count(*) FROM latents WHERE set_id = {b}")).scalar()
+def gone(db, set_id):
+    """Delete the set's row as delete_set does, leaving its partition to the caller."""
+    with db.session() as s:
+        s.execute(text("DELETE FROM embedding_sets WHERE id = :a"), {"a": set_id})
+
+
+def test_drops_held_up_by_a_writer_are_left_and_finished_later(db, model_id, settings):
+    """A shard of set b is being written (its transaction holds `latents` open): the
+    detach of set a waits, is cut short and stays pending; the drop of set c, behind
+    it, is left too instead of failing; searches of b go on; once the writer commits,
+    the next drop finishes what is left."""
+    (a, _), (b, mu_b), (c, _) = (a_set(db, model_id, s) for s in (3, 4, 6))
+    writer = db.engine.connect()
+    writer.begin()
+    writer.execute(text(f"DELETE FROM latents WHERE set_id = {b} AND item_index >= 1000"))
     try:
-        with db.session() as s:  # the set goes, its drop is left for later
-            s.execute(text("DELETE FROM embedding_sets WHERE id = :a"), {"a": a})
+        gone(db, a)
         started = time.perf_counter()
-        assert drop_partitions(db, [a], lock_timeout_ms=300) == [a]
+        assert drop_partitions(db, [a], wait_ms=300) == [a]
+        gone(db, c)
+        assert drop_partitions(db, [c], wait_ms=300) == [c]
         assert time.perf_counter() - started < 5
-        assert a in orphan_partitions(db)
-        # meanwhile searches of other sets go on, and answer exactly
-        done = []
+        # c is left pending (a's pending detach was finished on the way: its FINALIZE
+        # waits only for old snapshots, and an idle writer holds none)
+        assert c in orphan_partitions(db)
+        done = []  # meanwhile searches of other sets go on, and answer exactly
         searcher = threading.Thread(target=lambda: done.append(
             search(db, settings, b, vector=mu_b[0], k=3)))
         searcher.start()
         searcher.join(timeout=10)
         assert done and done[0].hits[0].index == 0
     finally:
-        reader.rollback()
-        reader.close()
+        writer.commit()
+        writer.close()
     assert drop_partitions(db, orphan_partitions(db)) == []
-    assert relation(db, partition_name(a)) is None and a not in orphan_partitions(db)
+    for set_id in (a, c):
+        assert relation(db, partition_name(set_id)) is None
     assert get_set(db, b).n_items == N_ITEMS and count_latents(db, b) == N_ITEMS
+
+
+def test_concurrent_deletes_all_end_dropped(db, model_id):
+    """Deletes of several sets at once (PostgreSQL allows one pending detach at a time):
+    none fails, and whatever one leaves the next drop finishes."""
+    sets = [a_set(db, model_id, 10 + i)[0] for i in range(4)]
+    errors = []
+
+    def delete(set_id):
+        try:
+            delete_set(db, set_id)
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=delete, args=(s,)) for s in sets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    drop_partitions(db, orphan_partitions(db))
+    for set_id in sets:
+        assert relation(db, partition_name(set_id)) is None
+        assert count_latents(db, set_id) == 0
 
 
 def test_the_maintenance_pass_drops_partitions_whose_set_is_gone(migrated_database, settings,
