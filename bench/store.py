@@ -27,7 +27,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
