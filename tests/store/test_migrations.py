@@ -65,6 +65,9 @@ def test_0003_moves_the_embedding_counter_out_of_the_params_json(new_database):
     engine.dispose()
 
 
+VIEW_ROWS = "SELECT * FROM lb_v1.latents ORDER BY set_id, item_index"
+
+
 def test_0012_moves_every_sets_rows_into_its_own_partition_and_back(new_database):
     """A populated database at 0011 (two sets, one with a ready partial HNSW index, one
     without rows): after 0012 each set's rows are in its partition, unchanged, the SQL
@@ -95,13 +98,13 @@ def test_0012_moves_every_sets_rows_into_its_own_partition_and_back(new_database
         conn.execute(text("CREATE INDEX latents_mu_hnsw_7 ON latents USING hnsw "
                           "((mu::vector(2)) vector_l2_ops) WHERE set_id = 7"))
         before = conn.execute(text("SELECT * FROM latents ORDER BY set_id, item_index")).all()
-        view = conn.execute(text("SELECT * FROM lb_v1.latents ORDER BY set_id, item_index")).all()
+        view = conn.execute(text(VIEW_ROWS)).all()
     assert len(before) == 3 and len(view) == 3
     migrate(url, "0012")
     with engine.begin() as conn:
         assert conn.execute(text("SELECT * FROM latents ORDER BY set_id, item_index")
                             ).all() == before
-        assert conn.execute(text("SELECT * FROM lb_v1.latents ORDER BY set_id, item_index")).all() == view
+        assert conn.execute(text(VIEW_ROWS)).all() == view
         parts = conn.execute(text(
             "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i "
             "JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = 'latents'::regclass "
@@ -136,7 +139,7 @@ def test_0012_moves_every_sets_rows_into_its_own_partition_and_back(new_database
     with engine.begin() as conn:  # the orphan's row is not carried back
         assert conn.execute(text("SELECT * FROM latents ORDER BY set_id, item_index")
                             ).all() == before
-        assert conn.execute(text("SELECT * FROM lb_v1.latents ORDER BY set_id, item_index")).all() == view
+        assert conn.execute(text(VIEW_ROWS)).all() == view
         assert conn.execute(text("SELECT relkind FROM pg_class WHERE relname = 'latents'")
                             ).scalar() == "r"
         assert conn.execute(text("SELECT to_regclass('latents_set_7')")).scalar() is None
