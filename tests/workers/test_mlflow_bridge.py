@@ -27,6 +27,10 @@ from tests.support import Beat, Served, Worker, submit_grid, submit_train, whole
 from tests.support.waiting import wait
 from workers.mlflow_bridge import epoch_metrics, sync_pass
 
+# Minutes of a real MLflow server and deployed stacks: the system lane (`make test-system`,
+# which builds .venv-mlflow), so `make test` stays the everyday lane.
+pytestmark = pytest.mark.system
+
 ROOT = Path(__file__).resolve().parents[2]
 MLFLOW_BIN = Path(os.environ.get("LATENTBANK_TEST_MLFLOW_VENV", ROOT / ".venv-mlflow")) / "bin"
 EXPERIMENT = "latentbank-tests"
@@ -41,7 +45,7 @@ class MlflowServer:
 
     def __init__(self, root: Path):
         if not (MLFLOW_BIN / "mlflow").exists():
-            raise RuntimeError(f"no MLflow server at {MLFLOW_BIN}: `make test` builds it "
+            raise RuntimeError(f"no MLflow server at {MLFLOW_BIN}: `make test-system` builds it "
                                "(make .venv-mlflow/.installed)")
         self.root, self.port = root, free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
