@@ -45,17 +45,7 @@ from store.partitions import partition_sizes  # noqa: E402
 from store.search import SearchFilter, nearest, search  # noqa: E402
 from store.settings import Settings  # noqa: E402
 from store.submit import submit_embedding  # noqa: E402
-from store.tables import Model  # noqa: E402
-from tests.store.sets import write_latents  # noqa: E402
-
-
-def model_row(db: Database, dataset_id: int, dim: int) -> int:
-    with db.session() as s:
-        m = Model(dataset_id=dataset_id, status="ready",
-                  config={"model": {"input_shape": [1], "latent_dim": dim}})
-        s.add(m)
-        s.flush()
-        return m.id
+from tests.store.sets import model_row, write_latents  # noqa: E402
 
 
 def fake_dataset(db: Database, artifacts: ArtifactStore, settings: Settings, n: int,

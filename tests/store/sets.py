@@ -9,7 +9,18 @@ from store.jobs import claim, finish, mark_finishing
 from store.latent_rows import latent_writer
 from store.retrieval import set_statistics
 from store.submit import submit_embedding
-from store.tables import EmbeddingSetPart
+from store.tables import EmbeddingSetPart, Model
+
+
+def model_row(db, dataset_id, dim):
+    """A ready model row of `dim` latent dimensions over the dataset (no files): what a
+    set needs when only its latents matter."""
+    with db.session() as s:
+        model = Model(dataset_id=dataset_id, status="ready",
+                      config={"model": {"input_shape": [1], "latent_dim": dim}})
+        s.add(model)
+        s.flush()
+        return model.id
 
 
 def writing_set(db, model_id, dataset_id, importance_samples=0):

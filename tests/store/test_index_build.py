@@ -28,8 +28,7 @@ from store.index_build import (
 from store.indexes import build_index, index_name
 from store.search import nearest
 from store.settings import Settings
-from store.tables import Model
-from tests.store.sets import ready_set, write_latents
+from tests.store.sets import model_row, ready_set, write_latents
 
 DIM = 32
 MiB = 1 << 20
@@ -43,12 +42,7 @@ def make_set(db, tmp, name, n, seed):
     artifacts = ArtifactStore((tmp / "artifacts").as_uri())
     np.savez(tmp / f"{name}.npz", x=np.zeros((n, 1), np.float32))
     ds = register_file(db, artifacts, settings, name, str(tmp / f"{name}.npz")).dataset
-    with db.session() as s:
-        model = Model(dataset_id=ds.id, status="ready",
-                      config={"model": {"input_shape": [1], "latent_dim": DIM}})
-        s.add(model)
-        s.flush()
-        model_id = model.id
+    model_id = model_row(db, ds.id, DIM)
     rng = np.random.default_rng(seed)
     centres = rng.normal(scale=3.0, size=(20, DIM))
     mu = (centres[rng.integers(0, 20, n)] + rng.normal(size=(n, DIM))).astype(np.float32)

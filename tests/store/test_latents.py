@@ -16,7 +16,14 @@ from store.search import SearchFilter, search
 from store.settings import Settings
 from store.submit import submit_embedding
 from store.tables import Model
-from tests.store.sets import count_latents, end_set, ready_set, write_latents, writing_set
+from tests.store.sets import (
+    count_latents,
+    end_set,
+    model_row,
+    ready_set,
+    write_latents,
+    writing_set,
+)
 
 N, DIM, SHARD = 100_000, 16, 25_000
 
@@ -45,12 +52,7 @@ def world(db, tmp_path_factory):
     np.savez(tmp / "d.npz", x=np.zeros((N, 1), np.float32), labels=labels,
              keys=np.array([f"item-{i}" for i in range(N)]))
     ds = register_file(db, artifacts, settings, "latents-world", str(tmp / "d.npz")).dataset
-    with db.session() as s:
-        model = Model(dataset_id=ds.id, status="ready",
-                      config={"model": {"input_shape": [1], "latent_dim": DIM}})
-        s.add(model)
-        s.flush()
-        model_id = model.id
+    model_id = model_row(db, ds.id, DIM)
     # Latents like a trained model's: clusters by label, plus noise.
     centres = rng.normal(scale=3.0, size=(10, DIM))
     mu = (centres[labels] + rng.normal(size=(N, DIM))).astype(np.float32)
