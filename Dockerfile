@@ -20,6 +20,7 @@ COPY service /app/service
 COPY store /app/store
 COPY migrations /app/migrations
 COPY ingest /app/ingest
+COPY bridges /app/bridges
 
 FROM ${PYTHON_BASE} AS python
 # EXTRA_CA_URLS: certificates to trust while building, for a machine whose traffic passes

@@ -1,5 +1,5 @@
 """The MLflow bridge's records: which models are tracked on which MLflow server, and what
-each run there holds so far (workers/mlflow_bridge.py pushes; this module only reads
+each run there holds so far (bridges/mlflow_bridge.py pushes; this module only reads
 latentbank's tables and keeps those records). Nothing here talks to MLflow."""
 
 from __future__ import annotations

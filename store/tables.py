@@ -315,7 +315,7 @@ class ApiKey(Base):
 
 
 class MlflowBridge(Base):
-    """An MLflow tracking server the bridge pushes to (workers/mlflow_bridge.py): training
+    """An MLflow tracking server the bridge pushes to (bridges/mlflow_bridge.py): training
     jobs created after `enabled_at` are tracked there by themselves, older models when
     `latentbank mlflow sync` is asked to. `instance` tags every run and version this
     database made there (runs are found again by it)."""

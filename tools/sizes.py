@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("models", "store", "ingest", "workers", "service", "clients/python/src")
+PACKAGES = ("models", "store", "ingest", "bridges", "workers", "service", "clients/python/src")
 MODULE_LINES, FUNCTION_LINES = 400, 60
 MARK = "# size:"
 

@@ -34,7 +34,7 @@ def make_app() -> Celery:
         "task": MAINTENANCE_TASK, "schedule": interval,
         # a pass that waited longer than one interval is superseded by the next
         "options": {"expires": interval, "queue": MAINTENANCE_QUEUE}}}
-    if settings.mlflow_tracking_uri:  # the MLflow bridge (workers/mlflow_bridge.py)
+    if settings.mlflow_tracking_uri:  # the MLflow bridge (bridges/mlflow_bridge.py)
         every = settings.mlflow_sync_interval
         schedule["mlflow-sync"] = {"task": MLFLOW_TASK, "schedule": every,
                                    "options": {"expires": every, "queue": MAINTENANCE_QUEUE}}

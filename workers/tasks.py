@@ -8,6 +8,7 @@ from typing import Any
 
 from celery import Task
 
+from bridges.mlflow_bridge import sync_pass
 from store.db import is_transient
 from store.indexes import fail_index
 from store.jobs import LeaseLost, release
@@ -18,7 +19,6 @@ from workers.embedding import finish_set, index_set, run_shard, start_embedding
 from workers.ingest import run_ingest_job
 from workers.lease import new_owner
 from workers.maintenance import run_maintenance
-from workers.mlflow_bridge import sync_pass
 from workers.outages import SHARD_RETRIES, end_for, publish_released, retried_on_outage
 from workers.sender import FINISH_TASK, RELEASE_TASK, SHARD_TASK
 from workers.training import run_training_job

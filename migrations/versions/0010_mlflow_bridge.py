@@ -1,4 +1,4 @@
-"""The MLflow bridge's records (workers/mlflow_bridge.py): the tracking servers it pushes
+"""The MLflow bridge's records (bridges/mlflow_bridge.py): the tracking servers it pushes
 to, each model's run there (what it holds so far), each sweep's parent run, and the
 aliases as last mirrored. Nothing else changes: the bridge only reads latentbank's own
 tables.

@@ -64,8 +64,8 @@ def _passes(db: Any, artifacts: Any, uri: str, settings: Any, total: int,
     leave as many runs lagging (refused ones, jobs still training): (lagging, errors)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+    from bridges.mlflow_bridge import sync_pass
     from store.mlflow_sync import count_behind
-    from workers.mlflow_bridge import sync_pass
 
     left, still, errors = total, 0, []
     with Progress(TextColumn("mlflow sync"), BarColumn(), MofNCompleteColumn(),

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from sqlalchemy import text
 
+from bridges.mlflow_bridge import epoch_metrics, sync_pass
 from service.cli.ports import free_port
 from store.aliases import delete_alias, set_alias
 from store.jobs import get_job
@@ -25,7 +26,6 @@ from store.publishing import publish
 from store.registry import delete_model
 from tests.support import Beat, Served, Worker, submit_grid, submit_train, whole_stack
 from tests.support.waiting import wait
-from workers.mlflow_bridge import epoch_metrics, sync_pass
 
 # Minutes of a real MLflow server and deployed stacks: the system lane (`make test-system`,
 # which builds .venv-mlflow), so `make test` stays the everyday lane.
@@ -550,9 +550,9 @@ def test_a_model_deleted_before_it_was_ready_ends_its_run_and_leaves_nothing_beh
 def test_registered_names_are_ones_mlflow_takes():
     from pydantic import ValidationError
 
+    from bridges.mlflow_registry import registered_name
     from service.api.schemas.jobs import TrainingRequest
     from store.mlflow_sync import RunWork
-    from workers.mlflow_registry import registered_name
 
     def name(dataset_name, params=None):
         return registered_name(RunWork(1, {}, {"params": params or {}}, {},

@@ -25,6 +25,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from bridges.mlflow_registry import (
+    TAG,
+    ServerTrouble,
+    code,
+    mark_deleted,
+    register,
+    registered_name,
+    server_trouble,
+    short,
+    sync_aliases,
+)
 from store.artifacts import ArtifactStore
 from store.db import Database
 from store.mlflow_sync import (
@@ -43,17 +54,6 @@ from store.mlflow_sync import (
     sweeps_ended,
     track_new_jobs,
     update_run,
-)
-from workers.mlflow_registry import (
-    TAG,
-    ServerTrouble,
-    code,
-    mark_deleted,
-    register,
-    registered_name,
-    server_trouble,
-    short,
-    sync_aliases,
 )
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""The MLflow bridge's registry side (workers/mlflow_bridge.py runs it): a ready model as a
+"""The MLflow bridge's registry side (bridges/mlflow_bridge.py runs it): a ready model as a
 version of a registered model, its ONNX files as MLflow ONNX models byte for byte, a
 deleted model's version marked, latentbank's model aliases mirrored; and the rules both
 modules share for telling a refusal (this record's problem) from a server in trouble."""
