@@ -71,8 +71,17 @@ def verify_key(db: Database, key: str) -> ApiKey | None:
     return verify_hash(db, hash_key(key))
 
 
+def live_key(db: Database, digest: str) -> ApiKey | None:
+    """The live key row whose secret hashes to `digest`, or None; reads only (a replica
+    may answer it while the primary is down)."""
+    with db.session() as s:
+        return s.scalar(select(ApiKey).where(ApiKey.key_hash == digest,
+                                             ApiKey.revoked_at.is_(None)))
+
+
 def verify_hash(db: Database, digest: str) -> ApiKey | None:
-    """The live key row whose secret hashes to `digest`, or None (revoked or unknown)."""
+    """The live key row whose secret hashes to `digest`, or None (revoked or unknown);
+    its last use is recorded (at most once per TOUCH_EVERY)."""
     with db.session() as s:
         row = s.scalar(select(ApiKey).where(ApiKey.key_hash == digest,
                                             ApiKey.revoked_at.is_(None)))

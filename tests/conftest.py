@@ -86,6 +86,19 @@ def db(db_url):
     database.dispose()
 
 
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """An embedded primary at the schema's head and its streaming replica, a module's own
+    (tests stop either: tests/support/replica.py)."""
+    from migrations import migrate
+    from tests.support.replica import StreamingPair
+
+    made = StreamingPair(tmp_path_factory.mktemp("pair"))
+    migrate(made.primary_url)
+    yield made
+    made.close()
+
+
 @pytest.fixture
 def settings(tmp_path):
     from store.settings import Settings

@@ -28,6 +28,7 @@ from service.api.routes import aliases, datasets, embeddings, jobs, keys, models
 from store.db import Database, statement_timeout
 from store.jobs import count_jobs
 from store.leftovers import sweep_leftovers
+from store.replicas import Reads
 from store.settings import Settings, get_settings, open_artifacts
 
 log = logging.getLogger("latentbank.api")
@@ -98,12 +99,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if not settings.database_url:
         raise RuntimeError("LATENTBANK_DATABASE_URL is not set: `latentbank up` starts the "
                            "embedded database and sets it for the API")
-    db = Database(settings.database_url,
-                  connect_args={"connect_timeout": settings.db_connect_timeout,
-                                **statement_timeout(settings.db_statement_timeout_ms)},
-                  pool_timeout=settings.db_connect_timeout)
+    engine_options: dict[str, Any] = {
+        "connect_args": {"connect_timeout": settings.db_connect_timeout,
+                         **statement_timeout(settings.db_statement_timeout_ms)},
+        "pool_timeout": settings.db_connect_timeout}
+    db = Database(settings.database_url, **engine_options)
+    reads = Reads.of(db, settings.database_read_url, settings.database_read_max_lag_s,
+                     settings.database_read_check_s, **engine_options)
     artifacts = open_artifacts(settings)
-    metrics = Metrics(lambda: count_jobs(db))
+    metrics = Metrics(lambda: count_jobs(db), reads)
     sessions = SessionCache(artifacts, str(settings.cache_dir / "onnx"), settings.onnx_sessions,
                             settings.onnx_threads)
     inference = Inference(sessions, BatchPolicy(settings.decode_max_batch_rows,
@@ -111,18 +115,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                                 settings.decode_batching),
                           observer=metrics.observer)
     sender = task_sender(settings.broker_url, settings.visibility_timeout)
-    svc = Services(settings, db, artifacts, sender, inference, metrics)
+    svc = Services(settings, db, artifacts, sender, inference, metrics, reads)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         log.info("api starting database=%s artifacts=%s", db.engine.url.render_as_string(),
                  settings.artifacts_url.split("://", 1)[0])
         _report_pgvector(db)
+        for replica in reads.replicas:
+            log.info("read replica %s (skipped while more than %g s behind)",
+                     replica.name, settings.database_read_max_lag_s)
+        reads.start()
         for path in sweep_leftovers(settings.data_dir / "uploads", artifacts.local_path("tmp")
                                     if artifacts.is_local else None):
             log.info("removed a leftover of an interrupted upload: %s", path)
         yield
         inference.close()
+        reads.close()
         db.dispose()
 
     # /docs is served below from the package's own Swagger UI; no ReDoc (it needs a CDN)

@@ -16,7 +16,7 @@ from typing import Any
 
 from service.api.deps import Services, in_thread
 from store.db import is_unavailable
-from store.keys import SCOPES, hash_key, implied_scopes, verify_hash, well_formed
+from store.keys import SCOPES, hash_key, implied_scopes, live_key, verify_hash, well_formed
 
 log = logging.getLogger("latentbank.api")
 
@@ -187,7 +187,19 @@ async def lookup(svc: Services, digest: str) -> tuple[int, set[str]] | None:
     """The key (id, scopes) whose secret hashes to `digest`, from the database, caching
     the answer either way."""
     svc.metrics.key_lookups.inc()
-    row = await in_thread(verify_hash, svc.db, digest)
+    try:
+        row = await in_thread(verify_hash, svc.db, digest)
+    except Exception as exc:
+        if not is_unavailable(exc) or not svc.reads.replicas:
+            raise
+        # the primary is down: a replica knows every key made before it fell behind; an
+        # answer of None is not cached (the key may be newer than the replica's copy)
+        row = await in_thread(svc.reads.on_replica, live_key, digest)
+        if row is None:
+            return None
+        known = (row.id, implied_scopes(list(row.scopes)))
+        svc.keys.put(digest, known)
+        return known
     if row is None:
         svc.keys.pop(digest)
         svc.good_keys.pop(digest)

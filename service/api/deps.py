@@ -17,6 +17,7 @@ from service.api.ttl_cache import TTLCache
 from store.artifacts import ArtifactStore
 from store.db import Database
 from store.publishing import TaskSender
+from store.replicas import Reads
 from store.settings import Settings
 
 
@@ -28,6 +29,8 @@ class Services:
     sender: TaskSender  # publishes job tasks (store.publishing.publish)
     inference: Inference
     metrics: Metrics
+    # which server answers a read that may run a little behind (store/replicas.py)
+    reads: Reads
     # verified keys: (id, scopes) by the secret's hash. A key revoked by another process
     # stops working within `seconds`; one revoked through this API at once.
     keys: TTLCache = field(default_factory=lambda: TTLCache(10.0))

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 log = logging.getLogger("latentbank.api")
@@ -31,8 +31,34 @@ class JobsCollector(Collector):
         yield family
 
 
+class ReplicasCollector(Collector):
+    """`latentbank_db_replica_up` and `latentbank_db_replica_lag_seconds` per replica, and
+    `latentbank_db_reads_total` by the server that answered (store/replicas.py)."""
+
+    def __init__(self, reads: Any) -> None:
+        self.reads = reads
+
+    def collect(self) -> Iterator[Any]:
+        up = GaugeMetricFamily("latentbank_db_replica_up",
+                               "1 when the replica answered its last check", labels=["replica"])
+        lag = GaugeMetricFamily("latentbank_db_replica_lag_seconds",
+                                "at most this far behind the primary, as last measured",
+                                labels=["replica"])
+        for state in self.reads.status():
+            up.add_metric([state["replica"]], 1.0 if state["up"] else 0.0)
+            if state["lag_s"] is not None:
+                lag.add_metric([state["replica"]], state["lag_s"])
+        served = CounterMetricFamily("latentbank_db_reads",
+                                     "reads that may run behind, by the server that answered",
+                                     labels=["server"])
+        for server, n in self.reads.served.items():
+            served.add_metric([server], n)
+        yield from (up, lag, served)
+
+
 class Metrics:
-    def __init__(self, count_jobs: Callable[[], list[tuple[str, str, int]]]) -> None:
+    def __init__(self, count_jobs: Callable[[], list[tuple[str, str, int]]],
+                 reads: Any = None) -> None:
         self.registry = CollectorRegistry()
         self.latency = Histogram(
             "latentbank_http_request_duration_seconds", "request latency by route",
@@ -64,6 +90,8 @@ class Metrics:
                                    "API keys looked up in the database",
                                    registry=self.registry)
         self.registry.register(JobsCollector(count_jobs))
+        if reads is not None:
+            self.registry.register(ReplicasCollector(reads))
 
     def observer(self, model_id: int, role: str) -> ModelObserver:
         return ModelObserver(self, str(model_id), role)

@@ -196,7 +196,8 @@ def _reader_dsn(rotate: bool) -> str:
     """Make sure the read-only role exists with the saved password (a new one with
     `rotate`), its limits and privileges; the role's connection string. On the embedded
     server this runs as its superuser (password in DATA_DIR/postgres-secrets); on an
-    external one as LATENTBANK_DATABASE_URL's role, which needs CREATEROLE (README)."""
+    external one as LATENTBANK_DATABASE_URL's role, which needs CREATEROLE (README). The
+    string names the first read replica (LATENTBANK_DATABASE_READ_URL) when one is set."""
     import secrets
 
     from service.cli.embedded.postgres import running_embedded_url
@@ -230,7 +231,10 @@ def _reader_dsn(rotate: bool) -> str:
                       statement_timeout_s=settings.sql_reader_statement_timeout_s)
     finally:
         db.dispose()
-    return reader_url(admin, password)
+    # analysts' queries are reads: the first replica takes them when there is one (the role
+    # and its password, made on the primary, reach it through replication)
+    return reader_url(settings.database_read_url[0] if settings.database_read_url else admin,
+                      password)
 
 
 @app.command("sql-role")

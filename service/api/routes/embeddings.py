@@ -34,6 +34,7 @@ from service.api.schemas.embeddings import (
     SearchRequest,
 )
 from service.api.serving_policy import ready_model
+from store.db import Database
 from store.deletion import delete_set
 from store.embedding_sets import get_set, list_sets
 from store.errors import Conflict, InvalidInput, TooLarge, UnsupportedFormat
@@ -52,11 +53,17 @@ def _hit(h: Any, with_distance: bool = True) -> HitOut:
                   log_px=h.log_px, metadata=h.metadata)
 
 
-def _readable(svc: Services, set_id: int) -> EmbeddingSet:
-    es = get_set(svc.db, set_id)
+def _readable(db: Database, set_id: int) -> EmbeddingSet:
+    es = get_set(db, set_id)
     if es.status not in ("ready", "finishing"):
         raise Conflict(f"embedding set {set_id} is {es.status}, not ready")
     return es
+
+
+def _reader(svc: Services, set_id: int) -> tuple[EmbeddingSet, Database]:
+    """The readable set and the server to read its rows from: a replica within the lag
+    bound that knows the set as ready, else the primary (store/replicas.py)."""
+    return svc.reads.run(lambda db: (_readable(db, set_id), db))
 
 
 @router.get("", response_model=list[EmbeddingSetOut])
@@ -85,8 +92,7 @@ def remove_set(_: WriteKey, svc: SvcDep, set_id: SetId) -> Response:
 @router.get("/{set_id}/items/{key:path}", response_model=ItemOut,
             summary="One item's latent code and ELBO terms by its key")
 def item(_: ReadKey, svc: SvcDep, set_id: SetId, key: str) -> ItemOut:
-    _readable(svc, set_id)
-    row = get_item(svc.db, set_id, key)
+    row = svc.reads.run(lambda db: (_readable(db, set_id), get_item(db, set_id, key))[1])
     return ItemOut(**{**row, "mu": row["mu"].tolist(), "logvar": row["logvar"].tolist()})
 
 
@@ -144,7 +150,7 @@ async def _image_query(request: Request, svc: Services, set_id: int,
     upload = await read_upload(request, SEARCH_FIELDS)
     body = _search_params(upload.fields)
     _check_search(svc.settings, 1, body.k)
-    es = await in_thread(_readable, svc, set_id)
+    es, _ = await in_thread(_reader, svc, set_id)
     model = await ready_model(svc, es.model_id)
     config = model.config["model"]
     x = model_view(await image_input(svc, upload, es.dataset_id, config), config)
@@ -168,7 +174,7 @@ async def search_set(_: ReadKey, svc: SvcDep, request: Request, set_id: SetId) -
         body = parse_json(await read_body(request), SearchRequest)
         _check_search(svc.settings, 1, body.k)
         vector = None if body.vector is None else np.asarray(body.vector)
-    result = await in_thread(search, svc.db, svc.settings, set_id, vector=vector,
+    result = await in_thread(svc.reads.run, search, svc.settings, set_id, vector=vector,
                              key=body.key, k=body.k, metric=body.metric,
                              flt=_filter(body.filter), exact=body.exact)
     return SearchOut(results=[_hit(h) for h in result.hits], plan=result.plan)
@@ -183,8 +189,8 @@ def search_batch(_: ReadKey, svc: SvcDep, set_id: SetId, body: BatchSearchReques
         if (q.vector is None) == (q.key is None):
             raise InvalidInput(f"query {n}: give exactly one of 'vector' and 'key'")
         queries.append(q.key if q.key is not None else np.asarray(q.vector))
-    results = search_many(svc.db, svc.settings, set_id, queries, k=body.k,
-                          metric=body.metric, flt=_filter(body.filter), exact=body.exact)
+    results = svc.reads.run(search_many, svc.settings, set_id, queries, k=body.k,
+                            metric=body.metric, flt=_filter(body.filter), exact=body.exact)
     # up to search_max_results hits, serialized here (off the event loop)
     return Response(BatchSearchOut(answers=[
         BatchAnswer(results=[_hit(h) for h in r.hits], plan=r.plan,
@@ -204,8 +210,7 @@ def _filter(f: SearchFilterIn | None) -> SearchFilter | None:
             summary="The items of lowest log p(x) (or ELBO without it)")
 def outliers_of(_: ReadKey, svc: SvcDep, set_id: SetId,
                 k: int = Query(10, ge=1, le=1000)) -> OutliersOut:
-    es = _readable(svc, set_id)
-    hits = outliers(svc.db, set_id, k)
+    es, hits = svc.reads.run(lambda db: (_readable(db, set_id), outliers(db, set_id, k)))
     return OutliersOut(results=[_hit(h, False) for h in hits],
                        ranked_by="log_px" if es.importance_samples > 0 else "elbo")
 
@@ -266,8 +271,8 @@ def _parquet(pages: Iterator[list[dict[str, Any]]], dim: int) -> Iterator[bytes]
     summary="Stream the whole set as NDJSON or Parquet (bounded memory)")
 def export(_: ReadKey, svc: SvcDep, set_id: SetId,
            format: Literal["ndjson", "parquet"] = Query("ndjson")) -> StreamingResponse:
-    es = _readable(svc, set_id)
-    pages = export_pages(svc.db, set_id, PAGE_ROWS)
+    es, db = _reader(svc, set_id)
+    pages = export_pages(db, set_id, PAGE_ROWS)
     if format == "parquet":
         return StreamingResponse(_parquet(pages, es.dim),
                                  media_type="application/vnd.apache.parquet", headers={
@@ -276,11 +281,11 @@ def export(_: ReadKey, svc: SvcDep, set_id: SetId,
     return StreamingResponse(_ndjson(pages), media_type="application/x-ndjson")
 
 
-def _latent_png(svc: Services, es: EmbeddingSet) -> bytes:
+def _latent_png(db: Database, es: EmbeddingSet) -> bytes:
     from service.api.plots import plot_latents
 
     mu, labels = [], []
-    for page in export_pages(svc.db, es.id, 20_000):
+    for page in export_pages(db, es.id, 20_000):
         mu.extend(row["mu"] for row in page)
         labels.extend(row["label"] for row in page)
         if len(mu) >= 20_000:  # a scatter of more points says nothing more
@@ -300,8 +305,7 @@ MAX_PROJECTED = 5000
 
 
 def _projection(svc: Services, set_id: int, n: int) -> dict[str, Any]:
-    es = _readable(svc, set_id)
-    rows = sample_items(svc.db, set_id, n)
+    es, rows = svc.reads.run(lambda db: (_readable(db, set_id), sample_items(db, set_id, n)))
     mu = np.asarray([r["mu"] for r in rows], dtype=np.float64).reshape(len(rows), es.dim)
     centred = mu - mu.mean(0) if len(mu) else mu
     if len(mu) >= 2:
@@ -330,4 +334,5 @@ def projection(_: ReadKey, svc: SvcDep, set_id: SetId,
 @router.get("/{set_id}/plots/latent.png", responses={200: {"content": {"image/png": {}}}},
             response_class=Response, summary="2-D PCA of the posterior means, coloured by label")
 def latent_png(_: ReadKey, svc: SvcDep, set_id: SetId) -> Response:
-    return Response(_latent_png(svc, _readable(svc, set_id)), media_type="image/png")
+    es, db = _reader(svc, set_id)
+    return Response(_latent_png(db, es), media_type="image/png")

@@ -25,7 +25,8 @@ async def healthz() -> Health:
 
 
 @router.get("/readyz", response_model=Health, responses={503: {"model": Health}},
-            summary="The database and the broker answer (each within 2 s)")
+            summary="The database and the broker answer (each within 2 s); `degraded` "
+                    "(200) while the primary is down and a read replica answers searches")
 async def readyz(svc: SvcDep) -> JSONResponse:
     # async: both probes run side by side, each bounded by its own timeout
     limit = READY_TIMEOUT
@@ -43,8 +44,18 @@ async def readyz(svc: SvcDep) -> JSONResponse:
                                    probe(lambda: broker_ping(svc.settings.broker_url, limit)))
     checks = dict(zip(("database", "broker"), results, strict=True))
     ok = all(v == "ok" for v in checks.values())
-    return JSONResponse(Health(status="ok" if ok else "unavailable", checks=checks).model_dump(),
-                        status_code=200 if ok else 503)
+    status = "ok" if ok else "unavailable"
+    if svc.reads.replicas:  # as the lag check last saw them (store/replicas.py)
+        states = svc.reads.status()
+        answering = sum(s["up"] for s in states)
+        checks["replicas"] = f"{answering} of {len(states)} answering, " + ", ".join(
+            f"{s['replica']}: " + ("down" if not s["up"] else "lag unknown"
+                                  if s["lag_s"] is None else f"lag {s['lag_s']:.1f} s")
+            for s in states)
+        if not ok and answering and checks["database"] != "ok":
+            status = "degraded"  # the primary is down: searches and exports still answer
+    code = 200 if status != "unavailable" else 503
+    return JSONResponse(Health(status=status, checks=checks).model_dump(), status_code=code)
 
 
 @router.get("/metrics", response_class=Response,
