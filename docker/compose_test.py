@@ -14,6 +14,8 @@ container uses the host's network, bound to 127.0.0.1), builds the images
   kept in out/compose/compose.env, mode 0600);
 - the demo's client (`latentbank demo --url`) runs against it and prints its summary;
 - two API replicas answer the same data;
+- the PostgreSQL replica (a streaming standby) answers the API's searches and exports,
+  also while the primary is stopped (readiness `degraded`, writes 503);
 - `--scale worker-embed=3` shares one embedding job's shards across three containers;
 - faults at the container level: `docker kill` of the training worker mid-training (the
   job resumes from its checkpoint in the restarted container), Redis and PostgreSQL
@@ -117,7 +119,7 @@ def compose_binary() -> list[str]:
 
 COMPOSE: list[str] = []
 # the passwords compose.local.yml requires (it has no defaults), fresh for each run
-SECRETS = ("POSTGRES_PASSWORD", "APP_DB_PASSWORD", "REDIS_PASSWORD")
+SECRETS = ("POSTGRES_PASSWORD", "APP_DB_PASSWORD", "REDIS_PASSWORD", "REPLICATION_PASSWORD")
 
 
 def make_secrets() -> Path:
@@ -281,6 +283,41 @@ def replicas(api: Api, api2: Api, set_id: int) -> str:
     b = api2.post(f"/v1/embeddings/{set_id}/search", json=query)
     assert a == b, (a, b)
     return f"datasets, models, set {set_id} and a search agree"
+
+
+@check("Replica: searches and exports answered while the primary is stopped")
+def primary_stopped(api: Api, set_id: int) -> str:
+    import httpx
+
+    def replica_state() -> str:
+        return httpx.get(f"{API}/readyz", timeout=5).json()["checks"].get("replicas", "")
+
+    wait_until(lambda: "lag 0.0 s" in replica_state(), 60, "the replica to be caught up")
+    query = {"key": "7", "k": 5}
+    before = api.post(f"/v1/embeddings/{set_id}/search", json=query)
+    rows = export_keys(api, set_id)
+    compose("stop", "postgres")
+    try:
+        wait_until(lambda: httpx.get(f"{API}/readyz", timeout=5).json()["status"] == "degraded",
+                   60, "readiness to say degraded")
+        after = api.post(f"/v1/embeddings/{set_id}/search", json=query)
+        assert after == before, (after, before)
+        assert export_keys(api, set_id) == rows
+        refused = api.http.delete(f"/v1/embeddings/{set_id}")
+        assert refused.status_code == 503, refused.text
+    finally:
+        compose("start", "postgres")
+
+        def status(url: str) -> str:
+            try:
+                return str(httpx.get(f"{url}/readyz", timeout=5).json()["status"])
+            except Exception:
+                return "no answer"
+
+        wait_until(lambda: status(API) == status(API2) == "ok", 120,
+                   "both APIs to see the primary again")
+    return (f"search and export of {len(rows)} rows answered by the replica with the primary "
+            f"stopped; a delete answered 503; both APIs back on the primary after its restart")
 
 
 def embed_consumers(container: str) -> set[str]:
@@ -507,6 +544,7 @@ def main() -> int:
         summary = json.loads((OUT / "demo" / "summary.json").read_text())
         model_id, dataset_id = summary["model_id"], summary["dataset_id"]
         replicas(api, api2, summary["embedding_set_id"])
+        primary_stopped(api, summary["embedding_set_id"])
         large = many_digits(api)
         scaled(api, model_id, large)
         kill_trainer(api, dataset_id)
@@ -525,7 +563,7 @@ def main() -> int:
     failed = [r for r in RESULTS if not r[1]]
     print(f"compose-test: {len(RESULTS) - len(failed)} of {len(RESULTS)} checks held in "
           f"{time.perf_counter() - began:.0f} s (logs in {OUT})")
-    return 1 if failed or len(RESULTS) < 8 else 0
+    return 1 if failed or len(RESULTS) < 9 else 0
 
 
 if __name__ == "__main__":

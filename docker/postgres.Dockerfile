@@ -9,6 +9,7 @@ RUN apt-get update \
     && mkdir -p /var/lib/postgresql/data /run/postgresql \
     && chown -R postgres:postgres /var/lib/postgresql /run/postgresql
 COPY docker/postgres-entrypoint.sh /usr/local/bin/postgres-entrypoint.sh
+COPY docker/postgres-replica.sh /usr/local/bin/postgres-replica.sh
 ENV PATH=/usr/lib/postgresql/17/bin:$PATH PGDATA=/var/lib/postgresql/data
 USER postgres
 ENTRYPOINT ["/usr/local/bin/postgres-entrypoint.sh"]

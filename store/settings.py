@@ -265,6 +265,8 @@ class Settings(BaseSettings):
     @field_validator("database_read_url", mode="before")
     @classmethod
     def _split_replicas(cls, value: object) -> object:
+        if value is None:  # an empty variable, as compose passes `${VAR:-}`
+            return []
         if isinstance(value, str):
             return value.split()
         return value
