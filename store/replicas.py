@@ -6,18 +6,25 @@ A replica's lag is measured against the primary, not taken from the replica alon
 check samples the primary's WAL position (`pg_current_wal_lsn()`) with the time it was
 read, and asks every replica how far it has replayed (`pg_last_wal_replay_lsn()`). A
 replica that has replayed past the position the primary had at time t holds every write
-committed before t, so its lag is at most now - t; one that has replayed everything the
-primary has written lags 0. (The replica's own `pg_last_xact_replay_timestamp()` cannot
-tell a replica that is idle from one whose stream broke while the primary still writes.)
+committed before t: it is `holds_since` t, and its lag is at most now - t (0 when it has
+replayed everything the primary has written). The time is kept per replica, so a replica
+whose replay stopped an hour ago shows an hour, whatever the window of samples kept. (The
+replica's own `pg_last_xact_replay_timestamp()` cannot tell a replica that is idle from
+one whose stream broke while the primary still writes.) A server that is not in recovery
+(promoted) or belongs to another cluster (another system identifier) is not a replica of
+this primary, and is never used.
 
-A replica further behind than `max_lag_s` is skipped while the primary answers. With the
-primary down, nothing new is written, so every replica that answers serves: the least
-behind first (a search answered from a replica is better than none)."""
+While the primary answers checks, lags are measured; while it does not, nothing new is
+written, so each replica's lag stands as last measured. A replica further behind than
+`max_lag_s` (as of its last check, so up to `check_s` more) is skipped; a replica never
+measured is not used. The checks use connections of their own, so a busy request pool
+neither marks a server down nor delays a check."""
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import re
 import threading
 import time
@@ -28,8 +35,8 @@ from typing import Any, TypeVar
 
 from sqlalchemy import text
 
-from store.db import Database, is_unavailable, redacted
-from store.errors import Conflict, DatabaseUnavailable, NotFound
+from store.db import Database, is_transient, is_unavailable, redacted
+from store.errors import Conflict, NotFound
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -43,27 +50,28 @@ def lsn(value: str) -> int:
     return (int(match[1], 16) << 32) | int(match[2], 16)
 
 
-def lag_seconds(replayed: int, samples: Sequence[tuple[float, int]], now: float) -> float:
-    """How far behind a replica that has replayed up to `replayed` is, at most, given the
-    primary's positions `samples` ((time, position), oldest first, the newest read just
-    now): 0 when it has replayed the newest; now - t for the newest sample (t, p) with
-    p <= replayed; beyond the oldest sample's age (a lower bound) when it holds none."""
-    if not samples:
-        raise ValueError("no sample of the primary's position")
-    if replayed >= samples[-1][1]:
-        return 0.0
+def holds_since(replayed: int, samples: Sequence[tuple[float, int]]) -> float | None:
+    """The time of the newest primary position (`samples`: (time, position), oldest
+    first) that a replica which has replayed up to `replayed` holds, or None for none."""
     for at, position in reversed(samples):
         if position <= replayed:
-            return max(0.0, now - at)
-    return max(0.0, now - samples[0][0])
+            return at
+    return None
+
+
+def first_line(exc: BaseException) -> str:
+    message = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return f"{type(exc).__name__}: {message[0][:200]}" if message else type(exc).__name__
 
 
 @dataclass
 class Replica:
-    db: Database
+    db: Database  # reads of requests
     name: str  # the URL without its password
-    up: bool = False  # answered its last check
-    lag_s: float | None = None  # at most this far behind, as of its last check
+    probe: Database | None = None  # the checks' own connection
+    up: bool = False  # answered its last check as a standby of this primary
+    holds: float | None = None  # holds every write the primary committed by this time
+    lag_s: float | None = None  # at most this far behind, as of its last measurement
     error: str | None = None
 
 
@@ -77,75 +85,113 @@ class Reads:
     replicas: list[Replica] = field(default_factory=list)
     max_lag_s: float = 5.0
     check_s: float = 1.0
+    probe: Database | None = None  # the primary, for the checks
     primary_up: bool = True
     served: dict[str, int] = field(default_factory=lambda: {"primary": 0, "replica": 0})
+    system_id: int | None = None  # the primary's cluster
     _samples: deque[tuple[float, int]] = field(default_factory=deque)
     _turn: itertools.count[int] = field(default_factory=itertools.count)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
     @classmethod
     def of(cls, primary: Database, urls: Sequence[str], max_lag_s: float = 5.0,
            check_s: float = 1.0, **engine_kwargs: Any) -> Reads:
-        return cls(primary, [Replica(Database(u, **engine_kwargs), redacted(u)) for u in urls],
-                   max_lag_s, check_s)
+        """Engines for each replica (one pool for requests, one connection for checks);
+        a URL that cannot be read is refused at once, naming its position."""
+        probe_kwargs = {**engine_kwargs, "pool_size": 1, "max_overflow": 0}
+        replicas = []
+        for n, url in enumerate(urls, 1):
+            try:
+                replicas.append(Replica(Database(url, **engine_kwargs), redacted(url),
+                                        Database(url, **probe_kwargs)))
+            except Exception as exc:
+                raise ValueError(
+                    f"LATENTBANK_DATABASE_READ_URL: replica {n} of {len(urls)} is not a URL "
+                    f"SQLAlchemy can read ({type(exc).__name__}); a multi-host one is "
+                    f"written postgresql://user:pw@/db?host=h1:5432&host=h2:5432") from None
+        probe = Database(primary.url, **probe_kwargs) if replicas else None
+        return cls(primary, replicas, max_lag_s, check_s, probe)
 
     def check(self) -> None:
         """Measure once: the primary's position, then every replica's replay position."""
         now = time.monotonic()
         try:
-            with self.primary.engine.connect() as conn:
-                position = conn.execute(text("SELECT pg_current_wal_lsn()::text")).scalar_one()
+            with (self.probe or self.primary).engine.connect() as conn:
+                position, system_id = conn.execute(text(
+                    "SELECT pg_current_wal_lsn()::text, (SELECT system_identifier "
+                    "FROM pg_control_system())")).one()
             self._samples.append((now, lsn(position)))
+            self.system_id = int(system_id)
+            if not self.primary_up:
+                log.info("primary answers again: replica lags are measured again")
             self.primary_up = True
         except Exception as exc:
-            if not is_unavailable(exc):
+            if not is_transient(exc):
                 raise
-            self.primary_up = False  # nothing new is written: the lags stand as they were
+            if self.primary_up:
+                log.warning("primary unavailable (%s): replica lags stand as last measured",
+                            first_line(exc))
+            self.primary_up = False
         keep = self.max_lag_s + 3 * self.check_s
         while len(self._samples) > 2 and now - self._samples[1][0] > keep:
             self._samples.popleft()
         for replica in self.replicas:
-            self._check_replica(replica, now)
+            try:
+                self._check_replica(replica, now)
+            except Exception as exc:  # one replica's trouble is its own
+                self._mark(replica, first_line(exc))
+
+    def _mark(self, replica: Replica, error: str | None) -> None:
+        if error is not None and error != replica.error:
+            log.warning("replica %s not used: %s", replica.name, error)
+        elif error is None and replica.error is not None:
+            log.info("replica %s answers again", replica.name)
+        replica.up, replica.error = error is None, error
 
     def _check_replica(self, replica: Replica, now: float) -> None:
-        try:
-            with replica.db.engine.connect() as conn:
-                standby, replayed = conn.execute(text(
-                    "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text")).one()
-        except Exception as exc:
-            if not is_unavailable(exc):
-                raise
-            if replica.up:
-                log.warning("replica %s unavailable: %s", replica.name, type(exc).__name__)
-            replica.up, replica.error = False, type(exc).__name__
-            return
-        if not replica.up:
-            log.info("replica %s answers", replica.name)
-        replica.up, replica.error = True, None
-        if not standby:  # promoted: it is a primary of its own now, behind nothing
-            replica.lag_s = 0.0
-        elif self.primary_up and self._samples:
-            replica.lag_s = lag_seconds(lsn(replayed or "0/0"), self._samples, now)
+        with (replica.probe or replica.db).engine.connect() as conn:
+            standby, replayed, system_id = conn.execute(text(
+                "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text, "
+                "(SELECT system_identifier FROM pg_control_system())")).one()
+        if not standby:
+            replica.holds, replica.lag_s = None, None
+            return self._mark(replica, "not in recovery (promoted?): not a replica")
+        if self.system_id is not None and int(system_id) != self.system_id:
+            replica.holds, replica.lag_s = None, None
+            return self._mark(replica, "a standby of another cluster (system identifier "
+                                       f"{system_id}, the primary's {self.system_id})")
+        if self.primary_up and self._samples:
+            position = lsn(replayed or "0/0")
+            held = now if position >= self._samples[-1][1] else holds_since(
+                position, self._samples)
+            if held is not None and (replica.holds is None or held > replica.holds):
+                replica.holds = held
+            replica.lag_s = math.inf if replica.holds is None else now - replica.holds
+        self._mark(replica, None)
+
+    def _within(self) -> list[Replica]:
+        return [r for r in self.replicas
+                if r.up and r.lag_s is not None and r.lag_s <= self.max_lag_s]
 
     def choose(self) -> Replica | None:
         """The replica that should answer the next read, or None for the primary."""
-        if self.primary_up:
-            ready = [r for r in self.replicas
-                     if r.up and r.lag_s is not None and r.lag_s <= self.max_lag_s]
-        else:  # the primary is down: any replica that answers, the least behind first
-            ready = sorted((r for r in self.replicas if r.up),
-                           key=lambda r: float("inf") if r.lag_s is None else r.lag_s)[:1]
+        ready = self._within()
         return ready[next(self._turn) % len(ready)] if ready else None
 
+    def _count(self, server: str) -> None:
+        with self._lock:
+            self.served[server] += 1
+
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """`fn(db, *args, **kwargs)` on the chosen server. A replica that fails to answer is
-        marked down until its next check and the primary answers instead; so does the
-        primary when the replica has not yet replayed what was asked for (a set it does not
-        know, or not yet ready there)."""
+        """`fn(db, *args, **kwargs)` on the chosen server. The primary answers instead when
+        the replica fails to (marked down until its next check if its connection failed)
+        or has not yet replayed what was asked for (a set it does not know, or not yet
+        ready there); with the primary down, the replica's answer stands."""
         replica = self.choose()
         if replica is None:
-            self.served["primary"] += 1
+            self._count("primary")
             return fn(self.primary, *args, **kwargs)
         try:
             answer = fn(replica.db, *args, **kwargs)
@@ -156,56 +202,74 @@ class Reads:
             if not is_unavailable(exc):
                 raise
             log.warning("replica %s failed a read (%s); the primary answers", replica.name,
-                        type(exc).__name__)
-            replica.up, replica.error = False, type(exc).__name__
+                        first_line(exc))
+            if is_transient(exc):  # its server, not its busy pool
+                replica.up, replica.error = False, first_line(exc)
         else:
-            self.served["replica"] += 1
+            self._count("replica")
             return answer
-        self.served["primary"] += 1
+        self._count("primary")
         return fn(self.primary, *args, **kwargs)
 
-    def on_replica(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """`fn(db, ...)` on the first replica that answers, the least behind first: for a
-        read the primary could not answer. Raises DatabaseUnavailable when none does."""
-        order = sorted((r for r in self.replicas if r.up),
-                       key=lambda r: float("inf") if r.lag_s is None else r.lag_s)
-        for replica in order:
+    def fresh(self, on_primary: Callable[..., T], on_replica: Callable[..., T], *args: Any,
+              ) -> tuple[T, str]:
+        """(answer, "primary" | "replica"): `on_primary(primary, *args)`, or, when the
+        primary is down (its check failed, or this call's connection did; not a busy pool
+        or a timeout), `on_replica(replica, *args)` on a replica within the bound, the
+        least behind first. For reads that must be fresh while the primary answers (key
+        checks, aliases). With no replica able to, the primary's answer or error."""
+        failure: Exception | None = None
+        if self.primary_up or not self.replicas:
             try:
-                answer = fn(replica.db, *args, **kwargs)
+                return on_primary(self.primary, *args), "primary"
             except Exception as exc:
-                if not is_unavailable(exc):
+                if not is_transient(exc) or not self.replicas:
                     raise
-                replica.up, replica.error = False, type(exc).__name__
+                failure = exc
+        for replica in sorted(self._within(), key=lambda r: r.lag_s or 0.0):
+            try:
+                answer = on_replica(replica.db, *args)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                replica.up, replica.error = False, first_line(exc)
                 continue
-            self.served["replica"] += 1
-            return answer
-        raise DatabaseUnavailable("neither the primary nor a replica answers")
+            self._count("replica")
+            return answer, "replica"
+        if failure is not None:
+            raise failure
+        return on_primary(self.primary, *args), "primary"
 
     def status(self) -> list[dict[str, Any]]:
         """Each replica as the last check saw it: for /readyz and /metrics."""
         return [{"replica": r.name, "up": r.up, "lag_s": r.lag_s, "error": r.error,
-                 "used": r.up and (not self.primary_up or (
-                     r.lag_s is not None and r.lag_s <= self.max_lag_s))}
+                 "used": r.up and r.lag_s is not None and r.lag_s <= self.max_lag_s}
                 for r in self.replicas]
 
     def start(self) -> None:
         """Measure every `check_s` seconds in a daemon thread (none without replicas)."""
         if not self.replicas or self._thread is not None:
             return
-        self.check()
+        self._measure()
         self._thread = threading.Thread(target=self._loop, name="replica-lag", daemon=True)
         self._thread.start()
 
+    def _measure(self) -> None:
+        try:
+            self.check()
+        except Exception:  # a bug, not an outage: keep measuring, say so
+            log.exception("replica check failed")
+
     def _loop(self) -> None:
         while not self._stop.wait(self.check_s):
-            try:
-                self.check()
-            except Exception:  # a bug, not an outage: keep measuring, say so
-                log.exception("replica check failed")
+            self._measure()
 
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        for replica in self.replicas:
-            replica.db.dispose()
+        for database in (self.probe, *(r.db for r in self.replicas),
+                         *(r.probe for r in self.replicas)):
+            if database is not None:
+                database.dispose()
+

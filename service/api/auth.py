@@ -187,14 +187,10 @@ async def lookup(svc: Services, digest: str) -> tuple[int, set[str]] | None:
     """The key (id, scopes) whose secret hashes to `digest`, from the database, caching
     the answer either way."""
     svc.metrics.key_lookups.inc()
-    try:
-        row = await in_thread(verify_hash, svc.db, digest)
-    except Exception as exc:
-        if not is_unavailable(exc) or not svc.reads.replicas:
-            raise
-        # the primary is down: a replica knows every key made before it fell behind; an
-        # answer of None is not cached (the key may be newer than the replica's copy)
-        row = await in_thread(svc.reads.on_replica, live_key, digest)
+    # the primary; while it is down, a replica within the lag bound (it knows every key
+    # made and revoked until shortly before): its None is not cached, the key may be newer
+    row, server = await in_thread(svc.reads.fresh, verify_hash, live_key, digest)
+    if server == "replica":
         if row is None:
             return None
         known = (row.id, implied_scopes(list(row.scopes)))

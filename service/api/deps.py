@@ -103,7 +103,10 @@ async def _ref(request: Request, ref: str, kind: str) -> int:
             raise ApiError(404, f"{'model' if kind == 'model' else 'embedding set'} {ref} "
                                 "does not exist")
         return int(ref)
-    return await in_thread(resolve, request.app.state.services.db, ref, kind)
+    # an alias is read on the primary (a move is seen at once), on a replica while the
+    # primary is down (store/replicas.py)
+    reads = request.app.state.services.reads
+    return (await in_thread(reads.fresh, resolve, resolve, ref, kind))[0]
 
 
 async def _model_id(request: Request, model_id: Annotated[str, Path(

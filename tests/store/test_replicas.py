@@ -11,9 +11,9 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from store.db import EMBEDDED_SUPERUSER, Database
-from store.errors import Conflict, DatabaseUnavailable, NotFound
+from store.errors import Conflict, NotFound
 from store.registry import get_model
-from store.replicas import Reads, Replica, lag_seconds, lsn
+from store.replicas import Reads, Replica, holds_since, lsn
 from store.search import search
 from tests.store.sets import ready_set, write_latents
 from tests.support import store_untrained_model, wait
@@ -30,16 +30,109 @@ def test_a_wal_position_reads_as_one_ordered_number():
         lsn("16-B374")
 
 
-def test_the_lag_is_bounded_by_the_newest_primary_position_the_replica_holds():
+def test_a_replica_holds_what_the_primary_had_written_at_the_newest_position_it_passed():
     samples = [(10.0, 100), (11.0, 200), (12.0, 300)]  # (time, primary position)
-    assert lag_seconds(300, samples, now=12.5) == 0.0  # everything replayed
-    assert lag_seconds(301, samples, now=12.5) == 0.0
-    assert lag_seconds(250, samples, now=12.5) == 1.5  # holds what was written by t=11
-    assert lag_seconds(200, samples, now=12.5) == 1.5
-    assert lag_seconds(199, samples, now=12.5) == 2.5  # only what was written by t=10
-    assert lag_seconds(50, samples, now=12.5) == 2.5  # older than every sample: at least
-    with pytest.raises(ValueError):
-        lag_seconds(1, [], now=1.0)
+    assert holds_since(300, samples) == 12.0
+    assert holds_since(250, samples) == 11.0
+    assert holds_since(200, samples) == 11.0
+    assert holds_since(199, samples) == 10.0
+    assert holds_since(50, samples) is None  # older than every sample kept
+
+
+class Server:
+    """A stand-in for a Database whose checks answer `row` (or raise `error`)."""
+
+    def __init__(self, name, row=None):
+        self.name, self.row, self.error = name, row, None
+        self.engine = self
+
+    def connect(self):
+        return self
+
+    def __enter__(self):
+        if self.error is not None:
+            raise self.error
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def execute(self, statement):
+        return self
+
+    def one(self):
+        return self.row
+
+
+CLUSTER = 7001
+
+
+class Clock:
+    def __init__(self, monkeypatch):
+        self.now = 1000.0
+        monkeypatch.setattr("store.replicas.time.monotonic", lambda: self.now)
+
+
+def measured(monkeypatch, *replicas, max_lag_s=5.0, check_s=1.0):
+    """Reads over stand-ins: the primary at position 0/100 of cluster CLUSTER, and
+    replicas answering (standby, replayed position, system identifier)."""
+    primary = Server("primary", ("0/100", CLUSTER))
+    reads = Reads(primary, [Replica(Server(n, row), n) for n, row in replicas],
+                  max_lag_s=max_lag_s, check_s=check_s, probe=primary)
+    return reads, primary, Clock(monkeypatch)
+
+
+def test_a_replica_whose_replay_stopped_shows_its_whole_lag_not_the_window(monkeypatch):
+    reads, primary, clock = measured(monkeypatch, ("r", (True, "0/100", CLUSTER)))
+    reads.check()
+    assert reads.replicas[0].lag_s == 0.0 and reads.choose() is reads.replicas[0]
+    for step in range(1, 101):  # the primary writes every second; the replica stops
+        clock.now += 1.0
+        primary.row = (f"0/{0x100 + step:X}", CLUSTER)
+        reads.check()
+    assert len(reads._samples) <= 10  # the window kept is short
+    assert reads.replicas[0].lag_s == pytest.approx(100.0)  # the lag is not
+    assert reads.choose() is None and reads.status()[0]["used"] is False
+
+
+def test_at_first_sight_a_replica_behind_the_primary_is_not_taken_as_caught_up(monkeypatch):
+    reads, _, clock = measured(monkeypatch, ("r", (True, "0/50", CLUSTER)))
+    reads.check()
+    assert reads.replicas[0].lag_s == float("inf") and reads.choose() is None
+    clock.now += 1.0
+    reads.replicas[0].db.row = (True, "0/100", CLUSTER)  # it catches up with the sample
+    reads.check()
+    assert reads.replicas[0].lag_s == 0.0 and reads.choose() is reads.replicas[0]
+
+
+def test_a_promoted_server_or_another_clusters_standby_is_never_used(monkeypatch):
+    reads, _, _ = measured(monkeypatch, ("promoted", (False, None, CLUSTER)),
+                           ("stranger", (True, "0/900", 9999)),
+                           ("ours", (True, "0/100", CLUSTER)))
+    reads.check()
+    promoted, stranger, _ = reads.replicas
+    assert not promoted.up and "not in recovery" in promoted.error
+    assert not stranger.up and "another cluster" in stranger.error
+    assert {reads.run(lambda db: db.name) for _ in range(4)} == {"ours"}
+
+
+def test_with_the_primary_down_lags_stand_as_measured_and_the_bound_still_holds(monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    reads, primary, clock = measured(monkeypatch, ("fresh", (True, "0/100", CLUSTER)),
+                                     ("stale", (True, "0/100", CLUSTER)))
+    reads.check()
+    for step in range(1, 11):  # "stale" stops replaying; "fresh" keeps up
+        clock.now += 1.0
+        primary.row = (f"0/{0x100 + step:X}", CLUSTER)
+        reads.replicas[0].db.row = (True, f"0/{0x100 + step:X}", CLUSTER)
+        reads.check()
+    primary.error = OperationalError("SELECT", {}, Exception("connection refused"))
+    clock.now += 600.0  # ten minutes of outage: nothing is written meanwhile
+    reads.check()
+    assert reads.primary_up is False
+    assert [r.lag_s for r in reads.replicas] == [0.0, pytest.approx(10.0)]
+    assert {reads.run(lambda db: db.name) for _ in range(3)} == {"fresh"}
 
 
 class Stand:
@@ -50,8 +143,8 @@ class Stand:
 
 
 def router(*replicas, primary_up=True, max_lag_s=5.0):
-    reads = Reads(Stand("primary"), [Replica(Stand(n), n, up, lag) for n, up, lag in replicas],
-                  max_lag_s=max_lag_s)
+    reads = Reads(Stand("primary"), [Replica(Stand(n), n, None, up, None, lag)
+                                     for n, up, lag in replicas], max_lag_s=max_lag_s)
     reads.primary_up = primary_up
     return reads
 
@@ -64,13 +157,6 @@ def test_reads_go_round_robin_to_replicas_within_the_bound_else_to_the_primary()
     assert reads.served == {"primary": 0, "replica": 4}
     reads = router(("b", True, 9.0))
     assert reads.run(lambda db: db.name) == "primary" and reads.served["primary"] == 1
-
-
-def test_with_the_primary_down_the_least_behind_replica_that_answers_serves():
-    reads = router(("a", True, 30.0), ("b", True, 12.0), ("c", False, 0.0), ("d", True, None),
-                   primary_up=False)
-    assert {reads.run(lambda db: db.name) for _ in range(3)} == {"b"}
-    assert router(("c", False, 0.0), primary_up=False).choose() is None
 
 
 def test_a_replica_that_has_not_replayed_the_answer_hands_the_read_to_the_primary():
@@ -88,7 +174,9 @@ def test_a_replica_that_has_not_replayed_the_answer_hands_the_read_to_the_primar
             reads.run(read)
 
 
-def test_a_replica_that_fails_is_skipped_until_its_next_check():
+def test_a_replica_that_fails_is_skipped_until_its_next_check_and_a_busy_pool_is_not_down():
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
     reads = router(("a", True, 0.0))
 
     def read(db):
@@ -98,11 +186,39 @@ def test_a_replica_that_fails_is_skipped_until_its_next_check():
 
     assert reads.run(read) == "primary"
     assert reads.replicas[0].up is False and reads.choose() is None
+    busy = router(("a", True, 0.0))
+
+    def crowded(db):
+        if db.name == "a":
+            raise PoolTimeout("QueuePool limit reached")
+        return db.name
+
+    assert busy.run(crowded) == "primary" and busy.replicas[0].up is True
     with pytest.raises(ValueError):  # a bug is not an outage: it is raised, not hidden
         router(("a", True, 0.0)).run(lambda db: int("x"))
-    down = router(("a", False, 0.0), primary_up=False)
-    with pytest.raises(DatabaseUnavailable):
-        down.on_replica(lambda db: db.name)
+
+
+def test_fresh_reads_use_a_replica_only_while_the_primary_is_down_and_within_the_bound():
+    down = OperationalError("SELECT", {}, Exception("connection refused"))
+
+    def on_primary(db, x):
+        if db.name == "primary" and db.down:
+            raise down
+        return ("primary", x)
+
+    def on_replica(db, x):
+        return (db.name, x)
+
+    reads = router(("near", True, 1.0), ("far", True, 60.0))
+    reads.primary.down = False
+    assert reads.fresh(on_primary, on_replica, 1) == (("primary", 1), "primary")
+    reads.primary.down = True  # this call's connection fails: the replica within the bound
+    assert reads.fresh(on_primary, on_replica, 2) == (("near", 2), "replica")
+    reads.replicas[0].lag_s = 30.0  # none within the bound: the primary's error
+    with pytest.raises(OperationalError):
+        reads.fresh(on_primary, on_replica, 3)
+    with pytest.raises(ValueError):  # not an outage: no replica is asked
+        reads.fresh(lambda db, x: int("x"), on_replica, 4)
 
 
 # --- on a real streaming replica ---------------------------------------------------------
@@ -180,7 +296,8 @@ def test_a_replica_whose_replay_stops_is_skipped_once_it_lags_past_the_bound(
         paused = time.monotonic()
         later, later_mu = a_set(primary, settings, tmp_path / "b", 3)  # written past the pause
         wait("the replica to be skipped", lambda: reads.choose() is None, timeout=30)
-        assert time.monotonic() - paused >= 1.0  # not before it lagged past the bound
+        # not before it lagged past the bound (measured once a check: up to check_s early)
+        assert time.monotonic() - paused >= 1.0 - reads.check_s
         assert reads.replicas[0].up and reads.replicas[0].lag_s > 1.0
         # the primary answers both sets meanwhile
         query = np.array([-0.1, 0.4])

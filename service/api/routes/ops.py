@@ -49,13 +49,22 @@ async def readyz(svc: SvcDep) -> JSONResponse:
         states = svc.reads.status()
         answering = sum(s["up"] for s in states)
         checks["replicas"] = f"{answering} of {len(states)} answering, " + ", ".join(
-            f"{s['replica']}: " + ("down" if not s["up"] else "lag unknown"
-                                  if s["lag_s"] is None else f"lag {s['lag_s']:.1f} s")
+            f"{s['replica']}: " + _replica_state(s)
             for s in states)
         if not ok and answering and checks["database"] != "ok":
             status = "degraded"  # the primary is down: searches and exports still answer
     code = 200 if status != "unavailable" else 503
     return JSONResponse(Health(status=status, checks=checks).model_dump(), status_code=code)
+
+
+def _replica_state(state: dict[str, Any]) -> str:
+    if not state["up"]:
+        return f"not used ({state['error']})" if state["error"] else "not checked yet"
+    if state["lag_s"] is None:
+        return "lag not measured (the primary is down)"
+    if state["lag_s"] == float("inf"):
+        return "behind every primary position sampled so far"
+    return f"lag {state['lag_s']:.1f} s" + ("" if state["used"] else " (too far behind)")
 
 
 @router.get("/metrics", response_class=Response,

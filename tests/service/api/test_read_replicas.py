@@ -1,6 +1,6 @@
 """The API with a read replica (LATENTBANK_DATABASE_READ_URL) on a real streaming standby:
-searches, exports, outliers and key checks answered from it, also while the primary is
-stopped (readiness says `degraded`, writes and primary-only reads answer 503), and the
+searches (by id and by alias), exports, outliers and key checks answered from it, also
+while the primary is stopped (readiness says `degraded`, writes and primary-only reads answer 503), and the
 primary answering again once it is back."""
 
 import json
@@ -72,6 +72,8 @@ def test_searches_are_answered_by_the_replica_also_while_the_primary_is_stopped(
     query = [0.2, -0.1, 0.4]
     with httpx.Client(base_url=served.url, timeout=30,
                       headers={"Authorization": f"Bearer {used}"}) as client:
+        assert client.put("/v1/aliases/replicated", json={"embedding_set_id": set_id}
+                          ).status_code == 201
         wait("the replica to be measured caught up", lambda: lagging_zero(client), timeout=30)
         before = replica_reads(client)
         answer = client.post(f"/v1/embeddings/{set_id}/search", json={"vector": query, "k": 5})
@@ -87,6 +89,10 @@ def test_searches_are_answered_by_the_replica_also_while_the_primary_is_stopped(
         answer = client.post(f"/v1/embeddings/{set_id}/search", json={"vector": query, "k": 5})
         assert answer.status_code == 200, answer.text
         assert [h["index"] for h in answer.json()["results"]] == nearest(mu, query, 5)
+        by_alias = client.post("/v1/embeddings/@replicated/search",
+                               json={"vector": query, "k": 5})
+        assert by_alias.status_code == 200, by_alias.text
+        assert by_alias.json()["results"] == answer.json()["results"]
         worst = client.get(f"/v1/embeddings/{set_id}/outliers", params={"k": 3})
         assert worst.status_code == 200, worst.text
         assert [h["index"] for h in worst.json()["results"]] == [N_ITEMS - 1, N_ITEMS - 2,
