@@ -1,7 +1,7 @@
 """The API with a read replica (LATENTBANK_DATABASE_READ_URL) on a real streaming standby:
 searches (by id and by alias), exports, outliers and key checks answered from it, also
-while the primary is stopped (readiness says `degraded`, writes and primary-only reads answer 503), and the
-primary answering again once it is back."""
+while the primary is stopped (readiness says `degraded`, writes and primary-only reads
+answer 503), and the primary answering again once it is back."""
 
 import json
 
