@@ -181,15 +181,22 @@ def brute_top10(mu: np.ndarray, q: np.ndarray) -> set[int]:
     return set(np.argpartition(d, 10)[:10].tolist())
 
 
-def bench_knn(db, artifacts, settings, tmp, kind: str, n: int, dim: int, n_queries: int):
+def knn_latents(kind: str, n: int, dim: int, n_queries: int) -> tuple[np.ndarray, np.ndarray]:
     if kind == "trained VAE latents":
-        mu, queries = trained_latents(n, dim, n_queries)
-    else:
-        rng = np.random.default_rng(2)
-        mu = rng.normal(size=(n, dim)).astype(np.float32)
-        queries = rng.normal(size=(n_queries, dim)).astype(np.float32)
-    ds = fake_dataset(db, artifacts, settings, n, f"bench-knn-{kind[:6]}", tmp)
-    job, _ = submit_embedding(db, model_row(db, ds, dim), ds)
+        return trained_latents(n, dim, n_queries)
+    rng = np.random.default_rng(2)
+    return (rng.normal(size=(n, dim)).astype(np.float32),
+            rng.normal(size=(n_queries, dim)).astype(np.float32))
+
+
+def bench_knn(db, artifacts, settings, tmp, kind: str, mu: np.ndarray, queries: np.ndarray,
+              vector_type: str = "vector"):
+    """One set of `mu` stored as `vector_type`: its write, index builds (planned, then one
+    process), kNN at each plan against the exact top 10 of the float32 values, filtered
+    kNN, sizes and delete."""
+    n, dim = mu.shape
+    ds = fake_dataset(db, artifacts, settings, n, f"bench-knn-{kind[:6]}-{vector_type}", tmp)
+    job, _ = submit_embedding(db, model_row(db, ds, dim), ds, vector_type=vector_type)
     claim(db, job.id, "bench", 3600)  # the set is `writing`, as under an embedding job
     es = get_set(db, job.embedding_set_id)
     zeros = np.zeros(n)
@@ -202,7 +209,8 @@ def bench_knn(db, artifacts, settings, tmp, kind: str, n: int, dim: int, n_queri
     # the build as the service plans it (memory from the set, workers from the cores), then
     # the baseline: the same build with one process (the leader, no parallel worker)
     with db.engine.connect() as conn:
-        planned = plan_build(conn, settings, server_is_local(db), n, dim, 16)
+        planned = plan_build(conn, settings, server_is_local(db), n, dim, 16,
+                             2 if vector_type == "halfvec" else 4)
     # the plan first, so a cold cache counts against it, not against the baseline
     report = build_index(db, es.id, settings, plan=planned)
     planned_build = get_set(db, es.id).index_build
@@ -235,6 +243,7 @@ def bench_knn(db, artifacts, settings, tmp, kind: str, n: int, dim: int, n_queri
     delete_set(db, es.id)  # the set's partition goes in one DROP
     delete_s = time.perf_counter() - t
     return rows, {"sizes": sizes, "delete_s": delete_s, "filtered": filtered, "kind": kind,
+                  "vector_type": vector_type, "auto": rows[-1],
                   "write_s": write_s,
                   "build_s": report.build_seconds, "ef_search": report.ef_search,
                   "single_build_s": single.build_seconds, "build": planned_build,
@@ -281,6 +290,10 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], choices=["writes", "ingest", "knn"])
     parser.add_argument("--kinds", nargs="*", default=["trained", "random"],
                         choices=["trained", "random"], help="which latents the kNN part uses")
+    parser.add_argument("--vector-types", nargs="*", default=["vector", "halfvec"],
+                        choices=["vector", "halfvec"],
+                        help="how the kNN part stores the trained latents (each a set of "
+                             "its own, the same values); random latents: vector only")
     args = parser.parse_args()
     if args.quick:
         args.write_n, args.ingest_n, args.knn_n, args.queries = 20_000, 20_000, 30_000, 30
@@ -312,12 +325,18 @@ def main() -> None:
                 print(f"  {'latents':22s} {'plan':28s} {'p50 ms':>8s} {'p95 ms':>8s} "
                       f"{'recall@10':>9s}")
                 knn_info = []
-                for kind in ("trained VAE latents", "random Gaussian"):
-                    if kind.split()[0] not in args.kinds:
-                        continue
-                    rows, info = bench_knn(db, artifacts, settings, tmp, kind, args.knn_n, 32,
-                                           args.queries)
+                runs = [(kind, vt) for kind in ("trained VAE latents", "random Gaussian")
+                        if kind.split()[0] in args.kinds
+                        for vt in (args.vector_types if kind.startswith("trained")
+                                   else ["vector"])]
+                latents: dict[str, tuple] = {}
+                for kind, vector_type in runs:
+                    if kind not in latents:
+                        latents = {kind: knn_latents(kind, args.knn_n, 32, args.queries)}
+                    rows, info = bench_knn(db, artifacts, settings, tmp, kind, *latents[kind],
+                                           vector_type=vector_type)
                     knn_info.append(info)
+                    kind = f"{kind} ({vector_type})"
                     for _, label, p50, p95, recall in rows:
                         print(f"  {kind:22s} {label:28s} {p50:8.1f} {p95:8.1f} {recall:9.3f}")
                     for f in info["filtered"]:
@@ -341,6 +360,7 @@ def main() -> None:
                           f"of rows ({info['sizes']['table_bytes'] / args.knn_n:.0f} B a row), "
                           f"{info['sizes']['index_bytes'] / mib:.0f} MiB of indexes; "
                           f"deleting the set {info['delete_s']:.2f} s")
+                compare_vector_types(knn_info, args.knn_n)
             db.dispose()
             if "knn" not in args.skip:
                 record_filtered(knn_info, args.knn_n)
@@ -348,11 +368,32 @@ def main() -> None:
             server.cleanup()
 
 
+def compare_vector_types(infos: list[dict], n: int) -> None:
+    """vector against halfvec on the same trained latents, side by side."""
+    same = [i for i in infos if i["kind"].startswith("trained")]
+    if len(same) < 2:
+        return
+    print(f"\nvector_type on the same {n} trained latents (dim 32): ratios halfvec / vector")
+    print(f"  {'':10s} {'B a row':>8s} {'HNSW MiB':>9s} {'build s':>8s} {'p50 ms':>7s} "
+          f"{'recall@10':>9s}  plan")
+    for info in same:
+        _, plan, p50, _, recall = info["auto"]
+        print(f"  {info['vector_type']:10s} {info['sizes']['table_bytes'] / n:8.0f} "
+              f"{info['build']['index_mb']:9.0f} {info['build']['seconds']:8.1f} "
+              f"{p50:7.2f} {recall:9.3f}  {plan}")
+    a, b = same[0], same[1]
+    print(f"  ratio      {b['sizes']['table_bytes'] / a['sizes']['table_bytes']:8.2f} "
+          f"{b['build']['index_mb'] / max(a['build']['index_mb'], 1):9.2f} "
+          f"{b['build']['seconds'] / a['build']['seconds']:8.2f} "
+          f"{b['auto'][2] / a['auto'][2]:7.2f}")
+
+
 def record_filtered(infos: list[dict], n: int) -> None:
     from bench.goals import record
 
     for info in infos:
-        record(f"store: HNSW build over {n} {info['kind']}, planned vs one process",
+        record(f"store: HNSW build over {n} {info['kind']} ({info['vector_type']}), planned "
+               "vs one process",
                info["single_build"]["seconds"] / max(info["build"]["seconds"], 0.1), 1.6,
                "x")
     filtered = next(i["filtered"] for i in infos if i["filtered"])

@@ -32,10 +32,10 @@ from store.partitions import partition_name
 from store.search import nearest
 from store.settings import Settings
 from store.tables import EmbeddingSet
+from store.vectors import indexed_sql, mu_sql, opclass
 
 log = logging.getLogger(__name__)
 
-OPCLASSES = {"l2": "vector_l2_ops", "cosine": "vector_cosine_ops"}
 EF_CANDIDATES = (40, 80, 160, 320, 640, 1000)
 
 
@@ -120,12 +120,12 @@ def _create(db: Database, es: EmbeddingSet, settings: Settings, m: int, ef_const
     attempt's IndexWatch goes into `watches`. Returns the index's MiB on disk."""
     name = index_name(es.id)
     create = (f"CREATE INDEX CONCURRENTLY {name} ON {partition_name(es.id)} USING hnsw "
-              f"((mu::vector({int(es.dim)})) {OPCLASSES[es.index_metric]}) "
+              f"(({indexed_sql(es, '')}) {opclass(es, es.index_metric)}) "
               f"WITH (m = {int(m)}, ef_construction = {int(ef_construction)})")
     with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         try:
             plan = plan or plan_build(conn, settings, server_is_local(db), es.n_items,
-                                      es.dim, m)
+                                      es.dim, m, 2 if es.vector_type == "halfvec" else 4)
             for attempt in (plan, replace(plan, workers=0)):
                 apply_plan(conn, attempt)
                 conn.execute(text(f"DROP INDEX CONCURRENTLY IF EXISTS {name}"))
@@ -333,10 +333,11 @@ def calibration_queries(db: Database, es: EmbeddingSet, n: int) -> list[np.ndarr
     rng = np.random.default_rng(es.id)
     picks = np.sort(rng.choice(es.n_items, size=min(n, es.n_items), replace=False))
     with db.engine.connect() as conn:
-        rows = binary_rows(conn, "SELECT mu FROM latents WHERE set_id = %(s)s AND "
-                           "item_index = ANY(%(i)s)", {"s": es.id, "i": [int(i) for i in picks]})
-        mean = binary_rows(conn, f"SELECT avg(mu::vector({int(es.dim)})) FROM latents "
-                           "WHERE set_id = %(s)s", {"s": es.id})[0][0]
+        rows = binary_rows(conn, f"SELECT {mu_sql(es)} FROM latents l WHERE l.set_id = %(s)s "
+                           "AND l.item_index = ANY(%(i)s)",
+                           {"s": es.id, "i": [int(i) for i in picks]})
+        mean = binary_rows(conn, f"SELECT avg({mu_sql(es)}) FROM latents l "
+                           "WHERE l.set_id = %(s)s", {"s": es.id})[0][0]
     sample = np.stack([r[0].to_numpy() for r in rows])
     mean, spread = mean.to_numpy(), sample.std(axis=0) + 1e-6
     half = len(sample) // 2

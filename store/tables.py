@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from pgvector.sqlalchemy import Vector
+from pgvector.sqlalchemy import HALFVEC, Vector
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -30,6 +30,7 @@ JOB_KINDS = ("train", "embed", "ingest")
 MODEL_STATUSES = ("pending", "training", "ready", "failed", "cancelled")
 SET_STATUSES = ("pending", "writing", "finishing", "ready", "failed", "cancelled")
 INDEX_STATUSES = ("none", "building", "ready", "skipped", "failed")
+VECTOR_TYPES = ("vector", "halfvec")
 SPLITS = ("train", "val", "test")
 
 NAMING = {
@@ -184,6 +185,7 @@ class EmbeddingSet(Base):
         _one_of("status", SET_STATUSES),
         _one_of("index_status", INDEX_STATUSES),
         CheckConstraint("index_metric IN ('l2', 'cosine')", name="index_metric_valid"),
+        _one_of("vector_type", VECTOR_TYPES),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
@@ -197,6 +199,9 @@ class EmbeddingSet(Base):
     importance_samples: Mapped[int] = mapped_column(Integer, server_default="0")
     index_status: Mapped[str] = mapped_column(Text, server_default="none")
     index_metric: Mapped[str] = mapped_column(Text, server_default="l2")
+    # How its latents are stored: `vector` (float32: mu, logvar) or `halfvec` (float16:
+    # mu_half, logvar_half, half the bytes; store/vectors.py reads either as float32).
+    vector_type: Mapped[str] = mapped_column(Text, server_default="vector")
     # Calibrated at index build: the ef_search that reaches the recall target, or NULL
     # when exact search is as fast or the index cannot reach the target.
     hnsw_ef_search: Mapped[int | None] = mapped_column(Integer)
@@ -249,8 +254,11 @@ class Latent(Base):
     item_index: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     dataset_id: Mapped[int] = mapped_column(BigInteger)
     dataset_index: Mapped[int] = mapped_column(BigInteger)
-    mu: Mapped[Any] = mapped_column(Vector())
-    logvar: Mapped[Any] = mapped_column(Vector())
+    # one pair per set, by its vector_type (a partition cannot change a column's type)
+    mu: Mapped[Any | None] = mapped_column(Vector())
+    logvar: Mapped[Any | None] = mapped_column(Vector())
+    mu_half: Mapped[Any | None] = mapped_column(HALFVEC())
+    logvar_half: Mapped[Any | None] = mapped_column(HALFVEC())
     elbo: Mapped[float] = mapped_column(Double)
     reconstruction: Mapped[float] = mapped_column(Double)
     kl: Mapped[float] = mapped_column(Double)

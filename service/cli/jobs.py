@@ -305,11 +305,16 @@ def embed(model: Annotated[str, typer.Option(help="a ready model's id, or @alias
           into: Annotated[str | None, typer.Option(
               help="append the dataset's items to this ready set of the model (id or @alias)",
               callback=check_ref)] = None,
+          vector_type: Annotated[str | None, typer.Option(
+              help="'halfvec': store the codes as float16 (half the disk; reads answer "
+                   "float32), 'vector': float32 (default: the server's setting; an append "
+                   "takes the set's)")] = None,
           watch: WatchOpt = False, as_json: JsonOpt = False) -> None:
     """Queue an embedding job: every item's posterior and ELBO terms, into pgvector (a new
     set, or appended to one with --into)."""
     with client() as c:
-        job = c.embeddings.create(model, dataset, importance_samples, append_to=into)
+        job = c.embeddings.create(model, dataset, importance_samples, append_to=into,
+                                  vector_type=vector_type)
         if as_json and not watch:
             emit_json(job.raw)
         elif not as_json:

@@ -116,10 +116,12 @@ def test_0012_moves_every_sets_rows_into_its_own_partition_and_back(new_database
         owed = conn.execute(text("SELECT id, index_status, index_requested_at IS NOT NULL, "
                                  "hnsw_ef_search FROM embedding_sets ORDER BY id")).all()
         assert owed == [(7, "building", True, None), (9, "skipped", False, None)]
-    with engine.connect() as conn:  # the partitions are data, not drift
+    migrate(url)  # at the head, the partitions are data, not drift
+    with engine.connect() as conn:
         ctx = MigrationContext.configure(conn, opts={"compare_type": True,
                                                      "include_object": include_object})
         assert compare_metadata(ctx, Base.metadata) == []
+    command.downgrade(alembic_config(url), "0012")
     with pytest.raises(Exception, match="no partition of relation"), engine.begin() as conn:
         conn.execute(text("INSERT INTO latents (set_id, item_index, dataset_id, "
                           "dataset_index, mu, logvar, elbo, reconstruction, kl) "
@@ -243,3 +245,61 @@ def test_an_app_role_that_is_not_superuser_owns_and_migrates_the_schema(pg_serve
         conn.execute("SET default_transaction_read_only = off")
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("CREATE TEMP TABLE mine (x int)")
+
+
+def test_0013_keeps_vector_sets_as_they_are_and_widens_halfvec_sets_on_the_way_down(
+        new_database):
+    """At 0013 a vector set's rows and the view are unchanged; a halfvec set (mu_half)
+    reads through the view as float32; the downgrade writes its values into mu/logvar,
+    owes its index again, and the view answers the same rows."""
+    url = new_database("mig13")
+    migrate(url, "0012")
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO datasets (id, name, item_shape, dtype, source_dtype, source_format, "
+            "n_items, checksum, artifact_key, size_bytes, min_value, max_value, has_labels) "
+            "VALUES (1, 'd', '{2}', 'float32', 'float32', 'npy', 3, 'x', 'k', 24, 0, 1, false)"))
+        conn.execute(text("INSERT INTO items (dataset_id, index, key) "
+                          "SELECT 1, g, 'item-' || g FROM generate_series(0, 2) g"))
+        conn.execute(text("INSERT INTO models (id, dataset_id, config, status) "
+                          "VALUES (1, 1, '{}', 'ready')"))
+        conn.execute(text("INSERT INTO embedding_sets (id, model_id, dataset_id, status, dim, "
+                          "n_items, index_status) VALUES (7, 1, 1, 'ready', 2, 3, 'ready')"))
+        conn.execute(text("CREATE TABLE latents_set_7 (LIKE latents INCLUDING DEFAULTS)"))
+        conn.execute(text("ALTER TABLE latents ATTACH PARTITION latents_set_7 "
+                          "FOR VALUES IN (7)"))
+        conn.execute(text(
+            "INSERT INTO latents (set_id, item_index, dataset_id, dataset_index, mu, logvar, "
+            "elbo, reconstruction, kl) SELECT 7, g, 1, g, ('[' || g || '.125,' || -g || ']')"
+            "::vector, '[0.5,-1]', -g, -g - 1, 1 FROM generate_series(0, 2) g"))
+        view = conn.execute(text(VIEW_ROWS)).all()
+    migrate(url, "0013")
+    with engine.begin() as conn:
+        assert conn.execute(text(VIEW_ROWS)).all() == view
+        assert conn.execute(text("SELECT vector_type FROM embedding_sets")).scalar() == "vector"
+        # a halfvec set written as the data layer writes one (mu and logvar NULL)
+        conn.execute(text("INSERT INTO embedding_sets (id, model_id, dataset_id, status, dim, "
+                          "n_items, index_status, vector_type) "
+                          "VALUES (8, 1, 1, 'ready', 2, 3, 'ready', 'halfvec')"))
+        conn.execute(text("CREATE TABLE latents_set_8 (LIKE latents INCLUDING DEFAULTS)"))
+        conn.execute(text("ALTER TABLE latents ATTACH PARTITION latents_set_8 "
+                          "FOR VALUES IN (8)"))
+        conn.execute(text(
+            "INSERT INTO latents (set_id, item_index, dataset_id, dataset_index, mu_half, "
+            "logvar_half, elbo, reconstruction, kl) SELECT 8, item_index, dataset_id, "
+            "dataset_index, mu::halfvec, logvar::halfvec, elbo, reconstruction, kl "
+            "FROM latents_set_7"))
+        both = conn.execute(text(VIEW_ROWS)).all()
+    # the values are exact in float16 (multiples of 1/8): set 8 reads as set 7 does
+    assert [r[2:] for r in both if r[0] == 8] == [r[2:] for r in view]
+    command.downgrade(alembic_config(url), "0012")
+    with engine.begin() as conn:
+        assert conn.execute(text(VIEW_ROWS)).all() == both
+        owed = conn.execute(text("SELECT id, index_status FROM embedding_sets ORDER BY id"))
+        assert owed.all() == [(7, "ready"), (8, "building")]
+        columns = conn.execute(text(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'latents' "
+            "AND column_name LIKE '%half'")).all()
+        assert columns == []
+    migrate(url)

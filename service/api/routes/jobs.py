@@ -123,9 +123,12 @@ def create_embedding_job(_: WriteKey, svc: SvcDep, request: Request, response: R
     set_id = None if body.embedding_set_id is None else resolve(
         svc.db, body.embedding_set_id, "embedding_set")
     _embedding_values(svc, model_id, body.dataset_id)
+    vector_type = body.vector_type
+    if set_id is None and vector_type is None:
+        vector_type = svc.settings.default_vector_type
     job, created = submit_embedding(
         svc.db, model_id, body.dataset_id, body.importance_samples, embedding_set_id=set_id,
-        **_idempotency_args(svc, request, body, idempotency_key))
+        vector_type=vector_type, **_idempotency_args(svc, request, body, idempotency_key))
     return _accepted(response, _publish(svc, job, created), created)
 
 

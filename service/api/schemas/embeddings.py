@@ -21,6 +21,8 @@ class EmbeddingSetOut(BaseModel):
     importance_samples: int
     index_status: str
     index_metric: str
+    vector_type: str = Field(description="how the set stores its latents: 'vector' "
+                                         "(float32) or 'halfvec' (float16)")
     index_build: dict[str, Any] | None = Field(
         None, description="the HNSW build as it runs and as it ended: phase, tuples_done, "
                           "fraction (0-1), workers (parallel workers asked for, besides the "
@@ -37,7 +39,7 @@ class EmbeddingSetOut(BaseModel):
         return cls(id=e.id, model_id=e.model_id, dataset_id=e.dataset_id, status=e.status,
                    dim=e.dim, n_items=e.n_items, importance_samples=e.importance_samples,
                    index_status=e.index_status, index_metric=e.index_metric,
-                   index_build=e.index_build, stats=e.stats,
+                   vector_type=e.vector_type, index_build=e.index_build, stats=e.stats,
                    created_at=e.created_at, ready_at=e.ready_at)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -117,3 +117,9 @@ class EmbeddingRequest(BaseModel):
     embedding_set_id: Ref | None = Field(
         None, description="append the dataset's items to this ready set of the same model "
                           "(keys must stay unique in the set: 409 naming clashes)")
+    vector_type: Literal["vector", "halfvec"] | None = Field(
+        None, description="how the set stores its latents: 'vector' (float32) or 'halfvec' "
+                          "(float16: half the disk a row's codes take, values to about three "
+                          "significant digits, |x| <= 65504); searches, exports and the SQL "
+                          "views answer float32 either way. Default: the "
+                          "default_vector_type setting; an append takes the set's")

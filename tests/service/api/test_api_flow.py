@@ -239,6 +239,36 @@ def test_encode_and_reconstruct_equal_onnxruntime(client, flow, onnx_files, digi
     np.testing.assert_allclose(answer["x"], expected, atol=1e-5)
 
 
+def test_a_halfvec_set_stores_float16_codes_and_answers_as_a_vector_set_does(
+        client, flow, onnx_files, digits):
+    images, _ = digits
+    assert client.get(f"/v1/embeddings/{flow['set_id']}").json()["vector_type"] == "vector"
+    refused = client.post("/v1/embedding-jobs", json={
+        "model_id": flow["model_id"], "dataset_id": flow["dataset"]["id"],
+        "vector_type": "float8"})
+    assert refused.status_code == 422 and "vector_type" in refused.text
+    job = wait_job(client, client.post("/v1/embedding-jobs", json={
+        "model_id": flow["model_id"], "dataset_id": flow["dataset"]["id"],
+        "vector_type": "halfvec"}).json()["id"])
+    assert job["status"] == "succeeded", job
+    set_id = job["embedding_set_id"]
+    assert client.get(f"/v1/embeddings/{set_id}").json()["vector_type"] == "halfvec"
+    rows = export_rows(client, set_id)
+    stored = np.asarray([r["mu"] for r in rows], dtype=np.float32)
+    # every value is a float16 (read back as float32), within float16's half-ulp (2^-11,
+    # relative) of the encoder's code
+    np.testing.assert_array_equal(stored.astype(np.float16).astype(np.float32), stored)
+    mu = onnx_files["encoder"].run(["mu"], {"x": images})[0]
+    np.testing.assert_allclose(stored, mu, rtol=2.0**-11, atol=1e-4)
+    q = np.random.default_rng(12).standard_normal(4)
+    answer = client.post(f"/v1/embeddings/{set_id}/search",
+                         json={"vector": q.tolist(), "k": 10, "exact": True}).json()
+    keys, distances = brute_force(rows, q.astype(np.float16).astype(np.float64), 10)
+    assert [h["key"] for h in answer["results"]] == keys
+    np.testing.assert_allclose([h["distance"] for h in answer["results"]], distances,
+                               rtol=1e-5)
+
+
 def test_stored_codes_equal_the_encoder_on_the_data(exported, onnx_files, digits, flow):
     assert len(exported) == len(digits[0])
     assert [r["key"] for r in exported] == list(flow["keys"])

@@ -22,6 +22,7 @@ from latentbank_client.errors import InvalidInput, LatentbankError
 from latentbank_client.results import Item, Outliers, Projection, SearchResult, build
 
 METRICS = ("l2", "cosine")
+VECTOR_TYPES = ("vector", "halfvec")
 
 
 def _arrow() -> Any:
@@ -47,6 +48,7 @@ class EmbeddingSet(Bound):
     importance_samples: int = 0
     index_status: str | None = None
     index_metric: str | None = None
+    vector_type: str = "vector"  # how the set stores its latents: float32 or float16
     index_build: dict[str, Any] | None = None
     stats: dict[str, Any] | None = None
     created_at: dt.datetime | None = None
@@ -258,11 +260,18 @@ class Embeddings(Resource):
     """`client.embeddings`: embed datasets, get (by id or '@alias'), list, delete sets."""
 
     def create(self, model: Any, dataset: Any, importance_samples: int | None = None, *,
-               append_to: Any = None, idempotency_key: str | None = None) -> Job:
+               append_to: Any = None, vector_type: str | None = None,
+               idempotency_key: str | None = None) -> Job:
         """Queue an embedding job: every item of `dataset` through `model` (an id, a
         Model or '@alias'). `importance_samples` K > 0 also stores log p(x) estimated
         with K samples (0: ELBO terms only). `append_to`: a ready set of the same model
-        to grow. Sent with an Idempotency-Key, so retries never make two jobs."""
+        to grow. `vector_type` 'halfvec' stores the codes as float16 (half the disk;
+        every read still answers float32), 'vector' as float32 (the server's default
+        setting decides when not given). Sent with an Idempotency-Key, so retries never
+        make two jobs."""
+        if vector_type is not None and vector_type not in VECTOR_TYPES:
+            raise InvalidInput(f"vector_type must be one of {', '.join(VECTOR_TYPES)}; got "
+                               f"{vector_type!r}")
         if importance_samples is not None and (
                 not isinstance(importance_samples, int | np.integer) or importance_samples < 0):
             raise InvalidInput("importance_samples must be a non-negative integer; got "
@@ -275,6 +284,8 @@ class Embeddings(Resource):
         if append_to is not None:
             target = ref(append_to, "append_to")
             body["embedding_set_id"] = int(target) if target.isdigit() else target
+        if vector_type is not None:
+            body["vector_type"] = vector_type
 
         def plan() -> Plan:
             response = yield Call("POST", "/v1/embedding-jobs", json=body,
