@@ -74,8 +74,13 @@ def vector_literal(values: Sequence[float] | np.ndarray) -> str:
 
 
 def _filter_sql(flt: SearchFilter | None, params: dict[str, Any]) -> str:
+    return "".join(f" AND {c}" for c in _filter_clauses(flt, params))
+
+
+def _filter_clauses(flt: SearchFilter | None, params: dict[str, Any]) -> list[str]:
+    """The filter's conditions, on the item (`i.`) or on the latent row (`l.`)."""
     if flt is None:
-        return ""
+        return []
     clauses = []
     if flt.label is not None:
         labels = [flt.label] if isinstance(flt.label, str) else list(flt.label)
@@ -94,7 +99,7 @@ def _filter_sql(flt: SearchFilter | None, params: dict[str, Any]) -> str:
         if hi is not None:
             params[f"{column}_hi"] = float(hi)
             clauses.append(f"l.{column} <= :{column}_hi")
-    return "".join(f" AND {c}" for c in clauses)
+    return clauses
 
 
 def _knn_sql(es: EmbeddingSet, metric: Metric, where: str, ef_search: int | None,
@@ -261,15 +266,33 @@ def search_many(db: Database, settings: Settings, set_id: int,
                                                          strict=True)]
 
 
-def _matching_rows(db: Database, es: EmbeddingSet, flt: SearchFilter | None) -> float:
-    """The planner's estimate of the set's rows that pass the filter (an EXPLAIN: no scan)."""
-    params: dict[str, Any] = {}
-    where = _filter_sql(flt, params)
-    join = f" {join_items()}" if "i." in where else ""
-    with db.engine.connect() as conn:
-        plan = conn.execute(text(f"EXPLAIN (FORMAT JSON) SELECT 1 FROM latents l{join} "
-                                 f"WHERE l.set_id = {int(es.id)}{where}"), params).scalar()
+def _estimated_rows(conn: Any, sql: str, params: dict[str, Any]) -> float:
+    plan = conn.execute(text(f"EXPLAIN (FORMAT JSON) {sql}"), params).scalar()
     return float(plan[0]["Plan"]["Plan Rows"])
+
+
+def _matching_rows(db: Database, es: EmbeddingSet, flt: SearchFilter | None) -> float:
+    """The planner's estimate of the set's rows that pass the filter (EXPLAINs: no scan):
+    the set's rows that pass its conditions on latents, times the share of the set's
+    items that pass its conditions on items. Each table is estimated on its own: their
+    statistics are good, but the planner's estimate of the join between a set's partition
+    and `items` is not (it put a label filter that 10 % of 1M items pass at 0.01 %, and
+    the search then scanned exactly, 40 times slower)."""
+    params: dict[str, Any] = {}
+    clauses = _filter_clauses(flt, params)
+    on_latents = "".join(f" AND {c}" for c in clauses if c.startswith("l."))
+    on_items = "".join(f" AND {c}" for c in clauses if c.startswith("i."))
+    with db.engine.connect() as conn:
+        rows = _estimated_rows(conn, f"SELECT 1 FROM latents l WHERE l.set_id = {int(es.id)}"
+                                     f"{on_latents}", params)
+        if on_items:
+            params["datasets"] = list(conn.execute(text(
+                "SELECT dataset_id FROM embedding_set_parts WHERE set_id = :s"),
+                {"s": es.id}).scalars())
+            items = "SELECT 1 FROM items i WHERE i.dataset_id = ANY(:datasets)"
+            rows *= (_estimated_rows(conn, items + on_items, params)
+                     / max(1.0, _estimated_rows(conn, items, params)))
+    return rows
 
 
 def _items_by_key(db: Database, es: EmbeddingSet, keys: list[str],
