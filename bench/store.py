@@ -381,7 +381,7 @@ def compare_vector_types(infos: list[dict], n: int) -> None:
         print(f"  {info['vector_type']:10s} {info['sizes']['table_bytes'] / n:8.0f} "
               f"{info['build']['index_mb']:9.0f} {info['build']['seconds']:8.1f} "
               f"{p50:7.2f} {recall:9.3f}  {plan}")
-    a, b = same[0], same[1]
+    a, b = (next(i for i in same if i["vector_type"] == t) for t in ("vector", "halfvec"))
     print(f"  ratio      {b['sizes']['table_bytes'] / a['sizes']['table_bytes']:8.2f} "
           f"{b['build']['index_mb'] / max(a['build']['index_mb'], 1):9.2f} "
           f"{b['build']['seconds'] / a['build']['seconds']:8.2f} "

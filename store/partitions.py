@@ -28,13 +28,25 @@ def partition_name(set_id: int) -> str:
     return f"latents_set_{int(set_id)}"
 
 
-def create_partition(s: Session, set_id: int) -> None:
+def vectors_check(vector_type: str) -> str:
+    """The CHECK a set's partition holds its rows to: the pair of vector columns of its
+    `vector_type` filled, the other pair NULL (store/vectors.py)."""
+    full, empty = ("mu", "logvar"), ("mu_half", "logvar_half")
+    if vector_type == "halfvec":
+        full, empty = empty, full
+    return " AND ".join([f"{c} IS NOT NULL" for c in full] + [f"{c} IS NULL" for c in empty])
+
+
+def create_partition(s: Session, set_id: int, vector_type: str = "vector") -> None:
     """The set's partition, inside the transaction that adds the set. Made apart and then
     attached: ATTACH takes only a SHARE UPDATE EXCLUSIVE lock on `latents`, so searches
     of other sets go on (CREATE TABLE ... PARTITION OF would wait for them and hold them
-    up); the new table is empty, so the attach checks nothing."""
+    up); the new table is empty, so the attach checks nothing. Its rows must fill the
+    vector columns of the set's `vector_type` (a CHECK: a writer that names the other
+    pair, an old worker during an upgrade say, is refused instead of storing NULLs)."""
     name = partition_name(set_id)
-    s.execute(text(f"CREATE TABLE {name} (LIKE latents {LIKE_PARENT})"))
+    s.execute(text(f"CREATE TABLE {name} (LIKE latents {LIKE_PARENT}, CONSTRAINT "
+                   f"{name}_vectors CHECK ({vectors_check(vector_type)}))"))
     s.execute(text(f"ALTER TABLE latents ATTACH PARTITION {name} FOR VALUES IN ({int(set_id)})"))
 
 

@@ -17,7 +17,7 @@ from store.embedding_sets import BY_KEY, get_set, join_items
 from store.errors import Conflict, InvalidInput, NotFound, TooLarge
 from store.settings import Settings
 from store.tables import EmbeddingSet
-from store.vectors import indexed_sql, mu_sql, query_sql, stored_sql
+from store.vectors import check_half, indexed_sql, mu_sql, query_type, stored_sql
 
 Metric = Literal["l2", "cosine"]
 OPERATORS = {"l2": "<->", "cosine": "<=>"}
@@ -110,7 +110,7 @@ def _knn_sql(es: EmbeddingSet, metric: Metric, where: str, ef_search: int | None
     # The index matches only its expression (mu::vector(dim), or mu_half::halfvec(dim) for
     # a halfvec set); the plain column forces exact.
     target = indexed_sql(es) if ef_search else stored_sql(es)
-    distance = f"{target} {op} {query_sql(es, query)}"
+    distance = f"{target} {op} {query}"
     # The set id is inlined (an integer from our own row): a generic plan of a prepared
     # statement could not prove a bound parameter matches the partial index's predicate.
     set_id = int(es.id)
@@ -134,7 +134,9 @@ def nearest(db: Database, es: EmbeddingSet, vectors: np.ndarray, k: int, metric:
     params: dict[str, Any] = {"k": int(k), "qs": "{" + ",".join(
         f'"{vector_literal(v)}"' for v in vectors) + "}"}
     inner = _knn_sql(es, metric, _filter_sql(flt, params), ef_search, "q.v")
-    sql = (f"SELECT q.n, nn.* FROM unnest(CAST(:qs AS vector[])) WITH ORDINALITY AS q(v, n) "
+    # the queries arrive as the set's own type, cast once (not once a row scanned)
+    sql = (f"SELECT q.n, nn.* FROM unnest(CAST(:qs AS {query_type(es)}[])) "
+           f"WITH ORDINALITY AS q(v, n) "
            f"CROSS JOIN LATERAL ({inner}) nn ORDER BY q.n, nn.distance")
     with db.engine.begin() as conn:
         if ef_search:
@@ -209,6 +211,9 @@ def _query_vectors(db: Database, es: EmbeddingSet,
             raise InvalidInput(f"{where}vector must have {es.dim} values; got {q.size}")
         if not np.isfinite(q).all():
             raise InvalidInput(f"{where}vector has non-finite values")
+        if es.vector_type == "halfvec":  # compared as float16, as the set stores its own
+            check_half(f"{where}vector", q, "cannot compare with")
+            q = q.astype(np.float16).astype(np.float64)
         if metric == "cosine" and not np.any(q):
             raise InvalidInput(f"{where}the cosine distance is undefined for the zero vector")
         vectors[n] = q

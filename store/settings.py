@@ -43,8 +43,9 @@ class Settings(BaseSettings):
     default_vector_type: Literal["vector", "halfvec"] = Field(
         "vector", description="how a new embedding set stores its latents when its job does "
                               "not say (vector_type): 'vector' (float32) or 'halfvec' "
-                              "(float16, about 40 % less disk a row for 32-d latents; "
-                              "docs/benchmarks/scale.md)")
+                              "(float16: 35 % less disk a row and 15 % less index for 32-d "
+                              "latents, recall@10 0.994 against 1.000 at 1M rows; "
+                              "docs/operations/beyond-one-primary.md)")
     artifacts: str | None = Field(
         None, description="fsspec URL of the artifact store (file:///..., s3://bucket/prefix)")
     artifacts_options: dict[str, Any] = Field(

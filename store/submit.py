@@ -219,7 +219,7 @@ def submit_embedding(db: Database, model_id: int, dataset_id: int,
                           vector_type=vector_type or "vector")
         s.add(es)
         s.flush()
-        create_partition(s, es.id)
+        create_partition(s, es.id, es.vector_type)
         s.add(EmbeddingSetPart(set_id=es.id, dataset_id=dataset_id, start=0,
                                n_items=dataset.n_items, status="ready"))
         job = Job(kind="embed", params={**params, "importance_samples": k},

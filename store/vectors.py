@@ -40,9 +40,9 @@ def stored_sql(es: Any, alias: str = "l") -> str:
     return f"{alias}.mu" if es.vector_type == "vector" else f"{alias}.mu_half"
 
 
-def query_sql(es: Any, query: str) -> str:
-    """A float32 query vector expression, compared as the set stores its values."""
-    return query if es.vector_type == "vector" else f"({query})::halfvec"
+def query_type(es: Any) -> str:
+    """The type the set's query vectors are cast to once, before the scan: its own."""
+    return str(es.vector_type)
 
 
 def opclass(es: Any, metric: str) -> str:
@@ -54,8 +54,9 @@ def vector_columns(vector_type: str) -> tuple[str, str]:
     return ("mu", "logvar") if vector_type == "vector" else ("mu_half", "logvar_half")
 
 
-def check_half(name: str, values: np.ndarray) -> None:
+def check_half(name: str, values: np.ndarray, what: str = "cannot store; use vector_type "
+               "'vector' for this model") -> None:
     """Refuse values a float16 cannot hold (they would become infinities)."""
     if values.size and float(np.abs(values).max()) > HALF_MAX:
         raise InvalidInput(f"{name} has values beyond ±{HALF_MAX:g}, which a halfvec set "
-                           f"cannot store; use vector_type 'vector' for this model")
+                           f"{what}")

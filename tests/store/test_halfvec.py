@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from sqlalchemy import text
 
+from store.embedding_sets import get_set
 from store.errors import InvalidInput
 from store.indexes import build_index
 from store.registry import get_model
 from store.retrieval import export_pages, get_item
-from store.search import search
+from store.search import _knn_sql, search
 from store.submit import submit_embedding
 from tests.store.sets import count_latents, end_set, write_latents
 from tests.support import store_untrained_model
@@ -129,11 +130,46 @@ def test_the_index_of_a_halfvec_set_is_over_halfvec_and_its_answers_match(
                           f"hnsw_ef_search = 40 WHERE id = {set_id}"))
         conn.commit()
     assert "halfvec_l2_ops" in definition and "halfvec(8)" in definition
+    es = get_set(db, set_id)
+    with db.engine.begin() as conn:  # the index serves the search's own SQL (64 rows: the
+        for scan in ("seqscan", "bitmapscan", "sort"):  # planner would sort them unforced)
+            conn.execute(text(f"SET LOCAL enable_{scan} = off"))
+        sql = _knn_sql(es, "l2", "", 40, "q.v").replace(":k", "5")
+        plan = "\n".join(conn.execute(text(
+            f"EXPLAIN SELECT nn.* FROM unnest(CAST(:qs AS halfvec[])) AS q(v) "
+            f"CROSS JOIN LATERAL ({sql}) nn"), {"qs": "{\"[0,0,0,0,0,0,0,0]\"}"}).scalars())
+    assert f"latents_mu_hnsw_{set_id}" in plan, plan
     stored = half(mu)
     for i in (0, 17, 40):
         res = search(db, small, set_id, vector=mu[i], k=5)
         assert res.plan.startswith("hnsw(")
         assert [h.index for h in res.hits] == brute_force(stored, stored[i], 5)[0]
+
+
+def test_a_partition_holds_its_rows_to_its_sets_vector_columns(db, model_id):
+    """A writer that fills the other pair (an old worker during an upgrade) is refused by
+    the partition's CHECK, not stored as NULLs the readers cannot read."""
+    from sqlalchemy.exc import IntegrityError
+
+    half_set = a_set(db, model_id, "halfvec", codes(8))
+    vector_set = a_set(db, model_id, "vector", codes(9))
+    for set_id, columns in ((half_set, "mu, logvar"), (vector_set, "mu_half, logvar_half")):
+        with pytest.raises(IntegrityError, match="_vectors"), db.engine.begin() as conn:
+            conn.execute(text(
+                f"INSERT INTO latents (set_id, item_index, dataset_id, dataset_index, "
+                f"{columns}, elbo, reconstruction, kl) SELECT set_id, 1000, dataset_id, "
+                f"dataset_index, '[{','.join(['1'] * DIM)}]', '[{','.join(['1'] * DIM)}]', "
+                f"0, 0, 0 FROM latents WHERE set_id = {set_id} LIMIT 1"))
+    assert count_latents(db, half_set) == count_latents(db, vector_set) == N
+
+
+def test_a_query_a_float16_cannot_hold_is_refused_and_others_are_rounded(db, model_id,
+                                                                         settings):
+    set_id = a_set(db, model_id, "halfvec", codes(10))
+    with pytest.raises(InvalidInput, match="65504"):
+        search(db, settings, set_id, vector=np.full(DIM, 1e5), k=3)
+    with pytest.raises(InvalidInput, match="zero vector"):  # zero once rounded to float16
+        search(db, settings, set_id, vector=np.full(DIM, 1e-9), k=3, metric="cosine")
 
 
 def test_values_a_float16_cannot_hold_are_refused_and_nothing_is_written(db, model_id):

@@ -46,8 +46,10 @@ FIRST_RELEASE = {
 }
 
 
-# columns appended since (migration 0007: Monte-Carlo errors, the likelihood's kind)
+# columns appended since (migration 0007: Monte-Carlo errors, the likelihood's kind; 0013:
+# how a set stores its vectors)
 APPENDED = {
+    "embedding_sets": [("vector_type", "text")],
     "models": [("likelihood_kind", "text"), ("heldout_log_px_se", "double precision"),
                ("heldout_bits_per_dim", "double precision")],
     "training_metrics": [("log_px_se", "double precision"), ("ess", "double precision")],

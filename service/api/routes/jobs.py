@@ -61,7 +61,10 @@ def _publish(svc: Services, job: Job, created: bool) -> Job:
 
 def _request_hash(request: Request, body: Any) -> str:
     """What an Idempotency-Key is bound to: the route and the parsed body."""
-    canonical = json.dumps([request.url.path, body.model_dump(mode="json")], sort_keys=True)
+    fields = body.model_dump(mode="json")
+    if fields.get("vector_type", "") is None:  # as before the field existed: a retry of an
+        del fields["vector_type"]              # older request keeps its key
+    canonical = json.dumps([request.url.path, fields], sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
