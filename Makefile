@@ -70,6 +70,7 @@ bench: $(STAMP)
 	rm -f out/bench/goals.json
 	$(PY) bench/train.py $(BENCH_ARGS)
 	$(PY) bench/store.py $(BENCH_ARGS)
+	$(PY) bench/scale.py --rows 200000
 	$(PY) bench/embed.py $(BENCH_ARGS)
 	$(PY) bench/serve.py $(BENCH_ARGS)
 	$(PY) bench/ingest.py $(BENCH_ARGS)

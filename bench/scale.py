@@ -1,0 +1,189 @@
+"""`bench/scale.py`: one large set of 32-d latents through the data layer, with the figures
+of a deployment's first limits, on the embedded PostgreSQL 18 + pgvector 0.8:
+
+- writes: `latent_writer` (shards of 100k rows, binary COPY assembled by numpy) in rows/s,
+  against a raw psycopg binary COPY of the same rows in the same run (`write_row`);
+- the set's partition and index on disk, and bytes a row;
+- the HNSW build as the service plans it (memory from the set, parallel workers from the
+  cores) against the same build with one process;
+- kNN k = 10 by the automatic plan: p50 / p99 and recall@10 against a NumPy brute force
+  over the float32 values; filtered kNN where 10 % and 1 % of the items pass (HNSW
+  iterative scans): p50 / p99, recall@10, answers short of k;
+- deleting the set (DETACH + DROP of its partition);
+- the peak memory of every process: this one (the writer), and PostgreSQL's (the largest
+  backend, parallel workers included, and all of them together), sampled every 0.2 s.
+
+The latents are those of a VAE trained on digits, encoding noisy copies (the structure
+of trained latents; bench/store.py's `trained_latents`), stored as `--vector-type`.
+
+    python bench/scale.py [--rows 10000000] [--queries 200] [--vector-type vector]
+
+10M rows take about an hour and a half on 2 cores (most of it the two index builds) and
+about 12 GiB of memory for the brute force; `make bench` runs 200k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench.store import (  # noqa: E402
+    bench_filtered,
+    brute_top10,
+    fake_dataset,
+    raw_copy,
+    trained_latents,
+)
+from migrations import migrate  # noqa: E402
+from service.cli.embedded.postgres import postmaster_pid, start_embedded_postgres  # noqa: E402
+from store.artifacts import ArtifactStore  # noqa: E402
+from store.db import Database  # noqa: E402
+from store.deletion import delete_set  # noqa: E402
+from store.index_build import plan_build, server_is_local  # noqa: E402
+from store.indexes import build_index  # noqa: E402
+from store.jobs import claim, finish  # noqa: E402
+from store.partitions import partition_sizes  # noqa: E402
+from store.search import search  # noqa: E402
+from store.settings import Settings  # noqa: E402
+from store.submit import submit_embedding  # noqa: E402
+from tests.store.sets import model_row, write_latents  # noqa: E402
+
+MiB = 1 << 20
+SHARD = 100_000
+
+
+class Peaks:
+    """The peak resident memory of this process and of PostgreSQL's processes (the
+    postmaster's children: backends, parallel workers), sampled in a thread."""
+
+    def __init__(self, postmaster: int) -> None:
+        self.postmaster, self.me = postmaster, os.getpid()
+        self.writer = self.backend = self.server = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        me, postmaster = psutil.Process(self.me), psutil.Process(self.postmaster)
+        while not self._stop.wait(0.2):
+            self.writer = max(self.writer, me.memory_info().rss)
+            sizes = []
+            for child in postmaster.children():
+                with contextlib.suppress(psutil.Error):  # ended meanwhile
+                    sizes.append(child.memory_info().rss)
+            self.backend = max([self.backend, *sizes])
+            self.server = max(self.server, postmaster.memory_info().rss + sum(sizes))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def raw_writes(db: Database, settings: Settings, artifacts: ArtifactStore, tmp: str,
+               mu: np.ndarray) -> tuple[int, int, float]:
+    """(dataset id, model id, raw COPY rows/s): the baseline, the rows by one raw COPY
+    into a set of its own (deleted after)."""
+    n, dim = mu.shape
+    ds = fake_dataset(db, artifacts, settings, n, "scale", tmp)
+    model = model_row(db, ds, dim)
+    zeros = np.zeros(n)
+    job = submit_embedding(db, model, ds)[0]
+    claim(db, job.id, "scale", 3600)
+    t = time.perf_counter()
+    raw_copy(db, job.embedding_set_id, ds, mu, mu, zeros, zeros, zeros, zeros)
+    raw_rps = n / (time.perf_counter() - t)
+    finish(db, job.id, "scale", "succeeded")
+    delete_set(db, job.embedding_set_id)
+    return ds, model, raw_rps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=10_000_000)
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--vector-type", default="vector", choices=["vector", "halfvec"])
+    args = parser.parse_args()
+    n = args.rows
+    print(f"scale: {n} latents of dim 32 ({args.vector_type}), {args.queries} queries")
+    mu, queries = trained_latents(n, 32, args.queries)
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
+        server, url = start_embedded_postgres(Path(tmp) / "pg")
+        peaks = Peaks(postmaster_pid(Path(tmp) / "pg") or 0)
+        try:
+            migrate(url)
+            db = Database(url)
+            settings = Settings(data_dir=Path(tmp) / "data", exact_search_below=10_000)
+            artifacts = ArtifactStore((Path(tmp) / "artifacts").as_uri())
+            ds, model, raw_rps = raw_writes(db, settings, artifacts, tmp, mu)
+            job, _ = submit_embedding(db, model, ds, vector_type=args.vector_type)
+            claim(db, job.id, "scale", 24 * 3600)
+            zeros = np.zeros(n)
+            t = time.perf_counter()
+            for a in range(0, n, SHARD):
+                b = min(n, a + SHARD)
+                write_latents(db, job.embedding_set_id, a, mu[a:b], mu[a:b], zeros[a:b],
+                              zeros[a:b], zeros[a:b])
+            ours_rps = n / (time.perf_counter() - t)
+            finish(db, job.id, "scale", "succeeded")
+            set_id = job.embedding_set_id
+            print(f"\nwrites: latent_writer {ours_rps:,.0f} rows/s, raw COPY (write_row) "
+                  f"{raw_rps:,.0f} rows/s: {ours_rps / raw_rps:.2f}x")
+            with db.engine.connect() as conn:
+                plan = plan_build(conn, settings, server_is_local(db), n, 32, 16,
+                                  2 if args.vector_type == "halfvec" else 4)
+            planned = build_index(db, set_id, settings, plan=plan)
+            single = build_index(db, set_id, settings, plan=replace(plan, workers=0))
+            built, one = planned.build, single.build
+            print(f"HNSW build: planned ({built['workers_launched']} parallel worker(s) + "
+                  f"leader, {built['memory_mb']} MiB given, {built['needed_mb']} needed, "
+                  f"fitted {built['fits']}) {built['seconds']:.0f} s; one process "
+                  f"{one['seconds']:.0f} s: {one['seconds'] / max(built['seconds'], 0.1):.2f}x"
+                  f"; calibrated ef_search {planned.ef_search}")
+            sizes = partition_sizes(db, set_id)
+            print(f"on disk: partition {sizes['table_bytes'] / MiB:,.0f} MiB "
+                  f"({sizes['table_bytes'] / n:.0f} B a row), indexes "
+                  f"{sizes['index_bytes'] / MiB:,.0f} MiB (HNSW {one['index_mb']} MiB)")
+            times, hits, plans = [], 0, set()
+            for q in queries:
+                t0 = time.perf_counter()
+                res = search(db, settings, set_id, vector=q, k=10)
+                times.append(1000 * (time.perf_counter() - t0))
+                hits += len(brute_top10(mu, q) & {h.index for h in res.hits})
+                plans.add(res.plan)
+            print(f"kNN k=10: p50 {np.percentile(times, 50):.1f} ms, p99 "
+                  f"{np.percentile(times, 99):.1f} ms, recall@10 "
+                  f"{hits / (10 * len(queries)):.3f} ({', '.join(sorted(plans))})")
+            for f in bench_filtered(db, settings, set_id, mu, queries):
+                if f["share"] == 50:
+                    continue
+                print(f"filtered kNN, {f['share']} % pass: p50 {f['p50']:.1f} ms, p99 "
+                      f"{f['p99']:.1f} ms, recall@10 {f['recall']:.3f}, short of k "
+                      f"{f['short']} of {len(queries)}")
+            t = time.perf_counter()
+            delete_set(db, set_id)
+            print(f"deleting the set: {time.perf_counter() - t:.2f} s")
+            db.dispose()
+        finally:
+            peaks.stop()
+            server.cleanup()
+        print(f"peak memory: this process {peaks.writer / MiB:,.0f} MiB; PostgreSQL's "
+              f"largest process {peaks.backend / MiB:,.0f} MiB, all of them "
+              f"{peaks.server / MiB:,.0f} MiB (RSS: shared buffers count in each)")
+
+
+if __name__ == "__main__":
+    main()
