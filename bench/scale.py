@@ -170,9 +170,10 @@ def main() -> None:
             for f in bench_filtered(db, settings, set_id, mu, queries):
                 if f["share"] == 50:
                     continue
+                plans = ", ".join(f"{p} x{c}" for p, c in f["plans"].items())
                 print(f"filtered kNN, {f['share']} % pass: p50 {f['p50']:.1f} ms, p99 "
                       f"{f['p99']:.1f} ms, recall@10 {f['recall']:.3f}, short of k "
-                      f"{f['short']} of {len(queries)}")
+                      f"{f['short']} of {len(queries)} ({plans})")
             t = time.perf_counter()
             delete_set(db, set_id)
             print(f"deleting the set: {time.perf_counter() - t:.2f} s")

@@ -99,6 +99,16 @@ def pair(tmp_path_factory):
     made.close()
 
 
+@pytest.fixture(scope="module")
+def primary(pair):
+    """The pair's primary, as the service's role."""
+    from store.db import Database
+
+    database = Database(pair.primary_url)
+    yield database
+    database.dispose()
+
+
 @pytest.fixture
 def settings(tmp_path):
     from store.settings import Settings

@@ -220,6 +220,25 @@ def indexed(db, world, ef_search=200):
     return settings, set_id
 
 
+@pytest.mark.slow  # builds the HNSW index (indexed)
+def test_a_filtered_index_plan_runs_through_the_index_not_an_exact_scan(db, world):
+    """The plan the search names is the plan PostgreSQL runs: a label filter (a join to
+    `items` before the LIMIT) under an iterative HNSW plan scans the set's index, where
+    PostgreSQL's own estimate of that join would hash-join the whole set and sort it."""
+    from sqlalchemy import text
+
+    from store.search import nearest_sql
+
+    _, set_id = indexed(db, world, ef_search=40)
+    setup, sql, params = nearest_sql(get_set(db, set_id), world["mu"][:2], 10, "l2",
+                                     SearchFilter(label=["1", "7"]), 200, True)
+    with db.engine.begin() as conn:
+        for statement in setup:
+            conn.execute(text(statement))
+        plan = "\n".join(conn.execute(text(f"EXPLAIN {sql}"), params).scalars())
+    assert f"Index Scan using latents_mu_hnsw_{set_id}" in plan, plan
+
+
 @pytest.mark.slow
 def test_filtered_search_through_the_index_is_never_short(db, world):
     # The smallest ef_search calibration may choose: a filter that keeps 31 % of the rows

@@ -68,6 +68,19 @@ def test_0003_moves_the_embedding_counter_out_of_the_params_json(new_database):
 VIEW_ROWS = "SELECT * FROM lb_v1.latents ORDER BY set_id, item_index"
 
 
+def a_dataset_and_model(conn):
+    """Dataset 1 of three items (keys item-0..2) and a ready model 1 over it, by SQL (the
+    schema of an older revision)."""
+    conn.execute(text(
+        "INSERT INTO datasets (id, name, item_shape, dtype, source_dtype, source_format, "
+        "n_items, checksum, artifact_key, size_bytes, min_value, max_value, has_labels) "
+        "VALUES (1, 'd', '{2}', 'float32', 'float32', 'npy', 3, 'x', 'k', 24, 0, 1, false)"))
+    conn.execute(text("INSERT INTO items (dataset_id, index, key) "
+                      "SELECT 1, g, 'item-' || g FROM generate_series(0, 2) g"))
+    conn.execute(text("INSERT INTO models (id, dataset_id, config, status) "
+                      "VALUES (1, 1, '{}', 'ready')"))
+
+
 def test_0012_moves_every_sets_rows_into_its_own_partition_and_back(new_database):
     """A populated database at 0011 (two sets, one with a ready partial HNSW index, one
     without rows): after 0012 each set's rows are in its partition, unchanged, the SQL
@@ -78,14 +91,7 @@ def test_0012_moves_every_sets_rows_into_its_own_partition_and_back(new_database
     migrate(url, "0011")
     engine = create_engine(url)
     with engine.begin() as conn:
-        conn.execute(text(
-            "INSERT INTO datasets (id, name, item_shape, dtype, source_dtype, source_format, "
-            "n_items, checksum, artifact_key, size_bytes, min_value, max_value, has_labels) "
-            "VALUES (1, 'd', '{2}', 'float32', 'float32', 'npy', 3, 'x', 'k', 24, 0, 1, false)"))
-        conn.execute(text("INSERT INTO items (dataset_id, index, key) "
-                          "SELECT 1, g, 'item-' || g FROM generate_series(0, 2) g"))
-        conn.execute(text("INSERT INTO models (id, dataset_id, config, status) "
-                          "VALUES (1, 1, '{}', 'ready')"))
+        a_dataset_and_model(conn)
         conn.execute(text(
             "INSERT INTO embedding_sets (id, model_id, dataset_id, status, dim, n_items, "
             "index_status, hnsw_ef_search) VALUES (7, 1, 1, 'ready', 2, 3, 'ready', 40), "
@@ -256,14 +262,7 @@ def test_0013_keeps_vector_sets_as_they_are_and_widens_halfvec_sets_on_the_way_d
     migrate(url, "0012")
     engine = create_engine(url)
     with engine.begin() as conn:
-        conn.execute(text(
-            "INSERT INTO datasets (id, name, item_shape, dtype, source_dtype, source_format, "
-            "n_items, checksum, artifact_key, size_bytes, min_value, max_value, has_labels) "
-            "VALUES (1, 'd', '{2}', 'float32', 'float32', 'npy', 3, 'x', 'k', 24, 0, 1, false)"))
-        conn.execute(text("INSERT INTO items (dataset_id, index, key) "
-                          "SELECT 1, g, 'item-' || g FROM generate_series(0, 2) g"))
-        conn.execute(text("INSERT INTO models (id, dataset_id, config, status) "
-                          "VALUES (1, 1, '{}', 'ready')"))
+        a_dataset_and_model(conn)
         conn.execute(text("INSERT INTO embedding_sets (id, model_id, dataset_id, status, dim, "
                           "n_items, index_status) VALUES (7, 1, 1, 'ready', 2, 3, 'ready')"))
         conn.execute(text("CREATE TABLE latents_set_7 (LIKE latents INCLUDING DEFAULTS)"))

@@ -224,13 +224,6 @@ def test_fresh_reads_use_a_replica_only_while_the_primary_is_down_and_within_the
 # --- on a real streaming replica ---------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def primary(pair):
-    database = Database(pair.primary_url)
-    yield database
-    database.dispose()
-
-
-@pytest.fixture(scope="module")
 def replica_su(pair):
     """The replica as its superuser (to pause and resume its replay)."""
     database = Database(pair.replica_url_of(EMBEDDED_SUPERUSER))

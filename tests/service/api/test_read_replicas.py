@@ -9,7 +9,6 @@ import httpx
 import numpy as np
 import pytest
 
-from store.db import Database
 from store.keys import create_key
 from store.registry import get_model
 from tests.store.sets import ready_set, write_latents
@@ -17,13 +16,6 @@ from tests.support import Served, settings_of, store_untrained_model, wait, whol
 
 MODEL = {"input_shape": [4], "latent_dim": 3, "hidden": [8]}
 N_ITEMS = 64
-
-
-@pytest.fixture(scope="module")
-def primary(pair):
-    database = Database(pair.primary_url)
-    yield database
-    database.dispose()
 
 
 @pytest.fixture(scope="module")
