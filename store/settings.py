@@ -214,6 +214,11 @@ class Settings(BaseSettings):
     decode_max_delay_ms: float = Field(
         0.0, ge=0, le=1000, description="how long a serving request may wait for others to "
                                         "join its batch (0: only while a call runs)")
+    decode_inline_max_ms: float = Field(
+        2.0, ge=0, le=100, description="a lone serving request whose onnxruntime call is "
+                                       "expected (from the model's recent calls) to take "
+                                       "less than this runs on the event loop, without the "
+                                       "hand-off to a worker thread; 0: always a thread")
     score_max_rows: int = Field(
         1024, ge=1, description="most items one /score request takes (more: an embedding job)")
     score_max_draws: int = Field(

@@ -112,7 +112,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                             settings.onnx_threads)
     inference = Inference(sessions, BatchPolicy(settings.decode_max_batch_rows,
                                                 settings.decode_max_delay_ms / 1000,
-                                                settings.decode_batching),
+                                                settings.decode_batching,
+                                                settings.decode_inline_max_ms / 1000),
                           observer=metrics.observer)
     sender = task_sender(settings.broker_url, settings.visibility_timeout)
     svc = Services(settings, db, artifacts, sender, inference, metrics, reads)

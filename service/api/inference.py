@@ -117,11 +117,18 @@ class BatchPolicy:
     """Triton-style dynamic batching of one model's calls: a call waits at most
     `max_delay_s` for others to join it, and one onnxruntime call takes at most
     `max_rows` rows (a single larger request still runs, alone). While a batch runs, new
-    calls queue for the next one, so with no delay a lone caller is never held back."""
+    calls queue for the next one, so with no delay a lone caller is never held back.
+
+    A lone call (no other request joined it after one turn of the event loop) whose
+    onnxruntime time, estimated from the model's recent calls, is under `inline_max_s`
+    runs on the event loop itself: the hand-off to a worker thread and back costs more
+    than such a call's own compute leaves for other requests (docs/internals/serving.md).
+    """
 
     max_rows: int = 1024
     max_delay_s: float = 0.0
     enabled: bool = True
+    inline_max_s: float = 0.0
 
 
 class Observer:
@@ -150,18 +157,47 @@ class Batcher:
         self._draining = False
         self._full: asyncio.Event | None = None  # set when a delayed batch fills up
         self._task: asyncio.Task[None] | None = None
+        # seconds per row of this model's recent onnxruntime calls (None: none yet)
+        self.seconds_per_row: float | None = None
+
+    def _timed(self, rows: np.ndarray) -> list[np.ndarray]:
+        started = time.perf_counter()
+        outputs = self.run(rows)
+        per_row = (time.perf_counter() - started) / max(1, len(rows))
+        last = self.seconds_per_row
+        self.seconds_per_row = per_row if last is None else 0.8 * last + 0.2 * per_row
+        return outputs
+
+    def _short(self, rows: int) -> bool:
+        """Whether a call of `rows` rows is expected to take less than inline_max_s."""
+        per_row = self.seconds_per_row
+        return (per_row is not None and self.policy.max_delay_s <= 0
+                and per_row * rows < self.policy.inline_max_s)
 
     async def __call__(self, rows: np.ndarray) -> list[np.ndarray]:
         loop = asyncio.get_running_loop()
         if not self.policy.enabled:
             self.observer.batch(len(rows))
             self.observer.waited(0.0)
-            return await loop.run_in_executor(self.executor, self.run, rows)
+            return await loop.run_in_executor(self.executor, self._timed, rows)
         future: asyncio.Future[list[np.ndarray]] = loop.create_future()
         self._pending.append((rows, future, loop.time()))
         self._rows += len(rows)
         if not self._draining:
             self._draining = True
+            if self._short(len(rows)):
+                try:  # one turn of the loop: requests already under way join the queue
+                    await asyncio.sleep(0)
+                except BaseException:  # cancelled: the queue is not left without a drain
+                    self._task = loop.create_task(self._drain())
+                    raise
+                if len(self._pending) == 1:  # alone: run here, no thread hand-off
+                    self._pending.popleft()
+                    self._rows -= len(rows)
+                    self._draining = False
+                    self.observer.batch(len(rows))
+                    self.observer.waited(0.0)
+                    return self._timed(rows)
             self._task = loop.create_task(self._drain())
         elif self._full is not None and self._rows >= self.policy.max_rows:
             self._full.set()
@@ -206,7 +242,7 @@ class Batcher:
                 try:
                     stacked = batch[0][0] if len(batch) == 1 else np.concatenate(
                         [rows for rows, _ in batch])
-                    outputs = await loop.run_in_executor(self.executor, self.run, stacked)
+                    outputs = await loop.run_in_executor(self.executor, self._timed, stacked)
                 except Exception as exc:  # every waiter gets the error
                     for _, future in batch:
                         if not future.done():

@@ -175,6 +175,77 @@ def test_an_error_reaches_every_caller_of_its_batch_and_the_queue_goes_on():
     np.testing.assert_array_equal(second[0], np.full((2, 2), 5))
 
 
+def test_a_lone_short_call_runs_on_the_event_loop_and_a_crowd_is_still_batched():
+    """With inline_max_s set, a lone call whose estimated time is under it runs on the
+    loop's own thread; calls made together still make one batch in a worker thread; a
+    call estimated longer, or with no estimate yet, goes to the thread."""
+    import threading
+
+    threads = []
+
+    def where(x):
+        threads.append(threading.current_thread().name)
+        return [2 * x + 1]
+
+    async def main():
+        seen = Seen()
+        with ThreadPoolExecutor(1, thread_name_prefix="onnx") as pool:
+            batcher = Batcher(where, pool, BatchPolicy(inline_max_s=0.002), seen)
+            first = await batcher(np.ones((4, 3), np.float32))  # no estimate: a thread
+            batcher.seconds_per_row = 1e-5  # 40 rows ~ 0.4 ms: under the 2 ms
+            lone = await batcher(np.full((40, 3), 3, np.float32))
+            crowd = await gather_calls(batcher, [1] * 6)
+            long = await batcher(np.zeros((1000, 3), np.float32))  # ~10 ms expected
+        return seen, first, lone, crowd, long
+
+    seen, first, lone, (inputs, outputs), long = asyncio.run(main())
+    assert threads[0].startswith("onnx") and threads[1] == "MainThread"
+    np.testing.assert_array_equal(first[0], np.full((4, 3), 3))
+    np.testing.assert_array_equal(lone[0], np.full((40, 3), 7))
+    for x, (doubled,) in zip(inputs, outputs, strict=True):
+        np.testing.assert_array_equal(doubled, 2 * x + 1)
+    # the six together: one call of six rows, in the thread (the first of them found
+    # the others queued after its turn of the loop)
+    assert seen.batches[2] == 6 and threads[2].startswith("onnx")
+    assert seen.batches[3] == 1000 and threads[3].startswith("onnx")
+    np.testing.assert_array_equal(long[0], np.ones((1000, 3)))
+    assert len(threads) == 4
+
+
+def test_a_lone_call_cancelled_in_its_turn_of_the_loop_leaves_the_queue_working():
+    async def main():
+        with ThreadPoolExecutor(1) as pool:
+            batcher = Batcher(affine, pool, BatchPolicy(inline_max_s=1.0))
+            batcher.seconds_per_row = 1e-6
+            task = asyncio.ensure_future(batcher(np.ones((1, 3), np.float32)))
+            await asyncio.sleep(0)  # the call is in its turn of the loop
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return await asyncio.wait_for(batcher(np.full((2, 3), 2, np.float32)), 30)
+
+    doubled, total = asyncio.run(main())
+    np.testing.assert_array_equal(doubled, np.full((2, 3), 5))
+    np.testing.assert_array_equal(total, np.full((2, 1), 6))
+
+
+def test_the_estimate_follows_the_calls():
+    import time
+
+    def slow(x):
+        time.sleep(0.002 * len(x))  # 2 ms a row, measured by the batcher's own clock
+        return [x]
+
+    async def main():
+        with ThreadPoolExecutor(1) as pool:
+            batcher = Batcher(slow, pool, BatchPolicy(inline_max_s=0.001))
+            await batcher(np.ones((3, 1), np.float32))
+            return batcher.seconds_per_row
+
+    per_row = asyncio.run(main())
+    assert 0.002 <= per_row < 0.02  # a sleep lasts at least what it was asked for
+
+
 # -- over HTTP --------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
