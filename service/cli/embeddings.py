@@ -26,8 +26,8 @@ from service.cli.output import (
 
 embeddings_app = typer.Typer(help="Embedding sets (a model's latents of a dataset).",
                              no_args_is_help=True)
-SET_COLUMNS = ["id", "model", "dataset", "status", "items", "dim", "index", "mean ELBO",
-               "mean log p(x)"]
+SET_COLUMNS = ["id", "model", "dataset", "status", "items", "dim", "vectors", "index",
+               "mean ELBO", "mean log p(x)"]
 
 
 def _set_rows(items: list[dict[str, Any]]) -> Iterator[list[Any]]:
@@ -36,6 +36,7 @@ def _set_rows(items: list[dict[str, Any]]) -> Iterator[list[Any]]:
     for e in items:
         s = e.get("stats") or {}
         yield [e["id"], e["model_id"], e["dataset_id"], e["status"], e["n_items"], e["dim"],
+               e.get("vector_type", "vector"),
                e["index_status"] + build_note(e["index_status"], e.get("index_build")),
                fmt(s.get("mean_elbo")), fmt(s.get("mean_log_px"))]
 

@@ -579,6 +579,7 @@ async function setView(main, id) {
      ["dataset", h("a", { href: `#/datasets/${es.dataset_id}` }, es.dataset_id)],
      ["status / index", `${es.status} / ${indexText(es)}`], ["index build", buildText(es.index_build)],
      ["items", es.n_items],
+     ["vectors", `${es.dim}-d ${es.vector_type === "halfvec" ? "halfvec (float16)" : "vector (float32)"}`],
      ["mean ELBO", fmt(st.mean_elbo)],
      ["mean log p(x)", `${fmt(st.mean_log_px)} ± ${fmt(st.mean_log_px_se)} (K = ${es.importance_samples})`],
      ["figure", st.likelihood_kind || "–"],

@@ -236,7 +236,7 @@ def test_an_index_builds_progress_and_a_graph_that_did_not_fit_are_shown(stack, 
     page.route("**/v1/embeddings?limit=100", lambda r: patch(
         r, {"index_status": "building", "index_build": running}))
     page.route(f"**/v1/embeddings/{set_id}", lambda r: patch(
-        r, {"index_status": "ready", "index_build": ended}))
+        r, {"index_status": "ready", "index_build": ended, "vector_type": "halfvec"}))
     try:
         page.goto(f"{up.url}/ui/#/embeddings")
         ready(page)
@@ -246,6 +246,8 @@ def test_an_index_builds_progress_and_a_graph_that_did_not_fit_are_shown(stack, 
         ready(page)
         summary = page.inner_text("dl.summary")
         assert "ready (graph did not fit in memory)" in summary
+        assert f"{client.get(f'/v1/embeddings/{set_id}').json()['dim']}-d halfvec (float16)" in (
+            summary)
         assert ("1 process(es), 1 MiB given, 4 MiB needed (did not fit: spilled to disk "
                 "after 1248 tuples), 2.5 s, 3.1 MiB on disk") in summary
     finally:

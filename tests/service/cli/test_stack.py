@@ -5,6 +5,7 @@ force over the exported latents). The last test stops the stack and starts it ag
 import collections
 import json
 import os
+import re
 import signal
 import stat
 import time
@@ -356,6 +357,10 @@ def test_listings_and_ndjson_export(data_dir, trained, exported, tmp_path):
         np.testing.assert_allclose(r["mu"], by_key[r["key"]]["mu"], rtol=1e-6)
     human = cli(data_dir, "embeddings", "list")
     assert human.returncode == 0 and "ready" in human.stdout
+    cells = [[c.strip() for c in re.split("[│┃]", line)] for line in human.stdout.splitlines()]
+    header = next(c for c in cells if "vectors" in c)
+    row = next(c for c in cells if c[1:2] == [str(trained["set_id"])])
+    assert row[header.index("vectors")] == "vector"  # the set's vector_type, its own column
 
 
 def test_sweep_and_config_file_become_the_right_jobs(data_dir, trained, tmp_path):
