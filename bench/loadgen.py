@@ -5,6 +5,10 @@ client's work is not counted against the server's event loop.
 and read each answer whole (status line, Content-Length, body). Prints one JSON line:
 requests/s, p50 and p99 in ms, requests, and the first answer's body length.
 
+`--client httpx` sends the same requests with an ordinary client instead (one
+`httpx.Client` per connection, in a thread each): what a Python caller of the service
+sees, with the client's own parsing and copying counted.
+
     python bench/loadgen.py --port P --path /v1/models/1/decode --body z.npy \
         --header 'Authorization: Bearer ...' --header 'Content-Type: application/x-npy' \
         --clients 64 --seconds 5
@@ -48,6 +52,53 @@ async def connection(host: str, port: int, request: bytes, stop: float,
         writer.close()
 
 
+def with_httpx(args: argparse.Namespace) -> dict[str, float]:
+    import threading
+
+    import httpx
+
+    with open(args.body, "rb") as f:
+        body = f.read()
+    headers = dict(h.split(": ", 1) for h in args.header)
+    url = f"http://{args.host}:{args.port}{args.path}"
+    latencies: list[float] = []
+    sizes: list[int] = []
+    errors: list[BaseException] = []
+
+    def connection(stop: float, out: list[float]) -> None:
+        try:
+            answer_all(stop, out)
+        except BaseException as exc:  # a thread's error would otherwise go unseen
+            errors.append(exc)
+
+    def answer_all(stop: float, out: list[float]) -> None:
+        with httpx.Client(headers=headers, timeout=30) as client:
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                answer = client.post(url, content=body)
+                if answer.status_code != 200:
+                    raise RuntimeError(f"answer {answer.status_code}: {answer.text[:300]}")
+                out.append(time.perf_counter() - t0)
+                if not sizes:
+                    sizes.append(len(answer.content))
+
+    answer_all(time.perf_counter() + 0.3, [])
+    stop = time.perf_counter() + args.seconds
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=connection, args=(stop, latencies))
+               for _ in range(args.clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    elapsed = time.perf_counter() - t0
+    ms = 1000 * np.asarray(latencies)
+    return {"rps": len(latencies) / elapsed, "p50": float(np.percentile(ms, 50)),
+            "p99": float(np.percentile(ms, 99)), "n": len(latencies), "bytes": sizes[0]}
+
+
 async def run(args: argparse.Namespace) -> dict[str, float]:
     with open(args.body, "rb") as f:
         request = request_bytes(args.host, args.port, args.path, args.header, f.read())
@@ -74,7 +125,11 @@ def main() -> None:
     parser.add_argument("--header", action="append", default=[])
     parser.add_argument("--clients", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--client", choices=("lean", "httpx"), default="lean")
     args = parser.parse_args()
+    if args.client == "httpx":
+        print(json.dumps(with_httpx(args)))
+        return
     try:
         from uvloop import run as run_loop
     except ImportError:

@@ -8,12 +8,18 @@ request batching, with it (no delay) and with a 2 ms delay. The load client
 The baseline is one caller running the same `.onnx` file with the same onnxruntime
 settings in this process. Client and server share this machine's cores.
 
+Last, the `.npy` decode at batch 256 against its serial bound 1 / (1/floor + 1/direct)
+(floor: the bare round trip of the same bytes from an ASGI app that does nothing; direct:
+onnxruntime alone), with the lean client and with httpx, beside a framework-free server
+running the same session (`minimal_app`), in alternating rounds.
+
     python bench/serve.py [--quick] [--seconds S]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -21,7 +27,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -80,27 +88,62 @@ def echo_app() -> object:
     return app
 
 
-def echo_floor(tmp: str, body: str, answer_bytes: int, seconds: float) -> dict[str, float]:
-    """The load client against `echo_app` answering `answer_bytes`."""
+def minimal_app() -> object:
+    """A framework-free decode server (uvicorn, same flags as the API): reads the .npy
+    body, runs the decoder at LATENTBANK_BENCH_DECODER on the event loop with the API's
+    session settings, answers the .npy. No key, no limits, no checks, no metrics: what a
+    Python server of this loop, this client and this model reaches here, the reference
+    between the serial bound and the service."""
+    import onnxruntime as ort
+
+    from service.api.codecs import load_npy, npy_header
+    from service.api.inference import _session_options
+
+    session = ort.InferenceSession(os.environ["LATENTBANK_BENCH_DECODER"],
+                                   _session_options(0), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs() if o.name != "logits"]
+
+    async def app(scope: dict, receive, send) -> None:
+        if scope["type"] != "http":
+            return
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        x = session.run(names, {"z": load_npy(b"".join(chunks), "z")})[0]
+        head = npy_header(x.dtype, x.shape)
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"application/x-npy"),
+            (b"content-length", str(len(head) + x.nbytes).encode())]})
+        await send({"type": "http.response.body", "body": head, "more_body": True})
+        await send({"type": "http.response.body", "body": memoryview(x.reshape(-1).view(np.uint8))})
+
+    return app
+
+
+@contextlib.contextmanager
+def asgi_server(app: str, extra: dict[str, str]) -> Iterator[int]:
+    """One of this file's apps under uvicorn (the API's flags); yields its port."""
     from service.cli.ports import free_port
 
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "bench.serve:echo_app", "--port",
+        [sys.executable, "-m", "uvicorn", "--factory", f"bench.serve:{app}", "--port",
          str(port), "--log-level", "warning", "--no-access-log"],
-        env={**os.environ, "LATENTBANK_BENCH_ANSWER_BYTES": str(answer_bytes)}, cwd=ROOT,
+        env={**os.environ, **extra}, cwd=ROOT,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while True:
             try:
                 httpx.post(f"http://127.0.0.1:{port}/", timeout=2)
                 break
             except httpx.TransportError:
-                if time.monotonic() > deadline:
+                if time.monotonic() > deadline or proc.poll() is not None:
                     raise
                 time.sleep(0.1)
-        return load(port, "-", 0, body, False, 1, seconds)
+        yield port
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -113,14 +156,16 @@ def npy(array: np.ndarray) -> bytes:
 
 
 def load(port: int, key: str, model_id: int, body: str, json_in: bool, clients: int,
-         seconds: float) -> dict[str, float]:
-    """requests/s, p50 and p99 ms of `clients` connections, from a client process."""
+         seconds: float, client: str = "lean") -> dict[str, float]:
+    """requests/s, p50 and p99 ms of `clients` connections, from a client process
+    (bench/loadgen.py's own lean client, or httpx)."""
     kind = "application/json" if json_in else "application/x-npy"
     out = subprocess.run(
         [sys.executable, os.path.join(ROOT, "bench", "loadgen.py"), "--port", str(port),
          "--path", f"/v1/models/{model_id}/decode", "--body", body,
          "--header", f"Authorization: Bearer {key}", "--header", f"Content-Type: {kind}",
-         "--header", f"Accept: {kind}", "--clients", str(clients), "--seconds", str(seconds)],
+         "--header", f"Accept: {kind}", "--clients", str(clients), "--seconds", str(seconds),
+         "--client", client],
         check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -189,6 +234,29 @@ def main() -> None:
             server.cleanup()
 
 
+def serial_bound(port: int, key: str, model_id: int, decoder: str, body: str,
+                 seconds: float, rounds: int = 6) -> dict[str, list[dict[str, Any]]]:
+    """Per client, `rounds` rounds of four measurements back to back: onnxruntime direct
+    at batch 256, the bare round trip of the same bytes (`echo_app`), the framework-free
+    server (`minimal_app`) and the served decode; each round's bound
+    1 / (1/floor + 1/direct) and the shares of it. Short cells in many rounds, and ratios
+    taken within a round, because this machine's speed drifts by a third between cells."""
+    runs: dict[str, list[dict[str, Any]]] = {"lean": [], "httpx": []}
+    with asgi_server("echo_app", {"LATENTBANK_BENCH_ANSWER_BYTES": "802944"}) as echo, \
+            asgi_server("minimal_app", {"LATENTBANK_BENCH_DECODER": decoder}) as minimal:
+        for _ in range(rounds):
+            for client, out in runs.items():
+                base = direct(decoder, 256, seconds)
+                floor = load(echo, "-", 0, body, False, 1, seconds, client)
+                least = load(minimal, "-", 0, body, False, 1, seconds, client)
+                served = load(port, key, model_id, body, False, 1, seconds, client)
+                bound = 1 / (1 / base + 1 / floor["rps"])
+                out.append({"direct": base, "floor": floor, "minimal": least,
+                            "served": served, "bound": bound, "share": served["rps"] / bound,
+                            "minimal_share": least["rps"] / bound})
+    return runs
+
+
 SERVERS = {"no batching": {"LATENTBANK_DECODE_BATCHING": "false"},
            "batching": {},
            "batching, 2 ms delay": {"LATENTBANK_DECODE_MAX_DELAY_MS": "2"}}
@@ -220,7 +288,8 @@ def run(env: dict[str, str], tmp: str, model_id: int, decoder: str, key: str,
         crowd = {name: load(port, key, model_id, bodies[1, "npy"], False, 64, seconds)
                  for name, port in ports.items()}
         old_json = old_json_codec(256, seconds)
-        floor = echo_floor(tmp, bodies[256, "npy"], 802_944, seconds)  # the .npy answer
+        bounds = serial_bound(ports["batching"], key, model_id, decoder, bodies[256, "npy"],
+                              min(seconds, 1.5))
     finally:
         for proc in procs:
             proc.terminate()
@@ -239,14 +308,33 @@ def run(env: dict[str, str], tmp: str, model_id: int, decoder: str, key: str,
     for name, c in crowd.items():
         print(f"{name:<22} {c['rps']:>8.0f} {c['p50']:>7.2f} {c['p99']:>7.2f} "
               f"{c['rps'] / crowd['no batching']['rps']:>7.2f}")
-    # a request costs at least the bare round trip plus the decoder's own time
-    bound = 1 / (1 / rows[2][1] + 1 / floor["rps"]) / rows[2][1]
-    print(f"\nbatch 256 .npy: the bare HTTP round trip of the same bytes (an ASGI app that "
-          f"does nothing) runs {floor['rps']:.0f} req/s, p50 {floor['p50']:.2f} ms; with "
-          f"onnxruntime's own time added, no server here can pass {bound:.2f} of direct")
+    print("\nbatch 256 .npy, one client: the decode against its serial bound, "
+          "1 / (1/floor + 1/direct): floor = the bare round trip of the same bytes (an ASGI "
+          "app that does nothing) with the same client, direct = onnxruntime alone; each "
+          "round measures them back to back")
+    print("minimal = a framework-free server (bench/serve.py minimal_app) running the "
+          "same session inline: no key, limits, checks or metrics")
+    print(f"{'client':<7} {'round':>5} {'direct/s':>9} {'floor/s':>8} {'bound/s':>8} "
+          f"{'minimal/s':>9} {'/bound':>7} {'served/s':>9} {'p50 ms':>7} {'/bound':>7} "
+          f"{'/minimal':>8}")
+    shares = {}
+    for client, runs in bounds.items():
+        for i, r in enumerate(runs, 1):
+            print(f"{client:<7} {i:>5} {r['direct']:>9.0f} {r['floor']['rps']:>8.0f} "
+                  f"{r['bound']:>8.0f} {r['minimal']['rps']:>9.0f} "
+                  f"{r['minimal_share']:>7.2f} {r['served']['rps']:>9.0f} "
+                  f"{r['served']['p50']:>7.2f} {r['share']:>7.2f} "
+                  f"{r['served']['rps'] / r['minimal']['rps']:>8.2f}")
+        shares[client] = float(np.median([r["share"] for r in runs]))
+        print(f"{client:<7} median: served {shares[client]:.2f} of the bound, minimal "
+              f"{np.median([r['minimal_share'] for r in runs]):.2f}, served "
+              f"{np.median([r['served']['rps'] / r['minimal']['rps'] for r in runs]):.2f} "
+              "of minimal")
     print(f"JSON codec as it was (batch 256, in this process): {old_json:.1f} req/s; "
           f"JSON over HTTP now {cells[256, 'json']['rps'] / old_json:.1f}x that")
     record("serve: .npy batch 256 / onnxruntime direct", rows[2][2]["rps"] / rows[2][1], 0.7)
+    for client, share in shares.items():
+        record(f"serve: .npy batch 256 / its serial bound ({client} client)", share, 0.85)
     record("serve: JSON batch 256 / the old JSON codec alone",
            cells[256, "json"]["rps"] / old_json, 10)
     record("serve: batch 1, one client, req/s", cells[1, "npy"]["rps"], 1000)
