@@ -131,6 +131,28 @@ class BatchPolicy:
     inline_max_s: float = 0.0
 
 
+class Busy:
+    """onnxruntime calls running in this process, in any thread: each session may take
+    every core, so a lone call runs on the event loop only while none is."""
+
+    def __init__(self) -> None:
+        self._calls = 0
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> Busy:
+        with self._lock:
+            self._calls += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._calls -= 1
+
+    @property
+    def idle(self) -> bool:
+        return self._calls == 0
+
+
 class Observer:
     """Where a model's queue reports: rows per onnxruntime call, each request's wait in
     the queue, and each request's queue-plus-call time."""
@@ -148,8 +170,13 @@ class Batcher:
 
     def __init__(self, run: Callable[[np.ndarray], list[np.ndarray]],
                  executor: ThreadPoolExecutor, policy: BatchPolicy,
-                 observer: Observer | None = None) -> None:
+                 observer: Observer | None = None, busy: Busy | None = None,
+                 inline: bool = True) -> None:
         self.run, self.executor, self.policy = run, executor, policy
+        # the process's onnxruntime calls in flight, and whether this session may run on
+        # the loop at all (CPU only: a CUDA call's first run at a new shape searches
+        # for its kernels, far beyond any estimate)
+        self.busy, self.inline = busy or Busy(), inline
         self.observer: Any = observer or Observer()
         self._pending: deque[tuple[np.ndarray, asyncio.Future[list[np.ndarray]], float]] = (
             deque())
@@ -157,22 +184,31 @@ class Batcher:
         self._draining = False
         self._full: asyncio.Event | None = None  # set when a delayed batch fills up
         self._task: asyncio.Task[None] | None = None
-        # seconds per row of this model's recent onnxruntime calls (None: none yet)
-        self.seconds_per_row: float | None = None
+        # seconds per row of recent calls, by row count's power of two (1, 2-3, 4-7, ...):
+        # a call's fixed cost weighs on small ones, so sizes are not mixed
+        self.per_row: dict[int, float] = {}
+
+    def learn(self, rows: int, seconds: float) -> None:
+        """Count a call of `rows` rows that took `seconds` into the estimate."""
+        size, per_row = max(1, rows).bit_length(), seconds / max(1, rows)
+        last = self.per_row.get(size)
+        self.per_row[size] = per_row if last is None else 0.8 * last + 0.2 * per_row
 
     def _timed(self, rows: np.ndarray) -> list[np.ndarray]:
-        started = time.perf_counter()
-        outputs = self.run(rows)
-        per_row = (time.perf_counter() - started) / max(1, len(rows))
-        last = self.seconds_per_row
-        self.seconds_per_row = per_row if last is None else 0.8 * last + 0.2 * per_row
+        with self.busy:
+            started = time.perf_counter()
+            outputs = self.run(rows)
+            seconds = time.perf_counter() - started
+        self.learn(len(rows), seconds)
         return outputs
 
     def _short(self, rows: int) -> bool:
-        """Whether a call of `rows` rows is expected to take less than inline_max_s."""
-        per_row = self.seconds_per_row
-        return (per_row is not None and self.policy.max_delay_s <= 0
-                and per_row * rows < self.policy.inline_max_s)
+        """Whether a call of `rows` rows may run on the loop: a CPU session, no delay
+        policy, no other onnxruntime call running in this process, and calls of this
+        size so far well under inline_max_s (no estimate for the size: no)."""
+        per_row = self.per_row.get(max(1, rows).bit_length())
+        return (self.inline and per_row is not None and self.policy.max_delay_s <= 0
+                and self.busy.idle and per_row * rows < self.policy.inline_max_s)
 
     async def __call__(self, rows: np.ndarray) -> list[np.ndarray]:
         loop = asyncio.get_running_loop()
@@ -189,9 +225,10 @@ class Batcher:
                 try:  # one turn of the loop: requests already under way join the queue
                     await asyncio.sleep(0)
                 except BaseException:  # cancelled: the queue is not left without a drain
+                    future.cancel()  # and the drain skips these rows
                     self._task = loop.create_task(self._drain())
                     raise
-                if len(self._pending) == 1:  # alone: run here, no thread hand-off
+                if len(self._pending) == 1 and self._short(len(rows)):  # alone, still idle
                     self._pending.popleft()
                     self._rows -= len(rows)
                     self._draining = False
@@ -267,6 +304,7 @@ class Inference:
         self.sessions, self.policy = sessions, policy
         self.observer = observer or (lambda model_id, role: Observer())
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="onnx")
+        self.busy = Busy()  # every onnxruntime call of this process's models
         # each queue with its session's output names
         self._batchers: OrderedDict[tuple[int, str, str], tuple[Batcher, list[str]]] = (
             OrderedDict())
@@ -301,8 +339,9 @@ class Inference:
             def call(x: np.ndarray, loaded: Loaded = loaded) -> list[np.ndarray]:
                 return loaded.session.run(names, {loaded.input_name: x})
 
-            queue = (Batcher(call, self.executor, self.policy, self.observer(model_id, role)),
-                     names)
+            on_cpu = loaded.session.get_providers()[:1] == ["CPUExecutionProvider"]
+            queue = (Batcher(call, self.executor, self.policy, self.observer(model_id, role),
+                             self.busy, inline=on_cpu), names)
             self._batchers[key] = queue
             while len(self._batchers) > 4 * self.sessions.capacity:
                 self._batchers.popitem(last=False)

@@ -287,7 +287,8 @@ def _score_rows(svc: Services, model: Model, x: np.ndarray, mu: np.ndarray,
     config = VAEConfig.from_dict(model.config["model"])
 
     def decode(z: np.ndarray) -> dict[str, np.ndarray]:
-        outputs = loaded.session.run(loaded.output_names, {loaded.input_name: z})
+        with svc.inference.busy:  # no serving call runs on the event loop meanwhile
+            outputs = loaded.session.run(loaded.output_names, {loaded.input_name: z})
         return dict(zip(loaded.output_names, outputs, strict=True))
 
     scores = score_items(decode, x, mu, logvar, config, importance_samples,

@@ -176,9 +176,9 @@ def test_an_error_reaches_every_caller_of_its_batch_and_the_queue_goes_on():
 
 
 def test_a_lone_short_call_runs_on_the_event_loop_and_a_crowd_is_still_batched():
-    """With inline_max_s set, a lone call whose estimated time is under it runs on the
-    loop's own thread; calls made together still make one batch in a worker thread; a
-    call estimated longer, or with no estimate yet, goes to the thread."""
+    """With inline_max_s set, a lone call whose size's calls so far took under it runs on
+    the loop's own thread; calls made together still make one batch in a worker thread;
+    a call of a size never run, or estimated longer, goes to the thread."""
     import threading
 
     threads = []
@@ -191,33 +191,70 @@ def test_a_lone_short_call_runs_on_the_event_loop_and_a_crowd_is_still_batched()
         seen = Seen()
         with ThreadPoolExecutor(1, thread_name_prefix="onnx") as pool:
             batcher = Batcher(where, pool, BatchPolicy(inline_max_s=0.002), seen)
-            first = await batcher(np.ones((4, 3), np.float32))  # no estimate: a thread
-            batcher.seconds_per_row = 1e-5  # 40 rows ~ 0.4 ms: under the 2 ms
+            first = await batcher(np.ones((40, 3), np.float32))  # no estimate: a thread
+            batcher.learn(40, 0.0004)  # 40 rows in 0.4 ms: under the 2 ms
+            batcher.learn(1, 0.00005)
             lone = await batcher(np.full((40, 3), 3, np.float32))
             crowd = await gather_calls(batcher, [1] * 6)
-            long = await batcher(np.zeros((1000, 3), np.float32))  # ~10 ms expected
-        return seen, first, lone, crowd, long
+            unknown = await batcher(np.zeros((1000, 3), np.float32))  # a size never timed
+            batcher.learn(1000, 0.01)  # 10 ms a call of this size
+            long = await batcher(np.zeros((1000, 3), np.float32))
+        return seen, first, lone, crowd, unknown, long
 
-    seen, first, lone, (inputs, outputs), long = asyncio.run(main())
+    seen, first, lone, (inputs, outputs), unknown, long = asyncio.run(main())
     assert threads[0].startswith("onnx") and threads[1] == "MainThread"
-    np.testing.assert_array_equal(first[0], np.full((4, 3), 3))
+    np.testing.assert_array_equal(first[0], np.full((40, 3), 3))
     np.testing.assert_array_equal(lone[0], np.full((40, 3), 7))
     for x, (doubled,) in zip(inputs, outputs, strict=True):
         np.testing.assert_array_equal(doubled, 2 * x + 1)
     # the six together: one call of six rows, in the thread (the first of them found
     # the others queued after its turn of the loop)
     assert seen.batches[2] == 6 and threads[2].startswith("onnx")
-    assert seen.batches[3] == 1000 and threads[3].startswith("onnx")
+    assert seen.batches[3:] == [1000, 1000] and all(t.startswith("onnx") for t in threads[3:])
+    np.testing.assert_array_equal(unknown[0], np.ones((1000, 3)))
     np.testing.assert_array_equal(long[0], np.ones((1000, 3)))
-    assert len(threads) == 4
+    assert len(threads) == 5
+
+
+def test_no_call_runs_on_the_loop_while_another_runs_or_for_a_gpu_session():
+    """Another onnxruntime call in flight in this process (any model, /score's) sends a
+    lone call to the thread, and so does a session that is not on the CPU."""
+    import threading
+
+    threads = []
+
+    def where(x):
+        threads.append(threading.current_thread().name)
+        return [x]
+
+    async def main():
+        with ThreadPoolExecutor(1, thread_name_prefix="onnx") as pool:
+            on_cpu = Batcher(where, pool, BatchPolicy(inline_max_s=1.0))
+            on_gpu = Batcher(where, pool, BatchPolicy(inline_max_s=1.0), inline=False)
+            for batcher in (on_cpu, on_gpu):
+                batcher.learn(2, 1e-6)
+            await on_cpu(np.ones((2, 1), np.float32))  # idle: on the loop
+            with on_cpu.busy:  # another call running
+                await on_cpu(np.ones((2, 1), np.float32))
+            await on_gpu(np.ones((2, 1), np.float32))
+
+    asyncio.run(main())
+    assert threads[0] == "MainThread"
+    assert threads[1].startswith("onnx") and threads[2].startswith("onnx")
 
 
 def test_a_lone_call_cancelled_in_its_turn_of_the_loop_leaves_the_queue_working():
+    calls = []
+
+    def counted(x):
+        calls.append(len(x))
+        return affine(x)
+
     async def main():
         with ThreadPoolExecutor(1) as pool:
-            batcher = Batcher(affine, pool, BatchPolicy(inline_max_s=1.0))
-            batcher.seconds_per_row = 1e-6
-            task = asyncio.ensure_future(batcher(np.ones((1, 3), np.float32)))
+            batcher = Batcher(counted, pool, BatchPolicy(inline_max_s=1.0))
+            batcher.learn(5, 1e-6)
+            task = asyncio.ensure_future(batcher(np.ones((5, 3), np.float32)))
             await asyncio.sleep(0)  # the call is in its turn of the loop
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -227,9 +264,10 @@ def test_a_lone_call_cancelled_in_its_turn_of_the_loop_leaves_the_queue_working(
     doubled, total = asyncio.run(main())
     np.testing.assert_array_equal(doubled, np.full((2, 3), 5))
     np.testing.assert_array_equal(total, np.full((2, 1), 6))
+    assert calls == [2]  # the cancelled call's rows were never computed
 
 
-def test_the_estimate_follows_the_calls():
+def test_the_estimate_follows_the_calls_size_by_size():
     import time
 
     def slow(x):
@@ -240,10 +278,11 @@ def test_the_estimate_follows_the_calls():
         with ThreadPoolExecutor(1) as pool:
             batcher = Batcher(slow, pool, BatchPolicy(inline_max_s=0.001))
             await batcher(np.ones((3, 1), np.float32))
-            return batcher.seconds_per_row
+            return batcher.per_row
 
     per_row = asyncio.run(main())
-    assert 0.002 <= per_row < 0.02  # a sleep lasts at least what it was asked for
+    assert list(per_row) == [2]  # 3 rows: the 2-3 size
+    assert 0.002 <= per_row[2] < 0.02  # a sleep lasts at least what it was asked for
 
 
 # -- over HTTP --------------------------------------------------------------------------
