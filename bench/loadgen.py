@@ -52,6 +52,12 @@ async def connection(host: str, port: int, request: bytes, stop: float,
         writer.close()
 
 
+def summary(latencies: list[float], elapsed: float, sizes: list[int]) -> dict[str, float]:
+    ms = 1000 * np.asarray(latencies)
+    return {"rps": len(latencies) / elapsed, "p50": float(np.percentile(ms, 50)),
+            "p99": float(np.percentile(ms, 99)), "n": len(latencies), "bytes": sizes[0]}
+
+
 def with_httpx(args: argparse.Namespace) -> dict[str, float]:
     import threading
 
@@ -67,22 +73,22 @@ def with_httpx(args: argparse.Namespace) -> dict[str, float]:
 
     def connection(stop: float, out: list[float]) -> None:
         try:
-            answer_all(stop, out)
+            with httpx.Client(headers=headers, timeout=30) as client:
+                while time.perf_counter() < stop:
+                    t0 = time.perf_counter()
+                    answer = client.post(url, content=body)
+                    if answer.status_code != 200:
+                        raise RuntimeError(f"answer {answer.status_code}: "
+                                           f"{answer.text[:300]}")
+                    out.append(time.perf_counter() - t0)
+                    if not sizes:
+                        sizes.append(len(answer.content))
         except BaseException as exc:  # a thread's error would otherwise go unseen
             errors.append(exc)
 
-    def answer_all(stop: float, out: list[float]) -> None:
-        with httpx.Client(headers=headers, timeout=30) as client:
-            while time.perf_counter() < stop:
-                t0 = time.perf_counter()
-                answer = client.post(url, content=body)
-                if answer.status_code != 200:
-                    raise RuntimeError(f"answer {answer.status_code}: {answer.text[:300]}")
-                out.append(time.perf_counter() - t0)
-                if not sizes:
-                    sizes.append(len(answer.content))
-
-    answer_all(time.perf_counter() + 0.3, [])
+    connection(time.perf_counter() + 0.3, [])  # warm-up
+    if errors:
+        raise errors[0]
     stop = time.perf_counter() + args.seconds
     t0 = time.perf_counter()
     threads = [threading.Thread(target=connection, args=(stop, latencies))
@@ -91,12 +97,10 @@ def with_httpx(args: argparse.Namespace) -> dict[str, float]:
         thread.start()
     for thread in threads:
         thread.join()
+    elapsed = time.perf_counter() - t0
     if errors:
         raise errors[0]
-    elapsed = time.perf_counter() - t0
-    ms = 1000 * np.asarray(latencies)
-    return {"rps": len(latencies) / elapsed, "p50": float(np.percentile(ms, 50)),
-            "p99": float(np.percentile(ms, 99)), "n": len(latencies), "bytes": sizes[0]}
+    return summary(latencies, elapsed, sizes)
 
 
 async def run(args: argparse.Namespace) -> dict[str, float]:
@@ -110,10 +114,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
     t0 = time.perf_counter()
     await asyncio.gather(*(connection(args.host, args.port, request, stop, latencies, sizes)
                            for _ in range(args.clients)))
-    elapsed = time.perf_counter() - t0
-    ms = 1000 * np.asarray(latencies)
-    return {"rps": len(latencies) / elapsed, "p50": float(np.percentile(ms, 50)),
-            "p99": float(np.percentile(ms, 99)), "n": len(latencies), "bytes": sizes[0]}
+    return summary(latencies, time.perf_counter() - t0, sizes)
 
 
 def main() -> None:
