@@ -538,7 +538,8 @@ async function setsView(main) {
       h("td", {}, h("a", { href: `#/embeddings/${e.id}` }, e.id)),
       h("td", {}, h("a", { href: `#/models/${e.model_id}` }, e.model_id)), h("td", {}, e.dataset_id),
       h("td", { class: `status-${e.status}` }, e.status), h("td", { class: "num" }, e.n_items),
-      h("td", {}, e.dim), h("td", {}, e.importance_samples),
+      h("td", { class: "dim" }, e.vector_type === "halfvec" ? `${e.dim} (halfvec)` : e.dim),
+      h("td", {}, e.importance_samples),
       h("td", { class: "index-status" }, indexText(e)),
       h("td", { class: "num" }, fmt((e.stats || {}).mean_log_px))))));
 }

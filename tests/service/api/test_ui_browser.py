@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from tests.support import Up, cli_json, free_port
+from tests.support.waiting import wait_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.stack, pytest.mark.timeout(900)]
 ROOT = Path(__file__).resolve().parents[3]
@@ -210,15 +211,30 @@ def test_a_click_in_the_scatter_shows_the_apis_neighbours(stack, browser, traine
     assert not errors, errors
 
 
+@pytest.fixture(scope="module")
+def a_set(stack, trained):
+    """The id of an embedding set of the trained model: one an earlier test made, else one
+    embedded here through the API (so a test that needs a set also runs alone)."""
+    client = stack["client"]
+    sets = client.get("/v1/embeddings", params={"model_id": trained["model_id"],
+                                                 "status": "ready"}).json()
+    if sets:
+        return sets[0]["id"]
+    dataset_id = client.get("/v1/datasets").json()[0]["id"]
+    job = wait_job(client, client.post("/v1/embedding-jobs", json={
+        "model_id": trained["model_id"], "dataset_id": dataset_id}).json()["id"])
+    assert job["status"] == "succeeded", job
+    return job["embedding_set_id"]
+
+
 def test_an_index_builds_progress_and_a_graph_that_did_not_fit_are_shown(stack, browser,
-                                                                          trained):
+                                                                          a_set):
     """The sets list and a set's page render what the API says of an index build: its
     share done while it runs, and what it was given and whether its graph fitted after.
     (The sets here are below the index threshold, so the API's answers are patched in
     the browser; the figures themselves are tested in tests/store/test_index_build.py.)"""
     page, errors = browser
-    up, client = stack["up"], stack["client"]
-    set_id = client.get("/v1/embeddings").json()[0]["id"]
+    up, client, set_id = stack["up"], stack["client"], a_set
     running = {"phase": "building index: loading tuples", "tuples_done": 450,
                "fraction": 0.45, "workers": 1, "memory_mb": 64, "needed_mb": 2, "fits": True}
     ended = {"phase": "done", "fraction": 1.0, "workers": 1, "workers_launched": 0,
@@ -234,7 +250,7 @@ def test_an_index_builds_progress_and_a_graph_that_did_not_fit_are_shown(stack, 
         route.fulfill(response=answer, json=body)
 
     page.route("**/v1/embeddings?limit=100", lambda r: patch(
-        r, {"index_status": "building", "index_build": running}))
+        r, {"index_status": "building", "index_build": running, "vector_type": "halfvec"}))
     page.route(f"**/v1/embeddings/{set_id}", lambda r: patch(
         r, {"index_status": "ready", "index_build": ended, "vector_type": "halfvec"}))
     try:
@@ -242,12 +258,13 @@ def test_an_index_builds_progress_and_a_graph_that_did_not_fit_are_shown(stack, 
         ready(page)
         cell = page.inner_text(f'tr[data-set-id="{set_id}"] .index-status')
         assert cell == "building 45 % (building index: loading tuples)"
+        dim = client.get(f"/v1/embeddings/{set_id}").json()["dim"]
+        assert page.inner_text(f'tr[data-set-id="{set_id}"] .dim') == f"{dim} (halfvec)"
         page.goto(f"{up.url}/ui/#/embeddings/{set_id}")
         ready(page)
         summary = page.inner_text("dl.summary")
         assert "ready (graph did not fit in memory)" in summary
-        assert f"{client.get(f'/v1/embeddings/{set_id}').json()['dim']}-d halfvec (float16)" in (
-            summary)
+        assert f"{dim}-d halfvec (float16)" in summary
         assert ("1 process(es), 1 MiB given, 4 MiB needed (did not fit: spilled to disk "
                 "after 1248 tuples), 2.5 s, 3.1 MiB on disk") in summary
     finally:
@@ -358,7 +375,8 @@ def test_every_page_works_under_its_own_csp(stack, browser, trained):
     evaluate code); a user's browser enforces it. Here it is enforced: each page renders
     and the browser reports no violation and no script error."""
     up, client = stack["up"], stack["client"]
-    sets = client.get("/v1/embeddings").json()
+    sets = client.get("/v1/embeddings", params={"model_id": trained["model_id"],
+                                                 "status": "ready"}).json()
     assert sets, "the scatter test made a set"
     pages = {"datasets": "#datasets-table tr[data-dataset-id] img.grid",
              "jobs": "#jobs-table tr[data-job-id]",
