@@ -70,14 +70,37 @@ def hba_checks_passwords(directory: Path) -> bool:
 
 
 def write_hba(directory: Path) -> None:
-    path = directory / "pg_hba.conf"
-    stat = path.stat() if path.exists() else None
-    tmp = path.with_name("pg_hba.conf.latentbank")
-    tmp.write_text(_HBA.format(secrets=embedded_secrets_dir(directory)))
-    tmp.chmod(0o600)
-    if stat is not None and os.geteuid() == 0:  # keep the server's own user as the owner
-        os.chown(tmp, stat.st_uid, stat.st_gid)
-    os.replace(tmp, path)
+    replace_file(directory / "pg_hba.conf",
+                 _HBA.format(secrets=embedded_secrets_dir(directory)), mode=0o600)
+
+
+def replace_file(path: Path, text: str, *, mode: int | None = None,
+                 like: Path | None = None) -> None:
+    """Write a server file whole (a temp file in its folder, fsync, rename: a crash leaves
+    the old or the new), with `mode` (else the mode of `like`, by default the file
+    replaced) and, when we run as root, the owner of `like` (pgserver's own user)."""
+    import contextlib
+    import tempfile
+
+    try:
+        model = (like or path).stat()
+    except FileNotFoundError:
+        model = None
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode if mode is not None
+                 else model.st_mode & 0o777 if model is not None else 0o600)
+        if model is not None and os.geteuid() == 0:
+            os.chown(tmp, model.st_uid, model.st_gid)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def set_superuser_password_offline(server: Any, directory: Path, password: str) -> None:

@@ -3,7 +3,6 @@ that owns it (`latentbank up`, a test fixture), and found running by any other."
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from pathlib import Path
@@ -13,6 +12,7 @@ from service.cli.embedded.errors import EmbeddedError, OldDataFolder, embedded_p
 from service.cli.embedded.passwords import (
     embedded_passwords,
     hba_checks_passwords,
+    replace_file,
     secure_embedded_postgres,
     set_superuser_password_offline,
     write_hba,
@@ -59,31 +59,11 @@ def write_memory_conf(directory: Path, buffers_mb: int) -> None:
     include = f"include_if_exists = '{MEMORY_CONF}'"
     text = conf.read_text()
     if include not in text.splitlines():
-        _replace(conf, text.rstrip("\n") + f"\n\n# latentbank: memory settings\n{include}\n")
-    _replace(directory / MEMORY_CONF,
-             "# written by latentbank each time it starts this folder "
-             f"(LATENTBANK_EMBEDDED_SHARED_BUFFERS_MB)\nshared_buffers = '{buffers_mb}MB'\n",
-             like=conf)
-
-
-def _replace(path: Path, text: str, like: Path | None = None) -> None:
-    import tempfile
-
-    model = (like or path).stat()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, model.st_mode & 0o777)
-        if os.geteuid() == 0:
-            os.chown(tmp, model.st_uid, model.st_gid)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        replace_file(conf, text.rstrip("\n") + f"\n\n# latentbank: memory settings\n{include}\n")
+    replace_file(directory / MEMORY_CONF,
+                 "# written by latentbank each time it starts this folder "
+                 f"(LATENTBANK_EMBEDDED_SHARED_BUFFERS_MB)\nshared_buffers = '{buffers_mb}MB'\n",
+                 like=conf)
 
 
 def pgdata_version(directory: Path) -> int | None:
