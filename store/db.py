@@ -229,13 +229,16 @@ def is_statement_timeout(exc: BaseException) -> bool:
     return getattr(orig, "sqlstate", None) == "57014"
 
 
-def analyze(db: Database, table: str) -> None:
+def analyze(db: Database, table: str, vacuum: bool = False) -> None:
     """Refresh planner statistics after a bulk load (else plans assume a tiny table):
-    `items`, or one set's partition of `latents` (`latents_set_<id>`)."""
+    `items`, or one set's partition of `latents` (`latents_set_<id>`). With `vacuum`,
+    VACUUM (ANALYZE): also sets the rows' hint bits and the visibility map in one pass,
+    which autovacuum would otherwise do later, at a time of its choosing (after a bulk
+    insert it reads and rewrites the whole table)."""
     if table != "items" and re.fullmatch(r"latents_set_[0-9]+", table) is None:
         raise ValueError(table)
     with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text(f"ANALYZE {table}"))
+        conn.execute(text(f"{'VACUUM (ANALYZE)' if vacuum else 'ANALYZE'} {table}"))
 
 
 def _register_vector(dbapi_connection: Any, record: Any, proxy: Any) -> None:

@@ -146,6 +146,26 @@ def test_a_parallel_build_reports_its_progress_on_the_set_and_keeps_its_figures(
     assert get_set(db, set_id).index_build["workers"] == 0
 
 
+def test_the_build_vacuums_the_new_rows_first_so_autovacuum_does_not_come_after_it(
+        db, tmp_path):
+    set_id, _ = make_set(db, tmp_path, "vacuumed", 3000, seed=5)
+    partition = f"latents_set_{set_id}"
+    build_index(db, set_id, Settings(data_dir=tmp_path / "data", exact_search_below=1000),
+                plan=BuildPlan(0, 64, 8), calibration_queries=5)
+    with db.engine.connect() as conn:
+        # last_vacuum is a VACUUM command's, never autovacuum's (last_autovacuum)
+        vacuumed = conn.execute(text(
+            "SELECT last_vacuum FROM pg_stat_user_tables WHERE relname = :t"),
+            {"t": partition}).scalar_one()
+        pages, visible = conn.execute(text(
+            "SELECT relpages, relallvisible FROM pg_class WHERE relname = :t"),
+            {"t": partition}).one()
+    assert vacuumed is not None
+    assert pages > 0 and visible == pages  # every page in the visibility map
+    build = get_set(db, set_id).index_build
+    assert build["phase"] == "done" and build["vacuum_seconds"] >= 0
+
+
 def test_the_plan_sizes_memory_from_the_set_and_workers_from_the_server(db, monkeypatch):
     monkeypatch.setattr("store.index_build.local_cores", lambda: 16)
     monkeypatch.setattr("store.index_build.shared_memory_mb", lambda: 12_000)
