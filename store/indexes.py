@@ -80,12 +80,12 @@ def build_index(db: Database, set_id: int, settings: Settings, m: int = 16,
     if es.n_items < settings.exact_search_below:
         analyze(db, partition_name(set_id))
         return IndexReport("skipped", written=_set_index(db, set_id, "skipped", None, owner))
-    vacuum_seconds = _vacuum(db, set_id)
     if owner is None:  # a direct build (tests, benches): no worker's lease holds the set
         with db.session() as s:
             s.execute(update(EmbeddingSet).where(EmbeddingSet.id == set_id).values(
                 index_status="building", hnsw_ef_search=None, index_build=None,
                 index_owner=None, index_lease_expires_at=None))
+    vacuum_seconds = _vacuum(db, set_id, owner)
     name, started = index_name(set_id), time.perf_counter()
     watches: list[IndexWatch] = []
     try:
@@ -113,14 +113,20 @@ def build_index(db: Database, set_id: int, settings: Settings, m: int = 16,
     return report
 
 
-def _vacuum(db: Database, set_id: int) -> float:
-    """VACUUM (ANALYZE) the set's partition before its build; returns the seconds it took.
+def _vacuum(db: Database, set_id: int, owner: str | None) -> float:
+    """VACUUM (ANALYZE) the set's partition before its build, its phase on the set while it
+    runs; returns the seconds it took.
 
     A new set's rows were just inserted, and autovacuum's insert threshold would send it
     through the whole partition later, at a time of its choosing, reading and rewriting
     every page (hint bits, the visibility map): at 10M rows that came right after the
     build, among the first searches (docs/operations/scaling-out.md). Done here it is one
     pass before the build, whose own heap scan then reads clean pages."""
+    with db.session() as s:
+        s.execute(update(EmbeddingSet).where(
+            EmbeddingSet.id == set_id, EmbeddingSet.index_status == "building",
+            EmbeddingSet.index_owner.is_not_distinct_from(owner)).values(
+                index_build={"phase": "vacuuming the new rows", "fraction": 0.0}))
     started = time.perf_counter()
     analyze(db, partition_name(set_id), vacuum=True)
     return round(time.perf_counter() - started, 1)

@@ -360,7 +360,7 @@ def _finish_append(ctx: Context, job: Any, set_id: int, owner: str,
 
 def _build_figures(build: dict[str, Any] | None) -> dict[str, Any]:
     """What the build was given and whether its graph fitted, for the set's stats."""
-    keys = ("workers", "memory_mb", "needed_mb", "fits", "index_mb")
+    keys = ("workers", "memory_mb", "needed_mb", "fits", "index_mb", "vacuum_seconds")
     return {k: build[k] for k in keys if k in build} if build else {}
 
 

@@ -124,7 +124,8 @@ def test_a_parallel_build_reports_its_progress_on_the_set_and_keeps_its_figures(
         time.sleep(0.05)
     builder.join()
     loading = [b for b in seen if b["phase"].startswith("building index")]
-    assert max(b["workers_launched"] for b in seen) == 1  # PostgreSQL started the worker
+    # (before the build, the partition's VACUUM: its phase alone)
+    assert max(b.get("workers_launched", 0) for b in seen) == 1  # PostgreSQL started it
     assert any(0 < b["fraction"] < 1 for b in loading), seen
     for b in loading:  # the share is the tuples loaded over the set's items
         assert b["fraction"] == pytest.approx(min(1.0, b["tuples_done"] / n), abs=1e-4)
@@ -146,12 +147,27 @@ def test_a_parallel_build_reports_its_progress_on_the_set_and_keeps_its_figures(
     assert get_set(db, set_id).index_build["workers"] == 0
 
 
-def test_the_build_vacuums_the_new_rows_first_so_autovacuum_does_not_come_after_it(
-        db, tmp_path):
+def test_the_build_vacuums_the_partition_before_it_builds_and_records_it(
+        db, tmp_path, monkeypatch):
+    import store.indexes
+
     set_id, _ = make_set(db, tmp_path, "vacuumed", 3000, seed=5)
-    partition = f"latents_set_{set_id}"
+    partition, seen = f"latents_set_{set_id}", []
+    analyze = store.indexes.analyze
+
+    def watched(db_, table, vacuum=False):  # what the set and the catalogue say meanwhile
+        with db.engine.connect() as conn:
+            seen.append((table, vacuum, get_set(db, set_id).index_build, conn.execute(text(
+                "SELECT count(*) FROM pg_indexes WHERE indexname = :i"),
+                {"i": index_name(set_id)}).scalar_one()))
+        analyze(db_, table, vacuum)
+
+    monkeypatch.setattr(store.indexes, "analyze", watched)
     build_index(db, set_id, Settings(data_dir=tmp_path / "data", exact_search_below=1000),
                 plan=BuildPlan(0, 64, 8), calibration_queries=5)
+    # one VACUUM (ANALYZE), before the index exists, its phase on the set meanwhile
+    assert seen == [(partition, True, {"phase": "vacuuming the new rows", "fraction": 0.0},
+                     0)]
     with db.engine.connect() as conn:
         # last_vacuum is a VACUUM command's, never autovacuum's (last_autovacuum)
         vacuumed = conn.execute(text(

@@ -29,7 +29,9 @@ class EmbeddingSetOut(BaseModel):
                           "leader), workers_launched (those PostgreSQL started), memory_mb "
                           "given, needed_mb by the graph, predicted_fits, fits (false: the "
                           "graph outgrew its memory after spilled_after tuples and was "
-                          "built partly on disk), seconds, index_mb once built")
+                          "built partly on disk), seconds, index_mb once built, "
+                          "vacuum_seconds (the partition's VACUUM (ANALYZE) before the "
+                          "build, phase 'vacuuming the new rows' while it runs)")
     stats: dict[str, Any] | None = None
     created_at: dt.datetime
     ready_at: dt.datetime | None = None
