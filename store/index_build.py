@@ -182,6 +182,18 @@ def reset_plan(conn: Connection) -> None:
         conn.invalidate()
 
 
+def write_build(db: Database, set_id: int, owner: str | None,
+                build: dict[str, Any]) -> bool:
+    """The set's `index_build`, while this build (`owner`; None: a direct build) still
+    holds it; whether it did."""
+    query = update(EmbeddingSet).where(EmbeddingSet.id == set_id,
+                                       EmbeddingSet.index_status == "building",
+                                       EmbeddingSet.index_owner.is_not_distinct_from(owner))
+    with db.session() as s:
+        return s.execute(query.values(index_build=build)
+                         .returning(EmbeddingSet.id)).first() is not None
+
+
 class IndexWatch:
     """While a build runs on `conn`: pgvector's notices caught (the one that says the graph
     outgrew its memory, with the tuple count), and from a thread every `interval` seconds
@@ -238,13 +250,7 @@ class IndexWatch:
                 "seconds": round(time.perf_counter() - self.started, 1), **extra}
 
     def write(self, progress: dict[str, Any]) -> bool:
-        query = update(EmbeddingSet).where(EmbeddingSet.id == self.set_id,
-                                           EmbeddingSet.index_status == "building",
-                                           EmbeddingSet.index_owner.is_not_distinct_from(
-                                               self.owner))
-        with self.db.session() as s:
-            return s.execute(query.values(index_build=self.state(**progress))
-                             .returning(EmbeddingSet.id)).first() is not None
+        return write_build(self.db, self.set_id, self.owner, self.state(**progress))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

@@ -26,6 +26,7 @@ from store.index_build import (
     plan_build,
     reset_plan,
     server_is_local,
+    write_build,
 )
 from store.jobs import OwnerCheck
 from store.partitions import partition_name
@@ -122,11 +123,7 @@ def _vacuum(db: Database, set_id: int, owner: str | None) -> float:
     every page (hint bits, the visibility map): at 10M rows that came right after the
     build, among the first searches (docs/operations/scaling-out.md). Done here it is one
     pass before the build, whose own heap scan then reads clean pages."""
-    with db.session() as s:
-        s.execute(update(EmbeddingSet).where(
-            EmbeddingSet.id == set_id, EmbeddingSet.index_status == "building",
-            EmbeddingSet.index_owner.is_not_distinct_from(owner)).values(
-                index_build={"phase": "vacuuming the new rows", "fraction": 0.0}))
+    write_build(db, set_id, owner, {"phase": "vacuuming the new rows", "fraction": 0.0})
     started = time.perf_counter()
     analyze(db, partition_name(set_id), vacuum=True)
     return round(time.perf_counter() - started, 1)
