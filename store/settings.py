@@ -262,6 +262,12 @@ class Settings(BaseSettings):
                                 "or ::1 without a key (a request that names a proxy in "
                                 "Forwarded/X-Forwarded-For is not one), anyone else with a "
                                 "read key; 'key' = a read key always; 'open' = anyone")
+    opentelemetry: bool = Field(
+        False, description="FastAPI's own OpenTelemetry spans, metrics and logs of each "
+                           "request, sent to the providers this process configures (e.g. "
+                           "`opentelemetry-instrument`); off, the API skips even the "
+                           "per-request check for a provider. /metrics does not depend on "
+                           "it")
     db_connect_timeout: int = Field(5, description="seconds to wait for a database connection")
     sql_reader_connection_limit: int = Field(
         8, ge=1, description="most simultaneous connections of the read-only SQL role "

@@ -183,6 +183,25 @@ def scope_table(routes: Sequence[Any]) -> list[tuple[frozenset[str], re.Pattern[
     return table
 
 
+_GROUP_NAME = re.compile(r"\(\?P<[A-Za-z_][A-Za-z0-9_]*>")
+
+
+def scope_patterns(table: Sequence[tuple[frozenset[str], re.Pattern[str], str]],
+                   ) -> dict[str, list[tuple[re.Pattern[str], str]]]:
+    """By method, the table as one pattern per scope, highest first: a request's scope is
+    one C-level match a scope instead of a Python loop over every route's pattern (the
+    loop cost the decode hot path about 30 us a request). Route patterns name their
+    groups (`(?P<model_id>...)`), which may repeat across routes: unnamed here."""
+    by_method: dict[str, dict[str, list[str]]] = {}
+    for methods, pattern, scope_name in table:
+        for method in methods:
+            by_method.setdefault(method, {}).setdefault(scope_name, []).append(
+                _GROUP_NAME.sub("(?:", pattern.pattern))
+    return {method: [(re.compile("|".join(f"(?:{p})" for p in sources[name])), name)
+                     for name in reversed(SCOPES) if name in sources]
+            for method, sources in by_method.items()}
+
+
 async def lookup(svc: Services, digest: str) -> tuple[int, set[str]] | None:
     """The key (id, scopes) whose secret hashes to `digest`, from the database, caching
     the answer either way."""
@@ -238,7 +257,7 @@ class Authenticate:
                      if settings.rate_limit_per_second > 0 else None)
         self.active = Slots(settings.max_concurrent_per_key)
         self.streams = Slots(settings.max_streams_per_key)
-        self._table: list[tuple[frozenset[str], re.Pattern[str], str]] | None = None
+        self._scopes: dict[str, list[tuple[re.Pattern[str], str]]] | None = None
         self.refused = services.metrics.auth_refusals
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -340,15 +359,13 @@ class Authenticate:
 
     def _required(self, scope: dict[str, Any]) -> str:
         """The scope the matched route's `require` names (read when none asks more)."""
-        if self._table is None:
-            self._table = scope_table(self.routes)
-        method, path = scope["method"], scope["path"]
-        needed = "read"
-        for methods, pattern, scope_name in self._table:
-            if (method in methods and pattern.match(path)
-                    and SCOPES.index(scope_name) > SCOPES.index(needed)):
-                needed = scope_name
-        return needed
+        if self._scopes is None:
+            self._scopes = scope_patterns(scope_table(self.routes))
+        path = scope["path"]
+        for pattern, scope_name in self._scopes.get(scope["method"], ()):
+            if pattern.match(path):
+                return scope_name
+        return "read"
 
     async def _refuse(self, scope: dict[str, Any], send: Any, refusal: Refusal) -> None:
         """The error, sent without receiving anything: the body stays unread, and a

@@ -3,6 +3,7 @@ and written with one, and the media types a request sends and accepts."""
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -114,8 +115,12 @@ def media_type(request: Request) -> str:
 
 def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
     """The .npy (version 1.0) header for a C-ordered array: what np.save writes."""
-    text = (f"{{'descr': '{dtype.str}', 'fortran_order': False, "
-            f"'shape': {tuple(int(d) for d in shape)!r}, }}")
+    return _npy_header(dtype.str, tuple(map(int, shape)))
+
+
+@functools.lru_cache(maxsize=256)  # a served model answers the same few shapes
+def _npy_header(descr: str, shape: tuple[int, ...]) -> bytes:
+    text = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape!r}, }}"
     pad = -(10 + len(text) + 1) % 64
     text = text + " " * pad + "\n"
     return _NPY_MAGIC + b"\x01\x00" + len(text).to_bytes(2, "little") + text.encode("latin1")

@@ -547,6 +547,42 @@ def test_every_route_that_requires_a_scope_is_one_the_layer_guards(api):
     assert {needed for *_, needed in table} == {"write", "admin"} and len(table) >= 12
 
 
+def test_the_scope_patterns_answer_as_a_loop_over_the_route_table_does(api):
+    """The layer matches one combined pattern a method and scope; a loop over every route's
+    own pattern, taking the highest scope that matches, must agree for every route's path
+    (its parameters filled in), for paths no route has, and for every method."""
+    from service.api.auth import scope_patterns, scope_table
+    from store.keys import SCOPES
+
+    table = scope_table(api.server.config.app.router.routes)
+    patterns = scope_patterns(table)
+
+    def by_loop(method: str, path: str) -> str:
+        found = [needed for methods, pattern, needed in table
+                 if method in methods and pattern.match(path)]
+        return max(found, key=SCOPES.index, default="read")
+
+    def by_patterns(method: str, path: str) -> str:
+        return next((needed for pattern, needed in patterns.get(method, ())
+                     if pattern.match(path)), "read")
+
+    # each route's own path, its parameters filled in; the same one level deeper; others
+    paths = {re.sub(r"\(\?P<[^>]+>[^)]*\)", "7", pattern.pattern.strip("^$"))
+             for _, pattern, _ in table}
+    paths |= {path + "/extra" for path in paths} | {"/v1/keys", "/v1/nothing", "/v1/models/7",
+                                                   "/v1/models/x/decode", "/metrics", "/v1"}
+    answers = {(m, p): by_loop(m, p) for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+               for p in paths}
+    assert {"read", "write", "admin"} <= set(answers.values())
+    assert {k: by_patterns(*k) for k in answers} == answers
+    # where two scopes' routes match one path (none here yet), the higher one answers
+    table = [(frozenset({"POST"}), re.compile(r"^/v1/a/(?P<x>[^/]+)$"), "write"),
+             (frozenset({"POST"}), re.compile(r"^/v1/a/(?P<x>b)$"), "admin")]
+    patterns = scope_patterns(table)
+    assert [by_patterns("POST", p) for p in ("/v1/a/b", "/v1/a/c", "/v1/a")] == [
+        "admin", "write", "read"]
+
+
 def test_loopback_and_address_rules():
     assert is_loopback("127.0.0.1") and is_loopback("127.3.4.5") and is_loopback("::1")
     assert is_loopback("::ffff:127.0.0.1")

@@ -37,6 +37,8 @@ def test_npy_bytes_reads_back_with_numpy(array):
     assert got.dtype == array.dtype and got.shape == array.shape
     np.testing.assert_array_equal(got, array)
     assert (len(npy_bytes(array)) - array.nbytes) % 64 == 0  # numpy's header alignment
+    # byte for byte what np.save writes, also when the header comes from the cache
+    assert npy_bytes(array) == npy_bytes(array.copy()) == npy(np.require(array, None, "C"))
 
 
 @pytest.mark.parametrize("array", [
@@ -399,3 +401,23 @@ def test_serving_metrics_are_per_model(served_model, keys):
         assert float(line.split()[-1]) >= 3
     assert ('latentbank_http_request_duration_seconds_count{method="POST",'
             'route="/v1/models/{model_id}/decode",status="200"}') in text
+
+
+def test_fastapis_own_telemetry_is_off_unless_the_setting_asks_for_it():
+    """No OpenTelemetry provider is configured here, so FastAPI's check for one is all the
+    hot path would pay; off, not even that. On, FastAPI's defaults stand."""
+    import inspect
+
+    from fastapi import FastAPI
+
+    from service.api.app import _telemetry
+    from store.settings import Settings
+
+    assert Settings().opentelemetry is False and _telemetry(True) == {}
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        assert _telemetry(False) == {}  # a FastAPI without it: nothing to turn off
+        return
+    off = FastAPI(**_telemetry(False))._native_telemetry.config
+    on = FastAPI(**_telemetry(True))._native_telemetry.config
+    assert not any(off[k] for k in ("tracing", "metrics", "logs", "operation_spans"))
+    assert all(on[k] for k in ("tracing", "metrics", "logs"))
