@@ -20,7 +20,9 @@ import argparse
 import asyncio
 import json
 import re
+import socket
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -50,6 +52,57 @@ async def connection(host: str, port: int, request: bytes, stop: float,
                 sizes.append(len(body))
     finally:
         writer.close()
+
+
+def caller(kind: str, host: str, port: int, path: str, headers: list[str],
+           body: bytes) -> Callable[[], None]:
+    """One keep-alive connection as a function that sends the request and reads its answer
+    whole: for paired measurements, where one caller takes turns with others request by
+    request (bench/serve.py). `lean`: a blocking socket, the answer read into one buffer;
+    `httpx`: an `httpx.Client`."""
+    if kind == "httpx":
+        import httpx
+
+        client = httpx.Client(headers=dict(h.split(": ", 1) for h in headers), timeout=30)
+        url = f"http://{host}:{port}{path}"
+
+        def post_httpx() -> None:
+            answer = client.post(url, content=body)
+            if answer.status_code != 200:
+                raise RuntimeError(f"answer {answer.status_code}: {answer.text[:300]}")
+
+        return post_httpx
+    sock = socket.create_connection((host, port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    request = request_bytes(host, port, path, headers, body)
+    buffer = bytearray(1 << 16)
+
+    def post_lean() -> None:
+        nonlocal buffer
+        sock.sendall(request)
+        got, end = 0, -1
+        while end < 0:
+            got += _receive(sock, buffer, got)
+            end = buffer.find(b"\r\n\r\n", 0, got)
+        found = _LENGTH.search(bytes(buffer[:end + 2]))
+        need = end + 4 + (int(found[1]) if found else 0)
+        if len(buffer) < need:
+            buffer += bytes(need - len(buffer))
+        while got < need:
+            got += _receive(sock, buffer, got)
+        if buffer[9:12] != b"200":
+            raise RuntimeError(f"answer {bytes(buffer[:12])!r}: {bytes(buffer[end:end + 300])!r}")
+
+    return post_lean
+
+
+def _receive(sock: socket.socket, buffer: bytearray, at: int) -> int:
+    if at >= len(buffer):  # a head longer than the buffer: grown in place
+        buffer.extend(bytes(len(buffer)))
+    n = sock.recv_into(memoryview(buffer)[at:])
+    if n == 0:
+        raise ConnectionError("the server closed the connection")
+    return n
 
 
 def summary(latencies: list[float], elapsed: float, sizes: list[int]) -> dict[str, float]:

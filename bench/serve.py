@@ -10,8 +10,8 @@ settings in this process. Client and server share this machine's cores.
 
 Last, the `.npy` decode at batch 256 against its serial bound 1 / (1/floor + 1/direct)
 (floor: the bare round trip of the same bytes from an ASGI app that does nothing; direct:
-onnxruntime alone), with the lean client and with httpx, beside a framework-free server
-running the same session (`minimal_app`), in alternating rounds.
+onnxruntime alone), with a lean client and with httpx, beside a framework-free server
+running the same session (`minimal_app`), the four taking turns request by request.
 
     python bench/serve.py [--quick] [--seconds S]
 """
@@ -235,26 +235,64 @@ def main() -> None:
 
 
 def serial_bound(port: int, key: str, model_id: int, decoder: str, body: str,
-                 seconds: float, rounds: int = 6) -> dict[str, list[dict[str, Any]]]:
-    """Per client, `rounds` rounds of four measurements back to back: onnxruntime direct
-    at batch 256, the bare round trip of the same bytes (`echo_app`), the framework-free
-    server (`minimal_app`) and the served decode; each round's bound
-    1 / (1/floor + 1/direct) and the shares of it. Short cells in many rounds, and ratios
-    taken within a round, because this machine's speed drifts by a third between cells."""
-    runs: dict[str, list[dict[str, Any]]] = {"lean": [], "httpx": []}
+                 seconds: float) -> dict[str, dict[str, Any]]:
+    """Per client, four callers taking turns request by request for `seconds`: onnxruntime
+    direct at batch 256 (in this process, the server's session settings), the bare round
+    trip of the same bytes (`echo_app`), the framework-free server (`minimal_app`) and the
+    served decode, each over its own keep-alive connection. Each one's mean time a call
+    gives the bound 1 / (1/floor + 1/direct) = 1 / (t_floor + t_direct) and the shares of
+    it. Turns, not cells one after another: this machine's speed drifts by a third (and
+    the floor by 2x) between cells seconds apart, which put one round's ratio anywhere in
+    0.56-0.99; taking turns puts the four under the same conditions. The spread is each
+    block of 200 turns' share."""
+    import onnxruntime as ort
+
+    from bench.loadgen import caller
+    from service.api.inference import _session_options
+
+    session = ort.InferenceSession(decoder, _session_options(0),
+                                   providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs() if o.name != "logits"]
+    z = np.load(body, allow_pickle=False)
+    data = Path(body).read_bytes()
+    kinds = ["Content-Type: application/x-npy", "Accept: application/x-npy"]
+    runs: dict[str, dict[str, Any]] = {}
     with asgi_server("echo_app", {"LATENTBANK_BENCH_ANSWER_BYTES": "802944"}) as echo, \
             asgi_server("minimal_app", {"LATENTBANK_BENCH_DECODER": decoder}) as minimal:
-        for _ in range(rounds):
-            for client, out in runs.items():
-                base = direct(decoder, 256, seconds)
-                floor = load(echo, "-", 0, body, False, 1, seconds, client)
-                least = load(minimal, "-", 0, body, False, 1, seconds, client)
-                served = load(port, key, model_id, body, False, 1, seconds, client)
-                bound = 1 / (1 / base + 1 / floor["rps"])
-                out.append({"direct": base, "floor": floor, "minimal": least,
-                            "served": served, "bound": bound, "share": served["rps"] / bound,
-                            "minimal_share": least["rps"] / bound})
+        for client in ("lean", "httpx"):
+            calls = {"direct": lambda: session.run(names, {"z": z}),
+                     "floor": caller(client, "127.0.0.1", echo, "/", kinds, data),
+                     "minimal": caller(client, "127.0.0.1", minimal, "/", kinds, data),
+                     "served": caller(client, "127.0.0.1", port, f"/v1/models/{model_id}/decode",
+                                      [*kinds, f"Authorization: Bearer {key}"], data)}
+            times: dict[str, list[float]] = {name: [] for name in calls}
+            for call in calls.values():  # warm: sessions, connections, caches
+                for _ in range(50):
+                    call()
+            stop = time.perf_counter() + seconds
+            while time.perf_counter() < stop:
+                for name, call in calls.items():
+                    t0 = time.perf_counter()
+                    call()
+                    times[name].append(time.perf_counter() - t0)
+            runs[client] = paired_shares(times)
     return runs
+
+
+def paired_shares(times: dict[str, list[float]], block: int = 200) -> dict[str, Any]:
+    """Calls/s of each caller, the bound and the shares of it, from the turns' times; the
+    served share of each block of `block` turns (all of them when there are fewer)."""
+    mean = {name: float(np.mean(t)) for name, t in times.items()}
+    bound = mean["direct"] + mean["floor"]
+    n = len(times["served"])
+    blocks = [(np.mean(times["direct"][a:a + block]) + np.mean(times["floor"][a:a + block]))
+              / np.mean(times["served"][a:a + block])
+              for a in range(0, max(1, n - block + 1), block)]
+    return {"turns": n, "per_s": {name: 1 / m for name, m in mean.items()},
+            "bound": 1 / bound, "share": bound / mean["served"],
+            "minimal_share": bound / mean["minimal"],
+            "of_minimal": mean["minimal"] / mean["served"],
+            "blocks": (float(min(blocks)), float(max(blocks)))}
 
 
 SERVERS = {"no batching": {"LATENTBANK_DECODE_BATCHING": "false"},
@@ -289,7 +327,7 @@ def run(env: dict[str, str], tmp: str, model_id: int, decoder: str, key: str,
                  for name, port in ports.items()}
         old_json = old_json_codec(256, seconds)
         bounds = serial_bound(ports["batching"], key, model_id, decoder, bodies[256, "npy"],
-                              min(seconds, 1.5))
+                              6 * seconds if seconds < 5 else 3 * seconds)
     finally:
         for proc in procs:
             proc.terminate()
@@ -308,28 +346,23 @@ def run(env: dict[str, str], tmp: str, model_id: int, decoder: str, key: str,
     for name, c in crowd.items():
         print(f"{name:<22} {c['rps']:>8.0f} {c['p50']:>7.2f} {c['p99']:>7.2f} "
               f"{c['rps'] / crowd['no batching']['rps']:>7.2f}")
-    print("\nbatch 256 .npy, one client: the decode against its serial bound, "
+    print("\nbatch 256 .npy, one client: the decode against its serial bound "
           "1 / (1/floor + 1/direct): floor = the bare round trip of the same bytes (an ASGI "
-          "app that does nothing) with the same client, direct = onnxruntime alone; each "
-          "round measures them back to back")
-    print("minimal = a framework-free server (bench/serve.py minimal_app) running the "
-          "same session inline: no key, limits, checks or metrics")
-    print(f"{'client':<7} {'round':>5} {'direct/s':>9} {'floor/s':>8} {'bound/s':>8} "
-          f"{'minimal/s':>9} {'/bound':>7} {'served/s':>9} {'p50 ms':>7} {'/bound':>7} "
+          "app that does nothing) with the same client, direct = onnxruntime alone; the four "
+          "take turns request by request; minimal = a framework-free server "
+          "(bench/serve.py minimal_app) running the same session inline: no key, limits, "
+          "checks or metrics")
+    print(f"{'client':<7} {'turns':>6} {'direct/s':>9} {'floor/s':>8} {'bound/s':>8} "
+          f"{'minimal/s':>9} {'/bound':>7} {'served/s':>9} {'/bound':>7} {'blocks':>11} "
           f"{'/minimal':>8}")
     shares = {}
-    for client, runs in bounds.items():
-        for i, r in enumerate(runs, 1):
-            print(f"{client:<7} {i:>5} {r['direct']:>9.0f} {r['floor']['rps']:>8.0f} "
-                  f"{r['bound']:>8.0f} {r['minimal']['rps']:>9.0f} "
-                  f"{r['minimal_share']:>7.2f} {r['served']['rps']:>9.0f} "
-                  f"{r['served']['p50']:>7.2f} {r['share']:>7.2f} "
-                  f"{r['served']['rps'] / r['minimal']['rps']:>8.2f}")
-        shares[client] = float(np.median([r["share"] for r in runs]))
-        print(f"{client:<7} median: served {shares[client]:.2f} of the bound, minimal "
-              f"{np.median([r['minimal_share'] for r in runs]):.2f}, served "
-              f"{np.median([r['served']['rps'] / r['minimal']['rps'] for r in runs]):.2f} "
-              "of minimal")
+    for client, r in bounds.items():
+        per_s = r["per_s"]
+        print(f"{client:<7} {r['turns']:>6} {per_s['direct']:>9.0f} {per_s['floor']:>8.0f} "
+              f"{r['bound']:>8.0f} {per_s['minimal']:>9.0f} {r['minimal_share']:>7.2f} "
+              f"{per_s['served']:>9.0f} {r['share']:>7.2f} "
+              f"{r['blocks'][0]:>5.2f}-{r['blocks'][1]:<5.2f} {r['of_minimal']:>8.2f}")
+        shares[client] = r["share"]
     print(f"JSON codec as it was (batch 256, in this process): {old_json:.1f} req/s; "
           f"JSON over HTTP now {cells[256, 'json']['rps'] / old_json:.1f}x that")
     record("serve: .npy batch 256 / onnxruntime direct", rows[2][2]["rps"] / rows[2][1], 0.7)
