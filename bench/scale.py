@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import sys
 import tempfile
@@ -99,6 +100,56 @@ class Peaks:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+
+
+class DropTimes(logging.Handler):
+    """The data layer's 'partition dropped' log line, while open: the DETACH's and the
+    DROP's seconds (store/partitions.py)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.detach_s = self.drop_s = float("nan")
+        self.logger = logging.getLogger("store.partitions")
+        self.level_was = self.logger.level
+        self.logger.setLevel(logging.INFO)
+        self.logger.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg.startswith("partition dropped"):
+            _, self.detach_s, self.drop_s = record.args
+
+    def close(self) -> None:
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.level_was)
+        super().close()
+
+
+def unlink_baseline(where: Path, nbytes: int) -> float:
+    """Seconds this file system takes to unlink `nbytes` of written and synced files in
+    1 GiB segments, as PostgreSQL keeps a table: what a DROP of that much costs here
+    before PostgreSQL does anything (ext4's online discard, where mounted with it, frees
+    the blocks then)."""
+    folder = where / "unlink-baseline"
+    folder.mkdir()
+    chunk = bytes(16 * MiB)
+    files, left = [], nbytes
+    while left > 0:
+        size = min(left, 1 << 30)
+        path = folder / f"segment.{len(files)}"
+        with open(path, "wb") as f:
+            for _ in range(size // len(chunk)):
+                f.write(chunk)
+            f.write(chunk[:size % len(chunk)])
+            f.flush()
+            os.fsync(f.fileno())
+        files.append(path)
+        left -= size
+    t = time.perf_counter()
+    for path in files:
+        path.unlink()
+    seconds = time.perf_counter() - t
+    folder.rmdir()
+    return seconds
 
 
 def checkpoint(server, pgdata: Path) -> None:
@@ -238,9 +289,17 @@ def main() -> None:
                 one = build_index(db, set_id, settings, plan=replace(plan, workers=0)).build
                 print(f"HNSW build in one process: {one['seconds']:.0f} s; as planned "
                       f"{one['seconds'] / max(built['seconds'], 0.1):.2f}x faster")
+            drops = DropTimes()
             t = time.perf_counter()
             delete_set(db, set_id)
-            print(f"deleting the set: {time.perf_counter() - t:.2f} s")
+            seconds = time.perf_counter() - t
+            drops.close()
+            nbytes = sizes["table_bytes"] + sizes["index_bytes"]
+            unlink = unlink_baseline(Path(tmp), nbytes)
+            print(f"deleting the set: {seconds:.2f} s (DETACH {drops.detach_s:.2f} s, DROP "
+                  f"{drops.drop_s:.2f} s of {nbytes / MiB:,.0f} MiB); the file system "
+                  f"unlinking as many bytes of synced files: {unlink:.2f} s; the delete "
+                  f"{seconds / max(unlink, 1e-3):.2f}x that")
             db.dispose()
         finally:
             peaks.stop()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Sequence
 
 from sqlalchemy import Connection, text
@@ -98,13 +99,20 @@ def _finish_pending(conn: Connection) -> None:
 
 
 def _detach_and_drop(conn: Connection, set_id: int) -> None:
+    """Detach, then drop; each step's seconds logged. The DROP's time is mostly the file
+    system's, freeing the partition's files (docs/benchmarks: about 0.2 s a GB on this
+    project's test machine, with ext4's online discard)."""
     name = partition_name(set_id)
+    started = time.perf_counter()
     attached = conn.execute(text(
         "SELECT 1 FROM pg_inherits WHERE inhrelid = to_regclass(:n) "
         "AND inhparent = 'latents'::regclass"), {"n": name}).first()
     if attached is not None:
         conn.execute(text(f"ALTER TABLE latents DETACH PARTITION {name} CONCURRENTLY"))
+    detached = time.perf_counter()
     conn.execute(text(f"DROP TABLE IF EXISTS {name}"))
+    log.info("partition dropped set_id=%d detach_s=%.3f drop_s=%.3f", set_id,
+             detached - started, time.perf_counter() - detached)
 
 
 def _release(conn: Connection) -> None:
