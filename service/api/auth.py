@@ -194,6 +194,8 @@ def scope_patterns(table: Sequence[tuple[frozenset[str], re.Pattern[str], str]],
     groups (`(?P<model_id>...)`), which may repeat across routes: unnamed here."""
     by_method: dict[str, dict[str, list[str]]] = {}
     for methods, pattern, scope_name in table:
+        if scope_name not in SCOPES:  # a misspelt `require` must not pass as read
+            raise ValueError(f"a route requires the unknown scope {scope_name!r}")
         for method in methods:
             by_method.setdefault(method, {}).setdefault(scope_name, []).append(
                 _GROUP_NAME.sub("(?:", pattern.pattern))
@@ -250,14 +252,15 @@ class Authenticate:
     body)."""
 
     def __init__(self, app: Any, services: Services, routes: Sequence[Any]) -> None:
-        self.app, self.svc, self.routes = app, services, routes
+        self.app, self.svc = app, services
         settings = services.settings
         self.failures = Buckets(settings.auth_failures_per_second, settings.auth_failures_burst)
         self.rate = (Buckets(settings.rate_limit_per_second, settings.rate_limit_burst)
                      if settings.rate_limit_per_second > 0 else None)
         self.active = Slots(settings.max_concurrent_per_key)
         self.streams = Slots(settings.max_streams_per_key)
-        self._scopes: dict[str, list[tuple[re.Pattern[str], str]]] | None = None
+        # built with the middleware stack, once every route is in: a bad one fails there
+        self._scopes = scope_patterns(scope_table(routes))
         self.refused = services.metrics.auth_refusals
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -359,8 +362,6 @@ class Authenticate:
 
     def _required(self, scope: dict[str, Any]) -> str:
         """The scope the matched route's `require` names (read when none asks more)."""
-        if self._scopes is None:
-            self._scopes = scope_patterns(scope_table(self.routes))
         path = scope["path"]
         for pattern, scope_name in self._scopes.get(scope["method"], ()):
             if pattern.match(path):

@@ -121,8 +121,9 @@ def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
 @functools.lru_cache(maxsize=256)  # a served model answers the same few shapes
 def _npy_header(descr: str, shape: tuple[int, ...]) -> bytes:
     text = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape!r}, }}"
-    pad = -(10 + len(text) + 1) % 64
-    text = text + " " * pad + "\n"
+    if shape:  # numpy leaves room for the first axis to grow to 21 digits in place
+        text += " " * (21 - len(repr(shape[0])))
+    text += " " * (64 - (11 + len(text)) % 64) + "\n"  # 1 to 64 spaces, as numpy pads
     return _NPY_MAGIC + b"\x01\x00" + len(text).to_bytes(2, "little") + text.encode("latin1")
 
 

@@ -31,7 +31,9 @@ def npy(array):
 @pytest.mark.parametrize("array", [
     np.zeros((2, 3), np.float32), np.arange(5.0), np.float32(3).reshape(()),
     np.ones((1, 1, 8, 8), np.float32), np.arange(6, dtype=np.uint8),
-    np.zeros((0, 4), np.float32), np.array([True, False]), np.arange(12, dtype=">f4")])
+    np.zeros((0, 4), np.float32), np.array([True, False]), np.arange(12, dtype=">f4"),
+    np.arange(12, dtype="<f4"), np.zeros((1,) * 14, np.float32),
+    np.zeros((10 ** 6, 0), np.float64)])
 def test_npy_bytes_reads_back_with_numpy(array):
     got = np.load(io.BytesIO(npy_bytes(array)), allow_pickle=False)
     assert got.dtype == array.dtype and got.shape == array.shape
@@ -417,7 +419,13 @@ def test_fastapis_own_telemetry_is_off_unless_the_setting_asks_for_it():
     if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
         assert _telemetry(False) == {}  # a FastAPI without it: nothing to turn off
         return
+    from service.api.app import create_app
+
     off = FastAPI(**_telemetry(False))._native_telemetry.config
     on = FastAPI(**_telemetry(True))._native_telemetry.config
     assert not any(off[k] for k in ("tracing", "metrics", "logs", "operation_spans"))
     assert all(on[k] for k in ("tracing", "metrics", "logs"))
+    url = "postgresql+psycopg://nobody:none@127.0.0.1:9/none"  # create_app connects to none
+    for asked in (False, True):
+        app = create_app(Settings(database_url=url, opentelemetry=asked))
+        assert app._native_telemetry.config["tracing"] is asked
