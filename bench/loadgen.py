@@ -85,13 +85,16 @@ def caller(kind: str, host: str, port: int, path: str, headers: list[str],
             got += _receive(sock, buffer, got)
             end = buffer.find(b"\r\n\r\n", 0, got)
         found = _LENGTH.search(bytes(buffer[:end + 2]))
-        need = end + 4 + (int(found[1]) if found else 0)
+        if found is None:  # no way to tell where this answer ends and the next begins
+            raise RuntimeError(f"an answer without Content-Length: {bytes(buffer[:end])!r}")
+        need = end + 4 + int(found[1])
         if len(buffer) < need:
             buffer += bytes(need - len(buffer))
         while got < need:
             got += _receive(sock, buffer, got)
         if buffer[9:12] != b"200":
-            raise RuntimeError(f"answer {bytes(buffer[:12])!r}: {bytes(buffer[end:end + 300])!r}")
+            raise RuntimeError(f"answer {bytes(buffer[:12])!r}: "
+                               f"{bytes(buffer[end + 4:end + 304])!r}")
 
     return post_lean
 

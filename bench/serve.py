@@ -282,6 +282,8 @@ def serial_bound(port: int, key: str, model_id: int, decoder: str, body: str,
 def paired_shares(times: dict[str, list[float]], block: int = 200) -> dict[str, Any]:
     """Calls/s of each caller, the bound and the shares of it, from the turns' times; the
     served share of each block of `block` turns (all of them when there are fewer)."""
+    if not times["served"]:
+        raise RuntimeError("no turn ran: give the measurement more seconds")
     mean = {name: float(np.mean(t)) for name, t in times.items()}
     bound = mean["direct"] + mean["floor"]
     n = len(times["served"])
