@@ -78,7 +78,6 @@ def caller(kind: str, host: str, port: int, path: str, headers: list[str],
     buffer = bytearray(1 << 16)
 
     def post_lean() -> None:
-        nonlocal buffer
         sock.sendall(request)
         got, end = 0, -1
         while end < 0:
@@ -88,8 +87,8 @@ def caller(kind: str, host: str, port: int, path: str, headers: list[str],
         if found is None:  # no way to tell where this answer ends and the next begins
             raise RuntimeError(f"an answer without Content-Length: {bytes(buffer[:end])!r}")
         need = end + 4 + int(found[1])
-        if len(buffer) < need:
-            buffer += bytes(need - len(buffer))
+        if len(buffer) < need:  # grown in place, kept for the next answer
+            buffer.extend(bytes(need - len(buffer)))
         while got < need:
             got += _receive(sock, buffer, got)
         if buffer[9:12] != b"200":

@@ -170,14 +170,18 @@ def load(port: int, key: str, model_id: int, body: str, json_in: bool, clients: 
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def direct(path: str, batch: int, seconds: float) -> float:
-    """Calls/s of one caller running onnxruntime on the file, with the server's settings."""
+def decoder_session(path: str) -> Any:
+    """An onnxruntime session of the file on the CPU, with the server's settings."""
     import onnxruntime as ort
 
     from service.api.inference import _session_options
 
-    session = ort.InferenceSession(path, _session_options(0),
-                                   providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(path, _session_options(0), providers=["CPUExecutionProvider"])
+
+
+def direct(path: str, batch: int, seconds: float) -> float:
+    """Calls/s of one caller running onnxruntime on the file, with the server's settings."""
+    session = decoder_session(path)
     z = np.random.default_rng(1).standard_normal((batch, 20)).astype(np.float32)
     for _ in range(10):
         session.run(None, {"z": z})
@@ -245,13 +249,9 @@ def serial_bound(port: int, key: str, model_id: int, decoder: str, body: str,
     the floor by 2x) between cells seconds apart, which put one round's ratio anywhere in
     0.56-0.99; taking turns puts the four under the same conditions. The spread is each
     block of 200 turns' share."""
-    import onnxruntime as ort
-
     from bench.loadgen import caller
-    from service.api.inference import _session_options
 
-    session = ort.InferenceSession(decoder, _session_options(0),
-                                   providers=["CPUExecutionProvider"])
+    session = decoder_session(decoder)
     names = [o.name for o in session.get_outputs() if o.name != "logits"]
     z = np.load(body, allow_pickle=False)
     data = Path(body).read_bytes()

@@ -412,15 +412,13 @@ def test_fastapis_own_telemetry_is_off_unless_the_setting_asks_for_it():
 
     from fastapi import FastAPI
 
-    from service.api.app import _telemetry
+    from service.api.app import _telemetry, create_app
     from store.settings import Settings
 
     assert Settings().opentelemetry is False and _telemetry(True) == {}
     if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
         assert _telemetry(False) == {}  # a FastAPI without it: nothing to turn off
         return
-    from service.api.app import create_app
-
     off = FastAPI(**_telemetry(False))._native_telemetry.config
     on = FastAPI(**_telemetry(True))._native_telemetry.config
     assert not any(off[k] for k in ("tracing", "metrics", "logs", "operation_spans"))
