@@ -86,10 +86,10 @@ def build_index(db: Database, set_id: int, settings: Settings, m: int = 16,
             s.execute(update(EmbeddingSet).where(EmbeddingSet.id == set_id).values(
                 index_status="building", hnsw_ef_search=None, index_build=None,
                 index_owner=None, index_lease_expires_at=None))
-    vacuum_seconds = _vacuum(db, set_id, owner)
     name, started = index_name(set_id), time.perf_counter()
     watches: list[IndexWatch] = []
     try:
+        vacuum_seconds = _vacuum(db, set_id, owner)
         index_mb = _create(db, es, settings, m, ef_construction, plan, owner,
                            progress_interval, watches)
         watch = watches[-1]

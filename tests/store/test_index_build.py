@@ -182,6 +182,37 @@ def test_the_build_vacuums_the_partition_before_it_builds_and_records_it(
     assert build["phase"] == "done" and build["vacuum_seconds"] >= 0
 
 
+def test_a_vacuum_that_fails_marks_the_index_failed_and_a_later_build_succeeds(
+        db, tmp_path, monkeypatch):
+    """The vacuum before a build fails like the build itself: the set says `failed` with
+    the server's words (searches stay exact), never `building` forever."""
+    import sqlalchemy.exc
+
+    import store.indexes
+
+    set_id, mu = make_set(db, tmp_path, "vacuum fails", 3000, seed=6)
+    analyze = store.indexes.analyze
+
+    def refused(db_, table, vacuum=False):  # the server's own error for a bad VACUUM
+        with db_.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text(f"VACUUM (NO_SUCH_OPTION) {table}"))
+
+    settings = Settings(data_dir=tmp_path / "data", exact_search_below=1000)
+    monkeypatch.setattr(store.indexes, "analyze", refused)
+    with pytest.raises(sqlalchemy.exc.ProgrammingError):
+        build_index(db, set_id, settings, plan=BuildPlan(0, 64, 8), calibration_queries=5)
+    es = get_set(db, set_id)
+    assert es.index_status == "failed" and "no_such_option" in es.index_error
+    from store.search import search
+
+    got = search(db, settings, set_id, vector=mu[0], k=10)
+    truth = np.argsort(((mu.astype(np.float64) - mu[0]) ** 2).sum(1), kind="stable")[:10]
+    assert {h.index for h in got.hits} == set(truth.tolist()) and "exact" in got.plan
+    monkeypatch.setattr(store.indexes, "analyze", analyze)
+    build_index(db, set_id, settings, plan=BuildPlan(0, 64, 8), calibration_queries=5)
+    assert get_set(db, set_id).index_status == "ready"
+
+
 def test_the_plan_sizes_memory_from_the_set_and_workers_from_the_server(db, monkeypatch):
     monkeypatch.setattr("store.index_build.local_cores", lambda: 16)
     monkeypatch.setattr("store.index_build.shared_memory_mb", lambda: 12_000)
