@@ -9,7 +9,8 @@ from bench.store import exact_top_k
 
 def one_at_a_time(mu: np.ndarray, q: np.ndarray, keep: np.ndarray, k: int) -> set[int]:
     rows = np.flatnonzero(keep)
-    d = np.array([sum((float(a) - float(b)) ** 2 for a, b in zip(mu[i], q)) for i in rows])
+    d = np.array([sum((float(a) - float(b)) ** 2 for a, b in zip(mu[i], q, strict=True))
+                  for i in rows])
     return set(rows[np.argsort(d)[:k]].tolist())
 
 
