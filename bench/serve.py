@@ -250,9 +250,10 @@ def serial_bound(port: int, key: str, model_id: int, decoder: str, body: str,
     the floor by 2x) between cells seconds apart, which put one round's ratio anywhere in
     0.56-0.99; taking turns puts the four under the same conditions. Each turn takes them
     in a new random order: in a fixed one, a server's work after its answer lands on the
-    call that follows it, and two identical API processes, one after the framework-free
-    server and one after the other, measured 0.83 and 0.94 of the bound with httpx; in
-    shuffled turns 0.94 and 0.95. The spread is each block of 200 turns' share."""
+    call that follows it: two API processes, one after the framework-free server and one
+    after the other, measured 0.83 and 0.94 of the bound with httpx (0.85 and 0.94 with
+    their code swapped); two identical ones in shuffled turns 0.94 and 0.95. The spread
+    is each block of 200 turns' share."""
     from bench.loadgen import caller
 
     session = decoder_session(decoder)
