@@ -23,8 +23,8 @@ of trained latents; bench/store.py's `trained_latents`), stored as `--vector-typ
     python bench/scale.py [--rows 10000000] [--queries 200] [--vector-type vector]
                           [--compare-pool] [--brute-force-between] [--no-one-process]
 
-10M rows take about an hour and a half on 2 cores (most of it the two index builds) and
-about 12 GiB of memory for the brute force; `make bench` runs 200k.
+10M rows take about 80 minutes on 2 cores (most of it the two index builds; 35 with
+`--no-one-process`) and about 3 GiB of memory in this process; `make bench` runs 200k.
 """
 
 from __future__ import annotations
