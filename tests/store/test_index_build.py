@@ -26,7 +26,7 @@ from store.index_build import (
     server_is_local,
 )
 from store.indexes import build_index, index_name
-from store.search import nearest
+from store.search import nearest, search
 from store.settings import Settings
 from tests.store.sets import model_row, ready_set, write_latents
 
@@ -203,8 +203,6 @@ def test_a_vacuum_that_fails_marks_the_index_failed_and_a_later_build_succeeds(
         build_index(db, set_id, settings, plan=BuildPlan(0, 64, 8), calibration_queries=5)
     es = get_set(db, set_id)
     assert es.index_status == "failed" and "no_such_option" in es.index_error
-    from store.search import search
-
     got = search(db, settings, set_id, vector=mu[0], k=10)
     truth = np.argsort(((mu.astype(np.float64) - mu[0]) ** 2).sum(1), kind="stable")[:10]
     assert {h.index for h in got.hits} == set(truth.tolist()) and "exact" in got.plan
