@@ -97,6 +97,8 @@ class Peaks:
                 for process in [postmaster, *postmaster.children()]:
                     with contextlib.suppress(psutil.Error):  # ended meanwhile
                         infos.append(process.memory_info())
+                if not infos:  # the server is restarting (`--compare-pool`)
+                    continue
                 self.backend = max([self.backend, *(i.rss for i in infos[1:])])
                 self.server = max(self.server, sum(i.rss - i.shared for i in infos)
                                   + max(i.shared for i in infos))
