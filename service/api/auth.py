@@ -4,17 +4,18 @@ its headers alone, before anything receives, reads or parses its body
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import logging
 import math
 import re
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from service.api.deps import Services, in_thread
+from service.api.limits import Buckets, Slots
 from store.db import is_unavailable
 from store.keys import SCOPES, hash_key, implied_scopes, live_key, verify_hash, well_formed
 
@@ -33,71 +34,6 @@ class Refusal:
     message: str
     reason: str  # the label of latentbank_auth_refusals
     headers: tuple[tuple[str, str], ...] = ()
-
-
-class Buckets:
-    """Token buckets by name: each refills at `rate` tokens a second up to `burst`. At most
-    `capacity` are kept: the one used least recently is forgotten to make room (a bound on
-    memory that never resets everyone's level at once)."""
-
-    def __init__(self, rate: float, burst: float, capacity: int = 10_000,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.rate, self.burst, self.capacity, self.clock = rate, burst, capacity, clock
-        self._levels: dict[Any, list[float]] = {}
-
-    def _level(self, name: Any) -> list[float]:
-        now = self.clock()
-        level = self._levels.pop(name, None)  # re-inserted last: dict order is recency
-        if level is None:
-            if len(self._levels) >= self.capacity:
-                del self._levels[next(iter(self._levels))]
-            level = [float(self.burst), now]
-        else:
-            level[0] = min(float(self.burst), level[0] + (now - level[1]) * self.rate)
-            level[1] = now
-        self._levels[name] = level
-        return level
-
-    def wait(self, name: Any) -> float:
-        """Seconds until `name` has a token; 0 when it has one now (none is taken)."""
-        tokens = self._level(name)[0]
-        return 0.0 if tokens >= 1 else (1 - tokens) / self.rate
-
-    def take(self, name: Any) -> float:
-        """Take a token: 0 when there was one; else the seconds until there is one (and
-        nothing is taken)."""
-        level = self._level(name)
-        if level[0] >= 1:
-            level[0] -= 1
-            return 0.0
-        return (1 - level[0]) / self.rate
-
-    def give(self, name: Any) -> None:
-        """Return a token taken by `take` (up to `burst`)."""
-        level = self._level(name)
-        level[0] = min(float(self.burst), level[0] + 1)
-
-
-class Slots:
-    """At most `limit` held at once per name (0: no limit)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.held: dict[Any, int] = {}
-
-    def acquire(self, name: Any) -> bool:
-        held = self.held.get(name, 0)
-        if self.limit and held >= self.limit:
-            return False
-        self.held[name] = held + 1
-        return True
-
-    def release(self, name: Any) -> None:
-        held = self.held.get(name, 0) - 1
-        if held > 0:
-            self.held[name] = held
-        else:
-            self.held.pop(name, None)
 
 
 def is_loopback(host: str | None) -> bool:
@@ -206,7 +142,24 @@ def scope_patterns(table: Sequence[tuple[frozenset[str], re.Pattern[str], str]],
 
 async def lookup(svc: Services, digest: str) -> tuple[int, set[str]] | None:
     """The key (id, scopes) whose secret hashes to `digest`, from the database, caching
-    the answer either way."""
+    the answer either way. Requests that ask while the key's lookup runs wait for that
+    one: 64 requests of a new key at once cost one query. The lookup runs as a task of its
+    own, so a waiter cancelled (its client gone) leaves it running for the others."""
+    running = svc.lookups.get(digest)
+    if running is None:
+        running = asyncio.ensure_future(_lookup(svc, digest))
+        svc.lookups[digest] = running
+        running.add_done_callback(lambda task: _lookup_done(svc, digest, task))
+    return await asyncio.shield(running)
+
+
+def _lookup_done(svc: Services, digest: str, task: asyncio.Future) -> None:
+    svc.lookups.pop(digest, None)
+    if not task.cancelled():
+        task.exception()  # retrieved here too: every waiter may have gone
+
+
+async def _lookup(svc: Services, digest: str) -> tuple[int, set[str]] | None:
     svc.metrics.key_lookups.inc()
     # the primary; while it is down, a replica within the lag bound (it knows every key
     # made and revoked until shortly before): its None is not cached, the key may be newer
@@ -304,8 +257,10 @@ class Authenticate:
         address = client_address(scope)
         # A check that may fail takes its address's token BEFORE the lookup (given back when
         # the key is found): requests in flight at once cannot all pass a limit that is
-        # only counted after their lookups. Keys verified lately pass without one.
-        guarded = not shaped or svc.good_keys.get(digest) is None
+        # only counted after their lookups. Keys verified lately pass without one, and so
+        # does a request whose key is being looked up already: it costs no second lookup.
+        guarded = ((not shaped or svc.good_keys.get(digest) is None)
+                   and digest not in svc.lookups)
         if guarded:
             wait = self.failures.take(address)
             if wait > 0:

@@ -3,6 +3,7 @@ API key with its scope, and model and set references resolved (an id or an @alia
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -39,6 +40,9 @@ class Services:
     good_keys: TTLCache = field(default_factory=lambda: TTLCache(600.0))
     # unknown or revoked keys (by hash): refused again without a lookup
     unknown_keys: TTLCache = field(default_factory=lambda: TTLCache(60.0))
+    # key lookups in flight (by hash): a request for a key already being looked up waits
+    # for that lookup instead of starting its own (service/api/auth.py)
+    lookups: dict[str, asyncio.Task] = field(default_factory=dict)
     # ready models (a ready model's files never change): skip a query per decode
     ready_models: TTLCache = field(default_factory=lambda: TTLCache(30.0))
 
