@@ -145,7 +145,7 @@ async def lookup(svc: Services, digest: str) -> tuple[int, set[str]] | None:
     the answer either way. Requests that ask while the key's lookup runs wait for that
     one: 64 requests of a new key at once cost one query. The lookup runs as a task of its
     own, so a waiter cancelled (its client gone) leaves it running for the others."""
-    running = svc.lookups.get(digest)
+    running = joinable(svc, digest)
     if running is None:
         running = asyncio.ensure_future(_lookup(svc, digest))
         svc.lookups[digest] = running
@@ -153,10 +153,17 @@ async def lookup(svc: Services, digest: str) -> tuple[int, set[str]] | None:
     return await asyncio.shield(running)
 
 
-def _lookup_done(svc: Services, digest: str, task: asyncio.Future) -> None:
-    svc.lookups.pop(digest, None)
-    if not task.cancelled():
-        task.exception()  # retrieved here too: every waiter may have gone
+def joinable(svc: Services, digest: str) -> asyncio.Task | None:
+    """The lookup of `digest` running on this event loop, if there is one."""
+    running = svc.lookups.get(digest)
+    if running is None or running.get_loop() is not asyncio.get_running_loop():
+        return None
+    return running
+
+
+def _lookup_done(svc: Services, digest: str, task: asyncio.Task) -> None:
+    if svc.lookups.get(digest) is task:
+        del svc.lookups[digest]
 
 
 async def _lookup(svc: Services, digest: str) -> tuple[int, set[str]] | None:
@@ -164,6 +171,8 @@ async def _lookup(svc: Services, digest: str) -> tuple[int, set[str]] | None:
     # the primary; while it is down, a replica within the lag bound (it knows every key
     # made and revoked until shortly before): its None is not cached, the key may be newer
     row, server = await in_thread(svc.reads.fresh, verify_hash, live_key, digest)
+    if svc.unknown_keys.get(digest) is not None:
+        return None  # revoked through this process while the query ran: not put back
     if server == "replica":
         if row is None:
             return None
@@ -257,12 +266,13 @@ class Authenticate:
         address = client_address(scope)
         # A check that may fail takes its address's token BEFORE the lookup (given back when
         # the key is found): requests in flight at once cannot all pass a limit that is
-        # only counted after their lookups. Keys verified lately pass without one, and so
-        # does a request whose key is being looked up already: it costs no second lookup.
-        guarded = ((not shaped or svc.good_keys.get(digest) is None)
-                   and digest not in svc.lookups)
+        # only counted after their lookups. Keys verified lately pass without one. A
+        # request whose key is being looked up already waits for that lookup and takes no
+        # token (it costs no second lookup), but is still refused while the bucket is empty.
+        guarded = not shaped or svc.good_keys.get(digest) is None
+        took = guarded and joinable(svc, digest) is None
         if guarded:
-            wait = self.failures.take(address)
+            wait = self.failures.take(address) if took else self.failures.wait(address)
             if wait > 0:
                 return Refusal(429, "too_many_requests",
                                "too many failed authentications from this address; retry "
@@ -276,7 +286,7 @@ class Authenticate:
         except Exception as exc:
             if not is_unavailable(exc):
                 raise
-            if guarded:
+            if took:
                 self.failures.give(address)
             log.warning("database unavailable for a key lookup: %s", type(exc).__name__)
             return Refusal(503, "database_unavailable",
@@ -285,7 +295,7 @@ class Authenticate:
         if known is None:
             return Refusal(401, "unauthorized", UNKNOWN, "unknown",
                            (("WWW-Authenticate", "Bearer"),))
-        if guarded:
+        if took:
             self.failures.give(address)
         return known, digest
 

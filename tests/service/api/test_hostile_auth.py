@@ -266,14 +266,17 @@ def test_repeated_bogus_keys_cost_one_lookup_and_malformed_ones_none(api, api_db
     assert len(statements) == 1, statements
 
 
-def test_concurrent_first_requests_of_a_key_share_one_lookup(api_env, fresh_key):
-    """20 requests of a key this process has not seen, at once from one address whose
-    failure burst is 2: one lookup, and no request refused (each used to take a token
-    before its own lookup: 18 x 429, though the key is good). Lookups counted apart from
-    the API's code: the SELECTs from api_keys its engine sends."""
+@pytest.mark.parametrize("burst, refused", [(2, 0), (1, 19)])
+def test_concurrent_first_requests_of_a_key_share_one_lookup(api_env, fresh_key, burst,
+                                                             refused):
+    """20 requests of a key this process has not seen, at once from one address: one
+    lookup. With a failure burst of 2 none is refused (each used to take a token before
+    its own lookup: 18 x 429, though the key is good); with 1, the first takes the last
+    token and the 19 waiting for its lookup are refused, as the bucket is empty. Lookups
+    counted apart from the API's code: the SELECTs from api_keys its engine sends."""
     from service.api.app import create_app
 
-    app = create_app(settings_of(api_env, auth_failures_burst=2))
+    app = create_app(settings_of(api_env, auth_failures_burst=burst))
     engine = app.state.services.db.engine
     key, statements = fresh_key("read").key, []
 
@@ -307,18 +310,19 @@ def test_concurrent_first_requests_of_a_key_share_one_lookup(api_env, fresh_key)
     finally:
         event.remove(engine, "before_cursor_execute", seen)
         app.state.services.db.dispose()
-    assert codes == [200] * 20
+    assert codes == [200] * (20 - refused) + [429] * refused
     assert len(statements) == 1, statements
     assert app.state.services.lookups == {}
 
 
-def test_a_shared_lookup_outlives_a_cancelled_waiter_and_fails_for_all():
+def test_a_shared_lookup_outlives_a_cancelled_waiter_fails_for_all_and_yields_to_revoking():
     """Units, with the database faked: the lookup runs as its own task. Cancelling the
     request that started it leaves the others their answer; an error reaches every
-    waiter; a finished lookup leaves nothing behind, and the next one asks again."""
+    waiter; a finished lookup leaves nothing behind, and the next one asks again; a key
+    revoked through this process while its lookup runs is not cached again."""
     from types import SimpleNamespace
 
-    from service.api.auth import lookup
+    from service.api.auth import forget_key, lookup
     from service.api.ttl_cache import TTLCache
 
     calls, gate = [], threading.Event()
@@ -356,6 +360,17 @@ def test_a_shared_lookup_outlives_a_cancelled_waiter_and_fails_for_all():
     second = asyncio.run(two_waiters())
     assert [str(e) for e in second] == ["the server went away"] * 2
     assert len(calls) == 2 and svc.lookups == {}
+    gate.clear()
+
+    async def revoked_meanwhile():  # forget_key while the query that found the key runs
+        waiter = asyncio.ensure_future(lookup(svc, "d"))
+        await asyncio.sleep(0.05)
+        forget_key(svc, "d")
+        gate.set()
+        return await waiter
+
+    assert asyncio.run(revoked_meanwhile()) is None
+    assert len(calls) == 3 and svc.keys.get("d") is None and svc.good_keys.get("d") is None
 
 
 def test_a_flood_of_distinct_bogus_keys_gets_429_after_the_burst(hostile_api):
