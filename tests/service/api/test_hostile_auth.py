@@ -70,6 +70,22 @@ def request_head(method, path, port, headers=(), length=None):
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
+async def asgi_call(app, method, path, client, headers, receive):
+    """The first message (status and headers) `app` sends for one request made in this
+    process, from `client` (an address)."""
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": method, "scheme": "http", "path": path, "raw_path": path.encode(),
+             "query_string": b"", "root_path": "", "client": (client, 5000),
+             "server": ("127.0.0.1", 80), "headers": headers}
+    await app(scope, receive, send)
+    return sent[0]
+
+
 def lookups(url):
     """latentbank_key_lookups_total of the API at `url` (its /metrics, open on loopback)."""
     text = httpx.get(f"{url}/metrics", timeout=10).text
@@ -196,19 +212,11 @@ def test_the_app_never_calls_receive_for_a_request_it_refuses(api_settings):
         return {"type": "http.request", "body": b"{", "more_body": True}
 
     async def run(headers):
-        sent = []
-
-        async def send(message):
-            sent.append(message)
-
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-                 "method": "POST", "scheme": "http", "path": "/v1/training-jobs",
-                 "raw_path": b"/v1/training-jobs", "query_string": b"", "root_path": "",
-                 "client": ("127.0.0.9", 5000), "server": ("127.0.0.1", 80),
-                 "headers": [(b"content-type", b"application/json"),
-                             (b"content-length", str(16 * MiB).encode()), *headers]}
-        await app(scope, receive, send)
-        return sent[0]["status"], dict(sent[0]["headers"])
+        first = await asgi_call(app, "POST", "/v1/training-jobs", "127.0.0.9",
+                                [(b"content-type", b"application/json"),
+                                 (b"content-length", str(16 * MiB).encode()), *headers],
+                                receive)
+        return first["status"], dict(first["headers"])
 
     status, headers = asyncio.run(run([]))
     assert status == 401 and headers[b"connection"] == b"close"
@@ -284,22 +292,13 @@ def test_concurrent_first_requests_of_a_key_share_one_lookup(api_env, fresh_key,
         if statement.startswith("SELECT") and "FROM api_keys" in statement:
             statements.append(statement)
 
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
     async def whoami():
-        sent = []
-
-        async def receive():
-            return {"type": "http.request", "body": b"", "more_body": False}
-
-        async def send(message):
-            sent.append(message)
-
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-                 "method": "GET", "scheme": "http", "path": "/v1/whoami",
-                 "raw_path": b"/v1/whoami", "query_string": b"", "root_path": "",
-                 "client": ("127.0.0.8", 5000), "server": ("127.0.0.1", 80),
-                 "headers": [(b"authorization", f"Bearer {key}".encode())]}
-        await app(scope, receive, send)
-        return sent[0]["status"]
+        first = await asgi_call(app, "GET", "/v1/whoami", "127.0.0.8",
+                                [(b"authorization", f"Bearer {key}".encode())], receive)
+        return first["status"]
 
     async def at_once():  # all 20 reach the key check before the first lookup ends
         return await asyncio.gather(*(whoami() for _ in range(20)))
