@@ -104,8 +104,9 @@ async def read_upload(request: Request, allowed: tuple[str, ...]) -> Upload:
 
 def image_spec(svc: Services, dataset_id: int) -> ImageSpec:
     """How `dataset_id`'s items were made from images; 409 for a dataset of arrays (there
-    is no transform to repeat: its items' values go as JSON or .npy)."""
-    ds = get_dataset(svc.db, dataset_id)
+    is no transform to repeat: its items' values go as JSON or .npy). Read as searches
+    read (a replica within the lag bound): a dataset's transform never changes."""
+    ds = svc.reads.run(get_dataset, dataset_id)
     spec = (ds.ingest or {}).get("image")
     if not spec:
         raise Conflict(f"dataset {ds.id} was not registered from images, so there is no "

@@ -14,6 +14,7 @@ from service.api.schemas.serving import InterpolateRequest, TraverseRequest
 from service.api.scoring import Scores, threshold_at
 from store import registry
 from store.aliases import resolve
+from store.db import Database
 from store.embedding_sets import get_set
 from store.errors import Conflict, InvalidInput, TooLarge
 from store.retrieval import get_item
@@ -28,18 +29,25 @@ BULK = ("; score more with an embedding job (POST /v1/embedding-jobs), which sto
         "same figures for every item of a dataset")
 
 
-def _ready(svc: Services, model_id: int) -> Model:
-    model = registry.get_model(svc.db, model_id)
+def _ready(svc: Services, model_id: int, db: Database | None = None) -> Model:
+    db = db or svc.db
+    model = registry.get_model(db, model_id)
     if model.status != "ready":
         raise Conflict(f"model {model_id} is {model.status}, not ready")
-    svc.ready_models.put(model_id, model)
+    if db is svc.db:  # a replica's row may trail a deletion by seconds: not cached
+        svc.ready_models.put(model_id, model)
     return model
 
 
-async def ready_model(svc: Services, model_id: int) -> Model:
-    """The model, which must be ready (409): from the cache of ready models, else read."""
+async def ready_model(svc: Services, model_id: int, replica: bool = False) -> Model:
+    """The model, which must be ready (409): from the cache of ready models, else read
+    (with `replica`, as searches read: from a replica within the lag bound)."""
     cached = svc.ready_models.get(model_id)
-    return cached if cached is not None else await in_thread(_ready, svc, model_id)
+    if cached is not None:
+        return cached
+    if replica:
+        return await in_thread(svc.reads.run, lambda db: _ready(svc, model_id, db))
+    return await in_thread(_ready, svc, model_id)
 
 
 def own_set(svc: Services, model: Model, set_ref: int | str) -> int:

@@ -151,7 +151,7 @@ async def _image_query(request: Request, svc: Services, set_id: int,
     body = _search_params(upload.fields)
     _check_search(svc.settings, 1, body.k)
     es, _ = await in_thread(_reader, svc, set_id)
-    model = await ready_model(svc, es.model_id)
+    model = await ready_model(svc, es.model_id, replica=True)
     config = model.config["model"]
     x = model_view(await image_input(svc, upload, es.dataset_id, config), config)
     out = await svc.inference.run(model.id, "encoder", model.encoder_sha256 or "",

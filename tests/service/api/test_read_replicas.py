@@ -1,9 +1,11 @@
 """The API with a read replica (LATENTBANK_DATABASE_READ_URL) on a real streaming standby:
 searches (by id and by alias), exports, outliers and key checks answered from it, also
 while the primary is stopped (readiness says `degraded`, writes and primary-only reads
-answer 503), and the primary answering again once it is back."""
+answer 503), and the primary answering again once it is back. An image search reads its
+model and dataset rows from the replica too."""
 
 import json
+import time
 
 import httpx
 import numpy as np
@@ -11,11 +13,15 @@ import pytest
 
 from store.keys import create_key
 from store.registry import get_model
+from store.tables import Model
+from tests.service.api.test_image_queries import generated_pixels, png, register_images, values
 from tests.store.sets import ready_set, write_latents
 from tests.support import Served, settings_of, store_untrained_model, wait, whole_stack
 
 MODEL = {"input_shape": [4], "latent_dim": 3, "hidden": [8]}
 N_ITEMS = 64
+IMAGE_MODEL = {"input_shape": [3, 8, 8], "latent_dim": 4, "hidden": [16],
+               "likelihood": "gaussian"}
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +117,49 @@ def test_searches_are_answered_by_the_replica_also_while_the_primary_is_stopped(
         wait("the primary to be back",
              lambda: client.get("/readyz").json()["status"] == "ok", timeout=30)
         assert client.get(f"/v1/embeddings/{set_id}").json()["n_items"] == N_ITEMS
+
+
+def test_an_image_search_reads_its_model_and_dataset_from_the_replica(
+        pair, primary, replicated_api, tmp_path):
+    """With the primary stopped, a search by image of a model this process has not served
+    yet: the model's row, the dataset's image transform and the search all come from the
+    replica, and the model read there is not cached (a replica may trail a deletion)."""
+    import onnxruntime as ort
+
+    from store.settings import open_artifacts
+
+    served, settings = replicated_api
+    pixels, labels = generated_pixels(12, seed=9)
+    ds, _ = register_images(primary, settings, f"replicated-{time.monotonic_ns()}", pixels,
+                            labels)
+    model_id = store_untrained_model(primary, settings, str(tmp_path), IMAGE_MODEL)[0]
+    with primary.session() as s:
+        s.get(Model, model_id).dataset_id = ds.id
+    mu = np.random.default_rng(11).normal(size=(len(pixels), 4)).astype(np.float32)
+    zeros = np.zeros(len(pixels))
+    set_id = ready_set(primary, model_id, ds.id,
+                       lambda sid: write_latents(primary, sid, 0, mu, mu, zeros, zeros, zeros))
+    encoder_uri = get_model(primary, model_id).encoder_uri
+    encoder = ort.InferenceSession(
+        open_artifacts(settings).local_path(open_artifacts(settings).key_of(encoder_uri)),
+        providers=["CPUExecutionProvider"])
+    query = encoder.run(None, {encoder.get_inputs()[0].name: values(pixels[4:5])})[0][0]
+    key = create_key(primary, "images", ["read"]).key
+    svc = served.server.config.app.state.services
+    with httpx.Client(base_url=served.url, timeout=30,
+                      headers={"Authorization": f"Bearer {key}"}) as client:
+        wait("the replica to be measured caught up", lambda: lagging_zero(client), timeout=30)
+        pair.stop_primary()
+        try:
+            wait("the lag check to see the primary down",
+                 lambda: client.get("/readyz").json()["status"] == "degraded", timeout=30)
+            answer = client.post(f"/v1/embeddings/{set_id}/search", content=png(pixels[4]),
+                                 params={"k": 5, "exact": "true"},
+                                 headers={"Content-Type": "image/png"})
+            assert answer.status_code == 200, answer.text
+            assert [h["index"] for h in answer.json()["results"]] == nearest(mu, query, 5)
+            assert svc.ready_models.get(model_id) is None
+        finally:
+            pair.start_primary()
+        wait("the primary to be back",
+             lambda: client.get("/readyz").json()["status"] == "ok", timeout=30)
