@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from store.artifacts import ArtifactStore
-from store.errors import Conflict
+from store.errors import Conflict, NotFound
 
 
 @dataclass
@@ -64,6 +64,9 @@ class SessionCache:
         key = self.artifacts.key_of(uri)
         local = self.artifacts.local_path(key)
         if local is not None:
+            if not os.path.exists(local):  # deleted with its model (a replica may not know)
+                raise NotFound(f"model {model_id} has no {role} file in the artifact store "
+                               "(the model was deleted)")
             return local
         os.makedirs(self.cache_dir, exist_ok=True)
         path = os.path.join(self.cache_dir, f"model-{model_id}-{role}-{sha256[:16]}.onnx")

@@ -289,6 +289,24 @@ def test_the_estimate_follows_the_calls_size_by_size():
     assert 0.002 <= per_row[2] < 0.02  # a sleep lasts at least what it was asked for
 
 
+def test_a_session_of_a_deleted_models_file_is_not_found(tmp_path):
+    """A model row read on a replica that has not yet replayed the model's deletion names
+    files the primary's deletion removed: 404 (NotFound), not onnxruntime's error (500)."""
+    from service.api.inference import SessionCache
+    from store.artifacts import ArtifactStore
+    from store.errors import NotFound
+
+    store = ArtifactStore((tmp_path / "artifacts").as_uri())
+    cache = SessionCache(store, str(tmp_path / "cache"), 2)
+    uri = store.uri("models/7/attempt-1/encoder.onnx")
+    with pytest.raises(NotFound, match="model 7 has no encoder file"):
+        cache.get(7, "encoder", "ab" * 32, uri)
+    (tmp_path / "artifacts/models/7/attempt-1").mkdir(parents=True)
+    (tmp_path / "artifacts/models/7/attempt-1/encoder.onnx").write_bytes(b"x")
+    assert cache.local_file(7, "encoder", "ab" * 32, uri) == store.local_path(
+        "models/7/attempt-1/encoder.onnx")
+
+
 # -- over HTTP --------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
