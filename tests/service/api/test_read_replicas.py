@@ -139,9 +139,9 @@ def test_an_image_search_reads_its_model_and_dataset_from_the_replica(
     zeros = np.zeros(len(pixels))
     set_id = ready_set(primary, model_id, ds.id,
                        lambda sid: write_latents(primary, sid, 0, mu, mu, zeros, zeros, zeros))
-    encoder_uri = get_model(primary, model_id).encoder_uri
+    artifacts = open_artifacts(settings)
     encoder = ort.InferenceSession(
-        open_artifacts(settings).local_path(open_artifacts(settings).key_of(encoder_uri)),
+        artifacts.local_path(artifacts.key_of(get_model(primary, model_id).encoder_uri)),
         providers=["CPUExecutionProvider"])
     query = encoder.run(None, {encoder.get_inputs()[0].name: values(pixels[4:5])})[0][0]
     key = create_key(primary, "images", ["read"]).key
