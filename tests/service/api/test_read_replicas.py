@@ -4,6 +4,7 @@ while the primary is stopped (readiness says `degraded`, writes and primary-only
 answer 503), and the primary answering again once it is back. An image search reads its
 model and dataset rows from the replica too."""
 
+import contextlib
 import json
 import time
 
@@ -51,6 +52,21 @@ def replica_reads(client):
     return 0.0
 
 
+@contextlib.contextmanager
+def primary_stopped(pair, client):
+    """The pair's primary stopped, and seen down by the API's lag check, for the block;
+    then started again (also when the block fails) and answering."""
+    pair.stop_primary()
+    try:
+        wait("the lag check to see the primary down",
+             lambda: client.get("/readyz").json()["status"] == "degraded", timeout=30)
+        yield
+    finally:
+        pair.start_primary()
+    wait("the primary to be back",
+         lambda: client.get("/readyz").json()["status"] == "ok", timeout=30)
+
+
 def nearest(mu, query, k):
     return [int(i) for i in np.argsort(((mu - query) ** 2).sum(1), kind="stable")[:k]]
 
@@ -79,43 +95,37 @@ def test_searches_are_answered_by_the_replica_also_while_the_primary_is_stopped(
         assert [h["index"] for h in answer.json()["results"]] == nearest(mu, query, 5)
         assert replica_reads(client) == before + 1
 
-        pair.stop_primary()
-        wait("the lag check to see the primary down",
-             lambda: client.get("/readyz").json()["status"] == "degraded", timeout=30)
-        ready = client.get("/readyz")
-        assert ready.status_code == 200 and ready.json()["checks"]["database"] != "ok"
-        answer = client.post(f"/v1/embeddings/{set_id}/search", json={"vector": query, "k": 5})
-        assert answer.status_code == 200, answer.text
-        assert [h["index"] for h in answer.json()["results"]] == nearest(mu, query, 5)
-        by_alias = client.post("/v1/embeddings/@replicated/search",
-                               json={"vector": query, "k": 5})
-        assert by_alias.status_code == 200, by_alias.text
-        assert by_alias.json()["results"] == answer.json()["results"]
-        worst = client.get(f"/v1/embeddings/{set_id}/outliers", params={"k": 3})
-        assert worst.status_code == 200, worst.text
-        assert [h["index"] for h in worst.json()["results"]] == [N_ITEMS - 1, N_ITEMS - 2,
-                                                                 N_ITEMS - 3]
-        rows = [json.loads(line) for line in
-                client.get(f"/v1/embeddings/{set_id}/export").text.splitlines()]
-        assert sorted(r["index"] for r in rows) == list(range(N_ITEMS))
-        assert np.allclose([r["mu"] for r in sorted(rows, key=lambda r: r["index"])], mu)
-        # what writes, or reads what was just written, needs the primary: 503, nothing lost
-        for refused in (client.delete(f"/v1/embeddings/{set_id}"),
-                        client.get("/v1/embeddings")):
-            assert refused.status_code == 503, refused.text
-            assert refused.json()["error"]["code"] == "database_unavailable"
-        # a key first used now is checked on the replica
-        first_use = client.post(f"/v1/embeddings/{set_id}/search",
-                                json={"vector": query, "k": 2},
-                                headers={"Authorization": f"Bearer {fresh}"})
-        assert first_use.status_code == 200, first_use.text
-        unknown = client.post(f"/v1/embeddings/{set_id}/search", json={"vector": query},
-                              headers={"Authorization": "Bearer " + used[:-4] + "zzzz"})
-        assert unknown.status_code == 401
-
-        pair.start_primary()
-        wait("the primary to be back",
-             lambda: client.get("/readyz").json()["status"] == "ok", timeout=30)
+        with primary_stopped(pair, client):
+            ready = client.get("/readyz")
+            assert ready.status_code == 200 and ready.json()["checks"]["database"] != "ok"
+            answer = client.post(f"/v1/embeddings/{set_id}/search", json={"vector": query, "k": 5})
+            assert answer.status_code == 200, answer.text
+            assert [h["index"] for h in answer.json()["results"]] == nearest(mu, query, 5)
+            by_alias = client.post("/v1/embeddings/@replicated/search",
+                                   json={"vector": query, "k": 5})
+            assert by_alias.status_code == 200, by_alias.text
+            assert by_alias.json()["results"] == answer.json()["results"]
+            worst = client.get(f"/v1/embeddings/{set_id}/outliers", params={"k": 3})
+            assert worst.status_code == 200, worst.text
+            assert [h["index"] for h in worst.json()["results"]] == [N_ITEMS - 1, N_ITEMS - 2,
+                                                                     N_ITEMS - 3]
+            rows = [json.loads(line) for line in
+                    client.get(f"/v1/embeddings/{set_id}/export").text.splitlines()]
+            assert sorted(r["index"] for r in rows) == list(range(N_ITEMS))
+            assert np.allclose([r["mu"] for r in sorted(rows, key=lambda r: r["index"])], mu)
+            # what writes, or reads what was just written, needs the primary: 503, nothing lost
+            for refused in (client.delete(f"/v1/embeddings/{set_id}"),
+                            client.get("/v1/embeddings")):
+                assert refused.status_code == 503, refused.text
+                assert refused.json()["error"]["code"] == "database_unavailable"
+            # a key first used now is checked on the replica
+            first_use = client.post(f"/v1/embeddings/{set_id}/search",
+                                    json={"vector": query, "k": 2},
+                                    headers={"Authorization": f"Bearer {fresh}"})
+            assert first_use.status_code == 200, first_use.text
+            unknown = client.post(f"/v1/embeddings/{set_id}/search", json={"vector": query},
+                                  headers={"Authorization": "Bearer " + used[:-4] + "zzzz"})
+            assert unknown.status_code == 401
         assert client.get(f"/v1/embeddings/{set_id}").json()["n_items"] == N_ITEMS
 
 
@@ -149,17 +159,10 @@ def test_an_image_search_reads_its_model_and_dataset_from_the_replica(
     with httpx.Client(base_url=served.url, timeout=30,
                       headers={"Authorization": f"Bearer {key}"}) as client:
         wait("the replica to be measured caught up", lambda: lagging_zero(client), timeout=30)
-        pair.stop_primary()
-        try:
-            wait("the lag check to see the primary down",
-                 lambda: client.get("/readyz").json()["status"] == "degraded", timeout=30)
+        with primary_stopped(pair, client):
             answer = client.post(f"/v1/embeddings/{set_id}/search", content=png(pixels[4]),
                                  params={"k": 5, "exact": "true"},
                                  headers={"Content-Type": "image/png"})
             assert answer.status_code == 200, answer.text
             assert [h["index"] for h in answer.json()["results"]] == nearest(mu, query, 5)
             assert svc.ready_models.get(model_id) is None
-        finally:
-            pair.start_primary()
-        wait("the primary to be back",
-             lambda: client.get("/readyz").json()["status"] == "ok", timeout=30)
